@@ -1,0 +1,131 @@
+"""The model's whole configuration: stored inside every checkpoint, so a checkpoint alone rebuilds its model."""
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import CellRCNNError
+
+BACKBONES = ('resnet18', 'resnet34', 'resnet50')
+ANCHOR_UPSAMPLE_FACTORS = (1, 2, 4)
+ANCHOR_OFFSET_COUNTS = (1, 2)
+
+
+@dataclass
+class ModelConfig:
+    """How the detector is built.
+
+    Two distances are kept apart everywhere (they were one variable, ``field``, in the TensorFlow code this grew from):
+
+    - *field*: a feature level's stride in input pixels (its receptive-field step). The feature at index ``i`` of a level
+      with field ``s`` is centred on pixel ``s * i`` (continuous position ``s * i + 0.5``).
+    - *spacing*: the distance between neighbouring anchor centres: ``field / anchor_upsample`` when the feature map is
+      interpolated, ``field / anchor_offsets`` when each feature cell carries several anchor centres.
+    """
+
+    backbone: str = 'resnet18'
+    #: ResNet stages kept (layer1..layerN); their fields are 4, 8, 16, 32. Nuclei need no more than 3.
+    backbone_stages: int = 3
+    fpn_channels: int = 64
+    #: FPN levels (0 = field 4) whose features feed the RPN, one tuple of anchor sizes (px) per level.
+    rpn_levels: tuple = (0, 1)
+    anchor_sizes: tuple = ((8, 16), (24, 40))
+    #: height / width of the anchors.
+    aspect_ratios: tuple = (0.5, 1.0, 2.0)
+    #: interpolate the RPN's feature maps by this factor: spacing = field / anchor_upsample.
+    anchor_upsample: int = 2
+    #: alternative densification without interpolation: anchor_offsets**2 anchor centres per feature cell.
+    anchor_offsets: int = 1
+    rpn_conv_depth: int = 1
+    box_head_channels: int = 256
+    #: fixed input normalisation (RGB in [0, 1]); no resizing ever happens inside the model.
+    image_mean: tuple = (0.70, 0.55, 0.72)
+    image_std: tuple = (0.16, 0.20, 0.14)
+    #: microns per pixel of the images the model was trained at (0.5 = 20x).
+    mpp: float = 0.5
+    #: proposal and detection limits per megapixel of input, so they scale with the tile size (a 20 um nucleus
+    #: covers 1600 px^2 at 20x: a megapixel of packed tumour holds about 600-2500 nuclei).
+    rpn_pre_nms_per_mpx_train: int = 16000
+    rpn_post_nms_per_mpx_train: int = 8000
+    rpn_pre_nms_per_mpx_test: int = 12000
+    rpn_post_nms_per_mpx_test: int = 6000
+    rpn_nms_thresh: float = 0.7
+    #: proposals whose objectness probability is below this are dropped at inference.
+    rpn_score_thresh: float = 0.0
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.35
+    detections_per_mpx: int = 4000
+    class_names: tuple = ('nucleus',)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        # JSON/checkpoint round trips turn tuples into lists: normalise so equality and hashing behave.
+        self.rpn_levels = tuple(self.rpn_levels)
+        self.anchor_sizes = tuple(tuple(s) for s in self.anchor_sizes)
+        self.aspect_ratios = tuple(self.aspect_ratios)
+        self.image_mean = tuple(self.image_mean)
+        self.image_std = tuple(self.image_std)
+        self.class_names = tuple(self.class_names)
+
+    @property
+    def fields(self):
+        """Field (stride in px) of each FPN level, finest first."""
+        return tuple(4 * 2 ** i for i in range(self.backbone_stages))
+
+    @property
+    def rpn_fields(self):
+        return tuple(self.fields[level] for level in self.rpn_levels)
+
+    @property
+    def anchor_spacings(self):
+        """Anchor spacing (px) of each RPN level."""
+        density = self.anchor_upsample * self.anchor_offsets
+        return tuple(f / density for f in self.rpn_fields)
+
+    def validate(self):
+        """Raise CellRCNNError with one line naming the first impossible setting."""
+        if self.backbone not in BACKBONES:
+            raise CellRCNNError(f'unknown backbone {self.backbone!r}; choose one of {", ".join(BACKBONES)}')
+        if self.backbone_stages not in (2, 3, 4):
+            raise CellRCNNError(f'backbone_stages must be 2, 3 or 4, not {self.backbone_stages}')
+        if self.anchor_upsample not in ANCHOR_UPSAMPLE_FACTORS:
+            raise CellRCNNError(f'anchor_upsample must be one of {ANCHOR_UPSAMPLE_FACTORS}, not {self.anchor_upsample}')
+        if self.anchor_offsets not in ANCHOR_OFFSET_COUNTS:
+            raise CellRCNNError(f'anchor_offsets must be one of {ANCHOR_OFFSET_COUNTS}, not {self.anchor_offsets}')
+        if self.anchor_upsample > 1 and self.anchor_offsets > 1:
+            raise CellRCNNError('use either anchor_upsample or anchor_offsets to densify anchors, not both')
+        if not self.rpn_levels or any(not 0 <= lv < self.backbone_stages for lv in self.rpn_levels):
+            raise CellRCNNError(f'rpn_levels {list(self.rpn_levels)} must name FPN levels 0..{self.backbone_stages - 1}')
+        if len(self.anchor_sizes) != len(self.rpn_levels):
+            raise CellRCNNError(f'anchor_sizes needs one tuple per RPN level ({len(self.rpn_levels)}), '
+                                f'got {len(self.anchor_sizes)}')
+        if len({len(s) for s in self.anchor_sizes}) != 1:
+            raise CellRCNNError('every RPN level needs the same number of anchor sizes (the RPN head is shared)')
+        if not self.aspect_ratios or any(r <= 0 for r in self.aspect_ratios):
+            raise CellRCNNError(f'aspect ratios must be positive, got {list(self.aspect_ratios)}')
+        for sizes, spacing in zip(self.anchor_sizes, self.anchor_spacings):
+            if any(s <= 0 for s in sizes):
+                raise CellRCNNError(f'anchor sizes must be positive, got {list(sizes)}')
+            if min(sizes) < spacing:
+                raise CellRCNNError(f'anchor size {min(sizes)} px is smaller than its anchor spacing {spacing:g} px: '
+                                    'objects between anchors could never be matched')
+        if self.fpn_channels < 8 or self.box_head_channels < 8:
+            raise CellRCNNError('fpn_channels and box_head_channels must be at least 8')
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise CellRCNNError('image_mean and image_std need three values, std positive')
+        if self.mpp <= 0:
+            raise CellRCNNError(f'mpp must be positive, not {self.mpp}')
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise CellRCNNError(f'unknown model settings: {", ".join(sorted(unknown))}')
+        return cls(**values)

@@ -1,0 +1,149 @@
+"""The cell Faster R-CNN, assembled from torchvision's detection parts and tuned for nuclei.
+
+Differences from torchvision's fasterrcnn_resnet50_fpn, each for cells:
+- a ResNet (18/34/50, trained from scratch with BatchNorm) cut after the stages nuclei need, and a narrow FPN without
+  the extra pooled level;
+- an RPN on the finest levels only, whose feature maps are densified by ``anchor_upsample`` (see ``anchors``) and whose
+  anchors come from ``CellAnchorGenerator`` with explicit fields and spacings;
+- no resizing of inputs (torchvision resizes every image to 800 px), fixed normalisation;
+- enough proposals and detections for hundreds of nuclei per tile;
+- a lean box head; head outputs in float32 so that mixed precision never rounds pixel coordinates.
+"""
+
+import math
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+
+from .anchors import CellAnchorGenerator, upsample_features
+from .config import ModelConfig
+
+_STAGE_CHANNELS = {'resnet18': 64, 'resnet34': 64, 'resnet50': 256}
+
+
+class NoResizeTransform(GeneralizedRCNNTransform):
+    """Normalises and batches images, never resizes them: a nucleus keeps its size in pixels."""
+
+    def resize(self, image, target=None):
+        return image, target
+
+
+class DenseRPN(RegionProposalNetwork):
+    """An RPN that reads only its own FPN levels, upsampled by ``upsample`` before the head runs on them."""
+
+    def __init__(self, level_names, upsample, **kwargs):
+        super().__init__(**kwargs)
+        self.level_names = list(level_names)
+        self.upsample = upsample
+
+    def forward(self, images, features, targets=None):
+        dense = {name: upsample_features(features[name], self.upsample) for name in self.level_names}
+        return super().forward(images, dense, targets)
+
+
+class Float32RPNHead(RPNHead):
+    def forward(self, x):
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
+class Float32BoxPredictor(FastRCNNPredictor):
+    def forward(self, x):
+        scores, deltas = super().forward(x)
+        return scores.float(), deltas.float()
+
+
+def build_backbone(config):
+    """A from-scratch ResNet cut after ``backbone_stages`` stages, with an FPN over every kept stage.
+
+    Levels that neither the RPN nor the box head reads (the box head pools level 0) only feed the FPN's top-down
+    path: they get no output convolution.
+    """
+    resnet = getattr(torchvision.models, config.backbone)(weights=None, norm_layer=nn.BatchNorm2d)
+    base = _STAGE_CHANNELS[config.backbone]
+    stages = range(1, config.backbone_stages + 1)
+    backbone = BackboneWithFPN(
+        resnet,
+        return_layers={f'layer{s}': str(s - 1) for s in stages},
+        in_channels_list=[base * 2 ** (s - 1) for s in stages],
+        out_channels=config.fpn_channels,
+    )
+    backbone.fpn.extra_blocks = None  # no extra pooled level: nuclei never need field 64
+    for level in set(range(config.backbone_stages)) - set(config.rpn_levels) - {0}:
+        backbone.fpn.layer_blocks[level] = nn.Identity()
+    return backbone
+
+
+class CellRCNN(GeneralizedRCNN):
+    """Faster R-CNN for nuclei. Takes RGB float tensors in [0, 1] of any size; returns boxes in input pixels."""
+
+    def __init__(self, config: ModelConfig):
+        config.validate()
+        backbone = build_backbone(config)
+        anchor_generator = CellAnchorGenerator(config.anchor_sizes, config.aspect_ratios, config.rpn_fields,
+                                               config.anchor_upsample, config.anchor_offsets)
+        num_anchors = anchor_generator.num_anchors_per_location()[0]
+        rpn = DenseRPN(
+            [str(level) for level in config.rpn_levels], config.anchor_upsample,
+            anchor_generator=anchor_generator,
+            head=Float32RPNHead(config.fpn_channels, num_anchors, conv_depth=config.rpn_conv_depth),
+            fg_iou_thresh=0.7, bg_iou_thresh=0.3,
+            batch_size_per_image=config.rpn_batch_size_per_image, positive_fraction=0.5,
+            pre_nms_top_n={'training': 0, 'testing': 0}, post_nms_top_n={'training': 0, 'testing': 0},
+            nms_thresh=config.rpn_nms_thresh, score_thresh=config.rpn_score_thresh,
+        )  # top-n limits are set per input size in forward()
+        pooled = 7
+        roi_heads = RoIHeads(
+            box_roi_pool=MultiScaleRoIAlign(featmap_names=['0'], output_size=pooled, sampling_ratio=2),
+            box_head=TwoMLPHead(config.fpn_channels * pooled ** 2, config.box_head_channels),
+            box_predictor=Float32BoxPredictor(config.box_head_channels, len(config.class_names) + 1),
+            fg_iou_thresh=0.5, bg_iou_thresh=0.5,
+            batch_size_per_image=config.box_batch_size_per_image, positive_fraction=config.box_positive_fraction,
+            bbox_reg_weights=None,
+            score_thresh=config.score_thresh, nms_thresh=config.nms_thresh,
+            detections_per_img=0,
+        )
+        transform = NoResizeTransform(min_size=1, max_size=1, image_mean=list(config.image_mean),
+                                      image_std=list(config.image_std), size_divisible=2 ** (config.backbone_stages + 1))
+        super().__init__(backbone, rpn, roi_heads, transform)
+        self.config = config
+
+    def forward(self, images, targets=None):
+        mpx = max(img.shape[-2] for img in images) * max(img.shape[-1] for img in images) / 1e6
+        cfg = self.config
+        self.rpn._pre_nms_top_n = {'training': math.ceil(cfg.rpn_pre_nms_per_mpx_train * mpx),
+                                   'testing': math.ceil(cfg.rpn_pre_nms_per_mpx_test * mpx)}
+        self.rpn._post_nms_top_n = {'training': math.ceil(cfg.rpn_post_nms_per_mpx_train * mpx),
+                                    'testing': math.ceil(cfg.rpn_post_nms_per_mpx_test * mpx)}
+        self.roi_heads.detections_per_img = math.ceil(cfg.detections_per_mpx * mpx)
+        return super().forward(images, targets)
+
+    def set_thresholds(self, score_thresh=None, nms_thresh=None):
+        """Change the box head's post-processing for inference (the trained weights do not depend on it)."""
+        if score_thresh is not None:
+            self.config.score_thresh = self.roi_heads.score_thresh = score_thresh
+        if nms_thresh is not None:
+            self.config.nms_thresh = self.roi_heads.nms_thresh = nms_thresh
+
+
+def build_model(config=None):
+    return CellRCNN(config or ModelConfig())
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def predict(model, images):
+    """Detections for a list of C x H x W float tensors in [0, 1] (already on the model's device)."""
+    model.eval()
+    return model(images)

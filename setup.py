@@ -1,0 +1,32 @@
+from setuptools import setup
+
+setup(
+    name='cellrcnn',
+    version='0.1.0',
+    description='GPU Faster R-CNN cell detection for whole-slide images (Digital Slide Archive plugin)',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.10',
+    packages=['cellrcnn'],
+    package_dir={'cellrcnn': 'detector'},
+    package_data={'cellrcnn': ['models/*.pt', 'models/*.md', 'data/*']},
+    install_requires=[
+        'numpy',
+        'scipy',
+        'torch',
+        'torchvision',
+        'large-image[tiff]',
+        'pyvips',
+        'pyvips-binary',
+        'opencv-python-headless',
+        'scikit-image',
+        'pycocotools',
+        'tqdm',
+    ],
+    extras_require={
+        'test': ['pytest'],
+        'girder': ['girder-client'],
+    },
+    entry_points={'console_scripts': ['cellrcnn = cellrcnn.__main__:main']},
+)

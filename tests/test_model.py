@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from cellrcnn.checkpoint import load_model, save_checkpoint
+from cellrcnn.config import ModelConfig
+from cellrcnn.errors import CellRCNNError
+from cellrcnn.model import build_model
+
+
+def targets(n=2):
+    boxes = torch.tensor([[10.0, 12, 30, 28], [60, 40, 72, 55], [90, 90, 110, 104]])
+    return [{'boxes': boxes, 'labels': torch.ones(3, dtype=torch.int64)} for _ in range(n)]
+
+
+@pytest.mark.parametrize('backbone', ['resnet18', 'resnet50'])
+def test_forward_and_backward_on_cpu(backbone):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=backbone)).train()
+    images = [torch.rand(3, 128, 128) for _ in range(2)]
+    losses = model(images, targets())
+    assert set(losses) == {'loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg'}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_inference_never_resizes_and_returns_input_pixels():
+    model = build_model().eval()
+    image = torch.rand(3, 100, 170)  # not a multiple of 32: padded, never resized
+    with torch.no_grad():
+        batch, _ = model.transform([image])
+        out = model([image])[0]
+    assert batch.image_sizes == [(100, 170)]
+    assert batch.tensors.shape[-2:] == (112, 176)  # padded to the coarsest field, 16
+    assert out['boxes'].dtype == torch.float32
+    if len(out['boxes']):
+        assert out['boxes'][:, 2].max() <= 170 and out['boxes'][:, 3].max() <= 100
+    assert out['boxes'].shape[0] == out['scores'].shape[0] == out['labels'].shape[0]
+
+
+def test_limits_scale_with_the_tile_area():
+    model = build_model().eval()
+    with torch.no_grad():
+        model([torch.rand(3, 256, 256)])
+        small = model.roi_heads.detections_per_img
+        model([torch.rand(3, 512, 512)])
+    assert model.roi_heads.detections_per_img == pytest.approx(4 * small, rel=0.01)
+    assert small >= 200  # hundreds of nuclei fit a 256 px tile at 20x
+
+
+def test_checkpoint_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path):
+    torch.manual_seed(1)
+    config = ModelConfig(anchor_upsample=4, fpn_channels=32, score_thresh=0.0)
+    model = build_model(config).eval()
+    image = [torch.rand(3, 96, 96)]
+    with torch.no_grad():
+        expected = model.backbone(image[0][None])['0']
+    save_checkpoint(tmp_path / 'full.pt', model, metrics={'f1': 0.5})
+    save_checkpoint(tmp_path / 'half.pt', model, half=True)
+    full = load_model(tmp_path / 'full.pt')
+    half = load_model(tmp_path / 'half.pt')
+    assert full.config == config and half.config == config
+    with torch.no_grad():
+        torch.testing.assert_close(full.backbone(image[0][None])['0'], expected)
+        torch.testing.assert_close(half.backbone(image[0][None])['0'], expected, atol=0.05, rtol=0.05)
+    assert (tmp_path / 'half.pt').stat().st_size < 0.6 * (tmp_path / 'full.pt').stat().st_size
+
+
+def test_bad_checkpoints_give_one_line_errors(tmp_path):
+    corrupt = tmp_path / 'corrupt.pt'
+    corrupt.write_bytes(b'not a zip file at all')
+    foreign = tmp_path / 'foreign.pt'
+    torch.save({'model': {'w': torch.zeros(2)}}, foreign)
+    for path, message in [(tmp_path / 'missing.pt', 'not found'), (corrupt, 'not a readable checkpoint'),
+                          (foreign, 'not a cellrcnn checkpoint')]:
+        with pytest.raises(CellRCNNError, match=message) as info:
+            load_model(path)
+        assert '\n' not in str(info.value)
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_config(tmp_path):
+    model = build_model(ModelConfig(fpn_channels=32))
+    save_checkpoint(tmp_path / 'm.pt', model)
+    payload = torch.load(tmp_path / 'm.pt', weights_only=True)
+    payload['config']['fpn_channels'] = 64
+    torch.save(payload, tmp_path / 'm.pt')
+    with pytest.raises(CellRCNNError, match='does not match its own configuration'):
+        load_model(tmp_path / 'm.pt')
