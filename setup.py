@@ -11,6 +11,8 @@ setup(
     packages=['cellrcnn'],
     package_dir={'cellrcnn': 'detector'},
     package_data={'cellrcnn': ['models/*.pt', 'models/*.md', 'data/*']},
+    # histomicstk itself is installed by install.sh with --no-deps (its declared requirements pull GDAL);
+    # the block below is what it needs to import, as the DSA's own images install it.
     install_requires=[
         'numpy',
         'scipy',
@@ -23,6 +25,19 @@ setup(
         'scikit-image',
         'pycocotools',
         'tqdm',
+        # histomicstk's needs
+        'girder-client',
+        'nimfa',
+        'pandas',
+        'scikit-learn',
+        'imageio',
+        'shapely',
+        'sqlalchemy',
+        'matplotlib',
+        'dask[dataframe]<2024.11.0',
+        'distributed',
+        'girder-slicer-cli-web',
+        'ctk-cli',
     ],
     extras_require={
         'test': ['pytest'],

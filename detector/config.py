@@ -25,6 +25,8 @@ class ModelConfig:
     backbone: str = 'resnet18'
     #: ResNet stages kept (layer1..layerN); their fields are 4, 8, 16, 32. Nuclei need no more than 3.
     backbone_stages: int = 3
+    #: channel width relative to the standard ResNet (0.5 halves every stage: about 3x fewer operations).
+    backbone_width: float = 0.5
     fpn_channels: int = 64
     #: FPN levels (0 = field 4) whose features feed the RPN, one tuple of anchor sizes (px) per level.
     rpn_levels: tuple = (0, 1)
@@ -52,9 +54,12 @@ class ModelConfig:
     #: proposals whose objectness probability is below this are dropped at inference.
     rpn_score_thresh: float = 0.0
     rpn_batch_size_per_image: int = 256
-    box_batch_size_per_image: int = 512
-    box_positive_fraction: float = 0.25
+    box_batch_size_per_image: int = 256
+    box_positive_fraction: float = 0.5
+    #: the box head keeps detections above score_thresh (low, for AP); results keep those above detect_thresh,
+    #: the operating point that maximised F1 on held-out data when the model was trained.
     score_thresh: float = 0.05
+    detect_thresh: float = 0.5
     nms_thresh: float = 0.35
     detections_per_mpx: int = 4000
     class_names: tuple = ('nucleus',)
@@ -88,6 +93,8 @@ class ModelConfig:
         """Raise CellRCNNError with one line naming the first impossible setting."""
         if self.backbone not in BACKBONES:
             raise CellRCNNError(f'unknown backbone {self.backbone!r}; choose one of {", ".join(BACKBONES)}')
+        if not 0.125 <= self.backbone_width <= 2:
+            raise CellRCNNError(f'backbone_width must be between 0.125 and 2, not {self.backbone_width}')
         if self.backbone_stages not in (2, 3, 4):
             raise CellRCNNError(f'backbone_stages must be 2, 3 or 4, not {self.backbone_stages}')
         if self.anchor_upsample not in ANCHOR_UPSAMPLE_FACTORS:

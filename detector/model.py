@@ -1,8 +1,8 @@
 """The cell Faster R-CNN, assembled from torchvision's detection parts and tuned for nuclei.
 
 Differences from torchvision's fasterrcnn_resnet50_fpn, each for cells:
-- a ResNet (18/34/50, trained from scratch with BatchNorm) cut after the stages nuclei need, and a narrow FPN without
-  the extra pooled level;
+- a ResNet (18/34/50, optionally narrower, trained from scratch with BatchNorm) cut after the stages nuclei need, and
+  a narrow FPN without the extra pooled level;
 - an RPN on the finest levels only, whose feature maps are densified by ``anchor_upsample`` (see ``anchors``) and whose
   anchors come from ``CellAnchorGenerator`` with explicit fields and spacings;
 - no resizing of inputs (torchvision resizes every image to 800 px), fixed normalisation;
@@ -13,7 +13,6 @@ Differences from torchvision's fasterrcnn_resnet50_fpn, each for cells:
 import math
 
 import torch
-import torchvision
 from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -21,12 +20,42 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import MultiScaleRoIAlign
 
 from .anchors import CellAnchorGenerator, upsample_features
 from .config import ModelConfig
 
-_STAGE_CHANNELS = {'resnet18': 64, 'resnet34': 64, 'resnet50': 256}
+_RESNETS = {'resnet18': (BasicBlock, (2, 2, 2, 2)), 'resnet34': (BasicBlock, (3, 4, 6, 3)),
+            'resnet50': (Bottleneck, (3, 4, 6, 3))}
+
+
+class ScaledResNet(ResNet):
+    """torchvision's ResNet with every stage's width scaled and only the first ``stages`` stages built.
+
+    At width 1 and 4 stages its convolutional body is torchvision's resnet18/34/50 (randomly initialised the same way).
+    """
+
+    def __init__(self, block, layers, width=1.0, stages=4, norm_layer=nn.BatchNorm2d):
+        nn.Module.__init__(self)
+        self._norm_layer = norm_layer
+        self.dilation, self.groups, self.base_width = 1, 1, 64
+        self.inplanes = max(8, round(64 * width))
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.stage_channels = []
+        for i in range(stages):
+            planes = max(8, round(64 * width)) * 2 ** i
+            setattr(self, f'layer{i + 1}', self._make_layer(block, planes, layers[i], stride=1 if i == 0 else 2))
+            self.stage_channels.append(planes * block.expansion)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
 
 class NoResizeTransform(GeneralizedRCNNTransform):
@@ -67,13 +96,12 @@ def build_backbone(config):
     Levels that neither the RPN nor the box head reads (the box head pools level 0) only feed the FPN's top-down
     path: they get no output convolution.
     """
-    resnet = getattr(torchvision.models, config.backbone)(weights=None, norm_layer=nn.BatchNorm2d)
-    base = _STAGE_CHANNELS[config.backbone]
-    stages = range(1, config.backbone_stages + 1)
+    block, layers = _RESNETS[config.backbone]
+    resnet = ScaledResNet(block, layers, config.backbone_width, config.backbone_stages)
     backbone = BackboneWithFPN(
         resnet,
-        return_layers={f'layer{s}': str(s - 1) for s in stages},
-        in_channels_list=[base * 2 ** (s - 1) for s in stages],
+        return_layers={f'layer{s}': str(s - 1) for s in range(1, config.backbone_stages + 1)},
+        in_channels_list=resnet.stage_channels,
         out_channels=config.fpn_channels,
     )
     backbone.fpn.extra_blocks = None  # no extra pooled level: nuclei never need field 64

@@ -1,0 +1,206 @@
+"""The ``cellrcnn`` command: detect, train, evaluate, synth."""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from . import __version__
+from .errors import CellRCNNError
+
+SAMPLE_IMAGE = os.path.join(os.path.dirname(__file__), 'data', 'sample_he.jpg')
+
+
+def _detect(args):
+    import cv2
+    import numpy as np
+
+    from .annotation import detections_to_annotation, write_annotation
+    from .checkpoint import load_model
+    from .data import read_image
+    from .inference import Detector
+
+    image_path = args.image or SAMPLE_IMAGE
+    if not args.image:
+        print(f'no image given: using the bundled sample {image_path}', file=sys.stderr)
+    image = read_image(image_path)
+    model = load_model(args.model)
+    detector = Detector(model, device=args.device, batch_size=args.batch_size, score_thresh=args.threshold,
+                        nms_thresh=args.nms)
+    boxes, scores = detector.detect_image(image, tile=args.tile_size, overlap=args.overlap)
+    os.makedirs(args.output, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    doc = detections_to_annotation(
+        boxes, scores, element_type=args.element,
+        attributes={'model': os.path.basename(args.model or 'cellrcnn-default.pt'), 'cellrcnn': __version__,
+                    'params': {'threshold': detector.score_thresh, 'nms': model.config.nms_thresh,
+                               'tile_size': args.tile_size, 'overlap': args.overlap}})
+    annotation_path = os.path.join(args.output, f'{stem}.anot.json')
+    write_annotation(doc, annotation_path)
+    overlay = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    for x1, y1, x2, y2 in np.round(boxes).astype(int):
+        cv2.rectangle(overlay, (x1, y1), (x2 - 1, y2 - 1), (0, 255, 0), 1)
+    overlay_path = os.path.join(args.output, f'{stem}.overlay.png')
+    cv2.imwrite(overlay_path, overlay)
+    print(f'{len(boxes)} nuclei in {image_path} ({image.shape[1]}x{image.shape[0]} px): '
+          f'annotation {annotation_path}, overlay {overlay_path}')
+
+
+def _model_config(args):
+    from .config import ModelConfig
+    values = {'backbone': args.backbone, 'anchor_upsample': args.anchor_upsample,
+              'anchor_offsets': args.anchor_offsets, 'mpp': args.mpp}
+    return ModelConfig(**{k: v for k, v in values.items() if v is not None}).validate()
+
+
+def _train(args):
+    from .checkpoint import save_checkpoint
+    from .evaluate import calibrate_threshold, evaluate_model, labelled_set
+    from .metrics import format_report
+    from .train import TrainConfig, train
+
+    defaults = TrainConfig()
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) if getattr(args, f.name, None) is not None
+                         else getattr(defaults, f.name) for f in dataclasses.fields(TrainConfig)})
+    model, _ = train(_model_config(args), cfg, args.output, device=args.device, resume=args.resume)
+    if args.val_data or not cfg.data:
+        val = labelled_set(args.val_data, seed=args.val_seed, count=args.val_count, tile_size=cfg.tile_size,
+                           mpp=model.config.mpp, annotation_name=cfg.annotation_name,
+                           point_box_size=cfg.point_box_size)
+        threshold, _ = calibrate_threshold(model, val, device=args.device)
+        metrics = evaluate_model(model, val, device=args.device)
+        print(f'operating point: score >= {threshold:.3f}')
+        print(format_report(metrics))
+        save_checkpoint(os.path.join(args.output, 'model.pt'), model, half=True, train_config=dataclasses.asdict(cfg),
+                        validation={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    print(f'model written to {os.path.join(args.output, "model.pt")}')
+
+
+def _evaluate(args):
+    from .checkpoint import load_model
+    from .evaluate import evaluate_model, labelled_set
+    from .metrics import format_report
+
+    model = load_model(args.model)
+    samples = labelled_set(args.data, seed=args.seed, count=args.count, tile_size=args.tile_size,
+                           mpp=model.config.mpp, annotation_name=args.annotation_name,
+                           point_box_size=args.point_box_size)
+    metrics = evaluate_model(model, samples, device=args.device, score_threshold=args.threshold)
+    print(format_report(metrics))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(metrics, f, indent=2, default=float)
+
+
+def _synth(args):
+    from .annotation import detections_to_annotation, write_annotation
+    from .synthetic import make_dataset, write_slide
+
+    if args.slide:
+        boxes = write_slide(args.output, args.width, args.height, args.seed, mpp=args.mpp)
+        print(f'wrote {args.output} ({args.width}x{args.height} px at {args.mpp} um/px) with {len(boxes)} nuclei')
+        return
+    import cv2
+    os.makedirs(args.output, exist_ok=True)
+    for i, (image, boxes) in enumerate(make_dataset(args.seed, args.count, size=args.tile_size, mpp=args.mpp)):
+        path = os.path.join(args.output, f'tile_{i:05d}.png')
+        cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        write_annotation(detections_to_annotation(boxes, [1.0] * len(boxes), name='ground truth'), path + '.json')
+    print(f'wrote {args.count} tiles with DSA annotation JSON to {args.output}')
+
+
+def _positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, not {text}')
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog='cellrcnn', description='Faster R-CNN nucleus detection for histology.')
+    parser.add_argument('--version', action='version', version=f'cellrcnn {__version__}')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    p = sub.add_parser('detect', help='detect nuclei in an image; write a DSA annotation and an overlay PNG')
+    p.add_argument('image', nargs='?', help='RGB image (default: the bundled H&E sample)')
+    p.add_argument('-o', '--output', required=True, help='output folder')
+    p.add_argument('--model', help='checkpoint (default: the bundled model)')
+    p.add_argument('--threshold', type=float, help="score threshold (default: the model's calibrated one)")
+    p.add_argument('--nms', type=float, help='NMS IoU threshold')
+    p.add_argument('--tile-size', type=_positive_int, default=512)
+    p.add_argument('--overlap', type=int, default=64, help='px shared by neighbouring tiles (>= largest nucleus)')
+    p.add_argument('--batch-size', type=_positive_int, default=4)
+    p.add_argument('--element', choices=['rectangle', 'point'], default='rectangle')
+    p.add_argument('--device', default='auto', help='auto, cpu or cuda')
+    p.set_defaults(run=_detect)
+
+    p = sub.add_parser('train', help='train a model on synthetic tissue or on images with DSA annotations')
+    p.add_argument('-o', '--output', required=True, help='run folder: last.pt (resumable) and model.pt')
+    p.add_argument('--data', help='folder of images with DSA annotation JSON (default: synthetic tissue)')
+    p.add_argument('--annotation-name', dest='annotation_name', help='only annotations with this name')
+    p.add_argument('--point-box-size', dest='point_box_size', type=float, help='box side (px) for point annotations')
+    p.add_argument('--resume', help='continue from a run folder\'s last.pt')
+    p.add_argument('--steps', type=_positive_int)
+    p.add_argument('--batch-size', dest='batch_size', type=_positive_int)
+    p.add_argument('--lr', type=float)
+    p.add_argument('--warmup-steps', dest='warmup_steps', type=int)
+    p.add_argument('--tile-size', dest='tile_size', type=_positive_int)
+    p.add_argument('--synthetic-tiles', dest='synthetic_tiles', type=_positive_int)
+    p.add_argument('--seed', type=int)
+    p.add_argument('--workers', type=int)
+    p.add_argument('--checkpoint-every', dest='checkpoint_every', type=_positive_int)
+    p.add_argument('--backbone', help='resnet18 (default), resnet34 or resnet50')
+    p.add_argument('--anchor-upsample', dest='anchor_upsample', type=int, help='1, 2 or 4')
+    p.add_argument('--anchor-offsets', dest='anchor_offsets', type=int, help='1 or 2 anchor centres per cell side')
+    p.add_argument('--mpp', type=float, help='microns per pixel of the training images (default 0.5, 20x)')
+    p.add_argument('--val-data', dest='val_data', help='labelled folder to calibrate and report on')
+    p.add_argument('--val-seed', dest='val_seed', type=int, default=2000)
+    p.add_argument('--val-count', dest='val_count', type=_positive_int, default=200)
+    p.add_argument('--device', default='auto')
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser('evaluate', help='precision, recall, F1 and COCO AP of a model on a labelled set')
+    p.add_argument('--model', help='checkpoint (default: the bundled model)')
+    p.add_argument('--data', help='folder of images with DSA annotation JSON (default: held-out synthetic tiles)')
+    p.add_argument('--annotation-name', dest='annotation_name')
+    p.add_argument('--point-box-size', dest='point_box_size', type=float)
+    p.add_argument('--seed', type=int, default=2000, help='synthetic set seed (training uses 1000+)')
+    p.add_argument('--count', type=_positive_int, default=200)
+    p.add_argument('--tile-size', type=_positive_int, default=256)
+    p.add_argument('--threshold', type=float, help="score threshold (default: the model's calibrated one)")
+    p.add_argument('--json', help='also write the metrics to this JSON file')
+    p.add_argument('--device', default='auto')
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser('synth', help='write synthetic H&E tiles with DSA annotations, or a synthetic slide')
+    p.add_argument('output', help='folder for tiles, or .tiff path with --slide')
+    p.add_argument('--slide', action='store_true', help='write one pyramidal TIFF slide (+ .boxes.npy)')
+    p.add_argument('--width', type=_positive_int, default=4096)
+    p.add_argument('--height', type=_positive_int, default=4096)
+    p.add_argument('--count', type=_positive_int, default=100)
+    p.add_argument('--tile-size', type=_positive_int, default=256)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--mpp', type=float, default=0.5)
+    p.set_defaults(run=_synth)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except CellRCNNError as exc:
+        print(f'cellrcnn: error: {exc}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('cellrcnn: interrupted', file=sys.stderr)
+        return 130
+    except MemoryError:
+        print('cellrcnn: error: out of memory; use a smaller --batch-size or --tile-size', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Digital Slide Archive annotation documents: detections to and from large_image JSON.
+
+The documents follow girder_large_image_annotation's annotation schema
+(``GET /annotation/schema`` on a DSA server; docs: "Annotation Schema" in
+large_image): ``{"name", "description", "attributes", "elements"}`` where each
+element is a shape. Detections are written as ``rectangle`` elements
+(``center [x, y, 0]``, ``width``, ``height``, ``rotation``) or ``point`` elements
+(``center``), with a per-element ``user`` dict ``{"score": ..., "class": ...}``.
+Coordinates are base-level (full resolution) slide pixels, origin top-left.
+
+Reading accepts a document, a list of documents, and the Girder REST form
+``{"_id": ..., "annotation": {...}}`` returned by ``GET /annotation/{id}``.
+"""
+
+import json
+import os
+import re
+
+import numpy as np
+
+from .errors import CellRCNNError
+
+DEFAULT_NAME = 'cellrcnn nuclei'
+DEFAULT_CLASS = 'nucleus'
+DEFAULT_LINE_COLOR = 'rgb(0,255,0)'
+
+# The colour pattern of the large_image annotation schema (colorSchema).
+_COLOR_RE = re.compile(r'^(#[0-9a-fA-F]{3,6}|rgb\(\d+,\s*\d+,\s*\d+\)|'
+                       r'rgba\(\d+,\s*\d+,\s*\d+,\s*(\d?\.|)\d+\))$')
+
+_WRITE_TYPES = ('rectangle', 'point')
+_READ_TYPES = ('rectangle', 'point', 'polyline', 'circle', 'ellipse')
+
+
+def _to_numpy(x):
+    if hasattr(x, 'detach'):  # torch tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _check_color(value, what):
+    if value is not None and (not isinstance(value, str) or not _COLOR_RE.match(value)):
+        raise CellRCNNError(
+            f'{what} {value!r} is not a DSA colour (use #rrggbb, rgb(r,g,b) or rgba(r,g,b,a))')
+
+
+def _class_names(labels, n, class_names):
+    """One class-name string per detection."""
+    if labels is None:
+        return None  # every element gets DEFAULT_CLASS
+    if isinstance(labels, str):
+        raise CellRCNNError('labels must be one label per box, not a single string')
+    if hasattr(labels, 'detach') or isinstance(labels, np.ndarray):
+        labels = _to_numpy(labels).tolist()
+    labels = list(labels)
+    if len(labels) != n:
+        raise CellRCNNError(f'got {len(labels)} labels for {n} boxes')
+    if class_names is None:
+        class_names = {1: DEFAULT_CLASS}
+    elif not isinstance(class_names, dict):
+        class_names = dict(enumerate(class_names))
+    cache = {}
+    out = []
+    for label in labels:
+        name = cache.get(label)
+        if name is None:
+            if isinstance(label, str):
+                name = label
+            elif isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+                name = class_names.get(int(label), f'class_{int(label)}')
+            else:
+                raise CellRCNNError(f'labels must be integers or strings; got {label!r}')
+            cache[label] = name
+        out.append(name)
+    return out
+
+
+def detections_to_annotation(boxes, scores, labels=None, name=DEFAULT_NAME,
+                             element_type='rectangle', attributes=None,
+                             line_color=DEFAULT_LINE_COLOR, description=None,
+                             fill_color=None, class_names=None, decimals=2):
+    """Build a DSA annotation document from detections.
+
+    :param boxes: N x 4 boxes ``x1, y1, x2, y2`` in base-level slide pixels
+        (numpy array, torch tensor or nested lists).
+    :param scores: N detection scores; stored per element as ``user.score``
+        rounded to 4 decimals.
+    :param labels: optional N labels, strings or integer class ids; integers are
+        named through ``class_names`` (a list or dict; default ``{1: 'nucleus'}``,
+        torchvision's first foreground class), others become ``class_<id>``.
+        Stored as ``user.class``; without labels every element is ``'nucleus'``.
+    :param name: the annotation's name as shown in HistomicsUI (non-empty).
+    :param element_type: ``'rectangle'`` (the box) or ``'point'`` (its centre).
+    :param attributes: free-form dict stored as the document's ``attributes``.
+    :param line_color: element outline colour, a large_image colour string.
+    :param description: document description (default: a count of detections).
+    :param fill_color: optional element fill colour, e.g. ``'rgba(0,255,0,0.2)'``.
+    :param decimals: coordinate rounding (0.01 px by default keeps files small).
+    :returns: the annotation document (a plain dict, JSON-serialisable).
+    """
+    if element_type not in _WRITE_TYPES:
+        raise CellRCNNError(
+            f'element_type must be one of {", ".join(_WRITE_TYPES)}; got {element_type!r}')
+    if not isinstance(name, str) or not name:
+        raise CellRCNNError('the annotation name must be a non-empty string')
+    _check_color(line_color, 'line_color')
+    _check_color(fill_color, 'fill_color')
+    if attributes is not None and not isinstance(attributes, dict):
+        raise CellRCNNError('attributes must be a dict')
+
+    b = _to_numpy(boxes).astype(np.float64, copy=False)
+    if b.size == 0:
+        b = b.reshape(0, 4)
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise CellRCNNError(f'boxes must have shape (N, 4) as x1,y1,x2,y2; got shape {b.shape}')
+    n = len(b)
+    s = _to_numpy(scores).astype(np.float64, copy=False).reshape(-1)
+    if len(s) != n:
+        raise CellRCNNError(f'got {len(s)} scores for {n} boxes')
+    if not (np.isfinite(b).all() and np.isfinite(s).all()):
+        raise CellRCNNError('boxes and scores must be finite numbers')
+    if (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
+        raise CellRCNNError('boxes must be x1,y1,x2,y2 with x2 >= x1 and y2 >= y1')
+    classes = _class_names(labels, n, class_names)
+
+    # Vectorised arithmetic, then plain Python floats: no per-element numpy scalars.
+    cx = np.round((b[:, 0] + b[:, 2]) / 2, decimals).tolist()
+    cy = np.round((b[:, 1] + b[:, 3]) / 2, decimals).tolist()
+    score_list = np.round(s, 4).tolist()
+    style = {'lineColor': line_color}
+    if fill_color is not None:
+        style['fillColor'] = fill_color
+    if element_type == 'rectangle':
+        w = np.round(b[:, 2] - b[:, 0], decimals).tolist()
+        h = np.round(b[:, 3] - b[:, 1], decimals).tolist()
+        elements = [
+            {'type': 'rectangle', 'center': [x, y, 0], 'width': ww, 'height': hh,
+             'rotation': 0, **style,
+             'user': {'score': sc, 'class': classes[i] if classes else DEFAULT_CLASS}}
+            for i, (x, y, ww, hh, sc) in enumerate(zip(cx, cy, w, h, score_list))]
+    else:
+        elements = [
+            {'type': 'point', 'center': [x, y, 0], **style,
+             'user': {'score': sc, 'class': classes[i] if classes else DEFAULT_CLASS}}
+            for i, (x, y, sc) in enumerate(zip(cx, cy, score_list))]
+    if description is None:
+        description = f'{n} detections by cellrcnn'
+    return {
+        'name': name,
+        'description': description,
+        'attributes': dict(attributes) if attributes else {},
+        'elements': elements,
+    }
+
+
+# --------------------------------------------------------------------------- reading
+
+def _documents(doc):
+    """Yield plain annotation documents from any accepted input form."""
+    if isinstance(doc, (list, tuple)):
+        for item in doc:
+            yield from _documents(item)
+        return
+    if not isinstance(doc, dict):
+        raise CellRCNNError(
+            f'expected an annotation document (a JSON object), got {type(doc).__name__}')
+    if isinstance(doc.get('annotation'), dict):  # Girder REST form
+        inner = doc['annotation']
+        label = inner.get('name') or doc.get('_id') or 'annotation'
+        if 'elements' not in inner:
+            raise CellRCNNError(
+                f'annotation {label!r} has no elements (a listing result?); '
+                'fetch it with GET /annotation/{id}')
+        query = doc.get('_elementQuery') or {}
+        if query.get('centroids'):
+            raise CellRCNNError(
+                f'annotation {label!r} holds centroids only; fetch it without centroids=true')
+        if 'count' in query and 'returned' in query and query['returned'] < query['count']:
+            raise CellRCNNError(
+                f"annotation {label!r} was truncated by the server ({query['returned']} of "
+                f"{query['count']} elements); fetch it without a limit")
+        yield inner
+        return
+    if 'elements' not in doc and ('type' in doc or 'center' in doc):
+        raise CellRCNNError('got an annotation element where a document was expected')
+    yield doc
+
+
+def _element_geometry(el, point_box_size):
+    """(cx, cy, width, height, rotation, is_ellipse) of one element's extent."""
+    kind = el['type']
+    if kind == 'rectangle' or kind == 'ellipse':
+        c = el['center']
+        return (float(c[0]), float(c[1]), float(el['width']), float(el['height']),
+                float(el.get('rotation') or 0.0), kind == 'ellipse')
+    if kind == 'point':
+        c = el['center']
+        return (float(c[0]), float(c[1]), point_box_size, point_box_size, 0.0, False)
+    if kind == 'circle':
+        c = el['center']
+        d = 2 * float(el['radius'])
+        return (float(c[0]), float(c[1]), d, d, 0.0, False)
+    # closed polyline: its bounding box
+    pts = np.asarray([p[:2] for p in el['points']], dtype=np.float64)
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    return ((lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, hi[0] - lo[0], hi[1] - lo[1], 0.0, False)
+
+
+def _bounding_boxes(geometry):
+    """x1,y1,x2,y2 of (rotated) rectangles / ellipses given as _element_geometry rows."""
+    g = np.asarray(geometry, dtype=np.float64).reshape(-1, 6)
+    cx, cy, w, h, rot, ellipse = g.T
+    c, s = np.abs(np.cos(rot)), np.abs(np.sin(rot))
+    # Half-extents of the axis-aligned bounding box of the rotated shape.
+    hw = np.where(ellipse > 0, np.hypot(w * c, h * s), w * c + h * s) / 2
+    hh = np.where(ellipse > 0, np.hypot(w * s, h * c), w * s + h * c) / 2
+    return np.stack([cx - hw, cy - hh, cx + hw, cy + hh], axis=1)
+
+
+def _iter_elements(doc, element_types, name):
+    """(document index, element index, element) for the selected elements."""
+    element_types = (element_types,) if isinstance(element_types, str) else tuple(element_types)
+    unknown = set(element_types) - set(_READ_TYPES)
+    if unknown:
+        raise CellRCNNError(
+            f'cannot read element types {sorted(unknown)}; supported: {", ".join(_READ_TYPES)}')
+    docs = list(_documents(doc))
+    if name is not None:
+        chosen = [d for d in docs if d.get('name') == name]
+        if not chosen:
+            names = sorted({str(d.get('name')) for d in docs})
+            raise CellRCNNError(
+                f'no annotation named {name!r}; found: {", ".join(names) or "none"}')
+        docs = chosen
+    for d in docs:
+        elements = d.get('elements') or []
+        if not isinstance(elements, list):
+            raise CellRCNNError(f'annotation {d.get("name")!r}: "elements" must be a list')
+        for ei, el in enumerate(elements):
+            if not isinstance(el, dict):
+                raise CellRCNNError(
+                    f'annotation {d.get("name")!r}: element {ei} is not an object')
+            kind = el.get('type')
+            if kind not in element_types:
+                continue
+            if kind == 'polyline' and not el.get('closed', False):
+                continue  # an open polyline is a line, not an object outline
+            yield d, ei, el
+
+
+def annotation_to_boxes(doc, element_types=('rectangle', 'point'), point_box_size=None,
+                        name=None):
+    """Axis-aligned boxes (float32 N x 4, x1,y1,x2,y2) from DSA annotation documents.
+
+    :param doc: a document, a list of documents, or the Girder REST form
+        ``{"_id": ..., "annotation": {...}}`` (or a list of those).
+    :param element_types: element types to read, from ``rectangle``, ``point``,
+        ``polyline`` (closed ones; open polylines are skipped), ``circle`` and
+        ``ellipse``. Other elements are ignored.
+    :param point_box_size: side in pixels of the square box centred on each
+        ``point`` element; required when point elements are read.
+    :param name: only read annotations with this name.
+
+    Rotated rectangles and ellipses give the bounding box of the rotated shape;
+    circles give their bounding square.
+    """
+    return annotation_to_detections(doc, element_types, point_box_size, name)['boxes']
+
+
+def annotation_to_detections(doc, element_types=('rectangle', 'point'), point_box_size=None,
+                             name=None):
+    """Like :func:`annotation_to_boxes`, also returning the elements' scores and classes.
+
+    :returns: dict with ``boxes`` (float32 N x 4), ``scores`` (float32 N, from
+        ``user.score``, 1.0 when absent) and ``classes`` (list of N strings, from
+        ``user.class``, else the element's label value, else ``'nucleus'``).
+    """
+    if point_box_size is not None:
+        try:
+            point_box_size = float(point_box_size)
+        except (TypeError, ValueError):
+            raise CellRCNNError(
+                f'point_box_size must be a number; got {point_box_size!r}') from None
+        if not 0 < point_box_size < float('inf'):
+            raise CellRCNNError(f'point_box_size must be positive; got {point_box_size}')
+    geometry, scores, classes = [], [], []
+    for d, ei, el in _iter_elements(doc, element_types, name):
+        if el['type'] == 'point' and point_box_size is None:
+            raise CellRCNNError(
+                f'annotation {d.get("name")!r} element {ei} is a point: give point_box_size '
+                '(the box side in pixels) to read points')
+        try:
+            geometry.append(_element_geometry(el, point_box_size))
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise CellRCNNError(
+                f'annotation {d.get("name")!r} element {ei}: malformed {el["type"]} '
+                '(missing or non-numeric center/width/height/radius/points)') from None
+        user = el.get('user')
+        score = user.get('score', 1.0) if isinstance(user, dict) else 1.0
+        cls = user.get('class') if isinstance(user, dict) else None
+        if not cls:
+            label = el.get('label')
+            cls = label.get('value') if isinstance(label, dict) else None
+        scores.append(score if isinstance(score, (int, float)) else 1.0)
+        classes.append(str(cls) if cls else DEFAULT_CLASS)
+    arr = _bounding_boxes(geometry).astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise CellRCNNError('annotation holds non-finite coordinates')
+    return {'boxes': arr, 'scores': np.asarray(scores, dtype=np.float32), 'classes': classes}
+
+
+# --------------------------------------------------------------------------- files
+
+def write_annotation(doc, path):
+    """Write an annotation document (or list of documents) as a JSON file."""
+    path = os.fspath(path)
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        # json.dumps uses the C encoder; json.dump (streaming) is pure Python, ~5x slower.
+        text = json.dumps(doc, separators=(',', ':'), allow_nan=False)
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except (OSError, TypeError, ValueError) as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise CellRCNNError(f'cannot write annotation file {path}: {reason}') from None
+    return path
+
+
+def read_annotation_file(path):
+    """Read a JSON annotation file: a document, a list of them, or the REST form."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding='utf-8') as f:
+            doc = json.load(f)
+    except OSError as exc:
+        raise CellRCNNError(f'cannot read annotation file {path}: {exc.strerror or exc}') from None
+    except UnicodeDecodeError:
+        raise CellRCNNError(f'annotation file {path} is not UTF-8 text JSON') from None
+    except json.JSONDecodeError as exc:
+        raise CellRCNNError(
+            f'annotation file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: '
+            f'{exc.msg})') from None
+    if not isinstance(doc, (dict, list)):
+        raise CellRCNNError(f'annotation file {path} does not hold an annotation document')
+    return doc

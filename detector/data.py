@@ -1,0 +1,172 @@
+"""Training samples: where labelled tiles come from, and how they are augmented.
+
+A sample is ``(image, boxes)``: an RGB uint8 H x W x 3 array and float32 N x 4 boxes (x1, y1, x2, y2, pixel edges).
+"""
+
+import glob
+import json
+import os
+
+import cv2
+import numpy as np
+import torch
+
+from .annotation import annotation_to_boxes
+from .errors import CellRCNNError
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
+
+
+def to_tensor(image):
+    """RGB uint8 H x W x 3 -> float C x H x W in [0, 1]."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise CellRCNNError(f'expected an RGB image (H x W x 3), got an array of shape {image.shape}')
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+
+
+def keep_inside(boxes, height, width, min_fraction=0.5):
+    """Clip boxes to the image; drop those with less than min_fraction of their area inside (or no area at all)."""
+    if not len(boxes):
+        return boxes.reshape(0, 4).astype(np.float32)
+    clipped = boxes.copy()
+    clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
+    clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    keep = (inside > 0) & (inside >= min_fraction * area)
+    return clipped[keep].astype(np.float32)
+
+
+def read_image(path):
+    """An 8-bit RGB image file as H x W x 3 uint8 (an alpha channel is dropped); anything else is refused."""
+    if not os.path.isfile(path):
+        raise CellRCNNError(f'image not found: {path}')
+    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise CellRCNNError(f'cannot read image {path} (not an image file, or a format OpenCV cannot decode)')
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
+        channels = 1 if image.ndim == 2 else image.shape[2]
+        raise CellRCNNError(f'{path} is not an 8-bit RGB image ({channels} channel(s) of {image.dtype})')
+    return cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2RGB)
+
+
+def load_annotated_folder(folder, annotation_name=None, point_box_size=None):
+    """Images with DSA annotation JSON beside them (``name.png`` + ``name.json`` or ``name.png.json``).
+
+    The annotations' rectangles (or points, given point_box_size in px) are the nuclei of the image.
+    """
+    samples = []
+    for path in sorted(glob.glob(os.path.join(folder, '*'))):
+        if not path.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        candidates = [path + '.json', os.path.splitext(path)[0] + '.json']
+        annotation_path = next((c for c in candidates if os.path.exists(c)), None)
+        if annotation_path is None:
+            continue
+        try:
+            with open(annotation_path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise CellRCNNError(f'cannot read annotation file {annotation_path}: {exc}') from None
+        boxes = annotation_to_boxes(doc, name=annotation_name, point_box_size=point_box_size)
+        samples.append((read_image(path), boxes))
+    if not samples:
+        raise CellRCNNError(f'no images with DSA annotation JSON files found in {folder}')
+    return samples
+
+
+class Augmenter:
+    """Random flips, 90 degree rotations, scale jitter, stain jitter (histomicstk) and a crop to the tile size."""
+
+    def __init__(self, tile_size, scale_jitter=0.15, stain_sigma=(0.15, 0.1), flips=True):
+        self.tile_size = tile_size
+        self.scale_jitter = scale_jitter
+        self.stain_sigma = stain_sigma
+        self.flips = flips
+        from histomicstk.preprocessing.color_deconvolution import stain_color_map
+        self._stain_matrix = np.array([stain_color_map['hematoxylin'], stain_color_map['eosin'],
+                                       stain_color_map['null']]).T
+
+    def __call__(self, image, boxes, rng):
+        if self.scale_jitter:
+            image, boxes = self._rescale(image, boxes, rng.uniform(1 - self.scale_jitter, 1 + self.scale_jitter))
+        image, boxes = self._crop(image, boxes, rng)
+        if self.flips:
+            image, boxes = self._flip_rotate(image, boxes, rng)
+        if self.stain_sigma:
+            image = self._stain(image, rng)
+        return np.ascontiguousarray(image), boxes
+
+    @staticmethod
+    def _rescale(image, boxes, factor):
+        h, w = image.shape[:2]
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        scale = np.array([size[0] / w, size[1] / h] * 2, dtype=np.float32)
+        return image, boxes * scale
+
+    def _crop(self, image, boxes, rng):
+        """A tile_size crop at a random place; smaller images are padded with white glass."""
+        t = self.tile_size
+        h, w = image.shape[:2]
+        if h < t or w < t:
+            padded = np.full((max(h, t), max(w, t), 3), 255, np.uint8)
+            padded[:h, :w] = image
+            image, h, w = padded, max(h, t), max(w, t)
+        y = int(rng.integers(0, h - t + 1))
+        x = int(rng.integers(0, w - t + 1))
+        shifted = boxes - np.array([x, y, x, y], dtype=np.float32)
+        return image[y:y + t, x:x + t], keep_inside(shifted, t, t)
+
+    @staticmethod
+    def _flip_rotate(image, boxes, rng):
+        h, w = image.shape[:2]
+        if rng.random() < 0.5:
+            image = image[:, ::-1]
+            boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
+        if rng.random() < 0.5:
+            image = image[::-1]
+            boxes = np.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]], axis=1)
+        if rng.random() < 0.5:  # transpose: with the flips, all eight symmetries of the square
+            image = image.transpose(1, 0, 2)
+            boxes = boxes[:, [1, 0, 3, 2]]
+        return image, boxes.astype(np.float32)
+
+    def _stain(self, image, rng):
+        """Tellez et al.'s stain concentration jitter, through histomicstk's colour deconvolution."""
+        from histomicstk.preprocessing.augmentation.color_augmentation import perturb_stain_concentration
+        from histomicstk.preprocessing.color_deconvolution import color_deconvolution
+        stains = color_deconvolution(image, self._stain_matrix).Stains.astype(float)
+        state = np.random.get_state()
+        np.random.seed(int(rng.integers(2 ** 31)))  # histomicstk draws from numpy's global generator
+        try:
+            return perturb_stain_concentration(stains, self._stain_matrix, sigma1=self.stain_sigma[0],
+                                               sigma2=self.stain_sigma[1])
+        finally:
+            np.random.set_state(state)
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Labelled samples, augmented on every read (a fresh draw each epoch, reproducible from the seed)."""
+
+    def __init__(self, samples, augmenter=None, seed=0):
+        self.samples = samples
+        self.augmenter = augmenter
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        image, boxes = self.samples[index]
+        if self.augmenter is not None:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            image, boxes = self.augmenter(image, boxes, rng)
+        target = {'boxes': torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4)),
+                  'labels': torch.ones(len(boxes), dtype=torch.int64)}
+        return to_tensor(image), target
+
+
+def collate(batch):
+    return [b[0] for b in batch], [b[1] for b in batch]

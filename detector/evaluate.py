@@ -1,0 +1,44 @@
+"""Evaluating a model on a labelled set, and choosing its operating point."""
+
+import time
+
+from .data import load_annotated_folder
+from .inference import Detector
+from .metrics import best_f1_threshold, evaluate
+
+
+def labelled_set(data=None, seed=2000, count=200, tile_size=256, mpp=0.5, annotation_name=None,
+                 point_box_size=None):
+    """Samples from a folder of images with DSA annotation JSON, or held-out synthetic tiles from ``seed``."""
+    if data:
+        return load_annotated_folder(data, annotation_name, point_box_size)
+    from .synthetic import make_dataset
+    return make_dataset(seed, count, size=tile_size, mpp=mpp)
+
+
+def predict_samples(model, samples, device='auto', batch_size=8):
+    """All detections above the box head's low score floor, per sample, and the seconds inference took."""
+    detector = Detector(model, device=device, batch_size=batch_size, score_thresh=model.config.score_thresh)
+    started = time.perf_counter()
+    outputs = detector.detect_tiles([image for image, _ in samples])
+    seconds = time.perf_counter() - started
+    return [{'boxes': b, 'scores': s} for b, s in outputs], seconds
+
+
+def evaluate_model(model, samples, device='auto', batch_size=8, score_threshold=None):
+    """Metrics at the model's operating point (or ``score_threshold``), plus inference speed."""
+    predictions, seconds = predict_samples(model, samples, device, batch_size)
+    threshold = model.config.detect_thresh if score_threshold is None else score_threshold
+    metrics = evaluate(predictions, [boxes for _, boxes in samples], score_threshold=threshold)
+    megapixels = sum(image.shape[0] * image.shape[1] for image, _ in samples) / 1e6
+    metrics['seconds'] = seconds
+    metrics['megapixels_per_second'] = megapixels / seconds if seconds else float('nan')
+    return metrics
+
+
+def calibrate_threshold(model, samples, device='auto', batch_size=8):
+    """Set the model's operating point to the score threshold that maximises F1 on ``samples``."""
+    predictions, _ = predict_samples(model, samples, device, batch_size)
+    threshold, f1, _, _ = best_f1_threshold(predictions, [boxes for _, boxes in samples])
+    model.config.detect_thresh = float(threshold)
+    return threshold, f1

@@ -1,0 +1,144 @@
+"""Training: warm-up + cosine schedule, gradient clipping, mixed precision on GPU, checkpoints and resume."""
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .config import ModelConfig
+from .data import Augmenter, TileDataset, collate, load_annotated_folder
+from .devices import autocast, resolve_device
+from .errors import CellRCNNError
+from .model import build_model
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 4000
+    batch_size: int = 4
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    clip_norm: float = 10.0
+    tile_size: int = 256
+    seed: int = 0
+    #: folder of images with DSA annotation JSON; None trains on synthetic tissue.
+    data: str = None
+    synthetic_tiles: int = 2000
+    synthetic_seed: int = 1000
+    annotation_name: str = None
+    point_box_size: float = None
+    checkpoint_every: int = 500
+    workers: int = 1
+
+    def validate(self):
+        for name in ('steps', 'batch_size', 'tile_size', 'synthetic_tiles', 'checkpoint_every'):
+            if getattr(self, name) <= 0:
+                raise CellRCNNError(f'{name} must be positive, not {getattr(self, name)}')
+        if self.tile_size % 32:
+            raise CellRCNNError(f'tile_size must be a multiple of 32, not {self.tile_size}')
+        if not 0 <= self.warmup_steps < self.steps:
+            raise CellRCNNError('warmup_steps must be between 0 and steps')
+        if self.lr <= 0:
+            raise CellRCNNError(f'lr must be positive, not {self.lr}')
+        return self
+
+
+def lr_factor(step, warmup, total, floor=0.01):
+    """Linear warm-up to 1, then cosine decay to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def training_samples(cfg, mpp):
+    if cfg.data:
+        return load_annotated_folder(cfg.data, cfg.annotation_name, cfg.point_box_size)
+    from .synthetic import make_dataset
+    return make_dataset(cfg.synthetic_seed, cfg.synthetic_tiles, size=cfg.tile_size, mpp=mpp)
+
+
+def train(model_config, train_config, out_dir, device='auto', resume=None, samples=None, progress=True):
+    """Train a model; write ``out_dir/last.pt`` (resumable) and ``out_dir/model.pt`` (weights only).
+
+    Returns the trained model and the list of per-step losses.
+    """
+    cfg = train_config.validate()
+    device = resolve_device(device)
+    torch.manual_seed(cfg.seed)
+    start_step, state = 0, None
+    if resume:
+        payload = load_checkpoint(resume)
+        state = payload.get('train_state')
+        if state is None:
+            raise CellRCNNError(f'{resume} holds no training state to resume from (it is a weights-only model)')
+        model = model_from_checkpoint(payload, source=resume)
+        cfg = TrainConfig(**{**payload['train_config'], 'steps': cfg.steps})
+        start_step = state['step']
+    else:
+        model = build_model(model_config)
+    model.to(device, memory_format=torch.channels_last).train()
+    if samples is None:
+        samples = training_samples(cfg, model.config.mpp)
+    dataset = TileDataset(samples, Augmenter(cfg.tile_size), seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
+                                         num_workers=cfg.workers, drop_last=len(dataset) >= cfg.batch_size,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == 'cuda')
+    if state is not None:
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        scaler.load_state_dict(state['scaler'])
+        dataset.epoch = state['epoch']
+    os.makedirs(out_dir, exist_ok=True)
+
+    def checkpoint(step, name):
+        save_checkpoint(os.path.join(out_dir, name), model, train_config=dataclasses.asdict(cfg),
+                        train_state={'step': step, 'epoch': dataset.epoch, 'optimizer': optimizer.state_dict(),
+                                     'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict()})
+
+    losses = []
+    step = start_step
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, desc='train', unit='step')
+    started = time.time()
+    while step < cfg.steps:
+        for images, targets in loader:
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            with autocast(device):
+                parts = model(images, targets)
+            loss = sum(parts.values())
+            if not torch.isfinite(loss):
+                raise CellRCNNError(f'training diverged at step {step} (loss {loss.item()}); lower --lr')
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            losses.append({k: v.item() for k, v in parts.items()})
+            bar.update(1)
+            bar.set_postfix({k.replace('loss_', ''): f'{np.mean([x[k] for x in losses[-20:]]):.3f}' for k in parts})
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint(step, 'last.pt')
+            if step >= cfg.steps:
+                break
+        dataset.epoch += 1
+    bar.close()
+    model.eval()
+    save_checkpoint(os.path.join(out_dir, 'model.pt'), model, train_config=dataclasses.asdict(cfg),
+                    train_seconds=time.time() - started)
+    return model, losses

@@ -1,0 +1,71 @@
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from cellrcnn.__main__ import main
+from cellrcnn.synthetic import make_tile
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    image, _ = make_tile(np.random.default_rng(3), size=(300, 420))
+    path = tmp_path / 'tile.png'
+    cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def test_detect_writes_an_annotation_and_an_overlay(tmp_path, image_file, tiny_checkpoint, capsys):
+    out = tmp_path / 'out'
+    assert main(['detect', str(image_file), '-o', str(out), '--model', str(tiny_checkpoint), '--tile-size', '256',
+                 '--element', 'point']) == 0
+    doc = json.loads((out / 'tile.anot.json').read_text())
+    assert doc['elements'] and all(e['type'] == 'point' for e in doc['elements'])
+    assert all(0 <= e['center'][0] <= 420 and 0 <= e['center'][1] <= 300 for e in doc['elements'])
+    assert doc['attributes']['params']['tile_size'] == 256
+    overlay = cv2.imread(str(out / 'tile.overlay.png'))
+    assert overlay.shape == (300, 420, 3)
+    assert f'{len(doc["elements"])} nuclei' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('args,message', [
+    (['detect', 'missing.png'], 'image not found'),
+    (['detect', '{image}', '--threshold', '1.5'], 'score threshold must be between 0 and 1'),
+    (['detect', '{image}', '--overlap', '600'], 'overlap must be'),
+    (['detect', '{image}', '--model', '{image}'], 'not a readable checkpoint'),
+    (['detect', '{image}', '--device', 'cuda'], 'no CUDA GPU'),
+    (['train', '--backbone', 'vgg', '--steps', '1'], 'unknown backbone'),
+    (['train', '--anchor-upsample', '3', '--steps', '1'], 'anchor_upsample must be one of'),
+])
+def test_bad_input_gets_one_error_line_and_a_nonzero_exit(tmp_path, image_file, tiny_checkpoint, args, message):
+    args = [a.format(image=image_file) for a in args] + ['-o', str(tmp_path / 'o')]
+    if args[0] == 'detect' and '--model' not in args:
+        args += ['--model', str(tiny_checkpoint)]
+    run = subprocess.run([sys.executable, '-m', 'cellrcnn', *args], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip().count('\n') == 0, run.stderr
+    assert message in run.stderr and run.stderr.startswith('cellrcnn: error:')
+
+
+def test_tiny_image_is_refused(tmp_path, tiny_checkpoint, capsys):
+    path = tmp_path / 'small.png'
+    cv2.imwrite(str(path), np.zeros((8, 8, 3), np.uint8))
+    assert main(['detect', str(path), '-o', str(tmp_path), '--model', str(tiny_checkpoint)]) == 2
+    assert 'the model needs at least' in capsys.readouterr().err
+
+
+def test_synth_tiles_train_from_their_annotations_and_evaluate(tmp_path, capsys):
+    data = tmp_path / 'tiles'
+    assert main(['synth', str(data), '--count', '4', '--tile-size', '128', '--seed', '5']) == 0
+    assert len(list(data.glob('*.png.json'))) == 4
+    run = tmp_path / 'run'
+    assert main(['train', '-o', str(run), '--data', str(data), '--steps', '3', '--batch-size', '2', '--tile-size',
+                 '128', '--warmup-steps', '1', '--workers', '0', '--val-data', str(data)]) == 0
+    assert main(['evaluate', '--model', str(run / 'model.pt'), '--data', str(data), '--json',
+                 str(tmp_path / 'm.json')]) == 0
+    metrics = json.loads((tmp_path / 'm.json').read_text())
+    assert metrics['n_gt'] > 0 and 0 <= metrics['f1'] <= 1
+    assert 'precision' in capsys.readouterr().out

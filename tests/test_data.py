@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+
+from cellrcnn.data import Augmenter, TileDataset, keep_inside, read_image, to_tensor
+from cellrcnn.errors import CellRCNNError
+
+
+def dark_squares_image(size=96):
+    image = np.full((size, size, 3), 230, np.uint8)
+    boxes = np.array([[10, 20, 22, 30], [50, 5, 70, 21], [60, 60, 75, 90]], np.float32)
+    for x1, y1, x2, y2 in boxes.astype(int):
+        image[y1:y2, x1:x2] = 40
+    return image, boxes
+
+
+def mask_boxes(image, boxes, threshold=128):
+    """For each box, the bounding box of the dark pixels inside it (one square per box)."""
+    found = []
+    for x1, y1, x2, y2 in np.round(boxes).astype(int):
+        ys, xs = np.nonzero(image[y1:y2, x1:x2].mean(axis=2) < threshold)
+        found.append([x1 + xs.min(), y1 + ys.min(), x1 + xs.max() + 1, y1 + ys.max() + 1])
+    return np.array(found, np.float32)
+
+
+@pytest.mark.parametrize('seed', range(8))
+def test_flips_and_rotations_move_boxes_with_the_pixels(seed):
+    image, boxes = dark_squares_image()
+    augment = Augmenter(96, scale_jitter=0, stain_sigma=None)
+    out, out_boxes = augment(image, boxes, np.random.default_rng(seed))
+    assert len(out_boxes) == 3
+    np.testing.assert_array_equal(mask_boxes(out, out_boxes), out_boxes)
+
+
+def test_scale_jitter_and_stain_jitter_keep_boxes_on_the_objects(rng):
+    image, boxes = dark_squares_image(128)
+    augment = Augmenter(96, scale_jitter=0.2, stain_sigma=(0.2, 0.1))
+    for _ in range(5):
+        out, out_boxes = augment(image, boxes, rng)
+        assert out.shape == (96, 96, 3) and out.dtype == np.uint8
+        assert len(out_boxes) >= 1
+        found = mask_boxes(out, out_boxes, threshold=out.mean() * 0.6)
+        np.testing.assert_allclose(found, out_boxes, atol=1.5)
+
+
+def test_stain_jitter_changes_colour_but_is_reproducible():
+    image, boxes = dark_squares_image()
+    augment = Augmenter(96, scale_jitter=0, stain_sigma=(0.3, 0.2), flips=False)
+    a, _ = augment(image, boxes, np.random.default_rng(5))
+    b, _ = augment(image, boxes, np.random.default_rng(5))
+    c, _ = augment(image, boxes, np.random.default_rng(6))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 1
+
+
+def test_keep_inside_drops_boxes_mostly_outside():
+    boxes = np.array([[-4, 0, 6, 10], [-8, 0, 2, 10], [5, 5, 15, 15], [20, 20, 30, 30]], np.float32)
+    kept = keep_inside(boxes, 16, 16)
+    np.testing.assert_array_equal(kept, [[0, 0, 6, 10], [5, 5, 15, 15]])
+
+
+def test_dataset_yields_model_inputs(rng):
+    image, boxes = dark_squares_image()
+    dataset = TileDataset([(image, boxes)], Augmenter(64, stain_sigma=None), seed=3)
+    tensor, target = dataset[0]
+    assert tensor.shape == (3, 64, 64) and tensor.dtype == torch.float32 and tensor.max() <= 1
+    assert target['boxes'].shape[1] == 4 and (target['labels'] == 1).all()
+
+
+def test_bad_images_are_refused(tmp_path):
+    import cv2
+    gray = tmp_path / 'gray.png'
+    cv2.imwrite(str(gray), np.zeros((32, 32), np.uint8))
+    text = tmp_path / 'notes.png'
+    text.write_text('hello')
+    for path, message in [(tmp_path / 'missing.png', 'not found'), (text, 'cannot read image'),
+                          (gray, 'not an 8-bit RGB image')]:
+        with pytest.raises(CellRCNNError, match=message):
+            read_image(str(path))
+    with pytest.raises(CellRCNNError, match='expected an RGB image'):
+        to_tensor(np.zeros((8, 8), np.uint8))
