@@ -1,0 +1,127 @@
+"""Anchor densification ablation: anchor_upsample 1 / 2 / 4 against two anchor centre offsets per cell.
+
+Every variant gets the same synthetic training data, seed and step budget; each is evaluated on the same held-out
+sets: mixed tissue at 20x, and crowded tissue (crowding 1) where recall on nuclei under 12 px is reported.
+
+    python benchmarks/anchor_ablation.py run k2 --steps 600 --out runs/ablation      # one variant (k1 k2 k4 offsets2)
+    python benchmarks/anchor_ablation.py report runs/ablation                         # markdown table of all variants
+
+Run variants in parallel processes with OMP_NUM_THREADS=1 on a small machine; timings are taken single-threaded.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from cellrcnn.config import ModelConfig
+from cellrcnn.evaluate import calibrate_threshold, evaluate_model, labelled_set
+from cellrcnn.inference import Detector
+from cellrcnn.synthetic import make_tile
+from cellrcnn.train import TrainConfig, train
+
+VARIANTS = {
+    'k1': {'anchor_upsample': 1},
+    'k2': {'anchor_upsample': 2},
+    'k4': {'anchor_upsample': 4},
+    'offsets2': {'anchor_offsets': 2},
+}
+
+
+def crowded_set(seed, count, size=256):
+    rng = np.random.default_rng(seed)
+    return [make_tile(rng, size=size, crowding=1.0) for _ in range(count)]
+
+
+def seconds_per_tile(model, tile=512, repeats=6):
+    """Median single-image inference time on a 512 px synthetic tile, after a warm-up."""
+    detector = Detector(model, device='cpu', batch_size=1)
+    image, _ = make_tile(np.random.default_rng(99), size=tile, crowding=0.7)
+    detector.detect_tiles([image])
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        detector.detect_tiles([image])
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def run(variant, steps, tiles, out):
+    torch.manual_seed(0)
+    config = ModelConfig(**VARIANTS[variant])
+    cfg = TrainConfig(steps=steps, synthetic_tiles=tiles, warmup_steps=min(200, steps // 10), workers=0,
+                      checkpoint_every=max(1, steps // 4))
+    run_dir = os.path.join(out, variant)
+    started = time.perf_counter()
+    model, _ = train(config, cfg, run_dir, device='cpu', progress=False)
+    train_seconds = time.perf_counter() - started
+    threshold, _ = calibrate_threshold(model, labelled_set(seed=2000, count=100), device='cpu')
+    mixed = evaluate_model(model, labelled_set(seed=3000, count=200), device='cpu')
+    crowded = evaluate_model(model, crowded_set(4000, 100), device='cpu')
+    result = {
+        'variant': variant, 'settings': VARIANTS[variant], 'steps': steps, 'train_tiles': tiles,
+        'train_seconds': train_seconds, 'threshold': threshold,
+        'anchors_per_512_tile': anchors_per_tile(model, 512),
+        'seconds_per_512_tile': seconds_per_tile(model),
+        'mixed': {k: v for k, v in mixed.items() if isinstance(v, (int, float))},
+        'crowded': {k: v for k, v in crowded.items() if isinstance(v, (int, float))},
+    }
+    with open(os.path.join(out, f'{variant}.json'), 'w') as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+def anchors_per_tile(model, tile):
+    from torchvision.models.detection.image_list import ImageList
+    from cellrcnn.anchors import upsample_features
+    with torch.no_grad():
+        x = torch.zeros(1, 3, tile, tile)
+        features = model.backbone(x)
+        dense = [upsample_features(features[str(lv)], model.config.anchor_upsample) for lv in model.config.rpn_levels]
+        return int(model.rpn.anchor_generator(ImageList(x, [(tile, tile)]), dense)[0].shape[0])
+
+
+def report(out):
+    rows = []
+    for variant in VARIANTS:
+        path = os.path.join(out, f'{variant}.json')
+        if os.path.exists(path):
+            with open(path) as f:
+                rows.append(json.load(f))
+    print('| variant | anchors / 512² tile | F1 mixed | AP mixed | AP50 mixed | F1 crowded | recall crowded < 12 px '
+          '(n) | recall crowded 12-24 px | AP crowded | s / 512² tile (1 thread) | train s |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    def f(value):
+        return '-' if value is None else f'{value:.3f}'
+
+    for r in rows:
+        m, c = r['mixed'], r['crowded']
+        print(f"| {r['variant']} | {r['anchors_per_512_tile']} | {f(m['f1'])} | {f(m['AP'])} | {f(m['AP50'])} | "
+              f"{f(c['f1'])} | {f(c.get('recall_small'))} ({c['n_gt_small']}) | {f(c.get('recall_medium'))} | "
+              f"{f(c['AP'])} | {r['seconds_per_512_tile']:.3f} | {r['train_seconds']:.0f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+    p = sub.add_parser('run')
+    p.add_argument('variant', choices=sorted(VARIANTS))
+    p.add_argument('--steps', type=int, default=600)
+    p.add_argument('--tiles', type=int, default=800)
+    p.add_argument('--out', default='runs/ablation')
+    p = sub.add_parser('report')
+    p.add_argument('out')
+    args = parser.parse_args()
+    if args.command == 'run':
+        os.makedirs(args.out, exist_ok=True)
+        run(args.variant, args.steps, args.tiles, args.out)
+    else:
+        report(args.out)
+
+
+if __name__ == '__main__':
+    main()
