@@ -18,7 +18,7 @@ setup(
         'scipy',
         'torch',
         'torchvision',
-        'large-image[tiff]',
+        'large-image[tiff,pil]',
         'pyvips',
         'pyvips-binary',
         'opencv-python-headless',

@@ -2,9 +2,9 @@
 
     python benchmarks/cpu_throughput.py [--model M.pt] [--size 2048] [--tile 512] [--batch 4] [--device cpu]
 
-Prints megapixels per second for: the cellrcnn model tiling a synthetic H&E image at 20x (tile reading excluded),
-torchvision's fasterrcnn_resnet50_fpn with its default 800 px resize on the same tiles, and the same stock model
-without resizing. Stock models are randomly initialised (no weights can be downloaded here): their speed does not
+Prints megapixels per second of model inference (tile reading excluded: see docs/performance.md for whole slides)
+for: the cellrcnn model on non-overlapping tiles of a synthetic H&E image at 20x, torchvision's
+fasterrcnn_resnet50_fpn with its default 800 px resize on the same tiles, and the same stock model without resizing. Stock models are randomly initialised (no weights can be downloaded here): their speed does not
 depend on their weights except through the number of boxes the box head sees, which stays at its maximum.
 """
 
@@ -17,7 +17,7 @@ import torchvision
 
 from cellrcnn.checkpoint import load_model
 from cellrcnn.data import to_tensor
-from cellrcnn.inference import Detector, tile_origins
+from cellrcnn.inference import Detector
 from cellrcnn.synthetic import make_tile
 
 
@@ -36,7 +36,6 @@ def main():
     parser.add_argument('--model', help='checkpoint (default: the bundled model)')
     parser.add_argument('--size', type=int, default=2048)
     parser.add_argument('--tile', type=int, default=512)
-    parser.add_argument('--overlap', type=int, default=64)
     parser.add_argument('--batch', type=int, default=4)
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--device', default='cpu')
@@ -45,18 +44,17 @@ def main():
     image, _ = make_tile(np.random.default_rng(7), size=args.size, crowding=0.6)
     mpx = args.size * args.size / 1e6
     print(f'device {args.device}, torch threads {torch.get_num_threads()}, image {args.size}x{args.size} '
-          f'({mpx:.2f} Mpx), tiles {args.tile} px, overlap {args.overlap}, batch {args.batch}')
+          f'({mpx:.2f} Mpx), tiles {args.tile} px, batch {args.batch}')
 
+    crops = [image[y:y + args.tile, x:x + args.tile] for y in range(0, args.size, args.tile)
+             for x in range(0, args.size, args.tile)]
     detector = Detector(load_model(args.model), device=args.device, batch_size=args.batch)
     found = []
-    best, median = timed(lambda: found.append(len(detector.detect_image(image, args.tile, args.overlap)[0])),
-                         args.repeats)
+    best, median = timed(lambda: found.append(sum(len(b) for b, _ in detector.detect_tiles(crops))), args.repeats)
     print(f'cellrcnn            {mpx / median:6.2f} Mpx/s (median {median:.2f} s, best {best:.2f} s), '
           f'{found[-1]} nuclei')
 
-    origins = [(y, x) for y in tile_origins(args.size, args.tile, args.overlap)
-               for x in tile_origins(args.size, args.tile, args.overlap)]
-    tiles = [to_tensor(image[y:y + args.tile, x:x + args.tile]).to(args.device) for y, x in origins]
+    tiles = [to_tensor(crop).to(args.device) for crop in crops]
     for label, kwargs in [('stock, resize 800', {}), ('stock, no resize', {'min_size': args.tile,
                                                                           'max_size': args.tile})]:
         stock = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,

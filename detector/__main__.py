@@ -9,42 +9,91 @@ import sys
 from . import __version__
 from .errors import CellRCNNError
 
-SAMPLE_IMAGE = os.path.join(os.path.dirname(__file__), 'data', 'sample_he.jpg')
+SAMPLE_SLIDE = os.path.join(os.path.dirname(__file__), 'data', 'CMU-1-Small-Region.svs')
 
 
 def _detect(args):
+    from .checkpoint import BUNDLED_MODEL, load_model
+    from .engine import clear_partial, detect_slide, run_key
+    from .inference import Detector
+    from .slide import Slide
+
+    slide_path = args.slide or SAMPLE_SLIDE
+    if not args.slide:
+        print(f'no slide given: using the bundled sample {slide_path}', file=sys.stderr)
+    model_path = args.model or BUNDLED_MODEL
+    model = load_model(model_path)
+    detector = Detector(model, device=args.device, batch_size=args.batch_size, score_thresh=args.threshold,
+                        nms_thresh=args.nms)
+    slide = Slide(slide_path, magnification=args.magnification or 10 / model.config.mpp, mpp=args.mpp)
+    stem = os.path.splitext(os.path.basename(slide_path))[0]
+    try:
+        os.makedirs(args.output, exist_ok=True)
+    except OSError as exc:
+        raise CellRCNNError(f'cannot create output folder {args.output}: {exc.strerror}') from None
+    settings = {'magnification': slide.magnification, 'roi': args.roi, 'tile_size': args.tile_size,
+                'overlap': args.overlap, 'min_tissue': args.min_tissue, 'threshold': detector.score_thresh,
+                'nms': model.config.nms_thresh}
+    partial = None if args.no_resume else os.path.join(args.output, f'.{stem}.partial')
+    result = detect_slide(slide, detector, roi=args.roi, tile_size=args.tile_size, overlap=args.overlap,
+                          min_tissue=args.min_tissue, workers=args.workers, resume_dir=partial,
+                          key=run_key(slide_path, model_path, settings), progress=args.progress)
+    written = write_results(result, args.output, stem, args.element,
+                            {'model': os.path.basename(model_path), 'cellrcnn': __version__, 'params': settings})
+    clear_partial(partial)
+    st = result.stats
+    sec = st['seconds']
+    if st['tiles_read'] == 0 and not st['tile_rows_resumed']:
+        print(f'no tissue found in {slide_path} (all {st["tiles"]} tiles below --min-tissue {args.min_tissue}): '
+              'the annotation is empty')
+    print(f'{st["detections"]} nuclei in {os.path.basename(slide_path)} at {slide.magnification:g}x: '
+          f'{st["tissue_mm2"]:.2f} mm2 of tissue, {st["tiles_read"]} tiles read, {st["tiles_skipped"]} skipped as '
+          f'background; {sec["total"]:.1f} s (tissue {sec["tissue_and_grid"]:.1f}, read wait {sec["read"]:.1f}, '
+          f'detect {sec["detect"]:.1f}, merge {sec["merge"]:.2f}), {st["megapixels_per_second"]:.2f} Mpx/s on '
+          f'{st["device"]}')
+    print('wrote ' + ', '.join(written))
+
+
+def write_results(result, folder, stem, element_type, attributes):
+    """The nuclei annotation, the density annotation, GeoJSON, CSV, an overview PNG and the run summary."""
     import cv2
     import numpy as np
 
     from .annotation import detections_to_annotation, write_annotation
-    from .checkpoint import load_model
-    from .data import read_image
-    from .inference import Detector
+    from .outputs import density_annotation, write_csv, write_geojson
 
-    image_path = args.image or SAMPLE_IMAGE
-    if not args.image:
-        print(f'no image given: using the bundled sample {image_path}', file=sys.stderr)
-    image = read_image(image_path)
-    model = load_model(args.model)
-    detector = Detector(model, device=args.device, batch_size=args.batch_size, score_thresh=args.threshold,
-                        nms_thresh=args.nms)
-    boxes, scores = detector.detect_image(image, tile=args.tile_size, overlap=args.overlap)
-    os.makedirs(args.output, exist_ok=True)
-    stem = os.path.splitext(os.path.basename(image_path))[0]
-    doc = detections_to_annotation(
-        boxes, scores, element_type=args.element,
-        attributes={'model': os.path.basename(args.model or 'cellrcnn-default.pt'), 'cellrcnn': __version__,
-                    'params': {'threshold': detector.score_thresh, 'nms': model.config.nms_thresh,
-                               'tile_size': args.tile_size, 'overlap': args.overlap}})
-    annotation_path = os.path.join(args.output, f'{stem}.anot.json')
-    write_annotation(doc, annotation_path)
+    slide = result.slide
+    base_mpp = slide.mpp / slide.scale
+    paths = {k: os.path.join(folder, f'{stem}{suffix}') for k, suffix in [
+        ('annotation', '.anot.json'), ('density', '.density.anot.json'), ('geojson', '.geojson'),
+        ('csv', '.csv'), ('overlay', '.overlay.png'), ('summary', '.summary.json')]}
+    write_annotation(detections_to_annotation(result.boxes, result.scores, element_type=element_type,
+                                              attributes={**attributes, 'stats': result.stats}), paths['annotation'])
+    write_annotation(density_annotation(result.boxes, slide.base_size, base_mpp, attributes=attributes),
+                     paths['density'])
+    write_geojson(paths['geojson'], result.boxes, result.scores)
+    write_csv(paths['csv'], result.boxes, result.scores, mpp=base_mpp)
+    ax0, ay0, ax1, ay1 = result.roi
+    x0, y0 = ax0 * slide.scale, ay0 * slide.scale
+    image, factor = slide.overview((x0, y0, (ax1 - ax0) * slide.scale, (ay1 - ay0) * slide.scale))
     overlay = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    for x1, y1, x2, y2 in np.round(boxes).astype(int):
-        cv2.rectangle(overlay, (x1, y1), (x2 - 1, y2 - 1), (0, 255, 0), 1)
-    overlay_path = os.path.join(args.output, f'{stem}.overlay.png')
-    cv2.imwrite(overlay_path, overlay)
-    print(f'{len(boxes)} nuclei in {image_path} ({image.shape[1]}x{image.shape[0]} px): '
-          f'annotation {annotation_path}, overlay {overlay_path}')
+    for x1, y1, x2, y2 in np.round((result.boxes - [x0, y0, x0, y0]) * factor).astype(int):
+        cv2.rectangle(overlay, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), (0, 255, 0), 1)
+    if not cv2.imwrite(paths['overlay'], overlay):
+        raise CellRCNNError(f'cannot write {paths["overlay"]}')
+    with open(paths['summary'], 'w') as f:
+        json.dump(result.stats, f, indent=2)
+    return list(paths.values())
+
+
+def _roi(text):
+    try:
+        values = [float(v) for v in text.split(',')]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f'expected X,Y,W,H in base pixels, not {text!r}')
+    return tuple(values)
 
 
 def _model_config(args):
@@ -122,17 +171,24 @@ def build_parser():
     parser.add_argument('--version', action='version', version=f'cellrcnn {__version__}')
     sub = parser.add_subparsers(dest='command', required=True)
 
-    p = sub.add_parser('detect', help='detect nuclei in an image; write a DSA annotation and an overlay PNG')
-    p.add_argument('image', nargs='?', help='RGB image (default: the bundled H&E sample)')
+    p = sub.add_parser('detect', help='detect nuclei in a slide; write DSA annotations, GeoJSON, CSV and an overview')
+    p.add_argument('slide', nargs='?', help='slide or image large_image opens (default: the bundled sample slide)')
     p.add_argument('-o', '--output', required=True, help='output folder')
+    p.add_argument('--roi', type=_roi, help='region of interest X,Y,W,H in base pixels (default: the whole slide)')
+    p.add_argument('--magnification', type=float, help="analysis magnification (default: the model's, 20x)")
+    p.add_argument('--mpp', type=float, help='microns per base pixel, for slides that do not state it')
     p.add_argument('--model', help='checkpoint (default: the bundled model)')
     p.add_argument('--threshold', type=float, help="score threshold (default: the model's calibrated one)")
     p.add_argument('--nms', type=float, help='NMS IoU threshold')
-    p.add_argument('--tile-size', type=_positive_int, default=512)
+    p.add_argument('--tile-size', type=_positive_int, default=1024, help='tile side in analysis px')
     p.add_argument('--overlap', type=int, default=64, help='px shared by neighbouring tiles (>= largest nucleus)')
+    p.add_argument('--min-tissue', type=float, default=0.05, help='skip tiles with less tissue than this fraction')
     p.add_argument('--batch-size', type=_positive_int, default=4)
+    p.add_argument('--workers', type=int, default=2, help='tile reader threads')
     p.add_argument('--element', choices=['rectangle', 'point'], default='rectangle')
     p.add_argument('--device', default='auto', help='auto, cpu or cuda')
+    p.add_argument('--progress', choices=['auto', 'bar', 'slicer', 'none'], default='auto')
+    p.add_argument('--no-resume', action='store_true', help='do not keep or reuse partial results')
     p.set_defaults(run=_detect)
 
     p = sub.add_parser('train', help='train a model on synthetic tissue or on images with DSA annotations')

@@ -405,6 +405,25 @@ class Slide:
             im = cv2.resize(im, (tile.width, tile.height), interpolation=cv2.INTER_LINEAR)
         return im
 
+    def overview(self, roi=None, max_side=2048):
+        """RGB image of a base-pixel ROI (default: the whole slide) at most ``max_side`` px on its longest side, and
+        the factor from base pixels to its pixels."""
+        import large_image
+
+        x0, y0, x1, y1 = self.roi_to_analysis(roi)
+        s = self.scale
+        region = {'left': x0 * s, 'top': y0 * s, 'right': min(x1 * s, self.base_size[0]),
+                  'bottom': min(y1 * s, self.base_size[1]), 'units': 'base_pixels'}
+        kwargs = {}
+        if max(region['right'] - region['left'], region['bottom'] - region['top']) > max_side:
+            kwargs['output'] = {'maxWidth': max_side, 'maxHeight': max_side}  # large_image would also enlarge
+        try:
+            im, _ = self.source.getRegion(region=region, format=large_image.constants.TILE_FORMAT_NUMPY, **kwargs)
+        except Exception as exc:
+            raise CellRCNNError(f'cannot read an overview of {self.path}: {_one_line(exc)}') from None
+        im = _to_rgb(im)
+        return np.ascontiguousarray(im), im.shape[1] / (region['right'] - region['left'])
+
     def to_base(self, boxes, tile):
         """Boxes ``[x1, y1, x2, y2]`` in tile-local analysis pixels -> float64 base-level pixels (pixel-edge
         coordinates, as large_image and the DSA annotations use)."""

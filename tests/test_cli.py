@@ -7,41 +7,70 @@ import numpy as np
 import pytest
 
 from cellrcnn.__main__ import main
-from cellrcnn.synthetic import make_tile
+from cellrcnn.synthetic import make_tile, write_slide
 
 
 @pytest.fixture
 def image_file(tmp_path):
+    """A plain PNG: large_image opens it, but it states no resolution."""
     image, _ = make_tile(np.random.default_rng(3), size=(300, 420))
     path = tmp_path / 'tile.png'
     cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     return path
 
 
-def test_detect_writes_an_annotation_and_an_overlay(tmp_path, image_file, tiny_checkpoint, capsys):
+@pytest.fixture(scope='module')
+def slide_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('slide') / 'slide.tiff'
+    write_slide(str(path), 700, 520, seed=4)
+    return path
+
+
+def test_detect_on_a_slide_writes_annotations_geojson_csv_and_overview(tmp_path, slide_file, tiny_checkpoint,
+                                                                         capsys):
     out = tmp_path / 'out'
-    assert main(['detect', str(image_file), '-o', str(out), '--model', str(tiny_checkpoint), '--tile-size', '256',
-                 '--element', 'point']) == 0
-    doc = json.loads((out / 'tile.anot.json').read_text())
+    assert main(['detect', str(slide_file), '-o', str(out), '--model', str(tiny_checkpoint), '--tile-size', '256',
+                 '--element', 'point', '--progress', 'none']) == 0
+    doc = json.loads((out / 'slide.anot.json').read_text())
     assert doc['elements'] and all(e['type'] == 'point' for e in doc['elements'])
-    assert all(0 <= e['center'][0] <= 420 and 0 <= e['center'][1] <= 300 for e in doc['elements'])
+    assert all(0 <= e['center'][0] <= 700 and 0 <= e['center'][1] <= 520 for e in doc['elements'])
     assert doc['attributes']['params']['tile_size'] == 256
-    overlay = cv2.imread(str(out / 'tile.overlay.png'))
-    assert overlay.shape == (300, 420, 3)
+    density = json.loads((out / 'slide.density.anot.json').read_text())
+    assert density['elements'][0]['type'] == 'griddata'
+    geojson = json.loads((out / 'slide.geojson').read_text())
+    assert len(geojson['features']) == len(doc['elements'])
+    assert len((out / 'slide.csv').read_text().splitlines()) == len(doc['elements']) + 1
+    assert cv2.imread(str(out / 'slide.overlay.png')).shape == (520, 700, 3)
+    summary = json.loads((out / 'slide.summary.json').read_text())
+    assert summary['detections'] == len(doc['elements']) and summary['tiles_read'] >= 1
+    assert not list(out.glob('.*partial'))  # partial results are removed once the outputs are written
     assert f'{len(doc["elements"])} nuclei' in capsys.readouterr().out
 
 
+def test_an_image_without_resolution_needs_mpp(tmp_path, image_file, tiny_checkpoint):
+    out = tmp_path / 'out'
+    assert main(['detect', str(image_file), '-o', str(out), '--model', str(tiny_checkpoint), '--mpp', '0.5',
+                 '--progress', 'none']) == 0
+    assert (out / 'tile.anot.json').exists()
+
+
 @pytest.mark.parametrize('args,message', [
-    (['detect', 'missing.png'], 'image not found'),
-    (['detect', '{image}', '--threshold', '1.5'], 'score threshold must be between 0 and 1'),
-    (['detect', '{image}', '--overlap', '600'], 'overlap must be'),
-    (['detect', '{image}', '--model', '{image}'], 'not a readable checkpoint'),
-    (['detect', '{image}', '--device', 'cuda'], 'no CUDA GPU'),
+    (['detect', 'missing.svs'], 'slide not found'),
+    (['detect', '{image}'], 'states no magnification or resolution'),
+    (['detect', '{model}'], 'cannot open slide'),
+    (['detect', '{slide}', '--threshold', '1.5'], 'score threshold must be between 0 and 1'),
+    (['detect', '{slide}', '--overlap', '2000'], 'overlap must be'),
+    (['detect', '{slide}', '--roi', '9000,9000,10,10'], 'outside the slide'),
+    (['detect', '{slide}', '--magnification', '40'], 'would only upsample it'),
+    (['detect', '{slide}', '--model', '{image}'], 'not a readable checkpoint'),
+    (['detect', '{slide}', '--device', 'cuda'], 'no CUDA GPU'),
     (['train', '--backbone', 'vgg', '--steps', '1'], 'unknown backbone'),
     (['train', '--anchor-upsample', '3', '--steps', '1'], 'anchor_upsample must be one of'),
 ])
-def test_bad_input_gets_one_error_line_and_a_nonzero_exit(tmp_path, image_file, tiny_checkpoint, args, message):
-    args = [a.format(image=image_file) for a in args] + ['-o', str(tmp_path / 'o')]
+def test_bad_input_gets_one_error_line_and_a_nonzero_exit(tmp_path, image_file, slide_file, tiny_checkpoint, args,
+                                                         message):
+    args = [a.format(image=image_file, slide=slide_file, model=tiny_checkpoint) for a in args]
+    args += ['-o', str(tmp_path / 'o')]
     if args[0] == 'detect' and '--model' not in args:
         args += ['--model', str(tiny_checkpoint)]
     run = subprocess.run([sys.executable, '-m', 'cellrcnn', *args], capture_output=True, text=True)
@@ -53,7 +82,7 @@ def test_bad_input_gets_one_error_line_and_a_nonzero_exit(tmp_path, image_file, 
 def test_tiny_image_is_refused(tmp_path, tiny_checkpoint, capsys):
     path = tmp_path / 'small.png'
     cv2.imwrite(str(path), np.zeros((8, 8, 3), np.uint8))
-    assert main(['detect', str(path), '-o', str(tmp_path), '--model', str(tiny_checkpoint)]) == 2
+    assert main(['detect', str(path), '-o', str(tmp_path), '--model', str(tiny_checkpoint), '--mpp', '0.5']) == 2
     assert 'the model needs at least' in capsys.readouterr().err
 
 

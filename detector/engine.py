@@ -1,0 +1,208 @@
+"""Whole-slide detection: tissue-aware tiles, read ahead while the model works, merged exactly across seams.
+
+The merged result equals one greedy NMS over every raw detection of every tile (``merge.StreamingNMS``), costs time
+linear in the number of detections, and holds only about a tile row of boxes. Raw detections of each finished tile
+row are saved under ``resume_dir``; a run that is interrupted and started again with the same slide, model and
+settings re-reads them instead of running the model on those rows again.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import CellRCNNError
+from .merge import StreamingNMS
+from .progress import Progress
+from .slide import Slide, prefetch
+
+#: nuclei are at most 15 um across; the merge's spatial hash uses cells of this many analysis px (at 20x).
+MAX_NUCLEUS_PX = 64
+
+
+@dataclass
+class SlideDetections:
+    """Merged detections of a slide (boxes in base pixels) and what it took to get them."""
+
+    slide: Slide
+    boxes: np.ndarray
+    scores: np.ndarray
+    roi: tuple
+    stats: dict = field(default_factory=dict)
+
+
+def run_key(slide_path, model_path, settings):
+    """Identity of a run for resuming: the slide file, the model file and every setting that changes detections."""
+    def stamp(path):
+        st = os.stat(path)
+        return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
+    text = json.dumps([stamp(slide_path), stamp(model_path), settings], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+class RowStore:
+    """Raw detections of finished tile rows, one file per row, written atomically."""
+
+    def __init__(self, folder, key):
+        self.folder = folder
+        self.enabled = folder is not None
+        if not self.enabled:
+            return
+        manifest = os.path.join(folder, 'run.json')
+        try:
+            if os.path.exists(manifest):
+                with open(manifest) as f:
+                    if json.load(f).get('key') != key:  # another slide, model or settings: start over
+                        shutil.rmtree(folder)
+            os.makedirs(folder, exist_ok=True)
+            with open(manifest, 'w') as f:
+                json.dump({'key': key}, f)
+        except (OSError, ValueError) as exc:
+            raise CellRCNNError(f'cannot keep partial results in {folder}: {exc}') from None
+
+    def done_rows(self):
+        if not self.enabled:
+            return {}
+        rows = {}
+        for name in sorted(os.listdir(self.folder)):
+            if name.startswith('row_') and name.endswith('.npz'):
+                with np.load(os.path.join(self.folder, name)) as data:
+                    rows[int(name[4:-4])] = (data['boxes'], data['scores'])
+        return rows
+
+    def save(self, row, boxes, scores):
+        if self.enabled:
+            path = os.path.join(self.folder, f'row_{row:05d}.npz')
+            with open(path + '.tmp', 'wb') as f:
+                np.savez(f, boxes=boxes, scores=scores)
+            os.replace(path + '.tmp', path)
+
+
+def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tissue=0.05, workers=2,
+                 resume_dir=None, key='', progress='auto'):
+    """Detect nuclei over a slide (or a base-pixel ROI ``(x, y, w, h)``) with an ``inference.Detector``.
+
+    Raw detections of finished tile rows stay in ``resume_dir`` (when given) until the caller has written its
+    outputs and calls ``clear_partial(resume_dir)``.
+    """
+    started = time.perf_counter()
+    if not 0 <= overlap < tile_size:
+        raise CellRCNNError(f'overlap must be at least 0 and below the tile size {tile_size}, not {overlap}')
+    if not 0 <= min_tissue <= 1:
+        raise CellRCNNError(f'minimum tissue fraction must be between 0 and 1, not {min_tissue}')
+    min_side = 2 ** (detector.model.config.backbone_stages + 1)
+    if min(slide.size) < min_side:
+        raise CellRCNNError(f'{slide.path} is {slide.size[0]}x{slide.size[1]} px at {slide.magnification:g}x; '
+                            f'the model needs at least {min_side}x{min_side}')
+    tiles = slide.tiles(tile_size, overlap, roi=roi, min_tissue=min_tissue)
+    mask_seconds = time.perf_counter() - started
+    rows = sorted({t.row for t in tiles})
+    row_top = {r: min(t.base_y for t in tiles if t.row == r) for r in rows}
+    merger = StreamingNMS(detector.model.config.nms_thresh, MAX_NUCLEUS_PX * slide.scale)
+    store = RowStore(resume_dir, key)
+    resumed = store.done_rows()
+    todo = [t for t in tiles if t.row not in resumed and not t.skipped]
+    unread = {r: 0 for r in rows}
+    for t in todo:
+        unread[t.row] += 1
+    raw = {r: ([], []) for r in rows}
+    for r, (b, s) in resumed.items():  # rows finished by an earlier run: merged again from their raw detections
+        merger.add(b, s)
+    kept_boxes, kept_scores = [], []
+    cursor = 0
+
+    def close_finished_rows():
+        """Promise the merge, in row order, that rows with every tile done get no more boxes."""
+        nonlocal cursor
+        while cursor < len(rows) and unread[rows[cursor]] == 0:
+            row = rows[cursor]
+            if row not in resumed:
+                boxes, scores = raw.pop(row)
+                store.save(row, np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
+                           np.concatenate(scores) if scores else np.zeros(0, np.float32))
+            cursor += 1
+            if cursor < len(rows):
+                b, s, _ = merger.complete_up_to(row_top[rows[cursor]])
+                kept_boxes.append(b)
+                kept_scores.append(s)
+
+    close_finished_rows()
+    bar = Progress(len(todo), name='cellrcnn', mode=progress)
+    if resumed:
+        bar.comment(f'resumed: {len(resumed)} of {len(rows)} tile rows already done')
+    timing = {'read': 0.0, 'detect': 0.0, 'merge': 0.0}
+    stream = prefetch(slide, todo, workers=workers, queue=max(4, 2 * detector.batch_size))
+    batch = []
+    while True:
+        t0 = time.perf_counter()
+        item = next(stream, None)
+        timing['read'] += time.perf_counter() - t0
+        if item is not None:
+            batch.append(item)
+        if batch and (item is None or len(batch) == detector.batch_size):
+            t0 = time.perf_counter()
+            results = detector.detect_tiles([image for _, image in batch])
+            timing['detect'] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for (tile, _), (boxes, scores) in zip(batch, results):
+                base = slide.to_base(boxes, tile).astype(np.float32)
+                merger.add(base, scores)
+                raw[tile.row][0].append(base)
+                raw[tile.row][1].append(scores)
+                unread[tile.row] -= 1
+            close_finished_rows()
+            timing['merge'] += time.perf_counter() - t0
+            bar.update(len(batch))
+            batch = []
+        if item is None:
+            break
+    b, s, _ = merger.finish()
+    kept_boxes.append(b)
+    kept_scores.append(s)
+    bar.close()
+    boxes = np.concatenate(kept_boxes).reshape(-1, 4)
+    scores = np.concatenate(kept_scores)
+    order = np.lexsort((boxes[:, 0], boxes[:, 1]))  # reading order: top to bottom, left to right
+    result = SlideDetections(slide, boxes[order], scores[order], slide.roi_to_analysis(roi))
+    result.stats = _stats(slide, tiles, todo, resumed, result, timing, mask_seconds,
+                          time.perf_counter() - started, detector)
+    return result
+
+
+def clear_partial(resume_dir):
+    """Remove the saved rows of a finished run."""
+    if resume_dir:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+
+
+def tissue_area_mm2(slide, roi_bounds):
+    """Area of tissue inside analysis-pixel bounds (x0, y0, x1, y1), from the slide's tissue mask."""
+    mask, factor = slide.tissue_mask()
+    x0, y0, x1, y1 = (int(math.floor(v / factor)) for v in roi_bounds)
+    inside = mask[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
+    return float(inside.sum()) * (factor * slide.mpp / 1000) ** 2
+
+
+def _stats(slide, tiles, read, resumed, result, timing, mask_seconds, total, detector):
+    megapixels = sum(t.width * t.height for t in read) / 1e6
+    return {
+        'slide': slide.path,
+        'analysis_magnification': slide.magnification,
+        'analysis_mpp': slide.mpp,
+        'tiles': len(tiles),
+        'tiles_read': len(read),
+        'tiles_skipped': sum(t.skipped for t in tiles),
+        'tile_rows_resumed': len(resumed),
+        'tissue_mm2': tissue_area_mm2(slide, result.roi),
+        'detections': int(len(result.boxes)),
+        'megapixels': megapixels,
+        'seconds': {'tissue_and_grid': mask_seconds, **timing, 'total': total},
+        'megapixels_per_second': megapixels / total if total else 0.0,
+        'device': str(detector.device),
+        'batch_size': detector.batch_size,
+    }

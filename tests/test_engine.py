@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import nms
+
+from cellrcnn.checkpoint import load_model
+from cellrcnn.engine import clear_partial, detect_slide
+from cellrcnn.errors import CellRCNNError
+from cellrcnn.inference import Detector
+from cellrcnn.slide import Slide
+from cellrcnn.synthetic import write_slide
+
+
+@pytest.fixture(scope='module')
+def slide_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp('slide') / 'slide.tiff'
+    write_slide(str(path), 900, 700, seed=11)
+    return path
+
+
+@pytest.fixture
+def detector(tiny_checkpoint):
+    model = load_model(tiny_checkpoint)
+    model.set_thresholds(nms_thresh=0.3)
+    return Detector(model, device='cpu', batch_size=3, score_thresh=0.05)
+
+
+def sorted_rows(boxes):
+    boxes = np.asarray(boxes, np.float64)
+    return boxes[np.lexsort(boxes.T[::-1])]
+
+
+class Recording:
+    """A detector that keeps every raw result it returns, in order."""
+
+    def __init__(self, detector):
+        self.inner, self.results = detector, []
+        self.model, self.batch_size, self.device = detector.model, detector.batch_size, detector.device
+
+    def detect_tiles(self, tiles):
+        results = self.inner.detect_tiles(tiles)
+        self.results.extend(results)
+        return results
+
+
+def test_merged_result_equals_one_global_nms_over_all_raw_detections(slide_path, detector):
+    slide = Slide(slide_path)
+    recording = Recording(detector)
+    result = detect_slide(slide, recording, tile_size=256, overlap=48, min_tissue=0.0, progress='none')
+    tiles = slide.tiles(256, 48, min_tissue=0.0)
+    assert len(recording.results) == len(tiles)
+    raw_boxes = [slide.to_base(boxes, tile).astype(np.float32) for tile, (boxes, _) in zip(tiles, recording.results)]
+    raw_scores = [scores for _, scores in recording.results]
+    raw_boxes = torch.from_numpy(np.concatenate(raw_boxes))
+    raw_scores = torch.from_numpy(np.concatenate(raw_scores))
+    keep = nms(raw_boxes, raw_scores, 0.3)
+    assert len(raw_boxes) > len(keep) > 50  # overlaps produced duplicates that the merge removed
+    np.testing.assert_array_equal(sorted_rows(result.boxes), sorted_rows(raw_boxes[keep].numpy()))
+    assert result.stats['tiles'] == result.stats['tiles_read'] == 20  # 4 rows of 5 tiles
+    assert result.boxes[:, 2].max() <= 900 and result.boxes[:, 3].max() <= 700
+
+
+class Interrupting:
+    """A detector that stops the run (as Ctrl-C would) after a number of batches."""
+
+    def __init__(self, detector, batches):
+        self.inner, self.left = detector, batches
+        self.model, self.batch_size, self.device = detector.model, detector.batch_size, detector.device
+
+    def detect_tiles(self, tiles):
+        if self.left == 0:
+            raise KeyboardInterrupt
+        self.left -= 1
+        return self.inner.detect_tiles(tiles)
+
+
+def test_an_interrupted_run_resumes_from_its_saved_rows(slide_path, detector, tmp_path):
+    slide = Slide(slide_path)
+    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, progress='none', key='k')
+    full = detect_slide(slide, detector, **kwargs)
+    partial = tmp_path / 'partial'
+    with pytest.raises(KeyboardInterrupt):
+        detect_slide(slide, Interrupting(detector, 3), resume_dir=str(partial), **kwargs)
+    saved = sorted(p.name for p in partial.glob('row_*.npz'))
+    assert saved == ['row_00000.npz']  # 9 tiles done: the first row of 5 and 4 tiles of the second
+    resumed = detect_slide(slide, detector, resume_dir=str(partial), **kwargs)
+    assert resumed.stats['tile_rows_resumed'] == 1
+    assert resumed.stats['tiles_read'] == 15
+    np.testing.assert_array_equal(resumed.boxes, full.boxes)
+    np.testing.assert_array_equal(resumed.scores, full.scores)
+    # another key (other settings or model) does not reuse them
+    other = detect_slide(slide, detector, resume_dir=str(partial), **{**kwargs, 'key': 'other'})
+    assert other.stats['tile_rows_resumed'] == 0
+    clear_partial(str(partial))
+    assert not partial.exists()
+
+
+def test_glass_only_slide_gives_an_empty_result(tmp_path, detector):
+    import pyvips
+    path = tmp_path / 'glass.tiff'
+    glass = pyvips.Image.black(600, 500, bands=3) + 245
+    glass.cast('uchar').tiffsave(str(path), tile=True, pyramid=True, compression='jpeg', xres=2000, yres=2000,
+                                 resunit='cm')
+    result = detect_slide(Slide(path), detector, tile_size=256, overlap=32, progress='none')
+    assert len(result.boxes) == 0
+    assert result.stats['tiles_read'] == 0 and result.stats['tiles_skipped'] == result.stats['tiles']
+
+
+def test_bad_engine_settings(slide_path, detector):
+    slide = Slide(slide_path)
+    with pytest.raises(CellRCNNError, match='overlap must be'):
+        detect_slide(slide, detector, tile_size=256, overlap=256)
+    with pytest.raises(CellRCNNError, match='minimum tissue fraction'):
+        detect_slide(slide, detector, min_tissue=2)
+    with pytest.raises(CellRCNNError, match='outside the slide'):
+        detect_slide(slide, detector, roi=(5000, 5000, 100, 100))
