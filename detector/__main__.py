@@ -37,7 +37,8 @@ def _detect(args):
     partial = None if args.no_resume else os.path.join(args.output, f'.{stem}.partial')
     result = detect_slide(slide, detector, roi=args.roi, tile_size=args.tile_size, overlap=args.overlap,
                           min_tissue=args.min_tissue, workers=args.workers, resume_dir=partial,
-                          key=run_key(slide_path, model_path, settings), progress=args.progress)
+                          key=run_key(slide_path, model_path, settings), progress=args.progress,
+                          scheduler=args.scheduler, model_path=model_path)
     written = write_results(result, args.output, stem, args.element,
                             {'model': os.path.basename(model_path), 'cellrcnn': __version__, 'params': settings})
     clear_partial(partial)
@@ -185,6 +186,8 @@ def build_parser():
     p.add_argument('--min-tissue', type=float, default=0.05, help='skip tiles with less tissue than this fraction')
     p.add_argument('--batch-size', type=_positive_int, default=4)
     p.add_argument('--workers', type=int, default=2, help='tile reader threads')
+    p.add_argument('--scheduler', help='run tile batches on a dask.distributed cluster at this address, '
+                                       'or on N local processes with local:N')
     p.add_argument('--element', choices=['rectangle', 'point'], default='rectangle')
     p.add_argument('--device', default='auto', help='auto, cpu or cuda')
     p.add_argument('--progress', choices=['auto', 'bar', 'slicer', 'none'], default='auto')

@@ -84,8 +84,12 @@ class RowStore:
 
 
 def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tissue=0.05, workers=2,
-                 resume_dir=None, key='', progress='auto'):
+                 resume_dir=None, key='', progress='auto', scheduler=None, model_path=None):
     """Detect nuclei over a slide (or a base-pixel ROI ``(x, y, w, h)``) with an ``inference.Detector``.
+
+    With ``scheduler`` (a dask.distributed address, or ``local:N`` for N local worker processes) batches of tiles
+    run on the cluster's workers, each of which opens the slide and loads ``model_path`` once; the merge and the
+    resume files stay here.
 
     Raw detections of finished tile rows stay in ``resume_dir`` (when given) until the caller has written its
     outputs and calls ``clear_partial(resume_dir)``.
@@ -136,6 +140,36 @@ def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tiss
     if resumed:
         bar.comment(f'resumed: {len(resumed)} of {len(rows)} tile rows already done')
     timing = {'read': 0.0, 'detect': 0.0, 'merge': 0.0}
+    if scheduler:
+        batches = dask_batches(slide, detector, todo, scheduler, model_path, timing)
+    else:
+        batches = local_batches(slide, detector, todo, workers, timing)
+    for batch, results in batches:
+        t0 = time.perf_counter()
+        for tile, (boxes, scores) in zip(batch, results):
+            base = slide.to_base(boxes, tile).astype(np.float32)
+            merger.add(base, scores)
+            raw[tile.row][0].append(base)
+            raw[tile.row][1].append(scores)
+            unread[tile.row] -= 1
+        close_finished_rows()
+        timing['merge'] += time.perf_counter() - t0
+        bar.update(len(batch))
+    b, s, _ = merger.finish()
+    kept_boxes.append(b)
+    kept_scores.append(s)
+    bar.close()
+    boxes = np.concatenate(kept_boxes).reshape(-1, 4)
+    scores = np.concatenate(kept_scores)
+    order = np.lexsort((boxes[:, 0], boxes[:, 1]))  # reading order: top to bottom, left to right
+    result = SlideDetections(slide, boxes[order], scores[order], slide.roi_to_analysis(roi))
+    result.stats = _stats(slide, tiles, todo, resumed, result, timing, mask_seconds,
+                          time.perf_counter() - started, detector)
+    return result
+
+
+def local_batches(slide, detector, todo, workers, timing):
+    """(tiles, results) per batch, in order, reading the next tiles in threads while the model works."""
     stream = prefetch(slide, todo, workers=workers, queue=max(4, 2 * detector.batch_size))
     batch = []
     while True:
@@ -148,30 +182,63 @@ def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tiss
             t0 = time.perf_counter()
             results = detector.detect_tiles([image for _, image in batch])
             timing['detect'] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for (tile, _), (boxes, scores) in zip(batch, results):
-                base = slide.to_base(boxes, tile).astype(np.float32)
-                merger.add(base, scores)
-                raw[tile.row][0].append(base)
-                raw[tile.row][1].append(scores)
-                unread[tile.row] -= 1
-            close_finished_rows()
-            timing['merge'] += time.perf_counter() - t0
-            bar.update(len(batch))
+            yield [tile for tile, _ in batch], results
             batch = []
         if item is None:
-            break
-    b, s, _ = merger.finish()
-    kept_boxes.append(b)
-    kept_scores.append(s)
-    bar.close()
-    boxes = np.concatenate(kept_boxes).reshape(-1, 4)
-    scores = np.concatenate(kept_scores)
-    order = np.lexsort((boxes[:, 0], boxes[:, 1]))  # reading order: top to bottom, left to right
-    result = SlideDetections(slide, boxes[order], scores[order], slide.roi_to_analysis(roi))
-    result.stats = _stats(slide, tiles, todo, resumed, result, timing, mask_seconds,
-                          time.perf_counter() - started, detector)
-    return result
+            return
+
+
+def dask_batches(slide, detector, todo, scheduler, model_path, timing):
+    """(tiles, results) per batch, in order, computed on a dask.distributed cluster."""
+    if model_path is None:
+        raise CellRCNNError('running on a Dask cluster needs the model file, which its workers load')
+    client = connect_dask(scheduler)
+    spec = {'slide': slide.path, 'slide_args': slide.open_args, 'model': os.path.abspath(model_path),
+            'device': 'auto', 'batch_size': detector.batch_size, 'score_thresh': detector.score_thresh,
+            'nms_thresh': detector.model.config.nms_thresh}
+    batches = [todo[i:i + detector.batch_size] for i in range(0, len(todo), detector.batch_size)]
+    try:
+        futures = client.map(run_batch_on_worker, batches, spec=spec, pure=False)
+        for batch, future in zip(batches, futures):
+            t0 = time.perf_counter()
+            results = future.result()
+            timing['detect'] += time.perf_counter() - t0
+            yield batch, results
+    finally:
+        client.close()
+
+
+def connect_dask(scheduler):
+    """A client for a scheduler address, or for a new LocalCluster of N single-threaded processes ('local:N')."""
+    from distributed import Client, LocalCluster
+
+    try:
+        if scheduler.startswith('local'):
+            n = int(scheduler.partition(':')[2] or os.cpu_count())
+            return Client(LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None))
+        return Client(scheduler, timeout='15s')
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise CellRCNNError(f'cannot reach the Dask scheduler {scheduler!r}: {str(exc).splitlines()[0]}') from None
+
+
+_WORKER_STATE = {}
+
+
+def run_batch_on_worker(tiles, spec):
+    """On a Dask worker: read and detect a batch of tiles (the slide and the model are opened once per worker)."""
+    from .checkpoint import load_model
+    from .inference import Detector
+
+    key = json.dumps(spec, sort_keys=True)
+    if key not in _WORKER_STATE:
+        _WORKER_STATE.clear()
+        model = load_model(spec['model'])
+        model.set_thresholds(nms_thresh=spec['nms_thresh'])
+        detector = Detector(model, device=spec['device'], batch_size=spec['batch_size'],
+                            score_thresh=spec['score_thresh'])
+        _WORKER_STATE[key] = (Slide(spec['slide'], **spec['slide_args']), detector)
+    slide, detector = _WORKER_STATE[key]
+    return detector.detect_tiles([slide.read(tile) for tile in tiles])
 
 
 def clear_partial(resume_dir):

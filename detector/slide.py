@@ -168,6 +168,8 @@ class Slide:
         import large_image
 
         self.path = os.fspath(path)
+        #: what reopens this slide the same way elsewhere (e.g. on a Dask worker): ``Slide(path, **open_args)``
+        self.open_args = {'magnification': magnification, 'mpp': mpp, 'allow_upsample': allow_upsample}
         if not os.path.exists(self.path):
             raise CellRCNNError(f'slide not found: {self.path}')
         try:

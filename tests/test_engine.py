@@ -114,3 +114,19 @@ def test_bad_engine_settings(slide_path, detector):
         detect_slide(slide, detector, min_tissue=2)
     with pytest.raises(CellRCNNError, match='outside the slide'):
         detect_slide(slide, detector, roi=(5000, 5000, 100, 100))
+
+
+def test_a_dask_cluster_gives_the_same_detections(slide_path, detector, tiny_checkpoint):
+    slide = Slide(slide_path)
+    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, progress='none')
+    local = detect_slide(slide, detector, **kwargs)
+    spread = detect_slide(slide, detector, scheduler='local:2', model_path=str(tiny_checkpoint), **kwargs)
+    assert len(spread.boxes) == len(local.boxes) > 0
+    np.testing.assert_allclose(spread.boxes, local.boxes, atol=1e-3)
+    np.testing.assert_allclose(spread.scores, local.scores, atol=1e-4)
+
+
+def test_unreachable_dask_scheduler(slide_path, detector, tiny_checkpoint):
+    with pytest.raises(CellRCNNError, match='cannot reach the Dask scheduler'):
+        detect_slide(Slide(slide_path), detector, tile_size=256, overlap=48, min_tissue=0.0, progress='none',
+                     scheduler='tcp://127.0.0.1:9', model_path=str(tiny_checkpoint))
