@@ -13,78 +13,18 @@ SAMPLE_SLIDE = os.path.join(os.path.dirname(__file__), 'data', 'CMU-1-Small-Regi
 
 
 def _detect(args):
-    from .checkpoint import BUNDLED_MODEL, load_model
-    from .engine import clear_partial, detect_slide, run_key
-    from .inference import Detector
-    from .slide import Slide
+    from .pipeline import DetectionSettings, detect_to_files, output_paths, summary_lines
 
     slide_path = args.slide or SAMPLE_SLIDE
     if not args.slide:
         print(f'no slide given: using the bundled sample {slide_path}', file=sys.stderr)
-    model_path = args.model or BUNDLED_MODEL
-    model = load_model(model_path)
-    detector = Detector(model, device=args.device, batch_size=args.batch_size, score_thresh=args.threshold,
-                        nms_thresh=args.nms)
-    slide = Slide(slide_path, magnification=args.magnification or 10 / model.config.mpp, mpp=args.mpp)
+    settings = DetectionSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DetectionSettings)})
     stem = os.path.splitext(os.path.basename(slide_path))[0]
-    try:
-        os.makedirs(args.output, exist_ok=True)
-    except OSError as exc:
-        raise CellRCNNError(f'cannot create output folder {args.output}: {exc.strerror}') from None
-    settings = {'magnification': slide.magnification, 'roi': args.roi, 'tile_size': args.tile_size,
-                'overlap': args.overlap, 'min_tissue': args.min_tissue, 'threshold': detector.score_thresh,
-                'nms': model.config.nms_thresh}
-    partial = None if args.no_resume else os.path.join(args.output, f'.{stem}.partial')
-    result = detect_slide(slide, detector, roi=args.roi, tile_size=args.tile_size, overlap=args.overlap,
-                          min_tissue=args.min_tissue, workers=args.workers, resume_dir=partial,
-                          key=run_key(slide_path, model_path, settings), progress=args.progress,
-                          scheduler=args.scheduler, model_path=model_path)
-    written = write_results(result, args.output, stem, args.element,
-                            {'model': os.path.basename(model_path), 'cellrcnn': __version__, 'params': settings})
-    clear_partial(partial)
-    st = result.stats
-    sec = st['seconds']
-    if st['tiles_read'] == 0 and not st['tile_rows_resumed']:
-        print(f'no tissue found in {slide_path} (all {st["tiles"]} tiles below --min-tissue {args.min_tissue}): '
-              'the annotation is empty')
-    print(f'{st["detections"]} nuclei in {os.path.basename(slide_path)} at {slide.magnification:g}x: '
-          f'{st["tissue_mm2"]:.2f} mm2 of tissue, {st["tiles_read"]} tiles read, {st["tiles_skipped"]} skipped as '
-          f'background; {sec["total"]:.1f} s (tissue {sec["tissue_and_grid"]:.1f}, read wait {sec["read"]:.1f}, '
-          f'detect {sec["detect"]:.1f}, merge {sec["merge"]:.2f}), {st["megapixels_per_second"]:.2f} Mpx/s on '
-          f'{st["device"]}')
-    print('wrote ' + ', '.join(written))
-
-
-def write_results(result, folder, stem, element_type, attributes):
-    """The nuclei annotation, the density annotation, GeoJSON, CSV, an overview PNG and the run summary."""
-    import cv2
-    import numpy as np
-
-    from .annotation import detections_to_annotation, write_annotation
-    from .outputs import density_annotation, write_csv, write_geojson
-
-    slide = result.slide
-    base_mpp = slide.mpp / slide.scale
-    paths = {k: os.path.join(folder, f'{stem}{suffix}') for k, suffix in [
-        ('annotation', '.anot.json'), ('density', '.density.anot.json'), ('geojson', '.geojson'),
-        ('csv', '.csv'), ('overlay', '.overlay.png'), ('summary', '.summary.json')]}
-    write_annotation(detections_to_annotation(result.boxes, result.scores, element_type=element_type,
-                                              attributes={**attributes, 'stats': result.stats}), paths['annotation'])
-    write_annotation(density_annotation(result.boxes, slide.base_size, base_mpp, attributes=attributes),
-                     paths['density'])
-    write_geojson(paths['geojson'], result.boxes, result.scores)
-    write_csv(paths['csv'], result.boxes, result.scores, mpp=base_mpp)
-    ax0, ay0, ax1, ay1 = result.roi
-    x0, y0 = ax0 * slide.scale, ay0 * slide.scale
-    image, factor = slide.overview((x0, y0, (ax1 - ax0) * slide.scale, (ay1 - ay0) * slide.scale))
-    overlay = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    for x1, y1, x2, y2 in np.round((result.boxes - [x0, y0, x0, y0]) * factor).astype(int):
-        cv2.rectangle(overlay, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), (0, 255, 0), 1)
-    if not cv2.imwrite(paths['overlay'], overlay):
-        raise CellRCNNError(f'cannot write {paths["overlay"]}')
-    with open(paths['summary'], 'w') as f:
-        json.dump(result.stats, f, indent=2)
-    return list(paths.values())
+    paths = output_paths(args.output, stem)
+    resume_dir = None if args.no_resume else os.path.join(args.output, f'.{stem}.partial')
+    result = detect_to_files(slide_path, paths, settings, resume_dir=resume_dir)
+    print('\n'.join(summary_lines(result, settings)))
+    print('wrote ' + ', '.join(p for p in paths.values() if p))
 
 
 def _roi(text):
@@ -181,10 +121,13 @@ def build_parser():
     p.add_argument('--model', help='checkpoint (default: the bundled model)')
     p.add_argument('--threshold', type=float, help="score threshold (default: the model's calibrated one)")
     p.add_argument('--nms', type=float, help='NMS IoU threshold')
-    p.add_argument('--tile-size', type=_positive_int, default=1024, help='tile side in analysis px')
+    p.add_argument('--anchor-upsample', dest='anchor_upsample', type=int, choices=[1, 2, 4],
+                   help="anchor density upsampling at inference (default: the model's)")
+    p.add_argument('--tile-size', dest='tile_size', type=_positive_int, default=1024, help='tile side in analysis px')
     p.add_argument('--overlap', type=int, default=64, help='px shared by neighbouring tiles (>= largest nucleus)')
-    p.add_argument('--min-tissue', type=float, default=0.05, help='skip tiles with less tissue than this fraction')
-    p.add_argument('--batch-size', type=_positive_int, default=4)
+    p.add_argument('--min-tissue', dest='min_tissue', type=float, default=0.05,
+                   help='skip tiles with less tissue than this fraction')
+    p.add_argument('--batch-size', dest='batch_size', type=_positive_int, default=4)
     p.add_argument('--workers', type=int, default=2, help='tile reader threads')
     p.add_argument('--scheduler', help='run tile batches on a dask.distributed cluster at this address, '
                                        'or on N local processes with local:N')

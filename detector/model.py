@@ -154,6 +154,12 @@ class CellRCNN(GeneralizedRCNN):
         self.roi_heads.detections_per_img = math.ceil(cfg.detections_per_mpx * mpx)
         return super().forward(images, targets)
 
+    def set_anchor_upsample(self, k):
+        """Run the RPN at another anchor density. The RPN head's weights do not depend on k, so a model trained at
+        one density runs at another (how well is an empirical question: docs/ablation.md)."""
+        self.config = ModelConfig.from_dict({**self.config.to_dict(), 'anchor_upsample': k}).validate()
+        self.rpn.upsample = self.rpn.anchor_generator.upsample = k
+
     def set_thresholds(self, score_thresh=None, nms_thresh=None):
         """Change the box head's post-processing for inference (the trained weights do not depend on it)."""
         if score_thresh is not None:

@@ -11,7 +11,6 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from .config import ModelConfig
 from .data import Augmenter, TileDataset, collate, load_annotated_folder
 from .devices import autocast, resolve_device
 from .errors import CellRCNNError

@@ -133,7 +133,6 @@ def test_boxes_are_exact_mask_extents_and_nuclei_mostly_visible():
         in_tile = np.zeros(n)
         ext = np.zeros((n, 4))
         for idx, oy, ox, mask, _ in groups:
-            P = mask.shape[1]
             for k in range(len(idx)):
                 rr, cc = np.nonzero(mask[k])
                 rr = rr + oy[k]

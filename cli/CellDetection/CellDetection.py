@@ -1,0 +1,42 @@
+"""Cell detection as a slicer_cli_web task: HistomicsUI's analysis panel and girder_worker run it."""
+
+import os
+import sys
+
+from slicer_cli_web import CLIArgumentParser
+
+from cellrcnn.errors import CellRCNNError
+from cellrcnn.pipeline import DetectionSettings, detect_to_files, summary_lines
+
+
+def settings_from(args):
+    """slicer_cli_web's arguments (-1, 0 or empty mean 'the model's or the slide's own') as DetectionSettings."""
+    roi = None if list(args.analysis_roi) == [-1, -1, -1, -1] else tuple(args.analysis_roi)
+    return DetectionSettings(
+        model=args.model_file or None, magnification=args.analysis_mag if args.analysis_mag > 0 else None,
+        mpp=args.base_mpp if args.base_mpp > 0 else None, roi=roi, tile_size=args.analysis_tile_size,
+        overlap=args.tile_overlap, min_tissue=args.min_tissue_frac,
+        threshold=args.score_threshold if args.score_threshold >= 0 else None,
+        nms=args.nms_iou if args.nms_iou >= 0 else None, anchor_upsample=args.anchor_upsample or None,
+        element=args.element_type, batch_size=args.batch_size, device=args.device,
+        scheduler=args.scheduler or None, progress='slicer')
+
+
+def main(args):
+    paths = {'annotation': args.outputCellAnnotationFile,
+             'density': getattr(args, 'outputDensityAnnotationFile', None) or None}
+    settings = settings_from(args)
+    result = detect_to_files(args.inputImageFile, paths, settings,
+                             resume_dir=args.outputCellAnnotationFile + '.partial')
+    print('\n'.join(summary_lines(result, settings)), flush=True)
+
+
+if __name__ == '__main__':
+    try:
+        main(CLIArgumentParser().parse_args())
+    except CellRCNNError as exc:
+        print(f'CellDetection: error: {exc}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('CellDetection: interrupted; finished tile rows are kept next to the output', file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,66 @@
+"""The CellDetection task run exactly as a DSA worker runs it: through slicer_cli_web's entrypoint in cli/."""
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from cellrcnn.synthetic import write_slide
+
+CLI_DIR = os.path.join(os.path.dirname(__file__), '..', 'cli')
+
+
+def entrypoint(*args):
+    return subprocess.run([sys.executable, '-m', 'slicer_cli_web.cli_list_entrypoint', *args], cwd=CLI_DIR,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_list_cli_and_xml():
+    listing = entrypoint('--list_cli')
+    assert listing.returncode == 0
+    assert json.loads(listing.stdout[listing.stdout.index('{'):]) == {'CellDetection': {'type': 'python'}}
+    xml = entrypoint('CellDetection', '--xml')
+    assert xml.returncode == 0
+    root = ET.fromstring(xml.stdout)
+    names = {e.findtext('name') for e in root.iter() if e.find('name') is not None}
+    assert {'inputImageFile', 'analysis_roi', 'outputCellAnnotationFile', 'outputDensityAnnotationFile',
+            'analysis_mag', 'analysis_tile_size', 'tile_overlap', 'min_tissue_frac', 'score_threshold', 'nms_iou',
+            'anchor_upsample', 'element_type', 'model_file', 'device', 'batch_size', 'scheduler', 'girderApiUrl',
+            'girderToken'} <= names
+    outputs = [e for e in root.iter('file') if e.findtext('channel') == 'output']
+    assert all(e.get('reference') == 'inputImageFile' and e.findtext('name').endswith('AnnotationFile')
+               for e in outputs)
+
+
+@pytest.fixture(scope='module')
+def slide(tmp_path_factory):
+    path = tmp_path_factory.mktemp('slide') / 'slide.tiff'
+    write_slide(str(path), 640, 480, seed=21)
+    return path
+
+
+def test_a_full_run_through_the_entrypoint(slide, tiny_checkpoint, tmp_path):
+    nuclei, density = tmp_path / 'nuclei.anot', tmp_path / 'density.anot'
+    run = entrypoint('CellDetection', str(slide), str(nuclei), '--outputDensityAnnotationFile', str(density),
+                     '--model_file', str(tiny_checkpoint), '--analysis_tile_size', '256', '--element_type', 'point',
+                     '--analysis_roi', '0,0,500,400', '--api-url', '', '--girder-token', '')
+    assert run.returncode == 0, run.stderr
+    assert '<filter-progress>1.000</filter-progress>' in run.stdout and '<filter-end>' in run.stdout
+    doc = json.loads(nuclei.read_text())
+    assert isinstance(doc, dict) and doc['elements']  # one document per file: what HistomicsUI ingests
+    assert all(e['type'] == 'point' and e['center'][0] <= 500 + 64 and e['center'][1] <= 400 + 64
+               for e in doc['elements'])
+    assert doc['attributes']['params']['roi'] == [0, 0, 500, 400]
+    heat = json.loads(density.read_text())
+    assert heat['elements'][0]['type'] == 'griddata'
+    assert not (tmp_path / 'nuclei.anot.partial').exists()
+
+
+def test_bad_input_is_one_line(tmp_path, tiny_checkpoint):
+    run = entrypoint('CellDetection', str(tmp_path / 'missing.svs'), str(tmp_path / 'n.anot'),
+                     '--model_file', str(tiny_checkpoint))
+    assert run.returncode == 2
+    assert run.stderr.strip() == f'CellDetection: error: slide not found: {tmp_path / "missing.svs"}'
