@@ -23,8 +23,9 @@ Model of a tile
   of two nuclei is at most the lens area of their bounding circles, and the sum of those lens areas over all
   neighbours of a nucleus must stay <= 30% of its area.
 * Colour via the Beer-Lambert law: per pixel haematoxylin and eosin concentrations (optical densities) times
-  stain OD vectors, ``I = I0 * 10 ** -(c_H * v_H + c_E * v_E)``.  histomicstk (whose ``color_convolution`` does the
-  same) is not a dependency, so the composition is done here in a few lines, with standard H&E vectors (between
+  stain OD vectors, ``I = I0 * 10 ** -(c_H * v_H + c_E * v_E)``.  histomicstk's ``color_convolution`` does the
+  same from 8-bit stain-intensity images; the renderer works in float optical densities, so the composition is one
+  matrix transform and one exp per tile (cv2), with standard H&E vectors (between
   Ruifrok & Johnston's and Macenko estimates on real 20x slides) jittered per tile together with the stain
   intensities and the illumination (stain variation).  Then a random Gaussian blur (focus), sensor noise and,
   for training tiles, JPEG compression at a random quality.
