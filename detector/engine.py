@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -91,6 +92,9 @@ def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tiss
     run on the cluster's workers, each of which opens the slide and loads ``model_path`` once; the merge and the
     resume files stay here.
 
+    ``detector`` is anything with ``detect_tiles(images) -> [(boxes, scores), ...]`` (tile pixels), ``batch_size``,
+    ``device`` and ``model.config`` (``nms_thresh``, ``backbone_stages``): an ``inference.Detector``, normally.
+
     Raw detections of finished tile rows stay in ``resume_dir`` (when given) until the caller has written its
     outputs and calls ``clear_partial(resume_dir)``.
     """
@@ -140,6 +144,7 @@ def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tiss
     if resumed:
         bar.comment(f'resumed: {len(resumed)} of {len(rows)} tile rows already done')
     timing = {'read': 0.0, 'detect': 0.0, 'merge': 0.0}
+    raw_count = sum(len(s) for _, s in resumed.values())
     if scheduler:
         batches = dask_batches(slide, detector, todo, scheduler, model_path, timing)
     else:
@@ -147,6 +152,7 @@ def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tiss
     for batch, results in batches:
         t0 = time.perf_counter()
         for tile, (boxes, scores) in zip(batch, results):
+            raw_count += len(scores)
             base = slide.to_base(boxes, tile).astype(np.float32)
             merger.add(base, scores)
             raw[tile.row][0].append(base)
@@ -165,6 +171,7 @@ def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tiss
     result = SlideDetections(slide, boxes[order], scores[order], slide.roi_to_analysis(roi))
     result.stats = _stats(slide, tiles, todo, resumed, result, timing, mask_seconds,
                           time.perf_counter() - started, detector)
+    result.stats['raw_detections'] = raw_count
     return result
 
 
@@ -272,4 +279,5 @@ def _stats(slide, tiles, read, resumed, result, timing, mask_seconds, total, det
         'megapixels_per_second': megapixels / total if total else 0.0,
         'device': str(detector.device),
         'batch_size': detector.batch_size,
+        'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

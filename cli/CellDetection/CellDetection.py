@@ -22,13 +22,44 @@ def settings_from(args):
         scheduler=args.scheduler or None, progress='slicer')
 
 
+def girder_poster(args):
+    """With post_to_girder: check the server, token and slide before detecting, and return what posts the results
+    (else None). slicer_cli_web fills in girderApiUrl and girderToken; HistomicsUI fills in girder_slide."""
+    if not getattr(args, 'post_to_girder', False):
+        return None
+    from cellrcnn.girder import check_target, format_results, post_annotation_files
+
+    url, token, slide = args.girderApiUrl, args.girderToken, getattr(args, 'girder_slide', None)
+    if not url or not token:
+        raise CellRCNNError('post_to_girder needs the Girder API URL and a token (--api-url, --girder-token; the '
+                            'Digital Slide Archive fills them in)')
+    if not slide:
+        raise CellRCNNError('post_to_girder needs the slide to post to (--girder_slide: the id of its item or file)')
+    item_id = check_target(url, token, slide)
+
+    def post(paths):
+        files = [p for p in (paths['annotation'], paths['density']) if p]
+        results = post_annotation_files(url, token, item_id, files)
+        print('\n'.join(format_results(results, item_id)), flush=True)
+        # The DSA uploads the output files next and HistomicsUI would add them as annotations a second time:
+        # leave it an empty list of documents.
+        for path in files:
+            with open(path, 'w') as f:
+                f.write('[]')
+
+    return post
+
+
 def main(args):
     paths = {'annotation': args.outputCellAnnotationFile,
              'density': getattr(args, 'outputDensityAnnotationFile', None) or None}
     settings = settings_from(args)
+    post = girder_poster(args)
     result = detect_to_files(args.inputImageFile, paths, settings,
                              resume_dir=args.outputCellAnnotationFile + '.partial')
     print('\n'.join(summary_lines(result, settings)), flush=True)
+    if post:
+        post(paths)
 
 
 if __name__ == '__main__':
