@@ -28,7 +28,7 @@ VARIANTS = {
     'k1': {'anchor_upsample': 1},
     'k2': {'anchor_upsample': 2},
     'k4': {'anchor_upsample': 4},
-    'offsets2': {'anchor_offsets': 2},
+    'offsets2': {'anchor_upsample': 1, 'anchor_offsets': 2},
 }
 
 
@@ -92,17 +92,19 @@ def report(out):
         if os.path.exists(path):
             with open(path) as f:
                 rows.append(json.load(f))
-    print('| variant | anchors / 512² tile | F1 mixed | AP mixed | AP50 mixed | F1 crowded | recall crowded < 12 px '
-          '(n) | recall crowded 12-24 px | AP crowded | s / 512² tile (1 thread) | train s |')
-    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    print('| variant | anchors / 512² tile | F1 mixed | AP mixed | AP50 mixed | F1 crowded | AP crowded | '
+          'recall crowded < 12 px (n) | AP / AR crowded < 12 px | recall crowded 12-24 px | s / 512² tile (1 thread) '
+          '| train s |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     def f(value):
         return '-' if value is None else f'{value:.3f}'
 
     for r in rows:
         m, c = r['mixed'], r['crowded']
         print(f"| {r['variant']} | {r['anchors_per_512_tile']} | {f(m['f1'])} | {f(m['AP'])} | {f(m['AP50'])} | "
-              f"{f(c['f1'])} | {f(c.get('recall_small'))} ({c['n_gt_small']}) | {f(c.get('recall_medium'))} | "
-              f"{f(c['AP'])} | {r['seconds_per_512_tile']:.3f} | {r['train_seconds']:.0f} |")
+              f"{f(c['f1'])} | {f(c['AP'])} | {f(c.get('recall_small'))} ({c['n_gt_small']}) | "
+              f"{f(c.get('AP_small'))} / {f(c.get('AR_small'))} | {f(c.get('recall_medium'))} | "
+              f"{r['seconds_per_512_tile']:.3f} | {r['train_seconds']:.0f} |")
 
 
 def main():

@@ -1,0 +1,94 @@
+"""Seconds to post a whole-slide result (100 000 detections) to Girder and to read it back through REST.
+
+    OMP_NUM_THREADS=1 CELLRCNN_GIRDER_PYTHON=/path/to/girder-venv/bin/python \\
+        python benchmarks/girder_post.py [--detections 100000] [--element rectangle|point] [--route auto|post|upload]
+
+Starts a throwaway server the way the tests do (tests/girder_server.py: SecantusDB in memory + ``girder serve``
+with the DSA plugins, in the virtualenv CELLRCNN_GIRDER_PYTHON names), uploads a synthetic slide, then for each
+route asked for: posts the annotation with ``cellrcnn.girder.post_annotations`` (for the upload route this
+includes the server's ingest: it returns once the annotation is stored) and reads it back with
+``GET /annotation/{id}``, checking the element count. With --rerun it posts again, which replaces (deletes) the
+first: the cost of re-running a slide. Prints one line per post; 'auto' is the route post_annotations picks.
+
+On SecantusDB (the tests' MongoDB stand-in) the server's time is mostly inserting the elements, one database
+document each with 9 indexes: about 1-2 thousand a second on this project's machines. A DSA on MongoDB is faster.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, '..', 'tests'))
+
+from girder_server import GirderServer, girder_python  # noqa: E402
+
+from cellrcnn.annotation import detections_to_annotation  # noqa: E402
+from cellrcnn.girder import post_annotations  # noqa: E402
+from cellrcnn.synthetic import write_slide  # noqa: E402
+
+
+def server_cpu(server):
+    """CPU seconds (user + system) each server process has used so far."""
+    ticks = os.sysconf('SC_CLK_TCK')
+    out = {}
+    for proc in server.procs:
+        with open(f'/proc/{proc.pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+        out[proc.log_name] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--detections', type=int, default=100_000)
+    parser.add_argument('--element', choices=['rectangle', 'point'], default='rectangle')
+    parser.add_argument('--route', nargs='+', choices=['auto', 'post', 'upload'], default=['auto'])
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--rerun', action='store_true', help='post again: replaces (deletes) the first')
+    args = parser.parse_args()
+    python, why = girder_python()
+    if python is None:
+        sys.exit(f'girder_post: {why}')
+
+    rng = np.random.default_rng(args.seed)
+    side = 4096
+    xy = rng.uniform(0, side - 16, (args.detections, 2))
+    boxes = np.hstack([xy, xy + rng.uniform(6, 16, (args.detections, 2))])
+    doc = detections_to_annotation(boxes, rng.uniform(0.5, 1, args.detections), element_type=args.element,
+                                   attributes={'model': 'benchmark.pt', 'cellrcnn': 'benchmark'})
+    with tempfile.TemporaryDirectory(prefix='girder-post-') as tmp, GirderServer(python) as server:
+        slide = os.path.join(tmp, 'slide.tiff')
+        write_slide(slide, side, side, seed=args.seed)
+        item_id, _ = server.upload_slide(slide)
+        gc = server.client()
+        print(f'{args.detections} {args.element} elements; Girder {gc.get("system/version")["release"]} on '
+              f'SecantusDB at {server.api_url}')
+        for route in args.route:
+            limits = {'auto': {}, 'post': {'large_bytes': float('inf'), 'large_elements': float('inf')},
+                      'upload': {'large_bytes': 0}}[route]
+            for attempt in ('first post', 're-run (replaces)')[:2 if args.rerun else 1]:
+                before = server_cpu(server)
+                start = time.perf_counter()
+                result = post_annotations(server.api_url, server.token, item_id, doc, **limits)[0]
+                posted = time.perf_counter() - start
+                start = time.perf_counter()
+                stored = gc.get(f'annotation/{result["_id"]}')
+                read = time.perf_counter() - start
+                count = len(stored['annotation']['elements'])
+                assert count == args.detections, f'read back {count} elements'
+                left = gc.get('annotation', {'itemId': item_id, 'limit': 0})
+                assert len(left) == 1, f'{len(left)} annotations on the item'
+                cpu = {name: f'{after - before[name]:.0f}' for name, after in server_cpu(server).items()}
+                ingest = (f' (sent in {result["sent_seconds"]:.1f} s, then ingested)'
+                          if result['route'] == 'upload' else '')
+                print(f'{route} route ({result["route"]}), {attempt}: post {posted:.1f} s{ingest}, read back '
+                      f'{count} elements {read:.1f} s, total {posted + read:.1f} s; server CPU s: '
+                      f'{", ".join(f"{k} {v}" for k, v in cpu.items())}')
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,289 @@
+"""A throwaway Digital Slide Archive server for tests and benchmarks: SecantusDB (MongoDB-compatible, in memory) and
+``girder serve`` with the DSA plugins (large_image, large_image_annotation, slicer_cli_web, histomicsui), on free
+loopback ports, torn down with everything they wrote.
+
+The DSA's Girder runs without torch, in a virtualenv of its own, named by the environment variable
+``CELLRCNN_GIRDER_PYTHON`` (its ``bin/python``); see :data:`GIRDER_PIP`. The client side (girder_client, cellrcnn)
+runs in the test interpreter.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+ENV_VAR = 'CELLRCNN_GIRDER_PYTHON'
+GIRDER_PIP = ("'girder>=3.2.18,<5' girder-client 'girder-large-image==1.35.6' 'girder-large-image-annotation==1.35.6' "
+              "'histomicsui==1.8.1' 'girder-slicer-cli-web==1.5.14' 'large-image[tiff,tifffile,pil]' "
+              "'secantusdb==0.7.0b3'")
+ADMIN = {'login': 'admin', 'email': 'admin@example.org', 'firstName': 'Ada', 'lastName': 'Admin',
+         'password': 'admin-password'}
+
+
+def girder_python():
+    """(path of the server virtualenv's python, None) or (None, why the server cannot run)."""
+    python = os.environ.get(ENV_VAR)
+    how = (f'set {ENV_VAR} to the python of a virtualenv with: pip install {GIRDER_PIP}')
+    if not python:
+        return None, f'{ENV_VAR} is not set; {how}'
+    bindir = os.path.dirname(python)
+    missing = [name for name in ('python', 'girder', 'secantusd-py') if not os.access(os.path.join(bindir, name),
+                                                                                        os.X_OK)]
+    if not os.access(python, os.X_OK) or missing:
+        return None, f'{ENV_VAR}={python}: no {", ".join(missing) or "python"} in {bindir}; {how}'
+    return python, None
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port):
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(('127.0.0.1', port)) == 0
+
+
+class GirderServer:
+    """``with GirderServer(python) as server:`` a running server with an admin, a filesystem assetstore and a folder.
+
+    ``server.api_url``, ``server.token`` (the admin's), ``server.client()`` (an authenticated girder_client),
+    ``server.folder_id``, ``server.upload_slide(path)``."""
+
+    def __init__(self, python, root=None):
+        self.python = python
+        self.bindir = os.path.dirname(python)
+        self._own_root = root is None
+        self.root = root or tempfile.mkdtemp(prefix='cellrcnn-girder-')
+        self.procs = []
+        self.api_url = self.token = self.folder_id = self.user_id = None
+
+    # ------------------------------------------------------------------ processes
+    def _spawn(self, name, argv):
+        log = open(os.path.join(self.root, f'{name}.log'), 'wb')
+        env = {**os.environ, 'HOME': os.path.join(self.root, 'home'), 'OMP_NUM_THREADS': '1',
+               'PYTHONUNBUFFERED': '1'}
+        env.pop('PYTHONPATH', None)
+        os.makedirs(env['HOME'], exist_ok=True)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=self.root, start_new_session=True)
+        log.close()
+        proc.log_name = name
+        self.procs.append(proc)
+        return proc
+
+    def log_tail(self, name='girder', chars=3000):
+        try:
+            with open(os.path.join(self.root, f'{name}.log'), errors='replace') as f:
+                return f.read()[-chars:]
+        except OSError:
+            return ''
+
+    def _wait(self, proc, ready, timeout, what):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return False  # exited: e.g. the port was taken after all
+            if ready():
+                return True
+            time.sleep(0.1)
+        raise RuntimeError(f'{what} did not start in {timeout} s:\n{self.log_tail(proc.log_name)}')
+
+    def start(self, timeout=60):
+        import requests
+
+        for _ in range(3):  # a free port can be taken between choosing and binding it
+            self.db_port = free_port()
+            db = self._spawn('secantus', [os.path.join(self.bindir, 'secantusd-py'), '--host', '127.0.0.1',
+                                          '--port', str(self.db_port), '--storage-path', ':memory:', '--standalone'])
+            if self._wait(db, lambda: _port_open(self.db_port), timeout, 'SecantusDB'):
+                break
+            self.procs.remove(db)
+        else:
+            raise RuntimeError(f'SecantusDB would not start:\n{self.log_tail("secantus")}')
+        # SecantusDB stores annotation elements (9 indexes each) at about 1-2 thousand a second here: more than
+        # Girder's default 60 s socket time-out for one insert of 50 000 (a 100 000-element ingest).
+        self.db_uri = f'mongodb://127.0.0.1:{self.db_port}/girder?socketTimeoutMS=900000'
+        for _ in range(3):
+            self.port = free_port()
+            self.api_url = f'http://127.0.0.1:{self.port}/api/v1'
+
+            def up():
+                try:
+                    return requests.get(self.api_url + '/system/version', timeout=2).ok
+                except requests.RequestException:
+                    return False
+
+            girder = self._spawn('girder', [os.path.join(self.bindir, 'girder'), 'serve', '--mode', 'production',
+                                            '-d', self.db_uri, '-H', '127.0.0.1',
+                                            '-p', str(self.port)])
+            if self._wait(girder, up, timeout, 'Girder'):
+                break
+            self.procs.remove(girder)
+        else:
+            raise RuntimeError(f'Girder would not start:\n{self.log_tail("girder")}')
+        self._populate()
+        return self
+
+    def _populate(self):
+        import girder_client
+
+        gc = girder_client.GirderClient(apiUrl=self.api_url)
+        gc.post('user', ADMIN)  # the first user is an administrator
+        gc.authenticate(ADMIN['login'], ADMIN['password'])
+        self.token = gc.token
+        self.user_id = gc.get('user/me')['_id']
+        assetstore = os.path.join(self.root, 'assetstore')
+        os.makedirs(assetstore, exist_ok=True)
+        gc.post('assetstore', {'type': 0, 'name': 'files', 'root': assetstore})
+        collection = gc.createCollection('slides', public=False)
+        self.folder_id = gc.createFolder(collection['_id'], 'cohort', parentType='collection')['_id']
+        self.collection_id = collection['_id']
+
+    def stop(self):
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(10)
+        self.procs = []
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # ------------------------------------------------------------------ helpers
+    def client(self, token=None):
+        import girder_client
+
+        gc = girder_client.GirderClient(apiUrl=self.api_url)
+        gc.setToken(self.token if token is None else token)
+        return gc
+
+    def upload_slide(self, path, name=None, timeout=60):
+        """Upload an image into the folder; wait until large_image has made its item a large image.
+        :returns: (item id, file id)."""
+        gc = self.client()
+        file = gc.uploadFileToFolder(self.folder_id, os.fspath(path), filename=name)
+        wait_for(lambda: _tiles(gc, file['itemId']), timeout, f'large image item for {path}')
+        return file['itemId'], file['_id']
+
+    def annotations(self, item_id):
+        return self.client().get('annotation', {'itemId': item_id, 'limit': 0})
+
+    def upload_as_dsa(self, path, item_id, file_id, identifier):
+        """Upload a task's output file the way slicer_cli_web does (into the output folder, with the job's
+        reference naming the output parameter and the input image), which makes HistomicsUI ingest it."""
+        reference = {'slicer_cli_web': {'title': 'Cell detection', 'image': 'cellrcnn:test', 'name': 'CellDetection'},
+                     'userId': self.user_id, 'fileId': file_id, 'itemId': item_id, 'uuid': 'job-uuid',
+                     'identifier': identifier}
+        return self.client().uploadFileToFolder(self.folder_id, os.fspath(path), reference=json.dumps(reference))
+
+
+def _tiles(gc, item_id):
+    import girder_client
+
+    try:
+        return gc.get(f'item/{item_id}/tiles')
+    except girder_client.HttpError:
+        return None
+
+
+def wait_for(condition, timeout, what, pause=0.1):
+    """Poll ``condition()`` until it answers something truthy; that answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = condition()
+        if answer:
+            return answer
+        if time.monotonic() > deadline:
+            raise AssertionError(f'timed out after {timeout} s waiting for {what}')
+        time.sleep(pause)
+        pause = min(pause * 1.5, 1.0)
+
+
+class FaultyProxy:
+    """An HTTP proxy in front of Girder that fails chosen requests once each, to test retries.
+
+    ``faults``: a list of ``(method, path ending, status, forward)``: the first matching request is answered with
+    ``status`` (with ``Retry-After: 0``), after being passed on to Girder when ``forward`` (an answer lost after the
+    server acted). ``seen``: every request as ``(method, path, status answered)``."""
+
+    def __init__(self, target_url, faults):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        import requests
+
+        target = urlsplit(target_url)
+        origin = f'{target.scheme}://{target.netloc}'
+        self.faults, self.seen = list(faults), []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
+                path = self.path.split('?')[0]
+                fault = next((f for f in proxy.faults if f[0] == self.command and path.endswith(f[1])), None)
+                if fault:
+                    proxy.faults.remove(fault)
+                answer = None
+                if not fault or fault[3]:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ('host', 'content-length')}
+                    answer = requests.request(self.command, origin + self.path, data=body, headers=headers,
+                                              timeout=600)
+                if fault:
+                    status, content, ctype = fault[2], json.dumps({'message': 'injected'}).encode(), 'application/json'
+                else:
+                    status, content = answer.status_code, answer.content
+                    ctype = answer.headers.get('Content-Type', 'application/json')
+                proxy.seen.append((self.command, path, status))
+                self.send_response(status)
+                self.send_header('Content-Type', ctype)
+                self.send_header('Content-Length', str(len(content)))
+                if fault:
+                    self.send_header('Retry-After', '0')
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.api_url = f'http://127.0.0.1:{self.server.server_address[1]}{target.path}'
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

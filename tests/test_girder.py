@@ -1,0 +1,268 @@
+"""cellrcnn against a real Girder with the Digital Slide Archive's plugins (see girder_server.py).
+
+Skipped unless CELLRCNN_GIRDER_PYTHON names the python of the server's own virtualenv (the DSA's Girder runs
+without torch). Every check goes through Girder's REST API.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from girder_server import FaultyProxy, GirderServer, free_port, girder_python, wait_for
+
+from cellrcnn.annotation import detections_to_annotation, write_annotation
+from cellrcnn.errors import CellRCNNError
+from cellrcnn.girder import detect_target, post_annotation_files, post_annotations
+from cellrcnn.synthetic import write_slide
+
+PYTHON, WHY_NOT = girder_python()
+pytestmark = pytest.mark.skipif(PYTHON is None, reason=WHY_NOT or '')
+
+CLI_DIR = os.path.join(os.path.dirname(__file__), '..', 'cli')
+FAST = {'retries': 3, 'backoff': 0.01}
+
+
+@pytest.fixture(scope='module')
+def server(tmp_path_factory):
+    with GirderServer(PYTHON, root=str(tmp_path_factory.mktemp('girder'))) as girder:
+        yield girder
+
+
+@pytest.fixture(scope='module')
+def slide_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('slide') / 'slide.tiff'
+    write_slide(str(path), 640, 480, seed=21)
+    return path
+
+
+@pytest.fixture
+def slide(server, slide_file, request):
+    """A fresh large-image item of the synthetic slide: (item id, file id)."""
+    return server.upload_slide(slide_file, name=f'{request.node.name[:40]}.tiff')
+
+
+def nuclei(n, model='test.pt', seed=0, name='cellrcnn nuclei'):
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 600, (n, 2))
+    return detections_to_annotation(np.hstack([xy, xy + 9]), rng.uniform(0.5, 1, n), name=name,
+                                    attributes={'model': model, 'cellrcnn': '0.1.0'})
+
+
+def saved(tmp_path, *docs):
+    paths = []
+    for i, doc in enumerate(docs):
+        paths.append(str(tmp_path / f'doc{i}.anot'))
+        write_annotation(doc, paths[-1])
+    return paths
+
+
+def entrypoint(*args):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    return subprocess.run([sys.executable, '-m', 'slicer_cli_web.cli_list_entrypoint', 'CellDetection', *args],
+                          cwd=CLI_DIR, capture_output=True, text=True, timeout=300, env=env)
+
+
+def task_args(slide_file, tmp_path, tiny_checkpoint, server, *extra):
+    return (str(slide_file), str(tmp_path / 'nuclei.anot'), '--outputDensityAnnotationFile',
+            str(tmp_path / 'density.anot'), '--model_file', str(tiny_checkpoint), '--analysis_tile_size', '256',
+            '--device', 'cpu', '--api-url', server.api_url, '--girder-token', server.token, *extra)
+
+
+def cellrcnn_annotations(server, item_id):
+    return [a for a in server.annotations(item_id) if 'cellrcnn' in a['annotation'].get('attributes', {})]
+
+
+def test_an_uploaded_slide_becomes_a_large_image(server, slide):
+    item_id, file_id = slide
+    tiles = server.client().get(f'item/{item_id}/tiles')
+    assert (tiles['sizeX'], tiles['sizeY']) == (640, 480)
+    assert server.client().getItem(item_id)['largeImage']['fileId'] == file_id
+
+
+def test_the_task_output_is_ingested_by_histomicsui(server, slide, slide_file, tiny_checkpoint, tmp_path):
+    """The normal DSA flow: slicer_cli_web runs the task, uploads its output files with its reference, and
+    HistomicsUI turns each *AnnotationFile into an annotation on the slide."""
+    item_id, file_id = slide
+    run = entrypoint(*task_args(slide_file, tmp_path, tiny_checkpoint, server))
+    assert run.returncode == 0, run.stderr
+    docs = {}
+    for output, identifier in (('nuclei.anot', 'outputCellAnnotationFile'),
+                               ('density.anot', 'outputDensityAnnotationFile')):
+        docs[identifier] = json.loads((tmp_path / output).read_text())
+        server.upload_as_dsa(tmp_path / output, item_id, file_id, identifier)
+    found = wait_for(lambda: len(cellrcnn_annotations(server, item_id)) == 2 and cellrcnn_annotations(server, item_id),
+                     30, 'HistomicsUI to ingest the task outputs')
+    by_name = {a['annotation']['name']: a for a in found}
+    nuclei_doc, density_doc = docs['outputCellAnnotationFile'], docs['outputDensityAnnotationFile']
+    assert set(by_name) == {nuclei_doc['name'], density_doc['name']}
+    stored = server.client().get(f'annotation/{by_name[nuclei_doc["name"]]["_id"]}')
+    assert len(nuclei_doc['elements']) > 0
+    assert by_name[nuclei_doc['name']]['_elementCount'] == len(stored['annotation']['elements']) == \
+        len(nuclei_doc['elements'])
+    assert stored['annotation']['attributes']['model'] == 'tiny.pt'
+    assert {e['type'] for e in stored['annotation']['elements']} == {'rectangle'}
+    heat = server.client().get(f'annotation/{by_name[density_doc["name"]]["_id"]}')
+    assert heat['annotation']['elements'][0]['type'] == 'griddata'
+
+
+def test_the_task_posts_directly_and_replaces_the_previous_result(server, slide, slide_file, tiny_checkpoint,
+                                                                  tmp_path):
+    item_id, file_id = slide
+    gc = server.client()
+    older = gc.post('annotation', {'itemId': item_id}, json=nuclei(5, model='tiny.pt'))['_id']
+    other_model = gc.post('annotation', {'itemId': item_id}, json=nuclei(4, model='other.pt'))['_id']
+    by_hand = gc.post('annotation', {'itemId': item_id}, json={'name': 'drawn by a person', 'elements': []})['_id']
+    run = entrypoint(*task_args(slide_file, tmp_path, tiny_checkpoint, server, '--post_to_girder', 'true',
+                                '--girder_slide', file_id))  # HistomicsUI fills in the open slide's file
+    assert run.returncode == 0, run.stderr
+    detections = int(run.stdout.split(' nuclei in ')[0].split()[-1])
+    assert f"posted 'cellrcnn nuclei' ({detections} elements) to item {item_id}" in run.stdout
+    annotations = {a['_id']: a for a in server.annotations(item_id)}
+    assert older not in annotations and {other_model, by_hand} <= set(annotations)
+    mine = [a for a in annotations.values() if a['annotation'].get('attributes', {}).get('model') == 'tiny.pt']
+    assert sorted(a['annotation']['name'] for a in mine) == ['cellrcnn nuclei', 'cellrcnn nuclei density']
+    posted = next(a for a in mine if a['annotation']['name'] == 'cellrcnn nuclei')
+    assert posted['_elementCount'] == detections > 0
+    # The DSA then uploads the outputs, now empty lists: HistomicsUI adds nothing a second time.
+    assert (tmp_path / 'nuclei.anot').read_text() == '[]' == (tmp_path / 'density.anot').read_text()
+    for output, identifier in (('nuclei.anot', 'outputCellAnnotationFile'),
+                               ('density.anot', 'outputDensityAnnotationFile')):
+        server.upload_as_dsa(tmp_path / output, item_id, file_id, identifier)
+    time.sleep(1.0)
+    assert sorted(a['_id'] for a in server.annotations(item_id)) == sorted([other_model, by_hand] +
+                                                                           [a['_id'] for a in mine])
+
+
+def test_the_task_checks_the_token_before_detecting(server, slide, slide_file, tiny_checkpoint, tmp_path):
+    item_id, _ = slide
+    args = list(task_args(slide_file, tmp_path, tiny_checkpoint, server, '--post_to_girder', 'true',
+                          '--girder_slide', item_id))
+    args[args.index('--girder-token') + 1] = 'expired' * 8
+    run = entrypoint(*args)
+    assert run.returncode == 2
+    assert run.stderr.strip() == (f'CellDetection: error: Girder at {server.api_url} does not accept the token '
+                                  '(invalid or expired): get a new token (or API key) and post again')
+    assert not (tmp_path / 'nuclei.anot').exists()  # nothing was computed
+
+
+def test_posting_twice_replaces_and_large_results_are_uploaded(server, slide, tmp_path):
+    item_id, _ = slide
+    first = post_annotations(server.api_url, server.token, item_id, nuclei(300), **FAST)
+    assert first[0]['route'] == 'post' and first[0]['replaced'] == []
+    second = post_annotations(server.api_url, server.token, item_id, nuclei(200, seed=1), **FAST)
+    assert second[0]['replaced'] == [first[0]['_id']]
+    found = cellrcnn_annotations(server, item_id)
+    assert [(a['_id'], a['_elementCount']) for a in found] == [(second[0]['_id'], 200)]
+    # Over the size limit: uploaded into the item and ingested by girder_large_image_annotation.
+    third = post_annotation_files(server.api_url, server.token, item_id, saved(tmp_path, nuclei(250, seed=2)),
+                                  large_elements=100, **FAST)
+    assert third[0]['route'] == 'upload' and third[0]['replaced'] == [second[0]['_id']]
+    found = cellrcnn_annotations(server, item_id)
+    assert [(a['_id'], a['_elementCount']) for a in found] == [(third[0]['_id'], 250)]
+    stored = server.client().get(f'annotation/{third[0]["_id"]}')['annotation']
+    assert len(stored['elements']) == 250 and stored['attributes']['model'] == 'test.pt'
+    assert len(list(server.client().listFile(item_id))) == 1  # the uploaded annotation file was removed: the slide only
+
+
+@pytest.mark.parametrize('large', [False, True], ids=['post', 'upload'])
+def test_transient_failures_are_retried_without_duplicates(server, slide, large):
+    item_id, _ = slide
+    create = ('POST', '/file/chunk') if large else ('POST', '/annotation')
+    faults = [('GET', '/user/me', 503, False), ('GET', '/tiles', 429, False),
+              (*create, 502, True),  # the server acts, then the answer is lost
+              ('GET', '/annotation', 500, False)]
+    old = post_annotations(server.api_url, server.token, item_id, nuclei(30), **FAST)[0]['_id']
+    with FaultyProxy(server.api_url, faults) as proxy:
+        result = post_annotations(proxy.api_url, server.token, item_id, nuclei(40, seed=3),
+                                  large_elements=10 if large else 10 ** 6, **FAST)
+    assert not proxy.faults  # every fault was met
+    creates = ('POST', '/api/v1/file' if large else '/api/v1/annotation')
+    assert [(method, path) for method, path, _ in proxy.seen].count(creates) == 1  # the lost answer was found
+    assert {status for _, _, status in proxy.seen} >= {503, 429, 502, 500, 200}
+    found = cellrcnn_annotations(server, item_id)
+    assert [(a['_id'], a['_elementCount']) for a in found] == [(result[0]['_id'], 40)]
+    assert result[0]['replaced'] == [old]
+
+
+def test_auth_errors_are_not_retried(server, slide, tmp_path):
+    item_id, _ = slide
+    files = saved(tmp_path, nuclei(10))
+    with FaultyProxy(server.api_url, [('GET', f'/item/{item_id}', 401, False)]) as proxy:
+        with pytest.raises(CellRCNNError) as err:
+            post_annotation_files(proxy.api_url, server.token, item_id, files, **FAST)
+    assert [path for _, path, _ in proxy.seen].count(f'/api/v1/item/{item_id}') == 1
+    assert 'refused the token' in str(err.value) and str(err.value).endswith(f'the annotations are kept in {files[0]}')
+    assert cellrcnn_annotations(server, item_id) == []
+
+
+def test_a_bad_token_is_one_clear_error(server, slide, tmp_path):
+    item_id, _ = slide
+    files = saved(tmp_path, nuclei(10), nuclei(5, name='density'))
+    with pytest.raises(CellRCNNError) as err:
+        post_annotation_files(server.api_url, 'not-a-token' * 6, item_id, files, **FAST)
+    assert str(err.value) == (f'Girder at {server.api_url} does not accept the token (invalid or expired): get a new '
+                              f'token (or API key) and post again; the annotations are kept in {", ".join(files)}')
+    assert all(os.path.getsize(p) > 100 for p in files)
+    # A valid token of a user without access to the slide's collection.
+    gc = server.client()
+    gc.post('user', {'login': 'guest', 'email': 'guest@example.org', 'firstName': 'G', 'lastName': 'Uest',
+                     'password': 'guest-password'})
+    guest = server.client(token='')
+    guest.authenticate('guest', 'guest-password')
+    with pytest.raises(CellRCNNError, match=r'denied access while reading the item \(HTTP 403: Read access denied'):
+        post_annotation_files(server.api_url, guest.token, item_id, files, **FAST)
+    assert cellrcnn_annotations(server, item_id) == []
+
+
+def test_an_item_that_is_not_an_image_is_one_clear_error(server, tmp_path):
+    notes = tmp_path / 'notes.txt'
+    notes.write_text('not a slide')
+    item_id = server.client().uploadFileToFolder(server.folder_id, str(notes))['itemId']
+    files = saved(tmp_path, nuclei(10))
+    with pytest.raises(CellRCNNError) as err:
+        post_annotation_files(server.api_url, server.token, item_id, files, **FAST)
+    assert str(err.value).startswith(f'item {item_id} (notes.txt) is not a large image that Girder can tile (HTTP 400')
+    assert str(err.value).endswith(f"post to the slide's item; the annotations are kept in {files[0]}")
+    assert server.annotations(item_id) == []
+
+
+def test_an_unknown_item_is_one_clear_error(server, tmp_path):
+    files = saved(tmp_path, nuclei(10))
+    for bad in ('0' * 24, 'nonsense'):
+        with pytest.raises(CellRCNNError, match=rf"^no item {bad} on Girder at .*kept in {files[0]}$"):
+            post_annotation_files(server.api_url, server.token, bad, files, **FAST)
+
+
+def test_an_unreachable_server_is_one_clear_error(tmp_path):
+    files = saved(tmp_path, nuclei(10))
+    url = f'http://127.0.0.1:{free_port()}/api/v1'  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(CellRCNNError) as err:
+        post_annotation_files(url, 'token', '0' * 24, files, retries=2, backoff=0.05)
+    assert time.monotonic() - start < 5
+    assert str(err.value) == (f'cannot reach Girder at {url} while checking the token (connection failed after 3 '
+                              f'tries): is the server up and the URL right?; the annotations are kept in {files[0]}')
+
+
+def test_the_detect_command_hook(server, slide, tmp_path, monkeypatch):
+    item_id, file_id = slide
+    monkeypatch.setenv('GIRDER_TOKEN', server.token)
+    parser = argparse.ArgumentParser()
+    from cellrcnn.girder import add_detect_options
+    add_detect_options(parser)
+    assert detect_target(parser.parse_args([])) is None
+    with pytest.raises(CellRCNNError, match='needs both --girder-url and --item'):
+        detect_target(parser.parse_args(['--item', item_id]))
+    with pytest.raises(CellRCNNError, match='^no item'):  # checked before any detection
+        detect_target(parser.parse_args(['--girder-url', server.api_url, '--item', '1' * 24]))
+    post = detect_target(parser.parse_args(['--girder-url', server.api_url, '--item', file_id]))
+    paths = dict(zip(['annotation', 'density'], saved(tmp_path, nuclei(12), nuclei(3, name='density'))))
+    lines = post({**paths, 'csv': None})
+    assert lines[0].startswith(f"posted 'cellrcnn nuclei' (12 elements) to item {item_id} as annotation ")
+    assert sorted(a['_elementCount'] for a in cellrcnn_annotations(server, item_id)) == [3, 12]
