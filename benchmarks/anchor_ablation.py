@@ -22,7 +22,8 @@ from cellrcnn.config import ModelConfig
 from cellrcnn.evaluate import calibrate_threshold, evaluate_model, labelled_set
 from cellrcnn.inference import Detector
 from cellrcnn.synthetic import make_tile
-from cellrcnn.train import TrainConfig, train
+from cellrcnn.checkpoint import load_model
+from cellrcnn.train import TrainConfig, precise_bn, train, training_samples
 
 VARIANTS = {
     'k1': {'anchor_upsample': 1},
@@ -50,15 +51,23 @@ def seconds_per_tile(model, tile=512, repeats=6):
     return statistics.median(times)
 
 
-def run(variant, steps, tiles, out):
+def run(variant, steps, tiles, out, reuse=False):
+    """Train (or, with reuse, take the weights an earlier run trained), then calibrate and evaluate."""
     torch.manual_seed(0)
     config = ModelConfig(**VARIANTS[variant])
     cfg = TrainConfig(steps=steps, synthetic_tiles=tiles, warmup_steps=min(200, steps // 10), workers=0,
                       checkpoint_every=max(1, steps // 4))
     run_dir = os.path.join(out, variant)
-    started = time.perf_counter()
-    model, _ = train(config, cfg, run_dir, device='cpu', progress=False)
-    train_seconds = time.perf_counter() - started
+    result_path = os.path.join(out, f'{variant}.json')
+    if reuse:
+        model = load_model(os.path.join(run_dir, 'model.pt'))
+        with open(result_path) as f:
+            train_seconds = json.load(f)['train_seconds']
+        precise_bn(model, training_samples(cfg, model.config.mpp), cfg.tile_size, 'cpu')
+    else:
+        started = time.perf_counter()
+        model, _ = train(config, cfg, run_dir, device='cpu', progress=False)
+        train_seconds = time.perf_counter() - started
     threshold, _ = calibrate_threshold(model, labelled_set(seed=2000, count=100), device='cpu')
     mixed = evaluate_model(model, labelled_set(seed=3000, count=200), device='cpu')
     crowded = evaluate_model(model, crowded_set(4000, 100), device='cpu')
@@ -70,7 +79,7 @@ def run(variant, steps, tiles, out):
         'mixed': {k: v for k, v in mixed.items() if isinstance(v, (int, float))},
         'crowded': {k: v for k, v in crowded.items() if isinstance(v, (int, float))},
     }
-    with open(os.path.join(out, f'{variant}.json'), 'w') as f:
+    with open(result_path, 'w') as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
 
@@ -115,12 +124,14 @@ def main():
     p.add_argument('--steps', type=int, default=600)
     p.add_argument('--tiles', type=int, default=800)
     p.add_argument('--out', default='runs/ablation')
+    p.add_argument('--reuse', action='store_true',
+                   help="evaluate the weights an earlier run left in OUT/VARIANT/model.pt, re-estimating BatchNorm")
     p = sub.add_parser('report')
     p.add_argument('out')
     args = parser.parse_args()
     if args.command == 'run':
         os.makedirs(args.out, exist_ok=True)
-        run(args.variant, args.steps, args.tiles, args.out)
+        run(args.variant, args.steps, args.tiles, args.out, args.reuse)
     else:
         report(args.out)
 

@@ -50,6 +50,7 @@ def main():
     parser.add_argument('--route', nargs='+', choices=['auto', 'post', 'upload'], default=['auto'])
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--rerun', action='store_true', help='post again: replaces (deletes) the first')
+    parser.add_argument('--ingest-timeout', type=float, default=1800, help='seconds to wait for the ingest')
     args = parser.parse_args()
     python, why = girder_python()
     if python is None:
@@ -74,7 +75,8 @@ def main():
             for attempt in ('first post', 're-run (replaces)')[:2 if args.rerun else 1]:
                 before = server_cpu(server)
                 start = time.perf_counter()
-                result = post_annotations(server.api_url, server.token, item_id, doc, **limits)[0]
+                result = post_annotations(server.api_url, server.token, item_id, doc,
+                                          ingest_timeout=args.ingest_timeout, **limits)[0]
                 posted = time.perf_counter() - start
                 start = time.perf_counter()
                 stored = gc.get(f'annotation/{result["_id"]}')

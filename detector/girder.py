@@ -138,7 +138,7 @@ class _Server:
                                     f'{self.retries + 1} tries): is the server up and the URL right?') from None
                 self._wait(attempt)
             except ValueError:  # a 2xx answer that is not JSON
-                raise self.fail(f'{self.api_url} did not answer {what} with JSON: is it a Girder API URL '
+                raise self.fail(f'{self.api_url} did not answer with JSON while {what}: is it a Girder API URL '
                                 '(ending in /api/v1)?') from None
             except requests.RequestException as exc:
                 raise self.fail(f'cannot talk to Girder at {self.api_url} while {what}: '
@@ -366,9 +366,10 @@ def _upload(server, target, doc, body, key, what, ingest_timeout, timing):
                               f'{doc.get("name")!r} (see the server log: too large for its '
                               'max_annotation_input_file_length setting, or not a valid annotation?)')
         if time.monotonic() > deadline:
-            raise server.fail(f'Girder at {server.api_url} did not ingest the uploaded annotation '
-                              f'{doc.get("name")!r} within {ingest_timeout:g} s (is the large_image_annotation '
-                              f'plugin enabled?); the upload is file {file_id} on item {target.item_id}')
+            raise server.fail(f'Girder at {server.api_url} did not finish ingesting the uploaded annotation '
+                              f'{doc.get("name")!r} in {ingest_timeout:g} s (a slow database, or no '
+                              'large_image_annotation plugin?); earlier results were not replaced; the upload is '
+                              f'file {file_id} on item {target.item_id}')
         time.sleep(pause)
         pause = min(pause * 1.5, 2.0)
 
@@ -442,6 +443,6 @@ def detect_target(args):
 
     def post(paths):
         files = [paths.get('annotation'), paths.get('density')]
-        return format_results(post_annotation_files(url, token, item_id, files), item_id)
+        return format_results(post_annotation_files(url, token, item_id, files, log=print), item_id)
 
     return post

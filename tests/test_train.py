@@ -37,3 +37,21 @@ def test_training_resumes_where_it_stopped(tmp_path):
                       resume=tmp_path / 'last.pt', samples=samples, progress=False)
     assert len(losses) == 2  # only the missing steps ran
     assert load_checkpoint(tmp_path / 'last.pt')['train_state']['step'] == 6
+
+
+def test_precise_bn_gives_the_statistics_of_clean_tiles():
+    from cellrcnn.data import to_tensor
+    from cellrcnn.model import build_model
+    from cellrcnn.train import precise_bn
+
+    model = build_model(TINY)
+    bn1 = model.backbone.body.bn1
+    bn1.running_mean.fill_(5.0)  # stale statistics, as augmented batches leave them
+    samples = make_dataset(3, 8, size=64)
+    precise_bn(model, samples, 64, 'cpu', count=8, batch_size=4)
+    assert not model.training
+    with torch.no_grad():
+        x = model.transform([to_tensor(image) for image, _ in samples])[0].tensors
+        expected = model.backbone.body.conv1(x).mean((0, 2, 3))
+    torch.testing.assert_close(bn1.running_mean, expected, rtol=1e-3, atol=1e-4)
+    assert bn1.momentum == 0.1  # restored

@@ -39,7 +39,7 @@ def girder_poster(args):
 
     def post(paths):
         files = [p for p in (paths['annotation'], paths['density']) if p]
-        results = post_annotation_files(url, token, item_id, files)
+        results = post_annotation_files(url, token, item_id, files, log=lambda line: print(line, flush=True))
         print('\n'.join(format_results(results, item_id)), flush=True)
         # The DSA uploads the output files next and HistomicsUI would add them as annotations a second time:
         # leave it an empty list of documents.
