@@ -1,17 +1,20 @@
 """Seconds to post a whole-slide result (100 000 detections) to Girder and to read it back through REST.
 
-    OMP_NUM_THREADS=1 CELLRCNN_GIRDER_PYTHON=/path/to/girder-venv/bin/python \\
-        python benchmarks/girder_post.py [--detections 100000] [--element rectangle|point] [--route auto|post|upload]
+    ./install.sh --with-girder    # or set CELLRCNN_GIRDER_PYTHON to the python of such a virtualenv
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/girder_post.py [--detections 100000] [--element rectangle|point]
+        [--route auto|post|upload ...] [--rerun]
 
 Starts a throwaway server the way the tests do (tests/girder_server.py: SecantusDB in memory + ``girder serve``
-with the DSA plugins, in the virtualenv CELLRCNN_GIRDER_PYTHON names), uploads a synthetic slide, then for each
-route asked for: posts the annotation with ``cellrcnn.girder.post_annotations`` (for the upload route this
-includes the server's ingest: it returns once the annotation is stored) and reads it back with
+with the DSA plugins, in .venv-girder or the virtualenv CELLRCNN_GIRDER_PYTHON names), uploads a synthetic slide,
+then for each route asked for: posts the annotation with ``cellrcnn.girder.post_annotations`` (for the upload route
+this includes the server's ingest: it returns once the annotation is stored) and reads it back with
 ``GET /annotation/{id}``, checking the element count. With --rerun it posts again, which replaces (deletes) the
-first: the cost of re-running a slide. Prints one line per post; 'auto' is the route post_annotations picks.
+first: the cost of re-running a slide. Prints one line per post, with the CPU seconds each server process used;
+'auto' is the route post_annotations picks.
 
-On SecantusDB (the tests' MongoDB stand-in) the server's time is mostly inserting the elements, one database
-document each with 9 indexes: about 1-2 thousand a second on this project's machines. A DSA on MongoDB is faster.
+On SecantusDB (the tests' MongoDB stand-in) the server's time is almost all the database inserting the elements,
+one document each with 9 indexes: 100 000 took about 185 s on this project's 2 shared cores (the database process
+about 260-290 CPU seconds, Girder 7, the client under 1 s to send). A DSA on MongoDB was not measured here.
 """
 
 import argparse

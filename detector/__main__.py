@@ -13,6 +13,7 @@ SAMPLE_SLIDE = os.path.join(os.path.dirname(__file__), 'data', 'CMU-1-Small-Regi
 
 
 def _detect(args):
+    from .girder import detect_target
     from .pipeline import DetectionSettings, detect_to_files, output_paths, summary_lines
 
     slide_path = args.slide or SAMPLE_SLIDE
@@ -22,9 +23,12 @@ def _detect(args):
     stem = os.path.splitext(os.path.basename(slide_path))[0]
     paths = output_paths(args.output, stem)
     resume_dir = None if args.no_resume else os.path.join(args.output, f'.{stem}.partial')
+    post = detect_target(args)  # checks server, token and item before any detection runs
     result = detect_to_files(slide_path, paths, settings, resume_dir=resume_dir)
     print('\n'.join(summary_lines(result, settings)))
     print('wrote ' + ', '.join(p for p in paths.values() if p))
+    if post:
+        print('\n'.join(post(paths)))
 
 
 def _roi(text):
@@ -108,6 +112,8 @@ def _positive_int(text):
 
 
 def build_parser():
+    from .girder import add_detect_options
+
     parser = argparse.ArgumentParser(prog='cellrcnn', description='Faster R-CNN nucleus detection for histology.')
     parser.add_argument('--version', action='version', version=f'cellrcnn {__version__}')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -135,6 +141,7 @@ def build_parser():
     p.add_argument('--device', default='auto', help='auto, cpu or cuda')
     p.add_argument('--progress', choices=['auto', 'bar', 'slicer', 'none'], default='auto')
     p.add_argument('--no-resume', action='store_true', help='do not keep or reuse partial results')
+    add_detect_options(p)
     p.set_defaults(run=_detect)
 
     p = sub.add_parser('train', help='train a model on synthetic tissue or on images with DSA annotations')

@@ -266,6 +266,8 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
         first, ``replaced``: the ids of the deleted earlier annotations.
     """
     documents = _as_documents(documents)
+    if not documents:
+        raise CellRCNNError('no annotation documents to post')
     model = _model_of(documents, model_name)
     server = _Server(api_url, token, retries, backoff, timeout, saved)
     say = log or (lambda line: None)
@@ -273,25 +275,37 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
         target = _Target(server, item_id)
         post_id = uuid.uuid4().hex
         results = []
-        for index, doc in enumerate(documents):
-            key = f'{post_id}/{index}'
-            doc = {**doc, 'attributes': {**(doc.get('attributes') or {}), 'model': model,
-                                         MARKER: (doc.get('attributes') or {}).get(MARKER, __version__),
-                                         POST_KEY: key}}
-            start = time.perf_counter()
-            body = json.dumps(doc, separators=(',', ':'), allow_nan=False).encode()
-            large = len(body) > large_bytes or len(doc['elements']) > large_elements
-            what = f'{"uploading" if large else "posting"} annotation {doc.get("name")!r}'
-            say(f'{what} ({len(doc["elements"])} elements, {len(body) / 1e6:.1f} MB) to item {target.item_id}')
-            timing = {}
-            if large:
-                annotation_id = _upload(server, target, doc, body, key, what, ingest_timeout, timing)
-            else:
-                annotation_id = _post(server, target, body, key, what)
-            done = time.perf_counter()
-            results.append({'_id': annotation_id, 'name': doc.get('name'), 'elements': len(doc['elements']),
-                            'route': 'upload' if large else 'post', 'seconds': done - start,
-                            'sent_seconds': timing.get('sent', done) - start})
+        try:
+            for index, doc in enumerate(documents):
+                key = f'{post_id}/{index}'
+                attributes = doc.get('attributes') or {}
+                doc = {**doc, 'attributes': {**attributes, 'model': model,
+                                             MARKER: attributes.get(MARKER, __version__), POST_KEY: key}}
+                start = time.perf_counter()
+                try:
+                    body = json.dumps(doc, separators=(',', ':'), allow_nan=False).encode()
+                except (TypeError, ValueError) as exc:
+                    raise server.fail(f'annotation {doc.get("name")!r} is not plain JSON ({exc})') from None
+                large = len(body) > large_bytes or len(doc['elements']) > large_elements
+                what = f'{"uploading" if large else "posting"} annotation {doc.get("name")!r}'
+                say(f'{what} ({len(doc["elements"])} elements, {len(body) / 1e6:.1f} MB) to item {target.item_id}')
+                timing = {}
+                if large:
+                    annotation_id = _upload(server, target, doc, body, key, what, ingest_timeout, timing)
+                else:
+                    annotation_id = _post(server, target, body, key, what)
+                done = time.perf_counter()
+                results.append({'_id': annotation_id, 'name': doc.get('name'), 'elements': len(doc['elements']),
+                                'route': 'upload' if large else 'post', 'seconds': done - start,
+                                'sent_seconds': timing.get('sent', done) - start})
+        except CellRCNNError:
+            # All or nothing: take this post's documents off again, leaving the earlier result as it was.
+            for result in results:
+                try:
+                    _delete(server, result['_id'], target.item_id)
+                except CellRCNNError:
+                    pass
+            raise
         keep = {r['_id'] for r in results}
         replaced = []
         for annotation in target.annotations():
@@ -301,7 +315,7 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
                     replaced.append(annotation['_id'])
         if replaced:
             say(f'replaced {len(replaced)} earlier annotation(s) of model {model} on item {target.item_id}')
-        results[0]['replaced'] = replaced if results else None
+        results[0]['replaced'] = replaced
     return results
 
 

@@ -2,9 +2,9 @@
 ``girder serve`` with the DSA plugins (large_image, large_image_annotation, slicer_cli_web, histomicsui), on free
 loopback ports, torn down with everything they wrote.
 
-The DSA's Girder runs without torch, in a virtualenv of its own, named by the environment variable
-``CELLRCNN_GIRDER_PYTHON`` (its ``bin/python``); see :data:`GIRDER_PIP`. The client side (girder_client, cellrcnn)
-runs in the test interpreter.
+The DSA's Girder runs without torch, in a virtualenv of its own: ``CELLRCNN_GIRDER_PYTHON`` (its ``bin/python``),
+else the checkout's ``.venv-girder`` that ``./install.sh --with-girder`` makes; see :data:`GIRDER_PIP`. The client
+side (girder_client, cellrcnn) runs in the test interpreter.
 """
 
 import json
@@ -24,12 +24,17 @@ ADMIN = {'login': 'admin', 'email': 'admin@example.org', 'firstName': 'Ada', 'la
          'password': 'admin-password'}
 
 
+REPO_VENV = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '.venv-girder', 'bin', 'python')
+
+
 def girder_python():
-    """(path of the server virtualenv's python, None) or (None, why the server cannot run)."""
-    python = os.environ.get(ENV_VAR)
-    how = (f'set {ENV_VAR} to the python of a virtualenv with: pip install {GIRDER_PIP}')
+    """(path of the server virtualenv's python, None) or (None, why the server cannot run). The python is
+    $CELLRCNN_GIRDER_PYTHON, else the checkout's .venv-girder (``./install.sh --with-girder``) when it exists."""
+    python = os.environ.get(ENV_VAR) or (os.path.normpath(REPO_VENV) if os.path.exists(REPO_VENV) else None)
+    how = (f'run ./install.sh --with-girder, or set {ENV_VAR} to the python of a virtualenv with: '
+           f'pip install {GIRDER_PIP}')
     if not python:
-        return None, f'{ENV_VAR} is not set; {how}'
+        return None, f'no .venv-girder and {ENV_VAR} is not set; {how}'
     bindir = os.path.dirname(python)
     missing = [name for name in ('python', 'girder', 'secantusd-py') if not os.access(os.path.join(bindir, name),
                                                                                         os.X_OK)]
@@ -67,10 +72,12 @@ class GirderServer:
     # ------------------------------------------------------------------ processes
     def _spawn(self, name, argv):
         log = open(os.path.join(self.root, f'{name}.log'), 'wb')
-        env = {**os.environ, 'HOME': os.path.join(self.root, 'home'), 'OMP_NUM_THREADS': '1',
-               'PYTHONUNBUFFERED': '1'}
+        # HOME and TMPDIR inside root: Girder's logs (~/.girder) and SecantusDB's scratch directory go there too.
+        env = {**os.environ, 'HOME': os.path.join(self.root, 'home'), 'TMPDIR': os.path.join(self.root, 'tmp'),
+               'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
         env.pop('PYTHONPATH', None)
         os.makedirs(env['HOME'], exist_ok=True)
+        os.makedirs(env['TMPDIR'], exist_ok=True)
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 cwd=self.root, start_new_session=True)
         log.close()

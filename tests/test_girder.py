@@ -1,7 +1,8 @@
 """cellrcnn against a real Girder with the Digital Slide Archive's plugins (see girder_server.py).
 
-Skipped unless CELLRCNN_GIRDER_PYTHON names the python of the server's own virtualenv (the DSA's Girder runs
-without torch). Every check goes through Girder's REST API.
+Skipped unless the server's own virtualenv is there (the DSA's Girder runs without torch): .venv-girder from
+``./install.sh --with-girder``, or the python that CELLRCNN_GIRDER_PYTHON names. Every check goes through Girder's
+REST API.
 """
 
 import argparse
@@ -168,6 +169,18 @@ def test_posting_twice_replaces_and_large_results_are_uploaded(server, slide, tm
     stored = server.client().get(f'annotation/{third[0]["_id"]}')['annotation']
     assert len(stored['elements']) == 250 and stored['attributes']['model'] == 'test.pt'
     assert len(list(server.client().listFile(item_id))) == 1  # the uploaded annotation file was removed: the slide only
+
+
+def test_a_failed_post_leaves_the_earlier_result(server, slide, tmp_path):
+    item_id, _ = slide
+    earlier = post_annotations(server.api_url, server.token, item_id, nuclei(20), **FAST)[0]['_id']
+    broken = nuclei(3, name='density')
+    del broken['elements'][0]['width']  # not a valid rectangle: Girder refuses the document
+    files = saved(tmp_path, nuclei(30, seed=4), broken)
+    with pytest.raises(CellRCNNError, match=r"answered HTTP 400: Validation Error.* while posting annotation "
+                                            rf"'density'; the annotations are kept in {files[0]}, {files[1]}$"):
+        post_annotation_files(server.api_url, server.token, item_id, files, **FAST)
+    assert [(a['_id'], a['_elementCount']) for a in cellrcnn_annotations(server, item_id)] == [(earlier, 20)]
 
 
 @pytest.mark.parametrize('large', [False, True], ids=['post', 'upload'])

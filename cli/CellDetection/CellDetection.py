@@ -1,6 +1,5 @@
 """Cell detection as a slicer_cli_web task: HistomicsUI's analysis panel and girder_worker run it."""
 
-import os
 import sys
 
 from slicer_cli_web import CLIArgumentParser
