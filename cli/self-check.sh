@@ -6,8 +6,10 @@ cd "$(dirname "$0")"
 python=${PYTHON:-python}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-$python -m slicer_cli_web.cli_list_entrypoint --list_cli | grep -q CellDetection
-$python -m slicer_cli_web.cli_list_entrypoint CellDetection --xml | grep -q outputCellAnnotationFile
+listing=$($python -m slicer_cli_web.cli_list_entrypoint --list_cli)
+grep -q CellDetection <<< "$listing"
+xml=$($python -m slicer_cli_web.cli_list_entrypoint CellDetection --xml)
+grep -q outputCellAnnotationFile <<< "$xml"
 $python -m slicer_cli_web.cli_list_entrypoint CellDetection ../detector/data/CMU-1-Small-Region.svs \
     "$out/nuclei.anot" --outputDensityAnnotationFile "$out/density.anot" --analysis_roi 512,1024,768,768 \
     --device cpu > "$out/log"

@@ -34,7 +34,7 @@ class ModelConfig:
     #: height / width of the anchors.
     aspect_ratios: tuple = (0.5, 1.0, 2.0)
     #: interpolate the RPN's feature maps by this factor: spacing = field / anchor_upsample.
-    anchor_upsample: int = 2
+    anchor_upsample: int = 1
     #: alternative densification without interpolation: anchor_offsets**2 anchor centres per feature cell.
     anchor_offsets: int = 1
     rpn_conv_depth: int = 1
