@@ -189,14 +189,6 @@ def read_htk_boxes(path):
 # evaluation of a whole slide as independent windows
 # ------------------------------------------------------------------------------------------------------------------
 
-def _expand(starts, counts):
-    total = int(counts.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
-    offsets = np.cumsum(counts) - counts
-    return np.repeat(starts - offsets, counts) + np.arange(total, dtype=np.int64)
-
-
 def _pair_iou(a, b):
     iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
     ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
@@ -210,6 +202,7 @@ def linked_pairs(pred, gt, threshold, cell=64.0, chunk=200_000):
     """(i, j) of every prediction/ground-truth pair with IoU >= threshold (and possibly a few more), in linear time:
     boxes with both sides <= cell are found through a grid of their top-left corners (overlapping boxes lie in
     neighbouring cells), larger ones are compared with everything."""
+    from cellrcnn.merge import concat_ranges
     from cellrcnn.metrics import box_iou
 
     out_i, out_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
@@ -237,7 +230,7 @@ def linked_pairs(pred, gt, threshold, cell=64.0, chunk=200_000):
                 hi = np.searchsorted(skey, row + 1, 'right')
                 counts = hi - lo
                 pi = sp[np.repeat(q, counts)]
-                gj = sg[order[_expand(lo, counts)]]
+                gj = sg[order[concat_ranges(lo, counts)]]
                 hit = _pair_iou(pred[pi], gt[gj]) >= threshold
                 out_i.append(pi[hit])
                 out_j.append(gj[hit])

@@ -32,7 +32,7 @@ from .errors import CellRCNNError
 _UNDECIDED, _KEPT, _SUPPRESSED = 0, 1, 2
 
 
-def _expand(starts, counts):
+def concat_ranges(starts, counts):
     """Concatenated ranges [starts[i], starts[i] + counts[i]) as one index array."""
     total = int(counts.sum())
     if total == 0:
@@ -226,7 +226,7 @@ class StreamingNMS:
                 hi = np.searchsorted(sorted_key, row + 1, 'right')
                 counts = hi - lo
                 qi = np.repeat(q, counts)
-                tj = order[_expand(lo, counts)]
+                tj = order[concat_ranges(lo, counts)]
                 gi, gj = idx[qi], idx[tj]
                 keep = (gj < n_old) | (gj > gi)  # each pair once; old-old pairs are already known
                 pairs_i.append(gi[keep])
@@ -276,11 +276,11 @@ class StreamingNMS:
         while len(ready):
             kept = ready[complete[ready]]  # ready boxes not complete stay undecided and never resolve
             state[kept] = _KEPT
-            victims = out_dst[_expand(indptr[kept], indptr[kept + 1] - indptr[kept])]
+            victims = out_dst[concat_ranges(indptr[kept], indptr[kept + 1] - indptr[kept])]
             victims = np.unique(victims[state[victims] == _UNDECIDED])
             state[victims] = _SUPPRESSED
             resolved = np.concatenate([kept, victims])
-            targets = out_dst[_expand(indptr[resolved], indptr[resolved + 1] - indptr[resolved])]
+            targets = out_dst[concat_ranges(indptr[resolved], indptr[resolved + 1] - indptr[resolved])]
             if len(targets) == 0:
                 break
             targets, counts = np.unique(targets, return_counts=True)
