@@ -2,14 +2,13 @@
 
 The schema lives in the Girder plugin ``girder-large-image-annotation`` (``AnnotationSchema.annotationSchema``,
 validated server-side with a jsonschema Draft6Validator). The plugin runs in the DSA's Girder environment, without
-torch, not in cellrcnn's: the schema is read from the interpreter named by ``CELLRCNN_GIRDER_PYTHON`` (the Girder
-environment the real-server tests use; .ci/run makes one), or from this environment when the plugin is importable
-here. Without either the module is skipped.
+torch, not in cellrcnn's: the schema is read from the Girder environment the real-server tests use
+(``girder_server.girder_python()``: ``CELLRCNN_GIRDER_PYTHON``, else the checkout's ``.venv-girder``), or from this
+environment when the plugin is importable here. Without either the module is skipped.
 """
 
 import copy
 import json
-import os
 import subprocess
 
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 
 from cellrcnn.annotation import detections_to_annotation
 from cellrcnn.outputs import density_annotation
+from girder_server import girder_python
 
 jsonschema = pytest.importorskip('jsonschema')
 
@@ -26,10 +26,9 @@ def _annotation_schema():
         from girder_large_image_annotation.models.annotation import AnnotationSchema
         return AnnotationSchema.annotationSchema
     except ImportError:
-        python = os.environ.get('CELLRCNN_GIRDER_PYTHON')
-        if not python or not os.path.exists(python):
-            pytest.skip('girder_large_image_annotation is not installed here and CELLRCNN_GIRDER_PYTHON is unset',
-                        allow_module_level=True)
+        python, why_not = girder_python()
+        if python is None:
+            pytest.skip(f'girder_large_image_annotation is not installed here: {why_not}', allow_module_level=True)
         code = ('import json; from girder_large_image_annotation.models.annotation import AnnotationSchema; '
                 'print(json.dumps(AnnotationSchema.annotationSchema))')
         out = subprocess.run([python, '-c', code], capture_output=True, text=True, check=True, timeout=120)
