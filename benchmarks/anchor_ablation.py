@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from cellrcnn.config import ModelConfig
-from cellrcnn.evaluate import calibrate_threshold, evaluate_model, labelled_set
+from cellrcnn.data import labelled_set
+from cellrcnn.evaluate import calibrate_threshold, evaluate_model
 from cellrcnn.inference import Detector
 from cellrcnn.synthetic import make_tile
 from cellrcnn.checkpoint import load_model
-from cellrcnn.train import TrainConfig, precise_bn, train, training_samples
+from cellrcnn.train import TrainConfig, precise_bn, train
 
 VARIANTS = {
     'k1': {'anchor_upsample': 1},
@@ -63,7 +64,9 @@ def run(variant, steps, tiles, out, reuse=False):
         model = load_model(os.path.join(run_dir, 'model.pt'))
         with open(result_path) as f:
             train_seconds = json.load(f)['train_seconds']
-        precise_bn(model, training_samples(cfg, model.config.mpp), cfg.tile_size, 'cpu')
+        samples = labelled_set(seed=cfg.synthetic_seed, count=cfg.synthetic_tiles, tile_size=cfg.tile_size,
+                               mpp=model.config.mpp)
+        precise_bn(model, samples, cfg.tile_size, 'cpu')
     else:
         started = time.perf_counter()
         model, _ = train(config, cfg, run_dir, device='cpu', progress=False)

@@ -50,7 +50,8 @@ def _model_config(args):
 
 def _train(args):
     from .checkpoint import save_checkpoint
-    from .evaluate import calibrate_threshold, evaluate_model, labelled_set
+    from .data import labelled_set
+    from .evaluate import calibrate_threshold, evaluate_model
     from .metrics import format_report
     from .train import TrainConfig, train
 
@@ -73,7 +74,8 @@ def _train(args):
 
 def _evaluate(args):
     from .checkpoint import load_model
-    from .evaluate import evaluate_model, labelled_set
+    from .data import labelled_set
+    from .evaluate import evaluate_model
     from .metrics import format_report
 
     model = load_model(args.model)

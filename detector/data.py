@@ -75,6 +75,15 @@ def load_annotated_folder(folder, annotation_name=None, point_box_size=None):
     return samples
 
 
+def labelled_set(data=None, seed=2000, count=200, tile_size=256, mpp=0.5, annotation_name=None,
+                 point_box_size=None):
+    """Samples from a folder of images with DSA annotation JSON, or ``count`` synthetic tiles from ``seed``."""
+    if data:
+        return load_annotated_folder(data, annotation_name, point_box_size)
+    from .synthetic import make_dataset
+    return make_dataset(seed, count, size=tile_size, mpp=mpp)
+
+
 class Augmenter:
     """Random flips, 90 degree rotations, scale jitter, stain jitter (histomicstk) and a crop to the tile size."""
 

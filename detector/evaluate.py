@@ -2,18 +2,8 @@
 
 import time
 
-from .data import load_annotated_folder
 from .inference import Detector
 from .metrics import best_f1_threshold, evaluate
-
-
-def labelled_set(data=None, seed=2000, count=200, tile_size=256, mpp=0.5, annotation_name=None,
-                 point_box_size=None):
-    """Samples from a folder of images with DSA annotation JSON, or held-out synthetic tiles from ``seed``."""
-    if data:
-        return load_annotated_folder(data, annotation_name, point_box_size)
-    from .synthetic import make_dataset
-    return make_dataset(seed, count, size=tile_size, mpp=mpp)
 
 
 def predict_samples(model, samples, device='auto', batch_size=8):

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from .data import Augmenter, TileDataset, collate, load_annotated_folder, to_tensor
+from .data import Augmenter, TileDataset, collate, labelled_set, to_tensor
 from .devices import autocast, resolve_device
 from .errors import CellRCNNError
 from .model import build_model
@@ -82,13 +82,6 @@ def precise_bn(model, samples, tile_size, device, count=256, batch_size=8):
     model.eval()
 
 
-def training_samples(cfg, mpp):
-    if cfg.data:
-        return load_annotated_folder(cfg.data, cfg.annotation_name, cfg.point_box_size)
-    from .synthetic import make_dataset
-    return make_dataset(cfg.synthetic_seed, cfg.synthetic_tiles, size=cfg.tile_size, mpp=mpp)
-
-
 def train(model_config, train_config, out_dir, device='auto', resume=None, samples=None, progress=True):
     """Train a model; write ``out_dir/last.pt`` (resumable) and ``out_dir/model.pt`` (weights only).
 
@@ -110,7 +103,8 @@ def train(model_config, train_config, out_dir, device='auto', resume=None, sampl
         model = build_model(model_config)
     model.to(device, memory_format=torch.channels_last).train()
     if samples is None:
-        samples = training_samples(cfg, model.config.mpp)
+        samples = labelled_set(cfg.data, cfg.synthetic_seed, cfg.synthetic_tiles, cfg.tile_size, model.config.mpp,
+                               cfg.annotation_name, cfg.point_box_size)
     dataset = TileDataset(samples, Augmenter(cfg.tile_size), seed=cfg.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
                                          num_workers=cfg.workers, drop_last=len(dataset) >= cfg.batch_size,
