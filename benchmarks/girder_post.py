@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/girder_post.py [--detections 100000] [--element rectangle|point]
         [--route auto|post|upload ...] [--rerun]
 
-Starts a throwaway server the way the tests do (tests/girder_server.py: SecantusDB in memory + ``girder serve``
+Starts a throwaway server the way the tests do (cellrcnn.local_girder: SecantusDB in memory + ``girder serve``
 with the DSA plugins, in .venv-girder or the virtualenv CELLRCNN_GIRDER_PYTHON names), uploads a synthetic slide,
 then for each route asked for: posts the annotation with ``cellrcnn.girder.post_annotations`` (for the upload route
 this includes the server's ingest: it returns once the annotation is stored) and reads it back with
@@ -25,14 +25,10 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, '..', 'tests'))
-
-from girder_server import GirderServer, girder_python  # noqa: E402
-
-from cellrcnn.annotation import detections_to_annotation  # noqa: E402
-from cellrcnn.girder import post_annotations  # noqa: E402
-from cellrcnn.synthetic import write_slide  # noqa: E402
+from cellrcnn.annotation import detections_to_annotation
+from cellrcnn.girder import post_annotations
+from cellrcnn.local_girder import GirderServer, girder_python
+from cellrcnn.synthetic import write_slide
 
 
 def server_cpu(server):

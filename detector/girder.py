@@ -429,6 +429,44 @@ def format_results(results, item_id):
     return lines
 
 
+# --------------------------------------------------------------------------- folders of slides
+
+def folder_slides(api_url, token, folder_id, retries=4, backoff=1.0, timeout=60):
+    """Every large-image item in a Girder folder and its subfolders, in path order.
+
+    :returns: a list of dicts ``{"item_id", "file_id" (the image file), "name", "path" (folder names and the item
+        name joined by "/", relative to the folder), "meta"}``."""
+    server = _Server(api_url, token, retries, backoff, timeout, None)
+    slides = []
+    with server.gc.session(_timeout_session(timeout)):
+        if not server.get('checking the token', 'user/me'):
+            raise server.fail(f'Girder at {server.api_url} does not accept the token: get a new token (or API key)')
+        server.get('reading the folder', f'folder/{folder_id}', item_id=folder_id)
+        todo = [(folder_id, '')]
+        while todo:
+            fid, prefix = todo.pop()
+            items = server.get('listing the folder', 'item', {'folderId': fid, 'limit': 0, 'sort': 'name'})
+            for item in items:
+                large = item.get('largeImage') or {}
+                if large.get('fileId') and not large.get('expected'):
+                    slides.append({'item_id': item['_id'], 'file_id': large['fileId'], 'name': item['name'],
+                                   'path': prefix + item['name'], 'meta': item.get('meta') or {}})
+            subfolders = server.get('listing the folder', 'folder',
+                                    {'parentType': 'folder', 'parentId': fid, 'limit': 0, 'sort': 'name'})
+            todo.extend((sub['_id'], f'{prefix}{sub["name"]}/') for sub in reversed(subfolders))
+    return sorted(slides, key=lambda s: s['path'])
+
+
+def download_file(api_url, token, file_id, path, retries=4, backoff=1.0, timeout=600):
+    """Download a Girder file to ``path`` (written whole or not at all)."""
+    server = _Server(api_url, token, retries, backoff, timeout, None)
+    partial = f'{path}.part'
+    with server.gc.session(_timeout_session(timeout)):
+        server.call(f'downloading file {file_id}', lambda: server.gc.downloadFile(file_id, partial))
+    os.replace(partial, path)
+    return path
+
+
 # --------------------------------------------------------------------------- `cellrcnn detect` hook
 
 def add_detect_options(parser):

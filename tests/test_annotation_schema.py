@@ -3,7 +3,7 @@
 The schema lives in the Girder plugin ``girder-large-image-annotation`` (``AnnotationSchema.annotationSchema``,
 validated server-side with a jsonschema Draft6Validator). The plugin runs in the DSA's Girder environment, without
 torch, not in cellrcnn's: the schema is read from the Girder environment the real-server tests use
-(``girder_server.girder_python()``: ``CELLRCNN_GIRDER_PYTHON``, else the checkout's ``.venv-girder``), or from this
+(``cellrcnn.local_girder.girder_python()``: ``CELLRCNN_GIRDER_PYTHON``, else the checkout's ``.venv-girder``), or from this
 environment when the plugin is importable here. Without either the module is skipped.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 from cellrcnn.annotation import detections_to_annotation
 from cellrcnn.outputs import density_annotation
-from girder_server import girder_python
+from cellrcnn.local_girder import girder_python
 
 jsonschema = pytest.importorskip('jsonschema')
 

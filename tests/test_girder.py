@@ -1,4 +1,4 @@
-"""cellrcnn against a real Girder with the Digital Slide Archive's plugins (see girder_server.py).
+"""cellrcnn against a real Girder with the Digital Slide Archive's plugins (see cellrcnn.local_girder).
 
 Skipped unless the server's own virtualenv is there (the DSA's Girder runs without torch): .venv-girder from
 ``./install.sh --with-girder``, or the python that CELLRCNN_GIRDER_PYTHON names. Every check goes through Girder's
@@ -15,11 +15,12 @@ import time
 import numpy as np
 import pytest
 
-from girder_server import FaultyProxy, GirderServer, free_port, girder_python, wait_for
+from girder_proxy import FaultyProxy
 
 from cellrcnn.annotation import detections_to_annotation, write_annotation
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.girder import detect_target, post_annotation_files, post_annotations
+from cellrcnn.local_girder import GirderServer, free_port, girder_python, wait_for
 from cellrcnn.synthetic import write_slide
 
 PYTHON, WHY_NOT = girder_python()
