@@ -1,4 +1,4 @@
-"""The ``cellrcnn`` command: detect, train, evaluate, synth."""
+"""The ``cellrcnn`` command: detect, batch, train, evaluate, synth."""
 
 import argparse
 import dataclasses
@@ -23,12 +23,43 @@ def _detect(args):
     stem = os.path.splitext(os.path.basename(slide_path))[0]
     paths = output_paths(args.output, stem)
     resume_dir = None if args.no_resume else os.path.join(args.output, f'.{stem}.partial')
-    post = detect_target(args)  # checks server, token and item before any detection runs
-    result = detect_to_files(slide_path, paths, settings, resume_dir=resume_dir)
-    print('\n'.join(summary_lines(result, settings)))
-    print('wrote ' + ', '.join(p for p in paths.values() if p))
-    if post:
-        print('\n'.join(post(paths)))
+
+    def run():
+        post = detect_target(args)  # checks server, token and item before any detection runs
+        result = detect_to_files(slide_path, paths, settings, resume_dir=resume_dir)
+        print('\n'.join(summary_lines(result, settings)))
+        print('wrote ' + ', '.join(p for p in paths.values() if p))
+        if post:
+            print('\n'.join(post(paths)))
+
+    if not args.local_girder:
+        return run()
+    if args.girder_url or args.girder_item:
+        raise CellRCNNError('--local-girder starts its own server: leave out --girder-url and --item')
+    from .local_girder import detect_on_local_girder
+
+    def run_on(url, token, item_id):
+        args.girder_url, args.girder_token, args.girder_item = url, token, item_id
+        run()
+
+    detect_on_local_girder(slide_path, run_on, keep=args.keep_girder)
+
+
+def _batch(args):
+    from .cohort import GirderFolder, batch
+    from .pipeline import DetectionSettings
+
+    girder = None
+    if args.girder_url or args.girder_folder:
+        if not (args.girder_url and args.girder_folder) or args.source:
+            raise CellRCNNError('give either a folder of slides or both --girder-url and --folder')
+        girder = GirderFolder(args.girder_url, args.girder_token or os.environ.get('GIRDER_TOKEN'), args.girder_folder)
+    elif not args.source:
+        raise CellRCNNError('give a folder of slides, or --girder-url and --folder')
+    settings = DetectionSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DetectionSettings)
+                                    if f.name not in ('scheduler', 'progress') and hasattr(args, f.name)})
+    batch(args.source, args.output, settings, scheduler=args.scheduler, girder=girder,
+          log=lambda line: print(line, flush=True))
 
 
 def _roi(text):
@@ -72,6 +103,18 @@ def _train(args):
     print(f'model written to {os.path.join(args.output, "model.pt")}')
 
 
+def _train_girder(args):
+    from .girder_training import summary_lines, train_from_girder
+
+    result = train_from_girder(
+        args.girder_url, args.girder_token or os.environ.get('GIRDER_TOKEN'), args.girder_folder,
+        args.annotation_name, args.output, holdout=args.holdout, steps=args.steps, init=args.init,
+        from_scratch=args.from_scratch, output_folder=args.output_folder, name=args.name,
+        region_label=args.region_label, point_size_um=args.point_size, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, device=args.device, log=lambda line: print(line, flush=True))
+    print('\n'.join(summary_lines(result)))
+
+
 def _evaluate(args):
     from .checkpoint import load_model
     from .data import labelled_set
@@ -113,17 +156,8 @@ def _positive_int(text):
     return value
 
 
-def build_parser():
-    from .girder import add_detect_options
-
-    parser = argparse.ArgumentParser(prog='cellrcnn', description='Faster R-CNN nucleus detection for histology.')
-    parser.add_argument('--version', action='version', version=f'cellrcnn {__version__}')
-    sub = parser.add_subparsers(dest='command', required=True)
-
-    p = sub.add_parser('detect', help='detect nuclei in a slide; write DSA annotations, GeoJSON, CSV and an overview')
-    p.add_argument('slide', nargs='?', help='slide or image large_image opens (default: the bundled sample slide)')
-    p.add_argument('-o', '--output', required=True, help='output folder')
-    p.add_argument('--roi', type=_roi, help='region of interest X,Y,W,H in base pixels (default: the whole slide)')
+def _add_detection_options(p):
+    """The options of ``detect`` and ``batch`` that go into ``pipeline.DetectionSettings``."""
     p.add_argument('--magnification', type=float, help="analysis magnification (default: the model's, 20x)")
     p.add_argument('--mpp', type=float, help='microns per base pixel, for slides that do not state it')
     p.add_argument('--model', help='checkpoint (default: the bundled model)')
@@ -137,14 +171,48 @@ def build_parser():
                    help='skip tiles with less tissue than this fraction')
     p.add_argument('--batch-size', dest='batch_size', type=_positive_int, default=4)
     p.add_argument('--workers', type=int, default=2, help='tile reader threads')
-    p.add_argument('--scheduler', help='run tile batches on a dask.distributed cluster at this address, '
-                                       'or on N local processes with local:N')
     p.add_argument('--element', choices=['rectangle', 'point'], default='rectangle')
     p.add_argument('--device', default='auto', help='auto, cpu or cuda')
+
+
+def build_parser():
+    from .girder import add_detect_options
+
+    parser = argparse.ArgumentParser(prog='cellrcnn', description='Faster R-CNN nucleus detection for histology.')
+    parser.add_argument('--version', action='version', version=f'cellrcnn {__version__}')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    p = sub.add_parser('detect', help='detect nuclei in a slide; write DSA annotations, GeoJSON, CSV and an overview')
+    p.add_argument('slide', nargs='?', help='slide or image large_image opens (default: the bundled sample slide)')
+    p.add_argument('-o', '--output', required=True, help='output folder')
+    p.add_argument('--roi', type=_roi, help='region of interest X,Y,W,H in base pixels (default: the whole slide)')
+    _add_detection_options(p)
+    p.add_argument('--scheduler', help='run tile batches on a dask.distributed cluster at this address, '
+                                       'or on N local processes with local:N')
     p.add_argument('--progress', choices=['auto', 'bar', 'slicer', 'none'], default='auto')
     p.add_argument('--no-resume', action='store_true', help='do not keep or reuse partial results')
-    add_detect_options(p)
+    group = add_detect_options(p)
+    group.add_argument('--local-girder', dest='local_girder', action='store_true',
+                       help='run the whole DSA loop here: start a throwaway Girder with the DSA plugins '
+                            '(./install.sh --with-girder), upload the slide, detect, post, read the annotations back')
+    group.add_argument('--keep-girder', dest='keep_girder', action='store_true',
+                       help='with --local-girder: keep the server up (until Ctrl-C) to look at the result')
     p.set_defaults(run=_detect)
+
+    p = sub.add_parser('batch', help='detect nuclei in every slide of a folder (local or on Girder); one result '
+                                     'folder per slide and a cohort table')
+    p.add_argument('source', nargs='?', help='folder of slides (searched recursively; or --girder-url and --folder)')
+    p.add_argument('-o', '--output', required=True,
+                   help='output folder: OUT/<slide path>/ per slide, OUT/cohort.csv; a second run skips done slides')
+    _add_detection_options(p)
+    p.add_argument('--scheduler', help='spread the slides over a dask.distributed cluster at this address, '
+                                       'or over N local processes with local:N')
+    group = p.add_argument_group('slides from Girder / the Digital Slide Archive (results are posted back)')
+    group.add_argument('--girder-url', dest='girder_url', help='Girder API URL, e.g. https://dsa.example.org/api/v1')
+    group.add_argument('--girder-token', dest='girder_token',
+                       help='Girder token (default: the GIRDER_TOKEN environment variable)')
+    group.add_argument('--folder', dest='girder_folder', help='id of the Girder folder (its subfolders too)')
+    p.set_defaults(run=_batch)
 
     p = sub.add_parser('train', help='train a model on synthetic tissue or on images with DSA annotations')
     p.add_argument('-o', '--output', required=True, help='run folder: last.pt (resumable) and model.pt')
@@ -170,6 +238,34 @@ def build_parser():
     p.add_argument('--val-count', dest='val_count', type=_positive_int, default=200)
     p.add_argument('--device', default='auto')
     p.set_defaults(run=_train)
+
+    p = sub.add_parser('train-girder', help='train from nuclei annotated in HistomicsUI on a Girder folder of slides; '
+                                            'evaluate on held-out slides; upload the model and its card')
+    p.add_argument('-o', '--output', required=True, help='local folder: downloaded slides, NAME.pt and NAME.md')
+    p.add_argument('--girder-url', dest='girder_url', required=True,
+                   help='Girder API URL, e.g. https://dsa.example.org/api/v1')
+    p.add_argument('--girder-token', dest='girder_token', help='Girder token (default: $GIRDER_TOKEN)')
+    p.add_argument('--folder', dest='girder_folder', required=True, help='id of the Girder folder of slides')
+    p.add_argument('--annotation-name', dest='annotation_name', required=True,
+                   help='name of the annotations that hold the nuclei (rectangles or points)')
+    p.add_argument('--region-label', dest='region_label', default='region',
+                   help='label of the rectangles/polygons that outline the annotated region (default: region; '
+                        'without one, the bounding box of the nuclei)')
+    p.add_argument('--point-size', dest='point_size', type=float, default=8.0,
+                   help='box side in micrometres for point annotations (default 8)')
+    p.add_argument('--holdout', default='1', help='held-out slides: a count or a fraction (default 1: the last)')
+    p.add_argument('--steps', type=_positive_int, default=300)
+    p.add_argument('--batch-size', dest='batch_size', type=_positive_int, default=4)
+    p.add_argument('--lr', type=float, default=1e-3)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--init', help='checkpoint to fine-tune (default: the bundled model)')
+    p.add_argument('--from-scratch', dest='from_scratch', action='store_true',
+                   help="train from random weights (with --init's configuration) instead of fine-tuning")
+    p.add_argument('--output-folder', dest='output_folder',
+                   help='id of a Girder folder to upload the model and its card to')
+    p.add_argument('--name', help='model file name without .pt (default: cellrcnn-ANNOTATION_NAME)')
+    p.add_argument('--device', default='auto')
+    p.set_defaults(run=_train_girder)
 
     p = sub.add_parser('evaluate', help='precision, recall, F1 and COCO AP of a model on a labelled set')
     p.add_argument('--model', help='checkpoint (default: the bundled model)')

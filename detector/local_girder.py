@@ -232,3 +232,39 @@ def wait_for(condition, timeout, what, pause=0.1):
             raise AssertionError(f'timed out after {timeout} s waiting for {what}')
         time.sleep(pause)
         pause = min(pause * 1.5, 1.0)
+
+
+def detect_on_local_girder(slide_path, run, keep=False, log=print):
+    """The whole DSA loop on this machine, for ``cellrcnn detect --local-girder``: start a throwaway DSA, upload the
+    slide, call ``run(api_url, token, item_id)`` (a detection that posts its annotations to that item), read every
+    annotation on the item back through REST, and stop the server (with ``keep``, only on Ctrl-C)."""
+    from .errors import CellRCNNError
+
+    python, why = girder_python()
+    if python is None:
+        raise CellRCNNError(f'cannot start a local Girder: {why}')
+    server = GirderServer(python)
+    try:
+        try:
+            server.start()
+            item_id, _ = server.upload_slide(slide_path)
+        except (RuntimeError, AssertionError) as exc:
+            raise CellRCNNError(f'local Girder: {str(exc).splitlines()[0]}') from None
+        log(f'local DSA at {server.api_url}: {os.path.basename(slide_path)} uploaded as item {item_id}')
+        run(server.api_url, server.token, item_id)
+        gc = server.client()
+        for summary in server.annotations(item_id):
+            doc = gc.get(f'annotation/{summary["_id"]}')['annotation']
+            kinds = sorted({el['type'] for el in doc['elements']})
+            log(f'read back from Girder: annotation {doc["name"]!r} on item {item_id} with {len(doc["elements"])} '
+                f'{"/".join(kinds) or "no"} elements')
+        if keep:
+            log(f'Girder stays up at {server.api_url} (user {ADMIN["login"]}, password {ADMIN["password"]}); '
+                'Ctrl-C stops it')
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                log('stopping the local Girder')
+    finally:
+        server.stop()

@@ -8,6 +8,7 @@ REST API.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -280,3 +281,34 @@ def test_the_detect_command_hook(server, slide, tmp_path, monkeypatch):
     lines = post({**paths, 'csv': None})
     assert lines[0].startswith(f"posted 'cellrcnn nuclei' (12 elements) to item {item_id} as annotation ")
     assert sorted(a['_elementCount'] for a in cellrcnn_annotations(server, item_id)) == [3, 12]
+
+
+def run_detect(*args, env=None):
+    return subprocess.run([sys.executable, '-m', 'cellrcnn', 'detect', *args, '--progress', 'none'],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, 'OMP_NUM_THREADS': '2', **(env or {})})
+
+
+def test_the_main_job_runs_the_whole_dsa_loop_on_a_local_girder(slide_file, tmp_path):
+    """README's `cellrcnn detect --local-girder`: its own server, the slide uploaded, detected, posted, read back."""
+    run = run_detect(str(slide_file), '--local-girder', '-o', str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    found = len(json.load(open(tmp_path / 'slide.anot.json'))['elements'])
+    assert found > 0
+    assert re.search(r"^local DSA at http://127\.0\.0\.1:\d+/api/v1: slide\.tiff uploaded as item \w{24}$",
+                     run.stdout, re.M)
+    assert re.search(rf"^read back from Girder: annotation 'cellrcnn nuclei' on item \w{{24}} with {found} "
+                     'rectangle elements$', run.stdout, re.M)
+    assert re.search(r"^read back from Girder: annotation 'cellrcnn nuclei density' .* 1 griddata elements$",
+                     run.stdout, re.M)
+
+
+def test_the_local_girder_loop_explains_what_is_missing(slide_file, tmp_path):
+    run = run_detect(str(slide_file), '--local-girder', '-o', str(tmp_path),
+                     env={'CELLRCNN_GIRDER_PYTHON': str(tmp_path / 'no-venv' / 'bin' / 'python')})
+    assert run.returncode == 2
+    assert run.stderr.startswith('cellrcnn: error: cannot start a local Girder: CELLRCNN_GIRDER_PYTHON=')
+    assert 'Traceback' not in run.stderr and not os.path.exists(tmp_path / 'slide.anot.json')
+    run = run_detect(str(slide_file), '--local-girder', '--item', 'x', '-o', str(tmp_path))
+    assert run.returncode == 2 and run.stderr.strip() == ('cellrcnn: error: --local-girder starts its own server: '
+                                                          'leave out --girder-url and --item')
