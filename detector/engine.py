@@ -212,7 +212,7 @@ def dask_batches(slide, detector, todo, scheduler, model_path, timing):
             timing['detect'] += time.perf_counter() - t0
             yield batch, results
     finally:
-        client.close()
+        close_dask(client, scheduler)
 
 
 def connect_dask(scheduler):
@@ -226,6 +226,14 @@ def connect_dask(scheduler):
         return Client(scheduler, timeout='15s')
     except (OSError, TimeoutError, ValueError) as exc:
         raise CellRCNNError(f'cannot reach the Dask scheduler {scheduler!r}: {str(exc).splitlines()[0]}') from None
+
+
+def close_dask(client, scheduler):
+    """Close a client of :func:`connect_dask`, and the local cluster it started for 'local:N'."""
+    cluster = client.cluster if scheduler.startswith('local') else None
+    client.close()
+    if cluster is not None:
+        cluster.close()
 
 
 _WORKER_STATE = {}

@@ -1,0 +1,327 @@
+"""Cohorts: nucleus detection over every slide of a folder (local, or a Girder folder tree), one result folder per
+slide and one table for the whole cohort (``cellrcnn batch``).
+
+- **Slides**: every file under a local folder (recursively; hidden files and the output folder left out) whose
+  extension one of the installed large_image tile sources reads; or every large-image item in a Girder folder and
+  its subfolders (``girder.folder_slides``), downloaded into ``OUT/.girder-cache/`` and, once its results are
+  written, posted back to its item with ``girder.post_annotation_files`` (replacing this model's previous result
+  there, as ``cellrcnn detect --girder-url`` does); the downloaded copy is then deleted.
+- **One result per slide**: ``OUT/<path of the slide, without its extension>/`` holds what ``cellrcnn detect``
+  writes (``pipeline.output_paths`` and ``pipeline.detect_to_files`` with the same ``DetectionSettings``) and
+  ``<stem>.cohort.json``, the slide's table row and the fingerprint of what made it (slide, model file, settings),
+  written last.
+- **Resumable**: a slide whose ``.cohort.json`` has the same fingerprint is not computed again (status
+  ``skipped``; from Girder it is posted again only if its post had failed); a slide interrupted half-way resumes
+  from its tile rows in ``OUT/.../.<stem>.partial/``.
+- **Failures stay rows**: a slide that cannot be read, states no magnification, cannot be downloaded or posted,
+  ... becomes a ``failed`` row with a one-line reason and the cohort goes on.
+- **Scale-out**: with a dask.distributed scheduler (an address, or ``local:N`` for N local processes) whole slides
+  run on the cluster's workers, each slide in one worker process; without one, one after another here. Workers
+  must see the same file system paths (the slides and ``OUT``).
+
+The table ``OUT/cohort.csv`` has one row per slide, in path order (:data:`COLUMNS`).
+"""
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+from .errors import CellRCNNError
+
+#: the columns of ``cohort.csv``
+COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'mean_score', 'magnification',
+           'seconds', 'model', 'girder_item_id', 'output')
+TABLE_NAME = 'cohort.csv'
+ROW_SUFFIX = '.cohort.json'
+CACHE_NAME = '.girder-cache'
+#: settings that change what is computed (the rest, such as device or batch size, only how fast)
+RESULT_SETTINGS = ('magnification', 'mpp', 'roi', 'tile_size', 'overlap', 'min_tissue', 'threshold', 'nms',
+                   'anchor_upsample', 'element')
+
+
+@dataclasses.dataclass
+class CohortSlide:
+    """One slide of a cohort: the name the table gives it, the local file read (absolute), the folder its results
+    go to (absolute, and as the table names it: relative to the output folder), the name of its result files.
+    For a Girder slide, ``path`` is where its download goes, and ``item_id`` / ``file_id`` say what it is."""
+
+    name: str
+    path: str
+    folder: str
+    output: str
+    stem: str
+    item_id: str = None
+    file_id: str = None
+
+
+@dataclasses.dataclass
+class GirderFolder:
+    """Where a cohort's slides come from on Girder and where their results go back to."""
+
+    api_url: str
+    token: str
+    folder_id: str
+
+
+def _one_line(exc):
+    text = str(exc).strip().splitlines()
+    text = text[0] if text else ''
+    if isinstance(exc, CellRCNNError):
+        return text
+    return f'{type(exc).__name__}: {text}' if text else type(exc).__name__
+
+
+def slide_extensions():
+    """File extensions (lower case, no dot) that the installed large_image tile sources read."""
+    from large_image.tilesource import listExtensions
+
+    return {e.lower() for e in listExtensions()}
+
+
+def _result_folders(relative_paths):
+    """``<relative path without extension>`` per slide; two slides that would share one (``a.svs`` and
+    ``a.tiff``) keep their extensions instead."""
+    bare = [os.path.splitext(p)[0] for p in relative_paths]
+    clash = {b for b in bare if bare.count(b) > 1}
+    return [p if b in clash else b for p, b in zip(relative_paths, bare)]
+
+
+def local_slides(folder, output):
+    """Every slide under ``folder`` (see the module's description), in path order; ``output`` is left out."""
+    if not os.path.isdir(folder):
+        raise CellRCNNError(f'slide folder not found: {folder}')
+    extensions = slide_extensions()
+    skip = os.path.realpath(output)
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.') and os.path.realpath(os.path.join(root, d)) != skip)
+        for name in sorted(files):
+            if not name.startswith('.') and os.path.splitext(name)[1][1:].lower() in extensions:
+                found.append(os.path.relpath(os.path.join(root, name), folder))
+    found.sort()
+    return [CohortSlide(name=os.path.join(folder, rel), path=os.path.abspath(os.path.join(folder, rel)),
+                        folder=os.path.abspath(os.path.join(output, result)), output=result,
+                        stem=os.path.splitext(os.path.basename(rel))[0])
+            for rel, result in zip(found, _result_folders(found))]
+
+
+def _safe_part(name):
+    """A Girder folder or item name as one path component."""
+    name = name.replace('/', '_').replace(os.sep, '_').strip()
+    return '_' if name in ('', '.', '..') else name
+
+
+def girder_slides(girder, output):
+    """Every large-image item in the Girder folder tree, in path order; downloads go to ``OUT/.girder-cache/``."""
+    from .girder import folder_slides
+
+    found = folder_slides(girder.api_url, girder.token, girder.folder_id)
+    relative = [os.path.join(*(_safe_part(p) for p in s['path'].split('/'))) for s in found]
+    slides = []
+    for s, result in zip(found, _result_folders(relative)):
+        name = _safe_part(s['name'])
+        slides.append(CohortSlide(name=s['path'], path=os.path.abspath(os.path.join(output, CACHE_NAME,
+                                                                                    s['item_id'], name)),
+                                  folder=os.path.abspath(os.path.join(output, result)), output=result,
+                                  stem=os.path.splitext(name)[0], item_id=s['item_id'], file_id=s['file_id']))
+    return slides
+
+
+def fingerprint(slide, settings):
+    """What a slide's result depends on: the slide (its Girder file, or the local file's size and time), the model
+    file and the settings in :data:`RESULT_SETTINGS`."""
+    from .checkpoint import BUNDLED_MODEL
+
+    def stamp(path):
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise CellRCNNError(f'not found: {path}') from None
+        return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
+
+    source = ['girder', slide.file_id] if slide.file_id else stamp(slide.path)
+    used = {k: getattr(settings, k) for k in RESULT_SETTINGS}
+    text = json.dumps([source, stamp(settings.model or BUNDLED_MODEL), used], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _read_done(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_done(path, record):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+def _row(slide, result, model_path, seconds):
+    import numpy as np
+
+    stats = result.stats
+    cells, tissue = int(stats['detections']), float(stats['tissue_mm2'])
+    resumed = stats.get('tile_rows_resumed', 0)
+    return {'slide': slide.name, 'status': 'done',
+            'note': f'resumed {resumed} tile rows of an interrupted run' if resumed else '',
+            'cells': cells, 'tissue_mm2': round(tissue, 4),
+            'cells_per_mm2': round(cells / tissue, 1) if tissue > 0 else '',
+            'mean_score': round(float(np.mean(result.scores)), 4) if len(result.scores) else '',
+            'magnification': round(float(stats['analysis_magnification']), 3), 'seconds': round(seconds, 2),
+            'model': os.path.basename(model_path), 'girder_item_id': slide.item_id or '', 'output': slide.output}
+
+
+def process_slide(slide, settings, girder=None):
+    """Detect nuclei in one slide of a cohort (here, or on a Dask worker) unless an earlier run did; post its
+    results to its Girder item when it came from one. :returns: its table row (a dict of :data:`COLUMNS`);
+    problems become a ``failed`` row, never an exception."""
+    from .checkpoint import BUNDLED_MODEL
+    from .pipeline import detect_to_files, output_paths
+
+    started = time.perf_counter()
+    base = {**dict.fromkeys(COLUMNS, ''), 'slide': slide.name, 'girder_item_id': slide.item_id or '',
+            'output': slide.output}
+    try:
+        if not slide.item_id and not os.path.isfile(slide.path):
+            raise CellRCNNError(f'slide not found: {slide.path}')
+        paths = output_paths(slide.folder, slide.stem)
+        done_path = os.path.join(slide.folder, slide.stem + ROW_SUFFIX)
+        key = fingerprint(slide, settings)
+        earlier = _read_done(done_path)
+        earlier = earlier if earlier and earlier.get('fingerprint') == key else None
+        if earlier and (not slide.item_id or earlier.get('posted')):
+            return {**base, **earlier['row'], 'status': 'skipped', 'note': 'done by an earlier run'}
+        if earlier:  # detected by an earlier run whose post failed: only post
+            row, note = earlier['row'], 'results of an earlier run'
+        else:
+            if slide.item_id and not os.path.exists(slide.path):
+                from .girder import download_file
+                os.makedirs(os.path.dirname(slide.path), exist_ok=True)
+                download_file(girder.api_url, girder.token, slide.file_id, slide.path)
+            result = detect_to_files(slide.path, paths, settings,
+                                     resume_dir=os.path.join(slide.folder, f'.{slide.stem}.partial'))
+            row = _row(slide, result, settings.model or BUNDLED_MODEL, time.perf_counter() - started)
+            note = row['note']
+            _write_done(done_path, {'fingerprint': key, 'posted': False, 'row': row})
+        if slide.item_id:
+            from .girder import post_annotation_files
+            try:
+                posted = post_annotation_files(girder.api_url, girder.token, slide.item_id,
+                                               [paths['annotation'], paths['density']])
+            except CellRCNNError as exc:
+                raise CellRCNNError(f'results written to {slide.folder}, but posting them failed: {exc}') from None
+            _write_done(done_path, {'fingerprint': key, 'posted': [r['_id'] for r in posted], 'row': row})
+            note = '; '.join(n for n in (note, f'posted to item {slide.item_id}') if n)
+            try:
+                os.remove(slide.path)  # the download is no longer needed
+            except OSError:
+                pass
+        return {**base, **row, 'status': 'done', 'note': note}
+    except Exception as exc:  # one slide's failure is its row's; the cohort goes on
+        try:
+            os.rmdir(slide.folder)  # left only if empty: a slide that could not be read leaves no folder
+        except OSError:
+            pass
+        return {**base, 'status': 'failed', 'note': _one_line(exc),
+                'seconds': round(time.perf_counter() - started, 2)}
+
+
+def _lost_row(slide, exc):
+    return {**dict.fromkeys(COLUMNS, ''), 'slide': slide.name, 'status': 'failed', 'output': slide.output,
+            'note': f'lost on the Dask cluster: {_one_line(exc)}', 'girder_item_id': slide.item_id or ''}
+
+
+def run_cohort(slides, settings, scheduler=None, girder=None):
+    """Every slide of the cohort through :func:`process_slide`: here one after another, or spread over a
+    dask.distributed cluster (``scheduler``: an address, or ``local:N``).
+    :returns: an iterator of ``(index in slides, row)`` in the order the slides finish."""
+    settings = dataclasses.replace(settings, progress='none')
+    if not scheduler:
+        for i, slide in enumerate(slides):
+            yield i, process_slide(slide, settings, girder)
+        return
+    from distributed import as_completed
+
+    from .engine import close_dask, connect_dask
+
+    client = connect_dask(scheduler)
+    try:
+        futures = {client.submit(process_slide, slide, settings, girder, pure=False): i
+                   for i, slide in enumerate(slides)}
+        for future in as_completed(futures):
+            index = futures[future]
+            try:
+                row = future.result()
+            except Exception as exc:  # the worker died (out of memory, killed, ...)
+                row = _lost_row(slides[index], exc)
+            yield index, row
+    finally:
+        close_dask(client, scheduler)
+
+
+def write_table(rows, path):
+    """The cohort table: one CSV row per slide (rows that are None, not run yet, are left out)."""
+    try:
+        with open(path + '.tmp', 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(r for r in rows if r is not None)
+        os.replace(path + '.tmp', path)
+    except OSError as exc:
+        raise CellRCNNError(f'cannot write the cohort table {path}: {exc.strerror}') from None
+
+
+def summary_line(rows):
+    """One line on the whole cohort."""
+    counts = {s: sum(r['status'] == s for r in rows) for s in ('done', 'skipped', 'failed')}
+    cells = sum(int(r['cells']) for r in rows if r['status'] != 'failed')
+    return (f'{len(rows)} slides: {counts["done"]} done, {counts["skipped"]} skipped (done by an earlier run), '
+            f'{counts["failed"]} failed; {cells} nuclei in all')
+
+
+def batch(source, output, settings, scheduler=None, girder=None, log=print):
+    """``cellrcnn batch``: find the slides (a local folder ``source``, or a :class:`GirderFolder`), run them, write
+    ``OUT/cohort.csv``; ``log`` gets a line per finished slide. :returns: the rows. :raises CellRCNNError: when
+    there are no slides, the model or the Girder folder cannot be used, or any slide failed (after the table is
+    written)."""
+    from .checkpoint import BUNDLED_MODEL, load_model
+
+    load_model(settings.model or BUNDLED_MODEL)  # a bad checkpoint fails once, here, not once per slide
+    if settings.model:  # Dask workers may run elsewhere than here
+        settings = dataclasses.replace(settings, model=os.path.abspath(settings.model))
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as exc:
+        raise CellRCNNError(f'cannot create output folder {output}: {exc.strerror}') from None
+    if girder is not None:
+        slides = girder_slides(girder, output)
+        where = f'Girder folder {girder.folder_id}'
+    else:
+        slides = local_slides(source, output)
+        where = source
+    if not slides:
+        raise CellRCNNError(f'no slides found in {where}')
+    log(f'{len(slides)} slides in {where}' + (f', spread over the Dask cluster {scheduler}' if scheduler else ''))
+    table = os.path.join(output, TABLE_NAME)
+    rows = [None] * len(slides)
+    try:
+        for count, (index, row) in enumerate(run_cohort(slides, settings, scheduler, girder), 1):
+            rows[index] = row
+            what = row['note'] if row['status'] == 'failed' else (
+                f'{row["cells"]} nuclei, {row["tissue_mm2"]} mm2, {row["seconds"]} s' +
+                (f' ({row["note"]})' if row['note'] else ''))
+            log(f'[{count}/{len(slides)}] {row["slide"]}: {row["status"]}: {what}')
+    finally:  # an interrupted cohort still leaves the table of the slides that finished
+        write_table(rows, table)
+    log(summary_line(rows))
+    log(f'table: {table}')
+    failed = sum(r['status'] == 'failed' for r in rows)
+    if failed:
+        raise CellRCNNError(f'{failed} of {len(rows)} slides failed (see the note column of {table})')
+    return rows

@@ -1,0 +1,186 @@
+"""``cellrcnn batch``: a cohort of synthetic slides (with exact ground truth) through the bundled model, one result
+folder per slide, the cohort table, failures as rows, resuming, Dask, and a Girder folder on a real local DSA."""
+
+import contextlib
+import csv
+import io
+import json
+import os
+
+import pytest
+
+from cellrcnn.__main__ import main
+from cellrcnn.local_girder import GirderServer, girder_python, wait_for
+from cellrcnn.synthetic import write_slide
+
+#: relative path: (width, height, seed)
+SLIDES = {'a.tiff': (800, 640, 31), 'sub/b.tiff': (720, 720, 32), 'sub/deeper/c.tiff': (900, 560, 33)}
+PYTHON, WHY_NOT = girder_python()
+
+
+def run_batch(*args):
+    """``cellrcnn batch ARGS --device cpu`` here: (exit status, stdout, stderr, table rows by slide)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(['batch', *map(str, args), '--device', 'cpu'])
+    output = args[args.index('-o') + 1]
+    table = os.path.join(output, 'cohort.csv')
+    rows = {}
+    if os.path.exists(table):
+        with open(table, newline='') as f:
+            rows = {r['slide']: r for r in csv.DictReader(f)}
+    return code, out.getvalue(), err.getvalue(), rows
+
+
+@pytest.fixture(scope='module')
+def cohort(tmp_path_factory):
+    """A folder of three slides in subfolders, a damaged slide and a text file: (folder, true counts by slide)."""
+    root = tmp_path_factory.mktemp('cohort')
+    truth = {}
+    for rel, (width, height, seed) in SLIDES.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        truth[str(path)] = len(write_slide(str(path), width, height, seed=seed))
+    (root / 'broken.svs').write_bytes(b'not a slide at all\n' * 200)
+    (root / 'notes.txt').write_text('not an image: not part of the cohort')
+    return root, truth
+
+
+@pytest.fixture(scope='module')
+def first_run(cohort, tmp_path_factory):
+    folder, _ = cohort
+    output = tmp_path_factory.mktemp('results')
+    return output, run_batch(folder, '-o', output)
+
+
+def test_one_row_and_one_result_folder_per_slide_counts_near_ground_truth(cohort, first_run):
+    folder, truth = cohort
+    output, (code, out, err, rows) = first_run
+    broken = str(folder / 'broken.svs')
+    assert set(rows) == set(truth) | {broken}
+    for slide, count in truth.items():
+        row = rows[slide]
+        assert row['status'] == 'done', row
+        cells = int(row['cells'])
+        assert abs(cells - count) <= 0.15 * count, (slide, cells, count)
+        assert float(row['cells_per_mm2']) == pytest.approx(cells / float(row['tissue_mm2']), rel=0.01)
+        assert 0.5 < float(row['mean_score']) <= 1
+        assert float(row['magnification']) == 20 and row['model'] == 'cellrcnn-default.pt'
+        result = output / row['output']
+        stem = os.path.splitext(os.path.basename(slide))[0]
+        assert row['output'] == os.path.splitext(os.path.relpath(slide, folder))[0]
+        doc = json.loads((result / f'{stem}.anot.json').read_text())
+        assert len(doc['elements']) == cells
+        assert json.loads((result / f'{stem}.summary.json').read_text())['detections'] == cells
+        assert (result / f'{stem}.geojson').exists() and (result / f'{stem}.csv').exists()
+    assert rows[broken]['status'] == 'failed' and 'cannot open slide' in rows[broken]['note']
+    assert not (output / 'broken').exists()
+    assert code == 2 and err.strip() == f'cellrcnn: error: 1 of 4 slides failed (see the note column of ' \
+                                        f'{output / "cohort.csv"})'
+    assert sum(line.startswith('[') for line in out.splitlines()) == 4  # a line per slide
+    assert '4 slides: 3 done, 0 skipped (done by an earlier run), 1 failed' in out
+
+
+def test_a_second_run_skips_finished_slides_and_changed_settings_recompute(cohort, first_run):
+    folder, truth = cohort
+    output, (_, _, _, before) = first_run
+    summaries = {s: output / before[s]['output'] / (os.path.splitext(os.path.basename(s))[0] + '.summary.json')
+                 for s in truth}
+    stamps = {s: os.stat(p).st_mtime_ns for s, p in summaries.items()}
+    code, out, _, rows = run_batch(folder, '-o', output)
+    assert code == 2
+    for slide in truth:
+        assert rows[slide]['status'] == 'skipped' and rows[slide]['cells'] == before[slide]['cells']
+        assert os.stat(summaries[slide]).st_mtime_ns == stamps[slide]  # not computed again
+    assert rows[str(folder / 'broken.svs')]['status'] == 'failed'
+    assert '0 done, 3 skipped' in out
+
+    code, _, _, strict = run_batch(folder, '-o', output, '--threshold', '0.999')
+    for slide in truth:
+        assert strict[slide]['status'] == 'done'
+        assert int(strict[slide]['cells']) < int(before[slide]['cells'])
+        assert os.stat(summaries[slide]).st_mtime_ns != stamps[slide]
+
+
+def test_slides_spread_over_local_dask_workers_give_the_same_counts(cohort, first_run, tmp_path):
+    folder, truth = cohort
+    _, (_, _, _, alone) = first_run
+    code, out, _, rows = run_batch(folder, '-o', tmp_path, '--scheduler', 'local:2')
+    assert code == 2 and 'spread over the Dask cluster local:2' in out
+    for slide in truth:
+        assert rows[slide]['status'] == 'done'
+        assert (rows[slide]['cells'], rows[slide]['tissue_mm2']) == (alone[slide]['cells'], alone[slide]['tissue_mm2'])
+    assert rows[str(folder / 'broken.svs')]['status'] == 'failed'
+
+
+@pytest.mark.parametrize('args, message', [
+    ((), 'give a folder of slides, or --girder-url and --folder'),
+    (('--girder-url', 'http://127.0.0.1:9/api/v1'), 'give either a folder of slides or both'),
+    (('{empty}',), 'no slides found in'),
+    (('{missing}',), 'slide folder not found'),
+])
+def test_bad_input_is_one_error_line(tmp_path, capsys, args, message):
+    (tmp_path / 'empty').mkdir()
+    args = [a.format(empty=tmp_path / 'empty', missing=tmp_path / 'missing') for a in args]
+    assert main(['batch', *args, '-o', str(tmp_path / 'out')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('cellrcnn: error: ') and message in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- a Girder folder of slides
+
+@pytest.fixture(scope='module')
+def server(tmp_path_factory):
+    if PYTHON is None:
+        pytest.skip(WHY_NOT or 'no Girder environment')
+    with GirderServer(PYTHON, root=str(tmp_path_factory.mktemp('girder'))) as girder:
+        yield girder
+
+
+def girder_slides(server, tmp_path):
+    """Two large-image items: one in the server's folder, one in a subfolder. :returns: {path: item id}."""
+    gc = server.client()
+    paths = []
+    for name, seed in (('one.tiff', 41), ('two.tiff', 42)):
+        paths.append(tmp_path / name)
+        write_slide(str(paths[-1]), 640, 480, seed=seed)
+    top, _ = server.upload_slide(paths[0])
+    sub = gc.createFolder(server.folder_id, 'scans')
+    file = gc.uploadFileToFolder(sub['_id'], str(paths[1]))
+    wait_for(lambda: gc.getItem(file['itemId']).get('largeImage', {}).get('fileId'), 60, 'the second large image')
+    return {'one.tiff': top, 'scans/two.tiff': file['itemId']}
+
+
+def cellrcnn_annotations(server, item_id):
+    return [a for a in server.annotations(item_id) if 'cellrcnn' in a['annotation'].get('attributes', {})]
+
+
+def test_a_girder_folder_cohort_posts_each_result_to_its_slide(server, tmp_path):
+    items = girder_slides(server, tmp_path)
+    output = tmp_path / 'out'
+    girder = ('--girder-url', server.api_url, '--girder-token', server.token, '--folder', server.folder_id)
+    code, out, err, rows = run_batch('-o', output, *girder)
+    assert code == 0, err
+    assert set(rows) == set(items)
+    for path, item_id in items.items():
+        row = rows[path]
+        assert row['status'] == 'done' and row['girder_item_id'] == item_id and int(row['cells']) > 50
+        assert 'posted to item' in row['note']
+        found = cellrcnn_annotations(server, item_id)
+        assert len(found) == 2  # nuclei and density
+        nuclei = [a for a in found if a['annotation']['attributes'].get('stats')]
+        assert len(nuclei) == 1 and nuclei[0]['_elementCount'] == int(row['cells'])
+        assert nuclei[0]['annotation']['attributes']['model'] == 'cellrcnn-default.pt'
+        assert (output / row['output']).is_dir()
+    assert not any(f for _, _, f in os.walk(output / '.girder-cache'))  # downloads removed once posted
+
+    code, out, _, again = run_batch('-o', output, *girder)
+    assert code == 0 and all(r['status'] == 'skipped' for r in again.values())
+    code, out, _, strict = run_batch('-o', output, '--threshold', '0.999', *girder)
+    assert code == 0
+    for path, item_id in items.items():
+        assert strict[path]['status'] == 'done'
+        found = cellrcnn_annotations(server, item_id)
+        assert len(found) == 2  # the earlier result was replaced, not duplicated
+        nuclei = [a for a in found if a['annotation']['attributes'].get('stats')]
+        assert nuclei[0]['_elementCount'] == int(strict[path]['cells']) < int(rows[path]['cells'])
