@@ -4,8 +4,9 @@ on free loopback ports, torn down with everything they wrote. Used by ``cellrcnn
 and the benchmarks.
 
 The DSA's Girder runs without torch, in a virtualenv of its own: ``CELLRCNN_GIRDER_PYTHON`` (its ``bin/python``),
-else the checkout's ``.venv-girder`` that ``./install.sh --with-girder`` makes; see :data:`GIRDER_PIP`. The client
-side (girder_client, cellrcnn) runs in the test interpreter.
+else the checkout's ``.venv-girder`` that ``./install.sh --with-girder`` makes; see :data:`GIRDER_PIP` (PLUGIN: the
+checkout's ``plugin/``, cellrcnn's own Girder plugin). The client side (girder_client, cellrcnn) runs in the test
+interpreter.
 """
 
 import json
@@ -20,7 +21,8 @@ import time
 ENV_VAR = 'CELLRCNN_GIRDER_PYTHON'
 GIRDER_PIP = ("'girder>=3.2.18,<5' girder-client 'girder-large-image==1.35.6' 'girder-large-image-annotation==1.35.6' "
               "'histomicsui==1.8.1' 'girder-slicer-cli-web==1.5.14' 'large-image[tiff,tifffile,pil]' "
-              "'secantusdb==0.7.0b3'")
+              "'secantusdb==0.7.0b3' 'girder-worker[girder]<5' -e PLUGIN")
+PLUGIN_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'plugin'))
 ADMIN = {'login': 'admin', 'email': 'admin@example.org', 'firstName': 'Ada', 'lastName': 'Admin',
          'password': 'admin-password'}
 
@@ -33,7 +35,7 @@ def girder_python():
     $CELLRCNN_GIRDER_PYTHON, else the checkout's .venv-girder (``./install.sh --with-girder``) when it exists."""
     python = os.environ.get(ENV_VAR) or (os.path.normpath(REPO_VENV) if os.path.exists(REPO_VENV) else None)
     how = (f'run ./install.sh --with-girder, or set {ENV_VAR} to the python of a virtualenv with: '
-           f'pip install {GIRDER_PIP}')
+           f'pip install {GIRDER_PIP.replace("PLUGIN", PLUGIN_DIR)}')
     if not python:
         return None, f'no .venv-girder and {ENV_VAR} is not set; {how}'
     bindir = os.path.dirname(python)

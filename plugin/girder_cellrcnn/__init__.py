@@ -1,0 +1,92 @@
+"""girder_cellrcnn: cellrcnn's Girder plugin for the Digital Slide Archive.
+
+- When a cellrcnn nuclei annotation is saved on an item (posted, uploaded, ingested from a CellDetection job, or
+  edited), its summary goes into the item's metadata under ``meta.cellrcnn`` (:mod:`.results`).
+- ``GET /cellrcnn/folder/{id}/results[?format=csv]``: one row per slide of a folder tree.
+- ``POST /cellrcnn/folder/{id}/detect``: CellDetection on every slide of a folder tree without a result of the
+  model, as one job (:mod:`.batch`).
+
+It needs large_image, large_image_annotation, jobs and slicer_cli_web, and neither torch nor the cellrcnn library.
+"""
+
+import cherrypy
+from girder import events, logger
+from girder.constants import AccessType
+from girder.plugin import GirderPlugin, getPlugin
+from girder_jobs.constants import JobStatus
+from girder_jobs.models.job import Job
+
+from . import batch, results
+from .rest import CellRCNNResource
+
+__version__ = '0.1.0'
+
+
+def _guarded(what):
+    """An event handler that logs its failures instead of failing the request that fired it."""
+    def wrap(handler):
+        def guarded(event):
+            try:
+                handler(event)
+            except Exception:
+                logger.exception('cellrcnn: could not update item metadata after %s', what)
+        return guarded
+    return wrap
+
+
+@_guarded('saving an annotation')
+def _on_annotation_saved(event):
+    results.record(event.info)
+
+
+@_guarded('deleting an annotation')
+def _before_annotation_delete(event):
+    from girder_large_image_annotation.models.annotation import Annotation
+
+    annotation = Annotation().load(event.info.get('id'), force=True, getElements=False)
+    if annotation is not None:  # the item of an annotation about to go: for the after-event
+        cherrypy.request.cellrcnn_item = annotation['itemId']
+
+
+@_guarded('deleting an annotation')
+def _after_annotation_delete(event):
+    item_id = getattr(cherrypy.request, 'cellrcnn_item', None)
+    if item_id is not None:
+        results.resync(item_id)
+
+
+@_guarded("deleting an item's annotations")
+def _after_item_annotations_delete(event):
+    results.resync(event.info['id'])
+
+
+@_guarded("deleting a folder's annotations")
+def _after_folder_annotations_delete(event):
+    results.resync_folder(event.info['id'], str(event.info.get('params', {}).get('recurse')).lower() == 'true')
+
+
+def _stop_orphaned_batches():
+    """Batches whose scheduling thread died with an earlier server process: say so, and end them."""
+    for job in Job().find({'type': batch.JOB_TYPE, 'status': {'$in': [JobStatus.INACTIVE, JobStatus.QUEUED,
+                                                                      JobStatus.RUNNING]},
+                           'cellrcnnBatch.scheduled': False}):
+        Job().updateJob(job, log='The server stopped while this job was queueing slides. Start the folder\'s '
+                                 'detection again: finished and queued slides are skipped.\n',
+                        status=JobStatus.ERROR if job['status'] != JobStatus.INACTIVE else JobStatus.CANCELED)
+
+
+class CellRCNNPlugin(GirderPlugin):
+    DISPLAY_NAME = 'cellrcnn'
+
+    def load(self, info):
+        for name in ('jobs', 'large_image', 'large_image_annotation', 'slicer_cli_web'):
+            getPlugin(name).load(info)
+        info['apiRoot'].cellrcnn = CellRCNNResource()
+        Job().exposeFields(level=AccessType.READ, fields={'cellrcnnBatch', 'cellrcnnSlide'})
+        events.bind('model.annotation.save.after', 'cellrcnn', _on_annotation_saved)
+        events.bind('rest.delete.annotation/:id.before', 'cellrcnn', _before_annotation_delete)
+        events.bind('rest.delete.annotation/:id.after', 'cellrcnn', _after_annotation_delete)
+        events.bind('rest.delete.annotation/item/:id.after', 'cellrcnn', _after_item_annotations_delete)
+        events.bind('rest.delete.annotation/folder/:id.after', 'cellrcnn', _after_folder_annotations_delete)
+        batch.bind()
+        _stop_orphaned_batches()

@@ -1,0 +1,66 @@
+"""The ``/cellrcnn`` REST resource: a folder tree's results table, and CellDetection on its slides."""
+
+from girder.api import access
+from girder.api.describe import Description, autoDescribeRoute
+from girder.api.rest import Resource, getApiUrl, setContentDisposition, setRawResponse, setResponseHeader
+from girder.constants import AccessType
+from girder.exceptions import RestException
+from girder.models.folder import Folder
+from girder_jobs.models.job import Job
+
+from . import batch
+from .results import COLUMNS, table_csv, table_rows
+
+
+class CellRCNNResource(Resource):
+    def __init__(self):
+        super().__init__()
+        self.resourceName = 'cellrcnn'
+        self.route('GET', ('folder', ':id', 'results'), self.results)
+        self.route('POST', ('folder', ':id', 'detect'), self.detect)
+
+    @access.user
+    @autoDescribeRoute(
+        Description('One row per slide in a folder and its subfolders with its cellrcnn result.')
+        .notes('Columns: ' + ', '.join(COLUMNS) + '. Slides without a result have empty result columns. Only '
+               'subfolders you may read are included.')
+        .modelParam('id', model=Folder, level=AccessType.READ)
+        .param('format', 'json (a list of rows) or csv (a download)', required=False, default='json',
+               enum=['json', 'csv'])
+        .errorResponse('Read access was denied on the folder.', 403)
+    )
+    def results(self, folder, format):
+        rows = table_rows(folder, self.getCurrentUser())
+        if format == 'json':
+            return rows
+        setResponseHeader('Content-Type', 'text/csv; charset=utf-8')
+        setContentDisposition(f'{folder["name"]}-cellrcnn.csv')
+        setRawResponse()
+        return table_csv(rows).encode('utf-8')
+
+    @access.user
+    @autoDescribeRoute(
+        Description('Detect nuclei with CellDetection on every slide of a folder and its subfolders that has no '
+                    'result of the model yet.')
+        .notes('Starts one job that queues a slicer_cli_web CellDetection job per slide (outputs into the slide\'s '
+               'folder, annotations onto the slide) and counts them done. Slides that already hold a whole-slide '
+               'result of the model, or have a CellDetection job of it waiting or running, are skipped.')
+        .modelParam('id', model=Folder, level=AccessType.WRITE)
+        .param('model', 'Id of a cellrcnn model file (.pt) to detect with; default: the task\'s bundled model '
+               f'({batch.DEFAULT_MODEL})', required=False)
+        .param('cli', 'Id of the slicer_cli_web CellDetection task item; default: the most recently registered '
+               'one', required=False)
+        .errorResponse('Write access was denied on the folder.', 403)
+    )
+    def detect(self, folder, model, cli):
+        try:
+            import girder_worker.girder_plugin  # noqa: F401  girder_worker's Girder side: what queues the jobs
+        except ImportError:
+            raise RestException("girder_worker's Girder plugin is not installed on this server (pip install "
+                                "'girder-worker[girder]<5' for Girder 3): slicer_cli_web cannot queue tasks",
+                                code=500) from None
+        user = self.getCurrentUser()
+        task = batch.find_cli(user, cli)
+        model_name, model_file_id = batch.model_of(user, model)
+        job = batch.start(folder, user, task, model_name, model_file_id, getApiUrl())
+        return Job().filter(job, user)
