@@ -467,6 +467,33 @@ def download_file(api_url, token, file_id, path, retries=4, backoff=1.0, timeout
     return path
 
 
+def upload_files(api_url, token, folder_id, paths, retries=4, backoff=1.0, timeout=600):
+    """Upload local files into a Girder folder, each as a new item named after the file (Girder renames it
+    ``NAME (1)`` when the name is taken). A retried upload first looks for the file the lost attempt made.
+    :returns: the Girder file documents (``_id``, ``itemId``, ``name``, ``size``)."""
+    server = _Server(api_url, token, retries, backoff, timeout, None)
+    uploaded = []
+    with server.gc.session(_timeout_session(timeout)):
+        server.get('reading the output folder', f'folder/{folder_id}', item_id=folder_id)
+        for path in paths:
+            path = os.fspath(path)
+            name, size = os.path.basename(path), os.path.getsize(path)
+            before = {item['_id'] for item in server.get('listing the output folder', 'item',
+                                                         {'folderId': folder_id, 'limit': 0})}
+
+            def landed():
+                for item in server.get('listing the output folder', 'item', {'folderId': folder_id, 'limit': 0}):
+                    if item['_id'] not in before and item['name'].startswith(name):
+                        files = server.get('listing the uploaded item', f'item/{item["_id"]}/files')
+                        if len(files) == 1 and files[0]['size'] == size:
+                            return files[0]
+                return None
+
+            uploaded.append(server.call(f'uploading {path}', lambda: server.gc.uploadFileToFolder(folder_id, path),
+                                        landed=landed))
+    return uploaded
+
+
 # --------------------------------------------------------------------------- `cellrcnn detect` hook
 
 def add_detect_options(parser):

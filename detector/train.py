@@ -82,10 +82,13 @@ def precise_bn(model, samples, tile_size, device, count=256, batch_size=8):
     model.eval()
 
 
-def train(model_config, train_config, out_dir, device='auto', resume=None, samples=None, progress=True):
+def train(model_config, train_config, out_dir, device='auto', resume=None, samples=None, progress=True, init=None,
+          on_step=None):
     """Train a model; write ``out_dir/last.pt`` (resumable) and ``out_dir/model.pt`` (weights only).
 
-    Returns the trained model and the list of per-step losses.
+    ``samples``: a list of ``(image, boxes)`` to train on instead of ``train_config.data``. ``init``: a checkpoint to
+    fine-tune (its own configuration is used; ``model_config`` is ignored). ``on_step(step, steps)`` is called after
+    every step. Returns the trained model and the list of per-step losses.
     """
     cfg = train_config.validate()
     device = resolve_device(device)
@@ -99,6 +102,8 @@ def train(model_config, train_config, out_dir, device='auto', resume=None, sampl
         model = model_from_checkpoint(payload, source=resume)
         cfg = TrainConfig(**{**payload['train_config'], 'steps': cfg.steps})
         start_step = state['step']
+    elif init:
+        model = model_from_checkpoint(load_checkpoint(init), source=init)
     else:
         model = build_model(model_config)
     model.to(device, memory_format=torch.channels_last).train()
@@ -150,6 +155,8 @@ def train(model_config, train_config, out_dir, device='auto', resume=None, sampl
             losses.append({k: v.item() for k, v in parts.items()})
             bar.update(1)
             bar.set_postfix({k.replace('loss_', ''): f'{np.mean([x[k] for x in losses[-20:]]):.3f}' for k in parts})
+            if on_step is not None:
+                on_step(step, cfg.steps)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 checkpoint(step, 'last.pt')
             if step >= cfg.steps:

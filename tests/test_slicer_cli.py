@@ -21,7 +21,8 @@ def entrypoint(*args):
 def test_list_cli_and_xml():
     listing = entrypoint('--list_cli')
     assert listing.returncode == 0
-    assert json.loads(listing.stdout[listing.stdout.index('{'):]) == {'CellDetection': {'type': 'python'}}
+    assert json.loads(listing.stdout[listing.stdout.index('{'):]) == {'CellDetection': {'type': 'python'},
+                                                                'TrainCellDetector': {'type': 'python'}}
     xml = entrypoint('CellDetection', '--xml')
     assert xml.returncode == 0
     root = ET.fromstring(xml.stdout)

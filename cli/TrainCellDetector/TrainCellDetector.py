@@ -1,0 +1,48 @@
+"""Training the cell detector from HistomicsUI annotations as a slicer_cli_web task (cellrcnn.girder_training).
+
+slicer_cli_web passes the folder's id (``reference="_girder_id_"``: the slides are not copied into the job), fills in
+girderApiUrl and girderToken, and uploads the model file and its card to the output folder chosen in HistomicsUI.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+
+from slicer_cli_web import CLIArgumentParser
+
+from cellrcnn.errors import CellRCNNError
+from cellrcnn.girder_training import summary_lines, train_from_girder
+from cellrcnn.progress import Progress
+
+
+def main(args):
+    if not args.girderApiUrl or not args.girderToken:
+        raise CellRCNNError('the Girder API URL and a token are needed to read the annotations (--api-url, '
+                            '--girder-token; the Digital Slide Archive fills them in)')
+    work = tempfile.mkdtemp(prefix='.train-', dir=os.path.dirname(os.path.abspath(args.outputModelFile)))
+    progress = Progress(100, name='TrainCellDetector', mode='slicer', unit='%')
+    try:
+        result = train_from_girder(
+            args.girderApiUrl, args.girderToken, args.slide_folder, args.annotation_name, work,
+            holdout=args.holdout, steps=args.steps, init=args.init_model or None, from_scratch=args.from_scratch,
+            region_label=args.region_label, point_size_um=args.point_size, batch_size=args.batch_size,
+            lr=args.learning_rate, device=args.device, log=lambda line: print(line, flush=True), progress=progress)
+        shutil.copyfile(result.model_path, args.outputModelFile)
+        if getattr(args, 'outputModelCard', None):
+            shutil.copyfile(result.card_path, args.outputModelCard)
+        progress.close()
+        print('\n'.join(summary_lines(result)[:-1]), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == '__main__':
+    try:
+        main(CLIArgumentParser().parse_args())
+    except CellRCNNError as exc:
+        print(f'TrainCellDetector: error: {exc}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('TrainCellDetector: interrupted', file=sys.stderr)
+        sys.exit(130)

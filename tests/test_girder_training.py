@@ -1,0 +1,150 @@
+"""Training from annotations drawn in HistomicsUI, against a real Girder with the DSA plugins (cellrcnn.local_girder).
+
+Three synthetic slides with exact nuclei (benchmarks/train_from_annotations.py's ``annotated_cohort``): 100 nuclei
+as rectangles inside a "region" rectangle on slide a, 100 as points on slide b, every nucleus of slide c (held out)
+as rectangles, and a decoy annotation of another name. Everything goes through Girder's REST API.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cellrcnn.errors import CellRCNNError
+from cellrcnn.girder_training import holdout_count, train_from_girder
+from cellrcnn.local_girder import GirderServer, girder_python
+from cellrcnn.metrics import evaluate
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
+from train_from_annotations import annotated_cohort  # noqa: E402
+
+PYTHON, WHY_NOT = girder_python()
+girder = pytest.mark.skipif(PYTHON is None, reason=WHY_NOT or '')
+CLI_DIR = os.path.join(os.path.dirname(__file__), '..', 'cli')
+
+
+@pytest.fixture(scope='module')
+def server(tmp_path_factory):
+    if PYTHON is None:
+        pytest.skip(WHY_NOT)
+    with GirderServer(PYTHON, root=str(tmp_path_factory.mktemp('girder'))) as running:
+        yield running
+
+
+@pytest.fixture(scope='module')
+def cohort(server, tmp_path_factory):
+    return annotated_cohort(server, str(tmp_path_factory.mktemp('slides')))
+
+
+@pytest.fixture(scope='module')
+def trained(server, cohort, tmp_path_factory):
+    """The library flow, fine-tuning the bundled model briefly on the CPU, uploading to a folder of models."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    models = server.client().createFolder(server.collection_id, 'models', parentType='collection')['_id']
+    try:
+        result = train_from_girder(server.api_url, server.token, server.folder_id, 'nuclei',
+                                   str(tmp_path_factory.mktemp('run')), steps=16, batch_size=2,
+                                   output_folder=models, device='cpu', log=None)
+    finally:
+        torch.set_num_threads(threads)
+    return result, models
+
+
+@girder
+def test_training_from_annotations_finds_the_cells_of_a_held_out_slide(server, cohort, trained):
+    result, models = trained
+    assert [s.name for s in result.train_slides] == ['a_rectangles.tiff', 'b_points.tiff']
+    assert [s.name for s in result.heldout_slides] == ['c_heldout.tiff']
+    # the decoy annotation and the region rectangle are not nuclei; points were sized by the starting model
+    assert [s.cells for s in result.train_slides] == [100, 100]
+    assert result.train_slides[0].elements == {'rectangle': 100}
+    assert result.train_slides[1].elements == {'point': 100} and result.train_slides[1].points_sized >= 90
+    assert result.heldout_slides[0].cells == len(cohort['c_heldout.tiff']['all_boxes'])
+    assert result.metrics['n_gt'] == len(cohort['c_heldout.tiff']['all_boxes'])
+    assert result.metrics['f1'] >= 0.8, result.metrics
+
+    gc = server.client()
+    items = {item['name']: item for item in gc.listItem(models)}
+    assert set(items) == {'cellrcnn-nuclei.pt', 'cellrcnn-nuclei.md'}
+    assert {f['itemId'] for f in result.uploaded} == {item['_id'] for item in items.values()}
+    card = b''.join(gc.downloadFileAsIterator(next(gc.listFile(items['cellrcnn-nuclei.md']['_id']))['_id']))
+    card = card.decode()
+    n = len(cohort['c_heldout.tiff']['all_boxes'])
+    assert "**'nuclei'**" in card and f'| c_heldout.tiff | held out | {n} | rectangle {n} |' in card
+    assert f"**{result.metrics['f1']:.3f}**" in card and 'training** slides' in card
+
+
+@girder
+def test_the_cell_detection_task_takes_the_trained_model(server, cohort, trained, tmp_path):
+    """The uploaded model file, downloaded from Girder, is a Model the CellDetection task runs with; on the held-out
+    slide it finds the nuclei."""
+    result, models = trained
+    gc = server.client()
+    item = next(i for i in gc.listItem(models) if i['name'].endswith('.pt'))
+    model = tmp_path / 'model.pt'
+    gc.downloadFile(next(gc.listFile(item['_id']))['_id'], str(model))
+    slide = result.heldout_slides[0].local_path
+    nuclei = tmp_path / 'nuclei.anot'
+    run = subprocess.run([sys.executable, '-m', 'slicer_cli_web.cli_list_entrypoint', 'CellDetection', slide,
+                          str(nuclei), '--model_file', str(model), '--device', 'cpu', '--api-url', '',
+                          '--girder-token', ''], cwd=CLI_DIR, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, 'OMP_NUM_THREADS': '2'})
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(nuclei.read_text())
+    assert doc['attributes']['model'] == 'model.pt'
+    boxes = np.array([[e['center'][0] - e['width'] / 2, e['center'][1] - e['height'] / 2,
+                       e['center'][0] + e['width'] / 2, e['center'][1] + e['height'] / 2] for e in doc['elements']])
+    scores = np.array([e['user']['score'] for e in doc['elements']])
+    truth = cohort['c_heldout.tiff']['all_boxes']
+    assert evaluate([{'boxes': boxes, 'scores': scores}], [truth], score_threshold=0)['f1'] >= 0.8
+
+
+@girder
+def test_an_unknown_annotation_name_is_one_line_naming_those_present(server, cohort, tmp_path):
+    with pytest.raises(CellRCNNError) as info:
+        train_from_girder(server.api_url, server.token, server.folder_id, 'nucleii', str(tmp_path), steps=1,
+                          log=None)
+    message = str(info.value)
+    assert '\n' not in message
+    assert "no annotation named 'nucleii' on the 3 slide(s)" in message
+    assert "'nuclei' (3)" in message and "'tumour outline' (1)" in message
+    assert not list(tmp_path.iterdir())  # nothing downloaded or written
+
+
+@girder
+def test_the_task_reports_a_bad_folder_in_one_line(server, tmp_path):
+    run = subprocess.run([sys.executable, '-m', 'slicer_cli_web.cli_list_entrypoint', 'TrainCellDetector',
+                          '0123456789abcdef01234567', str(tmp_path / 'model.pt'), '--api-url', server.api_url,
+                          '--girder-token', server.token], cwd=CLI_DIR, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.startswith('TrainCellDetector: error: ') and run.stderr.count('\n') == 1
+    assert 'folder' in run.stderr and not (tmp_path / 'model.pt').exists()
+
+
+def test_held_out_slides():
+    assert holdout_count(1, 3) == 1 and holdout_count(0.25, 8) == 2 and holdout_count('2', 5) == 2
+    for bad, n in ((3, 3), (0, 3), (1.5, 3), ('x', 3), (1, 1)):
+        with pytest.raises(CellRCNNError):
+            holdout_count(bad, n)
+
+
+def test_the_task_lists_its_parameters():
+    run = subprocess.run([sys.executable, '-m', 'slicer_cli_web.cli_list_entrypoint', 'TrainCellDetector', '--xml'],
+                         cwd=CLI_DIR, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(run.stdout)
+    folder = next(root.iter('directory'))
+    assert folder.get('reference') == '_girder_id_'  # the id is passed: the slides are not copied into the job
+    outputs = {e.findtext('name'): e.get('fileExtensions') for e in root.iter('file')
+               if e.findtext('channel') == 'output'}
+    assert outputs == {'outputModelFile': '.pt', 'outputModelCard': '.md'}
+    names = {e.findtext('name') for e in root.iter() if e.find('name') is not None}
+    assert {'annotation_name', 'holdout', 'steps', 'init_model', 'girderApiUrl', 'girderToken'} <= names
