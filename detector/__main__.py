@@ -7,7 +7,7 @@ import os
 import sys
 
 from . import __version__
-from .errors import CellRCNNError
+from .errors import CellRCNNError, run_reporting_errors
 
 SAMPLE_SLIDE = os.path.join(os.path.dirname(__file__), 'data', 'CMU-1-Small-Region.svs')
 
@@ -295,18 +295,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except CellRCNNError as exc:
-        print(f'cellrcnn: error: {exc}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('cellrcnn: interrupted', file=sys.stderr)
-        return 130
-    except MemoryError:
-        print('cellrcnn: error: out of memory; use a smaller --batch-size or --tile-size', file=sys.stderr)
-        return 1
-    return 0
+    return run_reporting_errors('cellrcnn', lambda: args.run(args))
 
 
 if __name__ == '__main__':

@@ -1,5 +1,26 @@
-"""The one exception type users see: its message is printed as a single line by the command."""
+"""The one exception type users see, and how a command turns it into a single line and an exit status."""
+
+import sys
 
 
 class CellRCNNError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+
+def run_reporting_errors(program, run, interrupted='interrupted'):
+    """Call ``run()``; what a person can act on becomes one ``PROGRAM: ...`` line on stderr instead of a traceback.
+
+    :returns: the exit status: 0, 2 for a :class:`CellRCNNError`, 1 for running out of memory, 130 for Ctrl-C
+        (with ``interrupted`` as the line)."""
+    try:
+        run()
+    except CellRCNNError as exc:
+        print(f'{program}: error: {exc}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f'{program}: {interrupted}', file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f'{program}: error: out of memory; use a smaller batch size or tile size', file=sys.stderr)
+        return 1
+    return 0

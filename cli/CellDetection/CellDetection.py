@@ -4,7 +4,7 @@ import sys
 
 from slicer_cli_web import CLIArgumentParser
 
-from cellrcnn.errors import CellRCNNError
+from cellrcnn.errors import CellRCNNError, run_reporting_errors
 from cellrcnn.pipeline import DetectionSettings, detect_to_files, summary_lines
 
 
@@ -62,11 +62,5 @@ def main(args):
 
 
 if __name__ == '__main__':
-    try:
-        main(CLIArgumentParser().parse_args())
-    except CellRCNNError as exc:
-        print(f'CellDetection: error: {exc}', file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print('CellDetection: interrupted; finished tile rows are kept next to the output', file=sys.stderr)
-        sys.exit(130)
+    sys.exit(run_reporting_errors('CellDetection', lambda: main(CLIArgumentParser().parse_args()),
+                                 interrupted='interrupted; finished tile rows are kept next to the output'))

@@ -11,7 +11,7 @@ import tempfile
 
 from slicer_cli_web import CLIArgumentParser
 
-from cellrcnn.errors import CellRCNNError
+from cellrcnn.errors import CellRCNNError, run_reporting_errors
 from cellrcnn.girder_training import summary_lines, train_from_girder
 from cellrcnn.progress import Progress
 
@@ -38,11 +38,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    try:
-        main(CLIArgumentParser().parse_args())
-    except CellRCNNError as exc:
-        print(f'TrainCellDetector: error: {exc}', file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print('TrainCellDetector: interrupted', file=sys.stderr)
-        sys.exit(130)
+    sys.exit(run_reporting_errors('TrainCellDetector', lambda: main(CLIArgumentParser().parse_args())))
