@@ -75,29 +75,12 @@ def _class_names(labels, n, class_names):
     return out
 
 
-def detections_to_annotation(boxes, scores, labels=None, name=DEFAULT_NAME,
-                             element_type='rectangle', attributes=None,
-                             line_color=DEFAULT_LINE_COLOR, description=None,
-                             fill_color=None, class_names=None, decimals=2):
-    """Build a DSA annotation document from detections.
+def _annotation_parts(boxes, scores, labels=None, name=DEFAULT_NAME, element_type='rectangle', attributes=None,
+                      line_color=DEFAULT_LINE_COLOR, description=None, fill_color=None, class_names=None, decimals=2):
+    """Check detections and document options (see :func:`detections_to_annotation`).
 
-    :param boxes: N x 4 boxes ``x1, y1, x2, y2`` in base-level slide pixels
-        (numpy array, torch tensor or nested lists).
-    :param scores: N detection scores; stored per element as ``user.score``
-        rounded to 4 decimals.
-    :param labels: optional N labels, strings or integer class ids; integers are
-        named through ``class_names`` (a list or dict; default ``{1: 'nucleus'}``,
-        torchvision's first foreground class), others become ``class_<id>``.
-        Stored as ``user.class``; without labels every element is ``'nucleus'``.
-    :param name: the annotation's name as shown in HistomicsUI (non-empty).
-    :param element_type: ``'rectangle'`` (the box) or ``'point'`` (its centre).
-    :param attributes: free-form dict stored as the document's ``attributes``.
-    :param line_color: element outline colour, a large_image colour string.
-    :param description: document description (default: a count of detections).
-    :param fill_color: optional element fill colour, e.g. ``'rgba(0,255,0,0.2)'``.
-    :param decimals: coordinate rounding (0.01 px by default keeps files small).
-    :returns: the annotation document (a plain dict, JSON-serialisable).
-    """
+    :returns: ``(header, n, elements)``: the document without its elements, the number of detections, and
+        ``elements(i0, i1)``, the element dicts of detections ``i0:i1``."""
     if element_type not in _WRITE_TYPES:
         raise CellRCNNError(
             f'element_type must be one of {", ".join(_WRITE_TYPES)}; got {element_type!r}')
@@ -133,24 +116,61 @@ def detections_to_annotation(boxes, scores, labels=None, name=DEFAULT_NAME,
     if element_type == 'rectangle':
         w = np.round(b[:, 2] - b[:, 0], decimals).tolist()
         h = np.round(b[:, 3] - b[:, 1], decimals).tolist()
-        elements = [
-            {'type': 'rectangle', 'center': [x, y, 0], 'width': ww, 'height': hh,
-             'rotation': 0, **style,
-             'user': {'score': sc, 'class': classes[i] if classes else DEFAULT_CLASS}}
-            for i, (x, y, ww, hh, sc) in enumerate(zip(cx, cy, w, h, score_list))]
+
+        def element(i):
+            return {'type': 'rectangle', 'center': [cx[i], cy[i], 0], 'width': w[i], 'height': h[i], 'rotation': 0,
+                    **style, 'user': {'score': score_list[i], 'class': classes[i] if classes else DEFAULT_CLASS}}
     else:
-        elements = [
-            {'type': 'point', 'center': [x, y, 0], **style,
-             'user': {'score': sc, 'class': classes[i] if classes else DEFAULT_CLASS}}
-            for i, (x, y, sc) in enumerate(zip(cx, cy, score_list))]
+        def element(i):
+            return {'type': 'point', 'center': [cx[i], cy[i], 0], **style,
+                    'user': {'score': score_list[i], 'class': classes[i] if classes else DEFAULT_CLASS}}
     if description is None:
         description = f'{n} detections by cellrcnn'
-    return {
-        'name': name,
-        'description': description,
-        'attributes': dict(attributes) if attributes else {},
-        'elements': elements,
-    }
+    header = {'name': name, 'description': description, 'attributes': dict(attributes) if attributes else {}}
+    return header, n, lambda i0, i1: [element(i) for i in range(i0, i1)]
+
+
+def detections_to_annotation(boxes, scores, labels=None, name=DEFAULT_NAME,
+                             element_type='rectangle', attributes=None,
+                             line_color=DEFAULT_LINE_COLOR, description=None,
+                             fill_color=None, class_names=None, decimals=2):
+    """Build a DSA annotation document from detections.
+
+    :param boxes: N x 4 boxes ``x1, y1, x2, y2`` in base-level slide pixels
+        (numpy array, torch tensor or nested lists).
+    :param scores: N detection scores; stored per element as ``user.score``
+        rounded to 4 decimals.
+    :param labels: optional N labels, strings or integer class ids; integers are
+        named through ``class_names`` (a list or dict; default ``{1: 'nucleus'}``,
+        torchvision's first foreground class), others become ``class_<id>``.
+        Stored as ``user.class``; without labels every element is ``'nucleus'``.
+    :param name: the annotation's name as shown in HistomicsUI (non-empty).
+    :param element_type: ``'rectangle'`` (the box) or ``'point'`` (its centre).
+    :param attributes: free-form dict stored as the document's ``attributes``.
+    :param line_color: element outline colour, a large_image colour string.
+    :param description: document description (default: a count of detections).
+    :param fill_color: optional element fill colour, e.g. ``'rgba(0,255,0,0.2)'``.
+    :param decimals: coordinate rounding (0.01 px by default keeps files small).
+    :returns: the annotation document (a plain dict, JSON-serialisable).
+    """
+    header, n, elements = _annotation_parts(boxes, scores, labels, name, element_type, attributes, line_color,
+                                            description, fill_color, class_names, decimals)
+    return {**header, 'elements': elements(0, n)}
+
+
+def write_detections_annotation(path, boxes, scores, chunk=20_000, **options):
+    """Write :func:`detections_to_annotation`'s document (same ``options``) to a JSON file without holding all its
+    elements at once: they are built and encoded ``chunk`` detections at a time, so a slide's million nuclei cost a
+    few MB instead of about 1 KB each."""
+    header, n, elements = _annotation_parts(boxes, scores, **options)
+
+    def write(f):
+        f.write(_dumps(header)[:-1] + ',"elements":[')
+        for i0 in range(0, n, chunk):
+            f.write((',' if i0 else '') + _dumps(elements(i0, min(n, i0 + chunk)))[1:-1])
+        f.write(']}')
+
+    return _write_atomically(path, write, 'annotation file')
 
 
 # --------------------------------------------------------------------------- reading
@@ -311,15 +331,18 @@ def annotation_to_detections(doc, element_types=('rectangle', 'point'), point_bo
 
 # --------------------------------------------------------------------------- files
 
-def write_annotation(doc, path):
-    """Write an annotation document (or list of documents) as a JSON file."""
+def _dumps(value):
+    # json.dumps uses the C encoder; json.dump (streaming) is pure Python, ~5x slower.
+    return json.dumps(value, separators=(',', ':'), allow_nan=False)
+
+
+def _write_atomically(path, write, what):
+    """``write(file)`` into a temporary file that replaces ``path`` only once complete; one-line errors."""
     path = os.fspath(path)
     tmp = f'{path}.tmp{os.getpid()}'
     try:
-        # json.dumps uses the C encoder; json.dump (streaming) is pure Python, ~5x slower.
-        text = json.dumps(doc, separators=(',', ':'), allow_nan=False)
         with open(tmp, 'w', encoding='utf-8') as f:
-            f.write(text)
+            write(f)
         os.replace(tmp, path)
     except (OSError, TypeError, ValueError) as exc:
         try:
@@ -327,8 +350,13 @@ def write_annotation(doc, path):
         except OSError:
             pass
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise CellRCNNError(f'cannot write annotation file {path}: {reason}') from None
+        raise CellRCNNError(f'cannot write {what} {path}: {reason}') from None
     return path
+
+
+def write_annotation(doc, path):
+    """Write an annotation document (or list of documents) as a JSON file."""
+    return _write_atomically(path, lambda f: f.write(_dumps(doc)), 'annotation file')
 
 
 def read_annotation_file(path):

@@ -77,15 +77,14 @@ def detect_to_files(slide_path, paths, settings, resume_dir=None):
 
 def write_results(result, paths, element_type, attributes):
     """The nuclei annotation, the density annotation, GeoJSON, CSV, an overview PNG and the run summary."""
-    from .annotation import detections_to_annotation, write_annotation
+    from .annotation import write_annotation, write_detections_annotation
     from .outputs import density_annotation, write_csv, write_geojson
 
     slide = result.slide
     base_mpp = slide.mpp / slide.scale
     if paths.get('annotation'):
-        doc = detections_to_annotation(result.boxes, result.scores, element_type=element_type,
-                                       attributes={**attributes, 'stats': result.stats})
-        write_annotation(doc, paths['annotation'])
+        write_detections_annotation(paths['annotation'], result.boxes, result.scores, element_type=element_type,
+                                    attributes={**attributes, 'stats': result.stats})
     if paths.get('density'):
         write_annotation(density_annotation(result.boxes, slide.base_size, base_mpp, attributes=attributes),
                          paths['density'])

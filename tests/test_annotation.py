@@ -155,6 +155,22 @@ def test_write_and_read_files(tmp_path):
                                BOXES, atol=0.01)
 
 
+@pytest.mark.parametrize('n, chunk', [(0, 2), (1, 2), (5, 2), (6, 2), (500, 7)])
+@pytest.mark.parametrize('element_type', ['rectangle', 'point'])
+def test_written_in_chunks_is_the_same_document(tmp_path, n, chunk, element_type, rng):
+    xy = rng.uniform(0, 1000, (n, 2))
+    boxes, scores = np.hstack([xy, xy + rng.uniform(4, 20, (n, 2))]), rng.uniform(0, 1, n)
+    options = {'element_type': element_type, 'attributes': {'model': 'm.pt', 'stats': {'n': n}},
+               'labels': ['a', 'b'] * (n // 2) + ['a'] * (n % 2)}
+    path = tmp_path / 'nuclei.json'
+    A.write_detections_annotation(path, boxes, scores, chunk=chunk, **options)
+    assert A.read_annotation_file(path) == A.detections_to_annotation(boxes, scores, **options)
+    assert list(tmp_path.iterdir()) == [path]
+    with pytest.raises(CellRCNNError, match='^got 1 scores for'):
+        A.write_detections_annotation(tmp_path / 'bad.json', boxes[:0].tolist() + [[0, 0, 1, 1]] * 2, [1.0])
+    assert not (tmp_path / 'bad.json').exists()
+
+
 def test_bad_files_raise_one_line_errors(tmp_path):
     bad = tmp_path / 'bad.json'
     bad.write_text('{"name": "x", "elements": [')
