@@ -37,6 +37,13 @@ pool instead.
 Measured on JPEG TIFFs: large_image's tiff source decodes YCbCr JPEG tiles in libtiff under its per-file lock, so
 reads of one slide do not run in parallel with each other; what prefetch buys is reading the next tiles while the
 consumer (the GPU) works on the current one, since libtiff (ctypes) releases the GIL.
+
+Memory
+------
+large_image keeps decoded tiles in an in-process cache sized at 1/32 of the machine's memory by default (770 MB on
+24 GB), which a streamed slide fills and never re-reads: peak memory then grows with the slide until the cache is
+full.  Unless the process has set ``cache_tileCache_maximum`` itself, the first Slide caps it at
+:data:`TILE_CACHE_ITEMS` tiles, enough to keep the source tiles under the overlap of neighbouring analysis tiles.
 """
 
 import collections
@@ -70,6 +77,18 @@ def _one_line(exc):
     text = str(exc).strip().splitlines()
     text = text[0] if text else ''
     return f'{type(exc).__name__}: {text}' if text else type(exc).__name__
+
+
+#: decoded source tiles large_image may keep in memory (see Memory above); about 64 MB of 256 px RGBA tiles
+TILE_CACHE_ITEMS = 128
+
+
+def _bound_tile_cache():
+    """Cap large_image's tile cache before its first use, unless this process has capped it already."""
+    from large_image import config
+
+    if not int(config.getConfig('cache_tileCache_maximum', 0) or 0):
+        config.setConfig('cache_tileCache_maximum', TILE_CACHE_ITEMS)
 
 
 def _to_rgb(im):
@@ -167,6 +186,7 @@ class Slide:
     def __init__(self, path, magnification=DEFAULT_MAGNIFICATION, mpp=None, allow_upsample=False):
         import large_image
 
+        _bound_tile_cache()
         self.path = os.fspath(path)
         #: what reopens this slide the same way elsewhere (e.g. on a Dask worker): ``Slide(path, **open_args)``
         self.open_args = {'magnification': magnification, 'mpp': mpp, 'allow_upsample': allow_upsample}
