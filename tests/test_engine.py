@@ -86,8 +86,10 @@ def test_an_interrupted_run_resumes_from_its_saved_rows(slide_path, detector, tm
     resumed = detect_slide(slide, detector, resume_dir=str(partial), **kwargs)
     assert resumed.stats['tile_rows_resumed'] == 1
     assert resumed.stats['tiles_read'] == 15
-    np.testing.assert_array_equal(resumed.boxes, full.boxes)
-    np.testing.assert_array_equal(resumed.scores, full.scores)
+    # the same nuclei; coordinates may differ in the last float bits, as tiles meet the model in other batches
+    assert resumed.boxes.shape == full.boxes.shape
+    np.testing.assert_allclose(resumed.boxes, full.boxes, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(resumed.scores, full.scores, rtol=0, atol=1e-5)
     # another key (other settings or model) does not reuse them
     other = detect_slide(slide, detector, resume_dir=str(partial), **{**kwargs, 'key': 'other'})
     assert other.stats['tile_rows_resumed'] == 0
