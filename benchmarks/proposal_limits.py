@@ -7,6 +7,9 @@ For each ``PRE,POST,IOU`` (per megapixel of input: the best PRE anchors of each 
 kept), prints the median seconds of four 1024 px synthetic tiles in one batch on the CPU (three timed runs after a
 warm-up, the settings interleaved) and, at the model's own score threshold, precision, recall, F1 and COCO AP on the
 model card's held-out sets: mixed tissue (seed 3000, 200 tiles of 256 px) and crowded tissue (seed 4000, 100 tiles).
+With ``--slide PATH`` (e.g. the bundled real sample, which has no ground truth) it also runs each setting over that
+slide and prints how many detections it keeps, and how many of the first setting's detections have no match (IoU
+0.5) in it, with their median score.
 The threshold is not recalibrated per setting, so a setting far from the model's own is shown at a slight
 disadvantage.
 """
@@ -46,6 +49,7 @@ def main():
     parser.add_argument('--model', help='checkpoint (default: the bundled model)')
     parser.add_argument('--limits', nargs='+', default=DEFAULT_LIMITS, help='PRE,POST,IOU settings to compare')
     parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--slide', help='also compare the settings\' detections on this slide')
     args = parser.parse_args()
     settings = []
     for text in args.limits:
@@ -74,6 +78,28 @@ def main():
             cells.append(f'{m["precision"]:.3f} / {m["recall"]:.3f} / {m["f1"]:.3f} / {m["AP"]:.3f}')
         print(f'| {s[0]} / {s[1]}, {s[2]} | {sec:.2f} | {4 * 1024 ** 2 / 1e6 / sec:.2f} | {cells[0]} | {cells[1]} |',
               flush=True)
+    if args.slide:
+        compare_on_slide(args.slide, detectors)
+
+
+def compare_on_slide(path, detectors):
+    from torchvision.ops import box_iou
+
+    from cellrcnn.engine import detect_slide
+    from cellrcnn.slide import Slide
+
+    results = {s: detect_slide(Slide(path), d, progress='none') for s, d in detectors.items()}
+    first = next(iter(results))
+    reference = results[first]
+    print(f'\n{os.path.basename(path)}: detections, and those of {first} without a match at IoU 0.5')
+    for s, result in results.items():
+        if len(reference.boxes) and len(result.boxes):
+            unmatched = box_iou(torch.as_tensor(reference.boxes), torch.as_tensor(result.boxes)).max(1).values < 0.5
+            unmatched = unmatched.numpy()
+        else:
+            unmatched = np.ones(len(reference.boxes), bool)
+        median = f'{np.median(reference.scores[unmatched]):.2f}' if unmatched.any() else '-'
+        print(f'{s}: {len(result.boxes)} detections; {int(unmatched.sum())} unmatched (median score {median})')
 
 
 if __name__ == '__main__':
