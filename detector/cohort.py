@@ -29,7 +29,7 @@ import json
 import os
 import time
 
-from .errors import CellRCNNError
+from .errors import CellRCNNError, one_line
 
 #: the columns of ``cohort.csv``
 COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'mean_score', 'magnification',
@@ -64,14 +64,6 @@ class GirderFolder:
     api_url: str
     token: str
     folder_id: str
-
-
-def _one_line(exc):
-    text = str(exc).strip().splitlines()
-    text = text[0] if text else ''
-    if isinstance(exc, CellRCNNError):
-        return text
-    return f'{type(exc).__name__}: {text}' if text else type(exc).__name__
 
 
 def slide_extensions():
@@ -228,13 +220,13 @@ def process_slide(slide, settings, girder=None):
             os.rmdir(slide.folder)  # left only if empty: a slide that could not be read leaves no folder
         except OSError:
             pass
-        return {**base, 'status': 'failed', 'note': _one_line(exc),
+        return {**base, 'status': 'failed', 'note': one_line(exc),
                 'seconds': round(time.perf_counter() - started, 2)}
 
 
 def _lost_row(slide, exc):
     return {**dict.fromkeys(COLUMNS, ''), 'slide': slide.name, 'status': 'failed', 'output': slide.output,
-            'note': f'lost on the Dask cluster: {_one_line(exc)}', 'girder_item_id': slide.item_id or ''}
+            'note': f'lost on the Dask cluster: {one_line(exc)}', 'girder_item_id': slide.item_id or ''}
 
 
 def run_cohort(slides, settings, scheduler=None, girder=None):

@@ -7,6 +7,15 @@ class CellRCNNError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
 
+def one_line(exc):
+    """Any exception as one line: a CellRCNNError's own message, else ``Type: first line of the message``."""
+    text = str(exc).strip().splitlines()
+    text = text[0] if text else ''
+    if isinstance(exc, CellRCNNError):
+        return text
+    return f'{type(exc).__name__}: {text}' if text else type(exc).__name__
+
+
 def run_reporting_errors(program, run, interrupted='interrupted'):
     """Call ``run()``; what a person can act on becomes one ``PROGRAM: ...`` line on stderr instead of a traceback.
 

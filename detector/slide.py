@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CellRCNNError
+from .errors import CellRCNNError, one_line
 
 __all__ = ['Slide', 'Tile', 'prefetch', 'DEFAULT_MAGNIFICATION']
 
@@ -71,12 +71,6 @@ MIN_TISSUE_UM2 = 50.0 * 50.0
 #: level is at least this much darker than white (255 - grey).  Glass is 235-250; pale eosin stroma is below 225.
 #: Without it Otsu splits the noise of an all-glass slide into "tissue".
 MIN_TISSUE_CONTRAST = 20
-
-
-def _one_line(exc):
-    text = str(exc).strip().splitlines()
-    text = text[0] if text else ''
-    return f'{type(exc).__name__}: {text}' if text else type(exc).__name__
 
 
 #: decoded source tiles large_image may keep in memory (see Memory above); about 64 MB of 256 px RGBA tiles
@@ -198,7 +192,7 @@ class Slide:
             width, height = int(metadata['sizeX']), int(metadata['sizeY'])
             native = self.source.getNativeMagnification()
         except Exception as exc:  # large_image raises TileSourceError, IOTiffError, ValueError, ... on bad files
-            reason = _one_line(exc)
+            reason = one_line(exc)
             if 'No available tilesource' in reason:
                 reason = 'not a whole-slide image large_image can read (unknown format, truncated or damaged)'
             raise CellRCNNError(f'cannot open slide {self.path}: {reason}') from None
@@ -272,7 +266,7 @@ class Slide:
             im, _ = self.source.getThumbnail(width=side, height=side,
                                              format=large_image.constants.TILE_FORMAT_NUMPY)
         except Exception as exc:
-            raise CellRCNNError(f'cannot read a thumbnail of {self.path}: {_one_line(exc)}') from None
+            raise CellRCNNError(f'cannot read a thumbnail of {self.path}: {one_line(exc)}') from None
         return _to_rgb(im)
 
     def tissue_mask(self, thumbnail_size=1024):
@@ -415,7 +409,7 @@ class Slide:
             im, _ = self.source.getRegion(**kwargs)
             im = _to_rgb(im)
         except Exception as exc:
-            raise CellRCNNError(f'cannot read {tile} of {self.path}: {_one_line(exc)}') from None
+            raise CellRCNNError(f'cannot read {tile} of {self.path}: {one_line(exc)}') from None
         if im.shape[:2] != (tile.height, tile.width):
             # large_image keeps the aspect ratio of the integer base region, which can differ from the tile's by
             # under a pixel at non-integer scales: stretch to the tile (to_base maps with the same per-axis scale)
@@ -442,7 +436,7 @@ class Slide:
         try:
             im, _ = self.source.getRegion(region=region, format=large_image.constants.TILE_FORMAT_NUMPY, **kwargs)
         except Exception as exc:
-            raise CellRCNNError(f'cannot read an overview of {self.path}: {_one_line(exc)}') from None
+            raise CellRCNNError(f'cannot read an overview of {self.path}: {one_line(exc)}') from None
         im = _to_rgb(im)
         return np.ascontiguousarray(im), im.shape[1] / (region['right'] - region['left'])
 
@@ -505,4 +499,4 @@ def _read_checked(slide, tile):
     except CellRCNNError:
         raise
     except Exception as exc:  # anything read() did not wrap (e.g. MemoryError)
-        raise CellRCNNError(f'cannot read {tile} of {slide.path}: {_one_line(exc)}') from None
+        raise CellRCNNError(f'cannot read {tile} of {slide.path}: {one_line(exc)}') from None
