@@ -24,7 +24,6 @@ The table ``OUT/cohort.csv`` has one row per slide, in path order (:data:`COLUMN
 
 import csv
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -126,18 +125,10 @@ def fingerprint(slide, settings):
     """What a slide's result depends on: the slide (its Girder file, or the local file's size and time), the model
     file and the settings in :data:`RESULT_SETTINGS`."""
     from .checkpoint import BUNDLED_MODEL
+    from .engine import run_key
 
-    def stamp(path):
-        try:
-            st = os.stat(path)
-        except OSError:
-            raise CellRCNNError(f'not found: {path}') from None
-        return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
-
-    source = ['girder', slide.file_id] if slide.file_id else stamp(slide.path)
-    used = {k: getattr(settings, k) for k in RESULT_SETTINGS}
-    text = json.dumps([source, stamp(settings.model or BUNDLED_MODEL), used], sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+    return run_key(['girder', slide.file_id] if slide.file_id else slide.path, settings.model or BUNDLED_MODEL,
+                   {k: getattr(settings, k) for k in RESULT_SETTINGS})
 
 
 def _read_done(path):

@@ -37,12 +37,20 @@ class SlideDetections:
     stats: dict = field(default_factory=dict)
 
 
-def run_key(slide_path, model_path, settings):
-    """Identity of a run for resuming: the slide file, the model file and every setting that changes detections."""
-    def stamp(path):
+def file_stamp(path):
+    """What identifies a file's version for :func:`run_key`: its absolute path, size and modification time."""
+    try:
         st = os.stat(path)
-        return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
-    text = json.dumps([stamp(slide_path), stamp(model_path), settings], sort_keys=True, default=str)
+    except OSError:
+        raise CellRCNNError(f'not found: {path}') from None
+    return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
+
+
+def run_key(source, model_path, settings):
+    """Identity of a run, for resuming and for skipping finished work: the slide (a path, or any JSON-able
+    identity such as a Girder file's), the model file and every setting that changes detections."""
+    source = file_stamp(source) if isinstance(source, (str, os.PathLike)) else source
+    text = json.dumps([source, file_stamp(model_path), settings], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
