@@ -148,6 +148,15 @@ class _Server:
                 if found is not None:
                     return found
 
+    def user(self, then=''):
+        """The token's user; a one-line error (ending in ``then``) when Girder does not accept the token."""
+        me = self.get('checking the token', 'user/me')
+        if not me:
+            raise self.fail(f'Girder at {self.api_url} does not accept the token '
+                            f'({"none given" if not self.token else "invalid or expired"}): get a new token '
+                            f'(or API key){then}')
+        return me
+
     def get(self, what, path, params=None, item_id=None, passthrough=()):
         return self.call(what, lambda: self.gc.get(path, parameters=params), item_id=item_id,
                          passthrough=passthrough)
@@ -161,12 +170,7 @@ class _Target:
         if not isinstance(item_id, str) or not item_id.strip():
             raise server.fail('no Girder item id given: give the id of the slide\'s item')
         item_id = item_id.strip()
-        me = server.get('checking the token', 'user/me')
-        if not me:
-            raise server.fail(f'Girder at {server.api_url} does not accept the token '
-                              f'({"none given" if not server.token else "invalid or expired"}): get a new token '
-                              '(or API key) and post again')
-        self.user_id = me['_id']
+        self.user_id = server.user(' and post again')['_id']
         self.item = self._item(item_id)
         self.item_id = self.item['_id']
         name = self.item.get('name')
@@ -439,8 +443,7 @@ def folder_slides(api_url, token, folder_id, retries=4, backoff=1.0, timeout=60)
     server = _Server(api_url, token, retries, backoff, timeout, None)
     slides = []
     with server.gc.session(_timeout_session(timeout)):
-        if not server.get('checking the token', 'user/me'):
-            raise server.fail(f'Girder at {server.api_url} does not accept the token: get a new token (or API key)')
+        server.user()
         server.get('reading the folder', f'folder/{folder_id}', item_id=folder_id)
         todo = [(folder_id, '')]
         while todo:
