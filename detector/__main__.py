@@ -53,7 +53,7 @@ def _batch(args):
     if args.girder_url or args.girder_folder:
         if not (args.girder_url and args.girder_folder) or args.source:
             raise CellRCNNError('give either a folder of slides or both --girder-url and --folder')
-        girder = GirderFolder(args.girder_url, args.girder_token or os.environ.get('GIRDER_TOKEN'), args.girder_folder)
+        girder = GirderFolder(args.girder_url, args.girder_token, args.girder_folder)
     elif not args.source:
         raise CellRCNNError('give a folder of slides, or --girder-url and --folder')
     settings = DetectionSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DetectionSettings)
@@ -107,7 +107,7 @@ def _train_girder(args):
     from .girder_training import summary_lines, train_from_girder
 
     result = train_from_girder(
-        args.girder_url, args.girder_token or os.environ.get('GIRDER_TOKEN'), args.girder_folder,
+        args.girder_url, args.girder_token, args.girder_folder,
         args.annotation_name, args.output, holdout=args.holdout, steps=args.steps, init=args.init,
         from_scratch=args.from_scratch, output_folder=args.output_folder, name=args.name,
         region_label=args.region_label, point_size_um=args.point_size, batch_size=args.batch_size, lr=args.lr,
@@ -176,7 +176,7 @@ def _add_detection_options(p):
 
 
 def build_parser():
-    from .girder import add_detect_options
+    from .girder import add_detect_options, add_server_options
 
     parser = argparse.ArgumentParser(prog='cellrcnn', description='Faster R-CNN nucleus detection for histology.')
     parser.add_argument('--version', action='version', version=f'cellrcnn {__version__}')
@@ -208,9 +208,7 @@ def build_parser():
     p.add_argument('--scheduler', help='spread the slides over a dask.distributed cluster at this address, '
                                        'or over N local processes with local:N')
     group = p.add_argument_group('slides from Girder / the Digital Slide Archive (results are posted back)')
-    group.add_argument('--girder-url', dest='girder_url', help='Girder API URL, e.g. https://dsa.example.org/api/v1')
-    group.add_argument('--girder-token', dest='girder_token',
-                       help='Girder token (default: the GIRDER_TOKEN environment variable)')
+    add_server_options(group)
     group.add_argument('--folder', dest='girder_folder', help='id of the Girder folder (its subfolders too)')
     p.set_defaults(run=_batch)
 
@@ -242,9 +240,7 @@ def build_parser():
     p = sub.add_parser('train-girder', help='train from nuclei annotated in HistomicsUI on a Girder folder of slides; '
                                             'evaluate on held-out slides; upload the model and its card')
     p.add_argument('-o', '--output', required=True, help='local folder: downloaded slides, NAME.pt and NAME.md')
-    p.add_argument('--girder-url', dest='girder_url', required=True,
-                   help='Girder API URL, e.g. https://dsa.example.org/api/v1')
-    p.add_argument('--girder-token', dest='girder_token', help='Girder token (default: $GIRDER_TOKEN)')
+    add_server_options(p, required=True)
     p.add_argument('--folder', dest='girder_folder', required=True, help='id of the Girder folder of slides')
     p.add_argument('--annotation-name', dest='annotation_name', required=True,
                    help='name of the annotations that hold the nuclei (rectangles or points)')

@@ -499,14 +499,18 @@ def upload_files(api_url, token, folder_id, paths, retries=4, backoff=1.0, timeo
 
 # --------------------------------------------------------------------------- `cellrcnn detect` hook
 
+def add_server_options(group, url_help='Girder API URL, e.g. https://dsa.example.org/api/v1', required=False):
+    """``--girder-url`` and ``--girder-token`` (default: the GIRDER_TOKEN environment variable) of a command."""
+    group.add_argument('--girder-url', dest='girder_url', required=required, help=url_help)
+    group.add_argument('--girder-token', dest='girder_token', default=os.environ.get('GIRDER_TOKEN'),
+                       help='Girder token (default: the GIRDER_TOKEN environment variable)')
+
+
 def add_detect_options(parser):
     """The posting options of ``cellrcnn detect``: ``--girder-url``, ``--girder-token``, ``--item``."""
     group = parser.add_argument_group('posting to Girder / the Digital Slide Archive')
-    group.add_argument('--girder-url', dest='girder_url',
-                       help='post the annotations to this Girder API (e.g. https://dsa.example.org/api/v1), '
-                            "replacing this model's previous result on the item; the files are written first")
-    group.add_argument('--girder-token', dest='girder_token',
-                       help='Girder token (default: the GIRDER_TOKEN environment variable)')
+    add_server_options(group, 'post the annotations to this Girder API (e.g. https://dsa.example.org/api/v1), '
+                              "replacing this model's previous result on the item; the files are written first")
     group.add_argument('--item', dest='girder_item', help="id of the slide's item on Girder")
     return group
 
@@ -520,7 +524,7 @@ def detect_target(args):
         return None
     if not url or not item:
         raise CellRCNNError('posting to Girder needs both --girder-url and --item')
-    token = getattr(args, 'girder_token', None) or os.environ.get('GIRDER_TOKEN')
+    token = getattr(args, 'girder_token', None)
     item_id = check_target(url, token, item)
 
     def post(paths):
