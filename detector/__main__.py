@@ -37,6 +37,9 @@ def _detect(args):
     if args.girder_url or args.girder_item:
         raise CellRCNNError('--local-girder starts its own server: leave out --girder-url and --item')
     from .local_girder import detect_on_local_girder
+    from .slide import Slide
+
+    Slide(slide_path, mpp=args.mpp, allow_upsample=True)  # a slide that cannot be read fails now, not after an upload
 
     def run_on(url, token, item_id):
         args.girder_url, args.girder_token, args.girder_item = url, token, item_id

@@ -240,7 +240,10 @@ def detect_on_local_girder(slide_path, run, keep=False, log=print):
     """The whole DSA loop on this machine, for ``cellrcnn detect --local-girder``: start a throwaway DSA, upload the
     slide, call ``run(api_url, token, item_id)`` (a detection that posts its annotations to that item), read every
     annotation on the item back through REST, and stop the server (with ``keep``, only on Ctrl-C)."""
-    from .errors import CellRCNNError
+    import requests
+    from girder_client import HttpError
+
+    from .errors import CellRCNNError, one_line
 
     python, why = girder_python()
     if python is None:
@@ -249,17 +252,27 @@ def detect_on_local_girder(slide_path, run, keep=False, log=print):
     try:
         try:
             server.start()
+        except RuntimeError as exc:
+            raise CellRCNNError(f'local Girder: {one_line(exc)}') from None
+        try:
             item_id, _ = server.upload_slide(slide_path)
-        except (RuntimeError, AssertionError) as exc:
-            raise CellRCNNError(f'local Girder: {str(exc).splitlines()[0]}') from None
+        except AssertionError:
+            raise CellRCNNError(f'the local Girder did not make {slide_path} a large image: large_image on the '
+                                'server cannot read it') from None
+        except (HttpError, requests.RequestException, OSError) as exc:
+            raise CellRCNNError(f'cannot upload {slide_path} to the local Girder: {one_line(exc)}') from None
         log(f'local DSA at {server.api_url}: {os.path.basename(slide_path)} uploaded as item {item_id}')
         run(server.api_url, server.token, item_id)
         gc = server.client()
-        for summary in server.annotations(item_id):
-            doc = gc.get(f'annotation/{summary["_id"]}')['annotation']
-            kinds = sorted({el['type'] for el in doc['elements']})
-            log(f'read back from Girder: annotation {doc["name"]!r} on item {item_id} with {len(doc["elements"])} '
-                f'{"/".join(kinds) or "no"} elements')
+        try:
+            for summary in server.annotations(item_id):
+                doc = gc.get(f'annotation/{summary["_id"]}')['annotation']
+                kinds = sorted({el['type'] for el in doc['elements']})
+                log(f'read back from Girder: annotation {doc["name"]!r} on item {item_id} with '
+                    f'{len(doc["elements"])} {"/".join(kinds) or "no"} elements')
+        except (HttpError, requests.RequestException) as exc:
+            raise CellRCNNError(f'reading the annotations back from the local Girder failed ({one_line(exc)}); '
+                                'the results are in the output folder') from None
         if keep:
             log(f'Girder stays up at {server.api_url} (user {ADMIN["login"]}, password {ADMIN["password"]}); '
                 'Ctrl-C stops it')
