@@ -1,12 +1,15 @@
 """Speed against accuracy of the inference-time proposal limits (``rpn_pre_nms_per_mpx_test``,
-``rpn_post_nms_per_mpx_test``, ``rpn_nms_thresh_test``) of a trained model.
+``rpn_post_nms_per_mpx_test``, ``rpn_nms_thresh_test``, ``rpn_score_thresh``) of a trained model.
 
-    OMP_NUM_THREADS=2 python benchmarks/proposal_limits.py [--model M.pt] [--limits 12000,6000,0.7 8000,2500,0.6 ...]
+    OMP_NUM_THREADS=2 python benchmarks/proposal_limits.py [--model M.pt] [--limits 8000,2500,0.6 24000,12000,0.6,0.2 ...]
 
-For each ``PRE,POST,IOU`` (per megapixel of input: the best PRE anchors of each RPN level, NMS at IoU, the best POST
-kept), prints the median seconds of four 1024 px synthetic tiles in one batch on the CPU (three timed runs after a
-warm-up, the settings interleaved) and, at the model's own score threshold, precision, recall, F1 and COCO AP on the
-model card's held-out sets: mixed tissue (seed 3000, 200 tiles of 256 px) and crowded tissue (seed 4000, 100 tiles).
+For each ``PRE,POST,IOU[,SCORE]`` (per megapixel of input: the best PRE anchors of each RPN level, those with an
+objectness probability of at least SCORE, NMS at IoU, the best POST kept), prints the median seconds of four 1024 px
+synthetic tiles in one batch on the CPU (three timed runs after a warm-up, the settings interleaved), the proposals
+per megapixel that reached the box head on them, and, at the model's own score threshold, precision, recall, F1 and
+COCO AP on the model card's held-out sets: mixed tissue (seed 3000, 200 tiles of 256 px), crowded tissue (seed 4000,
+100 tiles) and dense sheets of small nuclei (the 15 densest of 40 crowded tiles drawn at 0.75x, seed 4001: about 3500
+nuclei per megapixel, as packed lymphocytes are; the proposal budget, not the model, caps recall there).
 With ``--slide PATH`` (e.g. the bundled real sample, which has no ground truth) it also runs each setting over that
 slide and prints how many detections it keeps, and how many of the first setting's detections have no match (IoU
 0.5) in it, with their median score.
@@ -33,15 +36,34 @@ from cellrcnn.evaluate import evaluate_model  # noqa: E402
 from cellrcnn.inference import Detector  # noqa: E402
 from cellrcnn.synthetic import make_tile  # noqa: E402
 
-DEFAULT_LIMITS = ['12000,6000,0.7', '8000,3000,0.7', '6000,3000,0.7', '8000,2500,0.6', '8000,2000,0.5',
-                  '4000,2000,0.5']
+DEFAULT_LIMITS = ['8000,2500,0.6,0', '12000,6000,0.6,0.2', '24000,12000,0.6,0', '24000,12000,0.6,0.2',
+                  '24000,12000,0.6,0.4', '24000,12000,0.5,0.2']
 
 
-def configured(path, pre, post, iou):
+def configured(path, pre, post, iou, score):
     model = load_model(path)
     model.config.rpn_pre_nms_per_mpx_test, model.config.rpn_post_nms_per_mpx_test = pre, post
-    model.config.rpn_nms_thresh_test = iou
+    model.config.detections_per_mpx = max(model.config.detections_per_mpx, post)
+    model.config.rpn_nms_thresh_test, model.config.rpn_score_thresh = iou, score
     return model
+
+
+def dense_set(seed=4001, count=40, keep=15):
+    """The ``keep`` densest of ``count`` crowded tiles whose nuclei are drawn at 0.75x: packed small nuclei."""
+    rng = np.random.default_rng(seed)
+    tiles = [make_tile(rng, size=256, mpp=0.5 / 0.75, crowding=1.0) for _ in range(count)]
+    return sorted(tiles, key=lambda t: -len(t[1]))[:keep]
+
+
+def proposals_per_mpx(model, tiles):
+    """Proposals per megapixel that reach the box head on ``tiles`` (one batch)."""
+    counts = []
+    hook = model.rpn.register_forward_hook(lambda m, i, out: counts.append(sum(len(b) for b in out[0])))
+    try:
+        Detector(model, device='cpu', batch_size=len(tiles)).detect_tiles(tiles)
+    finally:
+        hook.remove()
+    return counts[0] / (sum(t.shape[0] * t.shape[1] for t in tiles) / 1e6)
 
 
 def main():
@@ -53,8 +75,8 @@ def main():
     args = parser.parse_args()
     settings = []
     for text in args.limits:
-        pre, post, iou = text.split(',')
-        settings.append((int(pre), int(post), float(iou)))
+        pre, post, iou, score = (text + ',0').split(',')[:4]
+        settings.append((int(pre), int(post), float(iou), float(score)))
     rng = np.random.default_rng(5)
     tiles = [make_tile(rng, size=1024)[0] for _ in range(4)]
     detectors = {s: Detector(configured(args.model, *s), device='cpu', batch_size=4) for s in settings}
@@ -66,18 +88,19 @@ def main():
             started = time.perf_counter()
             detector.detect_tiles(tiles)
             seconds[s].append(time.perf_counter() - started)
-    sets = {'mixed': labelled_set(seed=3000, count=200), 'crowded': crowded_set(4000, 100)}
+    sets = {'mixed': labelled_set(seed=3000, count=200), 'crowded': crowded_set(4000, 100), 'dense': dense_set()}
     print(f'{torch.get_num_threads()} threads; seconds: median of {args.repeats} batches of 4 x 1024 px')
-    print('| pre / post per Mpx, RPN NMS IoU | seconds | Mpx/s | mixed P / R / F1 / AP | crowded P / R / F1 / AP |')
-    print('| --- | --- | --- | --- | --- |')
+    print('| pre / post per Mpx, RPN NMS IoU, objectness >= | seconds | Mpx/s | proposals / Mpx | '
+          'mixed P / R / F1 / AP | crowded P / R / F1 / AP | dense P / R / F1 / AP |')
+    print('| --- | --- | --- | --- | --- | --- | --- |')
     for s, detector in detectors.items():
         sec = statistics.median(seconds[s])
         cells = []
         for samples in sets.values():
             m = evaluate_model(detector.model, samples, device='cpu')
             cells.append(f'{m["precision"]:.3f} / {m["recall"]:.3f} / {m["f1"]:.3f} / {m["AP"]:.3f}')
-        print(f'| {s[0]} / {s[1]}, {s[2]} | {sec:.2f} | {4 * 1024 ** 2 / 1e6 / sec:.2f} | {cells[0]} | {cells[1]} |',
-              flush=True)
+        print(f'| {s[0]} / {s[1]}, {s[2]}, {s[3]} | {sec:.2f} | {4 * 1024 ** 2 / 1e6 / sec:.2f} | '
+              f'{proposals_per_mpx(detector.model, tiles):.0f} | {" | ".join(cells)} |', flush=True)
     if args.slide:
         compare_on_slide(args.slide, detectors)
 

@@ -92,7 +92,7 @@ def _train(args):
     defaults = TrainConfig()
     cfg = TrainConfig(**{f.name: getattr(args, f.name) if getattr(args, f.name, None) is not None
                          else getattr(defaults, f.name) for f in dataclasses.fields(TrainConfig)})
-    model, _ = train(_model_config(args), cfg, args.output, device=args.device, resume=args.resume)
+    model, _ = train(_model_config(args), cfg, args.output, device=args.device, resume=args.resume, init=args.init)
     if args.val_data or not cfg.data:
         val = labelled_set(args.val_data, seed=args.val_seed, count=args.val_count, tile_size=cfg.tile_size,
                            mpp=model.config.mpp, annotation_name=cfg.annotation_name,
@@ -168,6 +168,12 @@ def _add_detection_options(p):
     p.add_argument('--nms', type=float, help='NMS IoU threshold')
     p.add_argument('--anchor-upsample', dest='anchor_upsample', type=int, choices=[1, 2, 4],
                    help="anchor density upsampling at inference (default: the model's)")
+    adapt = p.add_mutually_exclusive_group()
+    adapt.add_argument('--adapt-tiles', dest='adapt_tiles', type=int, default=8, metavar='N',
+                       help="adapt the model to the slide's staining first: re-estimate its BatchNorm statistics on "
+                            "N of the slide's tissue tiles (default 8; 0: off)")
+    adapt.add_argument('--no-adapt', dest='adapt_tiles', action='store_const', const=0,
+                       help='do not adapt the model to the slide (same as --adapt-tiles 0)')
     p.add_argument('--tile-size', dest='tile_size', type=_positive_int, default=1024, help='tile side in analysis px')
     p.add_argument('--overlap', type=int, default=64, help='px shared by neighbouring tiles (>= largest nucleus)')
     p.add_argument('--min-tissue', dest='min_tissue', type=float, default=0.05,
@@ -227,6 +233,11 @@ def build_parser():
     p.add_argument('--warmup-steps', dest='warmup_steps', type=int)
     p.add_argument('--tile-size', dest='tile_size', type=_positive_int)
     p.add_argument('--synthetic-tiles', dest='synthetic_tiles', type=_positive_int)
+    p.add_argument('--synthetic-seed', dest='synthetic_seed', type=int)
+    p.add_argument('--synthetic-scale', dest='synthetic_scale', type=float, nargs=2, metavar=('LOW', 'HIGH'),
+                   help='synthetic nuclei drawn this many times larger, per tile (default 0.8 1.25)')
+    p.add_argument('--init', help='fine-tune this model (its own configuration is kept) instead of starting from '
+                                  'random weights')
     p.add_argument('--seed', type=int)
     p.add_argument('--workers', type=int)
     p.add_argument('--checkpoint-every', dest='checkpoint_every', type=_positive_int)

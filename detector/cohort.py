@@ -29,6 +29,7 @@ import os
 import time
 
 from .errors import CellRCNNError, one_line
+from .pipeline import DETECTION_SETTINGS
 
 #: the columns of ``cohort.csv``
 COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'mean_score', 'magnification',
@@ -36,9 +37,8 @@ COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'm
 TABLE_NAME = 'cohort.csv'
 ROW_SUFFIX = '.cohort.json'
 CACHE_NAME = '.girder-cache'
-#: settings that change what is computed (the rest, such as device or batch size, only how fast)
-RESULT_SETTINGS = ('magnification', 'mpp', 'roi', 'tile_size', 'overlap', 'min_tissue', 'threshold', 'nms',
-                   'anchor_upsample', 'element')
+#: settings that change what is computed: the detections, and how they are drawn
+RESULT_SETTINGS = DETECTION_SETTINGS + ('element',)
 
 
 @dataclasses.dataclass

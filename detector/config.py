@@ -48,15 +48,16 @@ class ModelConfig:
     #: covers 1600 px^2 at 20x: a megapixel of packed tumour holds about 600-2500 nuclei).
     rpn_pre_nms_per_mpx_train: int = 16000
     rpn_post_nms_per_mpx_train: int = 8000
-    #: at inference fewer proposals, thinned harder, carry the same nuclei: on 2 CPU cores 12000/6000 at IoU 0.7
-    #: spent 70 % of the time in the RPN's NMS and RoIAlign; 8000/2500 at 0.6 runs 1.8x faster for -0.001 F1
-    #: (docs/performance.md).
-    rpn_pre_nms_per_mpx_test: int = 8000
-    rpn_post_nms_per_mpx_test: int = 2500
+    #: at inference: packed lymphocytes reach 3000-6000 nuclei per megapixel at 20x, so the budget must hold several
+    #: proposals for each of them (2500 per megapixel capped recall in dense sheets at 0.66); anchors whose
+    #: objectness is below ``rpn_score_thresh`` are dropped first, so sparse tissue does not pay for the dense
+    #: budget (docs/real-tissue.md, benchmarks/proposal_limits.py).
+    rpn_pre_nms_per_mpx_test: int = 16000
+    rpn_post_nms_per_mpx_test: int = 8000
     rpn_nms_thresh: float = 0.7
     rpn_nms_thresh_test: float = 0.6
-    #: proposals whose objectness probability is below this are dropped at inference.
-    rpn_score_thresh: float = 0.0
+    #: proposals whose objectness probability is below this are dropped at inference (training keeps them all).
+    rpn_score_thresh: float = 0.3
     rpn_batch_size_per_image: int = 256
     box_batch_size_per_image: int = 256
     box_positive_fraction: float = 0.5
@@ -65,7 +66,7 @@ class ModelConfig:
     score_thresh: float = 0.05
     detect_thresh: float = 0.5
     nms_thresh: float = 0.35
-    detections_per_mpx: int = 4000
+    detections_per_mpx: int = 8000
     class_names: tuple = ('nucleus',)
     extra: dict = field(default_factory=dict)
 

@@ -13,6 +13,7 @@ import torch
 
 from .annotation import annotation_to_boxes
 from .errors import CellRCNNError
+from .synthetic import VISIBLE_FRACTION
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 
@@ -24,7 +25,7 @@ def to_tensor(image):
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
 
 
-def keep_inside(boxes, height, width, min_fraction=0.5):
+def keep_inside(boxes, height, width, min_fraction=VISIBLE_FRACTION):
     """Clip boxes to the image; drop those with less than min_fraction of their area inside (or no area at all)."""
     if not len(boxes):
         return boxes.reshape(0, 4).astype(np.float32)
@@ -76,12 +77,13 @@ def load_annotated_folder(folder, annotation_name=None, point_box_size=None):
 
 
 def labelled_set(data=None, seed=2000, count=200, tile_size=256, mpp=0.5, annotation_name=None,
-                 point_box_size=None):
-    """Samples from a folder of images with DSA annotation JSON, or ``count`` synthetic tiles from ``seed``."""
+                 point_box_size=None, scale=None):
+    """Samples from a folder of images with DSA annotation JSON, or ``count`` synthetic tiles from ``seed`` (drawn
+    at scales in ``scale``, see ``synthetic.make_dataset``)."""
     if data:
         return load_annotated_folder(data, annotation_name, point_box_size)
     from .synthetic import make_dataset
-    return make_dataset(seed, count, size=tile_size, mpp=mpp)
+    return make_dataset(seed, count, size=tile_size, mpp=mpp, scale=scale)
 
 
 class Augmenter:

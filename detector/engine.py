@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .adapt import batchnorm_stats, load_batchnorm_stats, reestimate_batchnorm
 from .errors import CellRCNNError
 from .merge import StreamingNMS
 from .progress import Progress
@@ -93,15 +94,18 @@ class RowStore:
 
 
 def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tissue=0.05, workers=2,
-                 resume_dir=None, key='', progress='auto', scheduler=None, model_path=None):
+                 resume_dir=None, key='', progress='auto', scheduler=None, model_path=None, adapt_tiles=8):
     """Detect nuclei over a slide (or a base-pixel ROI ``(x, y, w, h)``) with an ``inference.Detector``.
 
+    With ``adapt_tiles`` > 0 the model's BatchNorm statistics are first re-estimated on up to that many of the slide's
+    own tissue tiles (:func:`adapt_to_slide`), and put back as they were when the slide is done.
+
     With ``scheduler`` (a dask.distributed address, or ``local:N`` for N local worker processes) batches of tiles
-    run on the cluster's workers, each of which opens the slide and loads ``model_path`` once; the merge and the
-    resume files stay here.
+    run on the cluster's workers, each of which opens the slide and loads ``model_path`` once (with this detector's
+    BatchNorm statistics, anchor density, thresholds and device); the merge and the resume files stay here.
 
     ``detector`` is anything with ``detect_tiles(images) -> [(boxes, scores), ...]`` (tile pixels), ``batch_size``,
-    ``device`` and ``model.config`` (``nms_thresh``, ``backbone_stages``): an ``inference.Detector``, normally.
+    ``device`` and ``model`` (a ``model.CellRCNN``): an ``inference.Detector``, normally.
 
     Raw detections of finished tile rows stay in ``resume_dir`` (when given) until the caller has written its
     outputs and calls ``clear_partial(resume_dir)``.
@@ -111,76 +115,124 @@ def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tiss
         raise CellRCNNError(f'overlap must be at least 0 and below the tile size {tile_size}, not {overlap}')
     if not 0 <= min_tissue <= 1:
         raise CellRCNNError(f'minimum tissue fraction must be between 0 and 1, not {min_tissue}')
+    if adapt_tiles < 0:
+        raise CellRCNNError(f'the number of tiles to adapt to the slide must be 0 (no adaptation) or more, '
+                            f'not {adapt_tiles}')
     min_side = 2 ** (detector.model.config.backbone_stages + 1)
     if min(slide.size) < min_side:
         raise CellRCNNError(f'{slide.path} is {slide.size[0]}x{slide.size[1]} px at {slide.magnification:g}x; '
                             f'the model needs at least {min_side}x{min_side}')
     tiles = slide.tiles(tile_size, overlap, roi=roi, min_tissue=min_tissue)
     mask_seconds = time.perf_counter() - started
-    rows = sorted({t.row for t in tiles})
-    row_top = {r: min(t.base_y for t in tiles if t.row == r) for r in rows}
-    merger = StreamingNMS(detector.model.config.nms_thresh, MAX_NUCLEUS_PX * slide.scale)
-    store = RowStore(resume_dir, key)
-    resumed = store.done_rows()
-    todo = [t for t in tiles if t.row not in resumed and not t.skipped]
-    unread = {r: 0 for r in rows}
-    for t in todo:
-        unread[t.row] += 1
-    raw = {r: ([], []) for r in rows}
-    for r, (b, s) in resumed.items():  # rows finished by an earlier run: merged again from their raw detections
-        merger.add(b, s)
-    kept_boxes, kept_scores = [], []
-    cursor = 0
-
-    def close_finished_rows():
-        """Promise the merge, in row order, that rows with every tile done get no more boxes."""
-        nonlocal cursor
-        while cursor < len(rows) and unread[rows[cursor]] == 0:
-            row = rows[cursor]
-            if row not in resumed:
-                boxes, scores = raw.pop(row)
-                store.save(row, np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
-                           np.concatenate(scores) if scores else np.zeros(0, np.float32))
-            cursor += 1
-            if cursor < len(rows):
-                b, s, _ = merger.complete_up_to(row_top[rows[cursor]])
-                kept_boxes.append(b)
-                kept_scores.append(s)
-
-    close_finished_rows()
-    bar = Progress(len(todo), name='cellrcnn', mode=progress)
-    if resumed:
-        bar.comment(f'resumed: {len(resumed)} of {len(rows)} tile rows already done')
-    timing = {'read': 0.0, 'detect': 0.0, 'merge': 0.0}
-    raw_count = sum(len(s) for _, s in resumed.values())
-    if scheduler:
-        batches = dask_batches(slide, detector, todo, scheduler, model_path, timing)
-    else:
-        batches = local_batches(slide, detector, todo, workers, timing)
-    for batch, results in batches:
+    unadapted = batchnorm_stats(detector.model)
+    try:
         t0 = time.perf_counter()
-        for tile, (boxes, scores) in zip(batch, results):
-            raw_count += len(scores)
-            base = slide.to_base(boxes, tile).astype(np.float32)
-            merger.add(base, scores)
-            raw[tile.row][0].append(base)
-            raw[tile.row][1].append(scores)
-            unread[tile.row] -= 1
+        adapted = adapt_to_slide(slide, detector, tiles, adapt_tiles, workers)
+        timing = {'adapt': time.perf_counter() - t0, 'read': 0.0, 'detect': 0.0, 'merge': 0.0}
+        rows = sorted({t.row for t in tiles})
+        row_top = {r: min(t.base_y for t in tiles if t.row == r) for r in rows}
+        merger = StreamingNMS(detector.model.config.nms_thresh, MAX_NUCLEUS_PX * slide.scale)
+        store = RowStore(resume_dir, key)
+        resumed = store.done_rows()
+        todo = [t for t in tiles if t.row not in resumed and not t.skipped]
+        unread = {r: 0 for r in rows}
+        for t in todo:
+            unread[t.row] += 1
+        raw = {r: ([], []) for r in rows}
+        for r, (b, s) in resumed.items():  # rows finished by an earlier run: merged again from their raw detections
+            merger.add(b, s)
+        kept_boxes, kept_scores = [], []
+        cursor = 0
+
+        def close_finished_rows():
+            """Promise the merge, in row order, that rows with every tile done get no more boxes."""
+            nonlocal cursor
+            while cursor < len(rows) and unread[rows[cursor]] == 0:
+                row = rows[cursor]
+                if row not in resumed:
+                    boxes, scores = raw.pop(row)
+                    store.save(row, np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
+                               np.concatenate(scores) if scores else np.zeros(0, np.float32))
+                cursor += 1
+                if cursor < len(rows):
+                    b, s, _ = merger.complete_up_to(row_top[rows[cursor]])
+                    kept_boxes.append(b)
+                    kept_scores.append(s)
+
         close_finished_rows()
-        timing['merge'] += time.perf_counter() - t0
-        bar.update(len(batch))
-    b, s, _ = merger.finish()
-    kept_boxes.append(b)
-    kept_scores.append(s)
-    bar.close()
-    boxes = np.concatenate(kept_boxes).reshape(-1, 4)
-    scores = np.concatenate(kept_scores)
-    order = np.lexsort((boxes[:, 0], boxes[:, 1]))  # reading order: top to bottom, left to right
-    result = SlideDetections(slide, boxes[order], scores[order], slide.roi_to_analysis(roi))
-    result.stats = _stats(slide, tiles, todo, resumed, result, timing, mask_seconds,
-                          time.perf_counter() - started, detector)
-    result.stats['raw_detections'] = raw_count
-    return result
+        bar = Progress(len(todo), name='cellrcnn', mode=progress)
+        if resumed:
+            bar.comment(f'resumed: {len(resumed)} of {len(rows)} tile rows already done')
+        raw_count = sum(len(s) for _, s in resumed.values())
+        if scheduler:
+            batches = dask_batches(slide, detector, todo, scheduler, model_path, timing)
+        else:
+            batches = local_batches(slide, detector, todo, workers, timing)
+        for batch, results in batches:
+            t0 = time.perf_counter()
+            for tile, (boxes, scores) in zip(batch, results):
+                raw_count += len(scores)
+                base = slide.to_base(boxes, tile).astype(np.float32)
+                merger.add(base, scores)
+                raw[tile.row][0].append(base)
+                raw[tile.row][1].append(scores)
+                unread[tile.row] -= 1
+            close_finished_rows()
+            timing['merge'] += time.perf_counter() - t0
+            bar.update(len(batch))
+        b, s, _ = merger.finish()
+        kept_boxes.append(b)
+        kept_scores.append(s)
+        bar.close()
+        boxes = np.concatenate(kept_boxes).reshape(-1, 4)
+        scores = np.concatenate(kept_scores)
+        order = np.lexsort((boxes[:, 0], boxes[:, 1]))  # reading order: top to bottom, left to right
+        result = SlideDetections(slide, boxes[order], scores[order], slide.roi_to_analysis(roi))
+        result.stats = _stats(slide, tiles, todo, resumed, result, timing, mask_seconds,
+                              time.perf_counter() - started, detector)
+        result.stats['raw_detections'] = raw_count
+        result.stats['adapt_tiles'] = len(adapted)
+        return result
+    finally:
+        load_batchnorm_stats(detector.model, unadapted)
+
+
+#: adaptation uses this centre crop (analysis px) of each chosen tile, and runs the backbone on this many at a time
+#: (as ``train.precise_bn`` does; fixed, so that the detector's batch size does not change the statistics)
+ADAPT_CROP = 512
+ADAPT_BATCH = 8
+
+
+def adaptation_tiles(tiles, count):
+    """Up to ``count`` tiles of a grid to adapt the model to, always the same for the same grid: of the tiles not
+    skipped, those with at least the median tissue fraction (or more tiles, down to the ``count``-th most tissue), so
+    that tiles on the tissue's edge do not skew the statistics; of these, ``count`` spread evenly in raster order."""
+    candidates = [t for t in tiles if not t.skipped]
+    ranked = sorted((t.tissue for t in candidates), reverse=True)
+    if not ranked:
+        return []
+    floor = ranked[min(len(ranked), max(count, (len(ranked) + 1) // 2)) - 1]
+    kept = [t for t in candidates if t.tissue >= floor]
+    if len(kept) <= count:
+        return kept
+    return [kept[(2 * i + 1) * len(kept) // (2 * count)] for i in range(count)]
+
+
+def adapt_to_slide(slide, detector, tiles, count, workers=2):
+    """Test-time adaptation (AdaBN): re-estimate the detector's BatchNorm statistics on the centre crops
+    (:data:`ADAPT_CROP`) of up to ``count`` tissue tiles of the slide (:func:`adaptation_tiles`), read at the analysis
+    magnification. Only the backbone runs. :returns: the tiles used (none: the model is left as it was)."""
+    chosen = adaptation_tiles(tiles, count)
+    if chosen:
+        images = [_centre_crop(image, ADAPT_CROP)
+                  for _, image in prefetch(slide, chosen, workers=workers, queue=len(chosen))]
+        reestimate_batchnorm(detector.model, images, detector.device, ADAPT_BATCH)
+    return chosen
+
+
+def _centre_crop(image, side):
+    y, x = max(0, (image.shape[0] - side) // 2), max(0, (image.shape[1] - side) // 2)
+    return image[y:y + side, x:x + side]
 
 
 def local_batches(slide, detector, todo, workers, timing):
@@ -208,9 +260,15 @@ def dask_batches(slide, detector, todo, scheduler, model_path, timing):
     if model_path is None:
         raise CellRCNNError('running on a Dask cluster needs the model file, which its workers load')
     client = connect_dask(scheduler)
+    model = detector.model
     spec = {'slide': slide.path, 'slide_args': slide.open_args, 'model': os.path.abspath(model_path),
-            'device': 'auto', 'batch_size': detector.batch_size, 'score_thresh': detector.score_thresh,
-            'nms_thresh': detector.model.config.nms_thresh}
+            'device': str(detector.device), 'batch_size': detector.batch_size, 'score_thresh': detector.score_thresh,
+            'nms_thresh': model.config.nms_thresh, 'anchor_upsample': model.config.anchor_upsample}
+    batchnorm = batchnorm_stats(model)  # as adapted to this slide
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode())
+    for name, value in batchnorm.items():
+        key.update(name.encode() + value.tobytes())
+    spec.update(key=key.hexdigest(), batchnorm=batchnorm)
     batches = [todo[i:i + detector.batch_size] for i in range(0, len(todo), detector.batch_size)]
     try:
         futures = client.map(run_batch_on_worker, batches, spec=spec, pure=False)
@@ -248,14 +306,18 @@ _WORKER_STATE = {}
 
 
 def run_batch_on_worker(tiles, spec):
-    """On a Dask worker: read and detect a batch of tiles (the slide and the model are opened once per worker)."""
+    """On a Dask worker: read and detect a batch of tiles. The slide and the model (as :func:`dask_batches` describes
+    it in ``spec``: file, BatchNorm statistics, anchor density, thresholds, device) are set up once per worker and
+    spec ``key``."""
     from .checkpoint import load_model
     from .inference import Detector
 
-    key = json.dumps(spec, sort_keys=True)
+    key = spec['key']
     if key not in _WORKER_STATE:
         _WORKER_STATE.clear()
         model = load_model(spec['model'])
+        model.set_anchor_upsample(spec['anchor_upsample'])
+        load_batchnorm_stats(model, spec['batchnorm'])
         model.set_thresholds(nms_thresh=spec['nms_thresh'])
         detector = Detector(model, device=spec['device'], batch_size=spec['batch_size'],
                             score_thresh=spec['score_thresh'])

@@ -3,7 +3,7 @@
 import time
 
 from .inference import Detector
-from .metrics import best_f1_threshold, evaluate
+from .metrics import DEFAULT_SIZE_BINS, best_f1_threshold, evaluate
 
 
 def predict_samples(model, samples, device='auto', batch_size=8):
@@ -15,11 +15,12 @@ def predict_samples(model, samples, device='auto', batch_size=8):
     return [{'boxes': b, 'scores': s} for b, s in outputs], seconds
 
 
-def evaluate_model(model, samples, device='auto', batch_size=8, score_threshold=None):
-    """Metrics at the model's operating point (or ``score_threshold``), plus inference speed."""
+def evaluate_model(model, samples, device='auto', batch_size=8, score_threshold=None, size_bins=DEFAULT_SIZE_BINS):
+    """Metrics at the model's operating point (or ``score_threshold``), plus inference speed; ``size_bins``: the
+    box sides (px) between small, medium and large nuclei."""
     predictions, seconds = predict_samples(model, samples, device, batch_size)
     threshold = model.config.detect_thresh if score_threshold is None else score_threshold
-    metrics = evaluate(predictions, [boxes for _, boxes in samples], score_threshold=threshold)
+    metrics = evaluate(predictions, [boxes for _, boxes in samples], score_threshold=threshold, size_bins=size_bins)
     megapixels = sum(image.shape[0] * image.shape[1] for image, _ in samples) / 1e6
     metrics['seconds'] = seconds
     metrics['megapixels_per_second'] = megapixels / seconds if seconds else float('nan')

@@ -256,8 +256,8 @@ def region_tiles(slide, labelled, tile_size=512, overlap=64):
 
 
 def region_samples(tiles, labelled):
-    """``(image, boxes)`` samples of :func:`region_tiles`, with the slide's nuclei mapped onto each tile; boxes less
-    than half inside a tile are dropped (:func:`cellrcnn.data.keep_inside`)."""
+    """``(image, boxes)`` samples of :func:`region_tiles`, with the slide's nuclei mapped onto each tile; boxes
+    less than 40 % inside a tile (``synthetic.VISIBLE_FRACTION``) are dropped (:func:`cellrcnn.data.keep_inside`)."""
     from .data import keep_inside
 
     samples = []

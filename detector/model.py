@@ -152,6 +152,7 @@ class CellRCNN(GeneralizedRCNN):
         self.rpn._post_nms_top_n = {'training': math.ceil(cfg.rpn_post_nms_per_mpx_train * mpx),
                                     'testing': math.ceil(cfg.rpn_post_nms_per_mpx_test * mpx)}
         self.rpn.nms_thresh = cfg.rpn_nms_thresh if self.training else cfg.rpn_nms_thresh_test
+        self.rpn.score_thresh = 0.0 if self.training else cfg.rpn_score_thresh
         self.roi_heads.detections_per_img = math.ceil(cfg.detections_per_mpx * mpx)
         return super().forward(images, targets)
 

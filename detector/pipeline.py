@@ -11,6 +11,10 @@ from .errors import CellRCNNError
 
 OUTPUT_SUFFIXES = {'annotation': '.anot.json', 'density': '.density.anot.json', 'geojson': '.geojson',
                    'csv': '.csv', 'overlay': '.overlay.png', 'summary': '.summary.json'}
+#: the settings that change the detections (the rest, such as device or batch size, only how fast they come); with
+#: the slide and the model file they identify a run (resuming, cohort skipping, the annotation's ``params``)
+DETECTION_SETTINGS = ('magnification', 'mpp', 'roi', 'tile_size', 'overlap', 'min_tissue', 'threshold', 'nms',
+                      'anchor_upsample', 'adapt_tiles')
 
 
 @dataclass
@@ -27,6 +31,8 @@ class DetectionSettings:
     threshold: float = None
     nms: float = None
     anchor_upsample: int = None
+    #: re-estimate the model's BatchNorm statistics on this many of the slide's tissue tiles first (0: off)
+    adapt_tiles: int = 8
     element: str = 'rectangle'
     batch_size: int = 4
     workers: int = 2
@@ -62,12 +68,11 @@ def detect_to_files(slide_path, paths, settings, resume_dir=None):
     used = {**asdict(settings), 'model': os.path.basename(model_path), 'magnification': slide.magnification,
             'threshold': detector.score_thresh, 'nms': model.config.nms_thresh,
             'anchor_upsample': model.config.anchor_upsample}
-    identity = {k: used[k] for k in ('magnification', 'mpp', 'roi', 'tile_size', 'overlap', 'min_tissue',
-                                     'threshold', 'nms', 'anchor_upsample')}
+    identity = {k: used[k] for k in DETECTION_SETTINGS}
     result = detect_slide(slide, detector, roi=settings.roi, tile_size=settings.tile_size, overlap=settings.overlap,
                           min_tissue=settings.min_tissue, workers=settings.workers, resume_dir=resume_dir,
                           key=run_key(slide_path, model_path, identity), progress=settings.progress,
-                          scheduler=settings.scheduler, model_path=model_path)
+                          scheduler=settings.scheduler, model_path=model_path, adapt_tiles=settings.adapt_tiles)
     attributes = {'model': used['model'], 'model_config': model.config.to_dict(), 'cellrcnn': __version__,
                   'params': {k: used[k] for k in identity}}
     write_results(result, paths, settings.element, attributes)
@@ -124,7 +129,7 @@ def summary_lines(result, settings):
     lines.append(
         f'{st["detections"]} nuclei in {os.path.basename(st["slide"])} at {st["analysis_magnification"]:g}x: '
         f'{st["tissue_mm2"]:.2f} mm2 of tissue, {st["tiles_read"]} tiles read, {st["tiles_skipped"]} skipped as '
-        f'background; {sec["total"]:.1f} s (tissue {sec["tissue_and_grid"]:.1f}, read wait {sec["read"]:.1f}, '
-        f'detect {sec["detect"]:.1f}, merge {sec["merge"]:.2f}), {st["megapixels_per_second"]:.2f} Mpx/s on '
-        f'{st["device"]}')
+        f'background; {sec["total"]:.1f} s (tissue {sec["tissue_and_grid"]:.1f}, adapt {sec["adapt"]:.1f} on '
+        f'{st["adapt_tiles"]} tiles, read wait {sec["read"]:.1f}, detect {sec["detect"]:.1f}, merge '
+        f'{sec["merge"]:.2f}), {st["megapixels_per_second"]:.2f} Mpx/s on {st["device"]}')
     return lines

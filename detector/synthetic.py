@@ -8,9 +8,13 @@ Model of a tile
 * Tissue layout from smooth random fields: tissue vs white glass background (some tiles partly or wholly glass),
   epithelial/tumour regions (purple cytoplasm, crowded large pale nuclei) vs stroma (pink eosin with collagen-fibre
   texture and white cracks, spindle fibroblast nuclei aligned with the fibres, lymphocyte aggregates).
-* Nuclei (sizes in micrometres, converted with ``mpp``; every nucleus is 5-15 um across its longest extent):
+* Nuclei (sizes in micrometres, converted with ``mpp``; every nucleus is 4.5-15 um across its longest extent):
 
-  - lymphocytes: round, 5.8-7.4 um, very dark, nearly homogeneous chromatin;
+  - lymphocytes: round, 4.5-7 um, very dark (up to near-saturated), nearly homogeneous chromatin; a small
+    lymphocyte is 6-9 um across with a nucleus that nearly fills it (histology textbooks, e.g. Ross & Pawlina), and
+    a 3-5 um section cuts most nuclei off their equator, so their profiles on the slide are smaller still; on real
+    20x H&E they measure 10-12 px (5-6 um). Some tiles hold dense lymphocyte sheets (aggregates over most of the
+    tissue);
   - tumour / epithelial: 8.5-14.5 um, round to oval (aspect up to 1.6), pale and vesicular: granular chromatin,
     darker rim (nuclear membrane), 0-2 nucleoli; crowded in touching clusters;
   - stromal / fibroblast: spindles 9.5-15 um long and 2.6-4.2 um wide with pointed ends.
@@ -18,6 +22,8 @@ Model of a tile
   Each outline is an ellipse (or spindle) whose polar radius is jittered by low-order harmonics, so boundaries are
   irregular.  A nucleus is rasterised in a small local patch (pixel (r, c) is inside when its centre (c+0.5, r+0.5)
   is inside the outline); its box is exactly the extent of that pixel mask.
+* Hard negatives (training tiles): dark keratin or elastic strands, red blood cells with central pallor, specks of
+  nuclear debris and brown pigment, drawn beside (never over) the nuclei and never boxed.
 * Crowding: touching/overlapping nuclei are allowed, but no nucleus may be covered by others over more than 30% of
   its area.  This is enforced when nuclei are placed with a bound that does not depend on drawing order: the overlap
   of two nuclei is at most the lens area of their bounding circles, and the sum of those lens areas over all
@@ -34,8 +40,8 @@ Boxes
 -----
 ``float32`` N x 4 ``[x1, y1, x2, y2]`` in pixel-edge coordinates: pixel (r, c) covers [c, c+1) x [r, r+1), so
 x1 = min column of the nucleus mask, x2 = max column + 1 (same for rows).  Border rule: a nucleus cut by the tile
-(or slide) border is kept, with its box clipped to the tile, when at least half of its mask area lies inside the
-tile; otherwise it is dropped (it is still drawn, there is just no box for it).
+(or slide) border is kept, with its box clipped to the tile, when at least ``VISIBLE_FRACTION`` (0.4) of its mask
+area lies inside the tile; otherwise it is dropped (it is still drawn, there is just no box for it).
 
 Everything is deterministic given the ``numpy.random.Generator`` (or integer seed).
 """
@@ -55,13 +61,19 @@ KIND_NAMES = ('lymphocyte', 'tumour', 'fibroblast')
 #: Maximum fraction of a nucleus' area that other nuclei may cover (bound on the hidden part).
 MAX_HIDDEN = 0.3
 #: Nucleus size limits (longest extent, micrometres).
-MIN_SIZE_UM, MAX_SIZE_UM = 5.0, 15.0
+MIN_SIZE_UM, MAX_SIZE_UM = 4.5, 15.0
+#: A nucleus cut by a tile's edge gets its clipped box when at least this fraction of it is inside. Below the
+#: detector's NMS IoU (0.35) a clipped box would survive next to the whole box of the neighbouring tile; at 0.4 and
+#: above its IoU with that box is above the NMS threshold, so the slide-wide merge keeps one of them.
+VISIBLE_FRACTION = 0.4
 
 # Haematoxylin and eosin optical density vectors (R, G, B), normalised.  Between the Ruifrok & Johnston vectors
 # (H 0.65 0.70 0.29, E 0.07 0.99 0.11) and Macenko estimates on real 20x H&E (H ~ 0.54 0.75 0.38, E ~ 0.25-0.33
 # 0.8-0.9 0.34-0.5): the pure Ruifrok haematoxylin renders nuclei navy blue instead of purple.
 _H_OD = np.array([0.56, 0.74, 0.37])
 _E_OD = np.array([0.28, 0.82, 0.50])
+# brown pigment (haemosiderin, melanin): the optical density direction of DAB-like browns (histomicstk's 'dab')
+_P_OD = np.array([0.27, 0.57, 0.78])
 _LN10 = math.log(10.0)
 _NHARM = 4  # boundary jitter harmonics k = 2..5
 _FIELD_CELL_UM = 20.0  # spacing of the smooth layout field grid (micrometres)
@@ -197,7 +209,9 @@ class _Layout:
             ecover = rng.uniform(0.2, 0.6)
         self.e_thr = float(np.quantile(inner[..., _F_EPI], 1 - ecover)) if 0 < ecover < 1 else (
             -1e9 if ecover >= 1 else 1e9)
-        self.l_thr = float(np.quantile(inner[..., _F_LYMPH], 1 - rng.uniform(0.05, 0.5)))
+        # lymphocyte aggregates over 5-50 % of the tissue, or (one tile in five) a sheet over most of it
+        lcover = rng.uniform(0.6, 0.95) if rng.random() < 0.2 else rng.uniform(0.05, 0.5)
+        self.l_thr = float(np.quantile(inner[..., _F_LYMPH], 1 - lcover))
         self.crowding = crowding  # None: from the density field (slides)
 
     def sample(self, y0, x0, h, w, step=1, channels=_NF):
@@ -267,11 +281,11 @@ def _new_nuclei(rng, kind, cx, cy, style, fib_theta):
         if not c:
             continue
         if k == LYMPHOCYTE:
-            major[m] = rng.uniform(5.8, 7.4, c)
-            aspect[m] = rng.uniform(1.0, 1.2, c)
-            jit[m] = rng.uniform(0.01, 0.03, c)
-            h[m] = rng.uniform(0.9, 1.35, c)
-            tex[m] = rng.uniform(0.08, 0.16, c)
+            major[m] = rng.uniform(4.5, 7.0, c)
+            aspect[m] = rng.uniform(1.0, 1.15, c)
+            jit[m] = rng.uniform(0.01, 0.04, c)
+            h[m] = rng.uniform(1.05, 1.9, c)  # up to near-saturated: small lymphocytes are the darkest nuclei
+            tex[m] = rng.uniform(0.04, 0.12, c)
             rim[m] = rng.uniform(0.0, 0.15, c)
             e[m] = rng.uniform(0.05, 0.15, c)
         elif k == TUMOUR:
@@ -495,8 +509,8 @@ def _boxes_from_groups(groups, n, y0, x0, h, w):
 
 
 def _select_boxes(box, frac, y0, x0, h, w):
-    """Apply the border rule (keep when >= half the mask is inside) and clip; returns float32 N x 4."""
-    keep = frac >= 0.5
+    """Apply the border rule (keep when >= VISIBLE_FRACTION of the mask is inside) and clip; returns float32 N x 4."""
+    keep = frac >= VISIBLE_FRACTION
     b = box[keep].copy()
     b[:, [0, 2]] = np.clip(b[:, [0, 2]], x0, x0 + w)
     b[:, [1, 3]] = np.clip(b[:, [1, 3]], y0, y0 + h)
@@ -512,12 +526,13 @@ def _candidates(rng, layout, style, y0, x0, h, w, margin):
     f = layout.sample(y0 - margin, x0 - margin, gh, gw, step, channels=_NF if layout.crowding is None else 4)
     tissue, epi, lymph, fibw, crowd = layout.derived(f)
     # mean nucleus areas (px^2)
-    a_l = np.pi * (3.3 * ppu) ** 2
+    a_l = np.pi * (2.9 * ppu) ** 2
     a_t = np.pi * (style['tum_size'] * 0.5 * ppu) ** 2 / 1.3
     a_f = 12.0 * 3.4 * ppu * ppu * 0.8
     # intensities (expected nuclei per px^2) before the non-overlap rejection
     lam = np.stack([
-        tissue * ((1 - epi) * (0.004 + (0.05 + 0.9 * lymph) * crowd ** 1.5 * 0.7) + epi * 0.02 * crowd) / a_l,
+        tissue * ((1 - epi) * (0.004 + (0.035 * crowd ** 1.5 + lymph * (0.25 + 0.6 * crowd)) * 0.7)
+                  + epi * 0.02 * crowd) / a_l,
         tissue * epi * (0.02 + 3.0 * crowd ** 1.5) / a_t,
         tissue * (1 - epi) * (1 - 0.6 * lymph) * (0.02 + 0.16 * crowd) / a_f,
     ]).astype(np.float64)
@@ -591,11 +606,54 @@ def _fibre_noise(noise, key, y0, x0, h, w, theta, along, across, disp):
     return cv2.remap(np.dstack([g, gb]), U - np.float32(u0), V - np.float32(v0), cv2.INTER_CUBIC)
 
 
-def _render(layout, style, noise, y0, x0, h, w, drawn):
+def _clutter(rng, h, w, ppu):
+    """Hard negatives for a training tile: haematoxylin, eosin and pigment optical density maps (float32 h x w) of
+    dark keratin / elastic strands, red blood cells, nuclear debris and brown pigment, each present in some tiles."""
+    H, E, P = (np.zeros((h, w), np.float32) for _ in range(3))
+    scale = h * w / (256.0 * 256.0) * (0.5 * ppu) ** -2  # per 128 x 128 um
+    if rng.random() < 0.35:  # strands: smooth curves 15-80 um long, 0.5-2.5 um thick, dark purple to pink
+        for _ in range(rng.poisson(rng.uniform(2, 14) * scale)):
+            length, width = rng.uniform(15, 80) * ppu, rng.uniform(0.5, 2.5) * ppu
+            t = np.linspace(-0.5, 0.5, 24)[:, None]
+            a = rng.uniform(0, np.pi)
+            d, n = np.array([np.cos(a), np.sin(a)]), np.array([-np.sin(a), np.cos(a)])
+            bend = rng.uniform(-0.25, 0.25) * length * (4 * t * t - 1) + rng.uniform(0, 0.06) * length * np.sin(
+                rng.uniform(4, 14) * t + rng.uniform(0, 6))
+            pts = rng.uniform(0, [w, h]) + length * t * d + bend * n
+            mask = np.zeros((h, w), np.uint8)
+            cv2.polylines(mask, [np.round(pts * 4).astype(np.int32)], False, 1, max(1, int(round(width))),
+                          cv2.LINE_AA, shift=2)
+            H += mask * np.float32(rng.uniform(0.4, 1.3))
+            E += mask * np.float32(rng.uniform(0.2, 0.9))
+    if rng.random() < 0.3:  # red blood cells: 6.5-8 um discs with central pallor, in a small cluster
+        centre = rng.uniform(0, [w, h])
+        for _ in range(rng.integers(2, 30)):
+            c = centre + rng.normal(0, rng.uniform(5, 25) * ppu, 2)
+            r = rng.uniform(3.2, 4.0) * ppu
+            yy, xx = np.ogrid[:h, :w]
+            rho = np.hypot((xx + 0.5 - c[0]) / r, (yy + 0.5 - c[1]) / (r * rng.uniform(0.8, 1.0)))
+            E += np.where(rho <= 1, np.float32(rng.uniform(0.7, 1.5)) * (0.65 + 0.35 * np.clip(rho, 0.5, 1)), 0)
+    if rng.random() < 0.4:  # debris: specks 0.8-2.5 um, dark
+        for _ in range(rng.poisson(rng.uniform(2, 20) * scale)):
+            c = np.round(rng.uniform(0, [w, h]) * 4).astype(int)
+            cv2.circle(H, tuple(int(v) for v in c), int(round(rng.uniform(0.4, 1.25) * ppu * 4)),
+                       float(rng.uniform(0.6, 1.6)), -1, cv2.LINE_AA, shift=2)
+    if rng.random() < 0.15:  # brown pigment granules in clumps
+        for _ in range(rng.poisson(rng.uniform(1, 6) * scale)):
+            c = rng.uniform(0, [w, h])
+            for _ in range(rng.integers(3, 15)):
+                g = np.round((c + rng.normal(0, 2.5 * ppu, 2)) * 4).astype(int)
+                cv2.circle(P, tuple(int(v) for v in g), int(round(rng.uniform(0.3, 1.2) * ppu * 4)),
+                           float(rng.uniform(0.3, 1.0)), -1, cv2.LINE_AA, shift=2)
+    return H, E, P
+
+
+def _render(layout, style, noise, y0, x0, h, w, drawn, clutter=None):
     """Render the canvas [y0, y0+h) x [x0, x0+w) (global pixel coordinates) as float32 RGB (before blur / noise).
 
-    ``drawn``: list of (nuc, groups) batches in drawing order.  Also returns the label image (index into the
-    concatenation of the batches, -1 for no nucleus) for tests."""
+    ``drawn``: list of (nuc, groups) batches in drawing order; ``clutter``: optional (H, E, pigment) optical density
+    maps of hard negatives, added off the nuclei.  Also returns the label image (index into the concatenation of the
+    batches, -1 for no nucleus) for tests."""
     ppu = style['ppu']
     f = layout.sample_pixels(y0, x0, h, w)
     tissue, epi, lymph, fibw, _ = layout.derived(f)
@@ -679,9 +737,16 @@ def _render(layout, style, noise, y0, x0, h, w, drawn):
         E[isn] = allp['e'][li].astype(np.float32) + 0.25 * E[isn]
     else:
         lab = label.reshape(h, w)
-    # Beer-Lambert: I = I0 * 10 ** -(H * vH + E * vE) = exp(ln I0 - ln10 * (H * vH + E * vE))
-    m = np.stack([-_LN10 * style['vH'], -_LN10 * style['e_scale'] * style['vE'], np.log(style['i0'])], 1)
-    rgb = cv2.exp(cv2.transform(np.dstack([H, E]), m.astype(np.float32)))
+    P = np.zeros((h, w), np.float32)
+    if clutter is not None:
+        off = cv2.erode((lab < 0).view(np.uint8), np.ones((3, 3), np.uint8)).astype(np.float32)
+        H += clutter[0] * off
+        E += clutter[1] * off
+        P += clutter[2] * off
+    # Beer-Lambert: I = I0 * 10 ** -(H * vH + E * vE + P * vP) = exp(ln I0 - ln10 * (H * vH + E * vE + P * vP))
+    m = np.stack([-_LN10 * style['vH'], -_LN10 * style['e_scale'] * style['vE'], -_LN10 * _unit(_P_OD),
+                  np.log(style['i0'])], 1)
+    rgb = cv2.exp(cv2.transform(np.dstack([H, E, P]), m.astype(np.float32)))
     return rgb, lab
 
 
@@ -717,7 +782,7 @@ def _make_tile(rng, size=256, mpp=0.5, crowding=None, jpeg=True):
     nuc = _take(cand, acc)
     groups = _rasterise(nuc)
     noise = _RngNoise(rng)
-    rgb, lab = _render(layout, style, noise, 0, 0, h, w, [(nuc, groups)])
+    rgb, lab = _render(layout, style, noise, 0, 0, h, w, [(nuc, groups)], _clutter(rng, h, w, ppu))
     img = _finish(rgb, style, noise, 0, 0)
     if jpeg and rng.random() < 0.85:
         q = int(rng.integers(55, 96))
@@ -742,10 +807,19 @@ def make_tile(rng, size=256, mpp=0.5, crowding=None):
     return img, boxes
 
 
-def make_dataset(seed, count, size=256, mpp=0.5):
+def make_dataset(seed, count, size=256, mpp=0.5, scale=None):
     """``count`` tiles from one seed (different seeds give disjoint sets); tile i depends only on (seed, i), so a
-    longer dataset extends a shorter one with the same seed."""
-    return [make_tile(np.random.default_rng([int(seed), 0, i]), size, mpp) for i in range(int(count))]
+    longer dataset extends a shorter one with the same seed.
+
+    ``scale=(low, high)``: each tile is drawn with its nuclei and textures ``s`` times larger in pixels, ``s``
+    log-uniform in that range (as if scanned at ``mpp / s`` and labelled ``mpp``: a scanner's true 20x, a mis-stated
+    resolution, shrinkage in processing)."""
+    tiles = []
+    for i in range(int(count)):
+        rng = np.random.default_rng([int(seed), 0, i])
+        s = math.exp(rng.uniform(math.log(scale[0]), math.log(scale[1]))) if scale else 1.0
+        tiles.append(make_tile(rng, size, mpp / s))
+    return tiles
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .adapt import reestimate_batchnorm
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from .data import Augmenter, TileDataset, collate, labelled_set, to_tensor
+from .data import Augmenter, TileDataset, collate, labelled_set
 from .devices import autocast, resolve_device
 from .errors import CellRCNNError
 from .model import build_model
@@ -31,6 +32,8 @@ class TrainConfig:
     data: str = None
     synthetic_tiles: int = 2000
     synthetic_seed: int = 1000
+    #: synthetic nuclei drawn this many times larger (log-uniform per tile), before the augmenter's own jitter
+    synthetic_scale: tuple = (0.8, 1.25)
     annotation_name: str = None
     point_box_size: float = None
     checkpoint_every: int = 500
@@ -44,6 +47,8 @@ class TrainConfig:
             raise CellRCNNError(f'tile_size must be a multiple of 32, not {self.tile_size}')
         if not 0 <= self.warmup_steps < self.steps:
             raise CellRCNNError('warmup_steps must be between 0 and steps')
+        if not 0 < self.synthetic_scale[0] <= self.synthetic_scale[1]:
+            raise CellRCNNError(f'synthetic_scale must be LOW HIGH with 0 < LOW <= HIGH, not {self.synthetic_scale}')
         if self.lr <= 0:
             raise CellRCNNError(f'lr must be positive, not {self.lr}')
         return self
@@ -57,7 +62,6 @@ def lr_factor(step, warmup, total, floor=0.01):
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-@torch.no_grad()
 def precise_bn(model, samples, tile_size, device, count=256, batch_size=8):
     """Re-estimate BatchNorm statistics on un-augmented training tiles (Detectron's PreciseBN).
 
@@ -68,18 +72,7 @@ def precise_bn(model, samples, tile_size, device, count=256, batch_size=8):
     crop = Augmenter(tile_size, scale_jitter=0, stain_sigma=None, flips=False)
     rng = np.random.default_rng(0)
     tiles = [crop(image, boxes, rng)[0] for image, boxes in samples[:count]]
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over every batch below
-    model.train()
-    for start in range(0, len(tiles), batch_size):
-        images = [to_tensor(t).to(device) for t in tiles[start:start + batch_size]]
-        model.backbone(model.transform(images)[0].tensors)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.eval()
+    reestimate_batchnorm(model, tiles, device, batch_size)
 
 
 def train(model_config, train_config, out_dir, device='auto', resume=None, samples=None, progress=True, init=None,
@@ -109,7 +102,7 @@ def train(model_config, train_config, out_dir, device='auto', resume=None, sampl
     model.to(device, memory_format=torch.channels_last).train()
     if samples is None:
         samples = labelled_set(cfg.data, cfg.synthetic_seed, cfg.synthetic_tiles, cfg.tile_size, model.config.mpp,
-                               cfg.annotation_name, cfg.point_box_size)
+                               cfg.annotation_name, cfg.point_box_size, scale=cfg.synthetic_scale)
     dataset = TileDataset(samples, Augmenter(cfg.tile_size), seed=cfg.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
                                          num_workers=cfg.workers, drop_last=len(dataset) >= cfg.batch_size,

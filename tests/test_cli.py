@@ -47,6 +47,18 @@ def test_detect_on_a_slide_writes_annotations_geojson_csv_and_overview(tmp_path,
     assert f'{len(doc["elements"])} nuclei' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize('option, tiles', [([], 8), (['--adapt-tiles', '2'], 2), (['--no-adapt'], 0)])
+def test_adapting_to_the_slide_is_on_by_default_and_set_by_its_options(tmp_path, slide_file, tiny_checkpoint, capsys,
+                                                                     option, tiles):
+    out = tmp_path / 'out'
+    assert main(['detect', str(slide_file), '-o', str(out), '--model', str(tiny_checkpoint), '--tile-size', '256',
+                 '--progress', 'none', *option]) == 0
+    attributes = json.loads((out / 'slide.anot.json').read_text())['attributes']
+    assert attributes['params']['adapt_tiles'] == tiles  # part of the run's identity
+    assert attributes['stats']['adapt_tiles'] == tiles and attributes['stats']['tiles_read'] > 8
+    assert f' on {tiles} tiles, ' in capsys.readouterr().out
+
+
 def test_an_image_without_resolution_needs_mpp(tmp_path, image_file, tiny_checkpoint):
     out = tmp_path / 'out'
     assert main(['detect', str(image_file), '-o', str(out), '--model', str(tiny_checkpoint), '--mpp', '0.5',
@@ -61,6 +73,7 @@ def test_an_image_without_resolution_needs_mpp(tmp_path, image_file, tiny_checkp
     (['detect', '{slide}', '--threshold', '1.5'], 'score threshold must be between 0 and 1'),
     (['detect', '{slide}', '--overlap', '2000'], 'overlap must be'),
     (['detect', '{slide}', '--roi', '9000,9000,10,10'], 'outside the slide'),
+    (['detect', '{slide}', '--adapt-tiles', '-1'], 'number of tiles to adapt to the slide must be 0'),
     (['detect', '{slide}', '--magnification', '40'], 'would only upsample it'),
     (['detect', '{slide}', '--model', '{image}'], 'not a readable checkpoint'),
     (['detect', '{slide}', '--device', 'cuda'], 'no CUDA GPU'),

@@ -106,6 +106,7 @@ def test_glass_only_slide_gives_an_empty_result(tmp_path, detector):
     result = detect_slide(Slide(path), detector, tile_size=256, overlap=32, progress='none')
     assert len(result.boxes) == 0
     assert result.stats['tiles_read'] == 0 and result.stats['tiles_skipped'] == result.stats['tiles']
+    assert result.stats['adapt_tiles'] == 0  # no tissue to adapt to
 
 
 def test_bad_engine_settings(slide_path, detector):
@@ -116,6 +117,8 @@ def test_bad_engine_settings(slide_path, detector):
         detect_slide(slide, detector, min_tissue=2)
     with pytest.raises(CellRCNNError, match='outside the slide'):
         detect_slide(slide, detector, roi=(5000, 5000, 100, 100))
+    with pytest.raises(CellRCNNError, match='number of tiles to adapt to the slide must be 0 .* or more, not -1'):
+        detect_slide(slide, detector, adapt_tiles=-1)
 
 
 def test_a_dask_cluster_gives_the_same_detections(slide_path, detector, tiny_checkpoint):
@@ -123,6 +126,19 @@ def test_a_dask_cluster_gives_the_same_detections(slide_path, detector, tiny_che
     kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, progress='none')
     local = detect_slide(slide, detector, **kwargs)
     spread = detect_slide(slide, detector, scheduler='local:2', model_path=str(tiny_checkpoint), **kwargs)
+    assert len(spread.boxes) == len(local.boxes) > 0
+    np.testing.assert_allclose(spread.boxes, local.boxes, atol=1e-3)
+    np.testing.assert_allclose(spread.scores, local.scores, atol=1e-4)
+
+
+def test_dask_workers_detect_with_the_adapted_statistics_and_the_anchor_density_of_the_detector(
+        slide_path, detector, tiny_checkpoint):
+    slide = Slide(slide_path)
+    detector.model.set_anchor_upsample(2)  # an override that the model file on the workers does not hold
+    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, progress='none', adapt_tiles=4)
+    local = detect_slide(slide, detector, **kwargs)
+    spread = detect_slide(slide, detector, scheduler='local:1', model_path=str(tiny_checkpoint), **kwargs)
+    assert local.stats['adapt_tiles'] == spread.stats['adapt_tiles'] == 4
     assert len(spread.boxes) == len(local.boxes) > 0
     np.testing.assert_allclose(spread.boxes, local.boxes, atol=1e-3)
     np.testing.assert_allclose(spread.scores, local.scores, atol=1e-4)

@@ -51,6 +51,16 @@ def test_limits_scale_with_the_tile_area():
     assert small >= 200  # hundreds of nuclei fit a 256 px tile at 20x
 
 
+def test_objectness_floor_applies_at_inference_only():
+    model = build_model(ModelConfig(rpn_score_thresh=0.3))
+    seen = []
+    model.rpn.register_forward_pre_hook(lambda m, args: seen.append(m.score_thresh))
+    model.train()(([torch.rand(3, 64, 64)]), targets(1))
+    with torch.no_grad():
+        model.eval()([torch.rand(3, 64, 64)])
+    assert seen == [0.0, 0.3]  # training proposals are sampled from everything; inference drops weak anchors
+
+
 def test_checkpoint_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path):
     torch.manual_seed(1)
     config = ModelConfig(anchor_upsample=4, fpn_channels=32, score_thresh=0.0)

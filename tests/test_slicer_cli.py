@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from cellrcnn.pipeline import DetectionSettings
 from cellrcnn.synthetic import write_slide
 
 CLI_DIR = os.path.join(os.path.dirname(__file__), '..', 'cli')
@@ -29,8 +30,11 @@ def test_list_cli_and_xml():
     names = {e.findtext('name') for e in root.iter() if e.find('name') is not None}
     assert {'inputImageFile', 'analysis_roi', 'outputCellAnnotationFile', 'outputDensityAnnotationFile',
             'analysis_mag', 'analysis_tile_size', 'tile_overlap', 'min_tissue_frac', 'score_threshold', 'nms_iou',
-            'anchor_upsample', 'element_type', 'model_file', 'device', 'batch_size', 'scheduler', 'girderApiUrl',
-            'girderToken'} <= names
+            'anchor_upsample', 'adapt_tiles', 'element_type', 'model_file', 'device', 'batch_size', 'scheduler',
+            'girderApiUrl', 'girderToken'} <= names
+    adapt = next(e for e in root.iter('integer') if e.findtext('name') == 'adapt_tiles')
+    assert adapt.findtext('label') == "Adapt to this slide's staining"
+    assert int(adapt.findtext('default')) == DetectionSettings.adapt_tiles == 8  # on by default, as in cellrcnn detect
     outputs = [e for e in root.iter('file') if e.findtext('channel') == 'output']
     assert all(e.get('reference') == 'inputImageFile' and e.findtext('name').endswith('AnnotationFile')
                for e in outputs)
@@ -47,7 +51,7 @@ def test_a_full_run_through_the_entrypoint(slide, tiny_checkpoint, tmp_path):
     nuclei, density = tmp_path / 'nuclei.anot', tmp_path / 'density.anot'
     run = entrypoint('CellDetection', str(slide), str(nuclei), '--outputDensityAnnotationFile', str(density),
                      '--model_file', str(tiny_checkpoint), '--analysis_tile_size', '256', '--element_type', 'point',
-                     '--analysis_roi', '0,0,500,400', '--api-url', '', '--girder-token', '')
+                     '--analysis_roi', '0,0,500,400', '--adapt_tiles', '3', '--api-url', '', '--girder-token', '')
     assert run.returncode == 0, run.stderr
     assert '<filter-progress>1.000</filter-progress>' in run.stdout and '<filter-end>' in run.stdout
     doc = json.loads(nuclei.read_text())
@@ -55,6 +59,7 @@ def test_a_full_run_through_the_entrypoint(slide, tiny_checkpoint, tmp_path):
     assert all(e['type'] == 'point' and e['center'][0] <= 500 + 64 and e['center'][1] <= 400 + 64
                for e in doc['elements'])
     assert doc['attributes']['params']['roi'] == [0, 0, 500, 400]
+    assert doc['attributes']['params']['adapt_tiles'] == doc['attributes']['stats']['adapt_tiles'] == 3
     heat = json.loads(density.read_text())
     assert heat['elements'][0]['type'] == 'griddata'
     assert not (tmp_path / 'nuclei.anot.partial').exists()

@@ -17,7 +17,7 @@ def settings_from(args):
         overlap=args.tile_overlap, min_tissue=args.min_tissue_frac,
         threshold=args.score_threshold if args.score_threshold >= 0 else None,
         nms=args.nms_iou if args.nms_iou >= 0 else None, anchor_upsample=args.anchor_upsample or None,
-        element=args.element_type, batch_size=args.batch_size, device=args.device,
+        adapt_tiles=args.adapt_tiles, element=args.element_type, batch_size=args.batch_size, device=args.device,
         scheduler=args.scheduler or None, progress='slicer')
 
 
