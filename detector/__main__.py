@@ -161,6 +161,8 @@ def _positive_int(text):
 
 def _add_detection_options(p):
     """The options of ``detect`` and ``batch`` that go into ``pipeline.DetectionSettings``."""
+    from .pipeline import DetectionSettings
+
     p.add_argument('--magnification', type=float, help="analysis magnification (default: the model's, 20x)")
     p.add_argument('--mpp', type=float, help='microns per base pixel, for slides that do not state it')
     p.add_argument('--model', help='checkpoint (default: the bundled model)')
@@ -168,12 +170,9 @@ def _add_detection_options(p):
     p.add_argument('--nms', type=float, help='NMS IoU threshold')
     p.add_argument('--anchor-upsample', dest='anchor_upsample', type=int, choices=[1, 2, 4],
                    help="anchor density upsampling at inference (default: the model's)")
-    adapt = p.add_mutually_exclusive_group()
-    adapt.add_argument('--adapt-tiles', dest='adapt_tiles', type=int, default=8, metavar='N',
-                       help="adapt the model to the slide's staining first: re-estimate its BatchNorm statistics on "
-                            "N of the slide's tissue tiles (default 8; 0: off)")
-    adapt.add_argument('--no-adapt', dest='adapt_tiles', action='store_const', const=0,
-                       help='do not adapt the model to the slide (same as --adapt-tiles 0)')
+    p.add_argument('--adapt-tiles', dest='adapt_tiles', type=int, default=DetectionSettings.adapt_tiles, metavar='N',
+                   help="adapt the model to the slide's staining first: re-estimate its BatchNorm statistics on N of "
+                        "the slide's tissue tiles, e.g. 8 (default 0: off; docs/real-tissue.md says when it helps)")
     p.add_argument('--tile-size', dest='tile_size', type=_positive_int, default=1024, help='tile side in analysis px')
     p.add_argument('--overlap', type=int, default=64, help='px shared by neighbouring tiles (>= largest nucleus)')
     p.add_argument('--min-tissue', dest='min_tissue', type=float, default=0.05,

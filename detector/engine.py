@@ -94,7 +94,7 @@ class RowStore:
 
 
 def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tissue=0.05, workers=2,
-                 resume_dir=None, key='', progress='auto', scheduler=None, model_path=None, adapt_tiles=8):
+                 resume_dir=None, key='', progress='auto', scheduler=None, model_path=None, adapt_tiles=0):
     """Detect nuclei over a slide (or a base-pixel ROI ``(x, y, w, h)``) with an ``inference.Detector``.
 
     With ``adapt_tiles`` > 0 the model's BatchNorm statistics are first re-estimated on up to that many of the slide's

@@ -47,8 +47,8 @@ def test_detect_on_a_slide_writes_annotations_geojson_csv_and_overview(tmp_path,
     assert f'{len(doc["elements"])} nuclei' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize('option, tiles', [([], 8), (['--adapt-tiles', '2'], 2), (['--no-adapt'], 0)])
-def test_adapting_to_the_slide_is_on_by_default_and_set_by_its_options(tmp_path, slide_file, tiny_checkpoint, capsys,
+@pytest.mark.parametrize('option, tiles', [([], 0), (['--adapt-tiles', '2'], 2), (['--adapt-tiles', '8'], 8)])
+def test_adapting_to_the_slide_is_off_by_default_and_set_by_its_option(tmp_path, slide_file, tiny_checkpoint, capsys,
                                                                      option, tiles):
     out = tmp_path / 'out'
     assert main(['detect', str(slide_file), '-o', str(out), '--model', str(tiny_checkpoint), '--tile-size', '256',

@@ -101,12 +101,12 @@ def test_a_second_run_skips_finished_slides_and_changed_settings_recompute(cohor
         assert int(strict[slide]['cells']) < int(before[slide]['cells'])
         assert os.stat(summaries[slide]).st_mtime_ns != stamps[slide]
 
-    code, _, _, unadapted = run_batch(folder, '-o', output, '--threshold', '0.999', '--no-adapt')
+    code, _, _, adapted = run_batch(folder, '-o', output, '--threshold', '0.999', '--adapt-tiles', '2')
     for slide in truth:
-        assert unadapted[slide]['status'] == 'done'  # not adapting to the slide is another result
+        assert adapted[slide]['status'] == 'done'  # adapting to the slide is another result
         stem = os.path.splitext(os.path.basename(slide))[0]
-        doc = json.loads((output / unadapted[slide]['output'] / f'{stem}.anot.json').read_text())
-        assert doc['attributes']['params']['adapt_tiles'] == doc['attributes']['stats']['adapt_tiles'] == 0
+        doc = json.loads((output / adapted[slide]['output'] / f'{stem}.anot.json').read_text())
+        assert doc['attributes']['params']['adapt_tiles'] == doc['attributes']['stats']['adapt_tiles'] == 2
 
 
 def test_slides_spread_over_local_dask_workers_give_the_same_counts(cohort, first_run, tmp_path):

@@ -34,7 +34,7 @@ def test_list_cli_and_xml():
             'girderApiUrl', 'girderToken'} <= names
     adapt = next(e for e in root.iter('integer') if e.findtext('name') == 'adapt_tiles')
     assert adapt.findtext('label') == "Adapt to this slide's staining"
-    assert int(adapt.findtext('default')) == DetectionSettings.adapt_tiles == 8  # on by default, as in cellrcnn detect
+    assert int(adapt.findtext('default')) == DetectionSettings.adapt_tiles == 0  # off by default, as in cellrcnn detect
     outputs = [e for e in root.iter('file') if e.findtext('channel') == 'output']
     assert all(e.get('reference') == 'inputImageFile' and e.findtext('name').endswith('AnnotationFile')
                for e in outputs)
