@@ -106,7 +106,8 @@ def test_a_second_run_skips_finished_slides_and_changed_settings_recompute(cohor
         assert adapted[slide]['status'] == 'done'  # adapting to the slide is another result
         stem = os.path.splitext(os.path.basename(slide))[0]
         doc = json.loads((output / adapted[slide]['output'] / f'{stem}.anot.json').read_text())
-        assert doc['attributes']['params']['adapt_tiles'] == doc['attributes']['stats']['adapt_tiles'] == 2
+        assert doc['attributes']['params']['adapt_tiles'] == 2
+        assert 1 <= doc['attributes']['stats']['adapt_tiles'] <= 2  # as many as the slide has tissue tiles
 
 
 def test_slides_spread_over_local_dask_workers_give_the_same_counts(cohort, first_run, tmp_path):
