@@ -127,10 +127,11 @@ def summary_lines(result, settings):
     if st['tiles_read'] == 0 and not st['tile_rows_resumed']:
         lines.append(f'no tissue found in {st["slide"]} (all {st["tiles"]} tiles below the minimum tissue fraction '
                      f'{settings.min_tissue}): the annotation is empty')
+    adapt = f'adapt {sec["adapt"]:.1f} on {st["adapt_tiles"]} tiles, ' if st['adapt_tiles'] else ''
     lines.append(
         f'{st["detections"]} nuclei in {os.path.basename(st["slide"])} at {st["analysis_magnification"]:g}x: '
         f'{st["tissue_mm2"]:.2f} mm2 of tissue, {st["tiles_read"]} tiles read, {st["tiles_skipped"]} skipped as '
-        f'background; {sec["total"]:.1f} s (tissue {sec["tissue_and_grid"]:.1f}, adapt {sec["adapt"]:.1f} on '
-        f'{st["adapt_tiles"]} tiles, read wait {sec["read"]:.1f}, detect {sec["detect"]:.1f}, merge '
-        f'{sec["merge"]:.2f}), {st["megapixels_per_second"]:.2f} Mpx/s on {st["device"]}')
+        f'background; {sec["total"]:.1f} s (tissue {sec["tissue_and_grid"]:.1f}, {adapt}read wait {sec["read"]:.1f}, '
+        f'detect {sec["detect"]:.1f}, merge {sec["merge"]:.2f}), {st["megapixels_per_second"]:.2f} Mpx/s on '
+        f'{st["device"]}')
     return lines
