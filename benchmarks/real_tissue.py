@@ -32,12 +32,12 @@ import zipfile
 import cv2
 import numpy as np
 
+from cellrcnn.__main__ import SAMPLE_SLIDE
 from cellrcnn.adapt import reestimate_batchnorm
 from cellrcnn.checkpoint import BUNDLED_MODEL, load_model
 from cellrcnn.inference import Detector
 from cellrcnn.synthetic import make_dataset
 
-SAMPLE = os.path.join(os.path.dirname(BUNDLED_MODEL), '..', 'data', 'CMU-1-Small-Region.svs')
 #: (name, x, y) of 512 px crops of the bundled sample at base resolution (20x)
 SAMPLE_CROPS = (('cmu-stroma-cells', 850, 650), ('cmu-epidermis', 950, 1650), ('cmu-keratin', 1150, 1050),
                 ('cmu-rete-ridges', 1450, 2400))
@@ -67,7 +67,7 @@ def real_images(folder):
     """(name, RGB uint8 image, um per px) of every real image."""
     import large_image
 
-    source = large_image.open(SAMPLE)
+    source = large_image.open(SAMPLE_SLIDE)
     mpp = source.getMetadata()['mm_x'] * 1000
     for name, x, y in SAMPLE_CROPS:
         region = {'left': x, 'top': y, 'width': 512, 'height': 512, 'units': 'base_pixels'}

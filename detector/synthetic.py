@@ -627,10 +627,10 @@ def _clutter(rng, h, w, ppu):
             E += mask * np.float32(rng.uniform(0.2, 0.9))
     if rng.random() < 0.3:  # red blood cells: 6.5-8 um discs with central pallor, in a small cluster
         centre = rng.uniform(0, [w, h])
+        yy, xx = np.ogrid[:h, :w]
         for _ in range(rng.integers(2, 30)):
             c = centre + rng.normal(0, rng.uniform(5, 25) * ppu, 2)
             r = rng.uniform(3.2, 4.0) * ppu
-            yy, xx = np.ogrid[:h, :w]
             rho = np.hypot((xx + 0.5 - c[0]) / r, (yy + 0.5 - c[1]) / (r * rng.uniform(0.8, 1.0)))
             E += np.where(rho <= 1, np.float32(rng.uniform(0.7, 1.5)) * (0.65 + 0.35 * np.clip(rho, 0.5, 1)), 0)
     if rng.random() < 0.4:  # debris: specks 0.8-2.5 um, dark
