@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cellrcnn.config import ModelConfig
-from cellrcnn.data import labelled_set
+from cellrcnn.samples import labelled_set
 from cellrcnn.evaluate import calibrate_threshold, evaluate_model
 from cellrcnn.inference import Detector
 from cellrcnn.metrics import DEFAULT_SIZE_BINS

@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 from cellrcnn.checkpoint import load_model
-from cellrcnn.data import to_tensor
+from cellrcnn.samples import to_tensor
 from cellrcnn.inference import Detector
 from cellrcnn.synthetic import make_tile
 

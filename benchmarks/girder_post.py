@@ -6,7 +6,7 @@
 
 Starts a throwaway server the way the tests do (cellrcnn.local_girder: SecantusDB in memory + ``girder serve``
 with the DSA plugins, in .venv-girder or the virtualenv CELLRCNN_GIRDER_PYTHON names), uploads a synthetic slide,
-then for each route asked for: posts the annotation with ``cellrcnn.girder.post_annotations`` (for the upload route
+then for each route asked for: posts the annotation with ``cellrcnn.girder_post.post_annotations`` (for the upload route
 this includes the server's ingest: it returns once the annotation is stored) and reads it back with
 ``GET /annotation/{id}``, checking the element count. With --rerun it posts again, which replaces (deletes) the
 first: the cost of re-running a slide. Prints one line per post, with the CPU seconds each server process used;
@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from cellrcnn.annotation import detections_to_annotation
-from cellrcnn.girder import post_annotations
+from cellrcnn.girder_post import post_annotations
 from cellrcnn.local_girder import GirderServer, girder_python
 from cellrcnn.synthetic import write_slide
 

@@ -31,6 +31,9 @@ except ImportError:  # running from a checkout without installing
     sys.modules['cellrcnn'] = _pkg
     StreamingNMS = importlib.import_module('cellrcnn.merge').StreamingNMS
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
+from support import simulate_slide  # noqa: E402  (one copy, shared with tests/test_merge.py)
+
 TILE, OVERLAP, SIZE, IOU, MAX_BOX = 512, 64, (8.0, 32.0), 0.5, 48.0
 
 
@@ -38,36 +41,7 @@ def simulate(n_target, rng):
     """Tile rows [(top of row, [(boxes, scores) per tile])] of about n_target raw detections."""
     n_objects = int(n_target / 2.65)  # about 2.65 raw detections per nucleus
     side = int(np.sqrt(n_objects * 1600.0))  # one nucleus per 40 x 40 px on average
-    step = TILE - OVERLAP
-    nt = max(1, -(-(side - OVERLAP) // step))
-    wh = rng.uniform(*SIZE, (n_objects, 2))
-    xy = rng.uniform(0, 1, (n_objects, 2)) * (side - wh)
-    objects = np.concatenate([xy, xy + wh], 1)
-    pairs = []
-    for ox in (-1, 0, 1):
-        for oy in (-1, 0, 1):
-            tx = np.minimum(np.floor(objects[:, 0] / step).astype(np.int64) + ox, nt - 1)
-            ty = np.minimum(np.floor(objects[:, 1] / step).astype(np.int64) + oy, nt - 1)
-            pairs.append(np.stack([np.arange(n_objects), tx, ty], 1))
-    pairs = np.unique(np.concatenate(pairs), axis=0)
-    pairs = pairs[(pairs[:, 1] >= 0) & (pairs[:, 2] >= 0)]
-    origin = pairs[:, 1:] * step
-    obj = objects[pairs[:, 0]]
-    lo, hi = np.maximum(obj[:, :2], origin), np.minimum(obj[:, 2:], origin + TILE)
-    visible = np.prod(np.clip(hi - lo, 0, None), 1) >= 0.3 * np.prod(obj[:, 2:] - obj[:, :2], 1)
-    pairs, origin, obj = pairs[visible], origin[visible], obj[visible]
-    rep = np.repeat(np.arange(len(pairs)), rng.integers(1, 4, len(pairs)))
-    det = obj[rep] + rng.normal(0, 3.0, (len(rep), 4))
-    det[:, :2] = np.clip(det[:, :2], origin[rep], origin[rep] + TILE - 1)
-    det[:, 2:] = np.clip(det[:, 2:], det[:, :2] + 1, origin[rep] + TILE)
-    det = det.astype(np.float32)
-    scores = rng.uniform(0.05, 1, len(rep)).astype(np.float32)
-    tile_of = pairs[rep, 2] * nt + pairs[rep, 1]
-    order = np.lexsort((rng.random(len(rep)), tile_of))  # row-major tiles, detections shuffled within a tile
-    det, scores, tile_of = det[order], scores[order], tile_of[order]
-    bounds = np.searchsorted(tile_of, np.arange(nt * nt + 1))
-    return [(ty * step, [(det[bounds[t]:bounds[t + 1]], scores[bounds[t]:bounds[t + 1]])
-                         for t in range(ty * nt, (ty + 1) * nt)]) for ty in range(nt)]
+    return simulate_slide(rng, side, side, n_objects, tile=TILE, overlap=OVERLAP, size=SIZE)
 
 
 def run_streaming(rows):

@@ -18,6 +18,7 @@ disadvantage.
 """
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -30,10 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from anchor_ablation import crowded_set  # noqa: E402
 
-from cellrcnn.checkpoint import load_model  # noqa: E402
-from cellrcnn.data import labelled_set  # noqa: E402
+from cellrcnn.checkpoint import load_checkpoint, model_from_checkpoint, stored_config  # noqa: E402
 from cellrcnn.evaluate import evaluate_model  # noqa: E402
 from cellrcnn.inference import Detector  # noqa: E402
+from cellrcnn.samples import labelled_set  # noqa: E402
 from cellrcnn.synthetic import make_tile  # noqa: E402
 
 DEFAULT_LIMITS = ['8000,2500,0.6,0', '12000,6000,0.6,0.2', '24000,12000,0.6,0', '24000,12000,0.6,0.2',
@@ -41,11 +42,13 @@ DEFAULT_LIMITS = ['8000,2500,0.6,0', '12000,6000,0.6,0.2', '24000,12000,0.6,0', 
 
 
 def configured(path, pre, post, iou, score):
-    model = load_model(path)
-    model.config.rpn_pre_nms_per_mpx_test, model.config.rpn_post_nms_per_mpx_test = pre, post
-    model.config.detections_per_mpx = max(model.config.detections_per_mpx, post)
-    model.config.rpn_nms_thresh_test, model.config.rpn_score_thresh = iou, score
-    return model
+    """The model at ``path`` built with these proposal limits (its weights do not depend on them)."""
+    payload = load_checkpoint(path)
+    stored = stored_config(payload)
+    config = dataclasses.replace(stored, rpn_pre_nms_per_mpx_test=pre, rpn_post_nms_per_mpx_test=post,
+                                 detections_per_mpx=max(stored.detections_per_mpx, post), rpn_nms_thresh_test=iou,
+                                 rpn_score_thresh=score)
+    return model_from_checkpoint(payload, source=path, config=config).eval()
 
 
 def dense_set(seed=4001, count=40, keep=15):
@@ -108,10 +111,10 @@ def main():
 def compare_on_slide(path, detectors):
     from torchvision.ops import box_iou
 
-    from cellrcnn.engine import detect_slide
+    from cellrcnn.slide_detection import detect_slide
     from cellrcnn.slide import Slide
 
-    results = {s: detect_slide(Slide(path), d, progress='none') for s, d in detectors.items()}
+    results = {s: detect_slide(Slide(path), d) for s, d in detectors.items()}
     first = next(iter(results))
     reference = results[first]
     print(f'\n{os.path.basename(path)}: detections, and those of {first} without a match at IoU 0.5')

@@ -19,7 +19,7 @@ again on that ROI):
 
 * stock torchvision ``fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)`` on the very tiles cellrcnn
   reads (same grid, tissue skipping, reader threads, batch size, channels-last and, on a GPU, float16 autocast),
-  through the same engine (``cellrcnn.engine.detect_slide`` with the stock model standing in for the detector):
+  through the same engine (``cellrcnn.slide_detection.detect_slide`` with the stock model standing in for the detector):
   inference-only seconds and end-to-end seconds, in a subprocess (peak RSS).  Variant ``native`` keeps tiles at
   their size (torchvision's resize step turned off); ``resize800`` is torchvision's default resize.  The stock model is
   randomly initialised (no weights exist here): its speed is representative, its detections are not (no F1).
@@ -189,21 +189,12 @@ def read_htk_boxes(path):
 # evaluation of a whole slide as independent windows
 # ------------------------------------------------------------------------------------------------------------------
 
-def _pair_iou(a, b):
-    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
-    inter = iw * ih
-    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
-    with np.errstate(divide='ignore', invalid='ignore'):
-        return np.where(union > 0, inter / union, 0.0)
-
-
 def linked_pairs(pred, gt, threshold, cell=64.0, chunk=200_000):
     """(i, j) of every prediction/ground-truth pair with IoU >= threshold (and possibly a few more), in linear time:
     boxes with both sides <= cell are found through a grid of their top-left corners (overlapping boxes lie in
     neighbouring cells), larger ones are compared with everything."""
     from cellrcnn.merge import concat_ranges
-    from cellrcnn.metrics import box_iou
+    from cellrcnn.boxes import box_iou, iou
 
     out_i, out_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     if len(pred) == 0 or len(gt) == 0:
@@ -231,14 +222,14 @@ def linked_pairs(pred, gt, threshold, cell=64.0, chunk=200_000):
                 counts = hi - lo
                 pi = sp[np.repeat(q, counts)]
                 gj = sg[order[concat_ranges(lo, counts)]]
-                hit = _pair_iou(pred[pi], gt[gj]) >= threshold
+                hit = iou(pred[pi], gt[gj]) >= threshold
                 out_i.append(pi[hit])
                 out_j.append(gj[hit])
     for rows, against, flip in ((np.flatnonzero(big_p), gt, False), (np.flatnonzero(big_g), pred, True)):
         for start in range(0, len(rows), 256):
             r = rows[start:start + 256]
-            iou = box_iou((gt if flip else pred)[r], against)
-            a, b = np.nonzero(iou >= threshold)
+            overlap = box_iou((gt if flip else pred)[r], against)
+            a, b = np.nonzero(overlap >= threshold)
             out_i.append(b if flip else r[a])
             out_j.append(r[a] if flip else b)
     return np.concatenate(out_i), np.concatenate(out_j)
@@ -342,7 +333,7 @@ def slide_row(size, run, score):
 # ------------------------------------------------------------------------------------------------------------------
 
 class StockDetector:
-    """torchvision's fasterrcnn_resnet50_fpn standing in for ``cellrcnn.inference.Detector`` in the engine."""
+    """torchvision's fasterrcnn_resnet50_fpn standing in for ``cellrcnn.inference.Detector`` in the detection loop."""
 
     def __init__(self, variant, tile_size, device, batch_size):
         import types
@@ -365,7 +356,7 @@ class StockDetector:
     def detect_tiles(self, tiles):
         import torch
 
-        from cellrcnn.data import to_tensor
+        from cellrcnn.samples import to_tensor
         from cellrcnn.devices import autocast
 
         out = []
@@ -390,14 +381,13 @@ def stock_child(argv):
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--device', default='cpu')
     a = p.parse_args(argv)
-    from cellrcnn.engine import detect_slide
     from cellrcnn.slide import Slide
+    from cellrcnn.slide_detection import detect_slide
 
     detector = StockDetector(a.variant, a.tile_size, a.device, a.batch_size)
     slide = Slide(a.slide, magnification=10 / MPP)
     roi = tuple(float(v) for v in a.roi.split(',')) if a.roi else None
-    result = detect_slide(slide, detector, roi=roi, tile_size=a.tile_size, overlap=a.overlap, workers=a.workers,
-                          progress='none')
+    result = detect_slide(slide, detector, roi=roi, tile_size=a.tile_size, overlap=a.overlap, workers=a.workers)
     stats = {k: v for k, v in result.stats.items() if k != 'slide'}
     with open(a.json, 'w') as f:
         json.dump(stats, f, indent=2)

@@ -8,13 +8,15 @@ import sys
 
 from . import __version__
 from .errors import CellRCNNError, run_reporting_errors
+from .progress import MODES, Progress
+from .settings import AnnotationTrainingSettings, DetectionSettings
 
 SAMPLE_SLIDE = os.path.join(os.path.dirname(__file__), 'data', 'CMU-1-Small-Region.svs')
 
 
 def _detect(args):
-    from .girder import detect_target
-    from .pipeline import DetectionSettings, detect_to_files, output_paths, summary_lines
+    from .exports import summary_lines
+    from .job import detect_to_files, output_paths
 
     slide_path = args.slide or SAMPLE_SLIDE
     if not args.slide:
@@ -25,7 +27,7 @@ def _detect(args):
     resume_dir = None if args.no_resume else os.path.join(args.output, f'.{stem}.partial')
 
     def run():
-        post = detect_target(args)  # checks server, token and item before any detection runs
+        post = _poster(args)  # checks server, token and item before any detection runs
         result = detect_to_files(slide_path, paths, settings, resume_dir=resume_dir)
         print('\n'.join(summary_lines(result, settings)))
         print('wrote ' + ', '.join(p for p in paths.values() if p))
@@ -48,9 +50,19 @@ def _detect(args):
     detect_on_local_girder(slide_path, run_on, keep=args.keep_girder)
 
 
+def _poster(args):
+    """What posts ``cellrcnn detect``'s results to Girder (``girder_post.poster``), or None when not asked to."""
+    from .girder_post import poster
+
+    if not args.girder_url and not args.girder_item:
+        return None
+    if not args.girder_url or not args.girder_item:
+        raise CellRCNNError('posting to Girder needs both --girder-url and --item')
+    return poster(args.girder_url, args.girder_token, args.girder_item, progress=Progress(mode='auto'))
+
+
 def _batch(args):
     from .cohort import GirderFolder, batch
-    from .pipeline import DetectionSettings
 
     girder = None
     if args.girder_url or args.girder_folder:
@@ -62,7 +74,7 @@ def _batch(args):
     settings = DetectionSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DetectionSettings)
                                     if f.name not in ('scheduler', 'progress') and hasattr(args, f.name)})
     batch(args.source, args.output, settings, scheduler=args.scheduler, girder=girder,
-          log=lambda line: print(line, flush=True))
+          progress=Progress(mode='auto', name='cellrcnn batch', unit='slide'))
 
 
 def _roi(text):
@@ -84,7 +96,7 @@ def _model_config(args):
 
 def _train(args):
     from .checkpoint import save_checkpoint
-    from .data import labelled_set
+    from .samples import labelled_set
     from .evaluate import calibrate_threshold, evaluate_model
     from .metrics import format_report
     from .train import TrainConfig, train
@@ -92,7 +104,8 @@ def _train(args):
     defaults = TrainConfig()
     cfg = TrainConfig(**{f.name: getattr(args, f.name) if getattr(args, f.name, None) is not None
                          else getattr(defaults, f.name) for f in dataclasses.fields(TrainConfig)})
-    model, _ = train(_model_config(args), cfg, args.output, device=args.device, resume=args.resume, init=args.init)
+    model, _ = train(_model_config(args), cfg, args.output, device=args.device, resume=args.resume, init=args.init,
+                     progress=Progress(mode='auto', name='train', unit='step'))
     if args.val_data or not cfg.data:
         val = labelled_set(args.val_data, seed=args.val_seed, count=args.val_count, tile_size=cfg.tile_size,
                            mpp=model.config.mpp, annotation_name=cfg.annotation_name,
@@ -109,18 +122,17 @@ def _train(args):
 def _train_girder(args):
     from .girder_training import summary_lines, train_from_girder
 
-    result = train_from_girder(
-        args.girder_url, args.girder_token, args.girder_folder,
-        args.annotation_name, args.output, holdout=args.holdout, steps=args.steps, init=args.init,
-        from_scratch=args.from_scratch, output_folder=args.output_folder, name=args.name,
-        region_label=args.region_label, point_size_um=args.point_size, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, device=args.device, log=lambda line: print(line, flush=True))
+    settings = AnnotationTrainingSettings(**{f.name: getattr(args, f.name)
+                                             for f in dataclasses.fields(AnnotationTrainingSettings)})
+    result = train_from_girder(args.girder_url, args.girder_token, args.girder_folder, args.annotation_name,
+                               args.output, settings, output_folder=args.output_folder, name=args.name,
+                               progress=Progress(mode='auto', name='train-girder', unit='%'))
     print('\n'.join(summary_lines(result)))
 
 
 def _evaluate(args):
     from .checkpoint import load_model
-    from .data import labelled_set
+    from .samples import labelled_set
     from .evaluate import evaluate_model
     from .metrics import format_report
 
@@ -160,32 +172,39 @@ def _positive_int(text):
 
 
 def _add_detection_options(p):
-    """The options of ``detect`` and ``batch`` that go into ``pipeline.DetectionSettings``."""
-    from .pipeline import DetectionSettings
-
+    """The options of ``detect`` and ``batch`` that go into ``settings.DetectionSettings`` (and its defaults)."""
+    d = DetectionSettings
     p.add_argument('--magnification', type=float, help="analysis magnification (default: the model's, 20x)")
     p.add_argument('--mpp', type=float, help='microns per base pixel, for slides that do not state it')
     p.add_argument('--model', help='checkpoint (default: the bundled model)')
     p.add_argument('--threshold', type=float, help="score threshold (default: the model's calibrated one)")
-    p.add_argument('--nms', type=float, help='NMS IoU threshold')
+    p.add_argument('--nms', type=float, help="NMS IoU threshold (default: the model's)")
     p.add_argument('--anchor-upsample', dest='anchor_upsample', type=int, choices=[1, 2, 4],
                    help="anchor density upsampling at inference (default: the model's)")
-    p.add_argument('--adapt-tiles', dest='adapt_tiles', type=int, default=DetectionSettings.adapt_tiles, metavar='N',
+    p.add_argument('--adapt-tiles', dest='adapt_tiles', type=int, default=d.adapt_tiles, metavar='N',
                    help="adapt the model to the slide's staining first: re-estimate its BatchNorm statistics on N of "
-                        "the slide's tissue tiles, e.g. 8 (default 0: off; docs/real-tissue.md says when it helps)")
-    p.add_argument('--tile-size', dest='tile_size', type=_positive_int, default=1024, help='tile side in analysis px')
-    p.add_argument('--overlap', type=int, default=64, help='px shared by neighbouring tiles (>= largest nucleus)')
-    p.add_argument('--min-tissue', dest='min_tissue', type=float, default=0.05,
-                   help='skip tiles with less tissue than this fraction')
-    p.add_argument('--batch-size', dest='batch_size', type=_positive_int, default=4)
-    p.add_argument('--workers', type=int, default=2, help='tile reader threads')
-    p.add_argument('--element', choices=['rectangle', 'point'], default='rectangle')
-    p.add_argument('--device', default='auto', help='auto, cpu or cuda')
+                        f"the slide's tissue tiles, e.g. 8 (default {d.adapt_tiles}: off; docs/real-tissue.md says "
+                        "when it helps)")
+    p.add_argument('--tile-size', dest='tile_size', type=_positive_int, default=d.tile_size,
+                   help=f'tile side in analysis px (default {d.tile_size})')
+    p.add_argument('--overlap', type=int, default=d.overlap,
+                   help=f'px shared by neighbouring tiles, at least the largest nucleus (default {d.overlap})')
+    p.add_argument('--min-tissue', dest='min_tissue', type=float, default=d.min_tissue,
+                   help=f'skip tiles with less tissue than this fraction (default {d.min_tissue})')
+    p.add_argument('--batch-size', dest='batch_size', type=_positive_int, default=d.batch_size)
+    p.add_argument('--workers', type=int, default=d.workers, help='tile reader threads')
+    p.add_argument('--element', choices=['rectangle', 'point'], default=d.element)
+    p.add_argument('--device', default=d.device, help='auto, cpu or cuda')
+
+
+def _add_server_options(group, url_help='Girder API URL, e.g. https://dsa.example.org/api/v1', required=False):
+    """``--girder-url`` and ``--girder-token`` (default: the GIRDER_TOKEN environment variable) of a command."""
+    group.add_argument('--girder-url', dest='girder_url', required=required, help=url_help)
+    group.add_argument('--girder-token', dest='girder_token', default=os.environ.get('GIRDER_TOKEN'),
+                       help='Girder token (default: the GIRDER_TOKEN environment variable)')
 
 
 def build_parser():
-    from .girder import add_detect_options, add_server_options
-
     parser = argparse.ArgumentParser(prog='cellrcnn', description='Faster R-CNN nucleus detection for histology.')
     parser.add_argument('--version', action='version', version=f'cellrcnn {__version__}')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -197,9 +216,12 @@ def build_parser():
     _add_detection_options(p)
     p.add_argument('--scheduler', help='run tile batches on a dask.distributed cluster at this address, '
                                        'or on N local processes with local:N')
-    p.add_argument('--progress', choices=['auto', 'bar', 'slicer', 'none'], default='auto')
+    p.add_argument('--progress', choices=MODES, default=DetectionSettings.progress)
     p.add_argument('--no-resume', action='store_true', help='do not keep or reuse partial results')
-    group = add_detect_options(p)
+    group = p.add_argument_group('posting to Girder / the Digital Slide Archive')
+    _add_server_options(group, 'post the annotations to this Girder API (e.g. https://dsa.example.org/api/v1), '
+                               "replacing this model's previous result on the item; the files are written first")
+    group.add_argument('--item', dest='girder_item', help="id of the slide's item on Girder")
     group.add_argument('--local-girder', dest='local_girder', action='store_true',
                        help='run the whole DSA loop here: start a throwaway Girder with the DSA plugins '
                             '(./install.sh --with-girder), upload the slide, detect, post, read the annotations back')
@@ -216,7 +238,7 @@ def build_parser():
     p.add_argument('--scheduler', help='spread the slides over a dask.distributed cluster at this address, '
                                        'or over N local processes with local:N')
     group = p.add_argument_group('slides from Girder / the Digital Slide Archive (results are posted back)')
-    add_server_options(group)
+    _add_server_options(group)
     group.add_argument('--folder', dest='girder_folder', help='id of the Girder folder (its subfolders too)')
     p.set_defaults(run=_batch)
 
@@ -253,27 +275,29 @@ def build_parser():
     p = sub.add_parser('train-girder', help='train from nuclei annotated in HistomicsUI on a Girder folder of slides; '
                                             'evaluate on held-out slides; upload the model and its card')
     p.add_argument('-o', '--output', required=True, help='local folder: downloaded slides, NAME.pt and NAME.md')
-    add_server_options(p, required=True)
+    _add_server_options(p, required=True)
     p.add_argument('--folder', dest='girder_folder', required=True, help='id of the Girder folder of slides')
     p.add_argument('--annotation-name', dest='annotation_name', required=True,
                    help='name of the annotations that hold the nuclei (rectangles or points)')
-    p.add_argument('--region-label', dest='region_label', default='region',
-                   help='label of the rectangles/polygons that outline the annotated region (default: region; '
-                        'without one, the bounding box of the nuclei)')
-    p.add_argument('--point-size', dest='point_size', type=float, default=8.0,
-                   help='box side in micrometres for point annotations (default 8)')
-    p.add_argument('--holdout', default='1', help='held-out slides: a count or a fraction (default 1: the last)')
-    p.add_argument('--steps', type=_positive_int, default=300)
-    p.add_argument('--batch-size', dest='batch_size', type=_positive_int, default=4)
-    p.add_argument('--lr', type=float, default=1e-3)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--init', help='checkpoint to fine-tune (default: the bundled model)')
+    t = AnnotationTrainingSettings
+    p.add_argument('--region-label', dest='region_label', default=t.region_label,
+                   help='label of the rectangles/polygons that outline the annotated region (default: '
+                        f'{t.region_label}; without one, the bounding box of the nuclei)')
+    p.add_argument('--point-size', dest='point_size_um', type=float, default=t.point_size_um,
+                   help=f'box side in micrometres for point annotations (default {t.point_size_um:g})')
+    p.add_argument('--holdout', default=t.holdout,
+                   help=f'held-out slides: a count or a fraction (default {t.holdout:g}: the last)')
+    p.add_argument('--steps', type=_positive_int, default=t.steps)
+    p.add_argument('--batch-size', dest='batch_size', type=_positive_int, default=t.batch_size)
+    p.add_argument('--lr', type=float, default=t.lr)
+    p.add_argument('--seed', type=int, default=t.seed)
+    p.add_argument('--init', default=t.init, help='checkpoint to fine-tune (default: the bundled model)')
     p.add_argument('--from-scratch', dest='from_scratch', action='store_true',
                    help="train from random weights (with --init's configuration) instead of fine-tuning")
     p.add_argument('--output-folder', dest='output_folder',
                    help='id of a Girder folder to upload the model and its card to')
     p.add_argument('--name', help='model file name without .pt (default: cellrcnn-ANNOTATION_NAME)')
-    p.add_argument('--device', default='auto')
+    p.add_argument('--device', default=t.device)
     p.set_defaults(run=_train_girder)
 
     p = sub.add_parser('evaluate', help='precision, recall, F1 and COCO AP of a model on a labelled set')

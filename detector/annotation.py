@@ -18,7 +18,9 @@ import re
 
 import numpy as np
 
+from .boxes import as_detections, to_numpy
 from .errors import CellRCNNError
+from .files import atomic_write
 
 DEFAULT_NAME = 'cellrcnn nuclei'
 DEFAULT_CLASS = 'nucleus'
@@ -30,12 +32,6 @@ _COLOR_RE = re.compile(r'^(#[0-9a-fA-F]{3,6}|rgb\(\d+,\s*\d+,\s*\d+\)|'
 
 _WRITE_TYPES = ('rectangle', 'point')
 _READ_TYPES = ('rectangle', 'point', 'polyline', 'circle', 'ellipse')
-
-
-def _to_numpy(x):
-    if hasattr(x, 'detach'):  # torch tensor, without importing torch
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def _check_color(value, what):
@@ -51,7 +47,7 @@ def _class_names(labels, n, class_names):
     if isinstance(labels, str):
         raise CellRCNNError('labels must be one label per box, not a single string')
     if hasattr(labels, 'detach') or isinstance(labels, np.ndarray):
-        labels = _to_numpy(labels).tolist()
+        labels = to_numpy(labels).tolist()
     labels = list(labels)
     if len(labels) != n:
         raise CellRCNNError(f'got {len(labels)} labels for {n} boxes')
@@ -91,19 +87,8 @@ def _annotation_parts(boxes, scores, labels=None, name=DEFAULT_NAME, element_typ
     if attributes is not None and not isinstance(attributes, dict):
         raise CellRCNNError('attributes must be a dict')
 
-    b = _to_numpy(boxes).astype(np.float64, copy=False)
-    if b.size == 0:
-        b = b.reshape(0, 4)
-    if b.ndim != 2 or b.shape[1] != 4:
-        raise CellRCNNError(f'boxes must have shape (N, 4) as x1,y1,x2,y2; got shape {b.shape}')
+    b, s = as_detections(boxes, scores)
     n = len(b)
-    s = _to_numpy(scores).astype(np.float64, copy=False).reshape(-1)
-    if len(s) != n:
-        raise CellRCNNError(f'got {len(s)} scores for {n} boxes')
-    if not (np.isfinite(b).all() and np.isfinite(s).all()):
-        raise CellRCNNError('boxes and scores must be finite numbers')
-    if (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
-        raise CellRCNNError('boxes must be x1,y1,x2,y2 with x2 >= x1 and y2 >= y1')
     classes = _class_names(labels, n, class_names)
 
     # Vectorised arithmetic, then plain Python floats: no per-element numpy scalars.
@@ -164,13 +149,12 @@ def write_detections_annotation(path, boxes, scores, chunk=20_000, **options):
     few MB instead of about 1 KB each."""
     header, n, elements = _annotation_parts(boxes, scores, **options)
 
-    def write(f):
+    with atomic_write(path, 'annotation file') as f:
         f.write(_dumps(header)[:-1] + ',"elements":[')
         for i0 in range(0, n, chunk):
             f.write((',' if i0 else '') + _dumps(elements(i0, min(n, i0 + chunk)))[1:-1])
         f.write(']}')
-
-    return _write_atomically(path, write, 'annotation file')
+    return path
 
 
 # --------------------------------------------------------------------------- reading
@@ -333,30 +317,17 @@ def annotation_to_detections(doc, element_types=('rectangle', 'point'), point_bo
 
 def _dumps(value):
     # json.dumps uses the C encoder; json.dump (streaming) is pure Python, ~5x slower.
-    return json.dumps(value, separators=(',', ':'), allow_nan=False)
-
-
-def _write_atomically(path, write, what):
-    """``write(file)`` into a temporary file that replaces ``path`` only once complete; one-line errors."""
-    path = os.fspath(path)
-    tmp = f'{path}.tmp{os.getpid()}'
     try:
-        with open(tmp, 'w', encoding='utf-8') as f:
-            write(f)
-        os.replace(tmp, path)
-    except (OSError, TypeError, ValueError) as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise CellRCNNError(f'cannot write {what} {path}: {reason}') from None
-    return path
+        return json.dumps(value, separators=(',', ':'), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise CellRCNNError(f'cannot write an annotation that is not plain JSON ({exc})') from None
 
 
 def write_annotation(doc, path):
     """Write an annotation document (or list of documents) as a JSON file."""
-    return _write_atomically(path, lambda f: f.write(_dumps(doc)), 'annotation file')
+    with atomic_write(path, 'annotation file') as f:
+        f.write(_dumps(doc))
+    return path
 
 
 def read_annotation_file(path):

@@ -9,6 +9,7 @@ import torch
 from . import __version__
 from .config import ModelConfig
 from .errors import CellRCNNError
+from .files import atomic_write
 
 FORMAT = 'cellrcnn-checkpoint'
 BUNDLED_MODEL = os.path.join(os.path.dirname(__file__), 'models', 'cellrcnn-default.pt')
@@ -25,9 +26,8 @@ def save_checkpoint(path, model, half=False, **extra):
     payload = {'format': FORMAT, 'version': __version__, 'config': model.config.to_dict(), 'state_dict': state}
     payload.update(extra)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f'{path}.tmp'
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, 'checkpoint', binary=True) as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path):
@@ -46,10 +46,17 @@ def load_checkpoint(path):
     return payload
 
 
-def model_from_checkpoint(payload, source='checkpoint'):
+def stored_config(payload):
+    """The model configuration a checkpoint holds."""
+    return ModelConfig.from_dict(payload['config'])
+
+
+def model_from_checkpoint(payload, source='checkpoint', config=None):
+    """The checkpoint's model, built with ``config`` (default: its own; another one must not change the weights'
+    shapes: run-time settings such as thresholds or the anchor density)."""
     from .model import build_model
-    config = ModelConfig.from_dict(payload['config'])
-    model = build_model(config)
+
+    model = build_model(config or stored_config(payload))
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload['state_dict'].items()}
     try:
         model.load_state_dict(state)

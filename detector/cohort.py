@@ -3,11 +3,11 @@ slide and one table for the whole cohort (``cellrcnn batch``).
 
 - **Slides**: every file under a local folder (recursively; hidden files and the output folder left out) whose
   extension one of the installed large_image tile sources reads; or every large-image item in a Girder folder and
-  its subfolders (``girder.folder_slides``), downloaded into ``OUT/.girder-cache/`` and, once its results are
-  written, posted back to its item with ``girder.post_annotation_files`` (replacing this model's previous result
+  its subfolders (``girder_api.folder_slides``), downloaded into ``OUT/.girder-cache/`` and, once its results are
+  written, posted back to its item with ``girder_post.post_annotation_files`` (replacing this model's previous result
   there, as ``cellrcnn detect --girder-url`` does); the downloaded copy is then deleted.
 - **One result per slide**: ``OUT/<path of the slide, without its extension>/`` holds what ``cellrcnn detect``
-  writes (``pipeline.output_paths`` and ``pipeline.detect_to_files`` with the same ``DetectionSettings``) and
+  writes (``job.output_paths`` and ``job.detect_to_files`` with the same ``DetectionSettings``) and
   ``<stem>.cohort.json``, the slide's table row and the fingerprint of what made it (slide, model file, settings),
   written last.
 - **Resumable**: a slide whose ``.cohort.json`` has the same fingerprint is not computed again (status
@@ -29,7 +29,7 @@ import os
 import time
 
 from .errors import CellRCNNError, one_line
-from .pipeline import DETECTION_SETTINGS
+from .files import atomic_write
 
 #: the columns of ``cohort.csv``
 COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'mean_score', 'magnification',
@@ -37,8 +37,6 @@ COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'm
 TABLE_NAME = 'cohort.csv'
 ROW_SUFFIX = '.cohort.json'
 CACHE_NAME = '.girder-cache'
-#: settings that change what is computed: the detections, and how they are drawn
-RESULT_SETTINGS = DETECTION_SETTINGS + ('element',)
 
 
 @dataclasses.dataclass
@@ -107,7 +105,7 @@ def _safe_part(name):
 
 def girder_slides(girder, output):
     """Every large-image item in the Girder folder tree, in path order; downloads go to ``OUT/.girder-cache/``."""
-    from .girder import folder_slides
+    from .girder_api import folder_slides
 
     found = folder_slides(girder.api_url, girder.token, girder.folder_id)
     relative = [os.path.join(*(_safe_part(p) for p in s['path'].split('/'))) for s in found]
@@ -123,12 +121,11 @@ def girder_slides(girder, output):
 
 def fingerprint(slide, settings):
     """What a slide's result depends on: the slide (its Girder file, or the local file's size and time), the model
-    file and the settings in :data:`RESULT_SETTINGS`."""
-    from .checkpoint import BUNDLED_MODEL
-    from .engine import run_key
+    file and the settings' :class:`cellrcnn.settings.ResultSettings` as asked for."""
+    from .resume import run_key
 
-    return run_key(['girder', slide.file_id] if slide.file_id else slide.path, settings.model or BUNDLED_MODEL,
-                   {k: getattr(settings, k) for k in RESULT_SETTINGS})
+    return run_key(['girder', slide.file_id] if slide.file_id else slide.path, settings.detector_spec().model_path,
+                   settings.result().identity())
 
 
 def _read_done(path):
@@ -140,9 +137,8 @@ def _read_done(path):
 
 
 def _write_done(path, record):
-    with open(path + '.tmp', 'w') as f:
+    with atomic_write(path, 'slide record') as f:
         json.dump(record, f, indent=2)
-    os.replace(path + '.tmp', path)
 
 
 def _row(slide, result, model_path, seconds):
@@ -163,9 +159,8 @@ def _row(slide, result, model_path, seconds):
 def process_slide(slide, settings, girder=None):
     """Detect nuclei in one slide of a cohort (here, or on a Dask worker) unless an earlier run did; post its
     results to its Girder item when it came from one. :returns: its table row (a dict of :data:`COLUMNS`);
-    problems become a ``failed`` row, never an exception."""
-    from .checkpoint import BUNDLED_MODEL
-    from .pipeline import detect_to_files, output_paths
+    problems with the slide, its files or the server become a ``failed`` row, not an exception."""
+    from .job import detect_to_files, output_paths
 
     started = time.perf_counter()
     base = {**dict.fromkeys(COLUMNS, ''), 'slide': slide.name, 'girder_item_id': slide.item_id or '',
@@ -184,16 +179,16 @@ def process_slide(slide, settings, girder=None):
             row, note = earlier['row'], 'results of an earlier run'
         else:
             if slide.item_id and not os.path.exists(slide.path):
-                from .girder import download_file
+                from .girder_api import download_file
                 os.makedirs(os.path.dirname(slide.path), exist_ok=True)
                 download_file(girder.api_url, girder.token, slide.file_id, slide.path)
             result = detect_to_files(slide.path, paths, settings,
                                      resume_dir=os.path.join(slide.folder, f'.{slide.stem}.partial'))
-            row = _row(slide, result, settings.model or BUNDLED_MODEL, time.perf_counter() - started)
+            row = _row(slide, result, settings.detector_spec().model_path, time.perf_counter() - started)
             note = row['note']
             _write_done(done_path, {'fingerprint': key, 'posted': False, 'row': row})
         if slide.item_id:
-            from .girder import post_annotation_files
+            from .girder_post import post_annotation_files
             try:
                 posted = post_annotation_files(girder.api_url, girder.token, slide.item_id,
                                                [paths['annotation'], paths['density']])
@@ -206,7 +201,8 @@ def process_slide(slide, settings, girder=None):
             except OSError:
                 pass
         return {**base, **row, 'status': 'done', 'note': note}
-    except Exception as exc:  # one slide's failure is its row's; the cohort goes on
+    except (CellRCNNError, OSError, MemoryError) as exc:  # one slide's failure is its row's; the cohort goes on
+        # (anything else is a bug in cellrcnn: it stops the cohort with its traceback instead of hiding in a row)
         try:
             os.rmdir(slide.folder)  # left only if empty: a slide that could not be read leaves no folder
         except OSError:
@@ -231,7 +227,7 @@ def run_cohort(slides, settings, scheduler=None, girder=None):
         return
     from distributed import as_completed
 
-    from .engine import close_dask, connect_dask
+    from .dask_cluster import close_dask, connect_dask
 
     client = connect_dask(scheduler)
     try:
@@ -250,14 +246,10 @@ def run_cohort(slides, settings, scheduler=None, girder=None):
 
 def write_table(rows, path):
     """The cohort table: one CSV row per slide (rows that are None, not run yet, are left out)."""
-    try:
-        with open(path + '.tmp', 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(r for r in rows if r is not None)
-        os.replace(path + '.tmp', path)
-    except OSError as exc:
-        raise CellRCNNError(f'cannot write the cohort table {path}: {exc.strerror}') from None
+    with atomic_write(path, 'the cohort table', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(r for r in rows if r is not None)
 
 
 def summary_line(rows):
@@ -268,14 +260,13 @@ def summary_line(rows):
             f'{counts["failed"]} failed; {cells} nuclei in all')
 
 
-def batch(source, output, settings, scheduler=None, girder=None, log=print):
+def batch(source, output, settings, scheduler=None, girder=None, progress=None):
     """``cellrcnn batch``: find the slides (a local folder ``source``, or a :class:`GirderFolder`), run them, write
-    ``OUT/cohort.csv``; ``log`` gets a line per finished slide. :returns: the rows. :raises CellRCNNError: when
+    ``OUT/cohort.csv``; ``progress`` (a :class:`cellrcnn.progress.Progress`) is told each finished slide. :returns: the rows. :raises CellRCNNError: when
     there are no slides, the model or the Girder folder cannot be used, or any slide failed (after the table is
     written)."""
-    from .checkpoint import BUNDLED_MODEL, load_model
-
-    load_model(settings.model or BUNDLED_MODEL)  # a bad checkpoint fails once, here, not once per slide
+    log = progress.log if progress else (lambda line: None)
+    settings.detector_spec().build()  # a bad checkpoint or override fails once, here, not once per slide
     if settings.model:  # Dask workers may run elsewhere than here
         settings = dataclasses.replace(settings, model=os.path.abspath(settings.model))
     try:

@@ -20,8 +20,12 @@ class ModelConfig:
       with field ``s`` is centred on pixel ``s * i`` (continuous position ``s * i + 0.5``).
     - *spacing*: the distance between neighbouring anchor centres: ``field / anchor_upsample`` when the feature map is
       interpolated, ``field / anchor_offsets`` when each feature cell carries several anchor centres.
+
+    The fields come in three groups: the architecture (the weights depend on it, except for the anchor density),
+    training sampling, and inference limits and thresholds. A model's configuration is fixed when it is built.
     """
 
+    # -- architecture ---------------------------------------------------------------------------------------------
     backbone: str = 'resnet18'
     #: ResNet stages kept (layer1..layerN); their fields are 4, 8, 16, 32. Nuclei need no more than 3.
     backbone_stages: int = 3
@@ -44,30 +48,34 @@ class ModelConfig:
     image_std: tuple = (0.16, 0.20, 0.14)
     #: microns per pixel of the images the model was trained at (0.5 = 20x).
     mpp: float = 0.5
-    #: proposal and detection limits per megapixel of input, so they scale with the tile size (a 20 um nucleus
-    #: covers 1600 px^2 at 20x: a megapixel of packed tumour holds about 600-2500 nuclei).
+    class_names: tuple = ('nucleus',)
+
+    # -- training sampling: used only while training -------------------------------------------------------------
+    #: proposal limits per megapixel of input, so they scale with the tile size (a 20 um nucleus covers 1600 px^2 at
+    #: 20x: a megapixel of packed tumour holds about 600-2500 nuclei).
     rpn_pre_nms_per_mpx_train: int = 16000
     rpn_post_nms_per_mpx_train: int = 8000
-    #: at inference: packed lymphocytes reach 3000-6000 nuclei per megapixel at 20x, so the budget must hold several
-    #: proposals for each of them (2500 per megapixel capped recall in dense sheets at 0.66); anchors whose
-    #: objectness is below ``rpn_score_thresh`` are dropped first, so sparse tissue does not pay for the dense
-    #: budget (docs/real-tissue.md, benchmarks/proposal_limits.py).
-    rpn_pre_nms_per_mpx_test: int = 16000
-    rpn_post_nms_per_mpx_test: int = 8000
     rpn_nms_thresh: float = 0.7
-    rpn_nms_thresh_test: float = 0.6
-    #: proposals whose objectness probability is below this are dropped at inference (training keeps them all).
-    rpn_score_thresh: float = 0.3
     rpn_batch_size_per_image: int = 256
     box_batch_size_per_image: int = 256
     box_positive_fraction: float = 0.5
+
+    # -- inference: the weights do not depend on these (``inference.DetectorSpec`` overrides some at build time) ---
+    #: packed lymphocytes reach 3000-6000 nuclei per megapixel at 20x, so the budget must hold several proposals for
+    #: each of them (2500 per megapixel capped recall in dense sheets at 0.66); anchors whose objectness is below
+    #: ``rpn_score_thresh`` are dropped first, so sparse tissue does not pay for the dense budget
+    #: (docs/real-tissue.md, benchmarks/proposal_limits.py).
+    rpn_pre_nms_per_mpx_test: int = 16000
+    rpn_post_nms_per_mpx_test: int = 8000
+    rpn_nms_thresh_test: float = 0.6
+    #: proposals whose objectness probability is below this are dropped at inference (training keeps them all).
+    rpn_score_thresh: float = 0.3
     #: the box head keeps detections above score_thresh (low, for AP); results keep those above detect_thresh,
     #: the operating point that maximised F1 on held-out data when the model was trained.
     score_thresh: float = 0.05
     detect_thresh: float = 0.5
     nms_thresh: float = 0.35
     detections_per_mpx: int = 8000
-    class_names: tuple = ('nucleus',)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -129,6 +137,10 @@ class ModelConfig:
             raise CellRCNNError('image_mean and image_std need three values, std positive')
         if self.mpp <= 0:
             raise CellRCNNError(f'mpp must be positive, not {self.mpp}')
+        if not 0 <= self.detect_thresh <= 1:
+            raise CellRCNNError(f'score threshold must be between 0 and 1, not {self.detect_thresh}')
+        if not 0 < self.nms_thresh <= 1:
+            raise CellRCNNError(f'NMS IoU threshold must be above 0 and at most 1, not {self.nms_thresh}')
         return self
 
     def to_dict(self):

@@ -37,11 +37,12 @@ import numpy as np
 
 from . import __version__
 from .errors import CellRCNNError
+from .files import atomic_write
+from .settings import AnnotationTrainingSettings
+from .tiling import tile_grid
 
 NUCLEUS_TYPES = ('rectangle', 'point', 'ellipse', 'circle', 'polyline')
 REGION_TYPES = ('rectangle', 'polyline')
-#: side of the square box around a point annotation, in micrometres (a typical nucleus is 6-12 um across).
-POINT_SIZE_UM = 8.0
 
 
 @dataclass(eq=False)
@@ -132,19 +133,21 @@ def split_annotation(docs, region_label='region', where='annotation'):
 
 
 def _server(api_url, token):
-    from .girder import _Server
-    return _Server(api_url, token, retries=4, backoff=1.0, timeout=600, saved=None)
+    from .girder_api import GirderConnection
+
+    return GirderConnection(api_url, token, retries=4, backoff=1.0, timeout=600, saved=None)
 
 
-def find_labelled_slides(api_url, token, folder_id, annotation_name, region_label='region', log=None):
+def find_labelled_slides(api_url, token, folder_id, annotation_name, region_label=AnnotationTrainingSettings.region_label,
+                         progress=None):
     """The slides of a Girder folder (and its subfolders) that carry an annotation named ``annotation_name``.
 
     Fetches each slide's annotation list (``GET annotation?itemId=``) and then only the documents with that name
     (``GET annotation/{id}``). Raises CellRCNNError, naming the annotation names that are there, when no slide has
     one. :returns: a list of :class:`LabelledSlide` (not downloaded yet), in path order."""
-    from .girder import _timeout_session, folder_slides
+    from .girder_api import folder_slides
 
-    say = log or (lambda line: None)
+    say = progress.log if progress else (lambda line: None)
     if not annotation_name or not str(annotation_name).strip():
         raise CellRCNNError('give the name of the annotations that hold the nuclei (--annotation-name)')
     slides = folder_slides(api_url, token, folder_id)
@@ -152,7 +155,7 @@ def find_labelled_slides(api_url, token, folder_id, annotation_name, region_labe
         raise CellRCNNError(f'Girder folder {folder_id} holds no slides (large-image items)')
     server = _server(api_url, token)
     labelled, names = [], {}
-    with server.gc.session(_timeout_session(server.timeout)):
+    with server.session():
         for slide in slides:
             listing = server.get(f'listing the annotations of {slide["path"]}', 'annotation',
                                  {'itemId': slide['item_id'], 'limit': 0, 'sort': 'created', 'sortdir': 1},
@@ -208,7 +211,7 @@ def _centres_inside(boxes, polygons):
     return inside
 
 
-def prepare_slide(labelled, slide, point_size_um=POINT_SIZE_UM):
+def prepare_slide(labelled, slide, point_size_um=AnnotationTrainingSettings.point_size_um):
     """Fill in ``labelled.boxes``, ``labelled.is_point`` and ``labelled.region_box`` from its annotation and the
     opened ``slide`` (:class:`cellrcnn.slide.Slide`, whose native resolution sizes the point boxes)."""
     from .annotation import annotation_to_boxes
@@ -239,7 +242,7 @@ def region_tiles(slide, labelled, tile_size=512, overlap=64):
     import cv2
 
     tiles = []
-    for tile in slide.tiles(tile_size=tile_size, overlap=overlap, roi=labelled.region_box, min_tissue=0):
+    for tile in tile_grid(slide, tile_size=tile_size, overlap=overlap, roi=labelled.region_box, min_tissue=0):
         image = slide.read(tile)
         if labelled.region is not None:
             sx, sy = tile.width / tile.base_width, tile.height / tile.base_height
@@ -257,8 +260,8 @@ def region_tiles(slide, labelled, tile_size=512, overlap=64):
 
 def region_samples(tiles, labelled):
     """``(image, boxes)`` samples of :func:`region_tiles`, with the slide's nuclei mapped onto each tile; boxes
-    less than 40 % inside a tile (``synthetic.VISIBLE_FRACTION``) are dropped (:func:`cellrcnn.data.keep_inside`)."""
-    from .data import keep_inside
+    less than 40 % inside a tile (``synthetic.VISIBLE_FRACTION``) are dropped (:func:`cellrcnn.samples.keep_inside`)."""
+    from .samples import keep_inside
 
     samples = []
     for tile, image in tiles:
@@ -382,30 +385,31 @@ def model_card(name, settings, result, folder_id, api_url):
 
 # --------------------------------------------------------------------------- the whole flow
 
-def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, holdout=1, steps=300, init=None,
-                      from_scratch=False, output_folder=None, name=None, region_label='region',
-                      point_size_um=POINT_SIZE_UM, size_point_boxes=True, batch_size=4, lr=1e-3, warmup_steps=None,
-                      tile_size=256, sample_size=512, seed=0, workers=0, device='auto', log=print, progress=None):
+def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, settings=AnnotationTrainingSettings(),
+                      output_folder=None, name=None, size_point_boxes=True, warmup_steps=None, tile_size=256,
+                      sample_size=512, workers=0, progress=None):
     """Train (or fine-tune) a detector on the annotated slides of a Girder folder, evaluate it on held-out slides,
     write ``out_dir/NAME.pt`` and ``out_dir/NAME.md`` and upload both to ``output_folder`` (a Girder folder id) when
     given. See the module's docstring for the steps.
 
-    :param init: checkpoint to fine-tune (default: the bundled model); its configuration (and resolution) is kept.
-    :param from_scratch: train a new model with ``init``'s configuration from random weights instead.
-    :param holdout: held-out slides: a count, or a fraction of the labelled slides.
+    :param settings: :class:`cellrcnn.settings.AnnotationTrainingSettings`: the starting model (``init``, whose
+        configuration and resolution are kept; ``from_scratch``: only its configuration), the held-out slides
+        (``holdout``: a count, or a fraction of the labelled slides), the training steps and rates.
     :param size_point_boxes: give each point the box of the starting model's detection under it
         (:func:`size_points`), else a ``point_size_um`` square.
-    :param progress: an optional :class:`cellrcnn.progress.Progress` with ``total=100``.
+    :param progress: a :class:`cellrcnn.progress.Progress`, given the percentage done and a line per step.
     :returns: a :class:`TrainingResult`.
     """
     from .checkpoint import BUNDLED_MODEL, load_model, save_checkpoint
     from .evaluate import calibrate_threshold, evaluate_model
-    from .girder import download_file, upload_files
+    from .girder_api import download_file, upload_files
     from .slide import Slide
     from .train import TrainConfig, train
 
-    say = log or (lambda line: None)
+    say = progress.log if progress else (lambda line: None)
     done = [0]
+    if progress is not None:
+        progress.start(100)
 
     def advance(to, comment=None):
         if progress is not None:
@@ -415,24 +419,25 @@ def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, holdo
                 progress.update(to - done[0])
                 done[0] = to
 
-    init = init or BUNDLED_MODEL
+    st = settings
+    steps, from_scratch = st.steps, st.from_scratch
+    init = st.init or BUNDLED_MODEL
     base = load_model(init)  # checked before anything is downloaded
     mpp = base.config.mpp
     name = _slug(name or f'cellrcnn-{annotation_name}')
     warmup = min(steps // 10, 200) if warmup_steps is None else warmup_steps
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup, tile_size=tile_size,
-                      seed=seed, workers=workers, checkpoint_every=max(steps, 1)).validate()
+    cfg = TrainConfig(steps=steps, batch_size=st.batch_size, lr=st.lr, warmup_steps=warmup, tile_size=tile_size,
+                      seed=st.seed, workers=workers, checkpoint_every=max(steps, 1)).validate()
     if output_folder:  # fail before hours of training, not after
-        from .girder import _timeout_session
         server = _server(api_url, token)
-        with server.gc.session(_timeout_session(60)):
+        with server.session(timeout=60):
             server.get('checking the output folder', f'folder/{output_folder}', item_id=output_folder)
     timings = {}
     started = time.perf_counter()
 
     advance(1, 'finding annotated slides')
-    slides = find_labelled_slides(api_url, token, folder_id, annotation_name, region_label, log=say)
-    n_held = holdout_count(holdout, len(slides))
+    slides = find_labelled_slides(api_url, token, folder_id, annotation_name, st.region_label, progress=progress)
+    n_held = holdout_count(st.holdout, len(slides))
     train_slides, heldout_slides = slides[:-n_held], slides[-n_held:]
     download_dir = os.path.join(out_dir, 'slides')
     os.makedirs(download_dir, exist_ok=True)
@@ -444,12 +449,12 @@ def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, holdo
             download_file(api_url, token, labelled.file_id, local)
         labelled.local_path = local
         slide = Slide(local, magnification=10.0 / mpp)
-        prepare_slide(labelled, slide, point_size_um)
+        prepare_slide(labelled, slide, st.point_size_um)
         held = labelled in heldout_slides
         # held-out regions are cut into large tiles without overlap: every nucleus is counted once
         tiles = region_tiles(slide, labelled, tile_size=1024 if held else sample_size, overlap=0 if held else 64)
         if size_point_boxes and not held:  # held-out annotations stay as drawn: no help from the starting model
-            labelled.points_sized = size_points(base, slide, labelled, tiles, device)
+            labelled.points_sized = size_points(base, slide, labelled, tiles, st.device)
         samples = region_samples(tiles, labelled)
         (heldout_samples if held else train_samples).extend(samples)
         sized = f', {labelled.points_sized} points sized by the starting model' if labelled.points_sized else ''
@@ -461,24 +466,24 @@ def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, holdo
     advance(20, 'evaluating the starting model')
     initial = None
     if not from_scratch:
-        initial = evaluate_model(base, heldout_samples, device=device)
+        initial = evaluate_model(base, heldout_samples, device=st.device)
         say(f'starting model on the held-out slides: P {initial["precision"]:.3f} R {initial["recall"]:.3f} '
             f'F1 {initial["f1"]:.3f}')
 
     advance(22, f'training {steps} steps')
     t0 = time.perf_counter()
-    model, _ = train(base.config, cfg, os.path.join(out_dir, 'run'), device=device, samples=train_samples,
-                     progress=progress is None and log is not None, init=None if from_scratch else init,
+    model, _ = train(base.config, cfg, os.path.join(out_dir, 'run'), device=st.device, samples=train_samples,
+                     init=None if from_scratch else init,
                      on_step=lambda step, total: advance(22 + int(68 * step / total)))
     timings['train'] = time.perf_counter() - t0
 
     advance(90, 'calibrating on the training slides, evaluating on the held-out slides')
-    threshold, train_f1 = calibrate_threshold(model, train_samples, device=device)
-    metrics = evaluate_model(model, heldout_samples, device=device)
+    threshold, train_f1 = calibrate_threshold(model, train_samples, device=st.device)
+    metrics = evaluate_model(model, heldout_samples, device=st.device)
     from .devices import resolve_device
-    settings = {**dataclasses.asdict(cfg), 'annotation_name': annotation_name, 'region_label': region_label,
-                'point_size_um': point_size_um, 'mpp': mpp, 'from_scratch': bool(from_scratch),
-                'init_name': os.path.basename(init), 'device': str(resolve_device(device))}
+    card_settings = {**dataclasses.asdict(cfg), 'annotation_name': annotation_name, 'region_label': st.region_label,
+                     'point_size_um': st.point_size_um, 'mpp': mpp, 'from_scratch': bool(from_scratch),
+                     'init_name': os.path.basename(init), 'device': str(resolve_device(st.device))}
     result = TrainingResult(os.path.join(out_dir, f'{name}.pt'), os.path.join(out_dir, f'{name}.md'),
                             train_slides, heldout_slides, metrics, initial, float(threshold), float(train_f1),
                             timings)
@@ -491,13 +496,15 @@ def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, holdo
                         'train_cells': sum(s.cells for s in train_slides),
                         'heldout_cells': sum(s.cells for s in heldout_slides),
                         'init': None if from_scratch else os.path.basename(init)})
-    with open(result.card_path, 'w', encoding='utf-8') as f:
-        f.write(model_card(name, settings, result, folder_id, api_url))
+    with atomic_write(result.card_path, 'model card') as f:
+        f.write(model_card(name, card_settings, result, folder_id, api_url))
     if output_folder:
         advance(95, 'uploading the model and its card')
         result.uploaded = upload_files(api_url, token, output_folder, [result.model_path, result.card_path])
     timings['total'] = time.perf_counter() - started
     advance(100)
+    if progress is not None:
+        progress.finish()
     return result
 
 

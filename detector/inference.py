@@ -1,28 +1,80 @@
-"""Running a model on batches of tiles: device, mixed precision, channels-last, out-of-memory recovery."""
+"""The detector: a model loaded with its run-time choices, run on batches of tiles (device, mixed precision,
+channels-last, out-of-memory recovery).
+
+A :class:`DetectorSpec` names everything a detector is made of (the checkpoint file, the overrides of its score
+threshold, NMS and anchor density, the device and batch size) and builds it the same way wherever it runs: here, or on
+a Dask worker (``dask_cluster``), which gets the spec and nothing else. The model's configuration is fixed when the
+model is built, with the overrides in it, and is never changed afterwards.
+"""
+
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 
-from .data import to_tensor
 from .devices import autocast, resolve_device
 from .errors import CellRCNNError
+from .samples import to_tensor
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """What a :class:`Detector` is built from. None: the checkpoint's own value."""
+
+    #: checkpoint file (None: the bundled model)
+    model: str = None
+    #: score threshold of the results (the checkpoint's calibrated ``detect_thresh`` by default)
+    threshold: float = None
+    #: IoU above which the box head's NMS drops the lower-scoring box
+    nms: float = None
+    #: anchor density upsampling at inference (``anchors``; the RPN head's weights do not depend on it)
+    anchor_upsample: int = None
+    device: str = 'auto'
+    batch_size: int = 4
+
+    @property
+    def model_path(self):
+        from .checkpoint import BUNDLED_MODEL
+
+        return self.model or BUNDLED_MODEL
+
+    def configure(self, stored):
+        """The model configuration a checkpoint's ``stored`` one becomes with this spec's overrides (validated)."""
+        changes = {}
+        if self.anchor_upsample is not None:
+            changes['anchor_upsample'] = self.anchor_upsample
+        if self.nms is not None:
+            changes['nms_thresh'] = self.nms
+        if self.threshold is not None:
+            # the box head must keep everything the operating point keeps
+            changes.update(detect_thresh=self.threshold, score_thresh=min(stored.score_thresh, self.threshold))
+        return dataclasses.replace(stored, **changes).validate()
+
+    def build(self, batchnorm=None):
+        """The :class:`Detector`; ``batchnorm``: BatchNorm statistics (``adapt.batchnorm_stats``) to run with."""
+        from .adapt import load_batchnorm_stats
+        from .checkpoint import load_checkpoint, model_from_checkpoint, stored_config
+
+        payload = load_checkpoint(self.model_path)
+        model = model_from_checkpoint(payload, source=self.model_path, config=self.configure(stored_config(payload)))
+        if batchnorm is not None:
+            load_batchnorm_stats(model, batchnorm)
+        return Detector(model, device=self.device, batch_size=self.batch_size, spec=self)
 
 
 class Detector:
-    """A loaded model ready for inference on RGB uint8 tiles (``engine.detect_slide`` runs it over a slide)."""
+    """A model ready for inference on RGB uint8 tiles, keeping the detections scoring at least ``score_thresh``
+    (default: the model's operating point, ``config.detect_thresh``). ``spec``: the :class:`DetectorSpec` it was built
+    from, if any (what Dask workers rebuild it from)."""
 
-    def __init__(self, model, device='auto', batch_size=4, score_thresh=None, nms_thresh=None):
+    def __init__(self, model, device='auto', batch_size=4, score_thresh=None, spec=None):
         self.device = resolve_device(device)
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
-        self.model.set_thresholds(nms_thresh=nms_thresh)
-        cfg = self.model.config
-        self.score_thresh = cfg.detect_thresh if score_thresh is None else score_thresh
-        if not 0 <= self.score_thresh <= 1:
-            raise CellRCNNError(f'score threshold must be between 0 and 1, not {self.score_thresh}')
-        # the box head must keep everything the operating point may keep
-        self.model.set_thresholds(score_thresh=min(cfg.score_thresh, self.score_thresh))
+        self.score_thresh = model.config.detect_thresh if score_thresh is None else score_thresh
         if batch_size < 1:
             raise CellRCNNError(f'batch size must be at least 1, not {batch_size}')
         self.batch_size = batch_size
+        self.spec = spec
 
     def detect_tiles(self, tiles):
         """Detections (boxes float32 N x 4, scores float32 N) for each RGB uint8 tile, in tile pixels.

@@ -224,14 +224,15 @@ def _tiles(gc, item_id):
 
 
 def wait_for(condition, timeout, what, pause=0.1):
-    """Poll ``condition()`` until it answers something truthy; that answer."""
+    """Poll ``condition()`` until it answers something truthy; that answer. :raises TimeoutError: after ``timeout``
+    seconds."""
     deadline = time.monotonic() + timeout
     while True:
         answer = condition()
         if answer:
             return answer
         if time.monotonic() > deadline:
-            raise AssertionError(f'timed out after {timeout} s waiting for {what}')
+            raise TimeoutError(f'timed out after {timeout} s waiting for {what}')
         time.sleep(pause)
         pause = min(pause * 1.5, 1.0)
 
@@ -256,7 +257,7 @@ def detect_on_local_girder(slide_path, run, keep=False, log=print):
             raise CellRCNNError(f'local Girder: {one_line(exc)}') from None
         try:
             item_id, _ = server.upload_slide(slide_path)
-        except AssertionError:
+        except TimeoutError:
             raise CellRCNNError(f'the local Girder did not make {slide_path} a large image: large_image on the '
                                 'server cannot read it') from None
         except (HttpError, requests.RequestException, OSError) as exc:

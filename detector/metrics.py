@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .boxes import as_boxes, as_scores, box_iou
 from .errors import CellRCNNError
 
 #: default bucket edges (box side in pixels): small < 12 <= medium < 24 <= large
@@ -49,55 +50,13 @@ _IOU_BLOCK = 4_000_000
 
 # --------------------------------------------------------------------------- input helpers
 
-def _to_numpy(x):
-    if x is None:
-        return None
-    if hasattr(x, 'detach'):  # torch tensor, without importing torch
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def _as_boxes(boxes, what='boxes'):
-    """Return boxes as a float64 (N, 4) array, validating shape and values."""
-    arr = _to_numpy(boxes)
-    if arr is None:
-        return np.zeros((0, 4), dtype=np.float64)
-    try:
-        arr = arr.astype(np.float64, copy=False)
-    except (TypeError, ValueError):
-        raise CellRCNNError(f'{what} must be numeric x1,y1,x2,y2 boxes') from None
-    if arr.size == 0:
-        return np.zeros((0, 4), dtype=np.float64)
-    if arr.ndim != 2 or arr.shape[1] != 4:
-        raise CellRCNNError(f'{what} must have shape (N, 4) as x1,y1,x2,y2; got shape {arr.shape}')
-    if not np.isfinite(arr).all():
-        raise CellRCNNError(f'{what} contain NaN or infinite coordinates')
-    if (arr[:, 2] < arr[:, 0]).any() or (arr[:, 3] < arr[:, 1]).any():
-        raise CellRCNNError(f'{what} must be x1,y1,x2,y2 with x2 >= x1 and y2 >= y1')
-    return arr
-
-
-def _as_scores(scores, n, what='scores'):
-    arr = _to_numpy(scores)
-    if arr is None:
-        if n:
-            raise CellRCNNError(f'{what} are missing for {n} boxes')
-        return np.zeros((0,), dtype=np.float64)
-    arr = arr.astype(np.float64, copy=False).reshape(-1)
-    if arr.shape[0] != n:
-        raise CellRCNNError(f'{what}: got {arr.shape[0]} scores for {n} boxes')
-    if not np.isfinite(arr).all():
-        raise CellRCNNError(f'{what} contain NaN or infinite values')
-    return arr
-
-
 def _pred_arrays(pred, index):
     """(boxes, scores) from one prediction entry: a dict with 'boxes' and 'scores'."""
     if not isinstance(pred, dict) or 'boxes' not in pred:
         raise CellRCNNError(
             f'prediction {index} must be a dict with "boxes" (N x 4) and "scores" (N)')
-    boxes = _as_boxes(pred['boxes'], f'prediction {index} boxes')
-    scores = _as_scores(pred.get('scores'), len(boxes), f'prediction {index} scores')
+    boxes = as_boxes(pred['boxes'], f'prediction {index} boxes')
+    scores = as_scores(pred.get('scores'), len(boxes), f'prediction {index} scores')
     return boxes, scores
 
 
@@ -107,7 +66,7 @@ def _gt_array(gt, index):
         if 'boxes' not in gt:
             raise CellRCNNError(f'ground truth {index} is a dict without "boxes"')
         gt = gt['boxes']
-    return _as_boxes(gt, f'ground truth {index} boxes')
+    return as_boxes(gt, f'ground truth {index} boxes')
 
 
 def _ratio(num, den, other_side_empty):
@@ -123,32 +82,13 @@ def _f1(precision, recall):
 
 def box_sides(boxes):
     """Box side ``sqrt(w * h)`` in pixels, the size used for the size buckets."""
-    b = _as_boxes(boxes)
+    b = as_boxes(boxes)
     return np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
 
 
 def size_bucket_index(boxes, size_bins=DEFAULT_SIZE_BINS):
     """Bucket index per box: 0 small (< bins[0]), 1 medium, 2 large (>= bins[1])."""
     return np.searchsorted(np.asarray(size_bins, dtype=np.float64), box_sides(boxes), side='right')
-
-
-def box_iou(boxes_a, boxes_b):
-    """Dense IoU matrix (N x M) of x1,y1,x2,y2 boxes; zero-area pairs give IoU 0."""
-    a = _as_boxes(boxes_a)
-    b = _as_boxes(boxes_b)
-    return _iou_block(a, b)
-
-
-def _iou_block(a, b):
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
-    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
-    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-    union = area_a[:, None] + area_b[None, :] - inter
-    with np.errstate(divide='ignore', invalid='ignore'):
-        iou = np.where(union > 0, inter / union, 0.0)
-    return iou
 
 
 def _pairs_above(a, b, threshold):
@@ -159,7 +99,7 @@ def _pairs_above(a, b, threshold):
     rows_per_block = max(1, _IOU_BLOCK // max(1, len(b)))
     pi, gi, iv = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0)]
     for start in range(0, len(a), rows_per_block):
-        iou = _iou_block(a[start:start + rows_per_block], b)
+        iou = box_iou(a[start:start + rows_per_block], b)
         r, c = np.nonzero(iou >= threshold)
         pi.append(r + start)
         gi.append(c)
@@ -206,9 +146,9 @@ def match_detections(pred_boxes, pred_scores, gt_boxes, iou_threshold=0.5):
     :returns: a :class:`MatchResult` (``tp``, ``fp``, ``fn`` counts and the
         per-prediction / per-ground-truth match indices).
     """
-    preds = _as_boxes(pred_boxes, 'predicted boxes')
-    scores = _as_scores(pred_scores, len(preds), 'predicted scores')
-    gts = _as_boxes(gt_boxes, 'ground-truth boxes')
+    preds = as_boxes(pred_boxes, 'predicted boxes')
+    scores = as_scores(pred_scores, len(preds), 'predicted scores')
+    gts = as_boxes(gt_boxes, 'ground-truth boxes')
     if not 0 < iou_threshold <= 1:
         raise CellRCNNError(f'iou_threshold must be in (0, 1]; got {iou_threshold}')
     n, m = len(preds), len(gts)

@@ -12,7 +12,6 @@ Differences from torchvision's fasterrcnn_resnet50_fpn, each for cells:
 
 import math
 
-import torch
 from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -156,30 +155,6 @@ class CellRCNN(GeneralizedRCNN):
         self.roi_heads.detections_per_img = math.ceil(cfg.detections_per_mpx * mpx)
         return super().forward(images, targets)
 
-    def set_anchor_upsample(self, k):
-        """Run the RPN at another anchor density. The RPN head's weights do not depend on k, so a model trained at
-        one density runs at another (how well is an empirical question: docs/ablation.md)."""
-        self.config = ModelConfig.from_dict({**self.config.to_dict(), 'anchor_upsample': k}).validate()
-        self.rpn.upsample = self.rpn.anchor_generator.upsample = k
-
-    def set_thresholds(self, score_thresh=None, nms_thresh=None):
-        """Change the box head's post-processing for inference (the trained weights do not depend on it)."""
-        if score_thresh is not None:
-            self.config.score_thresh = self.roi_heads.score_thresh = score_thresh
-        if nms_thresh is not None:
-            self.config.nms_thresh = self.roi_heads.nms_thresh = nms_thresh
-
 
 def build_model(config=None):
     return CellRCNN(config or ModelConfig())
-
-
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def predict(model, images):
-    """Detections for a list of C x H x W float tensors in [0, 1] (already on the model's device)."""
-    model.eval()
-    return model(images)

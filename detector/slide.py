@@ -1,4 +1,6 @@
-"""Whole-slide input: open a slide with large_image, find the tissue, cut it into overlapping tiles and read them.
+"""A whole-slide image opened with large_image at an analysis magnification: its scale, pixels and coordinates.
+
+Finding tissue is :mod:`cellrcnn.tissue`; the tile grid and read-ahead are :mod:`cellrcnn.tiling`.
 
 Coordinates
 -----------
@@ -26,18 +28,6 @@ Tiles are read with ``TileSource.getRegion`` (region in base pixels, ``output`` 
 which picks the pyramid level and resamples (Lanczos) only when the scale is not a power of two.  Output is RGB
 uint8: grey slides are replicated to 3 channels, an alpha channel is composited onto white (transparent = glass).
 
-Prefetch
---------
-large_image's ``eagerIterator`` (present in 1.35) was evaluated and is not used: it reads in a forked process pool
-(at least 2 processes; forking a process that holds CUDA/torch state is unsafe), takes the scale only from the
-slide's metadata (no ``--mpp`` override), pads edge tiles instead of placing the last tile flush with the edge,
-drops masked tiles (and raises when none are left) instead of reporting them, returns fixed-size shared-memory
-batches, and needs ``pykdtree`` (not a dependency) as soon as tiles overlap.  :func:`prefetch` is a small thread
-pool instead.
-Measured on JPEG TIFFs: large_image's tiff source decodes YCbCr JPEG tiles in libtiff under its per-file lock, so
-reads of one slide do not run in parallel with each other; what prefetch buys is reading the next tiles while the
-consumer (the GPU) works on the current one, since libtiff (ctypes) releases the GIL.
-
 Memory
 ------
 large_image keeps decoded tiles in an in-process cache sized at 1/32 of the machine's memory by default (770 MB on
@@ -46,33 +36,18 @@ full.  Unless the process has set ``cache_tileCache_maximum`` itself, the first 
 :data:`TILE_CACHE_ITEMS` tiles, enough to keep the source tiles under the overlap of neighbouring analysis tiles.
 """
 
-import collections
-import concurrent.futures
 import math
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import CellRCNNError, one_line
 
-__all__ = ['Slide', 'Tile', 'prefetch', 'DEFAULT_MAGNIFICATION']
+__all__ = ['Slide', 'DEFAULT_MAGNIFICATION']
 
 DEFAULT_MAGNIFICATION = 20.0
 #: Requests up to this factor above the native magnification are analysed at the native scale.
 MAG_TOLERANCE = 1.05
-#: Tissue mask pixels are never finer than this (um): no need to resolve nuclei to find tissue.
-MASK_MIN_PIXEL_UM = 4.0
-#: Gaussian smoothing of the thumbnail before Otsu thresholding (histomicstk's ``sigma``), in mask pixels.
-MASK_SIGMA = 1.5
-#: Tissue pieces smaller than this (um^2; a 50 um square) are dropped (histomicstk's ``min_size``).
-MIN_TISSUE_UM2 = 50.0 * 50.0
-#: Absolute floor under histomicstk's (relative, Otsu) threshold: a mask pixel is tissue only when its smoothed grey
-#: level is at least this much darker than white (255 - grey).  Glass is 235-250; pale eosin stroma is below 225.
-#: Without it Otsu splits the noise of an all-glass slide into "tissue".
-MIN_TISSUE_CONTRAST = 20
-
-
 #: decoded source tiles large_image may keep in memory (see Memory above); about 64 MB of 256 px RGBA tiles
 TILE_CACHE_ITEMS = 128
 
@@ -110,57 +85,6 @@ def _to_rgb(im):
         a = alpha[..., None].astype(np.float32) / 255.0
         im = (im.astype(np.float32) * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
     return np.ascontiguousarray(im)
-
-
-def _starts(origin, length, tile, overlap):
-    """Tile start offsets covering [origin, origin + length): steps of ``tile - overlap``, last tile flush with the
-    end (so the last two tiles may share more than ``overlap``); a single tile when ``length <= tile``."""
-    if length <= tile:
-        return [origin]
-    step = tile - overlap
-    starts = list(range(0, length - tile, step)) + [length - tile]
-    return [origin + s for s in starts]
-
-
-def _coverage_weights(lo, hi, i0, i1, factor):
-    """Lengths of [lo, hi) inside mask pixels i0 .. i1 - 1, pixel i covering [i * factor, (i + 1) * factor)."""
-    edges = np.arange(i0, i1 + 1, dtype=np.float64) * factor
-    return np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0, None)
-
-
-@dataclass
-class Tile:
-    """One tile of the grid.  ``x, y, width, height`` in analysis pixels (slide coordinates, not ROI-relative);
-    ``base_*`` the base-level region read for it (integers, clipped to the slide)."""
-
-    x: int
-    y: int
-    width: int
-    height: int
-    row: int
-    col: int
-    base_x: int
-    base_y: int
-    base_width: int
-    base_height: int
-    tissue: float = 1.0
-    skipped: bool = False
-    index: int = 0
-
-    @property
-    def base_region(self):
-        """(x, y, width, height) in base pixels."""
-        return self.base_x, self.base_y, self.base_width, self.base_height
-
-    @property
-    def region(self):
-        """The large_image ``region`` argument of this tile."""
-        return {'left': self.base_x, 'top': self.base_y, 'width': self.base_width, 'height': self.base_height,
-                'units': 'base_pixels'}
-
-    def __str__(self):
-        return (f'tile row {self.row}, col {self.col} (base x={self.base_x}, y={self.base_y}, '
-                f'{self.base_width}x{self.base_height})')
 
 
 class Slide:
@@ -242,25 +166,21 @@ class Slide:
         self.mpp = native_mpp * self.scale
         self.size = (max(1, int(math.floor(width / self.scale + 1e-6))),
                      max(1, int(math.floor(height / self.scale + 1e-6))))
-        self._masks = {}
 
     def __repr__(self):
         return (f'Slide({self.path!r}, base {self.base_size[0]}x{self.base_size[1]} at '
                 f'{self.native_magnification:.3g}x, analysis {self.size[0]}x{self.size[1]} at '
                 f'{self.magnification:.3g}x = {self.mpp:.3g} um/px, scale {self.scale:.4g})')
 
-    # ----------------------------------------------------------------------------------------------------------
-    # tissue
-    # ----------------------------------------------------------------------------------------------------------
-
-    def thumbnail(self, thumbnail_size=1024):
+    def thumbnail(self, thumbnail_size=1024, min_pixel_um=0.0):
         """RGB uint8 thumbnail of the whole slide, longest side at most ``thumbnail_size`` and pixels no finer than
-        MASK_MIN_PIXEL_UM (a small slide gets a smaller thumbnail)."""
+        ``min_pixel_um`` micrometres (a small slide then gets a smaller thumbnail)."""
         import large_image
 
-        aw, ah = self.size
-        longest_um = max(aw, ah) * self.mpp
-        side = int(min(int(thumbnail_size), max(aw, ah), math.ceil(longest_um / MASK_MIN_PIXEL_UM)))
+        longest = max(self.size)
+        side = min(int(thumbnail_size), longest)
+        if min_pixel_um > 0:
+            side = min(side, math.ceil(longest * self.mpp / min_pixel_um))
         side = max(side, 2)
         try:
             im, _ = self.source.getThumbnail(width=side, height=side,
@@ -268,69 +188,6 @@ class Slide:
         except Exception as exc:
             raise CellRCNNError(f'cannot read a thumbnail of {self.path}: {one_line(exc)}') from None
         return _to_rgb(im)
-
-    def tissue_mask(self, thumbnail_size=1024):
-        """Tissue mask of the whole slide: (mask bool h x w, factor), ``factor`` = analysis px per mask px.
-
-        histomicstk's ``get_tissue_mask`` on a thumbnail: Otsu threshold of the (inverted) grey level after
-        Gaussian smoothing (MASK_SIGMA mask px), connected components smaller than MIN_TISSUE_UM2 dropped; all the
-        remaining components are kept (histomicstk's second output, the largest piece only, would lose the other
-        fragments of a multi-piece section).  No colour deconvolution: on H&E it keeps only haematoxylin-rich
-        areas and loses eosin-only stroma.  An absolute floor (MIN_TISSUE_CONTRAST) keeps Otsu from calling glass
-        noise tissue, so an all-glass slide gives an all-False mask.  Cached per ``thumbnail_size``; read-only."""
-        key = int(thumbnail_size)
-        if key < 2:
-            raise CellRCNNError(f'thumbnail size must be at least 2, not {thumbnail_size}')
-        if key in self._masks:
-            return self._masks[key][:2]
-        import cv2
-        from scipy import ndimage
-
-        rgb = self.thumbnail(key)
-        mh, mw = rgb.shape[:2]
-        fx, fy = self.size[0] / mw, self.size[1] / mh
-        px_um = math.sqrt(fx * fy) * self.mpp
-        min_size = max(4, int(round(MIN_TISSUE_UM2 / px_um ** 2)))
-        contrast = 255.0 - cv2.GaussianBlur(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32), (0, 0),
-                                            MASK_SIGMA, borderType=cv2.BORDER_REPLICATE)
-        candidate = contrast >= MIN_TISSUE_CONTRAST
-        mask = np.zeros((mh, mw), bool)
-        if candidate.sum() >= min_size:
-            from histomicstk.saliency.tissue_detection import get_tissue_mask
-
-            try:
-                labeled, _ = get_tissue_mask(rgb, deconvolve_first=False, n_thresholding_steps=1,
-                                             sigma=MASK_SIGMA, min_size=min_size)
-            except ValueError:  # nothing above the threshold: histomicstk fails on an empty component list
-                labeled = np.zeros((mh, mw), np.int32)
-            mask = (labeled > 0) & candidate
-            lab, n = ndimage.label(mask)
-            if n:
-                counts = np.bincount(lab.ravel())
-                counts[0] = 0
-                mask = counts[lab] >= min_size
-        mask.setflags(write=False)
-        self._masks[key] = (mask, fx, fy)
-        return mask, fx
-
-    def tissue_fraction(self, x, y, width, height, thumbnail_size=1024):
-        """Fraction of the analysis-pixel rectangle covered by tissue (area-weighted over partial mask pixels)."""
-        self.tissue_mask(thumbnail_size)
-        mask, fx, fy = self._masks[int(thumbnail_size)]
-        if width <= 0 or height <= 0:
-            return 0.0
-        i0, i1 = max(0, int(x // fx)), min(mask.shape[1], int(math.ceil((x + width) / fx)))
-        j0, j1 = max(0, int(y // fy)), min(mask.shape[0], int(math.ceil((y + height) / fy)))
-        if i1 <= i0 or j1 <= j0:
-            return 0.0
-        wx = _coverage_weights(x, x + width, i0, i1, fx)
-        wy = _coverage_weights(y, y + height, j0, j1, fy)
-        covered = wy @ mask[j0:j1, i0:i1].astype(np.float64) @ wx
-        return float(min(1.0, covered / (width * height)))
-
-    # ----------------------------------------------------------------------------------------------------------
-    # tiles
-    # ----------------------------------------------------------------------------------------------------------
 
     def roi_to_analysis(self, roi):
         """(x0, y0, x1, y1) analysis-pixel bounds covering a base-pixel ROI (x, y, w, h), clipped to the slide."""
@@ -352,49 +209,6 @@ class Slide:
         ay1 = min(self.size[1], int(math.ceil(by1 / s - 1e-6)))
         ax0, ay0 = min(ax0, ax1 - 1), min(ay0, ay1 - 1)
         return max(0, ax0), max(0, ay0), max(ax1, 1), max(ay1, 1)
-
-    def tiles(self, tile_size=1024, overlap=64, roi=None, min_tissue=0.05, thumbnail_size=1024):
-        """Row-major grid of tiles at analysis scale covering the ROI.
-
-        :param tile_size: tile side in analysis pixels; tiles are smaller only where the ROI is.
-        :param overlap: analysis pixels shared by neighbouring tiles (at least; the last tile of a row/column is
-            flush with the ROI edge and may share more).
-        :param roi: (x, y, width, height) in base pixels, clipped to the slide; None = the whole slide.
-        :param min_tissue: tiles whose tissue fraction is below this are marked ``skipped`` (still listed).
-        :returns: list of :class:`Tile`.
-        """
-        tile_size, overlap = int(tile_size), int(overlap)
-        if tile_size < 1:
-            raise CellRCNNError(f'tile size must be positive, not {tile_size}')
-        if not 0 <= overlap < tile_size:
-            raise CellRCNNError(f'tile overlap must be at least 0 and below the tile size {tile_size}, not {overlap}')
-        if not 0 <= min_tissue <= 1:
-            raise CellRCNNError(f'minimum tissue fraction must be between 0 and 1, not {min_tissue}')
-        ax0, ay0, ax1, ay1 = self.roi_to_analysis(roi)
-        xs = _starts(ax0, ax1 - ax0, tile_size, overlap)
-        ys = _starts(ay0, ay1 - ay0, tile_size, overlap)
-        W, H = self.base_size
-        s = self.scale
-        # a tile's base region is its analysis rectangle times the scale, rounded; tiles at the slide's right/bottom
-        # edge reach the edge (the analysis size is floor(base / scale): the last fraction of a pixel is read too)
-        tiles = []
-        for row, y in enumerate(ys):
-            h = min(tile_size, ay1 - y)
-            by0 = int(round(y * s))
-            by1 = H if y + h >= self.size[1] else min(H, int(round((y + h) * s)))
-            for col, x in enumerate(xs):
-                w = min(tile_size, ax1 - x)
-                bx0 = int(round(x * s))
-                bx1 = W if x + w >= self.size[0] else min(W, int(round((x + w) * s)))
-                tissue = self.tissue_fraction(x, y, w, h, thumbnail_size)
-                tiles.append(Tile(x=x, y=y, width=w, height=h, row=row, col=col, base_x=bx0, base_y=by0,
-                                  base_width=max(1, bx1 - bx0), base_height=max(1, by1 - by0), tissue=tissue,
-                                  skipped=tissue < min_tissue, index=len(tiles)))
-        return tiles
-
-    # ----------------------------------------------------------------------------------------------------------
-    # pixels and coordinates
-    # ----------------------------------------------------------------------------------------------------------
 
     def read(self, tile):
         """RGB uint8 ``tile.height x tile.width x 3`` image of a tile at analysis scale."""
@@ -448,55 +262,3 @@ class Slide:
         return b * np.array([sx, sy, sx, sy]) + np.array([tile.base_x, tile.base_y, tile.base_x, tile.base_y],
                                                           dtype=np.float64)
 
-
-def prefetch(slide, tiles, workers=2, queue=4, skip=True):
-    """Iterate ``(tile, image)`` over ``tiles`` in order, reading ahead in ``workers`` background threads.
-
-    At most ``queue`` images are read ahead of the consumer (memory bound: ``queue`` tiles, plus the one being
-    consumed).  ``workers=0`` reads serially in the caller's thread.  Tiles marked ``skipped`` are not read unless
-    ``skip=False``.  A failed read raises CellRCNNError (naming the tile) from the iterator at that tile's turn.
-    Closing the iterator early (``break``) cancels the reads not started yet.
-    """
-    workers, queue = int(workers), int(queue)
-    if workers < 0:
-        raise CellRCNNError(f'reader threads must be 0 or more, not {workers}')
-    if queue < 1:
-        raise CellRCNNError(f'read-ahead queue must hold at least 1 tile, not {queue}')
-    todo = [t for t in tiles if not (skip and t.skipped)]
-    return _prefetch(slide, todo, workers, queue)
-
-
-def _prefetch(slide, todo, workers, queue):
-    if workers == 0:
-        for tile in todo:
-            yield tile, _read_checked(slide, tile)
-        return
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix='cellrcnn-read')
-    pending = collections.deque()
-    try:
-        it = iter(todo)
-        for tile in it:
-            pending.append((tile, pool.submit(_read_checked, slide, tile)))
-            if len(pending) >= queue:
-                break
-        while pending:
-            tile, future = pending.popleft()
-            image = future.result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(_read_checked, slide, nxt)))
-            yield tile, image
-            del image
-    finally:
-        for _, future in pending:
-            future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _read_checked(slide, tile):
-    try:
-        return slide.read(tile)
-    except CellRCNNError:
-        raise
-    except Exception as exc:  # anything read() did not wrap (e.g. MemoryError)
-        raise CellRCNNError(f'cannot read {tile} of {slide.path}: {one_line(exc)}') from None

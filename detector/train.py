@@ -8,14 +8,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .adapt import reestimate_batchnorm
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from .data import Augmenter, TileDataset, collate, labelled_set
 from .devices import autocast, resolve_device
 from .errors import CellRCNNError
 from .model import build_model
+from .progress import Progress
+from .samples import Augmenter, TileDataset, collate, labelled_set
 
 
 @dataclass
@@ -75,13 +75,14 @@ def precise_bn(model, samples, tile_size, device, count=256, batch_size=8):
     reestimate_batchnorm(model, tiles, device, batch_size)
 
 
-def train(model_config, train_config, out_dir, device='auto', resume=None, samples=None, progress=True, init=None,
+def train(model_config, train_config, out_dir, device='auto', resume=None, samples=None, progress=None, init=None,
           on_step=None):
     """Train a model; write ``out_dir/last.pt`` (resumable) and ``out_dir/model.pt`` (weights only).
 
     ``samples``: a list of ``(image, boxes)`` to train on instead of ``train_config.data``. ``init``: a checkpoint to
     fine-tune (its own configuration is used; ``model_config`` is ignored). ``on_step(step, steps)`` is called after
-    every step. Returns the trained model and the list of per-step losses.
+    every step; ``progress`` (a :class:`cellrcnn.progress.Progress`) counts the steps. Returns the trained model and the
+    list of per-step losses.
     """
     cfg = train_config.validate()
     device = resolve_device(device)
@@ -126,7 +127,9 @@ def train(model_config, train_config, out_dir, device='auto', resume=None, sampl
 
     losses = []
     step = start_step
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, desc='train', unit='step')
+    bar = progress or Progress(mode='none')
+    bar.start(cfg.steps)
+    bar.update(start_step)
     started = time.time()
     while step < cfg.steps:
         for images, targets in loader:
@@ -147,7 +150,7 @@ def train(model_config, train_config, out_dir, device='auto', resume=None, sampl
             step += 1
             losses.append({k: v.item() for k, v in parts.items()})
             bar.update(1)
-            bar.set_postfix({k.replace('loss_', ''): f'{np.mean([x[k] for x in losses[-20:]]):.3f}' for k in parts})
+            bar.comment(' '.join(f"{k.replace('loss_', '')} {np.mean([x[k] for x in losses[-20:]]):.3f}" for k in parts))
             if on_step is not None:
                 on_step(step, cfg.steps)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -155,7 +158,7 @@ def train(model_config, train_config, out_dir, device='auto', resume=None, sampl
             if step >= cfg.steps:
                 break
         dataset.epoch += 1
-    bar.close()
+    bar.finish()
     precise_bn(model, samples, cfg.tile_size, device)
     save_checkpoint(os.path.join(out_dir, 'model.pt'), model, train_config=dataclasses.asdict(cfg),
                     train_seconds=time.time() - started)

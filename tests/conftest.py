@@ -1,3 +1,6 @@
+import copy
+import inspect
+
 import numpy as np
 import pytest
 
@@ -21,3 +24,61 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope='session')
+def synthetic_slide(tmp_path_factory):
+    """``synthetic_slide(width, height, seed, **kwargs)``: ``(path, boxes)`` of a :func:`cellrcnn.synthetic.write_slide`
+    slide (``slide.tiff``, in a folder of its own; boxes read-only), written once per session for each set of
+    arguments: modules asking for the same slide share one file. Write nothing next to it."""
+    from cellrcnn.synthetic import write_slide
+
+    signature = inspect.signature(write_slide)
+    made = {}
+
+    def make(width, height, seed, **kwargs):
+        bound = signature.bind(None, width, height, seed, **kwargs)
+        bound.apply_defaults()
+        key = tuple(sorted((k, v) for k, v in bound.arguments.items() if k != 'path'))
+        if key not in made:
+            path = tmp_path_factory.mktemp('slide') / 'slide.tiff'
+            boxes = write_slide(str(path), width, height, seed, **kwargs)
+            boxes.setflags(write=False)
+            made[key] = path, boxes
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope='session')
+def girder_session(tmp_path_factory):
+    """One real Girder with the DSA plugins (cellrcnn.local_girder.GirderServer) for the whole test session.
+
+    Skipped only when its virtualenv, an optional install (``./install.sh --with-girder``), is missing. Its celery
+    broker and result store are kombu's in-process memory (tests/test_plugin.py: slicer_cli_web queues jobs that no
+    worker takes). Modules use :func:`server`, not this."""
+    from cellrcnn.local_girder import GirderServer, girder_python
+
+    python, why_not = girder_python()
+    if python is None:
+        pytest.skip(why_not)
+    with pytest.MonkeyPatch.context() as env:  # set while the server starts: it reads them then
+        env.setenv('GIRDER_WORKER_BROKER', 'memory://')
+        env.setenv('GIRDER_WORKER_BACKEND', 'cache+memory://')
+        girder = GirderServer(python, root=str(tmp_path_factory.mktemp('girder'))).__enter__()
+    try:
+        yield girder
+    finally:
+        girder.__exit__(None, None, None)
+
+
+@pytest.fixture(scope='module')
+def server(girder_session, request):
+    """The session's Girder as one test module sees it: the same server, admin and token, but ``collection_id`` and
+    ``folder_id`` (where ``upload_slide`` and ``upload_as_dsa`` put files) are a private collection named after the
+    module and its folder ``cohort``, so that no module lists another's items. A shallow copy: never stop it."""
+    view = copy.copy(girder_session)
+    gc = girder_session.client()
+    view.collection_id = gc.createCollection(request.module.__name__, public=False)['_id']
+    view.folder_id = gc.createFolder(view.collection_id, 'cohort', parentType='collection')['_id']
+    return view

@@ -6,25 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from cellrcnn.adapt import batchnorm_stats
-from cellrcnn.checkpoint import load_model
-from cellrcnn.engine import adapt_to_slide, adaptation_tiles, detect_slide
-from cellrcnn.inference import Detector
+from cellrcnn.adapt import adapt_to_slide, adaptation_tiles, batchnorm_stats
+from cellrcnn.inference import DetectorSpec
 from cellrcnn.slide import Slide
-from cellrcnn.synthetic import write_slide
+from cellrcnn.slide_detection import detect_slide
+from cellrcnn.tiling import tile_grid
 
-RUN = dict(tile_size=256, overlap=48, min_tissue=0.0, progress='none')
+RUN = dict(tile_size=256, overlap=48, min_tissue=0.0)
 
 
 @pytest.fixture(scope='module')
-def slide(tmp_path_factory):
-    path = tmp_path_factory.mktemp('slide') / 'slide.tiff'
-    write_slide(str(path), 900, 700, seed=11)
-    return Slide(path)
+def slide(synthetic_slide):
+    return Slide(synthetic_slide(900, 700, seed=11)[0])
 
 
 def new_detector(checkpoint):
-    return Detector(load_model(checkpoint), device='cpu', batch_size=3, score_thresh=0.05)
+    return DetectorSpec(str(checkpoint), threshold=0.05, device='cpu', batch_size=3).build()
 
 
 def test_adaptation_changes_the_batchnorm_statistics_and_no_parameter(slide, tiny_checkpoint):
@@ -33,7 +30,7 @@ def test_adaptation_changes_the_batchnorm_statistics_and_no_parameter(slide, tin
     parameters = {k: v.clone() for k, v in model.named_parameters()}
     before = batchnorm_stats(model)
     momenta = [m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    used = adapt_to_slide(slide, detector, slide.tiles(256, 48, min_tissue=0.0), 4)
+    used = adapt_to_slide(slide, detector, tile_grid(slide, 256, 48, min_tissue=0.0), 4)
     assert len(used) == 4
     after = batchnorm_stats(model)
     assert after.keys() == before.keys() and len(after) > 10
@@ -45,7 +42,7 @@ def test_adaptation_changes_the_batchnorm_statistics_and_no_parameter(slide, tin
 
 
 def test_the_adaptation_tiles_are_deterministic_bounded_and_tissue(slide):
-    tiles = slide.tiles(256, 48, min_tissue=0.0)
+    tiles = tile_grid(slide, 256, 48, min_tissue=0.0)
     assert len(tiles) == 20
     for count in (0, 1, 3, 8, 19, 20, 25):
         chosen = adaptation_tiles(tiles, count)

@@ -1,24 +1,25 @@
-"""Our DSA documents against the real large_image annotation JSON schema.
+"""Our DSA documents against the real large_image annotation JSON schema (the only schema check: no hand-copied
+subset of it elsewhere).
 
 The schema lives in the Girder plugin ``girder-large-image-annotation`` (``AnnotationSchema.annotationSchema``,
 validated server-side with a jsonschema Draft6Validator). The plugin runs in the DSA's Girder environment, without
 torch, not in cellrcnn's: the schema is read from the Girder environment the real-server tests use
-(``cellrcnn.local_girder.girder_python()``: ``CELLRCNN_GIRDER_PYTHON``, else the checkout's ``.venv-girder``), or from this
-environment when the plugin is importable here. Without either the module is skipped.
+(``cellrcnn.local_girder.girder_python()``: ``CELLRCNN_GIRDER_PYTHON``, else the checkout's ``.venv-girder``), or
+from this environment when the plugin is importable here. Without either (an optional install) the module is
+skipped. jsonschema is required (girder-slicer-cli-web, in setup.py, needs it).
 """
 
 import copy
 import json
 import subprocess
 
+import jsonschema
 import numpy as np
 import pytest
 
 from cellrcnn.annotation import detections_to_annotation
-from cellrcnn.outputs import density_annotation
+from cellrcnn.density import density_annotation
 from cellrcnn.local_girder import girder_python
-
-jsonschema = pytest.importorskip('jsonschema')
 
 
 def _annotation_schema():
@@ -63,6 +64,8 @@ def test_rectangle_annotation_is_valid():
 
 def test_point_annotation_is_valid():
     validate(detections_to_annotation(BOXES, SCORES, element_type='point'))
+    validate(detections_to_annotation(BOXES, SCORES, element_type='point', line_color='#ff0000',
+                                      fill_color='rgba(255,0,0,0.5)'))
 
 
 def test_empty_annotation_is_valid():

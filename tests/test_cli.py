@@ -6,8 +6,10 @@ import cv2
 import numpy as np
 import pytest
 
+from support import report_figures
+
 from cellrcnn.__main__ import main
-from cellrcnn.synthetic import make_tile, write_slide
+from cellrcnn.synthetic import make_tile
 
 
 @pytest.fixture
@@ -20,10 +22,8 @@ def image_file(tmp_path):
 
 
 @pytest.fixture(scope='module')
-def slide_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp('slide') / 'slide.tiff'
-    write_slide(str(path), 700, 520, seed=4)
-    return path
+def slide_file(synthetic_slide):
+    return synthetic_slide(700, 520, seed=4)[0]
 
 
 def test_detect_on_a_slide_writes_annotations_geojson_csv_and_overview(tmp_path, slide_file, tiny_checkpoint,
@@ -106,8 +106,23 @@ def test_synth_tiles_train_from_their_annotations_and_evaluate(tmp_path, capsys)
     run = tmp_path / 'run'
     assert main(['train', '-o', str(run), '--data', str(data), '--steps', '3', '--batch-size', '2', '--tile-size',
                  '128', '--warmup-steps', '1', '--workers', '0', '--val-data', str(data)]) == 0
+    truth = sum(len(json.loads(p.read_text())['elements']) for p in data.glob('*.png.json'))
+    assert truth > 20
+    # The 3-step model's figures are whatever they are, but they are the counts of its matches, and printed.
+    capsys.readouterr()
     assert main(['evaluate', '--model', str(run / 'model.pt'), '--data', str(data), '--json',
                  str(tmp_path / 'm.json')]) == 0
     metrics = json.loads((tmp_path / 'm.json').read_text())
-    assert metrics['n_gt'] > 0 and 0 <= metrics['f1'] <= 1
-    assert 'precision' in capsys.readouterr().out
+    assert metrics['n_images'] == 4 and metrics['n_gt'] == metrics['tp'] + metrics['fn'] == truth
+    assert metrics['n_pred_kept'] == metrics['tp'] + metrics['fp'] <= metrics['n_pred']
+    assert metrics['recall'] == pytest.approx(metrics['tp'] / truth)
+    assert metrics['f1'] == pytest.approx(2 * metrics['tp'] / (2 * metrics['tp'] + metrics['fp'] + metrics['fn']))
+    if metrics['n_pred_kept']:  # (none kept: precision 0 by convention)
+        assert metrics['precision'] == pytest.approx(metrics['tp'] / metrics['n_pred_kept'])
+    assert report_figures(capsys.readouterr().out) == report_figures(metrics)
+    # The bundled model on the same tiles (the default model): an evaluation that finds its nuclei.
+    assert main(['evaluate', '--data', str(data), '--tile-size', '128', '--device', 'cpu', '--json',
+                 str(tmp_path / 'bundled.json')]) == 0
+    bundled = json.loads((tmp_path / 'bundled.json').read_text())
+    assert bundled['n_gt'] == truth and bundled['precision'] > 0.9 and bundled['recall'] > 0.85, bundled
+    assert report_figures(capsys.readouterr().out) == report_figures(bundled)

@@ -10,12 +10,11 @@ import os
 import pytest
 
 from cellrcnn.__main__ import main
-from cellrcnn.local_girder import GirderServer, girder_python, wait_for
+from cellrcnn.local_girder import wait_for
 from cellrcnn.synthetic import write_slide
 
 #: relative path: (width, height, seed)
 SLIDES = {'a.tiff': (800, 640, 31), 'sub/b.tiff': (720, 720, 32), 'sub/deeper/c.tiff': (900, 560, 33)}
-PYTHON, WHY_NOT = girder_python()
 
 
 def run_batch(*args):
@@ -136,25 +135,14 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, args, message):
 
 
 # --------------------------------------------------------------------------- a Girder folder of slides
+# (the session's Girder, tests/conftest.py: skipped only without its optional virtualenv)
 
-@pytest.fixture(scope='module')
-def server(tmp_path_factory):
-    if PYTHON is None:
-        pytest.skip(WHY_NOT or 'no Girder environment')
-    with GirderServer(PYTHON, root=str(tmp_path_factory.mktemp('girder'))) as girder:
-        yield girder
-
-
-def girder_slides(server, tmp_path):
-    """Two large-image items: one in the server's folder, one in a subfolder. :returns: {path: item id}."""
+def girder_slides(server, synthetic_slide):
+    """Two large-image items: one in the module's folder, one in a subfolder. :returns: {path: item id}."""
     gc = server.client()
-    paths = []
-    for name, seed in (('one.tiff', 41), ('two.tiff', 42)):
-        paths.append(tmp_path / name)
-        write_slide(str(paths[-1]), 640, 480, seed=seed)
-    top, _ = server.upload_slide(paths[0])
+    top, _ = server.upload_slide(synthetic_slide(640, 480, seed=41)[0], name='one.tiff')
     sub = gc.createFolder(server.folder_id, 'scans')
-    file = gc.uploadFileToFolder(sub['_id'], str(paths[1]))
+    file = gc.uploadFileToFolder(sub['_id'], str(synthetic_slide(640, 480, seed=42)[0]), filename='two.tiff')
     wait_for(lambda: gc.getItem(file['itemId']).get('largeImage', {}).get('fileId'), 60, 'the second large image')
     return {'one.tiff': top, 'scans/two.tiff': file['itemId']}
 
@@ -163,8 +151,8 @@ def cellrcnn_annotations(server, item_id):
     return [a for a in server.annotations(item_id) if 'cellrcnn' in a['annotation'].get('attributes', {})]
 
 
-def test_a_girder_folder_cohort_posts_each_result_to_its_slide(server, tmp_path):
-    items = girder_slides(server, tmp_path)
+def test_a_girder_folder_cohort_posts_each_result_to_its_slide(server, synthetic_slide, tmp_path):
+    items = girder_slides(server, synthetic_slide)
     output = tmp_path / 'out'
     girder = ('--girder-url', server.api_url, '--girder-token', server.token, '--folder', server.folder_id)
     code, out, err, rows = run_batch('-o', output, *girder)

@@ -1,11 +1,10 @@
 """cellrcnn against a real Girder with the Digital Slide Archive's plugins (see cellrcnn.local_girder).
 
 Skipped unless the server's own virtualenv is there (the DSA's Girder runs without torch): .venv-girder from
-``./install.sh --with-girder``, or the python that CELLRCNN_GIRDER_PYTHON names. Every check goes through Girder's
-REST API.
+``./install.sh --with-girder``, or the python that CELLRCNN_GIRDER_PYTHON names. The server is the session's
+(tests/conftest.py), this module's items in a collection of its own. Every check goes through Girder's REST API.
 """
 
-import argparse
 import json
 import os
 import re
@@ -18,11 +17,11 @@ import pytest
 
 from girder_proxy import FaultyProxy
 
-from cellrcnn.annotation import detections_to_annotation, write_annotation
+from cellrcnn.annotation import detections_to_annotation, write_annotation, write_detections_annotation
 from cellrcnn.errors import CellRCNNError
-from cellrcnn.girder import detect_target, post_annotation_files, post_annotations
-from cellrcnn.local_girder import GirderServer, free_port, girder_python, wait_for
-from cellrcnn.synthetic import write_slide
+from cellrcnn.__main__ import _poster, build_parser
+from cellrcnn.girder_post import _streamed_document, post_annotation_files, post_annotations
+from cellrcnn.local_girder import free_port, girder_python, wait_for
 
 PYTHON, WHY_NOT = girder_python()
 pytestmark = pytest.mark.skipif(PYTHON is None, reason=WHY_NOT or '')
@@ -32,16 +31,8 @@ FAST = {'retries': 3, 'backoff': 0.01}
 
 
 @pytest.fixture(scope='module')
-def server(tmp_path_factory):
-    with GirderServer(PYTHON, root=str(tmp_path_factory.mktemp('girder'))) as girder:
-        yield girder
-
-
-@pytest.fixture(scope='module')
-def slide_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp('slide') / 'slide.tiff'
-    write_slide(str(path), 640, 480, seed=21)
-    return path
+def slide_file(synthetic_slide):
+    return synthetic_slide(640, 480, seed=21)[0]
 
 
 @pytest.fixture
@@ -134,11 +125,18 @@ def test_the_task_posts_directly_and_replaces_the_previous_result(server, slide,
     assert posted['_elementCount'] == detections > 0
     # The DSA then uploads the outputs, now empty lists: HistomicsUI adds nothing a second time.
     assert (tmp_path / 'nuclei.anot').read_text() == '[]' == (tmp_path / 'density.anot').read_text()
+    assert not list(tmp_path.glob('*.posted.json'))  # the posted files were removed once on the slide
     for output, identifier in (('nuclei.anot', 'outputCellAnnotationFile'),
                                ('density.anot', 'outputDensityAnnotationFile')):
         server.upload_as_dsa(tmp_path / output, item_id, file_id, identifier)
-    time.sleep(1.0)
-    assert sorted(a['_id'] for a in server.annotations(item_id)) == sorted([other_model, by_hand] +
+    # Girder hands uploads to HistomicsUI's ingest one at a time, in order (one events thread): once a marker
+    # uploaded after them has landed, the two empty outputs have been ingested.
+    marker = tmp_path / 'marker.anot'
+    marker.write_text(json.dumps({'name': 'ingest marker', 'elements': []}))
+    server.upload_as_dsa(marker, item_id, file_id, 'markerAnnotationFile')
+    landed = wait_for(lambda: [a['_id'] for a in server.annotations(item_id)
+                               if a['annotation']['name'] == 'ingest marker'], 30, 'the marker to be ingested')
+    assert sorted(a['_id'] for a in server.annotations(item_id)) == sorted([other_model, by_hand, *landed] +
                                                                            [a['_id'] for a in mine])
 
 
@@ -171,6 +169,31 @@ def test_posting_twice_replaces_and_large_results_are_uploaded(server, slide, tm
     stored = server.client().get(f'annotation/{third[0]["_id"]}')['annotation']
     assert len(stored['elements']) == 250 and stored['attributes']['model'] == 'test.pt'
     assert len(list(server.client().listFile(item_id))) == 1  # the uploaded annotation file was removed: the slide only
+
+
+def test_a_large_annotation_file_is_streamed_as_written(server, slide, tmp_path):
+    """A file over large_bytes is never loaded whole: its header is re-encoded and its elements sent from disk."""
+    item_id, _ = slide
+    rng = np.random.default_rng(7)
+    xy = rng.uniform(0, 600, (2500, 2))
+    path = str(tmp_path / 'big.anot.json')
+    write_detections_annotation(path, np.hstack([xy, xy + 9]), rng.uniform(0.5, 1, 2500), chunk=700,
+                                attributes={'model': 'big.pt', 'cellrcnn': '0.1.0', 'note': 'x' * 50})
+    outgoing = _streamed_document(path)
+    assert outgoing is not None and outgoing.count == 2500 and outgoing.path == path
+    size, body = outgoing.encode({'model': 'big.pt', 'post': 'p'})
+    stream, pieces = body(), []
+    while piece := stream.read(4096):
+        pieces.append(piece)
+    sent = b''.join(pieces)
+    assert len(sent) == size
+    with open(path) as f:
+        assert json.loads(sent) == {**json.load(f), 'attributes': {'model': 'big.pt', 'post': 'p'}}
+    posted = post_annotation_files(server.api_url, server.token, item_id, [path], large_bytes=50_000, **FAST)
+    assert posted[0]['route'] == 'upload' and posted[0]['elements'] == 2500
+    stored = server.client().get(f'annotation/{posted[0]["_id"]}')['annotation']
+    assert len(stored['elements']) == 2500 and stored['attributes']['model'] == 'big.pt'
+    assert stored['attributes']['note'] == 'x' * 50 and 'cellrcnn_post' in stored['attributes']
 
 
 def test_a_failed_post_leaves_the_earlier_result(server, slide, tmp_path):
@@ -268,15 +291,17 @@ def test_an_unreachable_server_is_one_clear_error(tmp_path):
 def test_the_detect_command_hook(server, slide, tmp_path, monkeypatch):
     item_id, file_id = slide
     monkeypatch.setenv('GIRDER_TOKEN', server.token)
-    parser = argparse.ArgumentParser()
-    from cellrcnn.girder import add_detect_options
-    add_detect_options(parser)
-    assert detect_target(parser.parse_args([])) is None
+    parser = build_parser()
+
+    def poster(*options):
+        return _poster(parser.parse_args(['detect', '-o', str(tmp_path), *options]))
+
+    assert poster() is None
     with pytest.raises(CellRCNNError, match='needs both --girder-url and --item'):
-        detect_target(parser.parse_args(['--item', item_id]))
+        poster('--item', item_id)
     with pytest.raises(CellRCNNError, match='^no item'):  # checked before any detection
-        detect_target(parser.parse_args(['--girder-url', server.api_url, '--item', '1' * 24]))
-    post = detect_target(parser.parse_args(['--girder-url', server.api_url, '--item', file_id]))
+        poster('--girder-url', server.api_url, '--item', '1' * 24)
+    post = poster('--girder-url', server.api_url, '--item', file_id)
     paths = dict(zip(['annotation', 'density'], saved(tmp_path, nuclei(12), nuclei(3, name='density'))))
     lines = post({**paths, 'csv': None})
     assert lines[0].startswith(f"posted 'cellrcnn nuclei' (12 elements) to item {item_id} as annotation ")

@@ -1,8 +1,9 @@
 """Training from annotations drawn in HistomicsUI, against a real Girder with the DSA plugins (cellrcnn.local_girder).
 
-Three synthetic slides with exact nuclei (benchmarks/train_from_annotations.py's ``annotated_cohort``): 100 nuclei
+Three synthetic slides with exact nuclei (``annotated_cohort`` in tests/support.py): 100 nuclei
 as rectangles inside a "region" rectangle on slide a, 100 as points on slide b, every nucleus of slide c (held out)
-as rectangles, and a decoy annotation of another name. Everything goes through Girder's REST API.
+as rectangles, and a decoy annotation of another name, in this module's own folder of the session's Girder
+(tests/conftest.py). Everything goes through Girder's REST API.
 """
 
 import json
@@ -13,25 +14,17 @@ import sys
 import numpy as np
 import pytest
 
+from support import annotated_cohort
+
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.girder_training import holdout_count, train_from_girder
-from cellrcnn.local_girder import GirderServer, girder_python
+from cellrcnn.local_girder import girder_python
 from cellrcnn.metrics import evaluate
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
-from train_from_annotations import annotated_cohort  # noqa: E402
+from cellrcnn.settings import AnnotationTrainingSettings
 
 PYTHON, WHY_NOT = girder_python()
 girder = pytest.mark.skipif(PYTHON is None, reason=WHY_NOT or '')
 CLI_DIR = os.path.join(os.path.dirname(__file__), '..', 'cli')
-
-
-@pytest.fixture(scope='module')
-def server(tmp_path_factory):
-    if PYTHON is None:
-        pytest.skip(WHY_NOT)
-    with GirderServer(PYTHON, root=str(tmp_path_factory.mktemp('girder'))) as running:
-        yield running
 
 
 @pytest.fixture(scope='module')
@@ -49,8 +42,9 @@ def trained(server, cohort, tmp_path_factory):
     models = server.client().createFolder(server.collection_id, 'models', parentType='collection')['_id']
     try:
         result = train_from_girder(server.api_url, server.token, server.folder_id, 'nuclei',
-                                   str(tmp_path_factory.mktemp('run')), steps=16, batch_size=2,
-                                   output_folder=models, device='cpu', log=None)
+                                   str(tmp_path_factory.mktemp('run')),
+                                   AnnotationTrainingSettings(steps=16, batch_size=2, device='cpu'),
+                                   output_folder=models)
     finally:
         torch.set_num_threads(threads)
     return result, models
@@ -108,8 +102,8 @@ def test_the_cell_detection_task_takes_the_trained_model(server, cohort, trained
 @girder
 def test_an_unknown_annotation_name_is_one_line_naming_those_present(server, cohort, tmp_path):
     with pytest.raises(CellRCNNError) as info:
-        train_from_girder(server.api_url, server.token, server.folder_id, 'nucleii', str(tmp_path), steps=1,
-                          log=None)
+        train_from_girder(server.api_url, server.token, server.folder_id, 'nucleii', str(tmp_path),
+                          AnnotationTrainingSettings(steps=1))
     message = str(info.value)
     assert '\n' not in message
     assert "no annotation named 'nucleii' on the 3 slide(s)" in message

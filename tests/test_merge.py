@@ -5,6 +5,8 @@ import pytest
 import torch
 from torchvision.ops import nms
 
+from support import simulate_slide
+
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.merge import StreamingNMS, merge_all
 
@@ -12,49 +14,6 @@ from cellrcnn.merge import StreamingNMS, merge_all
 def reference(boxes, scores, iou):
     return nms(torch.from_numpy(np.ascontiguousarray(boxes)), torch.from_numpy(np.ascontiguousarray(scores)),
                iou).numpy()
-
-
-def simulate_slide(rng, width, height, n_objects, tile=256, overlap=48, size=(8, 32), jitter=3.0, quantise=None):
-    """Raw detections of a tiled detector, in the engine's order: a list of tile rows, each
-    (top of the row's tiles, [(boxes, scores) per tile, left to right])."""
-    step = tile - overlap
-    nx, ny = max(1, -(-(width - overlap) // step)), max(1, -(-(height - overlap) // step))
-    wh = rng.uniform(*size, (n_objects, 2))
-    xy = rng.uniform(0, 1, (n_objects, 2)) * (np.array([width, height]) - wh)
-    objects = np.concatenate([xy, xy + wh], 1)
-    # the tiles each object may touch (the one holding its top-left corner and its neighbours)
-    pairs = []
-    for ox in (-1, 0, 1):
-        for oy in (-1, 0, 1):
-            tx = np.minimum(np.floor(objects[:, 0] / step).astype(int) - ox, nx - 1)
-            ty = np.minimum(np.floor(objects[:, 1] / step).astype(int) - oy, ny - 1)
-            pairs.append(np.stack([np.arange(n_objects), tx, ty], 1))
-    pairs = np.unique(np.concatenate(pairs), axis=0)
-    pairs = pairs[(pairs[:, 1] >= 0) & (pairs[:, 2] >= 0)]
-    origin = pairs[:, 1:] * step
-    obj = objects[pairs[:, 0]]
-    lo, hi = np.maximum(obj[:, :2], origin), np.minimum(obj[:, 2:], origin + tile)
-    visible = np.prod(np.clip(hi - lo, 0, None), 1) >= 0.3 * np.prod(obj[:, 2:] - obj[:, :2], 1)
-    pairs, origin, obj = pairs[visible], origin[visible], obj[visible]
-    times = rng.integers(1, 4, len(pairs))  # each visible object detected 1-3 times per tile
-    rep = np.repeat(np.arange(len(pairs)), times)
-    det = obj[rep] + rng.normal(0, jitter, (len(rep), 4))
-    det[:, :2] = np.clip(det[:, :2], origin[rep], origin[rep] + tile - 1)
-    det[:, 2:] = np.clip(det[:, 2:], det[:, :2] + 1, origin[rep] + tile)
-    det = det.astype(np.float32)
-    scores = rng.uniform(0.05, 1, len(rep)).astype(np.float32)
-    if quantise:
-        scores = (np.round(scores * quantise) / quantise).astype(np.float32)
-    tile_of = pairs[rep, 2] * nx + pairs[rep, 1]
-    rows = []
-    for ty in range(ny):
-        tiles = []
-        for tx in range(nx):
-            sel = np.flatnonzero(tile_of == ty * nx + tx)
-            sel = rng.permutation(sel)
-            tiles.append((det[sel], scores[sel]))
-        rows.append((ty * step, tiles))
-    return rows
 
 
 def stream(rows, iou, max_box_size, with_extra=True):

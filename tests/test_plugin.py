@@ -1,7 +1,8 @@
 """The Girder plugin (plugin/, girder_cellrcnn) in a real DSA Girder: item metadata from cellrcnn annotations, the
 folder results table, folder-wide CellDetection through slicer_cli_web, and Girder's access control.
 
-Skipped unless the server's own virtualenv is there (see tests/test_girder.py). No RabbitMQ here: the server's
+Skipped unless the server's own virtualenv is there (see tests/test_girder.py). The server is the session's
+(tests/conftest.py), this module's folders in a collection of its own. No RabbitMQ here: the server's
 celery broker is kombu's in-process memory transport, so slicer_cli_web really creates and queues each slide's job
 (girder_worker publishes its message) but no worker takes it; the tests play the worker's part through the same
 ``PUT /job/{id}`` calls girder_worker makes.
@@ -21,10 +22,10 @@ import pytest
 from cellrcnn import __version__
 from cellrcnn.annotation import detections_to_annotation, read_annotation_file
 from cellrcnn.checkpoint import BUNDLED_MODEL
-from cellrcnn.girder import post_annotation_files, post_annotations
-from cellrcnn.local_girder import GirderServer, girder_python, wait_for
-from cellrcnn.pipeline import DetectionSettings, detect_to_files, output_paths
-from cellrcnn.synthetic import write_slide
+from cellrcnn.girder_post import post_annotation_files, post_annotations
+from cellrcnn.local_girder import girder_python, wait_for
+from cellrcnn.job import detect_to_files, output_paths
+from cellrcnn.settings import DetectionSettings
 
 PYTHON, WHY_NOT = girder_python()
 pytestmark = pytest.mark.skipif(PYTHON is None, reason=WHY_NOT or '')
@@ -39,23 +40,8 @@ QUEUED_OR_RUNNING = {0, 1, 2}
 
 
 @pytest.fixture(scope='module')
-def server(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as env:  # the server's celery broker and result store: in its own memory
-        env.setenv('GIRDER_WORKER_BROKER', 'memory://')
-        env.setenv('GIRDER_WORKER_BACKEND', 'cache+memory://')
-        girder = GirderServer(PYTHON, root=str(tmp_path_factory.mktemp('girder')))
-        girder.__enter__()
-    try:
-        yield girder
-    finally:
-        girder.__exit__(None, None, None)
-
-
-@pytest.fixture(scope='module')
-def slide_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp('slide') / 'slide.tiff'
-    write_slide(str(path), 512, 384, seed=5)
-    return path
+def slide_file(synthetic_slide):
+    return synthetic_slide(512, 384, seed=5)[0]
 
 
 @pytest.fixture(scope='module')

@@ -1,15 +1,17 @@
 """The CellDetection task run exactly as a DSA worker runs it: through slicer_cli_web's entrypoint in cli/."""
 
+import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from cellrcnn.pipeline import DetectionSettings
-from cellrcnn.synthetic import write_slide
+from cellrcnn.settings import AnnotationTrainingSettings, DetectionSettings
 
 CLI_DIR = os.path.join(os.path.dirname(__file__), '..', 'cli')
 
@@ -41,10 +43,8 @@ def test_list_cli_and_xml():
 
 
 @pytest.fixture(scope='module')
-def slide(tmp_path_factory):
-    path = tmp_path_factory.mktemp('slide') / 'slide.tiff'
-    write_slide(str(path), 640, 480, seed=21)
-    return path
+def slide(synthetic_slide):
+    return synthetic_slide(640, 480, seed=21)[0]
 
 
 def test_a_full_run_through_the_entrypoint(slide, tiny_checkpoint, tmp_path):
@@ -70,3 +70,32 @@ def test_bad_input_is_one_line(tmp_path, tiny_checkpoint):
                      '--model_file', str(tiny_checkpoint))
     assert run.returncode == 2
     assert run.stderr.strip() == f'CellDetection: error: slide not found: {tmp_path / "missing.svs"}'
+
+
+def xml_defaults(task):
+    """The task's parameters as slicer_cli_web passes them when a user changes nothing: each XML default, typed."""
+    root = ET.parse(os.path.join(CLI_DIR, task, f'{task}.xml')).getroot()
+    kinds = {'integer': int, 'integer-enumeration': int, 'double': float, 'float': float,
+             'boolean': lambda text: text == 'true', 'region': lambda text: [float(v) for v in text.split(',')]}
+    values = {}
+    for group in root.iter('parameters'):
+        for element in group:
+            name, default = element.findtext('name'), element.findtext('default')
+            if name is not None:
+                values[name] = kinds.get(element.tag, str)(default) if default is not None else None
+    return types.SimpleNamespace(**values)
+
+
+def task_module(task):
+    spec = importlib.util.spec_from_file_location(task, os.path.join(CLI_DIR, task, f'{task}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_task_defaults_are_the_library_defaults():
+    """One source of defaults: the XML a DSA shows, read as the tasks read it, gives the library's settings."""
+    assert task_module('CellDetection').settings_from(xml_defaults('CellDetection')) == \
+        dataclasses.replace(DetectionSettings(), progress='slicer')
+    assert task_module('TrainCellDetector').settings_from(xml_defaults('TrainCellDetector')) == \
+        AnnotationTrainingSettings()

@@ -3,16 +3,16 @@
 import threading
 
 import cv2
+import histomicstk  # noqa: F401  (required, as large_image is: a broken install fails here rather than skipping)
+import large_image  # noqa: F401
 import numpy as np
 import pytest
+import pyvips
 
-pytest.importorskip('large_image')
-pytest.importorskip('histomicstk')
-pyvips = pytest.importorskip('pyvips')
-
-from cellrcnn import synthetic  # noqa: E402
-from cellrcnn.errors import CellRCNNError  # noqa: E402
-from cellrcnn.slide import Slide, Tile, prefetch  # noqa: E402
+from cellrcnn.errors import CellRCNNError
+from cellrcnn.slide import Slide
+from cellrcnn.tiling import Tile, prefetch, tile_grid
+from cellrcnn.tissue import find_tissue
 
 
 def optical_density(rgb):
@@ -20,11 +20,10 @@ def optical_density(rgb):
 
 
 @pytest.fixture(scope='module')
-def slide20x(tmp_path_factory):
+def slide20x(synthetic_slide):
     """A 20x (0.5 um/px) synthetic slide, 2048 x 1536, tiles of 512, and its nucleus boxes."""
-    path = str(tmp_path_factory.mktemp('slide') / 'synthetic.tiff')
-    boxes = synthetic.write_slide(path, 2048, 1536, seed=4, mpp=0.5, tile_size=512)
-    return path, boxes
+    path, boxes = synthetic_slide(2048, 1536, seed=4, mpp=0.5, tile_size=512)
+    return str(path), boxes
 
 
 def _write_vips(path, array, px_per_mm=None, tile=256):
@@ -84,7 +83,7 @@ def test_slide_without_resolution_needs_mpp(tmp_path):
     s = Slide(path, mpp=0.25)  # a 40x scan, analysed at 20x
     assert s.scale_from == 'mpp' and s.native_magnification == pytest.approx(40)
     assert s.scale == pytest.approx(2) and s.size == (400, 300) and s.mpp == pytest.approx(0.5)
-    im = s.read(s.tiles(tile_size=256, overlap=16)[0])
+    im = s.read(tile_grid(s, tile_size=256, overlap=16)[0])
     assert im.shape == (256, 256, 3)
 
 
@@ -140,7 +139,7 @@ def _check_grid(tiles, x0, y0, x1, y1, size, overlap):
 
 def test_tile_grid_whole_slide(slide20x):
     s = Slide(slide20x[0])
-    tiles = s.tiles(tile_size=512, overlap=64)
+    tiles = tile_grid(s, tile_size=512, overlap=64)
     _check_grid(tiles, 0, 0, 2048, 1536, 512, 64)
     assert (max(t.col for t in tiles) + 1, max(t.row for t in tiles) + 1) == (5, 4)
     for t in tiles:  # native scale: the base region is the tile
@@ -152,7 +151,7 @@ def test_tile_grid_whole_slide(slide20x):
                                       (20, (10, 20, 100, 50)), (10, (-100, -100, 400, 300))])
 def test_tile_grid_roi(slide20x, mag, roi):
     s = Slide(slide20x[0], magnification=mag)
-    tiles = s.tiles(tile_size=256, overlap=32, roi=roi)
+    tiles = tile_grid(s, tile_size=256, overlap=32, roi=roi)
     x0, y0, x1, y1 = s.roi_to_analysis(roi)
     _check_grid(tiles, x0, y0, x1, y1, 256, 32)
     # the tiles' base regions cover the ROI (clipped to the slide) and stay inside the slide
@@ -170,13 +169,13 @@ def test_tile_grid_roi(slide20x, mag, roi):
                                  ('a', 1, 2, 3), (1, 2, 3)])
 def test_bad_roi(slide20x, roi):
     with pytest.raises(CellRCNNError, match='ROI'):
-        Slide(slide20x[0]).tiles(roi=roi)
+        tile_grid(Slide(slide20x[0]), roi=roi)
 
 
 @pytest.mark.parametrize('size, overlap', [(0, 0), (256, 256), (256, -1)])
 def test_bad_tile_size_or_overlap(slide20x, size, overlap):
     with pytest.raises(CellRCNNError, match='tile'):
-        Slide(slide20x[0]).tiles(tile_size=size, overlap=overlap)
+        tile_grid(Slide(slide20x[0]), tile_size=size, overlap=overlap)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,22 +184,23 @@ def test_bad_tile_size_or_overlap(slide20x, size, overlap):
 
 def test_tissue_mask_and_fractions(slide20x):
     s = Slide(slide20x[0])
-    mask, factor = s.tissue_mask()
+    tissue = find_tissue(s)
+    mask = tissue.mask
     assert mask.dtype == bool and not mask.flags.writeable
-    assert factor == pytest.approx(s.size[0] / mask.shape[1])
+    assert tissue.fx == pytest.approx(s.size[0] / mask.shape[1])
     assert mask.shape[1] == 256  # a 1 mm wide slide: 4 um mask pixels, not 1024 of them
-    assert s.tissue_mask()[0] is mask  # cached
-    base = s.read(s.tiles(tile_size=4096)[0])
+    assert tissue.area_mm2((0, 0) + s.size) == pytest.approx(mask.mean() * s.size[0] * s.size[1] * (s.mpp / 1e3) ** 2)
+    base = s.read(tile_grid(s, tile_size=4096)[0])
     # tissue is visibly stained (as test_synthetic), ignoring cracks and gaps of a few micrometres (smoothing the
     # stained mask, not the optical density, so that dark nuclei at a tissue edge do not spread onto the glass)
     truth = cv2.GaussianBlur((optical_density(base).sum(2) > 0.25).astype(np.float32), (0, 0), 4) > 0.5
     assert 0.2 < mask.mean() < 0.95
     assert abs(mask.mean() - truth.mean()) < 0.05
-    for t in s.tiles(tile_size=256, overlap=0, min_tissue=0.05):
+    for t in tile_grid(s, tile_size=256, overlap=0, min_tissue=0.05):
         true_frac = truth[t.y:t.y + t.height, t.x:t.x + t.width].mean()
         assert abs(t.tissue - true_frac) < 0.15, t  # thin strands at tile edges are where the thumbnail mask errs
         assert t.skipped == (t.tissue < 0.05)
-    tiles = s.tiles(tile_size=256, overlap=0)
+    tiles = tile_grid(s, tile_size=256, overlap=0)
     assert max(t.tissue for t in tiles) > 0.95 and min(t.tissue for t in tiles) < 0.05  # tissue and glass
 
 
@@ -211,16 +211,15 @@ def test_all_glass_slide_has_no_tissue(tmp_path):
     white = np.full((1200, 1600, 3), 255, np.uint8)
     for name, rgb in (('glass', glass), ('white', white)):
         s = Slide(_write_vips(str(tmp_path / f'{name}.tiff'), rgb, px_per_mm=2000))
-        mask, _ = s.tissue_mask()
-        assert not mask.any(), name
-        tiles = s.tiles(tile_size=512, overlap=64)
+        assert not find_tissue(s).mask.any(), name
+        tiles = tile_grid(s, tile_size=512, overlap=64)
         assert all(t.skipped and t.tissue == 0 for t in tiles)
         assert list(prefetch(s, tiles)) == []
         assert len(list(prefetch(s, tiles, skip=False))) == len(tiles)
 
 
 def test_min_tissue_zero_keeps_everything(slide20x):
-    tiles = Slide(slide20x[0]).tiles(tile_size=512, min_tissue=0)
+    tiles = tile_grid(Slide(slide20x[0]), tile_size=512, min_tissue=0)
     assert not any(t.skipped for t in tiles)
 
 
@@ -247,7 +246,7 @@ def _dark_blob_centres(image, od_thresh=1.6, min_area=4):
 def test_read_and_to_base_match_ground_truth(slide20x, mag):
     path, gt = slide20x
     s = Slide(path, magnification=mag)
-    tiles = [t for t in s.tiles(tile_size=384, overlap=48) if not t.skipped]
+    tiles = [t for t in tile_grid(s, tile_size=384, overlap=48) if not t.skipped]
     assert tiles
     full = Slide(path)
     hits = total = 0
@@ -281,7 +280,7 @@ def test_read_and_to_base_match_ground_truth(slide20x, mag):
 
 def test_to_base_arithmetic(slide20x):
     s = Slide(slide20x[0], magnification=10)
-    t = s.tiles(tile_size=256, overlap=32)[3]
+    t = tile_grid(s, tile_size=256, overlap=32)[3]
     b = s.to_base([[0, 0, t.width, t.height], [10, 20, 30, 40]], t)
     assert b.dtype == np.float64 and b.shape == (2, 4)
     assert b[0].tolist() == [t.base_x, t.base_y, t.base_x + t.base_width, t.base_y + t.base_height]
@@ -299,7 +298,7 @@ def test_grey_and_alpha_slides_read_as_rgb(tmp_path):
     im.tiffsave(path, tile=True, tile_width=128, tile_height=128, pyramid=True, compression='deflate',
                 resunit='cm')
     s = Slide(path)
-    out = s.read(s.tiles(tile_size=512)[0])
+    out = s.read(tile_grid(s, tile_size=512)[0])
     assert out.shape == (300, 400, 3)
     assert out[:, :200].min() == 255 and np.all(out[:, 200:] == 120)
 
@@ -311,7 +310,7 @@ def test_grey_and_alpha_slides_read_as_rgb(tmp_path):
 @pytest.mark.parametrize('workers, queue', [(0, 1), (2, 4), (3, 1), (1, 2)])
 def test_prefetch_matches_serial_reads_in_order(slide20x, workers, queue):
     s = Slide(slide20x[0], magnification=13)
-    tiles = s.tiles(tile_size=512, overlap=64, min_tissue=0.3)
+    tiles = tile_grid(s, tile_size=512, overlap=64, min_tissue=0.3)
     kept = [t for t in tiles if not t.skipped]
     assert 0 < len(kept) < len(tiles)
     got = list(prefetch(s, tiles, workers=workers, queue=queue))
@@ -322,7 +321,7 @@ def test_prefetch_matches_serial_reads_in_order(slide20x, workers, queue):
 
 def test_prefetch_bounded_read_ahead(slide20x):
     s = Slide(slide20x[0])
-    tiles = s.tiles(tile_size=256, overlap=0, min_tissue=0)
+    tiles = tile_grid(s, tile_size=256, overlap=0, min_tissue=0)
     lock = threading.Lock()
     started = []
     real_read = s.read
@@ -347,7 +346,7 @@ def test_prefetch_bounded_read_ahead(slide20x):
 
 def test_prefetch_propagates_read_errors_with_tile_position(slide20x):
     s = Slide(slide20x[0])
-    tiles = s.tiles(tile_size=512, overlap=64, min_tissue=0)
+    tiles = tile_grid(s, tile_size=512, overlap=64, min_tissue=0)
     bad = tiles[6]
     real = s.source.getRegion
 
@@ -374,4 +373,4 @@ def test_prefetch_propagates_read_errors_with_tile_position(slide20x):
 def test_prefetch_bad_arguments(slide20x, workers, queue):
     s = Slide(slide20x[0])
     with pytest.raises(CellRCNNError):
-        prefetch(s, s.tiles(), workers=workers, queue=queue)  # raised at the call, not at the first next()
+        prefetch(s, tile_grid(s), workers=workers, queue=queue)  # raised at the call, not at the first next()

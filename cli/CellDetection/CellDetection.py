@@ -1,11 +1,15 @@
 """Cell detection as a slicer_cli_web task: HistomicsUI's analysis panel and girder_worker run it."""
 
+import os
 import sys
 
 from slicer_cli_web import CLIArgumentParser
 
 from cellrcnn.errors import CellRCNNError, run_reporting_errors
-from cellrcnn.pipeline import DetectionSettings, detect_to_files, summary_lines
+from cellrcnn.exports import summary_lines
+from cellrcnn.job import detect_to_files
+from cellrcnn.progress import Progress
+from cellrcnn.settings import DetectionSettings
 
 
 def settings_from(args):
@@ -23,10 +27,11 @@ def settings_from(args):
 
 def girder_poster(args):
     """With post_to_girder: check the server, token and slide before detecting, and return what posts the results
-    (else None). slicer_cli_web fills in girderApiUrl and girderToken; HistomicsUI fills in girder_slide."""
+    (``cellrcnn.girder_post.poster``; else None). slicer_cli_web fills in girderApiUrl and girderToken; HistomicsUI
+    fills in girder_slide."""
     if not getattr(args, 'post_to_girder', False):
         return None
-    from cellrcnn.girder import check_target, format_results, post_annotation_files
+    from cellrcnn.girder_post import poster
 
     url, token, slide = args.girderApiUrl, args.girderToken, getattr(args, 'girder_slide', None)
     if not url or not token:
@@ -34,31 +39,29 @@ def girder_poster(args):
                             'Digital Slide Archive fills them in)')
     if not slide:
         raise CellRCNNError('post_to_girder needs the slide to post to (--girder_slide: the id of its item or file)')
-    item_id = check_target(url, token, slide)
-
-    def post(paths):
-        files = [p for p in (paths['annotation'], paths['density']) if p]
-        results = post_annotation_files(url, token, item_id, files, log=lambda line: print(line, flush=True))
-        print('\n'.join(format_results(results, item_id)), flush=True)
-        # The DSA uploads the output files next and HistomicsUI would add them as annotations a second time:
-        # leave it an empty list of documents.
-        for path in files:
-            with open(path, 'w') as f:
-                f.write('[]')
-
-    return post
+    return poster(url, token, slide, progress=Progress(mode='slicer', name='CellDetection'))
 
 
 def main(args):
-    paths = {'annotation': args.outputCellAnnotationFile,
-             'density': getattr(args, 'outputDensityAnnotationFile', None) or None}
+    outputs = {'annotation': args.outputCellAnnotationFile,
+               'density': getattr(args, 'outputDensityAnnotationFile', None) or None}
     settings = settings_from(args)
     post = girder_poster(args)
+    paths = outputs
+    if post:
+        # The results go to the slide straight from files beside the outputs; the declared outputs stay empty lists
+        # of documents, since the DSA uploads them next and HistomicsUI would add them as annotations a second time.
+        paths = {key: path and f'{path}.posted.json' for key, path in outputs.items()}
     result = detect_to_files(args.inputImageFile, paths, settings,
                              resume_dir=args.outputCellAnnotationFile + '.partial')
     print('\n'.join(summary_lines(result, settings)), flush=True)
     if post:
-        post(paths)
+        print('\n'.join(post(paths)), flush=True)
+        for key, path in outputs.items():
+            if path:
+                with open(path, 'w') as f:
+                    f.write('[]')
+                os.remove(paths[key])
 
 
 if __name__ == '__main__':

@@ -14,6 +14,15 @@ from slicer_cli_web import CLIArgumentParser
 from cellrcnn.errors import CellRCNNError, run_reporting_errors
 from cellrcnn.girder_training import summary_lines, train_from_girder
 from cellrcnn.progress import Progress
+from cellrcnn.settings import AnnotationTrainingSettings
+
+
+def settings_from(args):
+    """slicer_cli_web's arguments (an empty init_model: the bundled model) as AnnotationTrainingSettings."""
+    return AnnotationTrainingSettings(
+        region_label=args.region_label, point_size_um=args.point_size, holdout=args.holdout, steps=args.steps,
+        batch_size=args.batch_size, lr=args.learning_rate, init=args.init_model or None,
+        from_scratch=args.from_scratch, device=args.device)
 
 
 def main(args):
@@ -21,17 +30,13 @@ def main(args):
         raise CellRCNNError('the Girder API URL and a token are needed to read the annotations (--api-url, '
                             '--girder-token; the Digital Slide Archive fills them in)')
     work = tempfile.mkdtemp(prefix='.train-', dir=os.path.dirname(os.path.abspath(args.outputModelFile)))
-    progress = Progress(100, name='TrainCellDetector', mode='slicer', unit='%')
     try:
         result = train_from_girder(
             args.girderApiUrl, args.girderToken, args.slide_folder, args.annotation_name, work,
-            holdout=args.holdout, steps=args.steps, init=args.init_model or None, from_scratch=args.from_scratch,
-            region_label=args.region_label, point_size_um=args.point_size, batch_size=args.batch_size,
-            lr=args.learning_rate, device=args.device, log=lambda line: print(line, flush=True), progress=progress)
+            settings_from(args), progress=Progress(mode='slicer', name='TrainCellDetector', unit='%'))
         shutil.copyfile(result.model_path, args.outputModelFile)
         if getattr(args, 'outputModelCard', None):
             shutil.copyfile(result.card_path, args.outputModelCard)
-        progress.close()
         print('\n'.join(summary_lines(result)[:-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

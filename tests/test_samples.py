@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellrcnn.data import Augmenter, TileDataset, keep_inside, read_image, to_tensor
+from cellrcnn.samples import Augmenter, TileDataset, keep_inside, read_image, to_tensor
 from cellrcnn.errors import CellRCNNError
 
 

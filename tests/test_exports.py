@@ -10,7 +10,8 @@ import types
 import numpy as np
 import pytest
 
-from cellrcnn import outputs as O
+from cellrcnn import density as D
+from cellrcnn import exports as O
 from cellrcnn.errors import CellRCNNError
 
 BOXES = np.array([[10, 20, 30, 50], [100.25, 200.5, 112.75, 211], [0, 0, 5, 5]], dtype=np.float32)
@@ -32,7 +33,7 @@ def test_density_matches_hand_count():
     centres = [(50, 50), (150, 199), (199.9, 0.5),      # 3 in cell (row 0, col 0)
                (900, 500), (450, 300), (420, 380)]       # (2, 4), then 2 in (1, 2)
     boxes = np.array([box_at(x, y, 0.1) for x, y in centres])
-    doc = O.density_annotation(boxes, (1000, 600), 0.5, cell_size_um=100)
+    doc = D.density_annotation(boxes, (1000, 600), 0.5, cell_size_um=100)
     (el,) = doc['elements']
     assert el['type'] == 'griddata' and el['interpretation'] == 'heatmap'
     assert (el['gridWidth'], el['dx'], el['dy']) == (5, 200.0, 200.0)
@@ -52,17 +53,17 @@ def test_density_matches_hand_count():
 def test_density_last_cell_absorbs_remainder_and_uses_true_area():
     # 1050 px wide: 5.25 cells -> 5 columns, the last 250 px (0.125 x 0.1 mm).
     boxes = np.array([box_at(1040, 50), box_at(100, 50)])
-    el = O.density_annotation(boxes, (1050, 200), 0.5, 100)['elements'][0]
+    el = D.density_annotation(boxes, (1050, 200), 0.5, 100)['elements'][0]
     assert el['gridWidth'] == 5 and len(el['values']) == 5
     assert el['values'] == [100.0, 0.0, 0.0, 0.0, 80.0]
     # 1150 px: 5.75 cells -> 6 columns, the last 150 px wide.
-    el = O.density_annotation(np.array([box_at(1140, 50)]), (1150, 200), 0.5, 100)['elements'][0]
+    el = D.density_annotation(np.array([box_at(1140, 50)]), (1150, 200), 0.5, 100)['elements'][0]
     assert el['gridWidth'] == 6 and el['values'][-1] == pytest.approx(1 / (0.075 * 0.1), abs=0.01)
 
 
 def test_density_rectangular_pixels_contour_and_max_density():
     boxes = np.array([box_at(10, 10), box_at(10, 10), box_at(150, 30)])
-    doc = O.density_annotation(boxes, (200, 40), (0.5, 0.25), cell_size_um=25,
+    doc = D.density_annotation(boxes, (200, 40), (0.5, 0.25), cell_size_um=25,
                                interpretation='contour', max_color='#ff0000')
     el = doc['elements'][0]
     assert (el['dx'], el['dy'], el['gridWidth'], len(el['values'])) == (50.0, 100.0, 4, 4)
@@ -70,25 +71,25 @@ def test_density_rectangular_pixels_contour_and_max_density():
     assert el['values'] == [8000.0, 0.0, 0.0, 4000.0]
     assert el['interpretation'] == 'contour' and el['maxColor'] == '#ff0000'
     assert 'colorRange' not in el and 'scaleWithZoom' not in el
-    heat = O.density_annotation(boxes, (200, 40), 0.5, 25, max_density=5000,
+    heat = D.density_annotation(boxes, (200, 40), 0.5, 25, max_density=5000,
                                 scale_with_zoom=False)['elements'][0]
     assert heat['rangeValues'][-1] == 5000 and 'scaleWithZoom' not in heat
 
 
 def test_density_empty_and_errors():
-    doc = O.density_annotation(np.zeros((0, 4)), (400, 400), 0.5, 100)
+    doc = D.density_annotation(np.zeros((0, 4)), (400, 400), 0.5, 100)
     el = doc['elements'][0]
     assert el['values'] == [0.0] * 4 and el['rangeValues'][-1] == 1.0
     assert doc['attributes']['density']['nuclei'] == 0
     with pytest.raises(CellRCNNError, match='outside'):
-        O.density_annotation(np.array([box_at(500, 10)]), (400, 400), 0.5)
+        D.density_annotation(np.array([box_at(500, 10)]), (400, 400), 0.5)
     with pytest.raises(CellRCNNError, match='choropleth'):
-        O.density_annotation(BOXES, (400, 400), 0.5, interpretation='choropleth')
+        D.density_annotation(BOXES, (400, 400), 0.5, interpretation='choropleth')
     for bad in [dict(mpp=0), dict(mpp='x'), dict(slide_size=(0, 10)), dict(slide_size=5),
                 dict(cell_size_um=-1), dict(cell_size_um=1, slide_size=(1e5, 1e5))]:
         kwargs = {**dict(boxes=BOXES, slide_size=(400, 400), mpp=0.5), **bad}
         with pytest.raises(CellRCNNError):
-            O.density_annotation(**kwargs)
+            D.density_annotation(**kwargs)
 
 
 # --------------------------------------------------------------------------- GeoJSON
@@ -196,6 +197,6 @@ def test_unwritable_path_is_one_line_error(tmp_path, writer):
 
 
 def test_outputs_do_not_import_torch():
-    code = ('import sys, cellrcnn.outputs, cellrcnn.annotation; '
+    code = ('import sys, cellrcnn.exports, cellrcnn.density, cellrcnn.annotation, cellrcnn.boxes; '
             'sys.exit("torch" in sys.modules)')
     assert subprocess.run([sys.executable, '-c', code]).returncode == 0

@@ -3,26 +3,22 @@ import pytest
 import torch
 from torchvision.ops import nms
 
-from cellrcnn.checkpoint import load_model
-from cellrcnn.engine import clear_partial, detect_slide
 from cellrcnn.errors import CellRCNNError
-from cellrcnn.inference import Detector
+from cellrcnn.inference import DetectorSpec
+from cellrcnn.resume import clear_partial
 from cellrcnn.slide import Slide
-from cellrcnn.synthetic import write_slide
+from cellrcnn.slide_detection import detect_slide
+from cellrcnn.tiling import tile_grid
 
 
 @pytest.fixture(scope='module')
-def slide_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp('slide') / 'slide.tiff'
-    write_slide(str(path), 900, 700, seed=11)
-    return path
+def slide_path(synthetic_slide):
+    return synthetic_slide(900, 700, seed=11)[0]
 
 
 @pytest.fixture
 def detector(tiny_checkpoint):
-    model = load_model(tiny_checkpoint)
-    model.set_thresholds(nms_thresh=0.3)
-    return Detector(model, device='cpu', batch_size=3, score_thresh=0.05)
+    return DetectorSpec(str(tiny_checkpoint), threshold=0.05, nms=0.3, device='cpu', batch_size=3).build()
 
 
 def sorted_rows(boxes):
@@ -36,6 +32,7 @@ class Recording:
     def __init__(self, detector):
         self.inner, self.results = detector, []
         self.model, self.batch_size, self.device = detector.model, detector.batch_size, detector.device
+        self.spec = detector.spec
 
     def detect_tiles(self, tiles):
         results = self.inner.detect_tiles(tiles)
@@ -46,8 +43,8 @@ class Recording:
 def test_merged_result_equals_one_global_nms_over_all_raw_detections(slide_path, detector):
     slide = Slide(slide_path)
     recording = Recording(detector)
-    result = detect_slide(slide, recording, tile_size=256, overlap=48, min_tissue=0.0, progress='none')
-    tiles = slide.tiles(256, 48, min_tissue=0.0)
+    result = detect_slide(slide, recording, tile_size=256, overlap=48, min_tissue=0.0)
+    tiles = tile_grid(slide, 256, 48, min_tissue=0.0)
     assert len(recording.results) == len(tiles)
     raw_boxes = [slide.to_base(boxes, tile).astype(np.float32) for tile, (boxes, _) in zip(tiles, recording.results)]
     raw_scores = [scores for _, scores in recording.results]
@@ -66,6 +63,7 @@ class Interrupting:
     def __init__(self, detector, batches):
         self.inner, self.left = detector, batches
         self.model, self.batch_size, self.device = detector.model, detector.batch_size, detector.device
+        self.spec = detector.spec
 
     def detect_tiles(self, tiles):
         if self.left == 0:
@@ -76,7 +74,7 @@ class Interrupting:
 
 def test_an_interrupted_run_resumes_from_its_saved_rows(slide_path, detector, tmp_path):
     slide = Slide(slide_path)
-    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, progress='none', key='k')
+    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, key='k')
     full = detect_slide(slide, detector, **kwargs)
     partial = tmp_path / 'partial'
     with pytest.raises(KeyboardInterrupt):
@@ -103,7 +101,7 @@ def test_glass_only_slide_gives_an_empty_result(tmp_path, detector):
     glass = pyvips.Image.black(600, 500, bands=3) + 245
     glass.cast('uchar').tiffsave(str(path), tile=True, pyramid=True, compression='jpeg', xres=2000, yres=2000,
                                  resunit='cm')
-    result = detect_slide(Slide(path), detector, tile_size=256, overlap=32, progress='none')
+    result = detect_slide(Slide(path), detector, tile_size=256, overlap=32)
     assert len(result.boxes) == 0
     assert result.stats['tiles_read'] == 0 and result.stats['tiles_skipped'] == result.stats['tiles']
     assert result.stats['adapt_tiles'] == 0  # no tissue to adapt to
@@ -123,9 +121,9 @@ def test_bad_engine_settings(slide_path, detector):
 
 def test_a_dask_cluster_gives_the_same_detections(slide_path, detector, tiny_checkpoint):
     slide = Slide(slide_path)
-    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, progress='none')
+    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0)
     local = detect_slide(slide, detector, **kwargs)
-    spread = detect_slide(slide, detector, scheduler='local:2', model_path=str(tiny_checkpoint), **kwargs)
+    spread = detect_slide(slide, detector, scheduler='local:2', **kwargs)
     assert len(spread.boxes) == len(local.boxes) > 0
     np.testing.assert_allclose(spread.boxes, local.boxes, atol=1e-3)
     np.testing.assert_allclose(spread.scores, local.scores, atol=1e-4)
@@ -134,10 +132,12 @@ def test_a_dask_cluster_gives_the_same_detections(slide_path, detector, tiny_che
 def test_dask_workers_detect_with_the_adapted_statistics_and_the_anchor_density_of_the_detector(
         slide_path, detector, tiny_checkpoint):
     slide = Slide(slide_path)
-    detector.model.set_anchor_upsample(2)  # an override that the model file on the workers does not hold
-    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, progress='none', adapt_tiles=4)
+    # an override that the model file on the workers does not hold
+    detector = DetectorSpec(str(tiny_checkpoint), threshold=0.05, nms=0.3, anchor_upsample=2, device='cpu',
+                            batch_size=3).build()
+    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, adapt_tiles=4)
     local = detect_slide(slide, detector, **kwargs)
-    spread = detect_slide(slide, detector, scheduler='local:1', model_path=str(tiny_checkpoint), **kwargs)
+    spread = detect_slide(slide, detector, scheduler='local:1', **kwargs)
     assert local.stats['adapt_tiles'] == spread.stats['adapt_tiles'] == 4
     assert len(spread.boxes) == len(local.boxes) > 0
     np.testing.assert_allclose(spread.boxes, local.boxes, atol=1e-3)
@@ -146,5 +146,25 @@ def test_dask_workers_detect_with_the_adapted_statistics_and_the_anchor_density_
 
 def test_unreachable_dask_scheduler(slide_path, detector, tiny_checkpoint):
     with pytest.raises(CellRCNNError, match='cannot reach the Dask scheduler'):
-        detect_slide(Slide(slide_path), detector, tile_size=256, overlap=48, min_tissue=0.0, progress='none',
-                     scheduler='tcp://127.0.0.1:9', model_path=str(tiny_checkpoint))
+        detect_slide(Slide(slide_path), detector, tile_size=256, overlap=48, min_tissue=0.0,
+                     scheduler='tcp://127.0.0.1:9')
+
+
+def test_a_detector_spec_builds_its_overrides_into_a_fixed_configuration(tiny_checkpoint):
+    from cellrcnn.checkpoint import load_checkpoint, stored_config
+
+    stored = stored_config(load_checkpoint(tiny_checkpoint))
+    detector = DetectorSpec(str(tiny_checkpoint), threshold=0.02, nms=0.25, anchor_upsample=2, device='cpu').build()
+    config = detector.model.config
+    assert (config.detect_thresh, config.score_thresh, config.nms_thresh, config.anchor_upsample) == (0.02, 0.02,
+                                                                                                     0.25, 2)
+    assert detector.score_thresh == 0.02
+    assert detector.model.roi_heads.nms_thresh == 0.25 and detector.model.roi_heads.score_thresh == 0.02
+    assert detector.model.rpn.upsample == detector.model.rpn.anchor_generator.upsample == 2
+    assert stored_config(load_checkpoint(tiny_checkpoint)) == stored  # the checkpoint's own is untouched
+    plain = DetectorSpec(str(tiny_checkpoint), device='cpu').build()
+    assert plain.model.config == stored and plain.score_thresh == stored.detect_thresh
+    with pytest.raises(CellRCNNError, match='score threshold must be between 0 and 1, not 1.5'):
+        DetectorSpec(str(tiny_checkpoint), threshold=1.5).build()
+    with pytest.raises(CellRCNNError, match='NMS IoU threshold must be above 0 and at most 1, not 0'):
+        DetectorSpec(str(tiny_checkpoint), nms=0).build()

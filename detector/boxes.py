@@ -1,0 +1,79 @@
+"""Boxes ``x1, y1, x2, y2`` (pixel-edge coordinates): checking what callers pass in, and their overlap (IoU).
+
+The streaming merge keeps its own float32 IoU (``merge._pair_iou``): it must match torchvision's NMS bit for bit.
+This module does not import torch.
+"""
+
+import numpy as np
+
+from .errors import CellRCNNError
+
+
+def to_numpy(x):
+    """A numpy array of a torch tensor (without importing torch), an array or nested lists; None stays None."""
+    if x is None:
+        return None
+    if hasattr(x, 'detach'):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def as_boxes(boxes, what='boxes'):
+    """Boxes as a float64 (N, 4) array; a one-line CellRCNNError naming ``what`` when they are not boxes."""
+    arr = to_numpy(boxes)
+    if arr is None:
+        return np.zeros((0, 4), dtype=np.float64)
+    try:
+        arr = arr.astype(np.float64, copy=False)
+    except (TypeError, ValueError):
+        raise CellRCNNError(f'{what} must be numeric x1,y1,x2,y2 boxes') from None
+    if arr.size == 0:
+        return np.zeros((0, 4), dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise CellRCNNError(f'{what} must have shape (N, 4) as x1,y1,x2,y2; got shape {arr.shape}')
+    if not np.isfinite(arr).all():
+        raise CellRCNNError(f'{what} contain NaN or infinite coordinates')
+    if (arr[:, 2] < arr[:, 0]).any() or (arr[:, 3] < arr[:, 1]).any():
+        raise CellRCNNError(f'{what} must be x1,y1,x2,y2 with x2 >= x1 and y2 >= y1')
+    return arr
+
+
+def as_scores(scores, n, what='scores'):
+    """Scores as a float64 (n,) array, one per box."""
+    arr = to_numpy(scores)
+    if arr is None:
+        if n:
+            raise CellRCNNError(f'{what} are missing for {n} boxes')
+        return np.zeros((0,), dtype=np.float64)
+    try:
+        arr = arr.astype(np.float64, copy=False).reshape(-1)
+    except (TypeError, ValueError):
+        raise CellRCNNError(f'{what} must be numbers, one per box') from None
+    if arr.shape[0] != n:
+        raise CellRCNNError(f'got {arr.shape[0]} {what} for {n} boxes')
+    if not np.isfinite(arr).all():
+        raise CellRCNNError(f'{what} contain NaN or infinite values')
+    return arr
+
+
+def as_detections(boxes, scores):
+    """Checked float64 (N, 4) boxes and (N,) scores."""
+    b = as_boxes(boxes)
+    return b, as_scores(scores, len(b))
+
+
+def iou(a, b):
+    """IoU of boxes ``a[..., 4]`` and ``b[..., 4]``, broadcast against each other (``a[:, None]`` against ``b[None]``
+    gives the N x M matrix; equal shapes give one IoU per pair); zero-area pairs give 0."""
+    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = iw * ih
+    union = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter
+    with np.errstate(divide='ignore', invalid='ignore'):
+        return np.where(union > 0, inter / union, 0.0)
+
+
+def box_iou(boxes_a, boxes_b):
+    """Dense IoU matrix (N x M) of two sets of boxes."""
+    a, b = as_boxes(boxes_a), as_boxes(boxes_b)
+    return iou(a[:, None], b[None])

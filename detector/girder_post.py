@@ -1,0 +1,447 @@
+"""Posting detection results straight to a Girder / Digital Slide Archive server, replacing the model's previous ones.
+
+The normal DSA flow needs none of this: slicer_cli_web uploads the task's ``*AnnotationFile`` outputs and
+HistomicsUI turns them into annotations. This module is for batch and REST use (``cellrcnn detect --girder-url``,
+scripts) and for the task's ``post_to_girder`` option: it puts the annotation documents on a slide's item and
+**replaces** the previous result of the same model there instead of adding another copy.
+
+- The item must be a large image (``GET /item/{id}/tiles`` answers).
+- Small documents are sent with ``POST /annotation?itemId=``. Large ones (over ``large_bytes`` of JSON or
+  ``large_elements`` elements) are uploaded as a file into the item with the reference
+  ``{"identifier": "LargeImageAnnotationUpload", "itemId", "fileId" (the item's image file), "userId"}``:
+  girder_large_image_annotation ingests it in the background (chunked upload, no single huge request, no request
+  time limit) and deletes the uploaded file; the annotation record is written after all its elements, so it
+  appearing in ``GET /annotation?itemId=`` means the ingest is complete.
+- Every posted document carries ``attributes.model``, ``attributes.cellrcnn`` (the marker every cellrcnn
+  annotation has) and ``attributes.cellrcnn_post`` (this post's id). After the new documents are on the item, every
+  other annotation on the item with the same model and the marker is deleted: a failed post never leaves the slide
+  without a result.
+- Annotation files over ``large_bytes`` are streamed from disk as they were written (only their header is read and
+  re-encoded with this post's attributes): a slide's million nuclei are never held in memory to post them.
+- Retries and errors are :class:`cellrcnn.girder_api.GirderConnection`'s. Every failure is one :class:`CellRCNNError` line that names the local annotation files, which stay in place.
+"""
+
+import io
+import json
+import os
+import time
+import uuid
+
+from . import __version__
+from .errors import CellRCNNError
+from .girder_api import GirderConnection, server_message
+
+MARKER = 'cellrcnn'
+POST_KEY = 'cellrcnn_post'
+LARGE_BYTES = 8 * 1024 ** 2
+LARGE_ELEMENTS = 100_000
+UPLOAD_IDENTIFIER = 'LargeImageAnnotationUpload'
+INGESTED = object()
+
+
+class _Target:
+    """The checked destination: the user, the slide's item and its image file."""
+
+    def __init__(self, server, item_id):
+        self.server = server
+        if not isinstance(item_id, str) or not item_id.strip():
+            raise server.fail('no Girder item id given: give the id of the slide\'s item')
+        item_id = item_id.strip()
+        self.user_id = server.user(' and post again')['_id']
+        self.item = self._item(item_id)
+        self.item_id = self.item['_id']
+        name = self.item.get('name')
+        large = self.item.get('largeImage') or {}
+        if large.get('expected'):
+            raise server.fail(f'item {self.item_id} ({name}) is still being converted to a large image; post '
+                              'again when it is done')
+        from girder_client import HttpError
+        try:
+            server.get('checking that the item is an image', f'item/{self.item_id}/tiles', item_id=self.item_id,
+                       passthrough=(400, 404))
+        except HttpError as exc:
+            raise server.fail(f'item {self.item_id} ({name}) is not a large image that Girder can tile '
+                              f'({server_message(exc)}): post to the slide\'s item') from None
+        self.file_id = large.get('fileId')
+
+    def _item(self, item_id):
+        """The item with this id, or the item of the file with this id (what a DSA image parameter holds)."""
+        from girder_client import HttpError
+
+        server = self.server
+        try:
+            return server.get('reading the item', f'item/{item_id}', item_id=item_id, passthrough=(400, 404))
+        except HttpError as exc:
+            missing = exc
+        try:  # the id of the slide's file?
+            file = server.get('reading the item', f'file/{item_id}', item_id=item_id, passthrough=(400, 404))
+        except HttpError:
+            file = None
+        if not file or not file.get('itemId'):
+            raise server.http_error(missing, 'reading the item', item_id)
+        return server.get('reading the item', f'item/{file["itemId"]}', item_id=file['itemId'])
+
+    def annotations(self):
+        return self.server.get('listing the item\'s annotations', 'annotation',
+                               {'itemId': self.item_id, 'limit': 0, 'sort': 'created', 'sortdir': 1},
+                               item_id=self.item_id)
+
+
+class _Outgoing:
+    """A document to send: its header (everything but the elements), its element count, and its elements' JSON array:
+    bytes in memory, or the byte range ``span`` of a file (streamed, never read whole)."""
+
+    def __init__(self, header, count, elements=b'[]', path=None, span=None):
+        self.header, self.count, self.elements, self.path, self.span = header, count, elements, path, span
+
+    @property
+    def name(self):
+        return self.header.get('name')
+
+    def encode(self, attributes):
+        """``(size, open)``: the JSON size of the document with these attributes, and a callable giving a fresh
+        reader of it (one per try)."""
+        try:
+            head = json.dumps({**self.header, 'attributes': attributes}, separators=(',', ':'),
+                              allow_nan=False).encode()[:-1] + b',"elements":'
+        except (TypeError, ValueError) as exc:
+            raise CellRCNNError(f'annotation {self.name!r} is not plain JSON ({exc})') from None
+        if self.path is None:
+            body = head + self.elements + b'}'
+            return len(body), lambda: io.BytesIO(body)
+        start, end = self.span
+        return len(head) + end - start + 1, lambda: _FileSlice(head, self.path, start, end)
+
+
+class _FileSlice(io.RawIOBase):
+    """Reads ``head``, then bytes ``start:end`` of a file, then the closing brace."""
+
+    def __init__(self, head, path, start, end):
+        self.parts = [io.BytesIO(head), None, io.BytesIO(b'}')]
+        self.path, self.start, self.left = path, start, end - start
+
+    def readable(self):
+        return True
+
+    def read(self, n=-1):
+        out = b''
+        while self.parts and (n < 0 or len(out) < n):
+            want = -1 if n < 0 else n - len(out)
+            if self.parts[0] is None:  # the file's range
+                if not hasattr(self, 'file'):
+                    self.file = open(self.path, 'rb')
+                    self.file.seek(self.start)
+                chunk = self.file.read(self.left if want < 0 else min(want, self.left))
+                self.left -= len(chunk)
+                if not chunk or not self.left:
+                    self.file.close()
+                    self.parts.pop(0)
+            else:
+                chunk = self.parts[0].read(want)
+                if not chunk:
+                    self.parts.pop(0)
+            out += chunk
+        return out
+
+
+def _as_documents(documents):
+    if isinstance(documents, dict):
+        documents = [documents]
+    out = []
+    for doc in documents:
+        if isinstance(doc, _Outgoing):
+            out.append(doc)
+            continue
+        if isinstance(doc, (list, tuple)):
+            out.extend(_as_documents(doc))
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get('annotation'), dict):
+            doc = doc['annotation']
+        if not isinstance(doc, dict) or not isinstance(doc.get('elements'), list):
+            raise CellRCNNError('each annotation document must be a JSON object with an "elements" list')
+        try:
+            elements = json.dumps(doc['elements'], separators=(',', ':'), allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise CellRCNNError(f'annotation {doc.get("name")!r} is not plain JSON ({exc})') from None
+        out.append(_Outgoing({k: v for k, v in doc.items() if k != 'elements'}, len(doc['elements']), elements))
+    return out
+
+
+#: how much of a large annotation file is read to find its header
+_HEADER_BYTES = 1 << 20
+
+
+def _streamed_document(path):
+    """An :class:`_Outgoing` for an annotation file whose ``"elements"`` array comes last (as ``cellrcnn.annotation``
+    writes it), or None when the file is laid out otherwise (it is then read whole). Only the header is decoded;
+    the elements are counted on one pass over the bytes (one ``"type":`` key each) and streamed when posted."""
+    decoder = json.JSONDecoder()
+    with open(path, 'rb') as f:
+        text = f.read(_HEADER_BYTES).decode('latin-1')
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 64))
+        tail = f.read()
+    if not text.isascii() or not text.lstrip().startswith('{'):
+        return None
+    header, pos = {}, text.index('{') + 1
+    try:
+        while True:
+            key, pos = decoder.raw_decode(text, _skip(text, pos))
+            pos = _skip(text, pos)
+            if not isinstance(key, str) or text[pos] != ':':
+                return None
+            pos = _skip(text, pos + 1)
+            if key == 'elements':
+                break
+            header[key], pos = decoder.raw_decode(text, pos)
+            pos = _skip(text, pos)
+            if text[pos] != ',':
+                return None
+            pos += 1
+    except (ValueError, IndexError):  # not JSON, or a header longer than _HEADER_BYTES
+        return None
+    stripped = tail.rstrip()
+    if text[pos] != '[' or not stripped.endswith(b'}') or not stripped[:-1].rstrip().endswith(b']'):
+        return None
+    end = size - (len(tail) - len(stripped[:-1].rstrip()))  # just after the elements' closing bracket
+    count, carry = 0, b''
+    with open(path, 'rb') as f:
+        f.seek(pos)
+        left = end - pos
+        while left:
+            chunk = f.read(min(left, 1 << 20))
+            left -= len(chunk)
+            count += (carry + chunk).count(b'"type":') - carry.count(b'"type":')
+            carry = chunk[-6:]
+    return _Outgoing(header, count, path=path, span=(pos, end))
+
+
+def _skip(text, pos):
+    while text[pos] in ' \t\r\n':
+        pos += 1
+    return pos
+
+
+def _model_of(documents, model_name):
+    if model_name:
+        return str(model_name)
+    models = {(d.header.get('attributes') or {}).get('model') for d in documents}
+    models.discard(None)
+    if len(models) != 1:
+        raise CellRCNNError('cannot tell which model made these annotations '
+                            f'({"none named" if not models else ", ".join(sorted(map(str, models)))}): '
+                            'give model_name')
+    return models.pop()
+
+
+def _is_result_of(annotation, model):
+    attributes = (annotation.get('annotation') or {}).get('attributes') or {}
+    return MARKER in attributes and attributes.get('model') == model
+
+
+def _post_key(annotation):
+    return ((annotation.get('annotation') or {}).get('attributes') or {}).get(POST_KEY)
+
+
+def post_annotations(api_url, token, item_id, documents, model_name=None, retries=4, backoff=1.0, timeout=600,
+                     large_bytes=LARGE_BYTES, large_elements=LARGE_ELEMENTS, ingest_timeout=600, saved=None,
+                     progress=None):
+    """Put annotation documents on a slide's Girder item, replacing that model's previous cellrcnn result there.
+
+    :param api_url: Girder's API URL, e.g. ``https://dsa.example.org/api/v1``.
+    :param token: a Girder token (``Girder-Token``), e.g. the one slicer_cli_web gives a task.
+    :param item_id: the slide's item id (the id of its image file is accepted too).
+    :param documents: an annotation document, or a list of them (the REST form ``{"annotation": {...}}`` too).
+    :param model_name: the model that made them: stored as ``attributes.model`` and the key of replacement
+        (default: the documents' own ``attributes.model``).
+    :param retries: tries after the first for connection errors, time-outs, 429 and 5xx; waits are
+        ``backoff * 2**n`` seconds (or the server's ``Retry-After``).
+    :param timeout: seconds one request may take.
+    :param large_bytes, large_elements: documents above either are uploaded as a file and ingested by the server.
+    :param ingest_timeout: seconds to wait for the server to ingest an uploaded document.
+    :param saved: paths of the local copies of the documents, named in every error message.
+    :param progress: a :class:`cellrcnn.progress.Progress` that is told what is sent (default: nothing is said).
+    :returns: one dict per document: ``_id``, ``name``, ``elements``, ``route`` (``'post'`` or ``'upload'``),
+        ``seconds``, ``sent_seconds`` (until the server had it; the rest is waiting for its ingest); and, in the
+        first, ``replaced``: the ids of the deleted earlier annotations.
+    """
+    documents = _as_documents(documents)
+    if not documents:
+        raise CellRCNNError('no annotation documents to post')
+    model = _model_of(documents, model_name)
+    server = GirderConnection(api_url, token, retries, backoff, timeout, saved)
+    say = progress.log if progress else (lambda line: None)
+    with server.session():
+        target = _Target(server, item_id)
+        post_id = uuid.uuid4().hex
+        results = []
+        try:
+            for index, doc in enumerate(documents):
+                key = f'{post_id}/{index}'
+                attributes = doc.header.get('attributes') or {}
+                size, body = doc.encode({**attributes, 'model': model, MARKER: attributes.get(MARKER, __version__),
+                                         POST_KEY: key})
+                start = time.perf_counter()
+                large = size > large_bytes or doc.count > large_elements
+                what = f'{"uploading" if large else "posting"} annotation {doc.name!r}'
+                say(f'{what} ({doc.count} elements, {size / 1e6:.1f} MB) to item {target.item_id}')
+                timing = {}
+                if large:
+                    annotation_id = _upload(server, target, doc.name, size, body, key, what, ingest_timeout, timing)
+                else:
+                    annotation_id = _post(server, target, body().read(), key, what)
+                done = time.perf_counter()
+                results.append({'_id': annotation_id, 'name': doc.name, 'elements': doc.count,
+                                'route': 'upload' if large else 'post', 'seconds': done - start,
+                                'sent_seconds': timing.get('sent', done) - start})
+        except CellRCNNError:
+            # All or nothing: take this post's documents off again, leaving the earlier result as it was.
+            for result in results:
+                try:
+                    _delete(server, result['_id'], target.item_id)
+                except CellRCNNError:
+                    pass
+            raise
+        keep = {r['_id'] for r in results}
+        replaced = []
+        for annotation in target.annotations():
+            if _is_result_of(annotation, model) and annotation['_id'] not in keep:
+                _delete(server, annotation['_id'], target.item_id)
+                if not str(_post_key(annotation)).startswith(post_id):  # else a stray copy of this post
+                    replaced.append(annotation['_id'])
+        if replaced:
+            say(f'replaced {len(replaced)} earlier annotation(s) of model {model} on item {target.item_id}')
+        results[0]['replaced'] = replaced
+    return results
+
+
+def _find(target, key):
+    """The id of the annotation that post ``key`` created on the item, or None."""
+    for annotation in target.annotations():
+        if _post_key(annotation) == key:
+            return annotation['_id']
+    return None
+
+
+def _post(server, target, body, key, what):
+    def create():
+        answer = server.gc.post('annotation', parameters={'itemId': target.item_id}, data=body,
+                                headers={'Content-Type': 'application/json'}, jsonResp=False)
+        return json.loads(answer.content)['_id']
+
+    return server.call(what, create, landed=lambda: _find(target, key), item_id=target.item_id)
+
+
+def _upload(server, target, name, size, body, key, what, ingest_timeout, timing):
+    from girder_client import HttpError
+
+    reference = json.dumps({'identifier': UPLOAD_IDENTIFIER, 'itemId': target.item_id, 'fileId': target.file_id,
+                            'userId': target.user_id})
+    label = name
+    name = f'{label or "annotation"}.{key.replace("/", "-")}.anot.json'
+
+    def upload():
+        return server.gc.uploadFile(target.item_id, body(), name, size, parentType='item',
+                                    reference=reference, mimeType='application/json')['_id']
+
+    def landed():  # a lost answer: is the file there, or already ingested?
+        if _find(target, key):
+            return INGESTED
+        for file in server.get('looking for the uploaded file', f'item/{target.item_id}/files', {'limit': 0},
+                               item_id=target.item_id):
+            if file['name'] == name:
+                return file['_id']
+        return INGESTED if _find(target, key) else None
+
+    file_id = server.call(what, upload, landed=landed, item_id=target.item_id)
+    timing['sent'] = time.perf_counter()
+    # Wait for girder_large_image_annotation's ingest: the annotation shows up once all its elements are stored,
+    # then the handler deletes the uploaded file (it deletes it on failure too).
+    deadline, pause = time.monotonic() + ingest_timeout, 0.1
+    while True:
+        found = _find(target, key)
+        if found is not None:
+            return found
+        try:
+            if file_id != INGESTED:
+                server.get('waiting for the ingest', f'file/{file_id}', item_id=target.item_id,
+                           passthrough=(400, 404))
+            gone = file_id == INGESTED
+        except HttpError:
+            gone = True
+        if gone:
+            found = _find(target, key)
+            if found is not None:
+                return found
+            raise server.fail(f'Girder at {server.api_url} could not ingest the uploaded annotation '
+                              f'{label!r} (see the server log: too large for its '
+                              'max_annotation_input_file_length setting, or not a valid annotation?)')
+        if time.monotonic() > deadline:
+            raise server.fail(f'Girder at {server.api_url} did not finish ingesting the uploaded annotation '
+                              f'{label!r} in {ingest_timeout:g} s (a slow database, or no '
+                              'large_image_annotation plugin?); earlier results were not replaced; the upload is '
+                              f'file {file_id} on item {target.item_id}')
+        time.sleep(pause)
+        pause = min(pause * 1.5, 2.0)
+
+
+def _delete(server, annotation_id, item_id):
+    from girder_client import HttpError
+
+    try:
+        server.call(f'deleting the earlier annotation {annotation_id}',
+                    lambda: server.gc.delete(f'annotation/{annotation_id}'), item_id=item_id, passthrough=(400, 404))
+    except HttpError:
+        pass  # already gone
+
+
+def post_annotation_files(api_url, token, item_id, paths, model_name=None, **options):
+    """:func:`post_annotations` with the documents of annotation JSON files (each a document or a list of them);
+    errors name the files, which are left as they are."""
+    from .annotation import read_annotation_file
+
+    paths = [os.fspath(p) for p in paths if p]
+    documents = []
+    for path in paths:
+        try:
+            streamed = os.path.getsize(path) > options.get('large_bytes', LARGE_BYTES) and _streamed_document(path)
+        except OSError:
+            streamed = None  # read_annotation_file explains
+        if streamed:
+            documents.append(streamed)
+            continue
+        doc = read_annotation_file(path)
+        documents.extend(doc if isinstance(doc, list) else [doc])
+    options.setdefault('saved', paths)
+    return post_annotations(api_url, token, item_id, documents, model_name=model_name, **options)
+
+
+def check_target(api_url, token, item_id, retries=4, backoff=1.0, timeout=60):
+    """Fail early, before hours of detection: the server answers, the token is good, the item is a large image.
+    :returns: the item's id (``item_id`` may be the id of the item's file)."""
+    server = GirderConnection(api_url, token, retries, backoff, timeout, None)
+    with server.session():
+        return _Target(server, item_id).item_id
+
+
+def format_results(results, item_id):
+    """One line per posted document, for a person."""
+    lines = [f'posted {r["name"]!r} ({r["elements"]} elements) to item {item_id} as annotation {r["_id"]} '
+             f'in {r["seconds"]:.1f} s' for r in results]
+    if results and results[0].get('replaced'):
+        lines.append(f'replaced {len(results[0]["replaced"])} earlier annotation(s) of the same model')
+    return lines
+
+
+def poster(api_url, token, item_id, progress=None):
+    """Check a posting destination before hours of detection (server, token, item: :func:`check_target`).
+    :returns: a callable taking a run's output ``paths`` (``job.output_paths``) that posts its nuclei and density
+    annotations to the item and returns a line per posted document (``progress`` is told what is sent)."""
+    item_id = check_target(api_url, token, item_id)
+
+    def post(paths):
+        files = [paths.get('annotation'), paths.get('density')]
+        return format_results(post_annotation_files(api_url, token, item_id, files, progress=progress), item_id)
+
+    return post

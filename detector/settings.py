@@ -1,0 +1,90 @@
+"""Settings of a detection run, and of training from annotations: the single source of their defaults.
+
+``cellrcnn detect`` / ``batch`` (``__main__``), the DSA tasks (``cli/*/*.xml``; a test checks their defaults against
+these) and the library all take their defaults from here. None means "the model's or the slide's own value".
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ResultSettings:
+    """The settings that change a result: which nuclei are found and how they are drawn. With the slide and the model
+    file they identify a run: its resume key (``resume.run_key``), cohort skipping (``cohort.fingerprint``) and the
+    annotation's ``params`` attribute."""
+
+    #: analysis magnification (None: the model's, 20x)
+    magnification: float = None
+    #: micrometres per base pixel, for slides that do not state it (None: the slide's own)
+    mpp: float = None
+    #: region of interest ``(x, y, width, height)`` in **base** pixels (None: the whole slide)
+    roi: tuple = None
+    #: tile side and overlap in **analysis** pixels
+    tile_size: int = 1024
+    overlap: int = 64
+    #: tiles with less tissue than this fraction are skipped
+    min_tissue: float = 0.05
+    #: score threshold (None: the model's calibrated operating point)
+    threshold: float = None
+    #: NMS IoU threshold (None: the model's)
+    nms: float = None
+    #: anchor density upsampling at inference (None: the model's)
+    anchor_upsample: int = None
+    #: re-estimate the model's BatchNorm statistics on this many of the slide's tissue tiles first (0: off). Off by
+    #: default: on the real sample's loose dermis it added boxes on collagen and glass (docs/real-tissue.md).
+    adapt_tiles: int = 0
+    #: annotation element per nucleus: 'rectangle' or 'point'
+    element: str = 'rectangle'
+
+    def identity(self):
+        """The settings as a plain dict (what run keys hash and annotations record)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DetectionSettings(ResultSettings):
+    """Everything that chooses what a detection run computes (:class:`ResultSettings`) and how fast (the rest)."""
+
+    #: checkpoint file (None: the bundled model)
+    model: str = None
+    batch_size: int = 4
+    #: tile reader threads
+    workers: int = 2
+    device: str = 'auto'
+    #: a dask.distributed scheduler address, or 'local:N'
+    scheduler: str = None
+    #: 'auto', 'bar', 'slicer' or 'none' (``progress.Progress``)
+    progress: str = 'auto'
+
+    def result(self):
+        """The :class:`ResultSettings` part, as asked for (None still meaning the model's or slide's own)."""
+        return ResultSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ResultSettings)})
+
+    def detector_spec(self):
+        """The :class:`cellrcnn.inference.DetectorSpec` these settings ask for."""
+        from .inference import DetectorSpec
+
+        return DetectorSpec(model=self.model, threshold=self.threshold, nms=self.nms,
+                            anchor_upsample=self.anchor_upsample, device=self.device, batch_size=self.batch_size)
+
+
+@dataclass(frozen=True)
+class AnnotationTrainingSettings:
+    """Training a model from nuclei annotated in HistomicsUI (``cellrcnn train-girder``, the TrainCellDetector task)."""
+
+    #: label of the rectangles/polygons that outline the annotated region (none: the bounding box of the nuclei)
+    region_label: str = 'region'
+    #: side of the square box around a point annotation, in micrometres (a typical nucleus is 6-12 um across)
+    point_size_um: float = 8.0
+    #: held-out slides: a count (a whole number, 1: the last slide) or a fraction between 0 and 1
+    holdout: float = 1.0
+    steps: int = 300
+    batch_size: int = 4
+    lr: float = 1e-3
+    seed: int = 0
+    #: checkpoint to fine-tune (None: the bundled model)
+    init: str = None
+    #: train from random weights (with ``init``'s configuration) instead of fine-tuning
+    from_scratch: bool = False
+    device: str = 'auto'

@@ -1,0 +1,101 @@
+"""Where the tissue is: a mask of the whole slide from its thumbnail, so that tiles of glass are never read.
+
+The mask is histomicstk's ``get_tissue_mask`` on a thumbnail: Otsu threshold of the (inverted) grey level after
+Gaussian smoothing (MASK_SIGMA mask px), connected components smaller than MIN_TISSUE_UM2 dropped; all the remaining
+components are kept (histomicstk's second output, the largest piece only, would lose the other fragments of a
+multi-piece section).  No colour deconvolution: on H&E it keeps only haematoxylin-rich areas and loses eosin-only
+stroma.  An absolute floor (MIN_TISSUE_CONTRAST) keeps Otsu from calling glass noise tissue, so an all-glass slide
+gives an all-False mask.
+
+Units: a :class:`TissueMask` answers in **analysis pixels** (``Slide.size``); one mask pixel covers ``fx`` by ``fy``
+analysis pixels.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CellRCNNError
+
+#: Tissue mask pixels are never finer than this (um): no need to resolve nuclei to find tissue.
+MASK_MIN_PIXEL_UM = 4.0
+#: Gaussian smoothing of the thumbnail before Otsu thresholding (histomicstk's ``sigma``), in mask pixels.
+MASK_SIGMA = 1.5
+#: Tissue pieces smaller than this (um^2; a 50 um square) are dropped (histomicstk's ``min_size``).
+MIN_TISSUE_UM2 = 50.0 * 50.0
+#: Absolute floor under histomicstk's (relative, Otsu) threshold: a mask pixel is tissue only when its smoothed grey
+#: level is at least this much darker than white (255 - grey).  Glass is 235-250; pale eosin stroma is below 225.
+#: Without it Otsu splits the noise of an all-glass slide into "tissue".
+MIN_TISSUE_CONTRAST = 20
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """A boolean tissue mask (read-only, h x w) of a whole slide; mask pixel ``(j, i)`` covers analysis pixels
+    ``[i * fx, (i + 1) * fx) x [j * fy, (j + 1) * fy)``; ``mpp``: micrometres per analysis pixel."""
+
+    mask: np.ndarray
+    fx: float
+    fy: float
+    mpp: float
+
+    def fraction(self, x, y, width, height):
+        """Fraction of the analysis-pixel rectangle covered by tissue (area-weighted over partial mask pixels)."""
+        if width <= 0 or height <= 0:
+            return 0.0
+        mask, fx, fy = self.mask, self.fx, self.fy
+        i0, i1 = max(0, int(x // fx)), min(mask.shape[1], int(math.ceil((x + width) / fx)))
+        j0, j1 = max(0, int(y // fy)), min(mask.shape[0], int(math.ceil((y + height) / fy)))
+        if i1 <= i0 or j1 <= j0:
+            return 0.0
+        wx = _coverage_weights(x, x + width, i0, i1, fx)
+        wy = _coverage_weights(y, y + height, j0, j1, fy)
+        covered = wy @ mask[j0:j1, i0:i1].astype(np.float64) @ wx
+        return float(min(1.0, covered / (width * height)))
+
+    def area_mm2(self, bounds):
+        """Area of tissue (mm^2) inside analysis-pixel bounds ``(x0, y0, x1, y1)``."""
+        x0, y0, x1, y1 = bounds
+        return self.fraction(x0, y0, x1 - x0, y1 - y0) * (x1 - x0) * (y1 - y0) * (self.mpp / 1000) ** 2
+
+
+def _coverage_weights(lo, hi, i0, i1, factor):
+    """Lengths of [lo, hi) inside mask pixels i0 .. i1 - 1, pixel i covering [i * factor, (i + 1) * factor)."""
+    edges = np.arange(i0, i1 + 1, dtype=np.float64) * factor
+    return np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0, None)
+
+
+def find_tissue(slide, thumbnail_size=1024):
+    """The :class:`TissueMask` of a :class:`cellrcnn.slide.Slide`, from a thumbnail whose longest side is at most
+    ``thumbnail_size`` and whose pixels are no finer than MASK_MIN_PIXEL_UM."""
+    if int(thumbnail_size) < 2:
+        raise CellRCNNError(f'thumbnail size must be at least 2, not {thumbnail_size}')
+    import cv2
+    from scipy import ndimage
+
+    rgb = slide.thumbnail(int(thumbnail_size), min_pixel_um=MASK_MIN_PIXEL_UM)
+    mh, mw = rgb.shape[:2]
+    fx, fy = slide.size[0] / mw, slide.size[1] / mh
+    px_um = math.sqrt(fx * fy) * slide.mpp
+    min_size = max(4, int(round(MIN_TISSUE_UM2 / px_um ** 2)))
+    contrast = 255.0 - cv2.GaussianBlur(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32), (0, 0),
+                                        MASK_SIGMA, borderType=cv2.BORDER_REPLICATE)
+    candidate = contrast >= MIN_TISSUE_CONTRAST
+    mask = np.zeros((mh, mw), bool)
+    if candidate.sum() >= min_size:
+        from histomicstk.saliency.tissue_detection import get_tissue_mask
+
+        try:
+            labeled, _ = get_tissue_mask(rgb, deconvolve_first=False, n_thresholding_steps=1,
+                                         sigma=MASK_SIGMA, min_size=min_size)
+        except ValueError:  # nothing above the threshold: histomicstk fails on an empty component list
+            labeled = np.zeros((mh, mw), np.int32)
+        mask = (labeled > 0) & candidate
+        lab, n = ndimage.label(mask)
+        if n:
+            counts = np.bincount(lab.ravel())
+            counts[0] = 0
+            mask = counts[lab] >= min_size
+    mask.setflags(write=False)
+    return TissueMask(mask, fx, fy, slide.mpp)
