@@ -21,8 +21,10 @@ scripts) and for the task's ``post_to_girder`` option: it puts the annotation do
 - Retries and errors are :class:`cellrcnn.girder_api.GirderConnection`'s. Every failure is one :class:`CellRCNNError` line that names the local annotation files, which stay in place.
 """
 
+import datetime
 import io
 import json
+import math
 import os
 import time
 import uuid
@@ -33,10 +35,15 @@ from .girder_api import GirderConnection, server_message
 
 MARKER = 'cellrcnn'
 POST_KEY = 'cellrcnn_post'
+#: the hex SHA-256 of the model's checkpoint file: what identifies "the same model" (``attributes.model`` is its name)
+SHA_KEY = 'model_sha256'
 LARGE_BYTES = 8 * 1024 ** 2
 LARGE_ELEMENTS = 100_000
 UPLOAD_IDENTIFIER = 'LargeImageAnnotationUpload'
 INGESTED = object()
+_WRITE = 1  # Girder's AccessType.WRITE, as listings give it in ``_accessLevel``
+#: an uploaded document's ingest may take 600 s plus this much per thousand elements
+INGEST_SECONDS_PER_1000 = 10
 
 
 class _Target:
@@ -224,61 +231,105 @@ def _skip(text, pos):
 
 
 def _model_of(documents, model_name):
+    """``(name, sha256 or None)`` of the model that made the documents: the name for people, the hash of its
+    checkpoint (``attributes.model_sha256``) what identifies it."""
+    attributes = [d.header.get('attributes') or {} for d in documents]
+    shas = {a.get(SHA_KEY) for a in attributes} - {None}
+    if len(shas) > 1:
+        raise CellRCNNError('these annotations were made by different models (several model_sha256): post them '
+                            'separately')
+    sha = shas.pop() if shas else None
     if model_name:
-        return str(model_name)
-    models = {(d.header.get('attributes') or {}).get('model') for d in documents}
-    models.discard(None)
+        return str(model_name), sha
+    models = {a.get('model') for a in attributes} - {None}
     if len(models) != 1:
         raise CellRCNNError('cannot tell which model made these annotations '
                             f'({"none named" if not models else ", ".join(sorted(map(str, models)))}): '
                             'give model_name')
-    return models.pop()
+    return models.pop(), sha
 
 
-def _is_result_of(annotation, model):
-    attributes = (annotation.get('annotation') or {}).get('attributes') or {}
-    return MARKER in attributes and attributes.get('model') == model
+def _attributes(annotation):
+    return (annotation.get('annotation') or {}).get('attributes') or {}
+
+
+def _is_result_of(annotation, model, sha=None):
+    """Whether an annotation is a cellrcnn result of this model: the same checkpoint hash when both have one, else
+    (results posted before hashes were recorded) the same model name."""
+    attributes = _attributes(annotation)
+    if MARKER not in attributes:
+        return False
+    if sha and attributes.get(SHA_KEY):
+        return attributes[SHA_KEY] == sha
+    return attributes.get('model') == model
 
 
 def _post_key(annotation):
-    return ((annotation.get('annotation') or {}).get('attributes') or {}).get(POST_KEY)
+    return _attributes(annotation).get(POST_KEY)
+
+
+def _post_of(annotation):
+    """The post an annotation belongs to: its post id, or (posted another way) the annotation itself."""
+    key = _post_key(annotation)
+    return str(key).split('/')[0] if key else f'annotation {annotation["_id"]}'
+
+
+def _age(annotations):
+    """When a post began landing: its first document's creation time (ties: the lower id, as ObjectIds grow); None
+    when its first document is gone (a post being taken back, or the remains of one: it claims nothing)."""
+    first = [a for a in annotations if (str(_post_key(a) or '').split('/') + ['0'])[1] == '0']
+    if not first:
+        return None
+    try:
+        created = datetime.datetime.fromisoformat(str(first[0].get('created'))).timestamp()
+    except ValueError:
+        created = math.inf  # no time: as if just now
+    return created, str(first[0]['_id'])
 
 
 def post_annotations(api_url, token, item_id, documents, model_name=None, retries=4, backoff=1.0, timeout=600,
-                     large_bytes=LARGE_BYTES, large_elements=LARGE_ELEMENTS, ingest_timeout=600, saved=None,
+                     large_bytes=LARGE_BYTES, large_elements=LARGE_ELEMENTS, ingest_timeout=None, saved=None,
                      progress=None):
     """Put annotation documents on a slide's Girder item, replacing that model's previous cellrcnn result there.
+
+    Replacement is "newest wins": once this post's documents are on the item, the results of the same model that
+    landed before it are deleted; if another post of the same model landed after it meanwhile (two runs racing),
+    that one stays and this post takes its own documents back. Either way exactly one result of the model remains.
+    Earlier results the token's user may not delete are found before anything is posted.
 
     :param api_url: Girder's API URL, e.g. ``https://dsa.example.org/api/v1``.
     :param token: a Girder token (``Girder-Token``), e.g. the one slicer_cli_web gives a task.
     :param item_id: the slide's item id (the id of its image file is accepted too).
     :param documents: an annotation document, or a list of them (the REST form ``{"annotation": {...}}`` too).
-    :param model_name: the model that made them: stored as ``attributes.model`` and the key of replacement
-        (default: the documents' own ``attributes.model``).
+    :param model_name: the model that made them, for people: stored as ``attributes.model`` (default: the
+        documents' own). The model is identified by ``attributes.model_sha256`` where the documents have it.
     :param retries: tries after the first for connection errors, time-outs, 429 and 5xx; waits are
         ``backoff * 2**n`` seconds (or the server's ``Retry-After``).
     :param timeout: seconds one request may take.
     :param large_bytes, large_elements: documents above either are uploaded as a file and ingested by the server.
-    :param ingest_timeout: seconds to wait for the server to ingest an uploaded document.
+    :param ingest_timeout: seconds to wait for the server to ingest an uploaded document (default: 600 s plus
+        :data:`INGEST_SECONDS_PER_1000` per thousand elements).
     :param saved: paths of the local copies of the documents, named in every error message.
     :param progress: a :class:`cellrcnn.progress.Progress` that is told what is sent (default: nothing is said).
     :returns: one dict per document: ``_id``, ``name``, ``elements``, ``route`` (``'post'`` or ``'upload'``),
         ``seconds``, ``sent_seconds`` (until the server had it; the rest is waiting for its ingest); and, in the
-        first, ``replaced``: the ids of the deleted earlier annotations.
+        first, ``replaced``: the ids of the deleted earlier annotations, and ``superseded``: true when a newer post
+        of the same model won and this one was taken back.
     """
     documents = _as_documents(documents)
     if not documents:
         raise CellRCNNError('no annotation documents to post')
-    model = _model_of(documents, model_name)
+    model, sha = _model_of(documents, model_name)
     server = GirderConnection(api_url, token, retries, backoff, timeout, saved)
     say = progress.log if progress else (lambda line: None)
     with server.session():
         target = _Target(server, item_id)
+        _check_replaceable(server, target, model, sha)
         post_id = uuid.uuid4().hex
         results = []
         try:
             for index, doc in enumerate(documents):
-                key = f'{post_id}/{index}'
+                key = f'{post_id}/{index}/{len(documents)}'
                 attributes = doc.header.get('attributes') or {}
                 size, body = doc.encode({**attributes, 'model': model, MARKER: attributes.get(MARKER, __version__),
                                          POST_KEY: key})
@@ -288,32 +339,72 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
                 say(f'{what} ({doc.count} elements, {size / 1e6:.1f} MB) to item {target.item_id}')
                 timing = {}
                 if large:
-                    annotation_id = _upload(server, target, doc.name, size, body, key, what, ingest_timeout, timing)
+                    wait = ingest_timeout or 600 + INGEST_SECONDS_PER_1000 * doc.count / 1000
+                    annotation_id = _upload(server, target, doc.name, size, body, key, what, wait, timing)
                 else:
                     annotation_id = _post(server, target, body().read(), key, what)
                 done = time.perf_counter()
                 results.append({'_id': annotation_id, 'name': doc.name, 'elements': doc.count,
                                 'route': 'upload' if large else 'post', 'seconds': done - start,
                                 'sent_seconds': timing.get('sent', done) - start})
+            results[0].update(_replace_earlier(server, target, model, sha, post_id, results, say))
         except CellRCNNError:
             # All or nothing: take this post's documents off again, leaving the earlier result as it was.
-            for result in results:
-                try:
-                    _delete(server, result['_id'], target.item_id)
-                except CellRCNNError:
-                    pass
+            _take_back(server, target, results)
             raise
-        keep = {r['_id'] for r in results}
-        replaced = []
-        for annotation in target.annotations():
-            if _is_result_of(annotation, model) and annotation['_id'] not in keep:
-                _delete(server, annotation['_id'], target.item_id)
-                if not str(_post_key(annotation)).startswith(post_id):  # else a stray copy of this post
-                    replaced.append(annotation['_id'])
-        if replaced:
-            say(f'replaced {len(replaced)} earlier annotation(s) of model {model} on item {target.item_id}')
-        results[0]['replaced'] = replaced
     return results
+
+
+def _results_by_post(target, model, sha):
+    """This model's results on the item, grouped by the post they came with."""
+    posts = {}
+    for annotation in target.annotations():
+        if _is_result_of(annotation, model, sha):
+            posts.setdefault(_post_of(annotation), []).append(annotation)
+    return posts
+
+
+def _check_replaceable(server, target, model, sha):
+    """Fail before posting when an earlier result of the model is one the user may read but not delete."""
+    locked = [a['_id'] for docs in _results_by_post(target, model, sha).values() for a in docs
+              if a.get('_accessLevel', _WRITE) < _WRITE]
+    if locked:
+        raise server.fail(f'item {target.item_id} holds an earlier result of model {model} that this user may not '
+                          f'replace (no write access to annotation(s) {", ".join(locked)}): ask their owner for '
+                          'write access, or post as a user who has it; nothing was posted')
+
+
+def _replace_earlier(server, target, model, sha, post_id, results, say):
+    """Newest wins: delete the model's other results on the item, unless another post of the model began landing
+    after this one (its first document is younger than this post's first), or one of this post's documents was
+    deleted meanwhile (by such a newer post): then take this post back. A post is aged by its first document, which
+    exists before its check and before any younger post's check, so racing posts agree on the winner whatever
+    order their checks run in. :returns: ``{"replaced": [...], "superseded": bool}``."""
+    posts = _results_by_post(target, model, sha)
+    ours = posts.pop(post_id, [])
+    mine = _age(ours)
+    newer = [docs for docs in posts.values() if mine and (_age(docs) or mine) > mine]
+    if newer or {a['_id'] for a in ours} != {r['_id'] for r in results}:
+        _take_back(server, target, results)
+        say(f'a newer result of model {model} landed on item {target.item_id} while this one was posted: it stays, '
+            'and this post was taken back')
+        return {'replaced': [], 'superseded': True}
+    replaced = []
+    for docs in posts.values():
+        for annotation in docs:
+            _delete(server, annotation['_id'], target.item_id)
+            replaced.append(annotation['_id'])
+    if replaced:
+        say(f'replaced {len(replaced)} earlier annotation(s) of model {model} on item {target.item_id}')
+    return {'replaced': replaced, 'superseded': False}
+
+
+def _take_back(server, target, results):
+    for result in results:
+        try:
+            _delete(server, result['_id'], target.item_id)
+        except CellRCNNError:
+            pass
 
 
 def _find(target, key):
@@ -378,12 +469,33 @@ def _upload(server, target, name, size, body, key, what, ingest_timeout, timing)
                               f'{label!r} (see the server log: too large for its '
                               'max_annotation_input_file_length setting, or not a valid annotation?)')
         if time.monotonic() > deadline:
+            _abandon(server, target, key, file_id, grace=min(60.0, max(5.0, ingest_timeout / 10)))
             raise server.fail(f'Girder at {server.api_url} did not finish ingesting the uploaded annotation '
                               f'{label!r} in {ingest_timeout:g} s (a slow database, or no '
-                              'large_image_annotation plugin?); earlier results were not replaced; the upload is '
-                              f'file {file_id} on item {target.item_id}')
+                              'large_image_annotation plugin?); the upload was withdrawn and earlier results were '
+                              'not replaced')
         time.sleep(pause)
         pause = min(pause * 1.5, 2.0)
+
+
+def _abandon(server, target, key, file_id, grace):
+    """Withdraw an upload whose ingest did not finish in time: delete the uploaded file (an ingest not started yet
+    then never lands), and for ``grace`` seconds delete the annotation if an ingest already under way lands late."""
+    from girder_client import HttpError
+
+    if file_id != INGESTED:
+        try:
+            server.call('withdrawing the upload', lambda: server.gc.delete(f'file/{file_id}'),
+                        item_id=target.item_id, passthrough=(400, 404))
+        except HttpError:
+            pass  # already taken by the ingest
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        late = _find(target, key)
+        if late is not None:
+            _delete(server, late, target.item_id)
+            return
+        time.sleep(1.0)
 
 
 def _delete(server, annotation_id, item_id):
@@ -431,6 +543,8 @@ def format_results(results, item_id):
              f'in {r["seconds"]:.1f} s' for r in results]
     if results and results[0].get('replaced'):
         lines.append(f'replaced {len(results[0]["replaced"])} earlier annotation(s) of the same model')
+    if results and results[0].get('superseded'):
+        lines.append('a newer result of the same model landed meanwhile: it stays, and this post was taken back')
     return lines
 
 

@@ -10,8 +10,10 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
+import girder_client
 import numpy as np
 import pytest
 
@@ -343,3 +345,93 @@ def test_the_local_girder_loop_explains_what_is_missing(slide_file, tmp_path):
     assert run.returncode == 2 and run.stderr.strip() == (f'cellrcnn: error: cannot open slide {damaged}: not a '
                                                           'whole-slide image large_image can read (unknown format, '
                                                           'truncated or damaged)')
+
+
+def result_posts(server, item_id):
+    """The cellrcnn results on an item, as {post id: sorted document names}."""
+    posts = {}
+    for a in cellrcnn_annotations(server, item_id):
+        key = a['annotation']['attributes'].get('cellrcnn_post', a['_id'])
+        posts.setdefault(key.split('/')[0], []).append(a['annotation']['name'])
+    return {k: sorted(v) for k, v in posts.items()}
+
+
+def test_racing_posts_of_one_model_leave_exactly_one_result(server, slide):
+    """Two runs posting the same model to one slide at once: the newest complete post wins, never none or two."""
+    item_id, _ = slide
+    for round_ in range(8):
+        pair = [[nuclei(30 + round_, seed=2 * round_ + k), nuclei(3, seed=k, name='density')] for k in range(2)]
+        outcome = [None, None]
+
+        def post(k):
+            try:
+                outcome[k] = post_annotations(server.api_url, server.token, item_id, pair[k], **FAST)
+            except CellRCNNError as exc:  # recorded, then asserted below
+                outcome[k] = exc
+
+        threads = [threading.Thread(target=post, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(isinstance(o, list) for o in outcome), outcome
+        posts = result_posts(server, item_id)
+        assert list(posts.values()) == [['cellrcnn nuclei', 'density']], (round_, posts)
+        standing = {a['_id'] for a in cellrcnn_annotations(server, item_id)}
+        kept = [o for o in outcome if {r['_id'] for r in o} == standing]
+        assert len(kept) == 1 and not kept[0][0]['superseded']  # the one that stands is a whole post that won
+
+
+def test_results_are_the_same_model_by_checkpoint_hash_not_by_file_name(server, slide):
+    item_id, _ = slide
+
+    def result(sha, model='model.pt', n=10):
+        doc = nuclei(n, model=model)
+        doc['attributes']['model_sha256'] = sha
+        return doc
+
+    first = post_annotations(server.api_url, server.token, item_id, result('a' * 64), **FAST)
+    other = post_annotations(server.api_url, server.token, item_id, result('b' * 64, n=11), **FAST)
+    assert other[0]['replaced'] == []  # another model that is also called model.pt: both results stay
+    renamed = post_annotations(server.api_url, server.token, item_id, result('a' * 64, model='renamed.pt', n=12),
+                               **FAST)
+    assert renamed[0]['replaced'] == [first[0]['_id']]  # the same checkpoint under another name replaces it
+    assert sorted(a['_elementCount'] for a in cellrcnn_annotations(server, item_id)) == [11, 12]
+
+
+def test_a_result_the_user_may_not_delete_is_found_before_posting(server, slide):
+    item_id, _ = slide
+    gc = server.client()
+    owner = post_annotations(server.api_url, server.token, item_id, nuclei(15), **FAST)[0]['_id']
+    login = f'annotator{time.time_ns() % 10 ** 9}'
+    user = gc.post('user', {'login': login, 'email': f'{login}@example.org', 'firstName': 'An', 'lastName': 'Notator',
+                            'password': 'annotator-password'})
+    folder_id = gc.getItem(item_id)['folderId']
+    access = gc.get(f'folder/{folder_id}/access')
+    access['users'].append({'id': user['_id'], 'level': 0, 'flags': ['large_image_create_annotations']})
+    gc.put(f'folder/{folder_id}/access', {'access': json.dumps(access)})
+    annotation_access = gc.get(f'annotation/{owner}/access')
+    annotation_access['users'] = [u for u in annotation_access['users'] if u['id'] != user['_id']] + [
+        {'id': user['_id'], 'level': 0}]
+    gc.put(f'annotation/{owner}/access', {'access': json.dumps(annotation_access)})
+    client = girder_client.GirderClient(apiUrl=server.api_url)
+    client.authenticate(login, 'annotator-password')
+    with pytest.raises(CellRCNNError, match=rf'item {item_id} holds an earlier result of model test.pt that this user '
+                                            rf'may not replace .*{owner}.*nothing was posted'):
+        post_annotations(server.api_url, client.token, item_id, nuclei(16, seed=1), **FAST)
+    assert [a['_id'] for a in cellrcnn_annotations(server, item_id)] == [owner]
+
+
+def test_an_ingest_that_does_not_finish_in_time_is_withdrawn(server, slide):
+    item_id, _ = slide
+    earlier = post_annotations(server.api_url, server.token, item_id, nuclei(20), **FAST)[0]['_id']
+    with pytest.raises(CellRCNNError, match='did not finish ingesting .* the upload was withdrawn and earlier '
+                                            'results were not replaced'):
+        post_annotations(server.api_url, server.token, item_id, nuclei(20000, seed=5), large_elements=10,
+                         ingest_timeout=1e-6, **FAST)
+    # nothing of the withdrawn post lands later: the earlier result stays alone, and the upload is gone
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert [a['_id'] for a in cellrcnn_annotations(server, item_id)] == [earlier]
+        time.sleep(1)
+    assert len(list(server.client().listFile(item_id))) == 1
