@@ -77,7 +77,7 @@ def run(variant, steps, tiles, out, reuse=False, mpp=0.5):
         precise_bn(model, samples, cfg.tile_size, 'cpu')
     else:
         started = time.perf_counter()
-        model, _ = train(config, cfg, run_dir, device='cpu', progress=False)
+        model, _ = train(config, cfg, run_dir, device='cpu')
         train_seconds = time.perf_counter() - started
     threshold, _ = calibrate_threshold(model, labelled_set(seed=2000, count=100, mpp=mpp), device='cpu')
     bins = tuple(edge * 0.5 / mpp for edge in DEFAULT_SIZE_BINS)  # the same nuclei (6 and 12 um) at every mpp

@@ -19,7 +19,7 @@ again on that ROI):
 
 * stock torchvision ``fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)`` on the very tiles cellrcnn
   reads (same grid, tissue skipping, reader threads, batch size, channels-last and, on a GPU, float16 autocast),
-  through the same engine (``cellrcnn.slide_detection.detect_slide`` with the stock model standing in for the detector):
+  through the same detection loop (``cellrcnn.slide_detection.detect_slide`` with the stock model standing in for the detector):
   inference-only seconds and end-to-end seconds, in a subprocess (peak RSS).  Variant ``native`` keeps tiles at
   their size (torchvision's resize step turned off); ``resize800`` is torchvision's default resize.  The stock model is
   randomly initialised (no weights exist here): its speed is representative, its detections are not (no F1).
@@ -29,7 +29,7 @@ again on that ROI):
   unseeded random pixel sample: detections vary between runs; the median-F1 run is shown, with the range); its
   rectangles are scored like cellrcnn's (no scores: best F1 = F1), and again widened by one pixel (they span
   pixel indices of the traced boundary, the ground truth spans pixel edges).
-* the merge: ``cellrcnn.merge.merge_all`` (and ``StreamingNMS`` fed tile by tile, as the engine does) against one
+* the merge: ``cellrcnn.merge.merge_all`` (and ``StreamingNMS`` fed tile by tile, as the detection loop does) against one
   ``torchvision.ops.nms`` over the same simulated raw detections (``benchmarks/merge_cost.py``'s tiled-slide model,
   about --merge-raw-factor raw boxes per detection of the peer run), on the CPU and, with --device cuda, on the GPU.
 
@@ -329,7 +329,7 @@ def slide_row(size, run, score):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# stock torchvision Faster R-CNN through the same engine (run in a child process: `_stock`)
+# stock torchvision Faster R-CNN through the same detection loop (run in a child process: `_stock`)
 # ------------------------------------------------------------------------------------------------------------------
 
 class StockDetector:
@@ -349,7 +349,7 @@ class StockDetector:
             net.transform.resize = lambda image, target=None: (image, target)
         self.net = net.to(self.device, memory_format=torch.channels_last).eval()
         self.batch_size = batch_size
-        # what the engine reads of a cellrcnn model: the smallest image side and the merge's IoU threshold
+        # what the detection loop reads of a cellrcnn model: the smallest image side and the merge's IoU threshold
         self.model = types.SimpleNamespace(config=types.SimpleNamespace(backbone_stages=4,
                                                                         nms_thresh=net.roi_heads.nms_thresh))
 
@@ -538,12 +538,12 @@ def peers_table(peers):
                      f'{f(ev and ev["precision"], 3)} / {f(ev and ev["recall"], 3)} |')
 
     row('cellrcnn', 'inference', base_detect, base_detect, c['detections'], c['peak_rss_mb'], c['eval'])
-    row('cellrcnn', 'end to end (engine)', base_total, base_total, None, None, None)
+    row('cellrcnn', 'end to end (detection loop)', base_total, base_total, None, None, None)
     row('cellrcnn', 'process wall', base_wall, base_wall, None, None, None)
     for name, s in peers.get('stock', {}).items():
         row(f'torchvision R50-FPN ({name})', 'inference', s['seconds']['detect'], base_detect, s['detections'],
             s['peak_rss_mb'], None)
-        row(f'torchvision R50-FPN ({name})', 'end to end (engine)', s['seconds']['total'], base_total, None, None,
+        row(f'torchvision R50-FPN ({name})', 'end to end (detection loop)', s['seconds']['total'], base_total, None, None,
             None)
     for name, h in peers.get('htk', {}).items():
         rss = h['peak_rss_mb'] if h['peak_tree_rss_mb'] is None else max(h['peak_rss_mb'], h['peak_tree_rss_mb'])

@@ -197,11 +197,41 @@ def _add_detection_options(p):
     p.add_argument('--device', default=d.device, help='auto, cpu or cuda')
 
 
+class _TokenOnCommandLine(argparse.Action):
+    """``--girder-token T``: taken, with a warning that every user of the machine can read it in the process list."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        print(f'{parser.prog}: warning: a token given with --girder-token is visible to every user of this machine '
+              '(ps); set GIRDER_TOKEN or use --girder-token-file instead', file=sys.stderr)
+        setattr(namespace, self.dest, value)
+
+
+class _TokenFile(argparse.Action):
+    """``--girder-token-file PATH``: the token is the file's first line."""
+
+    def __call__(self, parser, namespace, path, option_string=None):
+        try:
+            with open(path, encoding='utf-8') as f:
+                token = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            parser.error(f'cannot read the token file {path}: {getattr(exc, "strerror", None) or exc}')
+        if not token:
+            parser.error(f'the token file {path} is empty')
+        setattr(namespace, self.dest, token)
+
+
 def _add_server_options(group, url_help='Girder API URL, e.g. https://dsa.example.org/api/v1', required=False):
-    """``--girder-url`` and ``--girder-token`` (default: the GIRDER_TOKEN environment variable) of a command."""
+    """``--girder-url`` and the token of a command: the GIRDER_TOKEN environment variable, ``--girder-token-file``, or
+    (visible in the process list, so with a warning) ``--girder-token``."""
     group.add_argument('--girder-url', dest='girder_url', required=required, help=url_help)
-    group.add_argument('--girder-token', dest='girder_token', default=os.environ.get('GIRDER_TOKEN'),
-                       help='Girder token (default: the GIRDER_TOKEN environment variable)')
+    group.add_argument('--girder-token-file', dest='girder_token', action=_TokenFile, metavar='PATH',
+                       default=os.environ.get('GIRDER_TOKEN'),
+                       help='a file whose first line is the Girder token (default: the GIRDER_TOKEN environment '
+                            'variable)')
+    group.add_argument('--girder-token', dest='girder_token', action=_TokenOnCommandLine,
+                       default=os.environ.get('GIRDER_TOKEN'), metavar='TOKEN',
+                       help='the Girder token itself; other users of the machine can read it (ps): prefer '
+                            'GIRDER_TOKEN or --girder-token-file')
 
 
 def build_parser():
@@ -233,7 +263,8 @@ def build_parser():
                                      'folder per slide and a cohort table')
     p.add_argument('source', nargs='?', help='folder of slides (searched recursively; or --girder-url and --folder)')
     p.add_argument('-o', '--output', required=True,
-                   help='output folder: OUT/<slide path>/ per slide, OUT/cohort.csv; a second run skips done slides')
+                   help='output folder: OUT/slides/<slide path>/ per slide, OUT/cohort.csv; a second run skips done '
+                        'slides')
     _add_detection_options(p)
     p.add_argument('--scheduler', help='spread the slides over a dask.distributed cluster at this address, '
                                        'or over N local processes with local:N')

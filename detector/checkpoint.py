@@ -1,7 +1,9 @@
 """Checkpoints: weights plus the whole model configuration, so that a checkpoint alone rebuilds its model."""
 
+import hashlib
 import os
 import pickle
+import threading
 import zipfile
 
 import torch
@@ -13,6 +15,35 @@ from .files import atomic_write
 
 FORMAT = 'cellrcnn-checkpoint'
 BUNDLED_MODEL = os.path.join(os.path.dirname(__file__), 'models', 'cellrcnn-default.pt')
+
+_HASHES = {}  # (absolute path, device, inode, size, mtime in ns) -> SHA-256 of the file's bytes
+_HASHES_LOCK = threading.Lock()
+
+
+def model_sha256(path=None):
+    """What identifies a model: the SHA-256 (hex) of its checkpoint file's bytes (default: the bundled model).
+
+    Two checkpoints are the same model exactly when their bytes are, whatever their names and folders
+    (``cellrcnn train`` always writes ``model.pt``). Read in 1 MiB blocks; remembered in this process per file
+    version (path, inode, size, modification time), so that a cohort hashes its model once, not once per slide.
+    """
+    path = os.path.abspath(os.fspath(path or BUNDLED_MODEL))
+    try:
+        st = os.stat(path)
+        stamp = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with _HASHES_LOCK:
+            known = _HASHES.get(stamp)
+        if known:
+            return known
+        digest = hashlib.sha256()
+        with open(path, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                digest.update(block)
+    except OSError as exc:
+        raise CellRCNNError(f'cannot read the model file {path}: {exc.strerror or exc}') from None
+    with _HASHES_LOCK:
+        _HASHES[stamp] = digest.hexdigest()
+    return _HASHES[stamp]
 
 
 def save_checkpoint(path, model, half=False, **extra):
@@ -46,17 +77,40 @@ def load_checkpoint(path):
     return payload
 
 
-def stored_config(payload):
-    """The model configuration a checkpoint holds."""
-    return ModelConfig.from_dict(payload['config'])
+def stored_config(payload, source='checkpoint'):
+    """The model configuration a checkpoint holds, checked (``ModelConfig.validate``): a CellRCNNError (one line)
+    for settings that are unknown, of the wrong kind or out of bounds."""
+    try:
+        return ModelConfig.from_dict(payload['config']).validate()
+    except CellRCNNError as exc:
+        raise CellRCNNError(f'{source} holds an unusable model configuration: {exc}') from None
+    except (TypeError, ValueError, AttributeError) as exc:  # e.g. a number where a list belongs
+        raise CellRCNNError(f'{source} holds an unusable model configuration: {_first_line(exc)}') from None
+
+
+def _first_line(exc):
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def model_from_checkpoint(payload, source='checkpoint', config=None):
     """The checkpoint's model, built with ``config`` (default: its own; another one must not change the weights'
-    shapes: run-time settings such as thresholds or the anchor density)."""
+    shapes: run-time settings such as thresholds or the anchor density). Anything wrong with the checkpoint's
+    configuration or weights is a CellRCNNError (one line)."""
     from .model import build_model
 
-    model = build_model(config or stored_config(payload))
+    config = config or stored_config(payload, source)
+    try:
+        model = build_model(config)
+    except CellRCNNError as exc:
+        raise CellRCNNError(f'{source} holds an unusable model configuration: {exc}') from None
+    except MemoryError:
+        raise CellRCNNError(f'{source}: not enough memory to build its model') from None
+    except Exception as exc:  # a configuration that passed validate() but that torchvision still refuses
+        raise CellRCNNError(f'{source}: its model cannot be built ({type(exc).__name__}: {_first_line(exc)})') \
+            from None
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload['state_dict'].items()):
+        raise CellRCNNError(f'{source} is an incomplete cellrcnn checkpoint (its weights are not all tensors)')
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload['state_dict'].items()}
     try:
         model.load_state_dict(state)

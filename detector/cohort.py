@@ -6,20 +6,25 @@ slide and one table for the whole cohort (``cellrcnn batch``).
   its subfolders (``girder_api.folder_slides``), downloaded into ``OUT/.girder-cache/`` and, once its results are
   written, posted back to its item with ``girder_post.post_annotation_files`` (replacing this model's previous result
   there, as ``cellrcnn detect --girder-url`` does); the downloaded copy is then deleted.
-- **One result per slide**: ``OUT/<path of the slide, without its extension>/`` holds what ``cellrcnn detect``
-  writes (``job.output_paths`` and ``job.detect_to_files`` with the same ``DetectionSettings``) and
-  ``<stem>.cohort.json``, the slide's table row and the fingerprint of what made it (slide, model file, settings),
-  written last.
+- **One result per slide**: ``OUT/slides/<path of the slide, without its extension>/`` holds what ``cellrcnn
+  detect`` writes (``job.output_paths`` and ``job.detect_to_files`` with the same ``DetectionSettings``) and
+  ``<stem>.cohort.json``, the slide's table row and the fingerprint of what made it (slide, model, settings),
+  written last. The per-slide folders live under ``OUT/slides/``, apart from the table, so that no slide (one
+  named ``cohort.csv.svs``, say) can take the table's name.
 - **Resumable**: a slide whose ``.cohort.json`` has the same fingerprint is not computed again (status
   ``skipped``; from Girder it is posted again only if its post had failed); a slide interrupted half-way resumes
-  from its tile rows in ``OUT/.../.<stem>.partial/``.
+  from its tile rows in ``OUT/slides/.../.<stem>.partial/``. The model is identified by the SHA-256 of its
+  checkpoint's bytes (``checkpoint.model_sha256``), not by its name or place: a new ``model.pt`` recomputes every
+  slide, the same model copied elsewhere skips them.
 - **Failures stay rows**: a slide that cannot be read, states no magnification, cannot be downloaded or posted,
   ... becomes a ``failed`` row with a one-line reason and the cohort goes on.
 - **Scale-out**: with a dask.distributed scheduler (an address, or ``local:N`` for N local processes) whole slides
   run on the cluster's workers, each slide in one worker process; without one, one after another here. Workers
   must see the same file system paths (the slides and ``OUT``).
 
-The table ``OUT/cohort.csv`` has one row per slide, in path order (:data:`COLUMNS`).
+The table ``OUT/cohort.csv`` has one row per slide, in path order (:data:`COLUMNS`); its ``model`` column is the
+model's file name, for people. A text cell that a spreadsheet would read as a formula (starting with ``= + - @``, a
+tab or a carriage return: a slide named ``=cmd.tiff``) is written with a leading ``'`` (:func:`csv_safe`).
 """
 
 import csv
@@ -35,6 +40,10 @@ from .files import atomic_write
 COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'mean_score', 'magnification',
            'seconds', 'model', 'girder_item_id', 'output')
 TABLE_NAME = 'cohort.csv'
+#: the per-slide result folders are under ``OUT/SLIDES_FOLDER/``
+SLIDES_FOLDER = 'slides'
+#: what starts a formula in a spreadsheet
+FORMULA_STARTS = ('=', '+', '-', '@', '\t', '\r')
 ROW_SUFFIX = '.cohort.json'
 CACHE_NAME = '.girder-cache'
 
@@ -92,8 +101,8 @@ def local_slides(folder, output):
                 found.append(os.path.relpath(os.path.join(root, name), folder))
     found.sort()
     return [CohortSlide(name=os.path.join(folder, rel), path=os.path.abspath(os.path.join(folder, rel)),
-                        folder=os.path.abspath(os.path.join(output, result)), output=result,
-                        stem=os.path.splitext(os.path.basename(rel))[0])
+                        folder=os.path.abspath(os.path.join(output, SLIDES_FOLDER, result)),
+                        output=os.path.join(SLIDES_FOLDER, result), stem=os.path.splitext(os.path.basename(rel))[0])
             for rel, result in zip(found, _result_folders(found))]
 
 
@@ -114,14 +123,16 @@ def girder_slides(girder, output):
         name = _safe_part(s['name'])
         slides.append(CohortSlide(name=s['path'], path=os.path.abspath(os.path.join(output, CACHE_NAME,
                                                                                     s['item_id'], name)),
-                                  folder=os.path.abspath(os.path.join(output, result)), output=result,
+                                  folder=os.path.abspath(os.path.join(output, SLIDES_FOLDER, result)),
+                                  output=os.path.join(SLIDES_FOLDER, result),
                                   stem=os.path.splitext(name)[0], item_id=s['item_id'], file_id=s['file_id']))
     return slides
 
 
 def fingerprint(slide, settings):
     """What a slide's result depends on: the slide (its Girder file, or the local file's size and time), the model
-    file and the settings' :class:`cellrcnn.settings.ResultSettings` as asked for."""
+    (the SHA-256 of its checkpoint's bytes, whatever its name and folder) and the settings'
+    :class:`cellrcnn.settings.ResultSettings` as asked for."""
     from .resume import run_key
 
     return run_key(['girder', slide.file_id] if slide.file_id else slide.path, settings.detector_spec().model_path,
@@ -226,8 +237,15 @@ def run_cohort(slides, settings, scheduler=None, girder=None):
             yield i, process_slide(slide, settings, girder)
         return
     from distributed import as_completed
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
 
     from .dask_cluster import close_dask, connect_dask
+
+    # what losing a worker looks like; process_slide itself turns every problem of a slide into a row, so anything
+    # else from a future is a bug in cellrcnn, raised with its traceback
+    lost = (KilledWorker, CommClosedError, FutureCancelledError, TimeoutError, OSError, MemoryError)
 
     client = connect_dask(scheduler)
     try:
@@ -237,19 +255,28 @@ def run_cohort(slides, settings, scheduler=None, girder=None):
             index = futures[future]
             try:
                 row = future.result()
-            except Exception as exc:  # the worker died (out of memory, killed, ...)
+            except lost as exc:  # the worker died (out of memory, killed, ...)
                 row = _lost_row(slides[index], exc)
             yield index, row
     finally:
         close_dask(client, scheduler)
 
 
+def csv_safe(value):
+    """A table cell that no spreadsheet runs as a formula: text starting with ``= + - @``, a tab or a carriage return
+    gets a leading ``'`` (OWASP's advice on CSV injection); anything else is left as it is."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def write_table(rows, path):
-    """The cohort table: one CSV row per slide (rows that are None, not run yet, are left out)."""
+    """The cohort table: one CSV row per slide (rows that are None, not run yet, are left out); text cells made
+    :func:`csv_safe`."""
     with atomic_write(path, 'the cohort table', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(r for r in rows if r is not None)
+        writer.writerows({k: csv_safe(v) for k, v in r.items()} for r in rows if r is not None)
 
 
 def summary_line(rows):
@@ -266,7 +293,7 @@ def batch(source, output, settings, scheduler=None, girder=None, progress=None):
     there are no slides, the model or the Girder folder cannot be used, or any slide failed (after the table is
     written)."""
     log = progress.log if progress else (lambda line: None)
-    settings.detector_spec().build()  # a bad checkpoint or override fails once, here, not once per slide
+    settings.detector_spec().check()  # a bad checkpoint or override fails once, here, not once per slide
     if settings.model:  # Dask workers may run elsewhere than here
         settings = dataclasses.replace(settings, model=os.path.abspath(settings.model))
     try:

@@ -1,6 +1,7 @@
 """The model's whole configuration: stored inside every checkpoint, so a checkpoint alone rebuilds its model."""
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .errors import CellRCNNError
@@ -8,6 +9,40 @@ from .errors import CellRCNNError
 BACKBONES = ('resnet18', 'resnet34', 'resnet50')
 ANCHOR_UPSAMPLE_FACTORS = (1, 2, 4)
 ANCHOR_OFFSET_COUNTS = (1, 2)
+
+#: bounds of the numeric settings, ``name: (lowest, highest, whole number)``. Far beyond any useful nucleus detector,
+#: and low enough that no checkpoint can ask for a model that does not fit in memory (the widest allowed box head,
+#: 512 FPN channels x 7 x 7 into 2048, holds 51 million weights).
+LIMITS = {
+    'backbone_width': (0.125, 2, False),
+    'fpn_channels': (8, 512, True),
+    'box_head_channels': (8, 2048, True),
+    'rpn_conv_depth': (1, 8, True),
+    'mpp': (0.01, 100, False),
+    'rpn_pre_nms_per_mpx_train': (1, 1_000_000, True),
+    'rpn_post_nms_per_mpx_train': (1, 1_000_000, True),
+    'rpn_pre_nms_per_mpx_test': (1, 1_000_000, True),
+    'rpn_post_nms_per_mpx_test': (1, 1_000_000, True),
+    'rpn_batch_size_per_image': (1, 100_000, True),
+    'box_batch_size_per_image': (1, 100_000, True),
+    'detections_per_mpx': (1, 1_000_000, True),
+    'rpn_nms_thresh': (0, 1, False),
+    'rpn_nms_thresh_test': (0, 1, False),
+    'rpn_score_thresh': (0, 1, False),
+    'score_thresh': (0, 1, False),
+    'box_positive_fraction': (0, 1, False),
+}
+#: at most this many anchor sizes per level, aspect ratios, and classes
+MAX_ANCHOR_SIZES, MAX_ASPECT_RATIOS, MAX_CLASSES = 8, 8, 64
+#: anchors and nuclei are at most this many pixels across
+MAX_ANCHOR_SIZE = 1024
+
+
+def _is_number(value, whole=False):
+    """A finite int (or float, unless ``whole``); not a bool."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if whole else isinstance(value, (int, float)) and math.isfinite(value)
 
 
 @dataclass
@@ -103,11 +138,39 @@ class ModelConfig:
         return tuple(f / density for f in self.rpn_fields)
 
     def validate(self):
-        """Raise CellRCNNError with one line naming the first impossible setting."""
-        if self.backbone not in BACKBONES:
-            raise CellRCNNError(f'unknown backbone {self.backbone!r}; choose one of {", ".join(BACKBONES)}')
-        if not 0.125 <= self.backbone_width <= 2:
-            raise CellRCNNError(f'backbone_width must be between 0.125 and 2, not {self.backbone_width}')
+        """Raise CellRCNNError with one line naming the first impossible setting: unknown, of the wrong kind, or
+        outside its bounds (:data:`LIMITS`; a checkpoint's configuration is untrusted input)."""
+        if not isinstance(self.backbone, str) or self.backbone not in BACKBONES:
+            raise CellRCNNError(f'unknown backbone {str(self.backbone)[:40]!r}; choose one of {", ".join(BACKBONES)}')
+        if not all(_is_number(v) for v in (self.detect_thresh, self.nms_thresh)):
+            raise CellRCNNError('detect_thresh and nms_thresh must be numbers')
+        if not 0 <= self.detect_thresh <= 1:  # the options --threshold and --nms: checked first, in their words
+            raise CellRCNNError(f'score threshold must be between 0 and 1, not {self.detect_thresh}')
+        if not 0 < self.nms_thresh <= 1:
+            raise CellRCNNError(f'NMS IoU threshold must be above 0 and at most 1, not {self.nms_thresh}')
+        for name, (low, high, whole) in LIMITS.items():
+            value = getattr(self, name)
+            if not _is_number(value, whole) or not low <= value <= high:
+                kind = 'a whole number' if whole else 'a number'
+                raise CellRCNNError(f'{name} must be {kind} between {low} and {high}, not {str(value)[:40]}')
+        for name in ('backbone_stages', 'anchor_upsample', 'anchor_offsets'):
+            if not _is_number(getattr(self, name), whole=True):
+                raise CellRCNNError(f'{name} must be a whole number, not {str(getattr(self, name))[:40]}')
+        if not all(_is_number(v, whole=True) for v in self.rpn_levels):
+            raise CellRCNNError('rpn_levels must be whole numbers')
+        if not all(_is_number(v) for sizes in self.anchor_sizes for v in sizes) or \
+                not all(_is_number(v) for v in self.aspect_ratios + self.image_mean + self.image_std):
+            raise CellRCNNError('anchor_sizes, aspect_ratios, image_mean and image_std must hold numbers')
+        if any(len(sizes) > MAX_ANCHOR_SIZES or any(v > MAX_ANCHOR_SIZE for v in sizes) for sizes in self.anchor_sizes):
+            raise CellRCNNError(f'at most {MAX_ANCHOR_SIZES} anchor sizes per level, each at most {MAX_ANCHOR_SIZE} px')
+        if len(self.aspect_ratios) > MAX_ASPECT_RATIOS or any(not 0.05 <= r <= 20 for r in self.aspect_ratios
+                                                             if r > 0):
+            raise CellRCNNError(f'at most {MAX_ASPECT_RATIOS} aspect ratios, each between 0.05 and 20')
+        if not self.class_names or len(self.class_names) > MAX_CLASSES or \
+                not all(isinstance(c, str) and 0 < len(c) <= 100 for c in self.class_names):
+            raise CellRCNNError(f'class_names must be 1 to {MAX_CLASSES} names of at most 100 characters')
+        if not isinstance(self.extra, dict):
+            raise CellRCNNError('extra must be a dict')
         if self.backbone_stages not in (2, 3, 4):
             raise CellRCNNError(f'backbone_stages must be 2, 3 or 4, not {self.backbone_stages}')
         if self.anchor_upsample not in ANCHOR_UPSAMPLE_FACTORS:
@@ -116,8 +179,10 @@ class ModelConfig:
             raise CellRCNNError(f'anchor_offsets must be one of {ANCHOR_OFFSET_COUNTS}, not {self.anchor_offsets}')
         if self.anchor_upsample > 1 and self.anchor_offsets > 1:
             raise CellRCNNError('use either anchor_upsample or anchor_offsets to densify anchors, not both')
-        if not self.rpn_levels or any(not 0 <= lv < self.backbone_stages for lv in self.rpn_levels):
-            raise CellRCNNError(f'rpn_levels {list(self.rpn_levels)} must name FPN levels 0..{self.backbone_stages - 1}')
+        if not self.rpn_levels or any(not 0 <= lv < self.backbone_stages for lv in self.rpn_levels) or \
+                len(set(self.rpn_levels)) != len(self.rpn_levels):
+            raise CellRCNNError(f'rpn_levels {list(self.rpn_levels)} must name FPN levels '
+                                f'0..{self.backbone_stages - 1}, each once')
         if len(self.anchor_sizes) != len(self.rpn_levels):
             raise CellRCNNError(f'anchor_sizes needs one tuple per RPN level ({len(self.rpn_levels)}), '
                                 f'got {len(self.anchor_sizes)}')
@@ -137,10 +202,6 @@ class ModelConfig:
             raise CellRCNNError('image_mean and image_std need three values, std positive')
         if self.mpp <= 0:
             raise CellRCNNError(f'mpp must be positive, not {self.mpp}')
-        if not 0 <= self.detect_thresh <= 1:
-            raise CellRCNNError(f'score threshold must be between 0 and 1, not {self.detect_thresh}')
-        if not 0 < self.nms_thresh <= 1:
-            raise CellRCNNError(f'NMS IoU threshold must be above 0 and at most 1, not {self.nms_thresh}')
         return self
 
     def to_dict(self):

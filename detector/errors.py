@@ -19,8 +19,8 @@ def one_line(exc):
 def run_reporting_errors(program, run, interrupted='interrupted'):
     """Call ``run()``; what a person can act on becomes one ``PROGRAM: ...`` line on stderr instead of a traceback.
 
-    :returns: the exit status: 0, 2 for a :class:`CellRCNNError`, 1 for running out of memory, 130 for Ctrl-C
-        (with ``interrupted`` as the line)."""
+    :returns: the exit status: 0, 2 for a :class:`CellRCNNError` (or an operating-system error no step explained),
+        1 for running out of memory, 130 for Ctrl-C (with ``interrupted`` as the line)."""
     try:
         run()
     except CellRCNNError as exc:
@@ -32,4 +32,7 @@ def run_reporting_errors(program, run, interrupted='interrupted'):
     except MemoryError:
         print(f'{program}: error: out of memory; use a smaller batch size or tile size', file=sys.stderr)
         return 1
+    except OSError as exc:  # what no step turned into a CellRCNNError, such as printing to a full disk
+        print(f'{program}: error: {exc.strerror or one_line(exc)}', file=sys.stderr)
+        return 2
     return 0

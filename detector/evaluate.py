@@ -1,5 +1,6 @@
 """Evaluating a model on a labelled set, and choosing its operating point."""
 
+import dataclasses
 import time
 
 from .inference import Detector
@@ -31,5 +32,5 @@ def calibrate_threshold(model, samples, device='auto', batch_size=8):
     """Set the model's operating point to the score threshold that maximises F1 on ``samples``."""
     predictions, _ = predict_samples(model, samples, device, batch_size)
     threshold, f1, _, _ = best_f1_threshold(predictions, [boxes for _, boxes in samples])
-    model.config.detect_thresh = float(threshold)
+    model.config = dataclasses.replace(model.config, detect_thresh=float(threshold))  # a new config, not an edit
     return threshold, f1

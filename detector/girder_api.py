@@ -15,6 +15,7 @@ import os
 import time
 
 from .errors import CellRCNNError
+from .files import atomic_write
 
 
 def _transient(status):
@@ -176,10 +177,13 @@ def folder_slides(api_url, token, folder_id, retries=4, backoff=1.0, timeout=60)
 def download_file(api_url, token, file_id, path, retries=4, backoff=1.0, timeout=600):
     """Download a Girder file to ``path`` (written whole or not at all)."""
     server = GirderConnection(api_url, token, retries, backoff, timeout, None)
-    partial = f'{path}.part'
-    with server.session():
-        server.call(f'downloading file {file_id}', lambda: server.gc.downloadFile(file_id, partial))
-    os.replace(partial, path)
+    with server.session(), atomic_write(path, 'download', binary=True) as f:
+        def download():  # a retry starts the file over
+            f.seek(0)
+            f.truncate()
+            server.gc.downloadFile(file_id, f)
+
+        server.call(f'downloading file {file_id}', download)
     return path
 
 

@@ -21,6 +21,7 @@ scripts) and for the task's ``post_to_girder`` option: it puts the annotation do
 - Retries and errors are :class:`cellrcnn.girder_api.GirderConnection`'s. Every failure is one :class:`CellRCNNError` line that names the local annotation files, which stay in place.
 """
 
+import codecs
 import datetime
 import io
 import json
@@ -130,6 +131,11 @@ class _FileSlice(io.RawIOBase):
     def readable(self):
         return True
 
+    def close(self):
+        if hasattr(self, 'file'):
+            self.file.close()
+        super().close()
+
     def read(self, n=-1):
         out = b''
         while self.parts and (n < 0 or len(out) < n):
@@ -174,60 +180,97 @@ def _as_documents(documents):
     return out
 
 
-#: how much of a large annotation file is read to find its header
-_HEADER_BYTES = 1 << 20
+#: how much of a large annotation file is read at a time
+_CHUNK_BYTES = 1 << 20
+
+
+class _JSONReader:
+    """Reads JSON values one after another from a file, a chunk at a time, keeping byte offsets."""
+
+    def __init__(self, f):
+        self.f, self.text, self.pos, self.base, self.eof = f, '', 0, f.tell(), False
+        self.utf8 = codecs.getincrementaldecoder('utf-8')()
+        self.decoder = json.JSONDecoder()
+
+    def _more(self):
+        if self.eof:
+            return False
+        chunk = self.f.read(_CHUNK_BYTES)
+        self.eof = not chunk
+        self.base += len(self.text[:self.pos].encode('utf-8'))
+        self.text = self.text[self.pos:] + self.utf8.decode(chunk, final=self.eof)
+        self.pos = 0
+        return True
+
+    def peek(self):
+        """The next character that is not white space ('' at the end of the file)."""
+        while True:
+            while self.pos < len(self.text) and self.text[self.pos] in ' \t\r\n':
+                self.pos += 1
+            if self.pos < len(self.text) or not self._more():
+                return self.text[self.pos:self.pos + 1]
+
+    def take(self, char):
+        if self.peek() != char:
+            raise ValueError(f'expected {char!r}')
+        self.pos += 1
+
+    def value(self):
+        """The next JSON value (a value cut by the chunk's end is read again with more of the file)."""
+        self.peek()
+        while True:
+            try:
+                value, end = self.decoder.raw_decode(self.text, self.pos)
+            except ValueError:
+                if self._more():
+                    continue
+                raise
+            if end < len(self.text) or self.eof or not isinstance(value, (int, float)):
+                self.pos = end
+                return value
+            self._more()  # a number at the chunk's end may go on
+
+    def offset(self):
+        """The byte offset of the current position in the file."""
+        return self.base + len(self.text[:self.pos].encode('utf-8'))
 
 
 def _streamed_document(path):
-    """An :class:`_Outgoing` for an annotation file whose ``"elements"`` array comes last (as ``cellrcnn.annotation``
-    writes it), or None when the file is laid out otherwise (it is then read whole). Only the header is decoded;
-    the elements are counted on one pass over the bytes (one ``"type":`` key each) and streamed when posted."""
-    decoder = json.JSONDecoder()
+    """An :class:`_Outgoing` for an annotation file that is one JSON object whose ``"elements"`` array is its last
+    key (as ``cellrcnn.annotation`` writes it), or None when the file is laid out otherwise (it is then read whole).
+    The file is checked and its elements counted on one pass, one element in memory at a time; they are streamed
+    from the file when posted."""
     with open(path, 'rb') as f:
-        text = f.read(_HEADER_BYTES).decode('latin-1')
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 64))
-        tail = f.read()
-    if not text.isascii() or not text.lstrip().startswith('{'):
-        return None
-    header, pos = {}, text.index('{') + 1
-    try:
-        while True:
-            key, pos = decoder.raw_decode(text, _skip(text, pos))
-            pos = _skip(text, pos)
-            if not isinstance(key, str) or text[pos] != ':':
+        reader = _JSONReader(f)
+        header = {}
+        try:
+            reader.take('{')
+            while True:
+                key = reader.value()
+                if not isinstance(key, str):
+                    return None
+                reader.take(':')
+                if key == 'elements':
+                    break
+                header[key] = reader.value()
+                reader.take(',')
+            start = reader.offset()
+            reader.take('[')
+            count = 0
+            while reader.peek() != ']':
+                if count:
+                    reader.take(',')
+                if not isinstance(reader.value(), dict):
+                    return None
+                count += 1
+            reader.take(']')
+            end = reader.offset()
+            reader.take('}')
+            if reader.peek() != '':
                 return None
-            pos = _skip(text, pos + 1)
-            if key == 'elements':
-                break
-            header[key], pos = decoder.raw_decode(text, pos)
-            pos = _skip(text, pos)
-            if text[pos] != ',':
-                return None
-            pos += 1
-    except (ValueError, IndexError):  # not JSON, or a header longer than _HEADER_BYTES
-        return None
-    stripped = tail.rstrip()
-    if text[pos] != '[' or not stripped.endswith(b'}') or not stripped[:-1].rstrip().endswith(b']'):
-        return None
-    end = size - (len(tail) - len(stripped[:-1].rstrip()))  # just after the elements' closing bracket
-    count, carry = 0, b''
-    with open(path, 'rb') as f:
-        f.seek(pos)
-        left = end - pos
-        while left:
-            chunk = f.read(min(left, 1 << 20))
-            left -= len(chunk)
-            count += (carry + chunk).count(b'"type":') - carry.count(b'"type":')
-            carry = chunk[-6:]
-    return _Outgoing(header, count, path=path, span=(pos, end))
-
-
-def _skip(text, pos):
-    while text[pos] in ' \t\r\n':
-        pos += 1
-    return pos
+        except (ValueError, UnicodeDecodeError):  # not JSON, or not laid out so: read_annotation_file explains
+            return None
+    return _Outgoing(header, count, path=path, span=(start, end))
 
 
 def _model_of(documents, model_name):

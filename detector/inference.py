@@ -15,6 +15,7 @@ import torch
 from .devices import autocast, resolve_device
 from .errors import CellRCNNError
 from .samples import to_tensor
+from .settings import DetectionSettings
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,8 @@ class DetectorSpec:
     nms: float = None
     #: anchor density upsampling at inference (``anchors``; the RPN head's weights do not depend on it)
     anchor_upsample: int = None
-    device: str = 'auto'
-    batch_size: int = 4
+    device: str = DetectionSettings.device
+    batch_size: int = DetectionSettings.batch_size
 
     @property
     def model_path(self):
@@ -50,31 +51,46 @@ class DetectorSpec:
             changes.update(detect_thresh=self.threshold, score_thresh=min(stored.score_thresh, self.threshold))
         return dataclasses.replace(stored, **changes).validate()
 
+    def check(self):
+        """Load the checkpoint and build its model on the CPU with these overrides (one line on any problem), without
+        moving it to the device: a batch's head node checks once what its workers will build."""
+        from .checkpoint import load_checkpoint, model_from_checkpoint, stored_config
+
+        payload = load_checkpoint(self.model_path)
+        model_from_checkpoint(payload, source=self.model_path,
+                              config=self.configure(stored_config(payload, self.model_path)))
+
     def build(self, batchnorm=None):
         """The :class:`Detector`; ``batchnorm``: BatchNorm statistics (``adapt.batchnorm_stats``) to run with."""
         from .adapt import load_batchnorm_stats
         from .checkpoint import load_checkpoint, model_from_checkpoint, stored_config
 
         payload = load_checkpoint(self.model_path)
-        model = model_from_checkpoint(payload, source=self.model_path, config=self.configure(stored_config(payload)))
+        stored = stored_config(payload, self.model_path)
+        model = model_from_checkpoint(payload, source=self.model_path, config=self.configure(stored))
         if batchnorm is not None:
             load_batchnorm_stats(model, batchnorm)
-        return Detector(model, device=self.device, batch_size=self.batch_size, spec=self)
+        return Detector(model, device=self.device, batch_size=self.batch_size, spec=self, checkpoint_config=stored)
 
 
 class Detector:
     """A model ready for inference on RGB uint8 tiles, keeping the detections scoring at least ``score_thresh``
     (default: the model's operating point, ``config.detect_thresh``). ``spec``: the :class:`DetectorSpec` it was built
-    from, if any (what Dask workers rebuild it from)."""
+    from, if any (what Dask workers rebuild it from); ``checkpoint_config``: the configuration its checkpoint holds."""
 
-    def __init__(self, model, device='auto', batch_size=4, score_thresh=None, spec=None):
+    def __init__(self, model, device=DetectionSettings.device, batch_size=DetectionSettings.batch_size,
+                 score_thresh=None, spec=None, checkpoint_config=None):
         self.device = resolve_device(device)
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.score_thresh = model.config.detect_thresh if score_thresh is None else score_thresh
+        if not 0 <= self.score_thresh <= 1:
+            raise CellRCNNError(f'score threshold must be between 0 and 1, not {self.score_thresh}')
         if batch_size < 1:
             raise CellRCNNError(f'batch size must be at least 1, not {batch_size}')
         self.batch_size = batch_size
         self.spec = spec
+        #: the configuration the checkpoint holds (``model.config`` is it with the spec's overrides)
+        self.checkpoint_config = checkpoint_config or model.config
 
     def detect_tiles(self, tiles):
         """Detections (boxes float32 N x 4, scores float32 N) for each RGB uint8 tile, in tile pixels.

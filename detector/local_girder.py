@@ -11,6 +11,7 @@ interpreter.
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,8 +24,10 @@ GIRDER_PIP = ("'girder>=3.2.18,<5' girder-client 'girder-large-image==1.35.6' 'g
               "'histomicsui==1.8.1' 'girder-slicer-cli-web==1.5.14' 'large-image[tiff,tifffile,pil]' "
               "'secantusdb==0.7.0b3' 'girder-worker[girder]<5' -e PLUGIN")
 PLUGIN_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'plugin'))
-ADMIN = {'login': 'admin', 'email': 'admin@example.org', 'firstName': 'Ada', 'lastName': 'Admin',
-         'password': 'admin-password'}
+#: the administrator of a local server; its password is new and random for each server (``GirderServer.password``):
+#: the server listens on loopback, where any user of this machine could otherwise log in as admin and, through a
+#: filesystem assetstore, read what the caller may read
+ADMIN = {'login': 'admin', 'email': 'admin@example.org', 'firstName': 'Ada', 'lastName': 'Admin'}
 
 
 REPO_VENV = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '.venv-girder', 'bin', 'python')
@@ -71,6 +74,7 @@ class GirderServer:
         self.root = root or tempfile.mkdtemp(prefix='cellrcnn-girder-')
         self.procs = []
         self.api_url = self.token = self.folder_id = self.user_id = None
+        self.password = secrets.token_urlsafe(24)
 
     # ------------------------------------------------------------------ processes
     def _spawn(self, name, argv):
@@ -145,8 +149,8 @@ class GirderServer:
         import girder_client
 
         gc = girder_client.GirderClient(apiUrl=self.api_url)
-        gc.post('user', ADMIN)  # the first user is an administrator
-        gc.authenticate(ADMIN['login'], ADMIN['password'])
+        gc.post('user', {**ADMIN, 'password': self.password})  # the first user is an administrator
+        gc.authenticate(ADMIN['login'], self.password)
         self.token = gc.token
         self.user_id = gc.get('user/me')['_id']
         assetstore = os.path.join(self.root, 'assetstore')
@@ -275,8 +279,8 @@ def detect_on_local_girder(slide_path, run, keep=False, log=print):
             raise CellRCNNError(f'reading the annotations back from the local Girder failed ({one_line(exc)}); '
                                 'the results are in the output folder') from None
         if keep:
-            log(f'Girder stays up at {server.api_url} (user {ADMIN["login"]}, password {ADMIN["password"]}); '
-                'Ctrl-C stops it')
+            log(f'Girder stays up at {server.api_url} (user {ADMIN["login"]}, password {server.password}: made for '
+                'this run and shown only here); Ctrl-C stops it')
             try:
                 while True:
                     time.sleep(3600)

@@ -25,7 +25,7 @@ class Progress:
         if mode in ('auto', 'none'):
             mode = 'bar' if mode == 'auto' and sys.stderr.isatty() else 'lines'
         self.mode, self.name, self.unit = mode, name, unit
-        self.total = self.done = 0
+        self.total, self.done = 1, 0
         self._bar = None
         self._started = None
         self._last = -1.0

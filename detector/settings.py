@@ -38,8 +38,9 @@ class ResultSettings:
     element: str = 'rectangle'
 
     def identity(self):
-        """The settings as a plain dict (what run keys hash and annotations record)."""
-        return dataclasses.asdict(self)
+        """The result settings as a plain dict (what run keys hash and annotations record); on a
+        :class:`DetectionSettings` too, only these."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ResultSettings)}
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class DetectionSettings(ResultSettings):
 
     def result(self):
         """The :class:`ResultSettings` part, as asked for (None still meaning the model's or slide's own)."""
-        return ResultSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ResultSettings)})
+        return ResultSettings(**self.identity())
 
     def detector_spec(self):
         """The :class:`cellrcnn.inference.DetectorSpec` these settings ask for."""

@@ -54,8 +54,9 @@ def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tiss
     ``device``, ``model`` (a ``model.CellRCNN``) and ``spec``: an ``inference.Detector``, normally.
     ``progress``: a :class:`cellrcnn.progress.Progress` (default: none shown).
 
-    Raw detections of finished tile rows stay in ``resume_dir`` (when given) until the caller has written its
-    outputs and calls ``clear_partial(resume_dir)``.
+    Raw detections of finished tile rows stay in ``resume_dir/<key>/`` (when given; ``resume.RowStore``) until the
+    caller has written its outputs and calls ``clear_partial(resume_dir, key)``. Rows of other keys there are neither
+    read nor removed; the caller holds the output lock (``resume.output_lock``), so no other run writes them meanwhile.
     """
     started = time.perf_counter()
     if not 0 <= overlap < tile_size:
@@ -80,8 +81,8 @@ def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tiss
         rows = sorted({t.row for t in tiles})
         row_top = {r: min(t.base_y for t in tiles if t.row == r) for r in rows}
         merger = StreamingNMS(detector.model.config.nms_thresh, MAX_NUCLEUS_PX * slide.scale)
-        store = RowStore(resume_dir, key)
-        resumed = store.done_rows()
+        store = RowStore(resume_dir, key)  # rows of this key only; unreadable row files are computed again
+        resumed = {r: done for r, done in store.done_rows().items() if r in row_top}
         todo = [t for t in tiles if t.row not in resumed and not t.skipped]
         unread = {r: 0 for r in rows}
         for t in todo:

@@ -22,6 +22,7 @@ import concurrent.futures
 from dataclasses import dataclass
 
 from .errors import CellRCNNError, one_line
+from .settings import DetectionSettings, ResultSettings
 from .tissue import find_tissue
 
 
@@ -59,7 +60,8 @@ def _starts(origin, length, tile, overlap):
     return [origin + s for s in starts]
 
 
-def tile_grid(slide, tile_size=1024, overlap=64, roi=None, min_tissue=0.05, tissue=None):
+def tile_grid(slide, tile_size=ResultSettings.tile_size, overlap=ResultSettings.overlap, roi=None,
+              min_tissue=ResultSettings.min_tissue, tissue=None):
     """Row-major grid of tiles at analysis scale covering the ROI.
 
     :param tile_size: tile side in analysis pixels; tiles are smaller only where the ROI is.
@@ -101,7 +103,7 @@ def tile_grid(slide, tile_size=1024, overlap=64, roi=None, min_tissue=0.05, tiss
     return tiles
 
 
-def prefetch(slide, tiles, workers=2, queue=4, skip=True):
+def prefetch(slide, tiles, workers=DetectionSettings.workers, queue=4, skip=True):
     """Iterate ``(tile, image)`` over ``tiles`` in order, reading ahead in ``workers`` background threads.
 
     At most ``queue`` images are read ahead of the consumer (memory bound: ``queue`` tiles, plus the one being

@@ -30,7 +30,7 @@ MIN_TISSUE_UM2 = 50.0 * 50.0
 MIN_TISSUE_CONTRAST = 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TissueMask:
     """A boolean tissue mask (read-only, h x w) of a whole slide; mask pixel ``(j, i)`` covers analysis pixels
     ``[i * fx, (i + 1) * fx) x [j * fy, (j + 1) * fy)``; ``mpp``: micrometres per analysis pixel."""

@@ -17,7 +17,7 @@ import numpy as np
 # --------------------------------------------------------------------------- raw detections of a tiled run
 
 def simulate_slide(rng, width, height, n_objects, tile=256, overlap=48, size=(8, 32), jitter=3.0, quantise=None):
-    """Raw detections of a tiled detector, in the engine's order: a list of tile rows, each
+    """Raw detections of a tiled detector, in the detection loop's order: a list of tile rows, each
     (top of the row's tiles, [(boxes, scores) per tile, left to right]).
 
     ``n_objects`` nuclei of sides ``size`` px anywhere on a ``width`` x ``height`` slide; each one at least 30 %

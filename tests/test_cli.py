@@ -1,6 +1,10 @@
 import json
+import os
+import resource
+import signal
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -126,3 +130,120 @@ def test_synth_tiles_train_from_their_annotations_and_evaluate(tmp_path, capsys)
     bundled = json.loads((tmp_path / 'bundled.json').read_text())
     assert bundled['n_gt'] == truth and bundled['precision'] > 0.9 and bundled['recall'] > 0.85, bundled
     assert report_figures(capsys.readouterr().out) == report_figures(bundled)
+
+
+# --------------------------------------------------------------------------- kills, races, full disks, crafted models
+# (the real command in its own process, as a person or a scheduler runs it)
+
+def detect_command(slide, out, model, *extra):
+    return [sys.executable, '-m', 'cellrcnn', 'detect', str(slide), '-o', str(out), '--model', str(model),
+            '--tile-size', '256', '--progress', 'none', '--device', 'cpu', *extra]
+
+
+def wait_until(condition, process, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f'the run ended before {what}: {process.communicate()}'
+        assert time.monotonic() < deadline, f'no {what} after {timeout} s'
+        time.sleep(0.02)
+
+
+def assert_one_error_line(run, message):
+    assert run.returncode == 2, (run.returncode, run.stderr)
+    assert 'Traceback' not in run.stderr and run.stderr.strip().count('\n') == 0, run.stderr
+    assert run.stderr.startswith('cellrcnn: error:') and message in run.stderr, run.stderr
+
+
+def test_a_second_run_on_the_same_output_stops_in_one_line_and_the_first_completes(tmp_path, slide_file,
+                                                                                   tiny_checkpoint):
+    out = tmp_path / 'out'
+    lock = out / '.slide.lock'
+    first = subprocess.Popen(detect_command(slide_file, out, tiny_checkpoint), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        # the first run holds the lock once its process id is in the lock file; stopping it there makes the race sure
+        wait_until(lambda: lock.exists() and lock.read_text() == str(first.pid), first, 'lock')
+        os.kill(first.pid, signal.SIGSTOP)
+        second = subprocess.run(detect_command(slide_file, out, tiny_checkpoint, '--threshold', '0.4'),
+                                capture_output=True, text=True, timeout=300)
+        assert_one_error_line(second, f'another run (process {first.pid}) is writing the results {out / "slide"}.*')
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    doc = json.loads((out / 'slide.anot.json').read_text())
+    assert doc['attributes']['params']['threshold'] == 0.0  # the first run's, untouched by the second
+    assert doc['elements']
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith('.')) == []  # no lock, no partial rows left
+
+
+def test_a_killed_run_leaves_no_stale_lock_and_the_next_run_resumes_its_rows(tmp_path, synthetic_slide,
+                                                                             tiny_checkpoint):
+    slide = synthetic_slide(512, 1400, seed=8)[0]  # 6 tile rows
+    out = tmp_path / 'out'
+    first = subprocess.Popen(detect_command(slide, out, tiny_checkpoint), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: any((out / '.slide.partial').rglob('row_*.npz')), first, 'row file')
+    finally:
+        first.kill()  # SIGKILL: no clean-up runs
+    first.wait()
+    assert first.returncode == -signal.SIGKILL
+    again = subprocess.run(detect_command(slide, out, tiny_checkpoint), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads((out / 'slide.summary.json').read_text())
+    assert summary['tile_rows_resumed'] >= 1
+    assert not (out / '.slide.lock').exists() and not (out / '.slide.partial').exists()
+
+
+def limit_file_size(size):
+    """preexec_fn: writes past ``size`` bytes fail with EFBIG (SIGXFSZ ignored, so the process is not killed)."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
+@pytest.mark.parametrize('size, message, rows', [
+    (1000, 'cannot write partial results', 0),  # the first row file (about 24 kB) does not fit
+    (200_000, 'cannot write annotation file', 3),  # every row (24 kB each) fits; the annotation (360 kB) does not
+])
+def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_rows_written(tmp_path, slide_file, tiny_checkpoint,
+                                                                         size, message, rows):
+    out = tmp_path / 'out'
+    full = subprocess.run(detect_command(slide_file, out, tiny_checkpoint), capture_output=True, text=True,
+                          preexec_fn=limit_file_size(size), timeout=300)
+    assert_one_error_line(full, message)
+    assert 'File too large' in full.stderr
+    assert len(list((out / '.slide.partial').rglob('row_*.npz'))) == rows
+    assert not list(out.rglob('*.tmp*')) and not (out / '.slide.lock').exists()
+    # with room again, the next run resumes from the rows that were written
+    again = subprocess.run(detect_command(slide_file, out, tiny_checkpoint), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / 'slide.summary.json').read_text())['tile_rows_resumed'] == rows
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'box_head_channels': 10 ** 12}, 'box_head_channels must be a whole number between 8 and 2048'),
+    ({'rpn_conv_depth': 10 ** 7}, 'rpn_conv_depth must be a whole number between 1 and 8'),
+    ({'detections_per_mpx': 10 ** 15}, 'detections_per_mpx must be a whole number between 1 and'),
+    ({'anchor_sizes': 5}, 'holds an unusable model configuration'),
+    ({'fpn_channels': '64'}, 'fpn_channels must be a whole number'),
+    ({'state_dict': {'backbone.x': 5}}, 'its weights are not all tensors'),
+])
+def test_a_crafted_checkpoint_is_refused_in_one_line(tmp_path, slide_file, tiny_checkpoint, change, message):
+    import torch
+
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    if 'state_dict' in change:
+        payload['state_dict'].update(change['state_dict'])
+    else:
+        payload['config'].update(change)
+    crafted = tmp_path / 'crafted.pt'
+    torch.save(payload, crafted)
+    run = subprocess.run(detect_command(slide_file, tmp_path / 'out', crafted), capture_output=True, text=True,
+                         timeout=300)
+    assert_one_error_line(run, message)
+    assert str(crafted) in run.stderr

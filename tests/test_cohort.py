@@ -67,13 +67,13 @@ def test_one_row_and_one_result_folder_per_slide_counts_near_ground_truth(cohort
         assert float(row['magnification']) == 20 and row['model'] == 'cellrcnn-default.pt'
         result = output / row['output']
         stem = os.path.splitext(os.path.basename(slide))[0]
-        assert row['output'] == os.path.splitext(os.path.relpath(slide, folder))[0]
+        assert row['output'] == os.path.join('slides', os.path.splitext(os.path.relpath(slide, folder))[0])
         doc = json.loads((result / f'{stem}.anot.json').read_text())
         assert len(doc['elements']) == cells
         assert json.loads((result / f'{stem}.summary.json').read_text())['detections'] == cells
         assert (result / f'{stem}.geojson').exists() and (result / f'{stem}.csv').exists()
     assert rows[broken]['status'] == 'failed' and 'cannot open slide' in rows[broken]['note']
-    assert not (output / 'broken').exists()
+    assert not (output / 'slides' / 'broken').exists()
     assert code == 2 and err.strip() == f'cellrcnn: error: 1 of 4 slides failed (see the note column of ' \
                                         f'{output / "cohort.csv"})'
     assert sum(line.startswith('[') for line in out.splitlines()) == 4  # a line per slide
@@ -132,6 +132,102 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, args, message):
     assert main(['batch', *args, '-o', str(tmp_path / 'out')]) == 2
     err = capsys.readouterr().err
     assert err.startswith('cellrcnn: error: ') and message in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- slide names that are not what they seem
+
+def run_in(root, folder, *slides):
+    """``cellrcnn batch FOLDER -o out`` run in ``root``, FOLDER (relative) holding 512 px synthetic ``slides``."""
+    (root / folder).mkdir()
+    for i, name in enumerate(slides):
+        write_slide(str(root / folder / name), 512, 512, seed=60 + i)
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        return run_batch(folder, '-o', 'out')
+    finally:
+        os.chdir(here)
+
+
+def test_a_slide_named_like_the_table_keeps_its_results_apart_from_the_table(tmp_path):
+    code, out, err, rows = run_in(tmp_path, 'scans', 'cohort.csv.tiff', 'a.tiff')
+    assert code == 0, err
+    assert (tmp_path / 'out' / 'cohort.csv').is_file()
+    assert len(rows) == 2 and all(r['status'] == 'done' for r in rows.values())
+    row = rows[os.path.join('scans', 'cohort.csv.tiff')]
+    assert row['output'] == os.path.join('slides', 'cohort.csv')
+    assert (tmp_path / 'out' / 'slides' / 'cohort.csv' / 'cohort.csv.anot.json').is_file()
+    assert sorted(os.listdir(tmp_path / 'out')) == ['cohort.csv', 'slides']  # the table, and the slides' results
+
+
+def test_table_cells_a_spreadsheet_would_run_as_formulas_are_neutralised(tmp_path):
+    from cellrcnn.cohort import COLUMNS, write_table
+
+    # a folder named =slides, given as a relative path: every slide cell starts with =
+    code, _, err, rows = run_in(tmp_path, '=slides', '=cmd.tiff', '+1.tiff')
+    assert code == 0, err
+    assert set(rows) == {"'=slides/=cmd.tiff", "'=slides/+1.tiff"}
+    assert all(r['status'] == 'done' for r in rows.values())
+    assert rows["'=slides/+1.tiff"]['output'] == os.path.join('slides', '+1')
+    # every text cell, whatever starts it: = + - @ tab, carriage return
+    starts = ['=HYPERLINK("http://x")', '+1', '-2+3', '@SUM(A1)', '\tx', '\rx']
+    table = tmp_path / 'cohort.csv'
+    write_table([{**dict.fromkeys(COLUMNS, ''), 'slide': text, 'output': text, 'note': text, 'model': text,
+                  'cells': 5, 'mean_score': -0.5} for text in starts], table)
+    with open(table, newline='') as f:
+        written = list(csv.DictReader(f))
+    for text, row in zip(starts, written):
+        assert row['slide'] == row['output'] == row['note'] == row['model'] == "'" + text
+        assert (row['cells'], row['mean_score']) == ('5', '-0.5')  # numbers stay numbers
+
+
+# --------------------------------------------------------------------------- which model made a result
+
+def tiny_model(path, seed):
+    import torch
+
+    from cellrcnn.checkpoint import save_checkpoint
+    from cellrcnn.config import ModelConfig
+    from cellrcnn.model import build_model
+
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, build_model(ModelConfig(backbone_width=0.25, fpn_channels=16, box_head_channels=32,
+                                                  detect_thresh=0.5)), half=True)
+    return path
+
+
+def test_a_model_is_known_by_its_bytes_not_its_file_name(tmp_path, synthetic_slide):
+    import hashlib
+    import shutil
+
+    from cellrcnn.cohort import local_slides, fingerprint
+    from cellrcnn.settings import DetectionSettings
+
+    first, other = tiny_model(tmp_path / 'a' / 'model.pt', 0), tiny_model(tmp_path / 'b' / 'model.pt', 1)
+    copy = tmp_path / 'c' / 'model.pt'
+    copy.parent.mkdir()
+    shutil.copy(first, copy)  # the same bytes elsewhere, with a new modification time
+    folder = synthetic_slide(512, 512, seed=51)[0].parent
+    output = tmp_path / 'out'
+    slide, = local_slides(str(folder), str(output))
+
+    def key(model):
+        return fingerprint(slide, DetectionSettings(model=str(model)))
+
+    assert key(first) != key(other)  # two models named model.pt
+    assert key(first) == key(copy)
+
+    code, _, err, rows = run_batch(folder, '-o', output, '--model', first)
+    assert code == 0, err
+    assert rows[slide.name]['status'] == 'done' and rows[slide.name]['model'] == 'model.pt'  # the name, for people
+    code, _, _, rows = run_batch(folder, '-o', output, '--model', copy)
+    assert rows[slide.name]['status'] == 'skipped'  # the same model
+    code, _, _, rows = run_batch(folder, '-o', output, '--model', other)
+    assert rows[slide.name]['status'] == 'done'  # another model of the same name
+    doc = json.loads((output / rows[slide.name]['output'] / 'slide.anot.json').read_text())
+    assert doc['attributes']['model'] == 'model.pt'
+    assert doc['attributes']['model_sha256'] == hashlib.sha256(other.read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------- a Girder folder of slides

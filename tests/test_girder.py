@@ -435,3 +435,28 @@ def test_an_ingest_that_does_not_finish_in_time_is_withdrawn(server, slide):
         assert [a['_id'] for a in cellrcnn_annotations(server, item_id)] == [earlier]
         time.sleep(1)
     assert len(list(server.client().listFile(item_id))) == 1
+
+
+def test_a_token_on_the_command_line_is_warned_about_and_a_token_file_is_not(server, slide, tmp_path):
+    item_id, _ = slide
+    token_file = tmp_path / 'token'
+    token_file.write_text(server.token + '\n')
+    common = ['--girder-url', server.api_url, '--item', '1' * 24, '-o', str(tmp_path / 'out')]
+    env = {k: v for k, v in os.environ.items() if k != 'GIRDER_TOKEN'}
+    shown = subprocess.run([sys.executable, '-m', 'cellrcnn', 'detect', *common, '--girder-token', server.token],
+                           capture_output=True, text=True, timeout=300, env=env)
+    hidden = subprocess.run([sys.executable, '-m', 'cellrcnn', 'detect', *common, '--girder-token-file',
+                             str(token_file)], capture_output=True, text=True, timeout=300, env=env)
+    warning = 'cellrcnn detect: warning: a token given with --girder-token is visible to every user of this machine'
+    assert warning in shown.stderr and warning not in hidden.stderr
+    for run in (shown, hidden):  # both tokens were taken: the server answered about the (missing) item
+        assert run.returncode == 2 and f'no item {"1" * 24} on Girder' in run.stderr, run.stderr
+
+
+def test_a_local_girder_has_a_new_random_admin_password(server, tmp_path):
+    from cellrcnn.local_girder import ADMIN, GirderServer
+
+    assert len(server.password) >= 24 and GirderServer(sys.executable, root=str(tmp_path)).password != server.password
+    with pytest.raises(girder_client.AuthenticationError):
+        girder_client.GirderClient(apiUrl=server.api_url).authenticate(ADMIN['login'], 'admin-password')
+    girder_client.GirderClient(apiUrl=server.api_url).authenticate(ADMIN['login'], server.password)

@@ -16,6 +16,7 @@ import pytest
 
 from support import annotated_cohort
 
+from cellrcnn.checkpoint import load_checkpoint
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.girder_training import holdout_count, train_from_girder
 from cellrcnn.local_girder import girder_python
@@ -72,6 +73,15 @@ def test_training_from_annotations_finds_the_cells_of_a_held_out_slide(server, c
     n = len(cohort['c_heldout.tiff']['all_boxes'])
     assert "**'nuclei'**" in card and f'| c_heldout.tiff | held out | {n} | rectangle {n} |' in card
     assert f"**{result.metrics['f1']:.3f}**" in card and 'training** slides' in card
+    # who made the training data: every annotation used, by id and by its creator's login
+    login = gc.get('user/me')['login']
+    for labelled in result.train_slides + result.heldout_slides:
+        assert labelled.annotation_creators == [login] * len(labelled.annotation_ids) and labelled.annotation_ids
+        for annotation_id in labelled.annotation_ids:
+            assert f'| {labelled.path} | `{annotation_id}` | {login} |' in card
+    stored = load_checkpoint(result.model_path)['training_data']['annotations']
+    assert {(a['id'], a['creator']) for a in stored} == {
+        (i, login) for s in result.train_slides + result.heldout_slides for i in s.annotation_ids}
 
 
 @girder
@@ -142,3 +152,21 @@ def test_the_task_lists_its_parameters():
     assert outputs == {'outputModelFile': '.pt', 'outputModelCard': '.md'}
     names = {e.findtext('name') for e in root.iter() if e.find('name') is not None}
     assert {'annotation_name', 'holdout', 'steps', 'init_model', 'girderApiUrl', 'girderToken'} <= names
+
+
+def test_a_region_drawn_with_many_vertices_is_cheap_to_test_nuclei_against():
+    """Nuclei x vertices would be 4e9 pairs here (tens of GB): prepared geometry answers in time and memory that
+    grow with nuclei + vertices."""
+    from cellrcnn.girder_training import _centres_inside
+
+    angle = np.linspace(0, 2 * np.pi, 20_000, endpoint=False)
+    circle = np.stack([5000 + 3000 * np.cos(angle), 5000 + 3000 * np.sin(angle)], 1)
+    square = np.array([[0, 0], [500, 0], [500, 500], [0, 500]], float)
+    rng = np.random.default_rng(0)
+    centres = rng.uniform(0, 10_000, (200_000, 2))
+    boxes = np.hstack([centres - 4, centres + 4])
+    inside = _centres_inside(boxes, [circle, square])
+    distance = np.hypot(centres[:, 0] - 5000, centres[:, 1] - 5000)
+    expected = (distance < 3000) | ((centres < 500).all(axis=1))
+    near_edge = np.abs(distance - 3000) < 1  # the polygon is a 20 000-gon, not the circle
+    assert inside.dtype == bool and (inside == expected)[~near_edge].all() and inside.sum() > 50_000

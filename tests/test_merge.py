@@ -17,7 +17,7 @@ def reference(boxes, scores, iou):
 
 
 def stream(rows, iou, max_box_size, with_extra=True):
-    """Feed rows through StreamingNMS as the engine does; returns kept global indices, all boxes, scores, peak."""
+    """Feed rows through StreamingNMS as the detection loop does; returns kept global indices, all boxes, scores, peak."""
     merger = StreamingNMS(iou, max_box_size)
     all_boxes, all_scores, kept, peak, n = [], [], [], 0, 0
     for r, (_, tiles) in enumerate(rows):
@@ -90,7 +90,7 @@ def chain(n, step, side=40.0, rising=True):
 
 
 def in_rows(boxes, scores, row_height):
-    """Boxes grouped in tile rows by y1, as the engine would produce them."""
+    """Boxes grouped in tile rows by y1, as the detection loop would produce them."""
     row = np.floor(boxes[:, 1] / row_height).astype(int)
     return [((r * row_height), [(boxes[row == r], scores[row == r])]) for r in range(row.max() + 1)]
 

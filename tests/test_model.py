@@ -102,3 +102,21 @@ def test_checkpoint_whose_weights_do_not_fit_its_config(tmp_path):
     torch.save(payload, tmp_path / 'm.pt')
     with pytest.raises(CellRCNNError, match='does not match its own configuration'):
         load_model(tmp_path / 'm.pt')
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'fpn_channels': 10 ** 6}, 'fpn_channels must be a whole number between 8 and 512'),
+    ({'box_head_channels': 4.5}, 'box_head_channels must be a whole number'),
+    ({'rpn_conv_depth': 0}, 'rpn_conv_depth must be a whole number between 1 and 8'),
+    ({'backbone_width': float('nan')}, 'backbone_width must be a number between 0.125 and 2'),
+    ({'rpn_pre_nms_per_mpx_test': 10 ** 9}, 'rpn_pre_nms_per_mpx_test must be'),
+    ({'anchor_sizes': ((8, 16, 20, 24, 28, 32, 36, 40, 44), (24, 40))}, 'at most 8 anchor sizes per level'),
+    ({'aspect_ratios': tuple(range(1, 10))}, 'at most 8 aspect ratios'),
+    ({'class_names': ()}, 'class_names must be 1 to 64 names'),
+    ({'backbone_stages': True}, 'backbone_stages must be a whole number'),
+    ({'rpn_levels': (0, 0)}, 'must name FPN levels 0..2, each once'),
+])
+def test_model_settings_are_bounded(change, message):
+    with pytest.raises(CellRCNNError, match=message):
+        ModelConfig(**change).validate()
+    ModelConfig().validate()  # the defaults are inside every bound

@@ -10,14 +10,18 @@ celery broker is kombu's in-process memory transport, so slicer_cli_web really c
 
 import csv
 import datetime
+import hashlib
 import io
 import json
 import os
 import subprocess
+import textwrap
+import time
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+import requests
 
 from cellrcnn import __version__
 from cellrcnn.annotation import detections_to_annotation, read_annotation_file
@@ -72,17 +76,33 @@ def slide_in(server, slide_file, folder_id, name):
     return file['itemId'], file['_id']
 
 
+def active_annotations(server, item_id):
+    return server.client().get('annotation', {'itemId': item_id, 'limit': 0})
+
+
 def result_of(server, item_id):
     return (server.client().getItem(item_id).get('meta') or {}).get('cellrcnn')
 
 
-def nuclei(n, model, seed=0, roi=None):
-    """A nuclei document with the attributes cellrcnn writes (model, version marker, parameters, run stats)."""
+def nuclei(n, model, seed=0, roi=None, sha=None):
+    """A nuclei document with the attributes cellrcnn writes (model, version marker, parameters, run stats; the
+    model's SHA-256 when given)."""
     rng = np.random.default_rng(seed)
     xy = rng.uniform(0, 400, (n, 2))
-    return detections_to_annotation(np.hstack([xy, xy + 8]), rng.uniform(0.5, 1, n), attributes={
-        'model': model, 'cellrcnn': __version__, 'params': {'roi': roi, 'tile_size': 1024},
-        'stats': {'detections': n, 'tissue_mm2': 0.04}})
+    attributes = {'model': model, 'cellrcnn': __version__, 'params': {'roi': roi, 'tile_size': 1024},
+                  'stats': {'detections': n, 'tissue_mm2': 0.04}}
+    if sha:
+        attributes['model_sha256'] = sha
+    return detections_to_annotation(np.hstack([xy, xy + 8]), rng.uniform(0.5, 1, n), attributes=attributes)
+
+
+def annotate(server, item_id, doc, token=None):
+    """POST an annotation document to an item as the token's user (the admin's by default): the stored annotation."""
+    return server.client(token).post('annotation', {'itemId': item_id}, json=doc)
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
 
 
 def expected_summary(doc):
@@ -103,25 +123,78 @@ def check_summary(result, doc, annotation_id):
     assert result['score']['histogram'] == want['histogram']
     assert (result['model'], result['cellrcnn_version'], result['roi'], result['annotation_id']) == \
         (doc['attributes']['model'], __version__, doc['attributes']['params']['roi'], annotation_id)
+    assert result['model_sha256'] == doc['attributes'].get('model_sha256')
 
 
-def register_cell_detection(server):
-    """Register the CellDetection task the way slicer_cli_web does after reading a Docker image (image folder, tag
-    folder, task item with the XML and what slicer_cli_web parses from it), without Docker: there is none here.
-    The Tasks collection is public, as in a DSA."""
-    gc = server.client()
-    collection = gc.createCollection('Tasks', public=True)
-    image = gc.createFolder(collection['_id'], 'cellrcnn', parentType='collection', public=True)
-    gc.addMetadataToFolder(image['_id'], {'slicerCLIType': 'image'})
-    tag = gc.createFolder(image['_id'], 'latest', public=True)
-    gc.addMetadataToFolder(tag['_id'], {'slicerCLIType': 'tag'})
-    task = gc.createItem(tag['_id'], 'CellDetection')
+def register_task(server, parent_id, image, tag='latest', parent_type='collection', token=None):
+    """What slicer_cli_web's ``PUT /slicer_cli_web/docker_image`` makes for an image ``image:tag`` holding
+    CellDetection (image folder, tag folder, task item with the XML and what slicer_cli_web parses from it), made
+    as the token's user (the admin's by default) without Docker: there is none here. Public, as in a DSA.
+    :returns: (task item id, tag folder id)."""
+    gc = server.client(token)
+    image_folder = gc.createFolder(parent_id, image, parentType=parent_type, public=True, reuseExisting=True)
+    gc.addMetadataToFolder(image_folder['_id'], {'slicerCLIType': 'image'})
+    tag_folder = gc.createFolder(image_folder['_id'], tag, public=True, reuseExisting=True)
+    gc.addMetadataToFolder(tag_folder['_id'], {'slicerCLIType': 'tag'})
+    return task_item(server, tag_folder['_id'], f'{image}:{tag}', token), tag_folder['_id']
+
+
+def task_item(server, folder_id, image, token=None):
+    """A CellDetection task item of the image in a folder, as the token's user: its id."""
+    gc = server.client(token)
+    task = gc.createItem(folder_id, 'CellDetection', reuseExisting=True)
     xml = open(XML).read()
     root = ET.fromstring(xml)
-    gc.addMetadataToItem(task['_id'], {'slicerCLIType': 'task', 'type': 'python', 'image': 'cellrcnn:latest',
+    gc.addMetadataToItem(task['_id'], {'slicerCLIType': 'task', 'type': 'python', 'image': image,
                                        'digest': None, 'xml': xml, 'category': root.findtext('category'),
                                        'version': root.findtext('version')})
     return task['_id']
+
+
+def register_cell_detection(server):
+    """Register the CellDetection task of cellrcnn:latest as an administrator does, in the public Tasks
+    collection of a DSA."""
+    collection = server.client().createCollection('Tasks', public=True)
+    return register_task(server, collection['_id'], 'cellrcnn')[0]
+
+
+def set_setting(server, key, value):
+    """Set (None: unset) a Girder setting as the admin."""
+    server.client().put('system/setting', {'key': key, 'value': json.dumps(value)})
+
+
+def get_setting(server, key):
+    return server.client().get('system/setting', {'key': key})
+
+
+def in_database(server, code, *args):
+    """Run ``code`` in the server's virtualenv (pymongo is there, not here) with ``db`` (the server's database:
+    what REST does not show, such as tokens and private fields), ``ObjectId`` and ``args``; it sets ``result``,
+    returned here through JSON."""
+    script = ('import json, sys\nimport pymongo\nfrom bson import ObjectId\n'
+              'db = pymongo.MongoClient(sys.argv[1])["girder"]\nargs = json.loads(sys.argv[2])\nresult = None\n'
+              f'{textwrap.dedent(code)}\nprint(json.dumps(result, default=str))\n')
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    run = subprocess.run([PYTHON, '-c', script, server.db_uri, json.dumps(args)], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def new_user(server, login):
+    """A user who is not an administrator, made by the admin: (id, token)."""
+    user = server.client().post('user', {'login': login, 'email': f'{login}@example.org', 'firstName': login,
+                                         'lastName': 'User', 'password': f'{login}-password'})
+    client = server.client(token='')
+    client.authenticate(login, f'{login}-password')
+    return user['_id'], client.token
+
+
+def error_of(call):
+    """(HTTP status, message) of a REST call that fails."""
+    with pytest.raises(Exception) as err:
+        call()
+    return err.value.status, json.loads(err.value.responseText)['message']
 
 
 def children(server, parent):
@@ -275,7 +348,14 @@ def test_the_results_table(server, study, nuclei_doc):
 
 
 @pytest.fixture(scope='module')
-def cli_id(server):
+def worker_api_url(server):
+    """The worker.api_url setting an administrator sets: folder-wide detection needs it, and never sets it."""
+    set_setting(server, 'worker.api_url', server.api_url)
+    return server.api_url
+
+
+@pytest.fixture(scope='module')
+def cli_id(server, worker_api_url):
     return register_cell_detection(server)
 
 
@@ -300,7 +380,7 @@ def test_detect_queues_the_unfinished_slides_and_counts_them_done(server, cli_id
     assert parent['type'] == 'cellrcnn_batch' and parent['status'] == 2
     assert parent['cellrcnnBatch'] | {'scheduled': None} == {'total': 4, 'finished': 1, 'running': 0, 'todo': 3,
                                                              'no_write_folders': 0, 'model': DEFAULT_MODEL,
-                                                             'scheduled': None}
+                                                             'model_sha256': None, 'scheduled': None}
     assert (parent['progress']['current'], parent['progress']['total']) == (0, 3)
     by_slide = {j['cellrcnnSlide']: j for j in jobs}
     # r1 already has the bundled model's result; r4 has one of a region only
@@ -420,3 +500,352 @@ def test_users_see_and_run_only_where_the_acls_allow(server, study, run_folder, 
     assert [(j['cellrcnnSlide'], j['userId']) for j in jobs] == [(own, reader_id)]
     assert child_inputs(server.client().get(f'job/{jobs[0]["_id"]}'))[0] == own_file
     assert [r['path'] for r in as_reader.get(f'cellrcnn/folder/{mine}/results')] == ['locked/locked.tiff', 'own.tiff']
+
+
+# --------------------------------------------------------------------------- trust (issue 11)
+
+
+@pytest.fixture(scope='module')
+def mallory(server):
+    """A user who is not an administrator and tries to borrow others' rights: (id, token)."""
+    return new_user(server, 'mallory')
+
+
+@pytest.fixture(scope='module')
+def runner(server):
+    """A user who is not an administrator and runs folder-wide detection in a folder of theirs: (id, token)."""
+    return new_user(server, 'runner')
+
+
+def writable_folder(server, name, user_id, slide_file, slides=('s.tiff',)):
+    """A folder under the module's cohort that the user may write to, with slides: (folder id, {name: item id})."""
+    folder_id = folder(server, server.folder_id, name)
+    grant(server, folder_id, user_id, WRITE)
+    return folder_id, {n: slide_in(server, slide_file, folder_id, n)[0] for n in slides}
+
+
+def public_folder_of(server, user_id, token):
+    return next(f for f in server.client(token).get('folder', {'parentType': 'user', 'parentId': user_id})
+                if f['name'] == 'Public')['_id']
+
+
+def test_detect_runs_only_tasks_an_administrator_registered(server, cli_id, mallory, runner, slide_file):
+    mallory_id, mallory_token = mallory
+    runner_id, runner_token = runner
+    # Mallory plants a CellDetection task of her own image in her public folder, laid out as slicer_cli_web does
+    # it, and newer than the administrator's.
+    planted, _ = register_task(server, public_folder_of(server, mallory_id, mallory_token), 'evil',
+                               parent_type='folder', token=mallory_token)
+    assert server.client(runner_token).getItem(planted)['meta']['image'] == 'evil:latest'  # the runner may read it
+    work, slides = writable_folder(server, 'runner-work', runner_id, slide_file)
+
+    parent, jobs = detect(server, work, token=runner_token)
+    assert [(j['cellrcnnSlide'], server.client().get(f'job/{j["_id"]}')['type']) for j in jobs] == \
+        [(slides['s.tiff'], 'cellrcnn:latest#CellDetection')]  # the administrator's task, not Mallory's
+    play_worker(server, jobs[0]['_id'], 2, 4)
+    gc = server.client(runner_token)
+    status, message = error_of(lambda: gc.post(f'cellrcnn/folder/{work}/detect', {'cli': planted}))
+    assert status == 403 and message.startswith(f'the slicer_cli_web task {planted} was not registered by an '
+                                                'administrator')
+
+    # A task an administrator registered, in a tag folder Mallory may write to (so she could change its image):
+    # refused too.
+    shared, tag = register_task(server, server.folder_id, 'shared', parent_type='folder')
+    grant(server, tag, mallory_id, WRITE)
+    status, _ = error_of(lambda: gc.post(f'cellrcnn/folder/{work}/detect', {'cli': shared}))
+    assert status == 403
+
+    # A task the administrator names in the plugin's setting is the default, wherever it is.
+    pinned_folder = folder(server, server.folder_id, 'pinned')
+    grant(server, pinned_folder, runner_id, READ)
+    pinned = task_item(server, pinned_folder, 'cellrcnn:pinned')
+    assert error_of(lambda: set_setting(server, 'cellrcnn.task_item', work))[0] == 400  # not a task item
+    status, _ = error_of(lambda: gc.put('system/setting', {'key': 'cellrcnn.task_item', 'value': json.dumps(planted)}))
+    assert status == 403  # only an administrator sets it
+    set_setting(server, 'cellrcnn.task_item', pinned)
+    try:
+        _, jobs = detect(server, work, token=runner_token)
+        assert [server.client().get(f'job/{j["_id"]}')['type'] for j in jobs] == ['cellrcnn:pinned#CellDetection']
+        play_worker(server, jobs[0]['_id'], 2, 4)
+    finally:
+        set_setting(server, 'cellrcnn.task_item', None)
+
+
+def test_detect_never_sets_the_worker_api_url(server, cli_id, runner, slide_file):
+    runner_id, runner_token = runner
+    work = folder(server, server.folder_id, 'host-header')
+    grant(server, work, runner_id, WRITE)
+    set_setting(server, 'worker.api_url', None)
+    try:
+        answer = requests.post(f'{server.api_url}/cellrcnn/folder/{work}/detect', timeout=30,
+                               headers={'Girder-Token': runner_token, 'Host': 'attacker.example.org:8080'})
+        assert answer.status_code == 503, answer.text
+        assert 'worker.api_url' in answer.json()['message'] and 'administrator' in answer.json()['message']
+        assert get_setting(server, 'worker.api_url') is None
+        assert 'Cell detection on folder host-header' not in [
+            j['title'] for j in server.client().get('job', {'userId': runner_id, 'limit': 0})]  # no job either
+    finally:
+        set_setting(server, 'worker.api_url', server.api_url)
+    parent, jobs = detect(server, work, token=runner_token)  # once the administrator has set it
+    assert parent['status'] == 3 and jobs == []
+    assert get_setting(server, 'worker.api_url') == server.api_url
+
+
+def test_results_count_only_from_writers_with_a_plain_model(server, cli_id, reader, slide_file):
+    reader_id, reader_token = reader
+    forged = folder(server, server.folder_id, 'forged')
+    item_id = slide_in(server, slide_file, forged, 'f.tiff')[0]
+    access = {'users': [{'id': server.user_id, 'level': 2},
+                        {'id': reader_id, 'level': READ, 'flags': ['large_image_create_annotations']}], 'groups': []}
+    server.client().put(f'folder/{forged}/access', {'access': json.dumps(access)})
+    # The reader may create annotations, and makes one that looks like a result of the bundled model.
+    fake = annotate(server, item_id, nuclei(25, DEFAULT_MODEL, sha='0' * 64), token=reader_token)
+    assert fake['annotation']['attributes']['model'] == DEFAULT_MODEL
+    assert result_of(server, item_id) is None
+    assert [r['model'] for r in server.client(reader_token).get(f'cellrcnn/folder/{forged}/results')] == [None]
+    parent, jobs = detect(server, forged)  # the slide does not count as done
+    assert parent['cellrcnnBatch']['finished'] == 0 and [j['cellrcnnSlide'] for j in jobs] == [item_id]
+    play_worker(server, jobs[0]['_id'], 2, 4)
+
+    # Results whose model is not a short plain string are not results, whoever posts them.
+    for model, sha in (('x' * 201, None), ('two\nlines.pt', None), ('=cmd|calc.pt\x07', None),
+                       ('fine.pt', 'not-a-sha')):
+        annotate(server, item_id, nuclei(5, model, sha=sha))
+        assert result_of(server, item_id) is None, model
+
+    # The owner's result counts; deleting it falls back to no result, not to the reader's annotation.
+    real = annotate(server, item_id, nuclei(30, 'x' * 200))
+    assert result_of(server, item_id)['annotation_id'] == real['_id']
+    server.client().delete(f'annotation/{real["_id"]}')
+    assert result_of(server, item_id) is None
+
+
+def upload_ingest(server, token, folder_id, doc, reference):
+    """Upload an annotation document as the token's user with a reference that makes the DSA ingest it."""
+    data = json.dumps(doc).encode()
+    return server.client(token).uploadStreamToFolder(folder_id, io.BytesIO(data), 'result.anot', len(data),
+                                                     reference=json.dumps(reference))
+
+
+def test_an_upload_made_for_another_user_records_no_result(server, reader, slide_file):
+    """HistomicsUI and large_image ingest an uploaded annotation file as the user its reference names, whoever
+    uploads it: such annotations are not results."""
+    reader_id, reader_token = reader
+    shared = folder(server, server.folder_id, 'claimed')
+    grant(server, shared, reader_id, READ)
+    item_id, file_id = slide_in(server, slide_file, shared, 'claimed.tiff')
+    marker_item, marker_file = slide_in(server, slide_file, server.folder_id, 'marker.tiff')
+    own_folder = public_folder_of(server, reader_id, reader_token)
+    for identifier in ('LargeImageAnnotationUpload', 'outputCellAnnotationFile'):
+        upload_ingest(server, reader_token, own_folder, nuclei(20, DEFAULT_MODEL, seed=7),
+                      {'identifier': identifier, 'userId': server.user_id, 'fileId': file_id, 'itemId': item_id})
+    # Girder's events thread takes its work in order: once two uploads of the admin's after them count (the
+    # second one queued after whatever the first ingests queued), they and what they queued have been handled.
+    for seed in (1, 2):
+        upload_ingest(server, server.token, server.folder_id, nuclei(9, f'marker{seed}.pt'),
+                      {'identifier': 'LargeImageAnnotationUpload', 'userId': server.user_id, 'fileId': marker_file,
+                       'itemId': marker_item})
+        wait_for(lambda: (result_of(server, marker_item) or {}).get('model') == f'marker{seed}.pt', 60,  # noqa: B023
+                 "the admin's upload to be ingested")
+    made = [a for a in active_annotations(server, item_id) if a['annotation']['name'] == 'cellrcnn nuclei']
+    assert len(made) == 2 and {a['creatorId'] for a in made} == {server.user_id}  # (large_image's and HistomicsUI's)
+    assert result_of(server, item_id) is None
+    # Nor are they results later: not the slide's result after the admin's own result is deleted.
+    real = annotate(server, item_id, nuclei(11, DEFAULT_MODEL))
+    assert result_of(server, item_id)['annotation_id'] == real['_id']
+    server.client().delete(f'annotation/{real["_id"]}')
+    assert result_of(server, item_id) is None
+
+
+def test_csv_cells_that_spreadsheets_would_run_are_neutralised(server, slide_file):
+    root = folder(server, server.folder_id, 'formulas')
+    name = '=HYPERLINK("evil.example?q=1","click").tiff'  # no '/': girder_client names the item by the basename
+    item_id = slide_in(server, slide_file, root, name)[0]
+    other = slide_in(server, slide_file, folder(server, root, '@sub'), 'b.tiff')[0]
+    annotate(server, item_id, nuclei(7, '+SUM(1,1).pt'))
+    annotate(server, other, nuclei(7, '-2+3.pt'))
+    rows = server.client().get(f'cellrcnn/folder/{root}/results')
+    assert [(r['name'], r['path'], r['model']) for r in rows] == [(name, name, '+SUM(1,1).pt'),
+                                                                 ('b.tiff', '@sub/b.tiff', '-2+3.pt')]
+    text = server.client().sendRestRequest('GET', f'cellrcnn/folder/{root}/results', {'format': 'csv'},
+                                           jsonResp=False).text
+    table = {row['item_id']: row for row in csv.DictReader(io.StringIO(text))}
+    assert (table[item_id]['name'], table[item_id]['path'], table[item_id]['model']) == \
+        ("'" + name, "'" + name, "'+SUM(1,1).pt")
+    assert (table[other]['path'], table[other]['model'], table[other]['cells']) == ("'@sub/b.tiff", "'-2+3.pt", '7')
+
+
+def test_the_results_table_pages_and_streams(server, study):
+    gc = server.client()
+    url = f'cellrcnn/folder/{study["root"]}/results'
+    rows = gc.get(url)
+    assert len(rows) == 4
+    assert gc.get(url, {'limit': 2, 'offset': 1}) == rows[1:3]
+    assert gc.get(url, {'offset': 3}) == rows[3:] and gc.get(url, {'limit': 1}) == rows[:1]
+    assert gc.get(url, {'offset': 9}) == []
+    assert error_of(lambda: gc.get(url, {'limit': -1}))[0] == 400
+    answer = requests.get(f'{server.api_url}/{url}', params={'format': 'csv', 'limit': 2, 'offset': 2},
+                          headers={'Girder-Token': server.token}, stream=True, timeout=30)
+    assert answer.status_code == 200
+    assert answer.headers.get('Transfer-Encoding') == 'chunked' and 'Content-Length' not in answer.headers
+    table = list(csv.reader(io.StringIO(answer.text)))
+    assert table[0] == COLUMNS and [r[2] for r in table[1:]] == [r['item_id'] for r in rows[2:4]]
+
+
+def user_tokens(server, user_id):
+    """The ids of a user's full-scope tokens (what logs in as the user), from the database."""
+    return set(in_database(server, """
+        result = [t['_id'] for t in db['token'].find({'userId': ObjectId(args[0])})
+                  if 'core.user_auth' in (t.get('scope') or [])]
+        """, user_id))
+
+
+def test_the_batch_token_is_gone_once_the_batch_has_queued_its_slides(server, cli_id, runner, slide_file):
+    runner_id, runner_token = runner
+    work, _ = writable_folder(server, 'token-work', runner_id, slide_file, ('t1.tiff', 't2.tiff'))
+    before = user_tokens(server, runner_id)
+    assert runner_token in before
+    parent, jobs = detect(server, work, token=runner_token)
+    assert len(jobs) == 2
+    assert user_tokens(server, runner_id) == before  # no token of the batch is left behind
+    for job in jobs:
+        play_worker(server, job['_id'], 2, 3)
+    assert server.client().get(f'job/{parent["_id"]}')['status'] == 3
+    assert user_tokens(server, runner_id) == before
+
+
+def test_a_slide_job_log_line_leaves_the_batch_alone(server, cli_id, slide_file):
+    work = folder(server, server.folder_id, 'log-lines')
+    slide_in(server, slide_file, work, 'l.tiff')
+    parent, jobs = detect(server, work)
+    play_worker(server, jobs[0]['_id'], 2)
+    counted = server.client().get(f'job/{parent["_id"]}')
+    time.sleep(0.05)
+    for line in range(3):  # girder_worker sends each line of the task's output like this
+        server.client().put(f'job/{jobs[0]["_id"]}', {'log': f'line {line}\n'})
+    server.client().put(f'job/{jobs[0]["_id"]}', {'progressCurrent': 5, 'progressTotal': 10})
+    after = server.client().get(f'job/{parent["_id"]}')
+    assert after['updated'] == counted['updated'] and after['progress'] == counted['progress']
+    play_worker(server, jobs[0]['_id'], 3)  # a change of status is counted
+    ended = server.client().get(f'job/{parent["_id"]}')
+    assert ended['status'] == 3 and ended['progress']['message'] == '1 of 1 slides done'
+
+
+DELETE_WITHOUT_ELEMENTS = textwrap.dedent('''
+    import json, sys
+    from girder_large_image_annotation.models.annotation import Annotation
+    from girder_large_image_annotation.models.annotationelement import Annotationelement
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('the elements of an annotation were read')
+
+    Annotationelement.getElements = Annotationelement.yieldElements = refuse
+    from girder_cellrcnn import results
+
+    annotation_id, item_id = sys.argv[1:]
+    Annotation().remove(Annotation().load(annotation_id, force=True, getElements=False))
+    print(json.dumps(results.resync(item_id)['meta'].get('cellrcnn'), default=str))
+''')
+
+
+def test_deleting_a_result_reads_no_elements(server, slide_file):
+    """The fallback after a deletion, run in the server's code against its database with element reads refused:
+    once with the summary the plugin remembered for the older result, once computing it from scores alone."""
+    item_id, _ = slide_in(server, slide_file, server.folder_id, 'fallback.tiff')
+    older_doc = nuclei(40, 'other.pt', seed=3)
+    older = annotate(server, item_id, older_doc)
+    for round_, forget in ((0, False), (1, True)):
+        newer = annotate(server, item_id, nuclei(12, DEFAULT_MODEL, seed=round_))
+        assert result_of(server, item_id)['annotation_id'] == newer['_id']
+        if forget:  # an older result saved before the plugin remembered summaries
+            in_database(server, "db['annotation'].update_one({'_id': ObjectId(args[0])}, "
+                                "{'$unset': {'cellrcnnSummary': ''}})", older['_id'])
+        env = {**os.environ, 'GIRDER_MONGO_URI': server.db_uri}
+        env.pop('PYTHONPATH', None)
+        run = subprocess.run([PYTHON, '-c', DELETE_WITHOUT_ELEMENTS, newer['_id'], item_id], capture_output=True,
+                             text=True, timeout=120, env=env, cwd=server.root)
+        assert run.returncode == 0, run.stderr[-3000:]
+        summary = json.loads(run.stdout.strip().splitlines()[-1])
+        check_summary(summary, older_doc, older['_id'])
+        check_summary(result_of(server, item_id), older_doc, older['_id'])
+
+
+def test_models_are_told_apart_by_their_bytes(server, cli_id, slide_file):
+    root = folder(server, server.folder_id, 'hashes')
+    ids = {name: slide_in(server, slide_file, root, name)[0] for name in ('h1.tiff', 'h2.tiff', 'h3.tiff')}
+    model_a, model_b = b'model A bytes', b'model B bytes'
+    # cellrcnn train always writes model.pt: these are different models of one name
+    annotate(server, ids['h1.tiff'], nuclei(5, 'model.pt', sha=sha256(model_b)))
+    annotate(server, ids['h2.tiff'], nuclei(6, 'model.pt', sha=sha256(model_a)))
+    annotate(server, ids['h3.tiff'], nuclei(7, 'model.pt'))  # recorded before hashes were: known by its name
+    assert result_of(server, ids['h2.tiff'])['model_sha256'] == sha256(model_a)
+    assert result_of(server, ids['h3.tiff'])['model_sha256'] is None
+    models = folder(server, server.folder_id, 'hashed-models')
+    model_file = server.client().uploadStreamToFolder(models, io.BytesIO(model_a), 'model.pt', len(model_a))
+
+    parent, jobs = detect(server, root, model=model_file['_id'])
+    assert parent['cellrcnnBatch']['model_sha256'] == sha256(model_a) and parent['cellrcnnBatch']['finished'] == 2
+    assert [j['cellrcnnSlide'] for j in jobs] == [ids['h1.tiff']]
+    stored = in_database(server, "result = db['file'].find_one({'_id': ObjectId(args[0])})['cellrcnnSha256']",
+                         model_file['_id'])
+    assert stored['sha256'] == sha256(model_a)  # computed once, kept on the file
+    play_worker(server, jobs[0]['_id'], 2, 4)
+
+    # New content in the same file: it is another model now.
+    server.client().uploadFileContents(model_file['_id'], io.BytesIO(model_b), len(model_b))
+    parent, jobs = detect(server, root, model=model_file['_id'])
+    assert parent['cellrcnnBatch']['model_sha256'] == sha256(model_b) and parent['cellrcnnBatch']['finished'] == 2
+    assert [j['cellrcnnSlide'] for j in jobs] == [ids['h2.tiff']]
+    play_worker(server, jobs[0]['_id'], 2, 4)
+
+
+def test_a_rerun_updates_the_earlier_result_and_keeps_it_as_history(server, slide_file, result_files, nuclei_doc,
+                                                                    reader, tmp_path):
+    reader_id, reader_token = reader
+    root = folder(server, server.folder_id, 'reruns')
+    access = {'users': [{'id': server.user_id, 'level': 2},
+                        {'id': reader_id, 'level': READ, 'flags': ['large_image_create_annotations']}], 'groups': []}
+    server.client().put(f'folder/{root}/access', {'access': json.dumps(access)})
+    item_id, file_id = slide_in(server, slide_file, root, 'rerun.tiff')
+    for path, identifier in ((result_files['annotation'], 'outputCellAnnotationFile'),
+                             (result_files['density'], 'outputDensityAnnotationFile')):
+        server.upload_as_dsa(path, item_id, file_id, identifier)
+    first = wait_for(lambda: len(active_annotations(server, item_id)) == 2 and active_annotations(server, item_id),
+                     60, 'the first run ingested')
+    ids = {a['annotation']['name']: a['_id'] for a in first}
+    nuclei_id = ids[nuclei_doc['name']]
+    assert result_of(server, item_id)['annotation_id'] == nuclei_id
+
+    # The task runs again (from HistomicsUI): the DSA ingests its outputs as new annotations; this run found fewer.
+    second_doc = dict(nuclei_doc, elements=nuclei_doc['elements'][:40])
+    second = tmp_path / os.path.basename(result_files['annotation'])
+    second.write_text(json.dumps(second_doc))
+    server.upload_as_dsa(second, item_id, file_id, 'outputCellAnnotationFile')
+    server.upload_as_dsa(result_files['density'], item_id, file_id, 'outputDensityAnnotationFile')
+
+    def folded():
+        now = active_annotations(server, item_id)
+        histories = [server.client().get(f'annotation/{i}/history') for i in ids.values()]
+        return (now if sorted(a['_id'] for a in now) == sorted(ids.values()) and all(len(h) == 2 for h in histories)
+                else None)
+
+    wait_for(folded, 60, 'the second run folded into the first one\'s annotations')
+    result = result_of(server, item_id)
+    assert (result['annotation_id'], result['cells']) == (nuclei_id, 40)
+    versions = server.client().get(f'annotation/{nuclei_id}/history')
+    earlier = server.client().get(f'annotation/{nuclei_id}/history/{versions[-1]["_version"]}')
+    assert len(earlier['annotation']['elements']) == len(nuclei_doc['elements'])  # the first run, kept
+    assert len(server.client().get(f'annotation/{nuclei_id}')['annotation']['elements']) == 40
+
+    # Another model's result, and the reader's look-alike, stay annotations of their own; the result is untouched.
+    other = annotate(server, item_id, nuclei(10, 'other.pt'))
+    fake = annotate(server, item_id, dict(nuclei_doc, elements=nuclei_doc['elements'][:3]), token=reader_token)
+    # Girder's events thread takes its work in order: once a third density run uploaded after them has been folded
+    # in, those two arrivals have been looked at.
+    server.upload_as_dsa(result_files['density'], item_id, file_id, 'outputDensityAnnotationFile')
+    density_id = ids[next(name for name in ids if name != nuclei_doc['name'])]
+    wait_for(lambda: len(server.client().get(f'annotation/{density_id}/history')) == 3
+             and len(active_annotations(server, item_id)) == 4, 60, 'the third density run folded in')
+    assert sorted(a['_id'] for a in active_annotations(server, item_id)) == sorted([*ids.values(), other['_id'],
+                                                                                     fake['_id']])
+    assert len(server.client().get(f'annotation/{nuclei_id}')['annotation']['elements']) == 40

@@ -20,7 +20,7 @@ def test_a_tiny_training_run_lowers_the_loss(tmp_path):
     torch.manual_seed(0)
     samples = make_dataset(7, 6, size=128)
     cfg = TrainConfig(steps=60, batch_size=2, lr=3e-3, warmup_steps=4, tile_size=128, workers=0, checkpoint_every=30)
-    model, losses = train(TINY, cfg, tmp_path, device='cpu', samples=samples, progress=False)
+    model, losses = train(TINY, cfg, tmp_path, device='cpu', samples=samples)
     assert len(losses) == 60
     # The RPN's objectness loss falls steadily; the box head's losses first rise as proposals turn positive.
     objectness = [step['loss_objectness'] for step in losses]
@@ -31,10 +31,10 @@ def test_a_tiny_training_run_lowers_the_loss(tmp_path):
 def test_training_resumes_where_it_stopped(tmp_path):
     samples = make_dataset(8, 4, size=128)
     cfg = TrainConfig(steps=4, batch_size=2, warmup_steps=1, tile_size=128, workers=0, checkpoint_every=2)
-    train(TINY, cfg, tmp_path, device='cpu', samples=samples, progress=False)
+    train(TINY, cfg, tmp_path, device='cpu', samples=samples)
     assert load_checkpoint(tmp_path / 'last.pt')['train_state']['step'] == 4
     _, losses = train(TINY, TrainConfig(**{**cfg.__dict__, 'steps': 6}), tmp_path, device='cpu',
-                      resume=tmp_path / 'last.pt', samples=samples, progress=False)
+                      resume=tmp_path / 'last.pt', samples=samples)
     assert len(losses) == 2  # only the missing steps ran
     assert load_checkpoint(tmp_path / 'last.pt')['train_state']['step'] == 6
 

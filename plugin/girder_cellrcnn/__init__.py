@@ -1,7 +1,10 @@
 """girder_cellrcnn: cellrcnn's Girder plugin for the Digital Slide Archive.
 
 - When a cellrcnn nuclei annotation is saved on an item (posted, uploaded, ingested from a CellDetection job, or
-  edited), its summary goes into the item's metadata under ``meta.cellrcnn`` (:mod:`.results`).
+  edited) by someone who may write to the item, its summary goes into the item's metadata under ``meta.cellrcnn``
+  (:mod:`.results`).
+- A re-run of the same model (e.g. CellDetection run again from HistomicsUI) updates the earlier result in place,
+  which keeps the earlier content as its history, instead of stacking another copy (:mod:`.rerun`).
 - ``GET /cellrcnn/folder/{id}/results[?format=csv]``: one row per slide of a folder tree.
 - ``POST /cellrcnn/folder/{id}/detect``: CellDetection on every slide of a folder tree without a result of the
   model, as one job (:mod:`.batch`).
@@ -9,14 +12,17 @@
 It needs large_image, large_image_annotation, jobs and slicer_cli_web, and neither torch nor the cellrcnn library.
 """
 
+import importlib
+
 import cherrypy
+from bson import ObjectId
 from girder import events, logger
 from girder.constants import AccessType
 from girder.plugin import GirderPlugin, getPlugin
 from girder_jobs.constants import JobStatus
 from girder_jobs.models.job import Job
 
-from . import batch, results
+from . import batch, rerun, results
 from .rest import CellRCNNResource
 
 __version__ = '0.1.0'
@@ -39,11 +45,22 @@ def _on_annotation_saved(event):
     results.record(event.info)
 
 
+def _on_annotation_arrived(event):
+    try:
+        rerun.queue_if_rerun(event.info)
+    except Exception:
+        logger.exception('cellrcnn: could not check whether an annotation re-runs an earlier one')
+
+
 @_guarded('deleting an annotation')
 def _before_annotation_delete(event):
     from girder_large_image_annotation.models.annotation import Annotation
 
-    annotation = Annotation().load(event.info.get('id'), force=True, getElements=False)
+    try:
+        annotation_id = ObjectId(event.info.get('id'))
+    except Exception:
+        return  # not an id: the route answers 400 itself
+    annotation = Annotation().findOne({'_id': annotation_id}, fields=['itemId'])
     if annotation is not None:  # the item of an annotation about to go: for the after-event
         cherrypy.request.cellrcnn_item = annotation['itemId']
 
@@ -75,6 +92,33 @@ def _stop_orphaned_batches():
                         status=JobStatus.ERROR if job['status'] != JobStatus.INACTIVE else JobStatus.CANCELED)
 
 
+#: the annotation ingests of uploads (plugin, data.process handler name, module of its process_annotations)
+_INGESTS = (('histomicsui', 'histomicsui.annotations', 'histomicsui.handlers'),
+            ('large_image_annotation', 'large_image_annotation.annotations', 'girder_large_image_annotation.handlers'))
+
+
+def _note_ingests_first(info):
+    """Bind :func:`.results.note_ingest` before the annotation ingests of HistomicsUI and large_image (loading them
+    first, so that their handlers are bound, then binding them again after it, in their order), and
+    :func:`.results.end_ingest` after them."""
+    handlers = []
+    for name, handler_name, module in _INGESTS:
+        plugin = getPlugin(name)
+        if plugin is None:
+            continue
+        plugin.load(info)
+        try:
+            handlers.append((handler_name, importlib.import_module(module).process_annotations))
+        except (ImportError, AttributeError):
+            logger.warning('cellrcnn: no annotation ingest in %s', module)
+    for handler_name, _ in handlers:
+        events.unbind('data.process', handler_name)
+    events.bind('data.process', 'cellrcnn.ingest', results.note_ingest)
+    for handler_name, handler in handlers:
+        events.bind('data.process', handler_name, handler)
+    events.bind('data.process', 'cellrcnn.ingest_done', results.end_ingest)
+
+
 class CellRCNNPlugin(GirderPlugin):
     DISPLAY_NAME = 'cellrcnn'
 
@@ -84,9 +128,12 @@ class CellRCNNPlugin(GirderPlugin):
         info['apiRoot'].cellrcnn = CellRCNNResource()
         Job().exposeFields(level=AccessType.READ, fields={'cellrcnnBatch', 'cellrcnnSlide'})
         events.bind('model.annotation.save.after', 'cellrcnn', _on_annotation_saved)
+        events.bind('model.annotation.save.after', 'cellrcnn.rerun', _on_annotation_arrived)
         events.bind('rest.delete.annotation/:id.before', 'cellrcnn', _before_annotation_delete)
         events.bind('rest.delete.annotation/:id.after', 'cellrcnn', _after_annotation_delete)
         events.bind('rest.delete.annotation/item/:id.after', 'cellrcnn', _after_item_annotations_delete)
         events.bind('rest.delete.annotation/folder/:id.after', 'cellrcnn', _after_folder_annotations_delete)
         batch.bind()
+        rerun.bind()
+        _note_ingests_first(info)
         _stop_orphaned_batches()

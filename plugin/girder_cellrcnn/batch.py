@@ -7,9 +7,16 @@ records its slide (``cellrcnnSlide``) and its parent (``parentId``); as the chil
 progress counts the slides done, and when every child has ended it ends: success when all did, error otherwise.
 
 Slides that already hold a whole-slide result of the model, or have a CellDetection job of the model still waiting
-or running, are skipped: starting again after an interruption picks up where the last run stopped.
+or running, are skipped: starting again after an interruption picks up where the last run stopped. A model file is
+identified by the SHA-256 of its bytes (:func:`file_sha256`), the bundled model by its name.
+
+Trust: the task run is one an administrator registered (:func:`trusted_task`), never an item any user may create;
+the callback address is the administrator's ``worker.api_url`` setting, never taken from a request; the token that
+queues the slides' jobs lives for a day at most and is deleted as soon as they are queued.
 """
 
+import datetime
+import hashlib
 import os
 import threading
 
@@ -17,56 +24,182 @@ import cherrypy
 from girder import events, logger
 from girder.constants import AccessType
 from girder.exceptions import RestException, ValidationException
+from girder.models.folder import Folder
+from girder.models.item import Item
 from girder.models.setting import Setting
 from girder.models.token import Token
 from girder.models.user import User
+from girder.settings import SettingDefault
+from girder.utility import setting_utilities
 from girder_jobs.constants import JobStatus
 from girder_jobs.models.job import Job
 
-from .results import folder_slides, has_result
+from .results import DEFAULT_MODEL, SHA_PATTERN, folder_slides, has_result
 
 JOB_TYPE = 'cellrcnn_batch'
 CLI_NAME = 'CellDetection'
 CLI_CATEGORY = 'cellrcnn'
-DEFAULT_MODEL = 'cellrcnn-default.pt'  # the model CellDetection uses when no model file is given
+#: admin-only plugin setting: the id of the slicer_cli_web task item folder-wide detection runs (default: the most
+#: recently updated CellDetection task an administrator registered through slicer_cli_web)
+TASK_SETTING = 'cellrcnn.task_item'
+API_URL_SETTING = 'worker.api_url'
+SHA_FIELD = 'cellrcnnSha256'  # on a model's file document: {"sha256", "of": what the file's content was then}
+TOKEN_DAYS = 1  # the batch's token only queues the slides' jobs (girder_worker gives each job its own)
 ENDED = {JobStatus.SUCCESS, JobStatus.ERROR, JobStatus.CANCELED}
 WAITING_OR_RUNNING = [JobStatus.INACTIVE, JobStatus.QUEUED, JobStatus.RUNNING,
                       820, 821, 822, 823, 824]  # girder_worker's fetching/converting/pushing/canceling
 
+SettingDefault.defaults[TASK_SETTING] = None
+
+
+@setting_utilities.validator(TASK_SETTING)
+def _validate_task_setting(doc):
+    if doc['value'] in (None, ''):
+        doc['value'] = None
+        return
+    item = Item().load(doc['value'], force=True, exc=False)
+    if item is None or (item.get('meta') or {}).get('slicerCLIType') != 'task':
+        raise ValidationException(f'{TASK_SETTING} must be the id of a slicer_cli_web task item', 'value')
+    doc['value'] = str(item['_id'])
+
+
+def _is_admin(user_id, users):
+    key = str(user_id)
+    if key not in users:
+        users[key] = User().load(user_id, force=True) if user_id else None
+    return bool(users[key] and users[key].get('admin'))
+
+
+def only_admins_write(folder, users=None):
+    """Whether no one but site administrators may write to a folder (and so change the items in it): every user
+    entry of its access list with write access or more is an administrator, and so is every member of every group
+    entry with it."""
+    users = {} if users is None else users
+    access = folder.get('access') or {}
+    for entry in access.get('users') or ():
+        if entry.get('level', -1) >= AccessType.WRITE and not _is_admin(entry.get('id'), users):
+            return False
+    for entry in access.get('groups') or ():
+        if entry.get('level', -1) >= AccessType.WRITE and User().findOne(
+                {'groups': entry.get('id'), 'admin': {'$ne': True}}, fields=['_id']):
+            return False
+    return True
+
+
+def registered_by_admin(item, users=None):
+    """Whether a task item is where and as slicer_cli_web's admin-only ``PUT /slicer_cli_web/docker_image`` puts
+    it: made by an administrator, in a tag folder (``meta.slicerCLIType`` "tag") of an image folder ("image") that
+    an administrator made, and no one but administrators may change it (write to its folder)."""
+    users = {} if users is None else users
+    if (item.get('meta') or {}).get('slicerCLIType') != 'task' or not _is_admin(item.get('creatorId'), users):
+        return False
+    tag = Folder().load(item['folderId'], force=True, exc=False)
+    if (tag is None or (tag.get('meta') or {}).get('slicerCLIType') != 'tag' or tag.get('parentCollection') != 'folder'
+            or not _is_admin(tag.get('creatorId'), users) or not only_admins_write(tag, users)):
+        return False
+    image = Folder().load(tag['parentId'], force=True, exc=False)
+    return image is not None and (image.get('meta') or {}).get('slicerCLIType') == 'image'
+
+
+def trusted_task(item):
+    """Whether folder-wide detection may run this task item: the one an administrator named in the
+    :data:`TASK_SETTING` setting, or one an administrator registered through slicer_cli_web
+    (:func:`registered_by_admin`)."""
+    named = Setting().get(TASK_SETTING)
+    if named and str(item['_id']) == str(named):
+        return (item.get('meta') or {}).get('slicerCLIType') == 'task'
+    return registered_by_admin(item)
+
 
 def find_cli(user, cli_id=None):
-    """The CellDetection task registered in slicer_cli_web (a ``CLIItem``) that ``user`` may read: the one with id
-    ``cli_id``, else the most recently updated one."""
+    """The CellDetection task registered in slicer_cli_web (a ``CLIItem``) that ``user`` may read and that an
+    administrator registered (:func:`trusted_task`): the one with id ``cli_id``, else the one the
+    :data:`TASK_SETTING` setting names, else the most recently updated one."""
     try:
         from slicer_cli_web.models import CLIItem
     except ImportError:
         raise RestException('slicer_cli_web is not installed on this Girder server', code=500) from None
-    from girder.models.item import Item
 
     if cli_id:
         item = Item().load(cli_id, user=user, level=AccessType.READ, exc=False)
         if item is None or (item.get('meta') or {}).get('slicerCLIType') != 'task':
             raise RestException(f'no slicer_cli_web task with id {cli_id} that you may read')
+        if not trusted_task(item):
+            raise RestException(f'the slicer_cli_web task {cli_id} was not registered by an administrator '
+                                f'(PUT /slicer_cli_web/docker_image) nor named in the {TASK_SETTING} setting: '
+                                'folder-wide detection runs only those', code=403)
+        if item['name'] != CLI_NAME:
+            raise RestException(f'the slicer_cli_web task {cli_id} is {item["name"]}, not {CLI_NAME}')
+        return CLIItem(item)
+    named = Setting().get(TASK_SETTING)
+    if named:
+        item = Item().load(named, user=user, level=AccessType.READ, exc=False)
+        if item is None or not trusted_task(item):
+            raise RestException(f'the {CLI_NAME} task {named} that the {TASK_SETTING} setting names is gone or you '
+                                'may not read it: ask an administrator')
         return CLIItem(item)
     items = Item().findWithPermissions({'meta.slicerCLIType': 'task', 'name': CLI_NAME,
                                         'meta.category': CLI_CATEGORY}, sort=[('updated', -1)], user=user,
-                                       level=AccessType.READ, limit=1)
+                                       level=AccessType.READ)
     for item in items:
-        return CLIItem(item)
-    raise RestException(f'no {CLI_NAME} task of cellrcnn is registered in slicer_cli_web (or you may not read it): '
-                        'an administrator adds the cellrcnn image (docs/deploy.md)')
+        if trusted_task(item):
+            return CLIItem(item)
+    raise RestException(f'no {CLI_NAME} task of cellrcnn that an administrator registered in slicer_cli_web (or you '
+                        'may not read it): an administrator adds the cellrcnn image (docs/deploy.md)')
+
+
+def require_worker_api_url():
+    """The ``worker.api_url`` setting: the address girder_worker's tasks call back to with their tokens. Only an
+    administrator sets it; a request never does (its Host header is the caller's to choose)."""
+    url = Setting().get(API_URL_SETTING)
+    if not url:
+        raise RestException(f'this server\'s {API_URL_SETTING} setting is not set, so its jobs would not know where '
+                            'to send their results: an administrator sets it to the Girder API URL that the '
+                            'workers reach (Admin console > Plugins > Worker, or PUT /system/setting with key '
+                            f'{API_URL_SETTING}, e.g. https://dsa.example.org/api/v1)', code=503)
+    return url
+
+
+def _content_stamp(model_file):
+    """What a file's content is, as far as its document tells: replacing the content changes it."""
+    created = model_file.get('created')
+    created = created.isoformat() if isinstance(created, datetime.datetime) else str(created)
+    return '/'.join(str(v) for v in (model_file.get('size'), created, model_file.get('assetstoreId'),
+                                     model_file.get('sha512'), model_file.get('path')))
+
+
+def file_sha256(model_file):
+    """The hex SHA-256 of a Girder file's bytes, streamed from its assetstore once and kept on its document
+    (:data:`SHA_FIELD`) for as long as its content stays the same."""
+    from girder.models.file import File
+
+    stamp = _content_stamp(model_file)
+    known = model_file.get(SHA_FIELD)
+    if isinstance(known, dict) and known.get('of') == stamp and SHA_PATTERN.fullmatch(str(known.get('sha256'))):
+        return known['sha256']
+    if not model_file.get('assetstoreId') or model_file.get('linkUrl'):
+        raise RestException(f'the model file {model_file["_id"]} ({model_file.get("name")}) is a link, not a stored '
+                            'file: upload the checkpoint')
+    digest = hashlib.sha256()
+    with File().open(model_file) as handle:
+        for block in iter(lambda: handle.read(1 << 20), b''):
+            digest.update(block)
+    sha = digest.hexdigest()
+    File().update({'_id': model_file['_id']}, {'$set': {SHA_FIELD: {'sha256': sha, 'of': stamp}}}, multi=False)
+    return sha
 
 
 def model_of(user, model_file_id=None):
-    """(model name as results record it, model file id or None for the task's bundled model)."""
+    """(model name as results record it, model file id or None for the task's bundled model, SHA-256 of the model
+    file's bytes or None for the bundled model)."""
     if not model_file_id:
-        return DEFAULT_MODEL, None
+        return DEFAULT_MODEL, None, None
     from girder.models.file import File
 
     model_file = File().load(model_file_id, user=user, level=AccessType.READ, exc=False)
     if model_file is None:
         raise RestException(f'no model file {model_file_id} that you may read')
-    return model_file['name'], str(model_file['_id'])
+    return model_file['name'], str(model_file['_id']), file_sha256(model_file)
 
 
 def active_job(file_id, model_file_id):
@@ -80,13 +213,13 @@ def active_job(file_id, model_file_id):
     return Job().findOne(query, fields=['_id'])
 
 
-def plan(folder, user, model, model_file_id):
+def plan(folder, user, model, model_file_id, sha=None):
     """Which slides of the folder tree to run: ``{"slides": [...], "finished": n, "running": n, "total": n,
     "no_write_folders": n}``. Each slide is ``{"itemId", "fileId", "folderId", "name", "path"}``."""
     found, denied = folder_slides(folder, user, level=AccessType.WRITE)
     todo, finished, running = [], 0, 0
     for path, item, parent in found:
-        if has_result(item, model):
+        if has_result(item, model, sha):
             finished += 1
         elif active_job(item['largeImage']['fileId'], model_file_id):
             running += 1
@@ -97,20 +230,19 @@ def plan(folder, user, model, model_file_id):
             'no_write_folders': denied}
 
 
-def start(folder, user, cli, model, model_file_id, api_url):
-    """Create and schedule the parent job; :returns: the job."""
-    work = plan(folder, user, model, model_file_id)
-    # girder_worker asks this setting for the URL its tasks call back to; outside a request (our thread) it has no
-    # other way to know it. slicer_cli_web's own batch runs set it the same way.
-    if not Setting().get('worker.api_url'):
-        Setting().set('worker.api_url', api_url)
+def start(folder, user, cli, model, model_file_id, sha=None):
+    """Create and schedule the parent job; :returns: the job. girder_worker's tasks call back to the
+    ``worker.api_url`` setting (:func:`require_worker_api_url`): outside a request (our thread) it has no other way
+    to know the address, and this plugin never sets it."""
+    require_worker_api_url()
+    work = plan(folder, user, model, model_file_id, sha)
     job = Job().createLocalJob(
         module='girder_cellrcnn.batch', function='run', title=f'Cell detection on folder {folder["name"]}',
         type=JOB_TYPE, user=user, public=False, asynchronous=True,
         kwargs={'folderId': str(folder['_id']), 'cliItemId': str(cli._id), 'model': model,
-                'modelFileId': model_file_id, 'slides': work['slides']},
+                'modelFileId': model_file_id, 'modelSha256': sha, 'slides': work['slides']},
         otherFields={'cellrcnnBatch': {k: work[k] for k in ('total', 'finished', 'running', 'no_write_folders')}
-                     | {'todo': len(work['slides']), 'model': model, 'scheduled': False}})
+                     | {'todo': len(work['slides']), 'model': model, 'model_sha256': sha, 'scheduled': False}})
     skipped = (f'{work["finished"]} already have a result of {model}, {work["running"]} have a {CLI_NAME} job of it '
                f'waiting or running')
     if work['no_write_folders']:
@@ -136,13 +268,20 @@ def _schedule(job):
     kwargs = job['kwargs']
     job = Job().updateJob(job, status=JobStatus.RUNNING)
     scheduled = 0
+    token = None
     try:
         user = User().load(job['userId'], force=True)
         cli = CLIItem.find(kwargs['cliItemId'], user)
         if cli is None:
             raise RestException(f'the {CLI_NAME} task {kwargs["cliItemId"]} is gone')
+        if not trusted_task(cli.item):  # checked again: the task may have changed since the request
+            raise RestException(f'the {CLI_NAME} task {kwargs["cliItemId"]} is no longer one an administrator '
+                                'registered')
         handler = genHandlerToRunDockerCLI(cli)
-        token = Token().createToken(user=user)
+        # The current token of the scheduling below: slicer_cli_web's run handler reads the user from it and
+        # girder_worker mints each job's own token then. It is needed only while queueing, so it lives a day at
+        # most and is deleted as soon as the slides are queued (or queueing stops).
+        token = Token().createToken(user=user, days=TOKEN_DAYS)
         for slide in kwargs['slides']:
             job = Job().load(job['_id'], force=True)
             if job['status'] in ENDED:
@@ -155,10 +294,21 @@ def _schedule(job):
                                            f'{slide["path"]}\n')
     except Exception as exc:
         logger.exception('cellrcnn batch %s failed', job['_id'])
+        _revoke(token)
+        token = None
         Job().updateJob(job, log=f'Stopped after scheduling {scheduled} slides: {exc}\n', status=JobStatus.ERROR)
         return
-    Job().updateJob(job, otherFields={'cellrcnnBatch.scheduled': True}, notify=False)
-    update_parent(job['_id'])
+    finally:
+        _revoke(token)
+    update_parent(job['_id'], scheduled=True)
+
+
+def _revoke(token):
+    if token is not None:
+        try:
+            Token().remove(token)
+        except Exception:
+            logger.exception('cellrcnn: could not delete a batch token')
 
 
 def _start_child(handler, cli, slide, model_file_id, user, token):
@@ -182,8 +332,9 @@ def _start_child(handler, cli, slide, model_file_id, user, token):
         cherrypy.request.app = before
 
 
-def update_parent(parent_id):
-    """Count the parent's ended children into its progress; end it when every slide's job has ended."""
+def update_parent(parent_id, scheduled=False):
+    """Count the parent's ended children into its progress; end it when every slide's job has ended.
+    ``scheduled``: the parent's thread has queued every slide (recorded in the same update)."""
     parent = Job().load(parent_id, force=True)
     if parent is None or parent.get('type') != JOB_TYPE or parent['status'] in ENDED:
         return
@@ -194,7 +345,9 @@ def update_parent(parent_id):
     update = {'progressCurrent': len(ended), 'progressTotal': total,
               'progressMessage': f'{len(ended)} of {total} slides done' + (f', {len(failed)} failed' if failed
                                                                           else '')}
-    if parent['cellrcnnBatch'].get('scheduled') and len(ended) == len(children):
+    if scheduled:
+        update['otherFields'] = {'cellrcnnBatch.scheduled': True}
+    if (scheduled or parent['cellrcnnBatch'].get('scheduled')) and len(ended) == len(children):
         update['status'] = JobStatus.ERROR if failed else JobStatus.SUCCESS
         update['log'] = (f'{len(failed)} of {total} slide jobs did not succeed: '
                          f'{", ".join(str(c["_id"]) for c in failed)}\n' if failed
@@ -205,15 +358,45 @@ def update_parent(parent_id):
         pass  # the parent's status changed meanwhile (ended by a concurrent update, or canceled)
 
 
-def on_job_update(event):
-    """``jobs.job.update.after``: a slide job of a batch changed; update its parent."""
+_status_changes = threading.local()  # per thread: {slide job id: its new status} between the two job events
+
+
+def _pending():
+    if not hasattr(_status_changes, 'jobs'):
+        _status_changes.jobs = {}
+    return _status_changes.jobs
+
+
+def _status(value):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def before_job_update(event):
+    """``jobs.job.update``: note a slide job of a batch whose status is about to change (log lines and progress
+    of the slide's job leave its parent alone)."""
     job = event.info.get('job') or {}
-    if job.get('cellrcnnSlide') and job.get('parentId'):
-        try:
-            update_parent(job['parentId'])
-        except Exception:  # never fail the update of the slide's job (girder_worker's call) over its parent
-            logger.exception('cellrcnn: could not update batch job %s', job['parentId'])
+    status = (event.info.get('params') or {}).get('status')
+    if job.get('cellrcnnSlide') and job.get('parentId') and status is not None and _status(status) != job.get(
+            'status'):
+        _pending()[str(job['_id'])] = _status(status)
+
+
+def on_job_update(event):
+    """``jobs.job.update.after``: a slide job of a batch changed status; update its parent."""
+    job = event.info.get('job') or {}
+    if not (job.get('cellrcnnSlide') and job.get('parentId')):
+        return
+    if _pending().pop(str(job.get('_id')), None) is None:
+        return  # not a change of status: the parent's counts stay as they are
+    try:
+        update_parent(job['parentId'])
+    except Exception:  # never fail the update of the slide's job (girder_worker's call) over its parent
+        logger.exception('cellrcnn: could not update batch job %s', job['parentId'])
 
 
 def bind():
+    events.bind('jobs.job.update', 'cellrcnn', before_job_update)
     events.bind('jobs.job.update.after', 'cellrcnn', on_job_update)

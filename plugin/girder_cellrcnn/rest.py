@@ -1,15 +1,17 @@
 """The ``/cellrcnn`` REST resource: a folder tree's results table, and CellDetection on its slides."""
 
+import itertools
+
 from girder.api import access
 from girder.api.describe import Description, autoDescribeRoute
-from girder.api.rest import Resource, getApiUrl, setContentDisposition, setRawResponse, setResponseHeader
+from girder.api.rest import Resource, setContentDisposition, setRawResponse, setResponseHeader
 from girder.constants import AccessType
 from girder.exceptions import RestException
 from girder.models.folder import Folder
 from girder_jobs.models.job import Job
 
 from . import batch
-from .results import COLUMNS, table_csv, table_rows
+from .results import COLUMNS, table_csv_lines, table_rows
 
 
 class CellRCNNResource(Resource):
@@ -23,20 +25,30 @@ class CellRCNNResource(Resource):
     @autoDescribeRoute(
         Description('One row per slide in a folder and its subfolders with its cellrcnn result.')
         .notes('Columns: ' + ', '.join(COLUMNS) + '. Slides without a result have empty result columns. Only '
-               'subfolders you may read are included.')
+               'subfolders you may read are included. Rows are in path order; limit and offset page them. The CSV '
+               'is streamed, and its text cells that a spreadsheet would take for a formula (starting with = + - @, '
+               "a tab or a carriage return) begin with a ' .")
         .modelParam('id', model=Folder, level=AccessType.READ)
         .param('format', 'json (a list of rows) or csv (a download)', required=False, default='json',
                enum=['json', 'csv'])
+        .param('limit', 'At most this many rows (0: all)', required=False, dataType='integer', default=0)
+        .param('offset', 'Skip this many rows first', required=False, dataType='integer', default=0)
         .errorResponse('Read access was denied on the folder.', 403)
     )
-    def results(self, folder, format):
-        rows = table_rows(folder, self.getCurrentUser())
+    def results(self, folder, format, limit, offset):
+        if limit < 0 or offset < 0:
+            raise RestException('limit and offset must not be negative')
+        rows = itertools.islice(table_rows(folder, self.getCurrentUser()), offset, offset + limit if limit else None)
         if format == 'json':
-            return rows
+            return list(rows)
         setResponseHeader('Content-Type', 'text/csv; charset=utf-8')
         setContentDisposition(f'{folder["name"]}-cellrcnn.csv')
         setRawResponse()
-        return table_csv(rows).encode('utf-8')
+
+        def stream():
+            for text in table_csv_lines(rows):
+                yield text.encode('utf-8')
+        return stream
 
     @access.user
     @autoDescribeRoute(
@@ -48,9 +60,12 @@ class CellRCNNResource(Resource):
         .modelParam('id', model=Folder, level=AccessType.WRITE)
         .param('model', 'Id of a cellrcnn model file (.pt) to detect with; default: the task\'s bundled model '
                f'({batch.DEFAULT_MODEL})', required=False)
-        .param('cli', 'Id of the slicer_cli_web CellDetection task item; default: the most recently registered '
-               'one', required=False)
-        .errorResponse('Write access was denied on the folder.', 403)
+        .param('cli', 'Id of the slicer_cli_web CellDetection task item; default: the one the cellrcnn.task_item '
+               'setting names, else the most recently registered one. Only tasks an administrator registered '
+               '(PUT /slicer_cli_web/docker_image) or named in that setting are run.', required=False)
+        .errorResponse('Write access was denied on the folder, or the task is not one an administrator '
+                       'registered.', 403)
+        .errorResponse('The worker.api_url setting is not set (an administrator sets it).', 503)
     )
     def detect(self, folder, model, cli):
         try:
@@ -59,8 +74,9 @@ class CellRCNNResource(Resource):
             raise RestException("girder_worker's Girder plugin is not installed on this server (pip install "
                                 "'girder-worker[girder]<5' for Girder 3): slicer_cli_web cannot queue tasks",
                                 code=500) from None
+        batch.require_worker_api_url()
         user = self.getCurrentUser()
         task = batch.find_cli(user, cli)
-        model_name, model_file_id = batch.model_of(user, model)
-        job = batch.start(folder, user, task, model_name, model_file_id, getApiUrl())
+        model_name, model_file_id, sha = batch.model_of(user, model)
+        job = batch.start(folder, user, task, model_name, model_file_id, sha)
         return Job().filter(job, user)

@@ -5,27 +5,48 @@ the density annotation (``attributes.density``, one ``griddata`` element). Its s
 metadata under :data:`META_KEY`::
 
     {"cells", "tissue_mm2", "cells_per_mm2", "score": {"mean", "min", "max", "p5", "p25", "p50", "p75", "p95",
-     "histogram": [counts of floor(10 * score) = 0, ..., 9]}, "model", "cellrcnn_version", "roi", "annotation_id",
-     "date"}
+     "histogram": [counts of floor(10 * score) = 0, ..., 9]}, "model", "model_sha256", "cellrcnn_version", "roi",
+     "annotation_id", "date"}
 
 ``roi`` is the analysed region (left, top, width, height) of a run on part of the slide, None for the whole slide;
-``tissue_mm2`` and ``cells_per_mm2`` are those of the region analysed.
+``tissue_mm2`` and ``cells_per_mm2`` are those of the region analysed. ``model`` is the checkpoint's file name (for
+people), ``model_sha256`` the SHA-256 of its bytes (what identifies the model; None on results made before the
+library recorded it).
 
 The metadata follows the most recently saved nuclei annotation of the item; when that one is deleted it falls back
 to the newest remaining one, or goes away.
+
+Only results someone who may change the slide made count (:func:`from_writer`): an annotation counts when its creator
+and its last editor both have write access to its item. Anyone who may merely read a slide (and create annotations
+on it) can post an annotation that looks like a result; it stays an ordinary annotation: it neither becomes the
+item's metadata nor makes the slide count as done. A result's ``model`` must be a short printable string
+(:data:`MODEL_MAX_CHARS`) and its ``model_sha256``, when present, 64 lowercase hex digits.
 """
 
 import csv
 import datetime
 import io
+import json
+import re
+import threading
 
 from bson import ObjectId
 from girder.constants import AccessType
 from girder.models.folder import Folder
 from girder.models.item import Item
+from girder.models.user import User
 
 META_KEY = 'cellrcnn'
 MARKER = 'cellrcnn'
+SHA_KEY = 'model_sha256'
+MODEL_MAX_CHARS = 200
+SHA_PATTERN = re.compile(r'[0-9a-f]{64}')
+DEFAULT_MODEL = 'cellrcnn-default.pt'  # the model CellDetection uses when no model file is given
+SUMMARY_FIELD = 'cellrcnnSummary'  # on an annotation document: its summary, for the version it was computed for
+#: on an annotation document an upload's ingest made for a user other than the uploader: the uploader's id
+CLAIMED_FIELD = 'cellrcnnMadeByUploader'
+#: a CSV cell starting with one of these is a formula to spreadsheets: it gets a leading ' (OWASP's advice)
+FORMULA_START = ('=', '+', '-', '@', '\t', '\r')
 DENSITY_TYPES = {'griddata', 'heatmap'}
 QUANTILES = (5, 25, 50, 75, 95)
 HISTOGRAM_BINS = 10
@@ -33,13 +54,126 @@ COLUMNS = ('name', 'path', 'item_id', 'cells', 'tissue_mm2', 'cells_per_mm2', 's
            'model', 'cellrcnn_version', 'roi', 'annotation_id', 'date')
 
 
+def valid_model(attributes):
+    """Whether a result's ``model`` is a short printable string and its ``model_sha256`` (if any) a hex SHA-256."""
+    model = attributes.get('model')
+    if not isinstance(model, str) or not 0 < len(model) <= MODEL_MAX_CHARS or not model.isprintable():
+        return False
+    sha = attributes.get(SHA_KEY)
+    return sha is None or (isinstance(sha, str) and SHA_PATTERN.fullmatch(sha) is not None)
+
+
+def _marked(attributes):
+    """Whether annotation attributes are those of a cellrcnn nuclei result (marker, no density, a valid model)."""
+    return (isinstance(attributes, dict) and MARKER in attributes and 'density' not in attributes
+            and valid_model(attributes))
+
+
 def is_nuclei_result(annotation):
     """Whether an annotation document (Girder's form, ``{"annotation": {...}}``) is a cellrcnn nuclei result."""
     body = annotation.get('annotation') or {}
-    attributes = body.get('attributes') or {}
-    if not isinstance(attributes, dict) or MARKER not in attributes or 'density' in attributes:
+    if not _marked(body.get('attributes')):
         return False
     return not any(isinstance(e, dict) and e.get('type') in DENSITY_TYPES for e in body.get('elements') or ())
+
+
+_ingest = threading.local()  # per thread: (item id, user id) of an upload's ingest made for another user
+
+
+def note_ingest(event):
+    """``data.process``, bound before HistomicsUI's and large_image's annotation ingest (they run in the same
+    thread, one upload at a time): they make the annotations of an uploaded ``*AnnotationFile`` /
+    ``LargeImageAnnotationUpload`` file as the user its reference names, whoever uploaded it. When that is not the
+    uploader (and the uploader is not an administrator), note the item and the claimed user: annotations they make
+    for it are not results (:func:`from_writer`)."""
+    _ingest.claimed = _claimed(event.info or {})
+
+
+def end_ingest(event):
+    """``data.process``, bound after the annotation ingests: the upload's ingest is over in this thread."""
+    _ingest.claimed = None
+
+
+def _claimed(info):
+    reference = info.get('reference')
+    try:
+        reference = json.loads(reference) if isinstance(reference, (str, bytes)) else reference
+    except ValueError:
+        return None
+    identifier = reference.get('identifier') if isinstance(reference, dict) else None
+    if not isinstance(identifier, str) or not identifier.endswith(('AnnotationFile', 'LargeImageAnnotationUpload')):
+        return None
+    uploader = info.get('currentUser')
+    if not uploader or uploader.get('admin'):
+        return None  # server-side code, or an administrator
+    claimed = reference.get('userId')
+    if claimed and str(claimed) == str(uploader['_id']):
+        return None
+    uploader = str(uploader['_id'])
+    item_id = reference.get('itemId')
+    try:
+        from girder.models.file import File
+
+        image = File().load(reference['fileId'], force=True, exc=False) if reference.get('fileId') else None
+        item_id = image['itemId'] if image else item_id
+    except Exception:
+        pass
+    return str(item_id) if item_id else None, str(claimed) if claimed else None, uploader
+
+
+def made_for_another(annotation):
+    """The uploader's id when this thread's current upload ingest is making the annotation for another user (see
+    :func:`note_ingest`), else None."""
+    claimed = getattr(_ingest, 'claimed', None)
+    if not claimed:
+        return None
+    item_id, user_id, uploader = claimed
+    if ((item_id is None or item_id == str(annotation.get('itemId')))
+            and (user_id is None or user_id == str(annotation.get('creatorId')))):
+        return uploader
+    return None
+
+
+def mark_made_for_another(annotation):
+    """Record on an annotation an upload's ingest is making for another user who uploaded it
+    (:data:`CLAIMED_FIELD`), for good: it never counts as a result (:func:`from_writer`). :returns: whether it
+    was such an annotation."""
+    from girder_large_image_annotation.models.annotation import Annotation
+
+    uploader = made_for_another(annotation)
+    if uploader is None or annotation.get('_id') is None:
+        return False
+    annotation[CLAIMED_FIELD] = uploader
+    Annotation().update({'_id': annotation['_id']}, {'$set': {CLAIMED_FIELD: uploader}}, multi=False)
+    return True
+
+
+def from_writer(annotation, item, users=None):
+    """Whether the annotation's creator and its last editor (``creatorId``, ``updatedId``) may both write to the
+    item: only such annotations count as the slide's results. An annotation that an upload's ingest made for a user
+    other than the uploader (:func:`note_ingest`, :data:`CLAIMED_FIELD`) does not. ``users``: a dict caching users
+    by id."""
+    if annotation.get(CLAIMED_FIELD) or made_for_another(annotation):
+        return False
+    users = {} if users is None else users
+    ids = {annotation.get('creatorId'), annotation.get('updatedId') or annotation.get('creatorId')}
+    if None in ids:
+        return False
+    for user_id in ids:
+        key = str(user_id)
+        if key not in users:
+            users[key] = User().load(user_id, force=True)
+        if users[key] is None or not Item().hasAccess(item, users[key], AccessType.WRITE):
+            return False
+    return True
+
+
+def same_model(attributes, model, sha):
+    """Whether result attributes (or a metadata summary) are of this model: the bundled model (``sha`` None) by its
+    name; a model file by its checkpoint's SHA-256 when the result records one, else (older results) by name."""
+    if sha and attributes.get(SHA_KEY):
+        return attributes[SHA_KEY] == sha
+    return attributes.get('model') == model
 
 
 def _quantile(ordered, q):
@@ -72,23 +206,20 @@ def _iso(value):
     return value
 
 
-def result_summary(annotation):
-    """The metadata entry of one nuclei annotation (Girder's form, with its elements)."""
-    body = annotation['annotation']
-    attributes = body.get('attributes') or {}
-    elements = body.get('elements') or []
-    scores = [e['user']['score'] for e in elements
-              if isinstance(e.get('user'), dict) and isinstance(e['user'].get('score'), (int, float))]
+def _summary(annotation, count, scores):
+    """The metadata entry of one nuclei annotation from its attributes, element count and detection scores."""
+    attributes = annotation['annotation'].get('attributes') or {}
     stats = attributes.get('stats') if isinstance(attributes.get('stats'), dict) else {}
     params = attributes.get('params') if isinstance(attributes.get('params'), dict) else {}
     tissue = stats.get('tissue_mm2')
-    tissue = float(tissue) if isinstance(tissue, (int, float)) else None
+    tissue = float(tissue) if isinstance(tissue, (int, float)) and not isinstance(tissue, bool) else None
     return {
-        'cells': len(elements),
+        'cells': count,
         'tissue_mm2': round(tissue, 6) if tissue is not None else None,
-        'cells_per_mm2': round(len(elements) / tissue, 3) if tissue else None,
+        'cells_per_mm2': round(count / tissue, 3) if tissue else None,
         'score': score_summary(scores),
         'model': attributes.get('model'),
+        SHA_KEY: attributes.get(SHA_KEY),
         'cellrcnn_version': attributes.get(MARKER),
         'roi': list(params['roi']) if isinstance(params.get('roi'), (list, tuple)) else None,
         'annotation_id': str(annotation['_id']),
@@ -96,16 +227,45 @@ def result_summary(annotation):
     }
 
 
+def _is_score(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def result_summary(annotation):
+    """The metadata entry of one nuclei annotation (Girder's form, with its elements)."""
+    elements = annotation['annotation'].get('elements') or []
+    scores = [e['user']['score'] for e in elements
+              if isinstance(e.get('user'), dict) and _is_score(e['user'].get('score'))]
+    return _summary(annotation, len(elements), scores)
+
+
+def _remember_summary(annotation, summary):
+    """Keep a result's summary on its annotation document, for the version it describes: when the item's current
+    result is deleted, the one it falls back to is summarised without reading its elements."""
+    from girder_large_image_annotation.models.annotation import Annotation
+
+    if annotation.get('_version') is None:
+        return
+    Annotation().update({'_id': annotation['_id'], '_version': annotation['_version']},
+                        {'$set': {SUMMARY_FIELD: {'version': annotation['_version'], 'summary': summary}}},
+                        multi=False)
+
+
 def record(annotation):
-    """Put a just-saved nuclei annotation's summary on its item (``model.annotation.save.after``)."""
+    """Put a just-saved nuclei annotation's summary on its item (``model.annotation.save.after``), when it is a
+    result of someone who may write to the item (:func:`from_writer`)."""
+    if mark_made_for_another(annotation):
+        return None
     if annotation.get('_active') is False or annotation.get('annotation', {}).get('elements') is None:
         return None  # a save without its elements (access or metadata changes): nothing to recount
     if not is_nuclei_result(annotation):
         return None
     item = Item().load(annotation['itemId'], force=True)
-    if item is None:
+    if item is None or not from_writer(annotation, item):
         return None
-    return Item().setMetadata(item, {META_KEY: result_summary(annotation)})
+    summary = result_summary(annotation)
+    _remember_summary(annotation, summary)
+    return Item().setMetadata(item, {META_KEY: summary})
 
 
 def _active_results(item_id):
@@ -114,12 +274,38 @@ def _active_results(item_id):
 
     query = {'itemId': item_id, f'annotation.attributes.{MARKER}': {'$exists': True},
              'annotation.attributes.density': {'$exists': False}, '_active': {'$ne': False}}
-    return Annotation().find(query, sort=[('updated', -1)], fields=['_id', 'annotation.attributes', 'updated'])
+    return Annotation().find(query, sort=[('updated', -1)],
+                             fields=['_id', 'annotation.attributes', 'annotation.name', 'updated', 'created',
+                                     'creatorId', 'updatedId', 'itemId', '_version', SUMMARY_FIELD, CLAIMED_FIELD])
+
+
+def _summary_without_elements(annotation):
+    """The summary of a stored nuclei annotation (read without its elements), or None when it is not a nuclei
+    result after all (density elements). The summary remembered for its current version when there is one; else
+    from the scores and types of its elements alone (a projection: no coordinates, no other element fields)."""
+    from girder_large_image_annotation.models.annotationelement import Annotationelement
+
+    remembered = annotation.get(SUMMARY_FIELD)
+    if (isinstance(remembered, dict) and remembered.get('version') == annotation.get('_version')
+            and isinstance(remembered.get('summary'), dict)):
+        return remembered['summary']
+    query = {'annotationId': annotation['_id'], '_version': annotation.get('_version')}
+    elements = Annotationelement().collection
+    if elements.find_one({**query, 'element.type': {'$in': sorted(DENSITY_TYPES)}}, {'_id': 1}):
+        return None
+    count, scores = 0, []
+    for entry in elements.find(query, {'_id': 0, 'element.user.score': 1}):
+        count += 1
+        score = ((entry.get('element') or {}).get('user') or {}).get('score')
+        if _is_score(score):
+            scores.append(score)
+    return _summary(annotation, count, scores)
 
 
 def resync(item_id):
     """After annotations of an item were deleted: if its metadata described one of them, describe the newest
-    remaining nuclei annotation instead, or remove the entry."""
+    remaining nuclei annotation of a writer instead, or remove the entry. Reads annotations' attributes, never
+    their elements (:func:`_summary_without_elements`)."""
     from girder_large_image_annotation.models.annotation import Annotation
 
     item = Item().load(item_id, force=True)
@@ -129,10 +315,13 @@ def resync(item_id):
     query = {'_id': ObjectId(current['annotation_id']), '_active': {'$ne': False}}
     if Annotation().findOne(query, fields=['_id']):
         return item
+    users = {}
     for candidate in _active_results(item['_id']):
-        annotation = Annotation().load(candidate['_id'], force=True)
-        if annotation is not None and is_nuclei_result(annotation):
-            return Item().setMetadata(item, {META_KEY: result_summary(annotation)})
+        if not _marked(candidate['annotation'].get('attributes')) or not from_writer(candidate, item, users):
+            continue
+        summary = _summary_without_elements(candidate)
+        if summary is not None:
+            return Item().setMetadata(item, {META_KEY: summary})
     return Item().deleteMetadata(item, [META_KEY])
 
 
@@ -149,19 +338,22 @@ def resync_folder(folder_id, recurse):
         resync(item['_id'])
 
 
-def _whole_slide_result_of(attributes, model):
+def _whole_slide_result_of(attributes, model, sha):
     params = attributes.get('params') if isinstance(attributes.get('params'), dict) else {}
-    return attributes.get('model') == model and not params.get('roi')
+    return _marked(attributes) and same_model(attributes, model, sha) and not params.get('roi')
 
 
-def has_result(item, model):
-    """Whether a slide's item holds a whole-slide nuclei result of ``model`` (by its metadata, or by any of its
-    annotations: one of another model may be newer, or saved before the plugin was installed)."""
+def has_result(item, model, sha=None):
+    """Whether a slide's item holds a whole-slide nuclei result of a model (by its metadata, or by any of its
+    annotations made by writers of the item: one of another model may be newer, or saved before the plugin was
+    installed). The model is ``model`` (a name) and ``sha`` (the SHA-256 of its checkpoint; None for the bundled
+    model, which is known by its name): see :func:`same_model`."""
     current = (item.get('meta') or {}).get(META_KEY)
-    if isinstance(current, dict) and current.get('model') == model and not current.get('roi'):
+    if isinstance(current, dict) and same_model(current, model, sha) and not current.get('roi'):
         return True
-    return any(_whole_slide_result_of(a['annotation'].get('attributes') or {}, model)
-               for a in _active_results(item['_id']))
+    users = {}
+    return any(_whole_slide_result_of(a['annotation'].get('attributes') or {}, model, sha)
+               and from_writer(a, item, users) for a in _active_results(item['_id']))
 
 
 def is_slide(item):
@@ -169,36 +361,56 @@ def is_slide(item):
     return bool(large.get('fileId')) and not large.get('expected')
 
 
+def iter_slides(folder, user, level=AccessType.READ, denied=None, fields=None):
+    """(path relative to ``folder``, item, folder holding it) of every large-image item in a folder tree that
+    ``user`` may access at ``level``, in path order, as a generator that holds one folder's listing at a time.
+    ``denied``: a one-element list counting the subfolders left out for lack of access. ``fields``: the item
+    fields to read (default: all)."""
+    def entries(current, prefix):
+        # Sorting siblings by name (items) and name + '/' (folders) and walking depth-first gives exactly the order
+        # of the full paths: a name has no '/'.
+        found = [(prefix + item['name'], item, None) for item in Folder().childItems(current, fields=fields)
+                 if is_slide(item)]
+        for sub in Folder().childFolders(current, 'folder', user=user):
+            if Folder().hasAccess(sub, user, level):
+                found.append((f'{prefix}{sub["name"]}/', None, sub))
+            elif denied is not None:
+                denied[0] += 1
+        found.sort(key=lambda entry: entry[0])
+        return ((path, item, sub, current) for path, item, sub in found)
+
+    stack = [entries(folder, '')]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        path, item, sub, parent = entry
+        if item is not None:
+            yield path, item, parent
+        else:
+            stack.append(entries(sub, path))
+
+
 def folder_slides(folder, user, level=AccessType.READ):
     """(path relative to ``folder``, item, folder holding it) of every large-image item in a folder tree that
     ``user`` may access at ``level``, in path order; and the number of subfolders left out for lack of access."""
-    slides, denied = [], 0
-    todo = [(folder, '')]
-    while todo:
-        current, prefix = todo.pop()
-        for item in Folder().childItems(current, sort=[('lowerName', 1)]):
-            if is_slide(item):
-                slides.append((prefix + item['name'], item, current))
-        subfolders = []
-        for sub in Folder().childFolders(current, 'folder', user=user, sort=[('lowerName', 1)]):
-            if Folder().hasAccess(sub, user, level):
-                subfolders.append((sub, f'{prefix}{sub["name"]}/'))
-            else:
-                denied += 1
-        todo.extend(reversed(subfolders))
-    slides.sort(key=lambda entry: entry[0])
-    return slides, denied
+    denied = [0]
+    slides = list(iter_slides(folder, user, level, denied))
+    return slides, denied[0]
+
+
+TABLE_FIELDS = ['_id', 'name', 'folderId', 'largeImage', f'meta.{META_KEY}']
 
 
 def table_rows(folder, user):
-    """One row (a dict with :data:`COLUMNS`) per slide in the folder tree that ``user`` can read; the result
-    columns are None for slides without a result."""
-    rows = []
-    for path, item, _ in folder_slides(folder, user)[0]:
+    """One row (a dict with :data:`COLUMNS`) per slide in the folder tree that ``user`` can read, as a generator;
+    the result columns are None for slides without a result."""
+    for path, item, _ in iter_slides(folder, user, fields=TABLE_FIELDS):
         result = (item.get('meta') or {}).get(META_KEY)
         result = result if isinstance(result, dict) else {}
         score = result.get('score') if isinstance(result.get('score'), dict) else {}
-        rows.append({
+        yield {
             'name': item['name'], 'path': path, 'item_id': str(item['_id']),
             'cells': result.get('cells'), 'tissue_mm2': result.get('tissue_mm2'),
             'cells_per_mm2': result.get('cells_per_mm2'), 'score_mean': score.get('mean'),
@@ -206,15 +418,37 @@ def table_rows(folder, user):
             'cellrcnn_version': result.get('cellrcnn_version'),
             'roi': ','.join(str(v) for v in result['roi']) if result.get('roi') else None,
             'annotation_id': result.get('annotation_id'), 'date': result.get('date'),
-        })
-    return rows
+        }
+
+
+def csv_cell(value):
+    """A CSV cell: empty for None; text that a spreadsheet would run as a formula (starting with = + - @, a tab or
+    a carriage return) gets a leading single quote."""
+    if value is None:
+        return ''
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
+def table_csv_lines(rows):
+    """The rows as CSV text, a header line then one line per row, as a generator of strings."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator='\n')
+
+    def take():
+        text = out.getvalue()
+        out.seek(0)
+        out.truncate()
+        return text
+
+    writer.writeheader()
+    yield take()
+    for row in rows:
+        writer.writerow({k: csv_cell(row[k]) for k in COLUMNS})
+        yield take()
 
 
 def table_csv(rows):
-    """The rows as CSV text with a header line; empty cells for missing values."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator='\n')
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: '' if row[k] is None else row[k] for k in COLUMNS})
-    return out.getvalue()
+    """The rows as CSV text with a header line; empty cells for missing values (:func:`csv_cell`)."""
+    return ''.join(table_csv_lines(rows))
