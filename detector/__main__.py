@@ -7,7 +7,7 @@ import os
 import sys
 
 from . import __version__
-from .errors import CellRCNNError, run_reporting_errors
+from .errors import CellRCNNError, histomicstk, run_reporting_errors
 from .progress import MODES, Progress
 from .settings import AnnotationTrainingSettings, DetectionSettings
 
@@ -357,9 +357,19 @@ def build_parser():
     return parser
 
 
+#: the commands that need histomicstk (tissue detection, stain augmentation): they check it before any work
+NEEDS_HISTOMICSTK = ('detect', 'batch', 'train', 'train-girder')
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return run_reporting_errors('cellrcnn', lambda: args.run(args))
+
+    def run():
+        if args.command in NEEDS_HISTOMICSTK:
+            histomicstk()
+        args.run(args)
+
+    return run_reporting_errors('cellrcnn', run)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,12 @@
 """The one exception type users see, and how a command turns it into a single line and an exit status."""
 
+import importlib
 import sys
+
+#: histomicstk's own requirements pull GDAL, which does not build without the system library, so ``pip install
+#: cellrcnn`` cannot bring it: install.sh and the Docker image install it without them (setup.py lists what cellrcnn
+#: uses of it)
+HISTOMICSTK_INSTALL = "pip install --no-deps 'histomicstk==1.4.0'"
 
 
 class CellRCNNError(Exception):
@@ -14,6 +20,17 @@ def one_line(exc):
     if isinstance(exc, CellRCNNError):
         return text
     return f'{type(exc).__name__}: {text}' if text else type(exc).__name__
+
+
+def histomicstk(module='histomicstk'):
+    """Import a histomicstk module; when histomicstk is not installed, one line that says what to run."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if (exc.name or '').split('.')[0] != 'histomicstk':
+            raise
+        raise CellRCNNError(f'histomicstk is not installed (pip cannot install it with cellrcnn: its own '
+                            f'requirements need the GDAL system library); run: {HISTOMICSTK_INSTALL}') from None
 
 
 def run_reporting_errors(program, run, interrupted='interrupted'):

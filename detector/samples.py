@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .annotation import annotation_to_boxes
-from .errors import CellRCNNError
+from .errors import CellRCNNError, histomicstk
 from .synthetic import VISIBLE_FRACTION
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
@@ -94,7 +94,7 @@ class Augmenter:
         self.scale_jitter = scale_jitter
         self.stain_sigma = stain_sigma
         self.flips = flips
-        from histomicstk.preprocessing.color_deconvolution import stain_color_map
+        stain_color_map = histomicstk('histomicstk.preprocessing.color_deconvolution').stain_color_map
         self._stain_matrix = np.array([stain_color_map['hematoxylin'], stain_color_map['eosin'],
                                        stain_color_map['null']]).T
 
@@ -145,8 +145,9 @@ class Augmenter:
 
     def _stain(self, image, rng):
         """Tellez et al.'s stain concentration jitter, through histomicstk's colour deconvolution."""
-        from histomicstk.preprocessing.augmentation.color_augmentation import perturb_stain_concentration
-        from histomicstk.preprocessing.color_deconvolution import color_deconvolution
+        perturb_stain_concentration = histomicstk(
+            'histomicstk.preprocessing.augmentation.color_augmentation').perturb_stain_concentration
+        color_deconvolution = histomicstk('histomicstk.preprocessing.color_deconvolution').color_deconvolution
         stains = color_deconvolution(image, self._stain_matrix).Stains.astype(float)
         state = np.random.get_state()
         np.random.seed(int(rng.integers(2 ** 31)))  # histomicstk draws from numpy's global generator

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CellRCNNError
+from .errors import CellRCNNError, histomicstk
 
 #: Tissue mask pixels are never finer than this (um): no need to resolve nuclei to find tissue.
 MASK_MIN_PIXEL_UM = 4.0
@@ -84,8 +84,7 @@ def find_tissue(slide, thumbnail_size=1024):
     candidate = contrast >= MIN_TISSUE_CONTRAST
     mask = np.zeros((mh, mw), bool)
     if candidate.sum() >= min_size:
-        from histomicstk.saliency.tissue_detection import get_tissue_mask
-
+        get_tissue_mask = histomicstk('histomicstk.saliency.tissue_detection').get_tissue_mask
         try:
             labeled, _ = get_tissue_mask(rgb, deconvolve_first=False, n_thresholding_steps=1,
                                          sigma=MASK_SIGMA, min_size=min_size)

@@ -247,3 +247,15 @@ def test_a_crafted_checkpoint_is_refused_in_one_line(tmp_path, slide_file, tiny_
                          timeout=300)
     assert_one_error_line(run, message)
     assert str(crafted) in run.stderr
+
+
+def test_without_histomicstk_the_command_says_in_one_line_what_to_run(tmp_path):
+    """A plain `pip install .` cannot bring histomicstk (its requirements need GDAL); .ci/plain-install checks that
+    for real in a fresh virtual environment, this checks the message quickly."""
+    code = ("import sys; sys.modules['histomicstk'] = None; from cellrcnn.__main__ import main; "
+            f"sys.exit(main(['detect', '-o', {str(tmp_path / 'out')!r}]))")
+    run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and not (tmp_path / 'out').exists()
+    assert run.stderr.splitlines() == ["cellrcnn: error: histomicstk is not installed (pip cannot install it with "
+                                       "cellrcnn: its own requirements need the GDAL system library); run: pip "
+                                       "install --no-deps 'histomicstk==1.4.0'"]
