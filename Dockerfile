@@ -4,10 +4,19 @@
 #   docker run --rm cellrcnn --list_cli
 #   docker run --rm --gpus all -v /data:/data cellrcnn CellDetection /data/slide.svs /data/nuclei.anot
 #
+# BASE_IMAGE: any Debian-like image with Python 3.10+ and python3-venv (default: the official python:3.11-slim).
+# Where Docker Hub cannot be reached, a base made from Debian packages stands in:
+#   mmdebstrap --variant=minbase --include=python3,python3-venv,python3-dev,ca-certificates bookworm base.tar
+#   docker import base.tar cellrcnn-base && docker build --build-arg BASE_IMAGE=cellrcnn-base -t cellrcnn .
+# A site whose package index sits behind its own certificate authority passes that bundle as a build secret
+# (DOCKER_BUILDKIT=1 docker build --secret id=ca_bundle,src=/etc/ssl/certs/ca-certificates.crt ...); it is used for
+# the install only and is not kept in the image.
+#
 # torch comes unpinned from PyPI: its Linux wheels are CUDA builds that carry their own CUDA libraries, so the image
 # needs only the host's NVIDIA driver (which girder_worker mounts because of the label below) and falls back to the
 # CPU where there is no GPU.
-FROM python:3.11-slim
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 LABEL com.nvidia.volumes.needed="nvidia_driver"
 LABEL org.opencontainers.image.title="cellrcnn" \
@@ -20,7 +29,14 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /opt/cellrcnn
 COPY . /opt/cellrcnn
-RUN ./install.sh && cli/self-check.sh
+# pylibtiff (large-image[tiff]) has no wheel: it compiles against libtiff, so the compiler is there for the install
+# and removed after it (libtiff stays: the compiled module loads it)
+RUN --mount=type=secret,id=ca_bundle \
+    if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle \
+        SSL_CERT_FILE=/run/secrets/ca_bundle REQUESTS_CA_BUNDLE=/run/secrets/ca_bundle; fi \
+    && apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev libtiff6 \
+    && ./install.sh && cli/self-check.sh \
+    && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/* /root/.cache
 
 WORKDIR /opt/cellrcnn/cli
 ENTRYPOINT ["python", "-m", "slicer_cli_web.cli_list_entrypoint"]
