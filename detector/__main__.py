@@ -206,26 +206,23 @@ class _TokenOnCommandLine(argparse.Action):
         setattr(namespace, self.dest, value)
 
 
-class _TokenFile(argparse.Action):
+def _token_from_file(path):
     """``--girder-token-file PATH``: the token is the file's first line."""
-
-    def __call__(self, parser, namespace, path, option_string=None):
-        try:
-            with open(path, encoding='utf-8') as f:
-                token = f.readline().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            parser.error(f'cannot read the token file {path}: {getattr(exc, "strerror", None) or exc}')
-        if not token:
-            parser.error(f'the token file {path} is empty')
-        setattr(namespace, self.dest, token)
+    try:
+        with open(path, encoding='utf-8') as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CellRCNNError(f'cannot read the token file {path}: {getattr(exc, "strerror", None) or exc}') from None
+    if not token:
+        raise CellRCNNError(f'the token file {path} is empty')
+    return token
 
 
 def _add_server_options(group, url_help='Girder API URL, e.g. https://dsa.example.org/api/v1', required=False):
     """``--girder-url`` and the token of a command: the GIRDER_TOKEN environment variable, ``--girder-token-file``, or
     (visible in the process list, so with a warning) ``--girder-token``."""
     group.add_argument('--girder-url', dest='girder_url', required=required, help=url_help)
-    group.add_argument('--girder-token-file', dest='girder_token', action=_TokenFile, metavar='PATH',
-                       default=os.environ.get('GIRDER_TOKEN'),
+    group.add_argument('--girder-token-file', dest='girder_token_file', metavar='PATH',
                        help='a file whose first line is the Girder token (default: the GIRDER_TOKEN environment '
                             'variable)')
     group.add_argument('--girder-token', dest='girder_token', action=_TokenOnCommandLine,
@@ -367,6 +364,8 @@ def main(argv=None):
     def run():
         if args.command in NEEDS_HISTOMICSTK:
             histomicstk()
+        if getattr(args, 'girder_token_file', None):
+            args.girder_token = _token_from_file(args.girder_token_file)
         args.run(args)
 
     return run_reporting_errors('cellrcnn', run)

@@ -51,23 +51,24 @@ class DetectorSpec:
             changes.update(detect_thresh=self.threshold, score_thresh=min(stored.score_thresh, self.threshold))
         return dataclasses.replace(stored, **changes).validate()
 
-    def check(self):
-        """Load the checkpoint and build its model on the CPU with these overrides (one line on any problem), without
-        moving it to the device: a batch's head node checks once what its workers will build."""
-        from .checkpoint import load_checkpoint, model_from_checkpoint, stored_config
-
-        payload = load_checkpoint(self.model_path)
-        model_from_checkpoint(payload, source=self.model_path,
-                              config=self.configure(stored_config(payload, self.model_path)))
-
-    def build(self, batchnorm=None):
-        """The :class:`Detector`; ``batchnorm``: BatchNorm statistics (``adapt.batchnorm_stats``) to run with."""
-        from .adapt import load_batchnorm_stats
+    def _model(self):
+        """``(model on the CPU with these overrides, the checkpoint's own configuration)``; one line on any problem."""
         from .checkpoint import load_checkpoint, model_from_checkpoint, stored_config
 
         payload = load_checkpoint(self.model_path)
         stored = stored_config(payload, self.model_path)
-        model = model_from_checkpoint(payload, source=self.model_path, config=self.configure(stored))
+        return model_from_checkpoint(payload, source=self.model_path, config=self.configure(stored)), stored
+
+    def check(self):
+        """Build the model on the CPU without moving it to the device: a batch's head node checks once what its
+        workers will build."""
+        self._model()
+
+    def build(self, batchnorm=None):
+        """The :class:`Detector`; ``batchnorm``: BatchNorm statistics (``adapt.batchnorm_stats``) to run with."""
+        from .adapt import load_batchnorm_stats
+
+        model, stored = self._model()
         if batchnorm is not None:
             load_batchnorm_stats(model, batchnorm)
         return Detector(model, device=self.device, batch_size=self.batch_size, spec=self, checkpoint_config=stored)

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -259,3 +260,15 @@ def test_without_histomicstk_the_command_says_in_one_line_what_to_run(tmp_path):
     assert run.stderr.splitlines() == ["cellrcnn: error: histomicstk is not installed (pip cannot install it with "
                                        "cellrcnn: its own requirements need the GDAL system library); run: pip "
                                        "install --no-deps 'histomicstk==1.4.0'"]
+
+
+def test_an_unreadable_or_empty_token_file_is_one_line(tmp_path):
+    empty = tmp_path / 'token'
+    empty.write_text('\n')
+    for path, reason in ((tmp_path / 'missing', 'cannot read the token file .*missing: No such file or directory'),
+                         (empty, f'the token file {empty} is empty')):
+        run = subprocess.run([sys.executable, '-m', 'cellrcnn', 'batch', '-o', str(tmp_path / 'out'), '--girder-url',
+                              'http://127.0.0.1:9/api/v1', '--folder', '1', '--girder-token-file', str(path)],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 2 and len(run.stderr.splitlines()) == 1, run.stderr
+        assert re.fullmatch(f'cellrcnn: error: {reason}\n', run.stderr), run.stderr
