@@ -42,6 +42,8 @@ setup(
     extras_require={
         'test': ['pytest'],
         'girder': ['girder-client'],
+        # the browser tests of the local DSA (tests/test_histomicsui.py); they drive Debian's Chromium
+        'dsa': ['playwright'],
     },
     entry_points={'console_scripts': ['cellrcnn = cellrcnn.__main__:main']},
 )

@@ -1,4 +1,4 @@
-"""The ``cellrcnn`` command: detect, batch, train, evaluate, synth."""
+"""The ``cellrcnn`` command: detect, batch, train, evaluate, synth, dsa."""
 
 import argparse
 import dataclasses
@@ -48,6 +48,14 @@ def _detect(args):
         run()
 
     detect_on_local_girder(slide_path, run_on, keep=args.keep_girder)
+
+
+def _dsa(args):
+    from .local_dsa import build, stack_up
+
+    if args.action == 'build':
+        return build()
+    stack_up(args.slide or SAMPLE_SLIDE, run_task=args.run_task)
 
 
 def _poster(args):
@@ -351,6 +359,16 @@ def build_parser():
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--mpp', type=float, default=0.5)
     p.set_defaults(run=_synth)
+
+    p = sub.add_parser('dsa', help='a whole Digital Slide Archive on this machine (Girder, HistomicsUI, '
+                                   'girder_worker, a Docker engine): make its images, or start it')
+    p.add_argument('action', choices=('build', 'up'),
+                   help='build: make the task image (and what the stack runs) from this checkout; up: start the '
+                        'stack with the task registered and the slide uploaded, until Ctrl-C')
+    p.add_argument('--slide', help='with up: the slide to upload (default: the bundled sample)')
+    p.add_argument('--run-task', dest='run_task', action='store_true',
+                   help='with up: run CellDetection on the slide through girder_worker, print the result and stop')
+    p.set_defaults(run=_dsa)
     return parser
 
 

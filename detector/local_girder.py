@@ -22,7 +22,7 @@ import time
 ENV_VAR = 'CELLRCNN_GIRDER_PYTHON'
 GIRDER_PIP = ("'girder>=3.2.18,<5' girder-client 'girder-large-image==1.35.6' 'girder-large-image-annotation==1.35.6' "
               "'histomicsui==1.8.1' 'girder-slicer-cli-web==1.5.14' 'large-image[tiff,tifffile,pil]' "
-              "'secantusdb==0.7.0b3' 'girder-worker[girder]<5' -e PLUGIN")
+              "'secantusdb==0.7.0b3' 'girder-worker[girder]<5' redis -e PLUGIN")
 PLUGIN_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'plugin'))
 #: the administrator of a local server; its password is new and random for each server (``GirderServer.password``):
 #: the server listens on loopback, where any user of this machine could otherwise log in as admin and, through a
@@ -75,13 +75,16 @@ class GirderServer:
         self.procs = []
         self.api_url = self.token = self.folder_id = self.user_id = None
         self.password = secrets.token_urlsafe(24)
+        #: environment variables every process of the server gets
+        self.env = {}
 
     # ------------------------------------------------------------------ processes
-    def _spawn(self, name, argv):
+    def _spawn(self, name, argv, **env):
+        """Start ``argv`` in a session of its own, its output in ROOT/NAME.log; ``env``: variables of its own."""
         log = open(os.path.join(self.root, f'{name}.log'), 'wb')
         # HOME and TMPDIR inside root: Girder's logs (~/.girder) and SecantusDB's scratch directory go there too.
         env = {**os.environ, 'HOME': os.path.join(self.root, 'home'), 'TMPDIR': os.path.join(self.root, 'tmp'),
-               'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+               'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1', **self.env, **env}
         env.pop('PYTHONPATH', None)
         os.makedirs(env['HOME'], exist_ok=True)
         os.makedirs(env['TMPDIR'], exist_ok=True)

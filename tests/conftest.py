@@ -82,3 +82,29 @@ def server(girder_session, request):
     view.collection_id = gc.createCollection(request.module.__name__, public=False)['_id']
     view.folder_id = gc.createFolder(view.collection_id, 'cohort', parentType='collection')['_id']
     return view
+
+
+@pytest.fixture(scope='session')
+def dsa(tmp_path_factory):
+    """The whole DSA on this machine (cellrcnn.local_dsa.DSAStack): Girder with the DSA plugins and HistomicsUI's web
+    client, Redis, a real girder_worker and a Docker engine holding the task image, with the image registered through
+    slicer_cli_web (``dsa.tasks``: task name -> task item id). Nothing here is a stand-in, so a machine that cannot
+    start it fails these tests (``./install.sh --with-dsa`` sets it up) instead of skipping them."""
+    from cellrcnn.errors import CellRCNNError
+    from cellrcnn.local_dsa import DSAStack
+    from cellrcnn.local_girder import girder_python
+
+    python, why_not = girder_python()
+    if python is None:
+        pytest.fail(f'the DSA tests need the Girder virtualenv: {why_not}')
+    stack = DSAStack(python, root=str(tmp_path_factory.mktemp('dsa')))
+    try:
+        stack.start()
+        stack.tasks = stack.register_task_image()
+    except (CellRCNNError, RuntimeError) as exc:
+        stack.stop()
+        pytest.fail(f'the local DSA did not start: {exc}')
+    try:
+        yield stack
+    finally:
+        stack.stop()

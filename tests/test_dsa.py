@@ -1,0 +1,144 @@
+"""The Digital Slide Archive's own job path, for real: the task image registered through slicer_cli_web, CellDetection
+submitted through the endpoint HistomicsUI posts to, run by girder_worker in a Docker container, its annotations
+ingested on the slide; cancelling, failing, and folder-wide detection on the same worker (the ``dsa`` fixture:
+``cellrcnn.local_dsa.DSAStack``)."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from cellrcnn.__main__ import SAMPLE_SLIDE
+from cellrcnn.__main__ import main as cellrcnn
+from cellrcnn.local_dsa import JOB_CANCELED, JOB_ERROR, JOB_SUCCESS, TASK_IMAGE, cell_detection_params
+from cellrcnn.local_girder import wait_for
+
+REGION = [0, 0, 1200, 1200]
+RUNNING = 2
+
+
+def job_log(dsa, job_id):
+    return ''.join(dsa.client().get(f'job/{job_id}')['log'])
+
+
+def annotations_of(dsa, item_id, count=2, timeout=120):
+    """The documents of the item's annotations, once ``count`` of them are there (ingestion follows the job's end)."""
+    gc = dsa.client()
+    wait_for(lambda: len(dsa.annotations(item_id)) >= count, timeout, f'{count} annotations on item {item_id}')
+    return {doc['name']: doc for doc in (gc.get(f'annotation/{a["_id"]}')['annotation']
+                                         for a in dsa.annotations(item_id))}
+
+
+def boxes_of(doc):
+    """x0, y0, x1, y1 of an annotation's rectangles, sorted."""
+    rects = [el for el in doc['elements'] if el['type'] == 'rectangle']
+    return np.array(sorted((e['center'][0] - e['width'] / 2, e['center'][1] - e['height'] / 2,
+                            e['center'][0] + e['width'] / 2, e['center'][1] + e['height'] / 2) for e in rects))
+
+
+@pytest.fixture(scope='module')
+def folder(dsa):
+    return dsa.client().createFolder(dsa.folder_id, 'test_dsa', reuseExisting=True)['_id']
+
+
+@pytest.fixture(scope='module')
+def sample(dsa, folder):
+    """The bundled sample slide on the DSA: (item id, file id)."""
+    file = dsa.client().uploadFileToFolder(folder, SAMPLE_SLIDE)
+    wait_for(lambda: dsa.client().get(f'item/{file["itemId"]}').get('largeImage'), 60, 'the sample as a large image')
+    return file['itemId'], file['_id']
+
+
+def test_the_task_image_is_registered_through_slicer_cli_web(dsa):
+    assert set(dsa.tasks) == {'CellDetection', 'TrainCellDetector'}
+    gc = dsa.client()
+    task = gc.get(f'item/{dsa.tasks["CellDetection"]}')
+    assert task['meta']['slicerCLIType'] == 'task' and task['meta']['image'] == TASK_IMAGE
+    tag = gc.get(f'folder/{task["folderId"]}')
+    image = gc.get(f'folder/{tag["parentId"]}')
+    assert (image['name'], tag['name']) == ('cellrcnn', 'latest')
+    # what HistomicsUI lists in its Analyses menu
+    assert set(gc.get('slicer_cli_web/docker_image')['cellrcnn']['latest']) == {'CellDetection', 'TrainCellDetector'}
+
+
+def test_cell_detection_runs_in_its_container_and_lands_on_the_slide(dsa, folder, sample, tmp_path):
+    item_id, file_id = sample
+    job = dsa.run_task(dsa.tasks['CellDetection'], cell_detection_params(file_id, folder, 'region',
+                                                                         analysis_roi=json.dumps(REGION)))
+    job = dsa.wait_for_job(job['_id'], 600)
+    log = ''.join(job['log'])
+    assert job['status'] == JOB_SUCCESS, log[-3000:]
+    assert job['type'] == f'{TASK_IMAGE}#CellDetection' and job['handler'] == 'celery_handler'
+    # the task's progress lines became the job's progress; its summary is in the job's log
+    assert job['progress']['current'] == job['progress']['total'] > 0
+    summary = re.search(r'^(\d+) nuclei in CMU-1-Small-Region.svs at 20x', log, re.MULTILINE)
+    assert summary, log[-3000:]
+
+    docs = annotations_of(dsa, item_id)
+    nuclei = next(d for name, d in docs.items() if 'density' not in name.lower())
+    density = next(d for name, d in docs.items() if 'density' in name.lower())
+    assert density['elements'][0]['type'] == 'griddata'
+    assert nuclei['attributes']['params']['roi'] == [0, 0, 1200, 1200]
+    assert len(nuclei['attributes']['model_sha256']) == 64
+    boxes = boxes_of(nuclei)
+    assert len(boxes) == len(nuclei['elements']) == int(summary.group(1)) > 200
+    # every nucleus lies in the region asked for, on the slide
+    tiles = dsa.client().get(f'item/{item_id}/tiles')
+    assert (boxes[:, :2] >= -1).all() and (boxes[:, 2:] <= 1201).all()
+    assert tiles['sizeX'] >= 1200 and tiles['sizeY'] >= 1200
+
+    # the same detection run directly, outside Docker, finds the same nuclei
+    assert cellrcnn(['detect', SAMPLE_SLIDE, '-o', str(tmp_path), '--roi', '0,0,1200,1200', '--progress', 'none',
+                     '--no-resume']) == 0
+    local = json.load(open(tmp_path / 'CMU-1-Small-Region.anot.json'))
+    np.testing.assert_allclose(boxes, boxes_of(local[0] if isinstance(local, list) else local), atol=0.01)
+
+
+def test_a_cancelled_job_stops_its_container(dsa, folder, sample):
+    _, file_id = sample
+    job = dsa.run_task(dsa.tasks['CellDetection'], cell_detection_params(file_id, folder, 'cancelled'))
+    containers = lambda: dsa.engine.docker('ps', '-q', '--filter', f'ancestor={TASK_IMAGE}').stdout.split()  # noqa
+    wait_for(lambda: dsa.client().get(f'job/{job["_id"]}')['status'] == RUNNING and containers(), 120,
+             'the job to run its container')
+    dsa.client().put(f'job/{job["_id"]}/cancel')
+    assert dsa.wait_for_job(job['_id'], 120)['status'] == JOB_CANCELED
+    wait_for(lambda: not containers(), 60, 'the container to stop')
+
+
+def test_a_job_on_an_unreadable_slide_fails_with_one_line(dsa, folder, tmp_path):
+    broken = tmp_path / 'broken.svs'
+    broken.write_bytes(b'II*\x00' + os.urandom(4096))
+    file = dsa.client().uploadFileToFolder(folder, str(broken))
+    job = dsa.run_task(dsa.tasks['CellDetection'], cell_detection_params(file['_id'], folder, 'broken'))
+    job = dsa.wait_for_job(job['_id'], 300)
+    log = ''.join(job['log'])
+    assert job['status'] == JOB_ERROR, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith('CellDetection: error:')]
+    assert len(errors) == 1 and 'broken.svs' in errors[0], log[-3000:]
+    assert 'Traceback' not in log.split('CellDetection: error:')[0]
+
+
+def test_folder_detection_runs_every_slide_on_the_worker(dsa, synthetic_slide):
+    gc = dsa.client()
+    cohort = gc.createFolder(dsa.folder_id, 'cohort_run', reuseExisting=True)['_id']
+    names, truth = [], {}
+    for seed in (1, 2):
+        path, boxes = synthetic_slide(700, 600, seed)
+        name = f'slide{seed}.tiff'
+        file = gc.uploadFileToFolder(cohort, str(path), filename=name)
+        wait_for(lambda: gc.get(f'item/{file["itemId"]}').get('largeImage'), 60, f'{name} as a large image')
+        names.append(name)
+        truth[name] = len(boxes)
+    batch = gc.post(f'cellrcnn/folder/{cohort}/detect')
+    batch = dsa.wait_for_job(batch['_id'], 900)
+    children = gc.get('job', {'limit': 0, 'parentId': batch['_id'], 'userId': batch['userId']})
+    assert batch['status'] == JOB_SUCCESS, ''.join(batch['log'])[-3000:]
+    assert len(children) == 2 and all(c['status'] == JOB_SUCCESS for c in children)
+    rows = wait_for(lambda: (lambda rows: rows if all(r['cells'] for r in rows) else None)(
+        gc.get(f'cellrcnn/folder/{cohort}/results')), 120, 'every slide in the results table')
+    assert sorted(r['name'] for r in rows) == names
+    for row in rows:  # each slide's count, from the worker's run, near its true number of nuclei
+        assert row['model'] == 'cellrcnn-default.pt' and row['annotation_id']
+        assert abs(row['cells'] - truth[row['name']]) <= 0.1 * truth[row['name']], (row, truth)

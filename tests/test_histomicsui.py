@@ -1,0 +1,97 @@
+"""A pathologist's path, in a real browser: HistomicsUI in headless Chromium (Debian's; Playwright drives it), the
+slide opened, Analyses -> cellrcnn -> latest -> CellDetection picked, a region set, the job submitted and run by
+girder_worker in Docker (the ``dsa`` fixture), and the nuclei annotation listed and drawn on the slide.
+
+Screenshots of the panel and of the result go to $CELLRCNN_SCREENSHOTS, else the test's own output folder; their
+paths are printed (``pytest -s``). docs/deploy.md shows and describes them."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cellrcnn.__main__ import SAMPLE_SLIDE
+from cellrcnn.local_dsa import JOB_SUCCESS
+from cellrcnn.local_girder import ADMIN, wait_for
+
+CHROMIUM = '/usr/bin/chromium'
+REGION = '0,0,1200,1200'
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f'no {CHROMIUM}: run ./install.sh --with-dsa')
+    with sync_playwright() as playwright:
+        # Debian's Chromium: Playwright's own browser download cannot be reached here. No sandbox: the tests run as root.
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox'])
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def test_cell_detection_from_the_histomicsui_analysis_panel(dsa, browser, tmp_path):
+    shots = os.environ.get('CELLRCNN_SCREENSHOTS') or str(tmp_path)
+    os.makedirs(shots, exist_ok=True)
+    gc = dsa.client()
+    folder = gc.createFolder(dsa.folder_id, 'test_histomicsui', reuseExisting=True)['_id']
+    file = gc.uploadFileToFolder(folder, SAMPLE_SLIDE)
+    item_id = file['itemId']
+    wait_for(lambda: gc.get(f'item/{item_id}').get('largeImage'), 60, 'the sample as a large image')
+    base = f'http://127.0.0.1:{dsa.port}'
+
+    page = browser.new_page(viewport={'width': 1600, 'height': 1000})
+    page.goto(f'{base}/histomics')
+    page.wait_for_function('() => window.girder && window.girder.auth')
+    # a login through the page, as the login dialog does it (a token cookie set from outside is not picked up)
+    page.evaluate('([login, password]) => girder.auth.login(login, password).then(() => true)',
+                  [ADMIN['login'], dsa.password])
+    page.goto(f'{base}/histomics#?image={item_id}&bounds=0,0,1400,1400,0')  # the slide, zoomed to the region
+    page.wait_for_selector('.h-image-view-body canvas', timeout=60000)
+
+    # Analyses -> cellrcnn -> latest -> CellDetection (the submenus open on click)
+    page.click('.h-analyses-dropdown-link')
+    page.click('.h-analyses-dropdown a[data-name="cellrcnn"]')
+    page.click('.h-analyses-dropdown a:text-is("latest")')
+    page.click('.h-analysis-item[data-cli="CellDetection"]')
+    page.wait_for_selector('.s-info-panel-submit', timeout=30000)
+    roi = page.locator('input#analysis_roi')
+    roi.fill(REGION)
+    roi.press('Tab')
+    page.wait_for_timeout(1000)  # the region's outline is drawn on the slide
+    page.screenshot(path=os.path.join(shots, 'histomicsui-panel.png'))
+
+    jobs_before = {j['_id'] for j in gc.get('job', {'limit': 0})}
+    page.click('.s-info-panel-submit')
+    job = wait_for(lambda: next((j for j in gc.get('job', {'limit': 0}) if j['_id'] not in jobs_before), None), 60,
+                   'the job HistomicsUI submits')
+    job = dsa.wait_for_job(job['_id'], 600)
+    assert job['status'] == JOB_SUCCESS, ''.join(job['log'])[-3000:]
+    args = job['kwargs']['container_args']
+    assert job['type'] == 'cellrcnn:latest#CellDetection' and args[args.index('--analysis_roi') + 1] == '0, 0, 1200, 1200'
+    wait_for(lambda: len(dsa.annotations(item_id)) >= 2, 120, 'both annotations on the slide')
+    nuclei = next(a for a in dsa.annotations(item_id) if 'density' not in a['annotation']['name'].lower())
+
+    # HistomicsUI lists the job's annotations and draws them
+    shown = f'.h-annotation[data-id="{nuclei["_id"]}"] .icon-eye'
+    page.click('.h-annotation-group-name')  # open the group they are listed in
+    page.wait_for_selector(shown, timeout=60000)
+    assert page.locator(f'.h-annotation[data-id="{nuclei["_id"]}"] .h-annotation-name').inner_text() == \
+        nuclei['annotation']['name']
+    page.wait_for_timeout(3000)  # the boxes and the heatmap are drawn
+    page.screenshot(path=os.path.join(shots, 'histomicsui-result.png'))
+    viewer = page.locator('.h-image-view-body')
+    with_boxes = np.asarray(Image.open(io.BytesIO(viewer.screenshot())).convert('RGB'), dtype=np.int16)
+    page.click('.h-hide-all-annotations')
+    page.wait_for_selector(f'.h-annotation[data-id="{nuclei["_id"]}"] .icon-eye-off')
+    page.wait_for_timeout(2000)
+    without = np.asarray(Image.open(io.BytesIO(viewer.screenshot())).convert('RGB'), dtype=np.int16)
+    changed = (np.abs(with_boxes - without).max(axis=2) > 40).mean()
+    assert changed > 0.01, f'only {changed:.2%} of the view changed when the annotations were hidden'
+    print(f'screenshots: {shots}/histomicsui-panel.png, {shots}/histomicsui-result.png; the annotations changed '
+          f'{changed:.1%} of the view')
