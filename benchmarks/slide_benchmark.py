@@ -2,6 +2,7 @@
 
     python benchmarks/slide_benchmark.py --sizes 4096 16384 32768 --model M.pt --out results.json \\
         [--device cpu|cuda] [--batch-size 4] [--peers [--peer-region X,Y,W,H]] [--workdir DIR]
+    python benchmarks/slide_benchmark.py --versus-htk --sizes 4096 16384 [--repeats 3] [--warmups 1] --out vs.json
 
 For each size S a synthetic S x S pyramidal JPEG TIFF at 20x (0.5 um/px) is written with
 ``cellrcnn.synthetic.write_slide`` (cached in --workdir with its ``.boxes.npy`` ground truth, so reruns reuse it),
@@ -32,6 +33,16 @@ again on that ROI):
 * the merge: ``cellrcnn.merge.merge_all`` (and ``StreamingNMS`` fed tile by tile, as the detection loop does) against one
   ``torchvision.ops.nms`` over the same simulated raw detections (``benchmarks/merge_cost.py``'s tiled-slide model,
   about --merge-raw-factor raw boxes per detection of the peer run), on the CPU and, with --device cuda, on the GPU.
+
+With --versus-htk, instead, on every size: ``cellrcnn detect SLIDE -o OUT --progress none --no-resume`` (the
+command's own defaults; --model passed on when given) and HistomicsTK's NucleiDetection run as below with its
+defaults, alternately (--warmups unrecorded rounds, then --repeats recorded ones, the order flipping every round),
+each timed whole process to whole process: medians of wall seconds, CPU seconds (user + system of the process tree:
+``wait4``'s, which counts every descendant waited for, or the psutil-sampled sum when larger) and the largest
+process's peak RSS, the ratios HistomicsTK / cellrcnn, and each run's F1 at IoU 0.5 against the slide's boxes.
+HistomicsTK's defaults start a Dask LocalCluster of (physical cores - 1) worker processes, at least one, with one
+thread each (``--num_workers -1``, ``--num_threads_per_worker 1``): one worker on a 2-core machine; cellrcnn's use
+every core (torch's threads) and two tile reader threads.
 
 Prints a markdown table per part and writes everything (plus the environment) to --out, rewritten after each step
 so an interrupted run keeps what it measured.
@@ -70,12 +81,17 @@ HTK_VARIANTS = {
 # ------------------------------------------------------------------------------------------------------------------
 
 def run_measured(cmd, log_path, cwd=None, env=None):
-    """Run ``cmd``; return wall seconds, exit status, peak RSS (MB) of the largest process from ``wait4`` and the
-    peak summed RSS of the process tree (MB, sampled every 0.1 s with psutil; None without psutil)."""
+    """Run ``cmd``; return wall seconds, exit status, CPU seconds and peak RSS (MB) of its process tree.
+
+    ``wait4`` gives the user + system seconds of the process and of every descendant that was waited for, and the
+    largest resident set among them (``peak_rss_mb``: the largest process).  psutil samples the tree every 0.1 s:
+    the peak of its summed RSS (``peak_tree_rss_mb``) and, per process, the last CPU seconds seen
+    (``tree_cpu_s``: a lower bound, which also counts descendants nobody waited for, such as orphaned workers).
+    ``cpu_s`` is the larger of the two CPU figures (the sampled ones are None without psutil)."""
     with open(log_path, 'w') as log:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
-        tree_peak = [None]
+        tree_peak, tree_cpu = [None], {}
         done = threading.Event()
 
         def sample():
@@ -95,6 +111,8 @@ def run_measured(cmd, log_path, cwd=None, env=None):
                     for p in procs:
                         try:
                             total += p.memory_info().rss
+                            t = p.cpu_times()
+                            tree_cpu[(p.pid, p.create_time())] = t.user + t.system
                         except psutil.Error:
                             pass
                     peak = max(peak, total)
@@ -110,7 +128,10 @@ def run_measured(cmd, log_path, cwd=None, env=None):
         done.set()
         sampler.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
-    return {'wall_s': seconds, 'returncode': proc.returncode, 'peak_rss_mb': usage.ru_maxrss / 1024,
+    waited_cpu = usage.ru_utime + usage.ru_stime
+    sampled_cpu = sum(tree_cpu.values()) if tree_cpu else None
+    return {'wall_s': seconds, 'returncode': proc.returncode, 'cpu_s': max(waited_cpu, sampled_cpu or 0),
+            'waited_cpu_s': waited_cpu, 'tree_cpu_s': sampled_cpu, 'peak_rss_mb': usage.ru_maxrss / 1024,
             'peak_tree_rss_mb': tree_peak[0], 'log': log_path}
 
 
@@ -299,11 +320,14 @@ def score_detections(pred, scores, gt, coco):
 # cellrcnn
 # ------------------------------------------------------------------------------------------------------------------
 
-def run_cellrcnn(slide, out_dir, args, roi=None):
+def run_cellrcnn(slide, out_dir, args, roi=None, plain=False):
+    """``cellrcnn detect`` on a slide in a subprocess, with this benchmark's device, batch size, reader threads, tile
+    size and overlap; with ``plain``, with the command's own defaults (the command as a user types it)."""
     stem = os.path.splitext(os.path.basename(slide))[0]
-    cmd = [sys.executable, '-m', 'cellrcnn', 'detect', slide, '-o', out_dir, '--no-resume', '--progress', 'none',
-           '--device', args.device, '--batch-size', str(args.batch_size), '--workers', str(args.workers),
-           '--tile-size', str(args.tile_size), '--overlap', str(args.overlap)]
+    cmd = [sys.executable, '-m', 'cellrcnn', 'detect', slide, '-o', out_dir, '--no-resume', '--progress', 'none']
+    if not plain:
+        cmd += ['--device', args.device, '--batch-size', str(args.batch_size), '--workers', str(args.workers),
+                '--tile-size', str(args.tile_size), '--overlap', str(args.overlap)]
     if args.model:
         cmd += ['--model', args.model]
     if roi:
@@ -442,6 +466,14 @@ def run_htk(slide, roi, extra, args, out_dir):
     return run
 
 
+def score_htk(boxes, gt):
+    """F1 etc. of HistomicsTK's rectangles (no scores) as written, and widened by one pixel: they span the traced
+    boundary's pixel indices (x2 = last column), the ground truth pixel edges (x2 = last column + 1)."""
+    ones = np.ones(len(boxes))
+    return (score_detections(boxes, ones, gt, coco=False),
+            score_detections(boxes + [0, 0, 1, 1], ones, gt, coco=False))
+
+
 def _hms(line):
     """Seconds from HistomicsTK's 'label = H:MM:SS.ffffff'."""
     if not line or '=' not in line:
@@ -451,6 +483,70 @@ def _hms(line):
         return int(h) * 3600 + int(m) * 60 + float(s)
     except ValueError:
         return None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# cellrcnn against HistomicsTK, both with their defaults, alternately
+# ------------------------------------------------------------------------------------------------------------------
+
+def versus_htk(size, path, gt, args, workdir, model_tag):
+    """``cellrcnn detect`` and HistomicsTK's NucleiDetection, each with its own defaults, alternately on one slide:
+    ``args.warmups`` unrecorded rounds, then ``args.repeats`` recorded ones (the order flips every round).  Medians
+    of wall and CPU seconds and of the largest process's peak RSS, their ratios (HistomicsTK / cellrcnn) and each
+    run's F1 at IoU 0.5 against the slide's exact boxes."""
+    tools = {
+        'cellrcnn': lambda: run_cellrcnn(path, os.path.join(workdir, 'runs', f'versus_{model_tag}_{size}'), args,
+                                         plain=True),
+        'htk': lambda: run_htk(path, None, [], args, os.path.join(workdir, 'runs', f'versus_htk_{size}')),
+    }
+    runs = {name: [] for name in tools}
+    for round_ in range(args.warmups + args.repeats):
+        for name in list(tools)[::1 if round_ % 2 == 0 else -1]:
+            run = tools[name]()
+            kind = 'warm-up' if round_ < args.warmups else f'run {round_ - args.warmups + 1}'
+            figures = {k: run[k] for k in ('wall_s', 'cpu_s', 'waited_cpu_s', 'tree_cpu_s', 'peak_rss_mb',
+                                           'peak_tree_rss_mb')}
+            if name == 'cellrcnn':
+                pred, scores = read_csv_boxes(run['csv'])
+                figures['eval'] = score_detections(pred, scores, gt, coco=False)
+                figures['own_seconds'] = run['summary']['seconds']
+            else:
+                figures['eval'], figures['eval_pixel_edges'] = score_htk(run['boxes'], gt)
+                figures['dask'] = run['dask']
+                figures['own_total_s'] = run['own_total_s']
+            figures['detections'] = figures['eval']['n_pred']
+            print(f'{size}² {name} {kind}: wall {run["wall_s"]:.1f} s, CPU {run["cpu_s"]:.1f} s, peak '
+                  f'{run["peak_rss_mb"]:.0f} MB, {figures["detections"]} detections, F1 {figures["eval"]["f1"]:.3f}',
+                  flush=True)
+            if round_ >= args.warmups:
+                runs[name].append(figures)
+    out = {'size': size, 'slide': path, 'gt_nuclei': int(len(gt)), 'warmups': args.warmups, 'repeats': args.repeats,
+           'htk_dask': runs['htk'][0]['dask'], 'runs': runs}
+    for name, rs in runs.items():
+        f1s = [r['eval']['f1'] for r in rs]
+        out[name] = {key: float(np.median([r[key] for r in rs])) for key in ('wall_s', 'cpu_s', 'peak_rss_mb',
+                                                                              'detections')}
+        out[name].update(f1=float(np.median(f1s)), f1_min=min(f1s), f1_max=max(f1s))
+    out['ratios'] = {key: out['htk'][key] / out['cellrcnn'][key] for key in ('wall_s', 'cpu_s', 'peak_rss_mb')}
+    return out
+
+
+def versus_table(rows):
+    lines = ['| slide | tool | runs | wall s | CPU s | CPU s / wall s | peak RSS MB (largest process) | detections | '
+             'F1 (min-max) |', '|' + ' --- |' * 9]
+    for r in rows:
+        for name, label in (('cellrcnn', 'cellrcnn detect'), ('htk', 'HistomicsTK NucleiDetection')):
+            m = r[name]
+            lines.append(f'| {r["size"]}² | {label} | {len(r["runs"][name])} | {f(m["wall_s"], 1)} | '
+                         f'{f(m["cpu_s"], 1)} | {f(m["cpu_s"] / m["wall_s"])} | {f(m["peak_rss_mb"], 0)} | '
+                         f'{f(m["detections"], 0)} | {f(m["f1"], 3)} ({f(m["f1_min"], 3)}-{f(m["f1_max"], 3)}) |')
+    lines.append('')
+    for r in rows:
+        q = r['ratios']
+        lines.append(f'{r["size"]}²: HistomicsTK / cellrcnn: wall {f(q["wall_s"])}x, CPU {f(q["cpu_s"])}x, peak RSS '
+                     f'{f(q["peak_rss_mb"])}x (medians of {r["repeats"]} alternate runs after {r["warmups"]} '
+                     f'warm-up rounds); HistomicsTK: {r["htk_dask"]}.')
+    return '\n'.join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -600,10 +696,7 @@ def run_peers(size, path, gt, run, region, args, workdir, model_tag, results, sa
             h = run_htk(path, region, extra, args, os.path.join(workdir, 'runs', f'htk_{name}_{size}_{rep}'))
             boxes = centres_inside(h.pop('boxes'), region)
             h['detections'] = int(len(boxes))
-            h['eval'] = score_detections(boxes, np.ones(len(boxes)), gt_r, coco=False)
-            # its rectangles span the traced boundary's pixel indices (x2 = last column), the ground truth's pixel
-            # edges (x2 = last column + 1): scored again with x2, y2 moved out by one pixel
-            h['eval_pixel_edges'] = score_detections(boxes + [0, 0, 1, 1], np.ones(len(boxes)), gt_r, coco=False)
+            h['eval'], h['eval_pixel_edges'] = score_htk(boxes, gt_r)
             reps.append(h)
             print(f'HistomicsTK {name} run {rep + 1}: {h["wall_s"]:.1f} s, {h["detections"]} nuclei, '
                   f'F1 {h["eval"]["f1"]:.3f}', flush=True)
@@ -654,6 +747,11 @@ def main():
     parser.add_argument('--overlap', type=int, default=64)
     parser.add_argument('--coco-max-gt', dest='coco_max_gt', type=int, default=100_000,
                         help='COCO AP only up to this many ground-truth boxes (it costs ~0.5 ms per box)')
+    parser.add_argument('--versus-htk', dest='versus_htk', action='store_true',
+                        help='instead: cellrcnn detect and HistomicsTK NucleiDetection, each with its defaults, '
+                             'alternately on every size')
+    parser.add_argument('--repeats', type=int, default=3, help='--versus-htk: recorded runs of each tool per size')
+    parser.add_argument('--warmups', type=int, default=1, help='--versus-htk: unrecorded rounds first')
     parser.add_argument('--peers', action='store_true', help='also run the peers on the smallest size')
     parser.add_argument('--peer-region', dest='peer_region', help='X,Y,W,H in base pixels (default: whole slide)')
     parser.add_argument('--stock-variants', dest='stock_variants', nargs='*', default=['native'],
@@ -684,8 +782,12 @@ def main():
     unknown = [name for name in args.htk_variants if name != 'defaults' and name not in HTK_VARIANTS]
     if unknown:
         parser.error(f'unknown --htk-variants {", ".join(unknown)}: choose from defaults, {", ".join(HTK_VARIANTS)}')
+    if args.versus_htk and args.peers:
+        parser.error('--versus-htk and --peers are separate runs')
+    if args.repeats < 1 or args.warmups < 0:
+        parser.error('--repeats must be at least 1 and --warmups at least 0')
     model_tag = os.path.splitext(os.path.basename(args.model or 'bundled'))[0]
-    results = {'environment': environment(args), 'args': vars(args), 'slides': [], 'peers': None}
+    results = {'environment': environment(args), 'args': vars(args), 'slides': [], 'peers': None, 'versus_htk': []}
 
     def save():
         with open(args.out, 'w') as fh:
@@ -695,6 +797,10 @@ def main():
         path, gt, written_s = ensure_slide(workdir, size, args.seed)
         if written_s is not None:
             print(f'wrote {path} ({len(gt)} nuclei) in {written_s:.1f} s', flush=True)
+        if args.versus_htk:
+            results['versus_htk'].append(versus_htk(size, path, gt, args, workdir, model_tag))
+            save()
+            continue
         out_dir = os.path.join(workdir, 'runs', f'{model_tag}_{args.device}_{size}')
         run = run_cellrcnn(path, out_dir, args)
         pred, scores = read_csv_boxes(run['csv'])
@@ -708,7 +814,7 @@ def main():
         if args.peers and size == sizes[0]:  # the peers right after the smallest slide: their results come early
             run_peers(size, path, gt, run, region, args, workdir, model_tag, results, save)
     print()
-    print(slides_table(results['slides']))
+    print(versus_table(results['versus_htk']) if args.versus_htk else slides_table(results['slides']))
     if results['peers']:
         print()
         print(peers_table(results['peers']))
