@@ -1,13 +1,15 @@
 """Where a tile's CPU time goes in the detector: one table, stage by stage.
 
-    python benchmarks/profile_tile.py [--model M.pt] [--tile 1024] [--tiles 8] [--batch 4] [--threads 2]
+    python benchmarks/profile_tile.py [--model M.pt] [--tile 1024] [--tiles 8] [--batch 4] [--threads 2] [--slide S]
 
-Runs the model (the bundled one by default) on synthetic 20x H&E tiles (mixed crowding, seed 5000), after a warm-up
-batch, and times each stage with forward hooks: input normalisation, the ResNet body, the FPN, the RPN head (on the
-upsampled feature maps), proposal selection (anchors, box decoding, objectness floor, top-n, NMS), RoIAlign, the
-box head, the box predictor, and the box head's post-processing (decoding, score floor, per-class NMS). Prints
-seconds per tile, share of the model's time, and detections per tile. Whole-slide stages (reading, tissue, merge,
-writing) are in ``cellrcnn detect``'s own summary and ``benchmarks/slide_benchmark.py``.
+Runs the model (the bundled one by default) on synthetic 20x H&E tiles (mixed crowding, seed 5000), or with
+``--slide`` on the first tissue tiles of that slide at the model's magnification (real tissue sends far more
+proposals to the box head than the synthetic tiles), after a warm-up batch, and times each stage with forward hooks:
+input normalisation, the ResNet body, the FPN, the RPN head (on the upsampled feature maps), proposal selection
+(anchors, box decoding, objectness floor, top-n, NMS), RoIAlign, the box head, the box predictor, and the box head's
+post-processing (decoding, score floor, per-class NMS). Prints seconds per tile, share of the model's time, and
+detections per tile. Whole-slide stages (reading, tissue, merge, writing) are in ``cellrcnn detect``'s own summary
+and ``benchmarks/slide_benchmark.py``.
 """
 
 import argparse
@@ -20,6 +22,17 @@ import torch
 from cellrcnn.checkpoint import load_model
 from cellrcnn.inference import Detector
 from cellrcnn.synthetic import make_tile
+
+
+def slide_tiles(path, size, count, mpp):
+    """The first ``count`` tissue tiles of the slide at ``path`` (``size`` px, at the model's ``mpp``)."""
+    from cellrcnn.slide import Slide
+    from cellrcnn.tiling import prefetch, tile_grid
+    from cellrcnn.tissue import find_tissue
+
+    slide = Slide(path, magnification=10 / mpp)
+    grid = [t for t in tile_grid(slide, size, tissue=find_tissue(slide)) if not t.skipped][:count]
+    return [image for _, image in prefetch(slide, grid)]
 
 
 class StageClock:
@@ -44,12 +57,16 @@ def main():
     parser.add_argument('--tiles', type=int, default=8)
     parser.add_argument('--batch', type=int, default=4)
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--slide', help='profile tiles of this slide instead of synthetic ones')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     detector = Detector(model, device='cpu', batch_size=args.batch)
-    rng = np.random.default_rng(5000)
-    tiles = [make_tile(rng, size=args.tile)[0] for _ in range(args.tiles)]
+    if args.slide:
+        tiles = slide_tiles(args.slide, args.tile, args.tiles, model.config.mpp)
+    else:
+        rng = np.random.default_rng(5000)
+        tiles = [make_tile(rng, size=args.tile)[0] for _ in range(args.tiles)]
     detector.detect_tiles(tiles[:args.batch])  # warm-up
 
     clock = StageClock()
