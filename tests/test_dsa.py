@@ -100,8 +100,13 @@ def test_a_cancelled_job_stops_its_container(dsa, folder, sample):
     _, file_id = sample
     job = dsa.run_task(dsa.tasks['CellDetection'], cell_detection_params(file_id, folder, 'cancelled'))
     containers = lambda: dsa.engine.docker('ps', '-q', '--filter', f'ancestor={TASK_IMAGE}').stdout.split()  # noqa
-    wait_for(lambda: dsa.client().get(f'job/{job["_id"]}')['status'] == RUNNING and containers(), 120,
-             'the job to run its container')
+
+    def reporting():  # running in its container, with the task's progress reaching the job while it runs
+        now = dsa.client().get(f'job/{job["_id"]}')
+        progress = now.get('progress') or {}
+        return now['status'] == RUNNING and containers() and 0 < progress.get('current', 0) < progress.get('total', 0)
+
+    wait_for(reporting, 180, 'the job to run its container and report progress')
     dsa.client().put(f'job/{job["_id"]}/cancel')
     assert dsa.wait_for_job(job['_id'], 120)['status'] == JOB_CANCELED
     wait_for(lambda: not containers(), 60, 'the container to stop')
