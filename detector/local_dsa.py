@@ -26,7 +26,7 @@ import tarfile
 import time
 
 from .errors import CellRCNNError, one_line
-from .local_girder import ADMIN, GirderServer, free_port, girder_python, wait_for
+from .local_girder import ADMIN, GirderServer, free_port, girder_python, stop_processes, wait_for
 
 HOME_VAR = 'CELLRCNN_DSA_HOME'
 CHECKOUT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
@@ -53,17 +53,10 @@ def docker_cli():
     return '/usr/bin/docker' if os.access('/usr/bin/docker', os.X_OK) else shutil.which('docker')
 
 
-def _kill_group(proc, timeout):
-    """SIGTERM the process group ``proc`` leads; SIGKILL after ``timeout`` seconds."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+def _last_line(path):
+    """The last line with text in a log file."""
+    with open(path, errors='replace') as f:
+        return one_line(' '.join([line for line in f.read().splitlines() if line.strip()][-1:]))
 
 
 class DockerEngine:
@@ -106,16 +99,14 @@ class DockerEngine:
         while self.docker('version', check=False, timeout=10).returncode:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                with open(os.path.join(self.home, 'dockerd.log'), errors='replace') as f:
-                    tail = [line for line in f.read().splitlines() if line.strip()][-1:]
-                raise CellRCNNError(f'the Docker engine did not start: {one_line(" ".join(tail))} (log: '
-                                    f'{os.path.join(self.home, "dockerd.log")}; it needs root)')
+                log = os.path.join(self.home, 'dockerd.log')
+                raise CellRCNNError(f'the Docker engine did not start: {_last_line(log)} (log: {log}; it needs root)')
             time.sleep(0.5)
         return self
 
     def stop(self):
         if self.proc is not None:
-            _kill_group(self.proc, 60)  # dockerd stops its containers first (15 s each at most)
+            stop_processes([self.proc], 60)  # dockerd stops its containers first (15 s each at most)
             self.proc = None
 
     def __enter__(self):
@@ -149,13 +140,12 @@ def build_images(engine, log=print):
     if os.path.exists(CA_BUNDLE):  # pip inside the build trusts what this machine trusts (a site's own CA)
         argv += ['--secret', f'id=ca_bundle,src={CA_BUNDLE}']
     started = time.monotonic()
-    with open(os.path.join(engine.home, 'build.log'), 'w') as out:
+    log_path = os.path.join(engine.home, 'build.log')
+    with open(log_path, 'w') as out:
         run = subprocess.run(argv + [CHECKOUT], stdout=out, stderr=subprocess.STDOUT,
                              env={**os.environ, 'DOCKER_HOST': engine.host, 'DOCKER_BUILDKIT': '1'})
     if run.returncode:
-        with open(os.path.join(engine.home, 'build.log'), errors='replace') as f:
-            tail = [line for line in f.read().splitlines() if line.strip()][-1:]
-        raise CellRCNNError(f'building {TASK_IMAGE} failed: {one_line(" ".join(tail))} (log: {engine.home}/build.log)')
+        raise CellRCNNError(f'building {TASK_IMAGE} failed: {_last_line(log_path)} (log: {log_path})')
     engine.docker('image', 'prune', '--force')  # the image this build replaced
     size = int(engine.docker('image', 'inspect', TASK_IMAGE, '--format', '{{.Size}}').stdout)
     log(f'{TASK_IMAGE}: {size / 1e9:.2f} GB, built in {time.monotonic() - started:.0f} s')
@@ -212,8 +202,7 @@ class DSAStack(GirderServer):
         worker = self._spawn('worker', [os.path.join(self.bindir, 'girder-worker'), '-l', 'info', '--concurrency', '1'],
                              # celery runs no worker as root unless told to; the container reaches Girder on loopback
                              C_FORCE_ROOT='1', GIRDER_WORKER_DOCKER_RUN_OPTIONS=json.dumps({'network_mode': 'host'}))
-        self._wait(worker, lambda: ' ready.' in self.log_tail('worker', 100000), timeout, 'girder_worker')
-        if worker.poll() is not None:
+        if not self._wait(worker, lambda: ' ready.' in self.log_tail('worker', 100000), timeout, 'girder_worker'):
             raise RuntimeError(f'girder_worker stopped:\n{self.log_tail("worker")}')
         return self
 
@@ -281,9 +270,7 @@ def stack_up(slide_path, run_task=False, log=print):
             if job['status'] != JOB_SUCCESS:
                 raise CellRCNNError(f'the CellDetection job did not succeed: {one_line(job.get("log") or "")}')
             wait_for(lambda: len(dsa.annotations(item_id)) >= 2, 120, 'the annotations to be ingested')
-            gc = dsa.client()
-            for summary in dsa.annotations(item_id):
-                doc = gc.get(f'annotation/{summary["_id"]}')['annotation']
+            for doc in dsa.annotation_documents(item_id):
                 log(f'annotation {doc["name"]!r}: {len(doc["elements"])} elements')
             log(f'CellDetection ran through girder_worker in Docker: job {job["_id"]} took {seconds:.1f} s from '
                 'submission to its end')

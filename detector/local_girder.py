@@ -164,21 +164,7 @@ class GirderServer:
         self.collection_id = collection['_id']
 
     def stop(self):
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for proc in reversed(self.procs):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(10)
+        stop_processes(reversed(self.procs), 10)
         self.procs = []
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
@@ -201,16 +187,21 @@ class GirderServer:
         gc.setToken(self.token if token is None else token)
         return gc
 
-    def upload_slide(self, path, name=None, timeout=60):
-        """Upload an image into the folder; wait until large_image has made its item a large image.
-        :returns: (item id, file id)."""
+    def upload_slide(self, path, name=None, timeout=60, folder_id=None):
+        """Upload an image into the folder (or ``folder_id``); wait until large_image has made its item a large
+        image. :returns: (item id, file id)."""
         gc = self.client()
-        file = gc.uploadFileToFolder(self.folder_id, os.fspath(path), filename=name)
+        file = gc.uploadFileToFolder(folder_id or self.folder_id, os.fspath(path), filename=name)
         wait_for(lambda: _tiles(gc, file['itemId']), timeout, f'large image item for {path}')
         return file['itemId'], file['_id']
 
     def annotations(self, item_id):
         return self.client().get('annotation', {'itemId': item_id, 'limit': 0})
+
+    def annotation_documents(self, item_id):
+        """The whole documents (with their elements) of the item's annotations."""
+        gc = self.client()
+        return [gc.get(f'annotation/{summary["_id"]}')['annotation'] for summary in self.annotations(item_id)]
 
     def upload_as_dsa(self, path, item_id, file_id, identifier):
         """Upload a task's output file the way slicer_cli_web does (into the output folder, with the job's
@@ -219,6 +210,27 @@ class GirderServer:
                      'userId': self.user_id, 'fileId': file_id, 'itemId': item_id, 'uuid': 'job-uuid',
                      'identifier': identifier}
         return self.client().uploadFileToFolder(self.folder_id, os.fspath(path), reference=json.dumps(reference))
+
+
+def stop_processes(procs, timeout):
+    """SIGTERM the process groups the ``procs`` lead, all at once; SIGKILL each one still running ``timeout``
+    seconds later."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
 
 
 def _tiles(gc, item_id):
@@ -271,10 +283,8 @@ def detect_on_local_girder(slide_path, run, keep=False, log=print):
             raise CellRCNNError(f'cannot upload {slide_path} to the local Girder: {one_line(exc)}') from None
         log(f'local DSA at {server.api_url}: {os.path.basename(slide_path)} uploaded as item {item_id}')
         run(server.api_url, server.token, item_id)
-        gc = server.client()
         try:
-            for summary in server.annotations(item_id):
-                doc = gc.get(f'annotation/{summary["_id"]}')['annotation']
+            for doc in server.annotation_documents(item_id):
                 kinds = sorted({el['type'] for el in doc['elements']})
                 log(f'read back from Girder: annotation {doc["name"]!r} on item {item_id} with '
                     f'{len(doc["elements"])} {"/".join(kinds) or "no"} elements')

@@ -25,10 +25,8 @@ def job_log(dsa, job_id):
 
 def annotations_of(dsa, item_id, count=2, timeout=120):
     """The documents of the item's annotations, once ``count`` of them are there (ingestion follows the job's end)."""
-    gc = dsa.client()
     wait_for(lambda: len(dsa.annotations(item_id)) >= count, timeout, f'{count} annotations on item {item_id}')
-    return {doc['name']: doc for doc in (gc.get(f'annotation/{a["_id"]}')['annotation']
-                                         for a in dsa.annotations(item_id))}
+    return {doc['name']: doc for doc in dsa.annotation_documents(item_id)}
 
 
 def boxes_of(doc):
@@ -46,9 +44,7 @@ def folder(dsa):
 @pytest.fixture(scope='module')
 def sample(dsa, folder):
     """The bundled sample slide on the DSA: (item id, file id)."""
-    file = dsa.client().uploadFileToFolder(folder, SAMPLE_SLIDE)
-    wait_for(lambda: dsa.client().get(f'item/{file["itemId"]}').get('largeImage'), 60, 'the sample as a large image')
-    return file['itemId'], file['_id']
+    return dsa.upload_slide(SAMPLE_SLIDE, folder_id=folder)
 
 
 def test_the_task_image_is_registered_through_slicer_cli_web(dsa):
@@ -132,8 +128,7 @@ def test_folder_detection_runs_every_slide_on_the_worker(dsa, synthetic_slide):
     for seed in (1, 2):
         path, boxes = synthetic_slide(700, 600, seed)
         name = f'slide{seed}.tiff'
-        file = gc.uploadFileToFolder(cohort, str(path), filename=name)
-        wait_for(lambda: gc.get(f'item/{file["itemId"]}').get('largeImage'), 60, f'{name} as a large image')
+        dsa.upload_slide(path, name=name, folder_id=cohort)
         names.append(name)
         truth[name] = len(boxes)
     batch = gc.post(f'cellrcnn/folder/{cohort}/detect')

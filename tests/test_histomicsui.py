@@ -40,9 +40,7 @@ def test_cell_detection_from_the_histomicsui_analysis_panel(dsa, browser, tmp_pa
     os.makedirs(shots, exist_ok=True)
     gc = dsa.client()
     folder = gc.createFolder(dsa.folder_id, 'test_histomicsui', reuseExisting=True)['_id']
-    file = gc.uploadFileToFolder(folder, SAMPLE_SLIDE)
-    item_id = file['itemId']
-    wait_for(lambda: gc.get(f'item/{item_id}').get('largeImage'), 60, 'the sample as a large image')
+    item_id, _ = dsa.upload_slide(SAMPLE_SLIDE, folder_id=folder)
     base = f'http://127.0.0.1:{dsa.port}'
 
     page = browser.new_page(viewport={'width': 1600, 'height': 1000})
