@@ -38,6 +38,9 @@ BASE_PACKAGES = 'python3,python3-venv,python3-dev,ca-certificates'
 BUSYBOX_IMAGE = 'busybox:latest'
 CA_BUNDLE = '/etc/ssl/certs/ca-certificates.crt'
 SETUP = './install.sh --with-dsa'
+#: free disk (GB) a build of the task image needs under the engine's data root: its install layer peaks at 10.3 GB
+#: (torch's CUDA wheels downloaded and unpacked; measured on 2026-11-30) and the image keeps 7 GB of it
+BUILD_DISK_GB = 13
 #: the job statuses of girder_jobs
 JOB_SUCCESS, JOB_ERROR, JOB_CANCELED = 3, 4, 5
 
@@ -51,6 +54,14 @@ def docker_cli():
     """Debian's docker CLI (docker.io: the classic builder with BuildKit, which the Dockerfile's build secret
     needs), else the first ``docker`` on PATH."""
     return '/usr/bin/docker' if os.access('/usr/bin/docker', os.X_OK) else shutil.which('docker')
+
+
+def check_free_disk(path, need_gb, what):
+    """Refuse, in one line, to start ``what`` with less than ``need_gb`` GB free on ``path``'s file system."""
+    free = shutil.disk_usage(path).free / 1e9
+    if free < need_gb:
+        raise CellRCNNError(f'{what} needs about {need_gb} GB free under {path}, and {free:.1f} GB are: free some '
+                            f'space, or point {HOME_VAR} at a larger disk')
 
 
 def _last_line(path):
@@ -135,6 +146,11 @@ def build_images(engine, log=print):
         tar = _busybox_tar(engine.home)
         engine.docker('import', tar, BUSYBOX_IMAGE)
         os.remove(tar)
+    # build cache no image uses (an earlier build's, or one cut short) is space the build below may need
+    prune = engine.docker('builder', 'prune', '--force', check=False, timeout=600)
+    if prune.returncode:
+        log(f'could not prune the build cache: {one_line(prune.stderr)}')
+    check_free_disk(engine.home, BUILD_DISK_GB, f'building {TASK_IMAGE}')
     log(f'building {TASK_IMAGE} from {CHECKOUT}/Dockerfile (log: {engine.home}/build.log)')
     argv = [docker_cli(), 'build', '--network', 'host', '--build-arg', f'BASE_IMAGE={BASE_IMAGE}', '-t', TASK_IMAGE]
     if os.path.exists(CA_BUNDLE):  # pip inside the build trusts what this machine trusts (a site's own CA)

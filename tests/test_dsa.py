@@ -6,13 +6,15 @@ ingested on the slide; cancelling, failing, and folder-wide detection on the sam
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
 
 from cellrcnn.__main__ import SAMPLE_SLIDE
 from cellrcnn.__main__ import main as cellrcnn
-from cellrcnn.local_dsa import JOB_CANCELED, JOB_ERROR, JOB_SUCCESS, TASK_IMAGE, cell_detection_params
+from cellrcnn.errors import CellRCNNError
+from cellrcnn.local_dsa import JOB_CANCELED, JOB_ERROR, JOB_SUCCESS, TASK_IMAGE, cell_detection_params, check_free_disk
 from cellrcnn.local_girder import wait_for
 
 REGION = [0, 0, 1200, 1200]
@@ -142,3 +144,12 @@ def test_folder_detection_runs_every_slide_on_the_worker(dsa, synthetic_slide):
     for row in rows:  # each slide's count, from the worker's run, near its true number of nuclei
         assert row['model'] == 'cellrcnn-default.pt' and row['annotation_id']
         assert abs(row['cells'] - truth[row['name']]) <= 0.1 * truth[row['name']], (row, truth)
+
+
+def test_an_image_build_without_the_disk_it_needs_stops_in_one_line(tmp_path):
+    more_than_the_disk = int(shutil.disk_usage(tmp_path).total / 1e9) + 1
+    with pytest.raises(CellRCNNError, match=rf'^building {TASK_IMAGE} needs about {more_than_the_disk} GB free under '
+                                            rf'{tmp_path}, and [0-9.]+ GB are: free some space') as refused:
+        check_free_disk(str(tmp_path), more_than_the_disk, f'building {TASK_IMAGE}')
+    assert '\n' not in str(refused.value)
+    check_free_disk(str(tmp_path), 1, f'building {TASK_IMAGE}')  # this disk has 1 GB free: no complaint
