@@ -1,7 +1,7 @@
 """Whole-slide benchmark of ``cellrcnn detect`` on synthetic slides with exact ground truth, and its peers.
 
     python benchmarks/slide_benchmark.py --sizes 4096 16384 32768 --model M.pt --out results.json \\
-        [--device cpu|cuda] [--batch-size 4] [--peers [--peer-region X,Y,W,H]] [--workdir DIR]
+        [--device cpu|cuda] [--batch-size 2] [--peers [--peer-region X,Y,W,H]] [--workdir DIR]
     python benchmarks/slide_benchmark.py --versus-htk --sizes 4096 16384 [--repeats 3] [--warmups 1] --out vs.json
 
 For each size S a synthetic S x S pyramidal JPEG TIFF at 20x (0.5 um/px) is written with
@@ -741,7 +741,7 @@ def main():
                         help='slide cache and run outputs (default: %(default)s)')
     parser.add_argument('--seed', type=int, default=0, help='synthetic slide seed')
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--batch-size', dest='batch_size', type=int, default=4)
+    parser.add_argument('--batch-size', dest='batch_size', type=int, default=2)
     parser.add_argument('--workers', type=int, default=2, help='tile reader threads')
     parser.add_argument('--tile-size', dest='tile_size', type=int, default=1024)
     parser.add_argument('--overlap', type=int, default=64)

@@ -199,7 +199,9 @@ def _add_detection_options(p):
                    help=f'px shared by neighbouring tiles, at least the largest nucleus (default {d.overlap})')
     p.add_argument('--min-tissue', dest='min_tissue', type=float, default=d.min_tissue,
                    help=f'skip tiles with less tissue than this fraction (default {d.min_tissue})')
-    p.add_argument('--batch-size', dest='batch_size', type=_positive_int, default=d.batch_size)
+    p.add_argument('--batch-size', dest='batch_size', type=_positive_int, default=d.batch_size,
+                   help=f'tiles per model call (default {d.batch_size}; a GPU gains from 8 or more, and halves it '
+                        'when it runs out of memory)')
     p.add_argument('--workers', type=int, default=d.workers, help='tile reader threads')
     p.add_argument('--element', choices=['rectangle', 'point'], default=d.element)
     p.add_argument('--device', default=d.device, help='auto, cpu or cuda')
