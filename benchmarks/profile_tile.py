@@ -68,6 +68,7 @@ def main():
         rng = np.random.default_rng(5000)
         tiles = [make_tile(rng, size=args.tile)[0] for _ in range(args.tiles)]
     detector.detect_tiles(tiles[:args.batch])  # warm-up
+    model = detector.folded.current()  # what runs: the model with its BatchNorm folded into the convolutions
 
     clock = StageClock()
     parts = {'model': model, 'normalise': model.transform, 'resnet body': model.backbone.body,

@@ -45,8 +45,12 @@ class FoldedModel:
         self.model = model
         self._folded = self._stats = None
 
-    def __call__(self, *args, **kwargs):
+    def current(self):
+        """The folded copy for the model's statistics now."""
         stats = batchnorm_statistics(self.model)
         if self._folded is None or not torch.equal(stats, self._stats):
             self._folded, self._stats = fold_batchnorm(self.model), stats.clone()
-        return self._folded(*args, **kwargs)
+        return self._folded
+
+    def __call__(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)

@@ -89,7 +89,7 @@ class Detector:
             keep_freed_memory()
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         #: what runs: the model with its BatchNorm folded into the convolutions (6-10 % less CPU time per tile)
-        self._folded = FoldedModel(self.model)
+        self.folded = FoldedModel(self.model)
         self.score_thresh = model.config.detect_thresh if score_thresh is None else score_thresh
         if not 0 <= self.score_thresh <= 1:
             raise CellRCNNError(f'score threshold must be between 0 and 1, not {self.score_thresh}')
@@ -125,7 +125,7 @@ class Detector:
     def _run(self, tiles):
         images = [to_tensor(t).to(self.device, non_blocking=True) for t in tiles]
         with autocast(self.device):
-            outputs = self._folded(images)
+            outputs = self.folded(images)
         results = []
         for out in outputs:
             keep = out['scores'] >= self.score_thresh
