@@ -11,7 +11,8 @@ from .samples import to_tensor
 from .tiling import prefetch
 
 
-def _batchnorms(model):
+def batchnorm_layers(model):
+    """The model's BatchNorm layers by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
 
 
@@ -19,7 +20,7 @@ def _batchnorms(model):
 def reestimate_batchnorm(model, images, device, batch_size):
     """Replace every BatchNorm layer's running mean and variance by their average over ``images`` (RGB uint8 tiles,
     in batches of ``batch_size``); the model is left in eval mode."""
-    norms = list(_batchnorms(model).values())
+    norms = list(batchnorm_layers(model).values())
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
@@ -38,12 +39,12 @@ def reestimate_batchnorm(model, images, device, batch_size):
 def batchnorm_stats(model):
     """Every BatchNorm layer's running mean and variance, as float32 arrays keyed by buffer name."""
     return {f'{name}.{buffer}': getattr(m, buffer).detach().float().cpu().numpy().copy()
-            for name, m in _batchnorms(model).items() for buffer in ('running_mean', 'running_var')}
+            for name, m in batchnorm_layers(model).items() for buffer in ('running_mean', 'running_var')}
 
 
 def load_batchnorm_stats(model, stats):
     """Set the running statistics that :func:`batchnorm_stats` returned (of this model or one built alike)."""
-    norms = _batchnorms(model)
+    norms = batchnorm_layers(model)
     for key, value in stats.items():
         name, buffer = key.rsplit('.', 1)
         target = getattr(norms[name], buffer)

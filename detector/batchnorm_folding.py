@@ -11,13 +11,15 @@ import copy
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .adapt import batchnorm_layers
+
 #: the (convolution, BatchNorm) attribute pairs of torchvision's ResNet, BasicBlock and Bottleneck
 _PAIRS = (('conv1', 'bn1'), ('conv2', 'bn2'), ('conv3', 'bn3'))
 
 
 def batchnorm_statistics(model):
     """Every BatchNorm layer's running mean and variance, as one vector (what folding depends on)."""
-    stats = [buf.detach().flatten() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+    stats = [buf.detach().flatten() for m in batchnorm_layers(model).values()
              for buf in (m.running_mean, m.running_var)]
     return torch.cat(stats) if stats else torch.zeros(0)
 

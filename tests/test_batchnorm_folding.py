@@ -10,6 +10,7 @@ import torch
 from cellrcnn.adapt import batchnorm_stats, load_batchnorm_stats
 from cellrcnn.batchnorm_folding import fold_batchnorm
 from cellrcnn.inference import DetectorSpec
+from cellrcnn.samples import to_tensor
 from cellrcnn.synthetic import make_tile
 
 
@@ -21,7 +22,7 @@ def _tiles(count, seed):
 def _unfolded_detections(detector, tiles):
     """What the model itself, with its BatchNorm layers, detects (as ``Detector`` keeps them)."""
     with torch.no_grad():
-        outputs = detector.model([torch.from_numpy(t).permute(2, 0, 1).float() / 255 for t in tiles])
+        outputs = detector.model([to_tensor(t) for t in tiles])
     keep = [o['scores'] >= detector.score_thresh for o in outputs]
     return [(o['boxes'][k].numpy(), o['scores'][k].numpy()) for o, k in zip(outputs, keep)]
 
@@ -38,7 +39,7 @@ def test_folding_removes_every_batchnorm_and_keeps_the_outputs():
     folded = fold_batchnorm(detector.model)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in detector.model.modules())  # the model keeps its own
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    x = torch.from_numpy(_tiles(1, 0)[0]).permute(2, 0, 1)[None].float().div(255)
+    x = to_tensor(_tiles(1, 0)[0])[None]
     with torch.no_grad():
         want, got = detector.model.backbone(x), folded.backbone(x)
     for level in want:
