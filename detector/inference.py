@@ -123,11 +123,17 @@ class Detector:
 
     @torch.no_grad()
     def _run(self, tiles):
-        images = [to_tensor(t).to(self.device, non_blocking=True) for t in tiles]
-        with autocast(self.device):
-            outputs = self.folded(images)
-        results = []
-        for out in outputs:
-            keep = out['scores'] >= self.score_thresh
-            results.append((out['boxes'][keep].float().cpu().numpy(), out['scores'][keep].float().cpu().numpy()))
+        """Tiles of one size run together: a smaller tile padded to a larger one's size would take the padding for
+        image, and its detections would depend on the tiles it was batched with."""
+        results = [None] * len(tiles)
+        sizes = {}
+        for i, tile in enumerate(tiles):
+            sizes.setdefault(tile.shape[:2], []).append(i)
+        for same in sizes.values():
+            images = [to_tensor(tiles[i]).to(self.device, non_blocking=True) for i in same]
+            with autocast(self.device):
+                outputs = self.folded(images)
+            for i, out in zip(same, outputs):
+                keep = out['scores'] >= self.score_thresh
+                results[i] = (out['boxes'][keep].float().cpu().numpy(), out['scores'][keep].float().cpu().numpy())
         return results

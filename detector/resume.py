@@ -84,9 +84,12 @@ def _key_folder(resume_dir, key):
 class RowStore:
     """Raw detections of finished tile rows of the run ``key``, one file per row in ``folder/<key>/``, written
     atomically. Unreadable files are dropped (their rows are computed again), never an error. The caller holds the
-    output lock (:func:`output_lock`), so no other process writes this folder meanwhile."""
+    output lock (:func:`output_lock`), so no other process writes this folder meanwhile.
 
-    def __init__(self, folder, key):
+    ``grid``: what places the tiles of each row (any JSON-able value); rows saved with another grid, by a version of
+    cellrcnn that laid its tiles out otherwise, are dropped and computed again."""
+
+    def __init__(self, folder, key, grid=None):
         self.folder = folder
         self.enabled = folder is not None
         if not self.enabled:
@@ -96,7 +99,8 @@ class RowStore:
         manifest = os.path.join(self.rows_folder, MANIFEST)
         try:
             _remove_old_layout(folder)
-            if _read_manifest(manifest) != self.key:  # missing, unreadable or another key: start over
+            record = {'key': self.key, 'grid': grid}
+            if _read_manifest(manifest) != record:  # missing, unreadable, another key or grid: start over
                 shutil.rmtree(self.rows_folder, ignore_errors=True)
             os.makedirs(self.rows_folder, exist_ok=True)
             for name in os.listdir(self.rows_folder):
@@ -104,7 +108,7 @@ class RowStore:
                     with contextlib.suppress(OSError):
                         os.remove(os.path.join(self.rows_folder, name))
             with atomic_write(manifest, 'partial results') as f:
-                json.dump({'key': self.key}, f)
+                json.dump(record, f)
         except OSError as exc:
             raise CellRCNNError(f'cannot keep partial results in {self.rows_folder}: {exc.strerror or exc}') from None
 
@@ -143,13 +147,13 @@ class RowStore:
 
 
 def _read_manifest(path):
-    """The run key a manifest names, or None when it is missing or unreadable (empty, truncated, not JSON)."""
+    """The record a manifest holds (its run key and grid), or None when it is missing or unreadable (empty,
+    truncated, not JSON)."""
     try:
         with open(path, encoding='utf-8') as f:
-            record = json.load(f)
+            return json.load(f)
     except (OSError, ValueError):
         return None
-    return record.get('key') if isinstance(record, dict) else None
 
 
 def _read_row(path):

@@ -66,12 +66,12 @@ def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tiss
     if adapt_tiles < 0:
         raise CellRCNNError(f'the number of tiles to adapt to the slide must be 0 (no adaptation) or more, '
                             f'not {adapt_tiles}')
-    min_side = 2 ** (detector.model.config.backbone_stages + 1)
-    if min(slide.size) < min_side:
+    coarsest = detector.model.config.fields[-1]  # the model pads tiles to multiples of it; tiles start on it
+    if min(slide.size) < coarsest:
         raise CellRCNNError(f'{slide.path} is {slide.size[0]}x{slide.size[1]} px at {slide.magnification:g}x; '
-                            f'the model needs at least {min_side}x{min_side}')
+                            f'the model needs at least {coarsest}x{coarsest}')
     tissue = find_tissue(slide)
-    tiles = tile_grid(slide, tile_size, overlap, roi=roi, min_tissue=min_tissue, tissue=tissue)
+    tiles = tile_grid(slide, tile_size, overlap, roi=roi, min_tissue=min_tissue, tissue=tissue, align=coarsest)
     mask_seconds = time.perf_counter() - started
     unadapted = batchnorm_stats(detector.model)
     try:
@@ -81,7 +81,10 @@ def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tiss
         rows = sorted({t.row for t in tiles})
         row_top = {r: min(t.base_y for t in tiles if t.row == r) for r in rows}
         merger = StreamingNMS(detector.model.config.nms_thresh, MAX_NUCLEUS_PX * slide.scale)
-        store = RowStore(resume_dir, key)  # rows of this key only; unreadable row files are computed again
+        # rows of this key and grid only; unreadable row files are computed again
+        grid = {'rows': [[t.y, t.height] for t in tiles if t.col == 0],
+                'cols': [[t.x, t.width] for t in tiles if t.row == 0]}
+        store = RowStore(resume_dir, key, grid=grid)
         resumed = {r: done for r, done in store.done_rows().items() if r in row_top}
         todo = [t for t in tiles if t.row not in resumed and not t.skipped]
         unread = {r: 0 for r in rows}

@@ -83,8 +83,9 @@ def test_slide_without_resolution_needs_mpp(tmp_path):
     s = Slide(path, mpp=0.25)  # a 40x scan, analysed at 20x
     assert s.scale_from == 'mpp' and s.native_magnification == pytest.approx(40)
     assert s.scale == pytest.approx(2) and s.size == (400, 300) and s.mpp == pytest.approx(0.5)
-    im = s.read(tile_grid(s, tile_size=256, overlap=16)[0])
-    assert im.shape == (256, 256, 3)
+    tile = tile_grid(s, tile_size=256, overlap=16)[0]  # two of 208 x 158 cover 400 x 300 with 16 px shared
+    assert (tile.width, tile.height, tile.base_width, tile.base_height) == (208, 158, 416, 316)
+    assert s.read(tile).shape == (158, 208, 3)
 
 
 def test_mpp_overrides_metadata(slide20x):
@@ -113,16 +114,23 @@ def test_unreadable_files_give_one_line_errors(slide20x, tmp_path, kind):
 # tile grid
 # ---------------------------------------------------------------------------------------------------------------
 
-def _check_grid(tiles, x0, y0, x1, y1, size, overlap):
+def _check_grid(tiles, x0, y0, x1, y1, size, overlap, align=1):
     assert [t.index for t in tiles] == list(range(len(tiles)))
     assert [(t.row, t.col) for t in tiles] == sorted((t.row, t.col) for t in tiles)  # row-major
     rows = max(t.row for t in tiles) + 1
     cols = max(t.col for t in tiles) + 1
     assert len(tiles) == rows * cols
+    # the fewest tiles that cover the ROI with the overlap: one fewer per axis could not
+    for n, length in ((cols, x1 - x0), (rows, y1 - y0)):
+        assert n == 1 and length <= size or (n - 1) * (size - overlap) + overlap < length <= n * size
     grid = {(t.row, t.col): t for t in tiles}
     covered = np.zeros((y1 - y0, x1 - x0), np.int32)
     for t in tiles:
-        assert t.width == min(size, x1 - x0) and t.height == min(size, y1 - y0)
+        assert t.width <= size and t.height <= size
+        assert (t.x - x0) % align == 0 and (t.y - y0) % align == 0  # steps of whole fields from the corner
+        assert t.width == grid[0, t.col].width and t.height == grid[t.row, 0].height
+        if t.col < cols - 1 and t.row < rows - 1:  # one size for all but the last row and column, which end flush
+            assert (t.width, t.height) == (grid[0, 0].width, grid[0, 0].height)
         assert x0 <= t.x and t.x + t.width <= x1 and y0 <= t.y and t.y + t.height <= y1
         covered[t.y - y0:t.y - y0 + t.height, t.x - x0:t.x - x0 + t.width] += 1
         if t.col + 1 < cols:
@@ -142,6 +150,11 @@ def test_tile_grid_whole_slide(slide20x):
     tiles = tile_grid(s, tile_size=512, overlap=64)
     _check_grid(tiles, 0, 0, 2048, 1536, 512, 64)
     assert (max(t.col for t in tiles) + 1, max(t.row for t in tiles) + 1) == (5, 4)
+    # shrunk to fit: 512 px tiles stepped by 448 with the last moved back to the edge would read 1.67x the slide
+    assert sum(t.width * t.height for t in tiles) < 1.3 * 2048 * 1536
+    aligned = tile_grid(s, tile_size=512, overlap=64, align=16)
+    _check_grid(aligned, 0, 0, 2048, 1536, 512, 64, align=16)
+    assert sum(t.width * t.height for t in aligned) < 1.3 * 2048 * 1536
     for t in tiles:  # native scale: the base region is the tile
         assert (t.base_x, t.base_y, t.base_width, t.base_height) == (t.x, t.y, t.width, t.height)
 
@@ -151,9 +164,9 @@ def test_tile_grid_whole_slide(slide20x):
                                       (20, (10, 20, 100, 50)), (10, (-100, -100, 400, 300))])
 def test_tile_grid_roi(slide20x, mag, roi):
     s = Slide(slide20x[0], magnification=mag)
-    tiles = tile_grid(s, tile_size=256, overlap=32, roi=roi)
+    tiles = tile_grid(s, tile_size=256, overlap=32, roi=roi, align=16)
     x0, y0, x1, y1 = s.roi_to_analysis(roi)
-    _check_grid(tiles, x0, y0, x1, y1, 256, 32)
+    _check_grid(tiles, x0, y0, x1, y1, 256, 32, align=16)
     # the tiles' base regions cover the ROI (clipped to the slide) and stay inside the slide
     bx0, by0 = max(0, roi[0]), max(0, roi[1])
     bx1, by1 = min(2048, roi[0] + roi[2]), min(1536, roi[1] + roi[3])

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from torchvision.ops import nms
+from torchvision.ops import box_iou, nms
 
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.inference import DetectorSpec
@@ -44,7 +44,7 @@ def test_merged_result_equals_one_global_nms_over_all_raw_detections(slide_path,
     slide = Slide(slide_path)
     recording = Recording(detector)
     result = detect_slide(slide, recording, tile_size=256, overlap=48, min_tissue=0.0)
-    tiles = tile_grid(slide, 256, 48, min_tissue=0.0)
+    tiles = tile_grid(slide, 256, 48, min_tissue=0.0, align=detector.model.config.fields[-1])
     assert len(recording.results) == len(tiles)
     raw_boxes = [slide.to_base(boxes, tile).astype(np.float32) for tile, (boxes, _) in zip(tiles, recording.results)]
     raw_scores = [scores for _, scores in recording.results]
@@ -55,6 +55,33 @@ def test_merged_result_equals_one_global_nms_over_all_raw_detections(slide_path,
     np.testing.assert_array_equal(sorted_rows(result.boxes), sorted_rows(raw_boxes[keep].numpy()))
     assert result.stats['tiles'] == result.stats['tiles_read'] == 20  # 4 rows of 5 tiles
     assert result.boxes[:, 2].max() <= 900 and result.boxes[:, 3].max() <= 700
+
+
+def test_tiling_hardly_changes_the_detections(slide_path):
+    """Tiles start on whole steps of the model's coarsest field, so a nucleus away from tile edges gets the same
+    features, and the same box, as in one tile over the whole slide. (A last tile moved back to end flush with the
+    slide, off those steps, boxed a third of the nuclei differently from the rest.)"""
+    slide = Slide(slide_path)
+    detector = DetectorSpec(device='cpu').build()  # the bundled model
+    whole = detect_slide(slide, detector, tile_size=1024, overlap=64, min_tissue=0.0)
+    tiled = detect_slide(slide, detector, tile_size=384, overlap=64, min_tissue=0.0)
+    assert (whole.stats['tiles'], tiled.stats['tiles']) == (1, 6)
+    assert abs(len(tiled.boxes) - len(whole.boxes)) < 0.05 * len(whole.boxes)
+    best = box_iou(torch.from_numpy(whole.boxes), torch.from_numpy(tiled.boxes)).max(1).values
+    assert (best > 0.999).float().mean() > 0.75
+
+
+def test_a_tiles_detections_do_not_depend_on_the_tiles_batched_with_it(slide_path, detector):
+    slide = Slide(slide_path)
+    tiles = tile_grid(slide, 256, 48, min_tissue=0.0, align=16)
+    inner, last = slide.read(tiles[1]), slide.read(tiles[4])  # the last tile of a row is narrower: it ends flush
+    assert inner.shape[1] > last.shape[1]
+    (boxes, scores), = detector.detect_tiles([last])
+    assert len(boxes) > 10
+    batched = detector.detect_tiles([inner, last, inner])
+    np.testing.assert_array_equal(batched[1][0], boxes)
+    np.testing.assert_array_equal(batched[1][1], scores)
+    np.testing.assert_array_equal(batched[0][0], batched[2][0])
 
 
 class Interrupting:
@@ -125,6 +152,16 @@ def same_result(result, full):
     assert result.boxes.shape == full.boxes.shape
     np.testing.assert_allclose(result.boxes, full.boxes, rtol=0, atol=1e-3)
     np.testing.assert_allclose(result.scores, full.scores, rtol=0, atol=1e-5)
+
+
+def test_rows_saved_with_another_tile_grid_are_computed_again(slide_path, spec, tmp_path):
+    """As rows left by a version of cellrcnn that laid its tiles out otherwise, under the same run key."""
+    interrupted(slide_path, spec, tmp_path, 'k')
+    other_grid = {**KW, 'overlap': 64}  # rows of other heights and places
+    full = detect_slide(Slide(slide_path), spec.build(), **other_grid)
+    rerun = detect_slide(Slide(slide_path), spec.build(), resume_dir=str(tmp_path), key='k', **other_grid)
+    assert rerun.stats['tile_rows_resumed'] == 0 and rerun.stats['tiles_read'] == full.stats['tiles_read']
+    same_result(rerun, full)
 
 
 @pytest.mark.parametrize('damage', [b'', b'{"ke', b'[1, 2]'])
