@@ -194,7 +194,7 @@ def _add_detection_options(p):
                         f"the slide's tissue tiles, e.g. 8 (default {d.adapt_tiles}: off; docs/real-tissue.md says "
                         "when it helps)")
     p.add_argument('--tile-size', dest='tile_size', type=_positive_int, default=d.tile_size,
-                   help=f'tile side in analysis px (default {d.tile_size})')
+                   help=f'largest tile side in analysis px; tiles shrink to fit the region (default {d.tile_size})')
     p.add_argument('--overlap', type=int, default=d.overlap,
                    help=f'px shared by neighbouring tiles, at least the largest nucleus (default {d.overlap})')
     p.add_argument('--min-tissue', dest='min_tissue', type=float, default=d.min_tissue,
