@@ -52,7 +52,9 @@ class Tile:
 
 def _spans(origin, length, tile, overlap, align):
     """``[(start, side), ...]``: the fewest tiles of at most ``tile`` pixels that cover [origin, origin + length),
-    neighbours sharing at least ``overlap`` pixels; a single tile when ``length <= tile``.
+    neighbours sharing at least ``overlap`` pixels, each starting a multiple of ``align`` from the origin; a single
+    tile when ``length <= tile``. (When ``tile - overlap`` is not a multiple of ``align``, the step is at most that
+    rounded down to one, which can take a tile more than steps of any length would.)
 
     The tiles shrink to fit: each is ``step + overlap`` pixels, the step the smallest multiple of ``align`` with
     which that many tiles cover the length, and the last one ends at the end. Tiles of the full side stepped by

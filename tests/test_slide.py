@@ -11,7 +11,7 @@ import pyvips
 
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.slide import Slide
-from cellrcnn.tiling import Tile, prefetch, tile_grid
+from cellrcnn.tiling import Tile, _spans, prefetch, tile_grid
 from cellrcnn.tissue import find_tissue
 
 
@@ -157,6 +157,24 @@ def test_tile_grid_whole_slide(slide20x):
     assert sum(t.width * t.height for t in aligned) < 1.3 * 2048 * 1536
     for t in tiles:  # native scale: the base region is the tile
         assert (t.base_x, t.base_y, t.base_width, t.base_height) == (t.x, t.y, t.width, t.height)
+
+
+def test_tile_spans_cover_each_axis_with_the_overlap_in_steps_of_whole_fields():
+    rng = np.random.default_rng(0)
+    for _ in range(20000):
+        tile = int(rng.integers(1, 3000))
+        overlap, length = int(rng.integers(0, tile)), int(rng.integers(1, 60000))
+        align, origin = int(rng.choice([1, 4, 8, 16, 32])), int(rng.integers(0, 1000))
+        spans = _spans(origin, length, tile, overlap, align)
+        case = (origin, length, tile, overlap, align)
+        assert spans[0][0] == origin and spans[-1][0] + spans[-1][1] == origin + length, case
+        assert all(1 <= side <= tile for _, side in spans), case
+        assert all(b[0] > a[0] and a[0] + a[1] - b[0] >= overlap for a, b in zip(spans, spans[1:])), case
+        assert all(side == spans[0][1] for _, side in spans[:-1]) and spans[-1][1] <= spans[0][1], case
+        step = tile - overlap if tile - overlap < align else (tile - overlap) // align * align
+        assert len(spans) == (1 if length <= tile else -(-(length - overlap) // step)), case  # no tile too many
+        if tile - overlap >= align:
+            assert all((start - origin) % align == 0 for start, _ in spans), case
 
 
 @pytest.mark.parametrize('mag, roi', [(20, (300, 200, 1300, 900)), (10, (300, 201, 1301, 900)),
