@@ -164,7 +164,7 @@ class CellRCNN(GeneralizedRCNN):
             detections_per_img=0,
         )
         transform = NoResizeTransform(min_size=1, max_size=1, image_mean=list(config.image_mean),
-                                      image_std=list(config.image_std), size_divisible=2 ** (config.backbone_stages + 1))
+                                      image_std=list(config.image_std), size_divisible=config.fields[-1])
         super().__init__(backbone, rpn, roi_heads, transform)
         self.config = config
 
