@@ -8,7 +8,7 @@
 # which the tests start to check cellrcnn against real DSA parts. girder-worker<5 is the line whose Girder plugin
 # works with Girder 3; without it slicer_cli_web cannot queue any task.
 #
-# --with-dsa also sets up the rest of a whole DSA on this machine (cellrcnn.local_dsa; `cellrcnn dsa up` starts it,
+# --with-dsa also sets up the rest of a whole DSA on this machine (cellrcnn.devstack.local_dsa; `cellrcnn dsa up` starts it,
 # tests/test_dsa.py and tests/test_histomicsui.py use it): Debian's docker.io, redis-server, chromium, mmdebstrap and
 # busybox-static (installed with apt-get when missing, which needs root), HistomicsUI's web client built with
 # `girder build`, Playwright, and the task image built from this checkout's Dockerfile (`cellrcnn dsa build`).

@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name='cellrcnn',
@@ -8,8 +8,9 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.10',
-    packages=['cellrcnn'],
-    package_dir={'cellrcnn': 'detector'},
+    # the library's folder is its import name: detector/cellrcnn is `import cellrcnn`
+    packages=find_packages('detector'),
+    package_dir={'': 'detector'},
     package_data={'cellrcnn': ['models/*.pt', 'models/*.md', 'data/*']},
     # histomicstk itself is installed by install.sh with --no-deps (its declared requirements pull GDAL);
     # the block below is what it needs to import, as the DSA's own images install it.

@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/girder_post.py [--detections 100000] [--element rectangle|point]
         [--route auto|post|upload ...] [--rerun]
 
-Starts a throwaway server the way the tests do (cellrcnn.local_girder: SecantusDB in memory + ``girder serve``
+Starts a throwaway server the way the tests do (cellrcnn.devstack.local_girder: SecantusDB in memory + ``girder serve``
 with the DSA plugins, in .venv-girder or the virtualenv CELLRCNN_GIRDER_PYTHON names), uploads a synthetic slide,
 then for each route asked for: posts the annotation with ``cellrcnn.girder_post.post_annotations`` (for the upload route
 this includes the server's ingest: it returns once the annotation is stored) and reads it back with
@@ -27,7 +27,7 @@ import numpy as np
 
 from cellrcnn.annotation import detections_to_annotation
 from cellrcnn.girder_post import post_annotations
-from cellrcnn.local_girder import GirderServer, girder_python
+from cellrcnn.devstack.local_girder import GirderServer, girder_python
 from cellrcnn.synthetic import write_slide
 
 

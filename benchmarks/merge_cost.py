@@ -19,17 +19,8 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
-try:
-    from cellrcnn.merge import StreamingNMS
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-    import importlib
-    import types
-
-    _pkg = types.ModuleType('cellrcnn')
-    _pkg.__path__ = [os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'detector')]
-    sys.modules['cellrcnn'] = _pkg
-    StreamingNMS = importlib.import_module('cellrcnn.merge').StreamingNMS
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'detector'))  # uninstalled checkout
+from cellrcnn.merge import StreamingNMS  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
 from support import simulate_slide  # noqa: E402  (one copy, shared with tests/test_merge.py)

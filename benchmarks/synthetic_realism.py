@@ -19,17 +19,8 @@ import time
 import cv2
 import numpy as np
 
-try:
-    from cellrcnn import synthetic
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-    import importlib.util
-
-    _spec = importlib.util.spec_from_file_location(
-        'cellrcnn_synthetic', os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'detector',
-                                           'synthetic.py'))
-    synthetic = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(synthetic)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'detector'))  # uninstalled checkout
+from cellrcnn import synthetic  # noqa: E402
 
 
 def read_image(path, limit=4096):

@@ -5,7 +5,7 @@ on 2 slides (the goal: F1 >= 0.8 on a held-out slide of the same kind).
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/train_from_annotations.py [--steps 60] [--cells 100]
         [--from-scratch] [--init M.pt] [--size 768]
 
-Starts a throwaway DSA server (cellrcnn.local_girder), writes three synthetic slides (cellrcnn.synthetic, exact
+Starts a throwaway DSA server (cellrcnn.devstack.local_girder), writes three synthetic slides (cellrcnn.synthetic, exact
 boxes), uploads them and posts annotations the way an annotator would draw them in HistomicsUI
 (``annotated_cohort`` in tests/support.py): on slide a, ``--cells`` nuclei as rectangles inside a rectangle
 labelled ``region``; on slide b, ``--cells`` nuclei as points (no region: the bounding box of the points is the
@@ -28,7 +28,7 @@ from support import annotated_cohort  # noqa: E402  (one copy, shared with tests
 
 def main():
     from cellrcnn.girder_training import summary_lines, train_from_girder
-    from cellrcnn.local_girder import GirderServer, girder_python
+    from cellrcnn.devstack.local_girder import GirderServer, girder_python
     from cellrcnn.settings import AnnotationTrainingSettings
 
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])

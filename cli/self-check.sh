@@ -10,7 +10,7 @@ listing=$($python -m slicer_cli_web.cli_list_entrypoint --list_cli)
 grep -q CellDetection <<< "$listing"
 xml=$($python -m slicer_cli_web.cli_list_entrypoint CellDetection --xml)
 grep -q outputCellAnnotationFile <<< "$xml"
-$python -m slicer_cli_web.cli_list_entrypoint CellDetection ../detector/data/CMU-1-Small-Region.svs \
+$python -m slicer_cli_web.cli_list_entrypoint CellDetection ../detector/cellrcnn/data/CMU-1-Small-Region.svs \
     "$out/nuclei.anot" --outputDensityAnnotationFile "$out/density.anot" --analysis_roi 512,1024,768,768 \
     --device cpu > "$out/log"
 grep -q '<filter-end>' "$out/log"

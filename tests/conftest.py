@@ -52,12 +52,12 @@ def synthetic_slide(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def girder_session(tmp_path_factory):
-    """One real Girder with the DSA plugins (cellrcnn.local_girder.GirderServer) for the whole test session.
+    """One real Girder with the DSA plugins (cellrcnn.devstack.local_girder.GirderServer) for the whole test session.
 
     Skipped only when its virtualenv, an optional install (``./install.sh --with-girder``), is missing. Its celery
     broker and result store are kombu's in-process memory (tests/test_plugin.py: slicer_cli_web queues jobs that no
     worker takes). Modules use :func:`server`, not this."""
-    from cellrcnn.local_girder import GirderServer, girder_python
+    from cellrcnn.devstack.local_girder import GirderServer, girder_python
 
     python, why_not = girder_python()
     if python is None:
@@ -86,13 +86,13 @@ def server(girder_session, request):
 
 @pytest.fixture(scope='session')
 def dsa(tmp_path_factory):
-    """The whole DSA on this machine (cellrcnn.local_dsa.DSAStack): Girder with the DSA plugins and HistomicsUI's web
+    """The whole DSA on this machine (cellrcnn.devstack.local_dsa.DSAStack): Girder with the DSA plugins and HistomicsUI's web
     client, Redis, a real girder_worker and a Docker engine holding the task image, with the image registered through
     slicer_cli_web (``dsa.tasks``: task name -> task item id). Nothing here is a stand-in, so a machine that cannot
     start it fails these tests (``./install.sh --with-dsa`` sets it up) instead of skipping them."""
     from cellrcnn.errors import CellRCNNError
-    from cellrcnn.local_dsa import DSAStack
-    from cellrcnn.local_girder import girder_python
+    from cellrcnn.devstack.local_dsa import DSAStack
+    from cellrcnn.devstack.local_girder import girder_python
 
     python, why_not = girder_python()
     if python is None:

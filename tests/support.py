@@ -94,7 +94,7 @@ def region_with(boxes, cells, y0=128, y1=640, x0=64):
 
 def annotated_cohort(server, root, cells=100, size=768, name='nuclei'):
     """Three annotated synthetic slides (``size`` px square) uploaded into ``server.folder_id`` (a
-    :class:`cellrcnn.local_girder.GirderServer`): on slide a, ``cells`` nuclei as rectangles inside a rectangle
+    :class:`cellrcnn.devstack.local_girder.GirderServer`): on slide a, ``cells`` nuclei as rectangles inside a rectangle
     labelled ``region``, and a decoy annotation of another name; on slide b, ``cells`` nuclei as points (no region:
     the bounding box of the points is the region); on slide c, the held-out slide, every nucleus as a rectangle.
     The slide files are written into the folder ``root``.

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from cellrcnn.__main__ import main
-from cellrcnn.local_girder import wait_for
+from cellrcnn.devstack.local_girder import wait_for
 from cellrcnn.synthetic import write_slide
 
 #: relative path: (width, height, seed)

@@ -1,7 +1,7 @@
 """The Digital Slide Archive's own job path, for real: the task image registered through slicer_cli_web, CellDetection
 submitted through the endpoint HistomicsUI posts to, run by girder_worker in a Docker container, its annotations
 ingested on the slide; cancelling, failing, and folder-wide detection on the same worker (the ``dsa`` fixture:
-``cellrcnn.local_dsa.DSAStack``)."""
+``cellrcnn.devstack.local_dsa.DSAStack``)."""
 
 import json
 import os
@@ -14,8 +14,8 @@ import pytest
 from cellrcnn.__main__ import SAMPLE_SLIDE
 from cellrcnn.__main__ import main as cellrcnn
 from cellrcnn.errors import CellRCNNError
-from cellrcnn.local_dsa import JOB_CANCELED, JOB_ERROR, JOB_SUCCESS, TASK_IMAGE, cell_detection_params, check_free_disk
-from cellrcnn.local_girder import wait_for
+from cellrcnn.devstack.local_dsa import JOB_CANCELED, JOB_ERROR, JOB_SUCCESS, TASK_IMAGE, cell_detection_params, check_free_disk
+from cellrcnn.devstack.local_girder import wait_for
 
 REGION = [0, 0, 1200, 1200]
 RUNNING = 2

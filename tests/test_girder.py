@@ -1,4 +1,4 @@
-"""cellrcnn against a real Girder with the Digital Slide Archive's plugins (see cellrcnn.local_girder).
+"""cellrcnn against a real Girder with the Digital Slide Archive's plugins (see cellrcnn.devstack.local_girder).
 
 Skipped unless the server's own virtualenv is there (the DSA's Girder runs without torch): .venv-girder from
 ``./install.sh --with-girder``, or the python that CELLRCNN_GIRDER_PYTHON names. The server is the session's
@@ -23,7 +23,7 @@ from cellrcnn.annotation import detections_to_annotation, write_annotation, writ
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.__main__ import _poster, build_parser
 from cellrcnn.girder_post import _streamed_document, post_annotation_files, post_annotations
-from cellrcnn.local_girder import free_port, girder_python, wait_for
+from cellrcnn.devstack.local_girder import free_port, girder_python, wait_for
 
 PYTHON, WHY_NOT = girder_python()
 pytestmark = pytest.mark.skipif(PYTHON is None, reason=WHY_NOT or '')
@@ -454,7 +454,7 @@ def test_a_token_on_the_command_line_is_warned_about_and_a_token_file_is_not(ser
 
 
 def test_a_local_girder_has_a_new_random_admin_password(server, tmp_path):
-    from cellrcnn.local_girder import ADMIN, GirderServer
+    from cellrcnn.devstack.local_girder import ADMIN, GirderServer
 
     assert len(server.password) >= 24 and GirderServer(sys.executable, root=str(tmp_path)).password != server.password
     with pytest.raises(girder_client.AuthenticationError):

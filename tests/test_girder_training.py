@@ -1,4 +1,4 @@
-"""Training from annotations drawn in HistomicsUI, against a real Girder with the DSA plugins (cellrcnn.local_girder).
+"""Training from annotations drawn in HistomicsUI, against a real Girder with the DSA plugins (cellrcnn.devstack.local_girder).
 
 Three synthetic slides with exact nuclei (``annotated_cohort`` in tests/support.py): 100 nuclei
 as rectangles inside a "region" rectangle on slide a, 100 as points on slide b, every nucleus of slide c (held out)
@@ -19,7 +19,7 @@ from support import annotated_cohort
 from cellrcnn.checkpoint import load_checkpoint
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.girder_training import holdout_count, train_from_girder
-from cellrcnn.local_girder import girder_python
+from cellrcnn.devstack.local_girder import girder_python
 from cellrcnn.metrics import evaluate
 from cellrcnn.settings import AnnotationTrainingSettings
 

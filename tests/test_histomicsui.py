@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from cellrcnn.__main__ import SAMPLE_SLIDE
-from cellrcnn.local_dsa import JOB_SUCCESS
-from cellrcnn.local_girder import ADMIN, wait_for
+from cellrcnn.devstack.local_dsa import JOB_SUCCESS
+from cellrcnn.devstack.local_girder import ADMIN, wait_for
 
 CHROMIUM = '/usr/bin/chromium'
 REGION = '0,0,1200,1200'

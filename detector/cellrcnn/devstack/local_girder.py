@@ -19,18 +19,20 @@ import subprocess
 import tempfile
 import time
 
+from . import CHECKOUT
+
 ENV_VAR = 'CELLRCNN_GIRDER_PYTHON'
 GIRDER_PIP = ("'girder>=3.2.18,<5' girder-client 'girder-large-image==1.35.6' 'girder-large-image-annotation==1.35.6' "
               "'histomicsui==1.8.1' 'girder-slicer-cli-web==1.5.14' 'large-image[tiff,tifffile,pil]' "
               "'secantusdb==0.7.0b3' 'girder-worker[girder]<5' redis -e PLUGIN")
-PLUGIN_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'plugin'))
+PLUGIN_DIR = os.path.join(CHECKOUT, 'plugin')
 #: the administrator of a local server; its password is new and random for each server (``GirderServer.password``):
 #: the server listens on loopback, where any user of this machine could otherwise log in as admin and, through a
 #: filesystem assetstore, read what the caller may read
 ADMIN = {'login': 'admin', 'email': 'admin@example.org', 'firstName': 'Ada', 'lastName': 'Admin'}
 
 
-REPO_VENV = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '.venv-girder', 'bin', 'python')
+REPO_VENV = os.path.join(CHECKOUT, '.venv-girder', 'bin', 'python')
 
 
 def girder_python():
@@ -263,7 +265,7 @@ def detect_on_local_girder(slide_path, run, keep=False, log=print):
     import requests
     from girder_client import HttpError
 
-    from .errors import CellRCNNError, one_line
+    from ..errors import CellRCNNError, one_line
 
     python, why = girder_python()
     if python is None:

@@ -38,7 +38,7 @@ def _detect(args):
         return run()
     if args.girder_url or args.girder_item:
         raise CellRCNNError('--local-girder starts its own server: leave out --girder-url and --item')
-    from .local_girder import detect_on_local_girder
+    from .devstack.local_girder import detect_on_local_girder
     from .slide import Slide
 
     Slide(slide_path, mpp=args.mpp, allow_upsample=True)  # a slide that cannot be read fails now, not after an upload
@@ -51,7 +51,7 @@ def _detect(args):
 
 
 def _dsa(args):
-    from .local_dsa import build, stack_up
+    from .devstack.local_dsa import build, stack_up
 
     if args.action == 'build':
         return build()

@@ -1,6 +1,6 @@
 """The whole Digital Slide Archive loop on this machine: what runs tasks, added to ``local_girder``'s server.
 
-:class:`DSAStack` is a :class:`~cellrcnn.local_girder.GirderServer` (SecantusDB, Girder with the DSA plugins and its
+:class:`DSAStack` is a :class:`~cellrcnn.devstack.local_girder.GirderServer` (SecantusDB, Girder with the DSA plugins and its
 built web client, so HistomicsUI opens in a browser) plus a Redis broker, a real girder_worker and a Docker engine of
 its own; everything listens on loopback and is stopped by its own process id. slicer_cli_web runs tasks only in
 Docker containers, so this is the smallest stack on which "Cell detection" runs as it does in a DSA.
@@ -25,11 +25,11 @@ import subprocess
 import tarfile
 import time
 
-from .errors import CellRCNNError, one_line
+from ..errors import CellRCNNError, one_line
+from . import CHECKOUT
 from .local_girder import ADMIN, GirderServer, free_port, girder_python, stop_processes, wait_for
 
 HOME_VAR = 'CELLRCNN_DSA_HOME'
-CHECKOUT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 TASK_IMAGE = 'cellrcnn:latest'
 #: a Debian base with Python, made here from Debian packages, standing in for the Dockerfile's python:3.11-slim
 BASE_IMAGE = 'cellrcnn-base:bookworm'
