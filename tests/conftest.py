@@ -5,6 +5,18 @@ import numpy as np
 import pytest
 
 
+#: markers given by the fixtures a test uses (directly or through other fixtures); registered in pyproject.toml
+FIXTURE_MARKERS = {'girder_session': 'girder', 'dsa': 'dsa', 'browser': 'browser'}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark each test by the real servers it needs, so ``-m "not dsa"`` runs everything but the Docker-backed DSA."""
+    for item in items:
+        for fixture, marker in FIXTURE_MARKERS.items():
+            if fixture in getattr(item, 'fixturenames', ()):
+                item.add_marker(marker)
+
+
 @pytest.fixture(scope='session')
 def tiny_checkpoint(tmp_path_factory):
     """A small, untrained model saved the way `cellrcnn train` saves one."""
