@@ -64,6 +64,22 @@ def test_points_need_a_box_size():
     assert A.annotation_to_boxes(doc, element_types=('rectangle',)).shape == (0, 4)
 
 
+def test_nuclei_points_without_a_box_size():
+    rectangles = A.detections_to_annotation(BOXES[:2], SCORES[:2], labels=['tumour', 'stroma'])
+    points = A.detections_to_annotation(BOXES[2:], SCORES[2:], element_type='point')
+    points['elements'].append({'type': 'point', 'center': [7, 8, 0], 'group': 'lymphocyte'})
+    points['elements'].append({'type': 'point', 'center': [9, 9, 0]})
+    nuclei = A.annotation_to_nuclei([rectangles, points])
+    np.testing.assert_allclose(nuclei['boxes'][:2], BOXES[:2], atol=0.01)
+    assert np.isnan(nuclei['boxes'][2:]).all()                       # points have no extent
+    centres = (BOXES[:, :2] + BOXES[:, 2:]) / 2
+    np.testing.assert_allclose(nuclei['points'], np.concatenate([centres, [[7, 8], [9, 9]]]), atol=0.01)
+    # written points carry user.class 'nucleus'; a group is a class; without either, no class
+    assert nuclei['classes'] == ['tumour', 'stroma', 'nucleus', 'lymphocyte', None]
+    with pytest.raises(CellRCNNError, match='malformed point'):
+        A.annotation_to_nuclei({'name': 'x', 'elements': [{'type': 'point', 'center': None}]})
+
+
 def test_rotated_rectangle_polyline_circle():
     doc = {'name': 'hand', 'elements': [
         {'type': 'rectangle', 'center': [50, 50, 0], 'width': 20, 'height': 10,

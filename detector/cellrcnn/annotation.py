@@ -9,7 +9,9 @@ element is a shape. Detections are written as ``rectangle`` elements
 Coordinates are base-level (full resolution) slide pixels, origin top-left.
 
 Reading accepts a document, a list of documents, and the Girder REST form
-``{"_id": ..., "annotation": {...}}`` returned by ``GET /annotation/{id}``.
+``{"_id": ..., "annotation": {...}}`` returned by ``GET /annotation/{id}``: as boxes
+(:func:`annotation_to_boxes`, points given a box size) or as nuclei (:func:`annotation_to_nuclei`, points kept as
+points, for :mod:`cellrcnn.labels`).
 """
 
 import json
@@ -221,6 +223,26 @@ def _bounding_boxes(geometry):
     return np.stack([cx - hw, cy - hh, cx + hw, cy + hh], axis=1)
 
 
+def _geometry(d, ei, el, point_box_size):
+    """:func:`_element_geometry`, with a one-line error naming the element when it is malformed."""
+    try:
+        return _element_geometry(el, point_box_size)
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise CellRCNNError(
+            f'annotation {d.get("name")!r} element {ei}: malformed {el["type"]} '
+            '(missing or non-numeric center/width/height/radius/points)') from None
+
+
+def _element_class(el):
+    """The element's class: ``user.class``, else its label's value; None when it has neither."""
+    user = el.get('user')
+    cls = user.get('class') if isinstance(user, dict) else None
+    if not cls:
+        label = el.get('label')
+        cls = label.get('value') if isinstance(label, dict) else None
+    return str(cls) if cls else None
+
+
 def _iter_elements(doc, element_types, name):
     """(document index, element index, element) for the selected elements."""
     element_types = (element_types,) if isinstance(element_types, str) else tuple(element_types)
@@ -293,24 +315,39 @@ def annotation_to_detections(doc, element_types=('rectangle', 'point'), point_bo
             raise CellRCNNError(
                 f'annotation {d.get("name")!r} element {ei} is a point: give point_box_size '
                 '(the box side in pixels) to read points')
-        try:
-            geometry.append(_element_geometry(el, point_box_size))
-        except (KeyError, IndexError, TypeError, ValueError):
-            raise CellRCNNError(
-                f'annotation {d.get("name")!r} element {ei}: malformed {el["type"]} '
-                '(missing or non-numeric center/width/height/radius/points)') from None
+        geometry.append(_geometry(d, ei, el, point_box_size))
         user = el.get('user')
         score = user.get('score', 1.0) if isinstance(user, dict) else 1.0
-        cls = user.get('class') if isinstance(user, dict) else None
-        if not cls:
-            label = el.get('label')
-            cls = label.get('value') if isinstance(label, dict) else None
+        cls = _element_class(el)
         scores.append(score if isinstance(score, (int, float)) else 1.0)
-        classes.append(str(cls) if cls else DEFAULT_CLASS)
+        classes.append(cls or DEFAULT_CLASS)
     arr = _bounding_boxes(geometry).astype(np.float32)
     if not np.isfinite(arr).all():
         raise CellRCNNError('annotation holds non-finite coordinates')
     return {'boxes': arr, 'scores': np.asarray(scores, dtype=np.float32), 'classes': classes}
+
+
+def annotation_to_nuclei(doc, element_types=_READ_TYPES, name=None):
+    """Nuclei of DSA annotation documents as :mod:`cellrcnn.labels` takes them: points need no box size.
+
+    :param doc, element_types, name: as :func:`annotation_to_boxes`, but every readable type by default.
+    :returns: dict with ``points`` (float32 N x 2: a point element's position, else the centre of the element's
+        box), ``boxes`` (float32 N x 4 as :func:`annotation_to_boxes`; a row of NaN for a point element, which has
+        no extent) and ``classes`` (N strings or None: ``user.class``, else the label value, else the element's
+        ``group``, else None). Coordinates are the document's (base-level slide pixels).
+    """
+    geometry, classes, is_point = [], [], []
+    for d, ei, el in _iter_elements(doc, element_types, name):
+        geometry.append(_geometry(d, ei, el, float('nan')))
+        group = el.get('group')
+        classes.append(_element_class(el) or (str(group) if group else None))
+        is_point.append(el['type'] == 'point')
+    geometry = np.asarray(geometry, dtype=np.float64).reshape(-1, 6)
+    boxes = _bounding_boxes(geometry).astype(np.float32)
+    points = geometry[:, :2].astype(np.float32)
+    if not (np.isfinite(points).all() and np.isfinite(boxes[~np.asarray(is_point, bool)]).all()):
+        raise CellRCNNError('annotation holds non-finite coordinates')
+    return {'points': points, 'boxes': boxes, 'classes': classes}
 
 
 # --------------------------------------------------------------------------- files
@@ -332,18 +369,24 @@ def write_annotation(doc, path):
 
 def read_annotation_file(path):
     """Read a JSON annotation file: a document, a list of them, or the REST form."""
+    doc = read_json_file(path)
+    if not isinstance(doc, (dict, list)):
+        raise CellRCNNError(f'annotation file {path} does not hold an annotation document')
+    return doc
+
+
+def read_json_file(path, what='annotation file'):
+    """Any JSON file's value, with one-line errors that call it ``what``."""
     path = os.fspath(path)
     try:
         with open(path, encoding='utf-8') as f:
             doc = json.load(f)
     except OSError as exc:
-        raise CellRCNNError(f'cannot read annotation file {path}: {exc.strerror or exc}') from None
+        raise CellRCNNError(f'cannot read {what} {path}: {exc.strerror or exc}') from None
     except UnicodeDecodeError:
-        raise CellRCNNError(f'annotation file {path} is not UTF-8 text JSON') from None
+        raise CellRCNNError(f'{what} {path} is not UTF-8 text JSON') from None
     except json.JSONDecodeError as exc:
         raise CellRCNNError(
-            f'annotation file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: '
+            f'{what} {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: '
             f'{exc.msg})') from None
-    if not isinstance(doc, (dict, list)):
-        raise CellRCNNError(f'annotation file {path} does not hold an annotation document')
     return doc
