@@ -15,7 +15,7 @@ SAMPLE_SLIDE = os.path.join(os.path.dirname(__file__), 'data', 'CMU-1-Small-Regi
 
 
 def _detect(args):
-    from .exports import summary_lines
+    from .exports import detection_summary_lines
     from .job import detect_to_files, output_paths
 
     slide_path = args.slide or SAMPLE_SLIDE
@@ -29,7 +29,7 @@ def _detect(args):
     def run():
         post = _poster(args)  # checks server, token and item before any detection runs
         result = detect_to_files(slide_path, paths, settings, resume_dir=resume_dir)
-        print('\n'.join(summary_lines(result, settings)))
+        print('\n'.join(detection_summary_lines(result, settings)))
         print('wrote ' + ', '.join(p for p in paths.values() if p))
         if post:
             print('\n'.join(post(paths)))
@@ -128,14 +128,14 @@ def _train(args):
 
 
 def _train_girder(args):
-    from .girder_training import summary_lines, train_from_girder
+    from .girder_training import train_from_girder, training_summary_lines
 
     settings = AnnotationTrainingSettings(**{f.name: getattr(args, f.name)
                                              for f in dataclasses.fields(AnnotationTrainingSettings)})
     result = train_from_girder(args.girder_url, args.girder_token, args.girder_folder, args.annotation_name,
                                args.output, settings, output_folder=args.output_folder, name=args.name,
                                progress=Progress(mode='auto', name='train-girder', unit='%'))
-    print('\n'.join(summary_lines(result)))
+    print('\n'.join(training_summary_lines(result)))
 
 
 def _evaluate(args):
