@@ -21,7 +21,8 @@ from girder_proxy import FaultyProxy
 
 from cellrcnn.annotation import detections_to_annotation, write_annotation, write_detections_annotation
 from cellrcnn.errors import CellRCNNError
-from cellrcnn.__main__ import _poster, build_parser
+from cellrcnn.command_line import build_parser
+from cellrcnn.commands import girder_poster
 from cellrcnn.annotation_stream import streamed_document
 from cellrcnn.girder_post import post_annotation_files, post_annotations
 from cellrcnn.devstack.local_girder import free_port, girder_python, wait_for
@@ -297,7 +298,7 @@ def test_the_detect_command_hook(server, slide, tmp_path, monkeypatch):
     parser = build_parser()
 
     def poster(*options):
-        return _poster(parser.parse_args(['detect', '-o', str(tmp_path), *options]))
+        return girder_poster(parser.parse_args(['detect', '-o', str(tmp_path), *options]))
 
     assert poster() is None
     with pytest.raises(CellRCNNError, match='needs both --girder-url and --item'):
