@@ -245,7 +245,7 @@ def compare_precisions(slide_path, gt, region, args):
 # ------------------------------------------------------------------------------------------------------------------
 
 def main():
-    from cellrcnn.__main__ import SAMPLE_SLIDE
+    from cellrcnn.commands import SAMPLE_SLIDE
     from cellrcnn.settings import DetectionSettings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

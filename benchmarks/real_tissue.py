@@ -32,7 +32,7 @@ import zipfile
 import cv2
 import numpy as np
 
-from cellrcnn.__main__ import SAMPLE_SLIDE
+from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.adapt import reestimate_batchnorm
 from cellrcnn.checkpoint import BUNDLED_MODEL, load_model
 from cellrcnn.inference import Detector

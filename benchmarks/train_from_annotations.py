@@ -27,7 +27,7 @@ from support import annotated_cohort  # noqa: E402  (one copy, shared with tests
 
 
 def main():
-    from cellrcnn.girder_training import summary_lines, train_from_girder
+    from cellrcnn.girder_training import train_from_girder, training_summary_lines
     from cellrcnn.devstack.local_girder import GirderServer, girder_python
     from cellrcnn.settings import AnnotationTrainingSettings
 
@@ -52,7 +52,7 @@ def main():
                                    AnnotationTrainingSettings(steps=args.steps, init=args.init,
                                                               from_scratch=args.from_scratch, lr=args.lr,
                                                               batch_size=args.batch_size, device='cpu'))
-        print('\n'.join(summary_lines(result)))
+        print('\n'.join(training_summary_lines(result)))
         print(f'{args.steps} steps{" from scratch" if args.from_scratch else ""}: '
               f'{time.perf_counter() - started:.0f} s in all, training {result.seconds["train"]:.0f} s')
 

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cellrcnn.__main__ import SAMPLE_SLIDE
+from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.__main__ import main as cellrcnn
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.devstack.local_dsa import JOB_CANCELED, JOB_ERROR, JOB_SUCCESS, TASK_IMAGE, cell_detection_params, check_free_disk

@@ -21,8 +21,10 @@ from girder_proxy import FaultyProxy
 
 from cellrcnn.annotation import detections_to_annotation, write_annotation, write_detections_annotation
 from cellrcnn.errors import CellRCNNError
-from cellrcnn.__main__ import _poster, build_parser
-from cellrcnn.girder_post import _streamed_document, post_annotation_files, post_annotations
+from cellrcnn.command_line import build_parser
+from cellrcnn.commands import girder_poster
+from cellrcnn.annotation_stream import streamed_document
+from cellrcnn.girder_post import post_annotation_files, post_annotations
 from cellrcnn.devstack.local_girder import free_port, girder_python, wait_for
 
 PYTHON, WHY_NOT = girder_python()
@@ -181,7 +183,7 @@ def test_a_large_annotation_file_is_streamed_as_written(server, slide, tmp_path)
     path = str(tmp_path / 'big.anot.json')
     write_detections_annotation(path, np.hstack([xy, xy + 9]), rng.uniform(0.5, 1, 2500), chunk=700,
                                 attributes={'model': 'big.pt', 'cellrcnn': '0.1.0', 'note': 'x' * 50})
-    outgoing = _streamed_document(path)
+    outgoing = streamed_document(path)
     assert outgoing is not None and outgoing.count == 2500 and outgoing.path == path
     size, body = outgoing.encode({'model': 'big.pt', 'post': 'p'})
     stream, pieces = body(), []
@@ -296,7 +298,7 @@ def test_the_detect_command_hook(server, slide, tmp_path, monkeypatch):
     parser = build_parser()
 
     def poster(*options):
-        return _poster(parser.parse_args(['detect', '-o', str(tmp_path), *options]))
+        return girder_poster(parser.parse_args(['detect', '-o', str(tmp_path), *options]))
 
     assert poster() is None
     with pytest.raises(CellRCNNError, match='needs both --girder-url and --item'):

@@ -157,7 +157,7 @@ def test_the_task_lists_its_parameters():
 def test_a_region_drawn_with_many_vertices_is_cheap_to_test_nuclei_against():
     """Nuclei x vertices would be 4e9 pairs here (tens of GB): prepared geometry answers in time and memory that
     grow with nuclei + vertices."""
-    from cellrcnn.girder_training import _centres_inside
+    from cellrcnn.labelled_slides import _centres_inside
 
     angle = np.linspace(0, 2 * np.pi, 20_000, endpoint=False)
     circle = np.stack([5000 + 3000 * np.cos(angle), 5000 + 3000 * np.sin(angle)], 1)

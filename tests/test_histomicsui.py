@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cellrcnn.__main__ import SAMPLE_SLIDE
+from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.devstack.local_dsa import JOB_SUCCESS
 from cellrcnn.devstack.local_girder import ADMIN, wait_for
 

@@ -9,6 +9,7 @@ import torch
 from support import report_figures
 
 from cellrcnn import metrics as M
+from cellrcnn.coco_ap import coco_ap
 from cellrcnn.boxes import box_iou
 from cellrcnn.errors import CellRCNNError
 
@@ -153,8 +154,7 @@ def test_many_objects_are_not_truncated_at_100():
     capped = M.evaluate([pred(gt, scores)], [gt], max_dets=100)
     assert capped['AR'] == pytest.approx(1 / 3)
     # COCOeval's own maxDets (used as such when the image is not split into groups)
-    plain = M._coco_ap([(gt[:120], scores[:120])], [gt[:120]], M.DEFAULT_SIZE_BINS, None,
-                       group_boxes=None)
+    plain = coco_ap([(gt[:120], scores[:120])], [gt[:120]], M.DEFAULT_SIZE_BINS, None, group_boxes=None)
     assert plain['AP'] == pytest.approx(1.0) and plain['AR'] == pytest.approx(1.0)
 
 
@@ -174,8 +174,8 @@ def _random_set(seed, n_images=2, n=60):
 
 def test_split_coco_evaluation_equals_plain_cocoeval():
     preds, gts = _random_set(3)
-    grouped = M._coco_ap(preds, gts, M.DEFAULT_SIZE_BINS, None)
-    plain = M._coco_ap(preds, gts, M.DEFAULT_SIZE_BINS, None, group_boxes=None)
+    grouped = coco_ap(preds, gts, M.DEFAULT_SIZE_BINS, None)
+    plain = coco_ap(preds, gts, M.DEFAULT_SIZE_BINS, None, group_boxes=None)
     assert 0.05 < plain['AP'] < 0.95          # a non-trivial case
     for key, value in plain.items():
         assert grouped[key] == pytest.approx(value, abs=1e-12), key

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from cellrcnn import synthetic
+from cellrcnn.synthetic import render, slides
+from cellrcnn.synthetic.tiles import _make_tile
 
 
 def optical_density(img):
@@ -116,7 +118,7 @@ def test_boxes_enclose_haematoxylin(sample):
 
 def test_boxes_are_exact_mask_extents_and_nuclei_mostly_visible():
     for i in range(4):
-        img, boxes, info = synthetic._make_tile(np.random.default_rng([9, i]), crowding=1.0)
+        img, boxes, info = _make_tile(np.random.default_rng([9, i]), crowding=1.0)
         h, w = img.shape[:2]
         nuc, groups, label = info['nuclei'], info['groups'], info['label']
         n = len(nuc['cx'])
@@ -216,7 +218,7 @@ def test_write_slide_other_mpp(tmp_path):
 def test_slide_generation_canvases_agree_where_they_overlap():
     # neighbouring generation tiles are rendered on overlapping canvases: where they overlap (near the seam) the
     # pixels must agree, so that the written slide has no seams and nuclei crossing them are drawn identically
-    gen = synthetic._SlideGen(1024, 512, 3, 0.5, 256)
+    gen = slides._SlideGen(1024, 512, 3, 0.5, 256)
     for tx in range(4):
         gen._place_tile(0, tx)
     for tx in range(4):
@@ -226,8 +228,8 @@ def test_slide_generation_canvases_agree_where_they_overlap():
     def canvas(tx):
         drawn = [(c['nuc'], c['groups']) for dx in (-1, 0, 1)
                  for c in [gen.cells.get((0, tx + dx)), gen.cells.get((1, tx + dx))] if c is not None and c['groups']]
-        rgb, _ = synthetic._render(gen.layout, gen.style, gen.noise, -M, tx * T - M, T + 2 * M, T + 2 * M, drawn)
-        return synthetic._finish(rgb, gen.style, gen.noise, -M, tx * T - M).astype(int)
+        rgb, _ = render.render(gen.layout, gen.style, gen.noise, -M, tx * T - M, T + 2 * M, T + 2 * M, drawn)
+        return render.finish(rgb, gen.style, gen.noise, -M, tx * T - M).astype(int)
 
     a, b = canvas(1), canvas(2)
     # global columns [2T - 16, 2T + 16): canvas a columns M + T - 16 ..., canvas b columns M - 16 ...
@@ -238,13 +240,13 @@ def test_slide_generation_canvases_agree_where_they_overlap():
 
 
 def test_hard_negatives_are_drawn_off_the_nuclei_only():
-    gen = synthetic._SlideGen(256, 256, 5, 0.5, 256)
+    gen = slides._SlideGen(256, 256, 5, 0.5, 256)
     gen._place_tile(0, 0)
     drawn = [(gen.cells[(0, 0)]['nuc'], gen.cells[(0, 0)]['groups'])]
-    plain, label = synthetic._render(gen.layout, gen.style, gen.noise, 0, 0, 256, 256, drawn)
+    plain, label = render.render(gen.layout, gen.style, gen.noise, 0, 0, 256, 256, drawn)
     strands = np.full((256, 256), 1.0, np.float32)
-    cluttered, _ = synthetic._render(gen.layout, gen.style, gen.noise, 0, 0, 256, 256, drawn,
-                                     (strands, strands * 0.5, strands * 0.2))
+    cluttered, _ = render.render(gen.layout, gen.style, gen.noise, 0, 0, 256, 256, drawn,
+                                 (strands, strands * 0.5, strands * 0.2))
     nuclei = label >= 0
     assert nuclei.sum() > 1000
     np.testing.assert_array_equal(cluttered[nuclei], plain[nuclei])  # a nucleus is never covered
@@ -255,11 +257,11 @@ def test_hard_negatives_are_drawn_off_the_nuclei_only():
 def test_hard_negative_kinds_occur_and_are_never_boxed():
     kinds = np.zeros(3)
     for i in range(40):
-        H, E, P = synthetic._clutter(np.random.default_rng([3, i]), 256, 256, 2.0)
+        H, E, P = render.clutter_maps(np.random.default_rng([3, i]), 256, 256, 2.0)
         kinds += [H.max() > 0.3, E.max() > 0.5, P.max() > 0.2]
     assert (kinds >= 3).all()  # dark strands and debris, red cells, pigment: each in several of 40 tiles
     # a tile's boxes are the nuclei: the same as the number of nuclei kept by the border rule, clutter or not
-    img, boxes, info = synthetic._make_tile(np.random.default_rng(8))
+    img, boxes, info = _make_tile(np.random.default_rng(8))
     assert len(boxes) == int(info['keep'].sum())
 
 

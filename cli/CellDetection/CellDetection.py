@@ -6,7 +6,7 @@ import sys
 from slicer_cli_web import CLIArgumentParser
 
 from cellrcnn.errors import CellRCNNError, run_reporting_errors
-from cellrcnn.exports import summary_lines
+from cellrcnn.exports import detection_summary_lines
 from cellrcnn.job import detect_to_files
 from cellrcnn.progress import Progress
 from cellrcnn.settings import DetectionSettings
@@ -54,7 +54,7 @@ def main(args):
         paths = {key: path and f'{path}.posted.json' for key, path in outputs.items()}
     result = detect_to_files(args.inputImageFile, paths, settings,
                              resume_dir=args.outputCellAnnotationFile + '.partial')
-    print('\n'.join(summary_lines(result, settings)), flush=True)
+    print('\n'.join(detection_summary_lines(result, settings)), flush=True)
     if post:
         print('\n'.join(post(paths)), flush=True)
         for key, path in outputs.items():

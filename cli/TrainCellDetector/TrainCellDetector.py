@@ -12,7 +12,7 @@ import tempfile
 from slicer_cli_web import CLIArgumentParser
 
 from cellrcnn.errors import CellRCNNError, run_reporting_errors
-from cellrcnn.girder_training import summary_lines, train_from_girder
+from cellrcnn.girder_training import train_from_girder, training_summary_lines
 from cellrcnn.progress import Progress
 from cellrcnn.settings import AnnotationTrainingSettings
 
@@ -37,7 +37,7 @@ def main(args):
         shutil.copyfile(result.model_path, args.outputModelFile)
         if getattr(args, 'outputModelCard', None):
             shutil.copyfile(result.card_path, args.outputModelCard)
-        print('\n'.join(summary_lines(result)[:-1]), flush=True)
+        print('\n'.join(training_summary_lines(result)[:-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -8,6 +8,9 @@ import numpy as np
 
 from .errors import CellRCNNError
 
+# Pair IoUs are computed in blocks of at most this many elements (memory bound).
+_IOU_BLOCK = 4_000_000
+
 
 def to_numpy(x):
     """A numpy array of a torch tensor (without importing torch), an array or nested lists; None stays None."""
@@ -68,7 +71,8 @@ def iou(a, b):
     iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
     ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
     inter = iw * ih
-    union = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter
+    union = ((a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+             - inter)
     with np.errstate(divide='ignore', invalid='ignore'):
         return np.where(union > 0, inter / union, 0.0)
 
@@ -77,3 +81,19 @@ def box_iou(boxes_a, boxes_b):
     """Dense IoU matrix (N x M) of two sets of boxes."""
     a, b = as_boxes(boxes_a), as_boxes(boxes_b)
     return iou(a[:, None], b[None])
+
+
+def iou_pairs_above(a, b, threshold):
+    """Index pairs (i, j) and IoUs of boxes a[i], b[j] with IoU >= threshold.
+
+    The IoU matrix is computed in row blocks so memory stays bounded.
+    """
+    rows_per_block = max(1, _IOU_BLOCK // max(1, len(b)))
+    pi, gi, iv = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0)]
+    for start in range(0, len(a), rows_per_block):
+        block = box_iou(a[start:start + rows_per_block], b)
+        r, c = np.nonzero(block >= threshold)
+        pi.append(r + start)
+        gi.append(c)
+        iv.append(block[r, c])
+    return np.concatenate(pi), np.concatenate(gi), np.concatenate(iv)

@@ -94,83 +94,23 @@ def density_annotation(boxes, slide_size, mpp, cell_size_um=100, name=DENSITY_NA
         parameters are added under ``attributes['density']``.
     :returns: the annotation document (a JSON-serialisable dict).
     """
-    if interpretation not in _INTERPRETATIONS:
-        raise CellRCNNError(
-            f'interpretation must be one of {", ".join(_INTERPRETATIONS)}; got {interpretation!r}'
-            + (' (large_image does not draw choropleth grids)' if interpretation == 'choropleth'
-               else ''))
-    if not isinstance(name, str) or not name:
-        raise CellRCNNError('the annotation name must be a non-empty string')
-    if attributes is not None and not isinstance(attributes, dict):
-        raise CellRCNNError('attributes must be a dict')
-    try:
-        width, height = slide_size
-    except (TypeError, ValueError):
-        raise CellRCNNError(
-            f'slide_size must be (width, height) in base pixels; got {slide_size!r}') from None
-    width = _positive(width, 'slide width')
-    height = _positive(height, 'slide height')
+    _check_document(interpretation, name, attributes)
+    width, height = _slide_size(slide_size)
     mpp_x, mpp_y = micrometres_per_pixel(mpp)
     cell_size_um = _positive(cell_size_um, 'cell_size_um')
-    colors = list(colors)
-    if len(colors) < 2:
-        raise CellRCNNError('colors must hold at least two colours')
-    for c in colors:
-        _check_color(c, 'density colour')
-    _check_color(max_color, 'max_color')
+    colors = _checked_colors(colors, max_color)
 
-    dx, dy = cell_size_um / mpp_x, cell_size_um / mpp_y
-    nx, wx = _grid_edges(width, dx)
-    ny, wy = _grid_edges(height, dy)
-    if nx * ny > _MAX_GRID_CELLS:
-        raise CellRCNNError(
-            f'a {cell_size_um:g} µm grid over a {width:.0f} x {height:.0f} px slide at '
-            f'{mpp_x:g} µm/px has {nx * ny} cells (limit {_MAX_GRID_CELLS}); '
-            'use a larger cell_size_um or check mpp')
+    dx, dy, (nx, wx), (ny, wy) = _grid(width, height, mpp_x, mpp_y, cell_size_um)
 
     b = as_boxes(boxes)
-    cx = (b[:, 0] + b[:, 2]) / 2
-    cy = (b[:, 1] + b[:, 3]) / 2
-    outside = (cx < -1) | (cx > width + 1) | (cy < -1) | (cy > height + 1)
-    if outside.any():
-        raise CellRCNNError(
-            f'{int(outside.sum())} of {len(b)} box centres lie outside the {width:.0f} x '
-            f'{height:.0f} px slide: boxes must be in base-level pixels and slide_size '
-            'must be (width, height)')
-    col = np.clip(np.floor(cx / dx), 0, nx - 1).astype(np.int64)
-    row = np.clip(np.floor(cy / dy), 0, ny - 1).astype(np.int64)
-    counts = np.bincount(row * nx + col, minlength=nx * ny).reshape(ny, nx)
+    counts = _cell_counts(b, width, height, dx, dy, nx, ny)
     area_mm2 = np.outer(wy * mpp_y, wx * mpp_x) / 1e6
     density = counts / area_mm2
 
     occupied = density[counts > 0]
-    if max_density is None:
-        top = float(np.percentile(occupied, 99)) if occupied.size else 0.0
-        max_density = float(f'{top:.3g}') if top > 0 else 1.0
-    else:
-        max_density = _positive(max_density, 'max_density')
+    max_density = _colour_scale_top(occupied, max_density)
 
-    element = {
-        'type': 'griddata',
-        'interpretation': interpretation,
-        'origin': [dx / 2, dy / 2, 0],
-        'dx': dx,
-        'dy': dy,
-        'gridWidth': nx,
-        'values': np.round(density, 2).ravel().tolist(),
-    }
-    if interpretation == 'heatmap':
-        element.update({
-            'radius': max(dx, dy),
-            'colorRange': colors,
-            'rangeValues': np.round(np.linspace(0, max_density, len(colors)), 3).tolist(),
-            'normalizeRange': False,
-        })
-        if scale_with_zoom:
-            element['scaleWithZoom'] = True
-    else:
-        element['maxColor'] = max_color
-
+    element = _griddata(density, dx, dy, interpretation, max_density, colors, max_color, scale_with_zoom)
     n = int(len(b))
     info = {
         'kind': 'density',
@@ -190,3 +130,100 @@ def density_annotation(boxes, slide_size, mpp, cell_size_um=100, name=DENSITY_NA
                        f'({nx} x {ny}); colour scale 0-{max_density:g}/mm²')
     return {'name': name, 'description': description, 'attributes': attrs,
             'elements': [element]}
+
+
+def _check_document(interpretation, name, attributes):
+    if interpretation not in _INTERPRETATIONS:
+        raise CellRCNNError(
+            f'interpretation must be one of {", ".join(_INTERPRETATIONS)}; got {interpretation!r}'
+            + (' (large_image does not draw choropleth grids)' if interpretation == 'choropleth'
+               else ''))
+    if not isinstance(name, str) or not name:
+        raise CellRCNNError('the annotation name must be a non-empty string')
+    if attributes is not None and not isinstance(attributes, dict):
+        raise CellRCNNError('attributes must be a dict')
+
+
+def _slide_size(slide_size):
+    """``(width, height)`` of the base level, positive numbers."""
+    try:
+        width, height = slide_size
+    except (TypeError, ValueError):
+        raise CellRCNNError(
+            f'slide_size must be (width, height) in base pixels; got {slide_size!r}') from None
+    return _positive(width, 'slide width'), _positive(height, 'slide height')
+
+
+def _checked_colors(colors, max_color):
+    """The heatmap colour ramp as a list, after checking it and the contour's ``max_color``."""
+    colors = list(colors)
+    if len(colors) < 2:
+        raise CellRCNNError('colors must hold at least two colours')
+    for c in colors:
+        _check_color(c, 'density colour')
+    _check_color(max_color, 'max_color')
+    return colors
+
+
+def _grid(width, height, mpp_x, mpp_y, cell_size_um):
+    """``(dx, dy, (nx, widths), (ny, heights))`` of the grid in base pixels (:func:`_grid_edges`), at most
+    ``_MAX_GRID_CELLS`` cells."""
+    dx, dy = cell_size_um / mpp_x, cell_size_um / mpp_y
+    nx, wx = _grid_edges(width, dx)
+    ny, wy = _grid_edges(height, dy)
+    if nx * ny > _MAX_GRID_CELLS:
+        raise CellRCNNError(
+            f'a {cell_size_um:g} µm grid over a {width:.0f} x {height:.0f} px slide at '
+            f'{mpp_x:g} µm/px has {nx * ny} cells (limit {_MAX_GRID_CELLS}); '
+            'use a larger cell_size_um or check mpp')
+    return dx, dy, (nx, wx), (ny, wy)
+
+
+def _colour_scale_top(occupied, max_density):
+    """The density given the heatmap's top colour: ``max_density`` when given, else the 99th percentile of the
+    non-empty cells' densities (``occupied``) to three significant digits, 1.0 when there are none."""
+    if max_density is None:
+        top = float(np.percentile(occupied, 99)) if occupied.size else 0.0
+        return float(f'{top:.3g}') if top > 0 else 1.0
+    return _positive(max_density, 'max_density')
+
+
+def _cell_counts(b, width, height, dx, dy, nx, ny):
+    """Box centres per grid cell (ny x nx); a centre more than a pixel outside the slide is an error (boxes not in
+    base pixels, or a wrong slide size)."""
+    cx = (b[:, 0] + b[:, 2]) / 2
+    cy = (b[:, 1] + b[:, 3]) / 2
+    outside = (cx < -1) | (cx > width + 1) | (cy < -1) | (cy > height + 1)
+    if outside.any():
+        raise CellRCNNError(
+            f'{int(outside.sum())} of {len(b)} box centres lie outside the {width:.0f} x '
+            f'{height:.0f} px slide: boxes must be in base-level pixels and slide_size '
+            'must be (width, height)')
+    col = np.clip(np.floor(cx / dx), 0, nx - 1).astype(np.int64)
+    row = np.clip(np.floor(cy / dy), 0, ny - 1).astype(np.int64)
+    return np.bincount(row * nx + col, minlength=nx * ny).reshape(ny, nx)
+
+
+def _griddata(density, dx, dy, interpretation, max_density, colors, max_color, scale_with_zoom):
+    """The ``griddata`` element of a density grid (ny x nx, nuclei/mm²), values at the cell centres."""
+    element = {
+        'type': 'griddata',
+        'interpretation': interpretation,
+        'origin': [dx / 2, dy / 2, 0],
+        'dx': dx,
+        'dy': dy,
+        'gridWidth': density.shape[1],
+        'values': np.round(density, 2).ravel().tolist(),
+    }
+    if interpretation == 'heatmap':
+        element.update({
+            'radius': max(dx, dy),
+            'colorRange': colors,
+            'rangeValues': np.round(np.linspace(0, max_density, len(colors)), 3).tolist(),
+            'normalizeRange': False,
+        })
+        if scale_with_zoom:
+            element['scaleWithZoom'] = True
+    else:
+        element['maxColor'] = max_color
+    return element

@@ -5,7 +5,7 @@ the run's summary.
   imports as detection objects (File > Import objects from file, or drag and drop).
 * :func:`write_csv` -- one row per nucleus.
 * :func:`write_overlay` -- an overview PNG of the analysed region with every detection drawn.
-* :func:`write_summary` and :func:`summary_lines` -- the run's figures as JSON, and as lines a person reads.
+* :func:`write_summary` and :func:`detection_summary_lines` -- the run's figures as JSON, and as lines a person reads.
 
 All coordinates are base-level (full resolution) slide pixels, origin top-left,
 boxes ``x1, y1, x2, y2``. Files are written whole or not at all (``files.atomic_write``).
@@ -211,7 +211,7 @@ def write_summary(path, stats):
         json.dump(stats, f, indent=2)
 
 
-def summary_lines(result, settings):
+def detection_summary_lines(result, settings):
     """The closing summary a person reads: what was found, where, and what each stage cost."""
     st, sec = result.stats, result.stats['seconds']
     lines = []

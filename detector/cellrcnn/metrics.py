@@ -23,29 +23,20 @@ Conventions used throughout this module:
   small < 12 px <= medium < 24 px <= large. COCO's own area ranges (32² / 96²)
   are far too large for nuclei, so they are replaced in ``COCOeval.params``.
 
-COCO AP comes from pycocotools' ``COCOeval`` (built from in-memory dicts, prints
-silenced), with ``maxDets`` raised so that no image's detections are truncated.
-COCOeval's matching loop is quadratic pure Python (~2 s per 800-nucleus image and
-size range), so each image is handed to it as groups of boxes that cannot match
-across groups (see ``_coco_groups``): identical results, ~20x faster.
+COCO AP and AR come from :mod:`cellrcnn.coco_ap`.
 """
 
-import contextlib
-import io
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .boxes import as_boxes, as_scores, box_iou
+from .boxes import as_boxes, as_scores, iou_pairs_above
+from .coco_ap import SIZE_LABELS, coco_ap
 from .errors import CellRCNNError
 
 #: default bucket edges (box side in pixels): small < 12 <= medium < 24 <= large
 DEFAULT_SIZE_BINS = (12.0, 24.0)
-SIZE_LABELS = ('small', 'medium', 'large')
-
-# Pair IoUs are computed in blocks of at most this many elements (memory bound).
-_IOU_BLOCK = 4_000_000
 
 
 # --------------------------------------------------------------------------- input helpers
@@ -89,22 +80,6 @@ def box_sides(boxes):
 def size_bucket_index(boxes, size_bins=DEFAULT_SIZE_BINS):
     """Bucket index per box: 0 small (< bins[0]), 1 medium, 2 large (>= bins[1])."""
     return np.searchsorted(np.asarray(size_bins, dtype=np.float64), box_sides(boxes), side='right')
-
-
-def _pairs_above(a, b, threshold):
-    """Index pairs (i, j) and IoUs of boxes a[i], b[j] with IoU >= threshold.
-
-    The IoU matrix is computed in row blocks so memory stays bounded.
-    """
-    rows_per_block = max(1, _IOU_BLOCK // max(1, len(b)))
-    pi, gi, iv = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0)]
-    for start in range(0, len(a), rows_per_block):
-        iou = box_iou(a[start:start + rows_per_block], b)
-        r, c = np.nonzero(iou >= threshold)
-        pi.append(r + start)
-        gi.append(c)
-        iv.append(iou[r, c])
-    return np.concatenate(pi), np.concatenate(gi), np.concatenate(iv)
 
 
 # --------------------------------------------------------------------------- matching
@@ -159,7 +134,7 @@ def match_detections(pred_boxes, pred_scores, gt_boxes, iou_threshold=0.5):
         order = np.argsort(-scores, kind='stable')
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(n)
-        pi, gi, iv = _pairs_above(preds, gts, iou_threshold)
+        pi, gi, iv = iou_pairs_above(preds, gts, iou_threshold)
         # Visit pairs by prediction rank, then by decreasing IoU (then GT index):
         # the first pair whose GT is still free is each prediction's greedy match.
         visit = np.lexsort((gi, -iv, rank[pi]))
@@ -240,138 +215,6 @@ def best_f1_threshold(predictions, ground_truths, iou_threshold=0.5):
     return _best_f1(scores, is_tp, int(sum(len(g) for g in gts)))
 
 
-# --------------------------------------------------------------------------- COCO AP
-
-# COCOeval's per-image matching is a pure-Python loop over IoU thresholds x detections
-# x ground truths: ~2 s per image and area range for 800 nuclei. Each image is therefore
-# fed to it as independent "sub-images" (see _coco_groups): exact, and linear in size.
-_COCO_GROUP_BOXES = 16
-# Below COCO's lowest IoU threshold (0.5) no pair can ever match; the margin absorbs
-# rounding differences between this module's IoU and pycocotools' C implementation.
-_COCO_LINK_IOU = 0.5 - 1e-6
-
-
-def _coco_groups(dt_boxes, gt_boxes, group_boxes=_COCO_GROUP_BOXES):
-    """Split one image's detections and ground truth into independent groups.
-
-    COCOeval matches a detection only to ground truth with IoU >= 0.5. Boxes are
-    linked when their IoU reaches that, and whole connected components are packed
-    into groups of about ``group_boxes`` boxes; boxes in different groups never have
-    IoU >= 0.5, so evaluating the groups as separate COCO images gives exactly the
-    same matches as evaluating the whole image (ground-truth/detection pairs with a
-    lower IoU are never matched by COCOeval). The pooled precision/recall curve is
-    then unchanged up to the order of detections with exactly equal scores.
-
-    :returns: a list of (detection indices, ground-truth indices) per group.
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n, m = len(dt_boxes), len(gt_boxes)
-    if n + m <= group_boxes:
-        return [(np.arange(n), np.arange(m))]
-    pi, gi, _ = _pairs_above(dt_boxes, gt_boxes, _COCO_LINK_IOU)
-    graph = coo_matrix((np.ones(len(pi), dtype=np.int8), (pi, gi + n)), shape=(n + m, n + m))
-    n_comp, label = connected_components(graph, directed=False)
-    sizes = np.bincount(label, minlength=n_comp)
-    group_of_comp = (np.cumsum(sizes) - sizes) // group_boxes
-    group = group_of_comp[label]
-    n_groups = int(group.max()) + 1
-    dt_order = np.argsort(group[:n], kind='stable')
-    gt_order = np.argsort(group[n:], kind='stable')
-    dt_split = np.searchsorted(group[:n][dt_order], np.arange(1, n_groups))
-    gt_split = np.searchsorted(group[n:][gt_order], np.arange(1, n_groups))
-    return list(zip(np.split(dt_order, dt_split), np.split(gt_order, gt_split)))
-
-
-def _coco_ap(preds, gts, size_bins, max_dets, group_boxes=_COCO_GROUP_BOXES):
-    """COCO AP / AR (overall and per size bucket) from pycocotools' COCOeval.
-
-    ``max_dets`` caps each image's detections (highest scores kept, as COCOeval
-    does); ``group_boxes=None`` disables the splitting into independent groups.
-    """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    largest = max((len(b) for b, _ in preds), default=0)
-    if max_dets is None:
-        max_dets = max(1000, largest)
-    max_dets = int(max_dets)
-
-    images, dt_anns, gt_anns = [], [], []
-
-    def add(anns, boxes, scores, image_id):
-        wh = boxes[:, 2:] - boxes[:, :2]
-        xywh = np.concatenate([boxes[:, :2], wh], axis=1).tolist()
-        area = (wh[:, 0] * wh[:, 1]).tolist()
-        sc = scores.tolist() if scores is not None else None
-        for j in range(len(boxes)):
-            ann = {'id': len(anns) + 1, 'image_id': image_id, 'category_id': 1,
-                   'bbox': xywh[j], 'area': area[j], 'iscrowd': 0}
-            if sc is not None:
-                ann['score'] = sc[j]
-            anns.append(ann)
-
-    for (d_boxes, d_scores), g_boxes in zip(preds, gts):
-        if len(d_boxes) > max_dets:  # COCOeval's own per-image cap, applied up front
-            keep = np.argsort(-d_scores, kind='mergesort')[:max_dets]
-            d_boxes, d_scores = d_boxes[keep], d_scores[keep]
-        groups = ([(np.arange(len(d_boxes)), np.arange(len(g_boxes)))] if group_boxes is None
-                  else _coco_groups(d_boxes, g_boxes, group_boxes))
-        for d_idx, g_idx in groups:
-            image_id = len(images) + 1
-            images.append({'id': image_id})
-            add(dt_anns, d_boxes[d_idx], d_scores[d_idx], image_id)
-            add(gt_anns, g_boxes[g_idx], None, image_id)
-
-    categories = [{'id': 1, 'name': 'nucleus'}]
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = {'images': images, 'categories': categories,
-                           'annotations': gt_anns}
-        coco_gt.createIndex()
-        # Built directly rather than with loadRes, which fails on an empty list.
-        coco_dt = COCO()
-        coco_dt.dataset = {'images': images, 'categories': categories,
-                           'annotations': dt_anns}
-        coco_dt.createIndex()
-        ev = COCOeval(coco_gt, coco_dt, iouType='bbox')
-        # Only the last maxDets is reported (the [1, 100] entries are not meaningful
-        # once images are split into groups).
-        ev.params.maxDets = sorted({1, 100, max_dets})
-        lo, hi = float(size_bins[0]) ** 2, float(size_bins[1]) ** 2
-        # COCOeval's area ranges are inclusive at both ends; shave the upper edges so a
-        # box exactly on an edge falls in the same (upper) bucket as size_bucket_index.
-        ev.params.areaRng = [[0.0, 1e12], [0.0, float(np.nextafter(lo, 0))],
-                             [lo, float(np.nextafter(hi, 0))], [hi, 1e12]]
-        ev.params.areaRngLbl = ['all', *SIZE_LABELS]
-        ev.evaluate()
-        ev.accumulate()
-    precision = ev.eval['precision']  # [T, R, K, A, M]
-    recall = ev.eval['recall']        # [T, K, A, M]
-    iou_thrs = ev.params.iouThrs
-    m = ev.params.maxDets.index(max_dets)
-
-    def mean_valid(a):
-        a = a[a > -1]
-        return float(a.mean()) if a.size else None
-
-    t50 = int(np.argmin(np.abs(iou_thrs - 0.5)))
-    t75 = int(np.argmin(np.abs(iou_thrs - 0.75)))
-    out = {
-        'AP': mean_valid(precision[:, :, :, 0, m]),
-        'AP50': mean_valid(precision[t50, :, :, 0, m]),
-        'AP75': mean_valid(precision[t75, :, :, 0, m]),
-        'AR': mean_valid(recall[:, :, 0, m]),
-        'AR50': mean_valid(recall[t50, :, 0, m]),
-    }
-    for a, label in enumerate(SIZE_LABELS, start=1):
-        out[f'AP_{label}'] = mean_valid(precision[:, :, :, a, m])
-        out[f'AR_{label}'] = mean_valid(recall[:, :, a, m])
-    out['max_dets'] = max_dets
-    return out
-
-
 # --------------------------------------------------------------------------- evaluate
 
 def evaluate(predictions, ground_truths, score_threshold=0.5, iou_threshold=0.5,
@@ -412,7 +255,30 @@ def evaluate(predictions, ground_truths, score_threshold=0.5, iou_threshold=0.5,
         score_threshold = best_thr
     score_threshold = float(score_threshold)
 
-    # Operating point: prefixes of the unthresholded greedy matching (see _pooled_matches).
+    tp, fp, bucket_gt, bucket_tp = _operating_point(preds, gts, matches, score_threshold, size_bins)
+    fn = n_gt - tp
+    n_kept = tp + fp
+    precision = _ratio(tp, tp + fp, n_gt == 0)
+    recall = _ratio(tp, tp + fn, n_kept == 0)
+
+    out = {
+        'n_images': len(gts), 'n_gt': n_gt, 'n_pred': n_pred, 'n_pred_kept': n_kept,
+        'score_threshold': score_threshold, 'iou_threshold': float(iou_threshold),
+        'size_bins': tuple(float(b) for b in size_bins),
+        'tp': tp, 'fp': fp, 'fn': fn,
+        'precision': precision, 'recall': recall, 'f1': _f1(precision, recall),
+        'best_f1': best_f1, 'best_f1_threshold': best_thr,
+    }
+    out.update(_no_ground_truth_ap(preds, n_pred, max_dets) if n_gt == 0 else coco_ap(preds, gts, size_bins, max_dets))
+    for i, label in enumerate(SIZE_LABELS):
+        out[f'n_gt_{label}'] = int(bucket_gt[i])
+        out[f'recall_{label}'] = float(bucket_tp[i] / bucket_gt[i]) if bucket_gt[i] else None
+    return out
+
+
+def _operating_point(preds, gts, matches, score_threshold, size_bins):
+    """TP and FP over all images at ``score_threshold``, and ground truth and TP counts per size bucket: prefixes of
+    the unthresholded greedy matching (see _pooled_matches)."""
     tp = fp = 0
     bucket_gt = np.zeros(3, dtype=np.int64)
     bucket_tp = np.zeros(3, dtype=np.int64)
@@ -427,34 +293,19 @@ def evaluate(predictions, ground_truths, score_threshold=0.5, iou_threshold=0.5,
             bucket = size_bucket_index(g, size_bins)
             bucket_gt += np.bincount(bucket, minlength=3)
             bucket_tp += np.bincount(bucket[found], minlength=3)
-    fn = n_gt - tp
-    n_kept = tp + fp
-    precision = _ratio(tp, tp + fp, n_gt == 0)
-    recall = _ratio(tp, tp + fn, n_kept == 0)
+    return tp, fp, bucket_gt, bucket_tp
 
-    out = {
-        'n_images': len(gts), 'n_gt': n_gt, 'n_pred': n_pred, 'n_pred_kept': n_kept,
-        'score_threshold': score_threshold, 'iou_threshold': float(iou_threshold),
-        'size_bins': tuple(float(b) for b in size_bins),
-        'tp': tp, 'fp': fp, 'fn': fn,
-        'precision': precision, 'recall': recall, 'f1': _f1(precision, recall),
-        'best_f1': best_f1, 'best_f1_threshold': best_thr,
-    }
-    if n_gt == 0:
-        # COCOeval reports -1 (undefined) with no ground truth: use the P/R convention.
-        empty = 1.0 if n_pred == 0 else 0.0
-        largest = max((len(b) for b, _ in preds), default=0)
-        coco = {'AP': empty, 'AP50': empty, 'AP75': empty, 'AR': empty, 'AR50': empty,
-                'max_dets': int(max_dets) if max_dets else max(1000, largest)}
-        for label in SIZE_LABELS:
-            coco[f'AP_{label}'] = coco[f'AR_{label}'] = None
-    else:
-        coco = _coco_ap(preds, gts, size_bins, max_dets)
-    out.update(coco)
-    for i, label in enumerate(SIZE_LABELS):
-        out[f'n_gt_{label}'] = int(bucket_gt[i])
-        out[f'recall_{label}'] = float(bucket_tp[i] / bucket_gt[i]) if bucket_gt[i] else None
-    return out
+
+def _no_ground_truth_ap(preds, n_pred, max_dets):
+    """The COCO figures with no ground truth at all, where COCOeval reports -1 (undefined): the P/R convention, 1.0
+    without predictions and 0.0 with any; None per size bucket."""
+    empty = 1.0 if n_pred == 0 else 0.0
+    largest = max((len(b) for b, _ in preds), default=0)
+    coco = {'AP': empty, 'AP50': empty, 'AP75': empty, 'AR': empty, 'AR50': empty,
+            'max_dets': int(max_dets) if max_dets else max(1000, largest)}
+    for label in SIZE_LABELS:
+        coco[f'AP_{label}'] = coco[f'AR_{label}'] = None
+    return coco
 
 
 # --------------------------------------------------------------------------- report

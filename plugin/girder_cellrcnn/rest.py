@@ -11,7 +11,7 @@ from girder.models.folder import Folder
 from girder_jobs.models.job import Job
 
 from . import batch
-from .results import COLUMNS, table_csv_lines, table_rows
+from .table import COLUMNS, table_csv_lines, table_rows
 
 
 class CellRCNNResource(Resource):

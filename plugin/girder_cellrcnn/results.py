@@ -1,4 +1,5 @@
-"""A slide's cellrcnn result as item metadata, and the per-slide results table of a folder tree.
+"""A slide's cellrcnn result as item metadata, and the slides of a folder tree (the per-slide results table that
+lists them is :mod:`girder_cellrcnn.table`).
 
 A cellrcnn nuclei annotation is one whose ``attributes`` carry the ``cellrcnn`` marker (its version) and that is not
 the density annotation (``attributes.density``, one ``griddata`` element). Its summary goes into the item's
@@ -23,9 +24,7 @@ item's metadata nor makes the slide count as done. A result's ``model`` must be 
 (:data:`MODEL_MAX_CHARS`) and its ``model_sha256``, when present, 64 lowercase hex digits.
 """
 
-import csv
 import datetime
-import io
 import json
 import re
 import threading
@@ -45,13 +44,9 @@ DEFAULT_MODEL = 'cellrcnn-default.pt'  # the model CellDetection uses when no mo
 SUMMARY_FIELD = 'cellrcnnSummary'  # on an annotation document: its summary, for the version it was computed for
 #: on an annotation document an upload's ingest made for a user other than the uploader: the uploader's id
 CLAIMED_FIELD = 'cellrcnnMadeByUploader'
-#: a CSV cell starting with one of these is a formula to spreadsheets: it gets a leading ' (OWASP's advice)
-FORMULA_START = ('=', '+', '-', '@', '\t', '\r')
 DENSITY_TYPES = {'griddata', 'heatmap'}
 QUANTILES = (5, 25, 50, 75, 95)
 HISTOGRAM_BINS = 10
-COLUMNS = ('name', 'path', 'item_id', 'cells', 'tissue_mm2', 'cells_per_mm2', 'score_mean', 'score_median',
-           'model', 'cellrcnn_version', 'roi', 'annotation_id', 'date')
 
 
 def valid_model(attributes):
@@ -398,57 +393,3 @@ def folder_slides(folder, user, level=AccessType.READ):
     denied = [0]
     slides = list(iter_slides(folder, user, level, denied))
     return slides, denied[0]
-
-
-TABLE_FIELDS = ['_id', 'name', 'folderId', 'largeImage', f'meta.{META_KEY}']
-
-
-def table_rows(folder, user):
-    """One row (a dict with :data:`COLUMNS`) per slide in the folder tree that ``user`` can read, as a generator;
-    the result columns are None for slides without a result."""
-    for path, item, _ in iter_slides(folder, user, fields=TABLE_FIELDS):
-        result = (item.get('meta') or {}).get(META_KEY)
-        result = result if isinstance(result, dict) else {}
-        score = result.get('score') if isinstance(result.get('score'), dict) else {}
-        yield {
-            'name': item['name'], 'path': path, 'item_id': str(item['_id']),
-            'cells': result.get('cells'), 'tissue_mm2': result.get('tissue_mm2'),
-            'cells_per_mm2': result.get('cells_per_mm2'), 'score_mean': score.get('mean'),
-            'score_median': score.get('p50'), 'model': result.get('model'),
-            'cellrcnn_version': result.get('cellrcnn_version'),
-            'roi': ','.join(str(v) for v in result['roi']) if result.get('roi') else None,
-            'annotation_id': result.get('annotation_id'), 'date': result.get('date'),
-        }
-
-
-def csv_cell(value):
-    """A CSV cell: empty for None; text that a spreadsheet would run as a formula (starting with = + - @, a tab or
-    a carriage return) gets a leading single quote."""
-    if value is None:
-        return ''
-    if isinstance(value, str) and value.startswith(FORMULA_START):
-        return "'" + value
-    return value
-
-
-def table_csv_lines(rows):
-    """The rows as CSV text, a header line then one line per row, as a generator of strings."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator='\n')
-
-    def take():
-        text = out.getvalue()
-        out.seek(0)
-        out.truncate()
-        return text
-
-    writer.writeheader()
-    yield take()
-    for row in rows:
-        writer.writerow({k: csv_cell(row[k]) for k in COLUMNS})
-        yield take()
-
-
-def table_csv(rows):
-    """The rows as CSV text with a header line; empty cells for missing values (:func:`csv_cell`)."""
-    return ''.join(table_csv_lines(rows))

@@ -1,0 +1,173 @@
+"""What each ``cellrcnn`` command does, given its parsed options (:mod:`cellrcnn.command_line` parses them).
+
+An option left out on the command line (None) leaves the default of what it feeds: the settings dataclass
+(:func:`settings_from_args`) or the function it is passed to.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+from .errors import CellRCNNError
+from .progress import Progress
+from .settings import AnnotationTrainingSettings, DetectionSettings
+
+SAMPLE_SLIDE = os.path.join(os.path.dirname(__file__), 'data', 'CMU-1-Small-Region.svs')
+
+
+def _given(**options):
+    """The options given (not None): the defaults of what they feed stand for the others."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def settings_from_args(cls, args, leave_out=()):
+    """A settings dataclass from the parsed options named like its fields; a field with no such option, with the
+    option not given, or in ``leave_out`` keeps the dataclass's default."""
+    return cls(**_given(**{f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)
+                           if f.name not in leave_out}))
+
+
+def run_detect(args):
+    from .exports import detection_summary_lines
+    from .job import detect_to_files, output_paths
+
+    slide_path = args.slide or SAMPLE_SLIDE
+    if not args.slide:
+        print(f'no slide given: using the bundled sample {slide_path}', file=sys.stderr)
+    settings = settings_from_args(DetectionSettings, args)
+    stem = os.path.splitext(os.path.basename(slide_path))[0]
+    paths = output_paths(args.output, stem)
+    resume_dir = None if args.no_resume else os.path.join(args.output, f'.{stem}.partial')
+
+    def run():
+        post = girder_poster(args)  # checks server, token and item before any detection runs
+        result = detect_to_files(slide_path, paths, settings, resume_dir=resume_dir)
+        print('\n'.join(detection_summary_lines(result, settings)))
+        print('wrote ' + ', '.join(p for p in paths.values() if p))
+        if post:
+            print('\n'.join(post(paths)))
+
+    if not args.local_girder:
+        return run()
+    if args.girder_url or args.girder_item:
+        raise CellRCNNError('--local-girder starts its own server: leave out --girder-url and --item')
+    from .devstack.local_girder import detect_on_local_girder
+    from .slide import Slide
+
+    Slide(slide_path, mpp=args.mpp, allow_upsample=True)  # a slide that cannot be read fails now, not after an upload
+
+    def run_on(url, token, item_id):
+        args.girder_url, args.girder_token, args.girder_item = url, token, item_id
+        run()
+
+    detect_on_local_girder(slide_path, run_on, keep=args.keep_girder)
+
+
+def run_dsa(args):
+    from .devstack.local_dsa import build, stack_up
+
+    if args.action == 'build':
+        return build()
+    stack_up(args.slide or SAMPLE_SLIDE, run_task=args.run_task)
+
+
+def girder_poster(args):
+    """What posts ``cellrcnn detect``'s results to Girder (``girder_post.poster``), or None when not asked to."""
+    from .girder_post import poster
+
+    if not args.girder_url and not args.girder_item:
+        return None
+    if not args.girder_url or not args.girder_item:
+        raise CellRCNNError('posting to Girder needs both --girder-url and --item')
+    return poster(args.girder_url, args.girder_token, args.girder_item, progress=Progress(mode='auto'))
+
+
+def run_batch(args):
+    from .cohort import GirderFolder, batch
+
+    girder = None
+    if args.girder_url or args.girder_folder:
+        if not (args.girder_url and args.girder_folder) or args.source:
+            raise CellRCNNError('give either a folder of slides or both --girder-url and --folder')
+        girder = GirderFolder(args.girder_url, args.girder_token, args.girder_folder)
+    elif not args.source:
+        raise CellRCNNError('give a folder of slides, or --girder-url and --folder')
+    # batch's --scheduler spreads whole slides over a cluster; the settings' scheduler (tile batches) stays unset
+    settings = settings_from_args(DetectionSettings, args, leave_out=('scheduler',))
+    batch(args.source, args.output, settings, scheduler=args.scheduler, girder=girder,
+          progress=Progress(mode='auto', name='cellrcnn batch', unit='slide'))
+
+
+def _model_config(args):
+    from .config import ModelConfig
+    values = {'backbone': args.backbone, 'anchor_upsample': args.anchor_upsample,
+              'anchor_offsets': args.anchor_offsets, 'mpp': args.mpp}
+    return ModelConfig(**{k: v for k, v in values.items() if v is not None}).validate()
+
+
+def run_train(args):
+    from .checkpoint import save_checkpoint
+    from .samples import labelled_set
+    from .evaluate import calibrate_threshold, evaluate_model
+    from .metrics import format_report
+    from .train import TrainConfig, train
+
+    cfg = settings_from_args(TrainConfig, args)
+    model, _ = train(_model_config(args), cfg, args.output, device=args.device, resume=args.resume, init=args.init,
+                     progress=Progress(mode='auto', name='train', unit='step'))
+    if args.val_data or not cfg.data:
+        val = labelled_set(args.val_data, tile_size=cfg.tile_size, mpp=model.config.mpp,
+                           annotation_name=cfg.annotation_name, point_box_size=cfg.point_box_size,
+                           **_given(seed=args.val_seed, count=args.val_count))
+        threshold, _ = calibrate_threshold(model, val, device=args.device)
+        metrics = evaluate_model(model, val, device=args.device)
+        print(f'operating point: score >= {threshold:.3f}')
+        print(format_report(metrics))
+        save_checkpoint(os.path.join(args.output, 'model.pt'), model, half=True, train_config=dataclasses.asdict(cfg),
+                        validation={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    print(f'model written to {os.path.join(args.output, "model.pt")}')
+
+
+def run_train_girder(args):
+    from .girder_training import train_from_girder, training_summary_lines
+
+    settings = settings_from_args(AnnotationTrainingSettings, args)
+    result = train_from_girder(args.girder_url, args.girder_token, args.girder_folder, args.annotation_name,
+                               args.output, settings, output_folder=args.output_folder, name=args.name,
+                               progress=Progress(mode='auto', name='train-girder', unit='%'))
+    print('\n'.join(training_summary_lines(result)))
+
+
+def run_evaluate(args):
+    from .checkpoint import load_model
+    from .samples import labelled_set
+    from .evaluate import evaluate_model
+    from .metrics import format_report
+
+    model = load_model(args.model)
+    samples = labelled_set(args.data, mpp=model.config.mpp, annotation_name=args.annotation_name,
+                           point_box_size=args.point_box_size,
+                           **_given(seed=args.seed, count=args.count, tile_size=args.tile_size))
+    metrics = evaluate_model(model, samples, device=args.device, score_threshold=args.threshold)
+    print(format_report(metrics))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(metrics, f, indent=2, default=float)
+
+
+def run_synth(args):
+    from .annotation import detections_to_annotation, write_annotation
+    from .synthetic import make_dataset, write_slide
+
+    if args.slide:
+        boxes = write_slide(args.output, args.width, args.height, args.seed, mpp=args.mpp)
+        print(f'wrote {args.output} ({args.width}x{args.height} px at {args.mpp} um/px) with {len(boxes)} nuclei')
+        return
+    import cv2
+    os.makedirs(args.output, exist_ok=True)
+    for i, (image, boxes) in enumerate(make_dataset(args.seed, args.count, size=args.tile_size, mpp=args.mpp)):
+        path = os.path.join(args.output, f'tile_{i:05d}.png')
+        cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        write_annotation(detections_to_annotation(boxes, [1.0] * len(boxes), name='ground truth'), path + '.json')
+    print(f'wrote {args.count} tiles with DSA annotation JSON to {args.output}')

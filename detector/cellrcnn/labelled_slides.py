@@ -1,0 +1,233 @@
+"""Labelled slides on Girder and the training samples of their annotated regions: steps 1 to 3 of the flow that
+:mod:`cellrcnn.girder_training` describes. :func:`find_labelled_slides` finds the slides that carry the named
+annotation, :func:`prepare_slide` turns its nuclei into boxes inside the annotated region, and :func:`region_tiles`
+and :func:`region_samples` cut that region into ``(image, boxes)`` samples.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import CellRCNNError
+from .settings import AnnotationTrainingSettings
+from .tiling import tile_grid
+
+NUCLEUS_TYPES = ('rectangle', 'point', 'ellipse', 'circle', 'polyline')
+
+
+@dataclass(eq=False)
+class LabelledSlide:
+    """One slide with its annotated nuclei. Coordinates are base pixels (the slide's full resolution, as DSA
+    annotations are)."""
+
+    name: str
+    path: str  #: path inside the Girder folder
+    item_id: str
+    file_id: str
+    annotation_ids: list
+    #: who made each of ``annotation_ids`` (a login, or a user id the token may not read)
+    annotation_creators: list
+    #: the nucleus elements of the annotation, by type (before they become boxes)
+    elements: dict
+    #: the region's polygons (each K x 2, base pixels) or None: the bounding box of the nuclei
+    region: list = None
+    local_path: str = None
+    boxes: np.ndarray = None  #: nuclei, float32 N x 4, base pixels, inside the region
+    is_point: np.ndarray = None  #: which of ``boxes`` come from point annotations
+    points_sized: int = 0  #: how many point boxes took the extent of a starting-model detection (size_points)
+    region_box: tuple = None  #: (x, y, w, h) bounding box of the region, base pixels
+    docs: list = field(default=None, repr=False)  #: the annotation documents with the nucleus elements only
+
+    @property
+    def cells(self):
+        return 0 if self.boxes is None else len(self.boxes)
+
+
+# --------------------------------------------------------------------------- annotations on Girder
+
+def _is_region(element, region_label):
+    label = element.get('label')
+    value = label.get('value') if isinstance(label, dict) else None
+    wanted = region_label.strip().lower()
+    return any(isinstance(v, str) and v.strip().lower() == wanted for v in (value, element.get('group')))
+
+
+def _region_polygon(element, where):
+    """A region element as a K x 2 polygon in base pixels."""
+    try:
+        if element['type'] == 'rectangle':
+            cx, cy = (float(v) for v in element['center'][:2])
+            w, h, rot = float(element['width']), float(element['height']), float(element.get('rotation') or 0)
+            corners = np.array([[-w, -h], [w, -h], [w, h], [-w, h]]) / 2
+            c, s = math.cos(rot), math.sin(rot)
+            return corners @ np.array([[c, s], [-s, c]]) + [cx, cy]
+        if element['type'] == 'polyline' and element.get('closed'):
+            points = np.asarray([p[:2] for p in element['points']], dtype=np.float64)
+            if len(points) >= 3:
+                return points
+    except (KeyError, IndexError, TypeError, ValueError):
+        pass
+    raise CellRCNNError(f'{where}: a region must be a rectangle or a closed polygon, not this '
+                        f'{element.get("type")!r} element')
+
+
+def split_annotation(docs, region_label='region', where='annotation'):
+    """The nucleus elements and the region polygons of annotation documents (the Girder REST form or plain).
+
+    :returns: ``(nucleus_docs, region)``: plain documents holding only the nucleus elements, and a list of region
+        polygons (K x 2, base pixels), or None when no element is labelled ``region_label``."""
+    nucleus_docs, region = [], []
+    for doc in docs:
+        inner = doc.get('annotation', doc)
+        elements = inner.get('elements') or []
+        kept = []
+        for element in elements:
+            if region_label and isinstance(element, dict) and _is_region(element, region_label):
+                region.append(_region_polygon(element, where))
+            else:
+                kept.append(element)
+        nucleus_docs.append({**inner, 'elements': kept})
+    return nucleus_docs, region or None
+
+
+def find_labelled_slides(api_url, token, folder_id, annotation_name,
+                         region_label=AnnotationTrainingSettings.region_label, progress=None):
+    """The slides of a Girder folder (and its subfolders) that carry an annotation named ``annotation_name``.
+
+    Fetches each slide's annotation list (``GET annotation?itemId=``) and then only the documents with that name
+    (``GET annotation/{id}``). Raises CellRCNNError, naming the annotation names that are there, when no slide has
+    one. :returns: a list of :class:`LabelledSlide` (not downloaded yet), in path order."""
+    from .girder_api import GirderConnection, folder_slides
+
+    say = progress.log if progress else (lambda line: None)
+    if not annotation_name or not str(annotation_name).strip():
+        raise CellRCNNError('give the name of the annotations that hold the nuclei (--annotation-name)')
+    slides = folder_slides(api_url, token, folder_id)
+    if not slides:
+        raise CellRCNNError(f'Girder folder {folder_id} holds no slides (large-image items)')
+    server = GirderConnection(api_url, token, retries=4, backoff=1.0, timeout=600, saved=None)
+    labelled, names, logins = [], {}, {}
+    with server.session():
+        for slide in slides:
+            listing = server.get(f'listing the annotations of {slide["path"]}', 'annotation',
+                                 {'itemId': slide['item_id'], 'limit': 0, 'sort': 'created', 'sortdir': 1},
+                                 item_id=slide['item_id'])
+            chosen = []
+            for record in listing:
+                name = (record.get('annotation') or {}).get('name')
+                names[name] = names.get(name, 0) + 1
+                if name == annotation_name:
+                    chosen.append(server.get(f'reading annotation {record["_id"]} of {slide["path"]}',
+                                             f'annotation/{record["_id"]}', item_id=slide['item_id']))
+            if not chosen:
+                continue
+            where = f'annotation {annotation_name!r} on {slide["path"]}'
+            nucleus_docs, region = split_annotation(chosen, region_label, where)
+            counts = {}
+            for doc in nucleus_docs:
+                for element in doc['elements']:
+                    if isinstance(element, dict) and element.get('type') in NUCLEUS_TYPES:
+                        counts[element['type']] = counts.get(element['type'], 0) + 1
+            if not counts:
+                say(f'{slide["path"]}: annotation {annotation_name!r} holds no nuclei; skipped')
+                continue
+            creators = [_login(server, d.get('creatorId'), logins) for d in chosen]
+            labelled.append(LabelledSlide(slide['name'], slide['path'], slide['item_id'], slide['file_id'],
+                                          [d['_id'] for d in chosen], creators, counts, region, docs=nucleus_docs))
+    if not labelled:
+        present = ', '.join(f'{n!r} ({k})' for n, k in sorted(names.items(), key=lambda x: str(x[0])))
+        raise CellRCNNError(f'no annotation named {annotation_name!r} on the {len(slides)} slide(s) of Girder folder '
+                            f'{folder_id}; annotation names there: {present or "none"}')
+    return labelled
+
+
+def _login(server, user_id, known):
+    """The login of the user with this id (what the model card names), or the id when the token may not read it."""
+    from girder_client import HttpError
+
+    if user_id not in known:
+        try:
+            known[user_id] = server.get('reading an annotator', f'user/{user_id}', passthrough=(400, 403, 404))['login']
+        except (HttpError, KeyError, TypeError):
+            known[user_id] = f'user {user_id}'
+    return known[user_id]
+
+
+# --------------------------------------------------------------------------- slides -> samples
+
+def _polygons_box(polygons):
+    points = np.concatenate(polygons)
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    return float(lo[0]), float(lo[1]), float(hi[0] - lo[0]), float(hi[1] - lo[1])
+
+
+def _centres_inside(boxes, polygons):
+    """Whether each box's centre lies inside any of the polygons: shapely's prepared geometry, so time and memory
+    grow with nuclei + vertices, not nuclei x vertices (a hand-drawn region has thousands of vertices)."""
+    import shapely
+
+    region = shapely.union_all([shapely.make_valid(shapely.Polygon(p)) for p in polygons])
+    shapely.prepare(region)
+    return shapely.contains_xy(region, (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2)
+
+
+def prepare_slide(labelled, slide, point_size_um=AnnotationTrainingSettings.point_size_um):
+    """Fill in ``labelled.boxes``, ``labelled.is_point`` and ``labelled.region_box`` from its annotation and the
+    opened ``slide`` (:class:`cellrcnn.slide.Slide`, whose native resolution sizes the point boxes)."""
+    from .annotation import annotation_to_boxes
+
+    if not point_size_um > 0:
+        raise CellRCNNError(f'the point box size must be positive, not {point_size_um} um')
+    shapes = annotation_to_boxes(labelled.docs, element_types=[t for t in NUCLEUS_TYPES if t != 'point'])
+    points = annotation_to_boxes(labelled.docs, element_types=('point',),
+                                 point_box_size=point_size_um / slide.native_mpp)
+    boxes = np.concatenate([shapes, points])
+    is_point = np.arange(len(boxes)) >= len(shapes)
+    if labelled.region is not None:
+        inside = _centres_inside(boxes, labelled.region)
+        boxes, is_point = boxes[inside], is_point[inside]
+        labelled.region_box = _polygons_box(labelled.region)
+    else:
+        labelled.region_box = (float(boxes[:, 0].min()), float(boxes[:, 1].min()),
+                               float(np.ptp(boxes[:, 0::2])), float(np.ptp(boxes[:, 1::2])))
+    if not len(boxes):
+        raise CellRCNNError(f'{labelled.path}: no annotated nucleus lies inside its region')
+    labelled.boxes, labelled.is_point = boxes.astype(np.float32), is_point
+    return labelled
+
+
+def region_tiles(slide, labelled, tile_size=512, overlap=64):
+    """``(tile, image)`` of a slide's annotated region at the slide's analysis scale; pixels outside the region's
+    shapes are painted white, tiles with none of the region are left out."""
+    import cv2
+
+    tiles = []
+    for tile in tile_grid(slide, tile_size=tile_size, overlap=overlap, roi=labelled.region_box, min_tissue=0):
+        image = slide.read(tile)
+        if labelled.region is not None:
+            sx, sy = tile.width / tile.base_width, tile.height / tile.base_height
+            mask = np.zeros(image.shape[:2], np.uint8)
+            for polygon in labelled.region:
+                local = (polygon - [tile.base_x, tile.base_y]) * [sx, sy]
+                cv2.fillPoly(mask, [np.round(local).astype(np.int32)], 1)
+            if not mask.any():
+                continue
+            image = image.copy()
+            image[mask == 0] = 255
+        tiles.append((tile, image))
+    return tiles
+
+
+def region_samples(tiles, labelled):
+    """``(image, boxes)`` samples of :func:`region_tiles`, with the slide's nuclei mapped onto each tile; boxes
+    less than 40 % inside a tile (``synthetic.VISIBLE_FRACTION``) are dropped (:func:`cellrcnn.samples.keep_inside`)."""
+    from .samples import keep_inside
+
+    samples = []
+    for tile, image in tiles:
+        sx, sy = tile.width / tile.base_width, tile.height / tile.base_height
+        scale = np.array([sx, sy, sx, sy], np.float32)
+        offset = np.array([tile.base_x, tile.base_y, tile.base_x, tile.base_y], np.float32)
+        samples.append((image, keep_inside((labelled.boxes - offset) * scale, tile.height, tile.width)))
+    return samples
