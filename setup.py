@@ -41,7 +41,8 @@ setup(
         'ctk-cli',
     ],
     extras_require={
-        'test': ['pytest'],
+        # ruff is pinned: its rule set changes between versions, and CI must not fail on a new release's rules
+        'test': ['pytest', 'ruff==0.17.6'],
         'girder': ['girder-client'],
         # the browser tests of the local DSA (tests/test_histomicsui.py); they drive Debian's Chromium
         'dsa': ['playwright'],
