@@ -380,8 +380,8 @@ class StockDetector:
     def detect_tiles(self, tiles):
         import torch
 
-        from cellrcnn.samples import to_tensor
         from cellrcnn.devices import autocast
+        from cellrcnn.model import to_tensor
 
         out = []
         with torch.no_grad():

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from cellrcnn.adapt import adapt_to_slide, adaptation_tiles, batchnorm_stats
+from cellrcnn.adapt import batchnorm_stats
 from cellrcnn.inference import DetectorSpec
 from cellrcnn.slide import Slide
+from cellrcnn.slide_adaptation import adapt_to_slide, adaptation_tiles
 from cellrcnn.slide_detection import detect_slide
 from cellrcnn.tiling import tile_grid
 
@@ -30,7 +31,7 @@ def test_adaptation_changes_the_batchnorm_statistics_and_no_parameter(slide, tin
     parameters = {k: v.clone() for k, v in model.named_parameters()}
     before = batchnorm_stats(model)
     momenta = [m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    used = adapt_to_slide(slide, detector, tile_grid(slide, 256, 48, min_tissue=0.0), 4)
+    used = adapt_to_slide(slide, detector, tile_grid(slide, 256, 48, min_tissue=0.0), 4, workers=2)
     assert len(used) == 4
     after = batchnorm_stats(model)
     assert after.keys() == before.keys() and len(after) > 10

@@ -10,7 +10,7 @@ import torch
 from cellrcnn.adapt import batchnorm_stats, load_batchnorm_stats
 from cellrcnn.batchnorm_folding import fold_batchnorm
 from cellrcnn.inference import DetectorSpec
-from cellrcnn.samples import to_tensor
+from cellrcnn.model import to_tensor
 from cellrcnn.synthetic import make_tile
 
 

@@ -15,7 +15,7 @@ import torch
 from .batchnorm_folding import FoldedModel
 from .devices import autocast, keep_freed_memory, resolve_device
 from .errors import CellRCNNError
-from .samples import to_tensor
+from .model import to_tensor
 from .settings import DetectionSettings
 
 

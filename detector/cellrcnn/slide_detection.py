@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .adapt import adapt_to_slide, batchnorm_stats, load_batchnorm_stats
+from .adapt import batchnorm_stats, load_batchnorm_stats
 from .errors import CellRCNNError
 from .merge import StreamingNMS
 from .progress import Progress
 from .resume import RowStore
 from .slide import Slide
+from .slide_adaptation import adapt_to_slide
 from .tiling import prefetch, tile_grid
 from .tissue import find_tissue
 
@@ -63,9 +64,6 @@ def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tiss
         raise CellRCNNError(f'overlap must be at least 0 and below the tile size {tile_size}, not {overlap}')
     if not 0 <= min_tissue <= 1:
         raise CellRCNNError(f'minimum tissue fraction must be between 0 and 1, not {min_tissue}')
-    if adapt_tiles < 0:
-        raise CellRCNNError(f'the number of tiles to adapt to the slide must be 0 (no adaptation) or more, '
-                            f'not {adapt_tiles}')
     coarsest = detector.model.config.fields[-1]  # the model pads tiles to multiples of it; tiles start on it
     if min(slide.size) < coarsest:
         raise CellRCNNError(f'{slide.path} is {slide.size[0]}x{slide.size[1]} px at {slide.magnification:g}x; '
