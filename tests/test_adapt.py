@@ -13,7 +13,7 @@ from cellrcnn.slide_adaptation import adapt_to_slide, adaptation_tiles
 from cellrcnn.slide_detection import detect_slide
 from cellrcnn.tiling import tile_grid
 
-RUN = dict(tile_size=256, overlap=48, min_tissue=0.0)
+RUN = dict(tile_size=256, overlap=48, min_tissue=0.0, workers=2)
 
 
 @pytest.fixture(scope='module')
@@ -22,7 +22,7 @@ def slide(synthetic_slide):
 
 
 def new_detector(checkpoint):
-    return DetectorSpec(str(checkpoint), threshold=0.05, device='cpu', batch_size=3).build()
+    return DetectorSpec(model=str(checkpoint), threshold=0.05, device='cpu', batch_size=3).build()
 
 
 def test_adaptation_changes_the_batchnorm_statistics_and_no_parameter(slide, tiny_checkpoint):

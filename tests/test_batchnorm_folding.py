@@ -35,7 +35,7 @@ def _assert_same(found, expected):
 
 
 def test_folding_removes_every_batchnorm_and_keeps_the_outputs():
-    detector = DetectorSpec(device='cpu').build()  # the bundled model: trained statistics
+    detector = DetectorSpec(device='cpu', batch_size=2).build()  # the bundled model: trained statistics
     folded = fold_batchnorm(detector.model)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in detector.model.modules())  # the model keeps its own
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
@@ -47,7 +47,7 @@ def test_folding_removes_every_batchnorm_and_keeps_the_outputs():
 
 
 def test_the_detector_folds_again_when_the_statistics_change():
-    detector = DetectorSpec(device='cpu').build()
+    detector = DetectorSpec(device='cpu', batch_size=2).build()
     tiles = _tiles(2, 1)
     first = detector.detect_tiles(tiles)
     _assert_same(first, _unfolded_detections(detector, tiles))

@@ -38,7 +38,7 @@ import numpy as np
 from . import __version__
 from .errors import CellRCNNError
 from .files import atomic_write
-from .settings import AnnotationTrainingSettings
+from .settings import AnnotationTrainingSettings, DetectionSettings
 from .tiling import tile_grid
 
 NUCLEUS_TYPES = ('rectangle', 'point', 'ellipse', 'circle', 'polyline')
@@ -291,7 +291,7 @@ def size_points(model, slide, labelled, tiles, device='auto'):
     points = np.flatnonzero(labelled.is_point)
     if not len(points) or not tiles:
         return 0
-    detector = Detector(model, device=device, score_thresh=model.config.detect_thresh)
+    detector = Detector(model, device, DetectionSettings.batch_size, score_thresh=model.config.detect_thresh)
     found = [slide.to_base(boxes, tile) for (tile, _), (boxes, _) in
              zip(tiles, detector.detect_tiles([image for _, image in tiles]))]
     found = np.concatenate(found) if found else np.zeros((0, 4))

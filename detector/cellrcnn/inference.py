@@ -3,8 +3,9 @@ channels-last, out-of-memory recovery).
 
 A :class:`DetectorSpec` names everything a detector is made of (the checkpoint file, the overrides of its score
 threshold, NMS and anchor density, the device and batch size) and builds it the same way wherever it runs: here, or on
-a Dask worker (``dask_cluster``), which gets the spec and nothing else. The model's configuration is fixed when the
-model is built, with the overrides in it, and is never changed afterwards.
+a Dask worker (``dask_cluster``), which gets the spec and nothing else. :meth:`DetectorSpec.from_settings` is the one
+place where a run's settings (``settings.DetectionSettings``) become a spec. The model's configuration is fixed when
+the model is built, with the overrides in it, and is never changed afterwards.
 """
 
 import dataclasses
@@ -16,12 +17,12 @@ from .batchnorm_folding import FoldedModel
 from .devices import autocast, keep_freed_memory, resolve_device
 from .errors import CellRCNNError
 from .model import to_tensor
-from .settings import DetectionSettings
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DetectorSpec:
-    """What a :class:`Detector` is built from. None: the checkpoint's own value."""
+    """What a :class:`Detector` is built from: a checkpoint, overrides of its run-time settings (None: the
+    checkpoint's own value), the device and the batch size."""
 
     #: checkpoint file (None: the bundled model)
     model: str = None
@@ -31,8 +32,16 @@ class DetectorSpec:
     nms: float = None
     #: anchor density upsampling at inference (``anchors``; the RPN head's weights do not depend on it)
     anchor_upsample: int = None
-    device: str = DetectionSettings.device
-    batch_size: int = DetectionSettings.batch_size
+    #: where the model runs: 'auto', 'cpu', 'cuda' or 'cuda:N' (``devices.resolve_device``)
+    device: str
+    #: tiles per model call
+    batch_size: int
+
+    @classmethod
+    def from_settings(cls, settings):
+        """The spec a run's :class:`cellrcnn.settings.DetectionSettings` ask for."""
+        return cls(model=settings.model, threshold=settings.threshold, nms=settings.nms,
+                   anchor_upsample=settings.anchor_upsample, device=settings.device, batch_size=settings.batch_size)
 
     @property
     def model_path(self):
@@ -82,8 +91,7 @@ class Detector:
     (default: the model's operating point, ``config.detect_thresh``). ``spec``: the :class:`DetectorSpec` it was built
     from, if any (what Dask workers rebuild it from); ``checkpoint_config``: the configuration its checkpoint holds."""
 
-    def __init__(self, model, device=DetectionSettings.device, batch_size=DetectionSettings.batch_size,
-                 score_thresh=None, spec=None, checkpoint_config=None):
+    def __init__(self, model, device, batch_size, score_thresh=None, spec=None, checkpoint_config=None):
         self.device = resolve_device(device)
         if self.device.type == 'cpu':
             keep_freed_memory()
