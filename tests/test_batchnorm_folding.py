@@ -23,7 +23,7 @@ def _unfolded_detections(detector, tiles):
     """What the model itself, with its BatchNorm layers, detects (as ``Detector`` keeps them)."""
     with torch.no_grad():
         outputs = detector.model([to_tensor(t) for t in tiles])
-    keep = [o['scores'] >= detector.score_thresh for o in outputs]
+    keep = [o['scores'] >= detector.threshold for o in outputs]
     return [(o['boxes'][k].numpy(), o['scores'][k].numpy()) for o, k in zip(outputs, keep)]
 
 

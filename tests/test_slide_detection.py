@@ -285,14 +285,14 @@ def test_a_detector_spec_builds_its_overrides_into_a_fixed_configuration(tiny_ch
     detector = DetectorSpec(model=str(tiny_checkpoint), threshold=0.02, nms=0.25, anchor_upsample=2, device='cpu',
                             batch_size=2).build()
     config = detector.model.config
-    assert (config.detect_thresh, config.score_thresh, config.nms_thresh, config.anchor_upsample) == (0.02, 0.02,
-                                                                                                     0.25, 2)
-    assert detector.score_thresh == 0.02
+    assert (config.threshold, config.box_score_thresh, config.nms_thresh, config.anchor_upsample) == (0.02, 0.02,
+                                                                                                      0.25, 2)
+    assert detector.threshold == 0.02
     assert detector.model.roi_heads.nms_thresh == 0.25 and detector.model.roi_heads.score_thresh == 0.02
     assert detector.model.rpn.upsample == detector.model.rpn.anchor_generator.upsample == 2
     assert stored_config(load_checkpoint(tiny_checkpoint)) == stored  # the checkpoint's own is untouched
     plain = DetectorSpec(model=str(tiny_checkpoint), device='cpu', batch_size=2).build()
-    assert plain.model.config == stored and plain.score_thresh == stored.detect_thresh
+    assert plain.model.config == stored and plain.threshold == stored.threshold
     with pytest.raises(CellRCNNError, match='score threshold must be between 0 and 1, not 1.5'):
         DetectorSpec(model=str(tiny_checkpoint), threshold=1.5, device='cpu', batch_size=2).build()
     with pytest.raises(CellRCNNError, match='NMS IoU threshold must be above 0 and at most 1, not 0'):

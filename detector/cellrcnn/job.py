@@ -41,7 +41,7 @@ def detect_to_files(slide_path, paths, settings, resume_dir=None):
         config = detector.model.config
         slide = Slide(slide_path, magnification=settings.magnification or 10 / config.mpp, mpp=settings.mpp)
         used = dataclasses.replace(settings.result(), magnification=slide.magnification,
-                                   threshold=detector.score_thresh, nms=config.nms_thresh,
+                                   threshold=detector.threshold, nms=config.nms_thresh,
                                    anchor_upsample=config.anchor_upsample).identity()
         # rows hold raw boxes: the element type changes how the nuclei are drawn, not which, so it is left out here
         key = run_key(slide_path, spec.model_path, {k: v for k, v in used.items() if k != 'element'})

@@ -169,7 +169,7 @@ class CellRCNN(GeneralizedRCNN):
             fg_iou_thresh=0.5, bg_iou_thresh=0.5,
             batch_size_per_image=config.box_batch_size_per_image, positive_fraction=config.box_positive_fraction,
             bbox_reg_weights=None,
-            score_thresh=config.score_thresh, nms_thresh=config.nms_thresh,
+            score_thresh=config.box_score_thresh, nms_thresh=config.nms_thresh,
             detections_per_img=0,
         )
         transform = NoResizeTransform(min_size=1, max_size=1, image_mean=list(config.image_mean),
