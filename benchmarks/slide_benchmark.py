@@ -407,11 +407,11 @@ def stock_child(argv):
     p.add_argument('--device', default='cpu')
     a = p.parse_args(argv)
     from cellrcnn.settings import DetectionSettings
-    from cellrcnn.slide import Slide
+    from cellrcnn.slide import Slide, magnification_from_mpp
     from cellrcnn.slide_detection import detect_slide
 
     detector = StockDetector(a.variant, a.tile_size, a.device, a.batch_size)
-    slide = Slide(a.slide, magnification=10 / MPP)
+    slide = Slide(a.slide, magnification=magnification_from_mpp(MPP))
     roi = tuple(float(v) for v in a.roi.split(',')) if a.roi else None
     result = detect_slide(slide, detector, roi=roi, tile_size=a.tile_size, overlap=a.overlap,
                           min_tissue=DetectionSettings.min_tissue, workers=a.workers)

@@ -291,12 +291,13 @@ def summary_line(rows):
 
 def batch(source, output, settings, scheduler=None, girder=None, progress=None):
     """``cellrcnn batch``: find the slides (a local folder ``source``, or a :class:`GirderFolder`), run them, write
-    ``OUT/cohort.csv``; ``progress`` (a :class:`cellrcnn.progress.Progress`) is told each finished slide. :returns: the rows. :raises CellRCNNError: when
-    there are no slides, the model or the Girder folder cannot be used, or any slide failed (after the table is
-    written)."""
+    ``OUT/cohort.csv``; ``progress`` (a :class:`cellrcnn.progress.Progress`) is told each finished slide.
+    :returns: the rows. :raises CellRCNNError: when the settings, the model or the Girder folder cannot be used, there
+    are no slides, or any slide failed (after the table is written)."""
     from .inference import DetectorSpec
 
     log = progress.log if progress else (lambda line: None)
+    settings.validate()
     DetectorSpec.from_settings(settings).check()  # a bad checkpoint or override fails once, here, not once per slide
     if settings.model:  # Dask workers may run elsewhere than here
         settings = dataclasses.replace(settings, model=os.path.abspath(settings.model))

@@ -418,7 +418,7 @@ def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, setti
     from .checkpoint import BUNDLED_MODEL, load_model, save_checkpoint
     from .evaluate import calibrate_threshold, evaluate_model
     from .girder_api import download_file, upload_files
-    from .slide import Slide
+    from .slide import Slide, magnification_from_mpp
     from .train import TrainConfig, train
 
     say = progress.log if progress else (lambda line: None)
@@ -463,7 +463,7 @@ def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, setti
         if not os.path.exists(local):
             download_file(api_url, token, labelled.file_id, local)
         labelled.local_path = local
-        slide = Slide(local, magnification=10.0 / mpp)
+        slide = Slide(local, magnification=magnification_from_mpp(mpp))
         prepare_slide(labelled, slide, st.point_size_um)
         held = labelled in heldout_slides
         # held-out regions are cut into large tiles without overlap: every nucleus is counted once

@@ -32,14 +32,16 @@ def detect_to_files(slide_path, paths, settings, resume_dir=None):
     from .inference import DetectorSpec
     from .progress import Progress
     from .resume import clear_partial, output_lock, run_key
-    from .slide import Slide
+    from .slide import Slide, magnification_from_mpp
     from .slide_detection import detect_slide
 
+    settings.validate()
     with output_lock(paths):  # one run at a time per output name: a second one stops here, in one line
         spec = DetectorSpec.from_settings(settings)
         detector = spec.build()
         config = detector.model.config
-        slide = Slide(slide_path, magnification=settings.magnification or 10 / config.mpp, mpp=settings.mpp)
+        slide = Slide(slide_path, magnification=settings.magnification or magnification_from_mpp(config.mpp),
+                      mpp=settings.mpp)
         used = dataclasses.replace(settings.result(), magnification=slide.magnification,
                                    threshold=detector.threshold, nms=config.nms_thresh,
                                    anchor_upsample=config.anchor_upsample).identity()
