@@ -31,7 +31,7 @@ def detect_to_files(slide_path, paths, settings, resume_dir=None):
     from .checkpoint import model_sha256
     from .inference import DetectorSpec
     from .progress import Progress
-    from .resume import clear_partial, output_lock, run_key
+    from .resume import RowStore, output_lock, run_key
     from .slide import Slide, magnification_from_mpp
     from .slide_detection import detect_slide
 
@@ -45,17 +45,20 @@ def detect_to_files(slide_path, paths, settings, resume_dir=None):
         used = dataclasses.replace(settings.result(), magnification=slide.magnification,
                                    threshold=detector.threshold, nms=config.nms_thresh,
                                    anchor_upsample=config.anchor_upsample).identity()
-        # rows hold raw boxes: the element type changes how the nuclei are drawn, not which, so it is left out here
-        key = run_key(slide_path, spec.model_path, {k: v for k, v in used.items() if k != 'element'})
-        result = detect_slide(slide, detector, roi=settings.roi, tile_size=settings.tile_size,
-                              overlap=settings.overlap, min_tissue=settings.min_tissue, workers=settings.workers,
-                              resume_dir=resume_dir, key=key, scheduler=settings.scheduler,
-                              adapt_tiles=settings.adapt_tiles,
+        resume = None
+        if resume_dir:
+            # rows hold raw boxes: the element type changes how the nuclei are drawn, not which, so it is left out here
+            key = run_key(slide_path, spec.model_path, {k: v for k, v in used.items() if k != 'element'})
+            resume = RowStore(resume_dir, key)
+        result = detect_slide(slide, detector, tile_size=settings.tile_size, overlap=settings.overlap,
+                              min_tissue=settings.min_tissue, workers=settings.workers, roi=settings.roi,
+                              resume=resume, scheduler=settings.scheduler, adapt_tiles=settings.adapt_tiles,
                               progress=Progress(mode=settings.progress, name='cellrcnn'))
         attributes = {'model': os.path.basename(spec.model_path), 'model_sha256': model_sha256(spec.model_path),
                       'model_config': detector.checkpoint_config.to_dict(), 'cellrcnn': __version__, 'params': used}
         write_results(result, paths, settings.element, attributes)
-        clear_partial(resume_dir, key)  # this run's rows; other settings' rows stay
+        if resume is not None:
+            resume.clear()  # this run's rows; other settings' rows stay
     return result
 
 
