@@ -50,6 +50,13 @@ def synthetic_slide(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope='module')
+def slide20x(synthetic_slide):
+    """A 20x (0.5 um/px) synthetic slide, 2048 x 1536, tiles of 512, and its nucleus boxes."""
+    path, boxes = synthetic_slide(2048, 1536, seed=4, mpp=0.5, tile_size=512)
+    return str(path), boxes
+
+
 @pytest.fixture(scope='session')
 def girder_session(tmp_path_factory):
     """One real Girder with the DSA plugins (cellrcnn.devstack.local_girder.GirderServer) for the whole test session.
