@@ -203,12 +203,13 @@ def compare_precisions(slide_path, gt, region, args):
     import torch
 
     from cellrcnn.inference import DetectorSpec
-    from cellrcnn.slide import Slide
+    from cellrcnn.settings import DetectionSettings
+    from cellrcnn.slide import Slide, magnification_from_mpp
     from cellrcnn.slide_detection import detect_slide
 
     reduced = torch.float16 if args.device.startswith('cuda') else torch.bfloat16
     detector = DetectorSpec(model=args.model, device=args.device, batch_size=args.batch_size).build()
-    slide = Slide(slide_path, magnification=10 / detector.model.config.mpp)
+    slide = Slide(slide_path, magnification=magnification_from_mpp(detector.model.config.mpp))
     first_conv = next(m for m in detector.model.modules() if isinstance(m, torch.nn.Conv2d))
     seen = set()
     hook = first_conv.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
@@ -221,7 +222,9 @@ def compare_precisions(slide_path, gt, region, args):
             seen.clear()
             reset_gpu_peak(args.device)
             with precision(dtype):
-                result = detect_slide(slide, detector, roi=region, tile_size=args.tile_size, workers=args.workers)
+                result = detect_slide(slide, detector, roi=region, tile_size=args.tile_size,
+                                      overlap=DetectionSettings.overlap, min_tissue=DetectionSettings.min_tissue,
+                                      workers=args.workers)
             allocated, _ = gpu_peak(args.device)
             check_ran_on(args.device, result.stats, allocated)
             if seen != {dtype}:

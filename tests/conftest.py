@@ -29,7 +29,7 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp('model') / 'tiny.pt'
     save_checkpoint(path, build_model(ModelConfig(backbone_width=0.25, fpn_channels=16, box_head_channels=32,
-                                                  detect_thresh=0.0)), half=True)
+                                                  threshold=0.0)), half=True)
     return path
 
 
@@ -60,6 +60,13 @@ def synthetic_slide(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope='module')
+def slide20x(synthetic_slide):
+    """A 20x (0.5 um/px) synthetic slide, 2048 x 1536, tiles of 512, and its nucleus boxes."""
+    path, boxes = synthetic_slide(2048, 1536, seed=4, mpp=0.5, tile_size=512)
+    return str(path), boxes
 
 
 @pytest.fixture(scope='session')

@@ -5,7 +5,6 @@ from torchvision.ops import box_iou, nms
 
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.inference import DetectorSpec
-from cellrcnn.resume import clear_partial
 from cellrcnn.slide import Slide
 from cellrcnn.slide_detection import detect_slide
 from cellrcnn.tiling import tile_grid
@@ -18,7 +17,7 @@ def slide_path(synthetic_slide):
 
 @pytest.fixture
 def detector(tiny_checkpoint):
-    return DetectorSpec(str(tiny_checkpoint), threshold=0.05, nms=0.3, device='cpu', batch_size=3).build()
+    return DetectorSpec(model=str(tiny_checkpoint), threshold=0.05, nms=0.3, device='cpu', batch_size=3).build()
 
 
 def sorted_rows(boxes):
@@ -43,7 +42,7 @@ class Recording:
 def test_merged_result_equals_one_global_nms_over_all_raw_detections(slide_path, detector):
     slide = Slide(slide_path)
     recording = Recording(detector)
-    result = detect_slide(slide, recording, tile_size=256, overlap=48, min_tissue=0.0)
+    result = detect_slide(slide, recording, tile_size=256, overlap=48, min_tissue=0.0, workers=2)
     tiles = tile_grid(slide, 256, 48, min_tissue=0.0, align=detector.model.config.fields[-1])
     assert len(recording.results) == len(tiles)
     raw_boxes = [slide.to_base(boxes, tile).astype(np.float32) for tile, (boxes, _) in zip(tiles, recording.results)]
@@ -62,9 +61,9 @@ def test_tiling_hardly_changes_the_detections(slide_path):
     features, and the same box, as in one tile over the whole slide. (A last tile moved back to end flush with the
     slide, off those steps, boxed a third of the nuclei differently from the rest.)"""
     slide = Slide(slide_path)
-    detector = DetectorSpec(device='cpu').build()  # the bundled model
-    whole = detect_slide(slide, detector, tile_size=1024, overlap=64, min_tissue=0.0)
-    tiled = detect_slide(slide, detector, tile_size=384, overlap=64, min_tissue=0.0)
+    detector = DetectorSpec(device='cpu', batch_size=2).build()  # the bundled model
+    whole = detect_slide(slide, detector, tile_size=1024, overlap=64, min_tissue=0.0, workers=2)
+    tiled = detect_slide(slide, detector, tile_size=384, overlap=64, min_tissue=0.0, workers=2)
     assert (whole.stats['tiles'], tiled.stats['tiles']) == (1, 6)
     assert abs(len(tiled.boxes) - len(whole.boxes)) < 0.05 * len(whole.boxes)
     best = box_iou(torch.from_numpy(whole.boxes), torch.from_numpy(tiled.boxes)).max(1).values
@@ -84,151 +83,13 @@ def test_a_tiles_detections_do_not_depend_on_the_tiles_batched_with_it(slide_pat
     np.testing.assert_array_equal(batched[0][0], batched[2][0])
 
 
-class Interrupting:
-    """A detector that stops the run (as Ctrl-C would) after a number of batches."""
-
-    def __init__(self, detector, batches):
-        self.inner, self.left = detector, batches
-        self.model, self.batch_size, self.device = detector.model, detector.batch_size, detector.device
-        self.spec = detector.spec
-
-    def detect_tiles(self, tiles):
-        if self.left == 0:
-            raise KeyboardInterrupt
-        self.left -= 1
-        return self.inner.detect_tiles(tiles)
-
-
-def test_an_interrupted_run_resumes_from_its_saved_rows(slide_path, detector, tmp_path):
-    slide = Slide(slide_path)
-    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, key='k')
-    full = detect_slide(slide, detector, **kwargs)
-    partial = tmp_path / 'partial'
-    with pytest.raises(KeyboardInterrupt):
-        detect_slide(slide, Interrupting(detector, 3), resume_dir=str(partial), **kwargs)
-    saved = sorted(p.relative_to(partial).as_posix() for p in partial.rglob('row_*.npz'))
-    assert saved == ['k/row_00000.npz']  # 9 tiles done: the first row of 5 and 4 tiles of the second (key k's)
-    resumed = detect_slide(slide, detector, resume_dir=str(partial), **kwargs)
-    assert resumed.stats['tile_rows_resumed'] == 1
-    assert resumed.stats['tiles_read'] == 15
-    # the same nuclei; coordinates may differ in the last float bits, as tiles meet the model in other batches
-    assert resumed.boxes.shape == full.boxes.shape
-    np.testing.assert_allclose(resumed.boxes, full.boxes, rtol=0, atol=1e-3)
-    np.testing.assert_allclose(resumed.scores, full.scores, rtol=0, atol=1e-5)
-    # another key (other settings or model) does not reuse them
-    other = detect_slide(slide, detector, resume_dir=str(partial), **{**kwargs, 'key': 'other'})
-    assert other.stats['tile_rows_resumed'] == 0
-    clear_partial(str(partial))
-    assert not partial.exists()
-
-
-# --------------------------------------------------------------------------- resume files: damaged, and other runs'
-
-KW = dict(tile_size=256, overlap=48, min_tissue=0.0)
-
-
-@pytest.fixture(scope='module')
-def spec(tiny_checkpoint):
-    return DetectorSpec(str(tiny_checkpoint), threshold=0.05, nms=0.3, device='cpu', batch_size=3)
-
-
-@pytest.fixture(scope='module')
-def full_runs(slide_path, spec):
-    """Uninterrupted results: at the spec's threshold 0.05 ('low') and at 0.45 ('high')."""
-    import dataclasses
-    return {name: detect_slide(Slide(slide_path), dataclasses.replace(spec, threshold=t).build(), **KW)
-            for name, t in (('low', 0.05), ('high', 0.45))}
-
-
-def interrupted(slide_path, spec, folder, key, threshold=0.05, batches=3):
-    """A run stopped (as by Ctrl-C) after ``batches`` batches of 3 tiles: it leaves the first row of 5 tiles."""
-    import dataclasses
-    with pytest.raises(KeyboardInterrupt):
-        detect_slide(Slide(slide_path), Interrupting(dataclasses.replace(spec, threshold=threshold).build(), batches),
-                     resume_dir=str(folder), key=key, **KW)
-
-
-def same_result(result, full):
-    assert result.boxes.shape == full.boxes.shape
-    np.testing.assert_allclose(result.boxes, full.boxes, rtol=0, atol=1e-3)
-    np.testing.assert_allclose(result.scores, full.scores, rtol=0, atol=1e-5)
-
-
-def test_rows_saved_with_another_tile_grid_are_computed_again(slide_path, spec, tmp_path):
-    """As rows left by a version of cellrcnn that laid its tiles out otherwise, under the same run key."""
-    interrupted(slide_path, spec, tmp_path, 'k')
-    other_grid = {**KW, 'overlap': 64}  # rows of other heights and places
-    full = detect_slide(Slide(slide_path), spec.build(), **other_grid)
-    rerun = detect_slide(Slide(slide_path), spec.build(), resume_dir=str(tmp_path), key='k', **other_grid)
-    assert rerun.stats['tile_rows_resumed'] == 0 and rerun.stats['tiles_read'] == full.stats['tiles_read']
-    same_result(rerun, full)
-
-
-@pytest.mark.parametrize('damage', [b'', b'{"ke', b'[1, 2]'])
-def test_an_empty_or_truncated_manifest_starts_the_rows_over(slide_path, spec, full_runs, tmp_path, damage):
-    interrupted(slide_path, spec, tmp_path, 'k')
-    next(tmp_path.rglob('run.json')).write_bytes(damage)  # as a crash or a full disk could have left it
-    rerun = detect_slide(Slide(slide_path), spec.build(), resume_dir=str(tmp_path), key='k', **KW)
-    assert rerun.stats['tile_rows_resumed'] == 0 and rerun.stats['tiles_read'] == 20  # all computed again
-    same_result(rerun, full_runs['low'])
-
-
-@pytest.mark.parametrize('damage', ['half', 'empty', 'no scores'])
-def test_a_truncated_row_file_is_computed_again(slide_path, spec, full_runs, tmp_path, damage):
-    interrupted(slide_path, spec, tmp_path, 'k', batches=4)  # 12 tiles: rows 0 and 1 done
-    row = next(tmp_path.rglob('row_00001.npz'))
-    data = row.read_bytes()
-    if damage == 'no scores':
-        with np.load(row) as saved:
-            np.savez(row, boxes=saved['boxes'])
-    else:
-        row.write_bytes(data[:len(data) // 2] if damage == 'half' else b'')
-    rerun = detect_slide(Slide(slide_path), spec.build(), resume_dir=str(tmp_path), key='k', **KW)
-    assert rerun.stats['tile_rows_resumed'] == 1 and rerun.stats['tiles_read'] == 15  # row 1 again, row 0 kept
-    same_result(rerun, full_runs['low'])
-
-
-def test_runs_with_other_settings_interleaved_on_one_folder_keep_their_own_rows(slide_path, spec, full_runs,
-                                                                                 tmp_path):
-    interrupted(slide_path, spec, tmp_path, 'low', threshold=0.05)
-    interrupted(slide_path, spec, tmp_path, 'high', threshold=0.45)  # must neither delete nor take low's rows
-    import dataclasses
-    low = detect_slide(Slide(slide_path), spec.build(), resume_dir=str(tmp_path), key='low', **KW)
-    assert low.stats['tile_rows_resumed'] == 1
-    same_result(low, full_runs['low'])
-    high = detect_slide(Slide(slide_path), dataclasses.replace(spec, threshold=0.45).build(),
-                        resume_dir=str(tmp_path), key='high', **KW)
-    assert high.stats['tile_rows_resumed'] == 1
-    assert high.scores.min() >= 0.45  # labelled 0.45, holds nothing below it
-    same_result(high, full_runs['high'])
-    clear_partial(str(tmp_path), 'high')  # a finished run removes its own rows only
-    assert not (tmp_path / 'high').exists() and (tmp_path / 'low' / 'row_00000.npz').exists()
-    clear_partial(str(tmp_path), 'low')
-    assert not tmp_path.exists()  # nothing else was left in it
-
-
-def test_row_stores_of_two_keys_written_in_turn_never_mix(tmp_path):
-    from cellrcnn.resume import RowStore
-
-    def rows(score):
-        return np.array([[0, 0, 10, 10]], np.float32), np.array([score], np.float32)
-
-    a, b = RowStore(str(tmp_path), 'a'), RowStore(str(tmp_path), 'b')  # as two runs started at once would
-    a.save(0, *rows(0.9))
-    b.save(0, *rows(0.1))
-    a.save(1, *rows(0.8))
-    done_a, done_b = RowStore(str(tmp_path), 'a').done_rows(), RowStore(str(tmp_path), 'b').done_rows()
-    assert {r: float(s[0]) for r, (_, s) in done_a.items()} == pytest.approx({0: 0.9, 1: 0.8})
-    assert {r: float(s[0]) for r, (_, s) in done_b.items()} == pytest.approx({0: 0.1})
-
-
 def test_glass_only_slide_gives_an_empty_result(tmp_path, detector):
     import pyvips
     path = tmp_path / 'glass.tiff'
     glass = pyvips.Image.black(600, 500, bands=3) + 245
     glass.cast('uchar').tiffsave(str(path), tile=True, pyramid=True, compression='jpeg', xres=2000, yres=2000,
                                  resunit='cm')
-    result = detect_slide(Slide(path), detector, tile_size=256, overlap=32)
+    result = detect_slide(Slide(path), detector, tile_size=256, overlap=32, min_tissue=0.05, workers=2)
     assert len(result.boxes) == 0
     assert result.stats['tiles_read'] == 0 and result.stats['tiles_skipped'] == result.stats['tiles']
     assert result.stats['adapt_tiles'] == 0  # no tissue to adapt to
@@ -236,19 +97,20 @@ def test_glass_only_slide_gives_an_empty_result(tmp_path, detector):
 
 def test_bad_detection_loop_settings(slide_path, detector):
     slide = Slide(slide_path)
+    run = dict(tile_size=1024, overlap=64, min_tissue=0.05, workers=2)
     with pytest.raises(CellRCNNError, match='overlap must be'):
-        detect_slide(slide, detector, tile_size=256, overlap=256)
+        detect_slide(slide, detector, **{**run, 'tile_size': 256, 'overlap': 256})
     with pytest.raises(CellRCNNError, match='minimum tissue fraction'):
-        detect_slide(slide, detector, min_tissue=2)
+        detect_slide(slide, detector, **{**run, 'min_tissue': 2})
     with pytest.raises(CellRCNNError, match='outside the slide'):
-        detect_slide(slide, detector, roi=(5000, 5000, 100, 100))
+        detect_slide(slide, detector, roi=(5000, 5000, 100, 100), **run)
     with pytest.raises(CellRCNNError, match='number of tiles to adapt to the slide must be 0 .* or more, not -1'):
-        detect_slide(slide, detector, adapt_tiles=-1)
+        detect_slide(slide, detector, adapt_tiles=-1, **run)
 
 
 def test_a_dask_cluster_gives_the_same_detections(slide_path, detector, tiny_checkpoint):
     slide = Slide(slide_path)
-    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0)
+    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, workers=2)
     local = detect_slide(slide, detector, **kwargs)
     spread = detect_slide(slide, detector, scheduler='local:2', **kwargs)
     assert len(spread.boxes) == len(local.boxes) > 0
@@ -260,9 +122,9 @@ def test_dask_workers_detect_with_the_adapted_statistics_and_the_anchor_density_
         slide_path, detector, tiny_checkpoint):
     slide = Slide(slide_path)
     # an override that the model file on the workers does not hold
-    detector = DetectorSpec(str(tiny_checkpoint), threshold=0.05, nms=0.3, anchor_upsample=2, device='cpu',
+    detector = DetectorSpec(model=str(tiny_checkpoint), threshold=0.05, nms=0.3, anchor_upsample=2, device='cpu',
                             batch_size=3).build()
-    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, adapt_tiles=4)
+    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, workers=2, adapt_tiles=4)
     local = detect_slide(slide, detector, **kwargs)
     spread = detect_slide(slide, detector, scheduler='local:1', **kwargs)
     assert local.stats['adapt_tiles'] == spread.stats['adapt_tiles'] == 4
@@ -273,7 +135,7 @@ def test_dask_workers_detect_with_the_adapted_statistics_and_the_anchor_density_
 
 def test_unreachable_dask_scheduler(slide_path, detector, tiny_checkpoint):
     with pytest.raises(CellRCNNError, match='cannot reach the Dask scheduler'):
-        detect_slide(Slide(slide_path), detector, tile_size=256, overlap=48, min_tissue=0.0,
+        detect_slide(Slide(slide_path), detector, tile_size=256, overlap=48, min_tissue=0.0, workers=2,
                      scheduler='tcp://127.0.0.1:9')
 
 
@@ -281,17 +143,18 @@ def test_a_detector_spec_builds_its_overrides_into_a_fixed_configuration(tiny_ch
     from cellrcnn.checkpoint import load_checkpoint, stored_config
 
     stored = stored_config(load_checkpoint(tiny_checkpoint))
-    detector = DetectorSpec(str(tiny_checkpoint), threshold=0.02, nms=0.25, anchor_upsample=2, device='cpu').build()
+    detector = DetectorSpec(model=str(tiny_checkpoint), threshold=0.02, nms=0.25, anchor_upsample=2, device='cpu',
+                            batch_size=2).build()
     config = detector.model.config
-    assert (config.detect_thresh, config.score_thresh, config.nms_thresh, config.anchor_upsample) == (0.02, 0.02,
-                                                                                                     0.25, 2)
-    assert detector.score_thresh == 0.02
+    assert (config.threshold, config.box_score_thresh, config.nms_thresh, config.anchor_upsample) == (0.02, 0.02,
+                                                                                                      0.25, 2)
+    assert detector.threshold == 0.02
     assert detector.model.roi_heads.nms_thresh == 0.25 and detector.model.roi_heads.score_thresh == 0.02
     assert detector.model.rpn.upsample == detector.model.rpn.anchor_generator.upsample == 2
     assert stored_config(load_checkpoint(tiny_checkpoint)) == stored  # the checkpoint's own is untouched
-    plain = DetectorSpec(str(tiny_checkpoint), device='cpu').build()
-    assert plain.model.config == stored and plain.score_thresh == stored.detect_thresh
+    plain = DetectorSpec(model=str(tiny_checkpoint), device='cpu', batch_size=2).build()
+    assert plain.model.config == stored and plain.threshold == stored.threshold
     with pytest.raises(CellRCNNError, match='score threshold must be between 0 and 1, not 1.5'):
-        DetectorSpec(str(tiny_checkpoint), threshold=1.5).build()
+        DetectorSpec(model=str(tiny_checkpoint), threshold=1.5, device='cpu', batch_size=2).build()
     with pytest.raises(CellRCNNError, match='NMS IoU threshold must be above 0 and at most 1, not 0'):
-        DetectorSpec(str(tiny_checkpoint), nms=0).build()
+        DetectorSpec(model=str(tiny_checkpoint), nms=0, device='cpu', batch_size=2).build()

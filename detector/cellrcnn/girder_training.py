@@ -40,7 +40,7 @@ from . import __version__
 from .errors import CellRCNNError
 from .files import atomic_write
 from .labelled_slides import find_labelled_slides, prepare_slide, region_samples, region_tiles
-from .settings import AnnotationTrainingSettings
+from .settings import AnnotationTrainingSettings, DetectionSettings
 
 
 @dataclass
@@ -66,7 +66,7 @@ def size_points(model, slide, labelled, tiles, device='auto'):
     points = np.flatnonzero(labelled.is_point)
     if not len(points) or not tiles:
         return 0
-    detector = Detector(model, device=device, score_thresh=model.config.detect_thresh)
+    detector = Detector(model, device, DetectionSettings.batch_size)
     found = [slide.to_base(boxes, tile) for (tile, _), (boxes, _) in
              zip(tiles, detector.detect_tiles([image for _, image in tiles]))]
     found = np.concatenate(found) if found else np.zeros((0, 4))
@@ -282,7 +282,7 @@ def _read_samples(api_url, token, slides, heldout_slides, base, out_dir, setting
     the starting model ``base``'s resolution and cut it into samples. :returns: ``(train_samples,
     heldout_samples)``."""
     from .girder_api import download_file
-    from .slide import Slide
+    from .slide import Slide, magnification_from_mpp
 
     st = settings
     download_dir = os.path.join(out_dir, 'slides')
@@ -294,7 +294,7 @@ def _read_samples(api_url, token, slides, heldout_slides, base, out_dir, setting
         if not os.path.exists(local):
             download_file(api_url, token, labelled.file_id, local)
         labelled.local_path = local
-        slide = Slide(local, magnification=10.0 / base.config.mpp)
+        slide = Slide(local, magnification=magnification_from_mpp(base.config.mpp))
         prepare_slide(labelled, slide, st.point_size_um)
         held = labelled in heldout_slides
         # held-out regions are cut into large tiles without overlap: every nucleus is counted once

@@ -16,7 +16,7 @@ What survives what:
   ``<run key>/`` folders, so they never mix or delete each other's rows;
 - **a full disk**: a row that cannot be written ends the run with one line; the rows written before it stay.
 
-Cleanup: a finished run removes its own ``<run key>/`` folder (:func:`clear_partial`), and the resume folder when
+Cleanup: a finished run removes its own ``<run key>/`` folder (:meth:`RowStore.clear`), and the resume folder when
 nothing else is left in it. Rows of other keys (an interrupted run with other settings on the same outputs) stay until
 a run with that key finishes, or until someone removes the folder.
 """
@@ -82,23 +82,23 @@ def _key_folder(resume_dir, key):
 
 
 class RowStore:
-    """Raw detections of finished tile rows of the run ``key``, one file per row in ``folder/<key>/``, written
-    atomically. Unreadable files are dropped (their rows are computed again), never an error. The caller holds the
-    output lock (:func:`output_lock`), so no other process writes this folder meanwhile.
+    """Raw detections of the finished tile rows of the run ``key``, one file per row in ``folder/<key>/``, written
+    atomically. Created where a run starts (``job``), which holds the output lock (:func:`output_lock`), so no other
+    process writes this folder meanwhile; opened for the run's tile grid by the detection loop (:meth:`open`), which
+    saves each row it finishes (:meth:`save`); cleared by the run once its outputs are written (:meth:`clear`).
+    Unreadable files are dropped (their rows are computed again), never an error."""
 
-    ``grid``: what places the tiles of each row (any JSON-able value); rows saved with another grid, by a version of
-    cellrcnn that laid its tiles out otherwise, are dropped and computed again."""
+    def __init__(self, folder, key):
+        self.folder, self.key = folder, str(key)
+        self.rows_folder = _key_folder(folder, self.key)
 
-    def __init__(self, folder, key, grid=None):
-        self.folder = folder
-        self.enabled = folder is not None
-        if not self.enabled:
-            return
-        self.key = str(key)
-        self.rows_folder = _key_folder(folder, key)
+    def open(self, grid=None):
+        """Start this key's rows, or go on with them. ``grid``: what places the tiles of each row (any JSON-able
+        value); rows saved with another grid, by a version of cellrcnn that laid its tiles out otherwise, are dropped
+        and computed again. :returns: ``{row: (boxes, scores)}`` of the rows an earlier run finished."""
         manifest = os.path.join(self.rows_folder, MANIFEST)
         try:
-            _remove_old_layout(folder)
+            _remove_old_layout(self.folder)
             record = {'key': self.key, 'grid': grid}
             if _read_manifest(manifest) != record:  # missing, unreadable, another key or grid: start over
                 shutil.rmtree(self.rows_folder, ignore_errors=True)
@@ -111,11 +111,10 @@ class RowStore:
                 json.dump(record, f)
         except OSError as exc:
             raise CellRCNNError(f'cannot keep partial results in {self.rows_folder}: {exc.strerror or exc}') from None
+        return self._done_rows()
 
-    def done_rows(self):
+    def _done_rows(self):
         """``{row: (boxes, scores)}`` of every readable row file; the others are removed (computed again)."""
-        if not self.enabled:
-            return {}
         rows = {}
         try:
             names = sorted(os.listdir(self.rows_folder))
@@ -135,15 +134,20 @@ class RowStore:
         return rows
 
     def save(self, row, boxes, scores):
-        if self.enabled:
-            try:
-                os.makedirs(self.rows_folder, exist_ok=True)
-            except OSError as exc:
-                raise CellRCNNError(f'cannot keep partial results in {self.rows_folder}: '
-                                    f'{exc.strerror or exc}') from None
-            with atomic_write(os.path.join(self.rows_folder, f'row_{row:05d}.npz'), 'partial results',
-                              binary=True) as f:
-                np.savez(f, boxes=boxes, scores=scores)
+        """Keep a finished row's raw detections (boxes N x 4 in base pixels, scores N)."""
+        try:
+            os.makedirs(self.rows_folder, exist_ok=True)
+        except OSError as exc:
+            raise CellRCNNError(f'cannot keep partial results in {self.rows_folder}: {exc.strerror or exc}') from None
+        with atomic_write(os.path.join(self.rows_folder, f'row_{row:05d}.npz'), 'partial results', binary=True) as f:
+            np.savez(f, boxes=boxes, scores=scores)
+
+    def clear(self):
+        """Remove this key's rows, once the run's outputs are written, and the resume folder when nothing else is left
+        in it; other keys' rows stay."""
+        shutil.rmtree(self.rows_folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.folder)  # only when empty
 
 
 def _read_manifest(path):
@@ -179,16 +183,3 @@ def _remove_old_layout(folder):
             if name == MANIFEST or _ROW_FILE.fullmatch(name) or (name.startswith('row_') and '.tmp' in name):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(folder, name))
-
-
-def clear_partial(resume_dir, key=None):
-    """Remove the saved rows of a finished run: those of ``key`` (and the resume folder, if nothing else is left in
-    it), or with no key every run's."""
-    if not resume_dir:
-        return
-    if key is None:
-        shutil.rmtree(resume_dir, ignore_errors=True)
-        return
-    shutil.rmtree(_key_folder(resume_dir, key), ignore_errors=True)
-    with contextlib.suppress(OSError):
-        os.rmdir(resume_dir)  # only when empty: other keys' rows stay

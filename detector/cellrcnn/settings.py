@@ -1,11 +1,21 @@
 """Settings of a detection run, and of training from annotations: the single source of their defaults.
 
 ``cellrcnn detect`` / ``batch`` (``__main__``), the DSA tasks (``cli/*/*.xml``; a test checks their defaults against
-these) and the library all take their defaults from here. None means "the model's or the slide's own value".
+these) and the library all take their defaults from here: the stages (``tiling``, ``inference``, ``slide_detection``)
+take these values as required arguments and keep no defaults of their own, and this module imports none of them.
+None means "the model's or the slide's own value".
 """
 
 import dataclasses
+import numbers
+import os
 from dataclasses import dataclass
+
+from .errors import CellRCNNError
+
+#: what a setting of each declared type accepts, and the words for it in an error
+_KINDS = {int: (numbers.Integral, 'a whole number'), float: (numbers.Real, 'a number'),
+          str: ((str, os.PathLike), 'a string'), tuple: ((tuple, list), 'a sequence')}
 
 
 @dataclass(frozen=True)
@@ -63,12 +73,22 @@ class DetectionSettings(ResultSettings):
         """The :class:`ResultSettings` part, as asked for (None still meaning the model's or slide's own)."""
         return ResultSettings(**self.identity())
 
-    def detector_spec(self):
-        """The :class:`cellrcnn.inference.DetectorSpec` these settings ask for."""
-        from .inference import DetectorSpec
-
-        return DetectorSpec(model=self.model, threshold=self.threshold, nms=self.nms,
-                            anchor_upsample=self.anchor_upsample, device=self.device, batch_size=self.batch_size)
+    def validate(self):
+        """Check these settings once, where a run starts (``job``, ``cohort``): each is of its declared kind (a whole
+        number, a number, a string, a sequence; None only where None means the model's or the slide's own value), else
+        a one-line CellRCNNError. The values each may take are checked by the stage that uses them, once:
+        ``tiling.tile_grid`` (tile size, overlap, minimum tissue), ``tiling.prefetch`` (reader threads),
+        ``slide_adaptation.adapt_to_slide`` (adaptation tiles), the model's configuration (threshold, NMS, anchor
+        density), ``inference.Detector`` (batch size), ``slide.Slide`` (magnification, pixel size, ROI).
+        :returns: the settings."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            accepted, kind = _KINDS[f.type]
+            if isinstance(value, bool) or not isinstance(value, accepted):
+                raise CellRCNNError(f'{f.name} must be {kind}, not {repr(value)[:40]}')
+        return self
 
 
 @dataclass(frozen=True)

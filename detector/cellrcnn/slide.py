@@ -14,7 +14,8 @@ Coordinates
 Scale
 -----
 The slide's native magnification comes from large_image (``getNativeMagnification``); when a slide states only a
-pixel size, magnification = 10 / (um per pixel), large_image's own convention (0.5 um/px = 20x).  ``mpp`` (um per
+pixel size, magnification = 10 / (um per pixel), large_image's own convention (0.5 um/px = 20x;
+:func:`magnification_from_mpp`).  ``mpp`` (um per
 base pixel, the command's ``--mpp``) overrides the slide's metadata and is required when the slide has neither.
 
 Requests above the native magnification are refused (CellRCNNError): upsampling adds no detail, and a model
@@ -43,13 +44,19 @@ import numpy as np
 
 from .errors import CellRCNNError, one_line
 
-__all__ = ['Slide', 'DEFAULT_MAGNIFICATION']
+__all__ = ['Slide', 'DEFAULT_MAGNIFICATION', 'magnification_from_mpp']
 
 DEFAULT_MAGNIFICATION = 20.0
 #: Requests up to this factor above the native magnification are analysed at the native scale.
 MAG_TOLERANCE = 1.05
 #: decoded source tiles large_image may keep in memory (see Memory above); about 64 MB of 256 px RGBA tiles
 TILE_CACHE_ITEMS = 128
+
+
+def magnification_from_mpp(mpp):
+    """The magnification of pixels ``mpp`` micrometres wide, by large_image's convention: 10 / mpp (0.5 um/px is
+    20x). The relation is its own inverse: given a magnification, it returns the pixel size in micrometres."""
+    return 10.0 / mpp
 
 
 def _bound_tile_cache():
@@ -137,15 +144,16 @@ class Slide:
                 raise CellRCNNError(f'--mpp must be a number of micrometres per pixel, not {mpp!r}') from None
             if not mpp > 0 or not math.isfinite(mpp):
                 raise CellRCNNError(f'--mpp must be a positive number of micrometres per pixel, not {mpp:g}')
-            native_mpp, native_mag, self.scale_from = mpp, 10.0 / mpp, 'mpp'
+            native_mpp, native_mag, self.scale_from = mpp, magnification_from_mpp(mpp), 'mpp'
         else:
             mag, mm_x = native.get('magnification'), native.get('mm_x')
             if mag and mag > 0:
                 native_mag = float(mag)
-                native_mpp = float(mm_x) * 1000 if mm_x and mm_x > 0 else 10.0 / native_mag
+                # without a stated pixel size, the one of the magnification (the relation is its own inverse)
+                native_mpp = float(mm_x) * 1000 if mm_x and mm_x > 0 else magnification_from_mpp(native_mag)
             elif mm_x and mm_x > 0:
                 native_mpp = float(mm_x) * 1000
-                native_mag = 10.0 / native_mpp
+                native_mag = magnification_from_mpp(native_mpp)
             else:
                 raise CellRCNNError(
                     f'{self.path} states no magnification or resolution; pass --mpp (micrometres per pixel of '

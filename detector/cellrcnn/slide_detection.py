@@ -1,8 +1,8 @@
 """The detection loop over a slide: tissue-aware tiles, read ahead while the model works, merged exactly across seams.
 
 The merged result equals one greedy NMS over every raw detection of every tile (``merge.StreamingNMS``), costs time
-linear in the number of detections, and holds only about a tile row of boxes. Finished tile rows are saved by
-``resume.RowStore``; tile batches run here or on a Dask cluster (``dask_cluster``).
+linear in the number of detections, and holds only about a tile row of boxes (:class:`TileRows`). Finished tile rows
+are saved to the run's ``resume.RowStore``; tile batches run here or on a Dask cluster (``dask_cluster``).
 
 Units: tiles are cut in analysis pixels; every box leaving this module is in base pixels (``Slide.to_base``).
 """
@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .adapt import adapt_to_slide, batchnorm_stats, load_batchnorm_stats
+from .adapt import batchnorm_stats, load_batchnorm_stats
 from .errors import CellRCNNError
 from .merge import StreamingNMS
 from .progress import Progress
-from .resume import RowStore
 from .slide import Slide
+from .slide_adaptation import adapt_to_slide
 from .tiling import prefetch, tile_grid
 from .tissue import find_tissue
 
@@ -38,10 +38,72 @@ class SlideDetections:
     stats: dict = field(default_factory=dict)
 
 
-def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tissue=0.05, workers=2,
-                 resume_dir=None, key='', progress=None, scheduler=None, adapt_tiles=0):
-    """Detect nuclei over a slide (or a base-pixel ROI ``(x, y, w, h)``) with an ``inference.Detector``; tile sizes in
-    analysis pixels.
+class TileRows:
+    """The tile rows of a grid on their way through the merge. Each row's raw detections are held until its last tile
+    is in; then, in row order, the row is saved (to ``store``, a ``resume.RowStore``, when given) and the merge is
+    promised that no more boxes come above the next row (``StreamingNMS.complete_up_to``), which lets it give up the
+    boxes it keeps there.
+
+    Rows that ``store`` holds from an earlier run of the same key and grid go to the merge first, from their raw
+    detections, and are not read again: :attr:`todo` is the tiles left to read (skipped tiles are never read)."""
+
+    def __init__(self, tiles, merger, store=None):
+        self.merger, self.store = merger, store
+        self.rows = sorted({t.row for t in tiles})
+        self.top = {r: min(t.base_y for t in tiles if t.row == r) for r in self.rows}
+        # rows of this grid only; unreadable row files are computed again
+        grid = {'rows': [[t.y, t.height] for t in tiles if t.col == 0],
+                'cols': [[t.x, t.width] for t in tiles if t.row == 0]}
+        done = store.open(grid) if store is not None else {}
+        self.resumed = {r: rows for r, rows in done.items() if r in self.top}
+        self.todo = [t for t in tiles if t.row not in self.resumed and not t.skipped]
+        self.unread = dict.fromkeys(self.rows, 0)
+        for t in self.todo:
+            self.unread[t.row] += 1
+        self.raw = {r: ([], []) for r in self.rows}
+        self.raw_count = sum(len(s) for _, s in self.resumed.values())
+        self.kept_boxes, self.kept_scores = [], []
+        self.cursor = 0  # rows before it are closed
+        for boxes, scores in self.resumed.values():
+            merger.add(boxes, scores)
+        self.close_finished()
+
+    def add(self, tile, boxes, scores):
+        """A tile's raw detections: float32 boxes in base pixels, and their scores."""
+        self.raw_count += len(scores)
+        self.merger.add(boxes, scores)
+        self.raw[tile.row][0].append(boxes)
+        self.raw[tile.row][1].append(scores)
+        self.unread[tile.row] -= 1
+
+    def close_finished(self):
+        """Close, in row order, the rows with every tile in: save them and promise the merge they get no more boxes."""
+        while self.cursor < len(self.rows) and self.unread[self.rows[self.cursor]] == 0:
+            row = self.rows[self.cursor]
+            if row not in self.resumed:
+                boxes, scores = self.raw.pop(row)
+                if self.store is not None:
+                    self.store.save(row, np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
+                                    np.concatenate(scores) if scores else np.zeros(0, np.float32))
+            self.cursor += 1
+            if self.cursor < len(self.rows):
+                boxes, scores, _ = self.merger.complete_up_to(self.top[self.rows[self.cursor]])
+                self.kept_boxes.append(boxes)
+                self.kept_scores.append(scores)
+
+    def finish(self):
+        """``(boxes N x 4, scores N)``: every detection the merge keeps, once every row is in."""
+        boxes, scores, _ = self.merger.finish()
+        self.kept_boxes.append(boxes)
+        self.kept_scores.append(scores)
+        return np.concatenate(self.kept_boxes).reshape(-1, 4), np.concatenate(self.kept_scores)
+
+
+def detect_slide(slide, detector, *, tile_size, overlap, min_tissue, workers, roi=None, resume=None, progress=None,
+                 scheduler=None, adapt_tiles=0):
+    """Detect nuclei over a slide (or a base-pixel ROI ``(x, y, w, h)``) with an ``inference.Detector``: tiles of at
+    most ``tile_size`` analysis pixels sharing ``overlap`` (``tiling.tile_grid``), those with less tissue than
+    ``min_tissue`` skipped, read by ``workers`` threads (``tiling.prefetch``).
 
     With ``adapt_tiles`` > 0 the model's BatchNorm statistics are first re-estimated on up to that many of the slide's
     own tissue tiles (:func:`adapt_to_slide`), and put back as they were when the slide is done.
@@ -54,102 +116,59 @@ def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tiss
     ``device``, ``model`` (a ``model.CellRCNN``) and ``spec``: an ``inference.Detector``, normally.
     ``progress``: a :class:`cellrcnn.progress.Progress` (default: none shown).
 
-    Raw detections of finished tile rows stay in ``resume_dir/<key>/`` (when given; ``resume.RowStore``) until the
-    caller has written its outputs and calls ``clear_partial(resume_dir, key)``. Rows of other keys there are neither
-    read nor removed; the caller holds the output lock (``resume.output_lock``), so no other run writes them meanwhile.
+    ``resume``: the run's ``resume.RowStore`` (None: nothing is kept). The loop opens it for its tile grid, merges the
+    rows it holds instead of reading them again, and saves each row it finishes; the rows stay until the caller has
+    written its outputs and clears them (``RowStore.clear``). The caller holds the output lock
+    (``resume.output_lock``), so no other run writes them meanwhile.
     """
     started = time.perf_counter()
-    if not 0 <= overlap < tile_size:
-        raise CellRCNNError(f'overlap must be at least 0 and below the tile size {tile_size}, not {overlap}')
-    if not 0 <= min_tissue <= 1:
-        raise CellRCNNError(f'minimum tissue fraction must be between 0 and 1, not {min_tissue}')
-    if adapt_tiles < 0:
-        raise CellRCNNError(f'the number of tiles to adapt to the slide must be 0 (no adaptation) or more, '
-                            f'not {adapt_tiles}')
     coarsest = detector.model.config.fields[-1]  # the model pads tiles to multiples of it; tiles start on it
     if min(slide.size) < coarsest:
         raise CellRCNNError(f'{slide.path} is {slide.size[0]}x{slide.size[1]} px at {slide.magnification:g}x; '
                             f'the model needs at least {coarsest}x{coarsest}')
     tissue = find_tissue(slide)
-    tiles = tile_grid(slide, tile_size, overlap, roi=roi, min_tissue=min_tissue, tissue=tissue, align=coarsest)
+    tiles = tile_grid(slide, tile_size, overlap, min_tissue, roi=roi, tissue=tissue, align=coarsest)
     mask_seconds = time.perf_counter() - started
     unadapted = batchnorm_stats(detector.model)
     try:
         t0 = time.perf_counter()
         adapted = adapt_to_slide(slide, detector, tiles, adapt_tiles, workers)
         timing = {'adapt': time.perf_counter() - t0, 'read': 0.0, 'detect': 0.0, 'merge': 0.0}
-        rows = sorted({t.row for t in tiles})
-        row_top = {r: min(t.base_y for t in tiles if t.row == r) for r in rows}
-        merger = StreamingNMS(detector.model.config.nms_thresh, MAX_NUCLEUS_PX * slide.scale)
-        # rows of this key and grid only; unreadable row files are computed again
-        grid = {'rows': [[t.y, t.height] for t in tiles if t.col == 0],
-                'cols': [[t.x, t.width] for t in tiles if t.row == 0]}
-        store = RowStore(resume_dir, key, grid=grid)
-        resumed = {r: done for r, done in store.done_rows().items() if r in row_top}
-        todo = [t for t in tiles if t.row not in resumed and not t.skipped]
-        unread = {r: 0 for r in rows}
-        for t in todo:
-            unread[t.row] += 1
-        raw = {r: ([], []) for r in rows}
-        for r, (b, s) in resumed.items():  # rows finished by an earlier run: merged again from their raw detections
-            merger.add(b, s)
-        kept_boxes, kept_scores = [], []
-        cursor = 0
-
-        def close_finished_rows():
-            """Promise the merge, in row order, that rows with every tile done get no more boxes."""
-            nonlocal cursor
-            while cursor < len(rows) and unread[rows[cursor]] == 0:
-                row = rows[cursor]
-                if row not in resumed:
-                    boxes, scores = raw.pop(row)
-                    store.save(row, np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
-                               np.concatenate(scores) if scores else np.zeros(0, np.float32))
-                cursor += 1
-                if cursor < len(rows):
-                    b, s, _ = merger.complete_up_to(row_top[rows[cursor]])
-                    kept_boxes.append(b)
-                    kept_scores.append(s)
-
-        close_finished_rows()
-        bar = progress or Progress(mode='none')
-        bar.start(len(todo))
-        if resumed:
-            bar.comment(f'resumed: {len(resumed)} of {len(rows)} tile rows already done')
-        raw_count = sum(len(s) for _, s in resumed.values())
-        if scheduler:
-            from .dask_cluster import dask_batches
-
-            batches = dask_batches(slide, detector, todo, scheduler, timing)
-        else:
-            batches = local_batches(slide, detector, todo, workers, timing)
-        for batch, results in batches:
-            t0 = time.perf_counter()
-            for tile, (boxes, scores) in zip(batch, results):
-                raw_count += len(scores)
-                base = slide.to_base(boxes, tile).astype(np.float32)
-                merger.add(base, scores)
-                raw[tile.row][0].append(base)
-                raw[tile.row][1].append(scores)
-                unread[tile.row] -= 1
-            close_finished_rows()
-            timing['merge'] += time.perf_counter() - t0
-            bar.update(len(batch))
-        b, s, _ = merger.finish()
-        kept_boxes.append(b)
-        kept_scores.append(s)
-        bar.finish()
-        boxes = np.concatenate(kept_boxes).reshape(-1, 4)
-        scores = np.concatenate(kept_scores)
+        rows = TileRows(tiles, StreamingNMS(detector.model.config.nms_thresh, MAX_NUCLEUS_PX * slide.scale), resume)
+        boxes, scores = _detect_rows(slide, detector, rows, workers, scheduler, timing, progress)
         order = np.lexsort((boxes[:, 0], boxes[:, 1]))  # reading order: top to bottom, left to right
         result = SlideDetections(slide, boxes[order], scores[order], slide.roi_to_analysis(roi))
-        result.stats = _stats(slide, tissue, tiles, todo, resumed, result, timing, mask_seconds,
+        result.stats = _stats(slide, tissue, tiles, rows, result, timing, mask_seconds,
                               time.perf_counter() - started, detector)
-        result.stats['raw_detections'] = raw_count
+        result.stats['raw_detections'] = rows.raw_count
         result.stats['adapt_tiles'] = len(adapted)
         return result
     finally:
         load_batchnorm_stats(detector.model, unadapted)
+
+
+def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress):
+    """Detect the tiles ``rows`` has left to read, batch by batch, into ``rows``; :returns: what the merge kept."""
+    bar = progress or Progress(mode='none')
+    bar.start(len(rows.todo))
+    if rows.resumed:
+        bar.comment(f'resumed: {len(rows.resumed)} of {len(rows.rows)} tile rows already done')
+    if scheduler:
+        from .dask_cluster import dask_batches
+
+        batches = dask_batches(slide, detector, rows.todo, scheduler, timing)
+    else:
+        batches = local_batches(slide, detector, rows.todo, workers, timing)
+    for batch, results in batches:
+        t0 = time.perf_counter()
+        for tile, (boxes, scores) in zip(batch, results):
+            rows.add(tile, slide.to_base(boxes, tile).astype(np.float32), scores)
+        rows.close_finished()
+        timing['merge'] += time.perf_counter() - t0
+        bar.update(len(batch))
+    kept = rows.finish()
+    bar.finish()
+    return kept
 
 
 def local_batches(slide, detector, todo, workers, timing):
@@ -172,16 +191,16 @@ def local_batches(slide, detector, todo, workers, timing):
             return
 
 
-def _stats(slide, tissue, tiles, read, resumed, result, timing, mask_seconds, total, detector):
-    megapixels = sum(t.width * t.height for t in read) / 1e6
+def _stats(slide, tissue, tiles, rows, result, timing, mask_seconds, total, detector):
+    megapixels = sum(t.width * t.height for t in rows.todo) / 1e6
     return {
         'slide': slide.path,
         'analysis_magnification': slide.magnification,
         'analysis_mpp': slide.mpp,
         'tiles': len(tiles),
-        'tiles_read': len(read),
+        'tiles_read': len(rows.todo),
         'tiles_skipped': sum(t.skipped for t in tiles),
-        'tile_rows_resumed': len(resumed),
+        'tile_rows_resumed': len(rows.resumed),
         'tissue_mm2': tissue.area_mm2(result.analysis_bounds),
         'detections': int(len(result.boxes)),
         'megapixels': megapixels,

@@ -20,23 +20,39 @@ from .samples import Augmenter, TileDataset, collate, labelled_set
 
 @dataclass
 class TrainConfig:
+    """How a model is trained (``cellrcnn train``; ``train-girder`` sets some from its own settings). Stored in every
+    checkpoint that ``train`` writes, so that a resumed run goes on as it started."""
+
+    #: optimizer steps in all (a resumed run keeps its other settings but takes this one anew)
     steps: int = 4000
+    #: tiles per step
     batch_size: int = 4
+    #: AdamW's peak learning rate, reached after the warm-up and decayed along a cosine (:func:`lr_factor`)
     lr: float = 2e-3
+    #: AdamW's weight decay
     weight_decay: float = 1e-4
+    #: steps of linear warm-up from a small learning rate to ``lr``
     warmup_steps: int = 200
+    #: gradients are clipped to this global norm
     clip_norm: float = 10.0
+    #: side of the square training crops, in pixels (a multiple of 32)
     tile_size: int = 256
+    #: seeds the weights' initialisation, the shuffling and the augmentation
     seed: int = 0
     #: folder of images with DSA annotation JSON; None trains on synthetic tissue.
     data: str = None
+    #: synthetic tiles drawn when there is no ``data``, and the seed they are drawn from
     synthetic_tiles: int = 2000
     synthetic_seed: int = 1000
     #: synthetic nuclei drawn this many times larger (log-uniform per tile), before the augmenter's own jitter
     synthetic_scale: tuple = (0.8, 1.25)
+    #: of ``data``'s annotations, only those with this name (None: all)
     annotation_name: str = None
+    #: side in pixels of the square box centred on each point annotation of ``data`` (needed when it holds points)
     point_box_size: float = None
+    #: write the resumable ``last.pt`` every this many steps (and after the last one)
     checkpoint_every: int = 500
+    #: data loader processes preparing the batches (0: in the training process)
     workers: int = 1
 
     def validate(self):

@@ -1,0 +1,188 @@
+"""The tile grid over a slide or a region of it, and reading tiles ahead of the consumer (``cellrcnn.tiling``)."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from cellrcnn.errors import CellRCNNError
+from cellrcnn.slide import Slide
+from cellrcnn.tiling import _spans, prefetch, tile_grid
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tile grid
+# ---------------------------------------------------------------------------------------------------------------
+
+def _check_grid(tiles, x0, y0, x1, y1, size, overlap, align=1):
+    assert [t.index for t in tiles] == list(range(len(tiles)))
+    assert [(t.row, t.col) for t in tiles] == sorted((t.row, t.col) for t in tiles)  # row-major
+    rows = max(t.row for t in tiles) + 1
+    cols = max(t.col for t in tiles) + 1
+    assert len(tiles) == rows * cols
+    # the fewest tiles that cover the ROI with the overlap: one fewer per axis could not
+    for n, length in ((cols, x1 - x0), (rows, y1 - y0)):
+        assert n == 1 and length <= size or (n - 1) * (size - overlap) + overlap < length <= n * size
+    grid = {(t.row, t.col): t for t in tiles}
+    covered = np.zeros((y1 - y0, x1 - x0), np.int32)
+    for t in tiles:
+        assert t.width <= size and t.height <= size
+        assert (t.x - x0) % align == 0 and (t.y - y0) % align == 0  # steps of whole fields from the corner
+        assert t.width == grid[0, t.col].width and t.height == grid[t.row, 0].height
+        if t.col < cols - 1 and t.row < rows - 1:  # one size for all but the last row and column, which end flush
+            assert (t.width, t.height) == (grid[0, 0].width, grid[0, 0].height)
+        assert x0 <= t.x and t.x + t.width <= x1 and y0 <= t.y and t.y + t.height <= y1
+        covered[t.y - y0:t.y - y0 + t.height, t.x - x0:t.x - x0 + t.width] += 1
+        if t.col + 1 < cols:
+            right = grid[t.row, t.col + 1]
+            assert right.y == t.y and t.x < right.x <= t.x + t.width - overlap
+        if t.row + 1 < rows:
+            below = grid[t.row + 1, t.col]
+            assert below.x == t.x and t.y < below.y <= t.y + t.height - overlap
+    assert covered.min() >= 1
+    assert grid[0, 0].x == x0 and grid[0, 0].y == y0
+    assert grid[0, cols - 1].x + grid[0, cols - 1].width == x1  # flush with the edges
+    assert grid[rows - 1, 0].y + grid[rows - 1, 0].height == y1
+
+
+def test_tile_grid_whole_slide(slide20x):
+    s = Slide(slide20x[0])
+    tiles = tile_grid(s, tile_size=512, overlap=64, min_tissue=0.05)
+    _check_grid(tiles, 0, 0, 2048, 1536, 512, 64)
+    assert (max(t.col for t in tiles) + 1, max(t.row for t in tiles) + 1) == (5, 4)
+    # shrunk to fit: 512 px tiles stepped by 448 with the last moved back to the edge would read 1.67x the slide
+    assert sum(t.width * t.height for t in tiles) < 1.3 * 2048 * 1536
+    aligned = tile_grid(s, tile_size=512, overlap=64, min_tissue=0.05, align=16)
+    _check_grid(aligned, 0, 0, 2048, 1536, 512, 64, align=16)
+    assert sum(t.width * t.height for t in aligned) < 1.3 * 2048 * 1536
+    for t in tiles:  # native scale: the base region is the tile
+        assert (t.base_x, t.base_y, t.base_width, t.base_height) == (t.x, t.y, t.width, t.height)
+
+
+def test_tile_spans_cover_each_axis_with_the_overlap_in_steps_of_whole_fields():
+    rng = np.random.default_rng(0)
+    for _ in range(4000):
+        tile = int(rng.integers(1, 3000))
+        overlap, length = int(rng.integers(0, tile)), int(rng.integers(1, 60000))
+        align, origin = int(rng.choice([1, 4, 8, 16, 32])), int(rng.integers(0, 1000))
+        spans = _spans(origin, length, tile, overlap, align)
+        case = (origin, length, tile, overlap, align)
+        assert spans[0][0] == origin and spans[-1][0] + spans[-1][1] == origin + length, case
+        assert all(1 <= side <= tile for _, side in spans), case
+        assert all(b[0] > a[0] and a[0] + a[1] - b[0] >= overlap for a, b in zip(spans, spans[1:])), case
+        assert all(side == spans[0][1] for _, side in spans[:-1]) and spans[-1][1] <= spans[0][1], case
+        step = tile - overlap if tile - overlap < align else (tile - overlap) // align * align
+        assert len(spans) == (1 if length <= tile else -(-(length - overlap) // step)), case  # no tile too many
+        if tile - overlap >= align:
+            assert all((start - origin) % align == 0 for start, _ in spans), case
+
+
+@pytest.mark.parametrize('mag, roi', [(20, (300, 200, 1300, 900)), (10, (300, 201, 1301, 900)),
+                                      (13, (0, 0, 2048, 1536)), (20, (1900, 1400, 500, 500)),
+                                      (20, (10, 20, 100, 50)), (10, (-100, -100, 400, 300))])
+def test_tile_grid_roi(slide20x, mag, roi):
+    s = Slide(slide20x[0], magnification=mag)
+    tiles = tile_grid(s, tile_size=256, overlap=32, min_tissue=0.05, roi=roi, align=16)
+    x0, y0, x1, y1 = s.roi_to_analysis(roi)
+    _check_grid(tiles, x0, y0, x1, y1, 256, 32, align=16)
+    # the tiles' base regions cover the ROI (clipped to the slide) and stay inside the slide
+    bx0, by0 = max(0, roi[0]), max(0, roi[1])
+    bx1, by1 = min(2048, roi[0] + roi[2]), min(1536, roi[1] + roi[3])
+    assert min(t.base_x for t in tiles) <= bx0 and min(t.base_y for t in tiles) <= by0
+    assert max(t.base_x + t.base_width for t in tiles) >= bx1
+    assert max(t.base_y + t.base_height for t in tiles) >= by1
+    assert all(t.base_x + t.base_width <= 2048 and t.base_y + t.base_height <= 1536 for t in tiles)
+    for t in tiles:
+        assert t.base_x == round(t.x * s.scale) and t.base_width == pytest.approx(t.width * s.scale, abs=1)
+
+
+@pytest.mark.parametrize('roi', [(3000, 0, 100, 100), (0, -500, 100, 400), (10, 10, 0, 5), (10, 10, 5, -1),
+                                 ('a', 1, 2, 3), (1, 2, 3)])
+def test_bad_roi(slide20x, roi):
+    with pytest.raises(CellRCNNError, match='ROI'):
+        tile_grid(Slide(slide20x[0]), tile_size=1024, overlap=64, min_tissue=0.05, roi=roi)
+
+
+@pytest.mark.parametrize('size, overlap', [(0, 0), (256, 256), (256, -1)])
+def test_bad_tile_size_or_overlap(slide20x, size, overlap):
+    with pytest.raises(CellRCNNError, match='tile'):
+        tile_grid(Slide(slide20x[0]), tile_size=size, overlap=overlap, min_tissue=0.05)
+
+
+def test_min_tissue_zero_keeps_everything(slide20x):
+    tiles = tile_grid(Slide(slide20x[0]), tile_size=512, overlap=64, min_tissue=0)
+    assert not any(t.skipped for t in tiles)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prefetch
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('workers, queue', [(0, 1), (2, 4), (3, 1), (1, 2)])
+def test_prefetch_matches_serial_reads_in_order(slide20x, workers, queue):
+    s = Slide(slide20x[0], magnification=13)
+    tiles = tile_grid(s, tile_size=512, overlap=64, min_tissue=0.3)
+    kept = [t for t in tiles if not t.skipped]
+    assert 0 < len(kept) < len(tiles)
+    got = list(prefetch(s, tiles, workers=workers, queue=queue))
+    assert [t.index for t, _ in got] == [t.index for t in kept]
+    for t, im in got:
+        assert np.array_equal(im, s.read(t))
+
+
+def test_prefetch_bounded_read_ahead(slide20x):
+    s = Slide(slide20x[0])
+    tiles = tile_grid(s, tile_size=256, overlap=0, min_tissue=0)
+    lock = threading.Lock()
+    started = []
+    real_read = s.read
+
+    def counting_read(tile):
+        with lock:
+            started.append(tile.index)
+        return real_read(tile)
+
+    s.read = counting_read
+    it = prefetch(s, tiles, workers=2, queue=3)
+    consumed = 0
+    for tile, _ in it:
+        consumed += 1
+        with lock:
+            assert len(started) <= consumed + 3
+        if consumed == 5:
+            break
+    it.close()
+    assert len(started) <= 5 + 3
+
+
+def test_prefetch_propagates_read_errors_with_tile_position(slide20x):
+    s = Slide(slide20x[0])
+    tiles = tile_grid(s, tile_size=512, overlap=64, min_tissue=0)
+    bad = tiles[6]
+    real = s.source.getRegion
+
+    def failing(*args, **kwargs):
+        if kwargs['region']['left'] == bad.base_x and kwargs['region']['top'] == bad.base_y:
+            raise OSError('Read an unexpected number of bytes from an encoded tile')
+        return real(*args, **kwargs)
+
+    s.source.getRegion = failing
+    try:
+        seen = []
+        with pytest.raises(CellRCNNError) as err:
+            for tile, _ in prefetch(s, tiles, workers=2, queue=4):
+                seen.append(tile.index)
+        assert seen == list(range(6))  # everything before the bad tile was delivered, in order
+        msg = str(err.value)
+        assert f'row {bad.row}, col {bad.col}' in msg and slide20x[0] in msg and 'unexpected number' in msg
+        assert '\n' not in msg
+    finally:
+        del s.source.getRegion
+
+
+@pytest.mark.parametrize('workers, queue', [(-1, 2), (2, 0)])
+def test_prefetch_bad_arguments(slide20x, workers, queue):
+    s = Slide(slide20x[0])
+    tiles = tile_grid(s, tile_size=1024, overlap=64, min_tissue=0.05)
+    with pytest.raises(CellRCNNError):
+        prefetch(s, tiles, workers=workers, queue=queue)  # raised at the call, not at the first next()
