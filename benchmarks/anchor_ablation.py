@@ -19,13 +19,13 @@ import time
 import numpy as np
 import torch
 
+from cellrcnn.checkpoint import load_model
 from cellrcnn.config import ModelConfig
-from cellrcnn.samples import labelled_set
 from cellrcnn.evaluate import calibrate_threshold, evaluate_model
 from cellrcnn.inference import Detector
 from cellrcnn.metrics import DEFAULT_SIZE_BINS
+from cellrcnn.samples import labelled_set
 from cellrcnn.synthetic import make_tile
-from cellrcnn.checkpoint import load_model
 from cellrcnn.train import TrainConfig, precise_bn, train
 
 VARIANTS = {
@@ -99,6 +99,7 @@ def run(variant, steps, tiles, out, reuse=False, mpp=0.5):
 
 def anchors_per_tile(model, tile):
     from torchvision.models.detection.image_list import ImageList
+
     from cellrcnn.anchors import upsample_features
     with torch.no_grad():
         x = torch.zeros(1, 3, tile, tile)
@@ -118,12 +119,14 @@ def report(out):
           'AP crowded | recall crowded < 6 um (n) | AP / AR crowded < 6 um | recall crowded 6-12 um | '
           's / 512² tile (1 thread) | train s |')
     print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+
     def f(value):
         return '-' if value is None else f'{value:.3f}'
 
     for r in rows:
         m, c = r['mixed'], r['crowded']
-        print(f"| {r['variant']} | {r.get('mpp', 0.5)} | {r['anchors_per_512_tile']} | {f(m['f1'])} | {f(m['AP'])} | {f(m['AP50'])} | "
+        print(f"| {r['variant']} | {r.get('mpp', 0.5)} | {r['anchors_per_512_tile']} | "
+              f"{f(m['f1'])} | {f(m['AP'])} | {f(m['AP50'])} | "
               f"{f(c['f1'])} | {f(c['AP'])} | {f(c.get('recall_small'))} ({c['n_gt_small']}) | "
               f"{f(c.get('AP_small'))} / {f(c.get('AR_small'))} | {f(c.get('recall_medium'))} | "
               f"{r['seconds_per_512_tile']:.3f} | {r['train_seconds']:.0f} |")

@@ -4,7 +4,8 @@
 
 Prints megapixels per second of model inference (tile reading excluded: see docs/performance.md for whole slides)
 for: the cellrcnn model on non-overlapping tiles of a synthetic H&E image at 20x, torchvision's
-fasterrcnn_resnet50_fpn with its default 800 px resize on the same tiles, and the same stock model without resizing. Stock models are randomly initialised (no weights can be downloaded here): their speed does not
+fasterrcnn_resnet50_fpn with its default 800 px resize on the same tiles, and the same stock model without resizing.
+Stock models are randomly initialised (no weights can be downloaded here): their speed does not
 depend on their weights except through the number of boxes the box head sees, which stays at its maximum.
 """
 

@@ -26,8 +26,8 @@ import time
 import numpy as np
 
 from cellrcnn.annotation import detections_to_annotation
-from cellrcnn.girder_post import post_annotations
 from cellrcnn.devstack.local_girder import GirderServer, girder_python
+from cellrcnn.girder_post import post_annotations
 from cellrcnn.synthetic import write_slide
 
 
@@ -90,6 +90,7 @@ def main():
                 print(f'{route} route ({result["route"]}), {attempt}: post {posted:.1f} s{ingest}, read back '
                       f'{count} elements {read:.1f} s, total {posted + read:.1f} s; server CPU s: '
                       f'{", ".join(f"{k} {v}" for k, v in cpu.items())}')
+
 
 if __name__ == '__main__':
     main()

@@ -1,8 +1,8 @@
-"""cellrcnn on a GPU, end to end: the bundled sample and a 40x synthetic slide of at least 2 Gpx, with per-stage
+r"""cellrcnn on a GPU, end to end: the bundled sample and a 40x synthetic slide of at least 2 Gpx, with per-stage
 seconds, peak GPU memory, the batch size found and Mpx/s, and float16 autocast against float32 on the same tiles.
 
     python benchmarks/gpu_benchmark.py --out gpu.json [--batch-size 8] [--workers 8] [--tile-size 1024]
-    python benchmarks/gpu_benchmark.py --device cpu --size 4096 --block 2048 --compare-size 2048 \\
+    python benchmarks/gpu_benchmark.py --device cpu --size 4096 --block 2048 --compare-size 2048 \
         --out /tmp/gpu_benchmark_cpu.json                                   # a check of the script on the CPU
 
 1. The device: with ``--device cuda`` (the default) the script stops at once (exit status 2) when torch sees no

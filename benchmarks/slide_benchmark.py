@@ -1,6 +1,6 @@
-"""Whole-slide benchmark of ``cellrcnn detect`` on synthetic slides with exact ground truth, and its peers.
+r"""Whole-slide benchmark of ``cellrcnn detect`` on synthetic slides with exact ground truth, and its peers.
 
-    python benchmarks/slide_benchmark.py --sizes 4096 16384 32768 --model M.pt --out results.json \\
+    python benchmarks/slide_benchmark.py --sizes 4096 16384 32768 --model M.pt --out results.json \
         [--device cpu|cuda] [--batch-size 2] [--peers [--peer-region X,Y,W,H]] [--workdir DIR]
     python benchmarks/slide_benchmark.py --versus-htk --sizes 4096 16384 [--repeats 3] [--warmups 1] --out vs.json
 
@@ -20,7 +20,8 @@ again on that ROI):
 
 * stock torchvision ``fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)`` on the very tiles cellrcnn
   reads (same grid, tissue skipping, reader threads, batch size, channels-last and, on a GPU, float16 autocast),
-  through the same detection loop (``cellrcnn.slide_detection.detect_slide`` with the stock model standing in for the detector):
+  through the same detection loop (``cellrcnn.slide_detection.detect_slide`` with the stock model standing in for
+  the detector):
   inference-only seconds and end-to-end seconds, in a subprocess (peak RSS).  Variant ``native`` keeps tiles at
   their size (torchvision's resize step turned off); ``resize800`` is torchvision's default resize.  The stock model is
   randomly initialised (no weights exist here): its speed is representative, its detections are not (no F1).
@@ -30,7 +31,8 @@ again on that ROI):
   unseeded random pixel sample: detections vary between runs; the median-F1 run is shown, with the range); its
   rectangles are scored like cellrcnn's (no scores: best F1 = F1), and again widened by one pixel (they span
   pixel indices of the traced boundary, the ground truth spans pixel edges).
-* the merge: ``cellrcnn.merge.merge_all`` (and ``StreamingNMS`` fed tile by tile, as the detection loop does) against one
+* the merge: ``cellrcnn.merge.merge_all`` (and ``StreamingNMS`` fed tile by tile, as the detection loop does)
+  against one
   ``torchvision.ops.nms`` over the same simulated raw detections (``benchmarks/merge_cost.py``'s tiled-slide model,
   about --merge-raw-factor raw boxes per detection of the peer run), on the CPU and, with --device cuda, on the GPU.
 
@@ -214,8 +216,8 @@ def linked_pairs(pred, gt, threshold, cell=64.0, chunk=200_000):
     """(i, j) of every prediction/ground-truth pair with IoU >= threshold (and possibly a few more), in linear time:
     boxes with both sides <= cell are found through a grid of their top-left corners (overlapping boxes lie in
     neighbouring cells), larger ones are compared with everything."""
-    from cellrcnn.merge import concat_ranges
     from cellrcnn.boxes import box_iou, iou
+    from cellrcnn.merge import concat_ranges
 
     out_i, out_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     if len(pred) == 0 or len(gt) == 0:
@@ -564,6 +566,7 @@ def merge_peer(n_detections, factor, device, seed=0, max_reference=None):
 
     sys.path.insert(0, HERE)
     import merge_cost
+
     from cellrcnn.merge import merge_all
 
     rows = merge_cost.simulate(max(100, int(n_detections * factor)), np.random.default_rng(seed))
@@ -642,8 +645,8 @@ def peers_table(peers):
     for name, s in peers.get('stock', {}).items():
         row(f'torchvision R50-FPN ({name})', 'inference', s['seconds']['detect'], base_detect, s['detections'],
             s['peak_rss_mb'], None)
-        row(f'torchvision R50-FPN ({name})', 'end to end (detection loop)', s['seconds']['total'], base_total, None, None,
-            None)
+        row(f'torchvision R50-FPN ({name})', 'end to end (detection loop)', s['seconds']['total'], base_total,
+            None, None, None)
     for name, h in peers.get('htk', {}).items():
         rss = h['peak_rss_mb'] if h['peak_tree_rss_mb'] is None else max(h['peak_rss_mb'], h['peak_tree_rss_mb'])
         row(f'HistomicsTK ({name})', 'process wall', h['wall_s_median'], base_wall, h['detections'], rss, h['eval'])

@@ -27,8 +27,8 @@ from support import annotated_cohort  # noqa: E402  (one copy, shared with tests
 
 
 def main():
-    from cellrcnn.girder_training import train_from_girder, training_summary_lines
     from cellrcnn.devstack.local_girder import GirderServer, girder_python
+    from cellrcnn.girder_training import train_from_girder, training_summary_lines
     from cellrcnn.settings import AnnotationTrainingSettings
 
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])

@@ -4,7 +4,6 @@ import inspect
 import numpy as np
 import pytest
 
-
 #: markers given by the fixtures a test uses (directly or through other fixtures); registered in pyproject.toml
 FIXTURE_MARKERS = {'girder_session': 'girder', 'dsa': 'dsa', 'browser': 'browser'}
 
@@ -105,13 +104,14 @@ def server(girder_session, request):
 
 @pytest.fixture(scope='session')
 def dsa(tmp_path_factory):
-    """The whole DSA on this machine (cellrcnn.devstack.local_dsa.DSAStack): Girder with the DSA plugins and HistomicsUI's web
+    """The whole DSA on this machine (cellrcnn.devstack.local_dsa.DSAStack): Girder with the DSA plugins and
+    HistomicsUI's web
     client, Redis, a real girder_worker and a Docker engine holding the task image, with the image registered through
     slicer_cli_web (``dsa.tasks``: task name -> task item id). Nothing here is a stand-in, so a machine that cannot
     start it fails these tests (``./install.sh --with-dsa`` sets it up) instead of skipping them."""
-    from cellrcnn.errors import CellRCNNError
     from cellrcnn.devstack.local_dsa import DSAStack
     from cellrcnn.devstack.local_girder import girder_python
+    from cellrcnn.errors import CellRCNNError
 
     python, why_not = girder_python()
     if python is None:

@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-
 # --------------------------------------------------------------------------- raw detections of a tiled run
+
 
 def simulate_slide(rng, width, height, n_objects, tile=256, overlap=48, size=(8, 32), jitter=3.0, quantise=None):
     """Raw detections of a tiled detector, in the detection loop's order: a list of tile rows, each

@@ -4,7 +4,8 @@ subset of it elsewhere).
 The schema lives in the Girder plugin ``girder-large-image-annotation`` (``AnnotationSchema.annotationSchema``,
 validated server-side with a jsonschema Draft6Validator). The plugin runs in the DSA's Girder environment, without
 torch, not in cellrcnn's: the schema is read from the Girder environment the real-server tests use
-(``cellrcnn.devstack.local_girder.girder_python()``: ``CELLRCNN_GIRDER_PYTHON``, else the checkout's ``.venv-girder``), or
+(``cellrcnn.devstack.local_girder.girder_python()``: ``CELLRCNN_GIRDER_PYTHON``, else the checkout's
+``.venv-girder``), or
 from this environment when the plugin is importable here. Without either (an optional install) the module is
 skipped. jsonschema is required (girder-slicer-cli-web, in setup.py, needs it).
 """

@@ -11,10 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from support import report_figures
-
 from cellrcnn.__main__ import main
 from cellrcnn.synthetic import make_tile
+from support import report_figures
 
 
 @pytest.fixture

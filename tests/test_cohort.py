@@ -201,7 +201,7 @@ def test_a_model_is_known_by_its_bytes_not_its_file_name(tmp_path, synthetic_sli
     import hashlib
     import shutil
 
-    from cellrcnn.cohort import local_slides, fingerprint
+    from cellrcnn.cohort import fingerprint, local_slides
     from cellrcnn.settings import DetectionSettings
 
     first, other = tiny_model(tmp_path / 'a' / 'model.pt', 0), tiny_model(tmp_path / 'b' / 'model.pt', 1)

@@ -11,11 +11,18 @@ import shutil
 import numpy as np
 import pytest
 
-from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.__main__ import main as cellrcnn
-from cellrcnn.errors import CellRCNNError
-from cellrcnn.devstack.local_dsa import JOB_CANCELED, JOB_ERROR, JOB_SUCCESS, TASK_IMAGE, cell_detection_params, check_free_disk
+from cellrcnn.commands import SAMPLE_SLIDE
+from cellrcnn.devstack.local_dsa import (
+    JOB_CANCELED,
+    JOB_ERROR,
+    JOB_SUCCESS,
+    TASK_IMAGE,
+    cell_detection_params,
+    check_free_disk,
+)
 from cellrcnn.devstack.local_girder import wait_for
+from cellrcnn.errors import CellRCNNError
 
 REGION = [0, 0, 1200, 1200]
 RUNNING = 2

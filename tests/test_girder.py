@@ -17,15 +17,14 @@ import girder_client
 import numpy as np
 import pytest
 
-from girder_proxy import FaultyProxy
-
 from cellrcnn.annotation import detections_to_annotation, write_annotation, write_detections_annotation
-from cellrcnn.errors import CellRCNNError
+from cellrcnn.annotation_stream import streamed_document
 from cellrcnn.command_line import build_parser
 from cellrcnn.commands import girder_poster
-from cellrcnn.annotation_stream import streamed_document
-from cellrcnn.girder_post import post_annotation_files, post_annotations
 from cellrcnn.devstack.local_girder import free_port, girder_python, wait_for
+from cellrcnn.errors import CellRCNNError
+from cellrcnn.girder_post import post_annotation_files, post_annotations
+from girder_proxy import FaultyProxy
 
 PYTHON, WHY_NOT = girder_python()
 pytestmark = pytest.mark.skipif(PYTHON is None, reason=WHY_NOT or '')

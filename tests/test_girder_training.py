@@ -1,4 +1,5 @@
-"""Training from annotations drawn in HistomicsUI, against a real Girder with the DSA plugins (cellrcnn.devstack.local_girder).
+"""Training from annotations drawn in HistomicsUI, against a real Girder with the DSA plugins
+(cellrcnn.devstack.local_girder).
 
 Three synthetic slides with exact nuclei (``annotated_cohort`` in tests/support.py): 100 nuclei
 as rectangles inside a "region" rectangle on slide a, 100 as points on slide b, every nucleus of slide c (held out)
@@ -14,14 +15,13 @@ import sys
 import numpy as np
 import pytest
 
-from support import annotated_cohort
-
 from cellrcnn.checkpoint import load_checkpoint
+from cellrcnn.devstack.local_girder import girder_python
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.girder_training import holdout_count, train_from_girder
-from cellrcnn.devstack.local_girder import girder_python
 from cellrcnn.metrics import evaluate
 from cellrcnn.settings import AnnotationTrainingSettings
+from support import annotated_cohort
 
 PYTHON, WHY_NOT = girder_python()
 girder = pytest.mark.skipif(PYTHON is None, reason=WHY_NOT or '')

@@ -27,7 +27,8 @@ def browser():
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f'no {CHROMIUM}: run ./install.sh --with-dsa')
     with sync_playwright() as playwright:
-        # Debian's Chromium: Playwright's own browser download cannot be reached here. No sandbox: the tests run as root.
+        # Debian's Chromium: Playwright's own browser download cannot be reached here. No sandbox: the tests run as
+        # root.
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox'])
         try:
             yield chromium
@@ -71,7 +72,8 @@ def test_cell_detection_from_the_histomicsui_analysis_panel(dsa, browser, tmp_pa
     job = dsa.wait_for_job(job['_id'], 600)
     assert job['status'] == JOB_SUCCESS, ''.join(job['log'])[-3000:]
     args = job['kwargs']['container_args']
-    assert job['type'] == 'cellrcnn:latest#CellDetection' and args[args.index('--analysis_roi') + 1] == '0, 0, 1200, 1200'
+    assert job['type'] == 'cellrcnn:latest#CellDetection'
+    assert args[args.index('--analysis_roi') + 1] == '0, 0, 1200, 1200'
     wait_for(lambda: len(dsa.annotations(item_id)) >= 2, 120, 'both annotations on the slide')
     nuclei = next(a for a in dsa.annotations(item_id) if 'density' not in a['annotation']['name'].lower())
 

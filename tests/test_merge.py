@@ -5,10 +5,9 @@ import pytest
 import torch
 from torchvision.ops import nms
 
-from support import simulate_slide
-
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.merge import StreamingNMS, merge_all
+from support import simulate_slide
 
 
 def reference(boxes, scores, iou):
@@ -17,7 +16,8 @@ def reference(boxes, scores, iou):
 
 
 def stream(rows, iou, max_box_size, with_extra=True):
-    """Feed rows through StreamingNMS as the detection loop does; returns kept global indices, all boxes, scores, peak."""
+    """Feed rows through StreamingNMS as the detection loop does; returns kept global indices, all boxes, scores,
+    peak."""
     merger = StreamingNMS(iou, max_box_size)
     all_boxes, all_scores, kept, peak, n = [], [], [], 0, 0
     for r, (_, tiles) in enumerate(rows):

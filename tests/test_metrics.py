@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from support import report_figures
-
 from cellrcnn import metrics as M
-from cellrcnn.coco_ap import coco_ap
 from cellrcnn.boxes import box_iou
+from cellrcnn.coco_ap import coco_ap
 from cellrcnn.errors import CellRCNNError
+from support import report_figures
 
 
 def pred(boxes, scores):

@@ -26,8 +26,8 @@ import requests
 from cellrcnn import __version__
 from cellrcnn.annotation import detections_to_annotation, read_annotation_file
 from cellrcnn.checkpoint import BUNDLED_MODEL
-from cellrcnn.girder_post import post_annotation_files, post_annotations
 from cellrcnn.devstack.local_girder import girder_python, wait_for
+from cellrcnn.girder_post import post_annotation_files, post_annotations
 from cellrcnn.job import detect_to_files, output_paths
 from cellrcnn.settings import DetectionSettings
 

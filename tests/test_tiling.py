@@ -9,10 +9,10 @@ from cellrcnn.errors import CellRCNNError
 from cellrcnn.slide import Slide
 from cellrcnn.tiling import _spans, prefetch, tile_grid
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # tile grid
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _check_grid(tiles, x0, y0, x1, y1, size, overlap, align=1):
     assert [t.index for t in tiles] == list(range(len(tiles)))

@@ -4,7 +4,8 @@ Coordinates are continuous: pixel (row r, column c) covers [c, c + 1) x [r, r + 
 
 Field and spacing are different things (see ``ModelConfig``). In a ResNet every stride-2 layer with kernel 2p + 1 and
 padding p maps output index o onto input index 2o, so the feature at index i of a level with field s is centred on pixel
-``s * i``: continuous position ``s * i + 0.5``. (torchvision's AnchorGenerator puts it at ``s * i``, half a pixel off, and
+``s * i``: continuous position ``s * i + 0.5``. (torchvision's AnchorGenerator puts it at ``s * i``, half a pixel
+off, and
 infers s from the image and feature sizes, which breaks once a feature map is interpolated.)
 
 Anchor density upsampling by k interpolates a level's n x m feature map bilinearly with ``align_corners=True`` onto
@@ -52,7 +53,8 @@ def cell_anchors(sizes, aspect_ratios, spacing, offsets=1):
             w = size / math.sqrt(ratio)
             shapes.append((-w / 2, -h / 2, w / 2, h / 2))
     shapes = torch.tensor(shapes, dtype=torch.float32)
-    shifts = torch.tensor([(dx * spacing, dy * spacing) for dy in range(offsets) for dx in range(offsets)], dtype=torch.float32)
+    shifts = torch.tensor([(dx * spacing, dy * spacing) for dy in range(offsets) for dx in range(offsets)],
+                          dtype=torch.float32)
     shifts = shifts.repeat(1, 2)
     return (shifts[:, None, :] + shapes[None, :, :]).reshape(-1, 4)
 

@@ -108,9 +108,9 @@ def _model_config(args):
 
 def run_train(args):
     from .checkpoint import save_checkpoint
-    from .samples import labelled_set
     from .evaluate import calibrate_threshold, evaluate_model
     from .metrics import format_report
+    from .samples import labelled_set
     from .train import TrainConfig, train
 
     cfg = settings_from_args(TrainConfig, args)
@@ -141,9 +141,9 @@ def run_train_girder(args):
 
 def run_evaluate(args):
     from .checkpoint import load_model
-    from .samples import labelled_set
     from .evaluate import evaluate_model
     from .metrics import format_report
+    from .samples import labelled_set
 
     model = load_model(args.model)
     samples = labelled_set(args.data, mpp=model.config.mpp, annotation_name=args.annotation_name,

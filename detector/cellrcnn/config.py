@@ -51,7 +51,8 @@ class ModelConfig:
 
     Two distances are kept apart everywhere (they were one variable, ``field``, in the TensorFlow code this grew from):
 
-    - *field*: a feature level's stride in input pixels (its receptive-field step). The feature at index ``i`` of a level
+    - *field*: a feature level's stride in input pixels (its receptive-field step). The feature at index ``i`` of a
+      level
       with field ``s`` is centred on pixel ``s * i`` (continuous position ``s * i + 0.5``).
     - *spacing*: the distance between neighbouring anchor centres: ``field / anchor_upsample`` when the feature map is
       interpolated, ``field / anchor_offsets`` when each feature cell carries several anchor centres.

@@ -1,6 +1,7 @@
 """Exact cross-tile NMS that streams: one global greedy NMS over a whole slide, computed band by band.
 
-The detection loop (``slide_detection``) reads overlapping tiles row by row and gets raw detections per tile; objects in the overlaps
+The detection loop (``slide_detection``) reads overlapping tiles row by row and gets raw detections per tile;
+objects in the overlaps
 are detected more than once.  :class:`StreamingNMS` returns exactly the boxes that one
 ``torchvision.ops.nms(all_boxes, all_scores, iou)`` over every raw detection of the slide (in the order they were
 added) would keep, in time linear in the number of detections and memory bounded by the undecided band.

@@ -92,6 +92,7 @@ class MatchResult:
     (input order) or -1; ``gt_pred[j]`` the prediction matched to ground truth ``j``
     or -1; ``pred_iou[i]`` the IoU of that match (0 when unmatched).
     """
+
     tp: int
     fp: int
     fn: int

@@ -29,6 +29,7 @@ from .config import ModelConfig
 from .errors import CellRCNNError
 from .roi_align import RoIAlign
 
+
 def to_tensor(image):
     """The model's input: an RGB uint8 H x W x 3 image as float C x H x W in [0, 1]."""
     if image.ndim != 3 or image.shape[2] != 3:

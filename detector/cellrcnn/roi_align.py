@@ -5,7 +5,8 @@ torchvision's CPU RoIAlign is a scalar loop over RoIs, channels and sample point
 (``docs/performance.md``). Yet every output bin is a weighted sum of 16 feature vectors (``sampling_ratio`` ** 2 sample
 points, each interpolated between its 2 x 2 neighbouring features): on a channels-last feature map those vectors are
 contiguous rows, and ``embedding_bag`` sums weighted rows vectorised over the channels and threaded over the bins.
-The sample points, weights and edge rules are torchvision's (``aligned=False``), so the two agree to float32 rounding, and
+The sample points, weights and edge rules are torchvision's (``aligned=False``), so the two agree to float32
+rounding, and
 each gives the same result every time.
 """
 

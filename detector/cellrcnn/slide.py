@@ -269,4 +269,3 @@ class Slide:
         sx, sy = tile.base_width / tile.width, tile.base_height / tile.height
         return b * np.array([sx, sy, sx, sy]) + np.array([tile.base_x, tile.base_y, tile.base_x, tile.base_y],
                                                           dtype=np.float64)
-

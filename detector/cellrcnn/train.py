@@ -166,7 +166,8 @@ def train(model_config, train_config, out_dir, device='auto', resume=None, sampl
             step += 1
             losses.append({k: v.item() for k, v in parts.items()})
             bar.update(1)
-            bar.comment(' '.join(f"{k.replace('loss_', '')} {np.mean([x[k] for x in losses[-20:]]):.3f}" for k in parts))
+            recent = losses[-20:]
+            bar.comment(' '.join(f"{k.replace('loss_', '')} {np.mean([x[k] for x in recent]):.3f}" for k in parts))
             if on_step is not None:
                 on_step(step, cfg.steps)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:

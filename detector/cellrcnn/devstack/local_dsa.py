@@ -1,6 +1,7 @@
 """The whole Digital Slide Archive loop on this machine: what runs tasks, added to ``local_girder``'s server.
 
-:class:`DSAStack` is a :class:`~cellrcnn.devstack.local_girder.GirderServer` (SecantusDB, Girder with the DSA plugins and its
+:class:`DSAStack` is a :class:`~cellrcnn.devstack.local_girder.GirderServer` (SecantusDB, Girder with the DSA
+plugins and its
 built web client, so HistomicsUI opens in a browser) plus a Redis broker, a real girder_worker and a Docker engine of
 its own; everything listens on loopback and is stopped by its own process id. slicer_cli_web runs tasks only in
 Docker containers, so this is the smallest stack on which "Cell detection" runs as it does in a DSA.

@@ -32,8 +32,18 @@ Bad input (a missing or unreadable file, a mask that is not a label image, a nuc
 format) raises a one-line :class:`cellrcnn.errors.CellRCNNError` naming the file.
 """
 
-from .entries import (DEFAULT_SPLIT, FORMATS, detect_format, parse_entry, read_entries, read_entry, read_format,
-                      read_splits, seeded_split, select_split)
+from .entries import (
+                      DEFAULT_SPLIT,
+                      FORMATS,
+                      detect_format,
+                      parse_entry,
+                      read_entries,
+                      read_entry,
+                      read_format,
+                      read_splits,
+                      seeded_split,
+                      select_split,
+)
 from .masks import read_label_image, read_mask
 from .record import REFERENCE_NUCLEUS_UM, LabelledImage, estimate_mpp, rescale
 from .shapes import read_dsa, read_imagescope, read_qupath

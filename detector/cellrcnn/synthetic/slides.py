@@ -7,8 +7,16 @@ import tempfile
 import numpy as np
 
 from .fields import F_TISSUE, FIELD_CELL_UM, HashNoise, Layout, octave_grid
-from .nuclei import (MAX_SIZE_UM, boxes_from_groups, candidates, concat_nuclei, place, rasterise, select_boxes,
-                     take_nuclei)
+from .nuclei import (
+    MAX_SIZE_UM,
+    boxes_from_groups,
+    candidates,
+    concat_nuclei,
+    place,
+    rasterise,
+    select_boxes,
+    take_nuclei,
+)
 from .render import finish, make_style, render
 
 
