@@ -9,7 +9,7 @@ setup(
                 'Digital Slide Archive',
     license='Apache 2.0',
     packages=['girder_cellrcnn'],
-    python_requires='>=3.8',
+    python_requires='>=3.10',
     install_requires=['girder>=3.2,<5', 'girder-jobs', 'girder-large-image', 'girder-large-image-annotation',
                       'girder-slicer-cli-web'],
     entry_points={'girder.plugin': ['cellrcnn = girder_cellrcnn:CellRCNNPlugin']},

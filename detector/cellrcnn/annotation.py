@@ -353,7 +353,7 @@ def annotation_to_nuclei(doc, element_types=_READ_TYPES, name=None):
 # --------------------------------------------------------------------------- files
 
 def _dumps(value):
-    # json.dumps uses the C encoder; json.dump (streaming) is pure Python, ~5x slower.
+    # json.dumps uses the C encoder; json.dump (streaming) is pure Python, several times slower.
     try:
         return json.dumps(value, separators=(',', ':'), allow_nan=False)
     except (TypeError, ValueError) as exc:

@@ -29,12 +29,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 def keep_freed_memory():
     """Have glibc keep freed memory for the next allocations instead of handing it back to the kernel at once.
 
-    glibc maps each allocation over 32 MB fresh from the kernel and unmaps it when it is freed. A feature map of a
-    batch of 1024 px tiles is 30-130 MB, so every layer of every batch faulted in, zeroed, memory that the layer
-    before had just released: a fifth of CPU inference's CPU time was the kernel's. Blocks of up to 1 GB now come
-    from the heap, which keeps up to 1 GB free at its top: with 256 MB, a batch now and then still gave 280 MB back
-    and faulted it in again. The peak is the same either way, since the kept memory is what the next batch uses.
-    Without glibc (no ``mallopt``) nothing changes.
+    By default glibc maps each large allocation fresh from the kernel and unmaps it when it is freed. Feature maps
+    of a batch of tiles are that large, so every layer of every batch would fault in, zeroed, memory that the layer
+    before had just released. Blocks of up to 1 GB come from the heap instead, which keeps up to 1 GB free at its top
+    (a smaller top still gave memory back now and then); the peak is the same either way, since the kept memory is
+    what the next batch uses. Without glibc (no ``mallopt``) nothing changes. Measured effects: docs/performance.md.
     """
     mallopt = getattr(ctypes.CDLL(None), 'mallopt', None)
     if mallopt is not None:

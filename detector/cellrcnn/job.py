@@ -7,15 +7,20 @@ The job opens the slide (``slide``), builds the detector (``inference.DetectorSp
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import CellRCNNError
+
+if TYPE_CHECKING:  # the stages are imported when a job runs, not when the command starts
+    from .settings import DetectionSettings
+    from .slide_detection import SlideDetections
 
 OUTPUT_SUFFIXES = {'annotation': '.anot.json', 'density': '.density.anot.json', 'geojson': '.geojson',
                    'csv': '.csv', 'overlay': '.overlay.png', 'summary': '.summary.json'}
 
 
-def output_paths(folder, stem):
+def output_paths(folder: str, stem: str) -> dict[str, str]:
     """Every output of a run, named after the slide, in ``folder`` (created)."""
     try:
         os.makedirs(folder, exist_ok=True)
@@ -24,7 +29,8 @@ def output_paths(folder, stem):
     return {key: os.path.join(folder, stem + suffix) for key, suffix in OUTPUT_SUFFIXES.items()}
 
 
-def detect_to_files(slide_path, paths, settings, resume_dir=None):
+def detect_to_files(slide_path: str, paths: dict[str, str | None], settings: 'DetectionSettings',
+                    resume_dir: str | None = None) -> 'SlideDetections':
     """Detect nuclei in a slide with :class:`cellrcnn.settings.DetectionSettings` and write the outputs named in
     ``paths`` (keys of OUTPUT_SUFFIXES; missing or None ones are not written). Raw detections stay in ``resume_dir``
     until every output is written. Only one run at a time writes an output name (``resume.output_lock``)."""
@@ -62,7 +68,7 @@ def detect_to_files(slide_path, paths, settings, resume_dir=None):
     return result
 
 
-def write_results(result, paths, element_type, attributes):
+def write_results(result: 'SlideDetections', paths: dict[str, str | None], element_type: str, attributes: dict) -> None:
     """The nuclei annotation, the density annotation, GeoJSON, CSV, an overview PNG and the run summary."""
     from .annotation import write_annotation, write_detections_annotation
     from .density import density_annotation

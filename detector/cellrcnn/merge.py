@@ -33,7 +33,7 @@ from .errors import CellRCNNError
 _UNDECIDED, _KEPT, _SUPPRESSED = 0, 1, 2
 
 
-def concat_ranges(starts, counts):
+def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Concatenated ranges [starts[i], starts[i] + counts[i]) as one index array."""
     total = int(counts.sum())
     if total == 0:
@@ -92,7 +92,7 @@ class StreamingNMS:
         """Boxes held now: undecided ones and those added since the last ``complete_up_to``."""
         return len(self._boxes) + self._n_pending
 
-    def add(self, boxes, scores, extra=None) -> None:
+    def add(self, boxes: np.ndarray, scores: np.ndarray, extra: np.ndarray | None = None) -> None:
         """Raw detections of one tile (N x 4 x1, y1, x2, y2 slide px; N scores); `extra`: optional per-box payload
         rows (N x ..., e.g. class ids) handed back with the kept boxes."""
         self._add(boxes, scores, extra, None)
@@ -138,7 +138,7 @@ class StreamingNMS:
         self._pending.append((boxes, scores.astype(np.float64), np.asarray(seq, np.int64), extra))
         self._n_pending += len(boxes)
 
-    def complete_up_to(self, y: float):
+    def complete_up_to(self, y: float) -> tuple:
         """Promise that no box added later has y1 < `y`; return the kept boxes that became final
         (boxes, scores, extras or None), highest score first."""
         y = float(y)
@@ -147,7 +147,7 @@ class StreamingNMS:
         self._promise = max(self._promise, y)
         return self._resolve()
 
-    def finish(self):
+    def finish(self) -> tuple:
         """No more boxes: return all remaining kept boxes (boxes, scores, extras or None), highest score first."""
         self._promise = math.inf
         out = self._resolve()
@@ -290,7 +290,8 @@ class StreamingNMS:
         return state
 
 
-def merge_all(boxes, scores, iou_threshold, max_box_size, chunk=8192) -> np.ndarray:
+def merge_all(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_box_size: float,
+              chunk: int = 8192) -> np.ndarray:
     """Indices kept by global greedy NMS (``torchvision.ops.nms``: same indices, same order, highest score first),
     computed by streaming the boxes through :class:`StreamingNMS` in bands of `chunk` boxes sorted by y1."""
     boxes, scores = np.asarray(boxes), np.asarray(scores)

@@ -80,7 +80,7 @@ class DenseRPN(RegionProposalNetwork):
     """An RPN that reads only its own FPN levels, upsampled by ``upsample`` before the head runs on them.
 
     At inference it decodes only the anchors that the per-level top-n lets through (torchvision decodes every anchor,
-    half a million per 1024 px tile, of which the top-n keeps 7 %); the boxes kept are the same.
+    of which the top-n keeps a small share; figures in docs/performance.md); the boxes kept are the same.
     """
 
     def __init__(self, level_names, upsample, **kwargs):

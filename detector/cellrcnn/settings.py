@@ -9,6 +9,7 @@ None means "the model's or the slide's own value".
 import dataclasses
 import numbers
 import os
+import typing
 from dataclasses import dataclass
 
 from .errors import CellRCNNError
@@ -18,6 +19,11 @@ _KINDS = {int: (numbers.Integral, 'a whole number'), float: (numbers.Real, 'a nu
           str: ((str, os.PathLike), 'a string'), tuple: ((tuple, list), 'a sequence')}
 
 
+def _declared(annotation):
+    """The type a field declares, without its ``| None``."""
+    return next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+
+
 @dataclass(frozen=True)
 class ResultSettings:
     """The settings that change a result: which nuclei are found and how they are drawn. With the slide and the model
@@ -25,29 +31,29 @@ class ResultSettings:
     annotation's ``params`` attribute."""
 
     #: analysis magnification (None: the model's, 20x)
-    magnification: float = None
+    magnification: float | None = None
     #: micrometres per base pixel, for slides that do not state it (None: the slide's own)
-    mpp: float = None
+    mpp: float | None = None
     #: region of interest ``(x, y, width, height)`` in **base** pixels (None: the whole slide)
-    roi: tuple = None
+    roi: tuple | None = None
     #: tile side and overlap in **analysis** pixels
     tile_size: int = 1024
     overlap: int = 64
     #: tiles with less tissue than this fraction are skipped
     min_tissue: float = 0.05
     #: score threshold (None: the model's calibrated operating point)
-    threshold: float = None
+    threshold: float | None = None
     #: NMS IoU threshold (None: the model's)
-    nms: float = None
+    nms: float | None = None
     #: anchor density upsampling at inference (None: the model's)
-    anchor_upsample: int = None
+    anchor_upsample: int | None = None
     #: re-estimate the model's BatchNorm statistics on this many of the slide's tissue tiles first (0: off). Off by
     #: default: on the real sample's loose dermis it added boxes on collagen and glass (docs/real-tissue.md).
     adapt_tiles: int = 0
     #: annotation element per nucleus: 'rectangle' or 'point'
     element: str = 'rectangle'
 
-    def identity(self):
+    def identity(self) -> dict:
         """The result settings as a plain dict (what run keys hash and annotations record); on a
         :class:`DetectionSettings` too, only these."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(ResultSettings)}
@@ -58,22 +64,22 @@ class DetectionSettings(ResultSettings):
     """Everything that chooses what a detection run computes (:class:`ResultSettings`) and how fast (the rest)."""
 
     #: checkpoint file (None: the bundled model)
-    model: str = None
+    model: str | None = None
     #: tiles per model call: 2 on a CPU runs as fast as more and keeps memory low; a GPU gains from 8 or more
     batch_size: int = 2
     #: tile reader threads
     workers: int = 2
     device: str = 'auto'
     #: a dask.distributed scheduler address, or 'local:N'
-    scheduler: str = None
+    scheduler: str | None = None
     #: 'auto', 'bar', 'slicer' or 'none' (``progress.Progress``)
     progress: str = 'auto'
 
-    def result(self):
+    def result(self) -> 'ResultSettings':
         """The :class:`ResultSettings` part, as asked for (None still meaning the model's or slide's own)."""
         return ResultSettings(**self.identity())
 
-    def validate(self):
+    def validate(self) -> 'DetectionSettings':
         """Check these settings once, where a run starts (``job``, ``cohort``): each is of its declared kind (a whole
         number, a number, a string, a sequence; None only where None means the model's or the slide's own value), else
         a one-line CellRCNNError. The values each may take are checked by the stage that uses them, once:
@@ -85,7 +91,7 @@ class DetectionSettings(ResultSettings):
             value = getattr(self, f.name)
             if value is None and f.default is None:
                 continue
-            accepted, kind = _KINDS[f.type]
+            accepted, kind = _KINDS[_declared(f.type)]
             if isinstance(value, bool) or not isinstance(value, accepted):
                 raise CellRCNNError(f'{f.name} must be {kind}, not {repr(value)[:40]}')
         return self
@@ -106,7 +112,7 @@ class AnnotationTrainingSettings:
     lr: float = 1e-3
     seed: int = 0
     #: checkpoint to fine-tune (None: the bundled model)
-    init: str = None
+    init: str | None = None
     #: train from random weights (with ``init``'s configuration) instead of fine-tuning
     from_scratch: bool = False
     device: str = 'auto'

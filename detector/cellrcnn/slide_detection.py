@@ -9,7 +9,9 @@ Units: tiles are cut in analysis pixels; every box leaving this module is in bas
 
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +23,11 @@ from .slide import Slide
 from .slide_adaptation import adapt_to_slide
 from .tiling import prefetch, tile_grid
 from .tissue import find_tissue
+
+if TYPE_CHECKING:  # a hint only: the loop runs any detector-like object (see detect_slide)
+    from .inference import Detector
+    from .resume import RowStore
+    from .tiling import Tile
 
 #: nuclei are at most 15 um across; the merge's spatial hash uses cells of this many analysis px (at 20x).
 MAX_NUCLEUS_PX = 64
@@ -47,7 +54,7 @@ class TileRows:
     Rows that ``store`` holds from an earlier run of the same key and grid go to the merge first, from their raw
     detections, and are not read again: :attr:`todo` is the tiles left to read (skipped tiles are never read)."""
 
-    def __init__(self, tiles, merger, store=None):
+    def __init__(self, tiles: 'list[Tile]', merger: StreamingNMS, store: 'RowStore | None' = None):
         self.merger, self.store = merger, store
         self.rows = sorted({t.row for t in tiles})
         self.top = {r: min(t.base_y for t in tiles if t.row == r) for r in self.rows}
@@ -68,7 +75,7 @@ class TileRows:
             merger.add(boxes, scores)
         self.close_finished()
 
-    def add(self, tile, boxes, scores):
+    def add(self, tile: 'Tile', boxes: np.ndarray, scores: np.ndarray) -> None:
         """A tile's raw detections: float32 boxes in base pixels, and their scores."""
         self.raw_count += len(scores)
         self.merger.add(boxes, scores)
@@ -99,8 +106,9 @@ class TileRows:
         return np.concatenate(self.kept_boxes).reshape(-1, 4), np.concatenate(self.kept_scores)
 
 
-def detect_slide(slide, detector, *, tile_size, overlap, min_tissue, workers, roi=None, resume=None, progress=None,
-                 scheduler=None, adapt_tiles=0):
+def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap: int, min_tissue: float, workers: int,
+                 roi: tuple | None = None, resume: 'RowStore | None' = None, progress: Progress | None = None,
+                 scheduler: str | None = None, adapt_tiles: int = 0) -> SlideDetections:
     """Detect nuclei over a slide (or a base-pixel ROI ``(x, y, w, h)``) with an ``inference.Detector``: tiles of at
     most ``tile_size`` analysis pixels sharing ``overlap`` (``tiling.tile_grid``), those with less tissue than
     ``min_tissue`` skipped, read by ``workers`` threads (``tiling.prefetch``).
@@ -171,7 +179,8 @@ def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress):
     return kept
 
 
-def local_batches(slide, detector, todo, workers, timing):
+def local_batches(slide: Slide, detector: 'Detector', todo: 'list[Tile]', workers: int,
+                  timing: dict) -> Iterator[tuple]:
     """(tiles, results) per batch, in order, reading the next tiles in threads while the model works."""
     stream = prefetch(slide, todo, workers=workers, queue=max(4, 2 * detector.batch_size))
     batch = []

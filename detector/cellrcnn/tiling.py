@@ -19,10 +19,17 @@ consumer (the GPU) works on the current one, since libtiff (ctypes) releases the
 
 import collections
 import concurrent.futures
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .errors import CellRCNNError, one_line
-from .tissue import find_tissue
+from .tissue import TissueMask, find_tissue
+
+if TYPE_CHECKING:
+    from .slide import Slide
 
 
 @dataclass
@@ -57,8 +64,8 @@ def _spans(origin, length, tile, overlap, align):
 
     The tiles shrink to fit: each is ``step + overlap`` pixels, the step the smallest multiple of ``align`` with
     which that many tiles cover the length, and the last one ends at the end. Tiles of the full side stepped by
-    ``tile - overlap`` with the last one moved back to the end would share up to a whole tile (a 4096 px slide
-    took five 1024 px tiles, 5120 px, 1.56x its area; shrunk it takes five of 880 px, 1.13x). With every start a
+    ``tile - overlap`` with the last one moved back to the end would share up to a whole tile of pixels read twice
+    (docs/performance.md compares the two grids). With every start a
     multiple of ``align`` (the model's coarsest field) from the origin, every tile samples the slide in the same
     phase, so a nucleus that two tiles see gets the same features from both."""
     if length <= tile:
@@ -71,7 +78,8 @@ def _spans(origin, length, tile, overlap, align):
     return [(origin + i * step, min(step + overlap, length - i * step)) for i in range(n)]
 
 
-def tile_grid(slide, tile_size, overlap, min_tissue, roi=None, tissue=None, align=1):
+def tile_grid(slide: 'Slide', tile_size: int, overlap: int, min_tissue: float, roi: tuple | None = None,
+              tissue: TissueMask | None = None, align: int = 1) -> list[Tile]:
     """Row-major grid of tiles at analysis scale covering the ROI.
 
     :param tile_size: the largest tile side in analysis pixels: each axis takes the fewest tiles of that side
@@ -113,7 +121,8 @@ def tile_grid(slide, tile_size, overlap, min_tissue, roi=None, tissue=None, alig
     return tiles
 
 
-def prefetch(slide, tiles, workers, queue=4, skip=True):
+def prefetch(slide: 'Slide', tiles: Sequence[Tile], workers: int, queue: int = 4,
+             skip: bool = True) -> Iterator[tuple[Tile, np.ndarray]]:
     """Iterate ``(tile, image)`` over ``tiles`` in order, reading ahead in ``workers`` background threads.
 
     At most ``queue`` images are read ahead of the consumer (memory bound: ``queue`` tiles, plus the one being

@@ -1,6 +1,7 @@
 """The ``/cellrcnn`` REST resource: a folder tree's results table, and CellDetection on its slides."""
 
 import itertools
+from collections.abc import Callable, Iterator
 
 from girder.api import access
 from girder.api.describe import Description, autoDescribeRoute
@@ -35,7 +36,7 @@ class CellRCNNResource(Resource):
         .param('offset', 'Skip this many rows first', required=False, dataType='integer', default=0)
         .errorResponse('Read access was denied on the folder.', 403)
     )
-    def results(self, folder, format, limit, offset):
+    def results(self, folder: dict, format: str, limit: int, offset: int) -> list | Callable[[], Iterator[bytes]]:
         if limit < 0 or offset < 0:
             raise RestException('limit and offset must not be negative')
         rows = itertools.islice(table_rows(folder, self.getCurrentUser()), offset, offset + limit if limit else None)
@@ -67,7 +68,7 @@ class CellRCNNResource(Resource):
                        'registered.', 403)
         .errorResponse('The worker.api_url setting is not set (an administrator sets it).', 503)
     )
-    def detect(self, folder, model, cli):
+    def detect(self, folder: dict, model: str | None, cli: str | None) -> dict:
         try:
             import girder_worker.girder_plugin  # noqa: F401  girder_worker's Girder side: what queues the jobs
         except ImportError:

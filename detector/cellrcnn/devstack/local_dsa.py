@@ -39,8 +39,8 @@ BASE_PACKAGES = 'python3,python3-venv,python3-dev,ca-certificates'
 BUSYBOX_IMAGE = 'busybox:latest'
 CA_BUNDLE = '/etc/ssl/certs/ca-certificates.crt'
 SETUP = './install.sh --with-dsa'
-#: free disk (GB) a build of the task image needs under the engine's data root: its install layer peaks at 10.3 GB
-#: (torch's CUDA wheels downloaded and unpacked; measured on 2026-11-30) and the image keeps 7 GB of it
+#: free disk (GB) a build of the task image needs under the engine's data root: its install layer (torch's CUDA
+#: wheels downloaded and unpacked) peaks above the image it leaves (docs/deploy.md gives the measured sizes)
 BUILD_DISK_GB = 13
 #: the job statuses of girder_jobs
 JOB_SUCCESS, JOB_ERROR, JOB_CANCELED = 3, 4, 5
