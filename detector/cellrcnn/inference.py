@@ -21,9 +21,8 @@ from .devices import autocast, keep_freed_memory, resolve_device
 from .errors import CellRCNNError
 from .model import CellRCNN, to_tensor
 
-if TYPE_CHECKING:  # settings is the leaf the stages never import at run time
+if TYPE_CHECKING:
     from .config import ModelConfig
-    from .settings import DetectionSettings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,8 +44,9 @@ class DetectorSpec:
     batch_size: int
 
     @classmethod
-    def from_settings(cls, settings: 'DetectionSettings') -> 'DetectorSpec':
-        """The spec a run's :class:`cellrcnn.settings.DetectionSettings` ask for."""
+    def from_settings(cls, settings) -> 'DetectorSpec':
+        """The spec a run's :class:`cellrcnn.settings.DetectionSettings` ask for (the settings are not imported here:
+        the stages never read settings, the run hands them their values)."""
         return cls(model=settings.model, threshold=settings.threshold, nms=settings.nms,
                    anchor_upsample=settings.anchor_upsample, device=settings.device, batch_size=settings.batch_size)
 
