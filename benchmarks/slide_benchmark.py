@@ -298,7 +298,7 @@ def score_detections(pred, scores, gt, coco):
     scores = np.asarray(scores, np.float64).reshape(-1)
     preds, gts = window_images(pred, scores, gt)
     if coco:
-        r = metrics.evaluate(preds, gts, score_threshold=0.0, iou_threshold=IOU)
+        r = metrics.evaluate(preds, gts, threshold=0.0, iou_threshold=IOU)
         out = {k: r[k] for k in ('n_gt', 'n_pred', 'tp', 'fp', 'fn', 'precision', 'recall', 'f1', 'best_f1',
                                  'best_f1_threshold', 'AP', 'AP50')}
     else:

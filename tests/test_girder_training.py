@@ -106,7 +106,7 @@ def test_the_cell_detection_task_takes_the_trained_model(server, cohort, trained
                        e['center'][0] + e['width'] / 2, e['center'][1] + e['height'] / 2] for e in doc['elements']])
     scores = np.array([e['user']['score'] for e in doc['elements']])
     truth = cohort['c_heldout.tiff']['all_boxes']
-    assert evaluate([{'boxes': boxes, 'scores': scores}], [truth], score_threshold=0)['f1'] >= 0.8
+    assert evaluate([{'boxes': boxes, 'scores': scores}], [truth], threshold=0)['f1'] >= 0.8
 
 
 @girder

@@ -41,7 +41,7 @@ def test_two_correct_one_low_iou_prediction():
     m = M.match_detections(boxes, [0.9, 0.8, 0.7], GT3)
     assert (m.tp, m.fp, m.fn) == (2, 1, 1)
     assert m.pred_gt.tolist() == [0, 1, -1]
-    r = M.evaluate([pred(boxes, [0.9, 0.8, 0.7])], [GT3], score_threshold=0.5)
+    r = M.evaluate([pred(boxes, [0.9, 0.8, 0.7])], [GT3], threshold=0.5)
     assert (r['tp'], r['fp'], r['fn']) == (2, 1, 1)
     assert r['precision'] == pytest.approx(2 / 3)
     assert r['recall'] == pytest.approx(2 / 3)
@@ -134,9 +134,9 @@ def test_size_buckets():
     assert r['recall_large'] is None and r['AP_large'] is None
 
 
-def test_recall_by_size_uses_the_score_threshold():
+def test_recall_by_size_uses_the_threshold():
     gt = np.array([[0, 0, 8, 8], [50, 0, 80, 30]], dtype=float)   # small, large
-    r = M.evaluate([pred(gt, [0.3, 0.9])], [gt], score_threshold=0.5)
+    r = M.evaluate([pred(gt, [0.3, 0.9])], [gt], threshold=0.5)
     assert r['recall_small'] == 0.0 and r['recall_large'] == 1.0
     assert r['AP_small'] == pytest.approx(1.0)   # AP uses every prediction
 
@@ -182,7 +182,7 @@ def test_split_coco_evaluation_equals_plain_cocoeval():
 
 def test_greedy_matching_agrees_with_cocoeval():
     preds, gts = _random_set(5)
-    r = M.evaluate([{'boxes': b, 'scores': s} for b, s in preds], gts, score_threshold=0.0)
+    r = M.evaluate([{'boxes': b, 'scores': s} for b, s in preds], gts, threshold=0.0)
     assert r['n_pred_kept'] == r['n_pred']
     assert r['recall'] == pytest.approx(r['AR50'], abs=1e-12)
     assert 0.2 < r['recall'] < 1.0
@@ -196,8 +196,8 @@ def test_best_f1_threshold():
     thr, f1, p, r = M.best_f1_threshold([pred(boxes, scores)], [gt])
     assert thr == pytest.approx(0.7)
     assert (f1, p, r) == (pytest.approx(0.8), pytest.approx(2 / 3), 1.0)
-    res = M.evaluate([pred(boxes, scores)], [gt], score_threshold=None)
-    assert res['score_threshold'] == pytest.approx(0.7)
+    res = M.evaluate([pred(boxes, scores)], [gt], threshold=None)
+    assert res['threshold'] == pytest.approx(0.7)
     assert res['f1'] == pytest.approx(0.8) == res['best_f1']
     # with no ground truth the best is to keep nothing
     thr, f1, p, r = M.best_f1_threshold([pred(boxes, scores)], [np.zeros((0, 4))])

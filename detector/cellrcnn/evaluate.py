@@ -21,7 +21,7 @@ def evaluate_model(model, samples, device='auto', batch_size=8, threshold=None, 
     box sides (px) between small, medium and large nuclei."""
     predictions, seconds = predict_samples(model, samples, device, batch_size)
     threshold = model.config.threshold if threshold is None else threshold
-    metrics = evaluate(predictions, [boxes for _, boxes in samples], score_threshold=threshold, size_bins=size_bins)
+    metrics = evaluate(predictions, [boxes for _, boxes in samples], threshold=threshold, size_bins=size_bins)
     megapixels = sum(image.shape[0] * image.shape[1] for image, _ in samples) / 1e6
     metrics['seconds'] = seconds
     metrics['megapixels_per_second'] = megapixels / seconds if seconds else float('nan')

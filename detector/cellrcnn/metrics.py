@@ -218,15 +218,15 @@ def best_f1_threshold(predictions, ground_truths, iou_threshold=0.5):
 
 # --------------------------------------------------------------------------- evaluate
 
-def evaluate(predictions, ground_truths, score_threshold=0.5, iou_threshold=0.5,
+def evaluate(predictions, ground_truths, threshold=0.5, iou_threshold=0.5,
              size_bins=DEFAULT_SIZE_BINS, max_dets=None):
     """Evaluate detections over a list of images (e.g. tiles).
 
     :param predictions: list of dicts with ``boxes`` (N x 4, x1,y1,x2,y2) and
         ``scores`` (N), numpy arrays or torch tensors; other keys are ignored.
     :param ground_truths: list (same length) of M x 4 boxes or dicts with ``boxes``.
-    :param score_threshold: operating point for precision / recall / F1 (keep
-        ``score >= score_threshold``); ``None`` uses the best-F1 threshold of this
+    :param threshold: operating point for precision / recall / F1 (keep
+        ``score >= threshold``); ``None`` uses the best-F1 threshold of this
         very set (optimistic: it is tuned on the data it is reported on).
     :param iou_threshold: IoU for a match in precision / recall / F1.
     :param size_bins: the two box-side edges (px) between small, medium and large.
@@ -235,7 +235,7 @@ def evaluate(predictions, ground_truths, score_threshold=0.5, iou_threshold=0.5,
     :returns: a flat dict:
 
         - ``n_images, n_gt, n_pred`` (all predictions), ``n_pred_kept`` (at the
-          threshold), ``score_threshold, iou_threshold, size_bins``;
+          threshold), ``threshold, iou_threshold, size_bins``;
         - ``tp, fp, fn, precision, recall, f1`` at the operating point;
         - ``best_f1, best_f1_threshold`` over all thresholds;
         - ``AP`` (AP@[.5:.95]), ``AP50, AP75``, ``AR`` (recall averaged over IoU
@@ -252,11 +252,11 @@ def evaluate(predictions, ground_truths, score_threshold=0.5, iou_threshold=0.5,
     n_pred = int(sum(len(b) for b, _ in preds))
     matches, scores, is_tp = _pooled_matches(preds, gts, iou_threshold)
     best_thr, best_f1, _, _ = _best_f1(scores, is_tp, n_gt)
-    if score_threshold is None:
-        score_threshold = best_thr
-    score_threshold = float(score_threshold)
+    if threshold is None:
+        threshold = best_thr
+    threshold = float(threshold)
 
-    tp, fp, bucket_gt, bucket_tp = _operating_point(preds, gts, matches, score_threshold, size_bins)
+    tp, fp, bucket_gt, bucket_tp = _operating_point(preds, gts, matches, threshold, size_bins)
     fn = n_gt - tp
     n_kept = tp + fp
     precision = _ratio(tp, tp + fp, n_gt == 0)
@@ -264,7 +264,7 @@ def evaluate(predictions, ground_truths, score_threshold=0.5, iou_threshold=0.5,
 
     out = {
         'n_images': len(gts), 'n_gt': n_gt, 'n_pred': n_pred, 'n_pred_kept': n_kept,
-        'score_threshold': score_threshold, 'iou_threshold': float(iou_threshold),
+        'threshold': threshold, 'iou_threshold': float(iou_threshold),
         'size_bins': tuple(float(b) for b in size_bins),
         'tp': tp, 'fp': fp, 'fn': fn,
         'precision': precision, 'recall': recall, 'f1': _f1(precision, recall),
@@ -277,14 +277,14 @@ def evaluate(predictions, ground_truths, score_threshold=0.5, iou_threshold=0.5,
     return out
 
 
-def _operating_point(preds, gts, matches, score_threshold, size_bins):
-    """TP and FP over all images at ``score_threshold``, and ground truth and TP counts per size bucket: prefixes of
+def _operating_point(preds, gts, matches, threshold, size_bins):
+    """TP and FP over all images at ``threshold``, and ground truth and TP counts per size bucket: prefixes of
     the unthresholded greedy matching (see _pooled_matches)."""
     tp = fp = 0
     bucket_gt = np.zeros(3, dtype=np.int64)
     bucket_tp = np.zeros(3, dtype=np.int64)
     for (_, s), g, match in zip(preds, gts, matches):
-        kept = s >= score_threshold
+        kept = s >= threshold
         tp_mask = kept & match.pred_matched
         tp += int(tp_mask.sum())
         fp += int((kept & ~match.pred_matched).sum())
@@ -325,7 +325,7 @@ def format_report(metrics):
     bins = m.get('size_bins', DEFAULT_SIZE_BINS)
     lines = [
         f"images {m['n_images']}  ground truth {m['n_gt']}  predictions {m['n_pred']}  "
-        f"(IoU >= {m['iou_threshold']:g}, score >= {m['score_threshold']:.3f})",
+        f"(IoU >= {m['iou_threshold']:g}, score >= {m['threshold']:.3f})",
         '',
         f"{'':10}{'TP':>8}{'FP':>8}{'FN':>8}{'precision':>11}{'recall':>8}{'F1':>8}",
         f"{'all':10}{m['tp']:>8}{m['fp']:>8}{m['fn']:>8}{_fmt(m['precision']):>11}"
