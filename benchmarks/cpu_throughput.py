@@ -16,8 +16,8 @@ import torch
 import torchvision
 
 from cellrcnn.checkpoint import load_model
-from cellrcnn.samples import to_tensor
 from cellrcnn.inference import Detector
+from cellrcnn.model import to_tensor
 from cellrcnn.synthetic import make_tile
 
 

@@ -203,6 +203,7 @@ def compare_precisions(slide_path, gt, region, args):
     import torch
 
     from cellrcnn.inference import DetectorSpec
+    from cellrcnn.settings import DetectionSettings
     from cellrcnn.slide import Slide
     from cellrcnn.slide_detection import detect_slide
 
@@ -221,7 +222,9 @@ def compare_precisions(slide_path, gt, region, args):
             seen.clear()
             reset_gpu_peak(args.device)
             with precision(dtype):
-                result = detect_slide(slide, detector, roi=region, tile_size=args.tile_size, workers=args.workers)
+                result = detect_slide(slide, detector, roi=region, tile_size=args.tile_size,
+                                      overlap=DetectionSettings.overlap, min_tissue=DetectionSettings.min_tissue,
+                                      workers=args.workers)
             allocated, _ = gpu_peak(args.device)
             check_ran_on(args.device, result.stats, allocated)
             if seen != {dtype}:

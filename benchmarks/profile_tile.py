@@ -26,13 +26,15 @@ from cellrcnn.synthetic import make_tile
 
 def slide_tiles(path, size, count, mpp):
     """The first ``count`` tissue tiles of the slide at ``path`` (``size`` px, at the model's ``mpp``)."""
+    from cellrcnn.settings import DetectionSettings
     from cellrcnn.slide import Slide
     from cellrcnn.tiling import prefetch, tile_grid
     from cellrcnn.tissue import find_tissue
 
     slide = Slide(path, magnification=10 / mpp)
-    grid = [t for t in tile_grid(slide, size, tissue=find_tissue(slide)) if not t.skipped][:count]
-    return [image for _, image in prefetch(slide, grid)]
+    grid = tile_grid(slide, size, DetectionSettings.overlap, DetectionSettings.min_tissue, tissue=find_tissue(slide))
+    return [image for _, image in prefetch(slide, [t for t in grid if not t.skipped][:count],
+                                           workers=DetectionSettings.workers)]
 
 
 class StageClock:

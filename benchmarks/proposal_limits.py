@@ -111,10 +111,12 @@ def main():
 def compare_on_slide(path, detectors):
     from torchvision.ops import box_iou
 
-    from cellrcnn.slide_detection import detect_slide
+    from cellrcnn.settings import DetectionSettings
     from cellrcnn.slide import Slide
+    from cellrcnn.slide_detection import detect_slide
 
-    results = {s: detect_slide(Slide(path), d) for s, d in detectors.items()}
+    run = {name: getattr(DetectionSettings, name) for name in ('tile_size', 'overlap', 'min_tissue', 'workers')}
+    results = {s: detect_slide(Slide(path), d, **run) for s, d in detectors.items()}
     first = next(iter(results))
     reference = results[first]
     print(f'\n{os.path.basename(path)}: detections, and those of {first} without a match at IoU 0.5')

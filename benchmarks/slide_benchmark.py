@@ -373,15 +373,16 @@ class StockDetector:
             net.transform.resize = lambda image, target=None: (image, target)
         self.net = net.to(self.device, memory_format=torch.channels_last).eval()
         self.batch_size = batch_size
-        # what the detection loop reads of a cellrcnn model: the smallest image side and the merge's IoU threshold
-        self.model = types.SimpleNamespace(config=types.SimpleNamespace(backbone_stages=4,
+        # what the detection loop reads of a cellrcnn model: its fields (the coarsest is the smallest image side and
+        # the tiles' alignment) and the merge's IoU threshold
+        self.model = types.SimpleNamespace(config=types.SimpleNamespace(fields=(4, 8, 16, 32),
                                                                         nms_thresh=net.roi_heads.nms_thresh))
 
     def detect_tiles(self, tiles):
         import torch
 
-        from cellrcnn.samples import to_tensor
         from cellrcnn.devices import autocast
+        from cellrcnn.model import to_tensor
 
         out = []
         with torch.no_grad():
@@ -405,13 +406,15 @@ def stock_child(argv):
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--device', default='cpu')
     a = p.parse_args(argv)
+    from cellrcnn.settings import DetectionSettings
     from cellrcnn.slide import Slide
     from cellrcnn.slide_detection import detect_slide
 
     detector = StockDetector(a.variant, a.tile_size, a.device, a.batch_size)
     slide = Slide(a.slide, magnification=10 / MPP)
     roi = tuple(float(v) for v in a.roi.split(',')) if a.roi else None
-    result = detect_slide(slide, detector, roi=roi, tile_size=a.tile_size, overlap=a.overlap, workers=a.workers)
+    result = detect_slide(slide, detector, roi=roi, tile_size=a.tile_size, overlap=a.overlap,
+                          min_tissue=DetectionSettings.min_tissue, workers=a.workers)
     stats = {k: v for k, v in result.stats.items() if k != 'slide'}
     with open(a.json, 'w') as f:
         json.dump(stats, f, indent=2)

@@ -29,7 +29,7 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp('model') / 'tiny.pt'
     save_checkpoint(path, build_model(ModelConfig(backbone_width=0.25, fpn_channels=16, box_head_channels=32,
-                                                  detect_thresh=0.0)), half=True)
+                                                  threshold=0.0)), half=True)
     return path
 
 

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from cellrcnn.adapt import adapt_to_slide, adaptation_tiles, batchnorm_stats
+from cellrcnn.adapt import batchnorm_stats
 from cellrcnn.inference import DetectorSpec
 from cellrcnn.slide import Slide
+from cellrcnn.slide_adaptation import adapt_to_slide, adaptation_tiles
 from cellrcnn.slide_detection import detect_slide
 from cellrcnn.tiling import tile_grid
 
-RUN = dict(tile_size=256, overlap=48, min_tissue=0.0)
+RUN = dict(tile_size=256, overlap=48, min_tissue=0.0, workers=2)
 
 
 @pytest.fixture(scope='module')
@@ -21,7 +22,7 @@ def slide(synthetic_slide):
 
 
 def new_detector(checkpoint):
-    return DetectorSpec(str(checkpoint), threshold=0.05, device='cpu', batch_size=3).build()
+    return DetectorSpec(model=str(checkpoint), threshold=0.05, device='cpu', batch_size=3).build()
 
 
 def test_adaptation_changes_the_batchnorm_statistics_and_no_parameter(slide, tiny_checkpoint):
@@ -30,7 +31,7 @@ def test_adaptation_changes_the_batchnorm_statistics_and_no_parameter(slide, tin
     parameters = {k: v.clone() for k, v in model.named_parameters()}
     before = batchnorm_stats(model)
     momenta = [m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    used = adapt_to_slide(slide, detector, tile_grid(slide, 256, 48, min_tissue=0.0), 4)
+    used = adapt_to_slide(slide, detector, tile_grid(slide, 256, 48, min_tissue=0.0), 4, workers=2)
     assert len(used) == 4
     after = batchnorm_stats(model)
     assert after.keys() == before.keys() and len(after) > 10

@@ -10,7 +10,7 @@ import torch
 from cellrcnn.adapt import batchnorm_stats, load_batchnorm_stats
 from cellrcnn.batchnorm_folding import fold_batchnorm
 from cellrcnn.inference import DetectorSpec
-from cellrcnn.samples import to_tensor
+from cellrcnn.model import to_tensor
 from cellrcnn.synthetic import make_tile
 
 
@@ -23,7 +23,7 @@ def _unfolded_detections(detector, tiles):
     """What the model itself, with its BatchNorm layers, detects (as ``Detector`` keeps them)."""
     with torch.no_grad():
         outputs = detector.model([to_tensor(t) for t in tiles])
-    keep = [o['scores'] >= detector.score_thresh for o in outputs]
+    keep = [o['scores'] >= detector.threshold for o in outputs]
     return [(o['boxes'][k].numpy(), o['scores'][k].numpy()) for o, k in zip(outputs, keep)]
 
 
@@ -35,7 +35,7 @@ def _assert_same(found, expected):
 
 
 def test_folding_removes_every_batchnorm_and_keeps_the_outputs():
-    detector = DetectorSpec(device='cpu').build()  # the bundled model: trained statistics
+    detector = DetectorSpec(device='cpu', batch_size=2).build()  # the bundled model: trained statistics
     folded = fold_batchnorm(detector.model)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in detector.model.modules())  # the model keeps its own
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
@@ -47,7 +47,7 @@ def test_folding_removes_every_batchnorm_and_keeps_the_outputs():
 
 
 def test_the_detector_folds_again_when_the_statistics_change():
-    detector = DetectorSpec(device='cpu').build()
+    detector = DetectorSpec(device='cpu', batch_size=2).build()
     tiles = _tiles(2, 1)
     first = detector.detect_tiles(tiles)
     _assert_same(first, _unfolded_detections(detector, tiles))

@@ -193,7 +193,7 @@ def tiny_model(path, seed):
     torch.manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, build_model(ModelConfig(backbone_width=0.25, fpn_channels=16, box_head_channels=32,
-                                                  detect_thresh=0.5)), half=True)
+                                                  threshold=0.5)), half=True)
     return path
 
 

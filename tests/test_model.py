@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cellrcnn.checkpoint import load_model, save_checkpoint
+from cellrcnn.checkpoint import BUNDLED_MODEL, load_checkpoint, load_model, save_checkpoint, stored_config
 from cellrcnn.config import ModelConfig
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.model import build_model
@@ -30,7 +30,7 @@ def test_forward_and_backward_on_cpu(backbone):
 def test_inference_never_resizes_and_returns_input_pixels():
     torch.manual_seed(0)
     # no score floors: even an untrained model returns boxes, whose coordinates are checked
-    model = build_model(ModelConfig(score_thresh=0.0, rpn_score_thresh=0.0)).eval()
+    model = build_model(ModelConfig(box_score_thresh=0.0, rpn_score_thresh=0.0)).eval()
     image = torch.rand(3, 100, 170)  # not a multiple of 32: padded, never resized
     with torch.no_grad():
         batch, _ = model.transform([image])
@@ -66,7 +66,7 @@ def test_objectness_floor_applies_at_inference_only():
 
 def test_checkpoint_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path):
     torch.manual_seed(1)
-    config = ModelConfig(anchor_upsample=4, fpn_channels=32, score_thresh=0.0)
+    config = ModelConfig(anchor_upsample=4, fpn_channels=32, box_score_thresh=0.0)
     model = build_model(config).eval()
     image = [torch.rand(3, 96, 96)]
     with torch.no_grad():
@@ -102,6 +102,27 @@ def test_checkpoint_whose_weights_do_not_fit_its_config(tmp_path):
     torch.save(payload, tmp_path / 'm.pt')
     with pytest.raises(CellRCNNError, match='does not match its own configuration'):
         load_model(tmp_path / 'm.pt')
+
+
+def test_a_checkpoint_with_the_old_threshold_names_loads_with_their_values(tmp_path):
+    """Checkpoints written before the operating threshold was named ``threshold`` (and the box head's floor
+    ``box_score_thresh``) store them as ``detect_thresh`` and ``score_thresh``."""
+    from cellrcnn.inference import DetectorSpec
+
+    save_checkpoint(tmp_path / 'old.pt', build_model(ModelConfig(fpn_channels=16)))
+    payload = torch.load(tmp_path / 'old.pt', weights_only=True)
+    config = payload['config']
+    del config['threshold'], config['box_score_thresh']
+    config['detect_thresh'], config['score_thresh'] = 0.37, 0.02
+    torch.save(payload, tmp_path / 'old.pt')
+    model = load_model(tmp_path / 'old.pt')
+    assert (model.config.threshold, model.config.box_score_thresh) == (0.37, 0.02)
+    assert model.roi_heads.score_thresh == 0.02
+    assert DetectorSpec(model=str(tmp_path / 'old.pt'), device='cpu', batch_size=1).build().threshold == 0.37
+    bundled = load_checkpoint(BUNDLED_MODEL)  # an old checkpoint, kept as it is
+    assert {'detect_thresh', 'score_thresh'} <= set(bundled['config'])
+    assert (stored_config(bundled).threshold, stored_config(bundled).box_score_thresh) == \
+        (bundled['config']['detect_thresh'], bundled['config']['score_thresh'])
 
 
 @pytest.mark.parametrize('change, message', [

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from cellrcnn.samples import Augmenter, TileDataset, keep_inside, read_image, to_tensor
 from cellrcnn.errors import CellRCNNError
+from cellrcnn.model import to_tensor
+from cellrcnn.samples import Augmenter, TileDataset, keep_inside, read_image
 
 
 def dark_squares_image(size=96):

@@ -31,7 +31,7 @@ def test_list_cli_and_xml():
     root = ET.fromstring(xml.stdout)
     names = {e.findtext('name') for e in root.iter() if e.find('name') is not None}
     assert {'inputImageFile', 'analysis_roi', 'outputCellAnnotationFile', 'outputDensityAnnotationFile',
-            'analysis_mag', 'analysis_tile_size', 'tile_overlap', 'min_tissue_frac', 'score_threshold', 'nms_iou',
+            'analysis_mag', 'analysis_tile_size', 'tile_overlap', 'min_tissue_frac', 'threshold', 'nms_iou',
             'anchor_upsample', 'adapt_tiles', 'element_type', 'model_file', 'device', 'batch_size', 'scheduler',
             'girderApiUrl', 'girderToken'} <= names
     adapt = next(e for e in root.iter('integer') if e.findtext('name') == 'adapt_tiles')

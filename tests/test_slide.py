@@ -83,7 +83,8 @@ def test_slide_without_resolution_needs_mpp(tmp_path):
     s = Slide(path, mpp=0.25)  # a 40x scan, analysed at 20x
     assert s.scale_from == 'mpp' and s.native_magnification == pytest.approx(40)
     assert s.scale == pytest.approx(2) and s.size == (400, 300) and s.mpp == pytest.approx(0.5)
-    tile = tile_grid(s, tile_size=256, overlap=16)[0]  # two of 208 x 158 cover 400 x 300 with 16 px shared
+    # two of 208 x 158 cover 400 x 300 with 16 px shared
+    tile = tile_grid(s, tile_size=256, overlap=16, min_tissue=0.05)[0]
     assert (tile.width, tile.height, tile.base_width, tile.base_height) == (208, 158, 416, 316)
     assert s.read(tile).shape == (158, 208, 3)
 
@@ -147,12 +148,12 @@ def _check_grid(tiles, x0, y0, x1, y1, size, overlap, align=1):
 
 def test_tile_grid_whole_slide(slide20x):
     s = Slide(slide20x[0])
-    tiles = tile_grid(s, tile_size=512, overlap=64)
+    tiles = tile_grid(s, tile_size=512, overlap=64, min_tissue=0.05)
     _check_grid(tiles, 0, 0, 2048, 1536, 512, 64)
     assert (max(t.col for t in tiles) + 1, max(t.row for t in tiles) + 1) == (5, 4)
     # shrunk to fit: 512 px tiles stepped by 448 with the last moved back to the edge would read 1.67x the slide
     assert sum(t.width * t.height for t in tiles) < 1.3 * 2048 * 1536
-    aligned = tile_grid(s, tile_size=512, overlap=64, align=16)
+    aligned = tile_grid(s, tile_size=512, overlap=64, min_tissue=0.05, align=16)
     _check_grid(aligned, 0, 0, 2048, 1536, 512, 64, align=16)
     assert sum(t.width * t.height for t in aligned) < 1.3 * 2048 * 1536
     for t in tiles:  # native scale: the base region is the tile
@@ -182,7 +183,7 @@ def test_tile_spans_cover_each_axis_with_the_overlap_in_steps_of_whole_fields():
                                       (20, (10, 20, 100, 50)), (10, (-100, -100, 400, 300))])
 def test_tile_grid_roi(slide20x, mag, roi):
     s = Slide(slide20x[0], magnification=mag)
-    tiles = tile_grid(s, tile_size=256, overlap=32, roi=roi, align=16)
+    tiles = tile_grid(s, tile_size=256, overlap=32, min_tissue=0.05, roi=roi, align=16)
     x0, y0, x1, y1 = s.roi_to_analysis(roi)
     _check_grid(tiles, x0, y0, x1, y1, 256, 32, align=16)
     # the tiles' base regions cover the ROI (clipped to the slide) and stay inside the slide
@@ -200,13 +201,13 @@ def test_tile_grid_roi(slide20x, mag, roi):
                                  ('a', 1, 2, 3), (1, 2, 3)])
 def test_bad_roi(slide20x, roi):
     with pytest.raises(CellRCNNError, match='ROI'):
-        tile_grid(Slide(slide20x[0]), roi=roi)
+        tile_grid(Slide(slide20x[0]), tile_size=1024, overlap=64, min_tissue=0.05, roi=roi)
 
 
 @pytest.mark.parametrize('size, overlap', [(0, 0), (256, 256), (256, -1)])
 def test_bad_tile_size_or_overlap(slide20x, size, overlap):
     with pytest.raises(CellRCNNError, match='tile'):
-        tile_grid(Slide(slide20x[0]), tile_size=size, overlap=overlap)
+        tile_grid(Slide(slide20x[0]), tile_size=size, overlap=overlap, min_tissue=0.05)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def test_tissue_mask_and_fractions(slide20x):
     assert tissue.fx == pytest.approx(s.size[0] / mask.shape[1])
     assert mask.shape[1] == 256  # a 1 mm wide slide: 4 um mask pixels, not 1024 of them
     assert tissue.area_mm2((0, 0) + s.size) == pytest.approx(mask.mean() * s.size[0] * s.size[1] * (s.mpp / 1e3) ** 2)
-    base = s.read(tile_grid(s, tile_size=4096)[0])
+    base = s.read(tile_grid(s, tile_size=4096, overlap=64, min_tissue=0.05)[0])
     # tissue is visibly stained (as test_synthetic), ignoring cracks and gaps of a few micrometres (smoothing the
     # stained mask, not the optical density, so that dark nuclei at a tissue edge do not spread onto the glass)
     truth = cv2.GaussianBlur((optical_density(base).sum(2) > 0.25).astype(np.float32), (0, 0), 4) > 0.5
@@ -231,7 +232,7 @@ def test_tissue_mask_and_fractions(slide20x):
         true_frac = truth[t.y:t.y + t.height, t.x:t.x + t.width].mean()
         assert abs(t.tissue - true_frac) < 0.15, t  # thin strands at tile edges are where the thumbnail mask errs
         assert t.skipped == (t.tissue < 0.05)
-    tiles = tile_grid(s, tile_size=256, overlap=0)
+    tiles = tile_grid(s, tile_size=256, overlap=0, min_tissue=0.05)
     assert max(t.tissue for t in tiles) > 0.95 and min(t.tissue for t in tiles) < 0.05  # tissue and glass
 
 
@@ -243,14 +244,14 @@ def test_all_glass_slide_has_no_tissue(tmp_path):
     for name, rgb in (('glass', glass), ('white', white)):
         s = Slide(_write_vips(str(tmp_path / f'{name}.tiff'), rgb, px_per_mm=2000))
         assert not find_tissue(s).mask.any(), name
-        tiles = tile_grid(s, tile_size=512, overlap=64)
+        tiles = tile_grid(s, tile_size=512, overlap=64, min_tissue=0.05)
         assert all(t.skipped and t.tissue == 0 for t in tiles)
-        assert list(prefetch(s, tiles)) == []
-        assert len(list(prefetch(s, tiles, skip=False))) == len(tiles)
+        assert list(prefetch(s, tiles, workers=2)) == []
+        assert len(list(prefetch(s, tiles, workers=2, skip=False))) == len(tiles)
 
 
 def test_min_tissue_zero_keeps_everything(slide20x):
-    tiles = tile_grid(Slide(slide20x[0]), tile_size=512, min_tissue=0)
+    tiles = tile_grid(Slide(slide20x[0]), tile_size=512, overlap=64, min_tissue=0)
     assert not any(t.skipped for t in tiles)
 
 
@@ -277,7 +278,7 @@ def _dark_blob_centres(image, od_thresh=1.6, min_area=4):
 def test_read_and_to_base_match_ground_truth(slide20x, mag):
     path, gt = slide20x
     s = Slide(path, magnification=mag)
-    tiles = [t for t in tile_grid(s, tile_size=384, overlap=48) if not t.skipped]
+    tiles = [t for t in tile_grid(s, tile_size=384, overlap=48, min_tissue=0.05) if not t.skipped]
     assert tiles
     full = Slide(path)
     hits = total = 0
@@ -311,7 +312,7 @@ def test_read_and_to_base_match_ground_truth(slide20x, mag):
 
 def test_to_base_arithmetic(slide20x):
     s = Slide(slide20x[0], magnification=10)
-    t = tile_grid(s, tile_size=256, overlap=32)[3]
+    t = tile_grid(s, tile_size=256, overlap=32, min_tissue=0.05)[3]
     b = s.to_base([[0, 0, t.width, t.height], [10, 20, 30, 40]], t)
     assert b.dtype == np.float64 and b.shape == (2, 4)
     assert b[0].tolist() == [t.base_x, t.base_y, t.base_x + t.base_width, t.base_y + t.base_height]
@@ -329,7 +330,7 @@ def test_grey_and_alpha_slides_read_as_rgb(tmp_path):
     im.tiffsave(path, tile=True, tile_width=128, tile_height=128, pyramid=True, compression='deflate',
                 resunit='cm')
     s = Slide(path)
-    out = s.read(tile_grid(s, tile_size=512)[0])
+    out = s.read(tile_grid(s, tile_size=512, overlap=64, min_tissue=0.05)[0])
     assert out.shape == (300, 400, 3)
     assert out[:, :200].min() == 255 and np.all(out[:, 200:] == 120)
 
@@ -403,5 +404,6 @@ def test_prefetch_propagates_read_errors_with_tile_position(slide20x):
 @pytest.mark.parametrize('workers, queue', [(-1, 2), (2, 0)])
 def test_prefetch_bad_arguments(slide20x, workers, queue):
     s = Slide(slide20x[0])
+    tiles = tile_grid(s, tile_size=1024, overlap=64, min_tissue=0.05)
     with pytest.raises(CellRCNNError):
-        prefetch(s, tile_grid(s), workers=workers, queue=queue)  # raised at the call, not at the first next()
+        prefetch(s, tiles, workers=workers, queue=queue)  # raised at the call, not at the first next()

@@ -18,7 +18,7 @@ def slide_path(synthetic_slide):
 
 @pytest.fixture
 def detector(tiny_checkpoint):
-    return DetectorSpec(str(tiny_checkpoint), threshold=0.05, nms=0.3, device='cpu', batch_size=3).build()
+    return DetectorSpec(model=str(tiny_checkpoint), threshold=0.05, nms=0.3, device='cpu', batch_size=3).build()
 
 
 def sorted_rows(boxes):
@@ -43,7 +43,7 @@ class Recording:
 def test_merged_result_equals_one_global_nms_over_all_raw_detections(slide_path, detector):
     slide = Slide(slide_path)
     recording = Recording(detector)
-    result = detect_slide(slide, recording, tile_size=256, overlap=48, min_tissue=0.0)
+    result = detect_slide(slide, recording, tile_size=256, overlap=48, min_tissue=0.0, workers=2)
     tiles = tile_grid(slide, 256, 48, min_tissue=0.0, align=detector.model.config.fields[-1])
     assert len(recording.results) == len(tiles)
     raw_boxes = [slide.to_base(boxes, tile).astype(np.float32) for tile, (boxes, _) in zip(tiles, recording.results)]
@@ -62,9 +62,9 @@ def test_tiling_hardly_changes_the_detections(slide_path):
     features, and the same box, as in one tile over the whole slide. (A last tile moved back to end flush with the
     slide, off those steps, boxed a third of the nuclei differently from the rest.)"""
     slide = Slide(slide_path)
-    detector = DetectorSpec(device='cpu').build()  # the bundled model
-    whole = detect_slide(slide, detector, tile_size=1024, overlap=64, min_tissue=0.0)
-    tiled = detect_slide(slide, detector, tile_size=384, overlap=64, min_tissue=0.0)
+    detector = DetectorSpec(device='cpu', batch_size=2).build()  # the bundled model
+    whole = detect_slide(slide, detector, tile_size=1024, overlap=64, min_tissue=0.0, workers=2)
+    tiled = detect_slide(slide, detector, tile_size=384, overlap=64, min_tissue=0.0, workers=2)
     assert (whole.stats['tiles'], tiled.stats['tiles']) == (1, 6)
     assert abs(len(tiled.boxes) - len(whole.boxes)) < 0.05 * len(whole.boxes)
     best = box_iou(torch.from_numpy(whole.boxes), torch.from_numpy(tiled.boxes)).max(1).values
@@ -101,7 +101,7 @@ class Interrupting:
 
 def test_an_interrupted_run_resumes_from_its_saved_rows(slide_path, detector, tmp_path):
     slide = Slide(slide_path)
-    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, key='k')
+    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, workers=2, key='k')
     full = detect_slide(slide, detector, **kwargs)
     partial = tmp_path / 'partial'
     with pytest.raises(KeyboardInterrupt):
@@ -124,12 +124,12 @@ def test_an_interrupted_run_resumes_from_its_saved_rows(slide_path, detector, tm
 
 # --------------------------------------------------------------------------- resume files: damaged, and other runs'
 
-KW = dict(tile_size=256, overlap=48, min_tissue=0.0)
+KW = dict(tile_size=256, overlap=48, min_tissue=0.0, workers=2)
 
 
 @pytest.fixture(scope='module')
 def spec(tiny_checkpoint):
-    return DetectorSpec(str(tiny_checkpoint), threshold=0.05, nms=0.3, device='cpu', batch_size=3)
+    return DetectorSpec(model=str(tiny_checkpoint), threshold=0.05, nms=0.3, device='cpu', batch_size=3)
 
 
 @pytest.fixture(scope='module')
@@ -228,7 +228,7 @@ def test_glass_only_slide_gives_an_empty_result(tmp_path, detector):
     glass = pyvips.Image.black(600, 500, bands=3) + 245
     glass.cast('uchar').tiffsave(str(path), tile=True, pyramid=True, compression='jpeg', xres=2000, yres=2000,
                                  resunit='cm')
-    result = detect_slide(Slide(path), detector, tile_size=256, overlap=32)
+    result = detect_slide(Slide(path), detector, tile_size=256, overlap=32, min_tissue=0.05, workers=2)
     assert len(result.boxes) == 0
     assert result.stats['tiles_read'] == 0 and result.stats['tiles_skipped'] == result.stats['tiles']
     assert result.stats['adapt_tiles'] == 0  # no tissue to adapt to
@@ -236,19 +236,20 @@ def test_glass_only_slide_gives_an_empty_result(tmp_path, detector):
 
 def test_bad_detection_loop_settings(slide_path, detector):
     slide = Slide(slide_path)
+    run = dict(tile_size=1024, overlap=64, min_tissue=0.05, workers=2)
     with pytest.raises(CellRCNNError, match='overlap must be'):
-        detect_slide(slide, detector, tile_size=256, overlap=256)
+        detect_slide(slide, detector, **{**run, 'tile_size': 256, 'overlap': 256})
     with pytest.raises(CellRCNNError, match='minimum tissue fraction'):
-        detect_slide(slide, detector, min_tissue=2)
+        detect_slide(slide, detector, **{**run, 'min_tissue': 2})
     with pytest.raises(CellRCNNError, match='outside the slide'):
-        detect_slide(slide, detector, roi=(5000, 5000, 100, 100))
+        detect_slide(slide, detector, roi=(5000, 5000, 100, 100), **run)
     with pytest.raises(CellRCNNError, match='number of tiles to adapt to the slide must be 0 .* or more, not -1'):
-        detect_slide(slide, detector, adapt_tiles=-1)
+        detect_slide(slide, detector, adapt_tiles=-1, **run)
 
 
 def test_a_dask_cluster_gives_the_same_detections(slide_path, detector, tiny_checkpoint):
     slide = Slide(slide_path)
-    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0)
+    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, workers=2)
     local = detect_slide(slide, detector, **kwargs)
     spread = detect_slide(slide, detector, scheduler='local:2', **kwargs)
     assert len(spread.boxes) == len(local.boxes) > 0
@@ -260,9 +261,9 @@ def test_dask_workers_detect_with_the_adapted_statistics_and_the_anchor_density_
         slide_path, detector, tiny_checkpoint):
     slide = Slide(slide_path)
     # an override that the model file on the workers does not hold
-    detector = DetectorSpec(str(tiny_checkpoint), threshold=0.05, nms=0.3, anchor_upsample=2, device='cpu',
+    detector = DetectorSpec(model=str(tiny_checkpoint), threshold=0.05, nms=0.3, anchor_upsample=2, device='cpu',
                             batch_size=3).build()
-    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, adapt_tiles=4)
+    kwargs = dict(tile_size=256, overlap=48, min_tissue=0.0, workers=2, adapt_tiles=4)
     local = detect_slide(slide, detector, **kwargs)
     spread = detect_slide(slide, detector, scheduler='local:1', **kwargs)
     assert local.stats['adapt_tiles'] == spread.stats['adapt_tiles'] == 4
@@ -273,7 +274,7 @@ def test_dask_workers_detect_with_the_adapted_statistics_and_the_anchor_density_
 
 def test_unreachable_dask_scheduler(slide_path, detector, tiny_checkpoint):
     with pytest.raises(CellRCNNError, match='cannot reach the Dask scheduler'):
-        detect_slide(Slide(slide_path), detector, tile_size=256, overlap=48, min_tissue=0.0,
+        detect_slide(Slide(slide_path), detector, tile_size=256, overlap=48, min_tissue=0.0, workers=2,
                      scheduler='tcp://127.0.0.1:9')
 
 
@@ -281,17 +282,18 @@ def test_a_detector_spec_builds_its_overrides_into_a_fixed_configuration(tiny_ch
     from cellrcnn.checkpoint import load_checkpoint, stored_config
 
     stored = stored_config(load_checkpoint(tiny_checkpoint))
-    detector = DetectorSpec(str(tiny_checkpoint), threshold=0.02, nms=0.25, anchor_upsample=2, device='cpu').build()
+    detector = DetectorSpec(model=str(tiny_checkpoint), threshold=0.02, nms=0.25, anchor_upsample=2, device='cpu',
+                            batch_size=2).build()
     config = detector.model.config
-    assert (config.detect_thresh, config.score_thresh, config.nms_thresh, config.anchor_upsample) == (0.02, 0.02,
-                                                                                                     0.25, 2)
-    assert detector.score_thresh == 0.02
+    assert (config.threshold, config.box_score_thresh, config.nms_thresh, config.anchor_upsample) == (0.02, 0.02,
+                                                                                                      0.25, 2)
+    assert detector.threshold == 0.02
     assert detector.model.roi_heads.nms_thresh == 0.25 and detector.model.roi_heads.score_thresh == 0.02
     assert detector.model.rpn.upsample == detector.model.rpn.anchor_generator.upsample == 2
     assert stored_config(load_checkpoint(tiny_checkpoint)) == stored  # the checkpoint's own is untouched
-    plain = DetectorSpec(str(tiny_checkpoint), device='cpu').build()
-    assert plain.model.config == stored and plain.score_thresh == stored.detect_thresh
+    plain = DetectorSpec(model=str(tiny_checkpoint), device='cpu', batch_size=2).build()
+    assert plain.model.config == stored and plain.threshold == stored.threshold
     with pytest.raises(CellRCNNError, match='score threshold must be between 0 and 1, not 1.5'):
-        DetectorSpec(str(tiny_checkpoint), threshold=1.5).build()
+        DetectorSpec(model=str(tiny_checkpoint), threshold=1.5, device='cpu', batch_size=2).build()
     with pytest.raises(CellRCNNError, match='NMS IoU threshold must be above 0 and at most 1, not 0'):
-        DetectorSpec(str(tiny_checkpoint), nms=0).build()
+        DetectorSpec(model=str(tiny_checkpoint), nms=0, device='cpu', batch_size=2).build()

@@ -40,7 +40,7 @@ def test_training_resumes_where_it_stopped(tmp_path):
 
 
 def test_precise_bn_gives_the_statistics_of_clean_tiles():
-    from cellrcnn.samples import to_tensor
+    from cellrcnn.model import to_tensor
     from cellrcnn.model import build_model
     from cellrcnn.train import precise_bn
 

@@ -19,7 +19,7 @@ def settings_from(args):
         model=args.model_file or None, magnification=args.analysis_mag if args.analysis_mag > 0 else None,
         mpp=args.base_mpp if args.base_mpp > 0 else None, roi=roi, tile_size=args.analysis_tile_size,
         overlap=args.tile_overlap, min_tissue=args.min_tissue_frac,
-        threshold=args.score_threshold if args.score_threshold >= 0 else None,
+        threshold=args.threshold if args.threshold >= 0 else None,
         nms=args.nms_iou if args.nms_iou >= 0 else None, anchor_upsample=args.anchor_upsample or None,
         adapt_tiles=args.adapt_tiles, element=args.element_type, batch_size=args.batch_size, device=args.device,
         scheduler=args.scheduler or None, progress='slicer')

@@ -77,11 +77,17 @@ def load_checkpoint(path):
     return payload
 
 
+#: model settings stored under another name by older checkpoints (the bundled model among them): old -> current
+RENAMED_SETTINGS = {'detect_thresh': 'threshold', 'score_thresh': 'box_score_thresh'}
+
+
 def stored_config(payload, source='checkpoint'):
     """The model configuration a checkpoint holds, checked (``ModelConfig.validate``): a CellRCNNError (one line)
-    for settings that are unknown, of the wrong kind or out of bounds."""
+    for settings that are unknown, of the wrong kind or out of bounds. Settings stored under an older name
+    (:data:`RENAMED_SETTINGS`) take their current one."""
     try:
-        return ModelConfig.from_dict(payload['config']).validate()
+        values = {RENAMED_SETTINGS.get(name, name): value for name, value in payload['config'].items()}
+        return ModelConfig.from_dict(values).validate()
     except CellRCNNError as exc:
         raise CellRCNNError(f'{source} holds an unusable model configuration: {exc}') from None
     except (TypeError, ValueError, AttributeError) as exc:  # e.g. a number where a list belongs

@@ -133,10 +133,11 @@ def fingerprint(slide, settings):
     """What a slide's result depends on: the slide (its Girder file, or the local file's size and time), the model
     (the SHA-256 of its checkpoint's bytes, whatever its name and folder) and the settings'
     :class:`cellrcnn.settings.ResultSettings` as asked for."""
+    from .inference import DetectorSpec
     from .resume import run_key
 
-    return run_key(['girder', slide.file_id] if slide.file_id else slide.path, settings.detector_spec().model_path,
-                   settings.result().identity())
+    return run_key(['girder', slide.file_id] if slide.file_id else slide.path,
+                   DetectorSpec.from_settings(settings).model_path, settings.result().identity())
 
 
 def _read_done(path):
@@ -171,6 +172,7 @@ def process_slide(slide, settings, girder=None):
     """Detect nuclei in one slide of a cohort (here, or on a Dask worker) unless an earlier run did; post its
     results to its Girder item when it came from one. :returns: its table row (a dict of :data:`COLUMNS`);
     problems with the slide, its files or the server become a ``failed`` row, not an exception."""
+    from .inference import DetectorSpec
     from .job import detect_to_files, output_paths
 
     started = time.perf_counter()
@@ -195,7 +197,7 @@ def process_slide(slide, settings, girder=None):
                 download_file(girder.api_url, girder.token, slide.file_id, slide.path)
             result = detect_to_files(slide.path, paths, settings,
                                      resume_dir=os.path.join(slide.folder, f'.{slide.stem}.partial'))
-            row = _row(slide, result, settings.detector_spec().model_path, time.perf_counter() - started)
+            row = _row(slide, result, DetectorSpec.from_settings(settings).model_path, time.perf_counter() - started)
             note = row['note']
             _write_done(done_path, {'fingerprint': key, 'posted': False, 'row': row})
         if slide.item_id:
@@ -292,8 +294,10 @@ def batch(source, output, settings, scheduler=None, girder=None, progress=None):
     ``OUT/cohort.csv``; ``progress`` (a :class:`cellrcnn.progress.Progress`) is told each finished slide. :returns: the rows. :raises CellRCNNError: when
     there are no slides, the model or the Girder folder cannot be used, or any slide failed (after the table is
     written)."""
+    from .inference import DetectorSpec
+
     log = progress.log if progress else (lambda line: None)
-    settings.detector_spec().check()  # a bad checkpoint or override fails once, here, not once per slide
+    DetectorSpec.from_settings(settings).check()  # a bad checkpoint or override fails once, here, not once per slide
     if settings.model:  # Dask workers may run elsewhere than here
         settings = dataclasses.replace(settings, model=os.path.abspath(settings.model))
     try:

@@ -149,7 +149,7 @@ def run_evaluate(args):
     samples = labelled_set(args.data, mpp=model.config.mpp, annotation_name=args.annotation_name,
                            point_box_size=args.point_box_size,
                            **_given(seed=args.seed, count=args.count, tile_size=args.tile_size))
-    metrics = evaluate_model(model, samples, device=args.device, score_threshold=args.threshold)
+    metrics = evaluate_model(model, samples, device=args.device, threshold=args.threshold)
     print(format_report(metrics))
     if args.json:
         with open(args.json, 'w') as f:

@@ -29,7 +29,7 @@ LIMITS = {
     'rpn_nms_thresh': (0, 1, False),
     'rpn_nms_thresh_test': (0, 1, False),
     'rpn_score_thresh': (0, 1, False),
-    'score_thresh': (0, 1, False),
+    'box_score_thresh': (0, 1, False),
     'box_positive_fraction': (0, 1, False),
 }
 #: at most this many anchor sizes per level, aspect ratios, and classes
@@ -105,10 +105,10 @@ class ModelConfig:
     rpn_nms_thresh_test: float = 0.6
     #: proposals whose objectness probability is below this are dropped at inference (training keeps them all).
     rpn_score_thresh: float = 0.3
-    #: the box head keeps detections above score_thresh (low, for AP); results keep those above detect_thresh,
-    #: the operating point that maximised F1 on held-out data when the model was trained.
-    score_thresh: float = 0.05
-    detect_thresh: float = 0.5
+    #: the box head keeps detections scoring at least box_score_thresh (low, for AP); results keep those scoring at
+    #: least threshold, the operating point that maximised F1 on held-out data when the model was trained.
+    box_score_thresh: float = 0.05
+    threshold: float = 0.5
     nms_thresh: float = 0.35
     detections_per_mpx: int = 8000
     extra: dict = field(default_factory=dict)
@@ -142,10 +142,10 @@ class ModelConfig:
         outside its bounds (:data:`LIMITS`; a checkpoint's configuration is untrusted input)."""
         if not isinstance(self.backbone, str) or self.backbone not in BACKBONES:
             raise CellRCNNError(f'unknown backbone {str(self.backbone)[:40]!r}; choose one of {", ".join(BACKBONES)}')
-        if not all(_is_number(v) for v in (self.detect_thresh, self.nms_thresh)):
-            raise CellRCNNError('detect_thresh and nms_thresh must be numbers')
-        if not 0 <= self.detect_thresh <= 1:  # the options --threshold and --nms: checked first, in their words
-            raise CellRCNNError(f'score threshold must be between 0 and 1, not {self.detect_thresh}')
+        if not all(_is_number(v) for v in (self.threshold, self.nms_thresh)):
+            raise CellRCNNError('threshold and nms_thresh must be numbers')
+        if not 0 <= self.threshold <= 1:  # the options --threshold and --nms: checked first, in their words
+            raise CellRCNNError(f'score threshold must be between 0 and 1, not {self.threshold}')
         if not 0 < self.nms_thresh <= 1:
             raise CellRCNNError(f'NMS IoU threshold must be above 0 and at most 1, not {self.nms_thresh}')
         for name, (low, high, whole) in LIMITS.items():

@@ -40,7 +40,7 @@ from . import __version__
 from .errors import CellRCNNError
 from .files import atomic_write
 from .labelled_slides import find_labelled_slides, prepare_slide, region_samples, region_tiles
-from .settings import AnnotationTrainingSettings
+from .settings import AnnotationTrainingSettings, DetectionSettings
 
 
 @dataclass
@@ -66,7 +66,7 @@ def size_points(model, slide, labelled, tiles, device='auto'):
     points = np.flatnonzero(labelled.is_point)
     if not len(points) or not tiles:
         return 0
-    detector = Detector(model, device=device, score_thresh=model.config.detect_thresh)
+    detector = Detector(model, device, DetectionSettings.batch_size)
     found = [slide.to_base(boxes, tile) for (tile, _), (boxes, _) in
              zip(tiles, detector.detect_tiles([image for _, image in tiles]))]
     found = np.concatenate(found) if found else np.zeros((0, 4))

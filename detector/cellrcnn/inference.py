@@ -3,8 +3,9 @@ channels-last, out-of-memory recovery).
 
 A :class:`DetectorSpec` names everything a detector is made of (the checkpoint file, the overrides of its score
 threshold, NMS and anchor density, the device and batch size) and builds it the same way wherever it runs: here, or on
-a Dask worker (``dask_cluster``), which gets the spec and nothing else. The model's configuration is fixed when the
-model is built, with the overrides in it, and is never changed afterwards.
+a Dask worker (``dask_cluster``), which gets the spec and nothing else. :meth:`DetectorSpec.from_settings` is the one
+place where a run's settings (``settings.DetectionSettings``) become a spec. The model's configuration is fixed when
+the model is built, with the overrides in it, and is never changed afterwards.
 """
 
 import dataclasses
@@ -15,24 +16,32 @@ import torch
 from .batchnorm_folding import FoldedModel
 from .devices import autocast, keep_freed_memory, resolve_device
 from .errors import CellRCNNError
-from .samples import to_tensor
-from .settings import DetectionSettings
+from .model import to_tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DetectorSpec:
-    """What a :class:`Detector` is built from. None: the checkpoint's own value."""
+    """What a :class:`Detector` is built from: a checkpoint, overrides of its run-time settings (None: the
+    checkpoint's own value), the device and the batch size."""
 
     #: checkpoint file (None: the bundled model)
     model: str = None
-    #: score threshold of the results (the checkpoint's calibrated ``detect_thresh`` by default)
+    #: score threshold of the results (the checkpoint's calibrated ``threshold`` by default)
     threshold: float = None
     #: IoU above which the box head's NMS drops the lower-scoring box
     nms: float = None
     #: anchor density upsampling at inference (``anchors``; the RPN head's weights do not depend on it)
     anchor_upsample: int = None
-    device: str = DetectionSettings.device
-    batch_size: int = DetectionSettings.batch_size
+    #: where the model runs: 'auto', 'cpu', 'cuda' or 'cuda:N' (``devices.resolve_device``)
+    device: str
+    #: tiles per model call
+    batch_size: int
+
+    @classmethod
+    def from_settings(cls, settings):
+        """The spec a run's :class:`cellrcnn.settings.DetectionSettings` ask for."""
+        return cls(model=settings.model, threshold=settings.threshold, nms=settings.nms,
+                   anchor_upsample=settings.anchor_upsample, device=settings.device, batch_size=settings.batch_size)
 
     @property
     def model_path(self):
@@ -49,7 +58,7 @@ class DetectorSpec:
             changes['nms_thresh'] = self.nms
         if self.threshold is not None:
             # the box head must keep everything the operating point keeps
-            changes.update(detect_thresh=self.threshold, score_thresh=min(stored.score_thresh, self.threshold))
+            changes.update(threshold=self.threshold, box_score_thresh=min(stored.box_score_thresh, self.threshold))
         return dataclasses.replace(stored, **changes).validate()
 
     def _model(self):
@@ -78,21 +87,20 @@ class DetectorSpec:
 
 
 class Detector:
-    """A model ready for inference on RGB uint8 tiles, keeping the detections scoring at least ``score_thresh``
-    (default: the model's operating point, ``config.detect_thresh``). ``spec``: the :class:`DetectorSpec` it was built
+    """A model ready for inference on RGB uint8 tiles, keeping the detections scoring at least ``threshold``
+    (default: the model's operating point, ``config.threshold``). ``spec``: the :class:`DetectorSpec` it was built
     from, if any (what Dask workers rebuild it from); ``checkpoint_config``: the configuration its checkpoint holds."""
 
-    def __init__(self, model, device=DetectionSettings.device, batch_size=DetectionSettings.batch_size,
-                 score_thresh=None, spec=None, checkpoint_config=None):
+    def __init__(self, model, device, batch_size, threshold=None, spec=None, checkpoint_config=None):
         self.device = resolve_device(device)
         if self.device.type == 'cpu':
             keep_freed_memory()
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         #: what runs: the model with its BatchNorm folded into the convolutions (6-10 % less CPU time per tile)
         self.folded = FoldedModel(self.model)
-        self.score_thresh = model.config.detect_thresh if score_thresh is None else score_thresh
-        if not 0 <= self.score_thresh <= 1:
-            raise CellRCNNError(f'score threshold must be between 0 and 1, not {self.score_thresh}')
+        self.threshold = model.config.threshold if threshold is None else threshold
+        if not 0 <= self.threshold <= 1:
+            raise CellRCNNError(f'score threshold must be between 0 and 1, not {self.threshold}')
         if batch_size < 1:
             raise CellRCNNError(f'batch size must be at least 1, not {batch_size}')
         self.batch_size = batch_size
@@ -134,6 +142,6 @@ class Detector:
             with autocast(self.device):
                 outputs = self.folded(images)
             for i, out in zip(same, outputs):
-                keep = out['scores'] >= self.score_thresh
+                keep = out['scores'] >= self.threshold
                 results[i] = (out['boxes'][keep].float().cpu().numpy(), out['scores'][keep].float().cpu().numpy())
         return results

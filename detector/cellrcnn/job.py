@@ -29,18 +29,19 @@ def detect_to_files(slide_path, paths, settings, resume_dir=None):
     ``paths`` (keys of OUTPUT_SUFFIXES; missing or None ones are not written). Raw detections stay in ``resume_dir``
     until every output is written. Only one run at a time writes an output name (``resume.output_lock``)."""
     from .checkpoint import model_sha256
+    from .inference import DetectorSpec
     from .progress import Progress
     from .resume import clear_partial, output_lock, run_key
     from .slide import Slide
     from .slide_detection import detect_slide
 
     with output_lock(paths):  # one run at a time per output name: a second one stops here, in one line
-        spec = settings.detector_spec()
+        spec = DetectorSpec.from_settings(settings)
         detector = spec.build()
         config = detector.model.config
         slide = Slide(slide_path, magnification=settings.magnification or 10 / config.mpp, mpp=settings.mpp)
         used = dataclasses.replace(settings.result(), magnification=slide.magnification,
-                                   threshold=detector.score_thresh, nms=config.nms_thresh,
+                                   threshold=detector.threshold, nms=config.nms_thresh,
                                    anchor_upsample=config.anchor_upsample).identity()
         # rows hold raw boxes: the element type changes how the nuclei are drawn, not which, so it is left out here
         key = run_key(slide_path, spec.model_path, {k: v for k, v in used.items() if k != 'element'})

@@ -13,6 +13,7 @@ Differences from torchvision's fasterrcnn_resnet50_fpn, each for cells:
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -25,7 +26,15 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .anchors import CellAnchorGenerator, upsample_features
 from .config import ModelConfig
+from .errors import CellRCNNError
 from .roi_align import RoIAlign
+
+def to_tensor(image):
+    """The model's input: an RGB uint8 H x W x 3 image as float C x H x W in [0, 1]."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise CellRCNNError(f'expected an RGB image (H x W x 3), got an array of shape {image.shape}')
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+
 
 _RESNETS = {'resnet18': (BasicBlock, (2, 2, 2, 2)), 'resnet34': (BasicBlock, (3, 4, 6, 3)),
             'resnet50': (Bottleneck, (3, 4, 6, 3))}
@@ -160,7 +169,7 @@ class CellRCNN(GeneralizedRCNN):
             fg_iou_thresh=0.5, bg_iou_thresh=0.5,
             batch_size_per_image=config.box_batch_size_per_image, positive_fraction=config.box_positive_fraction,
             bbox_reg_weights=None,
-            score_thresh=config.score_thresh, nms_thresh=config.nms_thresh,
+            score_thresh=config.box_score_thresh, nms_thresh=config.nms_thresh,
             detections_per_img=0,
         )
         transform = NoResizeTransform(min_size=1, max_size=1, image_mean=list(config.image_mean),

@@ -13,16 +13,10 @@ import torch
 
 from .annotation import annotation_to_boxes
 from .errors import CellRCNNError, histomicstk
+from .model import to_tensor
 from .synthetic import VISIBLE_FRACTION
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
-
-
-def to_tensor(image):
-    """RGB uint8 H x W x 3 -> float C x H x W in [0, 1]."""
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise CellRCNNError(f'expected an RGB image (H x W x 3), got an array of shape {image.shape}')
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
 
 
 def keep_inside(boxes, height, width, min_fraction=VISIBLE_FRACTION):

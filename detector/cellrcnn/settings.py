@@ -1,7 +1,9 @@
 """Settings of a detection run, and of training from annotations: the single source of their defaults.
 
 ``cellrcnn detect`` / ``batch`` (``__main__``), the DSA tasks (``cli/*/*.xml``; a test checks their defaults against
-these) and the library all take their defaults from here. None means "the model's or the slide's own value".
+these) and the library all take their defaults from here: the stages (``tiling``, ``inference``, ``slide_detection``)
+take these values as required arguments and keep no defaults of their own, and this module imports none of them.
+None means "the model's or the slide's own value".
 """
 
 import dataclasses
@@ -62,13 +64,6 @@ class DetectionSettings(ResultSettings):
     def result(self):
         """The :class:`ResultSettings` part, as asked for (None still meaning the model's or slide's own)."""
         return ResultSettings(**self.identity())
-
-    def detector_spec(self):
-        """The :class:`cellrcnn.inference.DetectorSpec` these settings ask for."""
-        from .inference import DetectorSpec
-
-        return DetectorSpec(model=self.model, threshold=self.threshold, nms=self.nms,
-                            anchor_upsample=self.anchor_upsample, device=self.device, batch_size=self.batch_size)
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .adapt import adapt_to_slide, batchnorm_stats, load_batchnorm_stats
+from .adapt import batchnorm_stats, load_batchnorm_stats
 from .errors import CellRCNNError
 from .merge import StreamingNMS
 from .progress import Progress
 from .resume import RowStore
 from .slide import Slide
+from .slide_adaptation import adapt_to_slide
 from .tiling import prefetch, tile_grid
 from .tissue import find_tissue
 
@@ -38,10 +39,11 @@ class SlideDetections:
     stats: dict = field(default_factory=dict)
 
 
-def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tissue=0.05, workers=2,
-                 resume_dir=None, key='', progress=None, scheduler=None, adapt_tiles=0):
-    """Detect nuclei over a slide (or a base-pixel ROI ``(x, y, w, h)``) with an ``inference.Detector``; tile sizes in
-    analysis pixels.
+def detect_slide(slide, detector, *, tile_size, overlap, min_tissue, workers, roi=None, resume_dir=None, key='',
+                 progress=None, scheduler=None, adapt_tiles=0):
+    """Detect nuclei over a slide (or a base-pixel ROI ``(x, y, w, h)``) with an ``inference.Detector``: tiles of at
+    most ``tile_size`` analysis pixels sharing ``overlap`` (``tiling.tile_grid``), those with less tissue than
+    ``min_tissue`` skipped, read by ``workers`` threads (``tiling.prefetch``).
 
     With ``adapt_tiles`` > 0 the model's BatchNorm statistics are first re-estimated on up to that many of the slide's
     own tissue tiles (:func:`adapt_to_slide`), and put back as they were when the slide is done.
@@ -59,19 +61,12 @@ def detect_slide(slide, detector, roi=None, tile_size=1024, overlap=64, min_tiss
     read nor removed; the caller holds the output lock (``resume.output_lock``), so no other run writes them meanwhile.
     """
     started = time.perf_counter()
-    if not 0 <= overlap < tile_size:
-        raise CellRCNNError(f'overlap must be at least 0 and below the tile size {tile_size}, not {overlap}')
-    if not 0 <= min_tissue <= 1:
-        raise CellRCNNError(f'minimum tissue fraction must be between 0 and 1, not {min_tissue}')
-    if adapt_tiles < 0:
-        raise CellRCNNError(f'the number of tiles to adapt to the slide must be 0 (no adaptation) or more, '
-                            f'not {adapt_tiles}')
     coarsest = detector.model.config.fields[-1]  # the model pads tiles to multiples of it; tiles start on it
     if min(slide.size) < coarsest:
         raise CellRCNNError(f'{slide.path} is {slide.size[0]}x{slide.size[1]} px at {slide.magnification:g}x; '
                             f'the model needs at least {coarsest}x{coarsest}')
     tissue = find_tissue(slide)
-    tiles = tile_grid(slide, tile_size, overlap, roi=roi, min_tissue=min_tissue, tissue=tissue, align=coarsest)
+    tiles = tile_grid(slide, tile_size, overlap, min_tissue, roi=roi, tissue=tissue, align=coarsest)
     mask_seconds = time.perf_counter() - started
     unadapted = batchnorm_stats(detector.model)
     try:

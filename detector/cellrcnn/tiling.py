@@ -22,7 +22,6 @@ import concurrent.futures
 from dataclasses import dataclass
 
 from .errors import CellRCNNError, one_line
-from .settings import DetectionSettings, ResultSettings
 from .tissue import find_tissue
 
 
@@ -72,15 +71,14 @@ def _spans(origin, length, tile, overlap, align):
     return [(origin + i * step, min(step + overlap, length - i * step)) for i in range(n)]
 
 
-def tile_grid(slide, tile_size=ResultSettings.tile_size, overlap=ResultSettings.overlap, roi=None,
-              min_tissue=ResultSettings.min_tissue, tissue=None, align=1):
+def tile_grid(slide, tile_size, overlap, min_tissue, roi=None, tissue=None, align=1):
     """Row-major grid of tiles at analysis scale covering the ROI.
 
     :param tile_size: the largest tile side in analysis pixels: each axis takes the fewest tiles of that side
         that cover the ROI, shrunk to fit it (:func:`_spans`).
     :param overlap: analysis pixels shared by neighbouring tiles, at least.
-    :param roi: (x, y, width, height) in base pixels, clipped to the slide; None = the whole slide.
     :param min_tissue: tiles whose tissue fraction is below this are marked ``skipped`` (still listed).
+    :param roi: (x, y, width, height) in base pixels, clipped to the slide; None = the whole slide.
     :param tissue: the slide's :class:`cellrcnn.tissue.TissueMask` (default: found now).
     :param align: tiles start at multiples of this many analysis pixels from the ROI's corner (the model's coarsest
         field), where the tile size and overlap allow.
@@ -115,7 +113,7 @@ def tile_grid(slide, tile_size=ResultSettings.tile_size, overlap=ResultSettings.
     return tiles
 
 
-def prefetch(slide, tiles, workers=DetectionSettings.workers, queue=4, skip=True):
+def prefetch(slide, tiles, workers, queue=4, skip=True):
     """Iterate ``(tile, image)`` over ``tiles`` in order, reading ahead in ``workers`` background threads.
 
     At most ``queue`` images are read ahead of the consumer (memory bound: ``queue`` tiles, plus the one being

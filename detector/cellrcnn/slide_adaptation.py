@@ -1,0 +1,47 @@
+"""Test-time adaptation to a slide (AdaBN): the model's BatchNorm statistics re-estimated on the slide's own tissue
+tiles before the detection loop runs (``slide_detection``). Which tiles, how they are read and cropped live here; the
+statistics themselves are :mod:`cellrcnn.adapt`'s.
+"""
+
+from .adapt import reestimate_batchnorm
+from .errors import CellRCNNError
+from .tiling import prefetch
+
+#: adaptation uses this centre crop (analysis px) of each chosen tile, and runs the backbone on this many at a time
+#: (as ``train.precise_bn`` does; fixed, so that the detector's batch size does not change the statistics)
+ADAPT_CROP = 512
+ADAPT_BATCH = 8
+
+
+def adaptation_tiles(tiles, count):
+    """Up to ``count`` tiles of a grid to adapt the model to, always the same for the same grid: of the tiles not
+    skipped, those with at least the median tissue fraction (or more tiles, down to the ``count``-th most tissue), so
+    that tiles on the tissue's edge do not skew the statistics; of these, ``count`` spread evenly in raster order."""
+    candidates = [t for t in tiles if not t.skipped]
+    ranked = sorted((t.tissue for t in candidates), reverse=True)
+    if not ranked:
+        return []
+    floor = ranked[min(len(ranked), max(count, (len(ranked) + 1) // 2)) - 1]
+    kept = [t for t in candidates if t.tissue >= floor]
+    if len(kept) <= count:
+        return kept
+    return [kept[(2 * i + 1) * len(kept) // (2 * count)] for i in range(count)]
+
+
+def adapt_to_slide(slide, detector, tiles, count, workers):
+    """Re-estimate the detector's BatchNorm statistics on the centre crops (:data:`ADAPT_CROP`) of up to ``count``
+    tissue tiles of the slide (:func:`adaptation_tiles`; 0: no adaptation), read at the analysis magnification by
+    ``workers`` threads. Only the backbone runs. :returns: the tiles used (none: the model is left as it was)."""
+    if count < 0:
+        raise CellRCNNError(f'the number of tiles to adapt to the slide must be 0 (no adaptation) or more, not {count}')
+    chosen = adaptation_tiles(tiles, count)
+    if chosen:
+        images = [_centre_crop(image, ADAPT_CROP)
+                  for _, image in prefetch(slide, chosen, workers=workers, queue=len(chosen))]
+        reestimate_batchnorm(detector.model, images, detector.device, ADAPT_BATCH)
+    return chosen
+
+
+def _centre_crop(image, side):
+    y, x = max(0, (image.shape[0] - side) // 2), max(0, (image.shape[1] - side) // 2)
+    return image[y:y + side, x:x + side]
