@@ -54,3 +54,24 @@ def test_per_type_figures_and_confusion():
     assert tumour['f1'] == pytest.approx(0.5)
     text = format_centroid_report(m, ('lymphocyte', 'tumour'))
     assert 'confusion' in text and text.splitlines()[3].split()[:4] == ['lymphocyte', '1', '1', '1']
+
+
+def test_calibration_picks_the_threshold_of_best_centroid_f1():
+    from cellrcnn.checkpoint import load_model
+    from cellrcnn.evaluate import calibrate_on_records, evaluate_records
+    from cellrcnn.labels import LabelledImage
+    from cellrcnn.synthetic import make_tile
+
+    records = []
+    for seed in (11, 12):
+        image, boxes = make_tile(seed, size=128)
+        points = (boxes[:, :2] + boxes[:, 2:]) / 2
+        records.append(LabelledImage(image=image, shape=(128, 128), mpp=0.5, points=points,
+                                     boxes=np.full((len(points), 4), np.nan), classes=[None] * len(points),
+                                     source='test', name=f'{seed}.png'))
+    model = load_model()
+    threshold, f1 = calibrate_on_records(model, records, device='cpu')
+    assert model.config.threshold == threshold and 0.05 <= threshold < 1
+    assert evaluate_records(model, records, device='cpu')['centroid']['f1'] == pytest.approx(f1)
+    for other in (0.05, 0.99):
+        assert evaluate_records(model, records, device='cpu', threshold=other)['centroid']['f1'] <= f1

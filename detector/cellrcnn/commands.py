@@ -117,12 +117,15 @@ def run_train(args):
                      resume=args.resume, init=args.init, progress=Progress(mode='auto', name='train', unit='step'))
     # what the run trained with: a resumed run's own settings, not the options of the command that resumed it
     cfg = TrainConfig(**load_checkpoint(os.path.join(args.output, 'last.pt'))['train_config'])
+    if cfg.entries and not args.val_data:
+        threshold, f1 = _calibrate_on_entries(model, cfg, args.device)
+        print(f'operating point: score >= {threshold:.3f} (centroid F1 {f1:.3f} on the training images)')
     extra = {'held_out': _report_held_out(model, cfg, args.device)}
     if args.val_data or cfg.synthetic_share > 0:
         val = labelled_set(args.val_data, tile_size=cfg.tile_size, mpp=model.config.mpp,
                            annotation_name=cfg.annotation_name, point_box_size=cfg.point_box_size,
                            **_given(seed=args.val_seed, count=args.val_count))
-        if args.val_data or not cfg.entries:  # real entries keep the starting model's operating point
+        if args.val_data or not cfg.entries:  # with real entries, the operating point comes from them
             threshold, _ = calibrate_threshold(model, val, device=args.device)
             print(f'operating point: score >= {threshold:.3f}')
         metrics = evaluate_model(model, val, device=args.device)
@@ -132,6 +135,15 @@ def run_train(args):
     save_checkpoint(os.path.join(args.output, 'model.pt'), model, half=True, train_config=dataclasses.asdict(cfg),
                     **extra)
     print(f'model written to {os.path.join(args.output, "model.pt")}')
+
+
+def _calibrate_on_entries(model, cfg, device):
+    """The operating point of best centroid F1 on the images of the real ``--data`` entries trained on."""
+    from .evaluate import calibrate_on_records
+    from .training_data import entry_records, entry_weight
+
+    records = [r for entry in cfg.entries if entry_weight(entry) > 0 for r in entry_records(entry, cfg, model.config)]
+    return calibrate_on_records(model, records, device=device)
 
 
 def _report_held_out(model, cfg, device):
