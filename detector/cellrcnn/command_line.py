@@ -145,11 +145,25 @@ def _add_batch(sub):
 
 
 def _add_train(sub):
-    p = sub.add_parser('train', help='train a model on synthetic tissue or on images with DSA annotations')
+    p = sub.add_parser('train', help='train a model on synthetic tissue and real labels in any format, mixed by weight')
     p.add_argument('-o', '--output', required=True, help='run folder: last.pt (resumable) and model.pt')
-    p.add_argument('--data', help='folder of images with DSA annotation JSON (default: synthetic tissue)')
-    p.add_argument('--annotation-name', dest='annotation_name', help='only annotations with this name')
-    p.add_argument('--point-box-size', dest='point_box_size', type=float, help='box side (px) for point annotations')
+    p.add_argument('--data', action='append', metavar='ENTRY',
+                   help='labelled images, [FORMAT:]PATH[,KEY=VALUE]... (docs/training-data.md; a folder of images with '
+                        'DSA annotation JSON is one); repeat for more. weight=W sets its sampling weight (default 1); '
+                        'with split=NAME its other splits are reported after training')
+    p.add_argument('--synthetic-weight', dest='synthetic_weight', type=float,
+                   help='sampling weight of synthetic tiles beside the --data weights (default 1 without --data, '
+                        '0 with)')
+    p.add_argument('--annotation-name', dest='annotation_name', help='only annotations with this name (dsa)')
+    p.add_argument('--point-box-size', dest='point_box_size', type=float,
+                   help='side (px) of the square a dot-only nucleus is matched by (default: --dot-box-um)')
+    p.add_argument('--dot-box-um', dest='dot_box_um', type=float,
+                   help='side (um) of the square a dot-only nucleus is matched by; it teaches no box (default 8)')
+    p.add_argument('--cell-types', dest='cell_types', nargs='+', metavar='NAME[=LABEL+LABEL]',
+                   help='train a cell-type classifier for these types; LABELs: class names of the data meaning NAME, '
+                        'e.g. lymphocyte tumour=tumor_epithelial stromal')
+    p.add_argument('--cell-type-colors', dest='cell_type_colors', nargs='+', metavar='#RRGGBB',
+                   help='their display colours (default: a fixed palette)')
     p.add_argument('--resume', help='continue from a run folder\'s last.pt')
     p.add_argument('--steps', type=_positive_int)
     p.add_argument('--batch-size', dest='batch_size', type=_positive_int)
@@ -210,7 +224,10 @@ def _add_train_girder(sub):
 def _add_evaluate(sub):
     p = sub.add_parser('evaluate', help='precision, recall, F1 and COCO AP of a model on a labelled set')
     p.add_argument('--model', help='checkpoint (default: the bundled model)')
-    p.add_argument('--data', help='folder of images with DSA annotation JSON (default: held-out synthetic tiles)')
+    p.add_argument('--data', action='append', metavar='ENTRY',
+                   help='a folder of images with DSA annotation JSON (box figures), or labelled images as --data '
+                        'entries of train (centroid figures within 3 um, per cell type, and box figures where the '
+                        'truth has boxes); repeat for more (default: held-out synthetic tiles)')
     p.add_argument('--annotation-name', dest='annotation_name')
     p.add_argument('--point-box-size', dest='point_box_size', type=float)
     # --seed, --count and --tile-size left out: samples.labelled_set's own

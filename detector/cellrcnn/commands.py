@@ -107,26 +107,58 @@ def _model_config(args):
 
 
 def run_train(args):
-    from .checkpoint import save_checkpoint
+    from .checkpoint import load_checkpoint, save_checkpoint
     from .evaluate import calibrate_threshold, evaluate_model
     from .metrics import format_report
     from .samples import labelled_set
     from .train import TrainConfig, train
 
-    cfg = settings_from_args(TrainConfig, args)
-    model, _ = train(_model_config(args), cfg, args.output, device=args.device, resume=args.resume, init=args.init,
-                     progress=Progress(mode='auto', name='train', unit='step'))
-    if args.val_data or not cfg.data:
+    model, _ = train(_model_config(args), settings_from_args(TrainConfig, args), args.output, device=args.device,
+                     resume=args.resume, init=args.init, progress=Progress(mode='auto', name='train', unit='step'))
+    # what the run trained with: a resumed run's own settings, not the options of the command that resumed it
+    cfg = TrainConfig(**load_checkpoint(os.path.join(args.output, 'last.pt'))['train_config'])
+    if cfg.entries and not args.val_data:
+        threshold, f1 = _calibrate_on_entries(model, cfg, args.device)
+        print(f'operating point: score >= {threshold:.3f} (centroid F1 {f1:.3f} on the training images)')
+    extra = {'held_out': _report_held_out(model, cfg, args.device)}
+    if args.val_data or cfg.synthetic_share > 0:
         val = labelled_set(args.val_data, tile_size=cfg.tile_size, mpp=model.config.mpp,
                            annotation_name=cfg.annotation_name, point_box_size=cfg.point_box_size,
                            **_given(seed=args.val_seed, count=args.val_count))
-        threshold, _ = calibrate_threshold(model, val, device=args.device)
+        if args.val_data or not cfg.entries:  # with real entries, the operating point comes from them
+            threshold, _ = calibrate_threshold(model, val, device=args.device)
+            print(f'operating point: score >= {threshold:.3f}')
         metrics = evaluate_model(model, val, device=args.device)
-        print(f'operating point: score >= {threshold:.3f}')
+        print('held-out synthetic tiles' if not args.val_data else f'--val-data {args.val_data}')
         print(format_report(metrics))
-        save_checkpoint(os.path.join(args.output, 'model.pt'), model, half=True, train_config=dataclasses.asdict(cfg),
-                        validation={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        extra['validation'] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    save_checkpoint(os.path.join(args.output, 'model.pt'), model, half=True, train_config=dataclasses.asdict(cfg),
+                    **extra)
     print(f'model written to {os.path.join(args.output, "model.pt")}')
+
+
+def _calibrate_on_entries(model, cfg, device):
+    """The operating point of best centroid F1 on the images of the real ``--data`` entries trained on."""
+    from .evaluate import calibrate_on_records
+    from .training_data import entry_records, entry_weight
+
+    records = [r for entry in cfg.entries if entry_weight(entry) > 0 for r in entry_records(entry, cfg, model.config)]
+    return calibrate_on_records(model, records, device=device)
+
+
+def _report_held_out(model, cfg, device):
+    """Print and return the figures of the model on the held-out split of every real ``--data`` entry."""
+    from .evaluate import evaluate_records, format_records_report
+    from .training_data import entry_records, entry_weight, held_out_entries
+
+    figures = {}
+    for entry in cfg.entries:
+        for held_out in held_out_entries(entry) if entry_weight(entry) > 0 else ():
+            result = evaluate_records(model, entry_records(held_out, cfg, model.config), device=device)
+            print(f'held out: {held_out}')
+            print(format_records_report(result, model.config.cell_types))
+            figures[held_out] = result
+    return figures
 
 
 def run_train_girder(args):
@@ -146,14 +178,44 @@ def run_evaluate(args):
     from .samples import labelled_set
 
     model = load_model(args.model)
-    samples = labelled_set(args.data, mpp=model.config.mpp, annotation_name=args.annotation_name,
+    if args.data and not _is_dsa_folder(args.data):
+        return _evaluate_entries(model, args)
+    samples = labelled_set(args.data and args.data[0], mpp=model.config.mpp, annotation_name=args.annotation_name,
                            point_box_size=args.point_box_size,
                            **_given(seed=args.seed, count=args.count, tile_size=args.tile_size))
     metrics = evaluate_model(model, samples, device=args.device, threshold=args.threshold)
     print(format_report(metrics))
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(metrics, f, indent=2, default=float)
+    _write_json(args.json, metrics)
+
+
+def _is_dsa_folder(data):
+    """``--data`` is one bare folder of images with DSA JSON (box truth, evaluated as before the entries)."""
+    from .labels import detect_format, parse_entry
+
+    fmt, path, options = parse_entry(data[0])
+    return len(data) == 1 and fmt is None and not options and os.path.isdir(path) and detect_format(path) == 'dsa'
+
+
+def _evaluate_entries(model, args):
+    from .evaluate import evaluate_records, format_records_report
+    from .train import TrainConfig
+    from .training_data import entry_records
+
+    cfg = TrainConfig(annotation_name=args.annotation_name, point_box_size=args.point_box_size)
+    figures = {}
+    for entry in args.data:
+        result = evaluate_records(model, entry_records(entry, cfg, model.config), device=args.device,
+                                  threshold=args.threshold)
+        print(f'{entry}:')
+        print(format_records_report(result, model.config.cell_types))
+        figures[entry] = result
+    _write_json(args.json, figures)
+
+
+def _write_json(path, figures):
+    if path:
+        with open(path, 'w') as f:
+            json.dump(figures, f, indent=2, default=float)
 
 
 def run_synth(args):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 from .errors import CellRCNNError
@@ -34,6 +35,8 @@ LIMITS = {
 }
 #: at most this many anchor sizes per level, aspect ratios, and classes
 MAX_ANCHOR_SIZES, MAX_ASPECT_RATIOS, MAX_CLASSES = 8, 8, 64
+#: the settings of the cell-type classifier, left out of a configuration without one (``to_dict``)
+CELL_TYPE_SETTINGS = ('cell_types', 'cell_type_colors', 'cell_type_labels')
 #: anchors and nuclei are at most this many pixels across
 MAX_ANCHOR_SIZE = 1024
 
@@ -85,6 +88,12 @@ class ModelConfig:
     #: microns per pixel of the images the model was trained at (0.5 = 20x).
     mpp: float = 0.5
     class_names: tuple = ('nucleus',)
+    #: cell types of the class head (a K-way classifier on the box head's features, apart from detection; empty:
+    #: no class head, as in every checkpoint made before it); their display colours ('#rrggbb', one per type) and,
+    #: per type, the class names of labelled data that mean it (e.g. BRCA-M2C's 'tumor_epithelial' for 'tumour').
+    cell_types: tuple = ()
+    cell_type_colors: tuple = ()
+    cell_type_labels: tuple = ()
 
     # -- training sampling: used only while training -------------------------------------------------------------
     #: proposal limits per megapixel of input, so they scale with the tile size (a 20 um nucleus covers 1600 px^2 at
@@ -122,6 +131,9 @@ class ModelConfig:
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
         self.class_names = tuple(self.class_names)
+        self.cell_types = tuple(self.cell_types)
+        self.cell_type_colors = tuple(self.cell_type_colors)
+        self.cell_type_labels = tuple(tuple(labels) for labels in self.cell_type_labels)
 
     @property
     def fields(self):
@@ -170,6 +182,7 @@ class ModelConfig:
         if not self.class_names or len(self.class_names) > MAX_CLASSES or \
                 not all(isinstance(c, str) and 0 < len(c) <= 100 for c in self.class_names):
             raise CellRCNNError(f'class_names must be 1 to {MAX_CLASSES} names of at most 100 characters')
+        self._validate_cell_types()
         if not isinstance(self.extra, dict):
             raise CellRCNNError('extra must be a dict')
         if self.backbone_stages not in (2, 3, 4):
@@ -205,8 +218,33 @@ class ModelConfig:
             raise CellRCNNError(f'mpp must be positive, not {self.mpp}')
         return self
 
+    def _validate_cell_types(self):
+        names = self.cell_types
+        if len(names) > MAX_CLASSES or len(set(names)) != len(names) or \
+                not all(isinstance(c, str) and 0 < len(c) <= 100 for c in names):
+            raise CellRCNNError(f'cell_types must be at most {MAX_CLASSES} distinct names of at most 100 characters')
+        if len(self.cell_type_colors) != len(names) or \
+                not all(isinstance(c, str) and re.fullmatch(r'#[0-9a-fA-F]{6}', c) for c in self.cell_type_colors):
+            raise CellRCNNError('cell_type_colors needs one #rrggbb colour per cell type')
+        if len(self.cell_type_labels) != len(names) or \
+                not all(isinstance(c, str) and len(c) <= 100 for labels in self.cell_type_labels for c in labels):
+            raise CellRCNNError('cell_type_labels needs one tuple of class names per cell type')
+
+    def cell_type_index(self):
+        """``{class name in labelled data: cell type index}``: each type's own name and its ``cell_type_labels``."""
+        index = {}
+        for i, (name, labels) in enumerate(zip(self.cell_types, self.cell_type_labels)):
+            for label in (name, *labels):
+                index.setdefault(label, i)
+        return index
+
     def to_dict(self):
-        return dataclasses.asdict(self)
+        """The settings as a dict; without cell types, without their three (empty) settings, as before they were."""
+        values = dataclasses.asdict(self)
+        if not self.cell_types:
+            for name in CELL_TYPE_SETTINGS:
+                del values[name]
+        return values
 
     @classmethod
     def from_dict(cls, values):

@@ -3,8 +3,15 @@
 import dataclasses
 import time
 
+import numpy as np
+
 from .inference import Detector
+from .labels import rescale
 from .metrics import DEFAULT_SIZE_BINS, best_f1_threshold, evaluate
+from .point_metrics import centroid_metrics, format_centroid_report
+
+#: a detection finds a dot when its box's centre lies within this many micrometres of it
+CENTROID_RADIUS_UM = 3.0
 
 
 def predict_samples(model, samples, device='auto', batch_size=8):
@@ -34,3 +41,59 @@ def calibrate_threshold(model, samples, device='auto', batch_size=8):
     threshold, f1, _, _ = best_f1_threshold(predictions, [boxes for _, boxes in samples])
     model.config = dataclasses.replace(model.config, threshold=float(threshold))  # a new config, not an edit
     return threshold, f1
+
+
+def calibrate_on_records(model, records, device='auto', batch_size=8, radius_um=CENTROID_RADIUS_UM, step=0.02):
+    """Set the model's operating point to the score threshold (on a grid of ``step`` from the box head's floor) that
+    maximises centroid F1 within ``radius_um`` on labelled images (``labels.LabelledImage``; dots or boxes); returns
+    ``(threshold, f1)``. Calibrate on training images, never on the held-out ones reported."""
+    config = model.config
+    scaled = [rescale(r, config.mpp) for r in records]
+    outputs = Detector(model, device, batch_size, threshold=config.box_score_thresh).detect_tiles(
+        [r.load() for r in scaled])
+    truths = [(r.points, [-1] * len(r)) for r in scaled]
+    best = (config.threshold, -1.0)
+    for threshold in np.arange(config.box_score_thresh, 1, step):
+        kept = [{'boxes': boxes[scores >= threshold]} for boxes, scores in outputs]
+        f1 = centroid_metrics(kept, truths, radius_um / config.mpp)['f1']
+        if f1 > best[1]:
+            best = (float(threshold), f1)
+    model.config = dataclasses.replace(config, threshold=best[0])  # a new config, not an edit
+    return best
+
+
+def evaluate_records(model, records, device='auto', batch_size=8, threshold=None, radius_um=CENTROID_RADIUS_UM):
+    """Figures of a model on labelled images (``labels.LabelledImage``, of known scale), each rescaled to the
+    model's analysis scale first, at the model's operating point (or the score ``threshold``):
+
+    - ``centroid``: :func:`point_metrics.centroid_metrics` within ``radius_um`` micrometres, with per-type figures
+      and a confusion matrix when the model has cell types and the truth names some of them;
+    - ``boxes``: :func:`metrics.evaluate` (box F1 at IoU 0.5, COCO AP) over the images whose nuclei all have boxes,
+      None when there is none.
+    """
+    config = model.config
+    threshold = config.threshold if threshold is None else threshold
+    scaled = [rescale(r, config.mpp) for r in records]
+    detector = Detector(model, device, batch_size, threshold=config.box_score_thresh)
+    outputs = detector.detect_tiles_with_types([r.load() for r in scaled])
+    kept = [{k: v[out['scores'] >= threshold] for k, v in out.items()} for out in outputs]
+    index = config.cell_type_index()
+    truths = [(r.points, [index.get(c, -1) for c in r.classes]) for r in scaled]
+    typed = bool(config.cell_types) and any(t >= 0 for _, types in truths for t in types)
+    result = {'n_images': len(scaled), 'threshold': float(threshold),
+              'centroid': centroid_metrics(kept, truths, radius_um / config.mpp, len(config.cell_types) if typed
+                                           else 0)}
+    boxed = [i for i, r in enumerate(scaled) if r.has_extent.all()]
+    result['boxes'] = evaluate([outputs[i] for i in boxed], [scaled[i].boxes for i in boxed],
+                               score_threshold=threshold) if boxed else None
+    return result
+
+
+def format_records_report(result, type_names=()):
+    """Text of :func:`evaluate_records`' figures."""
+    lines = [format_centroid_report(result['centroid'], type_names)]
+    boxes = result['boxes']
+    if boxes is not None:
+        lines.append(f"boxes (IoU >= 0.5) on {boxes['n_images']} images with boxes: precision {boxes['precision']:.3f}"
+                     f"  recall {boxes['recall']:.3f}  F1 {boxes['f1']:.3f}  AP50 {boxes['AP50']:.3f}")
+    return '\n'.join(lines)

@@ -121,6 +121,12 @@ class Detector:
 
         A GPU out-of-memory error halves the batch size (for this and later calls) and carries on.
         """
+        return [(out['boxes'], out['scores']) for out in self.detect_tiles_with_types(tiles)]
+
+    def detect_tiles_with_types(self, tiles):
+        """:meth:`detect_tiles` as a dict per tile: ``boxes``, ``scores`` and, for a model with cell types
+        (``ModelConfig.cell_types``), ``cell_types`` (int64 N, index into them) and ``cell_type_scores`` (float32 N,
+        that type's probability)."""
         results = []
         start = 0
         while start < len(tiles):
@@ -151,5 +157,9 @@ class Detector:
                 outputs = self.folded(images)
             for i, out in zip(same, outputs):
                 keep = out['scores'] >= self.threshold
-                results[i] = (out['boxes'][keep].float().cpu().numpy(), out['scores'][keep].float().cpu().numpy())
+                results[i] = {'boxes': out['boxes'][keep].float().cpu().numpy(),
+                              'scores': out['scores'][keep].float().cpu().numpy()}
+                if 'cell_types' in out:
+                    results[i].update(cell_types=out['cell_types'][keep].cpu().numpy(),
+                                      cell_type_scores=out['cell_type_scores'][keep].float().cpu().numpy())
         return results

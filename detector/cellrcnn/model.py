@@ -7,6 +7,8 @@ Differences from torchvision's fasterrcnn_resnet50_fpn, each for cells:
   anchors come from ``CellAnchorGenerator`` with explicit fields and spacings;
 - no resizing of inputs (torchvision resizes every image to 800 px), fixed normalisation;
 - enough proposals and detections for hundreds of nuclei per tile;
+- a cell-type classifier beside the box head (``roi_heads``, only when ``cell_types`` are configured), and
+  training targets for nuclei labelled by dots only (``targets``);
 - a lean box head on the finest level, whose RoIAlign is vectorised on the CPU (``roi_align``); head outputs in
   float32 so that mixed precision never rounds pixel coordinates.
 """
@@ -19,7 +21,6 @@ from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -28,6 +29,8 @@ from .anchors import CellAnchorGenerator, upsample_features
 from .config import ModelConfig
 from .errors import CellRCNNError
 from .roi_align import RoIAlign
+from .roi_heads import CellRoIHeads
+from .targets import match_codes, rpn_losses
 
 
 def to_tensor(image):
@@ -93,6 +96,20 @@ class DenseRPN(RegionProposalNetwork):
         if self.training:
             return super().forward(images, dict(zip(self.level_names, dense)), targets)
         return self._propose(images, dense), {}
+
+    def assign_targets_to_anchors(self, anchors, targets):
+        """Per image, the match code of every anchor (``targets.match_codes``: dot-only nuclei teach no box
+        regression, and anchors holding their centre are never background) and the box each is matched to."""
+        codes, matched_boxes = [], []
+        for anchors_per_image, target in zip(anchors, targets):
+            matched, code = match_codes(anchors_per_image, target, self.proposal_matcher)
+            boxes = target['boxes']
+            matched_boxes.append(boxes[matched] if len(boxes) else torch.zeros_like(anchors_per_image))
+            codes.append(code)
+        return codes, matched_boxes
+
+    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        return rpn_losses(objectness, pred_bbox_deltas, labels, regression_targets, self.fg_bg_sampler)
 
     def _propose(self, images, features):
         """Inference proposals (boxes per image), as ``RegionProposalNetwork.forward`` makes them."""
@@ -163,7 +180,8 @@ class CellRCNN(GeneralizedRCNN):
             nms_thresh=config.rpn_nms_thresh, score_thresh=config.rpn_score_thresh,
         )  # top-n limits are set per input size in forward()
         pooled = 7
-        roi_heads = RoIHeads(
+        roi_heads = CellRoIHeads(
+            len(config.cell_types),
             box_roi_pool=RoIAlign('0', config.fields[0], output_size=pooled, sampling_ratio=2),
             box_head=TwoMLPHead(config.fpn_channels * pooled ** 2, config.box_head_channels),
             box_predictor=Float32BoxPredictor(config.box_head_channels, len(config.class_names) + 1),

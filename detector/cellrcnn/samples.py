@@ -1,6 +1,9 @@
 """Training samples: where labelled tiles come from, and how they are augmented.
 
-A sample is ``(image, boxes)``: an RGB uint8 H x W x 3 array and float32 N x 4 boxes (x1, y1, x2, y2, pixel edges).
+A sample is ``(image, boxes)``: an RGB uint8 H x W x 3 array and float32 N x 4 boxes (x1, y1, x2, y2, pixel edges);
+or, for real labels (``training_data``), ``(image, boxes, has_extent, cell_types)``: bool N, False for a nucleus
+labelled by a dot only (its box is a prior square around the dot, for matching only: ``targets``), and int64 N, the
+index of its cell type, -1 where unknown. A two-part sample's nuclei all have an extent and no known cell type.
 """
 
 import glob
@@ -21,15 +24,21 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 
 def keep_inside(boxes, height, width, min_fraction=VISIBLE_FRACTION):
     """Clip boxes to the image; drop those with less than min_fraction of their area inside (or no area at all)."""
+    clipped, keep = _visible(boxes, height, width, min_fraction)
+    return clipped[keep]
+
+
+def _visible(boxes, height, width, min_fraction=VISIBLE_FRACTION):
+    """``(boxes clipped to the image, float32; mask of those keep_inside keeps)``."""
     if not len(boxes):
-        return boxes.reshape(0, 4).astype(np.float32)
+        return boxes.reshape(0, 4).astype(np.float32), np.zeros(0, dtype=bool)
     clipped = boxes.copy()
     clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
     clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
     keep = (inside > 0) & (inside >= min_fraction * area)
-    return clipped[keep].astype(np.float32)
+    return clipped.astype(np.float32), keep
 
 
 def read_image(path):
@@ -81,26 +90,37 @@ def labelled_set(data=None, seed=2000, count=200, tile_size=256, mpp=0.5, annota
 
 
 class Augmenter:
-    """Random flips, 90 degree rotations, scale jitter, stain jitter (histomicstk) and a crop to the tile size."""
+    """Random flips, 90 degree rotations, scale jitter, stain jitter (histomicstk) and a crop to the tile size.
 
-    def __init__(self, tile_size, scale_jitter=0.15, stain_sigma=(0.15, 0.1), flips=True):
+    Scale: uniform in ``1 +- scale_jitter``, or log-uniform in ``scale_range`` (low, high) when given. Stain:
+    Tellez et al.'s jitter of the haematoxylin and eosin concentrations, ``stain_sigma`` = (multiplicative sigma,
+    additive sigma). Called with ``nuclei`` (a tuple of per-box arrays), it returns them for the boxes it keeps.
+    """
+
+    def __init__(self, tile_size, scale_jitter=0.15, stain_sigma=(0.15, 0.1), flips=True, scale_range=None):
         self.tile_size = tile_size
         self.scale_jitter = scale_jitter
+        self.scale_range = scale_range
         self.stain_sigma = stain_sigma
         self.flips = flips
         stain_color_map = histomicstk('histomicstk.preprocessing.color_deconvolution').stain_color_map
         self._stain_matrix = np.array([stain_color_map['hematoxylin'], stain_color_map['eosin'],
                                        stain_color_map['null']]).T
 
-    def __call__(self, image, boxes, rng):
-        if self.scale_jitter:
+    def __call__(self, image, boxes, rng, nuclei=None):
+        if self.scale_range:
+            low, high = np.log(self.scale_range)
+            image, boxes = self._rescale(image, boxes, float(np.exp(rng.uniform(low, high))))
+        elif self.scale_jitter:
             image, boxes = self._rescale(image, boxes, rng.uniform(1 - self.scale_jitter, 1 + self.scale_jitter))
-        image, boxes = self._crop(image, boxes, rng)
+        image, boxes, kept = self._crop(image, boxes, rng)
         if self.flips:
             image, boxes = self._flip_rotate(image, boxes, rng)
         if self.stain_sigma:
             image = self._stain(image, rng)
-        return np.ascontiguousarray(image), boxes
+        if nuclei is None:
+            return np.ascontiguousarray(image), boxes
+        return np.ascontiguousarray(image), boxes, tuple(np.asarray(a)[kept] for a in nuclei)
 
     @staticmethod
     def _rescale(image, boxes, factor):
@@ -121,7 +141,8 @@ class Augmenter:
         y = int(rng.integers(0, h - t + 1))
         x = int(rng.integers(0, w - t + 1))
         shifted = boxes - np.array([x, y, x, y], dtype=np.float32)
-        return image[y:y + t, x:x + t], keep_inside(shifted, t, t)
+        clipped, kept = _visible(shifted, t, t)
+        return image[y:y + t, x:x + t], clipped[kept], kept
 
     @staticmethod
     def _flip_rotate(image, boxes, rng):
@@ -153,11 +174,17 @@ class Augmenter:
 
 
 class TileDataset(torch.utils.data.Dataset):
-    """Labelled samples, augmented on every read (a fresh draw each epoch, reproducible from the seed)."""
+    """Labelled samples, augmented on every read (a fresh draw each epoch, reproducible from the seed).
 
-    def __init__(self, samples, augmenter=None, seed=0):
+    ``real_augmenter``: the augmenter of four-part samples (real labels), when they need another (stronger) one.
+    A target holds ``boxes`` and ``labels`` (all 1: nucleus), and for four-part samples ``has_extent`` and
+    ``cell_types`` (``targets``).
+    """
+
+    def __init__(self, samples, augmenter=None, seed=0, real_augmenter=None):
         self.samples = samples
         self.augmenter = augmenter
+        self.real_augmenter = real_augmenter
         self.seed = seed
         self.epoch = 0
 
@@ -165,12 +192,17 @@ class TileDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        image, boxes = self.samples[index]
-        if self.augmenter is not None:
+        image, boxes, *nuclei = self.samples[index]
+        augmenter = self.real_augmenter if nuclei and self.real_augmenter is not None else self.augmenter
+        if augmenter is not None:
             rng = np.random.default_rng((self.seed, self.epoch, index))
-            image, boxes = self.augmenter(image, boxes, rng)
+            image, boxes, *nuclei = augmenter(image, boxes, rng, *([tuple(nuclei)] if nuclei else []))
+            nuclei = list(nuclei[0]) if nuclei else []
         target = {'boxes': torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4)),
                   'labels': torch.ones(len(boxes), dtype=torch.int64)}
+        if nuclei:
+            target['has_extent'] = torch.from_numpy(np.asarray(nuclei[0], dtype=bool))
+            target['cell_types'] = torch.from_numpy(np.asarray(nuclei[1], dtype=np.int64))
         return to_tensor(image), target
 
 

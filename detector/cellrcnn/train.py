@@ -10,12 +10,16 @@ import numpy as np
 import torch
 
 from .adapt import reestimate_batchnorm
-from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, stored_config
 from .devices import autocast, resolve_device
 from .errors import CellRCNNError
 from .model import build_model
 from .progress import Progress
-from .samples import Augmenter, TileDataset, collate, labelled_set
+from .samples import Augmenter, TileDataset, collate
+from .training_data import sample_weights, training_sources
+
+#: display colours of cell types given without one, in order
+CELL_TYPE_PALETTE = ('#3c78d8', '#e0403a', '#2ca02c', '#ff9f1c', '#9467bd', '#8c564b', '#e377c2', '#17becf')
 
 
 @dataclass
@@ -39,21 +43,62 @@ class TrainConfig:
     tile_size: int = 256
     #: seeds the weights' initialisation, the shuffling and the augmentation
     seed: int = 0
-    #: folder of images with DSA annotation JSON; None trains on synthetic tissue.
-    data: str = None
-    #: synthetic tiles drawn when there is no ``data``, and the seed they are drawn from
+    #: ``--data`` entries of real labels (``cellrcnn.labels``, ``training_data``); a folder of images with DSA JSON is
+    #: one (format ``dsa``). A single string is one entry.
+    data: tuple = ()
+    #: sampling weight of the synthetic tiles beside the entries' ``weight=`` (``training_data``); None: 1 without
+    #: entries, 0 with them (synthetic tissue only when there is no real data, as before the entries)
+    synthetic_weight: float = None
+    #: synthetic tiles drawn, and the seed they are drawn from
     synthetic_tiles: int = 2000
     synthetic_seed: int = 1000
     #: synthetic nuclei drawn this many times larger (log-uniform per tile), before the augmenter's own jitter
     synthetic_scale: tuple = (0.8, 1.25)
     #: of ``data``'s annotations, only those with this name (None: all)
     annotation_name: str = None
-    #: side in pixels of the square box centred on each point annotation of ``data`` (needed when it holds points)
+    #: side (analysis px) of the prior square of a dot-only nucleus; None: ``dot_box_um``
     point_box_size: float = None
+    #: side (um) of the prior square of a dot-only nucleus: used to match anchors and proposals only
+    dot_box_um: float = 8.0
+    #: augmentation of real samples: scale factor range (log-uniform) and HED stain jitter (multiplicative, additive)
+    real_scale_range: tuple = (0.7, 1.4)
+    real_stain_sigma: tuple = (0.3, 0.2)
+    #: cell types of the class head, ``NAME`` or ``NAME=LABEL+LABEL`` (class names of the data that mean it); empty:
+    #: no class head (or the starting checkpoint's own)
+    cell_types: tuple = ()
+    #: their colours ('#rrggbb'); default :data:`CELL_TYPE_PALETTE`
+    cell_type_colors: tuple = ()
     #: write the resumable ``last.pt`` every this many steps (and after the last one)
     checkpoint_every: int = 500
     #: data loader processes preparing the batches (0: in the training process)
     workers: int = 1
+
+    def __post_init__(self):
+        self.data = (self.data,) if isinstance(self.data, str) else tuple(self.data or ())
+
+    @property
+    def entries(self):
+        return self.data
+
+    @property
+    def synthetic_share(self):
+        """The synthetic tiles' sampling weight (``synthetic_weight``, or its default)."""
+        if self.synthetic_weight is not None:
+            return self.synthetic_weight
+        return 0.0 if self.entries else 1.0
+
+    def dot_box_px(self, config):
+        """Side in analysis pixels of a dot-only nucleus' prior square, for a model of ``config``."""
+        return self.point_box_size or self.dot_box_um / config.mpp
+
+    def cell_type_settings(self):
+        """The ``ModelConfig`` settings ``cell_types``, ``cell_type_colors`` and ``cell_type_labels`` these ask for."""
+        names = tuple(spec.partition('=')[0].strip() for spec in self.cell_types)
+        labels = tuple(tuple(x.strip() for x in spec.partition('=')[2].split('+') if x.strip())
+                       for spec in self.cell_types)
+        colors = tuple(self.cell_type_colors) or tuple(CELL_TYPE_PALETTE[i % len(CELL_TYPE_PALETTE)]
+                                                       for i in range(len(names)))
+        return {'cell_types': names, 'cell_type_colors': colors, 'cell_type_labels': labels}
 
     def validate(self):
         for name in ('steps', 'batch_size', 'tile_size', 'synthetic_tiles', 'checkpoint_every'):
@@ -67,6 +112,12 @@ class TrainConfig:
             raise CellRCNNError(f'synthetic_scale must be LOW HIGH with 0 < LOW <= HIGH, not {self.synthetic_scale}')
         if self.lr <= 0:
             raise CellRCNNError(f'lr must be positive, not {self.lr}')
+        if self.synthetic_weight is not None and not self.synthetic_weight >= 0:
+            raise CellRCNNError(f'synthetic_weight must be 0 or more, not {self.synthetic_weight}')
+        if not self.dot_box_um > 0 or not 0 < self.real_scale_range[0] <= self.real_scale_range[1]:
+            raise CellRCNNError('dot_box_um must be positive and real_scale_range LOW HIGH with 0 < LOW <= HIGH')
+        if self.cell_type_colors and len(self.cell_type_colors) != len(self.cell_types):
+            raise CellRCNNError(f'{len(self.cell_type_colors)} cell type colours for {len(self.cell_types)} types')
         return self
 
 
@@ -87,18 +138,72 @@ def precise_bn(model, samples, tile_size, device, count=256, batch_size=8):
     """
     crop = Augmenter(tile_size, scale_jitter=0, stain_sigma=None, flips=False)
     rng = np.random.default_rng(0)
-    tiles = [crop(image, boxes, rng)[0] for image, boxes in samples[:count]]
+    tiles = [crop(image, boxes, rng)[0] for image, boxes, *_ in samples[:count]]
     reestimate_batchnorm(model, tiles, device, batch_size)
+
+
+def initial_model(model_config, cfg, init=None):
+    """The model training starts from: ``init``'s weights (fine-tuning; its configuration kept) or ``model_config``
+    built from scratch, with the cell types ``cfg`` asks for. A class head new to ``init`` starts from random weights;
+    ``init``'s own cell types are kept when ``cfg`` names none, and must be the same when it does."""
+    wanted = cfg.cell_type_settings() if cfg.cell_types else {}
+    if not init:
+        return build_model(dataclasses.replace(model_config, **wanted))
+    payload = load_checkpoint(init)
+    stored = stored_config(payload, init)
+    if not wanted or wanted['cell_types'] == stored.cell_types:
+        return model_from_checkpoint(payload, source=init)
+    if stored.cell_types:
+        raise CellRCNNError(f'{init} has the cell types {", ".join(stored.cell_types)}; fine-tune it with those '
+                            'or with none')
+    model = build_model(dataclasses.replace(stored, **wanted))
+    missing, unexpected = model.load_state_dict(model_from_checkpoint(payload, source=init).state_dict(), strict=False)
+    if unexpected or not all(k.startswith('roi_heads.cell_type_predictor.') for k in missing):
+        raise CellRCNNError(f'{init} does not match the model it should start (missing {missing[:2]})')
+    return model
+
+
+def _loader(cfg, dataset, weights):
+    """Batches of the dataset: shuffled each epoch, or drawn by ``weights`` (one per sample) when given."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = None if weights is None else torch.utils.data.WeightedRandomSampler(
+        weights, len(dataset), replacement=True, generator=generator)
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                                       collate_fn=collate, num_workers=cfg.workers,
+                                       drop_last=len(dataset) >= cfg.batch_size, generator=generator)
+
+
+def _step(model, images, targets, device, optimizer, scaler, params, clip_norm, step):
+    """One optimisation step on a batch; returns the loss parts (tensors)."""
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    with autocast(device):
+        parts = model(images, targets)
+    loss = sum(parts.values())
+    if not torch.isfinite(loss):
+        raise CellRCNNError(f'training diverged at step {step} (loss {loss.item()}); lower --lr')
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return parts
+
+
+def _loss_summary(losses):
+    """The mean of each loss part over ``losses`` (a list of per-step dicts), as text."""
+    return ' '.join(f"{k.replace('loss_', '')} {np.mean([x[k] for x in losses]):.3f}" for k in losses[-1])
 
 
 def train(model_config, train_config, out_dir, device='auto', resume=None, samples=None, progress=None, init=None,
           on_step=None):
     """Train a model; write ``out_dir/last.pt`` (resumable) and ``out_dir/model.pt`` (weights only).
 
-    ``samples``: a list of ``(image, boxes)`` to train on instead of ``train_config.data``. ``init``: a checkpoint to
-    fine-tune (its own configuration is used; ``model_config`` is ignored). ``on_step(step, steps)`` is called after
-    every step; ``progress`` (a :class:`cellrcnn.progress.Progress`) counts the steps. Returns the trained model and the
-    list of per-step losses.
+    ``samples``: a list of samples (``samples``) to train on instead of ``train_config``'s sources
+    (``training_data``). ``init``: a checkpoint to fine-tune (:func:`initial_model`; ``model_config`` is ignored).
+    ``on_step(step, steps)`` is called after every step; ``progress`` (a :class:`cellrcnn.progress.Progress`) counts
+    the steps. Returns the trained model and the list of per-step losses.
     """
     cfg = train_config.validate()
     device = resolve_device(device)
@@ -112,18 +217,15 @@ def train(model_config, train_config, out_dir, device='auto', resume=None, sampl
         model = model_from_checkpoint(payload, source=resume)
         cfg = TrainConfig(**{**payload['train_config'], 'steps': cfg.steps})
         start_step = state['step']
-    elif init:
-        model = model_from_checkpoint(load_checkpoint(init), source=init)
     else:
-        model = build_model(model_config)
+        model = initial_model(model_config, cfg, init)
     model.to(device, memory_format=torch.channels_last).train()
-    if samples is None:
-        samples = labelled_set(cfg.data, cfg.synthetic_seed, cfg.synthetic_tiles, cfg.tile_size, model.config.mpp,
-                               cfg.annotation_name, cfg.point_box_size, scale=cfg.synthetic_scale)
-    dataset = TileDataset(samples, Augmenter(cfg.tile_size), seed=cfg.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                                         num_workers=cfg.workers, drop_last=len(dataset) >= cfg.batch_size,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
+    sources = [('samples', samples, 1.0)] if samples is not None else training_sources(cfg, model.config)
+    samples = [sample for _, source, _ in sources for sample in source]
+    dataset = TileDataset(samples, Augmenter(cfg.tile_size), seed=cfg.seed,
+                          real_augmenter=Augmenter(cfg.tile_size, stain_sigma=cfg.real_stain_sigma,
+                                                   scale_range=cfg.real_scale_range))
+    loader = _loader(cfg, dataset, sample_weights(sources) if len(sources) > 1 else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -149,29 +251,17 @@ def train(model_config, train_config, out_dir, device='auto', resume=None, sampl
     started = time.time()
     while step < cfg.steps:
         for images, targets in loader:
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            with autocast(device):
-                parts = model(images, targets)
-            loss = sum(parts.values())
-            if not torch.isfinite(loss):
-                raise CellRCNNError(f'training diverged at step {step} (loss {loss.item()}); lower --lr')
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
+            parts = _step(model, images, targets, device, optimizer, scaler, params, cfg.clip_norm, step)
             scheduler.step()
             step += 1
             losses.append({k: v.item() for k, v in parts.items()})
             bar.update(1)
-            recent = losses[-20:]
-            bar.comment(' '.join(f"{k.replace('loss_', '')} {np.mean([x[k] for x in recent]):.3f}" for k in parts))
+            bar.comment(_loss_summary(losses[-20:]))
             if on_step is not None:
                 on_step(step, cfg.steps)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 checkpoint(step, 'last.pt')
+                bar.log(f'step {step}/{cfg.steps}, {time.time() - started:.0f} s: {_loss_summary(losses[-20:])}')
             if step >= cfg.steps:
                 break
         dataset.epoch += 1

@@ -18,6 +18,7 @@ An entry is ``[FORMAT:]PATH[,KEY=VALUE]...`` (no commas in paths; see :mod:`cell
 - ``annotation=NAME`` (dsa only): read only the annotation documents of this name.
 - ``split=NAME``: keep only the images of this split: of ``splits=FILE`` (:func:`read_splits`), else of a seeded
   80 / 20 ``train`` / ``val`` split of the entry's images (:func:`seeded_split`, ``seed=N``, default 0).
+- ``weight=W``: the entry's sampling weight in training (:mod:`cellrcnn.training_data`); reading ignores it.
 """
 
 import os
@@ -43,7 +44,7 @@ FORMATS = {
     'qupath': (read_qupath, ('.geojson', '.json'), False),
     'dsa': (read_dsa, ('.json',), False),
 }
-_KEYS = ('images', 'mpp', 'annotation', 'split', 'splits', 'seed')
+_KEYS = ('images', 'mpp', 'annotation', 'split', 'splits', 'seed', 'weight')
 #: the seeded split of a set without a split file: fraction of the images in each split
 DEFAULT_SPLIT = {'train': 0.8, 'val': 0.2}
 
