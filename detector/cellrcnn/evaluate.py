@@ -85,7 +85,7 @@ def evaluate_records(model, records, device='auto', batch_size=8, threshold=None
                                            else 0)}
     boxed = [i for i, r in enumerate(scaled) if r.has_extent.all()]
     result['boxes'] = evaluate([outputs[i] for i in boxed], [scaled[i].boxes for i in boxed],
-                               score_threshold=threshold) if boxed else None
+                               threshold=threshold) if boxed else None
     return result
 
 
