@@ -23,7 +23,7 @@ from cellrcnn.command_line import build_parser
 from cellrcnn.commands import girder_poster
 from cellrcnn.devstack.local_girder import free_port, girder_python, wait_for
 from cellrcnn.errors import CellRCNNError
-from cellrcnn.girder_post import post_annotation_files, post_annotations
+from cellrcnn.girder_post import post_annotation_files, post_annotations, withdrawal_grace
 from girder_proxy import FaultyProxy
 
 PYTHON, WHY_NOT = girder_python()
@@ -421,6 +421,15 @@ def test_a_result_the_user_may_not_delete_is_found_before_posting(server, slide)
                                             rf'may not replace .*{owner}.*nothing was posted'):
         post_annotations(server.api_url, client.token, item_id, nuclei(16, seed=1), **FAST)
     assert [a['_id'] for a in cellrcnn_annotations(server, item_id)] == [owner]
+
+
+def test_a_withdrawn_upload_is_watched_as_long_as_its_ingest_may_take():
+    # a short time-out must not cut the watch below what ingesting the document may take (the race in which an
+    # ingest already under way landed after the watch had ended)
+    assert withdrawal_grace(1e-6, 20_000) >= 20
+    assert withdrawal_grace(1e-6, 10) == 5.0
+    assert withdrawal_grace(3600, 10) == 120.0
+    assert withdrawal_grace(1e-6, 10_000_000) == 120.0
 
 
 def test_an_ingest_that_does_not_finish_in_time_is_withdrawn(server, slide):

@@ -206,7 +206,8 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
                 timing = {}
                 if large:
                     wait = ingest_timeout or 600 + INGEST_SECONDS_PER_1000 * doc.count / 1000
-                    annotation_id = _upload(server, target, doc.name, size, body, key, what, wait, timing)
+                    annotation_id = _upload(server, target, doc.name, size, body, key, what, wait, timing,
+                                            doc.count)
                 else:
                     annotation_id = _post(server, target, body().read(), key, what)
                 done = time.perf_counter()
@@ -290,7 +291,7 @@ def _post(server, target, body, key, what):
     return server.call(what, create, landed=lambda: _find(target, key), item_id=target.item_id)
 
 
-def _upload(server, target, name, size, body, key, what, ingest_timeout, timing):
+def _upload(server, target, name, size, body, key, what, ingest_timeout, timing, elements):
     from girder_client import HttpError
 
     reference = json.dumps({'identifier': UPLOAD_IDENTIFIER, 'itemId': target.item_id, 'fileId': target.file_id,
@@ -335,13 +336,20 @@ def _upload(server, target, name, size, body, key, what, ingest_timeout, timing)
                               f'{label!r} (see the server log: too large for its '
                               'max_annotation_input_file_length setting, or not a valid annotation?)')
         if time.monotonic() > deadline:
-            _abandon(server, target, key, file_id, grace=min(60.0, max(5.0, ingest_timeout / 10)))
+            _abandon(server, target, key, file_id, grace=withdrawal_grace(ingest_timeout, elements))
             raise server.fail(f'Girder at {server.api_url} did not finish ingesting the uploaded annotation '
                               f'{label!r} in {ingest_timeout:g} s (a slow database, or no '
                               'large_image_annotation plugin?); the upload was withdrawn and earlier results were '
                               'not replaced')
         time.sleep(pause)
         pause = min(pause * 1.5, 2.0)
+
+
+def withdrawal_grace(ingest_timeout, elements):
+    """Seconds a withdrawn upload is watched for an ingest already under way: a tenth of the time the ingest was
+    given, and at least a tenth of what an ingest of ``elements`` may take (:data:`INGEST_SECONDS_PER_1000`), so a
+    short time-out does not stop the watch before a large document can land; at least 5 s, at most 120 s."""
+    return min(120.0, max(5.0, ingest_timeout / 10, INGEST_SECONDS_PER_1000 * elements / 10_000))
 
 
 def _abandon(server, target, key, file_id, grace):
