@@ -276,3 +276,110 @@ def test_a_girder_folder_cohort_posts_each_result_to_its_slide(server, synthetic
         assert len(found) == 2  # the earlier result was replaced, not duplicated
         nuclei = [a for a in found if a['annotation']['attributes'].get('stats')]
         assert nuclei[0]['_elementCount'] == int(strict[path]['cells']) < int(rows[path]['cells'])
+
+
+# --------------------------------------------------------------------------- cell types (a classified model)
+
+def test_cell_type_columns_count_density_fraction_and_lymphocytes_per_tumour_cell():
+    from cellrcnn.cohort import cell_type_columns
+
+    assert cell_type_columns(None, 2.0) == {} and cell_type_columns({}, 2.0) == {}  # a model without cell types
+    assert cell_type_columns({'lymphocyte': 30, 'Tumour': 10, 'stromal': 0}, 2.0) == {
+        'lymphocyte_count': 30, 'lymphocyte_per_mm2': 15.0, 'lymphocyte_fraction': 0.75,
+        'Tumour_count': 10, 'Tumour_per_mm2': 5.0, 'Tumour_fraction': 0.25,
+        'stromal_count': 0, 'stromal_per_mm2': 0.0, 'stromal_fraction': 0.0, 'lymphocyte_per_tumour': 3.0}
+    # no tumour cell found: the ratio is empty (not inf, not an error); nothing found, no tissue: empty too
+    assert cell_type_columns({'lymphocytes': 4, 'tumor': 0}, 1.0)['lymphocyte_per_tumour'] == ''
+    assert cell_type_columns({'lymphocyte': 0, 'neoplastic': 0}, 0.0) == {
+        'lymphocyte_count': 0, 'lymphocyte_per_mm2': '', 'lymphocyte_fraction': '',
+        'neoplastic_count': 0, 'neoplastic_per_mm2': '', 'neoplastic_fraction': '', 'lymphocyte_per_tumour': ''}
+    assert 'lymphocyte_per_tumour' not in cell_type_columns({'lymphocyte': 4, 'stromal': 2}, 1.0)
+    # a type named cells would take the density of all nuclei's column: its columns are cells_type_*
+    assert list(cell_type_columns({'cells': 2}, 1.0)) == ['cells_type_count', 'cells_type_per_mm2',
+                                                          'cells_type_fraction']
+
+
+def read_table(path):
+    with open(path, newline='') as f:
+        return list(csv.reader(f))
+
+
+def test_the_table_without_cell_types_is_the_same_as_before(tmp_path):
+    from cellrcnn.cohort import COLUMNS, summary_line, write_table
+
+    row = {**dict.fromkeys(COLUMNS, ''), 'slide': 'a.tiff', 'status': 'done', 'cells': 12, 'tissue_mm2': 0.5,
+           'cells_per_mm2': 24.0, 'model': 'm.pt', 'output': 'slides/a'}
+    write_table([row, None], tmp_path / 'cohort.csv')
+    assert (tmp_path / 'cohort.csv').read_bytes() == (
+        b'slide,status,note,cells,tissue_mm2,cells_per_mm2,mean_score,magnification,seconds,model,girder_item_id,'
+        b'output\r\na.tiff,done,,12,0.5,24.0,,,,m.pt,,slides/a\r\n')
+    assert summary_line([row]) == '1 slides: 1 done, 0 skipped (done by an earlier run), 0 failed; 12 nuclei in all'
+
+
+def test_a_cohort_of_models_with_different_cell_types_has_every_types_columns(tmp_path):
+    from cellrcnn.cohort import COLUMNS, cell_type_columns, summary_line, write_table
+
+    def row(slide, status, counts):
+        return {**dict.fromkeys(COLUMNS, ''), 'slide': slide, 'status': status, 'cells': sum(counts.values()),
+                **cell_type_columns(counts, 2.0)}
+
+    rows = [row('a', 'done', {'lymphocyte': 6, 'tumour': 2}), row('b', 'skipped', {'tumour': 4, '=macrophage': 4}),
+            {**dict.fromkeys(COLUMNS, ''), 'slide': 'c', 'status': 'failed'}, row('d', 'done', {})]
+    write_table(rows, tmp_path / 'cohort.csv')
+    header, *table = read_table(tmp_path / 'cohort.csv')
+    assert header == [*COLUMNS, 'lymphocyte_count', 'lymphocyte_per_mm2', 'lymphocyte_fraction', 'tumour_count',
+                      'tumour_per_mm2', 'tumour_fraction', "'=macrophage_count", "'=macrophage_per_mm2",
+                      "'=macrophage_fraction", 'lymphocyte_per_tumour']  # a type's name is a text cell too
+    types = [dict(zip(header[len(COLUMNS):], r[len(COLUMNS):])) for r in table]
+    assert types[0] == {**dict.fromkeys(header[len(COLUMNS):], ''), 'lymphocyte_count': '6',
+                        'lymphocyte_per_mm2': '3.0', 'lymphocyte_fraction': '0.75', 'tumour_count': '2',
+                        'tumour_per_mm2': '1.0', 'tumour_fraction': '0.25', 'lymphocyte_per_tumour': '3.0'}
+    assert types[1] == {**dict.fromkeys(header[len(COLUMNS):], ''), 'tumour_count': '4', 'tumour_per_mm2': '2.0',
+                        'tumour_fraction': '0.5', "'=macrophage_count": '4', "'=macrophage_per_mm2": '2.0',
+                        "'=macrophage_fraction": '0.5'}
+    assert all(v == '' for v in types[2].values()) and all(v == '' for v in types[3].values())
+    assert summary_line(rows).endswith('; 16 nuclei in all (6 lymphocyte, 6 tumour, 4 =macrophage)')
+
+
+def test_batch_writes_the_cell_types_a_classified_run_records(tmp_path, monkeypatch):
+    import cellrcnn.job
+    from cellrcnn.cohort import COLUMNS
+
+    detect = cellrcnn.job.detect_to_files
+    # what a run of a classified model records (another model for b.tiff; c.tiff found no tumour cell)
+    share = {'a': {'lymphocyte': 0.5, 'tumour': 0.25, 'stromal': 0.25}, 'b': {'tumour': 0.5, 'necrosis': 0.5},
+             'c': {'lymphocyte': 1.0, 'tumour': 0.0, 'stromal': 0.0}}
+
+    def classified(path, paths, settings, **kwargs):
+        result = detect(path, paths, settings, **kwargs)
+        fractions = share[os.path.splitext(os.path.basename(path))[0]]
+        counts = {name: int(f * result.stats['detections']) for name, f in fractions.items()}
+        counts[next(iter(counts))] += result.stats['detections'] - sum(counts.values())
+        result.stats['cell_types'] = counts
+        return result
+
+    monkeypatch.setattr(cellrcnn.job, 'detect_to_files', classified)
+    code, out, err, rows = run_in(tmp_path, 'scans', 'a.tiff', 'b.tiff', 'c.tiff')
+    assert code == 0, err
+    a, b, c = (rows[os.path.join('scans', f'{s}.tiff')] for s in 'abc')
+    for row, fractions in zip((a, b, c), share.values()):
+        cells, tissue = int(row['cells']), float(row['tissue_mm2'])
+        assert cells > 20
+        assert sum(int(row[f'{name}_count']) for name in fractions) == cells
+        for name, fraction in fractions.items():
+            assert float(row[f'{name}_fraction']) == pytest.approx(fraction, abs=2 / cells)
+            assert float(row[f'{name}_per_mm2']) == pytest.approx(int(row[f'{name}_count']) / tissue, rel=2e-3)
+    assert float(a['lymphocyte_per_tumour']) == pytest.approx(int(a['lymphocyte_count']) / int(a['tumour_count']),
+                                                              abs=1e-3)
+    assert c['tumour_count'] == '0' and c['lymphocyte_per_tumour'] == ''  # no tumour cell: no ratio
+    assert b['lymphocyte_count'] == b['lymphocyte_per_tumour'] == a['necrosis_count'] == ''  # not of its model
+    assert list(a)[len(COLUMNS):] == [f'{name}{suffix}' for name in ('lymphocyte', 'tumour', 'stromal', 'necrosis')
+                                      for suffix in ('_count', '_per_mm2', '_fraction')] + ['lymphocyte_per_tumour']
+    lymphocytes = int(a['lymphocyte_count']) + int(c['lymphocyte_count'])
+    assert f'nuclei in all ({lymphocytes} lymphocyte, ' in out
+
+    monkeypatch.setattr(cellrcnn.job, 'detect_to_files', detect)  # started again: every slide is skipped, the
+    monkeypatch.chdir(tmp_path)  # table keeps the cell types of the earlier run
+    code, _, _, again = run_batch('scans', '-o', 'out')
+    assert code == 0 and all(r['status'] == 'skipped' for r in again.values())
+    assert again == {s: {**r, 'status': 'skipped', 'note': 'done by an earlier run'} for s, r in rows.items()}

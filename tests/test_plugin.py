@@ -692,6 +692,88 @@ def test_the_results_table_pages_and_streams(server, study):
     assert table[0] == COLUMNS and [r[2] for r in table[1:]] == [r['item_id'] for r in rows[2:4]]
 
 
+#: the cell-type columns of the table below, in the order its slides bring them, the ratio last
+TYPED = [f'{name}{suffix}' for name in ('lymphocyte', 'tumour', 'stromal', '=macrophage', 'secret')
+         for suffix in ('_count', '_per_mm2', '_fraction')] + ['lymphocyte_per_tumour']
+
+
+def classified(n, model, counts, seed=0):
+    """A nuclei document of a model with cell types: its run's stats carry ``{type: count}``."""
+    doc = nuclei(n, model, seed)
+    doc['attributes']['stats']['cell_types'] = counts
+    return doc
+
+
+def test_cell_types_go_into_the_metadata_and_the_results_table(server, slide_file, reader):
+    root = folder(server, server.folder_id, 'typed')
+    hidden = folder(server, root, 'hidden')
+    ids = {name: slide_in(server, slide_file, hidden if name == 'h.tiff' else root, name)[0]
+           for name in ('a.tiff', 'b.tiff', 'c.tiff', 'd.tiff', 'e.tiff', 'h.tiff')}
+    first = annotate(server, ids['a.tiff'], classified(40, 'typed.pt', {'lymphocyte': 24, 'tumour': 8, 'stromal': 8}))
+    annotate(server, ids['b.tiff'], classified(10, 'other.pt', {'tumour': 0, '=macrophage': 10}))  # no lymphocytes
+    annotate(server, ids['c.tiff'], classified(6, 'typed.pt', {'lymphocyte': 6, 'tumour': 0, 'stromal': 0}))
+    annotate(server, ids['d.tiff'], nuclei(5, 'plain.pt'))  # a model without cell types
+    annotate(server, ids['e.tiff'], classified(5, 'odd.pt', {'x': -1}))  # not counts: a result without types
+    annotate(server, ids['h.tiff'], classified(5, 'secret.pt', {'secret': 5}))
+
+    a = result_of(server, ids['a.tiff'])  # tissue 0.04 mm2
+    assert a['cells'] == 40 and a['cell_types'] == [
+        {'name': 'lymphocyte', 'count': 24, 'per_mm2': 600.0, 'fraction': 0.6},
+        {'name': 'tumour', 'count': 8, 'per_mm2': 200.0, 'fraction': 0.2},
+        {'name': 'stromal', 'count': 8, 'per_mm2': 200.0, 'fraction': 0.2}]
+    assert a['lymphocyte_per_tumour'] == 3.0
+    assert result_of(server, ids['c.tiff'])['lymphocyte_per_tumour'] is None  # no tumour cell: no ratio, no error
+    assert 'lymphocyte_per_tumour' not in result_of(server, ids['b.tiff'])
+    for plain in ('d.tiff', 'e.tiff'):
+        assert set(result_of(server, ids[plain])) == set(result_of(server, ids['a.tiff'])) - {
+            'cell_types', 'lymphocyte_per_tumour'}
+
+    rows = {r['name']: r for r in server.client().get(f'cellrcnn/folder/{root}/results')}
+    assert all(set(r) == set(COLUMNS + TYPED) for r in rows.values())  # every row has every type's columns
+
+    def types(row, **values):
+        return {k: row[k] for k in TYPED} == {**dict.fromkeys(TYPED), **values}
+
+    assert types(rows['a.tiff'], lymphocyte_count=24, lymphocyte_per_mm2=600.0, lymphocyte_fraction=0.6,
+                 tumour_count=8, tumour_per_mm2=200.0, tumour_fraction=0.2, stromal_count=8,
+                 stromal_per_mm2=200.0, stromal_fraction=0.2, lymphocyte_per_tumour=3.0)
+    assert types(rows['b.tiff'], tumour_count=0, tumour_per_mm2=0.0, tumour_fraction=0.0,
+                 **{'=macrophage_count': 10, '=macrophage_per_mm2': 250.0, '=macrophage_fraction': 1.0})
+    assert types(rows['c.tiff'], lymphocyte_count=6, lymphocyte_per_mm2=150.0, lymphocyte_fraction=1.0,
+                 tumour_count=0, tumour_per_mm2=0.0, tumour_fraction=0.0, stromal_count=0, stromal_per_mm2=0.0,
+                 stromal_fraction=0.0)
+    assert types(rows['d.tiff']) and types(rows['e.tiff']) and rows['e.tiff']['cells'] == 5
+    assert types(rows['h.tiff'], secret_count=5, secret_per_mm2=125.0, secret_fraction=1.0)
+
+    text = server.client().sendRestRequest('GET', f'cellrcnn/folder/{root}/results', {'format': 'csv'},
+                                           jsonResp=False).text
+    header, *table = csv.reader(io.StringIO(text))
+    assert header == COLUMNS + [f"'{c}" if c.startswith('=') else c for c in TYPED]  # a type's name is text too
+    assert table == [['' if r[k] is None else str(r[k]) for k in COLUMNS + TYPED] for r in rows.values()]
+
+    # A reader who may not see the hidden folder sees neither its slide nor the cell types only it has.
+    reader_id, token = reader
+    grant(server, root, reader_id, READ, recurse=True)
+    grant(server, hidden, reader_id, None)
+    seen = server.client(token).get(f'cellrcnn/folder/{root}/results')
+    assert [r['name'] for r in seen] == ['a.tiff', 'b.tiff', 'c.tiff', 'd.tiff', 'e.tiff']
+    assert all(set(r) == set(COLUMNS + TYPED) - {c for c in TYPED if c.startswith('secret')} for r in seen)
+    text = server.client(token).sendRestRequest('GET', f'cellrcnn/folder/{root}/results', {'format': 'csv'},
+                                                jsonResp=False).text
+    assert 'secret' not in text
+
+    # Deleting a newer result falls back to the classified one, cell types and all, whether the plugin remembered
+    # its summary or computes it again from the stored annotation.
+    for forget in (False, True):
+        if forget:
+            in_database(server, "db['annotation'].update_one({'_id': ObjectId(args[0])}, "
+                                "{'$unset': {'cellrcnnSummary': ''}})", first['_id'])
+        newer = annotate(server, ids['a.tiff'], nuclei(12, 'plain.pt'))
+        assert 'cell_types' not in result_of(server, ids['a.tiff'])
+        server.client().delete(f'annotation/{newer["_id"]}')
+        assert result_of(server, ids['a.tiff']) == {**a, 'date': result_of(server, ids['a.tiff'])['date']}
+
+
 def user_tokens(server, user_id):
     """The ids of a user's full-scope tokens (what logs in as the user), from the database."""
     return set(in_database(server, """

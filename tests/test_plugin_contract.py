@@ -1,9 +1,11 @@
 """The contract between the library and the Girder plugin, written on both sides on purpose: the plugin (plugin/,
 girder_cellrcnn) stays torch-free and never imports cellrcnn. No Girder server is needed: the plugin's modules import
-girder at their top, so their constants are read from their source with ``ast``.
+girder at their top, so their constants are read from their source with ``ast``; its cell-type module is pure Python
+and is imported by its path, to compare what it computes with the library.
 """
 
 import ast
+import importlib.util
 import os
 
 import pytest
@@ -31,6 +33,39 @@ def plugin_constant(module, name):
     (girder_post.POST_KEY, 'rerun', 'POST_KEY'),  # set by the library's poster, which replaces earlier results itself
     (os.path.basename(BUNDLED_MODEL), 'results', 'DEFAULT_MODEL'),  # the model CellDetection runs without one given
     (cohort.FORMULA_STARTS, 'table', 'FORMULA_START'),  # CSV cells a spreadsheet would run get a leading quote
+    (cohort.CELL_TYPE_SUFFIXES, 'cell_types', 'SUFFIXES'),  # a cell type's columns: its name and these
+    (cohort.RATIO_COLUMN, 'cell_types', 'RATIO_KEY'),  # lymphocytes per tumour cell
+    (cohort.LYMPHOCYTE_NAMES, 'cell_types', 'LYMPHOCYTE_NAMES'),  # which types the ratio counts
+    (cohort.TUMOUR_NAMES, 'cell_types', 'TUMOUR_NAMES'),
 ])
 def test_the_library_and_the_plugin_agree(library, module, name):
     assert plugin_constant(module, name) == library
+
+
+def plugin_cell_types():
+    """The plugin's :mod:`girder_cellrcnn.cell_types`, imported by its path (not through the package, which needs
+    Girder)."""
+    spec = importlib.util.spec_from_file_location('plugin_cell_types', os.path.join(PLUGIN, 'cell_types.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize('counts, tissue', [
+    ({'lymphocyte': 30, 'Tumour': 7, 'stromal': 0}, 0.37),
+    ({'lymphocytes': 4, 'tumor': 0}, 1.0),  # no tumour cell: the ratio is empty
+    ({'neoplastic': 0, 'lymphocyte': 0}, 0.0),  # nothing found, no tissue
+    ({'cells': 3, 'epithelial': 5}, 2.0),  # a type named cells: its columns are not the table's own
+    ({'macrophage': 9}, 0.5),  # no ratio
+])
+def test_the_plugin_gives_a_results_row_the_cell_type_columns_of_a_cohort_row(counts, tissue):
+    plugin = plugin_cell_types()
+    assert plugin.valid_counts(counts)
+    library = cohort.cell_type_columns(counts, tissue)
+    row = plugin.columns(plugin.summarise(counts, tissue), plugin_constant('table', 'COLUMNS'))
+    assert list(row) == list(library)
+    for column, value in row.items():  # the plugin keeps three decimals of a density, the table one
+        if value is None:
+            assert library[column] == '', column
+        else:
+            assert value == pytest.approx(library[column], abs=0.05), column

@@ -23,8 +23,14 @@ slide and one table for the whole cohort (``cellrcnn batch``).
   must see the same file system paths (the slides and ``OUT``).
 
 The table ``OUT/cohort.csv`` has one row per slide, in path order (:data:`COLUMNS`); its ``model`` column is the
-model's file name, for people. A text cell that a spreadsheet would read as a formula (starting with ``= + - @``, a
-tab or a carriage return: a slide named ``=cmd.tiff``) is written with a leading ``'`` (:func:`csv_safe`).
+model's file name, for people. For a model with cell types (its run's ``stats['cell_types']``: ``{name: count}`` in
+the model's order) each type adds the columns ``<name>_count``, ``<name>_per_mm2`` (per mm² of tissue) and
+``<name>_fraction`` (of the typed nuclei), and a model with lymphocytes and tumour cells (:data:`LYMPHOCYTE_NAMES`,
+:data:`TUMOUR_NAMES`) ``lymphocyte_per_tumour`` (empty when it found no tumour cell): :func:`cell_type_columns`. A
+cohort of models with different types has every type's columns (:func:`table_columns`), empty where a slide's model
+lacks the type; a cohort without cell types has exactly :data:`COLUMNS`. A text cell that a spreadsheet would read
+as a formula (starting with ``= + - @``, a tab or a carriage return: a slide named ``=cmd.tiff``, or a cell type
+``=x``) is written with a leading ``'`` (:func:`csv_safe`).
 """
 
 import csv
@@ -40,6 +46,14 @@ from .files import atomic_write
 COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'mean_score', 'magnification',
            'seconds', 'model', 'girder_item_id', 'output')
 TABLE_NAME = 'cohort.csv'
+#: the columns of each cell type: ``<name>`` and these (``<name>_type`` and these for a type whose columns would be
+#: the table's own, a type named ``cells``)
+CELL_TYPE_SUFFIXES = ('_count', '_per_mm2', '_fraction')
+#: lymphocytes per tumour cell, the last column of a table with cell types
+RATIO_COLUMN = 'lymphocyte_per_tumour'
+#: the cell type names (any case) that count as lymphocytes and as tumour cells for :data:`RATIO_COLUMN`
+LYMPHOCYTE_NAMES = ('lymphocyte', 'lymphocytes')
+TUMOUR_NAMES = ('tumour', 'tumor', 'tumours', 'tumors', 'neoplastic')
 #: the per-slide result folders are under ``OUT/SLIDES_FOLDER/``
 SLIDES_FOLDER = 'slides'
 #: what starts a formula in a spreadsheet
@@ -153,6 +167,28 @@ def _write_done(path, record):
         json.dump(record, f, indent=2)
 
 
+def _first_named(names, wanted):
+    return next((n for n in names if n.strip().lower() in wanted), None)
+
+
+def cell_type_columns(counts, tissue_mm2):
+    """The cell-type columns of a slide's row (name: value; none for ``counts`` None or empty, a model without
+    cell types) from its run's ``stats['cell_types']`` (``{name: count}``) and tissue area."""
+    if not counts:
+        return {}
+    total = sum(counts.values())
+    row = {}
+    for name, count in counts.items():
+        stem = f'{name}_type' if any(name + suffix in COLUMNS for suffix in CELL_TYPE_SUFFIXES) else name
+        row.update(zip((stem + suffix for suffix in CELL_TYPE_SUFFIXES),
+                       (count, round(count / tissue_mm2, 1) if tissue_mm2 > 0 else '',
+                        round(count / total, 4) if total else '')))
+    lymphocyte, tumour = _first_named(counts, LYMPHOCYTE_NAMES), _first_named(counts, TUMOUR_NAMES)
+    if lymphocyte is not None and tumour is not None:
+        row[RATIO_COLUMN] = round(counts[lymphocyte] / counts[tumour], 3) if counts[tumour] else ''
+    return row
+
+
 def _row(slide, result, model_path, seconds):
     import numpy as np
 
@@ -165,13 +201,15 @@ def _row(slide, result, model_path, seconds):
             'cells_per_mm2': round(cells / tissue, 1) if tissue > 0 else '',
             'mean_score': round(float(np.mean(result.scores)), 4) if len(result.scores) else '',
             'magnification': round(float(stats['analysis_magnification']), 3), 'seconds': round(seconds, 2),
-            'model': os.path.basename(model_path), 'girder_item_id': slide.item_id or '', 'output': slide.output}
+            'model': os.path.basename(model_path), 'girder_item_id': slide.item_id or '', 'output': slide.output,
+            **cell_type_columns(stats.get('cell_types'), tissue)}
 
 
 def process_slide(slide, settings, girder=None):
     """Detect nuclei in one slide of a cohort (here, or on a Dask worker) unless an earlier run did; post its
-    results to its Girder item when it came from one. :returns: its table row (a dict of :data:`COLUMNS`);
-    problems with the slide, its files or the server become a ``failed`` row, not an exception."""
+    results to its Girder item when it came from one. :returns: its table row (a dict of :data:`COLUMNS` and
+    :func:`cell_type_columns`); problems with the slide, its files or the server become a ``failed`` row, not an
+    exception."""
     from .inference import DetectorSpec
     from .job import detect_to_files, output_paths
 
@@ -272,21 +310,33 @@ def csv_safe(value):
     return value
 
 
+def table_columns(rows):
+    """The columns of the table of these rows (None: not run yet): :data:`COLUMNS`, then the cell-type columns of
+    every row, each once, in the order first met, :data:`RATIO_COLUMN` last."""
+    extra = dict.fromkeys(c for r in rows if r is not None for c in r if c not in COLUMNS)
+    return COLUMNS + tuple(c for c in extra if c != RATIO_COLUMN) + ((RATIO_COLUMN,) if RATIO_COLUMN in extra else ())
+
+
 def write_table(rows, path):
-    """The cohort table: one CSV row per slide (rows that are None, not run yet, are left out); text cells made
-    :func:`csv_safe`."""
+    """The cohort table (:func:`table_columns`): one CSV row per slide (rows that are None, not run yet, are left
+    out; a row without a cell type's columns has them empty); text cells, the header's too, made :func:`csv_safe`."""
+    columns = table_columns(rows)
     with atomic_write(path, 'the cohort table', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
+        writer = csv.DictWriter(f, fieldnames=columns, restval='')
+        writer.writerow({c: csv_safe(c) for c in columns})
         writer.writerows({k: csv_safe(v) for k, v in r.items()} for r in rows if r is not None)
 
 
 def summary_line(rows):
-    """One line on the whole cohort."""
+    """One line on the whole cohort: slides by status, nuclei found, and per cell type (if any) its nuclei."""
     counts = {s: sum(r['status'] == s for r in rows) for s in ('done', 'skipped', 'failed')}
-    cells = sum(int(r['cells']) for r in rows if r['status'] != 'failed')
+    found = [r for r in rows if r['status'] != 'failed']
+    cells = sum(int(r['cells']) for r in found)
+    suffix = CELL_TYPE_SUFFIXES[0]
+    types = [f'{sum(int(r.get(c) or 0) for r in found)} {c[:-len(suffix)]}'
+             for c in table_columns(rows)[len(COLUMNS):] if c.endswith(suffix)]
     return (f'{len(rows)} slides: {counts["done"]} done, {counts["skipped"]} skipped (done by an earlier run), '
-            f'{counts["failed"]} failed; {cells} nuclei in all')
+            f'{counts["failed"]} failed; {cells} nuclei in all' + (f' ({", ".join(types)})' if types else ''))
 
 
 def batch(source, output, settings, scheduler=None, girder=None, progress=None):

@@ -12,7 +12,8 @@ from girder.models.folder import Folder
 from girder_jobs.models.job import Job
 
 from . import batch
-from .table import COLUMNS, table_csv_lines, table_rows
+from .cell_types import RATIO_KEY, SUFFIXES
+from .table import COLUMNS, table_columns, table_csv_lines, table_rows
 
 
 class CellRCNNResource(Resource):
@@ -25,7 +26,9 @@ class CellRCNNResource(Resource):
     @access.user
     @autoDescribeRoute(
         Description('One row per slide in a folder and its subfolders with its cellrcnn result.')
-        .notes('Columns: ' + ', '.join(COLUMNS) + '. Slides without a result have empty result columns. Only '
+        .notes('Columns: ' + ', '.join(COLUMNS) + '; then, for results of models with cell types, per type '
+               + ', '.join(f'NAME{s}' for s in SUFFIXES) + f', and {RATIO_KEY} (lymphocytes per tumour cell), in '
+               'every row and page. Slides without a result have empty result columns. Only '
                'subfolders you may read are included. Rows are in path order; limit and offset page them. The CSV '
                'is streamed, and its text cells that a spreadsheet would take for a formula (starting with = + - @, '
                "a tab or a carriage return) begin with a ' .")
@@ -39,7 +42,9 @@ class CellRCNNResource(Resource):
     def results(self, folder: dict, format: str, limit: int, offset: int) -> list | Callable[[], Iterator[bytes]]:
         if limit < 0 or offset < 0:
             raise RestException('limit and offset must not be negative')
-        rows = itertools.islice(table_rows(folder, self.getCurrentUser()), offset, offset + limit if limit else None)
+        user = self.getCurrentUser()
+        columns = table_columns(folder, user)
+        rows = itertools.islice(table_rows(folder, user, columns), offset, offset + limit if limit else None)
         if format == 'json':
             return list(rows)
         setResponseHeader('Content-Type', 'text/csv; charset=utf-8')
@@ -47,7 +52,7 @@ class CellRCNNResource(Resource):
         setRawResponse()
 
         def stream():
-            for text in table_csv_lines(rows):
+            for text in table_csv_lines(rows, columns):
                 yield text.encode('utf-8')
         return stream
 

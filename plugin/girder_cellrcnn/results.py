@@ -9,6 +9,10 @@ metadata under :data:`META_KEY`::
      "histogram": [counts of floor(10 * score) = 0, ..., 9]}, "model", "model_sha256", "cellrcnn_version", "roi",
      "annotation_id", "date"}
 
+and, for a model with cell types (the run's ``attributes.stats.cell_types``), ``cell_types`` (per type its count,
+density per mm² and fraction) and ``lymphocyte_per_tumour``: see :mod:`girder_cellrcnn.cell_types`. They are the
+counts the run recorded: an annotation edited by hand keeps them, while ``cells`` counts its elements.
+
 ``roi`` is the analysed region (left, top, width, height) of a run on part of the slide, None for the whole slide;
 ``tissue_mm2`` and ``cells_per_mm2`` are those of the region analysed. ``model`` is the checkpoint's file name (for
 people), ``model_sha256`` the SHA-256 of its bytes (what identifies the model; None on results made before the
@@ -34,6 +38,8 @@ from girder.constants import AccessType
 from girder.models.folder import Folder
 from girder.models.item import Item
 from girder.models.user import User
+
+from . import cell_types
 
 META_KEY = 'cellrcnn'
 MARKER = 'cellrcnn'
@@ -208,7 +214,7 @@ def _summary(annotation, count, scores):
     params = attributes.get('params') if isinstance(attributes.get('params'), dict) else {}
     tissue = stats.get('tissue_mm2')
     tissue = float(tissue) if isinstance(tissue, (int, float)) and not isinstance(tissue, bool) else None
-    return {
+    summary = {
         'cells': count,
         'tissue_mm2': round(tissue, 6) if tissue is not None else None,
         'cells_per_mm2': round(count / tissue, 3) if tissue else None,
@@ -220,6 +226,9 @@ def _summary(annotation, count, scores):
         'annotation_id': str(annotation['_id']),
         'date': _iso(annotation.get('updated') or annotation.get('created')),
     }
+    if cell_types.valid_counts(stats.get('cell_types')):
+        summary.update(cell_types.summarise(stats['cell_types'], tissue))
+    return summary
 
 
 def _is_score(value):

@@ -1,9 +1,14 @@
 """The per-slide results table of a folder tree: one row per slide the user can read, with the summary of its
-cellrcnn result (item metadata, :data:`girder_cellrcnn.results.META_KEY`), as JSON rows or streamed CSV."""
+cellrcnn result (item metadata, :data:`girder_cellrcnn.results.META_KEY`), as JSON rows or streamed CSV.
+
+The table's columns are :data:`COLUMNS` and then the cell-type columns (:mod:`girder_cellrcnn.cell_types`) of every
+classified result among the slides the user can read (:func:`table_columns`: a first pass over the tree, so that
+every row, and every page, has the same columns), empty where a slide's model lacks the type."""
 
 import csv
 import io
 
+from . import cell_types
 from .results import META_KEY, iter_slides
 
 COLUMNS = ('name', 'path', 'item_id', 'cells', 'tissue_mm2', 'cells_per_mm2', 'score_mean', 'score_median',
@@ -11,14 +16,29 @@ COLUMNS = ('name', 'path', 'item_id', 'cells', 'tissue_mm2', 'cells_per_mm2', 's
 #: a CSV cell starting with one of these is a formula to spreadsheets: it gets a leading ' (OWASP's advice)
 FORMULA_START = ('=', '+', '-', '@', '\t', '\r')
 TABLE_FIELDS = ['_id', 'name', 'folderId', 'largeImage', f'meta.{META_KEY}']
+#: what :func:`table_columns` reads of an item: what iter_slides needs, and the result's cell types
+TYPE_FIELDS = ['_id', 'name', 'largeImage', f'meta.{META_KEY}.cell_types', f'meta.{META_KEY}.{cell_types.RATIO_KEY}']
 
 
-def table_rows(folder, user):
-    """One row (a dict with :data:`COLUMNS`) per slide in the folder tree that ``user`` can read, as a generator;
-    the result columns are None for slides without a result."""
+def _result(item):
+    result = (item.get('meta') or {}).get(META_KEY)
+    return result if isinstance(result, dict) else {}
+
+
+def table_columns(folder, user):
+    """The columns of the folder tree's table for ``user``: :data:`COLUMNS`, then the cell-type columns of the
+    results of the slides ``user`` can read (none when no result has cell types)."""
+    return COLUMNS + cell_types.union(cell_types.columns(_result(item), COLUMNS)
+                                      for _, item, _ in iter_slides(folder, user, fields=TYPE_FIELDS))
+
+
+def table_rows(folder, user, columns):
+    """One row (a dict with ``columns``: :func:`table_columns`) per slide in the folder tree that ``user`` can read,
+    as a generator; the result columns are None for slides without a result. (A cell type that a result saved since
+    :func:`table_columns` brings is left out, as it is from the header.)"""
+    types = dict.fromkeys(columns[len(COLUMNS):])
     for path, item, _ in iter_slides(folder, user, fields=TABLE_FIELDS):
-        result = (item.get('meta') or {}).get(META_KEY)
-        result = result if isinstance(result, dict) else {}
+        result = _result(item)
         score = result.get('score') if isinstance(result.get('score'), dict) else {}
         yield {
             'name': item['name'], 'path': path, 'item_id': str(item['_id']),
@@ -28,6 +48,7 @@ def table_rows(folder, user):
             'cellrcnn_version': result.get('cellrcnn_version'),
             'roi': ','.join(str(v) for v in result['roi']) if result.get('roi') else None,
             'annotation_id': result.get('annotation_id'), 'date': result.get('date'),
+            **types, **{k: v for k, v in cell_types.columns(result, COLUMNS).items() if k in types},
         }
 
 
@@ -41,10 +62,11 @@ def csv_cell(value):
     return value
 
 
-def table_csv_lines(rows):
-    """The rows as CSV text, a header line then one line per row, as a generator of strings."""
+def table_csv_lines(rows, columns):
+    """The rows as CSV text, a header line (``columns``, cells made :func:`csv_cell` as a type's name may start a
+    formula) then one line per row, as a generator of strings."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator='\n')
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator='\n')
 
     def take():
         text = out.getvalue()
@@ -52,8 +74,8 @@ def table_csv_lines(rows):
         out.truncate()
         return text
 
-    writer.writeheader()
+    writer.writerow({k: csv_cell(k) for k in columns})
     yield take()
     for row in rows:
-        writer.writerow({k: csv_cell(row[k]) for k in COLUMNS})
+        writer.writerow({k: csv_cell(row[k]) for k in columns})
         yield take()
