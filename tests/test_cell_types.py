@@ -3,6 +3,9 @@ output (nuclei and density annotations, GeoJSON, CSV, summary); a model without 
 
 import csv
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -192,6 +195,22 @@ def test_bad_classes_are_one_line_errors_before_detection(request, tmp_path, mod
     with pytest.raises(CellRCNNError, match=message):
         detect_to_files(str(tmp_path / 'missing.svs'), {'annotation': str(tmp_path / 'a.anot.json')},
                         DetectionSettings(model=str(checkpoint), classes=classes, device='cpu'))
+
+
+def test_classes_on_the_command_line(slide_path, typed_checkpoint, tmp_path):
+    def detect(*classes):
+        return subprocess.run([sys.executable, '-m', 'cellrcnn', 'detect', str(slide_path), '-o', str(tmp_path),
+                               '--model', str(typed_checkpoint), '--threshold', '0.05', '--tile-size', '256',
+                               '--device', 'cpu', '--progress', 'none', '--classes', *classes],
+                              capture_output=True, text=True, timeout=600)
+
+    run = detect('tumour', 'lymphocyte')
+    assert run.returncode == 0, run.stderr
+    assert re.search(r'^cell types: lymphocyte \d+, tumour \d+$', run.stdout, re.M)
+    assert {row['class'] for row in csv.DictReader(open(tmp_path / 'slide.csv'))} <= {'tumour', 'lymphocyte'}
+    run = detect('neutrophil')
+    assert run.returncode == 2 and run.stderr == "cellrcnn: error: unknown class 'neutrophil': the model's cell " \
+        'types are lymphocyte, tumour, stromal\n'
 
 
 def test_a_model_without_types_writes_what_it_wrote_before(slide_path, tiny_checkpoint, tmp_path):
