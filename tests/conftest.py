@@ -32,6 +32,24 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope='session')
+def typed_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """``tiny_checkpoint`` with a cell-type classifier (lymphocyte, tumour, stromal) of seeded random weights, built
+    as ``cellrcnn train --init ... --cell-types`` builds one."""
+    import torch
+
+    from cellrcnn.checkpoint import load_checkpoint, save_checkpoint, stored_config
+    from cellrcnn.train import TrainConfig, initial_model
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(cell_types=('lymphocyte', 'tumour', 'stromal'),
+                      cell_type_colors=('#0000ff', '#ff0000', '#00ff00'))
+    model = initial_model(stored_config(load_checkpoint(tiny_checkpoint)), cfg, init=tiny_checkpoint)
+    path = tmp_path_factory.mktemp('model') / 'typed.pt'
+    save_checkpoint(path, model, half=True)
+    return path
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

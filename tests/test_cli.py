@@ -81,6 +81,7 @@ def test_an_image_without_resolution_needs_mpp(tmp_path, image_file, tiny_checkp
     (['detect', '{slide}', '--magnification', '40'], 'would only upsample it'),
     (['detect', '{slide}', '--model', '{image}'], 'not a readable checkpoint'),
     (['detect', '{slide}', '--device', 'cuda'], 'no CUDA GPU'),
+    (['detect', '{slide}', '--classes', 'tumour'], 'classes tumour asked for, but the model has no cell types'),
     (['train', '--backbone', 'vgg', '--steps', '1'], 'unknown backbone'),
     (['train', '--anchor-upsample', '3', '--steps', '1'], 'anchor_upsample must be one of'),
 ])

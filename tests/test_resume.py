@@ -33,11 +33,11 @@ class Interrupting:
         self.model, self.batch_size, self.device = detector.model, detector.batch_size, detector.device
         self.spec = detector.spec
 
-    def detect_tiles(self, tiles):
+    def detect_tiles_with_types(self, tiles):
         if self.left == 0:
             raise KeyboardInterrupt
         self.left -= 1
-        return self.inner.detect_tiles(tiles)
+        return self.inner.detect_tiles_with_types(tiles)
 
 
 def test_an_interrupted_run_resumes_from_its_saved_rows(slide_path, detector, tmp_path):
@@ -154,5 +154,5 @@ def test_row_stores_of_two_keys_written_in_turn_never_mix(tmp_path):
     b.save(0, *rows(0.1))
     a.save(1, *rows(0.8))
     done_a, done_b = RowStore(str(tmp_path), 'a').open(), RowStore(str(tmp_path), 'b').open()
-    assert {r: float(s[0]) for r, (_, s) in done_a.items()} == pytest.approx({0: 0.9, 1: 0.8})
-    assert {r: float(s[0]) for r, (_, s) in done_b.items()} == pytest.approx({0: 0.1})
+    assert {r: float(s[0]) for r, (_, s, _) in done_a.items()} == pytest.approx({0: 0.9, 1: 0.8})
+    assert {r: float(s[0]) for r, (_, s, _) in done_b.items()} == pytest.approx({0: 0.1})

@@ -33,9 +33,9 @@ class Recording:
         self.model, self.batch_size, self.device = detector.model, detector.batch_size, detector.device
         self.spec = detector.spec
 
-    def detect_tiles(self, tiles):
-        results = self.inner.detect_tiles(tiles)
-        self.results.extend(results)
+    def detect_tiles_with_types(self, tiles):
+        results = self.inner.detect_tiles_with_types(tiles)
+        self.results.extend((out['boxes'], out['scores']) for out in results)
         return results
 
 

@@ -22,7 +22,13 @@ def settings_from(args):
         threshold=args.threshold if args.threshold >= 0 else None,
         nms=args.nms_iou if args.nms_iou >= 0 else None, anchor_upsample=args.anchor_upsample or None,
         adapt_tiles=args.adapt_tiles, element=args.element_type, batch_size=args.batch_size, device=args.device,
-        scheduler=args.scheduler or None, progress='slicer')
+        scheduler=args.scheduler or None, progress='slicer', classes=_classes(args.classes))
+
+
+def _classes(names):
+    """The cell types to keep (None: every nucleus) from the task's list of names, which is empty by default and
+    may hold empty strings (slicer_cli_web splits an empty text on commas)."""
+    return tuple(name.strip() for name in names if name.strip()) or None
 
 
 def girder_poster(args):
@@ -44,7 +50,8 @@ def girder_poster(args):
 
 def main(args):
     outputs = {'annotation': args.outputCellAnnotationFile,
-               'density': getattr(args, 'outputDensityAnnotationFile', None) or None}
+               'density': getattr(args, 'outputDensityAnnotationFile', None) or None,
+               'class_density': getattr(args, 'outputClassDensityAnnotationFile', None) or None}
     settings = settings_from(args)
     post = girder_poster(args)
     paths = outputs

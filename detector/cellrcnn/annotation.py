@@ -74,7 +74,8 @@ def _class_names(labels, n, class_names):
 
 
 def _annotation_parts(boxes, scores, labels=None, name=DEFAULT_NAME, element_type='rectangle', attributes=None,
-                      line_color=DEFAULT_LINE_COLOR, description=None, fill_color=None, class_names=None, decimals=2):
+                      line_color=DEFAULT_LINE_COLOR, description=None, fill_color=None, class_names=None, decimals=2,
+                      class_colors=None):
     """Check detections and document options (see :func:`detections_to_annotation`).
 
     :returns: ``(header, n, elements)``: the document without its elements, the number of detections, and
@@ -86,6 +87,10 @@ def _annotation_parts(boxes, scores, labels=None, name=DEFAULT_NAME, element_typ
         raise CellRCNNError('the annotation name must be a non-empty string')
     _check_color(line_color, 'line_color')
     _check_color(fill_color, 'fill_color')
+    if class_colors is not None and (labels is None or not isinstance(class_colors, dict)):
+        raise CellRCNNError('class_colors must be a dict of class name -> colour, given with labels')
+    for cls, color in (class_colors or {}).items():
+        _check_color(color, f'colour of class {cls!r}')
     if attributes is not None and not isinstance(attributes, dict):
         raise CellRCNNError('attributes must be a dict')
 
@@ -97,19 +102,26 @@ def _annotation_parts(boxes, scores, labels=None, name=DEFAULT_NAME, element_typ
     cx = np.round((b[:, 0] + b[:, 2]) / 2, decimals).tolist()
     cy = np.round((b[:, 1] + b[:, 3]) / 2, decimals).tolist()
     score_list = np.round(s, 4).tolist()
-    style = {'lineColor': line_color}
-    if fill_color is not None:
-        style['fillColor'] = fill_color
+    style = _style(line_color, fill_color)
+    if class_colors is None:
+        def style_of(i):
+            return style
+    else:  # each class its own colour, label and group (the layers HistomicsUI lists and toggles)
+        styles = {cls: {**_style(class_colors.get(cls, line_color), fill_color), 'label': {'value': cls},
+                        'group': cls} for cls in set(classes)}
+
+        def style_of(i):
+            return styles[classes[i]]
     if element_type == 'rectangle':
         w = np.round(b[:, 2] - b[:, 0], decimals).tolist()
         h = np.round(b[:, 3] - b[:, 1], decimals).tolist()
 
         def element(i):
             return {'type': 'rectangle', 'center': [cx[i], cy[i], 0], 'width': w[i], 'height': h[i], 'rotation': 0,
-                    **style, 'user': {'score': score_list[i], 'class': classes[i] if classes else DEFAULT_CLASS}}
+                    **style_of(i), 'user': {'score': score_list[i], 'class': classes[i] if classes else DEFAULT_CLASS}}
     else:
         def element(i):
-            return {'type': 'point', 'center': [cx[i], cy[i], 0], **style,
+            return {'type': 'point', 'center': [cx[i], cy[i], 0], **style_of(i),
                     'user': {'score': score_list[i], 'class': classes[i] if classes else DEFAULT_CLASS}}
     if description is None:
         description = f'{n} detections by cellrcnn'
@@ -117,10 +129,20 @@ def _annotation_parts(boxes, scores, labels=None, name=DEFAULT_NAME, element_typ
     return header, n, lambda i0, i1: [element(i) for i in range(i0, i1)]
 
 
+def _style(line_color, fill_color):
+    """An element's drawing keys."""
+    return {'lineColor': line_color} if fill_color is None else {'lineColor': line_color, 'fillColor': fill_color}
+
+
+def class_legend(counts: dict, colors: dict) -> str:
+    """The classes of an annotation as a person reads them in its description: ``'name: #rrggbb (count), ...'``."""
+    return ', '.join(f'{name}: {colors[name]} ({count})' for name, count in counts.items())
+
+
 def detections_to_annotation(boxes, scores, labels=None, name=DEFAULT_NAME,
                              element_type='rectangle', attributes=None,
                              line_color=DEFAULT_LINE_COLOR, description=None,
-                             fill_color=None, class_names=None, decimals=2):
+                             fill_color=None, class_names=None, decimals=2, class_colors=None):
     """Build a DSA annotation document from detections.
 
     :param boxes: N x 4 boxes ``x1, y1, x2, y2`` in base-level slide pixels
@@ -138,10 +160,13 @@ def detections_to_annotation(boxes, scores, labels=None, name=DEFAULT_NAME,
     :param description: document description (default: a count of detections).
     :param fill_color: optional element fill colour, e.g. ``'rgba(0,255,0,0.2)'``.
     :param decimals: coordinate rounding (0.01 px by default keeps files small).
+    :param class_colors: with ``labels``, a dict ``class name -> colour``: each element then also gets its class as
+        ``label`` (``{"value": name}``) and ``group``, and its class's colour as ``lineColor`` (``line_color`` for a
+        class not in the dict).
     :returns: the annotation document (a plain dict, JSON-serialisable).
     """
     header, n, elements = _annotation_parts(boxes, scores, labels, name, element_type, attributes, line_color,
-                                            description, fill_color, class_names, decimals)
+                                            description, fill_color, class_names, decimals, class_colors)
     return {**header, 'elements': elements(0, n)}
 
 

@@ -55,6 +55,8 @@ def _add_detection_options(p):
                         'when it runs out of memory)')
     p.add_argument('--workers', type=int, default=d.workers, help='tile reader threads')
     p.add_argument('--element', choices=['rectangle', 'point'], default=d.element)
+    p.add_argument('--classes', nargs='+', metavar='NAME',
+                   help="keep only nuclei of these cell types (names of the model's; default: every nucleus)")
     p.add_argument('--device', default=d.device, help='auto, cpu or cuda')
 
 

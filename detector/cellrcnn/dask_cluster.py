@@ -17,7 +17,8 @@ from .slide import Slide
 
 
 def dask_batches(slide, detector, todo, scheduler, timing):
-    """(tiles, results) per batch, in order, computed on a dask.distributed cluster by the detector's ``spec``."""
+    """(tiles, results) per batch, in order, computed on a dask.distributed cluster by the detector's ``spec``: a dict
+    per tile, as ``Detector.detect_tiles_with_types`` gives (with the cell types of a model that has them)."""
     if detector.spec is None:
         raise CellRCNNError('running on a Dask cluster needs a detector built from a model file (a DetectorSpec), '
                             'which its workers rebuild')
@@ -74,4 +75,4 @@ def run_batch_on_worker(tiles, job):
         _WORKER_STATE.clear()
         _WORKER_STATE[key] = (Slide(job['slide'], **job['slide_args']), job['spec'].build(batchnorm=job['batchnorm']))
     slide, detector = _WORKER_STATE[key]
-    return detector.detect_tiles([slide.read(tile) for tile in tiles])
+    return detector.detect_tiles_with_types([slide.read(tile) for tile in tiles])

@@ -227,3 +227,18 @@ def _griddata(density, dx, dy, interpretation, max_density, colors, max_color, s
     else:
         element['maxColor'] = max_color
     return element
+
+
+def class_density_annotations(boxes, classes, class_names, slide_size, mpp, attributes=None, **options):
+    """One :func:`density_annotation` per class, in the order of ``class_names``: the density of the nuclei of
+    ``classes`` (N indices into ``class_names``) equal to its index, named ``'<name> (<class>)'`` (``name``: an option,
+    :data:`DENSITY_NAME` by default) with the class under ``attributes['cell_type']``; each has its own colour scale
+    unless ``max_density`` is given. ``options``: those of :func:`density_annotation`."""
+    b = as_boxes(boxes)
+    classes = np.asarray(classes)
+    if classes.shape != (len(b),):
+        raise CellRCNNError(f'expected {len(b)} classes (one per box), got shape {classes.shape}')
+    name = options.pop('name', DENSITY_NAME)
+    return [density_annotation(b[classes == i], slide_size, mpp, name=f'{name} ({cls})',
+                               attributes={**(attributes or {}), 'cell_type': cls}, **options)
+            for i, cls in enumerate(class_names)]

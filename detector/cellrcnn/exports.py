@@ -26,6 +26,8 @@ from .files import atomic_write
 
 QUPATH_CLASS = 'Nucleus'
 SCORE_MEASUREMENT = 'score'
+#: the CSV column and QuPath measurement of the probability of a nucleus's class (cell type)
+CLASS_PROBABILITY = 'class_probability'
 
 # QuPath classification colours ([r, g, b]) given to classes in order of appearance.
 _PALETTE = ((0, 255, 0), (255, 0, 0), (0, 128, 255), (255, 200, 0), (200, 0, 255),
@@ -36,8 +38,10 @@ _CHUNK = 20_000  # features / rows formatted per write
 # --------------------------------------------------------------------------- GeoJSON
 
 def _qupath_color(value, what):
+    """``[r, g, b]`` from ``[r, g, b]`` or ``'#rrggbb'``."""
     try:
-        rgb = [int(v) for v in value]
+        rgb = [int(value[i:i + 2], 16) for i in (1, 3, 5)] if isinstance(value, str) and len(value) == 7 \
+            and value[0] == '#' else [int(v) for v in value]
     except (TypeError, ValueError):
         rgb = []
     if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
@@ -84,7 +88,7 @@ def write_geojson(path, boxes, scores, classes=None, properties=None, class_name
         detection is ``'Nucleus'``.
     :param properties: optional dict ``name -> N numbers`` written as extra QuPath
         measurements (e.g. ``{'area_um2': ...}``).
-    :param class_colors: optional dict ``class name -> [r, g, b]``; other classes get
+    :param class_colors: optional dict ``class name -> [r, g, b]`` (or ``'#rrggbb'``); other classes get
         colours from a fixed palette in order of appearance (``Nucleus`` is green).
     :returns: the path written.
     """
@@ -148,14 +152,16 @@ def write_geojson(path, boxes, scores, classes=None, properties=None, class_name
 
 # --------------------------------------------------------------------------- CSV
 
-def write_csv(path, boxes, scores, classes=None, mpp=None, class_names=None):
-    """Write one row per nucleus: ``x, y, x1, y1, x2, y2, [width_um, height_um,] score, class``.
+def write_csv(path, boxes, scores, classes=None, mpp=None, class_names=None, class_scores=None):
+    """Write one row per nucleus: ``x, y, x1, y1, x2, y2, [width_um, height_um,] score, class[,
+    class_probability]``.
 
     ``x, y`` is the box centre and ``x1..y2`` the box, in base-level pixels (2
     decimals); ``width_um``/``height_um`` (3 decimals) are present only when ``mpp``
     (microns per base pixel, a number or an ``(x, y)`` pair) is given. ``class`` is the
     class name (``classes`` as for :func:`cellrcnn.annotation.detections_to_annotation`;
-    default ``'nucleus'``). An empty detection list gives a header-only file.
+    default ``'nucleus'``); ``class_probability`` (4 decimals) is present only when ``class_scores`` (N numbers:
+    the probability of each nucleus's class) is given. An empty detection list gives a header-only file.
 
     :returns: the path written.
     """
@@ -167,6 +173,9 @@ def write_csv(path, boxes, scores, classes=None, mpp=None, class_names=None):
     if mpp_xy:
         header += ['width_um', 'height_um']
     header += ['score', 'class']
+    if class_scores is not None:
+        class_scores = _measurement_columns({CLASS_PROBABILITY: class_scores}, n, None)[0][1]  # checked, rounded
+        header.append(CLASS_PROBABILITY)
     with atomic_write(path, 'CSV file', newline='') as f:
         writer = csv.writer(f, lineterminator='\n')
         writer.writerow(header)
@@ -181,6 +190,8 @@ def write_csv(path, boxes, scores, classes=None, mpp=None, class_names=None):
             cols = [col.tolist() for col in cols]
             cols.append(names[start:start + _CHUNK] if names is not None
                         else [DEFAULT_CLASS] * len(c))
+            if class_scores is not None:
+                cols.append(class_scores[start:start + _CHUNK])
             writer.writerows(zip(*cols))
     return os.fspath(path)
 
@@ -212,7 +223,8 @@ def write_summary(path, stats):
 
 
 def detection_summary_lines(result, settings):
-    """The closing summary a person reads: what was found, where, and what each stage cost."""
+    """The closing summary a person reads: what was found, where, what each stage cost and, for a model with cell
+    types, how many nuclei of each."""
     st, sec = result.stats, result.stats['seconds']
     lines = []
     if st['tiles_read'] == 0 and not st['tile_rows_resumed']:
@@ -225,4 +237,6 @@ def detection_summary_lines(result, settings):
         f'background; {sec["total"]:.1f} s (tissue {sec["tissue_and_grid"]:.1f}, {adapt}read wait {sec["read"]:.1f}, '
         f'detect {sec["detect"]:.1f}, merge {sec["merge"]:.2f}), {st["megapixels_per_second"]:.2f} Mpx/s on '
         f'{st["device"]}')
+    if 'cell_types' in st:
+        lines.append('cell types: ' + ', '.join(f'{name} {count}' for name, count in st['cell_types'].items()))
     return lines

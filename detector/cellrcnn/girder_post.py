@@ -413,11 +413,12 @@ def format_results(results, item_id):
 def poster(api_url, token, item_id, progress=None):
     """Check a posting destination before hours of detection (server, token, item: :func:`check_target`).
     :returns: a callable taking a run's output ``paths`` (``job.output_paths``) that posts its nuclei and density
-    annotations to the item and returns a line per posted document (``progress`` is told what is sent)."""
+    annotations (the per-cell-type ones too) to the item and returns a line per posted document (``progress`` is told
+    what is sent)."""
     item_id = check_target(api_url, token, item_id)
 
     def post(paths):
-        files = [paths.get('annotation'), paths.get('density')]
+        files = [paths.get('annotation'), paths.get('density'), paths.get('class_density')]
         return format_results(post_annotation_files(api_url, token, item_id, files, progress=progress), item_id)
 
     return post

@@ -16,8 +16,11 @@ if TYPE_CHECKING:  # the stages are imported when a job runs, not when the comma
     from .settings import DetectionSettings
     from .slide_detection import SlideDetections
 
-OUTPUT_SUFFIXES = {'annotation': '.anot.json', 'density': '.density.anot.json', 'geojson': '.geojson',
-                   'csv': '.csv', 'overlay': '.overlay.png', 'summary': '.summary.json'}
+#: what a run writes, by key; ``class_density`` holds a list of density documents, one per cell type (an empty list
+#: for a model without cell types), so that one declared output of the DSA task carries them all
+OUTPUT_SUFFIXES = {'annotation': '.anot.json', 'density': '.density.anot.json',
+                   'class_density': '.class-density.anot.json', 'geojson': '.geojson', 'csv': '.csv',
+                   'overlay': '.overlay.png', 'summary': '.summary.json'}
 
 
 def output_paths(folder: str, stem: str) -> dict[str, str]:
@@ -46,11 +49,13 @@ def detect_to_files(slide_path: str, paths: dict[str, str | None], settings: 'De
         spec = DetectorSpec.from_settings(settings)
         detector = spec.build()
         config = detector.model.config
+        keep_types = settings.type_indices(config.cell_types)  # unknown classes stop the run here, in one line
         slide = Slide(slide_path, magnification=settings.magnification or magnification_from_mpp(config.mpp),
                       mpp=settings.mpp)
         used = dataclasses.replace(settings.result(), magnification=slide.magnification,
                                    threshold=detector.threshold, nms=config.nms_thresh,
-                                   anchor_upsample=config.anchor_upsample).identity()
+                                   anchor_upsample=config.anchor_upsample,
+                                   classes=keep_types and tuple(config.cell_types[i] for i in keep_types)).identity()
         resume = None
         if resume_dir:
             # rows hold raw boxes: the element type changes how the nuclei are drawn, not which, so it is left out here
@@ -59,7 +64,7 @@ def detect_to_files(slide_path: str, paths: dict[str, str | None], settings: 'De
         result = detect_slide(slide, detector, tile_size=settings.tile_size, overlap=settings.overlap,
                               min_tissue=settings.min_tissue, workers=settings.workers, roi=settings.roi,
                               resume=resume, scheduler=settings.scheduler, adapt_tiles=settings.adapt_tiles,
-                              progress=Progress(mode=settings.progress, name='cellrcnn'))
+                              keep_types=keep_types, progress=Progress(mode=settings.progress, name='cellrcnn'))
         attributes = {'model': os.path.basename(spec.model_path), 'model_sha256': model_sha256(spec.model_path),
                       'model_config': detector.checkpoint_config.to_dict(), 'cellrcnn': __version__, 'params': used}
         write_results(result, paths, settings.element, attributes)
@@ -69,24 +74,48 @@ def detect_to_files(slide_path: str, paths: dict[str, str | None], settings: 'De
 
 
 def write_results(result: 'SlideDetections', paths: dict[str, str | None], element_type: str, attributes: dict) -> None:
-    """The nuclei annotation, the density annotation, GeoJSON, CSV, an overview PNG and the run summary."""
+    """The nuclei annotation, the density annotation (and one per cell type), GeoJSON, CSV, an overview PNG and the
+    run summary. With cell types, each nucleus carries its type's name and colour (and in the tables its
+    probability); without, every output is what it was before there were cell types."""
     from .annotation import write_annotation, write_detections_annotation
-    from .density import density_annotation
+    from .density import class_density_annotations, density_annotation
     from .exports import write_csv, write_geojson, write_overlay, write_summary
 
     slide = result.slide
     base_mpp = slide.mpp / slide.scale
+    typed = _class_options(result)
     if paths.get('annotation'):
         write_detections_annotation(paths['annotation'], result.boxes, result.scores, element_type=element_type,
-                                    attributes={**attributes, 'stats': result.stats})
+                                    attributes={**attributes, 'stats': result.stats}, **typed.get('annotation', {}))
     if paths.get('density'):
         write_annotation(density_annotation(result.boxes, slide.base_size, base_mpp, attributes=attributes),
                          paths['density'])
+    if paths.get('class_density'):
+        write_annotation(class_density_annotations(result.boxes, result.cell_types, result.cell_type_names,
+                                                   slide.base_size, base_mpp, attributes=attributes)
+                         if typed else [], paths['class_density'])
     if paths.get('geojson'):
-        write_geojson(paths['geojson'], result.boxes, result.scores)
+        write_geojson(paths['geojson'], result.boxes, result.scores, **typed.get('geojson', {}))
     if paths.get('csv'):
-        write_csv(paths['csv'], result.boxes, result.scores, mpp=base_mpp)
+        write_csv(paths['csv'], result.boxes, result.scores, mpp=base_mpp, **typed.get('csv', {}))
     if paths.get('overlay'):
         write_overlay(result, paths['overlay'])
     if paths.get('summary'):
         write_summary(paths['summary'], result.stats)
+
+
+def _class_options(result):
+    """The cell types of ``result`` as the options of each writer (``annotation``, ``geojson``, ``csv``): names,
+    colours, a legend in the annotation's description and the probability in the tables; {} without cell types."""
+    from .annotation import class_legend
+    from .exports import CLASS_PROBABILITY
+
+    if result.cell_types is None:
+        return {}
+    names, colors = result.cell_type_names, dict(zip(result.cell_type_names, result.cell_type_colors))
+    classes = {'class_names': names}
+    description = f'{len(result.boxes)} detections by cellrcnn; {class_legend(result.type_counts(), colors)}'
+    return {'annotation': {'labels': result.cell_types, **classes, 'class_colors': colors, 'description': description},
+            'geojson': {'classes': result.cell_types, **classes, 'class_colors': colors,
+                        'properties': {CLASS_PROBABILITY: result.cell_type_scores}},
+            'csv': {'classes': result.cell_types, **classes, 'class_scores': result.cell_type_scores}}

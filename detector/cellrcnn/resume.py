@@ -95,7 +95,7 @@ class RowStore:
     def open(self, grid=None):
         """Start this key's rows, or go on with them. ``grid``: what places the tiles of each row (any JSON-able
         value); rows saved with another grid, by a version of cellrcnn that laid its tiles out otherwise, are dropped
-        and computed again. :returns: ``{row: (boxes, scores)}`` of the rows an earlier run finished."""
+        and computed again. :returns: ``{row: (boxes, scores, extra or None)}`` of the rows an earlier run finished."""
         manifest = os.path.join(self.rows_folder, MANIFEST)
         try:
             _remove_old_layout(self.folder)
@@ -114,7 +114,8 @@ class RowStore:
         return self._done_rows()
 
     def _done_rows(self):
-        """``{row: (boxes, scores)}`` of every readable row file; the others are removed (computed again)."""
+        """``{row: (boxes, scores, extra or None)}`` of every readable row file; the others are removed (computed
+        again)."""
         rows = {}
         try:
             names = sorted(os.listdir(self.rows_folder))
@@ -133,14 +134,16 @@ class RowStore:
                 rows[int(match.group(1))] = row
         return rows
 
-    def save(self, row, boxes, scores):
-        """Keep a finished row's raw detections (boxes N x 4 in base pixels, scores N)."""
+    def save(self, row, boxes, scores, extra=None):
+        """Keep a finished row's raw detections (boxes N x 4 in base pixels, scores N) and, when given, ``extra``: a
+        row of any plain numpy dtype per box (the detection loop's cell types); rows saved without it (every row of a
+        model without cell types, as before there were any) are read back with None."""
         try:
             os.makedirs(self.rows_folder, exist_ok=True)
         except OSError as exc:
             raise CellRCNNError(f'cannot keep partial results in {self.rows_folder}: {exc.strerror or exc}') from None
         with atomic_write(os.path.join(self.rows_folder, f'row_{row:05d}.npz'), 'partial results', binary=True) as f:
-            np.savez(f, boxes=boxes, scores=scores)
+            np.savez(f, boxes=boxes, scores=scores, **({} if extra is None else {'extra': extra}))
 
     def clear(self):
         """Remove this key's rows, once the run's outputs are written, and the resume folder when nothing else is left
@@ -161,18 +164,22 @@ def _read_manifest(path):
 
 
 def _read_row(path):
-    """``(boxes N x 4, scores N)`` as float32 from a row file, or None when it cannot be read whole."""
+    """``(boxes N x 4, scores N, extra N or None)`` from a row file (boxes and scores as float32), or None when it
+    cannot be read whole."""
     try:
         with np.load(path, allow_pickle=False) as data:
             boxes = np.asarray(data['boxes'], np.float32)
             scores = np.asarray(data['scores'], np.float32)
+            extra = data['extra'] if 'extra' in data.files else None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error):
         return None
     if boxes.ndim != 2 or boxes.shape[1] != 4 or scores.shape != (len(boxes),):
         return None
+    if extra is not None and (extra.ndim == 0 or len(extra) != len(boxes)):
+        return None
     if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
         return None
-    return boxes, scores
+    return boxes, scores, extra
 
 
 def _remove_old_layout(folder):

@@ -52,11 +52,29 @@ class ResultSettings:
     adapt_tiles: int = 0
     #: annotation element per nucleus: 'rectangle' or 'point'
     element: str = 'rectangle'
+    #: keep only nuclei of these cell types, names of the model's ``ModelConfig.cell_types`` (None: every nucleus)
+    classes: tuple | None = None
 
     def identity(self) -> dict:
         """The result settings as a plain dict (what run keys hash and annotations record); on a
-        :class:`DetectionSettings` too, only these."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ResultSettings)}
+        :class:`DetectionSettings` too, only these. ``classes`` is left out when None, so the identity of a run
+        without it is what it was before the setting existed."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ResultSettings)}
+        if values['classes'] is None:
+            del values['classes']
+        return values
+
+    def type_indices(self, cell_types: tuple) -> tuple | None:
+        """The indices into a model's ``cell_types`` of the types :attr:`classes` keeps, in the model's order (None:
+        no filter); a one-line CellRCNNError for a name the model does not have, or a model without cell types."""
+        if self.classes is None:
+            return None
+        if not cell_types:
+            raise CellRCNNError(f'classes {", ".join(self.classes)} asked for, but the model has no cell types')
+        unknown = [name for name in self.classes if name not in cell_types]
+        if unknown:
+            raise CellRCNNError(f'unknown class {unknown[0]!r}: the model\'s cell types are {", ".join(cell_types)}')
+        return tuple(i for i, name in enumerate(cell_types) if name in self.classes)
 
 
 @dataclass(frozen=True)
@@ -85,7 +103,9 @@ class DetectionSettings(ResultSettings):
         a one-line CellRCNNError. The values each may take are checked by the stage that uses them, once:
         ``tiling.tile_grid`` (tile size, overlap, minimum tissue), ``tiling.prefetch`` (reader threads),
         ``slide_adaptation.adapt_to_slide`` (adaptation tiles), the model's configuration (threshold, NMS, anchor
-        density), ``inference.Detector`` (batch size), ``slide.Slide`` (magnification, pixel size, ROI).
+        density), ``inference.Detector`` (batch size), ``slide.Slide`` (magnification, pixel size, ROI), the job
+        (the ``classes`` against the model's cell types: :meth:`type_indices`); ``classes`` must name distinct
+        types here.
         :returns: the settings."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -94,6 +114,9 @@ class DetectionSettings(ResultSettings):
             accepted, kind = _KINDS[_declared(f.type)]
             if isinstance(value, bool) or not isinstance(value, accepted):
                 raise CellRCNNError(f'{f.name} must be {kind}, not {repr(value)[:40]}')
+        if self.classes is not None and (not self.classes or len(set(self.classes)) != len(self.classes) or
+                                         not all(isinstance(name, str) and name for name in self.classes)):
+            raise CellRCNNError(f'classes must be distinct cell type names, not {repr(self.classes)[:40]}')
         return self
 
 

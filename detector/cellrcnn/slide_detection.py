@@ -33,9 +33,15 @@ if TYPE_CHECKING:  # a hint only: the loop runs any detector-like object (see de
 MAX_NUCLEUS_PX = 64
 
 
+#: a nucleus's cell type on its way through the merge and the resume rows (``StreamingNMS.add``'s ``extra``): its index
+#: into ``ModelConfig.cell_types`` and that type's probability
+CELL_TYPE = np.dtype([('index', np.int64), ('score', np.float32)])
+
+
 @dataclass
 class SlideDetections:
-    """Merged detections of a slide (boxes in base pixels) and what it took to get them."""
+    """Merged detections of a slide (boxes in base pixels) and what it took to get them. For a model with cell types,
+    each nucleus's type (an index into ``cell_type_names``) and its probability; else those are None and ()."""
 
     slide: Slide
     boxes: np.ndarray
@@ -43,44 +49,61 @@ class SlideDetections:
     #: the analysed region in analysis pixels: (x0, y0, x1, y1)
     analysis_bounds: tuple
     stats: dict = field(default_factory=dict)
+    #: int64 N: each nucleus's cell type, an index into ``cell_type_names`` (None: a model without cell types)
+    cell_types: np.ndarray | None = None
+    #: float32 N: the probability of that type
+    cell_type_scores: np.ndarray | None = None
+    #: the types reported, in the model's order: all of the model's, or those a ``classes`` filter keeps
+    cell_type_names: tuple = ()
+    #: their ``#rrggbb`` display colours (``ModelConfig.cell_type_colors``)
+    cell_type_colors: tuple = ()
+
+    def type_counts(self) -> dict[str, int]:
+        """``{type name: nuclei}`` in the model's order; empty for a model without cell types."""
+        if self.cell_types is None:
+            return {}
+        counts = np.bincount(self.cell_types, minlength=len(self.cell_type_names))
+        return {name: int(n) for name, n in zip(self.cell_type_names, counts)}
 
 
 class TileRows:
     """The tile rows of a grid on their way through the merge. Each row's raw detections are held until its last tile
     is in; then, in row order, the row is saved (to ``store``, a ``resume.RowStore``, when given) and the merge is
     promised that no more boxes come above the next row (``StreamingNMS.complete_up_to``), which lets it give up the
-    boxes it keeps there.
+    boxes it keeps there. With ``typed`` (a model with cell types) each box carries its :data:`CELL_TYPE` through.
 
     Rows that ``store`` holds from an earlier run of the same key and grid go to the merge first, from their raw
-    detections, and are not read again: :attr:`todo` is the tiles left to read (skipped tiles are never read)."""
+    detections, and are not read again: :attr:`todo` is the tiles left to read (skipped tiles are never read). A saved
+    row without cell types in a typed run (or with them in an untyped one) is read again."""
 
-    def __init__(self, tiles: 'list[Tile]', merger: StreamingNMS, store: 'RowStore | None' = None):
-        self.merger, self.store = merger, store
+    def __init__(self, tiles: 'list[Tile]', merger: StreamingNMS, store: 'RowStore | None' = None,
+                 typed: bool = False):
+        self.merger, self.store, self.typed = merger, store, typed
         self.rows = sorted({t.row for t in tiles})
         self.top = {r: min(t.base_y for t in tiles if t.row == r) for r in self.rows}
         # rows of this grid only; unreadable row files are computed again
         grid = {'rows': [[t.y, t.height] for t in tiles if t.col == 0],
                 'cols': [[t.x, t.width] for t in tiles if t.row == 0]}
         done = store.open(grid) if store is not None else {}
-        self.resumed = {r: rows for r, rows in done.items() if r in self.top}
+        self.resumed = {r: row for r, row in done.items() if r in self.top and _row_fits(row[2], typed)}
         self.todo = [t for t in tiles if t.row not in self.resumed and not t.skipped]
         self.unread = dict.fromkeys(self.rows, 0)
         for t in self.todo:
             self.unread[t.row] += 1
-        self.raw = {r: ([], []) for r in self.rows}
-        self.raw_count = sum(len(s) for _, s in self.resumed.values())
-        self.kept_boxes, self.kept_scores = [], []
+        self.raw = {r: ([], [], []) for r in self.rows}
+        self.raw_count = sum(len(row[1]) for row in self.resumed.values())
+        self.kept = ([], [], [])  # boxes, scores, cell types of the closed rows
         self.cursor = 0  # rows before it are closed
-        for boxes, scores in self.resumed.values():
-            merger.add(boxes, scores)
+        for boxes, scores, types in self.resumed.values():
+            merger.add(boxes, scores, types)
         self.close_finished()
 
-    def add(self, tile: 'Tile', boxes: np.ndarray, scores: np.ndarray) -> None:
-        """A tile's raw detections: float32 boxes in base pixels, and their scores."""
+    def add(self, tile: 'Tile', boxes: np.ndarray, scores: np.ndarray, types: np.ndarray | None = None) -> None:
+        """A tile's raw detections: float32 boxes in base pixels, their scores and (``typed``) :data:`CELL_TYPE`s."""
         self.raw_count += len(scores)
-        self.merger.add(boxes, scores)
-        self.raw[tile.row][0].append(boxes)
-        self.raw[tile.row][1].append(scores)
+        self.merger.add(boxes, scores, types)
+        for held, part in zip(self.raw[tile.row], (boxes, scores, types)):
+            held.append(part)
         self.unread[tile.row] -= 1
 
     def close_finished(self):
@@ -88,27 +111,41 @@ class TileRows:
         while self.cursor < len(self.rows) and self.unread[self.rows[self.cursor]] == 0:
             row = self.rows[self.cursor]
             if row not in self.resumed:
-                boxes, scores = self.raw.pop(row)
+                boxes, scores, types = self.raw.pop(row)
                 if self.store is not None:
                     self.store.save(row, np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
-                                    np.concatenate(scores) if scores else np.zeros(0, np.float32))
+                                    np.concatenate(scores) if scores else np.zeros(0, np.float32),
+                                    self._types(types))
             self.cursor += 1
             if self.cursor < len(self.rows):
-                boxes, scores, _ = self.merger.complete_up_to(self.top[self.rows[self.cursor]])
-                self.kept_boxes.append(boxes)
-                self.kept_scores.append(scores)
+                self._keep(self.merger.complete_up_to(self.top[self.rows[self.cursor]]))
 
-    def finish(self):
-        """``(boxes N x 4, scores N)``: every detection the merge keeps, once every row is in."""
-        boxes, scores, _ = self.merger.finish()
-        self.kept_boxes.append(boxes)
-        self.kept_scores.append(scores)
-        return np.concatenate(self.kept_boxes).reshape(-1, 4), np.concatenate(self.kept_scores)
+    def finish(self) -> tuple:
+        """``(boxes N x 4, scores N, CELL_TYPEs N or None)``: every detection the merge keeps, once every row is in."""
+        self._keep(self.merger.finish())
+        boxes, scores, types = self.kept
+        return np.concatenate(boxes).reshape(-1, 4), np.concatenate(scores), self._types(types)
+
+    def _keep(self, kept):
+        for held, part in zip(self.kept, kept):
+            held.append(part)
+
+    def _types(self, parts):
+        """The :data:`CELL_TYPE`s of ``parts`` (None where the merge had none to give) as one array; None untyped."""
+        if not self.typed:
+            return None
+        return np.concatenate([np.zeros(0, CELL_TYPE)] + [p for p in parts if p is not None])
+
+
+def _row_fits(types, typed):
+    """Whether a saved row's cell types (None: it has none) are what a run with(out) cell types merges."""
+    return types is not None and types.dtype == CELL_TYPE if typed else types is None
 
 
 def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap: int, min_tissue: float, workers: int,
                  roi: tuple | None = None, resume: 'RowStore | None' = None, progress: Progress | None = None,
-                 scheduler: str | None = None, adapt_tiles: int = 0) -> SlideDetections:
+                 scheduler: str | None = None, adapt_tiles: int = 0,
+                 keep_types: tuple | None = None) -> SlideDetections:
     """Detect nuclei over a slide (or a base-pixel ROI ``(x, y, w, h)``) with an ``inference.Detector``: tiles of at
     most ``tile_size`` analysis pixels sharing ``overlap`` (``tiling.tile_grid``), those with less tissue than
     ``min_tissue`` skipped, read by ``workers`` threads (``tiling.prefetch``).
@@ -120,8 +157,12 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
     run on the cluster's workers, each of which rebuilds the detector once from its ``spec`` (with this detector's
     BatchNorm statistics); the merge and the resume files stay here.
 
-    ``detector`` is anything with ``detect_tiles(images) -> [(boxes, scores), ...]`` (tile pixels), ``batch_size``,
-    ``device``, ``model`` (a ``model.CellRCNN``) and ``spec``: an ``inference.Detector``, normally.
+    ``detector`` is anything with ``detect_tiles_with_types(images) -> [{'boxes', 'scores', ...}, ...]`` (tile
+    pixels), ``batch_size``, ``device``, ``model`` (a ``model.CellRCNN``) and ``spec``: an ``inference.Detector``,
+    normally. For a model with cell types (``model.config.cell_types``) each kept nucleus keeps the type and
+    probability of its own raw detection; ``keep_types`` (indices into those types, in their order; None: all) keeps
+    only nuclei of those types, after the merge, and the result reports only them (``SlideDetections.cell_type_names``,
+    ``stats['cell_types']``: ``{name: count}``).
     ``progress``: a :class:`cellrcnn.progress.Progress` (default: none shown).
 
     ``resume``: the run's ``resume.RowStore`` (None: nothing is kept). The loop opens it for its tile grid, merges the
@@ -142,21 +183,28 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
         t0 = time.perf_counter()
         adapted = adapt_to_slide(slide, detector, tiles, adapt_tiles, workers)
         timing = {'adapt': time.perf_counter() - t0, 'read': 0.0, 'detect': 0.0, 'merge': 0.0}
-        rows = TileRows(tiles, StreamingNMS(detector.model.config.nms_thresh, MAX_NUCLEUS_PX * slide.scale), resume)
-        boxes, scores = _detect_rows(slide, detector, rows, workers, scheduler, timing, progress)
+        config = detector.model.config
+        rows = TileRows(tiles, StreamingNMS(config.nms_thresh, MAX_NUCLEUS_PX * slide.scale), resume,
+                        typed=bool(config.cell_types))
+        boxes, scores, types = _detect_rows(slide, detector, rows, workers, scheduler, timing, progress)
         order = np.lexsort((boxes[:, 0], boxes[:, 1]))  # reading order: top to bottom, left to right
         result = SlideDetections(slide, boxes[order], scores[order], slide.roi_to_analysis(roi))
+        if types is not None:
+            _add_cell_types(result, types[order], config, keep_types)
         result.stats = _stats(slide, tissue, tiles, rows, result, timing, mask_seconds,
                               time.perf_counter() - started, detector)
         result.stats['raw_detections'] = rows.raw_count
         result.stats['adapt_tiles'] = len(adapted)
+        if types is not None:
+            result.stats['cell_types'] = result.type_counts()
         return result
     finally:
         load_batchnorm_stats(detector.model, unadapted)
 
 
 def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress):
-    """Detect the tiles ``rows`` has left to read, batch by batch, into ``rows``; :returns: what the merge kept."""
+    """Detect the tiles ``rows`` has left to read, batch by batch, into ``rows``; :returns: what the merge kept
+    (``TileRows.finish``)."""
     bar = progress or Progress(mode='none')
     bar.start(len(rows.todo))
     if rows.resumed:
@@ -169,8 +217,12 @@ def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress):
         batches = local_batches(slide, detector, rows.todo, workers, timing)
     for batch, results in batches:
         t0 = time.perf_counter()
-        for tile, (boxes, scores) in zip(batch, results):
-            rows.add(tile, slide.to_base(boxes, tile).astype(np.float32), scores)
+        for tile, out in zip(batch, results):
+            types = None
+            if rows.typed:
+                types = np.zeros(len(out['scores']), CELL_TYPE)
+                types['index'], types['score'] = out['cell_types'], out['cell_type_scores']
+            rows.add(tile, slide.to_base(out['boxes'], tile).astype(np.float32), out['scores'], types)
         rows.close_finished()
         timing['merge'] += time.perf_counter() - t0
         bar.update(len(batch))
@@ -192,12 +244,28 @@ def local_batches(slide: Slide, detector: 'Detector', todo: 'list[Tile]', worker
             batch.append(item)
         if batch and (item is None or len(batch) == detector.batch_size):
             t0 = time.perf_counter()
-            results = detector.detect_tiles([image for _, image in batch])
+            results = detector.detect_tiles_with_types([image for _, image in batch])
             timing['detect'] += time.perf_counter() - t0
             yield [tile for tile, _ in batch], results
             batch = []
         if item is None:
             return
+
+
+def _add_cell_types(result, types, config, keep_types):
+    """Give ``result`` its nuclei's cell types (:data:`CELL_TYPE`s, one per box) and the model's names and colours;
+    with ``keep_types``, only the nuclei of those types stay, their indices counted among those types only."""
+    names, colors = config.cell_types, config.cell_type_colors
+    index = types['index']
+    if keep_types is not None:
+        keep = np.isin(index, keep_types)
+        result.boxes, result.scores, types = result.boxes[keep], result.scores[keep], types[keep]
+        renumber = np.zeros(len(names), np.int64)
+        renumber[list(keep_types)] = np.arange(len(keep_types))
+        index = renumber[types['index']]
+        names, colors = tuple(names[i] for i in keep_types), tuple(colors[i] for i in keep_types)
+    result.cell_types, result.cell_type_scores = index.astype(np.int64), types['score'].astype(np.float32)
+    result.cell_type_names, result.cell_type_colors = tuple(names), tuple(colors)
 
 
 def _stats(slide, tissue, tiles, rows, result, timing, mask_seconds, total, detector):
