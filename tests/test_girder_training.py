@@ -4,23 +4,30 @@
 Three synthetic slides with exact nuclei (``annotated_cohort`` in tests/support.py): 100 nuclei
 as rectangles inside a "region" rectangle on slide a, 100 as points on slide b, every nucleus of slide c (held out)
 as rectangles, and a decoy annotation of another name, in this module's own folder of the session's Girder
-(tests/conftest.py). Everything goes through Girder's REST API.
+(tests/conftest.py); the same nuclei with classes (``typed``) for the cell types. Everything goes through Girder's
+REST API.
 """
 
 import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 
-from cellrcnn.checkpoint import load_checkpoint
+from cellrcnn.annotation import annotation_to_nuclei
+from cellrcnn.annotation_classes import type_colors, typed_config
+from cellrcnn.checkpoint import load_checkpoint, load_model
+from cellrcnn.config import ModelConfig
 from cellrcnn.devstack.local_girder import girder_python
 from cellrcnn.errors import CellRCNNError
-from cellrcnn.girder_training import holdout_count, train_from_girder
+from cellrcnn.girder_training import holdout_count, train_from_girder, training_summary_lines
+from cellrcnn.labelled_slides import find_labelled_slides
 from cellrcnn.metrics import evaluate
 from cellrcnn.settings import AnnotationTrainingSettings
+from cellrcnn.train import CELL_TYPE_PALETTE, TrainConfig
 from support import annotated_cohort
 
 PYTHON, WHY_NOT = girder_python()
@@ -170,3 +177,101 @@ def test_a_region_drawn_with_many_vertices_is_cheap_to_test_nuclei_against():
     expected = (distance < 3000) | ((centres < 500).all(axis=1))
     near_edge = np.abs(distance - 3000) < 1  # the polygon is a 20 000-gon, not the circle
     assert inside.dtype == bool and (inside == expected)[~near_edge].all() and inside.sum() > 50_000
+
+
+# --------------------------------------------------------------------------- cell types
+
+
+@pytest.fixture(scope='module')
+def typed(server, cohort):
+    """The cohort's annotated nuclei posted again with a class by size ('small' below the median side, else 'big'):
+    as one annotation ``typed`` whose rectangles have the label 'S' or 'B' and the style group 'small' or 'big', and
+    as one annotation per class, named 'small' and 'big'. Small nuclei are drawn red, big ones in two colours.
+    :returns: ``{file name: class per annotated nucleus}``."""
+    gc = server.client()
+    every = np.concatenate([c['boxes'] for c in cohort.values()])
+    cut = np.median(np.sqrt(np.prod(every[:, 2:] - every[:, :2], axis=1)))
+    classes = {}
+    for filename, c in cohort.items():
+        names = np.where(np.sqrt(np.prod(c['boxes'][:, 2:] - c['boxes'][:, :2], axis=1)) < cut, 'small', 'big')
+        elements = [{'type': 'rectangle', 'center': [(x1 + x2) / 2, (y1 + y2) / 2, 0], 'width': x2 - x1,
+                     'height': y2 - y1, 'rotation': 0, 'label': {'value': name[0].upper()}, 'group': str(name),
+                     'lineColor': 'rgb(255,0,0)' if name == 'small' else ('#00ff00', '#0000ff')[i % 2]}
+                    for i, ((x1, y1, x2, y2), name) in enumerate(zip(c['boxes'].tolist(), names))]
+        gc.post('annotation', parameters={'itemId': c['item_id']}, json={'name': 'typed', 'elements': elements})
+        for name in ('small', 'big'):
+            gc.post('annotation', parameters={'itemId': c['item_id']},
+                    json={'name': name, 'elements': [e for e, n in zip(elements, names) if n == name]})
+        classes[filename] = names
+    return classes
+
+
+@girder
+@pytest.mark.parametrize('class_from, small, big', [('label', 'S', 'B'), ('group', 'small', 'big')])
+def test_a_nucleus_class_is_its_label_or_its_group(server, typed, class_from, small, big):
+    slides = find_labelled_slides(server.api_url, server.token, server.folder_id, 'typed', class_from=class_from)
+    assert {s.name: s.classes.tolist() for s in slides} == {
+        name: np.where(classes == 'small', small, big).tolist() for name, classes in typed.items()}
+
+
+@girder
+def test_cell_types_learnt_from_one_annotation_per_type(server, typed, tmp_path):
+    """Classes from annotation names, no --annotation-name: the model carries the types, their labels and colours;
+    the held-out slide is measured per type (counts, confusion) and the card and the summary say so."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = train_from_girder(server.api_url, server.token, server.folder_id, None, str(tmp_path),
+                                   AnnotationTrainingSettings(steps=4, batch_size=2, device='cpu',
+                                                              cell_types=('small', 'large=big'),
+                                                              class_from='annotation'))
+    finally:
+        torch.set_num_threads(threads)
+    config = load_model(result.model_path).config
+    assert config.cell_types == ('small', 'large') and config.cell_type_labels == ((), ('big',))
+    assert config.cell_type_colors == ('#ff0000', CELL_TYPE_PALETTE[1])  # big nuclei were drawn in two colours
+    held = typed['c_heldout.tiff']
+    m = result.class_metrics
+    assert [t['tp'] + t['fn'] for t in m['types']] == [(held == 'small').sum(), (held == 'big').sum()]
+    assert len(m['confusion']) == 3 and sum(map(sum, m['confusion'][:2])) == result.metrics['n_gt'] == len(held)
+    assert load_checkpoint(result.model_path)['held_out_cell_types'] == m
+    trained = np.concatenate([typed['a_rectangles.tiff'], typed['b_points.tiff']])
+    card = open(result.card_path).read()
+    assert result.model_path.endswith('cellrcnn-small-large.pt') and "**'small'** or **'large'** or **'big'**" in card
+    assert (f"| small | small | `#ff0000` | {(trained == 'small').sum()} | {(held == 'small').sum()} | "
+            f"{m['types'][0]['precision']:.3f} | {m['types'][0]['recall']:.3f} | **{m['types'][0]['f1']:.3f}** |"
+            ) in card
+    assert f"| large | large, big | `{CELL_TYPE_PALETTE[1]}` | {(trained == 'big').sum()} |" in card
+    assert '| truth \\ detected | small | large | missed |' in card
+    assert f"| no nucleus | {' | '.join(map(str, m['confusion'][2]))} |" in card
+    lines = training_summary_lines(result)
+    assert 'held-out cell types:' in lines and any(line.startswith('small ') for line in lines)
+
+
+@girder
+def test_bad_cell_types_are_one_line_before_anything_is_downloaded(server, typed, tmp_path):
+    cases = [({'cell_types': ('small', 'big')}, "no annotated nucleus of cell type 'small', 'big' on the training "
+                                                "slides (class from label); classes there: 'B' ("),  # labels: S, B
+             ({'cell_types': ('small',), 'class_from': 'colour'}, "not 'colour'"),
+             ({'class_from': 'annotation'}, 'need --cell-types')]
+    for options, words in cases:
+        with pytest.raises(CellRCNNError) as info:
+            train_from_girder(server.api_url, server.token, server.folder_id, 'typed', str(tmp_path),
+                              AnnotationTrainingSettings(steps=1, **options))
+        assert words in str(info.value) and '\n' not in str(info.value), str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_colours_of_cell_types_come_from_their_nuclei_when_they_agree():
+    doc = {'name': 'tumour', 'elements': [
+        {'type': 'point', 'center': [5, 5, 0], 'label': {'value': 'T'}, 'group': 'g', 'lineColor': 'rgb(0,128,255)'},
+        {'type': 'circle', 'center': [9, 9, 0], 'radius': 2, 'group': 'g', 'lineColor': '#0080ff'},
+        {'type': 'rectangle', 'center': [20, 9, 0], 'width': 4, 'height': 4, 'lineColor': '#0f0'}]}
+    assert [annotation_to_nuclei(doc, class_from=c)['classes'] for c in ('label', 'group', 'annotation')] == [
+        ['T', 'g', None], ['g', 'g', None], ['tumour'] * 3]
+    nuclei = annotation_to_nuclei(doc, class_from='group')
+    slide = types.SimpleNamespace(classes=nuclei['classes'], colors=nuclei['colors'])
+    config = typed_config(ModelConfig(), TrainConfig(cell_types=('g', 'other')), 'group')
+    assert type_colors([slide], config) == ('#0080ff', CELL_TYPE_PALETTE[1])

@@ -4,7 +4,7 @@ import torch
 
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.model import to_tensor
-from cellrcnn.samples import Augmenter, TileDataset, keep_inside, read_image
+from cellrcnn.samples import Augmenter, TileDataset, read_image, visible_boxes
 
 
 def dark_squares_image(size=96):
@@ -54,10 +54,11 @@ def test_stain_jitter_changes_colour_but_is_reproducible():
     assert np.abs(a.astype(int) - c.astype(int)).mean() > 1
 
 
-def test_keep_inside_drops_boxes_mostly_outside():
+def test_visible_boxes_drops_boxes_mostly_outside():
     boxes = np.array([[-4, 0, 6, 10], [-8, 0, 2, 10], [5, 5, 15, 15], [20, 20, 30, 30]], np.float32)
-    kept = keep_inside(boxes, 16, 16)
-    np.testing.assert_array_equal(kept, [[0, 0, 6, 10], [5, 5, 15, 15]])
+    clipped, kept = visible_boxes(boxes, 16, 16)
+    assert kept.tolist() == [True, False, True, False]
+    np.testing.assert_array_equal(clipped[kept], [[0, 0, 6, 10], [5, 5, 15, 15]])
 
 
 def test_dataset_yields_model_inputs(rng):

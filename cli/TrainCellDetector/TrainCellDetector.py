@@ -18,11 +18,14 @@ from cellrcnn.settings import AnnotationTrainingSettings
 
 
 def settings_from(args):
-    """slicer_cli_web's arguments (an empty init_model: the bundled model) as AnnotationTrainingSettings."""
+    """slicer_cli_web's arguments (an empty init_model: the bundled model; cell_types: comma-separated) as
+    AnnotationTrainingSettings."""
     return AnnotationTrainingSettings(
         region_label=args.region_label, point_size_um=args.point_size, holdout=args.holdout, steps=args.steps,
         batch_size=args.batch_size, lr=args.learning_rate, init=args.init_model or None,
-        from_scratch=args.from_scratch, device=args.device)
+        from_scratch=args.from_scratch, device=args.device,
+        cell_types=tuple(t.strip() for t in (args.cell_types or '').split(',') if t.strip()),
+        class_from=args.class_from)
 
 
 def main(args):

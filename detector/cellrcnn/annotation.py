@@ -34,6 +34,8 @@ _COLOR_RE = re.compile(r'^(#[0-9a-fA-F]{3,6}|rgb\(\d+,\s*\d+,\s*\d+\)|'
 
 _WRITE_TYPES = ('rectangle', 'point')
 _READ_TYPES = ('rectangle', 'point', 'polyline', 'circle', 'ellipse')
+#: where :func:`annotation_to_nuclei` takes a nucleus' class from
+CLASS_SOURCES = ('label', 'group', 'annotation')
 
 
 def _check_color(value, what):
@@ -352,27 +354,47 @@ def annotation_to_detections(doc, element_types=('rectangle', 'point'), point_bo
     return {'boxes': arr, 'scores': np.asarray(scores, dtype=np.float32), 'classes': classes}
 
 
-def annotation_to_nuclei(doc, element_types=_READ_TYPES, name=None):
+def class_source(class_from):
+    """``class_from`` when it is one of :data:`CLASS_SOURCES`, else a one-line CellRCNNError."""
+    if class_from not in CLASS_SOURCES:
+        raise CellRCNNError(f'the class of a nucleus comes from its {", its ".join(CLASS_SOURCES[:-1])} or its '
+                            f'{CLASS_SOURCES[-1]}, not {class_from!r}')
+    return class_from
+
+
+def _nucleus_class(d, el, class_from):
+    """The class of element ``el`` of document ``d`` by ``class_from`` (:func:`annotation_to_nuclei`), or None."""
+    if class_from == 'annotation':
+        return str(d['name']) if d.get('name') else None
+    group = str(el['group']) if el.get('group') else None
+    return group if class_from == 'group' else _element_class(el) or group
+
+
+def annotation_to_nuclei(doc, element_types=_READ_TYPES, name=None, class_from='label'):
     """Nuclei of DSA annotation documents as :mod:`cellrcnn.labels` takes them: points need no box size.
 
     :param doc, element_types, name: as :func:`annotation_to_boxes`, but every readable type by default.
+    :param class_from: where a nucleus' class comes from (:data:`CLASS_SOURCES`): ``label`` (``user.class``, else
+        the label value, else the element's ``group``), ``group`` (the ``group`` only) or ``annotation`` (the name of
+        the annotation holding it).
     :returns: dict with ``points`` (float32 N x 2: a point element's position, else the centre of the element's
         box), ``boxes`` (float32 N x 4 as :func:`annotation_to_boxes`; a row of NaN for a point element, which has
-        no extent) and ``classes`` (N strings or None: ``user.class``, else the label value, else the element's
-        ``group``, else None). Coordinates are the document's (base-level slide pixels).
+        no extent), ``classes`` (N strings or None) and ``colors`` (N ``lineColor`` values or None). Coordinates are
+        the document's (base-level slide pixels).
     """
-    geometry, classes, is_point = [], [], []
+    class_source(class_from)
+    geometry, classes, colors, is_point = [], [], [], []
     for d, ei, el in _iter_elements(doc, element_types, name):
         geometry.append(_geometry(d, ei, el, float('nan')))
-        group = el.get('group')
-        classes.append(_element_class(el) or (str(group) if group else None))
+        classes.append(_nucleus_class(d, el, class_from))
+        colors.append(el.get('lineColor'))
         is_point.append(el['type'] == 'point')
     geometry = np.asarray(geometry, dtype=np.float64).reshape(-1, 6)
     boxes = _bounding_boxes(geometry).astype(np.float32)
     points = geometry[:, :2].astype(np.float32)
     if not (np.isfinite(points).all() and np.isfinite(boxes[~np.asarray(is_point, bool)]).all()):
         raise CellRCNNError('annotation holds non-finite coordinates')
-    return {'points': points, 'boxes': boxes, 'classes': classes}
+    return {'points': points, 'boxes': boxes, 'classes': classes, 'colors': colors}
 
 
 # --------------------------------------------------------------------------- files

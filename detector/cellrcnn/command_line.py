@@ -8,6 +8,7 @@ import os
 import sys
 
 from . import __version__, commands
+from .annotation import CLASS_SOURCES
 from .errors import CellRCNNError
 from .progress import MODES
 from .settings import AnnotationTrainingSettings, DetectionSettings
@@ -199,9 +200,16 @@ def _add_train_girder(sub):
     p.add_argument('-o', '--output', required=True, help='local folder: downloaded slides, NAME.pt and NAME.md')
     _add_server_options(p, required=True)
     p.add_argument('--folder', dest='girder_folder', required=True, help='id of the Girder folder of slides')
-    p.add_argument('--annotation-name', dest='annotation_name', required=True,
-                   help='name of the annotations that hold the nuclei (rectangles or points)')
+    p.add_argument('--annotation-name', dest='annotation_name',
+                   help='name of the annotations that hold the nuclei (rectangles or points); may be left out with '
+                        '--class-from annotation')
     t = AnnotationTrainingSettings
+    p.add_argument('--cell-types', dest='cell_types', nargs='+', metavar='NAME[=LABEL+LABEL]',
+                   help="learn a cell-type classifier for these types; LABELs: the nuclei's classes meaning NAME "
+                        '(default: no classifier, or the starting model\'s own types)')
+    p.add_argument('--class-from', dest='class_from', choices=CLASS_SOURCES, default=t.class_from,
+                   help=f"a nucleus' class: its label (else its style group), its group, or the name of its "
+                        f'annotation (then the types name the annotations to read); default {t.class_from}')
     p.add_argument('--region-label', dest='region_label', default=t.region_label,
                    help='label of the rectangles/polygons that outline the annotated region (default: '
                         f'{t.region_label}; without one, the bounding box of the nuclei)')
@@ -218,7 +226,8 @@ def _add_train_girder(sub):
                    help="train from random weights (with --init's configuration) instead of fine-tuning")
     p.add_argument('--output-folder', dest='output_folder',
                    help='id of a Girder folder to upload the model and its card to')
-    p.add_argument('--name', help='model file name without .pt (default: cellrcnn-ANNOTATION_NAME)')
+    p.add_argument('--name', help='model file name without .pt (default: cellrcnn-ANNOTATION_NAME, else '
+                                  'cellrcnn-TYPE-TYPE...)')
     p.add_argument('--device', default=t.device)
     p.set_defaults(run=commands.run_train_girder)
 

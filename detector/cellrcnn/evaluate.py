@@ -18,7 +18,7 @@ def predict_samples(model, samples, device='auto', batch_size=8):
     """All detections above the box head's low score floor, per sample, and the seconds inference took."""
     detector = Detector(model, device, batch_size, threshold=model.config.box_score_thresh)
     started = time.perf_counter()
-    outputs = detector.detect_tiles([image for image, _ in samples])
+    outputs = detector.detect_tiles([image for image, *_ in samples])
     seconds = time.perf_counter() - started
     return [{'boxes': b, 'scores': s} for b, s in outputs], seconds
 
@@ -28,8 +28,8 @@ def evaluate_model(model, samples, device='auto', batch_size=8, threshold=None, 
     box sides (px) between small, medium and large nuclei."""
     predictions, seconds = predict_samples(model, samples, device, batch_size)
     threshold = model.config.threshold if threshold is None else threshold
-    metrics = evaluate(predictions, [boxes for _, boxes in samples], threshold=threshold, size_bins=size_bins)
-    megapixels = sum(image.shape[0] * image.shape[1] for image, _ in samples) / 1e6
+    metrics = evaluate(predictions, [boxes for _, boxes, *_ in samples], threshold=threshold, size_bins=size_bins)
+    megapixels = sum(image.shape[0] * image.shape[1] for image, *_ in samples) / 1e6
     metrics['seconds'] = seconds
     metrics['megapixels_per_second'] = megapixels / seconds if seconds else float('nan')
     return metrics
@@ -38,7 +38,7 @@ def evaluate_model(model, samples, device='auto', batch_size=8, threshold=None, 
 def calibrate_threshold(model, samples, device='auto', batch_size=8):
     """Set the model's operating point to the score threshold that maximises F1 on ``samples``."""
     predictions, _ = predict_samples(model, samples, device, batch_size)
-    threshold, f1, _, _ = best_f1_threshold(predictions, [boxes for _, boxes in samples])
+    threshold, f1, _, _ = best_f1_threshold(predictions, [boxes for _, boxes, *_ in samples])
     model.config = dataclasses.replace(model.config, threshold=float(threshold))  # a new config, not an edit
     return threshold, f1
 

@@ -4,26 +4,31 @@ The flow (:func:`train_from_girder`; ``cellrcnn train-girder`` and the ``TrainCe
 to 3 are :mod:`cellrcnn.labelled_slides`):
 
 1. **Labelled slides**: every large-image item of the folder (and its subfolders) whose annotations include one named
-   ``annotation_name``. Its rectangles, points, ellipses, circles and closed polygons are the nuclei; every other
-   annotation (another name) is ignored. On training slides a point gets the box of the starting model's detection
-   under it (:func:`size_points`), else a square of ``point_size_um``.
+   ``annotation_name`` (and, when classes come from annotation names, the cell types' names). Its rectangles,
+   points, ellipses, circles and closed polygons are the nuclei; every other annotation (another name) is ignored.
+   On training slides a point gets the box of the starting model's detection under it (:func:`size_points`), else a
+   square of ``point_size_um``. With cell types (``settings.cell_types``), each nucleus' class (its label or style
+   group, or its annotation's name: ``settings.class_from``) names its type, or none
+   (:mod:`cellrcnn.annotation_classes`).
 2. **The annotated region**: only the part of a slide the annotator covered becomes training data, so that the cells
    nobody annotated are never taught as background. The region is the union of the annotation's rectangles and
    closed polygons labelled (or grouped as) ``region_label`` (default ``region``); without one it is the bounding
    box of the annotated nuclei. Pixels inside the region's bounding box but outside its shapes are painted white
    (glass), and only the nuclei whose centre lies inside the region are kept.
 3. **Samples**: the region is read at the model's resolution (``model.config.mpp``) with :class:`cellrcnn.slide.Slide`
-   and cut into tiles, with the nuclei mapped from base pixels onto each tile: the ``(image, boxes)`` samples that
-   :func:`cellrcnn.train.train` and :func:`cellrcnn.evaluate.evaluate_model` take.
+   and cut into tiles, with the nuclei mapped from base pixels onto each tile: the samples (``(image, boxes)``, with
+   cell types four-part, :mod:`cellrcnn.samples`) that :func:`cellrcnn.train.train` and
+   :func:`cellrcnn.evaluate.evaluate_model` take.
 4. **Held-out slides**: the last ``holdout`` labelled slides in path order (a count, or a fraction of the labelled
    slides; at least one, and at least one slide is left to train on) are never trained on and give the reported
    figures. The operating point (score threshold) is calibrated on the *training* slides' tiles, never on the
-   held-out ones, so the held-out figures are an honest estimate.
+   held-out ones, so the held-out figures are an honest estimate. A model with cell types is also measured per type
+   (centroid matching, :func:`cellrcnn.evaluate.evaluate_records`), with the confusion matrix.
 5. **Training**: fine-tunes ``init`` (default: the bundled model) or, with ``from_scratch``, trains a new model of the
    same configuration, with :func:`cellrcnn.train.train` (augmentation, schedule, PreciseBN).
 6. **Outputs**: ``NAME.pt`` (float16, held-out metrics inside) and ``NAME.md`` (its model card: data, settings,
-   held-out figures, date, cellrcnn version) in the output folder, and uploaded to a Girder folder when one is given.
-   The ``.pt`` file is what ``cellrcnn detect --model`` and the CellDetection task's model parameter take.
+   cell types, held-out figures, date, cellrcnn version) in the output folder, and uploaded to a Girder folder when
+   one is given. The ``.pt`` file is what ``cellrcnn detect --model`` and the CellDetection task's model parameter take.
 """
 
 import dataclasses
@@ -55,6 +60,10 @@ class TrainingResult:
     train_f1: float  #: F1 on the training tiles at the chosen threshold (optimistic by construction)
     seconds: dict = field(default_factory=dict)
     uploaded: list = field(default_factory=list)  #: Girder files (dicts) of the model and its card
+    model_config: object = None  #: the trained model's ``ModelConfig`` (its cell types, operating point)
+    #: held-out centroid figures per cell type and the confusion matrix (``point_metrics.centroid_metrics``; None
+    #: for a model without cell types)
+    class_metrics: dict = None
 
 
 def size_points(model, slide, labelled, tiles, device='auto'):
@@ -120,6 +129,9 @@ def _figures(metrics):
 
 def model_card(name, settings, result, folder_id, api_url):
     """The model card of a model trained by :func:`train_from_girder`, as markdown."""
+    from .annotation_classes import card_lines
+    from .evaluate import CENTROID_RADIUS_UM
+
     s = settings
     slide_rows = '\n'.join(
         f"| {sl.path} | {'held out' if sl in result.heldout_slides else 'training'} | {sl.cells} | "
@@ -136,14 +148,16 @@ def model_card(name, settings, result, folder_id, api_url):
         f'Nucleus detector trained by `cellrcnn train-girder` (cellrcnn {__version__}) on '
         f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.", '',
         '## Data',
-        f"- Annotations named **{s['annotation_name']!r}** on the slides of Girder folder `{folder_id}` "
+        f"- Annotations named {' or '.join(f'**{n!r}**' for n in s['annotation_names'])} on the slides of Girder "
+        f"folder `{folder_id}` "
         f'({api_url}); region label {s["region_label"]!r}; points the starting model found no '
         f'nucleus under became {s["point_size_um"]:g} µm squares.',
         f'- {len(result.train_slides)} training slide(s) with {sum(x.cells for x in result.train_slides)} nuclei, '
         f'{len(result.heldout_slides)} held-out slide(s) with {sum(x.cells for x in result.heldout_slides)} '
         f"nuclei; read at {s['mpp']:g} µm/px.", '',
         '| slide | use | nuclei | annotated as | region |', '|---|---|---|---|---|', slide_rows, '',
-        'Every annotation of that name on those slides was used, whoever made it:', '',
+        f"Every annotation of {'that name' if len(s['annotation_names']) == 1 else 'those names'} on those slides "
+        'was used, whoever made it:', '',
         '| slide | annotation | made by |', '|---|---|---|', annotation_rows, '',
         '## Settings',
         f"- Start: {start}.",
@@ -170,6 +184,10 @@ def model_card(name, settings, result, folder_id, api_url):
               '- Not a medical device; not for diagnosis.', '',
               f'Use it: `cellrcnn detect SLIDE -o OUT --model {name}.pt`, or pick the file as the Model of the '
               'CellDetection task.', '']
+    if result.class_metrics is not None:
+        at = lines.index('## Limits')
+        lines[at:at] = card_lines(result.model_config, s['class_from'], result.class_metrics, result.train_slides,
+                                  result.heldout_slides, CENTROID_RADIUS_UM)
     return '\n'.join(lines)
 
 
@@ -182,16 +200,20 @@ def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, setti
     write ``out_dir/NAME.pt`` and ``out_dir/NAME.md`` and upload both to ``output_folder`` (a Girder folder id) when
     given. See the module's docstring for the steps.
 
+    :param annotation_name: the annotations that hold the nuclei (None: only the cell types' annotations, with
+        ``class_from='annotation'``).
     :param settings: :class:`cellrcnn.settings.AnnotationTrainingSettings`: the starting model (``init``, whose
         configuration and resolution are kept; ``from_scratch``: only its configuration), the held-out slides
-        (``holdout``: a count, or a fraction of the labelled slides), the training steps and rates.
+        (``holdout``: a count, or a fraction of the labelled slides), the training steps and rates, the cell types
+        and where a nucleus' class comes from (:mod:`cellrcnn.annotation_classes`).
     :param size_point_boxes: give each point the box of the starting model's detection under it
         (:func:`size_points`), else a ``point_size_um`` square.
     :param progress: a :class:`cellrcnn.progress.Progress`, given the percentage done and a line per step.
     :returns: a :class:`TrainingResult`.
     """
+    from .annotation_classes import annotation_names, heldout_records, typed_config
     from .checkpoint import BUNDLED_MODEL, load_model
-    from .evaluate import calibrate_threshold, evaluate_model
+    from .evaluate import calibrate_threshold, evaluate_model, evaluate_records
     from .girder_api import upload_files
     from .train import TrainConfig, train
 
@@ -201,21 +223,26 @@ def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, setti
     steps, from_scratch = st.steps, st.from_scratch
     init = st.init or BUNDLED_MODEL
     base = load_model(init)  # checked before anything is downloaded
-    name = _slug(name or f'cellrcnn-{annotation_name}')
     warmup = min(steps // 10, 200) if warmup_steps is None else warmup_steps
     cfg = TrainConfig(steps=steps, batch_size=st.batch_size, lr=st.lr, warmup_steps=warmup, tile_size=tile_size,
-                      seed=st.seed, workers=workers, checkpoint_every=max(steps, 1)).validate()
+                      seed=st.seed, workers=workers, checkpoint_every=max(steps, 1),
+                      cell_types=tuple(st.cell_types)).validate()
+    typed = typed_config(base.config, cfg, st.class_from)
+    names = annotation_names(annotation_name, typed, st.class_from)
+    name = _slug(name or f'cellrcnn-{annotation_name or "-".join(typed.cell_types)}')
     if output_folder:  # fail before hours of training, not after
         _check_output_folder(api_url, token, output_folder)
     timings = {}
     started = time.perf_counter()
 
     advance(1, 'finding annotated slides')
-    slides = find_labelled_slides(api_url, token, folder_id, annotation_name, st.region_label, progress=progress)
+    slides = find_labelled_slides(api_url, token, folder_id, names, st.region_label, st.class_from, progress)
     n_held = holdout_count(st.holdout, len(slides))
     train_slides, heldout_slides = slides[:-n_held], slides[-n_held:]
+    cfg = _with_cell_types(cfg, typed, st.class_from, train_slides, slides)
+    type_index = typed.cell_type_index() if typed.cell_types else None
     train_samples, heldout_samples = _read_samples(api_url, token, slides, heldout_slides, base, out_dir, st,
-                                                   size_point_boxes, sample_size, advance, say)
+                                                   size_point_boxes, sample_size, type_index, advance, say)
     timings['data'] = time.perf_counter() - started
 
     advance(20, 'evaluating the starting model')
@@ -237,8 +264,11 @@ def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, setti
     metrics = evaluate_model(model, heldout_samples, device=st.device)
     result = TrainingResult(os.path.join(out_dir, f'{name}.pt'), os.path.join(out_dir, f'{name}.md'),
                             train_slides, heldout_slides, metrics, initial, float(threshold), float(train_f1),
-                            timings)
-    _write_model(result, model, cfg, name, st, init, base.config.mpp, annotation_name, folder_id, api_url)
+                            timings, model_config=model.config)
+    if model.config.cell_types:
+        result.class_metrics = evaluate_records(model, heldout_records(heldout_samples, model.config),
+                                                device=st.device)['centroid']
+    _write_model(result, model, cfg, name, st, init, base.config.mpp, names, folder_id, api_url)
     if output_folder:
         advance(95, 'uploading the model and its card')
         result.uploaded = upload_files(api_url, token, output_folder, [result.model_path, result.card_path])
@@ -247,6 +277,18 @@ def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, setti
     if progress is not None:
         progress.finish()
     return result
+
+
+def _with_cell_types(cfg, typed, class_from, train_slides, slides):
+    """``cfg`` (``train.TrainConfig``) with the colours of the cell types it asks for (the ``lineColor`` their nuclei
+    share on ``slides``, else the palette's), after checking that each has nuclei on the training slides; ``cfg``
+    itself when it asks for none (``typed``: :func:`cellrcnn.annotation_classes.typed_config`)."""
+    from .annotation_classes import check_examples, type_colors
+
+    if not cfg.cell_types:
+        return cfg
+    check_examples(train_slides, typed, class_from)
+    return dataclasses.replace(cfg, cell_type_colors=type_colors(slides, typed))
 
 
 def _percent_done(progress):
@@ -277,10 +319,10 @@ def _check_output_folder(api_url, token, folder_id):
 
 
 def _read_samples(api_url, token, slides, heldout_slides, base, out_dir, settings, size_point_boxes, sample_size,
-                  advance, say):
+                  type_index, advance, say):
     """Download each labelled slide into ``out_dir/slides`` (kept for the next run), read its annotated region at
-    the starting model ``base``'s resolution and cut it into samples. :returns: ``(train_samples,
-    heldout_samples)``."""
+    the starting model ``base``'s resolution and cut it into samples (with cell types by ``type_index``:
+    :func:`cellrcnn.labelled_slides.region_samples`). :returns: ``(train_samples, heldout_samples)``."""
     from .girder_api import download_file
     from .slide import Slide, magnification_from_mpp
 
@@ -301,7 +343,7 @@ def _read_samples(api_url, token, slides, heldout_slides, base, out_dir, setting
         tiles = region_tiles(slide, labelled, tile_size=1024 if held else sample_size, overlap=0 if held else 64)
         if size_point_boxes and not held:  # held-out annotations stay as drawn: no help from the starting model
             labelled.points_sized = size_points(base, slide, labelled, tiles, st.device)
-        samples = region_samples(tiles, labelled)
+        samples = region_samples(tiles, labelled, type_index)
         (heldout_samples if held else train_samples).extend(samples)
         sized = f', {labelled.points_sized} points sized by the starting model' if labelled.points_sized else ''
         say(f'{labelled.path}: {labelled.cells} nuclei ({", ".join(f"{k} {v}" for k, v in labelled.elements.items())}'
@@ -310,20 +352,22 @@ def _read_samples(api_url, token, slides, heldout_slides, base, out_dir, setting
     return train_samples, heldout_samples
 
 
-def _write_model(result, model, cfg, name, settings, init, mpp, annotation_name, folder_id, api_url):
+def _write_model(result, model, cfg, name, settings, init, mpp, annotation_names, folder_id, api_url):
     """Write the trained model (float16, with its held-out metrics and what it was trained on) and its card."""
     from .checkpoint import save_checkpoint
     from .devices import resolve_device
 
     st, from_scratch = settings, settings.from_scratch
     train_slides, heldout_slides = result.train_slides, result.heldout_slides
-    card_settings = {**dataclasses.asdict(cfg), 'annotation_name': annotation_name, 'region_label': st.region_label,
-                     'point_size_um': st.point_size_um, 'mpp': mpp, 'from_scratch': bool(from_scratch),
-                     'init_name': os.path.basename(init), 'device': str(resolve_device(st.device))}
+    card_settings = {**dataclasses.asdict(cfg), 'annotation_names': annotation_names, 'class_from': st.class_from,
+                     'region_label': st.region_label, 'point_size_um': st.point_size_um, 'mpp': mpp,
+                     'from_scratch': bool(from_scratch), 'init_name': os.path.basename(init),
+                     'device': str(resolve_device(st.device))}
     numbers = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     save_checkpoint(result.model_path, model, half=True, train_config=dataclasses.asdict(cfg),
-                    validation=numbers, training_data={
-                        'girder_folder': folder_id, 'annotation_name': annotation_name,
+                    validation=numbers, held_out_cell_types=result.class_metrics, training_data={
+                        'girder_folder': folder_id, 'annotation_names': list(annotation_names),
+                        'class_from': st.class_from,
                         'train_slides': [s.path for s in train_slides],
                         'heldout_slides': [s.path for s in heldout_slides],
                         'train_cells': sum(s.cells for s in train_slides),
@@ -338,6 +382,8 @@ def _write_model(result, model, cfg, name, settings, init, mpp, annotation_name,
 def training_summary_lines(result):
     """What a person reads at the end of a training run: the slides, the operating point, the held-out figures and
     the files written and uploaded."""
+    from .point_metrics import format_centroid_report
+
     m = result.metrics
     lines = [f'trained on {len(result.train_slides)} slide(s), {sum(s.cells for s in result.train_slides)} nuclei; '
              f'held out {", ".join(s.path for s in result.heldout_slides)} '
@@ -349,6 +395,9 @@ def training_summary_lines(result):
         i = result.initial_metrics
         lines.append(f'starting model on the same slides: precision {i["precision"]:.3f}  recall {i["recall"]:.3f}  '
                      f'F1 {i["f1"]:.3f}')
+    if result.class_metrics is not None:
+        lines += ['held-out cell types:',
+                  *format_centroid_report(result.class_metrics, result.model_config.cell_types).splitlines()]
     lines.append(f'wrote {result.model_path} and {result.card_path}')
     for file in result.uploaded:
         lines.append(f'uploaded {file["name"]} to Girder as file {file["_id"]} (item {file["itemId"]})')

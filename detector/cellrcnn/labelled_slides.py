@@ -1,7 +1,7 @@
 """Labelled slides on Girder and the training samples of their annotated regions: steps 1 to 3 of the flow that
 :mod:`cellrcnn.girder_training` describes. :func:`find_labelled_slides` finds the slides that carry the named
-annotation, :func:`prepare_slide` turns its nuclei into boxes inside the annotated region, and :func:`region_tiles`
-and :func:`region_samples` cut that region into ``(image, boxes)`` samples.
+annotations and reads their nuclei (and classes) inside the annotated region, :func:`prepare_slide` gives their
+points boxes at the slide's scale, and :func:`region_tiles` and :func:`region_samples` cut that region into samples.
 """
 
 import math
@@ -33,8 +33,12 @@ class LabelledSlide:
     #: the region's polygons (each K x 2, base pixels) or None: the bounding box of the nuclei
     region: list = None
     local_path: str = None
-    boxes: np.ndarray = None  #: nuclei, float32 N x 4, base pixels, inside the region
+    #: nuclei, float32 N x 4, base pixels, inside the region; rows of NaN for points until :func:`prepare_slide`
+    boxes: np.ndarray = None
     is_point: np.ndarray = None  #: which of ``boxes`` come from point annotations
+    centres: np.ndarray = None  #: float32 N x 2, each nucleus' point or the centre of its box
+    classes: np.ndarray = None  #: object N: each nucleus' class name (``class_from``), or None
+    colors: np.ndarray = None  #: object N: each nucleus' ``lineColor``, or None
     points_sized: int = 0  #: how many point boxes took the extent of a starting-model detection (size_points)
     region_box: tuple = None  #: (x, y, w, h) bounding box of the region, base pixels
     docs: list = field(default=None, repr=False)  #: the annotation documents with the nucleus elements only
@@ -91,18 +95,23 @@ def split_annotation(docs, region_label='region', where='annotation'):
     return nucleus_docs, region or None
 
 
-def find_labelled_slides(api_url, token, folder_id, annotation_name,
-                         region_label=AnnotationTrainingSettings.region_label, progress=None):
-    """The slides of a Girder folder (and its subfolders) that carry an annotation named ``annotation_name``.
+def find_labelled_slides(api_url, token, folder_id, annotation_names,
+                         region_label=AnnotationTrainingSettings.region_label,
+                         class_from=AnnotationTrainingSettings.class_from, progress=None):
+    """The slides of a Girder folder (and its subfolders) that carry an annotation named ``annotation_names`` (a
+    name, or a sequence of names), with their nuclei read (:func:`read_nuclei`).
 
-    Fetches each slide's annotation list (``GET annotation?itemId=``) and then only the documents with that name
+    Fetches each slide's annotation list (``GET annotation?itemId=``) and then only the documents with those names
     (``GET annotation/{id}``). Raises CellRCNNError, naming the annotation names that are there, when no slide has
     one. :returns: a list of :class:`LabelledSlide` (not downloaded yet), in path order."""
     from .girder_api import GirderConnection, folder_slides
 
     say = progress.log if progress else (lambda line: None)
-    if not annotation_name or not str(annotation_name).strip():
+    wanted = (annotation_names,) if isinstance(annotation_names, str) else tuple(annotation_names or ())
+    wanted = tuple(str(n) for n in wanted if n and str(n).strip())
+    if not wanted:
         raise CellRCNNError('give the name of the annotations that hold the nuclei (--annotation-name)')
+    called = ' or '.join(repr(n) for n in wanted)
     slides = folder_slides(api_url, token, folder_id)
     if not slides:
         raise CellRCNNError(f'Girder folder {folder_id} holds no slides (large-image items)')
@@ -117,12 +126,12 @@ def find_labelled_slides(api_url, token, folder_id, annotation_name,
             for record in listing:
                 name = (record.get('annotation') or {}).get('name')
                 names[name] = names.get(name, 0) + 1
-                if name == annotation_name:
+                if name in wanted:
                     chosen.append(server.get(f'reading annotation {record["_id"]} of {slide["path"]}',
                                              f'annotation/{record["_id"]}', item_id=slide['item_id']))
             if not chosen:
                 continue
-            where = f'annotation {annotation_name!r} on {slide["path"]}'
+            where = f'annotation {called} on {slide["path"]}'
             nucleus_docs, region = split_annotation(chosen, region_label, where)
             counts = {}
             for doc in nucleus_docs:
@@ -130,14 +139,15 @@ def find_labelled_slides(api_url, token, folder_id, annotation_name,
                     if isinstance(element, dict) and element.get('type') in NUCLEUS_TYPES:
                         counts[element['type']] = counts.get(element['type'], 0) + 1
             if not counts:
-                say(f'{slide["path"]}: annotation {annotation_name!r} holds no nuclei; skipped')
+                say(f'{slide["path"]}: annotation {called} holds no nuclei; skipped')
                 continue
             creators = [_login(server, d.get('creatorId'), logins) for d in chosen]
-            labelled.append(LabelledSlide(slide['name'], slide['path'], slide['item_id'], slide['file_id'],
-                                          [d['_id'] for d in chosen], creators, counts, region, docs=nucleus_docs))
+            labelled.append(read_nuclei(LabelledSlide(slide['name'], slide['path'], slide['item_id'], slide['file_id'],
+                                                      [d['_id'] for d in chosen], creators, counts, region,
+                                                      docs=nucleus_docs), class_from))
     if not labelled:
         present = ', '.join(f'{n!r} ({k})' for n, k in sorted(names.items(), key=lambda x: str(x[0])))
-        raise CellRCNNError(f'no annotation named {annotation_name!r} on the {len(slides)} slide(s) of Girder folder '
+        raise CellRCNNError(f'no annotation named {called} on the {len(slides)} slide(s) of Girder folder '
                             f'{folder_id}; annotation names there: {present or "none"}')
     return labelled
 
@@ -172,28 +182,39 @@ def _centres_inside(boxes, polygons):
     return shapely.contains_xy(region, (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2)
 
 
-def prepare_slide(labelled, slide, point_size_um=AnnotationTrainingSettings.point_size_um):
-    """Fill in ``labelled.boxes``, ``labelled.is_point`` and ``labelled.region_box`` from its annotation and the
-    opened ``slide`` (:class:`cellrcnn.slide.Slide`, whose native resolution sizes the point boxes)."""
-    from .annotation import annotation_to_boxes
+def read_nuclei(labelled, class_from=AnnotationTrainingSettings.class_from):
+    """Fill in ``labelled``'s ``boxes`` (rows of NaN for points), ``is_point``, ``centres``, ``classes`` (by
+    ``class_from``: :func:`cellrcnn.annotation.annotation_to_nuclei`) and ``colors`` from its annotation documents:
+    the nuclei whose centre lies inside its region. Needs no pixel of the slide."""
+    from .annotation import annotation_to_nuclei
 
+    nuclei = annotation_to_nuclei(labelled.docs, NUCLEUS_TYPES, class_from=class_from)
+    centres, boxes = nuclei['points'], nuclei['boxes']
+    inside = np.ones(len(boxes), bool) if labelled.region is None else \
+        _centres_inside(np.hstack([centres, centres]), labelled.region)
+    if not inside.any():
+        raise CellRCNNError(f'{labelled.path}: no annotated nucleus lies inside its region')
+    labelled.boxes, labelled.centres = boxes[inside], centres[inside]
+    labelled.is_point = np.isnan(labelled.boxes[:, 0])
+    labelled.classes = np.array(nuclei['classes'], dtype=object)[inside]
+    labelled.colors = np.array(nuclei['colors'], dtype=object)[inside]
+    return labelled
+
+
+def prepare_slide(labelled, slide, point_size_um=AnnotationTrainingSettings.point_size_um):
+    """Give the points of ``labelled`` (:func:`read_nuclei`) squares of ``point_size_um`` at the opened ``slide``'s
+    native resolution (:class:`cellrcnn.slide.Slide`) and fill in ``labelled.region_box``."""
     if not point_size_um > 0:
         raise CellRCNNError(f'the point box size must be positive, not {point_size_um} um')
-    shapes = annotation_to_boxes(labelled.docs, element_types=[t for t in NUCLEUS_TYPES if t != 'point'])
-    points = annotation_to_boxes(labelled.docs, element_types=('point',),
-                                 point_box_size=point_size_um / slide.native_mpp)
-    boxes = np.concatenate([shapes, points])
-    is_point = np.arange(len(boxes)) >= len(shapes)
+    half = point_size_um / slide.native_mpp / 2
+    squares = np.hstack([labelled.centres - half, labelled.centres + half])
+    boxes = np.where(labelled.is_point[:, None], squares, labelled.boxes).astype(np.float32)
     if labelled.region is not None:
-        inside = _centres_inside(boxes, labelled.region)
-        boxes, is_point = boxes[inside], is_point[inside]
         labelled.region_box = _polygons_box(labelled.region)
     else:
         labelled.region_box = (float(boxes[:, 0].min()), float(boxes[:, 1].min()),
                                float(np.ptp(boxes[:, 0::2])), float(np.ptp(boxes[:, 1::2])))
-    if not len(boxes):
-        raise CellRCNNError(f'{labelled.path}: no annotated nucleus lies inside its region')
-    labelled.boxes, labelled.is_point = boxes.astype(np.float32), is_point
+    labelled.boxes = boxes
     return labelled
 
 
@@ -219,15 +240,24 @@ def region_tiles(slide, labelled, tile_size=512, overlap=64):
     return tiles
 
 
-def region_samples(tiles, labelled):
-    """``(image, boxes)`` samples of :func:`region_tiles`, with the slide's nuclei mapped onto each tile; boxes
-    less than 40 % inside a tile (``synthetic.VISIBLE_FRACTION``) are dropped (:func:`cellrcnn.samples.keep_inside`)."""
-    from .samples import keep_inside
+def region_samples(tiles, labelled, type_index=None):
+    """Samples (:mod:`cellrcnn.samples`) of :func:`region_tiles`, with the slide's nuclei mapped onto each tile; boxes
+    less than 40 % inside a tile (``synthetic.VISIBLE_FRACTION``) are dropped (:func:`cellrcnn.samples.visible_boxes`).
+
+    :param type_index: ``{class name: cell type index}`` (``ModelConfig.cell_type_index``) of a model with cell
+        types: the samples are then ``(image, boxes, has_extent, cell_types)``, each nucleus' type its class's
+        index, -1 (unknown) for other classes; without it, ``(image, boxes)``."""
+    from .samples import visible_boxes
 
     samples = []
     for tile, image in tiles:
         sx, sy = tile.width / tile.base_width, tile.height / tile.base_height
         scale = np.array([sx, sy, sx, sy], np.float32)
         offset = np.array([tile.base_x, tile.base_y, tile.base_x, tile.base_y], np.float32)
-        samples.append((image, keep_inside((labelled.boxes - offset) * scale, tile.height, tile.width)))
+        boxes, kept = visible_boxes((labelled.boxes - offset) * scale, tile.height, tile.width)
+        if type_index is None:
+            samples.append((image, boxes[kept]))
+        else:
+            types = np.array([type_index.get(c, -1) for c in labelled.classes[kept]], np.int64)
+            samples.append((image, boxes[kept], np.ones(len(types), bool), types))
     return samples

@@ -22,14 +22,9 @@ from .synthetic import VISIBLE_FRACTION
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 
 
-def keep_inside(boxes, height, width, min_fraction=VISIBLE_FRACTION):
-    """Clip boxes to the image; drop those with less than min_fraction of their area inside (or no area at all)."""
-    clipped, keep = _visible(boxes, height, width, min_fraction)
-    return clipped[keep]
-
-
-def _visible(boxes, height, width, min_fraction=VISIBLE_FRACTION):
-    """``(boxes clipped to the image, float32; mask of those keep_inside keeps)``."""
+def visible_boxes(boxes, height, width, min_fraction=VISIBLE_FRACTION):
+    """``(boxes clipped to the image, float32; mask of those to keep)``: a box is kept when at least
+    ``min_fraction`` of its area (and some area) lies inside the image."""
     if not len(boxes):
         return boxes.reshape(0, 4).astype(np.float32), np.zeros(0, dtype=bool)
     clipped = boxes.copy()
@@ -141,7 +136,7 @@ class Augmenter:
         y = int(rng.integers(0, h - t + 1))
         x = int(rng.integers(0, w - t + 1))
         shifted = boxes - np.array([x, y, x, y], dtype=np.float32)
-        clipped, kept = _visible(shifted, t, t)
+        clipped, kept = visible_boxes(shifted, t, t)
         return image[y:y + t, x:x + t], clipped[kept], kept
 
     @staticmethod

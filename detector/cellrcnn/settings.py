@@ -139,3 +139,9 @@ class AnnotationTrainingSettings:
     #: train from random weights (with ``init``'s configuration) instead of fine-tuning
     from_scratch: bool = False
     device: str = 'auto'
+    #: cell types to learn, ``NAME`` or ``NAME=LABEL+LABEL`` (the classes in the annotations that mean it, as in
+    #: ``cellrcnn train --cell-types``); empty: no classifier (or the starting model's own cell types)
+    cell_types: tuple = ()
+    #: where a nucleus' class comes from: 'label' (its label, else its style group), 'group', or 'annotation' (the
+    #: name of the annotation holding it; the cell types' names and labels are then annotation names to read)
+    class_from: str = 'label'
