@@ -9,12 +9,14 @@ celery broker is kombu's in-process memory transport, so slicer_cli_web really c
 """
 
 import csv
+import dataclasses
 import datetime
 import hashlib
 import io
 import json
 import os
 import subprocess
+import sys
 import textwrap
 import time
 import xml.etree.ElementTree as ET
@@ -27,6 +29,7 @@ from cellrcnn import __version__
 from cellrcnn.annotation import detections_to_annotation, read_annotation_file
 from cellrcnn.checkpoint import BUNDLED_MODEL
 from cellrcnn.devstack.local_girder import girder_python, wait_for
+from cellrcnn.errors import CellRCNNError
 from cellrcnn.girder_post import post_annotation_files, post_annotations
 from cellrcnn.job import detect_to_files, output_paths
 from cellrcnn.settings import DetectionSettings
@@ -772,6 +775,136 @@ def test_cell_types_go_into_the_metadata_and_the_results_table(server, slide_fil
         assert 'cell_types' not in result_of(server, ids['a.tiff'])
         server.client().delete(f'annotation/{newer["_id"]}')
         assert result_of(server, ids['a.tiff']) == {**a, 'date': result_of(server, ids['a.tiff'])['date']}
+
+
+# --------------------------------------------------------------------------- classified results end to end
+
+TYPES = ('lymphocyte', 'tumour', 'stromal')
+TYPE_COLORS = {'lymphocyte': '#0000ff', 'tumour': '#ff0000', 'stromal': '#00ff00'}
+
+
+def class_density_names(types):
+    return [f'cellrcnn nuclei density ({name})' for name in types]
+
+
+def detect_typed(checkpoint, slide_file, out, *options, env=None):
+    """``cellrcnn detect`` with the typed model (``options``: ``--classes``, posting); its output files by key."""
+    run = subprocess.run([sys.executable, '-m', 'cellrcnn', 'detect', str(slide_file), '-o', str(out), '--model',
+                          str(checkpoint), '--threshold', '0.05', '--tile-size', '256', '--min-tissue', '0',
+                          '--device', 'cpu', '--progress', 'none', '--no-resume', *options],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return output_paths(str(out), os.path.splitext(os.path.basename(slide_file))[0])
+
+
+def by_name(server, item_id):
+    """The item's active annotations (their whole documents), by name; each name once."""
+    stored = active_annotations(server, item_id)
+    names = [a['annotation']['name'] for a in stored]
+    assert len(names) == len(set(names)), names  # no result is there twice
+    return {a['annotation']['name']: server.client().get(f'annotation/{a["_id"]}') for a in stored}
+
+
+def check_typed_result(server, item_id, paths, types):
+    """The item holds exactly the run of ``paths``: the nuclei with each type's label, group and colour, the
+    density, one density per type; its metadata is that nuclei annotation's, with the run's counts per type."""
+    local = read_annotation_file(paths['annotation'])
+    counts = local['attributes']['stats']['cell_types']
+    assert list(counts) == list(types)
+    stored = by_name(server, item_id)
+    assert sorted(stored) == sorted([local['name'], 'cellrcnn nuclei density', *class_density_names(types)])
+    nuclei_ = stored[local['name']]['annotation']
+    assert nuclei_['description'] == local['description'] and all(f'{t}: {TYPE_COLORS[t]}' in nuclei_['description']
+                                                                  for t in types)
+    styles = [(e['group'], e['label']['value'], e['lineColor']) for e in nuclei_['elements']]
+    assert sorted(styles) == sorted((t, t, TYPE_COLORS[t]) for t in types for _ in range(counts[t]))
+    for name, cell_type in zip(class_density_names(types), types):
+        heatmap = stored[name]['annotation']
+        assert heatmap['elements'][0]['type'] == 'griddata'
+        assert (heatmap['attributes']['cell_type'], heatmap['attributes']['density']['nuclei']) == \
+            (cell_type, counts[cell_type])
+    result = result_of(server, item_id)
+    assert (result['annotation_id'], result['cells']) == (stored[local['name']]['_id'], len(local['elements']))
+    assert [(t['name'], t['count']) for t in result['cell_types']] == list(counts.items())
+    return {name: doc['_id'] for name, doc in stored.items()}
+
+
+def test_a_classified_run_posted_to_girder_replaces_the_models_earlier_run(server, slide_file, typed_checkpoint,
+                                                                        tmp_path):
+    root = folder(server, server.folder_id, 'typed_posts')
+    item_id, _ = slide_in(server, slide_file, root, 'typed.tiff')
+    env = {**os.environ, 'GIRDER_TOKEN': server.token}
+    post = ('--girder-url', server.api_url, '--item', item_id)
+
+    first = detect_typed(typed_checkpoint, slide_file, tmp_path / 'first', *post, env=env)
+    ids = check_typed_result(server, item_id, first, TYPES)
+    before = result_of(server, item_id)
+    assert sum(1 for t in before['cell_types'] if t['count']) > 1  # more than one type to tell apart
+    row = server.client().get(f'cellrcnn/folder/{root}/results')[0]
+    assert [row[f'{t["name"]}_count'] for t in before['cell_types']] == [t['count'] for t in before['cell_types']]
+    assert row['lymphocyte_per_tumour'] == before['lymphocyte_per_tumour']
+
+    # Deleting a per-type heatmap leaves the result alone: it is no nuclei result.
+    server.client().delete(f'annotation/{ids[class_density_names(TYPES)[2]]}')
+    assert result_of(server, item_id) == before
+
+    # The same run again replaces every annotation of the earlier one, heatmaps too; none is there twice.
+    again = detect_typed(typed_checkpoint, slide_file, tmp_path / 'again', *post, env=env)
+    ids_again = check_typed_result(server, item_id, again, TYPES)
+    assert not set(ids.values()) & set(ids_again.values())
+
+    # A run keeping one type leaves no heatmap of the others behind.
+    tumour = detect_typed(typed_checkpoint, slide_file, tmp_path / 'tumour', *post, '--classes', 'tumour', env=env)
+    kept = check_typed_result(server, item_id, tumour, ('tumour',))
+    assert 'lymphocyte_per_tumour' not in result_of(server, item_id)
+
+    # A post that fails part way (the server refuses its last heatmap) takes itself back: the earlier run stays whole.
+    broken = tmp_path / 'broken.class-density.anot.json'
+    heatmaps = json.loads(open(again['class_density']).read())
+    heatmaps[-1]['elements'][0]['values'] = 'not numbers'
+    broken.write_text(json.dumps(heatmaps))
+    with pytest.raises(CellRCNNError, match='broken.class-density.anot.json'):
+        post_annotation_files(server.api_url, server.token, item_id, [again['annotation'], again['density'], broken],
+                              **FAST)
+    assert check_typed_result(server, item_id, tumour, ('tumour',)) == kept
+
+
+@pytest.fixture(scope='module')
+def typed_outputs(slide_file, typed_checkpoint, tmp_path_factory):
+    """The typed model's outputs for the slide as the CellDetection task writes them: every type, and tumour only."""
+    settings = DetectionSettings(model=str(typed_checkpoint), threshold=0.05, tile_size=256, min_tissue=0.0,
+                                 device='cpu', progress='none')
+    runs = {}
+    for name, classes in (('all', None), ('tumour', ('tumour',))):
+        runs[name] = output_paths(str(tmp_path_factory.mktemp(f'typed_{name}')), 'slide')
+        detect_to_files(str(slide_file), runs[name], dataclasses.replace(settings, classes=classes))
+    return runs
+
+
+def test_a_classified_run_ingested_by_the_dsa_folds_into_the_earlier_run(server, slide_file, typed_outputs):
+    item_id, file_id = slide_in(server, slide_file, server.folder_id, 'typed_dsa.tiff')
+    outputs = (('annotation', 'outputCellAnnotationFile'), ('density', 'outputDensityAnnotationFile'),
+               ('class_density', 'outputClassDensityAnnotationFile'))
+
+    def run_task(paths, count, histories):
+        """The task's outputs uploaded as slicer_cli_web uploads them; once ``count`` annotations are left, each
+        with ``histories`` versions (the re-runs folded into them), what the item holds."""
+        for key, identifier in outputs:
+            server.upload_as_dsa(paths[key], item_id, file_id, identifier)
+
+        def landed():
+            now = active_annotations(server, item_id)
+            return len(now) == count and all(
+                len(server.client().get(f'annotation/{a["_id"]}/history')) == histories for a in now)
+
+        wait_for(landed, 60, f'{count} annotations with {histories} versions each')
+        return check_typed_result(server, item_id, paths, list(read_annotation_file(paths['annotation'])[
+            'attributes']['stats']['cell_types']))
+
+    ids = run_task(typed_outputs['all'], 5, 1)
+    assert run_task(typed_outputs['all'], 5, 2) == ids  # a re-run updates each annotation in place
+    kept = run_task(typed_outputs['tumour'], 3, 3)  # the heatmaps of the types this run left out are gone
+    assert kept == {name: ids[name] for name in kept}
 
 
 def user_tokens(server, user_id):

@@ -9,6 +9,9 @@
 - ``POST /cellrcnn/folder/{id}/detect``: CellDetection on every slide of a folder tree without a result of the
   model, as one job (:mod:`.batch`).
 
+- HistomicsUI ingests the task's per-cell-type heatmaps, a file holding a list of documents, which its own ingest
+  cannot read (:func:`_repair_list_ingest`).
+
 It needs large_image, large_image_annotation, jobs and slicer_cli_web, and neither torch nor the cellrcnn library.
 """
 
@@ -97,6 +100,26 @@ _INGESTS = (('histomicsui', 'histomicsui.annotations', 'histomicsui.handlers'),
             ('large_image_annotation', 'large_image_annotation.annotations', 'girder_large_image_annotation.handlers'))
 
 
+def _repair_list_ingest():
+    """Let HistomicsUI ingest an uploaded ``*AnnotationFile`` that holds a list of annotation documents.
+
+    HistomicsUI's ingest (``histomicsui.handlers.process_annotations``, as of 1.8.1) checks a list with
+    ``girder_large_image_annotation.utilsisGeoJSON``, a misspelling of
+    ``girder_large_image_annotation.utils.isGeoJSON``: the lookup fails and no document of the file lands.
+    CellDetection's per-cell-type heatmaps (``outputClassDensityAnnotationFile``) are such a list. Give the
+    misspelt name the function it means, while HistomicsUI still looks it up and large_image has no such name."""
+    import girder_large_image_annotation
+    from girder_large_image_annotation import utils
+
+    try:
+        from histomicsui import handlers
+    except ImportError:
+        return
+    if ('utilsisGeoJSON' in handlers.process_annotations.__code__.co_names
+            and not hasattr(girder_large_image_annotation, 'utilsisGeoJSON') and hasattr(utils, 'isGeoJSON')):
+        girder_large_image_annotation.utilsisGeoJSON = utils.isGeoJSON
+
+
 def _note_ingests_first(info):
     """Bind :func:`.results.note_ingest` before the annotation ingests of HistomicsUI and large_image (loading them
     first, so that their handlers are bound, then binding them again after it, in their order), and
@@ -136,4 +159,5 @@ class CellRCNNPlugin(GirderPlugin):
         batch.bind()
         rerun.bind()
         _note_ingests_first(info)
+        _repair_list_ingest()
         _stop_orphaned_batches()

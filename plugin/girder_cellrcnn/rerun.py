@@ -7,7 +7,9 @@ and the item already holds an active cellrcnn annotation of the same kind (nucle
 checkpoint's SHA-256 when both record one, else its name) and region, made by writers of the item, the earlier
 annotation is updated in place with the new content, by the new annotation's creator, and the new one is deleted.
 large_image keeps the earlier content as a version of that annotation (``GET /annotation/{id}/history``; with its
-``large_image.annotation_history`` setting on, the default), and the new one among the deleted annotations.
+``large_image.annotation_history`` setting on, the default), and the new one among the deleted annotations. A
+classified run has a heatmap per cell type (``attributes.cell_type``), each re-run by its own name; when the re-run's
+nuclei annotation keeps fewer types (``classes``), the earlier run's heatmaps of the other types are deleted.
 
 Only writers' results take part (:func:`.results.from_writer`), and only when the new annotation's creator may
 write to the earlier annotation: a reader who may create annotations cannot overwrite anyone's result this way.
@@ -21,6 +23,7 @@ from girder import events, logger
 from girder.constants import AccessType
 from girder.models.item import Item
 
+from . import cell_types
 from .results import CLAIMED_FIELD, MARKER, SHA_KEY, from_writer, made_for_another, same_model, valid_model
 
 EVENT = 'cellrcnn.rerun'
@@ -61,6 +64,17 @@ def _content_time(annotation):
     return annotation['created']
 
 
+def _replaceable(other, attributes, item, users, user):
+    """Whether an active annotation is of the same run as a new one with ``attributes`` (model, region), made by
+    writers of the item, and ``user`` (the new one's creator) may write to it."""
+    from girder_large_image_annotation.models.annotation import Annotation
+
+    theirs = _attributes(other)
+    return (valid_model(theirs) and same_model(theirs, attributes.get('model'), attributes.get(SHA_KEY))
+            and _roi(theirs) == _roi(attributes) and from_writer(other, item, users)
+            and Annotation().hasAccess(other, user, AccessType.WRITE))
+
+
 def _earlier(new, item, users):
     """The active annotation on the item that the new one re-runs (see the module's notes), or None."""
     from girder_large_image_annotation.models.annotation import Annotation
@@ -70,13 +84,28 @@ def _earlier(new, item, users):
     query = {'itemId': new['itemId'], '_id': {'$ne': new['_id']}, '_active': {'$ne': False},
              'annotation.name': new['annotation'].get('name'), f'annotation.attributes.{MARKER}': {'$exists': True}}
     for other in Annotation().find(query, sort=[('created', 1)], fields=FIELDS):
-        theirs = _attributes(other)
-        if (('density' in theirs) == ('density' in attributes) and valid_model(theirs)
-                and same_model(theirs, attributes.get('model'), attributes.get(SHA_KEY))
-                and _roi(theirs) == _roi(attributes) and from_writer(other, item, users)
-                and Annotation().hasAccess(other, user, AccessType.WRITE)):
+        if (('density' in _attributes(other)) == ('density' in attributes)
+                and _replaceable(other, attributes, item, users, user)):
             return other
     return None
+
+
+def _left_out_heatmaps(new, item, users):
+    """The per-cell-type heatmaps (density annotations with ``attributes.cell_type``) of the earlier run that a
+    re-run's nuclei annotation has no type for (a run with fewer ``classes``): none of the re-run's heatmaps takes
+    their place."""
+    from girder_large_image_annotation.models.annotation import Annotation
+
+    attributes = _attributes(new)
+    if 'density' in attributes:
+        return []
+    stats = attributes.get('stats') if isinstance(attributes.get('stats'), dict) else {}
+    kept = set(stats['cell_types']) if cell_types.valid_counts(stats.get('cell_types')) else set()
+    user = users[str(new['creatorId'])]
+    query = {'itemId': new['itemId'], '_active': {'$ne': False}, f'annotation.attributes.{MARKER}': {'$exists': True},
+             'annotation.attributes.density': {'$exists': True}, 'annotation.attributes.cell_type': {'$exists': True}}
+    return [other for other in Annotation().find(query, fields=FIELDS)
+            if _attributes(other).get('cell_type') not in kept and _replaceable(other, attributes, item, users, user)]
 
 
 def merge(event):
@@ -115,6 +144,8 @@ def merge(event):
         Annotation().update({'_id': target['_id']},
                             {'$set': {CONTENT_FIELD: {'created': new['created'], 'from': new['_id']}}}, multi=False)
         Annotation().remove(Annotation().load(new['_id'], force=True, getElements=False))
+        for heatmap in _left_out_heatmaps(new, item, users):
+            Annotation().remove(Annotation().load(heatmap['_id'], force=True, getElements=False))
         results.resync(new['itemId'])
         logger.info('cellrcnn: annotation %s of a re-run now updates annotation %s', new['_id'], target['_id'])
     except Exception:
