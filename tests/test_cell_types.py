@@ -1,17 +1,20 @@
 """Cell types through a run: the detection loop (merge, resume rows, Dask batches), the ``classes`` filter and every
-output (nuclei and density annotations, GeoJSON, CSV, summary); a model without cell types writes what it did before."""
+output (nuclei and density annotations, GeoJSON, CSV, overview, summary); a model without cell types writes what it
+did before."""
 
 import csv
+import dataclasses
 import json
 import re
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 
 from cellrcnn.errors import CellRCNNError
-from cellrcnn.exports import detection_summary_lines
+from cellrcnn.exports import detection_summary_lines, write_overlay
 from cellrcnn.inference import DetectorSpec
 from cellrcnn.job import detect_to_files, output_paths
 from cellrcnn.merge import StreamingNMS
@@ -155,6 +158,18 @@ def test_the_tables_hold_the_type_and_its_probability(typed_run):
     assert list(rows[0])[-3:] == ['score', 'class', 'class_probability']
     assert [r['class'] for r in rows] == [NAMES[i] for i in result.cell_types]
     np.testing.assert_allclose([float(r['class_probability']) for r in rows], result.cell_type_scores, atol=1e-4)
+
+
+def test_the_overview_draws_each_box_in_its_types_colour(typed_run, tmp_path):
+    result, paths, _ = typed_run
+    typed = cv2.imread(paths['overlay'])[..., ::-1]
+    write_overlay(dataclasses.replace(result, cell_types=None), tmp_path / 'plain.png')  # every box green
+    plain = cv2.imread(str(tmp_path / 'plain.png'))[..., ::-1]
+    recoloured = (typed != plain).any(axis=2)
+    assert (plain[recoloured] == [0, 255, 0]).all()  # only box outlines differ
+    # stromal boxes are green (#00ff00) either way; lymphocytes turned blue, tumour cells red
+    assert set(map(tuple, typed[recoloured].tolist())) == {(0, 0, 255), (255, 0, 0)}
+    assert result.stats['cell_types']['lymphocyte'] and result.stats['cell_types']['tumour']
 
 
 def test_the_summary_counts_each_type(typed_run):

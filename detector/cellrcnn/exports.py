@@ -4,7 +4,8 @@ the run's summary.
 * :func:`write_geojson` -- a GeoJSON FeatureCollection that QuPath (v0.4 and later)
   imports as detection objects (File > Import objects from file, or drag and drop).
 * :func:`write_csv` -- one row per nucleus.
-* :func:`write_overlay` -- an overview PNG of the analysed region with every detection drawn.
+* :func:`write_overlay` -- an overview PNG of the analysed region with every detection drawn (in its cell type's
+  colour for a model with cell types).
 * :func:`write_summary` and :func:`detection_summary_lines` -- the run's figures as JSON, and as lines a person reads.
 
 All coordinates are base-level (full resolution) slide pixels, origin top-left,
@@ -13,6 +14,7 @@ This module does not import torch.
 """
 
 import csv
+import itertools
 import json
 import os
 
@@ -198,8 +200,22 @@ def write_csv(path, boxes, scores, classes=None, mpp=None, class_names=None, cla
 
 # --------------------------------------------------------------------------- overview and summary
 
+#: the colour (BGR) of every box in the overview of a result without cell types
+OVERLAY_COLOR = (0, 255, 0)
+
+
+def _overlay_colors(result):
+    """The BGR colour of each box in the overview: its cell type's (``cell_type_colors``), else green."""
+    if result.cell_types is None:
+        return itertools.repeat(OVERLAY_COLOR)
+    bgr = [tuple(_qupath_color(c, f'the colour of cell type {name!r}')[::-1])
+           for name, c in zip(result.cell_type_names, result.cell_type_colors)]
+    return (bgr[t] for t in result.cell_types)
+
+
 def write_overlay(result, path, max_side=2048):
-    """An overview PNG of the analysed region (at most ``max_side`` px) with every detection drawn."""
+    """An overview PNG of the analysed region (at most ``max_side`` px) with every detection drawn: in its cell
+    type's colour for a model with cell types, else green."""
     import cv2
 
     slide = result.slide
@@ -207,8 +223,9 @@ def write_overlay(result, path, max_side=2048):
     x0, y0 = ax0 * slide.scale, ay0 * slide.scale
     image, factor = slide.overview((x0, y0, (ax1 - ax0) * slide.scale, (ay1 - ay0) * slide.scale), max_side)
     overlay = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    for x1, y1, x2, y2 in np.round((result.boxes - [x0, y0, x0, y0]) * factor).astype(int):
-        cv2.rectangle(overlay, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), (0, 255, 0), 1)
+    boxes = np.round((result.boxes - [x0, y0, x0, y0]) * factor).astype(int)
+    for (x1, y1, x2, y2), color in zip(boxes, _overlay_colors(result)):
+        cv2.rectangle(overlay, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), color, 1)
     ok, png = cv2.imencode('.png', overlay)
     if not ok:
         raise CellRCNNError(f'cannot encode the overview {path}')
