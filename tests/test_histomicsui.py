@@ -2,7 +2,10 @@
 slide opened, Analyses -> cellrcnn -> latest -> CellDetection picked, a region set, the job submitted and run by
 girder_worker in Docker (the ``dsa`` fixture), and the nuclei annotation listed and drawn on the slide.
 
-Screenshots of the panel and of the result go to $CELLRCNN_SCREENSHOTS, else the test's own output folder; their
+A classified result (a model with cell types, posted by ``cellrcnn detect --girder-url``) is opened the same way: its
+cell types listed as groups in their colours and drawn in them.
+
+Screenshots of the panel and of the results go to $CELLRCNN_SCREENSHOTS, else the test's own output folder; their
 paths are printed (``pytest -s``). docs/deploy.md shows and describes them."""
 
 import io
@@ -12,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cellrcnn.__main__ import main as cellrcnn
+from cellrcnn.annotation import read_annotation_file
 from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.devstack.local_dsa import JOB_SUCCESS
 from cellrcnn.devstack.local_girder import ADMIN, wait_for
@@ -95,3 +100,72 @@ def test_cell_detection_from_the_histomicsui_analysis_panel(dsa, browser, tmp_pa
     assert changed > 0.01, f'only {changed:.2%} of the view changed when the annotations were hidden'
     print(f'screenshots: {shots}/histomicsui-panel.png, {shots}/histomicsui-result.png; the annotations changed '
           f'{changed:.1%} of the view')
+
+
+#: the typed_checkpoint's cell types and colours (tests/conftest.py), as the browser reports a CSS colour
+TYPE_COLORS = {'lymphocyte': 'rgb(0, 0, 255)', 'tumour': 'rgb(255, 0, 0)', 'stromal': 'rgb(0, 255, 0)'}
+
+
+def test_a_classified_result_shows_its_cell_types(server, browser, synthetic_slide, typed_checkpoint, tmp_path,
+                                                  monkeypatch):
+    """A classified result posted by ``cellrcnn detect --girder-url``: HistomicsUI lists the cell types as groups,
+    each with its colour as legend, lists a heatmap per type, and draws the nuclei in their types' colours."""
+    shots = os.environ.get('CELLRCNN_SCREENSHOTS') or str(tmp_path)
+    os.makedirs(shots, exist_ok=True)
+    slide, _ = synthetic_slide(900, 700, seed=11)
+    item_id, _ = server.upload_slide(slide)
+    monkeypatch.setenv('GIRDER_TOKEN', server.token)
+    assert cellrcnn(['detect', str(slide), '-o', str(tmp_path), '--model', str(typed_checkpoint), '--threshold',
+                     '0.05', '--tile-size', '256', '--min-tissue', '0', '--device', 'cpu', '--progress', 'none',
+                     '--no-resume', '--girder-url', server.api_url, '--item', item_id]) == 0
+    counts = read_annotation_file(tmp_path / 'slide.anot.json')['attributes']['stats']['cell_types']
+    found = {name for name, count in counts.items() if count}
+    assert {'lymphocyte', 'tumour'} <= found
+    nuclei_id = next(a['_id'] for a in server.annotations(item_id) if a['annotation']['name'] == 'cellrcnn nuclei')
+
+    page = browser.new_page(viewport={'width': 1600, 'height': 1000})
+    page.goto(server.api_url.replace('/api/v1', '/histomics'))
+    page.wait_for_function('() => window.girder && window.girder.auth')
+    page.evaluate('([login, password]) => girder.auth.login(login, password).then(() => true)',
+                  [ADMIN['login'], server.password])
+    page.goto(server.api_url.replace('/api/v1', f'/histomics#?image={item_id}&bounds=0,0,900,700,0'))
+    page.wait_for_selector('.h-image-view-body canvas', timeout=60000)
+    page.wait_for_selector('.h-annotation-group[data-group-name="tumour"]', timeout=60000)
+
+    # The panel lists a group per cell type found, and the annotations without groups (the heatmaps) apart.
+    groups = set(page.locator('.h-annotation-group').evaluate_all('gs => gs.map(g => g.dataset.groupName)'))
+    assert groups & set(counts) == found and len(groups - set(counts)) == 1, groups
+    ungrouped = (groups - set(counts)).pop()
+
+    # Only the nuclei shown: their outlines are drawn in the types' colours.
+    page.click('.h-hide-all-annotations')
+    page.wait_for_timeout(2000)
+    viewer = page.locator('.h-image-view-body')
+    without = np.asarray(Image.open(io.BytesIO(viewer.screenshot())).convert('RGB'), dtype=np.int16)
+    page.click('.h-annotation-group[data-group-name="tumour"] .h-annotation-group-name')
+    page.click(f'.h-annotation-group[data-group-name="tumour"] .h-annotation[data-id="{nuclei_id}"] '
+               '.h-toggle-annotation')
+    page.wait_for_selector(f'.h-annotation[data-id="{nuclei_id}"] .icon-eye', timeout=60000)
+    page.wait_for_timeout(3000)
+    shown = np.asarray(Image.open(io.BytesIO(viewer.screenshot())).convert('RGB'), dtype=np.int16)
+    drawn = shown[np.abs(shown - without).max(axis=2) > 40]
+    red = ((drawn[:, 0] > 180) & (drawn[:, 1] < 90) & (drawn[:, 2] < 90)).sum()
+    blue = ((drawn[:, 2] > 180) & (drawn[:, 0] < 90) & (drawn[:, 1] < 90)).sum()
+    assert red > 500 and blue > 50, (red, blue, len(drawn))
+
+    # With the nuclei loaded, each type's group shows its colour as its legend.
+    def legend(name):
+        return page.locator(f'.h-annotation-group[data-group-name="{name}"] .h-annotation-group-legend').evaluate(
+            'e => getComputedStyle(e).borderTopColor')
+
+    wait_for(lambda: all(legend(name) != 'rgba(0, 0, 0, 0)' for name in found), 30, 'the groups\' legends')
+    assert {name: legend(name) for name in found} == {name: TYPE_COLORS[name] for name in found}
+    # The heatmaps, one per type, are listed with the annotations without groups.
+    page.click(f'.h-annotation-group[data-group-name="{ungrouped}"] .h-annotation-group-name')
+    page.wait_for_selector(f'.h-annotation-group[data-group-name="{ungrouped}"] .h-annotation')
+    names = page.locator(f'.h-annotation-group[data-group-name="{ungrouped}"] .h-annotation-name').all_inner_texts()
+    assert sorted(names) == sorted(['cellrcnn nuclei density', *(f'cellrcnn nuclei density ({name})'
+                                                                 for name in counts)])
+    page.screenshot(path=os.path.join(shots, 'histomicsui-cell-types.png'))
+    print(f'screenshot: {shots}/histomicsui-cell-types.png; {red} red (tumour) and {blue} blue (lymphocyte) pixels '
+          f'of {len(drawn)} drawn')
