@@ -17,7 +17,8 @@ setup(
     install_requires=[
         'numpy',
         'scipy',
-        'torch',
+        # torch.load(weights_only=True) can be made to run a crafted file's code before 2.6 (checkpoint.SAFE_TORCH)
+        'torch>=2.6',
         'torchvision',
         'large-image[tiff,pil]',
         'pyvips',

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -66,6 +67,30 @@ def test_the_task_image_is_registered_through_slicer_cli_web(dsa):
     assert (image['name'], tag['name']) == ('cellrcnn', 'latest')
     # what HistomicsUI lists in its Analyses menu
     assert set(gc.get('slicer_cli_web/docker_image')['cellrcnn']['latest']) == {'CellDetection', 'TrainCellDetector'}
+
+
+def test_the_broker_refuses_clients_without_the_stacks_password(dsa):
+    """A message on the broker runs code in girder_worker (as root; see cellrcnn.devstack.local_dsa), and any user
+    of the machine can reach Redis's loopback port: without the stack's password (random, in a 0600 configuration
+    file in the 0700 root, on no command line) Redis answers nothing, not even PING, and queues nothing. The worker,
+    which has it, runs the jobs of every other test here."""
+    port = re.fullmatch(r'redis://:[^@]+@127\.0\.0\.1:(\d+)/0', dsa.broker_url).group(1)
+    env = {k: v for k, v in os.environ.items() if k != 'REDISCLI_AUTH'}
+
+    def redis_cli(*command, password=None):
+        auth = {'REDISCLI_AUTH': password} if password else {}  # redis-cli's way to take it off its command line
+        return subprocess.run(['redis-cli', '-p', port, *command], capture_output=True, text=True, timeout=30,
+                              env={**env, **auth}).stdout.strip()
+
+    for password in (None, 'wrong'):
+        for command in (['PING'], ['LPUSH', 'celery', '{}'], ['KEYS', '*'], ['CONFIG', 'GET', 'requirepass']):
+            assert redis_cli(*command, password=password) == 'NOAUTH Authentication required.', (password, command)
+    assert redis_cli('PING', password=dsa.broker_password) == 'PONG'
+    config = os.path.join(dsa.root, 'redis.conf')
+    assert (os.stat(config).st_mode & 0o777, os.stat(dsa.root).st_mode & 0o777) == (0o600, 0o700)
+    for proc in dsa.procs:
+        with open(f'/proc/{proc.pid}/cmdline', 'rb') as f:
+            assert dsa.broker_password.encode() not in f.read()
 
 
 def test_cell_detection_runs_in_its_container_and_lands_on_the_slide(dsa, folder, sample, tmp_path):

@@ -470,3 +470,43 @@ def test_a_local_girder_has_a_new_random_admin_password(server, tmp_path):
     with pytest.raises(girder_client.AuthenticationError):
         girder_client.GirderClient(apiUrl=server.api_url).authenticate(ADMIN['login'], 'admin-password')
     girder_client.GirderClient(apiUrl=server.api_url).authenticate(ADMIN['login'], server.password)
+
+
+NO_PASSWORD = '''
+import json, os, sys
+import pymongo
+from pymongo.errors import OperationFailure
+
+port, answers = sys.argv[1], {}
+for who, uri in (('no password', f'mongodb://127.0.0.1:{port}/'),
+                 ('a wrong password', f'mongodb://girder:wrong@127.0.0.1:{port}/?authSource=admin'),
+                 ('the stack', os.environ['GIRDER_MONGO_URI'])):
+    for collection in ('user', 'token'):
+        try:
+            found = pymongo.MongoClient(uri, serverSelectionTimeoutMS=10000)['girder'][collection].find_one()
+            answers[f'{who} reads {collection}'] = 'a document' if found else 'nothing'
+        except OperationFailure as exc:
+            answers[f'{who} reads {collection}'] = f'refused ({exc.code})'
+print(json.dumps(answers))
+'''
+
+
+def test_a_local_girders_database_needs_its_own_password(server):
+    """Any user of the machine can reach the database's loopback port: without the stack's password (random, in a
+    0600 file in the 0700 root and in its processes' environment, on no command line) they read nothing, neither
+    users nor tokens; Girder, which has it, works."""
+    env = {**{k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}, 'GIRDER_MONGO_URI': server.db_uri}
+    run = subprocess.run([PYTHON, '-c', NO_PASSWORD, str(server.db_port)], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout) == {
+        'no password reads user': 'refused (13)', 'no password reads token': 'refused (13)',
+        'a wrong password reads user': 'refused (18)', 'a wrong password reads token': 'refused (18)',
+        'the stack reads user': 'a document', 'the stack reads token': 'a document'}
+    assert server.client().get('user/me')['login'] == 'admin'
+    password_file = os.path.join(server.root, 'database.password')
+    assert open(password_file).read() == server.db_password and len(server.db_password) >= 24
+    assert (os.stat(password_file).st_mode & 0o777, os.stat(server.root).st_mode & 0o777) == (0o600, 0o700)
+    for proc in server.procs:
+        with open(f'/proc/{proc.pid}/cmdline', 'rb') as f:
+            assert server.db_password.encode() not in f.read()

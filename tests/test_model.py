@@ -1,7 +1,16 @@
+import re
+
 import pytest
 import torch
 
-from cellrcnn.checkpoint import BUNDLED_MODEL, load_checkpoint, load_model, save_checkpoint, stored_config
+from cellrcnn.checkpoint import (
+    BUNDLED_MODEL,
+    load_checkpoint,
+    load_model,
+    require_safe_torch,
+    save_checkpoint,
+    stored_config,
+)
 from cellrcnn.config import ModelConfig
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.model import build_model
@@ -141,3 +150,17 @@ def test_model_settings_are_bounded(change, message):
     with pytest.raises(CellRCNNError, match=message):
         ModelConfig(**change).validate()
     ModelConfig().validate()  # the defaults are inside every bound
+
+
+def test_checkpoints_are_refused_on_a_torch_whose_weights_only_check_can_be_bypassed(tiny_checkpoint):
+    """torch 2.5.1 and older let a crafted file past ``torch.load(weights_only=True)`` (CVE-2025-32434): such a
+    torch loads no checkpoint, and says so in one line; 2.6 and newer (2.10 too: versions are not compared as
+    text) load them."""
+    for old in ('2.5.1', '2.5.1+cu124', '2.6.0a0+ecf3bae', '1.13.1'):
+        with pytest.raises(CellRCNNError, match=rf'^torch {re.escape(old)} cannot load checkpoints safely .*'
+                                                r'install torch >= 2\.6$') as info:
+            require_safe_torch(old)
+        assert '\n' not in str(info.value)
+    for new in ('2.6.0', '2.10.0+cu130', torch.__version__):
+        require_safe_torch(new)
+    assert load_checkpoint(tiny_checkpoint)['format'] == 'cellrcnn-checkpoint'

@@ -174,12 +174,13 @@ def in_database(server, code, *args):
     """Run ``code`` in the server's virtualenv (pymongo is there, not here) with ``db`` (the server's database:
     what REST does not show, such as tokens and private fields), ``ObjectId`` and ``args``; it sets ``result``,
     returned here through JSON."""
-    script = ('import json, sys\nimport pymongo\nfrom bson import ObjectId\n'
-              'db = pymongo.MongoClient(sys.argv[1])["girder"]\nargs = json.loads(sys.argv[2])\nresult = None\n'
-              f'{textwrap.dedent(code)}\nprint(json.dumps(result, default=str))\n')
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    run = subprocess.run([PYTHON, '-c', script, server.db_uri, json.dumps(args)], capture_output=True, text=True,
-                         timeout=120, env=env)
+    script = ('import json, os, sys\nimport pymongo\nfrom bson import ObjectId\n'
+              'db = pymongo.MongoClient(os.environ["GIRDER_MONGO_URI"])["girder"]\nargs = json.loads(sys.argv[1])\n'
+              f'result = None\n{textwrap.dedent(code)}\nprint(json.dumps(result, default=str))\n')
+    # the database's address holds its password: in the environment, not on the command line
+    env = {**{k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}, 'GIRDER_MONGO_URI': server.db_uri}
+    run = subprocess.run([PYTHON, '-c', script, json.dumps(args)], capture_output=True, text=True, timeout=120,
+                         env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 

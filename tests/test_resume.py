@@ -1,11 +1,13 @@
 """Resuming an interrupted run from the raw detections of its finished tile rows (``cellrcnn.resume.RowStore``,
 as the detection loop opens and saves them)."""
 
+import os
+
 import numpy as np
 import pytest
 
 from cellrcnn.inference import DetectorSpec
-from cellrcnn.resume import RowStore
+from cellrcnn.resume import RowStore, run_key
 from cellrcnn.slide import Slide
 from cellrcnn.slide_detection import detect_slide
 
@@ -156,3 +158,24 @@ def test_row_stores_of_two_keys_written_in_turn_never_mix(tmp_path):
     done_a, done_b = RowStore(str(tmp_path), 'a').open(), RowStore(str(tmp_path), 'b').open()
     assert {r: float(s[0]) for r, (_, s, _) in done_a.items()} == pytest.approx({0: 0.9, 1: 0.8})
     assert {r: float(s[0]) for r, (_, s, _) in done_b.items()} == pytest.approx({0: 0.1})
+
+
+def test_a_slide_changed_within_the_same_second_is_another_run(tmp_path):
+    """A run's identity holds the slide's size, modification time in nanoseconds and inode: a slide rewritten or
+    replaced by another of the same size within one second never resumes (or skips as done) the old one's rows."""
+    slide, model = tmp_path / 'slide.tiff', tmp_path / 'model.pt'
+    model.write_bytes(b'model')
+    second = 1_700_000_000 * 10 ** 9
+
+    def write(path, data, ns):
+        path.write_bytes(data)
+        os.utime(path, ns=(ns, ns))
+
+    write(slide, b'a' * 100, second + 100)
+    first = run_key(str(slide), str(model), {})
+    assert run_key(str(slide), str(model), {}) == first
+    write(slide, b'b' * 100, second + 200)  # rewritten in place: same inode, same size, same second
+    rewritten = run_key(str(slide), str(model), {})
+    write(tmp_path / 'new.tiff', b'c' * 100, second + 100)
+    os.replace(tmp_path / 'new.tiff', slide)  # replaced: same size, same modification time, another inode
+    assert len({first, rewritten, run_key(str(slide), str(model), {})}) == 3

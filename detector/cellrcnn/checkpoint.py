@@ -7,6 +7,7 @@ import threading
 import zipfile
 
 import torch
+from torch.torch_version import TorchVersion
 
 from . import __version__
 from .config import ModelConfig
@@ -61,8 +62,24 @@ def save_checkpoint(path, model, half=False, **extra):
         torch.save(payload, f)
 
 
+#: the oldest torch whose ``torch.load(weights_only=True)`` runs no code from the file: on torch 2.5.1 and older a
+#: crafted checkpoint gets past it (CVE-2025-32434). setup.py requires it too.
+SAFE_TORCH = (2, 6)
+
+
+def require_safe_torch(version=None):
+    """Refuse, in one line (CellRCNNError), to load checkpoints with a torch older than :data:`SAFE_TORCH`
+    (``version``: that torch's version string; default: the one running)."""
+    version = TorchVersion(version or torch.__version__)
+    if version < SAFE_TORCH:
+        raise CellRCNNError(f'torch {version} cannot load checkpoints safely (a crafted file gets past its '
+                            f'weights_only check and runs code): install torch >= {".".join(map(str, SAFE_TORCH))}')
+
+
 def load_checkpoint(path):
-    """The checkpoint's contents, checked; CellRCNNError (one line) for a missing, corrupt or foreign file."""
+    """The checkpoint's contents, checked; CellRCNNError (one line) for a missing, corrupt or foreign file, or a torch
+    that cannot load it safely (:func:`require_safe_torch`)."""
+    require_safe_torch()
     if not os.path.isfile(path):
         raise CellRCNNError(f'model file not found: {path}')
     try:

@@ -4,6 +4,8 @@ cut; and locks that say "another run is writing these files" and vanish with the
 import contextlib
 import errno
 import os
+import stat
+import tempfile
 
 try:
     import fcntl
@@ -12,28 +14,42 @@ except ImportError:  # not POSIX: no locks
 
 from .errors import CellRCNNError
 
+#: the permissions ``open`` gives a new file: 0o666 less this process's umask (read once, as the module loads:
+#: ``os.umask`` is read by setting it)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_NEW_FILE_MODE = 0o666 & ~_UMASK
+
 
 @contextlib.contextmanager
 def atomic_write(path, what='file', binary=False, newline=None):
     """Open a temporary file next to ``path`` for writing; move it onto ``path`` when the block succeeds.
 
-    Any failure removes the temporary file (``path`` keeps what it held); OS errors (a full disk, a file size limit,
-    no permission) become one-line CellRCNNErrors naming ``what`` and the path. The file's bytes reach the disk
-    (fsync) before it takes the name, and the rename reaches the disk (fsync of the folder) before this returns, so
-    a crash leaves either the old file or the whole new one. Yields the open file (text in UTF-8, or binary).
+    The temporary file is new, made by ``tempfile.mkstemp`` in ``path``'s folder (a name no one can guess, created
+    with ``O_EXCL``, so never through a symbolic link or onto a file someone planted there), and it takes the
+    permissions ``open`` would give it. ``os.replace`` then puts it in the place of ``path``'s name: a symbolic link
+    planted at ``path`` is replaced, never followed. Any failure removes the temporary file (``path`` keeps what it
+    held); OS errors (a full disk, a file size limit, no permission) become one-line CellRCNNErrors naming ``what``
+    and the path. The file's bytes reach the disk (fsync) before it takes the name, and the rename reaches the disk
+    (fsync of the folder) before this returns, so a crash leaves either the old file or the whole new one. Yields
+    the open file (text in UTF-8, or binary).
     """
     path = os.fspath(path)
-    tmp = f'{path}.tmp{os.getpid()}'
+    folder, name = os.path.split(path)
+    tmp = None
     try:
-        with open(tmp, 'wb') if binary else open(tmp, 'w', encoding='utf-8', newline=newline) as f:
+        fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=folder or '.')
+        with open(fd, 'wb') if binary else open(fd, 'w', encoding='utf-8', newline=newline) as f:
+            os.fchmod(fd, _NEW_FILE_MODE)  # mkstemp makes it 0o600
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_folder(os.path.dirname(path) or '.')
+        _fsync_folder(folder or '.')
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         if isinstance(exc, OSError):
             raise CellRCNNError(f'cannot write {what} {path}: {exc.strerror or exc}') from None
         raise
@@ -62,6 +78,10 @@ def exclusive_lock(path, what):
     stale. The file is removed when the block ends; a process that opened it just before that notices (the name then
     points to another file, or none) and tries again. The holder's process id is written into it, for the message.
     Without ``fcntl`` (not POSIX), or on a file system that cannot lock, nothing is locked.
+
+    The name is known in advance, so in a folder others may write to, someone may plant something there: a symbolic
+    link is never followed (``O_NOFOLLOW``), and a file that is not a plain file of its own (a hard link to another
+    file, a pipe) is refused, so the lock never truncates or writes a file of someone else's choice.
     """
     if fcntl is None:
         yield
@@ -69,9 +89,16 @@ def exclusive_lock(path, what):
     path = os.fspath(path)
     for _ in range(20):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as exc:
-            raise CellRCNNError(f'cannot create the lock file {path}: {exc.strerror or exc}') from None
+            why = 'it is a symbolic link' if exc.errno == errno.ELOOP else exc.strerror or exc
+            raise CellRCNNError(f'cannot create the lock file {path}: {why}; remove it, or use another output '
+                                'folder') from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # nlink 0: removed by a holder just now (see below)
+            os.close(fd)
+            raise CellRCNNError(f'cannot use the lock file {path}: it is not a plain file of its own (a hard link '
+                                'or a pipe); remove it, or use another output folder')
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             held = False

@@ -41,12 +41,13 @@ _SAFE_KEY = re.compile(r'[A-Za-z0-9_-]{1,64}')
 
 
 def file_stamp(path):
-    """What identifies a file's version for :func:`run_key`: its absolute path, size and modification time."""
+    """What identifies a file's version for :func:`run_key`: its absolute path, size, modification time in
+    nanoseconds and inode, so that a file rewritten or replaced within the same second is another version."""
     try:
         st = os.stat(path)
     except OSError:
         raise CellRCNNError(f'not found: {path}') from None
-    return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 def run_key(source, model_path, settings):

@@ -16,10 +16,18 @@ Docker containers, so this is the smallest stack on which "Cell detection" runs 
 The Docker engine is started so that it leaves the host's network alone: no bridge, no NAT rules, no IP forwarding.
 Containers share the host's network namespace instead (``GIRDER_WORKER_DOCKER_RUN_OPTIONS``) and reach Girder on
 loopback. Its images and state are kept in :func:`dsa_home` between runs.
+
+The broker runs code: girder_worker decodes every message with jsonpickle (its ``girder_io`` serializer is kombu's
+decoder for ``application/json``), which builds any Python object a message names, as pickle does, and the tasks
+girder_worker sends need it (their arguments are such objects). So Redis has a password of its own for each stack,
+new and random (``requirepass`` in a 0600 configuration file in the stack's 0700 root), which Girder and the worker
+get in their environment (``GIRDER_WORKER_BROKER``) and Girder's ``worker.broker`` setting (administrators only);
+it is on no command line.
 """
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -28,7 +36,7 @@ import time
 
 from ..errors import CellRCNNError, one_line
 from . import CHECKOUT
-from .local_girder import ADMIN, GirderServer, free_port, girder_python, stop_processes, wait_for
+from .local_girder import ADMIN, GirderServer, free_port, girder_python, stop_processes, wait_for, write_private
 
 HOME_VAR = 'CELLRCNN_DSA_HOME'
 TASK_IMAGE = 'cellrcnn:latest'
@@ -190,11 +198,14 @@ class DSAStack(GirderServer):
     helpers), Redis, girder_worker and a Docker engine holding the task image.
 
     ``dsa.register_task_image()`` registers the image as an administrator does; ``dsa.run_task(...)`` submits a task
-    the way HistomicsUI does and ``dsa.wait_for_job(...)`` waits for its end."""
+    the way HistomicsUI does and ``dsa.wait_for_job(...)`` waits for its end. ``dsa.broker_url``: Redis's address
+    with its password."""
 
     def __init__(self, python, home=None, root=None):
         super().__init__(python, root)
         self.engine = DockerEngine(home or dsa_home())
+        self.broker_password = secrets.token_urlsafe(24)
+        self.broker_url = None
 
     def start(self, timeout=60):
         static = os.path.join(os.path.dirname(self.bindir), 'share', 'girder', 'static', 'built')
@@ -207,9 +218,10 @@ class DSAStack(GirderServer):
             if not self.engine.has_image(image):
                 raise CellRCNNError(f'the Docker engine has no {image}: run {SETUP} (or cellrcnn dsa build)')
         redis_port = free_port()
-        self._spawn('redis', ['redis-server', '--port', str(redis_port), '--bind', '127.0.0.1', '--save', '',
-                              '--appendonly', 'no'])
-        broker = f'redis://127.0.0.1:{redis_port}/0'
+        config = write_private(os.path.join(self.root, 'redis.conf'), (
+            f'port {redis_port}\nbind 127.0.0.1\nsave ""\nappendonly no\nrequirepass {self.broker_password}\n'))
+        self._spawn('redis', ['redis-server', config])
+        self.broker_url = broker = f'redis://:{self.broker_password}@127.0.0.1:{redis_port}/0'
         # Girder (queueing, cancelling, registering images) and the worker (running containers) both read these
         self.env.update(GIRDER_WORKER_BROKER=broker, GIRDER_WORKER_BACKEND=broker, DOCKER_HOST=self.engine.host)
         super().start(timeout)

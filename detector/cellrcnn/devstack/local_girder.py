@@ -3,12 +3,18 @@ serve`` with the DSA plugins (large_image, large_image_annotation, slicer_cli_we
 on free loopback ports, torn down with everything they wrote. Used by ``cellrcnn detect --local-girder``, the tests
 and the benchmarks.
 
+Loopback ports are open to every user of the machine, so each server has passwords of its own, new and random: the
+Girder administrator's, and the database's (SecantusDB requires authentication from its first moment:
+``secantusd_auth.py``). The database password is kept in a 0600 file in the server's 0700 root and in the
+environment of the server's processes (``GIRDER_MONGO_URI``), never on a command line.
+
 The DSA's Girder runs without torch, in a virtualenv of its own: ``CELLRCNN_GIRDER_PYTHON`` (its ``bin/python``),
 else the checkout's ``.venv-girder`` that ``./install.sh --with-girder`` makes; see :data:`GIRDER_PIP` (PLUGIN: the
 checkout's ``plugin/``, cellrcnn's own Girder plugin). The client side (girder_client, cellrcnn) runs in the test
 interpreter.
 """
 
+import contextlib
 import json
 import os
 import secrets
@@ -26,6 +32,10 @@ GIRDER_PIP = ("'girder>=3.2.18,<5' girder-client 'girder-large-image==1.35.6' 'g
               "'histomicsui==1.8.1' 'girder-slicer-cli-web==1.5.14' 'large-image[tiff,tifffile,pil]' "
               "'secantusdb==0.7.0b3' 'girder-worker[girder]<5' redis -e PLUGIN")
 PLUGIN_DIR = os.path.join(CHECKOUT, 'plugin')
+#: runs SecantusDB with authentication and Girder's database user (run by the server virtualenv's python)
+SECANTUS_AUTH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'secantusd_auth.py')
+#: the database user Girder connects as (a password of its own for each server: ``GirderServer.db_password``)
+DB_USER = 'girder'
 #: the administrator of a local server; its password is new and random for each server (``GirderServer.password``):
 #: the server listens on loopback, where any user of this machine could otherwise log in as admin and, through a
 #: filesystem assetstore, read what the caller may read
@@ -67,16 +77,20 @@ class GirderServer:
     """``with GirderServer(python) as server:`` a running server with an admin, a filesystem assetstore and a folder.
 
     ``server.api_url``, ``server.token`` (the admin's), ``server.client()`` (an authenticated girder_client),
-    ``server.folder_id``, ``server.upload_slide(path)``."""
+    ``server.folder_id``, ``server.upload_slide(path)``; ``server.db_uri``: the database's address with its user
+    and password (what ``GIRDER_MONGO_URI`` holds for the server's processes). Its files live in ``root`` (made
+    0700)."""
 
     def __init__(self, python, root=None):
         self.python = python
         self.bindir = os.path.dirname(python)
         self._own_root = root is None
         self.root = root or tempfile.mkdtemp(prefix='cellrcnn-girder-')
+        os.chmod(self.root, 0o700)  # its passwords, logs, assetstore and scratch files are the caller's alone
         self.procs = []
         self.api_url = self.token = self.folder_id = self.user_id = None
         self.password = secrets.token_urlsafe(24)
+        self.db_password = secrets.token_urlsafe(24)
         #: environment variables every process of the server gets
         self.env = {}
 
@@ -117,10 +131,11 @@ class GirderServer:
     def start(self, timeout=60):
         import requests
 
+        password_file = write_private(os.path.join(self.root, 'database.password'), self.db_password)
         for _ in range(3):  # a free port can be taken between choosing and binding it
             self.db_port = free_port()
-            db = self._spawn('secantus', [os.path.join(self.bindir, 'secantusd-py'), '--host', '127.0.0.1',
-                                          '--port', str(self.db_port), '--storage-path', ':memory:', '--standalone'])
+            db = self._spawn('secantus', [self.python, SECANTUS_AUTH, str(self.db_port), DB_USER,
+                                          password_file])
             if self._wait(db, lambda: _port_open(self.db_port), timeout, 'SecantusDB'):
                 break
             self.procs.remove(db)
@@ -128,7 +143,9 @@ class GirderServer:
             raise RuntimeError(f'SecantusDB would not start:\n{self.log_tail("secantus")}')
         # SecantusDB stores annotation elements (9 indexes each) at about 1-2 thousand a second here: more than
         # Girder's default 60 s socket time-out for one insert of 50 000 (a 100 000-element ingest).
-        self.db_uri = f'mongodb://127.0.0.1:{self.db_port}/girder?socketTimeoutMS=900000'
+        self.db_uri = (f'mongodb://{DB_USER}:{self.db_password}@127.0.0.1:{self.db_port}/girder?authSource=admin'
+                       '&socketTimeoutMS=900000')
+        self.env['GIRDER_MONGO_URI'] = self.db_uri  # girder serve's --database would put it on the command line
         for _ in range(3):
             self.port = free_port()
             self.api_url = f'http://127.0.0.1:{self.port}/api/v1'
@@ -140,8 +157,7 @@ class GirderServer:
                     return False
 
             girder = self._spawn('girder', [os.path.join(self.bindir, 'girder'), 'serve', '--mode', 'production',
-                                            '-d', self.db_uri, '-H', '127.0.0.1',
-                                            '-p', str(self.port)])
+                                            '-H', '127.0.0.1', '-p', str(self.port)])
             if self._wait(girder, up, timeout, 'Girder'):
                 break
             self.procs.remove(girder)
@@ -212,6 +228,17 @@ class GirderServer:
                      'userId': self.user_id, 'fileId': file_id, 'itemId': item_id, 'uuid': 'job-uuid',
                      'identifier': identifier}
         return self.client().uploadFileToFolder(self.folder_id, os.fspath(path), reference=json.dumps(reference))
+
+
+def write_private(path, text):
+    """Write ``text`` into a new file ``path`` only this user may read or write (0600; made anew, never through
+    something planted at its name). :returns: ``path``."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with open(fd, 'w', encoding='utf-8') as f:
+        f.write(text)
+    return path
 
 
 def stop_processes(procs, timeout):
