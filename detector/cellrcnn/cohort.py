@@ -3,14 +3,17 @@ slide and one table for the whole cohort (``cellrcnn batch``).
 
 - **Slides**: every file under a local folder (recursively; hidden files and the output folder left out) whose
   extension one of the installed large_image tile sources reads; or every large-image item in a Girder folder and
-  its subfolders (``girder_api.folder_slides``), downloaded into ``OUT/.girder-cache/`` and, once its results are
-  written, posted back to its item with ``girder_post.post_annotation_files`` (replacing this model's previous result
-  there, as ``cellrcnn detect --girder-url`` does); the downloaded copy is then deleted.
+  its subfolders (``girder_api.folder_slides``), downloaded into ``OUT/.girder-cache/`` (only there:
+  ``girder_api.download_path`` and ``download_file``; a server's ids and names never make a path elsewhere) and, once
+  its results are written, posted back to its item with ``girder_post.post_annotation_files`` (replacing this model's
+  previous result there, as ``cellrcnn detect --girder-url`` does); the downloaded copy is then deleted.
 - **One result per slide**: ``OUT/slides/<path of the slide, without its extension>/`` holds what ``cellrcnn
   detect`` writes (``job.output_paths`` and ``job.detect_to_files`` with the same ``DetectionSettings``) and
   ``<stem>.cohort.json``, the slide's table row and the fingerprint of what made it (slide, model, settings),
-  written last. The per-slide folders live under ``OUT/slides/``, apart from the table, so that no slide (one
-  named ``cohort.csv.svs``, say) can take the table's name.
+  written last. A Girder slide's folder is its folders' and its own names, each made one safe path component
+  (:func:`cellrcnn.girder_api.safe_name`: a name holding "/" stays one), its own followed by ``-<item id>``, so that
+  no two items share one, whatever their names. The per-slide folders live under ``OUT/slides/``, apart from the
+  table, so that no slide (one named ``cohort.csv.svs``, say) can take the table's name.
 - **Resumable**: a slide whose ``.cohort.json`` has the same fingerprint is not computed again (status
   ``skipped``; from Girder it is posted again only if its post had failed); a slide interrupted half-way resumes
   from its tile rows in ``OUT/slides/.../.<stem>.partial/``. The model is identified by the SHA-256 of its
@@ -66,7 +69,8 @@ CACHE_NAME = '.girder-cache'
 class CohortSlide:
     """One slide of a cohort: the name the table gives it, the local file read (absolute), the folder its results
     go to (absolute, and as the table names it: relative to the output folder), the name of its result files.
-    For a Girder slide, ``path`` is where its download goes, and ``item_id`` / ``file_id`` say what it is."""
+    For a Girder slide, ``path`` is where its download goes (inside ``cache``), and ``item_id`` / ``file_id`` /
+    ``version`` (``girder_api.folder_slides``) say what it is."""
 
     name: str
     path: str
@@ -75,6 +79,8 @@ class CohortSlide:
     stem: str
     item_id: str = None
     file_id: str = None
+    version: dict = None
+    cache: str = None
 
 
 @dataclasses.dataclass
@@ -120,37 +126,32 @@ def local_slides(folder, output):
             for rel, result in zip(found, _result_folders(found))]
 
 
-def _safe_part(name):
-    """A Girder folder or item name as one path component."""
-    name = name.replace('/', '_').replace(os.sep, '_').strip()
-    return '_' if name in ('', '.', '..') else name
-
-
 def girder_slides(girder, output):
     """Every large-image item in the Girder folder tree, in path order; downloads go to ``OUT/.girder-cache/``."""
-    from .girder_api import folder_slides
+    from .girder_api import download_path, folder_slides, safe_name
 
-    found = folder_slides(girder.api_url, girder.token, girder.folder_id)
-    relative = [os.path.join(*(_safe_part(p) for p in s['path'].split('/'))) for s in found]
+    cache = os.path.join(os.path.realpath(output), CACHE_NAME)
     slides = []
-    for s, result in zip(found, _result_folders(relative)):
-        name = _safe_part(s['name'])
-        slides.append(CohortSlide(name=s['path'], path=os.path.abspath(os.path.join(output, CACHE_NAME,
-                                                                                    s['item_id'], name)),
+    for s in folder_slides(girder.api_url, girder.token, girder.folder_id):
+        name = safe_name(s['name'])
+        result = os.path.join(*map(safe_name, s['folders']), f'{os.path.splitext(name)[0]}-{s["item_id"]}')
+        slides.append(CohortSlide(name=s['path'],
+                                  path=download_path(cache, s['item_id'], s['file_id'], s['version'], s['name']),
                                   folder=os.path.abspath(os.path.join(output, SLIDES_FOLDER, result)),
-                                  output=os.path.join(SLIDES_FOLDER, result),
-                                  stem=os.path.splitext(name)[0], item_id=s['item_id'], file_id=s['file_id']))
+                                  output=os.path.join(SLIDES_FOLDER, result), stem=os.path.splitext(name)[0],
+                                  item_id=s['item_id'], file_id=s['file_id'], version=s['version'], cache=cache))
     return slides
 
 
 def fingerprint(slide, settings):
-    """What a slide's result depends on: the slide (its Girder file, or the local file's size and time), the model
+    """What a slide's result depends on: the slide (its Girder file's id and version, or the local file's size and
+    time), the model
     (the SHA-256 of its checkpoint's bytes, whatever its name and folder) and the settings'
     :class:`cellrcnn.settings.ResultSettings` as asked for."""
     from .inference import DetectorSpec
     from .resume import run_key
 
-    return run_key(['girder', slide.file_id] if slide.file_id else slide.path,
+    return run_key(['girder', slide.file_id, slide.version] if slide.file_id else slide.path,
                    DetectorSpec.from_settings(settings).model_path, settings.result().identity())
 
 
@@ -229,10 +230,9 @@ def process_slide(slide, settings, girder=None):
         if earlier:  # detected by an earlier run whose post failed: only post
             row, note = earlier['row'], 'results of an earlier run'
         else:
-            if slide.item_id and not os.path.exists(slide.path):
+            if slide.item_id:  # a download of this version that an earlier run left is used again
                 from .girder_api import download_file
-                os.makedirs(os.path.dirname(slide.path), exist_ok=True)
-                download_file(girder.api_url, girder.token, slide.file_id, slide.path)
+                download_file(girder.api_url, girder.token, slide.file_id, slide.path, slide.cache)
             result = detect_to_files(slide.path, paths, settings,
                                      resume_dir=os.path.join(slide.folder, f'.{slide.stem}.partial'))
             row = _row(slide, result, DetectorSpec.from_settings(settings).model_path, time.perf_counter() - started)
@@ -247,10 +247,7 @@ def process_slide(slide, settings, girder=None):
                 raise CellRCNNError(f'results written to {slide.folder}, but posting them failed: {exc}') from None
             _write_done(done_path, {'fingerprint': key, 'posted': [r['_id'] for r in posted], 'row': row})
             note = '; '.join(n for n in (note, f'posted to item {slide.item_id}') if n)
-            try:
-                os.remove(slide.path)  # the download is no longer needed
-            except OSError:
-                pass
+            _remove_download(slide)
         return {**base, **row, 'status': 'done', 'note': note}
     except (CellRCNNError, OSError, MemoryError) as exc:  # one slide's failure is its row's; the cohort goes on
         # (anything else is a bug in cellrcnn: it stops the cohort with its traceback instead of hiding in a row)
@@ -260,6 +257,18 @@ def process_slide(slide, settings, girder=None):
             pass
         return {**base, 'status': 'failed', 'note': one_line(exc),
                 'seconds': round(time.perf_counter() - started, 2)}
+
+
+def _remove_download(slide):
+    """Delete a Girder slide's download once its results are posted: only a file inside the run's own cache, with no
+    link on the way, is ever deleted."""
+    from .girder_api import inside
+
+    if inside(slide.path, slide.cache):
+        try:
+            os.remove(slide.path)
+        except OSError:
+            pass
 
 
 def _lost_row(slide, exc):

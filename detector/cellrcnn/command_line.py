@@ -93,6 +93,8 @@ def _add_server_options(group, url_help='Girder API URL, e.g. https://dsa.exampl
                        default=os.environ.get('GIRDER_TOKEN'), metavar='TOKEN',
                        help='the Girder token itself; other users of the machine can read it (ps): prefer '
                             'GIRDER_TOKEN or --girder-token-file')
+    group.add_argument('--insecure-http', dest='insecure_http', action='store_true',
+                       help='allow a plain http:// URL to another machine (the token then travels in clear)')
 
 
 def build_parser():

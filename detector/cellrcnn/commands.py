@@ -74,22 +74,26 @@ def run_dsa(args):
 
 def girder_poster(args):
     """What posts ``cellrcnn detect``'s results to Girder (``girder_post.poster``), or None when not asked to."""
+    from .girder_api import check_transport
     from .girder_post import poster
 
     if not args.girder_url and not args.girder_item:
         return None
     if not args.girder_url or not args.girder_item:
         raise CellRCNNError('posting to Girder needs both --girder-url and --item')
+    check_transport(args.girder_url, args.insecure_http)
     return poster(args.girder_url, args.girder_token, args.girder_item, progress=Progress(mode='auto'))
 
 
 def run_batch(args):
     from .cohort import GirderFolder, batch
+    from .girder_api import check_transport
 
     girder = None
     if args.girder_url or args.girder_folder:
         if not (args.girder_url and args.girder_folder) or args.source:
             raise CellRCNNError('give either a folder of slides or both --girder-url and --folder')
+        check_transport(args.girder_url, args.insecure_http)
         girder = GirderFolder(args.girder_url, args.girder_token, args.girder_folder)
     elif not args.source:
         raise CellRCNNError('give a folder of slides, or --girder-url and --folder')
@@ -162,8 +166,10 @@ def _report_held_out(model, cfg, device):
 
 
 def run_train_girder(args):
+    from .girder_api import check_transport
     from .girder_training import train_from_girder, training_summary_lines
 
+    check_transport(args.girder_url, args.insecure_http)
     settings = settings_from_args(AnnotationTrainingSettings, args)
     result = train_from_girder(args.girder_url, args.girder_token, args.girder_folder, args.annotation_name,
                                args.output, settings, output_folder=args.output_folder, name=args.name,

@@ -5,17 +5,62 @@ errors, and the few calls the project makes (folders of slides, downloads, uploa
   honoured); a retried create first checks whether the lost attempt landed, so a retry never duplicates.
   4xx answers are never retried.
 - Every failure is one :class:`CellRCNNError` line (naming local files that are kept, when there are any).
+- What a server answers is not trusted with local paths: ids must be Girder ObjectIds (:func:`object_id`), names
+  become one safe path component (:func:`safe_name`), and a download lands only inside the folder the caller gives
+  it (:func:`download_file`). Plain ``http://`` to a host other than this machine is refused unless asked for
+  (:func:`check_transport`): the token would travel in clear.
 
 Posting annotations is :mod:`cellrcnn.girder_post`; training from annotations is :mod:`cellrcnn.girder_training`.
 """
 
 import contextlib
+import hashlib
+import ipaddress
 import json
 import os
+import re
 import time
+import urllib.parse
 
 from .errors import CellRCNNError
 from .files import atomic_write
+
+#: a Girder id: a MongoDB ObjectId in hex
+OBJECT_ID = re.compile(r'[0-9a-f]{24}')
+#: what a server-given name may not hold in a local file name: path separators and control characters
+_UNSAFE = re.compile(r'[/\\\x00-\x1f\x7f]')
+
+
+def object_id(value, what, api_url):
+    """``value`` when it is a Girder id (24 hex digits), else a one-line CellRCNNError: an id a server answers
+    becomes part of local paths and of later requests."""
+    if isinstance(value, str) and OBJECT_ID.fullmatch(value):
+        return value
+    raise CellRCNNError(f'Girder at {api_url} answered {what} {str(value)[:100]!r}, which is not a Girder id '
+                        '(24 hex digits); refusing to use that server')
+
+
+def safe_name(name):
+    """A name a server gave (an item's, a folder's) as one path component: path separators and control characters
+    become ``_``, and an empty name, ``.`` or ``..`` becomes ``_``."""
+    name = _UNSAFE.sub('_', str(name)).strip()
+    return '_' if name in ('', '.', '..') else name
+
+
+def check_transport(api_url, insecure_http=False):
+    """Refuse (one line) a plain ``http://`` URL to a host other than this machine's loopback, unless
+    ``insecure_http``: the token and the slides would travel in clear, readable and changeable on the way."""
+    parts = urllib.parse.urlsplit(str(api_url or ''))
+    if parts.scheme != 'http' or insecure_http:
+        return
+    host = parts.hostname or ''
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == 'localhost'
+    if not loopback:
+        raise CellRCNNError(f'{api_url} is plain http:// to another machine: the Girder token would travel in clear; '
+                            'use https://, or give --insecure-http if the network between is trusted')
 
 
 def _transient(status):
@@ -150,32 +195,68 @@ class GirderConnection:
 
 
 def folder_slides(api_url, token, folder_id, retries=4, backoff=1.0, timeout=60):
-    """Every large-image item in a Girder folder and its subfolders, in path order.
+    """Every large-image item in a Girder folder and its subfolders, in path order. Every id the server answers is
+    checked (:func:`object_id`): a server that answers another kind of id is refused in one line.
 
-    :returns: a list of dicts ``{"item_id", "file_id" (the image file), "name", "path" (folder names and the item
-        name joined by "/", relative to the folder), "meta"}``."""
+    :returns: a list of dicts ``{"item_id", "file_id" (the image file), "version" (what identifies the file's bytes:
+        its ``size``, ``created`` (Girder renews it when the bytes are replaced), ``updated`` and ``sha512``, as far as
+        Girder gives them), "name", "path" (folder names and the item name joined by "/", relative to the folder),
+        "folders" (the names of the folders on the way, a list), "meta"}``."""
     server = GirderConnection(api_url, token, retries, backoff, timeout, None)
     slides = []
     with server.session():
         server.user()
         server.get('reading the folder', f'folder/{folder_id}', item_id=folder_id)
-        todo = [(folder_id, '')]
+        todo = [(folder_id, [])]
         while todo:
-            fid, prefix = todo.pop()
+            fid, folders = todo.pop()
+            prefix = ''.join(f'{f}/' for f in folders)
             items = server.get('listing the folder', 'item', {'folderId': fid, 'limit': 0, 'sort': 'name'})
             for item in items:
                 large = item.get('largeImage') or {}
                 if large.get('fileId') and not large.get('expected'):
-                    slides.append({'item_id': item['_id'], 'file_id': large['fileId'], 'name': item['name'],
-                                   'path': prefix + item['name'], 'meta': item.get('meta') or {}})
+                    item_id = object_id(item.get('_id'), 'an item id', api_url)
+                    file_id = object_id(large['fileId'], 'a file id', api_url)
+                    file = server.get(f'reading the image file of {prefix}{item["name"]}', f'file/{file_id}')
+                    slides.append({'item_id': item_id, 'file_id': file_id, 'name': item['name'],
+                                   'version': {k: file.get(k) for k in ('size', 'created', 'updated', 'sha512')},
+                                   'path': prefix + item['name'], 'folders': folders, 'meta': item.get('meta') or {}})
             subfolders = server.get('listing the folder', 'folder',
                                     {'parentType': 'folder', 'parentId': fid, 'limit': 0, 'sort': 'name'})
-            todo.extend((sub['_id'], f'{prefix}{sub["name"]}/') for sub in reversed(subfolders))
+            todo.extend((object_id(sub.get('_id'), 'a folder id', api_url), [*folders, sub['name']])
+                        for sub in reversed(subfolders))
     return sorted(slides, key=lambda s: s['path'])
 
 
-def download_file(api_url, token, file_id, path, retries=4, backoff=1.0, timeout=600):
-    """Download a Girder file to ``path`` (written whole or not at all)."""
+def download_path(root, item_id, file_id, version, name):
+    """Where the file of a :func:`folder_slides` slide (its ids, version and name) is downloaded under the folder
+    ``root``:
+    ``root/<item id>/<version key>/<safe name>``, the version key a hash of the file's id and version, so that a
+    download of bytes Girder has since replaced is never taken for the new ones. ``root`` is resolved: the path holds
+    no link."""
+    key = hashlib.sha256(json.dumps([file_id, version], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(os.path.realpath(root), item_id, key, safe_name(name))
+
+
+def inside(path, root):
+    """Whether ``path`` (absolute) lies inside the folder ``root`` with no link on the way, so that writing or
+    deleting it touches only what is under ``root``."""
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([path, real_root]) == real_root and os.path.realpath(path) == path
+
+
+def download_file(api_url, token, file_id, path, root, retries=4, backoff=1.0, timeout=600):
+    """Download a Girder file to ``path`` (written whole or not at all), unless a file is there already (from
+    :func:`download_path`, whose path holds the file's version, it is an earlier download of the same bytes).
+    ``path`` must lie :func:`inside` the folder ``root`` (a link planted on the way, or a path built from what a
+    server said, is refused in one line); missing folders are made, readable only by their owner. :returns: path."""
+    path = os.path.abspath(path)
+    if not inside(path, root):
+        raise CellRCNNError(f'refusing to download Girder file {file_id} to {path}: it is not inside '
+                            f'{os.path.realpath(root)}, or a link is on the way')
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     server = GirderConnection(api_url, token, retries, backoff, timeout, None)
     with server.session(), atomic_write(path, 'download', binary=True) as f:
         def download():  # a retry starts the file over

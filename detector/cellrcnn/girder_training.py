@@ -320,22 +320,20 @@ def _check_output_folder(api_url, token, folder_id):
 
 def _read_samples(api_url, token, slides, heldout_slides, base, out_dir, settings, size_point_boxes, sample_size,
                   type_index, advance, say):
-    """Download each labelled slide into ``out_dir/slides`` (kept for the next run), read its annotated region at
+    """Download each labelled slide into ``out_dir/slides`` (``girder_api.download_path``: kept for the next run,
+    downloaded again once Girder's file changes), read its annotated region at
     the starting model ``base``'s resolution and cut it into samples (with cell types by ``type_index``:
     :func:`cellrcnn.labelled_slides.region_samples`). :returns: ``(train_samples, heldout_samples)``."""
-    from .girder_api import download_file
+    from .girder_api import download_file, download_path
     from .slide import Slide, magnification_from_mpp
 
     st = settings
     download_dir = os.path.join(out_dir, 'slides')
-    os.makedirs(download_dir, exist_ok=True)
     train_samples, heldout_samples = [], []
     for i, labelled in enumerate(slides):
         advance(2 + int(18 * i / len(slides)), f'reading {labelled.path}')
-        local = os.path.join(download_dir, f'{labelled.item_id}-{_slug(labelled.name)}')
-        if not os.path.exists(local):
-            download_file(api_url, token, labelled.file_id, local)
-        labelled.local_path = local
+        local = download_path(download_dir, labelled.item_id, labelled.file_id, labelled.version, labelled.name)
+        labelled.local_path = download_file(api_url, token, labelled.file_id, local, download_dir)
         slide = Slide(local, magnification=magnification_from_mpp(base.config.mpp))
         prepare_slide(labelled, slide, st.point_size_um)
         held = labelled in heldout_slides

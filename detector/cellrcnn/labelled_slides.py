@@ -25,6 +25,7 @@ class LabelledSlide:
     path: str  #: path inside the Girder folder
     item_id: str
     file_id: str
+    version: dict  #: what identifies the file's bytes (``girder_api.folder_slides``)
     annotation_ids: list
     #: who made each of ``annotation_ids`` (a login, or a user id the token may not read)
     annotation_creators: list
@@ -142,9 +143,12 @@ def find_labelled_slides(api_url, token, folder_id, annotation_names,
                 say(f'{slide["path"]}: annotation {called} holds no nuclei; skipped')
                 continue
             creators = [_login(server, d.get('creatorId'), logins) for d in chosen]
-            labelled.append(read_nuclei(LabelledSlide(slide['name'], slide['path'], slide['item_id'], slide['file_id'],
-                                                      [d['_id'] for d in chosen], creators, counts, region,
-                                                      docs=nucleus_docs), class_from))
+            found = LabelledSlide(slide['name'], slide['path'], slide['item_id'], slide['file_id'], slide['version'],
+                                  [d['_id'] for d in chosen], creators, counts, region, docs=nucleus_docs)
+            try:  # every slide's annotations are read, and checked, before anything is downloaded
+                labelled.append(read_nuclei(found, class_from))
+            except CellRCNNError as exc:
+                raise CellRCNNError(f'{slide["path"]}: {exc}') from None
     if not labelled:
         present = ', '.join(f'{n!r} ({k})' for n, k in sorted(names.items(), key=lambda x: str(x[0])))
         raise CellRCNNError(f'no annotation named {called} on the {len(slides)} slide(s) of Girder folder '
@@ -193,7 +197,7 @@ def read_nuclei(labelled, class_from=AnnotationTrainingSettings.class_from):
     inside = np.ones(len(boxes), bool) if labelled.region is None else \
         _centres_inside(np.hstack([centres, centres]), labelled.region)
     if not inside.any():
-        raise CellRCNNError(f'{labelled.path}: no annotated nucleus lies inside its region')
+        raise CellRCNNError('no annotated nucleus lies inside its region')
     labelled.boxes, labelled.centres = boxes[inside], centres[inside]
     labelled.is_point = np.isnan(labelled.boxes[:, 0])
     labelled.classes = np.array(nuclei['classes'], dtype=object)[inside]
