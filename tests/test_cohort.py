@@ -278,6 +278,42 @@ def test_a_girder_folder_cohort_posts_each_result_to_its_slide(server, synthetic
         assert nuclei[0]['_elementCount'] == int(strict[path]['cells']) < int(rows[path]['cells'])
 
 
+def test_girder_names_holding_slashes_get_result_folders_of_their_own(server, synthetic_slide, tmp_path):
+    """An item named ``x/y.tiff``, an item ``y.tiff`` in a folder ``x`` and an item ``x_y.tiff``: before, the first
+    two shared ``OUT/slides/x/y.tiff``; now each result folder is a safe name ending in its item's id."""
+    from cellrcnn.cohort import GirderFolder, girder_slides
+
+    gc = server.client()
+    top = gc.createFolder(server.collection_id, 'names', parentType='collection')['_id']  # apart from the others
+    sub = gc.createFolder(top, 'x')['_id']
+    path = synthetic_slide(320, 256, seed=43)[0]
+    items = [server.upload_slide(path, name, folder_id=folder)[0]
+             for name, folder in (('xy.tiff', top), ('y.tiff', sub), ('x_y.tiff', top))]
+    assert gc.put(f'item/{items[0]}', parameters={'name': 'x/y.tiff'})['name'] == 'x/y.tiff'  # an upload drops 'x/'
+    slides = girder_slides(GirderFolder(server.api_url, server.token, top), str(tmp_path))
+    assert sorted(s.item_id for s in slides) == sorted(items)
+    assert len({s.folder for s in slides}) == 3 and all(s.output.endswith(f'-{s.item_id}') for s in slides)
+    assert all(s.folder.startswith(str(tmp_path / 'slides') + os.sep) for s in slides)
+
+
+def test_a_girder_slide_whose_bytes_are_replaced_is_downloaded_and_computed_again(server, synthetic_slide, tmp_path):
+    """Girder keeps a file's id when its bytes are replaced (``PUT file/{id}/contents``): the cohort knows the file
+    by its id and version (size, created, updated, sha512), so the new bytes are downloaded and detected again."""
+    gc = server.client()
+    folder = gc.createFolder(server.collection_id, 'replaced', parentType='collection')['_id']
+    item_id, file_id = server.upload_slide(synthetic_slide(320, 256, seed=44)[0], 'scan.tiff', folder_id=folder)
+    girder = ('--girder-url', server.api_url, '--girder-token', server.token, '--folder', folder)
+    code, _, err, first = run_batch('-o', tmp_path, '--tile-size', '256', *girder)
+    assert code == 0 and first['scan.tiff']['status'] == 'done', err
+    other = synthetic_slide(480, 384, seed=45)[0]
+    with open(other, 'rb') as f:
+        gc.uploadFileContents(file_id, f, os.path.getsize(other))
+    code, _, err, second = run_batch('-o', tmp_path, '--tile-size', '256', *girder)
+    assert code == 0 and second['scan.tiff']['status'] == 'done', err  # before: skipped, the old result kept
+    assert second['scan.tiff']['cells'] != first['scan.tiff']['cells']
+    assert second['scan.tiff']['tissue_mm2'] != first['scan.tiff']['tissue_mm2']
+
+
 # --------------------------------------------------------------------------- cell types (a classified model)
 
 def test_cell_type_columns_count_density_fraction_and_lymphocytes_per_tumour_cell():

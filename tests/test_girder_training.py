@@ -138,6 +138,25 @@ def test_the_task_reports_a_bad_folder_in_one_line(server, tmp_path):
     assert 'folder' in run.stderr and not (tmp_path / 'model.pt').exists()
 
 
+@girder
+def test_a_rectangle_of_negative_size_is_one_line_naming_it_before_any_download(server, synthetic_slide, tmp_path):
+    """Girder stores a rectangle with negative width and height when a valid element comes first; before, training
+    downloaded every slide and then stopped in a torchvision assertion."""
+    gc = server.client()
+    folder = gc.createFolder(server.collection_id, 'negative', parentType='collection')['_id']  # apart from the cohort
+    item_id, _ = server.upload_slide(synthetic_slide(320, 256, seed=51)[0], 'neg.tiff', folder_id=folder)
+    good = {'type': 'rectangle', 'center': [50, 50, 0], 'width': 10, 'height': 12, 'rotation': 0}
+    annotation = gc.post('annotation', parameters={'itemId': item_id}, json={
+        'name': 'nuclei', 'elements': [good, {**good, 'center': [90, 90, 0], 'width': -10, 'height': -12}]})
+    element_id = gc.get(f'annotation/{annotation["_id"]}')['annotation']['elements'][1]['id']
+    with pytest.raises(CellRCNNError) as info:
+        train_from_girder(server.api_url, server.token, folder, 'nuclei', str(tmp_path / 'run'),
+                          AnnotationTrainingSettings(steps=1, device='cpu'))
+    assert str(info.value) == (f"neg.tiff: annotation 'nuclei' element 1 (id {element_id}): a rectangle of negative "
+                               'size (width -10, height -12); correct or delete it')
+    assert not (tmp_path / 'run').exists()
+
+
 def test_held_out_slides():
     assert holdout_count(1, 3) == 1 and holdout_count(0.25, 8) == 2 and holdout_count('2', 5) == 2
     for bad, n in ((3, 3), (0, 3), (1.5, 3), ('x', 3), (1, 1)):

@@ -251,13 +251,19 @@ def _bounding_boxes(geometry):
 
 
 def _geometry(d, ei, el, point_box_size):
-    """:func:`_element_geometry`, with a one-line error naming the element when it is malformed."""
+    """:func:`_element_geometry`, with a one-line error naming the element (its index, and its id when it has one)
+    when it is malformed or has a negative width, height or radius (Girder stores such a rectangle; as a box it
+    would have its corners swapped)."""
+    where = f'annotation {d.get("name")!r} element {ei}' + (f' (id {el["id"]})' if el.get('id') else '')
     try:
-        return _element_geometry(el, point_box_size)
+        geometry = _element_geometry(el, point_box_size)
     except (KeyError, IndexError, TypeError, ValueError):
         raise CellRCNNError(
-            f'annotation {d.get("name")!r} element {ei}: malformed {el["type"]} '
-            '(missing or non-numeric center/width/height/radius/points)') from None
+            f'{where}: malformed {el["type"]} (missing or non-numeric center/width/height/radius/points)') from None
+    if geometry[2] < 0 or geometry[3] < 0:
+        raise CellRCNNError(f'{where}: a {el["type"]} of negative size (width {geometry[2]:g}, height '
+                            f'{geometry[3]:g}); correct or delete it')
+    return geometry
 
 
 def _element_class(el):
