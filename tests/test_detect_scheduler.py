@@ -1,13 +1,16 @@
 """`cellrcnn detect --scheduler`: tile batches on Dask workers give what the same command gives here, with every
-override of the detector (anchor density, score threshold, NMS) reaching the workers."""
+override of the detector (anchor density, score threshold, NMS) reaching the workers; which schedulers the command
+and the DSA task may use (docs/security.md)."""
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+CLI_DIR = os.path.join(os.path.dirname(__file__), '..', 'cli')
 OVERRIDES = ['--anchor-upsample', '2', '--threshold', '0.05', '--nms', '0.3']
 
 
@@ -35,3 +38,49 @@ def test_the_scheduler_runs_the_detector_the_options_ask_for(slide, tiny_checkpo
     np.testing.assert_allclose(spread, here, atol=0.02)
     _, plain = detect(slide, tiny_checkpoint, tmp_path / 'plain')
     assert plain.shape != here.shape or not np.allclose(plain, here, atol=0.02)  # the overrides change the result
+
+
+@pytest.fixture(scope='module')
+def loopback_cluster():
+    """A real dask.distributed scheduler on 127.0.0.1 with one worker process (which imports cellrcnn as we do)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host='127.0.0.1',
+                      dashboard_address=None) as cluster:
+        yield cluster
+
+
+def ran_on(cluster):
+    return 'run_batch_on_worker' in cluster.scheduler.task_prefixes
+
+
+def test_detect_runs_on_a_scheduler_on_loopback(slide, tiny_checkpoint, tmp_path, loopback_cluster):
+    assert loopback_cluster.scheduler_address.startswith('tcp://127.0.0.1:')
+    _, boxes = detect(slide, tiny_checkpoint, tmp_path, '--scheduler', loopback_cluster.scheduler_address)
+    assert len(boxes) and ran_on(loopback_cluster)
+
+
+def test_the_task_takes_no_scheduler_from_its_user_but_the_administrators(slide, tiny_checkpoint, tmp_path,
+                                                                         loopback_cluster):
+    """A DSA user's scheduler could run code in the task (which holds the job's Girder token): the task refuses the
+    address of a real, listening scheduler; the address the worker's administrator sets is used."""
+    from cellrcnn.dask_cluster import SCHEDULER_ENV
+
+    def task(*options, env=None):
+        return subprocess.run([sys.executable, '-m', 'slicer_cli_web.cli_list_entrypoint', 'CellDetection', str(slide),
+                               str(tmp_path / 'nuclei.anot'), '--model_file', str(tiny_checkpoint),
+                               '--analysis_tile_size', '256', '--device', 'cpu', '--api-url', '', '--girder-token', '',
+                               *options], cwd=CLI_DIR, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, **(env or {})})
+
+    address = loopback_cluster.scheduler_address
+    before = ran_on(loopback_cluster)
+    for asked in address, 'localhost:8786', 'local', f'local:{os.cpu_count() + 1}':
+        refused = task('--scheduler', asked)
+        assert refused.returncode == 2 and refused.stderr.count('\n') == 1, refused.stderr
+        assert refused.stderr.startswith('CellDetection: error: ')
+    assert 'the scheduler parameter takes only local:N' in task('--scheduler', address).stderr
+    assert ran_on(loopback_cluster) == before
+    done = task(env={SCHEDULER_ENV: address})
+    assert done.returncode == 0, done.stderr
+    assert ran_on(loopback_cluster) and json.loads((tmp_path / 'nuclei.anot').read_text())['elements']

@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from cellrcnn.errors import CellRCNNError
 from cellrcnn.settings import AnnotationTrainingSettings, DetectionSettings
 
 CLI_DIR = os.path.join(os.path.dirname(__file__), '..', 'cli')
@@ -107,3 +108,42 @@ def test_the_task_keeps_the_cell_types_it_is_given():
     for value, classes in ([''], None), (['tumour', ' stromal'], ('tumour', 'stromal')):  # as slicer_cli_web splits
         given.classes = value
         assert settings_from(given).classes == classes
+
+
+def numeric_parameters(task):
+    """``{name: (minimum, maximum, step)}`` of the task's integer and double parameters, from their constraints."""
+    root = ET.parse(os.path.join(CLI_DIR, task, f'{task}.xml')).getroot()
+    found = {}
+    for element in [*root.iter('integer'), *root.iter('double')]:
+        kind = int if element.tag == 'integer' else float
+        found[element.findtext('name')] = tuple(kind(element.findtext(f'constraints/{bound}'))
+                                                for bound in ('minimum', 'maximum', 'step'))
+    return found
+
+
+def test_the_task_bounds_are_the_library_bounds():
+    """Every number a DSA user can type is bounded in the XML (what HistomicsUI shows) as the library bounds it: each
+    bound passes DetectionSettings.validate, a step beyond it is refused (a minimum of -1 is 'the model's or the
+    slide's own', which the task reads as None)."""
+    settings_from = task_module('CellDetection').settings_from
+    parameters = numeric_parameters('CellDetection')
+    assert set(parameters) == {'threshold', 'nms_iou', 'adapt_tiles', 'analysis_mag', 'base_mpp', 'analysis_tile_size',
+                               'tile_overlap', 'min_tissue_frac', 'batch_size'}
+
+    def settings(name, value):
+        given = xml_defaults('CellDetection')
+        setattr(given, name, value)
+        if name == 'tile_overlap':  # below half the tile size: the largest tile takes the largest overlap
+            given.analysis_tile_size = parameters['analysis_tile_size'][1]
+        if name == 'analysis_tile_size':  # and the smallest tile the smallest overlap
+            given.tile_overlap = parameters['tile_overlap'][0]
+        return settings_from(given)
+
+    for name, (low, high, step) in parameters.items():
+        settings(name, high).validate()
+        settings(name, low).validate()
+        with pytest.raises(CellRCNNError, match='must be between'):
+            settings(name, high + step).validate()
+        if low != -1:
+            with pytest.raises(CellRCNNError, match='must be between'):
+                settings(name, low - step).validate()

@@ -3,7 +3,7 @@ test_tiling.py)."""
 
 import cv2
 import histomicstk  # noqa: F401  (required, as large_image is: a broken install fails here rather than skipping)
-import large_image  # noqa: F401
+import large_image
 import numpy as np
 import pytest
 import pyvips
@@ -63,6 +63,18 @@ def test_magnification_above_native(slide20x):
 def test_bad_scale_arguments(slide20x, kwargs, match):
     with pytest.raises(CellRCNNError, match=match):
         Slide(slide20x[0], **kwargs)
+
+
+def test_a_slide_with_huge_tiles_is_refused_before_a_pixel_is_decoded(tmp_path):
+    """A 3 MB TIFF whose one JPEG tile is 16384² (805 MB decoded as RGB, more through the tissue mask's reads)."""
+    path = str(tmp_path / 'huge.tiff')
+    (pyvips.Image.black(16384, 16384) + 200).cast('uchar').tiffsave(
+        path, tile=True, tile_width=16384, tile_height=16384, compression='jpeg', Q=50, xres=2000, yres=2000,
+        resunit='cm')
+    assert large_image.open(path).getMetadata()['tileWidth'] == 16384
+    with pytest.raises(CellRCNNError, match=f'^cannot open slide {path}: its tiles are 16384x16384 pixels, more '
+                                            r'than the 16777216 \(4096x4096\)'):
+        Slide(path)
 
 
 def test_slide_without_resolution_needs_mpp(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.slide import Slide
-from cellrcnn.tiling import _spans, prefetch, tile_grid
+from cellrcnn.tiling import MAX_TILES, _spans, prefetch, tile_grid
 
 # ---------------------------------------------------------------------------------------------------------------
 # tile grid
@@ -107,6 +107,17 @@ def test_bad_roi(slide20x, roi):
 def test_bad_tile_size_or_overlap(slide20x, size, overlap):
     with pytest.raises(CellRCNNError, match='tile'):
         tile_grid(Slide(slide20x[0]), tile_size=size, overlap=overlap, min_tissue=0.05)
+
+
+def test_a_grid_of_too_many_tiles_is_refused_before_it_is_built(slide20x):
+    """Tile 65 overlapping by 64 over 16384 x 12288 analysis px (the slide analysed at 8x its magnification) would
+    make 200 M tiles: refused from their count, before the tissue mask or any tile is made."""
+    slide = Slide(slide20x[0], magnification=160, allow_upsample=True)
+    assert slide.size == (16384, 12288)
+    with pytest.raises(CellRCNNError, match=r'^16320 x 12224 tiles of 65 px overlapping by 64 over 16384x12288 '
+                                            f'analysis px of {slide20x[0]} are more than {MAX_TILES}: use larger'):
+        tile_grid(slide, tile_size=65, overlap=64, min_tissue=0.05)
+    assert len(tile_grid(slide, tile_size=4096, overlap=64, min_tissue=0.05)) == 20
 
 
 def test_min_tissue_zero_keeps_everything(slide20x):

@@ -5,6 +5,7 @@ import sys
 
 from slicer_cli_web import CLIArgumentParser
 
+from cellrcnn.dask_cluster import SCHEDULER_ENV, scheduler_route
 from cellrcnn.errors import CellRCNNError, run_reporting_errors
 from cellrcnn.exports import detection_summary_lines
 from cellrcnn.job import detect_to_files
@@ -22,7 +23,19 @@ def settings_from(args):
         threshold=args.threshold if args.threshold >= 0 else None,
         nms=args.nms_iou if args.nms_iou >= 0 else None, anchor_upsample=args.anchor_upsample or None,
         adapt_tiles=args.adapt_tiles, element=args.element_type, batch_size=args.batch_size, device=args.device,
-        scheduler=args.scheduler or None, progress='slicer', classes=_classes(args.classes))
+        scheduler=_scheduler(args.scheduler), progress='slicer', classes=_classes(args.classes))
+
+
+def _scheduler(asked):
+    """Where the tiles run: the task's user may ask for ``local:N`` only (a scheduler of their choosing could run
+    code in the task, which holds the job's Girder token); else the cluster the worker's administrator names in
+    :data:`SCHEDULER_ENV` (checked as ``cellrcnn detect --scheduler`` is); else this process (None)."""
+    if asked:
+        if scheduler_route(asked)[0] is None:
+            raise CellRCNNError(f'the scheduler parameter takes only local:N; a Dask cluster for this task is set by '
+                                f'the administrator of its worker ({SCHEDULER_ENV})')
+        return asked
+    return os.environ.get(SCHEDULER_ENV) or None
 
 
 def _classes(names):

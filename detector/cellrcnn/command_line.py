@@ -117,8 +117,9 @@ def _add_detect(sub):
     p.add_argument('-o', '--output', required=True, help='output folder')
     p.add_argument('--roi', type=_roi, help='region of interest X,Y,W,H in base pixels (default: the whole slide)')
     _add_detection_options(p)
-    p.add_argument('--scheduler', help='run tile batches on a dask.distributed cluster at this address, '
-                                       'or on N local processes with local:N')
+    p.add_argument('--scheduler', help='run tile batches on N local processes (local:N), or on the dask.distributed '
+                                       'scheduler at tcp://127.0.0.1:PORT or tls://HOST:PORT (with the client '
+                                       "certificate of Dask's configuration; docs/security.md)")
     p.add_argument('--progress', choices=MODES, default=DetectionSettings.progress)
     p.add_argument('--no-resume', action='store_true', help='do not keep or reuse partial results')
     group = p.add_argument_group('posting to Girder / the Digital Slide Archive')
@@ -141,8 +142,9 @@ def _add_batch(sub):
                    help='output folder: OUT/slides/<slide path>/ per slide, OUT/cohort.csv; a second run skips done '
                         'slides')
     _add_detection_options(p)
-    p.add_argument('--scheduler', help='spread the slides over a dask.distributed cluster at this address, '
-                                       'or over N local processes with local:N')
+    p.add_argument('--scheduler', help='spread the slides over N local processes (local:N), or over the '
+                                       'dask.distributed scheduler at tcp://127.0.0.1:PORT or tls://HOST:PORT (with '
+                                       "the client certificate of Dask's configuration; docs/security.md)")
     group = p.add_argument_group('slides from Girder / the Digital Slide Archive (results are posted back)')
     _add_server_options(group)
     group.add_argument('--folder', dest='girder_folder', help='id of the Girder folder (its subfolders too)')

@@ -3,12 +3,19 @@
 Workers get the detector's :class:`cellrcnn.inference.DetectorSpec` and the BatchNorm statistics it runs with (as
 adapted to the slide), and build the detector from them exactly as it is built here; the slide is reopened with its
 own ``open_args``. The merge and the resume files stay with the caller.
+
+A client unpickles what the scheduler and its workers send, so a scheduler can run code in the client's process:
+:func:`scheduler_route` accepts only a cluster of local processes (``local:N``), a scheduler on this machine's
+loopback (``tcp://127.0.0.1:PORT``) or one reached over TLS with the client certificate and CA of Dask's own
+configuration (``tls://HOST:PORT``). The DSA task takes only ``local:N`` from its user; a cluster it may use is named
+by :data:`SCHEDULER_ENV`, set by whoever runs the worker (docs/security.md).
 """
 
 import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 
 from .adapt import batchnorm_stats
@@ -43,22 +50,63 @@ def dask_batches(slide, detector, todo, scheduler, timing):
         close_dask(client, scheduler)
 
 
+#: the environment variable of a DSA worker that names the Dask scheduler the CellDetection task runs its tiles on;
+#: set by whoever runs the worker, never by the task's user (whose ``scheduler`` parameter takes only ``local:N``)
+SCHEDULER_ENV = 'CELLRCNN_DASK_SCHEDULER'
+
+_LOCAL = re.compile(r'local:([0-9]{1,9})')
+_LOOPBACK = re.compile(r'tcp://127\.0\.0\.1:([0-9]{1,5})')
+_TLS = re.compile(r'tls://[A-Za-z0-9.-]+:([0-9]{1,5})')
+
+
+def scheduler_route(scheduler):
+    """How to reach a scheduler setting, matched exactly, else a one-line CellRCNNError:
+    ``local:N`` (N from 1 to this machine's cores) gives ``(N, None)``; ``tcp://127.0.0.1:PORT`` gives
+    ``(None, None)``; ``tls://HOST:PORT`` gives ``(None, security)``, a ``distributed.security.Security`` that requires
+    encryption, with the CA and client certificate of Dask's configuration (``distributed.comm.tls.ca-file``,
+    ``.client.cert``, ``.client.key``, e.g. ``DASK_DISTRIBUTED__COMM__TLS__CA_FILE``), refused without them."""
+    scheduler = os.fspath(scheduler)
+    text = repr(scheduler)[:60]
+    local = _LOCAL.fullmatch(scheduler)
+    if local or scheduler.startswith('local'):
+        cores = os.cpu_count() or 1
+        if not local or not 1 <= int(local[1]) <= cores:
+            raise CellRCNNError(f'scheduler {text}: local:N takes a whole number N of processes from 1 to this '
+                                f"machine's {cores} cores")
+        return int(local[1]), None
+    remote = _LOOPBACK.fullmatch(scheduler) or _TLS.fullmatch(scheduler)
+    if not remote or not 1 <= int(remote[1]) <= 65535:
+        raise CellRCNNError(f'scheduler {text} is not local:N, tcp://127.0.0.1:PORT or tls://HOST:PORT (a scheduler '
+                            'on another machine is reached only over TLS with client certificates)')
+    if scheduler.startswith('tcp://'):
+        return None, None
+    from distributed.security import Security
+
+    security = Security(require_encryption=True)
+    if not (security.tls_ca_file and security.tls_client_cert):
+        raise CellRCNNError(f'scheduler {text}: tls:// needs a CA and a client certificate in Dask\'s configuration '
+                            '(distributed.comm.tls.ca-file, .client.cert, .client.key)')
+    return None, security
+
+
 def connect_dask(scheduler):
-    """A client for a scheduler address, or for a new LocalCluster of N single-threaded processes ('local:N')."""
+    """A client for a scheduler address, or for a new LocalCluster of N single-threaded processes ('local:N'); what
+    :func:`scheduler_route` accepts."""
     from distributed import Client, LocalCluster
 
+    workers, security = scheduler_route(scheduler)
     try:
-        if scheduler.startswith('local'):
-            n = int(scheduler.partition(':')[2] or os.cpu_count())
-            return Client(LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None))
-        return Client(scheduler, timeout='15s')
+        if workers:
+            return Client(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None))
+        return Client(scheduler, timeout='15s', security=security)
     except (OSError, TimeoutError, ValueError) as exc:
         raise CellRCNNError(f'cannot reach the Dask scheduler {scheduler!r}: {str(exc).splitlines()[0]}') from None
 
 
 def close_dask(client, scheduler):
     """Close a client of :func:`connect_dask`, and the local cluster it started for 'local:N'."""
-    cluster = client.cluster if scheduler.startswith('local') else None
+    cluster = client.cluster if scheduler_route(scheduler)[0] else None
     client.close()
     if cluster is not None:
         cluster.close()

@@ -2,7 +2,8 @@
 
 ``cellrcnn detect`` / ``batch`` (``__main__``), the DSA tasks (``cli/*/*.xml``; a test checks their defaults against
 these) and the library all take their defaults from here: the stages (``tiling``, ``inference``, ``slide_detection``)
-take these values as required arguments and keep no defaults of their own, and this module imports none of them.
+take these values as required arguments and keep no defaults of their own, and this module imports none of them
+(a scheduler's address is checked by ``dask_cluster``, imported when one is given).
 None means "the model's or the slide's own value".
 """
 
@@ -17,6 +18,16 @@ from .errors import CellRCNNError
 #: what a setting of each declared type accepts, and the words for it in an error
 _KINDS = {int: (numbers.Integral, 'a whole number'), float: (numbers.Real, 'a number'),
           str: ((str, os.PathLike), 'a string'), tuple: ((tuple, list), 'a sequence')}
+
+
+#: the values each numeric detection setting may take, ``(lowest, highest)``, both allowed; the overlap is also below
+#: half the tile size. They keep a run's memory in bounds whoever asks for it (a DSA task is started by any user):
+#: the tile side bounds one read (4096² analysis px: 48 MiB of RGB), the batch the model's input, ``adapt_tiles`` the
+#: crops adaptation holds, ``workers`` the reader threads. The DSA task's XML states the same bounds in its
+#: ``constraints`` (tests/test_slicer_cli.py checks that they agree); docs/security.md lists them.
+BOUNDS = {'magnification': (1.0, 100.0), 'mpp': (0.05, 20.0), 'tile_size': (64, 4096), 'overlap': (16, 2047),
+          'min_tissue': (0.0, 1.0), 'threshold': (0.0, 1.0), 'nms': (0.0, 1.0), 'adapt_tiles': (0, 256),
+          'batch_size': (1, 64), 'workers': (0, 32)}
 
 
 def _declared(annotation):
@@ -88,7 +99,8 @@ class DetectionSettings(ResultSettings):
     #: tile reader threads
     workers: int = 2
     device: str = 'auto'
-    #: a dask.distributed scheduler address, or 'local:N'
+    #: where tile batches run: 'local:N' (N local processes) or a scheduler address that
+    #: :func:`cellrcnn.dask_cluster.scheduler_route` accepts (None: in this process)
     scheduler: str | None = None
     #: 'auto', 'bar', 'slicer' or 'none' (``progress.Progress``)
     progress: str = 'auto'
@@ -98,14 +110,13 @@ class DetectionSettings(ResultSettings):
         return ResultSettings(**self.identity())
 
     def validate(self) -> 'DetectionSettings':
-        """Check these settings once, where a run starts (``job``, ``cohort``): each is of its declared kind (a whole
-        number, a number, a string, a sequence; None only where None means the model's or the slide's own value), else
-        a one-line CellRCNNError. The values each may take are checked by the stage that uses them, once:
-        ``tiling.tile_grid`` (tile size, overlap, minimum tissue), ``tiling.prefetch`` (reader threads),
-        ``slide_adaptation.adapt_to_slide`` (adaptation tiles), the model's configuration (threshold, NMS, anchor
-        density), ``inference.Detector`` (batch size), ``slide.Slide`` (magnification, pixel size, ROI), the job
-        (the ``classes`` against the model's cell types: :meth:`type_indices`); ``classes`` must name distinct
-        types here.
+        """Check these settings once, where a run starts (``job``, ``cohort``), each with a one-line CellRCNNError: each
+        is of its declared kind (a whole number, a number, a string, a sequence; None only where None means the model's
+        or the slide's own value); numbers lie within :data:`BOUNDS`, the overlap below half the tile size;
+        ``classes`` name distinct types; a ``scheduler`` is one :func:`cellrcnn.dask_cluster.scheduler_route` accepts.
+        What depends on the slide or the model is checked by the stage that has it: ``tiling.tile_grid`` (the number of
+        tiles), ``slide.Slide`` (the scale, the ROI, the slide's own tile size), the model's configuration (anchor
+        density; NMS above 0), the job (``classes`` against the model's cell types: :meth:`type_indices`).
         :returns: the settings."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -117,6 +128,16 @@ class DetectionSettings(ResultSettings):
         if self.classes is not None and (not self.classes or len(set(self.classes)) != len(self.classes) or
                                          not all(isinstance(name, str) and name for name in self.classes)):
             raise CellRCNNError(f'classes must be distinct cell type names, not {repr(self.classes)[:40]}')
+        for name, (low, high) in BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise CellRCNNError(f'{name} must be between {low:g} and {high:g}, not {value:g}')
+        if not 2 * self.overlap < self.tile_size:
+            raise CellRCNNError(f'overlap must be below half the tile size {self.tile_size}, not {self.overlap}')
+        if self.scheduler is not None:
+            from .dask_cluster import scheduler_route
+
+            scheduler_route(self.scheduler)
         return self
 
 

@@ -35,6 +35,9 @@ large_image keeps decoded tiles in an in-process cache sized at 1/32 of the mach
 24 GB), which a streamed slide fills and never re-reads: peak memory then grows with the slide until the cache is
 full.  Unless the process has set ``cache_tileCache_maximum`` itself, the first Slide caps it at
 :data:`TILE_CACHE_ITEMS` tiles, enough to keep the source tiles under the overlap of neighbouring analysis tiles.
+Any read decodes every source tile it touches whole, so a slide whose own tiles are larger than
+:data:`MAX_TILE_PIXELS` is refused when it is opened, before a pixel is decoded (a 3 MB TIFF can hold one 16384²
+JPEG tile, 805 MB decoded).
 """
 
 import math
@@ -51,6 +54,9 @@ DEFAULT_MAGNIFICATION = 20.0
 MAG_TOLERANCE = 1.05
 #: decoded source tiles large_image may keep in memory (see Memory above); about 64 MB of 256 px RGBA tiles
 TILE_CACHE_ITEMS = 128
+#: the most pixels one of a slide's own tiles may have: 4096², large_image's limit on an image it opens as one tile
+#: (64 MiB decoded as RGBA)
+MAX_TILE_PIXELS = 4096 * 4096
 
 
 def magnification_from_mpp(mpp):
@@ -121,6 +127,7 @@ class Slide:
             self.source = large_image.open(self.path)
             metadata = self.source.getMetadata()
             width, height = int(metadata['sizeX']), int(metadata['sizeY'])
+            tile_width, tile_height = int(metadata['tileWidth']), int(metadata['tileHeight'])
             native = self.source.getNativeMagnification()
         except Exception as exc:  # large_image raises TileSourceError, IOTiffError, ValueError, ... on bad files
             reason = one_line(exc)
@@ -129,6 +136,9 @@ class Slide:
             raise CellRCNNError(f'cannot open slide {self.path}: {reason}') from None
         if width < 1 or height < 1:
             raise CellRCNNError(f'cannot open slide {self.path}: it has no pixels ({width}x{height})')
+        if tile_width * tile_height > MAX_TILE_PIXELS:
+            raise CellRCNNError(f'cannot open slide {self.path}: its tiles are {tile_width}x{tile_height} pixels, more '
+                                f'than the {MAX_TILE_PIXELS} (4096x4096) a read may decode; save it as a tiled pyramid')
         self.base_size = (width, height)
 
         try:

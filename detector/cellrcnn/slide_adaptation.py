@@ -31,17 +31,18 @@ def adaptation_tiles(tiles, count):
 def adapt_to_slide(slide, detector, tiles, count, workers):
     """Re-estimate the detector's BatchNorm statistics on the centre crops (:data:`ADAPT_CROP`) of up to ``count``
     tissue tiles of the slide (:func:`adaptation_tiles`; 0: no adaptation), read at the analysis magnification by
-    ``workers`` threads. Only the backbone runs. :returns: the tiles used (none: the model is left as it was)."""
+    ``workers`` threads. Only the backbone runs. What it holds: the crops (copies, so that no whole tile stays alive
+    behind one) and the few tiles read ahead. :returns: the tiles used (none: the model is left as it was)."""
     if count < 0:
         raise CellRCNNError(f'the number of tiles to adapt to the slide must be 0 (no adaptation) or more, not {count}')
     chosen = adaptation_tiles(tiles, count)
     if chosen:
         images = [_centre_crop(image, ADAPT_CROP)
-                  for _, image in prefetch(slide, chosen, workers=workers, queue=len(chosen))]
+                  for _, image in prefetch(slide, chosen, workers=workers, queue=max(1, workers))]
         reestimate_batchnorm(detector.model, images, detector.device, ADAPT_BATCH)
     return chosen
 
 
 def _centre_crop(image, side):
     y, x = max(0, (image.shape[0] - side) // 2), max(0, (image.shape[1] - side) // 2)
-    return image[y:y + side, x:x + side]
+    return image[y:y + side, x:x + side].copy()

@@ -31,6 +31,10 @@ from .tissue import TissueMask, find_tissue
 if TYPE_CHECKING:
     from .slide import Slide
 
+#: the most tiles a grid may have (about 130 MB of :class:`Tile` objects): counted from the region and the step
+#: before any is made, so that a tiny step over a large region is refused instead of filling the memory
+MAX_TILES = 250_000
+
 
 @dataclass
 class Tile:
@@ -90,7 +94,7 @@ def tile_grid(slide: 'Slide', tile_size: int, overlap: int, min_tissue: float, r
     :param tissue: the slide's :class:`cellrcnn.tissue.TissueMask` (default: found now).
     :param align: tiles start at multiples of this many analysis pixels from the ROI's corner (the model's coarsest
         field), where the tile size and overlap allow.
-    :returns: list of :class:`Tile`.
+    :returns: list of :class:`Tile`; more than :data:`MAX_TILES` is a CellRCNNError.
     """
     tile_size, overlap = int(tile_size), int(overlap)
     if tile_size < 1:
@@ -100,9 +104,13 @@ def tile_grid(slide: 'Slide', tile_size: int, overlap: int, min_tissue: float, r
     if not 0 <= min_tissue <= 1:
         raise CellRCNNError(f'minimum tissue fraction must be between 0 and 1, not {min_tissue}')
     ax0, ay0, ax1, ay1 = slide.roi_to_analysis(roi)
-    tissue = tissue or find_tissue(slide)
     xs = _spans(ax0, ax1 - ax0, tile_size, overlap, align)
     ys = _spans(ay0, ay1 - ay0, tile_size, overlap, align)
+    if len(xs) * len(ys) > MAX_TILES:
+        raise CellRCNNError(f'{len(xs)} x {len(ys)} tiles of {tile_size} px overlapping by {overlap} over '
+                            f'{ax1 - ax0}x{ay1 - ay0} analysis px of {slide.path} are more than {MAX_TILES}: use '
+                            'larger tiles, less overlap or a region of interest')
+    tissue = tissue or find_tissue(slide)
     W, H = slide.base_size
     s = slide.scale
     # a tile's base region is its analysis rectangle times the scale, rounded; tiles at the slide's right/bottom
