@@ -3,14 +3,7 @@ import re
 import pytest
 import torch
 
-from cellrcnn.checkpoint import (
-    BUNDLED_MODEL,
-    load_checkpoint,
-    load_model,
-    require_safe_torch,
-    save_checkpoint,
-    stored_config,
-)
+from cellrcnn.checkpoint import load_checkpoint, load_model, require_safe_torch, save_checkpoint
 from cellrcnn.config import ModelConfig
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.model import build_model
@@ -128,10 +121,6 @@ def test_a_checkpoint_with_the_old_threshold_names_loads_with_their_values(tmp_p
     assert (model.config.threshold, model.config.box_score_thresh) == (0.37, 0.02)
     assert model.roi_heads.score_thresh == 0.02
     assert DetectorSpec(model=str(tmp_path / 'old.pt'), device='cpu', batch_size=1).build().threshold == 0.37
-    bundled = load_checkpoint(BUNDLED_MODEL)  # an old checkpoint, kept as it is
-    assert {'detect_thresh', 'score_thresh'} <= set(bundled['config'])
-    assert (stored_config(bundled).threshold, stored_config(bundled).box_score_thresh) == \
-        (bundled['config']['detect_thresh'], bundled['config']['score_thresh'])
 
 
 @pytest.mark.parametrize('change, message', [
