@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from anchor_ablation import crowded_set  # noqa: E402
 
-from cellrcnn.checkpoint import load_checkpoint, model_from_checkpoint, stored_config  # noqa: E402
+from cellrcnn.checkpoint import BUNDLED_MODEL, load_checkpoint, model_from_checkpoint, stored_config  # noqa: E402
 from cellrcnn.evaluate import evaluate_model  # noqa: E402
 from cellrcnn.inference import Detector  # noqa: E402
 from cellrcnn.samples import labelled_set  # noqa: E402
@@ -83,7 +83,7 @@ def main():
         settings.append((int(pre), int(post), float(iou), float(score)))
     rng = np.random.default_rng(5)
     tiles = [make_tile(rng, size=1024)[0] for _ in range(4)]
-    detectors = {s: Detector(configured(args.model, *s), device='cpu', batch_size=4) for s in settings}
+    detectors = {s: Detector(configured(args.model or BUNDLED_MODEL, *s), device='cpu', batch_size=4) for s in settings}
     seconds = {s: [] for s in settings}
     for detector in detectors.values():
         detector.detect_tiles(tiles)  # warm-up
