@@ -10,6 +10,7 @@ REST API.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -196,6 +197,136 @@ def test_a_region_drawn_with_many_vertices_is_cheap_to_test_nuclei_against():
     expected = (distance < 3000) | ((centres < 500).all(axis=1))
     near_edge = np.abs(distance - 3000) < 1  # the polygon is a 20 000-gon, not the circle
     assert inside.dtype == bool and (inside == expected)[~near_edge].all() and inside.sum() > 50_000
+
+
+# --------------------------------------------------------------------------- big regions
+
+FAR = 3072  #: side of the slides whose two annotated nuclei lie in opposite corners
+TILE_PIXELS = 512 * 512  #: the training tiles' size (held-out tiles: 1024²)
+
+
+def corner_nuclei(boxes):
+    """Rectangle elements of the two nuclei nearest to a slide's top-left and bottom-right corners."""
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    chosen = [boxes[np.argmin(centres.sum(axis=1))], boxes[np.argmax(centres.sum(axis=1))]]
+    return [{'type': 'rectangle', 'center': [float(x1 + x2) / 2, float(y1 + y2) / 2, 0], 'width': float(x2 - x1),
+             'height': float(y2 - y1), 'rotation': 0} for x1, y1, x2, y2 in chosen]
+
+
+@pytest.fixture
+def pixels_read(monkeypatch):
+    """``[(path, width, height), ...]`` of every tile read through ``Slide.read`` while the test runs."""
+    from cellrcnn.slide import Slide
+
+    reads, read = [], Slide.read
+
+    def counted(self, tile):
+        image = read(self, tile)
+        reads.append((self.path, image.shape[1], image.shape[0]))
+        return image
+
+    monkeypatch.setattr(Slide, 'read', counted)
+    return reads
+
+
+def labelled_on(path, elements, region=None):
+    """A :class:`LabelledSlide` of annotation ``elements`` (and a region polygon), read and prepared on ``path``."""
+    from cellrcnn.labelled_slides import LabelledSlide, prepare_slide, read_nuclei
+    from cellrcnn.slide import Slide
+
+    slide = Slide(str(path), magnification=20)
+    labelled = LabelledSlide('far.tiff', 'far.tiff', 'item', 'file', {}, ['annotation-id'], ['me'], {}, region,
+                             docs=[{'name': 'nuclei', 'elements': elements}])
+    return slide, prepare_slide(read_nuclei(labelled), slide)
+
+
+@pytest.mark.parametrize('region', [None, 'labelled'])
+def test_a_region_spanning_the_slide_reads_only_the_tiles_of_its_nuclei(synthetic_slide, pixels_read, region):
+    """Two nuclei in opposite corners (the bounding box of the nuclei, or a labelled region over the whole slide):
+    the tiles read and kept are those of the two nuclei, not the slide between them; before, every tile of the
+    region was read and kept (pixels growing with the region's area)."""
+    from cellrcnn.labelled_slides import region_samples, region_tiles
+
+    path, boxes = synthetic_slide(FAR, FAR, seed=61)
+    outline = [np.array([[0, 0], [FAR, 0], [FAR, FAR], [0, FAR]], float)] if region else None
+    slide, labelled = labelled_on(path, corner_nuclei(boxes), outline)
+    assert np.prod(labelled.region_box[2:]) > 2 * 3e6  # the region is more than twice the cap
+    tiles, whole = region_tiles(slide, labelled, tile_size=512, overlap=64, max_megapixels=3)
+    samples = region_samples(tiles, labelled)
+    assert not whole and 2 <= len(tiles) <= 4  # a nucleus in the overlap of two tiles is in both
+    assert sum(width * height for _, width, height in pixels_read) <= 4 * TILE_PIXELS
+    assert sum(image.nbytes for image, _ in samples) <= 4 * TILE_PIXELS * 3
+    assert sum(len(b) for _, b in samples) >= 2 and all(len(b) for _, b in samples)
+
+
+def test_a_region_that_fits_is_read_whole(synthetic_slide, pixels_read):
+    """Under the cap nothing changes: every tile of the region is a sample, those without nuclei too."""
+    from cellrcnn.labelled_slides import region_samples, region_tiles
+    from cellrcnn.tiling import tile_grid
+
+    path, boxes = synthetic_slide(FAR, FAR, seed=61)
+    slide, labelled = labelled_on(path, corner_nuclei(boxes))
+    tiles, whole = region_tiles(slide, labelled, tile_size=512, overlap=64, max_megapixels=256)
+    grid = tile_grid(slide, tile_size=512, overlap=64, roi=labelled.region_box, min_tissue=0)
+    assert whole and [t for t, _ in tiles] == grid and len(pixels_read) == len(grid) > 4
+    assert sum(not len(b) for _, b in region_samples(tiles, labelled)) >= len(grid) - 4
+
+
+def test_a_region_whose_nuclei_need_more_than_the_cap_is_one_line_before_a_read(synthetic_slide, pixels_read):
+    from cellrcnn.labelled_slides import region_tiles
+
+    path, boxes = synthetic_slide(FAR, FAR, seed=61)
+    elements = [{'type': 'point', 'center': [float(x1 + x2) / 2, float(y1 + y2) / 2, 0]}
+                for x1, y1, x2, y2 in boxes]  # nuclei all over the slide
+    slide, labelled = labelled_on(path, elements)
+    with pytest.raises(CellRCNNError) as info:
+        region_tiles(slide, labelled, tile_size=512, overlap=64, max_megapixels=1)
+    message = str(info.value)
+    assert '\n' not in message and message.startswith('far.tiff: the region of annotation annotation-id needs ')
+    assert 'more than the 1 a region may keep (max_region_megapixels)' in message
+    assert not pixels_read
+
+
+@girder
+def test_training_on_nuclei_in_opposite_corners_reads_only_their_tiles(server, synthetic_slide, pixels_read,
+                                                                       tmp_path):
+    """The reviewer's case through Girder: on each slide, one annotation of two nuclei in opposite corners (its
+    region, their bounding box, is the whole slide). Training and the held-out evaluation run on the tiles of the
+    nuclei; the slides are never read whole."""
+    import torch
+
+    gc = server.client()
+    folder = gc.createFolder(server.collection_id, 'far apart', parentType='collection')['_id']
+    for name, seed in (('far_a.tiff', 62), ('far_b.tiff', 63)):
+        path, boxes = synthetic_slide(FAR, FAR, seed=seed)
+        item_id, _ = server.upload_slide(path, name, folder_id=folder)
+        gc.post('annotation', parameters={'itemId': item_id},
+                json={'name': 'nuclei', 'elements': corner_nuclei(boxes)})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = train_from_girder(server.api_url, server.token, folder, 'nuclei', str(tmp_path),
+                                   AnnotationTrainingSettings(steps=2, batch_size=2, device='cpu',
+                                                              max_region_megapixels=3))
+    finally:
+        torch.set_num_threads(threads)
+    assert [s.cells for s in result.train_slides + result.heldout_slides] == [2, 2]
+    assert result.metrics['n_gt'] == 2 and os.path.exists(result.model_path)
+    read = sum(width * height for _, width, height in pixels_read)
+    assert read <= 4 * TILE_PIXELS + 2 * 1024 * 1024  # the training slide's tiles, the held-out slide's
+    assert read < FAR * FAR / 2  # of two slides
+
+
+def test_training_settings_out_of_bounds_stop_the_run_before_it_starts(tmp_path):
+    """Checked before the server is asked anything (this address answers nothing)."""
+    for change, message in (({'steps': 10 ** 9}, 'steps must be between 1 and 100000, not 1e+09'),
+                            ({'max_region_megapixels': 10 ** 6}, 'max_region_megapixels must be between 1 and 4096'),
+                            ({'holdout': '2'}, "holdout must be a number, not '2'"),
+                            ({'from_scratch': 1}, 'from_scratch must be true or false, not 1')):
+        with pytest.raises(CellRCNNError, match=f'^{re.escape(message)}'):
+            train_from_girder('http://127.0.0.1:9/api/v1', 'token', 'folder', 'nuclei', str(tmp_path / 'run'),
+                              AnnotationTrainingSettings(**change))
+    assert not (tmp_path / 'run').exists()
 
 
 # --------------------------------------------------------------------------- cell types

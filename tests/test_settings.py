@@ -8,7 +8,7 @@ import pytest
 
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.job import detect_to_files
-from cellrcnn.settings import BOUNDS, DetectionSettings
+from cellrcnn.settings import BOUNDS, TRAINING_BOUNDS, AnnotationTrainingSettings, DetectionSettings
 
 
 def test_settings_of_their_declared_kinds_pass():
@@ -58,3 +58,6 @@ def test_the_bounds_themselves_pass():
     high = {name: high for name, (_, high) in BOUNDS.items()}
     DetectionSettings(**{**high, 'overlap': 2047}).validate()
     DetectionSettings(**{name: low for name, (low, _) in BOUNDS.items()}).validate()
+    AnnotationTrainingSettings(**{name: high for name, (_, high) in TRAINING_BOUNDS.items()}).validate()
+    AnnotationTrainingSettings(**{name: low for name, (low, _) in TRAINING_BOUNDS.items()}).validate()
+    assert AnnotationTrainingSettings().validate() == AnnotationTrainingSettings()

@@ -121,17 +121,20 @@ def numeric_parameters(task):
     return found
 
 
-def test_the_task_bounds_are_the_library_bounds():
+@pytest.mark.parametrize('task, names', [
+    ('CellDetection', {'threshold', 'nms_iou', 'adapt_tiles', 'analysis_mag', 'base_mpp', 'analysis_tile_size',
+                       'tile_overlap', 'min_tissue_frac', 'batch_size'}),
+    ('TrainCellDetector', {'point_size', 'holdout', 'steps', 'batch_size', 'learning_rate'})])
+def test_the_task_bounds_are_the_library_bounds(task, names):
     """Every number a DSA user can type is bounded in the XML (what HistomicsUI shows) as the library bounds it: each
-    bound passes DetectionSettings.validate, a step beyond it is refused (a minimum of -1 is 'the model's or the
-    slide's own', which the task reads as None)."""
-    settings_from = task_module('CellDetection').settings_from
-    parameters = numeric_parameters('CellDetection')
-    assert set(parameters) == {'threshold', 'nms_iou', 'adapt_tiles', 'analysis_mag', 'base_mpp', 'analysis_tile_size',
-                               'tile_overlap', 'min_tissue_frac', 'batch_size'}
+    bound passes the settings' validate (DetectionSettings, AnnotationTrainingSettings), a step beyond it is refused
+    (a minimum of -1 is 'the model's or the slide's own', which the task reads as None)."""
+    settings_from = task_module(task).settings_from
+    parameters = numeric_parameters(task)
+    assert set(parameters) == names
 
     def settings(name, value):
-        given = xml_defaults('CellDetection')
+        given = xml_defaults(task)
         setattr(given, name, value)
         if name == 'tile_overlap':  # below half the tile size: the largest tile takes the largest overlap
             given.analysis_tile_size = parameters['analysis_tile_size'][1]

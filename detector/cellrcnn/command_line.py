@@ -219,8 +219,13 @@ def _add_train_girder(sub):
                         f'{t.region_label}; without one, the bounding box of the nuclei)')
     p.add_argument('--point-size', dest='point_size_um', type=float, default=t.point_size_um,
                    help=f'box side in micrometres for point annotations (default {t.point_size_um:g})')
-    p.add_argument('--holdout', default=t.holdout,
+    p.add_argument('--holdout', type=float, default=t.holdout,
                    help=f'held-out slides: a count or a fraction (default {t.holdout:g}: the last)')
+    p.add_argument('--max-region-megapixels', dest='max_region_megapixels', type=float,
+                   default=t.max_region_megapixels,
+                   help='the most analysis pixels (millions) one annotated region keeps in memory; past it only the '
+                        'tiles holding its nuclei are read, and a region whose nuclei need more is refused (default '
+                        f'{t.max_region_megapixels:g})')
     p.add_argument('--steps', type=_positive_int, default=t.steps)
     p.add_argument('--batch-size', dest='batch_size', type=_positive_int, default=t.batch_size)
     p.add_argument('--lr', type=float, default=t.lr)

@@ -16,8 +16,9 @@ to 3 are :mod:`cellrcnn.labelled_slides`):
    box of the annotated nuclei. Pixels inside the region's bounding box but outside its shapes are painted white
    (glass), and only the nuclei whose centre lies inside the region are kept.
 3. **Samples**: the region is read at the model's resolution (``model.config.mpp``) with :class:`cellrcnn.slide.Slide`
-   and cut into tiles, with the nuclei mapped from base pixels onto each tile: the samples (``(image, boxes)``, with
-   cell types four-part, :mod:`cellrcnn.samples`) that :func:`cellrcnn.train.train` and
+   and cut into tiles (at most ``max_region_megapixels`` of them: past it only the tiles holding nuclei, and a region
+   whose nuclei need more is refused), with the nuclei mapped from base pixels onto each tile: the samples
+   (``(image, boxes)``, with cell types four-part, :mod:`cellrcnn.samples`) that :func:`cellrcnn.train.train` and
    :func:`cellrcnn.evaluate.evaluate_model` take.
 4. **Held-out slides**: the last ``holdout`` labelled slides in path order (a count, or a fraction of the labelled
    slides; at least one, and at least one slide is left to train on) are never trained on and give the reported
@@ -219,7 +220,7 @@ def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, setti
 
     say = progress.log if progress else (lambda line: None)
     advance = _percent_done(progress)
-    st = settings
+    st = settings.validate()
     steps, from_scratch = st.steps, st.from_scratch
     init = st.init or BUNDLED_MODEL
     base = load_model(init)  # checked before anything is downloaded
@@ -321,9 +322,11 @@ def _check_output_folder(api_url, token, folder_id):
 def _read_samples(api_url, token, slides, heldout_slides, base, out_dir, settings, size_point_boxes, sample_size,
                   type_index, advance, say):
     """Download each labelled slide into ``out_dir/slides`` (``girder_api.download_path``: kept for the next run,
-    downloaded again once Girder's file changes), read its annotated region at
-    the starting model ``base``'s resolution and cut it into samples (with cell types by ``type_index``:
-    :func:`cellrcnn.labelled_slides.region_samples`). :returns: ``(train_samples, heldout_samples)``."""
+    downloaded again once Girder's file changes), read its annotated region at the starting model ``base``'s
+    resolution, keeping at most ``settings.max_region_megapixels`` of it
+    (:func:`cellrcnn.labelled_slides.region_tiles`), and cut it into samples (with cell types by ``type_index``:
+    :func:`cellrcnn.labelled_slides.region_samples`).
+    :returns: ``(train_samples, heldout_samples)``."""
     from .girder_api import download_file, download_path
     from .slide import Slide, magnification_from_mpp
 
@@ -338,14 +341,16 @@ def _read_samples(api_url, token, slides, heldout_slides, base, out_dir, setting
         prepare_slide(labelled, slide, st.point_size_um)
         held = labelled in heldout_slides
         # held-out regions are cut into large tiles without overlap: every nucleus is counted once
-        tiles = region_tiles(slide, labelled, tile_size=1024 if held else sample_size, overlap=0 if held else 64)
+        tiles, whole = region_tiles(slide, labelled, tile_size=1024 if held else sample_size,
+                                    overlap=0 if held else 64, max_megapixels=st.max_region_megapixels)
         if size_point_boxes and not held:  # held-out annotations stay as drawn: no help from the starting model
             labelled.points_sized = size_points(base, slide, labelled, tiles, st.device)
         samples = region_samples(tiles, labelled, type_index)
         (heldout_samples if held else train_samples).extend(samples)
         sized = f', {labelled.points_sized} points sized by the starting model' if labelled.points_sized else ''
         say(f'{labelled.path}: {labelled.cells} nuclei ({", ".join(f"{k} {v}" for k, v in labelled.elements.items())}'
-            f'{sized}) in region {", ".join(f"{v:.0f}" for v in labelled.region_box)} -> {len(samples)} tile(s), '
+            f'{sized}) in region {", ".join(f"{v:.0f}" for v in labelled.region_box)} -> {len(samples)} tile(s)'
+            f'{"" if whole else f" holding its nuclei (the whole region is over {st.max_region_megapixels:g} MP)"}, '
             f'{"held out" if held else "training"}')
     return train_samples, heldout_samples
 

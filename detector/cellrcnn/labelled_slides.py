@@ -1,7 +1,8 @@
 """Labelled slides on Girder and the training samples of their annotated regions: steps 1 to 3 of the flow that
 :mod:`cellrcnn.girder_training` describes. :func:`find_labelled_slides` finds the slides that carry the named
 annotations and reads their nuclei (and classes) inside the annotated region, :func:`prepare_slide` gives their
-points boxes at the slide's scale, and :func:`region_tiles` and :func:`region_samples` cut that region into samples.
+points boxes at the slide's scale, and :func:`region_tiles` and :func:`region_samples` cut that region into samples
+(keeping at most ``max_region_megapixels`` of a region's pixels).
 """
 
 import math
@@ -176,14 +177,22 @@ def _polygons_box(polygons):
     return float(lo[0]), float(lo[1]), float(hi[0] - lo[0]), float(hi[1] - lo[1])
 
 
-def _centres_inside(boxes, polygons):
-    """Whether each box's centre lies inside any of the polygons: shapely's prepared geometry, so time and memory
-    grow with nuclei + vertices, not nuclei x vertices (a hand-drawn region has thousands of vertices)."""
+def _region_shape(polygons):
+    """The union of the region's polygons as one prepared shapely geometry: tests against it take time and memory
+    that grow with points + vertices, not points x vertices (a hand-drawn region has thousands of vertices)."""
     import shapely
 
     region = shapely.union_all([shapely.make_valid(shapely.Polygon(p)) for p in polygons])
     shapely.prepare(region)
-    return shapely.contains_xy(region, (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2)
+    return region
+
+
+def _centres_inside(boxes, polygons):
+    """Whether each box's centre lies inside any of the polygons (:func:`_region_shape`)."""
+    import shapely
+
+    return shapely.contains_xy(_region_shape(polygons), (boxes[:, 0] + boxes[:, 2]) / 2,
+                               (boxes[:, 1] + boxes[:, 3]) / 2)
 
 
 def read_nuclei(labelled, class_from=AnnotationTrainingSettings.class_from):
@@ -222,26 +231,89 @@ def prepare_slide(labelled, slide, point_size_um=AnnotationTrainingSettings.poin
     return labelled
 
 
-def region_tiles(slide, labelled, tile_size=512, overlap=64):
-    """``(tile, image)`` of a slide's annotated region at the slide's analysis scale; pixels outside the region's
-    shapes are painted white, tiles with none of the region are left out."""
+def _base_boxes(tiles):
+    """float64 T x 4 ``(x0, y0, x1, y1)``: the base rectangle each tile reads."""
+    return np.array([[t.base_x, t.base_y, t.base_x + t.base_width, t.base_y + t.base_height] for t in tiles],
+                    np.float64).reshape(-1, 4)
+
+
+def _spans_holding(starts, ends, values):
+    """For each value, the first and past-the-last index of the spans ``[starts[i], ends[i])`` (both ascending, as a
+    tile grid's columns or rows are) that hold it."""
+    return np.searchsorted(ends, values, side='right'), np.searchsorted(starts, values, side='right')
+
+
+def _tiles_holding_centres(tiles, centres):
+    """The tiles of a :func:`cellrcnn.tiling.tile_grid` whose base rectangle holds the centre of a nucleus, in grid
+    order: found by the grid's rows and columns, so time grows with tiles + nuclei, not tiles x nuclei."""
+    columns = sorted({(t.col, t.base_x, t.base_x + t.base_width) for t in tiles})
+    rows = sorted({(t.row, t.base_y, t.base_y + t.base_height) for t in tiles})
+    col_lo, col_hi = _spans_holding([c[1] for c in columns], [c[2] for c in columns], centres[:, 0])
+    row_lo, row_hi = _spans_holding([r[1] for r in rows], [r[2] for r in rows], centres[:, 1])
+    held = set()
+    for dr in range(int(np.max(row_hi - row_lo, initial=0))):
+        for dc in range(int(np.max(col_hi - col_lo, initial=0))):
+            ok = (row_lo + dr < row_hi) & (col_lo + dc < col_hi)
+            held.update(zip((row_lo + dr)[ok].tolist(), (col_lo + dc)[ok].tolist()))
+    return [t for t in tiles if (t.row, t.col) in held]  # a grid's rows and columns are numbered from 0
+
+
+def _region_mask(tile, labelled):
+    """uint8 ``tile.height x tile.width``: 1 where the tile lies inside the region's shapes."""
     import cv2
 
+    sx, sy = tile.width / tile.base_width, tile.height / tile.base_height
+    mask = np.zeros((tile.height, tile.width), np.uint8)
+    for polygon in labelled.region:
+        local = (polygon - [tile.base_x, tile.base_y]) * [sx, sy]
+        cv2.fillPoly(mask, [np.round(local).astype(np.int32)], 1)
+    return mask
+
+
+def _megapixels(tiles):
+    return sum(t.width * t.height for t in tiles) / 1e6
+
+
+def region_tiles(slide, labelled, tile_size=512, overlap=64,
+                 max_megapixels=AnnotationTrainingSettings.max_region_megapixels):
+    """``(tile, image)`` of a slide's annotated region at the slide's analysis scale; pixels outside the region's
+    shapes are painted white, tiles with none of the region are left out.
+
+    The pixels kept are bounded by ``max_megapixels`` (millions of analysis pixels): the tiles are chosen from the
+    geometry before any is read, then read one at a time. When the tiles the region reaches would hold more, only
+    those holding the centre of a labelled nucleus are read (a region that two nuclei far apart span reads their two
+    tiles, not the slide between them); when those too would hold more, a one-line CellRCNNError names the slide and
+    the annotation.
+
+    :returns: ``(tiles, whole)``: the list of ``(tile, image)``, and whether it covers the whole region (False: only
+        the tiles holding nuclei)."""
+    import shapely
+
+    grid = tile_grid(slide, tile_size=tile_size, overlap=overlap, roi=labelled.region_box, min_tissue=0)
+    chosen = grid
+    if labelled.region is not None:  # the tiles the region's shapes reach
+        reach = shapely.intersects(_region_shape(labelled.region), shapely.box(*_base_boxes(grid).T))
+        chosen = [t for t, hit in zip(grid, reach) if hit]
+    whole = _megapixels(chosen) <= max_megapixels
+    if not whole:
+        chosen = _tiles_holding_centres(grid, labelled.centres)
+        if _megapixels(chosen) > max_megapixels:
+            raise CellRCNNError(
+                f'{labelled.path}: the region of annotation {", ".join(labelled.annotation_ids)} needs '
+                f'{_megapixels(chosen):.0f} megapixels at {slide.magnification:g}x for the tiles holding its '
+                f'{labelled.cells} nuclei alone, more than the {max_megapixels:g} a region may keep '
+                '(max_region_megapixels): split it into smaller regions')
     tiles = []
-    for tile in tile_grid(slide, tile_size=tile_size, overlap=overlap, roi=labelled.region_box, min_tissue=0):
+    for tile in chosen:
+        mask = None if labelled.region is None else _region_mask(tile, labelled)
+        if mask is not None and not mask.any():
+            continue
         image = slide.read(tile)
-        if labelled.region is not None:
-            sx, sy = tile.width / tile.base_width, tile.height / tile.base_height
-            mask = np.zeros(image.shape[:2], np.uint8)
-            for polygon in labelled.region:
-                local = (polygon - [tile.base_x, tile.base_y]) * [sx, sy]
-                cv2.fillPoly(mask, [np.round(local).astype(np.int32)], 1)
-            if not mask.any():
-                continue
+        if mask is not None:
             image = image.copy()
             image[mask == 0] = 255
         tiles.append((tile, image))
-    return tiles
+    return tiles, whole
 
 
 def region_samples(tiles, labelled, type_index=None):

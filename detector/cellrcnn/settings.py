@@ -17,7 +17,7 @@ from .errors import CellRCNNError
 
 #: what a setting of each declared type accepts, and the words for it in an error
 _KINDS = {int: (numbers.Integral, 'a whole number'), float: (numbers.Real, 'a number'),
-          str: ((str, os.PathLike), 'a string'), tuple: ((tuple, list), 'a sequence')}
+          str: ((str, os.PathLike), 'a string'), tuple: ((tuple, list), 'a sequence'), bool: (bool, 'true or false')}
 
 
 #: the values each numeric detection setting may take, ``(lowest, highest)``, both allowed; the overlap is also below
@@ -29,10 +29,34 @@ BOUNDS = {'magnification': (1.0, 100.0), 'mpp': (0.05, 20.0), 'tile_size': (64, 
           'min_tissue': (0.0, 1.0), 'threshold': (0.0, 1.0), 'nms': (0.0, 1.0), 'adapt_tiles': (0, 256),
           'batch_size': (1, 64), 'workers': (0, 32)}
 
+#: the same for training from annotations (:class:`AnnotationTrainingSettings`; the TrainCellDetector task's XML states
+#: them too): ``max_region_megapixels`` bounds the pixels one annotated region keeps (4096: 12 GB of RGB), the batch
+#: the crops of a step, the steps the time a run may hold a worker.
+TRAINING_BOUNDS = {'point_size_um': (0.5, 100.0), 'holdout': (0.01, 10_000), 'steps': (1, 100_000),
+                   'batch_size': (1, 64), 'lr': (1e-6, 1.0), 'max_region_megapixels': (1, 4096)}
+
 
 def _declared(annotation):
     """The type a field declares, without its ``| None``."""
     return next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+
+
+def _check(settings, bounds):
+    """One-line CellRCNNErrors for settings (a dataclass) not of their declared kind (a whole number, a number, a
+    string, a sequence, true or false; None only where the default is None) or outside ``bounds``, ``{name: (lowest,
+    highest)}``, both allowed."""
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if value is None and f.default is None:
+            continue
+        declared = _declared(f.type)
+        accepted, kind = _KINDS[declared]
+        if isinstance(value, bool) != (declared is bool) or not isinstance(value, accepted):
+            raise CellRCNNError(f'{f.name} must be {kind}, not {repr(value)[:40]}')
+    for name, (low, high) in bounds.items():
+        value = getattr(settings, name)
+        if value is not None and not low <= value <= high:
+            raise CellRCNNError(f'{name} must be between {low:g} and {high:g}, not {value:g}')
 
 
 @dataclass(frozen=True)
@@ -118,20 +142,10 @@ class DetectionSettings(ResultSettings):
         tiles), ``slide.Slide`` (the scale, the ROI, the slide's own tile size), the model's configuration (anchor
         density; NMS above 0), the job (``classes`` against the model's cell types: :meth:`type_indices`).
         :returns: the settings."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None and f.default is None:
-                continue
-            accepted, kind = _KINDS[_declared(f.type)]
-            if isinstance(value, bool) or not isinstance(value, accepted):
-                raise CellRCNNError(f'{f.name} must be {kind}, not {repr(value)[:40]}')
+        _check(self, BOUNDS)
         if self.classes is not None and (not self.classes or len(set(self.classes)) != len(self.classes) or
                                          not all(isinstance(name, str) and name for name in self.classes)):
             raise CellRCNNError(f'classes must be distinct cell type names, not {repr(self.classes)[:40]}')
-        for name, (low, high) in BOUNDS.items():
-            value = getattr(self, name)
-            if value is not None and not low <= value <= high:
-                raise CellRCNNError(f'{name} must be between {low:g} and {high:g}, not {value:g}')
         if not 2 * self.overlap < self.tile_size:
             raise CellRCNNError(f'overlap must be below half the tile size {self.tile_size}, not {self.overlap}')
         if self.scheduler is not None:
@@ -166,3 +180,14 @@ class AnnotationTrainingSettings:
     #: where a nucleus' class comes from: 'label' (its label, else its style group), 'group', or 'annotation' (the
     #: name of the annotation holding it; the cell types' names and labels are then annotation names to read)
     class_from: str = 'label'
+    #: the most analysis pixels (millions) one annotated region keeps in memory: past it only the tiles holding its
+    #: nuclei are kept, and a region whose nuclei alone need more is refused (``labelled_slides.region_tiles``)
+    max_region_megapixels: float = 256.0
+
+    def validate(self) -> 'AnnotationTrainingSettings':
+        """Check these settings where a run starts (``girder_training.train_from_girder``), each with a one-line
+        CellRCNNError: each is of its declared kind, numbers lie within :data:`TRAINING_BOUNDS`. What depends on the
+        slides is checked where they are known (``girder_training.holdout_count``: a count or a fraction).
+        :returns: the settings."""
+        _check(self, TRAINING_BOUNDS)
+        return self
