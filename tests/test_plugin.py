@@ -688,6 +688,11 @@ def test_the_results_table_pages_and_streams(server, study):
     assert gc.get(url, {'offset': 3}) == rows[3:] and gc.get(url, {'limit': 1}) == rows[:1]
     assert gc.get(url, {'offset': 9}) == []
     assert error_of(lambda: gc.get(url, {'limit': -1}))[0] == 400
+    for huge in ({'limit': 10 ** 30}, {'offset': 10 ** 30}, {'format': 'csv', 'offset': 10 ** 30}):
+        assert error_of(lambda params=huge: gc.get(url, params)) == (
+            400, f'limit and offset must be whole numbers from 0 to {sys.maxsize}')
+    assert gc.get(url, {'limit': sys.maxsize, 'offset': 1}) == rows[1:]
+    assert gc.get(url, {'offset': sys.maxsize}) == []
     answer = requests.get(f'{server.api_url}/{url}', params={'format': 'csv', 'limit': 2, 'offset': 2},
                           headers={'Girder-Token': server.token}, stream=True, timeout=30)
     assert answer.status_code == 200
