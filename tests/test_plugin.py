@@ -44,6 +44,7 @@ COLUMNS = ['name', 'path', 'item_id', 'cells', 'tissue_mm2', 'cells_per_mm2', 's
            'cellrcnn_version', 'roi', 'annotation_id', 'date']
 READ, WRITE = 0, 1
 QUEUED_OR_RUNNING = {0, 1, 2}
+CANCELED, CANCELING = 5, 824
 
 
 @pytest.fixture(scope='module')
@@ -423,6 +424,18 @@ def test_detect_queues_the_unfinished_slides_and_counts_them_done(server, cli_id
     assert resumed['cellrcnnBatch']['finished'] == 3
     play_worker(server, resumed_jobs[0]['_id'], 2, 3)
     assert server.client().get(f'job/{resumed["_id"]}')['status'] == 3
+
+
+def test_cancelling_a_batch_cancels_its_slide_jobs(server, cli_id, slide_file):
+    root = folder(server, server.folder_id, 'canceled')
+    for name in ('a.tiff', 'b.tiff'):
+        slide_in(server, slide_file, root, name)
+    parent, jobs = detect(server, root)
+    assert len(jobs) == 2 and all(j['status'] in QUEUED_OR_RUNNING for j in jobs)
+    server.client().put(f'job/{parent["_id"]}/cancel')
+    assert server.client().get(f'job/{parent["_id"]}')['status'] == CANCELED
+    # girder_worker cancels a queued job by revoking its task: canceling (824) until a worker acknowledges it
+    assert {j['status'] for j in children(server, parent)} <= {CANCELED, CANCELING}
 
 
 def test_detect_with_another_model(server, cli_id, run_folder, tmp_path):
