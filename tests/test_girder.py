@@ -5,6 +5,7 @@ Skipped unless the server's own virtualenv is there (the DSA's Girder runs witho
 (tests/conftest.py), this module's items in a collection of its own. Every check goes through Girder's REST API.
 """
 
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import girder_client
 import numpy as np
 import pytest
 
+from cellrcnn import girder_post
 from cellrcnn.annotation import detections_to_annotation, write_annotation, write_detections_annotation
 from cellrcnn.annotation_stream import streamed_document
 from cellrcnn.command_line import build_parser
@@ -432,19 +434,128 @@ def test_a_withdrawn_upload_is_watched_as_long_as_its_ingest_may_take():
     assert withdrawal_grace(1e-6, 10_000_000) == 120.0
 
 
-def test_an_ingest_that_does_not_finish_in_time_is_withdrawn(server, slide):
-    item_id, _ = slide
+def withdrawn_posts(monkeypatch):
+    """The keys and the seconds of every withdrawal of an upload (``girder_post._abandon``) from now on."""
+    seen = []
+    abandon = girder_post._abandon
+
+    def watched(server, target, key, *args, **kwargs):
+        start = time.monotonic()
+        abandon(server, target, key, *args, **kwargs)
+        seen.append((key, time.monotonic() - start))
+
+    monkeypatch.setattr(girder_post, '_abandon', watched)
+    return seen
+
+
+def ingest_upload(server, item_id, file_id, doc):
+    """Upload a document into the slide's item for large_image to ingest, as the client does; wait until the ingest
+    is over (it deletes the uploaded file whether the document lands or not)."""
+    gc = server.client()
+    data = json.dumps(doc).encode()
+    reference = {'identifier': 'LargeImageAnnotationUpload', 'itemId': item_id, 'fileId': file_id,
+                 'userId': server.user_id}
+    gc.uploadFile(item_id, io.BytesIO(data), 'late.anot.json', len(data), parentType='item',
+                  reference=json.dumps(reference), mimeType='application/json')
+    wait_for(lambda: len(list(gc.listFile(item_id))) == 1, 120, 'the ingest of the late upload')
+
+
+def test_an_ingest_that_does_not_finish_in_time_is_withdrawn(server, slide, monkeypatch):
+    """A withdrawn upload never becomes a result, whatever the timing: the post is recorded as withdrawn with the
+    plugin before the upload is deleted, and an ingest that lands after that (made to land here, by uploading the
+    same document again) is deleted as it is saved."""
+    item_id, file_id = slide
     earlier = post_annotations(server.api_url, server.token, item_id, nuclei(20), **FAST)[0]['_id']
+    withdrawn = withdrawn_posts(monkeypatch)
     with pytest.raises(CellRCNNError, match='did not finish ingesting .* the upload was withdrawn and earlier '
                                             'results were not replaced'):
         post_annotations(server.api_url, server.token, item_id, nuclei(20000, seed=5), large_elements=10,
                          ingest_timeout=1e-6, **FAST)
-    # nothing of the withdrawn post lands later: the earlier result stays alone, and the upload is gone
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        assert [a['_id'] for a in cellrcnn_annotations(server, item_id)] == [earlier]
-        time.sleep(1)
-    assert len(list(server.client().listFile(item_id))) == 1
+    [(key, seconds)] = withdrawn
+    assert seconds < withdrawal_grace(0, 0)  # the plugin took the withdrawal: no watching for a late ingest
+    late = nuclei(30, seed=6)
+    late['attributes']['cellrcnn_post'] = key
+    ingest_upload(server, item_id, file_id, late)  # an ingest of the withdrawn upload, landing after the withdrawal
+    server.client().post('annotation', {'itemId': item_id}, json=late)  # and a post of it
+    assert [a['_id'] for a in cellrcnn_annotations(server, item_id)] == [earlier]
+    assert server.client().getItem(item_id)['meta']['cellrcnn']['annotation_id'] == earlier
+    assert len(list(server.client().listFile(item_id))) == 1  # the upload is gone
+    # another post's document is not refused
+    other = nuclei(31, seed=7)
+    other['attributes']['cellrcnn_post'] = 'f' * 32 + '/0/1'
+    ingest_upload(server, item_id, file_id, other)
+    assert len(cellrcnn_annotations(server, item_id)) == 2
+
+
+def test_an_ingest_that_lands_before_the_withdrawal_is_recorded_is_deleted(server, slide, monkeypatch):
+    item_id, _ = slide
+    earlier = post_annotations(server.api_url, server.token, item_id, nuclei(20), **FAST)[0]['_id']
+    record = girder_post._record_withdrawal
+
+    def land_first(connection, target, key):  # the ingest lands between the time-out and the withdrawal
+        late = nuclei(30, seed=6)
+        late['attributes']['cellrcnn_post'] = key
+        server.client().post('annotation', {'itemId': item_id}, json=late)
+        return record(connection, target, key)
+
+    monkeypatch.setattr(girder_post, '_record_withdrawal', land_first)
+    with pytest.raises(CellRCNNError, match='did not finish ingesting'):
+        post_annotations(server.api_url, server.token, item_id, nuclei(5000, seed=5), large_elements=10,
+                         ingest_timeout=1e-6, **FAST)
+    assert [a['_id'] for a in cellrcnn_annotations(server, item_id)] == [earlier]
+
+
+def new_user(server, role):
+    """A user who is not an administrator: (id, token)."""
+    login = f'{role}{time.time_ns() % 10 ** 9}'
+    user = server.client().post('user', {'login': login, 'email': f'{login}@example.org', 'firstName': role,
+                                         'lastName': 'User', 'password': f'{login}-password'})
+    client = girder_client.GirderClient(apiUrl=server.api_url)
+    client.authenticate(login, f'{login}-password')
+    return user['_id'], client.token
+
+
+def test_a_readers_look_alike_neither_blocks_nor_beats_a_writers_post(server, slide_file, monkeypatch):
+    """A user who may only read the slide (and create annotations on it) makes annotations that look like results
+    of the writer's model, and leaves the writer only read access to them: the writer's posts go through, replace
+    only the writer's own earlier result, and leave the look-alikes alone."""
+    writer_id, writer = new_user(server, 'writer')
+    reader_id, reader = new_user(server, 'reader')
+    gc = server.client()
+    folder_id = gc.createFolder(server.collection_id, 'look-alikes', parentType='collection')['_id']
+    access = {'users': [{'id': server.user_id, 'level': 2}, {'id': writer_id, 'level': 1},
+                        {'id': reader_id, 'level': 0, 'flags': ['large_image_create_annotations']}], 'groups': []}
+    gc.put(f'folder/{folder_id}/access', {'access': json.dumps(access)})
+    item_id, _ = server.upload_slide(slide_file, name='look-alikes.tiff', folder_id=folder_id)
+    as_reader = server.client(reader)
+
+    def look_alike(post=None):
+        doc = nuclei(5, seed=9)  # the writer's model, marker and all
+        if post:
+            doc['attributes']['cellrcnn_post'] = post
+        made = as_reader.post('annotation', {'itemId': item_id}, json=doc)['_id']
+        acl = as_reader.get(f'annotation/{made}/access')
+        acl['users'] = [u for u in acl['users'] if u['id'] != writer_id] + [{'id': writer_id, 'level': 0}]
+        as_reader.put(f'annotation/{made}/access', {'access': json.dumps(acl)})
+        return made
+
+    fakes = [look_alike()]
+    first = post_annotations(server.api_url, writer, item_id, nuclei(15), **FAST)
+    assert first[0]['replaced'] == [] and not first[0]['superseded']
+    replace = girder_post._replace_earlier
+
+    def meanwhile(*args):  # a look-alike post begins landing after the writer's post, before its check
+        fakes.append(look_alike(f'{"e" * 32}/0/1'))
+        return replace(*args)
+
+    monkeypatch.setattr(girder_post, '_replace_earlier', meanwhile)
+    second = post_annotations(server.api_url, writer, item_id, nuclei(16, seed=1), **FAST)
+    assert not second[0]['superseded'] and second[0]['replaced'] == [first[0]['_id']]
+    assert sorted(a['_id'] for a in cellrcnn_annotations(server, item_id)) == sorted([*fakes, second[0]['_id']])
+    assert gc.getItem(item_id)['meta']['cellrcnn']['annotation_id'] == second[0]['_id']
+    with pytest.raises(girder_client.HttpError) as refused:  # nor may the reader withdraw the writer's posts
+        as_reader.post(f'cellrcnn/item/{item_id}/withdrawn', {'post': 'a' * 32})
+    assert refused.value.status == 403
 
 
 def test_a_token_on_the_command_line_is_warned_about_and_a_token_file_is_not(server, slide, tmp_path):

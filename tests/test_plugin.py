@@ -44,6 +44,7 @@ COLUMNS = ['name', 'path', 'item_id', 'cells', 'tissue_mm2', 'cells_per_mm2', 's
            'cellrcnn_version', 'roi', 'annotation_id', 'date']
 READ, WRITE = 0, 1
 QUEUED_OR_RUNNING = {0, 1, 2}
+CANCELED, CANCELING = 5, 824
 
 
 @pytest.fixture(scope='module')
@@ -425,6 +426,18 @@ def test_detect_queues_the_unfinished_slides_and_counts_them_done(server, cli_id
     assert server.client().get(f'job/{resumed["_id"]}')['status'] == 3
 
 
+def test_cancelling_a_batch_cancels_its_slide_jobs(server, cli_id, slide_file):
+    root = folder(server, server.folder_id, 'canceled')
+    for name in ('a.tiff', 'b.tiff'):
+        slide_in(server, slide_file, root, name)
+    parent, jobs = detect(server, root)
+    assert len(jobs) == 2 and all(j['status'] in QUEUED_OR_RUNNING for j in jobs)
+    server.client().put(f'job/{parent["_id"]}/cancel')
+    assert server.client().get(f'job/{parent["_id"]}')['status'] == CANCELED
+    # girder_worker cancels a queued job by revoking its task: canceling (824) until a worker acknowledges it
+    assert {j['status'] for j in children(server, parent)} <= {CANCELED, CANCELING}
+
+
 def test_detect_with_another_model(server, cli_id, run_folder, tmp_path):
     ids = run_folder
     model_path = tmp_path / 'other.pt'
@@ -688,6 +701,11 @@ def test_the_results_table_pages_and_streams(server, study):
     assert gc.get(url, {'offset': 3}) == rows[3:] and gc.get(url, {'limit': 1}) == rows[:1]
     assert gc.get(url, {'offset': 9}) == []
     assert error_of(lambda: gc.get(url, {'limit': -1}))[0] == 400
+    for huge in ({'limit': 10 ** 30}, {'offset': 10 ** 30}, {'format': 'csv', 'offset': 10 ** 30}):
+        assert error_of(lambda params=huge: gc.get(url, params)) == (
+            400, f'limit and offset must be whole numbers from 0 to {sys.maxsize}')
+    assert gc.get(url, {'limit': sys.maxsize, 'offset': 1}) == rows[1:]
+    assert gc.get(url, {'offset': sys.maxsize}) == []
     answer = requests.get(f'{server.api_url}/{url}', params={'format': 'csv', 'limit': 2, 'offset': 2},
                           headers={'Girder-Token': server.token}, stream=True, timeout=30)
     assert answer.status_code == 200

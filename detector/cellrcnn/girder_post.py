@@ -16,6 +16,10 @@ scripts) and for the task's ``post_to_girder`` option: it puts the annotation do
   annotation has) and ``attributes.cellrcnn_post`` (this post's id). After the new documents are on the item, every
   other annotation on the item with the same model and the marker is deleted: a failed post never leaves the slide
   without a result.
+- With cellrcnn's plugin on the server, only annotations made by writers of the item count as results
+  (``GET /cellrcnn/item/{id}/results``): a look-alike made by a user who may only read the slide neither stops a
+  post nor beats it, and is left alone. An upload withdrawn because its ingest did not finish in time is recorded
+  with the plugin (``POST /cellrcnn/item/{id}/withdrawn``), which deletes its annotation whenever it lands.
 - Annotation files over ``large_bytes`` are streamed from disk as they were written (only their header is read and
   re-encoded with this post's attributes; :mod:`cellrcnn.annotation_stream`): a slide's million nuclei are never
   held in memory to post them.
@@ -46,6 +50,8 @@ INGESTED = object()
 _WRITE = 1  # Girder's AccessType.WRITE, as listings give it in ``_accessLevel``
 #: an uploaded document's ingest may take 600 s plus this much per thousand elements
 INGEST_SECONDS_PER_1000 = 10
+#: the REST path of cellrcnn's Girder plugin for an item (``girder_cellrcnn.rest``)
+PLUGIN_ITEM = 'cellrcnn/item'
 
 
 class _Target:
@@ -94,6 +100,22 @@ class _Target:
         return self.server.get('listing the item\'s annotations', 'annotation',
                                {'itemId': self.item_id, 'limit': 0, 'sort': 'created', 'sortdir': 1},
                                item_id=self.item_id)
+
+    def writers_annotations(self):
+        """The ids of the item's cellrcnn annotations that the server's cellrcnn plugin counts as results (made by
+        writers of the item: ``GET /cellrcnn/item/{id}/results``), or None when the server has no such plugin."""
+        from girder_client import HttpError
+
+        try:
+            return set(self.server.get('asking which annotations count as results',
+                                       f'{PLUGIN_ITEM}/{self.item_id}/results', item_id=self.item_id,
+                                       passthrough=(400, 404)))
+        except HttpError:
+            return None
+
+    def mine(self, annotation):
+        """Whether this user made the annotation (a post's own documents are those carrying its id made by it)."""
+        return annotation.get('creatorId') == self.user_id
 
 
 def _model_of(documents, model_name):
@@ -222,12 +244,19 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
     return results
 
 
-def _results_by_post(target, model, sha):
-    """This model's results on the item, grouped by the post they came with."""
+def _results_by_post(target, model, sha, post_id=None):
+    """This model's results on the item, grouped by the post they came with: this post's own documents (``post_id``,
+    made by this user), and the others that count as results (:meth:`_Target.writers_annotations`: made by writers
+    of the item, or all of them on a server without cellrcnn's plugin)."""
+    annotations = target.annotations()
+    counted = target.writers_annotations()  # asked after the listing: it knows every annotation listed
     posts = {}
-    for annotation in target.annotations():
-        if _is_result_of(annotation, model, sha):
-            posts.setdefault(_post_of(annotation), []).append(annotation)
+    for annotation in annotations:
+        if not _is_result_of(annotation, model, sha):
+            continue
+        post = _post_of(annotation)
+        if target.mine(annotation) if post == post_id else counted is None or annotation['_id'] in counted:
+            posts.setdefault(post, []).append(annotation)
     return posts
 
 
@@ -247,7 +276,7 @@ def _replace_earlier(server, target, model, sha, post_id, results, say):
     deleted meanwhile (by such a newer post): then take this post back. A post is aged by its first document, which
     exists before its check and before any younger post's check, so racing posts agree on the winner whatever
     order their checks run in. :returns: ``{"replaced": [...], "superseded": bool}``."""
-    posts = _results_by_post(target, model, sha)
+    posts = _results_by_post(target, model, sha, post_id)
     ours = posts.pop(post_id, [])
     mine = _age(ours)
     newer = [docs for docs in posts.values() if mine and (_age(docs) or mine) > mine]
@@ -274,12 +303,14 @@ def _take_back(server, target, results):
             pass
 
 
+def _made(target, key):
+    """The ids of the annotations on the item that carry the post key ``key`` and were made by this user."""
+    return [a['_id'] for a in target.annotations() if _post_key(a) == key and target.mine(a)]
+
+
 def _find(target, key):
-    """The id of the annotation that post ``key`` created on the item, or None."""
-    for annotation in target.annotations():
-        if _post_key(annotation) == key:
-            return annotation['_id']
-    return None
+    """The id of the annotation that this user's post ``key`` created on the item, or None."""
+    return next(iter(_made(target, key)), None)
 
 
 def _post(server, target, body, key, what):
@@ -353,23 +384,45 @@ def withdrawal_grace(ingest_timeout, elements):
 
 
 def _abandon(server, target, key, file_id, grace):
-    """Withdraw an upload whose ingest did not finish in time: delete the uploaded file (an ingest not started yet
-    then never lands), and for ``grace`` seconds delete the annotation if an ingest already under way lands late."""
+    """Withdraw an upload whose ingest did not finish in time, so that it never lands as a result.
+
+    First the post is recorded as withdrawn with the server's cellrcnn plugin, which from then on deletes any of its
+    annotations as it is saved (``girder_cellrcnn.withdrawn``); then the uploaded file is deleted (an ingest not
+    started yet never lands); then the annotation is deleted if it landed before the record. That closes the race
+    with an ingest already under way: it lands either before the record (and is found here) or after it (and the
+    plugin deletes it). On a server without the plugin, the annotation is watched for ``grace`` seconds instead."""
     from girder_client import HttpError
 
+    recorded = _record_withdrawal(server, target, key)
     if file_id != INGESTED:
         try:
             server.call('withdrawing the upload', lambda: server.gc.delete(f'file/{file_id}'),
                         item_id=target.item_id, passthrough=(400, 404))
         except HttpError:
             pass  # already taken by the ingest
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        late = _find(target, key)
-        if late is not None:
-            _delete(server, late, target.item_id)
+    deadline = time.monotonic() + (0 if recorded else grace)
+    while True:
+        late = _made(target, key)
+        for annotation_id in late:
+            _delete(server, annotation_id, target.item_id)
+        if late or time.monotonic() >= deadline:
             return
         time.sleep(1.0)
+
+
+def _record_withdrawal(server, target, key):
+    """Record the post of ``key`` as withdrawn from the item with the server's cellrcnn plugin. :returns: whether
+    it was recorded (False on a server without the plugin, or when the server would not record it)."""
+    from girder_client import HttpError
+
+    post_id = key.split('/')[0]
+    try:
+        server.call('recording the withdrawal', lambda: server.gc.post(f'{PLUGIN_ITEM}/{target.item_id}/withdrawn',
+                                                                      parameters={'post': post_id}),
+                    item_id=target.item_id, passthrough=(400, 404))
+    except (HttpError, CellRCNNError):
+        return False
+    return True
 
 
 def _delete(server, annotation_id, item_id):

@@ -8,6 +8,9 @@
 - ``GET /cellrcnn/folder/{id}/results[?format=csv]``: one row per slide of a folder tree.
 - ``POST /cellrcnn/folder/{id}/detect``: CellDetection on every slide of a folder tree without a result of the
   model, as one job (:mod:`.batch`).
+- For cellrcnn's client: ``GET /cellrcnn/item/{id}/results`` (which annotations count as results: made by writers)
+  and ``POST /cellrcnn/item/{id}/withdrawn`` (a post whose annotations are deleted whenever they land:
+  :mod:`.withdrawn`).
 
 - HistomicsUI ingests the task's per-cell-type heatmaps, a file holding a list of documents, which its own ingest
   cannot read (:func:`_repair_list_ingest`).
@@ -20,12 +23,13 @@ import importlib
 import cherrypy
 from bson import ObjectId
 from girder import events, logger
+from girder.api import access
 from girder.constants import AccessType
 from girder.plugin import GirderPlugin, getPlugin
 from girder_jobs.constants import JobStatus
 from girder_jobs.models.job import Job
 
-from . import batch, rerun, results
+from . import batch, rerun, results, withdrawn
 from .rest import CellRCNNResource
 
 __version__ = '0.1.0'
@@ -38,12 +42,17 @@ def _guarded(what):
             try:
                 handler(event)
             except Exception:
-                logger.exception('cellrcnn: could not update item metadata after %s', what)
+                logger.exception('cellrcnn: could not %s', what)
         return guarded
     return wrap
 
 
-@_guarded('saving an annotation')
+@_guarded('check whether a saved annotation belongs to a withdrawn post')
+def _refuse_withdrawn(event):
+    withdrawn.refuse(event)
+
+
+@_guarded('update item metadata after saving an annotation')
 def _on_annotation_saved(event):
     results.record(event.info)
 
@@ -55,8 +64,12 @@ def _on_annotation_arrived(event):
         logger.exception('cellrcnn: could not check whether an annotation re-runs an earlier one')
 
 
-@_guarded('deleting an annotation')
+# Girder requires administrator access to a route for anyone when a ``rest.*.before`` handler of it declares no
+# access level of its own. This one grants and checks nothing (the route's handler checks write access): public.
+@access.public
+@_guarded('update item metadata after deleting an annotation')
 def _before_annotation_delete(event):
+    """Note the item of an annotation about to be deleted, for :func:`_after_annotation_delete`."""
     from girder_large_image_annotation.models.annotation import Annotation
 
     try:
@@ -68,19 +81,19 @@ def _before_annotation_delete(event):
         cherrypy.request.cellrcnn_item = annotation['itemId']
 
 
-@_guarded('deleting an annotation')
+@_guarded('update item metadata after deleting an annotation')
 def _after_annotation_delete(event):
     item_id = getattr(cherrypy.request, 'cellrcnn_item', None)
     if item_id is not None:
         results.resync(item_id)
 
 
-@_guarded("deleting an item's annotations")
+@_guarded("update item metadata after deleting an item's annotations")
 def _after_item_annotations_delete(event):
     results.resync(event.info['id'])
 
 
-@_guarded("deleting a folder's annotations")
+@_guarded("update item metadata after deleting a folder's annotations")
 def _after_folder_annotations_delete(event):
     results.resync_folder(event.info['id'], str(event.info.get('params', {}).get('recurse')).lower() == 'true')
 
@@ -150,6 +163,7 @@ class CellRCNNPlugin(GirderPlugin):
             getPlugin(name).load(info)
         info['apiRoot'].cellrcnn = CellRCNNResource()
         Job().exposeFields(level=AccessType.READ, fields={'cellrcnnBatch', 'cellrcnnSlide'})
+        events.bind('model.annotation.save.after', 'cellrcnn.withdrawn', _refuse_withdrawn)  # before the others
         events.bind('model.annotation.save.after', 'cellrcnn', _on_annotation_saved)
         events.bind('model.annotation.save.after', 'cellrcnn.rerun', _on_annotation_arrived)
         events.bind('rest.delete.annotation/:id.before', 'cellrcnn', _before_annotation_delete)
@@ -158,6 +172,7 @@ class CellRCNNPlugin(GirderPlugin):
         events.bind('rest.delete.annotation/folder/:id.after', 'cellrcnn', _after_folder_annotations_delete)
         batch.bind()
         rerun.bind()
+        withdrawn.bind()
         _note_ingests_first(info)
         _repair_list_ingest()
         _stop_orphaned_batches()

@@ -5,6 +5,7 @@ slide's job through slicer_cli_web's own run handler (``genHandlerToRunDockerCLI
 HistomicsUI's *Submit* makes, queued for girder_worker), the way slicer_cli_web's own batch runs do. Each child job
 records its slide (``cellrcnnSlide``) and its parent (``parentId``); as the children change status the parent's
 progress counts the slides done, and when every child has ended it ends: success when all did, error otherwise.
+Cancelling the parent cancels the children that have not ended (:func:`on_cancel`).
 
 Slides that already hold a whole-slide result of the model, or have a CellDetection job of the model still waiting
 or running, are skipped: starting again after an interruption picks up where the last run stopped. A model file is
@@ -283,12 +284,14 @@ def _schedule(job):
         # most and is deleted as soon as the slides are queued (or queueing stops).
         token = Token().createToken(user=user, days=TOKEN_DAYS)
         for slide in kwargs['slides']:
-            job = Job().load(job['_id'], force=True)
-            if job['status'] in ENDED:
+            if _ended(job):
                 return  # canceled: schedule no more
             child = _start_child(handler, cli, slide, kwargs['modelFileId'], user, token)
             Job().updateJob(child, otherFields={'parentId': job['_id'], 'cellrcnnSlide': slide['itemId']},
                             notify=False)
+            if _ended(job):  # canceled while this slide was queued, perhaps too late for on_cancel to see it
+                _cancel(child)
+                return
             scheduled += 1
             job = Job().updateJob(job, log=f'{scheduled}/{len(kwargs["slides"])}: job {child["_id"]} for '
                                            f'{slide["path"]}\n')
@@ -301,6 +304,33 @@ def _schedule(job):
     finally:
         _revoke(token)
     update_parent(job['_id'], scheduled=True)
+
+
+def _ended(job):
+    return Job().load(job['_id'], force=True, fields=['status'])['status'] in ENDED
+
+
+def on_cancel(event):
+    """``jobs.cancel``: cancelling a batch cancels its slides' jobs that have not ended. The batch is marked canceled
+    first and its children are listed after: a child that its scheduling thread queues meanwhile is either listed
+    here, or the thread, which looks at the batch's status after giving the child its parent, cancels it."""
+    job = event.info
+    if job.get('type') != JOB_TYPE:
+        return
+    event.preventDefault()  # this handler sets the status, before it looks for children
+    if job['status'] not in ENDED:
+        Job().updateJob(job, status=JobStatus.CANCELED)
+    for child in Job().find({'parentId': job['_id'], 'status': {'$nin': sorted(ENDED)}}):
+        _cancel(child)
+
+
+def _cancel(child):
+    """Cancel a slide's job (girder_worker marks a queued one canceling and revokes its task); a failure is logged
+    and leaves the other slides' jobs to be cancelled."""
+    try:
+        Job().cancelJob(child)
+    except Exception:
+        logger.exception('cellrcnn: could not cancel slide job %s', child['_id'])
 
 
 def _revoke(token):
@@ -400,3 +430,4 @@ def on_job_update(event):
 def bind():
     events.bind('jobs.job.update', 'cellrcnn', before_job_update)
     events.bind('jobs.job.update.after', 'cellrcnn', on_job_update)
+    events.bind('jobs.cancel', 'cellrcnn', on_cancel)

@@ -1,6 +1,8 @@
-"""The ``/cellrcnn`` REST resource: a folder tree's results table, and CellDetection on its slides."""
+"""The ``/cellrcnn`` REST resource: a folder tree's results table, CellDetection on its slides, and what cellrcnn's
+client asks about an item it posts to."""
 
 import itertools
+import sys
 from collections.abc import Callable, Iterator
 
 from girder.api import access
@@ -9,9 +11,10 @@ from girder.api.rest import Resource, setContentDisposition, setRawResponse, set
 from girder.constants import AccessType
 from girder.exceptions import RestException
 from girder.models.folder import Folder
+from girder.models.item import Item
 from girder_jobs.models.job import Job
 
-from . import batch
+from . import batch, results, withdrawn
 from .cell_types import RATIO_KEY, SUFFIXES
 from .table import COLUMNS, table_columns, table_csv_lines, table_rows
 
@@ -22,6 +25,8 @@ class CellRCNNResource(Resource):
         self.resourceName = 'cellrcnn'
         self.route('GET', ('folder', ':id', 'results'), self.results)
         self.route('POST', ('folder', ':id', 'detect'), self.detect)
+        self.route('GET', ('item', ':id', 'results'), self.item_results)
+        self.route('POST', ('item', ':id', 'withdrawn'), self.withdraw)
 
     @access.user
     @autoDescribeRoute(
@@ -40,11 +45,12 @@ class CellRCNNResource(Resource):
         .errorResponse('Read access was denied on the folder.', 403)
     )
     def results(self, folder: dict, format: str, limit: int, offset: int) -> list | Callable[[], Iterator[bytes]]:
-        if limit < 0 or offset < 0:
-            raise RestException('limit and offset must not be negative')
+        if not (0 <= limit <= sys.maxsize and 0 <= offset <= sys.maxsize):
+            raise RestException(f'limit and offset must be whole numbers from 0 to {sys.maxsize}')
         user = self.getCurrentUser()
         columns = table_columns(folder, user)
-        rows = itertools.islice(table_rows(folder, user, columns), offset, offset + limit if limit else None)
+        stop = min(offset + limit, sys.maxsize) if limit else None
+        rows = itertools.islice(table_rows(folder, user, columns), offset, stop)
         if format == 'json':
             return list(rows)
         setResponseHeader('Content-Type', 'text/csv; charset=utf-8')
@@ -86,3 +92,31 @@ class CellRCNNResource(Resource):
         model_name, model_file_id, sha = batch.model_of(user, model)
         job = batch.start(folder, user, task, model_name, model_file_id, sha)
         return Job().filter(job, user)
+
+    @access.user
+    @autoDescribeRoute(
+        Description("The ids of the item's annotations that count as cellrcnn results.")
+        .notes('Active annotations carrying the cellrcnn marker (nuclei and density) whose creator and last editor '
+               "both have write access to the item. cellrcnn's client replaces only these; a look-alike made by "
+               'a user who may only read the item is not among them.')
+        .modelParam('id', model=Item, level=AccessType.READ)
+        .errorResponse('Read access was denied on the item.', 403)
+    )
+    def item_results(self, item: dict) -> list:
+        return results.writers_annotations(item)
+
+    @access.user
+    @autoDescribeRoute(
+        Description("Withdraw a post of cellrcnn's client from the item: none of its annotations stays, whenever it "
+                    'lands.')
+        .notes('For an upload whose ingest did not finish in time: annotations carrying attributes.cellrcnn_post '
+               'of this post, saved on the item from now on, are deleted as they are saved.')
+        .modelParam('id', model=Item, level=AccessType.WRITE)
+        .param('post', 'The id of the post (32 lowercase hex digits)')
+        .errorResponse('Write access was denied on the item.', 403)
+    )
+    def withdraw(self, item: dict, post: str) -> dict:
+        if not withdrawn.POST_ID.fullmatch(post):
+            raise RestException('post must be 32 lowercase hex digits')
+        withdrawn.withdraw(item, post)
+        return {'withdrawn': post}

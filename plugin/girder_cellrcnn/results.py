@@ -272,12 +272,14 @@ def record(annotation):
     return Item().setMetadata(item, {META_KEY: summary})
 
 
-def _active_results(item_id):
-    """Active cellrcnn nuclei annotations of an item, newest first, without their elements."""
+def _active_results(item_id, density=False):
+    """Active cellrcnn nuclei annotations of an item (with ``density``, its density annotations too), newest first,
+    without their elements."""
     from girder_large_image_annotation.models.annotation import Annotation
 
-    query = {'itemId': item_id, f'annotation.attributes.{MARKER}': {'$exists': True},
-             'annotation.attributes.density': {'$exists': False}, '_active': {'$ne': False}}
+    query = {'itemId': item_id, f'annotation.attributes.{MARKER}': {'$exists': True}, '_active': {'$ne': False}}
+    if not density:
+        query['annotation.attributes.density'] = {'$exists': False}
     return Annotation().find(query, sort=[('updated', -1)],
                              fields=['_id', 'annotation.attributes', 'annotation.name', 'updated', 'created',
                                      'creatorId', 'updatedId', 'itemId', '_version', SUMMARY_FIELD, CLAIMED_FIELD])
@@ -358,6 +360,14 @@ def has_result(item, model, sha=None):
     users = {}
     return any(_whole_slide_result_of(a['annotation'].get('attributes') or {}, model, sha)
                and from_writer(a, item, users) for a in _active_results(item['_id']))
+
+
+def writers_annotations(item):
+    """The ids of an item's active annotations that carry the cellrcnn marker (nuclei and density) and were made by
+    writers of the item (:func:`from_writer`): those cellrcnn's client may take for results of its posts, and
+    replace. A reader's look-alike is not among them."""
+    users = {}
+    return [str(a['_id']) for a in _active_results(item['_id'], density=True) if from_writer(a, item, users)]
 
 
 def is_slide(item):
