@@ -18,14 +18,15 @@ import girder_client
 import numpy as np
 import pytest
 
-from cellrcnn import girder_post
+from cellrcnn import annotation_upload, girder_post
 from cellrcnn.annotation import detections_to_annotation, write_annotation, write_detections_annotation
 from cellrcnn.annotation_stream import streamed_document
+from cellrcnn.annotation_upload import withdrawal_grace
 from cellrcnn.command_line import build_parser
 from cellrcnn.commands import girder_poster
 from cellrcnn.devstack.local_girder import free_port, girder_python, wait_for
 from cellrcnn.errors import CellRCNNError
-from cellrcnn.girder_post import post_annotation_files, post_annotations, withdrawal_grace
+from cellrcnn.girder_post import post_annotation_files, post_annotations
 from girder_proxy import FaultyProxy
 
 PYTHON, WHY_NOT = girder_python()
@@ -435,16 +436,16 @@ def test_a_withdrawn_upload_is_watched_as_long_as_its_ingest_may_take():
 
 
 def withdrawn_posts(monkeypatch):
-    """The keys and the seconds of every withdrawal of an upload (``girder_post._abandon``) from now on."""
+    """The keys and the seconds of every withdrawal of an upload (``annotation_upload._abandon``) from now on."""
     seen = []
-    abandon = girder_post._abandon
+    abandon = annotation_upload._abandon
 
     def watched(server, target, key, *args, **kwargs):
         start = time.monotonic()
         abandon(server, target, key, *args, **kwargs)
         seen.append((key, time.monotonic() - start))
 
-    monkeypatch.setattr(girder_post, '_abandon', watched)
+    monkeypatch.setattr(annotation_upload, '_abandon', watched)
     return seen
 
 
@@ -490,7 +491,7 @@ def test_an_ingest_that_does_not_finish_in_time_is_withdrawn(server, slide, monk
 def test_an_ingest_that_lands_before_the_withdrawal_is_recorded_is_deleted(server, slide, monkeypatch):
     item_id, _ = slide
     earlier = post_annotations(server.api_url, server.token, item_id, nuclei(20), **FAST)[0]['_id']
-    record = girder_post._record_withdrawal
+    record = annotation_upload._record_withdrawal
 
     def land_first(connection, target, key):  # the ingest lands between the time-out and the withdrawal
         late = nuclei(30, seed=6)
@@ -498,7 +499,7 @@ def test_an_ingest_that_lands_before_the_withdrawal_is_recorded_is_deleted(serve
         server.client().post('annotation', {'itemId': item_id}, json=late)
         return record(connection, target, key)
 
-    monkeypatch.setattr(girder_post, '_record_withdrawal', land_first)
+    monkeypatch.setattr(annotation_upload, '_record_withdrawal', land_first)
     with pytest.raises(CellRCNNError, match='did not finish ingesting'):
         post_annotations(server.api_url, server.token, item_id, nuclei(5000, seed=5), large_elements=10,
                          ingest_timeout=1e-6, **FAST)

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from cellrcnn import cohort, girder_post
+from cellrcnn import cohort, girder_post, girder_target
 from cellrcnn.checkpoint import BUNDLED_MODEL
 
 PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'plugin', 'girder_cellrcnn')
@@ -30,7 +30,7 @@ def plugin_constant(module, name):
 @pytest.mark.parametrize('library, module, name', [
     (girder_post.MARKER, 'results', 'MARKER'),  # the attribute every cellrcnn annotation carries
     (girder_post.SHA_KEY, 'results', 'SHA_KEY'),  # the model's identity: its checkpoint's SHA-256
-    (girder_post.POST_KEY, 'rerun', 'POST_KEY'),  # set by the library's poster, which replaces earlier results itself
+    (girder_target.POST_KEY, 'rerun', 'POST_KEY'),  # set by the library's poster, which replaces earlier results itself
     (os.path.basename(BUNDLED_MODEL), 'results', 'DEFAULT_MODEL'),  # the model CellDetection runs without one given
     (cohort.FORMULA_STARTS, 'table', 'FORMULA_START'),  # CSV cells a spreadsheet would run get a leading quote
     (cohort.CELL_TYPE_SUFFIXES, 'cell_types', 'SUFFIXES'),  # a cell type's columns: its name and these

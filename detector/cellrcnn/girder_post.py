@@ -7,11 +7,8 @@ scripts) and for the task's ``post_to_girder`` option: it puts the annotation do
 
 - The item must be a large image (``GET /item/{id}/tiles`` answers).
 - Small documents are sent with ``POST /annotation?itemId=``. Large ones (over ``large_bytes`` of JSON or
-  ``large_elements`` elements) are uploaded as a file into the item with the reference
-  ``{"identifier": "LargeImageAnnotationUpload", "itemId", "fileId" (the item's image file), "userId"}``:
-  girder_large_image_annotation ingests it in the background (chunked upload, no single huge request, no request
-  time limit) and deletes the uploaded file; the annotation record is written after all its elements, so it
-  appearing in ``GET /annotation?itemId=`` means the ingest is complete.
+  ``large_elements`` elements) are uploaded as a file into the item for girder_large_image_annotation to ingest
+  (:mod:`cellrcnn.annotation_upload`).
 - Every posted document carries ``attributes.model``, ``attributes.cellrcnn`` (the marker every cellrcnn
   annotation has) and ``attributes.cellrcnn_post`` (this post's id). After the new documents are on the item, every
   other annotation on the item with the same model and the marker is deleted: a failed post never leaves the slide
@@ -36,86 +33,17 @@ import uuid
 
 from . import __version__
 from .annotation_stream import as_documents, documents_from_files
+from .annotation_upload import INGEST_SECONDS_PER_1000, upload
 from .errors import CellRCNNError
-from .girder_api import GirderConnection, server_message
+from .girder_api import GirderConnection
+from .girder_target import POST_KEY, Target, annotation_attributes, post_key
 
 MARKER = 'cellrcnn'
-POST_KEY = 'cellrcnn_post'
 #: the hex SHA-256 of the model's checkpoint file: what identifies "the same model" (``attributes.model`` is its name)
 SHA_KEY = 'model_sha256'
 LARGE_BYTES = 8 * 1024 ** 2
 LARGE_ELEMENTS = 100_000
-UPLOAD_IDENTIFIER = 'LargeImageAnnotationUpload'
-INGESTED = object()
 _WRITE = 1  # Girder's AccessType.WRITE, as listings give it in ``_accessLevel``
-#: an uploaded document's ingest may take 600 s plus this much per thousand elements
-INGEST_SECONDS_PER_1000 = 10
-#: the REST path of cellrcnn's Girder plugin for an item (``girder_cellrcnn.rest``)
-PLUGIN_ITEM = 'cellrcnn/item'
-
-
-class _Target:
-    """The checked destination: the user, the slide's item and its image file."""
-
-    def __init__(self, server, item_id):
-        self.server = server
-        if not isinstance(item_id, str) or not item_id.strip():
-            raise server.fail('no Girder item id given: give the id of the slide\'s item')
-        item_id = item_id.strip()
-        self.user_id = server.user(' and post again')['_id']
-        self.item = self._item(item_id)
-        self.item_id = self.item['_id']
-        name = self.item.get('name')
-        large = self.item.get('largeImage') or {}
-        if large.get('expected'):
-            raise server.fail(f'item {self.item_id} ({name}) is still being converted to a large image; post '
-                              'again when it is done')
-        from girder_client import HttpError
-        try:
-            server.get('checking that the item is an image', f'item/{self.item_id}/tiles', item_id=self.item_id,
-                       passthrough=(400, 404))
-        except HttpError as exc:
-            raise server.fail(f'item {self.item_id} ({name}) is not a large image that Girder can tile '
-                              f'({server_message(exc)}): post to the slide\'s item') from None
-        self.file_id = large.get('fileId')
-
-    def _item(self, item_id):
-        """The item with this id, or the item of the file with this id (what a DSA image parameter holds)."""
-        from girder_client import HttpError
-
-        server = self.server
-        try:
-            return server.get('reading the item', f'item/{item_id}', item_id=item_id, passthrough=(400, 404))
-        except HttpError as exc:
-            missing = exc
-        try:  # the id of the slide's file?
-            file = server.get('reading the item', f'file/{item_id}', item_id=item_id, passthrough=(400, 404))
-        except HttpError:
-            file = None
-        if not file or not file.get('itemId'):
-            raise server.http_error(missing, 'reading the item', item_id)
-        return server.get('reading the item', f'item/{file["itemId"]}', item_id=file['itemId'])
-
-    def annotations(self):
-        return self.server.get('listing the item\'s annotations', 'annotation',
-                               {'itemId': self.item_id, 'limit': 0, 'sort': 'created', 'sortdir': 1},
-                               item_id=self.item_id)
-
-    def writers_annotations(self):
-        """The ids of the item's cellrcnn annotations that the server's cellrcnn plugin counts as results (made by
-        writers of the item: ``GET /cellrcnn/item/{id}/results``), or None when the server has no such plugin."""
-        from girder_client import HttpError
-
-        try:
-            return set(self.server.get('asking which annotations count as results',
-                                       f'{PLUGIN_ITEM}/{self.item_id}/results', item_id=self.item_id,
-                                       passthrough=(400, 404)))
-        except HttpError:
-            return None
-
-    def mine(self, annotation):
-        """Whether this user made the annotation (a post's own documents are those carrying its id made by it)."""
-        return annotation.get('creatorId') == self.user_id
 
 
 def _model_of(documents, model_name):
@@ -137,14 +65,10 @@ def _model_of(documents, model_name):
     return models.pop(), sha
 
 
-def _attributes(annotation):
-    return (annotation.get('annotation') or {}).get('attributes') or {}
-
-
 def _is_result_of(annotation, model, sha=None):
     """Whether an annotation is a cellrcnn result of this model: the same checkpoint hash when both have one, else
     (results posted before hashes were recorded) the same model name."""
-    attributes = _attributes(annotation)
+    attributes = annotation_attributes(annotation)
     if MARKER not in attributes:
         return False
     if sha and attributes.get(SHA_KEY):
@@ -152,20 +76,16 @@ def _is_result_of(annotation, model, sha=None):
     return attributes.get('model') == model
 
 
-def _post_key(annotation):
-    return _attributes(annotation).get(POST_KEY)
-
-
 def _post_of(annotation):
     """The post an annotation belongs to: its post id, or (posted another way) the annotation itself."""
-    key = _post_key(annotation)
+    key = post_key(annotation)
     return str(key).split('/')[0] if key else f'annotation {annotation["_id"]}'
 
 
 def _age(annotations):
     """When a post began landing: its first document's creation time (ties: the lower id, as ObjectIds grow); None
     when its first document is gone (a post being taken back, or the remains of one: it claims nothing)."""
-    first = [a for a in annotations if (str(_post_key(a) or '').split('/') + ['0'])[1] == '0']
+    first = [a for a in annotations if (str(post_key(a) or '').split('/') + ['0'])[1] == '0']
     if not first:
         return None
     try:
@@ -211,7 +131,7 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
     server = GirderConnection(api_url, token, retries, backoff, timeout, saved)
     say = progress.log if progress else (lambda line: None)
     with server.session():
-        target = _Target(server, item_id)
+        target = Target(server, item_id)
         _check_replaceable(server, target, model, sha)
         post_id = uuid.uuid4().hex
         results = []
@@ -228,7 +148,7 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
                 timing = {}
                 if large:
                     wait = ingest_timeout or 600 + INGEST_SECONDS_PER_1000 * doc.count / 1000
-                    annotation_id = _upload(server, target, doc.name, size, body, key, what, wait, timing,
+                    annotation_id = upload(server, target, doc.name, size, body, key, what, wait, timing,
                                             doc.count)
                 else:
                     annotation_id = _post(server, target, body().read(), key, what)
@@ -236,17 +156,17 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
                 results.append({'_id': annotation_id, 'name': doc.name, 'elements': doc.count,
                                 'route': 'upload' if large else 'post', 'seconds': done - start,
                                 'sent_seconds': timing.get('sent', done) - start})
-            results[0].update(_replace_earlier(server, target, model, sha, post_id, results, say))
+            results[0].update(_replace_earlier(target, model, sha, post_id, results, say))
         except CellRCNNError:
             # All or nothing: take this post's documents off again, leaving the earlier result as it was.
-            _take_back(server, target, results)
+            _take_back(target, results)
             raise
     return results
 
 
 def _results_by_post(target, model, sha, post_id=None):
     """This model's results on the item, grouped by the post they came with: this post's own documents (``post_id``,
-    made by this user), and the others that count as results (:meth:`_Target.writers_annotations`: made by writers
+    made by this user), and the others that count as results (:meth:`Target.writers_annotations`: made by writers
     of the item, or all of them on a server without cellrcnn's plugin)."""
     annotations = target.annotations()
     counted = target.writers_annotations()  # asked after the listing: it knows every annotation listed
@@ -270,7 +190,7 @@ def _check_replaceable(server, target, model, sha):
                           'write access, or post as a user who has it; nothing was posted')
 
 
-def _replace_earlier(server, target, model, sha, post_id, results, say):
+def _replace_earlier(target, model, sha, post_id, results, say):
     """Newest wins: delete the model's other results on the item, unless another post of the model began landing
     after this one (its first document is younger than this post's first), or one of this post's documents was
     deleted meanwhile (by such a newer post): then take this post back. A post is aged by its first document, which
@@ -281,36 +201,26 @@ def _replace_earlier(server, target, model, sha, post_id, results, say):
     mine = _age(ours)
     newer = [docs for docs in posts.values() if mine and (_age(docs) or mine) > mine]
     if newer or {a['_id'] for a in ours} != {r['_id'] for r in results}:
-        _take_back(server, target, results)
+        _take_back(target, results)
         say(f'a newer result of model {model} landed on item {target.item_id} while this one was posted: it stays, '
             'and this post was taken back')
         return {'replaced': [], 'superseded': True}
     replaced = []
     for docs in posts.values():
         for annotation in docs:
-            _delete(server, annotation['_id'], target.item_id)
+            target.delete(annotation['_id'])
             replaced.append(annotation['_id'])
     if replaced:
         say(f'replaced {len(replaced)} earlier annotation(s) of model {model} on item {target.item_id}')
     return {'replaced': replaced, 'superseded': False}
 
 
-def _take_back(server, target, results):
+def _take_back(target, results):
     for result in results:
         try:
-            _delete(server, result['_id'], target.item_id)
+            target.delete(result['_id'])
         except CellRCNNError:
             pass
-
-
-def _made(target, key):
-    """The ids of the annotations on the item that carry the post key ``key`` and were made by this user."""
-    return [a['_id'] for a in target.annotations() if _post_key(a) == key and target.mine(a)]
-
-
-def _find(target, key):
-    """The id of the annotation that this user's post ``key`` created on the item, or None."""
-    return next(iter(_made(target, key)), None)
 
 
 def _post(server, target, body, key, what):
@@ -319,120 +229,7 @@ def _post(server, target, body, key, what):
                                 headers={'Content-Type': 'application/json'}, jsonResp=False)
         return json.loads(answer.content)['_id']
 
-    return server.call(what, create, landed=lambda: _find(target, key), item_id=target.item_id)
-
-
-def _upload(server, target, name, size, body, key, what, ingest_timeout, timing, elements):
-    from girder_client import HttpError
-
-    reference = json.dumps({'identifier': UPLOAD_IDENTIFIER, 'itemId': target.item_id, 'fileId': target.file_id,
-                            'userId': target.user_id})
-    label = name
-    name = f'{label or "annotation"}.{key.replace("/", "-")}.anot.json'
-
-    def upload():
-        return server.gc.uploadFile(target.item_id, body(), name, size, parentType='item',
-                                    reference=reference, mimeType='application/json')['_id']
-
-    def landed():  # a lost answer: is the file there, or already ingested?
-        if _find(target, key):
-            return INGESTED
-        for file in server.get('looking for the uploaded file', f'item/{target.item_id}/files', {'limit': 0},
-                               item_id=target.item_id):
-            if file['name'] == name:
-                return file['_id']
-        return INGESTED if _find(target, key) else None
-
-    file_id = server.call(what, upload, landed=landed, item_id=target.item_id)
-    timing['sent'] = time.perf_counter()
-    # Wait for girder_large_image_annotation's ingest: the annotation shows up once all its elements are stored,
-    # then the handler deletes the uploaded file (it deletes it on failure too).
-    deadline, pause = time.monotonic() + ingest_timeout, 0.1
-    while True:
-        found = _find(target, key)
-        if found is not None:
-            return found
-        try:
-            if file_id != INGESTED:
-                server.get('waiting for the ingest', f'file/{file_id}', item_id=target.item_id,
-                           passthrough=(400, 404))
-            gone = file_id == INGESTED
-        except HttpError:
-            gone = True
-        if gone:
-            found = _find(target, key)
-            if found is not None:
-                return found
-            raise server.fail(f'Girder at {server.api_url} could not ingest the uploaded annotation '
-                              f'{label!r} (see the server log: too large for its '
-                              'max_annotation_input_file_length setting, or not a valid annotation?)')
-        if time.monotonic() > deadline:
-            _abandon(server, target, key, file_id, grace=withdrawal_grace(ingest_timeout, elements))
-            raise server.fail(f'Girder at {server.api_url} did not finish ingesting the uploaded annotation '
-                              f'{label!r} in {ingest_timeout:g} s (a slow database, or no '
-                              'large_image_annotation plugin?); the upload was withdrawn and earlier results were '
-                              'not replaced')
-        time.sleep(pause)
-        pause = min(pause * 1.5, 2.0)
-
-
-def withdrawal_grace(ingest_timeout, elements):
-    """Seconds a withdrawn upload is watched for an ingest already under way: a tenth of the time the ingest was
-    given, and at least a tenth of what an ingest of ``elements`` may take (:data:`INGEST_SECONDS_PER_1000`), so a
-    short time-out does not stop the watch before a large document can land; at least 5 s, at most 120 s."""
-    return min(120.0, max(5.0, ingest_timeout / 10, INGEST_SECONDS_PER_1000 * elements / 10_000))
-
-
-def _abandon(server, target, key, file_id, grace):
-    """Withdraw an upload whose ingest did not finish in time, so that it never lands as a result.
-
-    First the post is recorded as withdrawn with the server's cellrcnn plugin, which from then on deletes any of its
-    annotations as it is saved (``girder_cellrcnn.withdrawn``); then the uploaded file is deleted (an ingest not
-    started yet never lands); then the annotation is deleted if it landed before the record. That closes the race
-    with an ingest already under way: it lands either before the record (and is found here) or after it (and the
-    plugin deletes it). On a server without the plugin, the annotation is watched for ``grace`` seconds instead."""
-    from girder_client import HttpError
-
-    recorded = _record_withdrawal(server, target, key)
-    if file_id != INGESTED:
-        try:
-            server.call('withdrawing the upload', lambda: server.gc.delete(f'file/{file_id}'),
-                        item_id=target.item_id, passthrough=(400, 404))
-        except HttpError:
-            pass  # already taken by the ingest
-    deadline = time.monotonic() + (0 if recorded else grace)
-    while True:
-        late = _made(target, key)
-        for annotation_id in late:
-            _delete(server, annotation_id, target.item_id)
-        if late or time.monotonic() >= deadline:
-            return
-        time.sleep(1.0)
-
-
-def _record_withdrawal(server, target, key):
-    """Record the post of ``key`` as withdrawn from the item with the server's cellrcnn plugin. :returns: whether
-    it was recorded (False on a server without the plugin, or when the server would not record it)."""
-    from girder_client import HttpError
-
-    post_id = key.split('/')[0]
-    try:
-        server.call('recording the withdrawal', lambda: server.gc.post(f'{PLUGIN_ITEM}/{target.item_id}/withdrawn',
-                                                                      parameters={'post': post_id}),
-                    item_id=target.item_id, passthrough=(400, 404))
-    except (HttpError, CellRCNNError):
-        return False
-    return True
-
-
-def _delete(server, annotation_id, item_id):
-    from girder_client import HttpError
-
-    try:
-        server.call(f'deleting the earlier annotation {annotation_id}',
-                    lambda: server.gc.delete(f'annotation/{annotation_id}'), item_id=item_id, passthrough=(400, 404))
-    except HttpError:
-        pass  # already gone
+    return server.call(what, create, landed=lambda: target.find(key), item_id=target.item_id)
 
 
 def post_annotation_files(api_url, token, item_id, paths, model_name=None, **options):
@@ -449,7 +246,7 @@ def check_target(api_url, token, item_id, retries=4, backoff=1.0, timeout=60):
     :returns: the item's id (``item_id`` may be the id of the item's file)."""
     server = GirderConnection(api_url, token, retries, backoff, timeout, None)
     with server.session():
-        return _Target(server, item_id).item_id
+        return Target(server, item_id).item_id
 
 
 def format_results(results, item_id):
