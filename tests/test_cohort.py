@@ -259,10 +259,12 @@ def test_a_girder_folder_cohort_posts_each_result_to_its_slide(server, synthetic
         assert row['status'] == 'done' and row['girder_item_id'] == item_id and int(row['cells']) > 50
         assert 'posted to item' in row['note']
         found = cellrcnn_annotations(server, item_id)
-        assert len(found) == 2  # nuclei and density
         nuclei = [a for a in found if a['annotation']['attributes'].get('stats')]
         assert len(nuclei) == 1 and nuclei[0]['_elementCount'] == int(row['cells'])
         assert nuclei[0]['annotation']['attributes']['model'] == 'cellrcnn-default.pt'
+        types = nuclei[0]['annotation']['attributes']['model_config']['cell_types']
+        per_type = sorted(a['annotation']['attributes'].get('cell_type') for a in found if a not in nuclei)
+        assert len(types) == 3 and per_type == sorted([None, *types])  # nuclei, density, one density per type
         assert (output / row['output']).is_dir()
     assert not any(f for _, _, f in os.walk(output / '.girder-cache'))  # downloads removed once posted
 
@@ -273,9 +275,37 @@ def test_a_girder_folder_cohort_posts_each_result_to_its_slide(server, synthetic
     for path, item_id in items.items():
         assert strict[path]['status'] == 'done'
         found = cellrcnn_annotations(server, item_id)
-        assert len(found) == 2  # the earlier result was replaced, not duplicated
+        assert len(found) == 5  # the earlier result was replaced, not duplicated
         nuclei = [a for a in found if a['annotation']['attributes'].get('stats')]
         assert nuclei[0]['_elementCount'] == int(strict[path]['cells']) < int(rows[path]['cells'])
+
+
+class UnsendableToken(str):
+    """A Girder token that refuses to be pickled: it must never travel to a Dask cluster."""
+
+    def __reduce__(self):
+        raise TypeError('the Girder token was about to be sent to the Dask cluster')
+
+
+def test_a_girder_cohort_on_dask_workers_keeps_the_token_here(server, synthetic_slide, tmp_path):
+    """Workers run each slide's detection; downloading and posting, which need the token, stay in the client."""
+    import pickle
+
+    from cellrcnn.cohort import GirderFolder, batch
+    from cellrcnn.settings import DetectionSettings
+
+    gc = server.client()
+    folder = gc.createFolder(server.collection_id, 'on-dask', parentType='collection')['_id']
+    item_id, _ = server.upload_slide(synthetic_slide(480, 400, seed=44)[0], 'dask.tiff', folder_id=folder)
+    token = UnsendableToken(server.token)
+    with pytest.raises(TypeError, match='about to be sent'):
+        pickle.dumps(token)
+    rows = batch(None, str(tmp_path), DetectionSettings(device='cpu'), scheduler='local:1',
+                 girder=GirderFolder(server.api_url, token, folder))
+    [row] = rows
+    assert row['status'] == 'done' and 'posted to item' in row['note'] and int(row['cells']) > 20
+    nuclei = [a for a in cellrcnn_annotations(server, item_id) if a['annotation']['attributes'].get('stats')]
+    assert [a['_elementCount'] for a in nuclei] == [int(row['cells'])]
 
 
 def test_girder_names_holding_slashes_get_result_folders_of_their_own(server, synthetic_slide, tmp_path):

@@ -21,9 +21,10 @@ slide and one table for the whole cohort (``cellrcnn batch``).
   slide, the same model copied elsewhere skips them.
 - **Failures stay rows**: a slide that cannot be read, states no magnification, cannot be downloaded or posted,
   ... becomes a ``failed`` row with a one-line reason and the cohort goes on.
-- **Scale-out**: with a dask.distributed scheduler (an address, or ``local:N`` for N local processes) whole slides
-  run on the cluster's workers, each slide in one worker process; without one, one after another here. Workers
-  must see the same file system paths (the slides and ``OUT``).
+- **Scale-out**: with a dask.distributed scheduler (an address, or ``local:N`` for N local processes) each slide's
+  detection runs on one of the cluster's workers; without one, one after another here. Downloads from Girder and
+  posts to it stay in this process: the Girder token is never sent to the cluster. Workers must see the same file
+  system paths (the slides and ``OUT``).
 
 The table ``OUT/cohort.csv`` has one row per slide, in path order (:data:`COLUMNS`); its ``model`` column is the
 model's file name, for people. For a model with cell types (its run's ``stats['cell_types']``: ``{name: count}`` in
@@ -206,13 +207,14 @@ def _row(slide, result, model_path, seconds):
             **cell_type_columns(stats.get('cell_types'), tissue)}
 
 
-def process_slide(slide, settings, girder=None):
-    """Detect nuclei in one slide of a cohort (here, or on a Dask worker) unless an earlier run did; post its
-    results to its Girder item when it came from one. :returns: its table row (a dict of :data:`COLUMNS` and
+def process_slide(slide, settings, girder=None, detect=None):
+    """Detect nuclei in one slide of a cohort unless an earlier run did; post its results (nuclei, density and, for a
+    model with cell types, the per-type densities) to its Girder item when it came from one. ``detect(slide, paths,
+    settings)`` is the detection step (default :func:`detect_row`, here); a Dask run passes one that runs it on a
+    worker, so the Girder token never leaves this process. :returns: its table row (a dict of :data:`COLUMNS` and
     :func:`cell_type_columns`); problems with the slide, its files or the server become a ``failed`` row, not an
     exception."""
-    from .inference import DetectorSpec
-    from .job import detect_to_files, output_paths
+    from .job import output_paths
 
     started = time.perf_counter()
     base = {**dict.fromkeys(COLUMNS, ''), 'slide': slide.name, 'girder_item_id': slide.item_id or '',
@@ -233,16 +235,15 @@ def process_slide(slide, settings, girder=None):
             if slide.item_id:  # a download of this version that an earlier run left is used again
                 from .girder_api import download_file
                 download_file(girder.api_url, girder.token, slide.file_id, slide.path, slide.cache)
-            result = detect_to_files(slide.path, paths, settings,
-                                     resume_dir=os.path.join(slide.folder, f'.{slide.stem}.partial'))
-            row = _row(slide, result, DetectorSpec.from_settings(settings).model_path, time.perf_counter() - started)
+            row = {**(detect or detect_row)(slide, paths, settings),
+                   'seconds': round(time.perf_counter() - started, 2)}
             note = row['note']
             _write_done(done_path, {'fingerprint': key, 'posted': False, 'row': row})
         if slide.item_id:
             from .girder_post import post_annotation_files
             try:
                 posted = post_annotation_files(girder.api_url, girder.token, slide.item_id,
-                                               [paths['annotation'], paths['density']])
+                                               [paths['annotation'], paths['density'], paths['class_density']])
             except CellRCNNError as exc:
                 raise CellRCNNError(f'results written to {slide.folder}, but posting them failed: {exc}') from None
             _write_done(done_path, {'fingerprint': key, 'posted': [r['_id'] for r in posted], 'row': row})
@@ -250,13 +251,25 @@ def process_slide(slide, settings, girder=None):
             _remove_download(slide)
         return {**base, **row, 'status': 'done', 'note': note}
     except (CellRCNNError, OSError, MemoryError) as exc:  # one slide's failure is its row's; the cohort goes on
-        # (anything else is a bug in cellrcnn: it stops the cohort with its traceback instead of hiding in a row)
+        # (anything else is a bug in cellrcnn, or a lost Dask worker: it is not hidden in a row here)
         try:
             os.rmdir(slide.folder)  # left only if empty: a slide that could not be read leaves no folder
         except OSError:
             pass
         return {**base, 'status': 'failed', 'note': one_line(exc),
                 'seconds': round(time.perf_counter() - started, 2)}
+
+
+def detect_row(slide, paths, settings):
+    """The detection step of :func:`process_slide` (here, or on a Dask worker; it needs no Girder token): detect
+    nuclei in the slide's file, write the outputs ``paths``. :returns: its table row."""
+    from .inference import DetectorSpec
+    from .job import detect_to_files
+
+    started = time.perf_counter()
+    result = detect_to_files(slide.path, paths, settings,
+                             resume_dir=os.path.join(slide.folder, f'.{slide.stem}.partial'))
+    return _row(slide, result, DetectorSpec.from_settings(settings).model_path, time.perf_counter() - started)
 
 
 def _remove_download(slide):
@@ -278,14 +291,17 @@ def _lost_row(slide, exc):
 
 def run_cohort(slides, settings, scheduler=None, girder=None):
     """Every slide of the cohort through :func:`process_slide`: here one after another, or spread over a
-    dask.distributed cluster (``scheduler``: an address, or ``local:N``).
+    dask.distributed cluster (``scheduler``: an address, or ``local:N``). With a cluster, each slide's
+    :func:`detect_row` runs on a worker while its checks, download and post run here, one thread per worker thread:
+    the workers get slides, settings and paths, never the Girder token.
     :returns: an iterator of ``(index in slides, row)`` in the order the slides finish."""
     settings = dataclasses.replace(settings, progress='none')
     if not scheduler:
         for i, slide in enumerate(slides):
             yield i, process_slide(slide, settings, girder)
         return
-    from distributed import as_completed
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     from distributed.client import FutureCancelledError
     from distributed.comm.core import CommClosedError
     from distributed.scheduler import KilledWorker
@@ -297,8 +313,13 @@ def run_cohort(slides, settings, scheduler=None, girder=None):
     lost = (KilledWorker, CommClosedError, FutureCancelledError, TimeoutError, OSError, MemoryError)
 
     client = connect_dask(scheduler)
+
+    def on_worker(slide, paths, settings):
+        return client.submit(detect_row, slide, paths, settings, pure=False).result()
+
+    threads = ThreadPoolExecutor(max(1, sum(client.nthreads().values())))
     try:
-        futures = {client.submit(process_slide, slide, settings, girder, pure=False): i
+        futures = {threads.submit(process_slide, slide, settings, girder, on_worker): i
                    for i, slide in enumerate(slides)}
         for future in as_completed(futures):
             index = futures[future]
@@ -307,7 +328,8 @@ def run_cohort(slides, settings, scheduler=None, girder=None):
             except lost as exc:  # the worker died (out of memory, killed, ...)
                 row = _lost_row(slides[index], exc)
             yield index, row
-    finally:
+    finally:  # an interrupted cohort starts no more slides
+        threads.shutdown(wait=False, cancel_futures=True)
         close_dask(client, scheduler)
 
 
