@@ -38,5 +38,9 @@ RUN --mount=type=secret,id=ca_bundle \
     && ./install.sh && cli/self-check.sh \
     && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/* /root/.cache
 
+# The tasks run as a user of their own, not root: girder_worker makes its temporary volumes writable by any user,
+# and nothing in /opt/cellrcnn needs writing at run time.
+RUN useradd --system --create-home --home-dir /home/cellrcnn --uid 10001 --user-group cellrcnn
+USER cellrcnn
 WORKDIR /opt/cellrcnn/cli
 ENTRYPOINT ["python", "-m", "slicer_cli_web.cli_list_entrypoint"]

@@ -96,8 +96,17 @@ def test_the_class_loss_ignores_unknown_types():
     assert losses['loss_cell_type'].item() == 0
 
 
+def bundled_without_cell_types():
+    """The bundled model's weights without its cell-type head: a trained model without cell types."""
+    typed = load_model()
+    config = dataclasses.replace(typed.config, cell_types=(), cell_type_colors=(), cell_type_labels=())
+    model = build_model(config)
+    model.load_state_dict({k: v for k, v in typed.state_dict().items() if 'cell_type' not in k})
+    return model.eval()
+
+
 def test_a_model_without_cell_types_detects_as_torchvisions_roi_heads():
-    model = load_model()
+    model = bundled_without_cell_types()
     assert model.roi_heads.cell_type_predictor is None
     assert not any('cell_type' in k for k in model.state_dict())
     assert 'cell_types' not in model.config.to_dict()
@@ -138,7 +147,7 @@ def test_bad_cell_type_settings_are_one_line_errors():
         dataclasses.replace(TYPED, cell_types=('a', 'a')).validate()
 
 
-def test_fine_tuning_adds_a_class_head_and_keeps_the_other_weights(tmp_path):
+def test_fine_tuning_adds_or_replaces_a_class_head_and_keeps_the_other_weights(tmp_path):
     save_checkpoint(tmp_path / 'old.pt', build_model(TINY))
     old = load_model(tmp_path / 'old.pt')
     cfg = TrainConfig(cell_types=('lymphocyte', 'tumour=tumor_epithelial'))
@@ -149,8 +158,15 @@ def test_fine_tuning_adds_a_class_head_and_keeps_the_other_weights(tmp_path):
     for key, value in old.state_dict().items():
         assert torch.equal(new[key], value)
     save_checkpoint(tmp_path / 'typed.pt', model)
-    with pytest.raises(CellRCNNError, match='fine-tune it with those or with none'):
-        initial_model(TINY, TrainConfig(cell_types=('stromal',)), init=tmp_path / 'typed.pt')
+    typed = load_model(tmp_path / 'typed.pt').state_dict()
+    own = initial_model(TINY, TrainConfig(cell_types=('stromal', 'immune')), init=tmp_path / 'typed.pt')
+    assert own.config.cell_types == ('stromal', 'immune')
+    head = 'roi_heads.cell_type_predictor.weight'
+    assert own.state_dict()[head].shape[0] == 2 and typed[head].shape[0] == 2
+    assert not torch.equal(own.state_dict()[head], typed[head])  # a new head, not the old types' one renamed
+    for key, value in typed.items():
+        if 'cell_type' not in key:
+            assert torch.equal(own.state_dict()[key], value)
 
 
 def test_real_samples_carry_extent_and_types_through_augmentation():

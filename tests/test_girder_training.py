@@ -401,11 +401,12 @@ def test_cell_types_learnt_from_one_annotation_per_type(server, typed, tmp_path)
 
 
 @girder
-def test_bad_cell_types_are_one_line_before_anything_is_downloaded(server, typed, tmp_path):
+def test_bad_cell_types_are_one_line_before_anything_is_downloaded(server, typed, tmp_path, tiny_checkpoint):
     cases = [({'cell_types': ('small', 'big')}, "no annotated nucleus of cell type 'small', 'big' on the training "
                                                 "slides (class from label); classes there: 'B' ("),  # labels: S, B
              ({'cell_types': ('small',), 'class_from': 'colour'}, "not 'colour'"),
-             ({'class_from': 'annotation'}, 'need --cell-types')]
+             # (a starting model with cell types of its own, like the bundled one, names the annotations itself)
+             ({'class_from': 'annotation', 'init': str(tiny_checkpoint)}, 'need --cell-types')]
     for options, words in cases:
         with pytest.raises(CellRCNNError) as info:
             train_from_girder(server.api_url, server.token, server.folder_id, 'typed', str(tmp_path),

@@ -144,8 +144,9 @@ def precise_bn(model, samples, tile_size, device, count=256, batch_size=8):
 
 def initial_model(model_config, cfg, init=None):
     """The model training starts from: ``init``'s weights (fine-tuning; its configuration kept) or ``model_config``
-    built from scratch, with the cell types ``cfg`` asks for. A class head new to ``init`` starts from random weights;
-    ``init``'s own cell types are kept when ``cfg`` names none, and must be the same when it does."""
+    built from scratch, with the cell types ``cfg`` asks for. ``init``'s own cell types are kept when ``cfg`` names
+    none or the same; other types (a lab's own, say, on the bundled model) get a class head of their own, which
+    starts from random weights, while every other weight of ``init`` is kept."""
     wanted = cfg.cell_type_settings() if cfg.cell_types else {}
     if not init:
         return build_model(dataclasses.replace(model_config, **wanted))
@@ -153,12 +154,11 @@ def initial_model(model_config, cfg, init=None):
     stored = stored_config(payload, init)
     if not wanted or wanted['cell_types'] == stored.cell_types:
         return model_from_checkpoint(payload, source=init)
-    if stored.cell_types:
-        raise CellRCNNError(f'{init} has the cell types {", ".join(stored.cell_types)}; fine-tune it with those '
-                            'or with none')
+    head = 'roi_heads.cell_type_predictor.'
     model = build_model(dataclasses.replace(stored, **wanted))
-    missing, unexpected = model.load_state_dict(model_from_checkpoint(payload, source=init).state_dict(), strict=False)
-    if unexpected or not all(k.startswith('roi_heads.cell_type_predictor.') for k in missing):
+    kept = {k: v for k, v in model_from_checkpoint(payload, source=init).state_dict().items() if not k.startswith(head)}
+    missing, unexpected = model.load_state_dict(kept, strict=False)
+    if unexpected or not all(k.startswith(head) for k in missing):
         raise CellRCNNError(f'{init} does not match the model it should start (missing {missing[:2]})')
     return model
 

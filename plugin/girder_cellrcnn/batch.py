@@ -11,6 +11,9 @@ Slides that already hold a whole-slide result of the model, or have a CellDetect
 or running, are skipped: starting again after an interruption picks up where the last run stopped. A model file is
 identified by the SHA-256 of its bytes (:func:`file_sha256`), the bundled model by its name.
 
+Scale: the request only checks and creates the parent job. Its thread hashes the model, walks the folder tree and
+queues the slides; the job document holds the counts, not the list of slides (a document is limited to 16 MB).
+
 Trust: the task run is one an administrator registered (:func:`trusted_task`), never an item any user may create;
 the callback address is the administrator's ``worker.api_url`` setting, never taken from a request; the token that
 queues the slides' jobs lives for a day at most and is deleted as soon as they are queued.
@@ -171,16 +174,14 @@ def _content_stamp(model_file):
 
 def file_sha256(model_file):
     """The hex SHA-256 of a Girder file's bytes, streamed from its assetstore once and kept on its document
-    (:data:`SHA_FIELD`) for as long as its content stays the same."""
+    (:data:`SHA_FIELD`) for as long as its content stays the same. Called from the batch's own thread, never in a
+    request: a model of gigabytes takes a while."""
     from girder.models.file import File
 
     stamp = _content_stamp(model_file)
     known = model_file.get(SHA_FIELD)
     if isinstance(known, dict) and known.get('of') == stamp and SHA_PATTERN.fullmatch(str(known.get('sha256'))):
         return known['sha256']
-    if not model_file.get('assetstoreId') or model_file.get('linkUrl'):
-        raise RestException(f'the model file {model_file["_id"]} ({model_file.get("name")}) is a link, not a stored '
-                            'file: upload the checkpoint')
     digest = hashlib.sha256()
     with File().open(model_file) as handle:
         for block in iter(lambda: handle.read(1 << 20), b''):
@@ -191,16 +192,31 @@ def file_sha256(model_file):
 
 
 def model_of(user, model_file_id=None):
-    """(model name as results record it, model file id or None for the task's bundled model, SHA-256 of the model
-    file's bytes or None for the bundled model)."""
+    """(model name as results record it, model file id or None for the task's bundled model); the file must be one
+    the user may read, stored in an assetstore (not a link)."""
     if not model_file_id:
-        return DEFAULT_MODEL, None, None
+        return DEFAULT_MODEL, None
     from girder.models.file import File
 
     model_file = File().load(model_file_id, user=user, level=AccessType.READ, exc=False)
     if model_file is None:
         raise RestException(f'no model file {model_file_id} that you may read')
-    return model_file['name'], str(model_file['_id']), file_sha256(model_file)
+    if not model_file.get('assetstoreId') or model_file.get('linkUrl'):
+        raise RestException(f'the model file {model_file["_id"]} ({model_file.get("name")}) is a link, not a stored '
+                            'file: upload the checkpoint')
+    return model_file['name'], str(model_file['_id'])
+
+
+def _model_sha256(model_file_id):
+    """The SHA-256 of the model file's bytes (None for the bundled model)."""
+    if not model_file_id:
+        return None
+    from girder.models.file import File
+
+    model_file = File().load(model_file_id, force=True, exc=False)
+    if model_file is None:
+        raise RestException(f'the model file {model_file_id} is gone')
+    return file_sha256(model_file)
 
 
 def active_job(file_id, model_file_id):
@@ -231,28 +247,35 @@ def plan(folder, user, model, model_file_id, sha=None):
             'no_write_folders': denied}
 
 
-def start(folder, user, cli, model, model_file_id, sha=None):
-    """Create and schedule the parent job; :returns: the job. girder_worker's tasks call back to the
-    ``worker.api_url`` setting (:func:`require_worker_api_url`): outside a request (our thread) it has no other way
-    to know the address, and this plugin never sets it."""
+def start(folder, user, cli, model, model_file_id):
+    """Create and schedule the parent job; :returns: the job. Its thread (:func:`_schedule`) hashes the model, walks
+    the folder tree and queues the slides: the request does none of that, and the job document holds no list of
+    slides, whatever the folder's size. girder_worker's tasks call back to the ``worker.api_url`` setting
+    (:func:`require_worker_api_url`): outside a request (our thread) it has no other way to know the address, and
+    this plugin never sets it."""
     require_worker_api_url()
-    work = plan(folder, user, model, model_file_id, sha)
     job = Job().createLocalJob(
         module='girder_cellrcnn.batch', function='run', title=f'Cell detection on folder {folder["name"]}',
         type=JOB_TYPE, user=user, public=False, asynchronous=True,
         kwargs={'folderId': str(folder['_id']), 'cliItemId': str(cli._id), 'model': model,
-                'modelFileId': model_file_id, 'modelSha256': sha, 'slides': work['slides']},
-        otherFields={'cellrcnnBatch': {k: work[k] for k in ('total', 'finished', 'running', 'no_write_folders')}
-                     | {'todo': len(work['slides']), 'model': model, 'model_sha256': sha, 'scheduled': False}})
+                'modelFileId': model_file_id},
+        otherFields={'cellrcnnBatch': {'model': model, 'scheduled': False}})
+    Job().scheduleJob(job)
+    return job
+
+
+def _record_plan(job, work, model, sha):
+    """Put the plan's counts on the batch job (``cellrcnnBatch``, its log and its progress)."""
     skipped = (f'{work["finished"]} already have a result of {model}, {work["running"]} have a {CLI_NAME} job of it '
                f'waiting or running')
     if work['no_write_folders']:
         skipped += f'; {work["no_write_folders"]} subfolders you may not write to were left out'
-    job = Job().updateJob(job, log=f'{work["total"]} slides in the folder tree: {skipped}; '
-                                   f'{len(work["slides"])} to detect with {model}\n',
-                          progressTotal=len(work['slides']), progressCurrent=0)
-    Job().scheduleJob(job)
-    return job
+    counts = {k: work[k] for k in ('total', 'finished', 'running', 'no_write_folders')}
+    return Job().updateJob(job, log=f'{work["total"]} slides in the folder tree: {skipped}; '
+                                    f'{len(work["slides"])} to detect with {model}\n',
+                           progressTotal=len(work['slides']), progressCurrent=0,
+                           otherFields={f'cellrcnnBatch.{k}': v for k, v in
+                                        {**counts, 'todo': len(work['slides']), 'model_sha256': sha}.items()})
 
 
 def run(job):
@@ -278,12 +301,18 @@ def _schedule(job):
         if not trusted_task(cli.item):  # checked again: the task may have changed since the request
             raise RestException(f'the {CLI_NAME} task {kwargs["cliItemId"]} is no longer one an administrator '
                                 'registered')
+        folder = Folder().load(kwargs['folderId'], user=user, level=AccessType.WRITE, exc=False)
+        if folder is None:
+            raise RestException(f'the folder {kwargs["folderId"]} is gone, or you may no longer write to it')
+        sha = _model_sha256(kwargs['modelFileId'])
+        work = plan(folder, user, kwargs['model'], kwargs['modelFileId'], sha)
+        job = _record_plan(job, work, kwargs['model'], sha)
         handler = genHandlerToRunDockerCLI(cli)
         # The current token of the scheduling below: slicer_cli_web's run handler reads the user from it and
         # girder_worker mints each job's own token then. It is needed only while queueing, so it lives a day at
         # most and is deleted as soon as the slides are queued (or queueing stops).
         token = Token().createToken(user=user, days=TOKEN_DAYS)
-        for slide in kwargs['slides']:
+        for slide in work['slides']:
             if _ended(job):
                 return  # canceled: schedule no more
             child = _start_child(handler, cli, slide, kwargs['modelFileId'], user, token)
@@ -293,7 +322,7 @@ def _schedule(job):
                 _cancel(child)
                 return
             scheduled += 1
-            job = Job().updateJob(job, log=f'{scheduled}/{len(kwargs["slides"])}: job {child["_id"]} for '
+            job = Job().updateJob(job, log=f'{scheduled}/{len(work["slides"])}: job {child["_id"]} for '
                                            f'{slide["path"]}\n')
     except Exception as exc:
         logger.exception('cellrcnn batch %s failed', job['_id'])
@@ -371,7 +400,7 @@ def update_parent(parent_id, scheduled=False):
     children = list(Job().find({'parentId': parent['_id']}, fields=['status', 'cellrcnnSlide']))
     ended = [c for c in children if c['status'] in ENDED]
     failed = [c for c in ended if c['status'] != JobStatus.SUCCESS]
-    total = parent['cellrcnnBatch']['todo']
+    total = parent['cellrcnnBatch'].get('todo', 0)
     update = {'progressCurrent': len(ended), 'progressTotal': total,
               'progressMessage': f'{len(ended)} of {total} slides done' + (f', {len(failed)} failed' if failed
                                                                           else '')}

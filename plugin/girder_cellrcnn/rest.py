@@ -89,8 +89,8 @@ class CellRCNNResource(Resource):
         batch.require_worker_api_url()
         user = self.getCurrentUser()
         task = batch.find_cli(user, cli)
-        model_name, model_file_id, sha = batch.model_of(user, model)
-        job = batch.start(folder, user, task, model_name, model_file_id, sha)
+        model_name, model_file_id = batch.model_of(user, model)
+        job = batch.start(folder, user, task, model_name, model_file_id)
         return Job().filter(job, user)
 
     @access.user
