@@ -1,5 +1,6 @@
 import copy
 import inspect
+import json
 
 import numpy as np
 import pytest
@@ -91,8 +92,8 @@ def girder_session(tmp_path_factory):
     """One real Girder with the DSA plugins (cellrcnn.devstack.local_girder.GirderServer) for the whole test session.
 
     Skipped only when its virtualenv, an optional install (``./install.sh --with-girder``), is missing. Its celery
-    broker and result store are kombu's in-process memory (tests/test_plugin.py: slicer_cli_web queues jobs that no
-    worker takes). Modules use :func:`server`, not this."""
+    broker and result store are kombu's in-process memory (tests/test_plugin_folders.py: slicer_cli_web queues jobs
+    that no worker takes). Modules use :func:`server`, not this."""
     from cellrcnn.devstack.local_girder import GirderServer, girder_python
 
     python, why_not = girder_python()
@@ -120,6 +121,13 @@ def server(girder_session, request):
     return view
 
 
+@pytest.fixture
+def slide(server, slide_file, request):
+    """A fresh large-image item of the module's ``slide_file`` on its :func:`server`: (item id, file id). For the
+    test_girder_*.py modules; several other modules define a ``slide`` of their own."""
+    return server.upload_slide(slide_file, name=f'{request.node.name[:40]}.tiff')
+
+
 @pytest.fixture(scope='session')
 def dsa(tmp_path_factory):
     """The whole DSA on this machine (cellrcnn.devstack.local_dsa.DSAStack): Girder with the DSA plugins and
@@ -145,3 +153,91 @@ def dsa(tmp_path_factory):
         yield stack
     finally:
         stack.stop()
+
+
+# --------------------------------------------------------------------------- the Girder plugin's modules
+# (test_plugin_*.py; helpers in plugin_support.py). Session-scoped where Girder holds one of a kind: one user named
+# "reader", one "Tasks" collection (a second module making them again would be refused).
+
+
+@pytest.fixture(scope='session')
+def slide_file(synthetic_slide):
+    """The plugin modules' slide. test_cli.py and the test_girder_*.py modules name slides of their own."""
+    return synthetic_slide(512, 384, seed=5)[0]
+
+
+@pytest.fixture(scope='session')
+def result_files(slide_file, tmp_path_factory):
+    """The bundled model's real outputs for the slide: {'annotation': nuclei file, 'density': density file}."""
+    from cellrcnn.job import detect_to_files, output_paths
+    from cellrcnn.settings import DetectionSettings
+
+    paths = output_paths(str(tmp_path_factory.mktemp('result')), 'slide')
+    paths = {key: paths[key] for key in ('annotation', 'density')}
+    detect_to_files(str(slide_file), paths, DetectionSettings(device='cpu', tile_size=256, progress='none'))
+    return paths
+
+
+@pytest.fixture(scope='module')
+def nuclei_doc(result_files):
+    from cellrcnn.annotation import read_annotation_file
+    from plugin_support import DEFAULT_MODEL
+
+    doc = read_annotation_file(result_files['annotation'])
+    assert doc['attributes']['model'] == DEFAULT_MODEL and len(doc['elements']) > 10
+    return doc
+
+
+@pytest.fixture(scope='session')
+def worker_api_url(girder_session):
+    """The worker.api_url setting an administrator sets: folder-wide detection needs it, and never sets it."""
+    from plugin_support import set_setting
+
+    set_setting(girder_session, 'worker.api_url', girder_session.api_url)
+    return girder_session.api_url
+
+
+@pytest.fixture(scope='session')
+def cli_id(girder_session, worker_api_url):
+    from plugin_support import register_cell_detection
+
+    return register_cell_detection(girder_session)
+
+
+@pytest.fixture(scope='session')
+def reader(girder_session):
+    """A second user, not an administrator: (id, token)."""
+    gc = girder_session.client()
+    user = gc.post('user', {'login': 'reader', 'email': 'reader@example.org', 'firstName': 'Re', 'lastName': 'Ader',
+                            'password': 'reader-password'})
+    client = girder_session.client(token='')
+    client.authenticate('reader', 'reader-password')
+    return user['_id'], client.token
+
+
+# --------------------------------------------------------------------------- cellrcnn.labels' modules
+# (test_labels_*.py; helpers in labels_support.py)
+
+
+@pytest.fixture(scope='module')
+def brca():
+    """(images folder, points.json as loaded, name of one image with nuclei of all three classes)."""
+    from labels_support import SHARED
+
+    if SHARED is None:
+        pytest.skip('no shared data')
+    folder = SHARED / 'brca-m2c'
+    points = json.loads((folder / 'points.json').read_text())
+    name = next(n for n in sorted(points) if len({row[2] for row in points[n]}) == 3)
+    return folder / 'images', points, name
+
+
+@pytest.fixture(scope='module')
+def dsb():
+    """(images folder, masks folder, boxes.json as loaded)."""
+    from labels_support import SHARED
+
+    if SHARED is None:
+        pytest.skip('no shared data')
+    folder = SHARED / 'dsb2018-he'
+    return folder / 'images', folder / 'masks', json.loads((folder / 'boxes.json').read_text())

@@ -1,0 +1,345 @@
+"""The Girder plugin (plugin/, girder_cellrcnn) in a real DSA Girder: its folder endpoints, the results table (JSON
+and CSV, paged, with cells a spreadsheet would run neutralised) and folder-wide CellDetection through slicer_cli_web,
+under Girder's access control. The plugin's other modules: tests/test_plugin_results.py (a slide's result as item
+metadata, cell types, re-runs) and tests/test_plugin_trust.py (users who try to borrow others' rights).
+
+Skipped unless the server's own virtualenv is there (see tests/test_girder_posting.py). The server is the session's
+(tests/conftest.py, which also holds the fixtures the plugin's modules share: the slide and the bundled model's result
+on it, the registered CellDetection task, the user ``reader``), this module's folders in a collection of its own. No
+RabbitMQ here: the server's celery broker is kombu's in-process memory transport, so slicer_cli_web really creates and
+queues each slide's job (girder_worker publishes its message) but no worker takes it; the tests play the worker's part
+through the same ``PUT /job/{id}`` calls girder_worker makes.
+"""
+
+import csv
+import hashlib
+import io
+import json
+import sys
+import time
+
+import pytest
+import requests
+
+from cellrcnn import __version__
+from cellrcnn.girder_post import post_annotations
+from plugin_support import (
+    COLUMNS,
+    DEFAULT_MODEL,
+    FAST,
+    NEEDS_GIRDER,
+    READ,
+    WRITE,
+    annotate,
+    children,
+    detect,
+    error_of,
+    expected_summary,
+    folder,
+    grant,
+    in_database,
+    nuclei,
+    play_worker,
+    result_of,
+    slide_in,
+)
+
+pytestmark = NEEDS_GIRDER
+
+QUEUED_OR_RUNNING = {0, 1, 2}
+CANCELED, CANCELING = 5, 824
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def child_inputs(job):
+    """(slide file id, model file id or None, output file names) from a slicer_cli_web job's container arguments:
+    ``CellDetection [--flag value ...] SLIDE NUCLEI_OUTPUT``, files as girder_worker transforms."""
+    args = job['kwargs']['container_args']
+
+    def file_id(arg):
+        assert 'GirderFileIdToVolume' in arg
+        return arg.split('File ID=')[1].split(' ')[0]
+
+    assert args[0] == 'CellDetection'
+    model = file_id(args[args.index('--model_file') + 1]) if '--model_file' in args else None
+    outputs = sorted(a.split('"')[1] for a in args if 'VolumePath' in a)
+    for flag in ('--api-url', '--girder-token'):  # empty in the request: slicer_cli_web fills them in
+        assert args[args.index(flag) + 1].startswith('<slicer_cli_web.girder_worker_plugin')
+    return file_id(args[-2]), model, outputs
+
+
+# --------------------------------------------------------------------------- the results table
+
+
+@pytest.fixture(scope='module')
+def study(server, slide_file, nuclei_doc):
+    """study/{a,b}.tiff, study/notes.txt, study/batch2/c.tiff, study/private/d.tiff; a and c have results."""
+    root = folder(server, server.folder_id, 'study')
+    ids = {'root': root, 'batch2': folder(server, root, 'batch2'), 'private': folder(server, root, 'private')}
+    for name, where in (('b.tiff', 'root'), ('a.tiff', 'root'), ('c.tiff', 'batch2'), ('d.tiff', 'private')):
+        ids[name] = slide_in(server, slide_file, ids[where], name)[0]
+    server.client().uploadStreamToFolder(root, io.BytesIO(b'not a slide'), 'notes.txt', 11)
+    ids['a_result'] = post_annotations(server.api_url, server.token, ids['a.tiff'], nuclei_doc, **FAST)[0]['_id']
+    ids['c_result'] = post_annotations(server.api_url, server.token, ids['c.tiff'], nuclei(12, 'other.pt'),
+                                       **FAST)[0]['_id']
+    return ids
+
+
+def test_the_results_table(server, study, nuclei_doc):
+    rows = server.client().get(f'cellrcnn/folder/{study["root"]}/results')
+    assert [(r['path'], r['name'], r['item_id']) for r in rows] == [
+        ('a.tiff', 'a.tiff', study['a.tiff']), ('b.tiff', 'b.tiff', study['b.tiff']),
+        ('batch2/c.tiff', 'c.tiff', study['c.tiff']), ('private/d.tiff', 'd.tiff', study['d.tiff'])]
+    a, b, c, _ = rows
+    want = expected_summary(nuclei_doc)
+    assert (a['cells'], a['model'], a['annotation_id'], a['cellrcnn_version']) == \
+        (want['cells'], DEFAULT_MODEL, study['a_result'], __version__)
+    assert a['cells_per_mm2'] == pytest.approx(want['cells_per_mm2'], rel=1e-3)
+    assert a['score_mean'] == pytest.approx(want['mean'], abs=1e-4)
+    assert a['score_median'] == pytest.approx(want['p50'], abs=1e-4)
+    assert (c['cells'], c['model'], c['tissue_mm2']) == (12, 'other.pt', 0.04)
+    assert set(b) == set(COLUMNS) and all(b[k] is None for k in COLUMNS[3:])
+
+    response = server.client().sendRestRequest('GET', f'cellrcnn/folder/{study["root"]}/results',
+                                               {'format': 'csv'}, jsonResp=False)
+    assert response.headers['Content-Type'].startswith('text/csv')
+    assert response.headers['Content-Disposition'] == 'attachment; filename="study-cellrcnn.csv"'
+    table = list(csv.reader(io.StringIO(response.text)))
+    assert table[0] == COLUMNS
+    assert table[1:] == [['' if r[k] is None else str(r[k]) for k in COLUMNS] for r in rows]
+
+
+# --------------------------------------------------------------------------- folder-wide detection
+
+
+@pytest.fixture(scope='module')
+def run_folder(server, slide_file, nuclei_doc):
+    """run/r1.tiff (a result of the bundled model), run/r2.tiff (of other.pt), run/more/r3.tiff (none),
+    run/more/r4.tiff (of the bundled model on a region only)."""
+    root = folder(server, server.folder_id, 'run')
+    ids = {'root': root, 'more': folder(server, root, 'more')}
+    for name, where in (('r1.tiff', 'root'), ('r2.tiff', 'root'), ('r3.tiff', 'more'), ('r4.tiff', 'more')):
+        ids[name], ids[name + ' file'] = slide_in(server, slide_file, ids[where], name)
+    post_annotations(server.api_url, server.token, ids['r1.tiff'], nuclei_doc, **FAST)
+    post_annotations(server.api_url, server.token, ids['r2.tiff'], nuclei(20, 'other.pt'), **FAST)
+    post_annotations(server.api_url, server.token, ids['r4.tiff'], nuclei(9, DEFAULT_MODEL, roi=[0, 0, 200, 200]),
+                     **FAST)
+    return ids
+
+
+def test_detect_queues_the_unfinished_slides_and_counts_them_done(server, cli_id, run_folder, nuclei_doc):
+    ids = run_folder
+    parent, jobs = detect(server, ids['root'])
+    assert parent['type'] == 'cellrcnn_batch' and parent['status'] == 2
+    assert parent['cellrcnnBatch'] | {'scheduled': None} == {'total': 4, 'finished': 1, 'running': 0, 'todo': 3,
+                                                             'no_write_folders': 0, 'model': DEFAULT_MODEL,
+                                                             'model_sha256': None, 'scheduled': None}
+    assert (parent['progress']['current'], parent['progress']['total']) == (0, 3)
+    by_slide = {j['cellrcnnSlide']: j for j in jobs}
+    # r1 already has the bundled model's result; r4 has one of a region only
+    assert set(by_slide) == {ids['r2.tiff'], ids['r3.tiff'], ids['r4.tiff']}
+    for name in ('r2.tiff', 'r3.tiff', 'r4.tiff'):
+        job = server.client().get(f'job/{by_slide[ids[name]]["_id"]}')
+        assert job['type'] == 'cellrcnn:latest#CellDetection' and job['handler'] == 'celery_handler'
+        assert job['status'] == 0 and job['celeryTaskId'] and job['title'] == f'Cell detection on {name}'
+        stem = name[:-5]
+        assert child_inputs(job) == (ids[name + ' file'], None, [f'{stem}-outputCellAnnotationFile.anot',
+                                                                  f'{stem}-outputDensityAnnotationFile.anot'])
+
+    # Started again while they wait: nothing new is queued.
+    again, again_jobs = detect(server, ids['root'])
+    assert again_jobs == [] and again['status'] == 3
+    assert again['cellrcnnBatch']['running'] == 3 and again['cellrcnnBatch']['todo'] == 0
+
+    # The worker runs the jobs of r2 and r4: they succeed and their annotations land on the slides; r3's job fails.
+    r2, r3, r4 = (by_slide[ids[name]]['_id'] for name in ('r2.tiff', 'r3.tiff', 'r4.tiff'))
+    for job_id, name in ((r2, 'r2.tiff'), (r4, 'r4.tiff')):
+        play_worker(server, job_id, 2)
+        post_annotations(server.api_url, server.token, ids[name], nuclei(30, DEFAULT_MODEL), **FAST)
+        play_worker(server, job_id, 3)
+    progress = server.client().get(f'job/{parent["_id"]}')
+    assert progress['status'] == 2 and progress['progress']['current'] == 2
+    assert progress['progress']['message'] == '2 of 3 slides done'
+    play_worker(server, r3, 2, 4)
+    ended = server.client().get(f'job/{parent["_id"]}')
+    assert ended['status'] == 4 and ended['progress']['current'] == 3
+    assert ended['progress']['message'] == '3 of 3 slides done, 1 failed'
+    assert ended['log'][-1] == f'1 of 3 slide jobs did not succeed: {r3}\n'
+
+    # After the interruption, a new run picks up the one slide left.
+    resumed, resumed_jobs = detect(server, ids['root'])
+    assert [j['cellrcnnSlide'] for j in resumed_jobs] == [ids['r3.tiff']]
+    assert resumed['cellrcnnBatch']['finished'] == 3
+    play_worker(server, resumed_jobs[0]['_id'], 2, 3)
+    assert server.client().get(f'job/{resumed["_id"]}')['status'] == 3
+
+
+def test_cancelling_a_batch_cancels_its_slide_jobs(server, cli_id, slide_file):
+    root = folder(server, server.folder_id, 'canceled')
+    for name in ('a.tiff', 'b.tiff'):
+        slide_in(server, slide_file, root, name)
+    parent, jobs = detect(server, root)
+    assert len(jobs) == 2 and all(j['status'] in QUEUED_OR_RUNNING for j in jobs)
+    server.client().put(f'job/{parent["_id"]}/cancel')
+    assert server.client().get(f'job/{parent["_id"]}')['status'] == CANCELED
+    # girder_worker cancels a queued job by revoking its task: canceling (824) until a worker acknowledges it
+    assert {j['status'] for j in children(server, parent)} <= {CANCELED, CANCELING}
+
+
+def test_detect_with_another_model(server, cli_id, run_folder, tmp_path):
+    ids = run_folder
+    model_path = tmp_path / 'other.pt'
+    model_path.write_bytes(b'a model file')
+    models = folder(server, server.folder_id, 'models')
+    model_file = server.client().uploadFileToFolder(models, str(model_path))
+    parent, jobs = detect(server, ids['root'], model=model_file['_id'])
+    assert parent['cellrcnnBatch']['model'] == 'other.pt' and parent['cellrcnnBatch']['finished'] == 1
+    inputs = {j['cellrcnnSlide']: child_inputs(server.client().get(f'job/{j["_id"]}')) for j in jobs}
+    # r2 holds a result of other.pt, though its metadata now describes the newer one of the bundled model
+    assert set(inputs) == {ids['r1.tiff'], ids['r3.tiff'], ids['r4.tiff']}
+    assert inputs[ids['r1.tiff']][:2] == (ids['r1.tiff file'], model_file['_id'])
+
+
+def test_detect_refuses_unknown_models_and_tasks(server, cli_id, run_folder):
+    gc = server.client()
+    for params, message in (({'model': '0' * 24}, f'no model file {"0" * 24} that you may read'),
+                            ({'cli': run_folder['r1.tiff']}, f'no slicer_cli_web task with id {run_folder["r1.tiff"]} '
+                                                           'that you may read')):
+        with pytest.raises(Exception) as err:
+            gc.post(f'cellrcnn/folder/{run_folder["root"]}/detect', params)
+        assert err.value.status == 400 and json.loads(err.value.responseText)['message'] == message
+
+
+# --------------------------------------------------------------------------- access control
+
+
+def status_of(call):
+    try:
+        call()
+    except Exception as exc:
+        return exc.status
+    return 200
+
+
+def test_users_see_and_run_only_where_the_acls_allow(server, study, run_folder, cli_id, reader, slide_file):
+    reader_id, token = reader
+    as_reader = server.client(token)
+    results = lambda folder_id: lambda: as_reader.get(f'cellrcnn/folder/{folder_id}/results')  # noqa: E731
+    starts = lambda folder_id: lambda: as_reader.post(f'cellrcnn/folder/{folder_id}/detect')  # noqa: E731
+    assert status_of(results(study['root'])) == 403 and status_of(starts(study['root'])) == 403
+    grant(server, study['root'], reader_id, READ, recurse=True)
+    grant(server, study['private'], reader_id, None)  # everyone but the reader again
+    rows = as_reader.get(f'cellrcnn/folder/{study["root"]}/results')
+    assert [r['path'] for r in rows] == ['a.tiff', 'b.tiff', 'batch2/c.tiff']  # not private/d.tiff
+    assert status_of(results(study['private'])) == 403
+    assert status_of(starts(study['root'])) == 403  # reading is not enough to start a run
+    assert status_of(starts(run_folder['root'])) == 403
+
+    # Writing is: a folder of the reader's, with a subfolder the reader may only read.
+    mine = folder(server, server.folder_id, 'mine')
+    locked = folder(server, mine, 'locked')
+    own, own_file = slide_in(server, slide_file, mine, 'own.tiff')
+    slide_in(server, slide_file, locked, 'locked.tiff')
+    grant(server, mine, reader_id, WRITE, recurse=True)
+    grant(server, locked, reader_id, READ)
+    assert status_of(starts(locked)) == 403
+    parent, jobs = detect(server, mine, token=token)
+    assert parent['userId'] == reader_id and parent['cellrcnnBatch']['no_write_folders'] == 1
+    assert [(j['cellrcnnSlide'], j['userId']) for j in jobs] == [(own, reader_id)]
+    assert child_inputs(server.client().get(f'job/{jobs[0]["_id"]}'))[0] == own_file
+    assert [r['path'] for r in as_reader.get(f'cellrcnn/folder/{mine}/results')] == ['locked/locked.tiff', 'own.tiff']
+
+
+# --------------------------------------------------------------------------- the table: CSV cells, paging (issue 11)
+
+
+def test_csv_cells_that_spreadsheets_would_run_are_neutralised(server, slide_file):
+    root = folder(server, server.folder_id, 'formulas')
+    name = '=HYPERLINK("evil.example?q=1","click").tiff'  # no '/': girder_client names the item by the basename
+    item_id = slide_in(server, slide_file, root, name)[0]
+    other = slide_in(server, slide_file, folder(server, root, '@sub'), 'b.tiff')[0]
+    annotate(server, item_id, nuclei(7, '+SUM(1,1).pt'))
+    annotate(server, other, nuclei(7, '-2+3.pt'))
+    rows = server.client().get(f'cellrcnn/folder/{root}/results')
+    assert [(r['name'], r['path'], r['model']) for r in rows] == [(name, name, '+SUM(1,1).pt'),
+                                                                 ('b.tiff', '@sub/b.tiff', '-2+3.pt')]
+    text = server.client().sendRestRequest('GET', f'cellrcnn/folder/{root}/results', {'format': 'csv'},
+                                           jsonResp=False).text
+    table = {row['item_id']: row for row in csv.DictReader(io.StringIO(text))}
+    assert (table[item_id]['name'], table[item_id]['path'], table[item_id]['model']) == \
+        ("'" + name, "'" + name, "'+SUM(1,1).pt")
+    assert (table[other]['path'], table[other]['model'], table[other]['cells']) == ("'@sub/b.tiff", "'-2+3.pt", '7')
+
+
+def test_the_results_table_pages_and_streams(server, study):
+    gc = server.client()
+    url = f'cellrcnn/folder/{study["root"]}/results'
+    rows = gc.get(url)
+    assert len(rows) == 4
+    assert gc.get(url, {'limit': 2, 'offset': 1}) == rows[1:3]
+    assert gc.get(url, {'offset': 3}) == rows[3:] and gc.get(url, {'limit': 1}) == rows[:1]
+    assert gc.get(url, {'offset': 9}) == []
+    assert error_of(lambda: gc.get(url, {'limit': -1}))[0] == 400
+    for huge in ({'limit': 10 ** 30}, {'offset': 10 ** 30}, {'format': 'csv', 'offset': 10 ** 30}):
+        assert error_of(lambda params=huge: gc.get(url, params)) == (
+            400, f'limit and offset must be whole numbers from 0 to {sys.maxsize}')
+    assert gc.get(url, {'limit': sys.maxsize, 'offset': 1}) == rows[1:]
+    assert gc.get(url, {'offset': sys.maxsize}) == []
+    answer = requests.get(f'{server.api_url}/{url}', params={'format': 'csv', 'limit': 2, 'offset': 2},
+                          headers={'Girder-Token': server.token}, stream=True, timeout=30)
+    assert answer.status_code == 200
+    assert answer.headers.get('Transfer-Encoding') == 'chunked' and 'Content-Length' not in answer.headers
+    table = list(csv.reader(io.StringIO(answer.text)))
+    assert table[0] == COLUMNS and [r[2] for r in table[1:]] == [r['item_id'] for r in rows[2:4]]
+
+
+# --------------------------------------------------------------------------- batches: log lines, models told apart
+
+
+def test_a_slide_job_log_line_leaves_the_batch_alone(server, cli_id, slide_file):
+    work = folder(server, server.folder_id, 'log-lines')
+    slide_in(server, slide_file, work, 'l.tiff')
+    parent, jobs = detect(server, work)
+    play_worker(server, jobs[0]['_id'], 2)
+    counted = server.client().get(f'job/{parent["_id"]}')
+    time.sleep(0.05)
+    for line in range(3):  # girder_worker sends each line of the task's output like this
+        server.client().put(f'job/{jobs[0]["_id"]}', {'log': f'line {line}\n'})
+    server.client().put(f'job/{jobs[0]["_id"]}', {'progressCurrent': 5, 'progressTotal': 10})
+    after = server.client().get(f'job/{parent["_id"]}')
+    assert after['updated'] == counted['updated'] and after['progress'] == counted['progress']
+    play_worker(server, jobs[0]['_id'], 3)  # a change of status is counted
+    ended = server.client().get(f'job/{parent["_id"]}')
+    assert ended['status'] == 3 and ended['progress']['message'] == '1 of 1 slides done'
+
+
+def test_models_are_told_apart_by_their_bytes(server, cli_id, slide_file):
+    root = folder(server, server.folder_id, 'hashes')
+    ids = {name: slide_in(server, slide_file, root, name)[0] for name in ('h1.tiff', 'h2.tiff', 'h3.tiff')}
+    model_a, model_b = b'model A bytes', b'model B bytes'
+    # cellrcnn train always writes model.pt: these are different models of one name
+    annotate(server, ids['h1.tiff'], nuclei(5, 'model.pt', sha=sha256(model_b)))
+    annotate(server, ids['h2.tiff'], nuclei(6, 'model.pt', sha=sha256(model_a)))
+    annotate(server, ids['h3.tiff'], nuclei(7, 'model.pt'))  # recorded before hashes were: known by its name
+    assert result_of(server, ids['h2.tiff'])['model_sha256'] == sha256(model_a)
+    assert result_of(server, ids['h3.tiff'])['model_sha256'] is None
+    models = folder(server, server.folder_id, 'hashed-models')
+    model_file = server.client().uploadStreamToFolder(models, io.BytesIO(model_a), 'model.pt', len(model_a))
+
+    parent, jobs = detect(server, root, model=model_file['_id'])
+    assert parent['cellrcnnBatch']['model_sha256'] == sha256(model_a) and parent['cellrcnnBatch']['finished'] == 2
+    assert [j['cellrcnnSlide'] for j in jobs] == [ids['h1.tiff']]
+    stored = in_database(server, "result = db['file'].find_one({'_id': ObjectId(args[0])})['cellrcnnSha256']",
+                         model_file['_id'])
+    assert stored['sha256'] == sha256(model_a)  # computed once, kept on the file
+    play_worker(server, jobs[0]['_id'], 2, 4)
+
+    # New content in the same file: it is another model now.
+    server.client().uploadFileContents(model_file['_id'], io.BytesIO(model_b), len(model_b))
+    parent, jobs = detect(server, root, model=model_file['_id'])
+    assert parent['cellrcnnBatch']['model_sha256'] == sha256(model_b) and parent['cellrcnnBatch']['finished'] == 2
+    assert [j['cellrcnnSlide'] for j in jobs] == [ids['h2.tiff']]
+    play_worker(server, jobs[0]['_id'], 2, 4)
