@@ -133,12 +133,14 @@ class StockDetector:
             net.transform.resize = lambda image, target=None: (image, target)
         self.net = net.to(self.device, memory_format=torch.channels_last).eval()
         self.batch_size = batch_size
-        # what the detection loop reads of a cellrcnn model: its fields (the coarsest is the smallest image side and
-        # the tiles' alignment) and the merge's IoU threshold
-        self.model = types.SimpleNamespace(config=types.SimpleNamespace(fields=(4, 8, 16, 32),
-                                                                        nms_thresh=net.roi_heads.nms_thresh))
+        # what the detection loop reads of a cellrcnn model: a module (whose BatchNorm statistics it saves and
+        # restores: none here) with a config: its fields (the coarsest is the smallest image side and the tiles'
+        # alignment), the merge's IoU threshold and its cell types (none)
+        self.model = torch.nn.Module()
+        self.model.config = types.SimpleNamespace(fields=(4, 8, 16, 32), nms_thresh=net.roi_heads.nms_thresh,
+                                                  cell_types=())
 
-    def detect_tiles(self, tiles):
+    def detect_tiles_with_types(self, tiles):
         import torch
 
         from cellrcnn.devices import autocast
@@ -150,7 +152,8 @@ class StockDetector:
                 images = [to_tensor(t).to(self.device, non_blocking=True) for t in tiles[start:start + self.batch_size]]
                 with autocast(self.device):
                     results = self.net(images)
-                out += [(r['boxes'].float().cpu().numpy(), r['scores'].float().cpu().numpy()) for r in results]
+                out += [{'boxes': r['boxes'].float().cpu().numpy(), 'scores': r['scores'].float().cpu().numpy()}
+                        for r in results]
         return out
 
 
