@@ -43,7 +43,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from slide_benchmark import centres_inside, inside_mask, score_detections  # noqa: E402
+from slide_scoring import centres_inside, inside_mask, score_detections  # noqa: E402
 
 MPP_40X = 0.25
 #: largest relative difference of detection count and F1 between reduced precision and float32

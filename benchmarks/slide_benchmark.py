@@ -47,7 +47,8 @@ thread each (``--num_workers -1``, ``--num_threads_per_worker 1``): one worker o
 every core (torch's threads) and two tile reader threads.
 
 Prints a markdown table per part and writes everything (plus the environment) to --out, rewritten after each step
-so an interrupted run keeps what it measured.
+so an interrupted run keeps what it measured.  The scoring is in ``slide_scoring.py``, the measured runs of each tool
+(and the stock model's ``_stock`` child process) in ``slide_runs.py``.
 """
 
 import argparse
@@ -57,15 +58,16 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from slide_runs import MPP, check, merge_peer, run_cellrcnn, run_htk, run_measured, stock_child  # noqa: E402
+from slide_scoring import centres_inside, inside_mask, read_csv_boxes, score_detections, score_htk  # noqa: E402
+
 REPO = os.path.dirname(HERE)
-MPP = 0.5  # 20x
-IOU = 0.5
 
 #: HistomicsTK parameter sets besides its defaults: name -> extra CLI arguments.  'sized20x' sets the LoG scale range
 #: and the area floor from the nuclei these slides hold at 20x (0.5 um/px): 5-15 um across, i.e. radii of 5-15 px
@@ -76,75 +78,6 @@ HTK_VARIANTS = {
     'sized20x': ['--min_radius', '4', '--max_radius', '12', '--local_max_search_radius', '8',
                  '--min_nucleus_area', '30'],
 }
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# measuring a subprocess
-# ------------------------------------------------------------------------------------------------------------------
-
-def run_measured(cmd, log_path, cwd=None, env=None):
-    """Run ``cmd``; return wall seconds, exit status, CPU seconds and peak RSS (MB) of its process tree.
-
-    ``wait4`` gives the user + system seconds of the process and of every descendant that was waited for, and the
-    largest resident set among them (``peak_rss_mb``: the largest process).  psutil samples the tree every 0.1 s:
-    the peak of its summed RSS (``peak_tree_rss_mb``) and, per process, the last CPU seconds seen
-    (``tree_cpu_s``: a lower bound, which also counts descendants nobody waited for, such as orphaned workers).
-    ``cpu_s`` is the larger of the two CPU figures (the sampled ones are None without psutil)."""
-    with open(log_path, 'w') as log:
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
-        tree_peak, tree_cpu = [None], {}
-        done = threading.Event()
-
-        def sample():
-            try:
-                import psutil
-            except ImportError:
-                return
-            try:
-                root = psutil.Process(proc.pid)
-            except psutil.Error:
-                return
-            peak = 0
-            while not done.is_set():
-                try:
-                    procs = [root] + root.children(recursive=True)
-                    total = 0
-                    for p in procs:
-                        try:
-                            total += p.memory_info().rss
-                            t = p.cpu_times()
-                            tree_cpu[(p.pid, p.create_time())] = t.user + t.system
-                        except psutil.Error:
-                            pass
-                    peak = max(peak, total)
-                    tree_peak[0] = peak / 2 ** 20
-                except psutil.Error:
-                    pass
-                done.wait(0.1)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - started
-        done.set()
-        sampler.join()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    waited_cpu = usage.ru_utime + usage.ru_stime
-    sampled_cpu = sum(tree_cpu.values()) if tree_cpu else None
-    return {'wall_s': seconds, 'returncode': proc.returncode, 'cpu_s': max(waited_cpu, sampled_cpu or 0),
-            'waited_cpu_s': waited_cpu, 'tree_cpu_s': sampled_cpu, 'peak_rss_mb': usage.ru_maxrss / 1024,
-            'peak_tree_rss_mb': tree_peak[0], 'log': log_path}
-
-
-def tail(path, lines=15):
-    with open(path, errors='replace') as f:
-        return ''.join(f.readlines()[-lines:])
-
-
-def check(run, what):
-    if run['returncode'] != 0:
-        sys.exit(f'{what} failed (exit status {run["returncode"]}); last lines of {run["log"]}:\n{tail(run["log"])}')
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -168,180 +101,9 @@ def ensure_slide(workdir, size, seed):
     return path, np.load(path + '.boxes.npy'), seconds
 
 
-def inside_mask(boxes, region):
-    """Which boxes have their centre in region (x, y, w, h); all of them when region is None."""
-    if region is None or len(boxes) == 0:
-        return np.ones(len(boxes), bool)
-    x, y, w, h = region
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    return (cx >= x) & (cx < x + w) & (cy >= y) & (cy < y + h)
-
-
-def centres_inside(boxes, region):
-    """Boxes whose centre lies in region (x, y, w, h); all of them when region is None."""
-    return boxes[inside_mask(boxes, region)]
-
-
-def read_csv_boxes(path):
-    """Boxes and scores from a cellrcnn CSV (columns x1, y1, x2, y2, score)."""
-    import csv
-
-    with open(path, newline='') as f:
-        reader = csv.reader(f)
-        header = next(reader)
-        cols = [header.index(c) for c in ('x1', 'y1', 'x2', 'y2', 'score')]
-        rows = [[float(r[c]) for c in cols] for r in reader]
-    a = np.asarray(rows, np.float64).reshape(-1, 5)
-    return a[:, :4], a[:, 4]
-
-
-def read_htk_boxes(path):
-    """Boxes of a HistomicsTK annotation's rectangle elements (centre, width, height; rotation 0)."""
-    with open(path) as f:
-        doc = json.load(f)
-    docs = doc if isinstance(doc, list) else [doc]
-    rects = [e for d in docs for e in d.get('elements', []) if e.get('type') == 'rectangle']
-    if not rects:
-        return np.zeros((0, 4))
-    c = np.array([e['center'][:2] for e in rects], np.float64)
-    wh = np.array([[e['width'], e['height']] for e in rects], np.float64)
-    return np.concatenate([c - wh / 2, c + wh / 2], 1)
-
-
 # ------------------------------------------------------------------------------------------------------------------
-# evaluation of a whole slide as independent windows
+# a cellrcnn run as a row of the slides table
 # ------------------------------------------------------------------------------------------------------------------
-
-def linked_pairs(pred, gt, threshold, cell=64.0, chunk=200_000):
-    """(i, j) of every prediction/ground-truth pair with IoU >= threshold (and possibly a few more), in linear time:
-    boxes with both sides <= cell are found through a grid of their top-left corners (overlapping boxes lie in
-    neighbouring cells), larger ones are compared with everything."""
-    from cellrcnn.boxes import box_iou, iou
-    from cellrcnn.merge import concat_ranges
-
-    out_i, out_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    if len(pred) == 0 or len(gt) == 0:
-        return out_i[0], out_j[0]
-    big_p = np.maximum(pred[:, 2] - pred[:, 0], pred[:, 3] - pred[:, 1]) > cell
-    big_g = np.maximum(gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]) > cell
-    sp, sg = np.flatnonzero(~big_p), np.flatnonzero(~big_g)
-    if len(sp) and len(sg):
-        origin = np.minimum(pred[sp, :2].min(0), gt[sg, :2].min(0)) - cell
-        gcx = np.floor((gt[sg, 0] - origin[0]) / cell).astype(np.int64)
-        gcy = np.floor((gt[sg, 1] - origin[1]) / cell).astype(np.int64)
-        pcx_all = np.floor((pred[sp, 0] - origin[0]) / cell).astype(np.int64)
-        pcy_all = np.floor((pred[sp, 1] - origin[1]) / cell).astype(np.int64)
-        width = int(max(gcx.max(), pcx_all.max())) + 3
-        key = gcy * width + gcx
-        order = np.argsort(key, kind='stable')
-        skey = key[order]
-        for start in range(0, len(sp), chunk):
-            pcx, pcy = pcx_all[start:start + chunk], pcy_all[start:start + chunk]
-            q = np.arange(start, start + len(pcx))
-            for dy in (-1, 0, 1):
-                row = (pcy + dy) * width + pcx
-                lo = np.searchsorted(skey, row - 1, 'left')
-                hi = np.searchsorted(skey, row + 1, 'right')
-                counts = hi - lo
-                pi = sp[np.repeat(q, counts)]
-                gj = sg[order[concat_ranges(lo, counts)]]
-                hit = iou(pred[pi], gt[gj]) >= threshold
-                out_i.append(pi[hit])
-                out_j.append(gj[hit])
-    for rows, against, flip in ((np.flatnonzero(big_p), gt, False), (np.flatnonzero(big_g), pred, True)):
-        for start in range(0, len(rows), 256):
-            r = rows[start:start + 256]
-            overlap = box_iou((gt if flip else pred)[r], against)
-            a, b = np.nonzero(overlap >= threshold)
-            out_i.append(b if flip else r[a])
-            out_j.append(r[a] if flip else b)
-    return np.concatenate(out_i), np.concatenate(out_j)
-
-
-def window_images(pred, scores, gt, window=1024):
-    """Split a slide's predictions and ground truth into window-sized images that no possible match crosses."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n, m = len(pred), len(gt)
-    if n + m == 0:
-        return [], []
-    i, j = linked_pairs(pred, gt, IOU - 1e-6)
-    graph = coo_matrix((np.ones(len(i), np.int8), (i, j + n)), shape=(n + m, n + m))
-    _, label = connected_components(graph, directed=False)
-    boxes = np.concatenate([pred, gt]) if n and m else (pred if n else gt)
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    cell = np.floor(centre / window).astype(np.int64)
-    cell -= cell.min(0)
-    node_window = cell[:, 1] * (int(cell[:, 0].max()) + 1) + cell[:, 0]
-    _, first = np.unique(label, return_index=True)
-    comp_window = np.empty(label.max() + 1, np.int64)
-    comp_window[label[first]] = node_window[first]
-    win = comp_window[label]
-    ids, inverse = np.unique(win, return_inverse=True)
-    order = np.argsort(inverse, kind='stable')
-    splits = np.searchsorted(inverse[order], np.arange(1, len(ids)))
-    preds, gts = [], []
-    for idx in np.split(order, splits):
-        p, g = idx[idx < n], idx[idx >= n] - n
-        preds.append({'boxes': pred[p], 'scores': scores[p]})
-        gts.append(gt[g])
-    return preds, gts
-
-
-def score_detections(pred, scores, gt, coco):
-    """P/R/F1 at IoU 0.5 of all given detections, best F1 over score thresholds and (with coco) COCO AP."""
-    from cellrcnn import metrics
-
-    started = time.perf_counter()
-    pred, gt = np.asarray(pred, np.float64).reshape(-1, 4), np.asarray(gt, np.float64).reshape(-1, 4)
-    scores = np.asarray(scores, np.float64).reshape(-1)
-    preds, gts = window_images(pred, scores, gt)
-    if coco:
-        r = metrics.evaluate(preds, gts, threshold=0.0, iou_threshold=IOU)
-        out = {k: r[k] for k in ('n_gt', 'n_pred', 'tp', 'fp', 'fn', 'precision', 'recall', 'f1', 'best_f1',
-                                 'best_f1_threshold', 'AP', 'AP50')}
-    else:
-        tp = fp = 0
-        for p, g in zip(preds, gts):
-            res = metrics.match_detections(p['boxes'], p['scores'], g, IOU)
-            tp, fp = tp + res.tp, fp + res.fp
-        n_gt = len(gt)
-        precision = tp / (tp + fp) if tp + fp else float(n_gt == 0)
-        recall = tp / n_gt if n_gt else float(tp + fp == 0)
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        thr, best, _, _ = metrics.best_f1_threshold(preds, gts, IOU) if preds else (1.0, 1.0, 1.0, 1.0)
-        out = {'n_gt': n_gt, 'n_pred': len(pred), 'tp': tp, 'fp': fp, 'fn': n_gt - tp, 'precision': precision,
-               'recall': recall, 'f1': f1, 'best_f1': best, 'best_f1_threshold': thr, 'AP': None, 'AP50': None}
-    out['windows'] = len(preds)
-    out['seconds'] = time.perf_counter() - started
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# cellrcnn
-# ------------------------------------------------------------------------------------------------------------------
-
-def run_cellrcnn(slide, out_dir, args, roi=None, plain=False):
-    """``cellrcnn detect`` on a slide in a subprocess, with this benchmark's device, batch size, reader threads, tile
-    size and overlap; with ``plain``, with the command's own defaults (the command as a user types it)."""
-    stem = os.path.splitext(os.path.basename(slide))[0]
-    cmd = [sys.executable, '-m', 'cellrcnn', 'detect', slide, '-o', out_dir, '--no-resume', '--progress', 'none']
-    if not plain:
-        cmd += ['--device', args.device, '--batch-size', str(args.batch_size), '--workers', str(args.workers),
-                '--tile-size', str(args.tile_size), '--overlap', str(args.overlap)]
-    if args.model:
-        cmd += ['--model', args.model]
-    if roi:
-        cmd += ['--roi', ','.join(str(v) for v in roi)]
-    os.makedirs(out_dir, exist_ok=True)
-    run = run_measured(cmd, os.path.join(out_dir, 'log.txt'))
-    check(run, 'cellrcnn detect')
-    with open(os.path.join(out_dir, stem + '.summary.json')) as f:
-        run['summary'] = json.load(f)
-    run['csv'] = os.path.join(out_dir, stem + '.csv')
-    return run
-
 
 def slide_row(size, run, score):
     s, sec = run['summary'], run['summary']['seconds']
@@ -355,72 +117,8 @@ def slide_row(size, run, score):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# stock torchvision Faster R-CNN through the same detection loop (run in a child process: `_stock`)
+# stock torchvision Faster R-CNN: this script run again as ``_stock`` (slide_runs.stock_child)
 # ------------------------------------------------------------------------------------------------------------------
-
-class StockDetector:
-    """torchvision's fasterrcnn_resnet50_fpn standing in for ``cellrcnn.inference.Detector`` in the detection loop."""
-
-    def __init__(self, variant, tile_size, device, batch_size):
-        import types
-
-        import torch
-        import torchvision
-
-        from cellrcnn.devices import resolve_device
-
-        self.device = resolve_device(device)
-        net = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)
-        if variant == 'native':  # no resizing at all (min_size = max_size = tile would still enlarge small tiles)
-            net.transform.resize = lambda image, target=None: (image, target)
-        self.net = net.to(self.device, memory_format=torch.channels_last).eval()
-        self.batch_size = batch_size
-        # what the detection loop reads of a cellrcnn model: its fields (the coarsest is the smallest image side and
-        # the tiles' alignment) and the merge's IoU threshold
-        self.model = types.SimpleNamespace(config=types.SimpleNamespace(fields=(4, 8, 16, 32),
-                                                                        nms_thresh=net.roi_heads.nms_thresh))
-
-    def detect_tiles(self, tiles):
-        import torch
-
-        from cellrcnn.devices import autocast
-        from cellrcnn.model import to_tensor
-
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(tiles), self.batch_size):
-                images = [to_tensor(t).to(self.device, non_blocking=True) for t in tiles[start:start + self.batch_size]]
-                with autocast(self.device):
-                    results = self.net(images)
-                out += [(r['boxes'].float().cpu().numpy(), r['scores'].float().cpu().numpy()) for r in results]
-        return out
-
-
-def stock_child(argv):
-    p = argparse.ArgumentParser()
-    p.add_argument('slide')
-    p.add_argument('--json', required=True)
-    p.add_argument('--variant', default='native')
-    p.add_argument('--roi')
-    p.add_argument('--tile-size', type=int, default=1024)
-    p.add_argument('--overlap', type=int, default=64)
-    p.add_argument('--batch-size', type=int, default=4)
-    p.add_argument('--workers', type=int, default=2)
-    p.add_argument('--device', default='cpu')
-    a = p.parse_args(argv)
-    from cellrcnn.settings import DetectionSettings
-    from cellrcnn.slide import Slide, magnification_from_mpp
-    from cellrcnn.slide_detection import detect_slide
-
-    detector = StockDetector(a.variant, a.tile_size, a.device, a.batch_size)
-    slide = Slide(a.slide, magnification=magnification_from_mpp(MPP))
-    roi = tuple(float(v) for v in a.roi.split(',')) if a.roi else None
-    result = detect_slide(slide, detector, roi=roi, tile_size=a.tile_size, overlap=a.overlap,
-                          min_tissue=DetectionSettings.min_tissue, workers=a.workers)
-    stats = {k: v for k, v in result.stats.items() if k != 'slide'}
-    with open(a.json, 'w') as f:
-        json.dump(stats, f, indent=2)
-
 
 def run_stock(slide, variant, roi, args, out_dir):
     os.makedirs(out_dir, exist_ok=True)
@@ -435,59 +133,6 @@ def run_stock(slide, variant, roi, args, out_dir):
     with open(stats_path) as f:
         run['summary'] = json.load(f)
     return run
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# HistomicsTK NucleiDetection
-# ------------------------------------------------------------------------------------------------------------------
-
-def run_htk(slide, roi, extra, args, out_dir):
-    """HistomicsTK's NucleiDetection through slicer_cli_web's entrypoint, in histomicstk's cli folder (as the DSA's
-    docker entrypoint does), writing rectangles."""
-    import histomicstk
-
-    cli_dir = os.path.join(os.path.dirname(histomicstk.__file__), 'cli')
-    os.makedirs(out_dir, exist_ok=True)
-    anot = os.path.join(out_dir, 'nuclei.anot')
-    cmd = [sys.executable, '-m', 'slicer_cli_web.cli_list_entrypoint', 'NucleiDetection', os.path.abspath(slide),
-           anot, '--nuclei_annotation_format', 'bbox']
-    if roi:
-        cmd += ['--analysis_roi', ','.join(str(int(v)) for v in roi)]
-    if args.htk_workers is not None:
-        cmd += ['--num_workers', str(args.htk_workers)]
-    cmd += list(extra)
-    run = run_measured(cmd, os.path.join(out_dir, 'log.txt'), cwd=cli_dir)
-    check(run, 'HistomicsTK NucleiDetection')
-    run['cmd'] = cmd[2:]
-    with open(run['log'], errors='replace') as f:
-        text = f.read()
-    for key, label in (('dask', 'Creating dask LocalCluster with'), ('total_line', 'Total analysis time'),
-                       ('detect_line', 'Nuclei detection time')):
-        line = next((ln for ln in text.splitlines() if ln.startswith(label)), None)
-        run[key] = line
-    run['own_total_s'] = _hms(run['total_line'])
-    run['own_detect_s'] = _hms(run['detect_line'])
-    run['boxes'] = read_htk_boxes(anot)
-    return run
-
-
-def score_htk(boxes, gt):
-    """F1 etc. of HistomicsTK's rectangles (no scores) as written, and widened by one pixel: they span the traced
-    boundary's pixel indices (x2 = last column), the ground truth pixel edges (x2 = last column + 1)."""
-    ones = np.ones(len(boxes))
-    return (score_detections(boxes, ones, gt, coco=False),
-            score_detections(boxes + [0, 0, 1, 1], ones, gt, coco=False))
-
-
-def _hms(line):
-    """Seconds from HistomicsTK's 'label = H:MM:SS.ffffff'."""
-    if not line or '=' not in line:
-        return None
-    try:
-        h, m, s = line.split('=')[1].strip().split(':')
-        return int(h) * 3600 + int(m) * 60 + float(s)
-    except ValueError:
-        return None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -552,50 +197,6 @@ def versus_table(rows):
                      f'{f(q["peak_rss_mb"])}x (medians of {r["repeats"]} alternate runs after {r["warmups"]} '
                      f'warm-up rounds); HistomicsTK: {r["htk_dask"]}.')
     return '\n'.join(lines)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# merge cost
-# ------------------------------------------------------------------------------------------------------------------
-
-def merge_peer(n_detections, factor, device, seed=0, max_reference=None):
-    """merge_all and tile-by-tile StreamingNMS against one torchvision.ops.nms, on merge_cost's simulated raw
-    detections (about ``factor`` raw boxes per detection)."""
-    import torch
-    from torchvision.ops import nms
-
-    sys.path.insert(0, HERE)
-    import merge_cost
-
-    from cellrcnn.merge import merge_all
-
-    rows = merge_cost.simulate(max(100, int(n_detections * factor)), np.random.default_rng(seed))
-    boxes = np.concatenate([b for _, tiles in rows for b, _ in tiles])
-    scores = np.concatenate([s for _, tiles in rows for _, s in tiles])
-    out = {'raw': int(len(boxes)), 'tiles': f'{len(rows)} x {len(rows[0][1])} of {merge_cost.TILE} px',
-           'iou': merge_cost.IOU, 'max_box': merge_cost.MAX_BOX, 'torch_threads': torch.get_num_threads()}
-    t0 = time.perf_counter()
-    kept = merge_all(boxes, scores, merge_cost.IOU, merge_cost.MAX_BOX)
-    out['merge_all_s'] = time.perf_counter() - t0
-    out['kept'] = int(len(kept))
-    streamed, out['streaming_s'], out['streaming_peak_buffered'] = merge_cost.run_streaming(rows)
-    out['streaming_same_as_merge_all'] = set(streamed.tolist()) == set(kept.tolist())
-    tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
-    if max_reference is None or len(boxes) <= max_reference:
-        t0 = time.perf_counter()
-        ref = nms(tb, ts, merge_cost.IOU).numpy()
-        out['nms_cpu_s'] = time.perf_counter() - t0
-        out['same_kept'] = bool(np.array_equal(ref, kept))
-    if device.startswith('cuda') and torch.cuda.is_available():
-        gb, gs = tb.to(device), ts.to(device)
-        nms(gb[:100], gs[:100], merge_cost.IOU)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        ref = nms(gb, gs, merge_cost.IOU).cpu().numpy()
-        torch.cuda.synchronize()
-        out['nms_cuda_s'] = time.perf_counter() - t0
-        out['same_kept_cuda'] = bool(np.array_equal(ref, kept))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------------------
