@@ -148,13 +148,16 @@ def children(server, parent):
 
 def detect(server, folder_id, token=None, **params):
     """Start a folder's detection; wait until its job has queued its slides: (the batch job, its slide jobs)."""
-    job = server.client(token).post(f'cellrcnn/folder/{folder_id}/detect', params)
+    return queued(server, server.client(token).post(f'cellrcnn/folder/{folder_id}/detect', params))
 
-    def queued():
+
+def queued(server, job):
+    """Wait until a batch job has queued its slides: (the batch job, its slide jobs)."""
+    def done():
         parent = server.client().get(f'job/{job["_id"]}')
         return parent if parent['cellrcnnBatch']['scheduled'] or parent['status'] in (3, 4, 5) else None
 
-    parent = wait_for(queued, 30, 'the batch job to queue its slides')
+    parent = wait_for(done, 30, 'the batch job to queue its slides')
     return parent, children(server, parent)
 
 

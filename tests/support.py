@@ -7,8 +7,13 @@ never import from benchmarks/).
   draws them in HistomicsUI (tests/test_girder_training.py, benchmarks/train_from_annotations.py).
 - :func:`report_figures`: what :func:`cellrcnn.metrics.format_report` printed, to check against the metrics
   (tests/test_metrics.py, tests/test_cli.py).
+- :func:`run_batch`: ``cellrcnn batch`` in this process, with its table (tests/test_cohort.py,
+  tests/test_cohort_girder.py).
 """
 
+import contextlib
+import csv
+import io
 import os
 
 import numpy as np
@@ -129,3 +134,22 @@ def annotated_cohort(server, root, cells=100, size=768, name='nuclei'):
         gc.post('annotation', parameters={'itemId': item_id}, json=doc)
         cohort[filename] = {'item_id': item_id, 'boxes': boxes[chosen], 'all_boxes': boxes}
     return cohort
+
+
+# --------------------------------------------------------------------------- a cohort run here
+
+
+def run_batch(*args):
+    """``cellrcnn batch ARGS --device cpu`` here: (exit status, stdout, stderr, table rows by slide)."""
+    from cellrcnn.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(['batch', *map(str, args), '--device', 'cpu'])
+    output = args[args.index('-o') + 1]
+    table = os.path.join(output, 'cohort.csv')
+    rows = {}
+    if os.path.exists(table):
+        with open(table, newline='') as f:
+            rows = {r['slide']: r for r in csv.DictReader(f)}
+    return code, out.getvalue(), err.getvalue(), rows

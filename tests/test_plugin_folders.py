@@ -40,6 +40,7 @@ from plugin_support import (
     in_database,
     nuclei,
     play_worker,
+    queued,
     result_of,
     slide_in,
 )
@@ -74,6 +75,14 @@ def child_inputs(job):
 # --------------------------------------------------------------------------- the results table
 
 
+def typed_columns(doc):
+    """The cell-type columns a result of a model with cell types adds to the table: per type its count, density
+    and fraction, then lymphocytes per tumour cell."""
+    names = list(doc['attributes']['stats']['cell_types'])
+    return [f'{n}{suffix}' for n in names for suffix in ('_count', '_per_mm2', '_fraction')] + [
+        'lymphocyte_per_tumour']
+
+
 @pytest.fixture(scope='module')
 def study(server, slide_file, nuclei_doc):
     """study/{a,b}.tiff, study/notes.txt, study/batch2/c.tiff, study/private/d.tiff; a and c have results."""
@@ -101,15 +110,18 @@ def test_the_results_table(server, study, nuclei_doc):
     assert a['score_mean'] == pytest.approx(want['mean'], abs=1e-4)
     assert a['score_median'] == pytest.approx(want['p50'], abs=1e-4)
     assert (c['cells'], c['model'], c['tissue_mm2']) == (12, 'other.pt', 0.04)
-    assert set(b) == set(COLUMNS) and all(b[k] is None for k in COLUMNS[3:])
+    columns = COLUMNS + typed_columns(nuclei_doc)  # the bundled model has cell types
+    assert typed_columns(nuclei_doc)[:3] == ['lymphocyte_count', 'lymphocyte_per_mm2', 'lymphocyte_fraction']
+    assert a['lymphocyte_count'] == nuclei_doc['attributes']['stats']['cell_types']['lymphocyte']
+    assert set(b) == set(columns) and all(b[k] is None for k in columns[3:])
 
     response = server.client().sendRestRequest('GET', f'cellrcnn/folder/{study["root"]}/results',
                                                {'format': 'csv'}, jsonResp=False)
     assert response.headers['Content-Type'].startswith('text/csv')
     assert response.headers['Content-Disposition'] == 'attachment; filename="study-cellrcnn.csv"'
     table = list(csv.reader(io.StringIO(response.text)))
-    assert table[0] == COLUMNS
-    assert table[1:] == [['' if r[k] is None else str(r[k]) for k in COLUMNS] for r in rows]
+    assert table[0] == columns
+    assert table[1:] == [['' if r[k] is None else str(r[k]) for k in columns] for r in rows]
 
 
 # --------------------------------------------------------------------------- folder-wide detection
@@ -274,7 +286,7 @@ def test_csv_cells_that_spreadsheets_would_run_are_neutralised(server, slide_fil
     assert (table[other]['path'], table[other]['model'], table[other]['cells']) == ("'@sub/b.tiff", "'-2+3.pt", '7')
 
 
-def test_the_results_table_pages_and_streams(server, study):
+def test_the_results_table_pages_and_streams(server, study, nuclei_doc):
     gc = server.client()
     url = f'cellrcnn/folder/{study["root"]}/results'
     rows = gc.get(url)
@@ -293,7 +305,8 @@ def test_the_results_table_pages_and_streams(server, study):
     assert answer.status_code == 200
     assert answer.headers.get('Transfer-Encoding') == 'chunked' and 'Content-Length' not in answer.headers
     table = list(csv.reader(io.StringIO(answer.text)))
-    assert table[0] == COLUMNS and [r[2] for r in table[1:]] == [r['item_id'] for r in rows[2:4]]
+    assert table[0] == COLUMNS + typed_columns(nuclei_doc)
+    assert [r[2] for r in table[1:]] == [r['item_id'] for r in rows[2:4]]
 
 
 # --------------------------------------------------------------------------- batches: log lines, models told apart
@@ -343,3 +356,24 @@ def test_models_are_told_apart_by_their_bytes(server, cli_id, slide_file):
     assert parent['cellrcnnBatch']['model_sha256'] == sha256(model_b) and parent['cellrcnnBatch']['finished'] == 2
     assert [j['cellrcnnSlide'] for j in jobs] == [ids['h2.tiff']]
     play_worker(server, jobs[0]['_id'], 2, 4)
+
+
+def test_the_request_only_starts_a_batch_whose_job_keeps_no_list_of_slides(server, cli_id, slide_file):
+    """Hashing the model and walking the folder tree run in the batch's own thread, not in the request (a model of
+    gigabytes, a tree of thousands of slides); the job document keeps counts, not an entry per slide (a document
+    holds 16 MB: some 60 000 slides)."""
+    root = folder(server, server.folder_id, 'no-list')
+    for name in ('n1.tiff', 'n2.tiff'):
+        slide_in(server, slide_file, root, name)
+    data = b'model C bytes'
+    models = folder(server, server.folder_id, 'no-list-models')
+    model_file = server.client().uploadStreamToFolder(models, io.BytesIO(data), 'c.pt', len(data))
+    answer = server.client().post(f'cellrcnn/folder/{root}/detect', {'model': model_file['_id']})
+    assert answer['cellrcnnBatch'] == {'model': 'c.pt', 'scheduled': False}  # nothing hashed or counted yet
+    parent, jobs = queued(server, answer)
+    assert parent['cellrcnnBatch']['model_sha256'] == sha256(data)
+    assert (parent['cellrcnnBatch']['total'], parent['cellrcnnBatch']['todo'], len(jobs)) == (2, 2, 2)
+    kwargs = in_database(server, "result = db['job'].find_one({'_id': ObjectId(args[0])})['kwargs']", answer['_id'])
+    assert sorted(kwargs) == ['cliItemId', 'folderId', 'model', 'modelFileId']
+    for job in jobs:
+        play_worker(server, job['_id'], 2, 4)

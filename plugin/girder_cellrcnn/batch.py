@@ -9,7 +9,7 @@ Cancelling the parent cancels the children that have not ended (:func:`on_cancel
 
 Slides that already hold a whole-slide result of the model, or have a CellDetection job of the model still waiting
 or running, are skipped: starting again after an interruption picks up where the last run stopped. A model file is
-identified by the SHA-256 of its bytes (:func:`file_sha256`), the bundled model by its name.
+identified by the SHA-256 of its bytes (:mod:`.model_files`), the bundled model by its name.
 
 Scale: the request only checks and creates the parent job. Its thread hashes the model, walks the folder tree and
 queues the slides; the job document holds the counts, not the list of slides (a document is limited to 16 MB).
@@ -19,8 +19,6 @@ the callback address is the administrator's ``worker.api_url`` setting, never ta
 queues the slides' jobs lives for a day at most and is deleted as soon as they are queued.
 """
 
-import datetime
-import hashlib
 import os
 import threading
 
@@ -38,7 +36,8 @@ from girder.utility import setting_utilities
 from girder_jobs.constants import JobStatus
 from girder_jobs.models.job import Job
 
-from .results import DEFAULT_MODEL, SHA_PATTERN, folder_slides, has_result
+from .model_files import model_sha256
+from .results import folder_slides, has_result
 
 JOB_TYPE = 'cellrcnn_batch'
 CLI_NAME = 'CellDetection'
@@ -47,7 +46,6 @@ CLI_CATEGORY = 'cellrcnn'
 #: recently updated CellDetection task an administrator registered through slicer_cli_web)
 TASK_SETTING = 'cellrcnn.task_item'
 API_URL_SETTING = 'worker.api_url'
-SHA_FIELD = 'cellrcnnSha256'  # on a model's file document: {"sha256", "of": what the file's content was then}
 TOKEN_DAYS = 1  # the batch's token only queues the slides' jobs (girder_worker gives each job its own)
 ENDED = {JobStatus.SUCCESS, JobStatus.ERROR, JobStatus.CANCELED}
 WAITING_OR_RUNNING = [JobStatus.INACTIVE, JobStatus.QUEUED, JobStatus.RUNNING,
@@ -164,61 +162,6 @@ def require_worker_api_url():
     return url
 
 
-def _content_stamp(model_file):
-    """What a file's content is, as far as its document tells: replacing the content changes it."""
-    created = model_file.get('created')
-    created = created.isoformat() if isinstance(created, datetime.datetime) else str(created)
-    return '/'.join(str(v) for v in (model_file.get('size'), created, model_file.get('assetstoreId'),
-                                     model_file.get('sha512'), model_file.get('path')))
-
-
-def file_sha256(model_file):
-    """The hex SHA-256 of a Girder file's bytes, streamed from its assetstore once and kept on its document
-    (:data:`SHA_FIELD`) for as long as its content stays the same. Called from the batch's own thread, never in a
-    request: a model of gigabytes takes a while."""
-    from girder.models.file import File
-
-    stamp = _content_stamp(model_file)
-    known = model_file.get(SHA_FIELD)
-    if isinstance(known, dict) and known.get('of') == stamp and SHA_PATTERN.fullmatch(str(known.get('sha256'))):
-        return known['sha256']
-    digest = hashlib.sha256()
-    with File().open(model_file) as handle:
-        for block in iter(lambda: handle.read(1 << 20), b''):
-            digest.update(block)
-    sha = digest.hexdigest()
-    File().update({'_id': model_file['_id']}, {'$set': {SHA_FIELD: {'sha256': sha, 'of': stamp}}}, multi=False)
-    return sha
-
-
-def model_of(user, model_file_id=None):
-    """(model name as results record it, model file id or None for the task's bundled model); the file must be one
-    the user may read, stored in an assetstore (not a link)."""
-    if not model_file_id:
-        return DEFAULT_MODEL, None
-    from girder.models.file import File
-
-    model_file = File().load(model_file_id, user=user, level=AccessType.READ, exc=False)
-    if model_file is None:
-        raise RestException(f'no model file {model_file_id} that you may read')
-    if not model_file.get('assetstoreId') or model_file.get('linkUrl'):
-        raise RestException(f'the model file {model_file["_id"]} ({model_file.get("name")}) is a link, not a stored '
-                            'file: upload the checkpoint')
-    return model_file['name'], str(model_file['_id'])
-
-
-def _model_sha256(model_file_id):
-    """The SHA-256 of the model file's bytes (None for the bundled model)."""
-    if not model_file_id:
-        return None
-    from girder.models.file import File
-
-    model_file = File().load(model_file_id, force=True, exc=False)
-    if model_file is None:
-        raise RestException(f'the model file {model_file_id} is gone')
-    return file_sha256(model_file)
-
-
 def active_job(file_id, model_file_id):
     """A CellDetection job of this model on this slide file that is still waiting or running, or None."""
     query = {'_original_name': CLI_NAME, '_original_params.inputImageFile': str(file_id),
@@ -304,7 +247,7 @@ def _schedule(job):
         folder = Folder().load(kwargs['folderId'], user=user, level=AccessType.WRITE, exc=False)
         if folder is None:
             raise RestException(f'the folder {kwargs["folderId"]} is gone, or you may no longer write to it')
-        sha = _model_sha256(kwargs['modelFileId'])
+        sha = model_sha256(kwargs['modelFileId'])
         work = plan(folder, user, kwargs['model'], kwargs['modelFileId'], sha)
         job = _record_plan(job, work, kwargs['model'], sha)
         handler = genHandlerToRunDockerCLI(cli)

@@ -14,7 +14,7 @@ from girder.models.folder import Folder
 from girder.models.item import Item
 from girder_jobs.models.job import Job
 
-from . import batch, results, withdrawn
+from . import batch, model_files, results, withdrawn
 from .cell_types import RATIO_KEY, SUFFIXES
 from .table import COLUMNS, table_columns, table_csv_lines, table_rows
 
@@ -71,7 +71,7 @@ class CellRCNNResource(Resource):
                'result of the model, or have a CellDetection job of it waiting or running, are skipped.')
         .modelParam('id', model=Folder, level=AccessType.WRITE)
         .param('model', 'Id of a cellrcnn model file (.pt) to detect with; default: the task\'s bundled model '
-               f'({batch.DEFAULT_MODEL})', required=False)
+               f'({results.DEFAULT_MODEL})', required=False)
         .param('cli', 'Id of the slicer_cli_web CellDetection task item; default: the one the cellrcnn.task_item '
                'setting names, else the most recently registered one. Only tasks an administrator registered '
                '(PUT /slicer_cli_web/docker_image) or named in that setting are run.', required=False)
@@ -89,7 +89,7 @@ class CellRCNNResource(Resource):
         batch.require_worker_api_url()
         user = self.getCurrentUser()
         task = batch.find_cli(user, cli)
-        model_name, model_file_id = batch.model_of(user, model)
+        model_name, model_file_id = model_files.model_of(user, model)
         job = batch.start(folder, user, task, model_name, model_file_id)
         return Job().filter(job, user)
 

@@ -1,0 +1,67 @@
+"""The model a folder-wide detection runs: a Girder file the user may read, stored in an assetstore, known by the
+SHA-256 of its bytes (the bundled model, by its name)."""
+
+import datetime
+import hashlib
+
+from girder.constants import AccessType
+from girder.exceptions import RestException
+
+from .results import DEFAULT_MODEL, SHA_PATTERN
+
+SHA_FIELD = 'cellrcnnSha256'  # on a model's file document: {"sha256", "of": what the file's content was then}
+
+
+def _content_stamp(model_file):
+    """What a file's content is, as far as its document tells: replacing the content changes it."""
+    created = model_file.get('created')
+    created = created.isoformat() if isinstance(created, datetime.datetime) else str(created)
+    return '/'.join(str(v) for v in (model_file.get('size'), created, model_file.get('assetstoreId'),
+                                     model_file.get('sha512'), model_file.get('path')))
+
+
+def file_sha256(model_file):
+    """The hex SHA-256 of a Girder file's bytes, streamed from its assetstore once and kept on its document
+    (:data:`SHA_FIELD`) for as long as its content stays the same. Called from the batch's own thread, never in a
+    request: a model of gigabytes takes a while."""
+    from girder.models.file import File
+
+    stamp = _content_stamp(model_file)
+    known = model_file.get(SHA_FIELD)
+    if isinstance(known, dict) and known.get('of') == stamp and SHA_PATTERN.fullmatch(str(known.get('sha256'))):
+        return known['sha256']
+    digest = hashlib.sha256()
+    with File().open(model_file) as handle:
+        for block in iter(lambda: handle.read(1 << 20), b''):
+            digest.update(block)
+    sha = digest.hexdigest()
+    File().update({'_id': model_file['_id']}, {'$set': {SHA_FIELD: {'sha256': sha, 'of': stamp}}}, multi=False)
+    return sha
+
+
+def model_of(user, model_file_id=None):
+    """(model name as results record it, model file id or None for the task's bundled model); the file must be one
+    the user may read, stored in an assetstore (not a link)."""
+    if not model_file_id:
+        return DEFAULT_MODEL, None
+    from girder.models.file import File
+
+    model_file = File().load(model_file_id, user=user, level=AccessType.READ, exc=False)
+    if model_file is None:
+        raise RestException(f'no model file {model_file_id} that you may read')
+    if not model_file.get('assetstoreId') or model_file.get('linkUrl'):
+        raise RestException(f'the model file {model_file["_id"]} ({model_file.get("name")}) is a link, not a stored '
+                            'file: upload the checkpoint')
+    return model_file['name'], str(model_file['_id'])
+
+
+def model_sha256(model_file_id):
+    """The SHA-256 of the model file's bytes (None for the bundled model)."""
+    if not model_file_id:
+        return None
+    from girder.models.file import File
+
+    model_file = File().load(model_file_id, force=True, exc=False)
+    if model_file is None:
+        raise RestException(f'the model file {model_file_id} is gone')
+    return file_sha256(model_file)
