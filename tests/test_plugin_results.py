@@ -417,6 +417,14 @@ def test_a_rerun_updates_the_earlier_result_and_keeps_it_as_history(server, slid
     earlier = server.client().get(f'annotation/{nuclei_id}/history/{versions[-1]["_version"]}')
     assert len(earlier['annotation']['elements']) == len(nuclei_doc['elements'])  # the first run, kept
     assert len(server.client().get(f'annotation/{nuclei_id}')['annotation']['elements']) == 40
+    # the second run's elements were moved in the database, not loaded into Girder and stored again: none stay with
+    # the arrival, and the result and its history hold each element once
+    stored = in_database(server, """
+        result = db['annotation'].find_one({'_id': ObjectId(args[0])})
+        arrival = result['cellrcnnContent']['from']
+        result = [db['annotationelement'].count_documents({'annotationId': arrival}),
+                  db['annotationelement'].count_documents({'annotationId': ObjectId(args[0])})]""", nuclei_id)
+    assert stored == [0, len(nuclei_doc['elements']) + 40]
 
     # Another model's result, and the reader's look-alike, stay annotations of their own; the result is untouched.
     other = annotate(server, item_id, nuclei(10, 'other.pt'))

@@ -15,8 +15,9 @@ Only writers' results take part (:func:`.results.from_writer`), and only when th
 write to the earlier annotation: a reader who may create annotations cannot overwrite anyone's result this way.
 
 The save hook only decides and queues (large_image holds its write lock during the hook); the work runs in Girder's
-events daemon thread (:func:`merge`), one arrival at a time. The newest content wins: an arrival older than the
-content the earlier annotation already holds is left alone.
+events daemon thread (:func:`merge`), one arrival at a time. The new elements are moved in the database, never
+loaded into the Girder process: a re-run of a million nuclei costs the server no more memory than one of ten. The newest
+content wins: an arrival older than the content the earlier annotation already holds is left alone.
 """
 
 from girder import events, logger
@@ -129,20 +130,11 @@ def merge(event):
         earlier = _earlier(new, item, users)
         if earlier is None or _content_time(earlier) >= new['created']:
             return
-        full = Annotation().load(new['_id'], force=True)
-        if full is None or full.get('_version') != info['version']:
-            return
-        content = full['annotation']
-        for element in content.get('elements') or ():
-            if isinstance(element, dict):
-                element.pop('id', None)  # the earlier annotation's elements get ids of their own
         target = Annotation().load(earlier['_id'], force=True, getElements=False)
         if target is None or target.get('_version') != earlier.get('_version') or target.get('_active') is False:
             return  # changed meanwhile: leave both
-        target['annotation'] = content
-        target = Annotation().updateAnnotation(target, updateUser=users[str(new['creatorId'])])
-        Annotation().update({'_id': target['_id']},
-                            {'$set': {CONTENT_FIELD: {'created': new['created'], 'from': new['_id']}}}, multi=False)
+        if not _move_content(new, info['version'], target, users[str(new['creatorId'])]):
+            return
         Annotation().remove(Annotation().load(new['_id'], force=True, getElements=False))
         for heatmap in _left_out_heatmaps(new, item, users):
             Annotation().remove(Annotation().load(heatmap['_id'], force=True, getElements=False))
@@ -150,6 +142,30 @@ def merge(event):
         logger.info('cellrcnn: annotation %s of a re-run now updates annotation %s', new['_id'], target['_id'])
     except Exception:
         logger.exception('cellrcnn: could not fold re-run annotation %s into the earlier one', info.get('id'))
+
+
+def _move_content(new, version, target, user):
+    """Give ``target`` the content of the annotation ``new`` (at ``version``) without loading its elements here: they
+    are moved in the database, to ``target`` at a version of their own, and the record is updated through
+    large_image (which keeps the earlier record as history, with the earlier elements), then pointed at them (a reader
+    between those two updates, which follow each other at once, finds no elements). :returns: False, and nothing is
+    done, when ``new`` has changed since it arrived."""
+    from girder_large_image_annotation.models.annotation import Annotation
+    from girder_large_image_annotation.models.annotationelement import Annotationelement
+
+    header = Annotation().collection.find_one({'_id': new['_id'], '_version': version, '_active': {'$ne': False}})
+    if header is None:
+        return False  # edited or deleted since it arrived: leave both
+    moved = Annotationelement().getNextVersionValue()
+    Annotationelement().collection.update_many({'annotationId': new['_id'], '_version': version},
+                                               {'$set': {'annotationId': target['_id'], '_version': moved}})
+    target['annotation'] = {k: v for k, v in header['annotation'].items() if k != 'elements'}
+    target = Annotation().updateAnnotation(target, updateUser=user)  # a record without elements, for now
+    Annotation().update({'_id': target['_id']}, {'$set': {
+        '_version': moved, '_elementCount': header.get('_elementCount', 0),
+        '_detailsCount': header.get('_detailsCount', 0), 'groups': header.get('groups') or [],
+        CONTENT_FIELD: {'created': new['created'], 'from': new['_id']}}}, multi=False)
+    return True
 
 
 def bind():
