@@ -137,8 +137,10 @@ def test_a_cancelled_job_stops_its_container(dsa, folder, sample):
         return now['status'] == RUNNING and containers() and 0 < progress.get('current', 0) < progress.get('total', 0)
 
     wait_for(reporting, 180, 'the job to run its container and report progress')
-    for container in containers():  # the task runs as the image's own user, not as root
+    for container in containers():  # the task runs as the image's own user, not as root, and without a network
         assert dsa.engine.docker('exec', container, 'id', '-un').stdout.strip() == 'cellrcnn'
+        mode = dsa.engine.docker('inspect', '--format', '{{.HostConfig.NetworkMode}}', container).stdout.strip()
+        assert mode == 'none'
     dsa.client().put(f'job/{job["_id"]}/cancel')
     assert dsa.wait_for_job(job['_id'], 120)['status'] == JOB_CANCELED
     wait_for(lambda: not containers(), 60, 'the container to stop')

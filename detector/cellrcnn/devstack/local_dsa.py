@@ -14,8 +14,10 @@ Docker containers, so this is the smallest stack on which "Cell detection" runs 
   Ctrl-C stops everything. The tests (``tests/test_dsa.py``) start the same stack.
 
 The Docker engine is started so that it leaves the host's network alone: no bridge, no NAT rules, no IP forwarding.
-Containers share the host's network namespace instead (``GIRDER_WORKER_DOCKER_RUN_OPTIONS``) and reach Girder on
-loopback. Its images and state are kept in :func:`dsa_home` between runs.
+Task containers run without a network (``GIRDER_WORKER_DOCKER_RUN_OPTIONS``: ``network_mode`` ``none``): girder_worker
+downloads their inputs and uploads their outputs, so a task reaches neither Girder, nor the broker, nor anything else
+(the task's ``post_to_girder`` option, which needs Girder, fails in one line there). Its images and state are kept
+in :func:`dsa_home` between runs.
 
 The broker runs code: girder_worker decodes every message with jsonpickle (its ``girder_io`` serializer is kombu's
 decoder for ``application/json``), which builds any Python object a message names, as pickle does, and the tasks
@@ -229,8 +231,8 @@ class DSAStack(GirderServer):
         for key, value in (('worker.broker', broker), ('worker.backend', broker), ('worker.api_url', self.api_url)):
             gc.put('system/setting', {'key': key, 'value': value})
         worker = self._spawn('worker', [os.path.join(self.bindir, 'girder-worker'), '-l', 'info', '--concurrency', '1'],
-                             # celery runs no worker as root unless told to; the container reaches Girder on loopback
-                             C_FORCE_ROOT='1', GIRDER_WORKER_DOCKER_RUN_OPTIONS=json.dumps({'network_mode': 'host'}))
+                             # celery runs no worker as root unless told to; task containers get no network
+                             C_FORCE_ROOT='1', GIRDER_WORKER_DOCKER_RUN_OPTIONS=json.dumps({'network_mode': 'none'}))
         if not self._wait(worker, lambda: ' ready.' in self.log_tail('worker', 100000), timeout, 'girder_worker'):
             raise RuntimeError(f'girder_worker stopped:\n{self.log_tail("worker")}')
         return self
