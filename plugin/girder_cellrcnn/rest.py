@@ -16,6 +16,7 @@ from girder_jobs.models.job import Job
 
 from . import batch, model_files, results, withdrawn
 from .cell_types import RATIO_KEY, SUFFIXES
+from .results import DEFAULT_MODEL
 from .table import COLUMNS, table_columns, table_csv_lines, table_rows
 
 
@@ -71,7 +72,7 @@ class CellRCNNResource(Resource):
                'result of the model, or have a CellDetection job of it waiting or running, are skipped.')
         .modelParam('id', model=Folder, level=AccessType.WRITE)
         .param('model', 'Id of a cellrcnn model file (.pt) to detect with; default: the task\'s bundled model '
-               f'({results.DEFAULT_MODEL})', required=False)
+               f'({DEFAULT_MODEL})', required=False)
         .param('cli', 'Id of the slicer_cli_web CellDetection task item; default: the one the cellrcnn.task_item '
                'setting names, else the most recently registered one. Only tasks an administrator registered '
                '(PUT /slicer_cli_web/docker_image) or named in that setting are run.', required=False)
