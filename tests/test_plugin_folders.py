@@ -373,7 +373,7 @@ def test_the_request_only_starts_a_batch_whose_job_keeps_no_list_of_slides(serve
     parent, jobs = queued(server, answer)
     assert parent['cellrcnnBatch']['model_sha256'] == sha256(data)
     assert (parent['cellrcnnBatch']['total'], parent['cellrcnnBatch']['todo'], len(jobs)) == (2, 2, 2)
-    kwargs = in_database(server, "result = db['job'].find_one({'_id': ObjectId(args[0])})['kwargs']", answer['_id'])
-    assert sorted(kwargs) == ['cliItemId', 'folderId', 'model', 'modelFileId']
+    stored = in_database(server, "result = db['job'].find_one({'_id': ObjectId(args[0])})['kwargs']", answer['_id'])
+    assert sorted(json.loads(stored)) == ['cliItemId', 'folderId', 'model', 'modelFileId']  # girder_jobs: JSON text
     for job in jobs:
         play_worker(server, job['_id'], 2, 4)
