@@ -18,6 +18,7 @@ from PIL import Image
 
 from cellrcnn.__main__ import main as cellrcnn
 from cellrcnn.annotation import read_annotation_file
+from cellrcnn.checkpoint import BUNDLED_MODEL, load_model
 from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.devstack.local_dsa import JOB_SUCCESS
 from cellrcnn.devstack.local_girder import ADMIN, wait_for
@@ -85,9 +86,17 @@ def test_cell_detection_from_the_histomicsui_analysis_panel(dsa, browser, tmp_pa
                                     if 'density' not in a['annotation']['name'].lower()), None),
                       120, 'the nuclei annotation on the slide')
 
-    # HistomicsUI lists the job's annotations and draws them
-    shown = f'.h-annotation[data-id="{nuclei["_id"]}"] .icon-eye'
-    page.click('.h-annotation-group-name')  # open the group they are listed in
+    # HistomicsUI lists the job's annotations and draws them. A classified result (the bundled model's) is listed
+    # under its cell types' groups: open them until the nuclei show.
+    row = f'.h-annotation[data-id="{nuclei["_id"]}"]'
+    shown = f'{row} .icon-eye'
+    types = set(load_model(BUNDLED_MODEL).config.cell_types)
+    listed = lambda: page.locator('.h-annotation-group').evaluate_all('gs => gs.map(g => g.dataset.groupName)')  # noqa
+    groups = wait_for(lambda: [g for g in listed() if g in types], 60, 'the cell types\' groups')
+    for name in groups:
+        page.click(f'.h-annotation-group[data-group-name="{name}"] .h-annotation-group-name')
+        if page.locator(row).count():
+            break
     page.wait_for_selector(shown, timeout=60000)
     assert page.locator(f'.h-annotation[data-id="{nuclei["_id"]}"] .h-annotation-name').inner_text() == \
         nuclei['annotation']['name']
@@ -119,8 +128,6 @@ def test_a_classified_result_shows_its_cell_types(server, browser, tmp_path, mon
     """A classified result of the bundled model on the bundled sample, posted by ``cellrcnn detect --girder-url``:
     HistomicsUI lists the cell types as groups, each with the model's colour for it as legend, lists a heatmap per
     type, and draws the nuclei in their types' colours."""
-    from cellrcnn.checkpoint import BUNDLED_MODEL, load_model
-
     config = load_model(BUNDLED_MODEL).config
     colors = {name: _css_rgb(color) for name, color in zip(config.cell_types, config.cell_type_colors)}
     assert len(colors) >= 2 and len(set(colors.values())) == len(colors), colors
