@@ -29,7 +29,7 @@ def upload(server, target, name, size, body, key, what, ingest_timeout, timing, 
     label = name
     name = f'{label or "annotation"}.{key.replace("/", "-")}.anot.json'
 
-    def upload():
+    def send():
         return server.gc.uploadFile(target.item_id, body(), name, size, parentType='item',
                                     reference=reference, mimeType='application/json')['_id']
 
@@ -42,7 +42,7 @@ def upload(server, target, name, size, body, key, what, ingest_timeout, timing, 
                 return file['_id']
         return INGESTED if target.find(key) else None
 
-    file_id = server.call(what, upload, landed=landed, item_id=target.item_id)
+    file_id = server.call(what, send, landed=landed, item_id=target.item_id)
     timing['sent'] = time.perf_counter()
     # Wait for girder_large_image_annotation's ingest: the annotation shows up once all its elements are stored,
     # then the handler deletes the uploaded file (it deletes it on failure too).
