@@ -21,6 +21,7 @@ import pytest
 from cellrcnn.annotation import detections_to_annotation
 from cellrcnn.density import density_annotation
 from cellrcnn.devstack.local_girder import girder_python
+from cellrcnn.nuclei_map import nuclei_map_annotation
 
 
 def _annotation_schema():
@@ -82,6 +83,16 @@ def test_density_annotation_is_valid(kwargs):
     # The server computes the element's bounding box from origin, dx, dy, gridWidth.
     assert len(el['origin']) == 3 and el['dx'] > 0 and el['dy'] > 0
     assert len(el['values']) % el['gridWidth'] == 0
+
+
+def test_nuclei_map_is_valid():
+    colors = {'lymphocyte': '#3c78d8', 'tumour': 'rgb(224, 64, 58)'}
+    typed = nuclei_map_annotation(BOXES, [0, 1, 0], list(colors), colors, attributes={'model': 'm.pt'})
+    validate(typed)
+    assert [(e['label']['value'], len(e['points'])) for e in typed['elements']] == [('lymphocyte', 2), ('tumour', 1)]
+    assert typed['elements'][0]['colorRange'][-1] == 'rgba(60,120,216,0.9)'
+    validate(nuclei_map_annotation(BOXES, visible=False))
+    validate(nuclei_map_annotation(np.zeros((0, 4))))
 
 
 def test_empty_density_annotation_is_valid():

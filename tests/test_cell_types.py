@@ -16,8 +16,9 @@ import pytest
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.exports import detection_summary_lines, write_overlay
 from cellrcnn.inference import DetectorSpec
-from cellrcnn.job import detect_to_files, output_paths
+from cellrcnn.job import detect_to_files, output_paths, write_results
 from cellrcnn.merge import StreamingNMS
+from cellrcnn.nuclei_map import BOXES_SHOWN, shown_on_open
 from cellrcnn.resume import RowStore
 from cellrcnn.settings import DetectionSettings
 from cellrcnn.slide import Slide
@@ -146,6 +147,42 @@ def test_one_density_annotation_per_type(typed_run):
     assert everyone['attributes']['density']['nuclei'] == len(result.boxes)
 
 
+def test_the_nuclei_map_holds_every_nucleus_in_its_types_colour(typed_run):
+    result, paths, _ = typed_run
+    doc = json.loads(open(paths['map']).read())
+    counts = result.stats['cell_types']
+    assert doc['attributes']['density'] == {'kind': 'nuclei map', 'nuclei': len(result.boxes), 'cell_types': counts}
+    assert doc['attributes']['model_sha256'] == json.loads(open(paths['annotation']).read())['attributes'][
+        'model_sha256']
+    elements = {e['label']['value']: e for e in doc['elements']}
+    assert {name: len(e['points']) for name, e in elements.items()} == {n: c for n, c in counts.items() if c}
+    for index, name in enumerate(NAMES):
+        if not counts[name]:
+            continue
+        boxes = result.boxes[result.cell_types == index]
+        centres = np.column_stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2])
+        points = np.array(elements[name]['points'])
+        assert np.abs(points[:, :2] - centres).max() <= 0.05 and (points[:, 3] == 1).all()
+        rgb = ','.join(str(int(COLORS[name][i:i + 2], 16)) for i in (1, 3, 5))
+        assert elements[name]['colorRange'][1].startswith(f'rgba({rgb},') and elements[name]['scaleWithZoom']
+
+
+def test_a_small_result_opens_on_its_boxes_a_large_one_on_its_map(typed_run, tmp_path):
+    result, paths, settings = typed_run
+    shown = {key: json.loads(open(paths[key]).read())['display']['visible'] for key in ('annotation', 'map', 'density')}
+    assert len(result.boxes) <= BOXES_SHOWN and shown == {'annotation': True, 'map': False, 'density': False}
+    assert all(d['display'] == {'visible': False} for d in json.loads(open(paths['class_density']).read()))
+    assert shown_on_open('auto', BOXES_SHOWN + 1) == (False, True)
+    assert shown_on_open('boxes', 10 ** 6) == (True, False) and shown_on_open('map', 1) == (False, True)
+    # The user's choice is written into the documents.
+    again = output_paths(str(tmp_path), 'slide')
+    write_results(result, again, 'rectangle', {'model': 'm.pt'}, display='map')
+    assert [json.loads(open(again[key]).read())['display']['visible'] for key in ('annotation', 'map')] == \
+        [False, True]
+    with pytest.raises(CellRCNNError, match='display must be one of auto, boxes, map'):
+        dataclasses.replace(settings, display='both').validate()
+
+
 def test_the_tables_hold_the_type_and_its_probability(typed_run):
     result, paths, _ = typed_run
     features = json.loads(open(paths['geojson']).read())['features']
@@ -242,6 +279,9 @@ def test_a_model_without_types_writes_what_it_wrote_before(slide_path, tiny_chec
     assert open(paths['csv']).readline() == 'x,y,x1,y1,x2,y2,width_um,height_um,score,class\n'
     assert 'class_probability' not in open(paths['geojson']).read()
     assert json.loads(open(paths['class_density']).read()) == []
+    nuclei_map = json.loads(open(paths['map']).read())
+    assert 'cell_types' not in nuclei_map['attributes']['density'] and len(nuclei_map['elements']) == 1
+    assert len(nuclei_map['elements'][0]['points']) == len(result.boxes) and 'label' not in nuclei_map['elements'][0]
     assert len(detection_summary_lines(result, settings)) == 1
 
 

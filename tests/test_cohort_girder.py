@@ -7,6 +7,7 @@ import os
 import pytest
 
 from cellrcnn.devstack.local_girder import wait_for
+from cellrcnn.nuclei_map import MAP_NAME
 from girder_support import cellrcnn_annotations
 from support import run_batch
 
@@ -38,7 +39,9 @@ def test_a_girder_folder_cohort_posts_each_result_to_its_slide(server, synthetic
         assert nuclei[0]['annotation']['attributes']['model'] == 'cellrcnn-default.pt'
         types = nuclei[0]['annotation']['attributes']['model_config']['cell_types']
         per_type = sorted(str(a['annotation']['attributes'].get('cell_type')) for a in found if a not in nuclei)
-        assert len(types) == 3 and per_type == sorted(['None', *types])  # nuclei, density, one density per type
+        # besides the nuclei: the map, the density, one density per type
+        assert len(types) == 3 and per_type == sorted(['None', 'None', *types])
+        assert sum(a['annotation']['name'] == MAP_NAME for a in found) == 1
         assert (output / row['output']).is_dir()
     assert not any(f for _, _, f in os.walk(output / '.girder-cache'))  # downloads removed once posted
 

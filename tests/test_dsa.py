@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cellrcnn.__main__ import main as cellrcnn
+from cellrcnn.annotation import DEFAULT_NAME
 from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.devstack.local_dsa import (
     JOB_CANCELED,
@@ -24,6 +25,7 @@ from cellrcnn.devstack.local_dsa import (
 )
 from cellrcnn.devstack.local_girder import wait_for
 from cellrcnn.errors import CellRCNNError
+from cellrcnn.nuclei_map import MAP_NAME
 
 REGION = [0, 0, 1200, 1200]
 RUNNING = 2
@@ -106,14 +108,17 @@ def test_cell_detection_runs_in_its_container_and_lands_on_the_slide(dsa, folder
     summary = re.search(r'^(\d+) nuclei in CMU-1-Small-Region.svs at 20x', log, re.MULTILINE)
     assert summary, log[-3000:]
 
-    docs = annotations_of(dsa, item_id)
-    nuclei = next(d for name, d in docs.items() if 'density' not in name.lower())
+    docs = annotations_of(dsa, item_id, count=3)
+    nuclei = docs[DEFAULT_NAME]
     density = next(d for name, d in docs.items() if 'density' in name.lower())
     assert density['elements'][0]['type'] == 'griddata'
     assert nuclei['attributes']['params']['roi'] == [0, 0, 1200, 1200]
     assert len(nuclei['attributes']['model_sha256']) == 64
     boxes = boxes_of(nuclei)
     assert len(boxes) == len(nuclei['elements']) == int(summary.group(1)) > 200
+    # a small result opens on its boxes; the map holds every nucleus too, a dot per nucleus of each type
+    assert nuclei['display'] == {'visible': True} and docs[MAP_NAME]['display'] == {'visible': False}
+    assert sum(len(e['points']) for e in docs[MAP_NAME]['elements']) == len(boxes)
     # every nucleus lies in the region asked for, on the slide
     tiles = dsa.client().get(f'item/{item_id}/tiles')
     assert (boxes[:, :2] >= -1).all() and (boxes[:, 2:] <= 1201).all()

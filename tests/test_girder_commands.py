@@ -88,6 +88,10 @@ def test_the_task_posts_directly_and_replaces_the_previous_result(server, slide,
     assert run.returncode == 0, run.stderr
     detections = int(run.stdout.split(' nuclei in ')[0].split()[-1])
     assert f"posted 'cellrcnn nuclei' ({detections} elements) to item {item_id}" in run.stdout
+    # the post is a stage of the job's progress of its own, after the detection's
+    posting = run.stdout[run.stdout.index(f"<filter-comment>posting annotation 'cellrcnn nuclei' ({detections} "
+                                          "elements)</filter-comment>"):]
+    assert '<filter-progress>1.000</filter-progress>' in posting and '<filter-end>' in posting
     annotations = {a['_id']: a for a in server.annotations(item_id)}
     assert older not in annotations and {other_model, by_hand} <= set(annotations)
     mine = [a for a in annotations.values() if a['annotation'].get('attributes', {}).get('model') == 'tiny.pt']

@@ -25,6 +25,7 @@ from cellrcnn.annotation_upload import withdrawal_grace
 from cellrcnn.devstack.local_girder import free_port, girder_python, wait_for
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.girder_post import post_annotation_files, post_annotations
+from cellrcnn.progress import Progress
 from girder_proxy import FaultyProxy
 from girder_support import cellrcnn_annotations, nuclei, saved
 
@@ -39,7 +40,7 @@ def slide_file(synthetic_slide):
     return synthetic_slide(640, 480, seed=21)[0]
 
 
-def test_posting_twice_replaces_and_large_results_are_uploaded(server, slide, tmp_path):
+def test_posting_twice_replaces_and_large_results_are_uploaded(server, slide, tmp_path, monkeypatch, capsys):
     item_id, _ = slide
     first = post_annotations(server.api_url, server.token, item_id, nuclei(300), **FAST)
     assert first[0]['route'] == 'post' and first[0]['replaced'] == []
@@ -47,10 +48,18 @@ def test_posting_twice_replaces_and_large_results_are_uploaded(server, slide, tm
     assert second[0]['replaced'] == [first[0]['_id']]
     found = cellrcnn_annotations(server, item_id)
     assert [(a['_id'], a['_elementCount']) for a in found] == [(second[0]['_id'], 200)]
-    # Over the size limit: uploaded into the item and ingested by girder_large_image_annotation.
+    # Over the size limit: uploaded into the item and ingested by girder_large_image_annotation. The post is a stage
+    # of the job's progress (here every moment of the ingest is worth a line).
+    monkeypatch.setattr(annotation_upload, 'INGEST_REPORT_SECONDS', 0)
+    capsys.readouterr()
     third = post_annotation_files(server.api_url, server.token, item_id, saved(tmp_path, nuclei(250, seed=2)),
-                                  large_elements=100, **FAST)
+                                  large_elements=100, progress=Progress('slicer', name='CellDetection'), **FAST)
     assert third[0]['route'] == 'upload' and third[0]['replaced'] == [second[0]['_id']]
+    said = capsys.readouterr().out
+    assert said.startswith('<filter-start><filter-name>CellDetection</filter-name></filter-start>\n')
+    assert "<filter-comment>uploading annotation 'cellrcnn nuclei' (250 elements)</filter-comment>" in said
+    assert "the server is storing the 250 elements of 'cellrcnn nuclei'" in said
+    assert said.index('storing') < said.index('<filter-progress>1.000</filter-progress>') < said.index('<filter-end>')
     found = cellrcnn_annotations(server, item_id)
     assert [(a['_id'], a['_elementCount']) for a in found] == [(third[0]['_id'], 250)]
     stored = server.client().get(f'annotation/{third[0]["_id"]}')['annotation']

@@ -17,13 +17,16 @@ import pytest
 from PIL import Image
 
 from cellrcnn.__main__ import main as cellrcnn
-from cellrcnn.annotation import read_annotation_file
+from cellrcnn.annotation import DEFAULT_NAME, read_annotation_file
 from cellrcnn.checkpoint import BUNDLED_MODEL, load_model
 from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.devstack.local_dsa import JOB_SUCCESS
 from cellrcnn.devstack.local_girder import ADMIN, wait_for
+from cellrcnn.devstack.viewer import CHROMIUM, log_in, move, open_slide, view_pixels, wait_drawn
+from cellrcnn.girder_post import post_annotations
+from cellrcnn.nuclei_map import MAP_NAME, nuclei_map_annotation
+from cellrcnn.synthetic import write_slide
 
-CHROMIUM = '/usr/bin/chromium'
 REGION = '0,0,1200,1200'
 
 
@@ -82,8 +85,8 @@ def test_cell_detection_from_the_histomicsui_analysis_panel(dsa, browser, tmp_pa
     assert job['type'] == 'cellrcnn:latest#CellDetection'
     assert args[args.index('--analysis_roi') + 1] == '0, 0, 1200, 1200'
     # the nuclei, the density and (the bundled model has cell types) a density per type land one by one
-    nuclei = wait_for(lambda: next((a for a in dsa.annotations(item_id)
-                                    if 'density' not in a['annotation']['name'].lower()), None),
+    nuclei = wait_for(lambda: next((a for a in dsa.annotations(item_id) if a['annotation']['name'] == DEFAULT_NAME),
+                                   None),
                       120, 'the nuclei annotation on the slide')
 
     # HistomicsUI lists the job's annotations and draws them. A classified result (the bundled model's) is listed
@@ -192,8 +195,66 @@ def test_a_classified_result_shows_its_cell_types(server, browser, tmp_path, mon
     page.click(f'.h-annotation-group[data-group-name="{ungrouped}"] .h-annotation-group-name')
     page.wait_for_selector(f'.h-annotation-group[data-group-name="{ungrouped}"] .h-annotation')
     names = page.locator(f'.h-annotation-group[data-group-name="{ungrouped}"] .h-annotation-name').all_inner_texts()
-    assert sorted(names) == sorted(['cellrcnn nuclei density', *(f'cellrcnn nuclei density ({name})'
-                                                                 for name in counts)])
+    assert sorted(names) == sorted([MAP_NAME, 'cellrcnn nuclei density', *(f'cellrcnn nuclei density ({name})'
+                                                                           for name in counts)])
     page.screenshot(path=os.path.join(shots, 'histomicsui-cell-types.png'))
     print(f'screenshot: {shots}/histomicsui-cell-types.png; detection and posting {detection_s:.0f} s, cell types '
           f'{counts}; of {len(drawn)} drawn pixels, near each type\'s colour: {near}')
+
+
+def test_a_whole_slides_nuclei_open_on_their_map(server, browser, tmp_path):
+    """100 000 nuclei of the bundled model's three types on a 20x slide, as a whole slide's result is posted: their
+    map is stored whole, drawn when the slide is opened, in the types' colours, and drawn again where the view
+    moves to. (Timings: benchmarks/large_result.py.)"""
+    config = load_model(BUNDLED_MODEL).config
+    colors = dict(zip(config.cell_types, config.cell_type_colors))
+    shots = os.environ.get('CELLRCNN_SCREENSHOTS') or str(tmp_path)
+    side, n = 8192, 100_000
+    slide = str(tmp_path / 'whole.tiff')
+    write_slide(slide, side, side, seed=3)
+    item_id, _ = server.upload_slide(slide)
+    rng = np.random.default_rng(3)
+    corners = rng.uniform(0, side - 24, (n, 2))
+    boxes, types = np.hstack([corners, corners + rng.uniform(8, 24, (n, 2))]), rng.integers(0, 3, n)
+    doc = nuclei_map_annotation(boxes, types, config.cell_types, colors, attributes={'model': 'whole.pt',
+                                                                                     'cellrcnn': 'test'})
+    posted = post_annotations(server.api_url, server.token, item_id, [doc])[0]
+    stored = server.client().get(f'annotation/{posted["_id"]}')['annotation']
+    assert [len(e['points']) for e in stored['elements']] == [int((types == i).sum()) for i in range(3)]
+
+    page = browser.new_page(viewport={'width': 1600, 'height': 1000})
+    base = server.api_url.replace('/api/v1', '')
+    log_in(page, base, ADMIN['login'], server.password)
+    open_slide(page, base, item_id)
+    wait_drawn(page, above=n - 1, timeout=120)  # shown on open: every nucleus is in the map's features
+    page.wait_for_timeout(1000)
+    whole = view_pixels(page)
+    page.screenshot(path=os.path.join(shots, 'histomicsui-map-whole.png'))
+    page.click('.h-hide-all-annotations')
+    page.wait_for_timeout(2000)
+    slide_only = view_pixels(page)
+    page.click('.h-show-all-annotations')
+    wait_drawn(page, above=n - 1, timeout=120)
+    page.wait_for_timeout(1000)
+
+    def near_types(shown):
+        """Pixels the map changed that lie near each type's colour (its blobs blend with the tissue under them)."""
+        drawn = shown[np.abs(shown - slide_only).max(axis=2) > 40]
+        return {name: int((np.linalg.norm(drawn - np.array(_css_rgb(colors[name])), axis=1) < 90).sum())
+                for name in colors}
+
+    near = near_types(whole)
+    assert all(count > 1000 for count in near.values()), near
+    move(page, halvings=1)  # from the whole slide to about 10x
+    before = view_pixels(page)
+    move(page, screens=(0.5, 0.5))
+    page.wait_for_timeout(1000)
+    after = view_pixels(page)
+    page.screenshot(path=os.path.join(shots, 'histomicsui-map-10x.png'))
+    moved = (np.abs(after - before).max(axis=2) > 40).mean()
+    assert moved > 0.2, f'only {moved:.1%} of the view changed when it moved'
+    dots = {name: int((np.linalg.norm(after.reshape(-1, 3) - np.array(_css_rgb(color)), axis=1) < 90).sum())
+            for name, color in colors.items()}
+    assert all(count > 1000 for count in dots.values()), dots
+    print(f'screenshots: {shots}/histomicsui-map-whole.png, {shots}/histomicsui-map-10x.png; pixels near each '
+          f'type\'s colour, whole slide {near}, at 10x after moving {dots}')

@@ -22,7 +22,8 @@ def settings_from(args):
         overlap=args.tile_overlap, min_tissue=args.min_tissue_frac,
         threshold=args.threshold if args.threshold >= 0 else None,
         nms=args.nms_iou if args.nms_iou >= 0 else None, anchor_upsample=args.anchor_upsample or None,
-        adapt_tiles=args.adapt_tiles, element=args.element_type, batch_size=args.batch_size, device=args.device,
+        adapt_tiles=args.adapt_tiles, element=args.element_type, display=args.display, batch_size=args.batch_size,
+        device=args.device,
         scheduler=_scheduler(args.scheduler), progress='slicer', classes=_classes(args.classes))
 
 
@@ -63,6 +64,7 @@ def girder_poster(args):
 
 def main(args):
     outputs = {'annotation': args.outputCellAnnotationFile,
+               'map': getattr(args, 'outputNucleiMapAnnotationFile', None) or None,
                'density': getattr(args, 'outputDensityAnnotationFile', None) or None,
                'class_density': getattr(args, 'outputClassDensityAnnotationFile', None) or None}
     settings = settings_from(args)

@@ -77,7 +77,7 @@ def _class_names(labels, n, class_names):
 
 def _annotation_parts(boxes, scores, labels=None, name=DEFAULT_NAME, element_type='rectangle', attributes=None,
                       line_color=DEFAULT_LINE_COLOR, description=None, fill_color=None, class_names=None, decimals=2,
-                      class_colors=None):
+                      class_colors=None, visible=None):
     """Check detections and document options (see :func:`detections_to_annotation`).
 
     :returns: ``(header, n, elements)``: the document without its elements, the number of detections, and
@@ -128,6 +128,8 @@ def _annotation_parts(boxes, scores, labels=None, name=DEFAULT_NAME, element_typ
     if description is None:
         description = f'{n} detections by cellrcnn'
     header = {'name': name, 'description': description, 'attributes': dict(attributes) if attributes else {}}
+    if visible is not None:
+        header['display'] = {'visible': bool(visible)}
     return header, n, lambda i0, i1: [element(i) for i in range(i0, i1)]
 
 
@@ -144,7 +146,7 @@ def class_legend(counts: dict, colors: dict) -> str:
 def detections_to_annotation(boxes, scores, labels=None, name=DEFAULT_NAME,
                              element_type='rectangle', attributes=None,
                              line_color=DEFAULT_LINE_COLOR, description=None,
-                             fill_color=None, class_names=None, decimals=2, class_colors=None):
+                             fill_color=None, class_names=None, decimals=2, class_colors=None, visible=None):
     """Build a DSA annotation document from detections.
 
     :param boxes: N x 4 boxes ``x1, y1, x2, y2`` in base-level slide pixels
@@ -165,10 +167,12 @@ def detections_to_annotation(boxes, scores, labels=None, name=DEFAULT_NAME,
     :param class_colors: with ``labels``, a dict ``class name -> colour``: each element then also gets its class as
         ``label`` (``{"value": name}``) and ``group``, and its class's colour as ``lineColor`` (``line_color`` for a
         class not in the dict).
+    :param visible: whether HistomicsUI shows the annotation when the slide is opened (``display.visible``; None:
+        large_image's default, shown only when it arrives while the slide is open).
     :returns: the annotation document (a plain dict, JSON-serialisable).
     """
     header, n, elements = _annotation_parts(boxes, scores, labels, name, element_type, attributes, line_color,
-                                            description, fill_color, class_names, decimals, class_colors)
+                                            description, fill_color, class_names, decimals, class_colors, visible)
     return {**header, 'elements': elements(0, n)}
 
 

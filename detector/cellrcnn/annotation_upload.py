@@ -19,9 +19,11 @@ UPLOAD_IDENTIFIER = 'LargeImageAnnotationUpload'
 INGESTED = object()
 #: an uploaded document's ingest may take 600 s plus this much per thousand elements
 INGEST_SECONDS_PER_1000 = 10
+#: seconds between the lines that say an ingest is still under way
+INGEST_REPORT_SECONDS = 30
 
 
-def upload(server, target, name, size, body, key, what, ingest_timeout, timing, elements):
+def upload(server, target, name, size, body, key, what, ingest_timeout, timing, elements, say=None):
     from girder_client import HttpError
 
     reference = json.dumps({'identifier': UPLOAD_IDENTIFIER, 'itemId': target.item_id, 'fileId': target.file_id,
@@ -46,8 +48,13 @@ def upload(server, target, name, size, body, key, what, ingest_timeout, timing, 
     timing['sent'] = time.perf_counter()
     # Wait for girder_large_image_annotation's ingest: the annotation shows up once all its elements are stored,
     # then the handler deletes the uploaded file (it deletes it on failure too).
-    deadline, pause = time.monotonic() + ingest_timeout, 0.1
+    started = time.monotonic()
+    deadline, pause, report = started + ingest_timeout, 0.1, started + INGEST_REPORT_SECONDS
     while True:
+        if say and time.monotonic() >= report:
+            say(f'the server is storing the {elements} elements of {label!r}: {time.monotonic() - started:.0f} s '
+                'so far')
+            report += INGEST_REPORT_SECONDS
         found = target.find(key)
         if found is not None:
             return found

@@ -208,12 +208,12 @@ def _row(slide, result, model_path, seconds):
 
 
 def process_slide(slide, settings, girder=None, detect=None):
-    """Detect nuclei in one slide of a cohort unless an earlier run did; post its results (nuclei, density and, for a
-    model with cell types, the per-type densities) to its Girder item when it came from one. ``detect(slide, paths,
-    settings)`` is the detection step (default :func:`detect_row`, here); a Dask run passes one that runs it on a
-    worker, so the Girder token never leaves this process. :returns: its table row (a dict of :data:`COLUMNS` and
-    :func:`cell_type_columns`); problems with the slide, its files or the server become a ``failed`` row, not an
-    exception."""
+    """Detect nuclei in one slide of a cohort unless an earlier run did; post its results (nuclei, map, density and,
+    for a model with cell types, the per-type densities) to its Girder item when it came from one.
+    ``detect(slide, paths, settings)`` is the detection step (default :func:`detect_row`, here); a Dask run passes
+    one that runs it on a worker, so the Girder token never leaves this process. :returns: its table row (a dict of
+    :data:`COLUMNS` and :func:`cell_type_columns`); problems with the slide, its files or the server become a
+    ``failed`` row, not an exception."""
     from .job import output_paths
 
     started = time.perf_counter()
@@ -243,7 +243,8 @@ def process_slide(slide, settings, girder=None, detect=None):
             from .girder_post import post_annotation_files
             try:
                 posted = post_annotation_files(girder.api_url, girder.token, slide.item_id,
-                                               [paths['annotation'], paths['density'], paths['class_density']])
+                                               [paths['map'], paths['annotation'], paths['density'],
+                                                paths['class_density']])
             except CellRCNNError as exc:
                 raise CellRCNNError(f'results written to {slide.folder}, but posting them failed: {exc}') from None
             _write_done(done_path, {'fingerprint': key, 'posted': [r['_id'] for r in posted], 'row': row})

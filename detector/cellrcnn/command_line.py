@@ -10,8 +10,9 @@ import sys
 from . import __version__, commands
 from .annotation import CLASS_SOURCES
 from .errors import CellRCNNError
+from .nuclei_map import BOXES_SHOWN
 from .progress import MODES
-from .settings import AnnotationTrainingSettings, DetectionSettings
+from .settings import DISPLAYS, AnnotationTrainingSettings, DetectionSettings
 
 
 def _roi(text):
@@ -56,6 +57,10 @@ def _add_detection_options(p):
                         'when it runs out of memory)')
     p.add_argument('--workers', type=int, default=d.workers, help='tile reader threads')
     p.add_argument('--element', choices=['rectangle', 'point'], default=d.element)
+    p.add_argument('--display', choices=DISPLAYS, default=d.display,
+                   help=f'what HistomicsUI shows when the slide opens: the nuclei\'s boxes, the nuclei map (a dot per '
+                        f'nucleus, a density when zoomed out), or auto: the boxes up to {BOXES_SHOWN} nuclei, else the '
+                        'map (default auto)')
     p.add_argument('--classes', nargs='+', metavar='NAME',
                    help="keep only nuclei of these cell types (names of the model's; default: every nucleus)")
     p.add_argument('--device', default=d.device, help='auto, cpu or cuda')

@@ -118,7 +118,8 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
     :param ingest_timeout: seconds to wait for the server to ingest an uploaded document (default: 600 s plus
         :data:`INGEST_SECONDS_PER_1000` per thousand elements).
     :param saved: paths of the local copies of the documents, named in every error message.
-    :param progress: a :class:`cellrcnn.progress.Progress` that is told what is sent (default: nothing is said).
+    :param progress: a :class:`cellrcnn.progress.Progress` that is told what is sent, and how far the post is as a
+        stage of its own: the share of the elements stored, a line every half minute of an ingest (default: silent).
     :returns: one dict per document: ``_id``, ``name``, ``elements``, ``route`` (``'post'`` or ``'upload'``),
         ``seconds``, ``sent_seconds`` (until the server had it; the rest is waiting for its ingest); and, in the
         first, ``replaced``: the ids of the deleted earlier annotations, and ``superseded``: true when a newer post
@@ -130,6 +131,8 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
     model, sha = _model_of(documents, model_name)
     server = GirderConnection(api_url, token, retries, backoff, timeout, saved)
     say = progress.log if progress else (lambda line: None)
+    if progress:  # a stage of its own: the share of the elements stored so far
+        progress.start(sum(max(doc.count, 1) for doc in documents), unit='element')
     with server.session():
         target = Target(server, item_id)
         _check_replaceable(server, target, model, sha)
@@ -145,13 +148,17 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
                 large = size > large_bytes or doc.count > large_elements
                 what = f'{"uploading" if large else "posting"} annotation {doc.name!r}'
                 say(f'{what} ({doc.count} elements, {size / 1e6:.1f} MB) to item {target.item_id}')
+                if progress:
+                    progress.comment(f'{what} ({doc.count} elements)')
                 timing = {}
                 if large:
                     wait = ingest_timeout or 600 + INGEST_SECONDS_PER_1000 * doc.count / 1000
                     annotation_id = upload(server, target, doc.name, size, body, key, what, wait, timing,
-                                            doc.count)
+                                            doc.count, say)
                 else:
                     annotation_id = _post(server, target, body().read(), key, what)
+                if progress:
+                    progress.update(max(doc.count, 1))
                 done = time.perf_counter()
                 results.append({'_id': annotation_id, 'name': doc.name, 'elements': doc.count,
                                 'route': 'upload' if large else 'post', 'seconds': done - start,
@@ -161,6 +168,9 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
             # All or nothing: take this post's documents off again, leaving the earlier result as it was.
             _take_back(target, results)
             raise
+        finally:
+            if progress:
+                progress.finish()
     return results
 
 
@@ -268,7 +278,7 @@ def poster(api_url, token, item_id, progress=None):
     item_id = check_target(api_url, token, item_id)
 
     def post(paths):
-        files = [paths.get('annotation'), paths.get('density'), paths.get('class_density')]
+        files = [paths.get('map'), paths.get('annotation'), paths.get('density'), paths.get('class_density')]
         return format_results(post_annotation_files(api_url, token, item_id, files, progress=progress), item_id)
 
     return post

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # the stages are imported when a job runs, not when the comma
 
 #: what a run writes, by key; ``class_density`` holds a list of density documents, one per cell type (an empty list
 #: for a model without cell types), so that one declared output of the DSA task carries them all
-OUTPUT_SUFFIXES = {'annotation': '.anot.json', 'density': '.density.anot.json',
+OUTPUT_SUFFIXES = {'annotation': '.anot.json', 'map': '.map.anot.json', 'density': '.density.anot.json',
                    'class_density': '.class-density.anot.json', 'geojson': '.geojson', 'csv': '.csv',
                    'overlay': '.overlay.png', 'summary': '.summary.json'}
 
@@ -67,33 +67,45 @@ def detect_to_files(slide_path: str, paths: dict[str, str | None], settings: 'De
                               keep_types=keep_types, progress=Progress(mode=settings.progress, name='cellrcnn'))
         attributes = {'model': os.path.basename(spec.model_path), 'model_sha256': model_sha256(spec.model_path),
                       'model_config': detector.checkpoint_config.to_dict(), 'cellrcnn': __version__, 'params': used}
-        write_results(result, paths, settings.element, attributes)
+        write_results(result, paths, settings.element, attributes, settings.display)
         if resume is not None:
             resume.clear()  # this run's rows; other settings' rows stay
     return result
 
 
-def write_results(result: 'SlideDetections', paths: dict[str, str | None], element_type: str, attributes: dict) -> None:
-    """The nuclei annotation, the density annotation (and one per cell type), GeoJSON, CSV, an overview PNG and the
-    run summary. With cell types, each nucleus carries its type's name and colour (and in the tables its
-    probability); without, every output is what it was before there were cell types."""
+def write_results(result: 'SlideDetections', paths: dict[str, str | None], element_type: str, attributes: dict,
+                  display: str = 'auto') -> None:
+    """The nuclei annotation, the nuclei map, the density annotation (and one per cell type), GeoJSON, CSV, an
+    overview PNG and the run summary. With cell types, each nucleus carries its type's name and colour (and in the
+    tables its probability); without, every output is what it was before there were cell types.
+
+    ``display`` ('auto', 'boxes' or 'map': ``nuclei_map.shown_on_open``) chooses whether HistomicsUI opens the slide
+    on the nuclei's boxes or on the map; the density heatmaps are listed, not shown, until a user asks."""
     from .annotation import write_annotation, write_detections_annotation
     from .density import class_density_annotations, density_annotation
     from .exports import write_csv, write_geojson, write_overlay, write_summary
+    from .nuclei_map import nuclei_map_annotation, shown_on_open
 
     slide = result.slide
     base_mpp = slide.mpp / slide.scale
     typed = _class_options(result)
+    boxes_shown, map_shown = shown_on_open(display, len(result.boxes))
     if paths.get('annotation'):
         write_detections_annotation(paths['annotation'], result.boxes, result.scores, element_type=element_type,
-                                    attributes={**attributes, 'stats': result.stats}, **typed.get('annotation', {}))
+                                    attributes={**attributes, 'stats': result.stats}, visible=boxes_shown,
+                                    **typed.get('annotation', {}))
+    if paths.get('map'):
+        colors = dict(zip(result.cell_type_names, result.cell_type_colors)) if typed else None
+        write_annotation(nuclei_map_annotation(result.boxes, result.cell_types, result.cell_type_names, colors,
+                                               attributes=attributes, visible=map_shown), paths['map'])
+    hidden = {'display': {'visible': False}}
     if paths.get('density'):
-        write_annotation(density_annotation(result.boxes, slide.base_size, base_mpp, attributes=attributes),
-                         paths['density'])
+        write_annotation({**hidden, **density_annotation(result.boxes, slide.base_size, base_mpp,
+                                                         attributes=attributes)}, paths['density'])
     if paths.get('class_density'):
-        write_annotation(class_density_annotations(result.boxes, result.cell_types, result.cell_type_names,
-                                                   slide.base_size, base_mpp, attributes=attributes)
-                         if typed else [], paths['class_density'])
+        write_annotation([{**hidden, **doc} for doc in class_density_annotations(
+            result.boxes, result.cell_types, result.cell_type_names, slide.base_size, base_mpp,
+            attributes=attributes)] if typed else [], paths['class_density'])
     if paths.get('geojson'):
         write_geojson(paths['geojson'], result.boxes, result.scores, **typed.get('geojson', {}))
     if paths.get('csv'):

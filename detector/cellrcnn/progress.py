@@ -33,12 +33,12 @@ class Progress:
     def _emit(self, line):
         print(line, flush=True)
 
-    def start(self, total):
-        """Begin a stage of ``total`` units."""
+    def start(self, total, unit=None):
+        """Begin a stage of ``total`` units (``unit``: what they are, if not this reporter's own unit)."""
         self.finish()
         self.total, self.done, self._last, self._started = max(int(total), 1), 0, -1.0, time.time()
         if self.mode == 'bar' and not self.quiet:
-            self._bar = tqdm(total=total, desc=self.name, unit=self.unit)
+            self._bar = tqdm(total=total, desc=self.name, unit=unit or self.unit)
         elif self.mode == 'slicer':
             self._emit(f'<filter-start><filter-name>{escape(self.name)}</filter-name></filter-start>')
 

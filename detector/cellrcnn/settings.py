@@ -35,6 +35,9 @@ BOUNDS = {'magnification': (1.0, 100.0), 'mpp': (0.05, 20.0), 'tile_size': (64, 
 TRAINING_BOUNDS = {'point_size_um': (0.5, 100.0), 'holdout': (0.01, 10_000), 'steps': (1, 100_000),
                    'batch_size': (1, 64), 'lr': (1e-6, 1.0), 'max_region_megapixels': (1, 4096)}
 
+#: the choices of ``DetectionSettings.display``
+DISPLAYS = ('auto', 'boxes', 'map')
+
 
 def _declared(annotation):
     """The type a field declares, without its ``| None``."""
@@ -128,6 +131,10 @@ class DetectionSettings(ResultSettings):
     scheduler: str | None = None
     #: 'auto', 'bar', 'slicer' or 'none' (``progress.Progress``)
     progress: str = 'auto'
+    #: what HistomicsUI shows when the slide is opened: 'boxes' (the nuclei annotation), 'map' (the nuclei map) or
+    #: 'auto' (the boxes of a small result, the map of a large one: ``nuclei_map.shown_on_open``). It changes how a
+    #: result is shown, not which nuclei it holds.
+    display: str = 'auto'
 
     def result(self) -> 'ResultSettings':
         """The :class:`ResultSettings` part, as asked for (None still meaning the model's or slide's own)."""
@@ -143,6 +150,8 @@ class DetectionSettings(ResultSettings):
         density; NMS above 0), the job (``classes`` against the model's cell types: :meth:`type_indices`).
         :returns: the settings."""
         _check(self, BOUNDS)
+        if self.display not in DISPLAYS:
+            raise CellRCNNError(f'display must be one of {", ".join(DISPLAYS)}, not {repr(self.display)[:40]}')
         if self.classes is not None and (not self.classes or len(set(self.classes)) != len(self.classes) or
                                          not all(isinstance(name, str) and name for name in self.classes)):
             raise CellRCNNError(f'classes must be distinct cell type names, not {repr(self.classes)[:40]}')

@@ -267,11 +267,14 @@ class DSAStack(GirderServer):
 
 
 def cell_detection_params(file_id, folder_id, stem, **options):
-    """The parameters HistomicsUI's panel posts for CellDetection on the slide file ``file_id``: both annotation
-    outputs into ``folder_id``, named after ``stem``; ``options``: other parameters (``analysis_roi``, ...)."""
+    """The parameters HistomicsUI's panel posts for CellDetection on the slide file ``file_id``: the nuclei, map
+    and density annotation outputs into ``folder_id``, named after ``stem``; ``options``: other parameters
+    (``analysis_roi``, ...)."""
     return {'inputImageFile': file_id,
             'outputCellAnnotationFile': f'{stem}-outputCellAnnotationFile.anot',
             'outputCellAnnotationFile_folder': folder_id,
+            'outputNucleiMapAnnotationFile': f'{stem}-outputNucleiMapAnnotationFile.anot',
+            'outputNucleiMapAnnotationFile_folder': folder_id,
             'outputDensityAnnotationFile': f'{stem}-outputDensityAnnotationFile.anot',
             'outputDensityAnnotationFile_folder': folder_id, **options}
 

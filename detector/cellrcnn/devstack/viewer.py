@@ -1,0 +1,61 @@
+"""HistomicsUI's slide viewer driven from Playwright, for the browser tests and ``benchmarks/large_result.py``: log
+in, open a slide, and read or move the geojs map HistomicsUI draws it on (large_image's own web tests reach the map
+the same way: ``geo.jQuery('.geojs-map').data('data-geojs-map')``)."""
+
+import io
+import time
+
+import numpy as np
+from PIL import Image
+
+CHROMIUM = '/usr/bin/chromium'
+_MAP = "window.geo.jQuery('.geojs-map').data('data-geojs-map')"
+#: the number of data items the map's annotation features hold (0 before any annotation is drawn)
+FEATURES = f'''() => {{ const m = {_MAP}; if (!m) return 0; let n = 0;
+    m.layers().forEach(l => (l.features ? l.features() : []).forEach(f => {{ n += (f.data() || []).length; }}));
+    return n; }}'''
+
+
+def log_in(page, base, login, password):
+    """Log in to HistomicsUI at ``base`` (``http://host:port``) as the login dialog does it (a token cookie set from
+    outside is not picked up)."""
+    page.goto(f'{base}/histomics')
+    page.wait_for_function('() => window.girder && window.girder.auth')
+    page.evaluate('([login, password]) => girder.auth.login(login, password).then(() => true)', [login, password])
+
+
+def open_slide(page, base, item_id):
+    """Open the slide of ``item_id``, whole; returns once its viewer is there."""
+    page.goto(f'{base}/histomics#?image={item_id}')
+    page.wait_for_selector('.h-image-view-body canvas', timeout=60000)
+
+
+def wait_drawn(page, above=0, timeout=600, started=None):
+    """Seconds (from ``started``, a ``time.perf_counter()``, by default now) until the annotation features hold more
+    than ``above`` items, and until the map is idle after that."""
+    started = time.perf_counter() if started is None else started
+    page.wait_for_function(f'() => ({FEATURES})() > {above}', timeout=timeout * 1000, polling=100)
+    first = time.perf_counter() - started
+    page.evaluate(f'() => new Promise(done => {_MAP}.onIdle(() => done(true)))')
+    return first, time.perf_counter() - started
+
+
+def move(page, halvings=None, screens=(0, 0)):
+    """Zoom to ``halvings`` levels below the slide's own resolution (1: half its magnification, 10x on a 20x slide),
+    then move by ``screens`` (fractions of the view's width and height); seconds until the map is idle again."""
+    started = time.perf_counter()
+    page.evaluate(f'''([halvings, sx, sy]) => new Promise(done => {{ const m = {_MAP};
+        if (halvings !== null) {{
+            const tiles = m.layers().find(l => l.options && l.options.maxLevel !== undefined);
+            m.zoom(tiles.options.maxLevel - halvings);
+        }}
+        const c = m.center(), s = m.size(), u = m.unitsPerPixel(m.zoom());
+        m.center({{x: c.x + sx * s.width * u, y: c.y + sy * s.height * u}});
+        m.scheduleAnimationFrame(() => m.onIdle(() => done(true))); }})''', [halvings, *screens])
+    return time.perf_counter() - started
+
+
+def view_pixels(page):
+    """The slide view as an RGB array (int16, so that differences do not wrap)."""
+    shot = page.locator('.h-image-view-body').screenshot()
+    return np.asarray(Image.open(io.BytesIO(shot)).convert('RGB'), dtype=np.int16)

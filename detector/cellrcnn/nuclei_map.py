@@ -1,0 +1,107 @@
+"""The nuclei map: every nucleus as one point of a ``heatmap`` element (one element per cell type), the view of a
+result that stays fast at a whole slide's hundreds of thousands of nuclei.
+
+HistomicsUI draws a heatmap element's points as gaussian blobs whose radius here is the nucleus' own size in slide
+pixels (``scaleWithZoom``): at high zoom each nucleus is a dot of its size, in its type's colour; zoomed out the dots
+merge into a density map of each type. A point is four numbers and an element is one database document however many
+points it holds (large_image keeps big point lists in a file beside it), so the map is stored in seconds where the
+nuclei annotation, one document per nucleus, takes minutes, and the browser reads it in one request instead of
+paging through elements (docs/performance.md, "A whole slide's nuclei in HistomicsUI").
+
+The map is a view: the nuclei annotation keeps every nucleus with its box, score and type for analysis and export.
+Its attributes carry ``density`` (``kind`` 'nuclei map'), so the Girder plugin treats it as it treats the density
+annotations: never a nuclei result, replaced with the run that made it.
+"""
+
+import re
+
+import numpy as np
+
+from .boxes import as_boxes
+from .errors import CellRCNNError
+
+MAP_NAME = 'cellrcnn nuclei map'
+#: the blob of each nucleus, in screen pixels whatever the zoom: about a nucleus at 10x, a mark on it at 40x, and
+#: zoomed out, where thousands share a blob's place, their sum makes the density
+DOT_RADIUS = 4
+#: the colour of an untyped model's nuclei on the map
+UNTYPED_COLOR = 'rgb(0,160,0)'
+#: opacity of the map where one nucleus lies (its blob's centre) and where blobs pile up: a lone nucleus shows as a
+#: dot through which the tissue can still be seen, a crowd as the full colour
+_ONE, _CROWD = 0.6, 0.9
+
+
+def _rgb(color):
+    """The 'r,g,b' of a colour written ``#rrggbb`` (as models name their cell types' colours) or ``rgb(r,g,b)``."""
+    text = color.replace(' ', '') if isinstance(color, str) else ''
+    if re.fullmatch(r'#[0-9a-fA-F]{6}', text):
+        return ','.join(str(int(text[i:i + 2], 16)) for i in (1, 3, 5))
+    if re.fullmatch(r'rgb\(\d{1,3},\d{1,3},\d{1,3}\)', text):
+        return text[4:-1]
+    raise CellRCNNError(f'nuclei map colours are written #rrggbb or rgb(r,g,b), not {color!r}')
+
+
+def _element(boxes, color, label, decimals):
+    """One heatmap element: the centres of ``boxes`` (N x 4, base pixels) with intensity 1, each a blob of
+    :data:`DOT_RADIUS` screen pixels."""
+    centres = np.round(np.column_stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2]), decimals)
+    rgb = _rgb(color)
+    element = {'type': 'heatmap', 'points': [[x, y, 0, 1] for x, y in centres.tolist()],
+               'radius': DOT_RADIUS, 'scaleWithZoom': False, 'normalizeRange': True,
+               'colorRange': [f'rgba({rgb},0)', f'rgba({rgb},{_ONE})', f'rgba({rgb},{_CROWD})'],
+               'rangeValues': [0, 0.5, 1]}
+    if label:
+        element['label'] = {'value': label}
+    return element
+
+
+def nuclei_map_annotation(boxes, classes=None, class_names=None, class_colors=None, attributes=None, visible=True,
+                          decimals=1):
+    """The nuclei map of a result as a DSA annotation document.
+
+    :param boxes: N x 4 ``[x0, y0, x1, y1]`` in base pixels.
+    :param classes: N indices into ``class_names`` (None: one untyped element).
+    :param class_names, class_colors: the model's cell types and their ``rgb(r,g,b)`` colours (dict by name).
+    :param attributes: the run's attributes (model, marker, params); ``density`` is added.
+    :param visible: whether HistomicsUI shows the map when the slide is opened (``display.visible``).
+    :returns: the document: one ``heatmap`` element per cell type that has nuclei (labelled with its name), or one
+        for every nucleus without cell types.
+    """
+    b = as_boxes(boxes)
+    counts = {}
+    if classes is None:
+        elements = [_element(b, UNTYPED_COLOR, None, decimals)] if len(b) else []
+    else:
+        classes = np.asarray(classes)
+        if classes.shape != (len(b),) or class_names is None or class_colors is None:
+            raise CellRCNNError('a typed nuclei map needs one class per box, the class names and their colours')
+        elements = []
+        for i, name in enumerate(class_names):
+            mine = b[classes == i]
+            counts[name] = int(len(mine))
+            if len(mine):
+                elements.append(_element(mine, class_colors[name], name, decimals))
+    info = {'kind': 'nuclei map', 'nuclei': int(len(b))}
+    if counts:
+        info['cell_types'] = counts
+    legend = '; '.join(f'{name} {color}' for name, color in (class_colors or {}).items() if counts.get(name))
+    return {'name': MAP_NAME, 'description': f'{len(b)} nuclei as dots of their size' + (f' ({legend})' if legend
+                                                                                          else ''),
+            'attributes': {**(attributes or {}), 'density': info}, 'display': {'visible': bool(visible)},
+            'elements': elements}
+
+
+#: the most nuclei whose boxes HistomicsUI shows when a slide opens under the 'auto' display; a larger result opens
+#: on its map (the figures behind it: docs/performance.md, "A whole slide's nuclei in HistomicsUI")
+BOXES_SHOWN = 20_000
+
+
+def shown_on_open(display, nuclei):
+    """``(boxes, map)``: whether the nuclei annotation and the nuclei map are shown when the slide is opened, for
+    ``display`` 'boxes', 'map' or 'auto' (the boxes up to :data:`BOXES_SHOWN` nuclei, else the map). Exactly one is;
+    the other stays listed in HistomicsUI's annotation panel, one click away."""
+    if display == 'auto':
+        display = 'boxes' if nuclei <= BOXES_SHOWN else 'map'
+    if display not in ('boxes', 'map'):
+        raise CellRCNNError(f"display must be auto, boxes or map, not {display!r}")
+    return display == 'boxes', display == 'map'
