@@ -18,7 +18,7 @@ from cellrcnn.exports import detection_summary_lines, write_overlay
 from cellrcnn.inference import DetectorSpec
 from cellrcnn.job import detect_to_files, output_paths, write_results
 from cellrcnn.merge import StreamingNMS
-from cellrcnn.nuclei_map import BOXES_SHOWN, shown_on_open
+from cellrcnn.nuclei_map import BOXES_SHOWN, DOT_RADIUS, shown_on_open
 from cellrcnn.resume import RowStore
 from cellrcnn.settings import DetectionSettings
 from cellrcnn.slide import Slide
@@ -164,7 +164,7 @@ def test_the_nuclei_map_holds_every_nucleus_in_its_types_colour(typed_run):
         points = np.array(elements[name]['points'])
         assert np.abs(points[:, :2] - centres).max() <= 0.05 and (points[:, 3] == 1).all()
         rgb = ','.join(str(int(COLORS[name][i:i + 2], 16)) for i in (1, 3, 5))
-        assert elements[name]['colorRange'][1].startswith(f'rgba({rgb},') and elements[name]['scaleWithZoom']
+        assert elements[name]['colorRange'][1].startswith(f'rgba({rgb},') and elements[name]['radius'] == DOT_RADIUS
 
 
 def test_a_small_result_opens_on_its_boxes_a_large_one_on_its_map(typed_run, tmp_path):

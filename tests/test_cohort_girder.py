@@ -52,7 +52,7 @@ def test_a_girder_folder_cohort_posts_each_result_to_its_slide(server, synthetic
     for path, item_id in items.items():
         assert strict[path]['status'] == 'done'
         found = cellrcnn_annotations(server, item_id)
-        assert len(found) == 5  # the earlier result was replaced, not duplicated
+        assert len(found) == 6  # the earlier result (nuclei, map, density, 3 per type) replaced, not duplicated
         nuclei = [a for a in found if a['annotation']['attributes'].get('stats')]
         assert nuclei[0]['_elementCount'] == int(strict[path]['cells']) < int(rows[path]['cells'])
 

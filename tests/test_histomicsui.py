@@ -4,17 +4,17 @@ girder_worker in Docker (the ``dsa`` fixture), and the nuclei annotation listed 
 
 A classified result (the bundled model's, with its cell types, on the bundled sample, posted by ``cellrcnn detect
 --girder-url``) is opened the same way: its cell types listed as groups in the model's colours and drawn in them.
+A whole slide's 100 000 nuclei open on their nuclei map, drawn in the types' colours, and are drawn again where the
+view moves to.
 
 Screenshots of the panel and of the results go to $CELLRCNN_SCREENSHOTS, else the test's own output folder; their
 paths are printed (``pytest -s``). docs/deploy.md shows and describes them."""
 
-import io
 import os
 import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from cellrcnn.__main__ import main as cellrcnn
 from cellrcnn.annotation import DEFAULT_NAME, read_annotation_file
@@ -55,13 +55,8 @@ def test_cell_detection_from_the_histomicsui_analysis_panel(dsa, browser, tmp_pa
     base = f'http://127.0.0.1:{dsa.port}'
 
     page = browser.new_page(viewport={'width': 1600, 'height': 1000})
-    page.goto(f'{base}/histomics')
-    page.wait_for_function('() => window.girder && window.girder.auth')
-    # a login through the page, as the login dialog does it (a token cookie set from outside is not picked up)
-    page.evaluate('([login, password]) => girder.auth.login(login, password).then(() => true)',
-                  [ADMIN['login'], dsa.password])
-    page.goto(f'{base}/histomics#?image={item_id}&bounds=0,0,1400,1400,0')  # the slide, zoomed to the region
-    page.wait_for_selector('.h-image-view-body canvas', timeout=60000)
+    log_in(page, base, ADMIN['login'], dsa.password)
+    open_slide(page, base, item_id, bounds=(0, 0, 1400, 1400))  # the slide, zoomed to the region
 
     # Analyses -> cellrcnn -> latest -> CellDetection (the submenus open on click)
     page.click('.h-analyses-dropdown-link')
@@ -105,12 +100,11 @@ def test_cell_detection_from_the_histomicsui_analysis_panel(dsa, browser, tmp_pa
         nuclei['annotation']['name']
     page.wait_for_timeout(3000)  # the boxes and the heatmap are drawn
     page.screenshot(path=os.path.join(shots, 'histomicsui-result.png'))
-    viewer = page.locator('.h-image-view-body')
-    with_boxes = np.asarray(Image.open(io.BytesIO(viewer.screenshot())).convert('RGB'), dtype=np.int16)
+    with_boxes = view_pixels(page)
     page.click('.h-hide-all-annotations')
     page.wait_for_selector(f'.h-annotation[data-id="{nuclei["_id"]}"] .icon-eye-off')
     page.wait_for_timeout(2000)
-    without = np.asarray(Image.open(io.BytesIO(viewer.screenshot())).convert('RGB'), dtype=np.int16)
+    without = view_pixels(page)
     changed = (np.abs(with_boxes - without).max(axis=2) > 40).mean()
     assert changed > 0.01, f'only {changed:.2%} of the view changed when the annotations were hidden'
     print(f'screenshots: {shots}/histomicsui-panel.png, {shots}/histomicsui-result.png; the annotations changed '
@@ -150,13 +144,9 @@ def test_a_classified_result_shows_its_cell_types(server, browser, tmp_path, mon
     nuclei_id = next(a['_id'] for a in server.annotations(item_id) if a['annotation']['name'] == 'cellrcnn nuclei')
 
     page = browser.new_page(viewport={'width': 1600, 'height': 1000})
-    page.goto(server.api_url.replace('/api/v1', '/histomics'))
-    page.wait_for_function('() => window.girder && window.girder.auth')
-    page.evaluate('([login, password]) => girder.auth.login(login, password).then(() => true)',
-                  [ADMIN['login'], server.password])
-    bounds = ','.join(map(str, TYPES_VIEW))
-    page.goto(server.api_url.replace('/api/v1', f'/histomics#?image={item_id}&bounds={bounds},0'))
-    page.wait_for_selector('.h-image-view-body canvas', timeout=60000)
+    base = server.api_url.replace('/api/v1', '')
+    log_in(page, base, ADMIN['login'], server.password)
+    open_slide(page, base, item_id, bounds=TYPES_VIEW)
     page.wait_for_selector(f'.h-annotation-group[data-group-name="{min(found)}"]', timeout=60000)
 
     # The panel lists a group per cell type found, and the annotations without groups (the heatmaps) apart.
@@ -168,8 +158,7 @@ def test_a_classified_result_shows_its_cell_types(server, browser, tmp_path, mon
     # one of its groups: open them until it shows.
     page.click('.h-hide-all-annotations')
     page.wait_for_timeout(2000)
-    viewer = page.locator('.h-image-view-body')
-    without = np.asarray(Image.open(io.BytesIO(viewer.screenshot())).convert('RGB'), dtype=np.int16)
+    without = view_pixels(page)
     nuclei = f'.h-annotation[data-id="{nuclei_id}"]'
     for name in sorted(found):
         page.click(f'.h-annotation-group[data-group-name="{name}"] .h-annotation-group-name')
@@ -178,7 +167,7 @@ def test_a_classified_result_shows_its_cell_types(server, browser, tmp_path, mon
     page.click(f'{nuclei} .h-toggle-annotation')
     page.wait_for_selector(f'{nuclei} .icon-eye', timeout=60000)
     page.wait_for_timeout(3000)
-    shown = np.asarray(Image.open(io.BytesIO(viewer.screenshot())).convert('RGB'), dtype=np.int16)
+    shown = view_pixels(page)
     drawn = shown[np.abs(shown - without).max(axis=2) > 40]
     # Outlines are antialiased and thin: a drawn pixel counts for a type within this RGB distance of its colour.
     near = {name: int((np.linalg.norm(drawn - np.array(rgb), axis=1) < 50).sum()) for name, rgb in colors.items()}

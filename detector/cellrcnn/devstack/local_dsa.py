@@ -303,7 +303,7 @@ def stack_up(slide_path, run_task=False, log=print):
             seconds = time.monotonic() - began
             if job['status'] != JOB_SUCCESS:
                 raise CellRCNNError(f'the CellDetection job did not succeed: {one_line(job.get("log") or "")}')
-            wait_for(lambda: len(dsa.annotations(item_id)) >= 2, 120, 'the annotations to be ingested')
+            wait_for(lambda: len(dsa.annotations(item_id)) >= 3, 120, 'the annotations to be ingested')
             for doc in dsa.annotation_documents(item_id):
                 log(f'annotation {doc["name"]!r}: {len(doc["elements"])} elements')
             log(f'CellDetection ran through girder_worker in Docker: job {job["_id"]} took {seconds:.1f} s from '

@@ -24,9 +24,11 @@ def log_in(page, base, login, password):
     page.evaluate('([login, password]) => girder.auth.login(login, password).then(() => true)', [login, password])
 
 
-def open_slide(page, base, item_id):
-    """Open the slide of ``item_id``, whole; returns once its viewer is there."""
-    page.goto(f'{base}/histomics#?image={item_id}')
+def open_slide(page, base, item_id, bounds=None):
+    """Open the slide of ``item_id``, whole or showing ``bounds`` (left, top, right, bottom in base pixels; the
+    viewer shows them at a whole zoom level, so a little more); returns once its viewer is there."""
+    view = f'&bounds={",".join(map(str, bounds))},0' if bounds else ''
+    page.goto(f'{base}/histomics#?image={item_id}{view}')
     page.wait_for_selector('.h-image-view-body canvas', timeout=60000)
 
 

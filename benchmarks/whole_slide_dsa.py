@@ -1,0 +1,135 @@
+"""A whole slide through the DSA: the CellDetection task run by girder_worker in Docker, its results ingested, the
+slide opened in HistomicsUI; seconds and memory per stage.
+
+    ./install.sh --with-dsa
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/whole_slide_dsa.py [--size 16384] [--screenshots DIR]
+
+Writes a synthetic 20x slide of ``--size``² px (16384²: about 180 000 nuclei; the generator's true nuclei are its
+ground truth), starts the local DSA (``cellrcnn.devstack.local_dsa``: Girder with the DSA plugins on SecantusDB,
+Redis, girder_worker, a Docker engine with the task image), uploads the slide and submits CellDetection as
+HistomicsUI's analysis panel does, with the nuclei, map and density outputs. It prints:
+
+- the job: seconds from submission to its end, and the task's own stages from its summary line in the job log
+  (tissue, read wait, detect, merge);
+- the ingest: seconds from the job's end until each output is an annotation on the slide (girder_worker uploads
+  the outputs before it ends the job; HistomicsUI turns each into an annotation as it arrives);
+- HistomicsUI: seconds from opening the slide until the view the task chose (``--display auto``) holds every
+  nucleus, and to redraw after moving half a screen at 10x;
+- memory: the largest resident set of Girder, of the database, and of Chromium's renderer, sampled every 0.5 s.
+"""
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+
+from cellrcnn.annotation import DEFAULT_NAME
+from cellrcnn.devstack.local_dsa import JOB_SUCCESS, DSAStack, cell_detection_params
+from cellrcnn.devstack.local_girder import ADMIN, girder_python, wait_for
+from cellrcnn.devstack.viewer import CHROMIUM, log_in, move, open_slide, wait_drawn
+from cellrcnn.nuclei_map import MAP_NAME
+from cellrcnn.synthetic import write_slide
+
+SUMMARY = re.compile(r'^(\d+) nuclei in .*; ([\d.]+) s \(tissue ([\d.]+), read wait ([\d.]+), detect ([\d.]+), '
+                     r'merge ([\d.]+)\)', re.M)
+
+
+class PeakMemory(threading.Thread):
+    """The largest resident set (MB) of each named process, sampled every half second until ``stop()``."""
+
+    def __init__(self, procs):
+        super().__init__(daemon=True)
+        self.procs, self.peaks, self.done = procs, {}, threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.5):
+            for name, pid in self.procs().items():
+                try:
+                    rss = psutil.Process(pid).memory_info().rss / 2 ** 20
+                except psutil.Error:
+                    continue
+                self.peaks[name] = max(self.peaks.get(name, 0), rss)
+
+    def stop(self):
+        self.done.set()
+        self.join()
+        return ', '.join(f'{name} {mb:.0f} MB' for name, mb in sorted(self.peaks.items()))
+
+
+def renderers():
+    return {f'chromium renderer {p.pid}': p.pid for p in psutil.process_iter(['cmdline'])
+            if '--type=renderer' in ' '.join(p.info['cmdline'] or ())}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--size', type=int, default=16384, help='slide side in px at 20x')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--screenshots', default=None)
+    parser.add_argument('--timeout', type=float, default=3600)
+    args = parser.parse_args()
+    python, why = girder_python()
+    if python is None:
+        sys.exit(f'whole_slide_dsa: {why}')
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory(prefix='whole-slide-') as tmp, DSAStack(python) as dsa:
+        slide = os.path.join(tmp, 'whole.tiff')
+        started = time.perf_counter()
+        truth = write_slide(slide, args.size, args.size, seed=args.seed)
+        print(f'{args.size}² 20x slide with {len(truth)} nuclei written in {time.perf_counter() - started:.0f} s',
+              flush=True)
+        tasks = dsa.register_task_image()
+        item_id, file_id = dsa.upload_slide(slide)
+        memory = PeakMemory(lambda: {proc.log_name: proc.pid for proc in dsa.procs})
+        memory.start()
+        submitted = time.perf_counter()
+        job = dsa.run_task(tasks['CellDetection'], cell_detection_params(file_id, dsa.folder_id, 'whole'))
+        job = dsa.wait_for_job(job['_id'], args.timeout)
+        ended = time.perf_counter()
+        log = ''.join(job['log'])
+        if job['status'] != JOB_SUCCESS:
+            sys.exit(f'whole_slide_dsa: the job failed: {log[-2000:]}')
+        found = SUMMARY.search(log)
+        print(f'job: {ended - submitted:.0f} s from submission to its end; the task: {found.group(1)} nuclei, '
+              f'{found.group(2)} s (tissue {found.group(3)}, read wait {found.group(4)}, detect {found.group(5)}, '
+              f'merge {found.group(6)})', flush=True)
+        nuclei = int(found.group(1))
+        for name in (MAP_NAME, DEFAULT_NAME):
+            wait_for(lambda: any(a['annotation']['name'] == name for a in dsa.annotations(item_id)), args.timeout,
+                     f'the annotation {name!r}', pause=0.5)
+            print(f'ingest: {name!r} on the slide {time.perf_counter() - ended:.1f} s after the job ended',
+                  flush=True)
+        print(f'peak memory from submission to ingest: {memory.stop()}', flush=True)
+
+        memory = PeakMemory(renderers)
+        memory.start()
+        base = f'http://127.0.0.1:{dsa.port}'
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox'])
+            page = browser.new_page(viewport={'width': 1600, 'height': 1000})
+            log_in(page, base, ADMIN['login'], dsa.password)
+            opened = time.perf_counter()
+            open_slide(page, base, item_id)
+            first, idle = wait_drawn(page, nuclei - 1, args.timeout, opened)
+            print(f'HistomicsUI: every nucleus drawn {first:.1f} s after the slide was opened (map idle {idle:.1f} '
+                  's)', flush=True)
+            if args.screenshots:
+                os.makedirs(args.screenshots, exist_ok=True)
+                page.screenshot(path=os.path.join(args.screenshots, 'whole-slide-low.png'))
+            move(page, halvings=1)
+            print(f'HistomicsUI: a move of half a screen at 10x redrawn in {move(page, screens=(0.5, 0.5)):.2f} s',
+                  flush=True)
+            if args.screenshots:
+                page.screenshot(path=os.path.join(args.screenshots, 'whole-slide-10x.png'))
+            browser.close()
+        print(f'peak memory of the browser: {memory.stop()}', flush=True)
+
+
+if __name__ == '__main__':
+    main()
