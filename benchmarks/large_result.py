@@ -36,8 +36,8 @@ from cellrcnn.girder_post import post_annotation_files
 from cellrcnn.nuclei_map import nuclei_map_annotation
 from cellrcnn.synthetic import write_slide
 
-#: slide pixels (20x) per nucleus on the synthetic slides, glass included (180 047 nuclei on 16384²)
-AREA_PER_NUCLEUS = 1490
+#: slide pixels (20x) per nucleus on the synthetic slides, glass included (64 071 nuclei on 12288², 180 047 on 16384²)
+AREA_PER_NUCLEUS = 2400
 
 
 def synthetic_result(boxes, seed):
@@ -84,7 +84,10 @@ def main():
     with tempfile.TemporaryDirectory(prefix='large-result-') as tmp, GirderServer(python) as server:
         slide = os.path.join(tmp, 'slide.tiff')
         started = time.perf_counter()
-        boxes, scores, types = synthetic_result(write_slide(slide, side, side, seed=args.seed), args.seed)
+        # 256 px tiles: the generator streams rows of tiles through an uncompressed strip TIFF that libvips reads
+        # back in strips of at most 50 MB (512 px rows stop at 34 000 px wide)
+        boxes, scores, types = synthetic_result(write_slide(slide, side, side, seed=args.seed, tile_size=256),
+                                                args.seed)
         item_id, _ = server.upload_slide(slide)
         nuclei = len(boxes)
         print(f'{nuclei} nuclei on a {side}² slide (written and uploaded in {time.perf_counter() - started:.0f} s)',
