@@ -1,12 +1,12 @@
 """The nuclei map: every nucleus as one point of a ``heatmap`` element (one element per cell type), the view of a
 result that stays fast at a whole slide's hundreds of thousands of nuclei.
 
-HistomicsUI draws a heatmap element's points as gaussian blobs whose radius here is the nucleus' own size in slide
-pixels (``scaleWithZoom``): at high zoom each nucleus is a dot of its size, in its type's colour; zoomed out the dots
-merge into a density map of each type. A point is four numbers and an element is one database document however many
-points it holds (large_image keeps big point lists in a file beside it), so the map is stored in seconds where the
-nuclei annotation, one document per nucleus, takes minutes, and the browser reads it in one request instead of
-paging through elements (docs/performance.md, "A whole slide's nuclei in HistomicsUI").
+HistomicsUI draws a heatmap element's points as gaussian blobs, here :data:`DOT_RADIUS` screen pixels at every zoom:
+at 10x each nucleus is a dot about its size in its type's colour, and zoomed out the dots add up to where each type
+lies. A point is four numbers and an element is one database document however many points it holds (large_image
+keeps big point lists in a file beside it), so the map is stored in seconds where the nuclei annotation, one document
+per nucleus, takes minutes, and the browser reads it in one request instead of paging through elements
+(docs/performance.md, "A whole slide's nuclei in HistomicsUI").
 
 The map is a view: the nuclei annotation keeps every nucleus with its box, score and type for analysis and export.
 Its attributes carry ``density`` (``kind`` 'nuclei map'), so the Girder plugin treats it as it treats the density
@@ -85,7 +85,7 @@ def nuclei_map_annotation(boxes, classes=None, class_names=None, class_colors=No
     if counts:
         info['cell_types'] = counts
     legend = '; '.join(f'{name} {color}' for name, color in (class_colors or {}).items() if counts.get(name))
-    return {'name': MAP_NAME, 'description': f'{len(b)} nuclei as dots of their size' + (f' ({legend})' if legend
+    return {'name': MAP_NAME, 'description': f'{len(b)} nuclei, a dot each' + (f' ({legend})' if legend
                                                                                           else ''),
             'attributes': {**(attributes or {}), 'density': info}, 'display': {'visible': bool(visible)},
             'elements': elements}
