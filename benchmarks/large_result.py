@@ -31,7 +31,7 @@ import psutil
 from cellrcnn.annotation import DEFAULT_NAME, write_annotation, write_detections_annotation
 from cellrcnn.checkpoint import BUNDLED_MODEL, load_model
 from cellrcnn.devstack.local_girder import ADMIN, GirderServer, girder_python
-from cellrcnn.devstack.viewer import CHROMIUM, FEATURES, log_in, move, open_slide, wait_drawn
+from cellrcnn.devstack.viewer import CHROMIUM, FEATURES, log_in, move, open_slide, renderer_processes, wait_drawn
 from cellrcnn.girder_post import post_annotation_files
 from cellrcnn.nuclei_map import nuclei_map_annotation
 from cellrcnn.synthetic import write_slide
@@ -50,9 +50,11 @@ def synthetic_result(boxes, seed):
 def renderer_memory():
     """The largest resident set (MB) of Chromium's renderer processes."""
     largest = 0
-    for proc in psutil.process_iter(['cmdline', 'memory_info']):
-        if '--type=renderer' in ' '.join(proc.info['cmdline'] or ()):
-            largest = max(largest, proc.info['memory_info'].rss)
+    for proc in renderer_processes():
+        try:
+            largest = max(largest, proc.memory_info().rss)
+        except psutil.Error:
+            continue
     return largest / 2 ** 20
 
 

@@ -31,7 +31,7 @@ import psutil
 from cellrcnn.annotation import DEFAULT_NAME
 from cellrcnn.devstack.local_dsa import JOB_SUCCESS, DSAStack, cell_detection_params
 from cellrcnn.devstack.local_girder import ADMIN, girder_python, wait_for
-from cellrcnn.devstack.viewer import CHROMIUM, log_in, move, open_slide, wait_drawn
+from cellrcnn.devstack.viewer import CHROMIUM, log_in, move, open_slide, renderer_processes, wait_drawn
 from cellrcnn.nuclei_map import MAP_NAME
 from cellrcnn.synthetic import write_slide
 
@@ -62,8 +62,7 @@ class PeakMemory(threading.Thread):
 
 
 def renderers():
-    return {f'chromium renderer {p.pid}': p.pid for p in psutil.process_iter(['cmdline'])
-            if '--type=renderer' in ' '.join(p.info['cmdline'] or ())}
+    return {f'chromium renderer {proc.pid}': proc.pid for proc in renderer_processes()}
 
 
 def main():

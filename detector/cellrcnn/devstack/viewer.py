@@ -57,6 +57,14 @@ def move(page, halvings=None, screens=(0, 0)):
     return time.perf_counter() - started
 
 
+def renderer_processes():
+    """Chromium's renderer processes (``psutil.Process``), whose memory is a page's."""
+    import psutil
+
+    return [proc for proc in psutil.process_iter(['cmdline'])
+            if '--type=renderer' in ' '.join(proc.info['cmdline'] or ())]
+
+
 def view_pixels(page):
     """The slide view as an RGB array (int16, so that differences do not wrap)."""
     shot = page.locator('.h-image-view-body').screenshot()
