@@ -12,6 +12,7 @@
 # (DOCKER_BUILDKIT=1 docker build --secret id=ca_bundle,src=/etc/ssl/certs/ca-certificates.crt ...); it is used for
 # the install only and is not kept in the image.
 #
+# Every Python package but torch comes at the version image-constraints.txt pins (pip reads it as PIP_CONSTRAINT).
 # torch comes unpinned from PyPI: its Linux wheels are CUDA builds that carry their own CUDA libraries, so the image
 # needs only the host's NVIDIA driver (which girder_worker mounts because of the label below) and falls back to the
 # CPU where there is no GPU.
@@ -35,7 +36,7 @@ RUN --mount=type=secret,id=ca_bundle \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle \
         SSL_CERT_FILE=/run/secrets/ca_bundle REQUESTS_CA_BUNDLE=/run/secrets/ca_bundle; fi \
     && apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev libtiff6 \
-    && ./install.sh && cli/self-check.sh \
+    && PIP_CONSTRAINT=/opt/cellrcnn/image-constraints.txt ./install.sh && cli/self-check.sh \
     && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/* /root/.cache
 
 # The tasks run as a user of their own, not root: girder_worker makes its temporary volumes writable by any user,

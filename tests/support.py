@@ -9,12 +9,15 @@ never import from benchmarks/).
   (tests/test_metrics.py, tests/test_cli.py).
 - :func:`run_batch`: ``cellrcnn batch`` in this process, with its table (tests/test_cohort.py,
   tests/test_cohort_girder.py).
+- :func:`image_pins`: the versions image-constraints.txt pins for the task image (tests/test_image_pins.py,
+  tests/test_dsa.py).
 """
 
 import contextlib
 import csv
 import io
 import os
+import re
 
 import numpy as np
 
@@ -153,3 +156,16 @@ def run_batch(*args):
         with open(table, newline='') as f:
             rows = {r['slide']: r for r in csv.DictReader(f)}
     return code, out.getvalue(), err.getvalue(), rows
+
+
+def image_pins():
+    """``{canonical name: version}`` of every package image-constraints.txt pins."""
+    from packaging.utils import canonicalize_name
+    pins = {}
+    with open(os.path.join(os.path.dirname(__file__), '..', 'image-constraints.txt')) as f:
+        for line in f:
+            line = line.split('#')[0].strip()
+            if line:
+                name, version = re.fullmatch(r'([A-Za-z0-9_.\-]+)==(\S+)', line).groups()
+                pins[canonicalize_name(name)] = version
+    return pins

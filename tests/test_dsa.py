@@ -11,6 +11,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from packaging.utils import canonicalize_name
 
 from cellrcnn.__main__ import main as cellrcnn
 from cellrcnn.annotation import DEFAULT_NAME
@@ -26,6 +27,7 @@ from cellrcnn.devstack.local_dsa import (
 from cellrcnn.devstack.local_girder import wait_for
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.nuclei_map import MAP_NAME
+from support import image_pins
 
 REGION = [0, 0, 1200, 1200]
 RUNNING = 2
@@ -149,6 +151,15 @@ def test_a_cancelled_job_stops_its_container(dsa, folder, sample):
     dsa.client().put(f'job/{job["_id"]}/cancel')
     assert dsa.wait_for_job(job['_id'], 120)['status'] == JOB_CANCELED
     wait_for(lambda: not containers(), 60, 'the container to stop')
+
+
+def test_the_task_image_holds_the_pinned_versions(dsa):
+    frozen = dsa.engine.docker('run', '--rm', '--entrypoint', 'pip', TASK_IMAGE, 'freeze', '--exclude-editable')
+    installed = {canonicalize_name(name): version
+                 for name, version in re.findall(r'^([A-Za-z0-9_.\-]+)==(\S+)$', frozen.stdout, re.M)}
+    pins = image_pins()
+    assert {name: installed.get(name) for name in pins} == pins
+    assert 'torch' in installed and 'torchvision' in installed  # unpinned, from the registry
 
 
 def test_a_job_on_an_unreadable_slide_fails_with_one_line(dsa, folder, tmp_path):
