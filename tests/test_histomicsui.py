@@ -204,12 +204,15 @@ def test_a_whole_slides_nuclei_open_on_their_map(server, browser, tmp_path):
     item_id, _ = server.upload_slide(slide)
     rng = np.random.default_rng(3)
     corners = rng.uniform(0, side - 24, (n, 2))
-    boxes, types = np.hstack([corners, corners + rng.uniform(8, 24, (n, 2))]), rng.integers(0, 3, n)
+    # a tenth lymphocytes among tumour and stromal nuclei: the rare type must not vanish under the common ones
+    types = rng.choice(3, n, p=[0.1, 0.6, 0.3])
+    boxes = np.hstack([corners, corners + rng.uniform(8, 24, (n, 2))])
     doc = nuclei_map_annotation(boxes, types, config.cell_types, colors, attributes={'model': 'whole.pt',
                                                                                      'cellrcnn': 'test'})
     posted = post_annotations(server.api_url, server.token, item_id, [doc])[0]
     stored = server.client().get(f'annotation/{posted["_id"]}')['annotation']
-    assert [len(e['points']) for e in stored['elements']] == [int((types == i).sum()) for i in range(3)]
+    assert {e['label']['value']: len(e['points']) for e in stored['elements']} == {
+        name: int((types == i).sum()) for i, name in enumerate(config.cell_types)}
 
     page = browser.new_page(viewport={'width': 1600, 'height': 1000})
     base = server.api_url.replace('/api/v1', '')
