@@ -68,6 +68,12 @@ class TrainConfig:
     cell_types: tuple = ()
     #: their colours ('#rrggbb'); default :data:`CELL_TYPE_PALETTE`
     cell_type_colors: tuple = ()
+    #: side (px) of the tissue around each nucleus the cell-type classifier reads (``ModelConfig.cell_type_context``);
+    #: None: the starting checkpoint's own, or 0
+    cell_type_context: int = None
+    #: train the cell-type classifier alone: every other weight of the starting checkpoint, BatchNorm statistics
+    #: included, stays as it is, so detection does not change
+    cell_types_only: bool = False
     #: write the resumable ``last.pt`` every this many steps (and after the last one)
     checkpoint_every: int = 500
     #: data loader processes preparing the batches (0: in the training process)
@@ -144,23 +150,37 @@ def precise_bn(model, samples, tile_size, device, count=256, batch_size=8):
 
 def initial_model(model_config, cfg, init=None):
     """The model training starts from: ``init``'s weights (fine-tuning; its configuration kept) or ``model_config``
-    built from scratch, with the cell types ``cfg`` asks for. ``init``'s own cell types are kept when ``cfg`` names
-    none or the same; other types (a lab's own, say, on the bundled model) get a class head of their own, which
-    starts from random weights, while every other weight of ``init`` is kept."""
+    built from scratch, with the cell types and context ``cfg`` asks for. ``init``'s own classifier is kept when
+    ``cfg`` names no types or the same, and no context or the same; other types (a lab's own, say, on the bundled
+    model) or another context get a classifier of their own, which starts from random weights, while every other
+    weight of ``init`` is kept."""
     wanted = cfg.cell_type_settings() if cfg.cell_types else {}
+    if cfg.cell_type_context is not None:
+        wanted['cell_type_context'] = cfg.cell_type_context
     if not init:
         return build_model(dataclasses.replace(model_config, **wanted))
     payload = load_checkpoint(init)
     stored = stored_config(payload, init)
-    if not wanted or wanted['cell_types'] == stored.cell_types:
+    if wanted.get('cell_types', stored.cell_types) == stored.cell_types and \
+            wanted.get('cell_type_context', stored.cell_type_context) == stored.cell_type_context:
         return model_from_checkpoint(payload, source=init)
-    head = 'roi_heads.cell_type_predictor.'
+    head = 'roi_heads.cell_type_'
     model = build_model(dataclasses.replace(stored, **wanted))
     kept = {k: v for k, v in model_from_checkpoint(payload, source=init).state_dict().items() if not k.startswith(head)}
     missing, unexpected = model.load_state_dict(kept, strict=False)
     if unexpected or not all(k.startswith(head) for k in missing):
         raise CellRCNNError(f'{init} does not match the model it should start (missing {missing[:2]})')
     return model
+
+
+def _train_cell_types_only(model):
+    """Freeze every weight but the cell-type classifier's, and keep the backbone's BatchNorm statistics (eval mode):
+    the model detects exactly as before."""
+    if model.roi_heads.cell_type_predictor is None:
+        raise CellRCNNError('training the cell types alone needs a model with cell types (--cell-types)')
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith('roi_heads.cell_type_')
+    model.backbone.eval()
 
 
 def _loader(cfg, dataset, weights):
@@ -220,6 +240,8 @@ def train(model_config, train_config, out_dir, device='auto', resume=None, sampl
     else:
         model = initial_model(model_config, cfg, init)
     model.to(device, memory_format=torch.channels_last).train()
+    if cfg.cell_types_only:
+        _train_cell_types_only(model)
     sources = [('samples', samples, 1.0)] if samples is not None else training_sources(cfg, model.config)
     samples = [sample for _, source, _ in sources for sample in source]
     dataset = TileDataset(samples, Augmenter(cfg.tile_size), seed=cfg.seed,
@@ -266,7 +288,8 @@ def train(model_config, train_config, out_dir, device='auto', resume=None, sampl
                 break
         dataset.epoch += 1
     bar.finish()
-    precise_bn(model, samples, cfg.tile_size, device)
+    if not cfg.cell_types_only:
+        precise_bn(model, samples, cfg.tile_size, device)
     save_checkpoint(os.path.join(out_dir, 'model.pt'), model, train_config=dataclasses.asdict(cfg),
                     train_seconds=time.time() - started)
     return model, losses
