@@ -176,9 +176,6 @@ def _add_train(sub):
                         'e.g. lymphocyte tumour=tumor_epithelial stromal')
     p.add_argument('--cell-type-colors', dest='cell_type_colors', nargs='+', metavar='#RRGGBB',
                    help='their display colours (default: a fixed palette)')
-    p.add_argument('--cell-type-context', dest='cell_type_context', type=int, metavar='PX',
-                   help='side (px) of the tissue around each nucleus the cell-type classifier also reads (default: '
-                        "--init's own, or 0: the nucleus' box only)")
     p.add_argument('--cell-types-only', dest='cell_types_only', action='store_true',
                    help="train only the cell-type classifier of --init's model; its detection stays exactly as it is")
     p.add_argument('--resume', help='continue from a run folder\'s last.pt')

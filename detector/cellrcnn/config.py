@@ -32,7 +32,6 @@ LIMITS = {
     'rpn_score_thresh': (0, 1, False),
     'box_score_thresh': (0, 1, False),
     'box_positive_fraction': (0, 1, False),
-    'cell_type_context': (0, 512, True),
 }
 #: at most this many anchor sizes per level, aspect ratios, and classes
 MAX_ANCHOR_SIZES, MAX_ASPECT_RATIOS, MAX_CLASSES = 8, 8, 64
@@ -95,10 +94,6 @@ class ModelConfig:
     cell_types: tuple = ()
     cell_type_colors: tuple = ()
     cell_type_labels: tuple = ()
-    #: side (px) of the square around each nucleus whose features the cell-type classifier reads beside the box's
-    #: own (``roi_heads``): the tissue a nucleus lies in, stroma or a tumour nest. 0: the box's features only, as in
-    #: every checkpoint made before it.
-    cell_type_context: int = 0
 
     # -- training sampling: used only while training -------------------------------------------------------------
     #: proposal limits per megapixel of input, so they scale with the tile size (a 20 um nucleus covers 1600 px^2 at
@@ -231,8 +226,6 @@ class ModelConfig:
         if len(self.cell_type_colors) != len(names) or \
                 not all(isinstance(c, str) and re.fullmatch(r'#[0-9a-fA-F]{6}', c) for c in self.cell_type_colors):
             raise CellRCNNError('cell_type_colors needs one #rrggbb colour per cell type')
-        if self.cell_type_context and not names:
-            raise CellRCNNError('cell_type_context needs cell_types')
         if len(self.cell_type_labels) != len(names) or \
                 not all(isinstance(c, str) and len(c) <= 100 for labels in self.cell_type_labels for c in labels):
             raise CellRCNNError('cell_type_labels needs one tuple of class names per cell type')
@@ -246,14 +239,11 @@ class ModelConfig:
         return index
 
     def to_dict(self):
-        """The settings as a dict; without cell types, without their three (empty) settings, and without a context of 0,
-        as before they were."""
+        """The settings as a dict; without cell types, without their three (empty) settings, as before they were."""
         values = dataclasses.asdict(self)
         if not self.cell_types:
             for name in CELL_TYPE_SETTINGS:
                 del values[name]
-        if not self.cell_type_context:
-            del values['cell_type_context']
         return values
 
     @classmethod

@@ -182,7 +182,6 @@ class CellRCNN(GeneralizedRCNN):
         pooled = 7
         roi_heads = CellRoIHeads(
             len(config.cell_types),
-            context=config.cell_type_context, context_field=config.fields[1], context_channels=config.fpn_channels,
             box_roi_pool=RoIAlign('0', config.fields[0], output_size=pooled, sampling_ratio=2),
             box_head=TwoMLPHead(config.fpn_channels * pooled ** 2, config.box_head_channels),
             box_predictor=Float32BoxPredictor(config.box_head_channels, len(config.class_names) + 1),

@@ -68,9 +68,6 @@ class TrainConfig:
     cell_types: tuple = ()
     #: their colours ('#rrggbb'); default :data:`CELL_TYPE_PALETTE`
     cell_type_colors: tuple = ()
-    #: side (px) of the tissue around each nucleus the cell-type classifier reads (``ModelConfig.cell_type_context``);
-    #: None: the starting checkpoint's own, or 0
-    cell_type_context: int = None
     #: train the cell-type classifier alone: every other weight of the starting checkpoint, BatchNorm statistics
     #: included, stays as it is, so detection does not change
     cell_types_only: bool = False
@@ -150,21 +147,17 @@ def precise_bn(model, samples, tile_size, device, count=256, batch_size=8):
 
 def initial_model(model_config, cfg, init=None):
     """The model training starts from: ``init``'s weights (fine-tuning; its configuration kept) or ``model_config``
-    built from scratch, with the cell types and context ``cfg`` asks for. ``init``'s own classifier is kept when
-    ``cfg`` names no types or the same, and no context or the same; other types (a lab's own, say, on the bundled
-    model) or another context get a classifier of their own, which starts from random weights, while every other
-    weight of ``init`` is kept."""
+    built from scratch, with the cell types ``cfg`` asks for. ``init``'s own cell types are kept when ``cfg`` names
+    none or the same; other types (a lab's own, say, on the bundled model) get a class head of their own, which
+    starts from random weights, while every other weight of ``init`` is kept."""
     wanted = cfg.cell_type_settings() if cfg.cell_types else {}
-    if cfg.cell_type_context is not None:
-        wanted['cell_type_context'] = cfg.cell_type_context
     if not init:
         return build_model(dataclasses.replace(model_config, **wanted))
     payload = load_checkpoint(init)
     stored = stored_config(payload, init)
-    if wanted.get('cell_types', stored.cell_types) == stored.cell_types and \
-            wanted.get('cell_type_context', stored.cell_type_context) == stored.cell_type_context:
+    if not wanted or wanted['cell_types'] == stored.cell_types:
         return model_from_checkpoint(payload, source=init)
-    head = 'roi_heads.cell_type_'
+    head = 'roi_heads.cell_type_predictor.'
     model = build_model(dataclasses.replace(stored, **wanted))
     kept = {k: v for k, v in model_from_checkpoint(payload, source=init).state_dict().items() if not k.startswith(head)}
     missing, unexpected = model.load_state_dict(kept, strict=False)
@@ -179,7 +172,7 @@ def _train_cell_types_only(model):
     if model.roi_heads.cell_type_predictor is None:
         raise CellRCNNError('training the cell types alone needs a model with cell types (--cell-types)')
     for name, parameter in model.named_parameters():
-        parameter.requires_grad = name.startswith('roi_heads.cell_type_')
+        parameter.requires_grad = name.startswith('roi_heads.cell_type_predictor.')
     model.backbone.eval()
 
 
