@@ -158,14 +158,19 @@ def run_batch(*args):
     return code, out.getvalue(), err.getvalue(), rows
 
 
+#: one ``name==version`` line, as image-constraints.txt and ``pip freeze`` write them
+PINNED_LINE = re.compile(r'^([A-Za-z0-9_.\-]+)==(\S+)$', re.M)
+
+
 def image_pins():
-    """``{canonical name: version}`` of every package image-constraints.txt pins."""
+    """``{canonical name: version}`` of every package image-constraints.txt pins; any other line than a comment or
+    a pin fails."""
     from packaging.utils import canonicalize_name
     pins = {}
     with open(os.path.join(os.path.dirname(__file__), '..', 'image-constraints.txt')) as f:
         for line in f:
             line = line.split('#')[0].strip()
             if line:
-                name, version = re.fullmatch(r'([A-Za-z0-9_.\-]+)==(\S+)', line).groups()
+                name, version = PINNED_LINE.fullmatch(line).groups()
                 pins[canonicalize_name(name)] = version
     return pins

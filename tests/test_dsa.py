@@ -27,7 +27,7 @@ from cellrcnn.devstack.local_dsa import (
 from cellrcnn.devstack.local_girder import wait_for
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.nuclei_map import MAP_NAME
-from support import image_pins
+from support import PINNED_LINE, image_pins
 
 REGION = [0, 0, 1200, 1200]
 RUNNING = 2
@@ -155,8 +155,7 @@ def test_a_cancelled_job_stops_its_container(dsa, folder, sample):
 
 def test_the_task_image_holds_the_pinned_versions(dsa):
     frozen = dsa.engine.docker('run', '--rm', '--entrypoint', 'pip', TASK_IMAGE, 'freeze', '--exclude-editable')
-    installed = {canonicalize_name(name): version
-                 for name, version in re.findall(r'^([A-Za-z0-9_.\-]+)==(\S+)$', frozen.stdout, re.M)}
+    installed = {canonicalize_name(name): version for name, version in PINNED_LINE.findall(frozen.stdout)}
     pins = image_pins()
     assert {name: installed.get(name) for name in pins} == pins
     assert 'torch' in installed and 'torchvision' in installed  # unpinned, from the registry
