@@ -86,10 +86,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix='large-result-') as tmp, GirderServer(python) as server:
         slide = os.path.join(tmp, 'slide.tiff')
         started = time.perf_counter()
-        # 256 px tiles: the generator streams rows of tiles through an uncompressed strip TIFF that libvips reads
-        # back in strips of at most 50 MB (512 px rows stop at 34 000 px wide)
-        boxes, scores, types = synthetic_result(write_slide(slide, side, side, seed=args.seed, tile_size=256),
-                                                args.seed)
+        boxes, scores, types = synthetic_result(write_slide(slide, side, side, seed=args.seed), args.seed)
         item_id, _ = server.upload_slide(slide)
         nuclei = len(boxes)
         print(f'{nuclei} nuclei on a {side}² slide (written and uploaded in {time.perf_counter() - started:.0f} s)',

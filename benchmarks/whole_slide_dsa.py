@@ -2,11 +2,12 @@
 slide opened in HistomicsUI; seconds and memory per stage.
 
     ./install.sh --with-dsa
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/whole_slide_dsa.py [--size 16384] [--screenshots DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/whole_slide_dsa.py [--size 16384] [--mpp 0.5] [--screenshots DIR]
 
-Writes a synthetic 20x slide of ``--size``² px (16384²: about 180 000 nuclei; the generator's true nuclei are its
-ground truth), starts the local DSA (``cellrcnn.devstack.local_dsa``: Girder with the DSA plugins on SecantusDB,
-Redis, girder_worker, a Docker engine with the task image), uploads the slide and submits CellDetection as
+Writes a synthetic slide of ``--size``² px at ``--mpp`` um/px (20x at 0.5, the default: 16384² holds about 180 000
+nuclei; 40x at 0.25: 60000² holds about 600 000; the generator's true nuclei are its ground truth), starts the
+local DSA (``cellrcnn.devstack.local_dsa``: Girder with the DSA plugins on SecantusDB, Redis, girder_worker, a
+Docker engine with the task image), uploads the slide and submits CellDetection as
 HistomicsUI's analysis panel does, with the nuclei, map and density outputs. It prints:
 
 - the job: seconds from submission to its end, and the task's own stages from its summary line in the job log
@@ -67,7 +68,8 @@ def renderers():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--size', type=int, default=16384, help='slide side in px at 20x')
+    parser.add_argument('--size', type=int, default=16384, help='slide side in px')
+    parser.add_argument('--mpp', type=float, default=0.5, help='um per px of the slide (0.5: 20x, 0.25: 40x)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--screenshots', default=None)
     parser.add_argument('--timeout', type=float, default=3600)
@@ -80,9 +82,9 @@ def main():
     with tempfile.TemporaryDirectory(prefix='whole-slide-') as tmp, DSAStack(python) as dsa:
         slide = os.path.join(tmp, 'whole.tiff')
         started = time.perf_counter()
-        truth = write_slide(slide, args.size, args.size, seed=args.seed)
-        print(f'{args.size}² 20x slide with {len(truth)} nuclei written in {time.perf_counter() - started:.0f} s',
-              flush=True)
+        truth = write_slide(slide, args.size, args.size, seed=args.seed, mpp=args.mpp)
+        print(f'{args.size}² {10 / args.mpp:g}x slide with {len(truth)} nuclei written in '
+              f'{time.perf_counter() - started:.0f} s', flush=True)
         tasks = dsa.register_task_image()
         item_id, file_id = dsa.upload_slide(slide)
         memory = PeakMemory(lambda: {proc.log_name: proc.pid for proc in dsa.procs})

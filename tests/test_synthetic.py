@@ -273,3 +273,23 @@ def test_dataset_scale_enlarges_nuclei_in_pixels():
 
     assert median_side((1.4, 1.4)) / median_side((1, 1)) == pytest.approx(1.4, rel=0.1)
     assert median_side((0.7, 0.7)) / median_side((1, 1)) == pytest.approx(0.7, rel=0.1)
+
+
+def test_write_slide_wider_than_libtiff_reads_in_one_strip(tmp_path):
+    # 36 000 px wide, 512-row strips would be 55 MB each: libtiff would stop reading at 50 MB allocated
+    path = str(tmp_path / 'wide.tiff')
+    boxes = synthetic.write_slide(path, 36000, 1024, seed=2)
+    ts = large_image.open(path)
+    assert (ts.sizeX, ts.sizeY) == (36000, 1024)
+    assert len(boxes) > 0
+
+
+def test_slide_strips_do_not_change_the_pixels(tmp_path, monkeypatch):
+    whole = str(tmp_path / 'whole.tiff')
+    synthetic.write_slide(whole, 700, 600, seed=4, tile_size=256)
+    monkeypatch.setattr(slides, 'STRIP_BYTES', 700 * 3 * 40)  # strips of 32 rows
+    split = str(tmp_path / 'split.tiff')
+    synthetic.write_slide(split, 700, 600, seed=4, tile_size=256)
+    read = [large_image.open(p).getRegion(format=large_image.constants.TILE_FORMAT_NUMPY)[0] for p in (whole, split)]
+    np.testing.assert_array_equal(*read)
+    np.testing.assert_array_equal(np.load(whole + '.boxes.npy'), np.load(split + '.boxes.npy'))

@@ -19,6 +19,9 @@ from .nuclei import (
 )
 from .render import finish, make_style, render
 
+#: the largest strip of the temporary base-level TIFF, bytes (libtiff stops reading at 50 MB allocated in all)
+STRIP_BYTES = 16 * 2 ** 20
+
 
 class _SlideGen:
     """Generates a slide tile-row by tile-row.  Nuclei are placed per generation tile (centres inside the tile),
@@ -91,15 +94,17 @@ class _SlideGen:
         img = finish(rgb, self.style, self.noise, y0 - M, x0 - M)
         return img[M:M + h, M:M + w]
 
-    def strips(self):
-        """Yield uint8 strips (rows ty*T .. ty*T + T, full width)."""
+    def strips(self, rows):
+        """Yield uint8 strips of ``rows`` rows (a divisor of T), full width, top to bottom."""
         for tx in range(self.ntx):
             self._place_tile(0, tx)
         for ty in range(self.nty):
             if ty + 1 < self.nty:
                 for tx in range(self.ntx):
                     self._place_tile(ty + 1, tx)
-            yield np.concatenate([self._render_tile(ty, tx) for tx in range(self.ntx)], 1)
+            row = np.concatenate([self._render_tile(ty, tx) for tx in range(self.ntx)], 1)
+            for y in range(0, len(row), rows):
+                yield row[y:y + rows]
             for tx in range(self.ntx):
                 self.cells.pop((ty - 1, tx), None)
 
@@ -124,12 +129,14 @@ def write_slide(path, width, height, seed, mpp=0.5, tile_size=512):
     path = os.fspath(path)
     # The base level is streamed, one row of tiles at a time, into an uncompressed strip TIFF next to the output
     # (W x H x 3 bytes of disk; this libvips build has no streaming loader fed from Python), which libvips then reads
-    # sequentially and turns into the pyramidal JPEG TIFF in one pass: memory stays at a few tile rows.
+    # sequentially and turns into the pyramidal JPEG TIFF in one pass: memory stays at a few tile rows. libtiff
+    # refuses to read a strip that takes its allocations past 50 MB, so a wide slide's strips are fewer rows.
+    rows = max(r for r in range(1, tile_size + 1) if tile_size % r == 0 and (r == 1 or r * width * 3 <= STRIP_BYTES))
     fd, tmp = tempfile.mkstemp(suffix='.tif', prefix='.synthetic-', dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
-        tifffile.imwrite(tmp, data=gen.strips(), shape=(height, width, 3), dtype=np.uint8, photometric='rgb',
-                         rowsperstrip=tile_size, bigtiff=width * height * 3 > 2 ** 31)
+        tifffile.imwrite(tmp, data=gen.strips(rows), shape=(height, width, 3), dtype=np.uint8, photometric='rgb',
+                         rowsperstrip=rows, bigtiff=width * height * 3 > 2 ** 31)
         image = pyvips.Image.new_from_file(tmp, access='sequential')
         px_per_mm = 1000.0 / mpp
         image = image.copy(xres=px_per_mm, yres=px_per_mm)
