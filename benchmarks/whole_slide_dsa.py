@@ -3,23 +3,25 @@ slide opened in HistomicsUI; seconds and memory per stage.
 
     ./install.sh --with-dsa
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/whole_slide_dsa.py [--size 16384] [--mpp 0.5] [--screenshots DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/whole_slide_dsa.py --slide SLIDE [--screenshots DIR]
 
-Writes a synthetic slide of ``--size``² px at ``--mpp`` um/px (20x at 0.5, the default: 16384² holds about 180 000
-nuclei; 40x at 0.25: 60000² holds about 600 000; the generator's true nuclei are its ground truth), starts the
-local DSA (``cellrcnn.devstack.local_dsa``: Girder with the DSA plugins on SecantusDB, Redis, girder_worker, a
-Docker engine with the task image), uploads the slide and submits CellDetection as
+Takes ``--slide``, or writes a synthetic slide of ``--size``² px at ``--mpp`` um/px (20x at 0.5, the default:
+16384² holds about 180 000 nuclei; 40x at 0.25: 60000² holds about 430 000; the generator's true nuclei are its
+ground truth), starts the local DSA (``cellrcnn.devstack.local_dsa``: Girder with the DSA plugins on SecantusDB,
+Redis, girder_worker, a Docker engine with the task image), uploads the slide and submits CellDetection as
 HistomicsUI's analysis panel does, with the nuclei, map and density outputs. It prints:
 
 - the job: seconds from submission to its end, and the task's own stages from its summary line in the job log
   (tissue, read wait, detect, merge);
 - the ingest: seconds from the job's end until each output is an annotation on the slide (girder_worker uploads
   the outputs before it ends the job; HistomicsUI turns each into an annotation as it arrives);
-- HistomicsUI: seconds from opening the slide until the view the task chose (``--display auto``) holds every
-  nucleus, and to redraw after moving half a screen at 10x;
+- HistomicsUI: seconds to load and log in, from opening the slide until the view the task chose (``--display
+  auto``) holds every nucleus, and to redraw after moving half a screen at 10x;
 - memory: the largest resident set of Girder, of the database, and of Chromium's renderer, sampled every 0.5 s.
 """
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -27,6 +29,7 @@ import tempfile
 import threading
 import time
 
+import large_image
 import psutil
 
 from cellrcnn.annotation import DEFAULT_NAME
@@ -71,6 +74,7 @@ def main():
     parser.add_argument('--size', type=int, default=16384, help='slide side in px')
     parser.add_argument('--mpp', type=float, default=0.5, help='um per px of the slide (0.5: 20x, 0.25: 40x)')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--slide', default=None, help='a slide to run on, instead of writing one')
     parser.add_argument('--screenshots', default=None)
     parser.add_argument('--timeout', type=float, default=3600)
     args = parser.parse_args()
@@ -80,11 +84,12 @@ def main():
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory(prefix='whole-slide-') as tmp, DSAStack(python) as dsa:
-        slide = os.path.join(tmp, 'whole.tiff')
-        started = time.perf_counter()
-        truth = write_slide(slide, args.size, args.size, seed=args.seed, mpp=args.mpp)
-        print(f'{args.size}² {10 / args.mpp:g}x slide with {len(truth)} nuclei written in '
-              f'{time.perf_counter() - started:.0f} s', flush=True)
+        slide = args.slide or os.path.join(tmp, 'whole.tiff')
+        if not args.slide:
+            started = time.perf_counter()
+            truth = write_slide(slide, args.size, args.size, seed=args.seed, mpp=args.mpp)
+            print(f'{args.size}² {10 / args.mpp:g}x slide with {len(truth)} nuclei written in '
+                  f'{time.perf_counter() - started:.0f} s', flush=True)
         tasks = dsa.register_task_image()
         item_id, file_id = dsa.upload_slide(slide)
         memory = PeakMemory(lambda: {proc.log_name: proc.pid for proc in dsa.procs})
@@ -114,7 +119,10 @@ def main():
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox'])
             page = browser.new_page(viewport={'width': 1600, 'height': 1000})
+            page.set_default_timeout(args.timeout * 1000)
+            started = time.perf_counter()
             log_in(page, base, ADMIN['login'], dsa.password)
+            print(f'HistomicsUI: loaded and logged in {time.perf_counter() - started:.1f} s', flush=True)
             opened = time.perf_counter()
             open_slide(page, base, item_id)
             first, idle = wait_drawn(page, nuclei - 1, args.timeout, opened)
@@ -123,7 +131,8 @@ def main():
             if args.screenshots:
                 os.makedirs(args.screenshots, exist_ok=True)
                 page.screenshot(path=os.path.join(args.screenshots, 'whole-slide-low.png'))
-            move(page, halvings=1)
+            magnification = large_image.open(slide).getMetadata()['magnification']
+            move(page, halvings=max(0, round(math.log2(magnification / 10))))  # to 10x
             print(f'HistomicsUI: a move of half a screen at 10x redrawn in {move(page, screens=(0.5, 0.5)):.2f} s',
                   flush=True)
             if args.screenshots:
