@@ -42,18 +42,29 @@ def wait_drawn(page, above=0, timeout=600, started=None):
     return first, time.perf_counter() - started
 
 
-def move(page, halvings=None, screens=(0, 0)):
+def move(page, halvings=None, screens=(0, 0), timeout=120):
     """Zoom to ``halvings`` levels below the slide's own resolution (1: half its magnification, 10x on a 20x slide),
-    then move by ``screens`` (fractions of the view's width and height); seconds until the map is idle again."""
+    then move by ``screens`` (fractions of the view's width and height); seconds until the view is drawn again: the
+    map idle (its tiles loaded) and every shown heatmap redrawn. geojs shows a heatmap's old canvas shifted (a CSS
+    transform) while it waits to redraw it, and clears the transform when it has; the map's idle state does not
+    wait for that."""
     started = time.perf_counter()
-    page.evaluate(f'''([halvings, sx, sy]) => new Promise(done => {{ const m = {_MAP};
+    page.evaluate(f'''([halvings, sx, sy, timeout]) => new Promise((done, fail) => {{ const m = {_MAP};
         if (halvings !== null) {{
             const tiles = m.layers().find(l => l.options && l.options.maxLevel !== undefined);
             m.zoom(tiles.options.maxLevel - halvings);
         }}
         const c = m.center(), s = m.size(), u = m.unitsPerPixel(m.zoom());
         m.center({{x: c.x + sx * s.width * u, y: c.y + sy * s.height * u}});
-        m.scheduleAnimationFrame(() => m.onIdle(() => done(true))); }})''', [halvings, *screens])
+        const heatmaps = m.layers().filter(l => l.visible() && l.canvas && l.canvas() && l.canvas()[0] &&
+            l.features().some(f => f.binned && f.visible())).map(l => l.canvas()[0]);
+        const until = Date.now() + timeout * 1000;
+        const redrawn = () => {{
+            if (heatmaps.every(canvas => !canvas.style.transform)) m.onIdle(() => done(true));
+            else if (Date.now() > until) fail(new Error('a heatmap was not redrawn after the move'));
+            else window.setTimeout(redrawn, 10);
+        }};
+        m.scheduleAnimationFrame(() => m.onIdle(redrawn)); }})''', [halvings, *screens, timeout])
     return time.perf_counter() - started
 
 
