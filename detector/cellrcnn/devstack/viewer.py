@@ -56,8 +56,8 @@ def move(page, halvings=None, screens=(0, 0), timeout=120):
         }}
         const c = m.center(), s = m.size(), u = m.unitsPerPixel(m.zoom());
         m.center({{x: c.x + sx * s.width * u, y: c.y + sy * s.height * u}});
-        const heatmaps = m.layers().filter(l => l.visible() && l.canvas && l.canvas() && l.canvas()[0] &&
-            l.features().some(f => f.binned && f.visible())).map(l => l.canvas()[0]);
+        const heatmaps = m.layers().filter(l => l.visible() && l.features && l.features().some(
+            f => f instanceof window.geo.heatmapFeature && f.visible())).map(l => l.canvas()[0]);
         const until = Date.now() + timeout * 1000;
         const redrawn = () => {{
             if (heatmaps.every(canvas => !canvas.style.transform)) m.onIdle(() => done(true));
