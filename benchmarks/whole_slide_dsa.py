@@ -78,6 +78,8 @@ def main():
     parser.add_argument('--screenshots', default=None)
     parser.add_argument('--timeout', type=float, default=3600)
     args = parser.parse_args()
+    if args.slide and not os.path.isfile(args.slide):
+        sys.exit(f'whole_slide_dsa: no slide at {args.slide}')
     python, why = girder_python()
     if python is None:
         sys.exit(f'whole_slide_dsa: {why}')
