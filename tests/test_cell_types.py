@@ -53,11 +53,11 @@ class Recording:
         self.model, self.batch_size, self.device, self.spec = detector.model, detector.batch_size, detector.device, \
             detector.spec
 
-    def detect_tiles_with_types(self, tiles):
+    def detect_tiles_with_types(self, tiles, parts=False):
         if self.left == 0:
             raise KeyboardInterrupt
         self.left = None if self.left is None else self.left - 1
-        results = self.inner.detect_tiles_with_types(tiles)
+        results = self.inner.detect_tiles_with_types(tiles, parts)
         self.results.extend(results)
         return results
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cellrcnn.__main__ import main
+from cellrcnn.checkpoint import load_model
 from cellrcnn.synthetic import make_tile
 from support import report_figures
 
@@ -87,6 +88,7 @@ def test_an_image_without_resolution_needs_mpp(tmp_path, image_file, tiny_checkp
     (['detect', '{slide}', '--classes', 'tumour'], 'classes tumour asked for, but the model has no cell types'),
     (['train', '--backbone', 'vgg', '--steps', '1'], 'unknown backbone'),
     (['train', '--anchor-upsample', '3', '--steps', '1'], 'anchor_upsample must be one of'),
+    (['train', '--centre-distance', '-1', '--steps', '1'], 'centre_distance_um must be a number between 0 and 50'),
 ])
 def test_bad_input_gets_one_error_line_and_a_nonzero_exit(tmp_path, image_file, slide_file, tiny_checkpoint, args,
                                                          message):
@@ -116,6 +118,7 @@ def test_synth_tiles_train_from_their_annotations_and_evaluate(tmp_path, capsys)
                  '128', '--warmup-steps', '1', '--workers', '0', '--val-data', str(data)]) == 0
     truth = sum(len(json.loads(p.read_text())['elements']) for p in data.glob('*.png.json'))
     assert truth > 20
+    assert load_model(run / 'model.pt').config.centre_distance_um == 2.5  # a new model's default
     # The 3-step model's figures are whatever they are, but they are the counts of its matches, and printed.
     capsys.readouterr()
     assert main(['evaluate', '--model', str(run / 'model.pt'), '--data', str(data), '--json',

@@ -35,11 +35,11 @@ class Interrupting:
         self.model, self.batch_size, self.device = detector.model, detector.batch_size, detector.device
         self.spec = detector.spec
 
-    def detect_tiles_with_types(self, tiles):
+    def detect_tiles_with_types(self, tiles, parts=False):
         if self.left == 0:
             raise KeyboardInterrupt
         self.left -= 1
-        return self.inner.detect_tiles_with_types(tiles)
+        return self.inner.detect_tiles_with_types(tiles, parts)
 
 
 def test_an_interrupted_run_resumes_from_its_saved_rows(slide_path, detector, tmp_path):

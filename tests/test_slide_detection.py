@@ -1,8 +1,12 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from torchvision.ops import box_iou, nms
 
+from cellrcnn.boxes import suppress_close_centres
+from cellrcnn.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, stored_config
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.inference import DetectorSpec
 from cellrcnn.slide import Slide
@@ -33,8 +37,8 @@ class Recording:
         self.model, self.batch_size, self.device = detector.model, detector.batch_size, detector.device
         self.spec = detector.spec
 
-    def detect_tiles_with_types(self, tiles):
-        results = self.inner.detect_tiles_with_types(tiles)
+    def detect_tiles_with_types(self, tiles, parts=False):
+        results = self.inner.detect_tiles_with_types(tiles, parts)
         self.results.extend((out['boxes'], out['scores']) for out in results)
         return results
 
@@ -54,6 +58,34 @@ def test_merged_result_equals_one_global_nms_over_all_raw_detections(slide_path,
     np.testing.assert_array_equal(sorted_rows(result.boxes), sorted_rows(raw_boxes[keep].numpy()))
     assert result.stats['tiles'] == result.stats['tiles_read'] == 20  # 4 rows of 5 tiles
     assert result.boxes[:, 2].max() <= 900 and result.boxes[:, 3].max() <= 700
+
+
+def test_close_centres_are_suppressed_once_over_the_merged_nuclei(slide_path, tiny_checkpoint, tmp_path):
+    """A model with ``centre_distance_um`` suppresses by centre distance over the whole slide's merged nuclei (tiles
+    go to the merge unsuppressed), and within each image that is detected whole."""
+    payload = load_checkpoint(tiny_checkpoint)
+    path = tmp_path / 'centres.pt'
+    config = dataclasses.replace(stored_config(payload), centre_distance_um=4.0)
+    save_checkpoint(path, model_from_checkpoint(payload, config=config), half=True)
+    detector = DetectorSpec(model=str(path), threshold=0.05, nms=0.3, device='cpu', batch_size=3).build()
+    slide = Slide(slide_path)
+    recording = Recording(detector)
+    result = detect_slide(slide, recording, tile_size=256, overlap=48, min_tissue=0.0, workers=2)
+    tiles = tile_grid(slide, 256, 48, min_tissue=0.0, align=detector.model.config.fields[-1])
+    raw_boxes = np.concatenate([slide.to_base(b, t).astype(np.float32) for t, (b, _) in zip(tiles, recording.results)])
+    raw_scores = np.concatenate([s for _, s in recording.results])
+    kept = nms(torch.from_numpy(raw_boxes), torch.from_numpy(raw_scores), 0.3).numpy()
+    close = suppress_close_centres(raw_boxes[kept], raw_scores[kept], 4.0 / 0.5 * slide.scale)
+    assert result.stats['centre_suppressed'] == (~close).sum() > 10
+    np.testing.assert_array_equal(sorted_rows(result.boxes), sorted_rows(raw_boxes[kept][close]))
+
+    image = slide.read(tiles[0])
+    (parts_boxes, parts_scores), = [(o['boxes'], o['scores']) for o in detector.detect_tiles_with_types([image], True)]
+    (boxes, scores), = detector.detect_tiles([image])
+    close = suppress_close_centres(parts_boxes, parts_scores, 8.0)
+    assert 0 < close.sum() < len(close)
+    np.testing.assert_array_equal(boxes, parts_boxes[close])
+    np.testing.assert_array_equal(scores, parts_scores[close])
 
 
 def test_tiling_hardly_changes_the_detections(slide_path):

@@ -1,10 +1,12 @@
-"""Boxes ``x1, y1, x2, y2`` (pixel-edge coordinates): checking what callers pass in, and their overlap (IoU).
+"""Boxes ``x1, y1, x2, y2`` (pixel-edge coordinates): checking what callers pass in, their overlap (IoU), and the
+suppression of boxes centred on another's centre.
 
 The streaming merge keeps its own float32 IoU (``merge._pair_iou``): it must match torchvision's NMS bit for bit.
 This module does not import torch.
 """
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from .errors import CellRCNNError
 
@@ -97,3 +99,30 @@ def iou_pairs_above(a, b, threshold):
         gi.append(c)
         iv.append(block[r, c])
     return np.concatenate(pi), np.concatenate(gi), np.concatenate(iv)
+
+
+def suppress_close_centres(boxes, scores, distance):
+    """Which boxes a greedy suppression by centre distance keeps (bool N): in order of score (equal scores: the
+    earlier box first), a box whose centre lies within ``distance`` pixels of a kept box's centre is dropped;
+    ``distance`` <= 0 keeps every box. A box's fate depends on higher-scoring boxes only, so suppressing before or
+    after a score threshold keeps the same boxes above it."""
+    boxes, scores = as_detections(boxes, scores)
+    keep = np.ones(len(boxes), bool)
+    if distance <= 0 or len(boxes) < 2:
+        return keep
+    centres = np.column_stack([boxes[:, 0] + boxes[:, 2], boxes[:, 1] + boxes[:, 3]]).astype(np.float64) / 2
+    pairs = cKDTree(centres).query_pairs(float(distance), output_type='ndarray')
+    if not len(pairs):
+        return keep
+    rank = np.empty(len(boxes), np.int64)
+    rank[np.argsort(-scores, kind='stable')] = np.arange(len(boxes))
+    first = rank[pairs[:, 0]] < rank[pairs[:, 1]]
+    higher = np.where(first, pairs[:, 0], pairs[:, 1])
+    lower = np.where(first, pairs[:, 1], pairs[:, 0])
+    order = np.argsort(rank[higher], kind='stable')
+    higher, lower = higher[order], lower[order]
+    starts = np.flatnonzero(np.r_[True, higher[1:] != higher[:-1]])
+    for start, end in zip(starts, np.r_[starts[1:], len(higher)]):
+        if keep[higher[start]]:  # every box ranked above it is decided by now
+            keep[lower[start:end]] = False
+    return keep

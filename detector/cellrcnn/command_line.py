@@ -197,6 +197,9 @@ def _add_train(sub):
     p.add_argument('--anchor-upsample', dest='anchor_upsample', type=int, help='1, 2 or 4')
     p.add_argument('--anchor-offsets', dest='anchor_offsets', type=int, help='1 or 2 anchor centres per cell side')
     p.add_argument('--mpp', type=float, help='microns per pixel of the training images (default 0.5, 20x)')
+    p.add_argument('--centre-distance', dest='centre_distance_um', type=float, default=2.5,
+                   help='a detection centred within this many microns of a higher-scoring one is dropped '
+                        '(default 2.5; 0: none is)')
     p.add_argument('--val-data', dest='val_data', help='labelled folder to calibrate and report on')
     # --val-seed and --val-count left out: samples.labelled_set's own seed and count
     p.add_argument('--val-seed', dest='val_seed', type=int)

@@ -106,7 +106,7 @@ def run_batch(args):
 def _model_config(args):
     from .config import ModelConfig
     values = {'backbone': args.backbone, 'anchor_upsample': args.anchor_upsample,
-              'anchor_offsets': args.anchor_offsets, 'mpp': args.mpp}
+              'anchor_offsets': args.anchor_offsets, 'mpp': args.mpp, 'centre_distance_um': args.centre_distance_um}
     return ModelConfig(**{k: v for k, v in values.items() if v is not None}).validate()
 
 

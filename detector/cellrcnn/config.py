@@ -32,6 +32,7 @@ LIMITS = {
     'rpn_score_thresh': (0, 1, False),
     'box_score_thresh': (0, 1, False),
     'box_positive_fraction': (0, 1, False),
+    'centre_distance_um': (0, 50, False),
 }
 #: at most this many anchor sizes per level, aspect ratios, and classes
 MAX_ANCHOR_SIZES, MAX_ASPECT_RATIOS, MAX_CLASSES = 8, 8, 64
@@ -120,6 +121,10 @@ class ModelConfig:
     box_score_thresh: float = 0.05
     threshold: float = 0.5
     nms_thresh: float = 0.35
+    #: after the NMS, a detection whose box centre lies within this many microns of a higher-scoring detection's
+    #: centre is dropped (0: none is): two boxes on one large or elongated nucleus overlap too little for the NMS,
+    #: but no two nuclei's centres are that close (``boxes.suppress_close_centres``; docs/training.md).
+    centre_distance_um: float = 0.0
     detections_per_mpx: int = 8000
     extra: dict = field(default_factory=dict)
 

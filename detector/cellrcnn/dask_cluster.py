@@ -123,4 +123,4 @@ def run_batch_on_worker(tiles, job):
         _WORKER_STATE.clear()
         _WORKER_STATE[key] = (Slide(job['slide'], **job['slide_args']), job['spec'].build(batchnorm=job['batchnorm']))
     slide, detector = _WORKER_STATE[key]
-    return detector.detect_tiles_with_types([slide.read(tile) for tile in tiles])
+    return detector.detect_tiles_with_types([slide.read(tile) for tile in tiles], parts=True)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .batchnorm_folding import FoldedModel
+from .boxes import suppress_close_centres
 from .devices import autocast, keep_freed_memory, resolve_device
 from .errors import CellRCNNError
 from .model import CellRCNN, to_tensor
@@ -123,16 +124,25 @@ class Detector:
         """
         return [(out['boxes'], out['scores']) for out in self.detect_tiles_with_types(tiles)]
 
-    def detect_tiles_with_types(self, tiles):
+    @property
+    def centre_distance(self) -> float:
+        """The model's ``centre_distance_um`` in its own pixels."""
+        return self.model.config.centre_distance_um / self.model.config.mpp
+
+    def detect_tiles_with_types(self, tiles, parts=False):
         """:meth:`detect_tiles` as a dict per tile: ``boxes``, ``scores`` and, for a model with cell types
         (``ModelConfig.cell_types``), ``cell_types`` (int64 N, index into them) and ``cell_type_scores`` (float32 N,
-        that type's probability)."""
+        that type's probability).
+
+        Each tile is an image of its own, its detections suppressed by centre distance
+        (``ModelConfig.centre_distance_um``), unless ``parts``: tiles of one slide, whose detections are merged
+        across the tiles before that suppression (``slide_detection``)."""
         results = []
         start = 0
         while start < len(tiles):
             chunk = tiles[start:start + self.batch_size]
             try:
-                results.extend(self._run(chunk))
+                results.extend(self._run(chunk, parts))
             except torch.cuda.OutOfMemoryError:
                 if self.batch_size == 1:
                     raise CellRCNNError('the GPU ran out of memory with one tile per batch; use a smaller '
@@ -144,7 +154,7 @@ class Detector:
         return results
 
     @torch.no_grad()
-    def _run(self, tiles):
+    def _run(self, tiles, parts):
         """Tiles of one size run together: a smaller tile padded to a larger one's size would take the padding for
         image, and its detections would depend on the tiles it was batched with."""
         results = [None] * len(tiles)
@@ -156,10 +166,14 @@ class Detector:
             with autocast(self.device):
                 outputs = self.folded(images)
             for i, out in zip(same, outputs):
-                keep = out['scores'] >= self.threshold
-                results[i] = {'boxes': out['boxes'][keep].float().cpu().numpy(),
-                              'scores': out['scores'][keep].float().cpu().numpy()}
+                keep = (out['scores'] >= self.threshold).cpu().numpy()
+                out = {key: (value.float() if value.is_floating_point() else value).cpu().numpy()
+                       for key, value in out.items()}
+                if not parts:
+                    keep[keep] = suppress_close_centres(out['boxes'][keep], out['scores'][keep],
+                                                        self.centre_distance)
+                results[i] = {'boxes': out['boxes'][keep], 'scores': out['scores'][keep]}
                 if 'cell_types' in out:
-                    results[i].update(cell_types=out['cell_types'][keep].cpu().numpy(),
-                                      cell_type_scores=out['cell_type_scores'][keep].float().cpu().numpy())
+                    results[i].update(cell_types=out['cell_types'][keep],
+                                      cell_type_scores=out['cell_type_scores'][keep])
         return results

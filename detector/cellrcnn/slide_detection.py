@@ -1,7 +1,9 @@
 """The detection loop over a slide: tissue-aware tiles, read ahead while the model works, merged exactly across seams.
 
 The merged result equals one greedy NMS over every raw detection of every tile (``merge.StreamingNMS``), costs time
-linear in the number of detections, and holds only about a tile row of boxes (:class:`TileRows`). Finished tile rows
+linear in the number of detections, and holds only about a tile row of boxes (:class:`TileRows`); the model's
+suppression by centre distance (``ModelConfig.centre_distance_um``) then runs once over the merged nuclei, as it runs
+over each image that is detected whole. Finished tile rows
 are saved to the run's ``resume.RowStore``; tile batches run here or on a Dask cluster (``dask_cluster``).
 
 Units: tiles are cut in analysis pixels; every box leaving this module is in base pixels (``Slide.to_base``).
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .adapt import batchnorm_stats, load_batchnorm_stats
+from .boxes import suppress_close_centres
 from .errors import CellRCNNError
 from .merge import StreamingNMS
 from .progress import Progress
@@ -187,6 +190,10 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
         rows = TileRows(tiles, StreamingNMS(config.nms_thresh, MAX_NUCLEUS_PX * slide.scale), resume,
                         typed=bool(config.cell_types))
         boxes, scores, types = _detect_rows(slide, detector, rows, workers, scheduler, timing, progress)
+        t0 = time.perf_counter()
+        keep = suppress_close_centres(boxes, scores, config.centre_distance_um / config.mpp * slide.scale)
+        boxes, scores, types = boxes[keep], scores[keep], None if types is None else types[keep]
+        timing['merge'] += time.perf_counter() - t0
         order = np.lexsort((boxes[:, 0], boxes[:, 1]))  # reading order: top to bottom, left to right
         result = SlideDetections(slide, boxes[order], scores[order], slide.roi_to_analysis(roi))
         if types is not None:
@@ -194,6 +201,7 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
         result.stats = _stats(slide, tissue, tiles, rows, result, timing, mask_seconds,
                               time.perf_counter() - started, detector)
         result.stats['raw_detections'] = rows.raw_count
+        result.stats['centre_suppressed'] = int(len(keep) - keep.sum())
         result.stats['adapt_tiles'] = len(adapted)
         if types is not None:
             result.stats['cell_types'] = result.type_counts()
@@ -244,7 +252,7 @@ def local_batches(slide: Slide, detector: 'Detector', todo: 'list[Tile]', worker
             batch.append(item)
         if batch and (item is None or len(batch) == detector.batch_size):
             t0 = time.perf_counter()
-            results = detector.detect_tiles_with_types([image for _, image in batch])
+            results = detector.detect_tiles_with_types([image for _, image in batch], parts=True)
             timing['detect'] += time.perf_counter() - t0
             yield [tile for tile, _ in batch], results
             batch = []
