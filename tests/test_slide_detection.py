@@ -75,17 +75,17 @@ def test_close_centres_are_suppressed_once_over_the_merged_nuclei(slide_path, ti
     raw_boxes = np.concatenate([slide.to_base(b, t).astype(np.float32) for t, (b, _) in zip(tiles, recording.results)])
     raw_scores = np.concatenate([s for _, s in recording.results])
     kept = nms(torch.from_numpy(raw_boxes), torch.from_numpy(raw_scores), 0.3).numpy()
-    close = suppress_close_centres(raw_boxes[kept], raw_scores[kept], 4.0 / 0.5 * slide.scale)
-    assert result.stats['centre_suppressed'] == (~close).sum() > 10
-    np.testing.assert_array_equal(sorted_rows(result.boxes), sorted_rows(raw_boxes[kept][close]))
+    far = suppress_close_centres(raw_boxes[kept], raw_scores[kept], 4.0 / 0.5 * slide.scale)
+    assert result.stats['centre_suppressed'] == (~far).sum() > 10
+    np.testing.assert_array_equal(sorted_rows(result.boxes), sorted_rows(raw_boxes[kept][far]))
 
     image = slide.read(tiles[0])
     (parts_boxes, parts_scores), = [(o['boxes'], o['scores']) for o in detector.detect_tiles_with_types([image], True)]
     (boxes, scores), = detector.detect_tiles([image])
-    close = suppress_close_centres(parts_boxes, parts_scores, 8.0)
-    assert 0 < close.sum() < len(close)
-    np.testing.assert_array_equal(boxes, parts_boxes[close])
-    np.testing.assert_array_equal(scores, parts_scores[close])
+    far = suppress_close_centres(parts_boxes, parts_scores, 8.0)
+    assert 0 < far.sum() < len(far)
+    np.testing.assert_array_equal(boxes, parts_boxes[far])
+    np.testing.assert_array_equal(scores, parts_scores[far])
 
 
 def test_tiling_hardly_changes_the_detections(slide_path):

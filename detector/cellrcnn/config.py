@@ -123,7 +123,7 @@ class ModelConfig:
     nms_thresh: float = 0.35
     #: after the NMS, a detection whose box centre lies within this many microns of a higher-scoring detection's
     #: centre is dropped (0: none is): two boxes on one large or elongated nucleus overlap too little for the NMS,
-    #: but no two nuclei's centres are that close (``boxes.suppress_close_centres``; docs/training.md).
+    #: but hardly any two nuclei's centres are that close (``boxes.suppress_close_centres``; docs/training.md).
     centre_distance_um: float = 0.0
     detections_per_mpx: int = 8000
     extra: dict = field(default_factory=dict)
@@ -144,6 +144,11 @@ class ModelConfig:
     def fields(self):
         """Field (stride in px) of each FPN level, finest first."""
         return tuple(4 * 2 ** i for i in range(self.backbone_stages))
+
+    @property
+    def centre_distance_px(self):
+        """``centre_distance_um`` in the model's pixels."""
+        return self.centre_distance_um / self.mpp
 
     @property
     def rpn_fields(self):

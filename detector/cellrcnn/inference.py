@@ -25,6 +25,9 @@ from .model import CellRCNN, to_tensor
 if TYPE_CHECKING:
     from .config import ModelConfig
 
+#: what a tile's detections hold (the cell types only for a model with them)
+_OUTPUTS = ('boxes', 'scores', 'cell_types', 'cell_type_scores')
+
 
 @dataclass(frozen=True, kw_only=True)
 class DetectorSpec:
@@ -124,11 +127,6 @@ class Detector:
         """
         return [(out['boxes'], out['scores']) for out in self.detect_tiles_with_types(tiles)]
 
-    @property
-    def centre_distance(self) -> float:
-        """The model's ``centre_distance_um`` in its own pixels."""
-        return self.model.config.centre_distance_um / self.model.config.mpp
-
     def detect_tiles_with_types(self, tiles, parts=False):
         """:meth:`detect_tiles` as a dict per tile: ``boxes``, ``scores`` and, for a model with cell types
         (``ModelConfig.cell_types``), ``cell_types`` (int64 N, index into them) and ``cell_type_scores`` (float32 N,
@@ -158,6 +156,7 @@ class Detector:
         """Tiles of one size run together: a smaller tile padded to a larger one's size would take the padding for
         image, and its detections would depend on the tiles it was batched with."""
         results = [None] * len(tiles)
+        distance = self.model.config.centre_distance_px
         sizes = {}
         for i, tile in enumerate(tiles):
             sizes.setdefault(tile.shape[:2], []).append(i)
@@ -166,14 +165,11 @@ class Detector:
             with autocast(self.device):
                 outputs = self.folded(images)
             for i, out in zip(same, outputs):
-                keep = (out['scores'] >= self.threshold).cpu().numpy()
-                out = {key: (value.float() if value.is_floating_point() else value).cpu().numpy()
-                       for key, value in out.items()}
+                keep = out['scores'] >= self.threshold
+                kept = {key: out[key][keep] for key in _OUTPUTS if key in out}
+                result = {key: (v.float() if v.is_floating_point() else v).cpu().numpy() for key, v in kept.items()}
                 if not parts:
-                    keep[keep] = suppress_close_centres(out['boxes'][keep], out['scores'][keep],
-                                                        self.centre_distance)
-                results[i] = {'boxes': out['boxes'][keep], 'scores': out['scores'][keep]}
-                if 'cell_types' in out:
-                    results[i].update(cell_types=out['cell_types'][keep],
-                                      cell_type_scores=out['cell_type_scores'][keep])
+                    far = suppress_close_centres(result['boxes'], result['scores'], distance)
+                    result = {key: value[far] for key, value in result.items()}
+                results[i] = result
         return results

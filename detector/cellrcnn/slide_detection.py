@@ -3,8 +3,8 @@
 The merged result equals one greedy NMS over every raw detection of every tile (``merge.StreamingNMS``), costs time
 linear in the number of detections, and holds only about a tile row of boxes (:class:`TileRows`); the model's
 suppression by centre distance (``ModelConfig.centre_distance_um``) then runs once over the merged nuclei, as it runs
-over each image that is detected whole. Finished tile rows
-are saved to the run's ``resume.RowStore``; tile batches run here or on a Dask cluster (``dask_cluster``).
+over each image that is detected whole. Finished tile rows are saved to the run's ``resume.RowStore``; tile batches
+run here or on a Dask cluster (``dask_cluster``).
 
 Units: tiles are cut in analysis pixels; every box leaving this module is in base pixels (``Slide.to_base``).
 """
@@ -191,7 +191,7 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
                         typed=bool(config.cell_types))
         boxes, scores, types = _detect_rows(slide, detector, rows, workers, scheduler, timing, progress)
         t0 = time.perf_counter()
-        keep = suppress_close_centres(boxes, scores, config.centre_distance_um / config.mpp * slide.scale)
+        keep = suppress_close_centres(boxes, scores, config.centre_distance_px * slide.scale)
         boxes, scores, types = boxes[keep], scores[keep], None if types is None else types[keep]
         timing['merge'] += time.perf_counter() - t0
         order = np.lexsort((boxes[:, 0], boxes[:, 1]))  # reading order: top to bottom, left to right
