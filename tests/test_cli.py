@@ -89,6 +89,9 @@ def test_an_image_without_resolution_needs_mpp(tmp_path, image_file, tiny_checkp
     (['train', '--backbone', 'vgg', '--steps', '1'], 'unknown backbone'),
     (['train', '--anchor-upsample', '3', '--steps', '1'], 'anchor_upsample must be one of'),
     (['train', '--centre-distance', '-1', '--steps', '1'], 'centre_distance_um must be a number between 0 and 50'),
+    (['average', '{model}'], 'averaging needs two or more models and one positive weight each'),
+    (['average', '{model}', '{model}', '--weights', '1', '0'], 'one positive weight each'),
+    (['average', '{model}', '{image}'], 'not a readable checkpoint'),
 ])
 def test_bad_input_gets_one_error_line_and_a_nonzero_exit(tmp_path, image_file, slide_file, tiny_checkpoint, args,
                                                          message):

@@ -1,6 +1,7 @@
 """``cellrcnn train --data``: entries of real labels mixed by weight with synthetic tiles, and their held-out
 splits."""
 
+import dataclasses
 import json
 
 import cv2
@@ -95,3 +96,43 @@ def test_train_from_two_entries_runs_and_reports_held_out(labelled, tmp_path, ca
     figures = json.loads((tmp_path / 'm.json').read_text())[entry]
     assert figures['centroid']['confusion'] == dots['centroid']['confusion']
     assert 'confusion' in capsys.readouterr().out
+
+
+def test_average_takes_the_weighted_mean_calibrates_and_reports_held_out(labelled, tmp_path, capsys):
+    from cellrcnn.checkpoint import model_sha256, save_checkpoint
+    from cellrcnn.model import build_model
+
+    config = ModelConfig(backbone_width=0.25, fpn_channels=16, box_head_channels=32, threshold=0.9,
+                         centre_distance_um=2.5)
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f'm{seed}.pt')
+        save_checkpoint(paths[-1], build_model(config))
+    a, b = (load_checkpoint(p)['state_dict'] for p in paths)
+    entry = f'points:{labelled}/dots/points.json,mpp=0.5,split=train'
+    out = tmp_path / 'soup.pt'
+    assert main(['average', *map(str, paths), '--weights', '3', '1', '-o', str(out), '--data', entry,
+                 '--device', 'cpu']) == 0
+    printed = capsys.readouterr().out
+    payload = load_checkpoint(out)
+    for key, tensor in payload['state_dict'].items():
+        if tensor.is_floating_point():
+            assert torch.allclose(tensor.float(), 0.75 * a[key] + 0.25 * b[key], atol=2e-3, rtol=1e-2), key
+        else:
+            assert torch.equal(tensor, a[key]), key
+    assert payload['averaged_from'] == [{'file': 'm1.pt', 'sha256': model_sha256(paths[0]), 'weight': 3.0},
+                                        {'file': 'm2.pt', 'sha256': model_sha256(paths[1]), 'weight': 1.0}]
+    # the operating point comes from the training images (an untrained model's best is not the first's 0.9), the
+    # held-out split is reported, and the first model's inference settings are kept
+    model = load_model(out)
+    assert model.config.threshold != 0.9 and f'score >= {model.config.threshold:.3f}' in printed
+    assert model.config.centre_distance_um == 2.5 and payload['calibrated_on'] == [entry]
+    assert list(payload['held_out']) == [f'points:{labelled}/dots/points.json,mpp=0.5,split=val']
+    # a model whose weights mean something else is refused in one line
+    save_checkpoint(tmp_path / 'typed.pt', build_model(dataclasses.replace(
+        config, cell_types=('a', 'b'), cell_type_colors=('#000000', '#ffffff'), cell_type_labels=((), ()))))
+    assert main(['average', str(paths[0]), str(tmp_path / 'typed.pt'), '-o', str(tmp_path / 'x.pt')]) == 2
+    error = capsys.readouterr().err
+    assert error.count('\n') == 1 and 'typed.pt cannot be averaged with ' in error and 'cell_types differ' in error
+    assert not (tmp_path / 'x.pt').exists()

@@ -110,6 +110,7 @@ def build_parser():
     _add_batch(sub)
     _add_train(sub)
     _add_train_girder(sub)
+    _add_average(sub)
     _add_evaluate(sub)
     _add_synth(sub)
     _add_dsa(sub)
@@ -249,6 +250,21 @@ def _add_train_girder(sub):
                                   'cellrcnn-TYPE-TYPE...)')
     p.add_argument('--device', default=t.device)
     p.set_defaults(run=commands.run_train_girder)
+
+
+def _add_average(sub):
+    p = sub.add_parser('average', help='average the weights of models fine-tuned from one another (a model soup); '
+                                       'calibrate its operating point on training data and report held-out figures')
+    p.add_argument('models', nargs='+', metavar='MODEL', help='checkpoints of one architecture and cell types')
+    p.add_argument('-o', '--output', required=True, help='checkpoint to write')
+    p.add_argument('--weights', nargs='+', type=float, metavar='W',
+                   help='one positive weight per model (default: equal)')
+    p.add_argument('--data', action='append', metavar='ENTRY',
+                   help='the labelled images the models were trained on, as --data entries of train: the operating '
+                        "point is the score threshold of best centroid F1 on them, and their other splits are "
+                        "reported (default: the first model's threshold, nothing reported)")
+    p.add_argument('--device', default='auto')
+    p.set_defaults(run=commands.run_average)
 
 
 def _add_evaluate(sub):

@@ -165,6 +165,24 @@ def _report_held_out(model, cfg, device):
     return figures
 
 
+def run_average(args):
+    from .checkpoint import load_model, model_sha256, save_checkpoint
+    from .model_averaging import average_models
+    from .train import TrainConfig
+
+    weights = args.weights or [1.0] * len(args.models)
+    model = average_models([load_model(path) for path in args.models], weights, names=args.models)
+    extra = {'averaged_from': [{'file': os.path.basename(path), 'sha256': model_sha256(path), 'weight': weight}
+                               for path, weight in zip(args.models, weights)]}
+    if args.data:
+        cfg = TrainConfig(data=args.data)
+        threshold, f1 = _calibrate_on_entries(model, cfg, args.device)
+        print(f'operating point: score >= {threshold:.3f} (centroid F1 {f1:.3f} on the training images)')
+        extra.update(calibrated_on=list(args.data), held_out=_report_held_out(model, cfg, args.device))
+    save_checkpoint(args.output, model, half=True, **extra)
+    print(f'model written to {args.output}')
+
+
 def run_train_girder(args):
     from .girder_api import check_transport
     from .girder_training import train_from_girder, training_summary_lines
