@@ -174,16 +174,18 @@ def test_a_job_on_an_unreadable_slide_fails_with_one_line(dsa, folder, tmp_path)
     assert 'Traceback' not in log.split('CellDetection: error:')[0]
 
 
-def test_folder_detection_runs_every_slide_on_the_worker(dsa, synthetic_slide):
+def test_folder_detection_runs_every_slide_on_the_worker(dsa, synthetic_slide, tmp_path):
     gc = dsa.client()
     cohort = gc.createFolder(dsa.folder_id, 'cohort_run', reuseExisting=True)['_id']
-    names, truth = [], {}
+    names, local = [], {}
     for seed in (1, 2):
-        path, boxes = synthetic_slide(700, 600, seed)
+        path, _ = synthetic_slide(700, 600, seed)
         name = f'slide{seed}.tiff'
         dsa.upload_slide(path, name=name, folder_id=cohort)
         names.append(name)
-        truth[name] = len(boxes)
+        out = tmp_path / name
+        assert cellrcnn(['detect', str(path), '-o', str(out), '--progress', 'none', '--no-resume']) == 0
+        local[name] = json.loads((out / 'slide.summary.json').read_text())['detections']
     batch = gc.post(f'cellrcnn/folder/{cohort}/detect')
     batch = dsa.wait_for_job(batch['_id'], 900)
     children = gc.get('job', {'limit': 0, 'parentId': batch['_id'], 'userId': batch['userId']})
@@ -192,9 +194,9 @@ def test_folder_detection_runs_every_slide_on_the_worker(dsa, synthetic_slide):
     rows = wait_for(lambda: (lambda rows: rows if all(r['cells'] for r in rows) else None)(
         gc.get(f'cellrcnn/folder/{cohort}/results')), 120, 'every slide in the results table')
     assert sorted(r['name'] for r in rows) == names
-    for row in rows:  # each slide's count, from the worker's run, near its true number of nuclei
+    for row in rows:  # each slide's count, from the worker's run, is the one the same detection gives here
         assert row['model'] == 'cellrcnn-default.pt' and row['annotation_id']
-        assert abs(row['cells'] - truth[row['name']]) <= 0.1 * truth[row['name']], (row, truth)
+        assert row['cells'] == local[row['name']] > 100, (row, local)
 
 
 def test_an_image_build_without_the_disk_it_needs_stops_in_one_line(tmp_path):
