@@ -105,6 +105,16 @@ def test_bad_input_gets_one_error_line_and_a_nonzero_exit(tmp_path, image_file, 
     assert message in run.stderr and run.stderr.startswith('cellrcnn: error:')
 
 
+def test_a_checkpoint_that_cannot_be_written_stops_in_one_line(tmp_path, tiny_checkpoint):
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('')
+    out = blocker / 'm.pt'
+    run = subprocess.run([sys.executable, '-m', 'cellrcnn', 'average', str(tiny_checkpoint), str(tiny_checkpoint),
+                          '-o', str(out)], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.count('\n') == 1, run.stderr
+    assert run.stderr.startswith(f'cellrcnn: error: cannot write the checkpoint {out}: ')
+
+
 def test_tiny_image_is_refused(tmp_path, tiny_checkpoint, capsys):
     path = tmp_path / 'small.png'
     cv2.imwrite(str(path), np.zeros((8, 8, 3), np.uint8))

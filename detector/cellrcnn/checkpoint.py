@@ -57,7 +57,10 @@ def save_checkpoint(path, model, half=False, **extra):
              for k, v in model.state_dict().items()}
     payload = {'format': FORMAT, 'version': __version__, 'config': model.config.to_dict(), 'state_dict': state}
     payload.update(extra)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as exc:
+        raise CellRCNNError(f'cannot write the checkpoint {path}: {exc.strerror or exc}') from None
     with atomic_write(path, 'checkpoint', binary=True) as f:
         torch.save(payload, f)
 
