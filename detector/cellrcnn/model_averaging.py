@@ -18,13 +18,13 @@ WEIGHT_SETTINGS = ('backbone', 'backbone_stages', 'backbone_width', 'fpn_channel
                    'image_std', 'mpp', 'class_names', 'cell_types')
 
 
-def average_models(models, weights=None, names=None):
+def average_models(models, weights, names=None):
     """The first of ``models``, its weights replaced by the weighted mean of all the models' floating-point weights
-    and BatchNorm statistics (``weights``: one positive number per model, default equal; normalised). Integer buffers
+    and BatchNorm statistics (``weights``: one positive number per model; normalised). Integer buffers
     (BatchNorm's batch counters) and every inference setting are the first model's. ``names`` name the models in
     errors. A model whose weights mean something else (:data:`WEIGHT_SETTINGS`) is refused in one line."""
     names = names or [f'model {i + 1}' for i in range(len(models))]
-    weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
+    weights = [float(w) for w in weights]
     if len(models) < 2 or len(weights) != len(models) or not all(w > 0 for w in weights):
         raise CellRCNNError(f'averaging needs two or more models and one positive weight each '
                             f'({len(models)} models, weights {weights})')
