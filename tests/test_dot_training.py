@@ -99,7 +99,8 @@ def test_the_class_loss_ignores_unknown_types():
 def bundled_without_cell_types():
     """The bundled model's weights without its cell-type head: a trained model without cell types."""
     typed = load_model()
-    config = dataclasses.replace(typed.config, cell_types=(), cell_type_colors=(), cell_type_labels=())
+    config = dataclasses.replace(typed.config, cell_types=(), cell_type_colors=(), cell_type_labels=(),
+                                 cell_type_bias=())
     model = build_model(config)
     model.load_state_dict({k: v for k, v in typed.state_dict().items() if 'cell_type' not in k})
     return model.eval()
@@ -140,11 +141,29 @@ def test_a_checkpoint_with_cell_types_round_trips_and_classifies(tmp_path):
     assert np.array_equal(boxes, out['boxes']) and np.array_equal(scores, out['scores'])
 
 
+def test_the_type_bias_names_the_types_and_travels_with_the_checkpoint(tmp_path):
+    model = build_model(TYPED)
+    image, _ = make_tile(6, size=128)
+    out = Detector(model, 'cpu', 2, threshold=0.0).detect_tiles_with_types([image], logits=True)[0]
+    assert out['cell_type_logits'].shape == (len(out['boxes']), 2)
+    assert np.array_equal(out['cell_types'], out['cell_type_logits'].argmax(1))
+    save_checkpoint(tmp_path / 'biased.pt', build_model(dataclasses.replace(TYPED, cell_type_bias=(0.0, 30.0))))
+    biased = load_model(tmp_path / 'biased.pt')
+    assert biased.config.cell_type_bias == (0.0, 30.0)
+    out = Detector(biased, 'cpu', 2, threshold=0.0).detect_tiles_with_types([image])[0]
+    assert 'cell_type_logits' not in out and len(out['boxes']) > 0
+    assert (out['cell_types'] == 1).all() and (out['cell_type_scores'] > 0.99).all()
+    assert 'cell_type_bias' not in TYPED.to_dict()  # none: the settings are those of checkpoints made before it
+
+
 def test_bad_cell_type_settings_are_one_line_errors():
     with pytest.raises(CellRCNNError, match='cell_type_colors'):
         dataclasses.replace(TYPED, cell_type_colors=('red', '#ff0000')).validate()
     with pytest.raises(CellRCNNError, match='cell_types must be'):
         dataclasses.replace(TYPED, cell_types=('a', 'a')).validate()
+    for bias in ((0.5,), (0.0, float('nan')), (0.0, 'a')):
+        with pytest.raises(CellRCNNError, match='cell_type_bias needs one number'):
+            dataclasses.replace(TYPED, cell_type_bias=bias).validate()
 
 
 def test_fine_tuning_adds_or_replaces_a_class_head_and_keeps_the_other_weights(tmp_path):
@@ -157,8 +176,11 @@ def test_fine_tuning_adds_or_replaces_a_class_head_and_keeps_the_other_weights(t
     new = model.state_dict()
     for key, value in old.state_dict().items():
         assert torch.equal(new[key], value)
+    model.config = dataclasses.replace(model.config, cell_type_bias=(0.0, 0.4))
     save_checkpoint(tmp_path / 'typed.pt', model)
     typed = load_model(tmp_path / 'typed.pt').state_dict()
+    # the same types again: the bias fitted to the old weights is not kept
+    assert initial_model(TINY, cfg, init=tmp_path / 'typed.pt').config.cell_type_bias == ()
     own = initial_model(TINY, TrainConfig(cell_types=('stromal', 'immune')), init=tmp_path / 'typed.pt')
     assert own.config.cell_types == ('stromal', 'immune')
     head = 'roi_heads.cell_type_predictor.weight'

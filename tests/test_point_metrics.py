@@ -75,3 +75,51 @@ def test_calibration_picks_the_threshold_of_best_centroid_f1():
     assert evaluate_records(model, records, device='cpu')['centroid']['f1'] == pytest.approx(f1)
     for other in (0.05, 0.99):
         assert evaluate_records(model, records, device='cpu', threshold=other)['centroid']['f1'] <= f1
+
+
+def test_the_type_bias_moves_decisions_to_the_best_mean_type_f1():
+    from cellrcnn.evaluate import fit_type_bias
+
+    # six nuclei, truth types 0 0 1 1 1 1; the classifier calls them all type 0, though types 0 and 1 lie apart
+    logits = np.array([[1.05, 0.0], [0.95, 0.0], [0.45, 0.1], [0.45, 0.0], [0.25, 0.0], [0.55, 0.0]], np.float32)
+    boxes = np.array([square(20 * i + 10, 10) for i in range(6)])
+    points = (boxes[:, :2] + boxes[:, 2:]) / 2
+    detections = [{'boxes': boxes, 'cell_type_logits': logits}]
+    truths = [(points, np.array([0, 0, 1, 1, 1, 1]))]
+    before = centroid_metrics([{'boxes': boxes, 'cell_types': logits.argmax(1)}], truths, 6, 2)
+    bias = fit_type_bias(detections, truths, radius=6)
+    after = centroid_metrics([{'boxes': boxes, 'cell_types': (logits + bias).argmax(1)}], truths, 6, 2)
+    assert [t['f1'] for t in before['types']] == pytest.approx([0.5, 0.0])
+    assert [t['f1'] for t in after['types']] == [1.0, 1.0]
+    assert len(bias) == 2 and 0.55 < bias[1] - bias[0] < 0.95
+    # the detections themselves do not change
+    assert (after['tp'], after['fp'], after['fn']) == (before['tp'], before['fp'], before['fn'])
+
+
+def test_calibration_fits_the_type_bias_on_typed_dots_only(typed_checkpoint):
+    from cellrcnn.checkpoint import load_model
+    from cellrcnn.evaluate import calibrate_on_records, evaluate_records
+    from cellrcnn.labels import LabelledImage
+    from cellrcnn.synthetic import make_tile
+
+    def records(classes):
+        out = []
+        for seed in (11, 12):
+            image, boxes = make_tile(seed, size=128)
+            points = (boxes[:, :2] + boxes[:, 2:]) / 2
+            out.append(LabelledImage(image=image, shape=(128, 128), mpp=0.5, points=points,
+                                     boxes=np.full((len(points), 4), np.nan), classes=classes(len(points)),
+                                     source='test', name=f'{seed}.png'))
+        return out
+
+    model = load_model(str(typed_checkpoint))
+    calibrate_on_records(model, records(lambda n: [None] * n), device='cpu')
+    assert model.config.cell_type_bias == ()
+    # every nucleus a stromal cell: the fitted bias calls more of them stromal than the classifier alone
+    stromal = records(lambda n: ['stromal'] * n)
+    plain = evaluate_records(model, stromal, device='cpu')['centroid']['types'][2]
+    calibrate_on_records(model, stromal, device='cpu')
+    bias = model.config.cell_type_bias
+    assert len(bias) == 3 and bias[2] > max(bias[:2])
+    fitted = evaluate_records(model, stromal, device='cpu')['centroid']['types'][2]
+    assert fitted['f1'] > plain['f1']

@@ -122,8 +122,7 @@ def run_train(args):
     # what the run trained with: a resumed run's own settings, not the options of the command that resumed it
     cfg = TrainConfig(**load_checkpoint(os.path.join(args.output, 'last.pt'))['train_config'])
     if cfg.entries and not args.val_data:
-        threshold, f1 = _calibrate_on_entries(model, cfg, args.device)
-        print(f'operating point: score >= {threshold:.3f} (centroid F1 {f1:.3f} on the training images)')
+        _calibrate_on_entries(model, cfg, args.device)
     extra = {'held_out': _report_held_out(model, cfg, args.device)}
     if args.val_data or cfg.synthetic_share > 0:
         val = labelled_set(args.val_data, tile_size=cfg.tile_size, mpp=model.config.mpp,
@@ -142,12 +141,17 @@ def run_train(args):
 
 
 def _calibrate_on_entries(model, cfg, device):
-    """The operating point of best centroid F1 on the images of the real ``--data`` entries trained on."""
+    """Set the operating point of best centroid F1 on the images of the real ``--data`` entries trained on (and the
+    cell-type bias, where they name types), and print it."""
     from .evaluate import calibrate_on_records
     from .training_data import entry_records, entry_weight
 
     records = [r for entry in cfg.entries if entry_weight(entry) > 0 for r in entry_records(entry, cfg, model.config)]
-    return calibrate_on_records(model, records, device=device)
+    threshold, f1 = calibrate_on_records(model, records, device=device)
+    print(f'operating point: score >= {threshold:.3f} (centroid F1 {f1:.3f} on the training images)')
+    bias = model.config.cell_type_bias
+    if bias:
+        print('cell-type bias: ' + ', '.join(f'{name} {b:+.1f}' for name, b in zip(model.config.cell_types, bias)))
 
 
 def _report_held_out(model, cfg, device):
@@ -176,8 +180,7 @@ def run_average(args):
                                for path, weight in zip(args.models, weights)]}
     if args.data:
         cfg = TrainConfig(data=args.data)
-        threshold, f1 = _calibrate_on_entries(model, cfg, args.device)
-        print(f'operating point: score >= {threshold:.3f} (centroid F1 {f1:.3f} on the training images)')
+        _calibrate_on_entries(model, cfg, args.device)
         extra.update(calibrated_on=list(args.data), held_out=_report_held_out(model, cfg, args.device))
     save_checkpoint(args.output, model, half=True, **extra)
     print(f'model written to {args.output}')

@@ -126,6 +126,11 @@ class ModelConfig:
     #: but hardly any two nuclei's centres are that close (``boxes.suppress_close_centres``; docs/training.md).
     centre_distance_um: float = 0.0
     detections_per_mpx: int = 8000
+    #: added to the cell-type classifier's logits before its softmax, one per cell type (empty: none): a correction
+    #: of the type priors the classifier learnt from its training mix, fitted on training images with types
+    #: (``evaluate.calibrate_on_records``; docs/training.md). It changes which type a nucleus is called, never
+    #: whether it is detected.
+    cell_type_bias: tuple = ()
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -139,6 +144,7 @@ class ModelConfig:
         self.cell_types = tuple(self.cell_types)
         self.cell_type_colors = tuple(self.cell_type_colors)
         self.cell_type_labels = tuple(tuple(labels) for labels in self.cell_type_labels)
+        self.cell_type_bias = tuple(self.cell_type_bias)
 
     @property
     def fields(self):
@@ -239,6 +245,9 @@ class ModelConfig:
         if len(self.cell_type_labels) != len(names) or \
                 not all(isinstance(c, str) and len(c) <= 100 for labels in self.cell_type_labels for c in labels):
             raise CellRCNNError('cell_type_labels needs one tuple of class names per cell type')
+        if self.cell_type_bias and (len(self.cell_type_bias) != len(names) or not all(
+                _is_number(b) and abs(b) <= 100 for b in self.cell_type_bias)):
+            raise CellRCNNError('cell_type_bias needs one number (at most 100 in size) per cell type, or none')
 
     def cell_type_index(self):
         """``{class name in labelled data: cell type index}``: each type's own name and its ``cell_type_labels``."""
@@ -249,11 +258,14 @@ class ModelConfig:
         return index
 
     def to_dict(self):
-        """The settings as a dict; without cell types, without their three (empty) settings, as before they were."""
+        """The settings as a dict; without cell types, without their three (empty) settings, as before they were;
+        without a type bias, without its (empty) setting."""
         values = dataclasses.asdict(self)
         if not self.cell_types:
             for name in CELL_TYPE_SETTINGS:
                 del values[name]
+        if not self.cell_type_bias:
+            del values['cell_type_bias']
         return values
 
     @classmethod

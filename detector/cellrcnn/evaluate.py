@@ -4,11 +4,21 @@ import dataclasses
 import time
 
 import numpy as np
+import torch
 
 from .inference import Detector
 from .labels import rescale
 from .metrics import DEFAULT_SIZE_BINS, best_f1_threshold, evaluate
-from .point_metrics import centroid_metrics, format_centroid_report
+from .point_metrics import (
+    box_centres,
+    centroid_metrics,
+    format_centroid_report,
+    match_points,
+    type_confusion,
+    type_figures,
+    unmatched,
+)
+from .roi_heads import name_cell_types
 
 #: a detection finds a dot when its box's centre lies within this many micrometres of it
 CENTROID_RADIUS_UM = 3.0
@@ -46,20 +56,68 @@ def calibrate_threshold(model, samples, device='auto', batch_size=8):
 def calibrate_on_records(model, records, device='auto', batch_size=8, radius_um=CENTROID_RADIUS_UM, step=0.02):
     """Set the model's operating point to the score threshold (on a grid of ``step`` from the box head's floor) that
     maximises centroid F1 within ``radius_um`` on labelled images (``labels.LabelledImage``; dots or boxes); returns
-    ``(threshold, f1)``. Calibrate on training images, never on the held-out ones reported."""
+    ``(threshold, f1)``. For a model with cell types, when some nuclei of ``records`` name them, its
+    ``cell_type_bias`` is then fitted at that threshold (:func:`fit_type_bias`). Calibrate on training images, never
+    on the held-out ones reported."""
     config = model.config
     scaled = [rescale(r, config.mpp) for r in records]
-    outputs = Detector(model, device, batch_size, threshold=config.box_score_thresh).detect_tiles(
-        [r.load() for r in scaled])
+    outputs = Detector(model, device, batch_size, threshold=config.box_score_thresh).detect_tiles_with_types(
+        [r.load() for r in scaled], logits=True)
+    radius = radius_um / config.mpp
     truths = [(r.points, [-1] * len(r)) for r in scaled]
     best = (config.threshold, -1.0)
     for threshold in np.arange(config.box_score_thresh, 1, step):
-        kept = [{'boxes': boxes[scores >= threshold]} for boxes, scores in outputs]
-        f1 = centroid_metrics(kept, truths, radius_um / config.mpp)['f1']
+        kept = [{'boxes': out['boxes'][out['scores'] >= threshold]} for out in outputs]
+        f1 = centroid_metrics(kept, truths, radius)['f1']
         if f1 > best[1]:
             best = (float(threshold), f1)
-    model.config = dataclasses.replace(config, threshold=best[0])  # a new config, not an edit
+    changes = {'threshold': best[0]}
+    index = config.cell_type_index()
+    types = [np.array([index.get(c, -1) for c in r.classes], np.int64) for r in scaled]
+    if config.cell_types and any((t >= 0).any() for t in types):
+        kept = [{k: v[out['scores'] >= best[0]] for k, v in out.items()} for out in outputs]
+        changes['cell_type_bias'] = fit_type_bias(kept, [(r.points, t) for r, t in zip(scaled, types)], radius)
+    model.config = dataclasses.replace(config, **changes)  # a new config, not an edit
     return best
+
+
+def fit_type_bias(detections, truths, radius, grid=np.arange(-2, 2.001, 0.1), rounds=5):
+    """The ``ModelConfig.cell_type_bias`` (a tuple of K floats) under which the detections' types have the best mean
+    per-type F1 against the truth (:func:`point_metrics.centroid_metrics`' per-type figures): coordinate ascent from
+    no bias, each type's bias in turn over ``grid``, until a round changes nothing. ``detections``: per image
+    ``boxes`` and ``cell_type_logits`` (N x K); ``truths``: per image ``(points, types)``, -1 unknown.
+
+    A classifier learns the type priors of its training mix; this moves its decisions to where the labelled
+    images' types are best told apart. Detection does not change."""
+    logits, truth, false_logits, missed = [], [], [], []
+    for det, (points, types) in zip(detections, truths):
+        d, t = match_points(box_centres(det['boxes']), points, radius)
+        logits.append(det['cell_type_logits'][d])
+        truth.append(types[t])
+        false_logits.append(det['cell_type_logits'][unmatched(len(det['boxes']), d)])
+        missed.append(types[unmatched(len(points), t)])
+    logits, false_logits = (torch.from_numpy(np.concatenate(v)) for v in (logits, false_logits))
+    truth, missed = np.concatenate(truth), np.concatenate(missed)
+    num_types = logits.shape[1]
+
+    def mean_f1(bias):
+        detected, false_types = (name_cell_types(v, bias)[0].numpy() for v in (logits, false_logits))
+        confusion = type_confusion(truth, detected, false_types, missed, num_types)
+        return np.mean([f['f1'] for f in type_figures(confusion)])
+
+    bias = [0.0] * num_types
+    best = mean_f1(bias)
+    for _ in range(rounds):
+        before = list(bias)
+        for c in range(num_types):
+            for value in grid:
+                trial = bias[:c] + [round(float(value), 4)] + bias[c + 1:]
+                f1 = mean_f1(trial)
+                if f1 > best + 1e-9:
+                    bias, best = trial, f1
+        if bias == before:
+            break
+    return tuple(bias)
 
 
 def evaluate_records(model, records, device='auto', batch_size=8, threshold=None, radius_um=CENTROID_RADIUS_UM):

@@ -21,12 +21,13 @@ from .boxes import suppress_close_centres
 from .devices import autocast, keep_freed_memory, resolve_device
 from .errors import CellRCNNError
 from .model import CellRCNN, to_tensor
+from .roi_heads import name_cell_types
 
 if TYPE_CHECKING:
     from .config import ModelConfig
 
-#: what a tile's detections hold (the cell types only for a model with them)
-_OUTPUTS = ('boxes', 'scores', 'cell_types', 'cell_type_scores')
+#: what the model gives for a tile's detections (the cell-type logits only for a model with cell types)
+_OUTPUTS = ('boxes', 'scores', 'cell_type_logits')
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,10 +128,11 @@ class Detector:
         """
         return [(out['boxes'], out['scores']) for out in self.detect_tiles_with_types(tiles)]
 
-    def detect_tiles_with_types(self, tiles, parts=False):
+    def detect_tiles_with_types(self, tiles, parts=False, logits=False):
         """:meth:`detect_tiles` as a dict per tile: ``boxes``, ``scores`` and, for a model with cell types
         (``ModelConfig.cell_types``), ``cell_types`` (int64 N, index into them) and ``cell_type_scores`` (float32 N,
-        that type's probability).
+        that type's probability), both with the model's ``cell_type_bias`` (``roi_heads.name_cell_types``), and with
+        ``logits`` the classifier's own ``cell_type_logits`` (float32 N x K) too.
 
         Each tile is an image of its own, its detections suppressed by centre distance
         (``ModelConfig.centre_distance_um``), unless ``parts``: tiles of one slide, whose detections are merged
@@ -140,7 +142,7 @@ class Detector:
         while start < len(tiles):
             chunk = tiles[start:start + self.batch_size]
             try:
-                results.extend(self._run(chunk, parts))
+                results.extend(self._run(chunk, parts, logits))
             except torch.cuda.OutOfMemoryError:
                 if self.batch_size == 1:
                     raise CellRCNNError('the GPU ran out of memory with one tile per batch; use a smaller '
@@ -152,7 +154,7 @@ class Detector:
         return results
 
     @torch.no_grad()
-    def _run(self, tiles, parts):
+    def _run(self, tiles, parts, logits):
         """Tiles of one size run together: a smaller tile padded to a larger one's size would take the padding for
         image, and its detections would depend on the tiles it was batched with."""
         results = [None] * len(tiles)
@@ -167,6 +169,11 @@ class Detector:
             for i, out in zip(same, outputs):
                 keep = out['scores'] >= self.threshold
                 kept = {key: out[key][keep] for key in _OUTPUTS if key in out}
+                if 'cell_type_logits' in kept:
+                    kept['cell_types'], kept['cell_type_scores'] = name_cell_types(
+                        kept['cell_type_logits'], self.model.config.cell_type_bias)
+                    if not logits:
+                        del kept['cell_type_logits']
                 result = {key: (v.float() if v.is_floating_point() else v).cpu().numpy() for key, v in kept.items()}
                 if not parts:
                     far = suppress_close_centres(result['boxes'], result['scores'], distance)

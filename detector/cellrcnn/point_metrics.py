@@ -66,20 +66,38 @@ def centroid_metrics(detections, truths, radius, num_types=0):
         tp, n_pred, n_gt = tp + len(d), n_pred + len(centres), n_gt + len(points)
         if num_types:
             detected_types = np.asarray(det['cell_types'], np.int64)
-            known = types[t] >= 0
-            np.add.at(confusion, (types[t][known], detected_types[d][known]), 1)
-            unmatched = np.setdiff1d(np.arange(len(centres)), d)
-            np.add.at(confusion, (num_types, detected_types[unmatched]), 1)
-            missed = np.setdiff1d(np.arange(len(points)), t)
-            missed = missed[types[missed] >= 0]
-            np.add.at(confusion, (types[missed], num_types), 1)
+            confusion += type_confusion(types[t], detected_types[d], detected_types[unmatched(len(centres), d)],
+                                        types[unmatched(len(points), t)], num_types)
     out = _prf(tp, n_pred - tp, n_gt - tp)
     out.update(n_gt=n_gt, n_pred=n_pred, radius=float(radius))
     if num_types:
-        out['types'] = [_prf(int(confusion[c, c]), int(confusion[:, c].sum() - confusion[c, c]),
-                             int(confusion[c, :].sum() - confusion[c, c])) for c in range(num_types)]
+        out['types'] = type_figures(confusion)
         out['confusion'] = confusion.tolist()
     return out
+
+
+def unmatched(count, matched):
+    """The indices below ``count`` not in ``matched``."""
+    return np.setdiff1d(np.arange(count), matched)
+
+
+def type_confusion(truth, detected, false_types, missed, num_types):
+    """The (K + 1) x (K + 1) confusion matrix of matched pairs (their ``truth`` and ``detected`` types; pairs of
+    unknown truth, -1, left out), false detections (their types, ``false_types``) and missed nuclei (their types,
+    ``missed``; unknown ones left out)."""
+    confusion = np.zeros((num_types + 1, num_types + 1), np.int64)
+    known = truth >= 0
+    np.add.at(confusion, (truth[known], detected[known]), 1)
+    np.add.at(confusion, (num_types, false_types), 1)
+    np.add.at(confusion, (missed[missed >= 0], num_types), 1)
+    return confusion
+
+
+def type_figures(confusion):
+    """Per type, ``tp, fp, fn, precision, recall, f1`` of a :func:`type_confusion` matrix."""
+    confusion = np.asarray(confusion)
+    return [_prf(int(confusion[c, c]), int(confusion[:, c].sum() - confusion[c, c]),
+                 int(confusion[c, :].sum() - confusion[c, c])) for c in range(len(confusion) - 1)]
 
 
 def _prf(tp, fp, fn):

@@ -3,9 +3,10 @@
 Detection is torchvision's ``RoIHeads`` unchanged at inference: the same scores, thresholds and NMS, the same
 boxes. The cell-type classifier (``cell_type_predictor``, a linear K-way softmax on the box head's representation)
 is apart from detection: at inference it runs on the box head's features of the final detections (their refined
-boxes, pooled again) and adds ``cell_types`` (int64, index into ``ModelConfig.cell_types``) and
-``cell_type_scores`` (float32, that type's softmax probability) to each image's output. A model without cell types
-has no classifier and no such keys, and its weights are those of every checkpoint made before the classifier.
+boxes, pooled again) and adds ``cell_type_logits`` (float32 N x K) to each image's output, which
+:func:`name_cell_types` turns into types and their probabilities with the model's type bias. A model without cell
+types has no classifier and no such key, and its weights are those of every checkpoint made before the
+classifier.
 
 Training (``targets`` has the target keys and match codes): proposals are matched to nuclei by IoU as torchvision
 does, with dot-only nuclei (``has_extent`` False) matched through their prior squares, never regressed, and the
@@ -74,11 +75,17 @@ class CellRoIHeads(RoIHeads):
         return torch.where(positive[0] | negative[0])[0]
 
     def _classify(self, features, result, image_shapes):
-        """Add ``cell_types`` and ``cell_type_scores`` to each image's detections (in place)."""
+        """Add ``cell_type_logits`` to each image's detections (in place)."""
         boxes = [r['boxes'] for r in result]
         logits = self.cell_type_predictor(self.box_head(self.box_roi_pool(features, boxes, image_shapes)))
-        scores, types = torch.softmax(logits.float(), dim=1).max(dim=1)
-        for r, image_types, image_scores in zip(result, types.split([len(b) for b in boxes]),
-                                                scores.split([len(b) for b in boxes])):
-            r['cell_types'] = image_types
-            r['cell_type_scores'] = image_scores
+        for r, image_logits in zip(result, logits.float().split([len(b) for b in boxes])):
+            r['cell_type_logits'] = image_logits
+
+
+def name_cell_types(logits, bias=()):
+    """``(types, probabilities)`` of N detections from their cell-type ``logits`` (float N x K tensor): the type of
+    the largest logit plus ``bias`` (``ModelConfig.cell_type_bias``; empty: none) and its softmax probability."""
+    if len(bias):
+        logits = logits + torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+    scores, types = torch.softmax(logits, dim=1).max(dim=1)
+    return types, scores

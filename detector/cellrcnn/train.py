@@ -95,13 +95,14 @@ class TrainConfig:
         return self.point_box_size or self.dot_box_um / config.mpp
 
     def cell_type_settings(self):
-        """The ``ModelConfig`` settings ``cell_types``, ``cell_type_colors`` and ``cell_type_labels`` these ask for."""
+        """The ``ModelConfig`` settings ``cell_types``, ``cell_type_colors`` and ``cell_type_labels`` these ask for,
+        and no ``cell_type_bias`` (calibration fits one to the trained weights)."""
         names = tuple(spec.partition('=')[0].strip() for spec in self.cell_types)
         labels = tuple(tuple(x.strip() for x in spec.partition('=')[2].split('+') if x.strip())
                        for spec in self.cell_types)
         colors = tuple(self.cell_type_colors) or tuple(CELL_TYPE_PALETTE[i % len(CELL_TYPE_PALETTE)]
                                                        for i in range(len(names)))
-        return {'cell_types': names, 'cell_type_colors': colors, 'cell_type_labels': labels}
+        return {'cell_types': names, 'cell_type_colors': colors, 'cell_type_labels': labels, 'cell_type_bias': ()}
 
     def validate(self):
         for name in ('steps', 'batch_size', 'tile_size', 'synthetic_tiles', 'checkpoint_every'):
@@ -149,14 +150,15 @@ def initial_model(model_config, cfg, init=None):
     """The model training starts from: ``init``'s weights (fine-tuning; its configuration kept) or ``model_config``
     built from scratch, with the cell types ``cfg`` asks for. ``init``'s own cell types are kept when ``cfg`` names
     none or the same; other types (a lab's own, say, on the bundled model) get a class head of their own, which
-    starts from random weights, while every other weight of ``init`` is kept."""
+    starts from random weights, while every other weight of ``init`` is kept. ``init``'s cell-type bias is not
+    kept: it was fitted to ``init``'s weights (calibration fits the new model's own)."""
     wanted = cfg.cell_type_settings() if cfg.cell_types else {}
     if not init:
         return build_model(dataclasses.replace(model_config, **wanted))
     payload = load_checkpoint(init)
-    stored = stored_config(payload, init)
+    stored = dataclasses.replace(stored_config(payload, init), cell_type_bias=())
     if not wanted or wanted['cell_types'] == stored.cell_types:
-        return model_from_checkpoint(payload, source=init)
+        return model_from_checkpoint(payload, source=init, config=stored)
     head = 'roi_heads.cell_type_predictor.'
     model = build_model(dataclasses.replace(stored, **wanted))
     kept = {k: v for k, v in model_from_checkpoint(payload, source=init).state_dict().items() if not k.startswith(head)}
