@@ -382,6 +382,8 @@ def test_cell_types_learnt_from_one_annotation_per_type(server, typed, tmp_path)
     config = load_model(result.model_path).config
     assert config.cell_types == ('small', 'large') and config.cell_type_labels == ((), ('big',))
     assert config.cell_type_colors == ('#ff0000', CELL_TYPE_PALETTE[1])  # big nuclei were drawn in two colours
+    # the type bias is fitted on the training slides' nuclei (the bundled model's own is not kept)
+    assert len(config.cell_type_bias) == 2 and result.model_config.cell_type_bias == config.cell_type_bias
     held = typed['c_heldout.tiff']
     m = result.class_metrics
     assert [t['tp'] + t['fn'] for t in m['types']] == [(held == 'small').sum(), (held == 'big').sum()]
@@ -395,6 +397,7 @@ def test_cell_types_learnt_from_one_annotation_per_type(server, typed, tmp_path)
             ) in card
     assert f"| large | large, big | `{CELL_TYPE_PALETTE[1]}` | {(trained == 'big').sum()} |" in card
     assert '| truth \\ detected | small | large | missed |' in card
+    assert 'Cell-type bias (added to the classifier' in card and f'small {config.cell_type_bias[0]:+.1f}' in card
     assert f"| no nucleus | {' | '.join(map(str, m['confusion'][2]))} |" in card
     lines = training_summary_lines(result)
     assert 'held-out cell types:' in lines and any(line.startswith('small ') for line in lines)

@@ -91,15 +91,15 @@ def type_colors(slides, config):
                  else CELL_TYPE_PALETTE[i % len(CELL_TYPE_PALETTE)] for i, colors in enumerate(seen))
 
 
-def heldout_records(samples, config):
-    """Four-part held-out samples (``labelled_slides.region_samples`` with a type index) as labelled images
-    (``labels.LabelledImage`` at ``config.mpp``, classes named by ``config``'s cell types), for
-    :func:`cellrcnn.evaluate.evaluate_records`."""
+def sample_records(samples, config):
+    """Four-part samples of training or held-out slides (``labelled_slides.region_samples`` with a type index) as
+    labelled images (``labels.LabelledImage`` at ``config.mpp``, classes named by ``config``'s cell types), for
+    :mod:`cellrcnn.evaluate`'s functions on records."""
     from .labels.record import LabelledImage
     from .point_metrics import box_centres
 
     return [LabelledImage(image, image.shape[:2], config.mpp, box_centres(boxes), boxes,
-                          [config.cell_types[t] if t >= 0 else None for t in types], 'held-out slides', f'tile {i}')
+                          [config.cell_types[t] if t >= 0 else None for t in types], 'slides', f'tile {i}')
             for i, (image, boxes, _, types) in enumerate(samples)]
 
 
@@ -114,9 +114,13 @@ def card_lines(config, class_from, metrics, train_slides, heldout_slides, radius
              f'A nucleus\' class is {_CLASS_WORDS[class_from]}; nuclei of another class or of none '
              f'({trained_unknown} training, {held_unknown} held out) taught detection only. Held-out figures: a '
              f'detection matches a nucleus when its box centre lies within {radius_um:g} µm of the nucleus\' centre, '
-             'one to one, at the operating point; a matched nucleus of another type counts against both types.', '',
-             '| cell type | classes | colour | training nuclei | held-out nuclei | precision | recall | F1 |',
-             '|---|---|---|---|---|---|---|---|']
+             'one to one, at the operating point; a matched nucleus of another type counts against both types.', '']
+    if config.cell_type_bias:
+        lines += ['Cell-type bias (added to the classifier\'s logits; the best mean per-type F1 on the training '
+                  'slides\' nuclei): ' + ', '.join(f'{n} {b:+.1f}' for n, b in zip(names, config.cell_type_bias))
+                  + '.', '']
+    lines += ['| cell type | classes | colour | training nuclei | held-out nuclei | precision | recall | F1 |',
+              '|---|---|---|---|---|---|---|---|']
     for i, name in enumerate(names):
         m = metrics['types'][i] if 'types' in metrics else None
         figures = f"{m['precision']:.3f} | {m['recall']:.3f} | **{m['f1']:.3f}**" if m else '- | - | -'

@@ -60,25 +60,41 @@ def calibrate_on_records(model, records, device='auto', batch_size=8, radius_um=
     ``cell_type_bias`` is then fitted at that threshold (:func:`fit_type_bias`). Calibrate on training images, never
     on the held-out ones reported."""
     config = model.config
-    scaled = [rescale(r, config.mpp) for r in records]
-    outputs = Detector(model, device, batch_size, threshold=config.box_score_thresh).detect_tiles_with_types(
-        [r.load() for r in scaled], logits=True)
-    radius = radius_um / config.mpp
+    scaled, outputs = _detect_records(model, records, device, batch_size)
     truths = [(r.points, [-1] * len(r)) for r in scaled]
     best = (config.threshold, -1.0)
     for threshold in np.arange(config.box_score_thresh, 1, step):
         kept = [{'boxes': out['boxes'][out['scores'] >= threshold]} for out in outputs]
-        f1 = centroid_metrics(kept, truths, radius)['f1']
+        f1 = centroid_metrics(kept, truths, radius_um / config.mpp)['f1']
         if f1 > best[1]:
             best = (float(threshold), f1)
-    changes = {'threshold': best[0]}
+    model.config = dataclasses.replace(config, threshold=best[0])  # a new config, not an edit
+    _fit_type_bias_on(model, scaled, outputs, radius_um)
+    return best
+
+
+def calibrate_type_bias(model, records, device='auto', batch_size=8, radius_um=CENTROID_RADIUS_UM):
+    """Fit the ``cell_type_bias`` of a model with cell types at its operating point on labelled images whose nuclei
+    name some of them (:func:`fit_type_bias`; else nothing changes); returns the bias."""
+    _fit_type_bias_on(model, *_detect_records(model, records, device, batch_size), radius_um)
+    return model.config.cell_type_bias
+
+
+def _detect_records(model, records, device, batch_size):
+    """``(records rescaled to the model's scale, their detections above the box head's floor with type logits)``."""
+    scaled = [rescale(r, model.config.mpp) for r in records]
+    detector = Detector(model, device, batch_size, threshold=model.config.box_score_thresh)
+    return scaled, detector.detect_tiles_with_types([r.load() for r in scaled], logits=True)
+
+
+def _fit_type_bias_on(model, scaled, outputs, radius_um):
+    config = model.config
     index = config.cell_type_index()
     types = [np.array([index.get(c, -1) for c in r.classes], np.int64) for r in scaled]
     if config.cell_types and any((t >= 0).any() for t in types):
-        kept = [{k: v[out['scores'] >= best[0]] for k, v in out.items()} for out in outputs]
-        changes['cell_type_bias'] = fit_type_bias(kept, [(r.points, t) for r, t in zip(scaled, types)], radius)
-    model.config = dataclasses.replace(config, **changes)  # a new config, not an edit
-    return best
+        kept = [{k: v[out['scores'] >= config.threshold] for k, v in out.items()} for out in outputs]
+        bias = fit_type_bias(kept, [(r.points, t) for r, t in zip(scaled, types)], radius_um / config.mpp)
+        model.config = dataclasses.replace(config, cell_type_bias=bias)
 
 
 def fit_type_bias(detections, truths, radius, grid=np.arange(-2, 2.001, 0.1), rounds=5):

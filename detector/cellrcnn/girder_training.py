@@ -212,9 +212,9 @@ def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, setti
     :param progress: a :class:`cellrcnn.progress.Progress`, given the percentage done and a line per step.
     :returns: a :class:`TrainingResult`.
     """
-    from .annotation_classes import annotation_names, heldout_records, typed_config
+    from .annotation_classes import annotation_names, sample_records, typed_config
     from .checkpoint import BUNDLED_MODEL, load_model
-    from .evaluate import calibrate_threshold, evaluate_model, evaluate_records
+    from .evaluate import calibrate_threshold, calibrate_type_bias, evaluate_model, evaluate_records
     from .girder_api import upload_files
     from .train import TrainConfig, train
 
@@ -262,12 +262,14 @@ def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, setti
 
     advance(90, 'calibrating on the training slides, evaluating on the held-out slides')
     threshold, train_f1 = calibrate_threshold(model, train_samples, device=st.device)
+    if model.config.cell_types:
+        calibrate_type_bias(model, sample_records(train_samples, model.config), device=st.device)
     metrics = evaluate_model(model, heldout_samples, device=st.device)
     result = TrainingResult(os.path.join(out_dir, f'{name}.pt'), os.path.join(out_dir, f'{name}.md'),
                             train_slides, heldout_slides, metrics, initial, float(threshold), float(train_f1),
                             timings, model_config=model.config)
     if model.config.cell_types:
-        result.class_metrics = evaluate_records(model, heldout_records(heldout_samples, model.config),
+        result.class_metrics = evaluate_records(model, sample_records(heldout_samples, model.config),
                                                 device=st.device)['centroid']
     _write_model(result, model, cfg, name, st, init, base.config.mpp, names, folder_id, api_url)
     if output_folder:
