@@ -9,9 +9,10 @@ import numpy as np
 from PIL import Image
 
 CHROMIUM = '/usr/bin/chromium'
-_MAP = "window.geo.jQuery('.geojs-map').data('data-geojs-map')"
+#: JavaScript that gives the page's geojs map
+MAP = "window.geo.jQuery('.geojs-map').data('data-geojs-map')"
 #: the number of data items the map's annotation features hold (0 before any annotation is drawn)
-FEATURES = f'''() => {{ const m = {_MAP}; if (!m) return 0; let n = 0;
+FEATURES = f'''() => {{ const m = {MAP}; if (!m) return 0; let n = 0;
     m.layers().forEach(l => (l.features ? l.features() : []).forEach(f => {{ n += (f.data() || []).length; }}));
     return n; }}'''
 
@@ -38,7 +39,7 @@ def wait_drawn(page, above=0, timeout=600, started=None):
     started = time.perf_counter() if started is None else started
     page.wait_for_function(f'() => ({FEATURES})() > {above}', timeout=timeout * 1000, polling=100)
     first = time.perf_counter() - started
-    page.evaluate(f'() => new Promise(done => {_MAP}.onIdle(() => done(true)))')
+    page.evaluate(f'() => new Promise(done => {MAP}.onIdle(() => done(true)))')
     return first, time.perf_counter() - started
 
 
@@ -49,7 +50,7 @@ def move(page, halvings=None, screens=(0, 0), timeout=120):
     transform) while it waits to redraw it, and clears the transform when it has; the map's idle state does not
     wait for that."""
     started = time.perf_counter()
-    page.evaluate(f'''([halvings, sx, sy, timeout]) => new Promise((done, fail) => {{ const m = {_MAP};
+    page.evaluate(f'''([halvings, sx, sy, timeout]) => new Promise((done, fail) => {{ const m = {MAP};
         if (halvings !== null) {{
             const tiles = m.layers().find(l => l.options && l.options.maxLevel !== undefined);
             m.zoom(tiles.options.maxLevel - halvings);
