@@ -88,6 +88,9 @@ def _detect_records(model, records, device, batch_size):
 
 
 def _fit_type_bias_on(model, scaled, outputs, radius_um):
+    """Set the model's ``cell_type_bias`` to :func:`fit_type_bias`'s on its detections at its operating point
+    (``outputs``, with type logits, of the records ``scaled``), when the model has cell types and the records name
+    some of them."""
     config = model.config
     index = config.cell_type_index()
     types = [np.array([index.get(c, -1) for c in r.classes], np.int64) for r in scaled]
