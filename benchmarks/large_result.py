@@ -46,7 +46,7 @@ from cellrcnn.checkpoint import BUNDLED_MODEL, load_model
 from cellrcnn.devstack.local_girder import ADMIN, GirderServer, girder_python
 from cellrcnn.devstack.viewer import CHROMIUM, FEATURES, MAP, log_in, move, open_slide, renderer_processes, wait_drawn
 from cellrcnn.girder_post import post_annotation_files
-from cellrcnn.nuclei_map import nuclei_map_annotation
+from cellrcnn.nuclei_map import nuclei_map_annotation, rgb_components
 from cellrcnn.synthetic import write_slide
 
 #: slide pixels (20x) per nucleus on the synthetic slides, glass included (64 071 nuclei on 12288², 180 047 on 16384²)
@@ -120,12 +120,9 @@ def write_label_image(path, boxes, width, height):
 def pixelmap_annotation(item_id, types, names, colors, attributes):
     """A shown annotation of one pixelmap element over the label image item ``item_id``: region 0 is nothing,
     region k nucleus k, whose value is its cell type's category (each type's colour on the outline only)."""
-    def rgba(color, alpha):
-        return f'rgba({int(color[1:3], 16)}, {int(color[3:5], 16)}, {int(color[5:7], 16)}, {alpha})'
-
-    categories = [{'label': 'none', 'fillColor': 'rgba(0, 0, 0, 0)', 'strokeColor': 'rgba(0, 0, 0, 0)'}]
-    categories += [{'label': name, 'fillColor': rgba(color, 0), 'strokeColor': rgba(color, 1)}
-                   for name, color in zip(names, colors)]
+    categories = [{'label': 'none', 'fillColor': 'rgba(0,0,0,0)', 'strokeColor': 'rgba(0,0,0,0)'}]
+    categories += [{'label': name, 'fillColor': f'rgba({rgb_components(color)},0)',
+                    'strokeColor': f'rgba({rgb_components(color)},1)'} for name, color in zip(names, colors)]
     element = {'type': 'pixelmap', 'girderId': item_id, 'boundaries': True, 'categories': categories,
                'values': [0] + (np.asarray(types) + 1).tolist()}
     return {'name': 'cellrcnn nuclei pixelmap', 'attributes': attributes, 'display': {'visible': True},

@@ -31,7 +31,7 @@ UNTYPED_COLOR = 'rgb(0,160,0)'
 _ONE, _CROWD = 0.6, 0.9
 
 
-def _rgb(color):
+def rgb_components(color):
     """The 'r,g,b' of a colour written ``#rrggbb`` (as models name their cell types' colours) or ``rgb(r,g,b)``."""
     text = color.replace(' ', '') if isinstance(color, str) else ''
     if re.fullmatch(r'#[0-9a-fA-F]{6}', text):
@@ -45,7 +45,7 @@ def _element(boxes, color, label, decimals):
     """One heatmap element: the centres of ``boxes`` (N x 4, base pixels) with intensity 1, each a blob of
     :data:`DOT_RADIUS` screen pixels."""
     centres = np.round(np.column_stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2]), decimals)
-    rgb = _rgb(color)
+    rgb = rgb_components(color)
     element = {'type': 'heatmap', 'points': [[x, y, 0, 1] for x, y in centres.tolist()],
                'radius': DOT_RADIUS, 'scaleWithZoom': False, 'normalizeRange': True,
                'colorRange': [f'rgba({rgb},0)', f'rgba({rgb},{_ONE})', f'rgba({rgb},{_CROWD})'],
