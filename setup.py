@@ -21,6 +21,8 @@ setup(
         'torch>=2.6',
         'torchvision',
         'large-image[tiff,pil]',
+        # the nuclei pixelmap's label image (cellrcnn.nuclei_pixelmap)
+        'tifffile',
         'pyvips',
         'pyvips-binary',
         'opencv-python-headless',

@@ -1,5 +1,5 @@
 """A whole slide's nuclei in HistomicsUI: seconds to store a large result and to draw it, boxes against the nuclei map
-(and against a pixelmap).
+(and against the map with the pixelmap).
 
     ./install.sh --with-dsa    # Girder with the DSA plugins and its web client (.venv-girder), Chromium, Playwright
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/large_result.py [--nuclei 100000] [--views map boxes]
@@ -18,15 +18,15 @@ has stored it), then opens the slide in HistomicsUI in headless Chromium and, fo
 - **pan**: seconds to redraw after zooming in to 10x and moving half a screen;
 - **memory**: the browser's renderer processes' largest resident set, and the page's JavaScript heap.
 
-The **pixelmap** view (alone: ``--views pixelmap``) measures a form the product does not post yet: the nuclei as one
-large_image ``pixelmap`` element. A label image (a tiled pyramidal RGB TIFF at the slide's scale, a pixel's label
-``R + 256 G + 65536 B``; nucleus k's box is label 2k inside and 2k + 1 on its one-pixel outline, ``boundaries``) is
-uploaded as a large image item; the element names that item and gives each nucleus its cell type (``values``), each
-type a category with its colour on the outline and a clear inside. large_image keeps a ``values`` array of more than
-100 000 in a file beside the element, and HistomicsUI draws the element as a tile layer. "Stored" is then the label
-image written, uploaded and a large image, plus the annotation stored; "first drawn" is until its layer exists and
-the map is idle; each zoom (5x, 10x, 20x) and pan is timed until the map is idle again. The nuclei map is not posted
-in this view.
+The **pixelmap** view (alone: ``--views pixelmap``) measures what the CellDetection task posts for a large result
+(``cellrcnn.nuclei_pixelmap``): the nuclei map with one large_image ``pixelmap`` element. The pixelmap's label image
+(a tiled pyramidal RGB TIFF the size of the slide; nucleus k's box is label 2k inside and 2k + 1 on its one-pixel
+outline; the levels below 10x empty, where the map shows the nuclei) is uploaded as a large image item; the element
+names that item and gives each nucleus its cell type (``values``), each type a category with its colour on the
+outline and a clear inside. large_image keeps a ``values`` array of more than 100 000 in a file beside the element,
+and HistomicsUI draws the element as a tile layer. "Stored" is then the label image written, uploaded and a large
+image, plus the annotations stored; "first drawn" is until the pixelmap's layer exists and the map is idle; each
+zoom (5x, 10x, 20x) and pan is timed until the map is idle and its heatmaps redrawn.
 
 Screenshots of each view zoomed out and in go to ``--screenshots``. Prints one line per step.
 """
@@ -39,20 +39,18 @@ import time
 
 import numpy as np
 import psutil
-import tifffile
 
 from cellrcnn.annotation import DEFAULT_NAME, write_annotation, write_detections_annotation
 from cellrcnn.checkpoint import BUNDLED_MODEL, load_model
 from cellrcnn.devstack.local_girder import ADMIN, GirderServer, girder_python
 from cellrcnn.devstack.viewer import CHROMIUM, FEATURES, MAP, log_in, move, open_slide, renderer_processes, wait_drawn
 from cellrcnn.girder_post import post_annotation_files
-from cellrcnn.nuclei_map import nuclei_map_annotation, rgb_components
+from cellrcnn.nuclei_map import nuclei_map_annotation
+from cellrcnn.nuclei_pixelmap import pixelmap_annotation, write_label_image
 from cellrcnn.synthetic import write_slide
 
 #: slide pixels (20x) per nucleus on the synthetic slides, glass included (64 071 nuclei on 12288², 180 047 on 16384²)
 AREA_PER_NUCLEUS = 2400
-#: the label image's tile side
-TILE = 256
 
 
 def synthetic_result(boxes, seed):
@@ -60,73 +58,6 @@ def synthetic_result(boxes, seed):
     three, drawn at random: the synthetic tissue has no types)."""
     rng = np.random.default_rng(seed)
     return boxes, rng.uniform(0.5, 1.0, len(boxes)), rng.integers(0, 3, len(boxes))
-
-
-def _tile_boxes(boxes, rows, cols):
-    """``{(tile row, tile column): sorted indices of the boxes touching that tile}``."""
-    x0, y0 = (np.clip(boxes[:, k] // TILE, 0, n - 1).astype(int) for k, n in ((0, cols), (1, rows)))
-    x1, y1 = (np.clip(np.ceil(boxes[:, k]) // TILE, 0, n - 1).astype(int) for k, n in ((2, cols), (3, rows)))
-    one = (x0 == x1) & (y0 == y1)  # most boxes lie within one tile: grouped at once
-    keys = y0[one] * cols + x0[one]
-    order = np.argsort(keys, kind='stable')
-    tiles, starts = np.unique(keys[order], return_index=True)
-    index = {divmod(int(k), cols): list(part) for k, part in zip(tiles, np.split(np.flatnonzero(one)[order],
-                                                                                  starts[1:]))}
-    for i in np.flatnonzero(~one).tolist():
-        for ty in range(y0[i], y1[i] + 1):
-            for tx in range(x0[i], x1[i] + 1):
-                index.setdefault((ty, tx), []).append(i)
-    for ids in index.values():
-        ids.sort()
-    return index
-
-
-def _label_tiles(boxes, width, height):
-    """The RGB tiles, row by row, of the label image of ``boxes`` (in this level's pixels) on a width x height
-    level: nucleus k (from 1) is 2k inside its box and 2k + 1 on the box's outermost pixels; later boxes cover
-    earlier ones."""
-    rows, cols = -(-height // TILE), -(-width // TILE)
-    index = _tile_boxes(boxes, rows, cols)
-    corners = np.column_stack([np.floor(boxes[:, :2]), np.maximum(np.ceil(boxes[:, 2:]), np.floor(boxes[:, :2]) + 1)])
-    corners = corners.astype(np.int64)
-    for ty in range(rows):
-        for tx in range(cols):
-            label = np.zeros((TILE, TILE), np.int64)
-            for i in index.get((ty, tx), ()):
-                x0, y0, x1, y1 = corners[i] - [tx * TILE, ty * TILE, tx * TILE, ty * TILE]
-                label[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = 2 * i + 3
-                label[max(y0 + 1, 0):max(y1 - 1, 0), max(x0 + 1, 0):max(x1 - 1, 0)] = 2 * i + 2
-            yield np.stack([label & 255, label >> 8 & 255, label >> 16 & 255], axis=-1).astype(np.uint8)
-
-
-def write_label_image(path, boxes, width, height):
-    """The pixelmap's label image of ``boxes`` on a width x height slide: a tiled RGB TIFF with a level per halving
-    down to one tile, each level drawn from the boxes themselves (labels are never averaged)."""
-    if 2 * len(boxes) + 3 >= 1 << 24:
-        raise ValueError(f'{len(boxes)} nuclei do not fit in 24-bit labels')
-    boxes = np.asarray(boxes, np.float64)
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        scale = 1
-        while True:
-            w, h = -(-width // scale), -(-height // scale)
-            tif.write(_label_tiles(boxes / scale, w, h), shape=(h, w, 3), dtype=np.uint8, tile=(TILE, TILE),
-                      photometric='rgb', compression='zlib', compressionargs={'level': 1},
-                      subfiletype=0 if scale == 1 else 1, metadata=None)
-            if max(w, h) <= TILE:
-                break
-            scale *= 2
-
-
-def pixelmap_annotation(item_id, types, names, colors, attributes):
-    """A shown annotation of one pixelmap element over the label image item ``item_id``: region 0 is nothing,
-    region k nucleus k, whose value is its cell type's category (each type's colour on the outline only)."""
-    categories = [{'label': 'none', 'fillColor': 'rgba(0,0,0,0)', 'strokeColor': 'rgba(0,0,0,0)'}]
-    categories += [{'label': name, 'fillColor': f'rgba({rgb_components(color)},0)',
-                    'strokeColor': f'rgba({rgb_components(color)},1)'} for name, color in zip(names, colors)]
-    element = {'type': 'pixelmap', 'girderId': item_id, 'boundaries': True, 'categories': categories,
-               'values': [0] + (np.asarray(types) + 1).tolist()}
-    return {'name': 'cellrcnn nuclei pixelmap', 'attributes': attributes, 'display': {'visible': True},
-            'elements': [element]}
 
 
 def renderer_memory():
@@ -207,14 +138,14 @@ def main():
         if args.views == ['pixelmap']:
             started = time.perf_counter()
             labels = os.path.join(tmp, 'nuclei-labels.tiff')
-            write_label_image(labels, boxes, side, side)
+            write_label_image(labels, boxes, side, side, mpp=0.5)
             written = time.perf_counter() - started
             label_item, _ = server.upload_slide(labels, timeout=args.timeout)
             print(f'label image written in {written:.1f} s ({os.path.getsize(labels) / 1e6:.0f} MB), uploaded and a '
                   f'large image {time.perf_counter() - started - written:.1f} s later', flush=True)
-            files = [write_annotation(pixelmap_annotation(label_item, types, config.cell_types,
-                                                          config.cell_type_colors, attributes),
-                                      os.path.join(tmp, 'pixelmap.anot.json'))]
+            files = [map_file, write_annotation(pixelmap_annotation(label_item, nuclei, types, config.cell_types,
+                                                                    colors, attributes=attributes),
+                                                os.path.join(tmp, 'pixelmap.anot.json'))]
         for result in post_annotation_files(server.api_url, server.token, item_id, files,
                                             ingest_timeout=args.timeout):
             print(f'stored {result["name"]!r} ({result["elements"]} elements, {result["route"]} route) in '

@@ -22,6 +22,7 @@ from cellrcnn.annotation import detections_to_annotation
 from cellrcnn.density import density_annotation
 from cellrcnn.devstack.local_girder import girder_python
 from cellrcnn.nuclei_map import nuclei_map_annotation
+from cellrcnn.nuclei_pixelmap import pixelmap_annotation
 
 
 def _annotation_schema():
@@ -93,6 +94,14 @@ def test_nuclei_map_is_valid():
     assert typed['elements'][0]['colorRange'][-1] == 'rgba(60,120,216,0.9)'
     validate(nuclei_map_annotation(BOXES, visible=False))
     validate(nuclei_map_annotation(np.zeros((0, 4))))
+
+
+def test_nuclei_pixelmap_is_valid():
+    """Once large_image has put the label image's item id in place of the output's name."""
+    colors = {'lymphocyte': '#0000ff', 'stromal': 'rgb(0,160,0)'}
+    validate(pixelmap_annotation('0123456789abcdef01234567', 3, [0, 1, 0], list(colors), colors,
+                                 attributes={'model': 'm.pt'}))
+    validate(pixelmap_annotation('0123456789abcdef01234567', 0, visible=False))
 
 
 def test_empty_density_annotation_is_valid():

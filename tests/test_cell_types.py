@@ -115,7 +115,7 @@ def test_rows_saved_without_types_are_read_again_by_a_typed_run(slide_path, tiny
 @pytest.fixture(scope='module')
 def typed_run(slide_path, typed_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp('typed')
-    paths = output_paths(str(folder), 'slide')
+    paths = output_paths(str(folder), 'slide', pixelmap=True)
     settings = DetectionSettings(model=str(typed_checkpoint), threshold=0.05, nms=0.3, tile_size=256, overlap=48,
                                  min_tissue=0.0, device='cpu', batch_size=3, progress='none')
     return detect_to_files(slide_path, paths, settings), paths, settings
@@ -181,6 +181,32 @@ def test_a_small_result_opens_on_its_boxes_a_large_one_on_its_map(typed_run, tmp
         [False, True]
     with pytest.raises(CellRCNNError, match='display must be one of auto, boxes, map'):
         dataclasses.replace(settings, display='both').validate()
+
+
+def test_the_pixelmap_outlines_every_nucleus_in_its_types_colour(typed_run, tmp_path):
+    import large_image
+
+    result, paths, _ = typed_run
+    doc = json.loads(open(paths['pixelmap']).read())
+    assert doc['attributes']['density'] == {'kind': 'nuclei pixelmap', 'nuclei': len(result.boxes)}
+    assert doc['display'] == {'visible': False}  # shown with the map: a small result opens on its boxes
+    (element,) = doc['elements']
+    assert element['girderId'] == 'slide.labels.tiff'  # the task names its output instead (cli/CellDetection)
+    assert element['values'] == [0] + (result.cell_types + 1).tolist()
+    assert [c['label'] for c in element['categories']] == ['none', *NAMES]
+    labels = large_image.open(paths['label_image'])
+    assert (labels.sizeX, labels.sizeY) == result.slide.base_size
+    rgb, _ = labels.getRegion(format=large_image.constants.TILE_FORMAT_NUMPY)  # base pixels, as the boxes are
+    rgb = rgb.astype(np.int64)
+    label = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    x0, y0 = np.floor(result.boxes[:, 0]).astype(int), np.floor(result.boxes[:, 1]).astype(int)
+    corner = label[y0, x0]  # each box's top-left pixel: its own outline, or a later box over it
+    assert (corner[-1] == 2 * len(result.boxes) + 1) and (corner % 2 == 1).mean() > 0.8
+    assert (corner >= 2 * np.arange(len(result.boxes)) + 2).all()
+    assert len(np.unique(label[label > 0] // 2)) >= 0.9 * len(result.boxes)  # nuclei overlap a little at most
+    # both or neither, told before any detection
+    with pytest.raises(CellRCNNError, match='needs both its annotation and its label image'):
+        detect_to_files('no-such-slide.svs', {'pixelmap': str(tmp_path / 'p.anot.json')}, typed_run[2])
 
 
 def test_the_tables_hold_the_type_and_its_probability(typed_run):

@@ -27,6 +27,7 @@ from cellrcnn.devstack.local_dsa import (
 from cellrcnn.devstack.local_girder import wait_for
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.nuclei_map import MAP_NAME
+from cellrcnn.nuclei_pixelmap import PIXELMAP_NAME
 from support import PINNED_LINE, image_pins
 
 REGION = [0, 0, 1200, 1200]
@@ -110,7 +111,7 @@ def test_cell_detection_runs_in_its_container_and_lands_on_the_slide(dsa, folder
     summary = re.search(r'^(\d+) nuclei in CMU-1-Small-Region.svs at 20x', log, re.MULTILINE)
     assert summary, log[-3000:]
 
-    docs = annotations_of(dsa, item_id, count=3)
+    docs = annotations_of(dsa, item_id, count=4)
     nuclei = docs[DEFAULT_NAME]
     density = next(d for name, d in docs.items() if 'density' in name.lower())
     assert density['elements'][0]['type'] == 'griddata'
@@ -121,8 +122,15 @@ def test_cell_detection_runs_in_its_container_and_lands_on_the_slide(dsa, folder
     # a small result opens on its boxes; the map holds every nucleus too, a dot per nucleus of each type
     assert nuclei['display'] == {'visible': True} and docs[MAP_NAME]['display'] == {'visible': False}
     assert sum(len(e['points']) for e in docs[MAP_NAME]['elements']) == len(boxes)
+    # the pixelmap draws the label image the task uploaded as an output: large_image put its item in the element
+    (pixels,) = docs[PIXELMAP_NAME]['elements']
+    assert docs[PIXELMAP_NAME]['display'] == {'visible': False} and len(pixels['values']) == len(boxes) + 1
+    gc = dsa.client()
+    label_item = gc.get(f'item/{pixels["girderId"]}')
+    assert (label_item['name'], label_item['folderId']) == ('region-outputNucleiLabelImage.tiff', folder)
+    labels, tiles = gc.get(f'item/{label_item["_id"]}/tiles'), gc.get(f'item/{item_id}/tiles')
+    assert (labels['sizeX'], labels['sizeY']) == (tiles['sizeX'], tiles['sizeY'])  # the slide's own size
     # every nucleus lies in the region asked for, on the slide
-    tiles = dsa.client().get(f'item/{item_id}/tiles')
     assert (boxes[:, :2] >= -1).all() and (boxes[:, 2:] <= 1201).all()
     assert tiles['sizeX'] >= 1200 and tiles['sizeY'] >= 1200
 

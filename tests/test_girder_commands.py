@@ -176,6 +176,10 @@ def test_the_local_girder_loop_explains_what_is_missing(slide_file, tmp_path):
     run = run_detect(str(slide_file), '--local-girder', '--item', 'x', '-o', str(tmp_path))
     assert run.returncode == 2 and run.stderr.strip() == ('cellrcnn: error: --local-girder starts its own server: '
                                                           'leave out --girder-url and --item')
+    run = run_detect(str(slide_file), '--local-girder', '--pixelmap', '-o', str(tmp_path))
+    assert run.returncode == 2 and run.stderr.strip() == (
+        'cellrcnn: error: --pixelmap is written to files only: the CellDetection task posts a pixelmap to the DSA; '
+        'leave it out when posting to Girder')
     damaged = tmp_path / 'damaged.svs'
     damaged.write_bytes(b'not a slide')
     run = run_detect(str(damaged), '--local-girder', '-o', str(tmp_path))  # refused before any server starts

@@ -34,13 +34,16 @@ def test_list_cli_and_xml():
     assert {'inputImageFile', 'analysis_roi', 'outputCellAnnotationFile', 'outputDensityAnnotationFile',
             'analysis_mag', 'analysis_tile_size', 'tile_overlap', 'min_tissue_frac', 'threshold', 'nms_iou',
             'anchor_upsample', 'adapt_tiles', 'element_type', 'model_file', 'device', 'batch_size', 'scheduler',
-            'girderApiUrl', 'girderToken'} <= names
+            'girderApiUrl', 'girderToken', 'outputNucleiPixelmapAnnotationFile', 'outputNucleiLabelImage'} <= names
     adapt = next(e for e in root.iter('integer') if e.findtext('name') == 'adapt_tiles')
     assert adapt.findtext('label') == "Adapt to this slide's staining"
     assert int(adapt.findtext('default')) == DetectionSettings.adapt_tiles == 0  # off by default, as in cellrcnn detect
     outputs = [e for e in root.iter('file') if e.findtext('channel') == 'output']
     assert all(e.get('reference') == 'inputImageFile' and e.findtext('name').endswith('AnnotationFile')
                for e in outputs)
+    # the pixelmap's label image is an image output: its name is what the pixelmap annotation calls it
+    (label_image,) = [e for e in root.iter('image') if e.findtext('channel') == 'output']
+    assert label_image.findtext('name') == 'outputNucleiLabelImage' and label_image.get('fileExtensions') == '.tiff'
 
 
 @pytest.fixture(scope='module')
@@ -50,7 +53,9 @@ def slide(synthetic_slide):
 
 def test_a_full_run_through_the_entrypoint(slide, tiny_checkpoint, tmp_path):
     nuclei, density = tmp_path / 'nuclei.anot', tmp_path / 'density.anot'
+    pixelmap, labels = tmp_path / 'pixelmap.anot', tmp_path / 'labels.tiff'
     run = entrypoint('CellDetection', str(slide), str(nuclei), '--outputDensityAnnotationFile', str(density),
+                     '--outputNucleiPixelmapAnnotationFile', str(pixelmap), '--outputNucleiLabelImage', str(labels),
                      '--model_file', str(tiny_checkpoint), '--analysis_tile_size', '256', '--element_type', 'point',
                      '--analysis_roi', '0,0,500,400', '--adapt_tiles', '3', '--api-url', '', '--girder-token', '')
     assert run.returncode == 0, run.stderr
@@ -63,6 +68,10 @@ def test_a_full_run_through_the_entrypoint(slide, tiny_checkpoint, tmp_path):
     assert doc['attributes']['params']['adapt_tiles'] == doc['attributes']['stats']['adapt_tiles'] == 3
     heat = json.loads(density.read_text())
     assert heat['elements'][0]['type'] == 'griddata'
+    # the pixelmap names the label image by its output, which large_image resolves when the DSA uploads both
+    (element,) = json.loads(pixelmap.read_text())['elements']
+    assert element['girderId'] == 'outputNucleiLabelImage' and len(element['values']) == len(doc['elements']) + 1
+    assert labels.read_bytes()[:4] == b'II+\x00'  # a BigTIFF
     assert not (tmp_path / 'nuclei.anot.partial').exists()
 
 
@@ -71,6 +80,11 @@ def test_bad_input_is_one_line(tmp_path, tiny_checkpoint):
                      '--model_file', str(tiny_checkpoint))
     assert run.returncode == 2
     assert run.stderr.strip() == f'CellDetection: error: slide not found: {tmp_path / "missing.svs"}'
+    run = entrypoint('CellDetection', str(tmp_path / 'missing.svs'), str(tmp_path / 'n.anot'),
+                     '--outputNucleiLabelImage', str(tmp_path / 'labels.tiff'), '--model_file', str(tiny_checkpoint))
+    assert run.returncode == 2 and run.stderr.strip() == ('CellDetection: error: the nuclei pixelmap needs both its '
+                                                          'annotation and its label image; only the label image was '
+                                                          'given')
 
 
 def xml_defaults(task):

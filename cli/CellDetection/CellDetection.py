@@ -66,16 +66,21 @@ def main(args):
     outputs = {'annotation': args.outputCellAnnotationFile,
                'map': getattr(args, 'outputNucleiMapAnnotationFile', None) or None,
                'density': getattr(args, 'outputDensityAnnotationFile', None) or None,
-               'class_density': getattr(args, 'outputClassDensityAnnotationFile', None) or None}
+               'class_density': getattr(args, 'outputClassDensityAnnotationFile', None) or None,
+               'pixelmap': getattr(args, 'outputNucleiPixelmapAnnotationFile', None) or None}
+    label_image = getattr(args, 'outputNucleiLabelImage', None) or None
     settings = settings_from(args)
     post = girder_poster(args)
-    paths = outputs
+    paths = {**outputs, 'label_image': label_image}
     if post:
         # The results go to the slide straight from files beside the outputs; the declared outputs stay empty lists
         # of documents, since the DSA uploads them next and HistomicsUI would add them as annotations a second time.
-        paths = {key: path and f'{path}.posted.json' for key, path in outputs.items()}
+        # The pixelmap is not made: its label image is uploaded by the DSA as an output, which a direct post is not.
+        paths = {key: path and key != 'pixelmap' and f'{path}.posted.json' for key, path in outputs.items()}
+    # large_image puts the label image's item in place of the output's name when the DSA uploads both
     result = detect_to_files(args.inputImageFile, paths, settings,
-                             resume_dir=args.outputCellAnnotationFile + '.partial')
+                             resume_dir=args.outputCellAnnotationFile + '.partial',
+                             label_image_id='outputNucleiLabelImage')
     print('\n'.join(detection_summary_lines(result, settings)), flush=True)
     if post:
         print('\n'.join(post(paths)), flush=True)
@@ -83,7 +88,8 @@ def main(args):
             if path:
                 with open(path, 'w') as f:
                     f.write('[]')
-                os.remove(paths[key])
+                if paths[key]:
+                    os.remove(paths[key])
 
 
 if __name__ == '__main__':

@@ -128,6 +128,10 @@ def _add_detect(sub):
                                        "certificate of Dask's configuration; docs/security.md)")
     p.add_argument('--progress', choices=MODES, default=DetectionSettings.progress)
     p.add_argument('--no-resume', action='store_true', help='do not keep or reuse partial results')
+    p.add_argument('--pixelmap', action='store_true',
+                   help="also write the nuclei pixelmap: a label image of the boxes (STEM.labels.tiff) and the DSA "
+                        "annotation that draws it (STEM.pixelmap.anot.json, naming the image by its file name); the "
+                        "CellDetection task uploads both to the DSA (docs/performance.md)")
     group = p.add_argument_group('posting to Girder / the Digital Slide Archive')
     _add_server_options(group, 'post the annotations to this Girder API (e.g. https://dsa.example.org/api/v1), '
                                "replacing this model's previous result on the item; the files are written first")

@@ -37,7 +37,10 @@ def run_detect(args):
         print(f'no slide given: using the bundled sample {slide_path}', file=sys.stderr)
     settings = settings_from_args(DetectionSettings, args)
     stem = os.path.splitext(os.path.basename(slide_path))[0]
-    paths = output_paths(args.output, stem)
+    if args.pixelmap and (args.girder_url or args.girder_item or args.local_girder):
+        raise CellRCNNError('--pixelmap is written to files only: the CellDetection task posts a pixelmap to the DSA; '
+                            'leave it out when posting to Girder')
+    paths = output_paths(args.output, stem, pixelmap=args.pixelmap)
     resume_dir = None if args.no_resume else os.path.join(args.output, f'.{stem}.partial')
 
     def run():

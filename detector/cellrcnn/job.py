@@ -17,26 +17,41 @@ if TYPE_CHECKING:  # the stages are imported when a job runs, not when the comma
     from .slide_detection import SlideDetections
 
 #: what a run writes, by key; ``class_density`` holds a list of density documents, one per cell type (an empty list
-#: for a model without cell types), so that one declared output of the DSA task carries them all
+#: for a model without cell types), so that one declared output of the DSA task carries them all; ``pixelmap`` (the
+#: annotation) and ``label_image`` (the image it draws) come together
 OUTPUT_SUFFIXES = {'annotation': '.anot.json', 'map': '.map.anot.json', 'density': '.density.anot.json',
                    'class_density': '.class-density.anot.json', 'geojson': '.geojson', 'csv': '.csv',
-                   'overlay': '.overlay.png', 'summary': '.summary.json'}
+                   'overlay': '.overlay.png', 'summary': '.summary.json', 'pixelmap': '.pixelmap.anot.json',
+                   'label_image': '.labels.tiff'}
+#: the outputs written only when asked for (``output_paths(pixelmap=True)``)
+PIXELMAP_OUTPUTS = ('pixelmap', 'label_image')
 
 
-def output_paths(folder: str, stem: str) -> dict[str, str]:
-    """Every output of a run, named after the slide, in ``folder`` (created)."""
+def output_paths(folder: str, stem: str, pixelmap: bool = False) -> dict[str, str]:
+    """The outputs of a run, named after the slide, in ``folder`` (created): all but the nuclei pixelmap's, those
+    too with ``pixelmap``."""
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
         raise CellRCNNError(f'cannot create output folder {folder}: {exc.strerror}') from None
-    return {key: os.path.join(folder, stem + suffix) for key, suffix in OUTPUT_SUFFIXES.items()}
+    return {key: os.path.join(folder, stem + suffix) for key, suffix in OUTPUT_SUFFIXES.items()
+            if pixelmap or key not in PIXELMAP_OUTPUTS}
+
+
+def check_pixelmap_paths(paths: dict[str, str | None]) -> None:
+    """The pixelmap annotation names its label image: a run writes both or neither (one line otherwise)."""
+    given = [key for key in PIXELMAP_OUTPUTS if paths.get(key)]
+    if len(given) == 1:
+        raise CellRCNNError(f'the nuclei pixelmap needs both its annotation and its label image; only the '
+                            f'{given[0].replace("_", " ")} was given')
 
 
 def detect_to_files(slide_path: str, paths: dict[str, str | None], settings: 'DetectionSettings',
-                    resume_dir: str | None = None) -> 'SlideDetections':
+                    resume_dir: str | None = None, label_image_id: str | None = None) -> 'SlideDetections':
     """Detect nuclei in a slide with :class:`cellrcnn.settings.DetectionSettings` and write the outputs named in
     ``paths`` (keys of OUTPUT_SUFFIXES; missing or None ones are not written). Raw detections stay in ``resume_dir``
-    until every output is written. Only one run at a time writes an output name (``resume.output_lock``)."""
+    until every output is written. Only one run at a time writes an output name (``resume.output_lock``).
+    ``label_image_id``: what the pixelmap annotation calls its label image (:func:`write_results`)."""
     from .checkpoint import model_sha256
     from .inference import DetectorSpec
     from .progress import Progress
@@ -45,6 +60,7 @@ def detect_to_files(slide_path: str, paths: dict[str, str | None], settings: 'De
     from .slide_detection import detect_slide
 
     settings.validate()
+    check_pixelmap_paths(paths)
     with output_lock(paths):  # one run at a time per output name: a second one stops here, in one line
         spec = DetectorSpec.from_settings(settings)
         detector = spec.build()
@@ -67,35 +83,40 @@ def detect_to_files(slide_path: str, paths: dict[str, str | None], settings: 'De
                               keep_types=keep_types, progress=Progress(mode=settings.progress, name='cellrcnn'))
         attributes = {'model': os.path.basename(spec.model_path), 'model_sha256': model_sha256(spec.model_path),
                       'model_config': detector.checkpoint_config.to_dict(), 'cellrcnn': __version__, 'params': used}
-        write_results(result, paths, settings.element, attributes, settings.display)
+        write_results(result, paths, settings.element, attributes, settings.display, label_image_id)
         if resume is not None:
             resume.clear()  # this run's rows; other settings' rows stay
     return result
 
 
 def write_results(result: 'SlideDetections', paths: dict[str, str | None], element_type: str, attributes: dict,
-                  display: str = 'auto') -> None:
+                  display: str = 'auto', label_image_id: str | None = None) -> None:
     """The nuclei annotation, the nuclei map, the density annotation (and one per cell type), GeoJSON, CSV, an
-    overview PNG and the run summary. With cell types, each nucleus carries its type's name and colour (and in the
-    tables its probability); without, every output is what it was before there were cell types.
+    overview PNG, the run summary and the nuclei pixelmap with its label image. With cell types, each nucleus carries
+    its type's name and colour (and in the tables its probability); without, every output is what it was before
+    there were cell types.
 
     ``display`` ('auto', 'boxes' or 'map': ``nuclei_map.shown_on_open``) chooses whether HistomicsUI opens the slide
-    on the nuclei's boxes or on the map; the density heatmaps are listed, not shown, until a user asks."""
+    on the nuclei's boxes or on the map, with the pixelmap (the map shows the nuclei zoomed out, the pixelmap their
+    boxes zoomed in); the density heatmaps are listed, not shown, until a user asks. ``label_image_id`` is the
+    pixelmap's ``girderId``: the label image's item id or, in a DSA task, the name of the output that uploads it
+    (default: the label image's file name, for whoever uploads the two)."""
     from .annotation import write_annotation, write_detections_annotation
     from .density import class_density_annotations, density_annotation
     from .exports import write_csv, write_geojson, write_overlay, write_summary
     from .nuclei_map import nuclei_map_annotation, shown_on_open
+    from .nuclei_pixelmap import pixelmap_annotation, write_label_image
 
     slide = result.slide
     base_mpp = slide.mpp / slide.scale
     typed = _class_options(result)
     boxes_shown, map_shown = shown_on_open(display, len(result.boxes))
+    colors = dict(zip(result.cell_type_names, result.cell_type_colors)) if typed else None
     if paths.get('annotation'):
         write_detections_annotation(paths['annotation'], result.boxes, result.scores, element_type=element_type,
                                     attributes={**attributes, 'stats': result.stats}, visible=boxes_shown,
                                     **typed.get('annotation', {}))
     if paths.get('map'):
-        colors = dict(zip(result.cell_type_names, result.cell_type_colors)) if typed else None
         write_annotation(nuclei_map_annotation(result.boxes, result.cell_types, result.cell_type_names, colors,
                                                attributes=attributes, visible=map_shown), paths['map'])
     hidden = {'display': {'visible': False}}
@@ -114,6 +135,12 @@ def write_results(result: 'SlideDetections', paths: dict[str, str | None], eleme
         write_overlay(result, paths['overlay'])
     if paths.get('summary'):
         write_summary(paths['summary'], result.stats)
+    if paths.get('pixelmap'):
+        write_label_image(paths['label_image'], result.boxes, *slide.base_size, base_mpp)
+        write_annotation(pixelmap_annotation(label_image_id or os.path.basename(paths['label_image']),
+                                             len(result.boxes), result.cell_types, result.cell_type_names, colors,
+                                             attributes=attributes, visible=map_shown),
+                         paths['pixelmap'])
 
 
 def _class_options(result):

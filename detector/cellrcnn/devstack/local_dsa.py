@@ -267,16 +267,16 @@ class DSAStack(GirderServer):
 
 
 def cell_detection_params(file_id, folder_id, stem, **options):
-    """The parameters HistomicsUI's panel posts for CellDetection on the slide file ``file_id``: the nuclei, map
-    and density annotation outputs into ``folder_id``, named after ``stem``; ``options``: other parameters
-    (``analysis_roi``, ...)."""
-    return {'inputImageFile': file_id,
-            'outputCellAnnotationFile': f'{stem}-outputCellAnnotationFile.anot',
-            'outputCellAnnotationFile_folder': folder_id,
-            'outputNucleiMapAnnotationFile': f'{stem}-outputNucleiMapAnnotationFile.anot',
-            'outputNucleiMapAnnotationFile_folder': folder_id,
-            'outputDensityAnnotationFile': f'{stem}-outputDensityAnnotationFile.anot',
-            'outputDensityAnnotationFile_folder': folder_id, **options}
+    """The parameters HistomicsUI's panel posts for CellDetection on the slide file ``file_id``: the nuclei, map,
+    pixelmap (with its label image) and density outputs into ``folder_id``, named after ``stem``; ``options``: other
+    parameters (``analysis_roi``, ...)."""
+    outputs = {'outputCellAnnotationFile': '.anot', 'outputNucleiMapAnnotationFile': '.anot',
+               'outputNucleiPixelmapAnnotationFile': '.anot', 'outputNucleiLabelImage': '.tiff',
+               'outputDensityAnnotationFile': '.anot'}
+    params = {'inputImageFile': file_id}
+    for name, extension in outputs.items():
+        params.update({name: f'{stem}-{name}{extension}', f'{name}_folder': folder_id})
+    return {**params, **options}
 
 
 def stack_up(slide_path, run_task=False, log=print):
