@@ -25,6 +25,7 @@ from cellrcnn.devstack.local_girder import ADMIN, wait_for
 from cellrcnn.devstack.viewer import CHROMIUM, log_in, move, open_slide, view_pixels, wait_drawn
 from cellrcnn.girder_post import post_annotations
 from cellrcnn.nuclei_map import MAP_NAME, nuclei_map_annotation
+from cellrcnn.nuclei_pixelmap import PIXELMAP_NAME
 from cellrcnn.synthetic import write_slide
 
 REGION = '0,0,1200,1200'
@@ -83,10 +84,14 @@ def test_cell_detection_from_the_histomicsui_analysis_panel(dsa, browser, tmp_pa
     args = job['kwargs']['container_args']
     assert job['type'] == 'cellrcnn:latest#CellDetection'
     assert args[args.index('--analysis_roi') + 1] == '0, 0, 1200, 1200'
+    # the panel fills in every output, the pixelmap's two among them
+    assert '--outputNucleiPixelmapAnnotationFile' in args and '--outputNucleiLabelImage' in args
     # the nuclei, the density and (the bundled model has cell types) a density per type land one by one
     nuclei = wait_for(lambda: next((a for a in dsa.annotations(item_id) if a['annotation']['name'] == DEFAULT_NAME),
                                    None),
                       120, 'the nuclei annotation on the slide')
+    wait_for(lambda: any(a['annotation']['name'] == PIXELMAP_NAME for a in dsa.annotations(item_id)), 120,
+             'the nuclei pixelmap on the slide')
 
     # HistomicsUI lists the job's annotations and draws them. A classified result (the bundled model's) is listed
     # under its cell types' groups: open them until the nuclei show.
