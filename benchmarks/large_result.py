@@ -1,5 +1,5 @@
 """A whole slide's nuclei in HistomicsUI: seconds to store a large result and to draw it, boxes against the nuclei map
-(and against the map with the pixelmap).
+(and against the pixelmap).
 
     ./install.sh --with-dsa    # Girder with the DSA plugins and its web client (.venv-girder), Chromium, Playwright
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/large_result.py [--nuclei 100000] [--views map boxes]
@@ -19,14 +19,14 @@ has stored it), then opens the slide in HistomicsUI in headless Chromium and, fo
 - **memory**: the browser's renderer processes' largest resident set, and the page's JavaScript heap.
 
 The **pixelmap** view (alone: ``--views pixelmap``) measures what the CellDetection task posts for a large result
-(``cellrcnn.nuclei_pixelmap``): the nuclei map with one large_image ``pixelmap`` element. The pixelmap's label image
-(a tiled pyramidal RGB TIFF the size of the slide; nucleus k's box is label 2k inside and 2k + 1 on its one-pixel
-outline; the levels below 10x empty, where the map shows the nuclei) is uploaded as a large image item; the element
-names that item and gives each nucleus its cell type (``values``), each type a category with its colour on the
-outline and a clear inside. large_image keeps a ``values`` array of more than 100 000 in a file beside the element,
-and HistomicsUI draws the element as a tile layer. "Stored" is then the label image written, uploaded and a large
-image, plus the annotations stored; "first drawn" is until the pixelmap's layer exists and the map is idle; each
-zoom (5x, 10x, 20x) and pan is timed until the map is idle and its heatmaps redrawn.
+(``cellrcnn.nuclei_pixelmap``): one large_image ``pixelmap`` element, shown, with the nuclei map listed. The
+pixelmap's label image (a tiled pyramidal RGB TIFF the size of the slide; nucleus k's box is label 2k inside and
+2k + 1 on its one-pixel outline from 10x up, its whole box 2k + 1 below: a dot) is uploaded as a large image item;
+the element names that item and gives each nucleus its cell type (``values``), each type a category with its colour
+on the outline and a clear inside. large_image keeps a ``values`` array of more than 100 000 in a file beside the
+element, and HistomicsUI draws the element as a tile layer. "Stored" is then the label image written, uploaded and a
+large image, plus the annotations stored; "first drawn" is until the pixelmap's layer exists and the map is idle
+(its tiles drawn); each zoom (5x, 10x, 20x) and pan is timed until the map is idle again.
 
 Screenshots of each view zoomed out and in go to ``--screenshots``. Prints one line per step.
 """
@@ -130,8 +130,9 @@ def main():
         started = time.perf_counter()
         write_detections_annotation(nuclei_file, boxes, scores, labels=types, class_names=list(config.cell_types),
                                     class_colors=colors, attributes=attributes, visible=False)
-        write_annotation(nuclei_map_annotation(boxes, types, config.cell_types, colors, attributes=attributes),
-                         map_file)
+        # with the pixelmap the slide opens on it, the map listed (shown_on_open)
+        write_annotation(nuclei_map_annotation(boxes, types, config.cell_types, colors, attributes=attributes,
+                                               visible=args.views != ['pixelmap']), map_file)
         print(f'written in {time.perf_counter() - started:.1f} s: nuclei {os.path.getsize(nuclei_file) / 1e6:.0f} MB,'
               f' map {os.path.getsize(map_file) / 1e6:.1f} MB', flush=True)
         files = [map_file] + ([nuclei_file] if 'boxes' in args.views else [])

@@ -172,13 +172,17 @@ def test_a_small_result_opens_on_its_boxes_a_large_one_on_its_map(typed_run, tmp
     shown = {key: json.loads(open(paths[key]).read())['display']['visible'] for key in ('annotation', 'map', 'density')}
     assert len(result.boxes) <= BOXES_SHOWN and shown == {'annotation': True, 'map': False, 'density': False}
     assert all(d['display'] == {'visible': False} for d in json.loads(open(paths['class_density']).read()))
-    assert shown_on_open('auto', BOXES_SHOWN + 1) == (False, True)
-    assert shown_on_open('boxes', 10 ** 6) == (True, False) and shown_on_open('map', 1) == (False, True)
+    assert shown_on_open('auto', BOXES_SHOWN + 1) == (False, True, False)
+    assert shown_on_open('auto', BOXES_SHOWN + 1, pixelmap=True) == (False, False, True)
+    assert shown_on_open('auto', BOXES_SHOWN, pixelmap=True) == (True, False, False)
+    assert shown_on_open('boxes', 10 ** 6) == (True, False, False) and shown_on_open('map', 1) == (False, True, False)
+    assert shown_on_open('pixelmap', 1, pixelmap=True) == (False, False, True)
     # The user's choice is written into the documents.
-    again = output_paths(str(tmp_path), 'slide')
-    write_results(result, again, 'rectangle', {'model': 'm.pt'}, display='map')
-    assert [json.loads(open(again[key]).read())['display']['visible'] for key in ('annotation', 'map')] == \
-        [False, True]
+    again = output_paths(str(tmp_path), 'slide', pixelmap=True)
+    for display in ('map', 'pixelmap'):
+        write_results(result, again, 'rectangle', {'model': 'm.pt'}, display=display)
+        assert [json.loads(open(again[key]).read())['display']['visible'] for key in ('annotation', 'map', 'pixelmap')
+                ] == [False, display == 'map', display == 'pixelmap']
     with pytest.raises(CellRCNNError, match='display must be one of auto, boxes, map'):
         dataclasses.replace(settings, display='both').validate()
 
@@ -189,7 +193,7 @@ def test_the_pixelmap_outlines_every_nucleus_in_its_types_colour(typed_run, tmp_
     result, paths, _ = typed_run
     doc = json.loads(open(paths['pixelmap']).read())
     assert doc['attributes']['density'] == {'kind': 'nuclei pixelmap', 'nuclei': len(result.boxes)}
-    assert doc['display'] == {'visible': False}  # shown with the map: a small result opens on its boxes
+    assert doc['display'] == {'visible': False}  # a small result opens on its boxes
     (element,) = doc['elements']
     assert element['girderId'] == 'slide.labels.tiff'  # the task names its output instead (cli/CellDetection)
     assert element['values'] == [0] + (result.cell_types + 1).tolist()
@@ -207,6 +211,10 @@ def test_the_pixelmap_outlines_every_nucleus_in_its_types_colour(typed_run, tmp_
     # both or neither, told before any detection
     with pytest.raises(CellRCNNError, match='needs both its annotation and its label image'):
         detect_to_files('no-such-slide.svs', {'pixelmap': str(tmp_path / 'p.anot.json')}, typed_run[2])
+    # opening on the pixelmap needs one
+    with pytest.raises(CellRCNNError, match='display pixelmap needs the nuclei pixelmap written'):
+        detect_to_files('no-such-slide.svs', {'annotation': str(tmp_path / 'a.anot.json')},
+                        dataclasses.replace(typed_run[2], display='pixelmap'))
 
 
 def test_the_tables_hold_the_type_and_its_probability(typed_run):

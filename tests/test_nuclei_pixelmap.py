@@ -10,15 +10,16 @@ from cellrcnn.nuclei_pixelmap import OUTLINED_MPP, PIXELMAP_NAME, TILE, pixelmap
 NUMPY = large_image.constants.TILE_FORMAT_NUMPY
 
 
-def painted(boxes, width, height, pad=64):
-    """The labels, painted box by box in order: 2k + 3 on the box's whole pixels, 2k + 2 inside its outline (a box
-    across the image's edge has its outline outside)."""
+def painted(boxes, width, height, outlined=True, pad=64):
+    """The labels, painted box by box in order: 2k + 3 on the box's whole pixels, and (``outlined``) 2k + 2 inside
+    its outline (a box across the image's edge has its outline outside)."""
     label = np.zeros((height + 2 * pad, width + 2 * pad), np.int64)
     for k, (x0, y0, x1, y1) in enumerate(boxes):
         x0, y0 = int(np.floor(x0)) + pad, int(np.floor(y0)) + pad
         x1, y1 = max(int(np.ceil(x1)) + pad, x0 + 1), max(int(np.ceil(y1)) + pad, y0 + 1)
         label[y0:y1, x0:x1] = 2 * k + 3
-        label[y0 + 1:y1 - 1, x0 + 1:x1 - 1] = 2 * k + 2
+        if outlined:
+            label[y0 + 1:y1 - 1, x0 + 1:x1 - 1] = 2 * k + 2
     return label[pad:pad + height, pad:pad + width]
 
 
@@ -32,7 +33,7 @@ def labels_of(source, level):
     return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
 
 
-def test_the_label_image_holds_each_box_where_it_lies_and_only_zoomed_in(tmp_path):
+def test_the_label_image_outlines_each_box_where_it_lies_and_fills_it_zoomed_out(tmp_path):
     rng = np.random.default_rng(0)
     width, height = 3 * TILE + 37, 2 * TILE + 5
     x0 = rng.uniform(-4, width - 10, 400)
@@ -56,13 +57,16 @@ def test_the_label_image_holds_each_box_where_it_lies_and_only_zoomed_in(tmp_pat
     half = labels_of(source, top - 1)
     assert OUTLINED_MPP == 1.0
     np.testing.assert_array_equal(half, painted(boxes / 2, half.shape[1], half.shape[0]))
-    # zoomed further out the image is empty: the nuclei map shows the nuclei there
-    assert not labels_of(source, top - 2).any()
-    # a 40x image keeps its boxes down to 10x: a level more
+    # zoomed further out each nucleus is a solid dot: its whole box is its outline's label, its type's colour
+    quarter = labels_of(source, top - 2)
+    np.testing.assert_array_equal(quarter, painted(boxes / 4, quarter.shape[1], quarter.shape[0], outlined=False))
+    assert quarter.any() and (quarter[quarter > 0] % 2 == 1).all()
+    # a 40x image outlines its boxes down to 10x: a level more
     path = str(tmp_path / 'labels40x.tiff')
     write_label_image(path, boxes, width, height, mpp=0.25)
     source = large_image.open(path)
-    assert labels_of(source, top - 2).any() and source.levels == 3
+    quarter = labels_of(source, top - 2)
+    np.testing.assert_array_equal(quarter, painted(boxes / 4, quarter.shape[1], quarter.shape[0]))
 
 
 def test_the_annotation_gives_each_nucleus_its_types_colour_on_its_outline():

@@ -59,8 +59,9 @@ def _add_detection_options(p):
     p.add_argument('--element', choices=['rectangle', 'point'], default=d.element)
     p.add_argument('--display', choices=DISPLAYS, default=d.display,
                    help=f'what HistomicsUI shows when the slide opens: the nuclei\'s boxes, the nuclei map (a dot per '
-                        f'nucleus, a density when zoomed out), or auto: the boxes up to {BOXES_SHOWN} nuclei, else the '
-                        'map (default auto)')
+                        'nucleus, a density when zoomed out), the nuclei pixelmap (with --pixelmap), or auto: the '
+                        f'boxes up to {BOXES_SHOWN} nuclei, else the pixelmap when written, else the map (default '
+                        'auto)')
     p.add_argument('--classes', nargs='+', metavar='NAME',
                    help="keep only nuclei of these cell types (names of the model's; default: every nucleus)")
     p.add_argument('--device', default=d.device, help='auto, cpu or cuda')

@@ -61,6 +61,8 @@ def detect_to_files(slide_path: str, paths: dict[str, str | None], settings: 'De
 
     settings.validate()
     check_pixelmap_paths(paths)
+    if settings.display == 'pixelmap' and not paths.get('pixelmap'):
+        raise CellRCNNError('display pixelmap needs the nuclei pixelmap written (its annotation and label image)')
     with output_lock(paths):  # one run at a time per output name: a second one stops here, in one line
         spec = DetectorSpec.from_settings(settings)
         detector = spec.build()
@@ -96,9 +98,9 @@ def write_results(result: 'SlideDetections', paths: dict[str, str | None], eleme
     its type's name and colour (and in the tables its probability); without, every output is what it was before
     there were cell types.
 
-    ``display`` ('auto', 'boxes' or 'map': ``nuclei_map.shown_on_open``) chooses whether HistomicsUI opens the slide
-    on the nuclei's boxes or on the map, with the pixelmap (the map shows the nuclei zoomed out, the pixelmap their
-    boxes zoomed in); the density heatmaps are listed, not shown, until a user asks. ``label_image_id`` is the
+    ``display`` ('auto', 'boxes', 'map' or 'pixelmap': ``nuclei_map.shown_on_open``) chooses whether HistomicsUI
+    opens the slide on the nuclei's boxes, the map or the pixelmap; the density heatmaps are listed, not shown, until
+    a user asks. ``label_image_id`` is the
     pixelmap's ``girderId``: the label image's item id or, in a DSA task, the name of the output that uploads it
     (default: the label image's file name, for whoever uploads the two)."""
     from .annotation import write_annotation, write_detections_annotation
@@ -110,7 +112,7 @@ def write_results(result: 'SlideDetections', paths: dict[str, str | None], eleme
     slide = result.slide
     base_mpp = slide.mpp / slide.scale
     typed = _class_options(result)
-    boxes_shown, map_shown = shown_on_open(display, len(result.boxes))
+    boxes_shown, map_shown, pixelmap_shown = shown_on_open(display, len(result.boxes), bool(paths.get('pixelmap')))
     colors = dict(zip(result.cell_type_names, result.cell_type_colors)) if typed else None
     if paths.get('annotation'):
         write_detections_annotation(paths['annotation'], result.boxes, result.scores, element_type=element_type,
@@ -139,7 +141,7 @@ def write_results(result: 'SlideDetections', paths: dict[str, str | None], eleme
         write_label_image(paths['label_image'], result.boxes, *slide.base_size, base_mpp)
         write_annotation(pixelmap_annotation(label_image_id or os.path.basename(paths['label_image']),
                                              len(result.boxes), result.cell_types, result.cell_type_names, colors,
-                                             attributes=attributes, visible=map_shown),
+                                             attributes=attributes, visible=pixelmap_shown),
                          paths['pixelmap'])
 
 

@@ -92,16 +92,18 @@ def nuclei_map_annotation(boxes, classes=None, class_names=None, class_colors=No
 
 
 #: the most nuclei whose boxes HistomicsUI shows when a slide opens under the 'auto' display; a larger result opens
-#: on its map (the figures behind it: docs/performance.md, "A whole slide's nuclei in HistomicsUI")
+#: on its pixelmap, or its map without one (the figures behind it: docs/performance.md, "A whole slide's nuclei in
+#: HistomicsUI")
 BOXES_SHOWN = 20_000
 
 
-def shown_on_open(display, nuclei):
-    """``(boxes, map)``: whether the nuclei annotation and the nuclei map are shown when the slide is opened, for
-    ``display`` 'boxes', 'map' or 'auto' (the boxes up to :data:`BOXES_SHOWN` nuclei, else the map). Exactly one is;
-    the other stays listed in HistomicsUI's annotation panel, one click away."""
+def shown_on_open(display, nuclei, pixelmap=False):
+    """``(boxes, map, pixelmap)``: whether the nuclei annotation, the nuclei map and the nuclei pixelmap are shown
+    when the slide is opened, for ``display`` 'boxes', 'map', 'pixelmap' or 'auto' (the boxes up to
+    :data:`BOXES_SHOWN` nuclei, else the pixelmap when the run has one (``pixelmap``), else the map). Exactly one is;
+    the others stay listed in HistomicsUI's annotation panel, one click away."""
     if display == 'auto':
-        display = 'boxes' if nuclei <= BOXES_SHOWN else 'map'
-    if display not in ('boxes', 'map'):
-        raise CellRCNNError(f"display must be auto, boxes or map, not {display!r}")
-    return display == 'boxes', display == 'map'
+        display = 'boxes' if nuclei <= BOXES_SHOWN else 'pixelmap' if pixelmap else 'map'
+    if display not in ('boxes', 'map', 'pixelmap'):
+        raise CellRCNNError(f"display must be auto, boxes, map or pixelmap, not {display!r}")
+    return display == 'boxes', display == 'map', display == 'pixelmap'

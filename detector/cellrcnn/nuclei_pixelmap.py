@@ -10,9 +10,10 @@ HistomicsUI draws it as a tile layer: one element, a label image uploaded in one
 HistomicsUI (girder-large-image-annotation 1.35's overlay layer) misplaces the levels of a smaller overlay scaled up
 by a ``transform``; on a 40x slide it asked a 20x label image for levels it does not have and drew none zoomed in.
 
-Only the levels at which a box is still a box (pixels of :data:`OUTLINED_MPP` or finer: 10x and up) carry the
-nuclei; coarser levels are empty, so zoomed out the nuclei map's dots show where the nuclei are instead of a carpet of
-outlines. Levels are drawn from the boxes, never averaged (an average of labels is another nucleus). The pixelmap is
+The levels at which a box is still a box (pixels of :data:`OUTLINED_MPP` or finer: 10x and up) outline each box;
+on coarser levels each nucleus is a solid dot of its type's colour (its whole box labelled ``2k + 1``), so zoomed out
+the pixelmap shows where each type lies, a dot per nucleus, instead of a carpet of outlines. Every level is drawn from
+the boxes, never averaged (an average of labels is another nucleus). The pixelmap is
 a view: it holds no score and boxes on whole pixels; the nuclei annotation, the CSV and the GeoJSON keep every
 nucleus exactly.
 """
@@ -26,8 +27,8 @@ from .nuclei_map import UNTYPED_COLOR, rgb_components
 PIXELMAP_NAME = 'cellrcnn nuclei pixelmap'
 #: the label image's tile side
 TILE = 256
-#: the coarsest pixel (um) of a pyramid level that carries the nuclei's boxes: 10x, where a nucleus is 4 or more
-#: pixels across; zoomed further out the nuclei map is the view
+#: the coarsest pixel (um) of a pyramid level that outlines the nuclei's boxes: 10x, where a nucleus is 4 or more
+#: pixels across; on coarser levels each nucleus is a solid dot
 OUTLINED_MPP = 1.0
 #: labels are 24 bits (an RGB pixel)
 MOST_NUCLEI = (1 << 23) - 1
@@ -52,9 +53,9 @@ def _tile_boxes(boxes, rows, cols):
     return index
 
 
-def _label_tiles(boxes, width, height):
+def _label_tiles(boxes, width, height, outlined):
     """The RGB tiles, row by row, of the label image of ``boxes`` (in this level's pixels) on a width x height
-    level; later boxes cover earlier ones."""
+    level, each box outlined or (not ``outlined``) solid; later boxes cover earlier ones."""
     rows, cols = -(-height // TILE), -(-width // TILE)
     index = _tile_boxes(boxes, rows, cols) if len(boxes) else {}
     corners = np.column_stack([np.floor(boxes[:, :2]), np.maximum(np.ceil(boxes[:, 2:]), np.floor(boxes[:, :2]) + 1)])
@@ -70,14 +71,15 @@ def _label_tiles(boxes, width, height):
             for i in mine:
                 x0, y0, x1, y1 = corners[i] - [tx * TILE, ty * TILE, tx * TILE, ty * TILE]
                 label[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = 2 * i + 3
-                label[max(y0 + 1, 0):max(y1 - 1, 0), max(x0 + 1, 0):max(x1 - 1, 0)] = 2 * i + 2
+                if outlined:
+                    label[max(y0 + 1, 0):max(y1 - 1, 0), max(x0 + 1, 0):max(x1 - 1, 0)] = 2 * i + 2
             yield np.stack([label & 255, label >> 8 & 255, label >> 16 & 255], axis=-1).astype(np.uint8)
 
 
 def write_label_image(path, boxes, width, height, mpp):
     """The pixelmap's label image of ``boxes`` (N x 4, in the image's pixels) on a width x height image of ``mpp``
     um per pixel: a tiled RGB TIFF with a level per halving down to one tile; the levels whose pixels are at most
-    :data:`OUTLINED_MPP` hold the boxes, the others are empty."""
+    :data:`OUTLINED_MPP` outline the boxes, the others fill them."""
     import tifffile
 
     b = as_boxes(boxes).astype(np.float64)
@@ -88,9 +90,9 @@ def write_label_image(path, boxes, width, height, mpp):
             downsample = 1
             while True:
                 w, h = -(-width // downsample), -(-height // downsample)
-                shown = b / downsample if mpp * downsample <= OUTLINED_MPP * 1.01 else b[:0]
-                tif.write(_label_tiles(shown, w, h), shape=(h, w, 3), dtype=np.uint8, tile=(TILE, TILE),
-                          photometric='rgb', compression='zlib', compressionargs={'level': 1},
+                outlined = mpp * downsample <= OUTLINED_MPP * 1.01
+                tif.write(_label_tiles(b / downsample, w, h, outlined), shape=(h, w, 3), dtype=np.uint8,
+                          tile=(TILE, TILE), photometric='rgb', compression='zlib', compressionargs={'level': 1},
                           subfiletype=0 if downsample == 1 else 1, metadata=None)
                 if max(w, h) <= TILE:
                     break
@@ -123,6 +125,6 @@ def pixelmap_annotation(girder_id, count, classes=None, class_names=None, class_
                     'strokeColor': f'rgba({rgb_components(color)},1)'} for name, color in zip(names, colors)]
     element = {'type': 'pixelmap', 'girderId': girder_id, 'boundaries': True, 'categories': categories,
                'values': [0] + values.tolist()}
-    return {'name': PIXELMAP_NAME, 'description': f'{count} nuclei, the outline of each box',
+    return {'name': PIXELMAP_NAME, 'description': f'{count} nuclei: each box outlined from 10x up, a dot below',
             'attributes': {**(attributes or {}), 'density': {'kind': 'nuclei pixelmap', 'nuclei': int(count)}},
             'display': {'visible': bool(visible)}, 'elements': [element]}

@@ -36,7 +36,7 @@ TRAINING_BOUNDS = {'point_size_um': (0.5, 100.0), 'holdout': (0.01, 10_000), 'st
                    'batch_size': (1, 64), 'lr': (1e-6, 1.0), 'max_region_megapixels': (1, 4096)}
 
 #: the choices of ``DetectionSettings.display``
-DISPLAYS = ('auto', 'boxes', 'map')
+DISPLAYS = ('auto', 'boxes', 'map', 'pixelmap')
 
 
 def _declared(annotation):
@@ -131,9 +131,10 @@ class DetectionSettings(ResultSettings):
     scheduler: str | None = None
     #: 'auto', 'bar', 'slicer' or 'none' (``progress.Progress``)
     progress: str = 'auto'
-    #: what HistomicsUI shows when the slide is opened: 'boxes' (the nuclei annotation), 'map' (the nuclei map) or
-    #: 'auto' (the boxes of a small result, the map of a large one: ``nuclei_map.shown_on_open``). It changes how a
-    #: result is shown, not which nuclei it holds.
+    #: what HistomicsUI shows when the slide is opened: 'boxes' (the nuclei annotation), 'map' (the nuclei map),
+    #: 'pixelmap' (the nuclei pixelmap, when the run writes one) or 'auto' (the boxes of a small result, the pixelmap
+    #: or else the map of a large one: ``nuclei_map.shown_on_open``). It changes how a result is shown, not which
+    #: nuclei it holds.
     display: str = 'auto'
 
     def result(self) -> 'ResultSettings':
