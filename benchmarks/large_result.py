@@ -43,7 +43,16 @@ import psutil
 from cellrcnn.annotation import DEFAULT_NAME, write_annotation, write_detections_annotation
 from cellrcnn.checkpoint import BUNDLED_MODEL, load_model
 from cellrcnn.devstack.local_girder import ADMIN, GirderServer, girder_python
-from cellrcnn.devstack.viewer import CHROMIUM, FEATURES, MAP, log_in, move, open_slide, renderer_processes, wait_drawn
+from cellrcnn.devstack.viewer import (
+    CHROMIUM,
+    FEATURES,
+    log_in,
+    move,
+    open_slide,
+    renderer_processes,
+    wait_drawn,
+    wait_pixelmap,
+)
 from cellrcnn.girder_post import post_annotation_files
 from cellrcnn.nuclei_map import nuclei_map_annotation
 from cellrcnn.nuclei_pixelmap import pixelmap_annotation, write_label_image
@@ -80,11 +89,8 @@ def memory(page):
 def measure_pixelmap(page, nuclei, started, shots, timeout):
     """Print the seconds until the pixelmap layer exists and the map is idle, then to zoom to 5x, 10x and 20x, each
     with a move of half a screen, and to move again at 20x."""
-    page.wait_for_function(f'() => {{ const m = {MAP}; return m && m.layers().some(l => l instanceof '
-                           'window.geo.pixelmapLayer); }', timeout=timeout * 1000, polling=100)
-    first = time.perf_counter() - started
-    page.evaluate(f'() => new Promise(done => {MAP}.onIdle(() => done(true)))')
-    print(f'pixelmap: layer made {first:.1f} s after opening, map idle {time.perf_counter() - started:.1f} s; '
+    first, idle = wait_pixelmap(page, timeout, started)
+    print(f'pixelmap: layer made {first:.1f} s after opening, map idle {idle:.1f} s; '
           f'{memory(page)}', flush=True)
     if shots:
         page.screenshot(path=os.path.join(shots, f'pixelmap-{nuclei}-low.png'))

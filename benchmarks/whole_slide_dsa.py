@@ -9,14 +9,15 @@ Takes ``--slide``, or writes a synthetic slide of ``--size``² px at ``--mpp`` u
 16384² holds about 180 000 nuclei; 40x at 0.25: 60000² holds about 430 000; the generator's true nuclei are its
 ground truth), starts the local DSA (``cellrcnn.devstack.local_dsa``: Girder with the DSA plugins on SecantusDB,
 Redis, girder_worker, a Docker engine with the task image), uploads the slide and submits CellDetection as
-HistomicsUI's analysis panel does, with the nuclei, map and density outputs. It prints:
+HistomicsUI's analysis panel does, with the nuclei, map, pixelmap and density outputs. It prints:
 
 - the job: seconds from submission to its end, and the task's own stages from its summary line in the job log
   (tissue, read wait, detect, merge);
 - the ingest: seconds from the job's end until each output is an annotation on the slide (girder_worker uploads
   the outputs before it ends the job; HistomicsUI turns each into an annotation as it arrives);
 - HistomicsUI: seconds to load and log in, from opening the slide until the view the task chose (``--display
-  auto``) holds every nucleus, and to redraw after moving half a screen at 10x;
+  auto``) is drawn (the boxes: every nucleus in the features; the pixelmap: its layer made and its tiles drawn), and
+  to redraw after moving half a screen at 10x;
 - memory: the largest resident set of Girder, of the database, and of Chromium's renderer, sampled every 0.5 s.
 """
 
@@ -35,8 +36,9 @@ import psutil
 from cellrcnn.annotation import DEFAULT_NAME
 from cellrcnn.devstack.local_dsa import JOB_SUCCESS, DSAStack, cell_detection_params
 from cellrcnn.devstack.local_girder import ADMIN, girder_python, wait_for
-from cellrcnn.devstack.viewer import CHROMIUM, log_in, move, open_slide, renderer_processes, wait_drawn
-from cellrcnn.nuclei_map import MAP_NAME
+from cellrcnn.devstack.viewer import CHROMIUM, log_in, move, open_slide, renderer_processes, wait_drawn, wait_pixelmap
+from cellrcnn.nuclei_map import BOXES_SHOWN, MAP_NAME
+from cellrcnn.nuclei_pixelmap import PIXELMAP_NAME
 from cellrcnn.synthetic import write_slide
 
 SUMMARY = re.compile(r'^(\d+) nuclei in .*; ([\d.]+) s \(tissue ([\d.]+), read wait ([\d.]+), detect ([\d.]+), '
@@ -108,7 +110,7 @@ def main():
               f'{found.group(2)} s (tissue {found.group(3)}, read wait {found.group(4)}, detect {found.group(5)}, '
               f'merge {found.group(6)})', flush=True)
         nuclei = int(found.group(1))
-        for name in (MAP_NAME, DEFAULT_NAME):
+        for name in (PIXELMAP_NAME, MAP_NAME, DEFAULT_NAME):
             wait_for(lambda: any(a['annotation']['name'] == name for a in dsa.annotations(item_id)), args.timeout,
                      f'the annotation {name!r}', pause=0.5)
             print(f'ingest: {name!r} on the slide {time.perf_counter() - ended:.1f} s after the job ended',
@@ -127,9 +129,14 @@ def main():
             print(f'HistomicsUI: loaded and logged in {time.perf_counter() - started:.1f} s', flush=True)
             opened = time.perf_counter()
             open_slide(page, base, item_id)
-            first, idle = wait_drawn(page, nuclei - 1, args.timeout, opened)
-            print(f'HistomicsUI: every nucleus drawn {first:.1f} s after the slide was opened (map idle {idle:.1f} '
-                  's)', flush=True)
+            if nuclei > BOXES_SHOWN:  # a large result opens on its pixelmap, drawn as tiles
+                first, idle = wait_pixelmap(page, args.timeout, opened)
+                print(f'HistomicsUI: the pixelmap\'s layer made {first:.1f} s after the slide was opened, its tiles '
+                      f'drawn (map idle) {idle:.1f} s', flush=True)
+            else:
+                first, idle = wait_drawn(page, nuclei - 1, args.timeout, opened)
+                print(f'HistomicsUI: every nucleus drawn {first:.1f} s after the slide was opened (map idle '
+                      f'{idle:.1f} s)', flush=True)
             if args.screenshots:
                 os.makedirs(args.screenshots, exist_ok=True)
                 page.screenshot(path=os.path.join(args.screenshots, 'whole-slide-low.png'))

@@ -43,6 +43,17 @@ def wait_drawn(page, above=0, timeout=600, started=None):
     return first, time.perf_counter() - started
 
 
+def wait_pixelmap(page, timeout=600, started=None):
+    """Seconds (from ``started``, by default now) until a pixelmap layer exists, and until the map is idle after
+    that (its tiles drawn)."""
+    started = time.perf_counter() if started is None else started
+    page.wait_for_function(f'() => {{ const m = {MAP}; return m && m.layers().some(l => l instanceof '
+                           'window.geo.pixelmapLayer); }', timeout=timeout * 1000, polling=100)
+    first = time.perf_counter() - started
+    page.evaluate(f'() => new Promise(done => {MAP}.onIdle(() => done(true)))')
+    return first, time.perf_counter() - started
+
+
 def move(page, halvings=None, screens=(0, 0), timeout=120):
     """Zoom to ``halvings`` levels below the slide's own resolution (1: half its magnification, 10x on a 20x slide),
     then move by ``screens`` (fractions of the view's width and height); seconds until the view is drawn again: the
