@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 
 from cellrcnn.__main__ import main as cellrcnn
-from cellrcnn.annotation import DEFAULT_NAME, read_annotation_file
+from cellrcnn.annotation import DEFAULT_NAME, read_annotation_file, write_annotation
 from cellrcnn.checkpoint import BUNDLED_MODEL, load_model
 from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.devstack.local_dsa import JOB_SUCCESS
 from cellrcnn.devstack.local_girder import ADMIN, wait_for
-from cellrcnn.devstack.viewer import CHROMIUM, log_in, move, open_slide, view_pixels, wait_drawn
+from cellrcnn.devstack.viewer import CHROMIUM, log_in, move, open_slide, view_pixels, wait_drawn, wait_pixelmap
 from cellrcnn.girder_post import post_annotations
 from cellrcnn.nuclei_map import MAP_NAME, nuclei_map_annotation
-from cellrcnn.nuclei_pixelmap import PIXELMAP_NAME
+from cellrcnn.nuclei_pixelmap import PIXELMAP_NAME, pixelmap_annotation, write_label_image
 from cellrcnn.synthetic import write_slide
 
 REGION = '0,0,1200,1200'
@@ -261,3 +261,60 @@ def test_a_whole_slides_nuclei_open_on_their_map(server, browser, tmp_path):
     assert all(count > 1000 for count in dots.values()), dots
     print(f'screenshots: {shots}/histomicsui-map-whole.png, {shots}/histomicsui-map-10x.png; pixels near each '
           f'type\'s colour, whole slide {near}, at 10x after moving {dots}')
+
+
+def test_a_whole_slides_nuclei_open_on_their_pixelmap(server, browser, tmp_path):
+    """100 000 nuclei as the task posts a large result: the label image and the pixelmap uploaded as its outputs (the
+    element names the output, which the server resolves to the image's item), the slide opened on the pixelmap: a dot
+    per nucleus in its type's colour zoomed out, outlined boxes with clear insides at 20x, redrawn where the view
+    moves. (Timings: benchmarks/large_result.py --views pixelmap.)"""
+    config = load_model(BUNDLED_MODEL).config
+    colors = dict(zip(config.cell_types, config.cell_type_colors))
+    shots = os.environ.get('CELLRCNN_SCREENSHOTS') or str(tmp_path)
+    side, n = 8192, 100_000
+    slide = str(tmp_path / 'whole.tiff')
+    write_slide(slide, side, side, seed=4)
+    item_id, file_id = server.upload_slide(slide)
+    rng = np.random.default_rng(4)
+    corners = rng.uniform(0, side - 24, (n, 2))
+    types = rng.choice(3, n, p=[0.1, 0.6, 0.3])
+    boxes = np.hstack([corners, corners + rng.uniform(8, 24, (n, 2))])
+    labels, pixelmap = tmp_path / 'labels.tiff', tmp_path / 'pixelmap.anot'
+    write_label_image(str(labels), boxes, side, side, mpp=0.5)
+    write_annotation(pixelmap_annotation('outputNucleiLabelImage', n, types, config.cell_types, colors,
+                                         attributes={'model': 'whole.pt', 'cellrcnn': 'test'}), str(pixelmap))
+    server.upload_as_dsa(labels, item_id, file_id, 'outputNucleiLabelImage')
+    server.upload_as_dsa(pixelmap, item_id, file_id, 'outputNucleiPixelmapAnnotationFile')
+    stored = wait_for(lambda: server.annotation_documents(item_id), 120, 'the pixelmap on the slide')[0]
+    assert stored['name'] == PIXELMAP_NAME and len(stored['elements'][0]['values']) == n + 1
+    assert server.client().get(f'item/{stored["elements"][0]["girderId"]}')['name'] == 'labels.tiff'
+
+    page = browser.new_page(viewport={'width': 1600, 'height': 1000})
+    base = server.api_url.replace('/api/v1', '')
+    log_in(page, base, ADMIN['login'], server.password)
+    open_slide(page, base, item_id)
+    wait_pixelmap(page, timeout=120)
+    page.wait_for_timeout(1000)
+    whole = view_pixels(page)
+    page.screenshot(path=os.path.join(shots, 'histomicsui-pixelmap-whole.png'))
+
+    def typed_pixels(shown):
+        return {name: int((np.linalg.norm(shown.reshape(-1, 3) - np.array(_css_rgb(color)), axis=1) < 60).sum())
+                for name, color in colors.items()}
+
+    zoomed_out = typed_pixels(whole)
+    assert all(count > 1000 for count in zoomed_out.values()), zoomed_out  # every type's dots, the rare one too
+    move(page, halvings=0)  # the slide's own 20x: outlines
+    before = view_pixels(page)
+    move(page, screens=(0.5, 0.5))
+    page.wait_for_timeout(1000)
+    after = view_pixels(page)
+    page.screenshot(path=os.path.join(shots, 'histomicsui-pixelmap-20x.png'))
+    moved = (np.abs(after - before).max(axis=2) > 40).mean()
+    assert moved > 0.2, f'only {moved:.1%} of the view changed when it moved'
+    outlines = typed_pixels(after)
+    # outlines in every type's colour, their insides clear: far fewer coloured pixels than the boxes cover
+    assert all(count > 200 for count in outlines.values()), outlines
+    assert sum(outlines.values()) < 0.5 * after.shape[0] * after.shape[1], outlines
+    print(f'screenshots: {shots}/histomicsui-pixelmap-whole.png, {shots}/histomicsui-pixelmap-20x.png; pixels of '
+          f'each type\'s colour, whole slide {zoomed_out}, at 20x after moving {outlines}')
