@@ -22,14 +22,11 @@ import numpy as np
 from cellrcnn.checkpoint import load_model
 from cellrcnn.inference import Detector
 from cellrcnn.labels import read_entries, rescale
+from cellrcnn.nuclei_map import rgb_tuple
 
 TRUTH_COLORS = {'lymphocyte': (40, 90, 255), 'tumor_epithelial': (230, 40, 40), 'tumour': (230, 40, 40),
                 'stromal': (40, 180, 60)}
 PLAIN = (0, 220, 0)
-
-
-def hex_rgb(value):
-    return tuple(int(value[i:i + 2], 16) for i in (1, 3, 5))
 
 
 def crop_origin(points, shape, crop):
@@ -95,7 +92,7 @@ def main():
         panels = [draw_truth(crop, record, origin, scale)]
         counts = []
         for model, out in zip(models, outputs):
-            colors = [hex_rgb(c) for c in model.config.cell_type_colors] if model.config.cell_types else None
+            colors = [rgb_tuple(c) for c in model.config.cell_type_colors] if model.config.cell_types else None
             panels.append(draw_detections(crop, out[i], colors, origin, scale))
             centres = (out[i]['boxes'][:, :2] + out[i]['boxes'][:, 2:]) / 2
             counts.append(int(((centres >= origin) & (centres < origin + args.crop)).all(axis=1).sum()))

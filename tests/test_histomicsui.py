@@ -24,7 +24,7 @@ from cellrcnn.devstack.local_dsa import JOB_SUCCESS
 from cellrcnn.devstack.local_girder import ADMIN, wait_for
 from cellrcnn.devstack.viewer import CHROMIUM, log_in, move, open_slide, view_pixels, wait_drawn, wait_pixelmap
 from cellrcnn.girder_post import post_annotations
-from cellrcnn.nuclei_map import MAP_NAME, nuclei_map_annotation
+from cellrcnn.nuclei_map import MAP_NAME, nuclei_map_annotation, rgb_tuple
 from cellrcnn.nuclei_pixelmap import PIXELMAP_NAME, pixelmap_annotation, write_label_image
 from cellrcnn.synthetic import write_slide
 
@@ -127,17 +127,12 @@ def test_cell_detection_from_the_histomicsui_analysis_panel(dsa, browser, tmp_pa
 TYPES_VIEW = (900, 600, 1700, 1100)
 
 
-def _css_rgb(color):
-    """``#rrggbb`` -> ``(r, g, b)``."""
-    return tuple(int(color[i:i + 2], 16) for i in (1, 3, 5))
-
-
 def test_a_classified_result_shows_its_cell_types(server, browser, tmp_path, monkeypatch):
     """A classified result of the bundled model on the bundled sample, posted by ``cellrcnn detect --girder-url``:
     HistomicsUI lists the cell types as groups, each with the model's colour for it as legend, lists a heatmap per
     type, and draws the nuclei in their types' colours."""
     config = load_model(BUNDLED_MODEL).config
-    colors = {name: _css_rgb(color) for name, color in zip(config.cell_types, config.cell_type_colors)}
+    colors = {name: rgb_tuple(color) for name, color in zip(config.cell_types, config.cell_type_colors)}
     assert len(colors) >= 2 and len(set(colors.values())) == len(colors), colors
     shots = os.environ.get('CELLRCNN_SCREENSHOTS') or str(tmp_path)
     os.makedirs(shots, exist_ok=True)
@@ -243,7 +238,7 @@ def test_a_whole_slides_nuclei_open_on_their_map(server, browser, tmp_path):
     def near_types(shown):
         """Pixels the map changed that lie near each type's colour (its blobs blend with the tissue under them)."""
         drawn = shown[np.abs(shown - slide_only).max(axis=2) > 40]
-        return {name: int((np.linalg.norm(drawn - np.array(_css_rgb(colors[name])), axis=1) < 90).sum())
+        return {name: int((np.linalg.norm(drawn - np.array(rgb_tuple(colors[name])), axis=1) < 90).sum())
                 for name in colors}
 
     near = near_types(whole)
@@ -256,7 +251,7 @@ def test_a_whole_slides_nuclei_open_on_their_map(server, browser, tmp_path):
     page.screenshot(path=os.path.join(shots, 'histomicsui-map-10x.png'))
     moved = (np.abs(after - before).max(axis=2) > 40).mean()
     assert moved > 0.2, f'only {moved:.1%} of the view changed when it moved'
-    dots = {name: int((np.linalg.norm(after.reshape(-1, 3) - np.array(_css_rgb(color)), axis=1) < 90).sum())
+    dots = {name: int((np.linalg.norm(after.reshape(-1, 3) - np.array(rgb_tuple(color)), axis=1) < 90).sum())
             for name, color in colors.items()}
     assert all(count > 1000 for count in dots.values()), dots
     print(f'screenshots: {shots}/histomicsui-map-whole.png, {shots}/histomicsui-map-10x.png; pixels near each '
@@ -299,7 +294,7 @@ def test_a_whole_slides_nuclei_open_on_their_pixelmap(server, browser, tmp_path)
     page.screenshot(path=os.path.join(shots, 'histomicsui-pixelmap-whole.png'))
 
     def typed_pixels(shown):
-        return {name: int((np.linalg.norm(shown.reshape(-1, 3) - np.array(_css_rgb(color)), axis=1) < 60).sum())
+        return {name: int((np.linalg.norm(shown.reshape(-1, 3) - np.array(rgb_tuple(color)), axis=1) < 60).sum())
                 for name, color in colors.items()}
 
     zoomed_out = typed_pixels(whole)

@@ -31,14 +31,19 @@ UNTYPED_COLOR = 'rgb(0,160,0)'
 _ONE, _CROWD = 0.6, 0.9
 
 
-def rgb_components(color):
-    """The 'r,g,b' of a colour written ``#rrggbb`` (as models name their cell types' colours) or ``rgb(r,g,b)``."""
+def rgb_tuple(color):
+    """``(r, g, b)`` of a colour written ``#rrggbb`` (as models name their cell types' colours) or ``rgb(r,g,b)``."""
     text = color.replace(' ', '') if isinstance(color, str) else ''
     if re.fullmatch(r'#[0-9a-fA-F]{6}', text):
-        return ','.join(str(int(text[i:i + 2], 16)) for i in (1, 3, 5))
+        return tuple(int(text[i:i + 2], 16) for i in (1, 3, 5))
     if re.fullmatch(r'rgb\(\d{1,3},\d{1,3},\d{1,3}\)', text):
-        return text[4:-1]
+        return tuple(int(v) for v in text[4:-1].split(','))
     raise CellRCNNError(f'nuclei map colours are written #rrggbb or rgb(r,g,b), not {color!r}')
+
+
+def rgb_components(color):
+    """The 'r,g,b' of a colour (:func:`rgb_tuple`), as CSS ``rgba()`` takes it."""
+    return ','.join(map(str, rgb_tuple(color)))
 
 
 def _element(boxes, color, label, decimals):
