@@ -84,7 +84,9 @@ def test_the_task_posts_directly_and_replaces_the_previous_result(server, slide,
     other_model = gc.post('annotation', {'itemId': item_id}, json=nuclei(4, model='other.pt'))['_id']
     by_hand = gc.post('annotation', {'itemId': item_id}, json={'name': 'drawn by a person', 'elements': []})['_id']
     run = entrypoint(*task_args(slide_file, tmp_path, tiny_checkpoint, server, '--post_to_girder', 'true',
-                                '--girder_slide', file_id))  # HistomicsUI fills in the open slide's file
+                                '--girder_slide', file_id,  # HistomicsUI fills in the open slide's file
+                                '--outputNucleiPixelmapAnnotationFile', str(tmp_path / 'pixelmap.anot'),
+                                '--outputNucleiLabelImage', str(tmp_path / 'labels.tiff')))
     assert run.returncode == 0, run.stderr
     detections = int(run.stdout.split(' nuclei in ')[0].split()[-1])
     assert f"posted 'cellrcnn nuclei' ({detections} elements) to item {item_id}" in run.stdout
@@ -100,6 +102,8 @@ def test_the_task_posts_directly_and_replaces_the_previous_result(server, slide,
     assert posted['_elementCount'] == detections > 0
     # The DSA then uploads the outputs, now empty lists: HistomicsUI adds nothing a second time.
     assert (tmp_path / 'nuclei.anot').read_text() == '[]' == (tmp_path / 'density.anot').read_text()
+    # a direct post makes no pixelmap: its output is an empty list, and no label image is left to upload
+    assert (tmp_path / 'pixelmap.anot').read_text() == '[]' and not (tmp_path / 'labels.tiff').exists()
     assert not list(tmp_path.glob('*.posted.json'))  # the posted files were removed once on the slide
     for output, identifier in (('nuclei.anot', 'outputCellAnnotationFile'),
                                ('density.anot', 'outputDensityAnnotationFile')):

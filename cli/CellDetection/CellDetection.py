@@ -76,7 +76,7 @@ def main(args):
         # The results go to the slide straight from files beside the outputs; the declared outputs stay empty lists
         # of documents, since the DSA uploads them next and HistomicsUI would add them as annotations a second time.
         # The pixelmap is not made: its label image is uploaded by the DSA as an output, which a direct post is not.
-        paths = {key: path and key != 'pixelmap' and f'{path}.posted.json' for key, path in outputs.items()}
+        paths = {key: path and f'{path}.posted.json' for key, path in outputs.items() if key != 'pixelmap'}
     # large_image puts the label image's item in place of the output's name when the DSA uploads both
     result = detect_to_files(args.inputImageFile, paths, settings,
                              resume_dir=args.outputCellAnnotationFile + '.partial',
@@ -88,7 +88,7 @@ def main(args):
             if path:
                 with open(path, 'w') as f:
                     f.write('[]')
-                if paths[key]:
+                if paths.get(key):
                     os.remove(paths[key])
 
 

@@ -13,9 +13,8 @@ by a ``transform``; on a 40x slide it asked a 20x label image for levels it does
 The levels at which a box is still a box (pixels of :data:`OUTLINED_MPP` or finer: 10x and up) outline each box;
 on coarser levels each nucleus is a solid dot of its type's colour (its whole box labelled ``2k + 1``), so zoomed out
 the pixelmap shows where each type lies, a dot per nucleus, instead of a carpet of outlines. Every level is drawn from
-the boxes, never averaged (an average of labels is another nucleus). The pixelmap is
-a view: it holds no score and boxes on whole pixels; the nuclei annotation, the CSV and the GeoJSON keep every
-nucleus exactly.
+the boxes, never averaged (an average of labels is another nucleus). The pixelmap is a view: it holds no score and
+boxes on whole pixels; the nuclei annotation, the CSV and the GeoJSON keep every nucleus exactly.
 """
 
 import numpy as np
