@@ -197,6 +197,41 @@ def test_a_classified_result_shows_its_cell_types(server, browser, tmp_path, mon
           f'{counts}; of {len(drawn)} drawn pixels, near each type\'s colour: {near}')
 
 
+#: the side of the synthetic slides the large results lie on (20x)
+WHOLE_SIDE = 8192
+
+
+def random_result(server, tmp_path, seed, n=100_000):
+    """A synthetic 20x slide of WHOLE_SIDE² px on the server and ``n`` random boxes on it, a tenth lymphocytes among
+    tumour and stromal nuclei (the rare type must not vanish under the common ones): (item id, file id, boxes,
+    types)."""
+    slide = str(tmp_path / 'whole.tiff')
+    write_slide(slide, WHOLE_SIDE, WHOLE_SIDE, seed=seed)
+    item_id, file_id = server.upload_slide(slide)
+    rng = np.random.default_rng(seed)
+    corners = rng.uniform(0, WHOLE_SIDE - 24, (n, 2))
+    types = rng.choice(3, n, p=[0.1, 0.6, 0.3])
+    return item_id, file_id, np.hstack([corners, corners + rng.uniform(8, 24, (n, 2))]), types
+
+
+def moved_view(page, halvings):
+    """Zoom to ``halvings`` below the slide's resolution, move half a screen: the view after the move, and the
+    fraction of it that changed."""
+    move(page, halvings=halvings)
+    before = view_pixels(page)
+    move(page, screens=(0.5, 0.5))
+    page.wait_for_timeout(1000)
+    after = view_pixels(page)
+    return after, (np.abs(after - before).max(axis=2) > 40).mean()
+
+
+def near_colors(pixels, colors, within):
+    """How many of ``pixels`` (... x 3) lie within ``within`` of each named colour."""
+    flat = pixels.reshape(-1, 3)
+    return {name: int((np.linalg.norm(flat - np.array(rgb_tuple(color)), axis=1) < within).sum())
+            for name, color in colors.items()}
+
+
 def test_a_whole_slides_nuclei_open_on_their_map(server, browser, tmp_path):
     """100 000 nuclei of the bundled model's three types on a 20x slide, as a whole slide's result is posted: their
     map is stored whole, drawn when the slide is opened, in the types' colours, and drawn again where the view
@@ -204,15 +239,8 @@ def test_a_whole_slides_nuclei_open_on_their_map(server, browser, tmp_path):
     config = load_model(BUNDLED_MODEL).config
     colors = dict(zip(config.cell_types, config.cell_type_colors))
     shots = os.environ.get('CELLRCNN_SCREENSHOTS') or str(tmp_path)
-    side, n = 8192, 100_000
-    slide = str(tmp_path / 'whole.tiff')
-    write_slide(slide, side, side, seed=3)
-    item_id, _ = server.upload_slide(slide)
-    rng = np.random.default_rng(3)
-    corners = rng.uniform(0, side - 24, (n, 2))
-    # a tenth lymphocytes among tumour and stromal nuclei: the rare type must not vanish under the common ones
-    types = rng.choice(3, n, p=[0.1, 0.6, 0.3])
-    boxes = np.hstack([corners, corners + rng.uniform(8, 24, (n, 2))])
+    item_id, _, boxes, types = random_result(server, tmp_path, seed=3)
+    n = len(boxes)
     doc = nuclei_map_annotation(boxes, types, config.cell_types, colors, attributes={'model': 'whole.pt',
                                                                                      'cellrcnn': 'test'})
     posted = post_annotations(server.api_url, server.token, item_id, [doc])[0]
@@ -235,24 +263,13 @@ def test_a_whole_slides_nuclei_open_on_their_map(server, browser, tmp_path):
     wait_drawn(page, above=n - 1, timeout=120)
     page.wait_for_timeout(1000)
 
-    def near_types(shown):
-        """Pixels the map changed that lie near each type's colour (its blobs blend with the tissue under them)."""
-        drawn = shown[np.abs(shown - slide_only).max(axis=2) > 40]
-        return {name: int((np.linalg.norm(drawn - np.array(rgb_tuple(colors[name])), axis=1) < 90).sum())
-                for name in colors}
-
-    near = near_types(whole)
+    # pixels the map changed that lie near each type's colour (its blobs blend with the tissue under them)
+    near = near_colors(whole[np.abs(whole - slide_only).max(axis=2) > 40], colors, 90)
     assert all(count > 1000 for count in near.values()), near
-    move(page, halvings=1)  # from the whole slide to about 10x
-    before = view_pixels(page)
-    move(page, screens=(0.5, 0.5))
-    page.wait_for_timeout(1000)
-    after = view_pixels(page)
+    after, moved = moved_view(page, halvings=1)  # from the whole slide to about 10x
     page.screenshot(path=os.path.join(shots, 'histomicsui-map-10x.png'))
-    moved = (np.abs(after - before).max(axis=2) > 40).mean()
     assert moved > 0.2, f'only {moved:.1%} of the view changed when it moved'
-    dots = {name: int((np.linalg.norm(after.reshape(-1, 3) - np.array(rgb_tuple(color)), axis=1) < 90).sum())
-            for name, color in colors.items()}
+    dots = near_colors(after, colors, 90)
     assert all(count > 1000 for count in dots.values()), dots
     print(f'screenshots: {shots}/histomicsui-map-whole.png, {shots}/histomicsui-map-10x.png; pixels near each '
           f'type\'s colour, whole slide {near}, at 10x after moving {dots}')
@@ -266,16 +283,10 @@ def test_a_whole_slides_nuclei_open_on_their_pixelmap(server, browser, tmp_path)
     config = load_model(BUNDLED_MODEL).config
     colors = dict(zip(config.cell_types, config.cell_type_colors))
     shots = os.environ.get('CELLRCNN_SCREENSHOTS') or str(tmp_path)
-    side, n = 8192, 100_000
-    slide = str(tmp_path / 'whole.tiff')
-    write_slide(slide, side, side, seed=4)
-    item_id, file_id = server.upload_slide(slide)
-    rng = np.random.default_rng(4)
-    corners = rng.uniform(0, side - 24, (n, 2))
-    types = rng.choice(3, n, p=[0.1, 0.6, 0.3])
-    boxes = np.hstack([corners, corners + rng.uniform(8, 24, (n, 2))])
+    item_id, file_id, boxes, types = random_result(server, tmp_path, seed=4)
+    n = len(boxes)
     labels, pixelmap = tmp_path / 'labels.tiff', tmp_path / 'pixelmap.anot'
-    write_label_image(str(labels), boxes, side, side, mpp=0.5)
+    write_label_image(str(labels), boxes, WHOLE_SIDE, WHOLE_SIDE, mpp=0.5)
     write_annotation(pixelmap_annotation('outputNucleiLabelImage', n, types, config.cell_types, colors,
                                          attributes={'model': 'whole.pt', 'cellrcnn': 'test'}), str(pixelmap))
     server.upload_as_dsa(labels, item_id, file_id, 'outputNucleiLabelImage')
@@ -293,21 +304,12 @@ def test_a_whole_slides_nuclei_open_on_their_pixelmap(server, browser, tmp_path)
     whole = view_pixels(page)
     page.screenshot(path=os.path.join(shots, 'histomicsui-pixelmap-whole.png'))
 
-    def typed_pixels(shown):
-        return {name: int((np.linalg.norm(shown.reshape(-1, 3) - np.array(rgb_tuple(color)), axis=1) < 60).sum())
-                for name, color in colors.items()}
-
-    zoomed_out = typed_pixels(whole)
+    zoomed_out = near_colors(whole, colors, 60)
     assert all(count > 1000 for count in zoomed_out.values()), zoomed_out  # every type's dots, the rare one too
-    move(page, halvings=0)  # the slide's own 20x: outlines
-    before = view_pixels(page)
-    move(page, screens=(0.5, 0.5))
-    page.wait_for_timeout(1000)
-    after = view_pixels(page)
+    after, moved = moved_view(page, halvings=0)  # the slide's own 20x: outlines
     page.screenshot(path=os.path.join(shots, 'histomicsui-pixelmap-20x.png'))
-    moved = (np.abs(after - before).max(axis=2) > 40).mean()
     assert moved > 0.2, f'only {moved:.1%} of the view changed when it moved'
-    outlines = typed_pixels(after)
+    outlines = near_colors(after, colors, 60)
     # outlines in every type's colour, their insides clear: far fewer coloured pixels than the boxes cover
     assert all(count > 200 for count in outlines.values()), outlines
     assert sum(outlines.values()) < 0.5 * after.shape[0] * after.shape[1], outlines
