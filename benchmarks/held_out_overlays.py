@@ -20,9 +20,9 @@ import cv2
 import numpy as np
 
 from cellrcnn.checkpoint import load_model
+from cellrcnn.colors import rgb_tuple
 from cellrcnn.inference import Detector
 from cellrcnn.labels import read_entries, rescale
-from cellrcnn.nuclei_map import rgb_tuple
 
 TRUTH_COLORS = {'lymphocyte': (40, 90, 255), 'tumor_epithelial': (230, 40, 40), 'tumour': (230, 40, 40),
                 'stromal': (40, 180, 60)}

@@ -19,12 +19,13 @@ import pytest
 from cellrcnn.__main__ import main as cellrcnn
 from cellrcnn.annotation import DEFAULT_NAME, read_annotation_file, write_annotation
 from cellrcnn.checkpoint import BUNDLED_MODEL, load_model
+from cellrcnn.colors import rgb_tuple
 from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.devstack.local_dsa import JOB_SUCCESS
 from cellrcnn.devstack.local_girder import ADMIN, wait_for
 from cellrcnn.devstack.viewer import CHROMIUM, log_in, move, open_slide, view_pixels, wait_drawn, wait_pixelmap
 from cellrcnn.girder_post import post_annotations
-from cellrcnn.nuclei_map import MAP_NAME, nuclei_map_annotation, rgb_tuple
+from cellrcnn.nuclei_map import MAP_NAME, nuclei_map_annotation
 from cellrcnn.nuclei_pixelmap import PIXELMAP_NAME, pixelmap_annotation, write_label_image
 from cellrcnn.synthetic import write_slide
 

@@ -9,12 +9,12 @@ class, or of none, are of unknown type: they teach detection, not the type.
 """
 
 import dataclasses
-import re
 from collections import Counter
 
 import numpy as np
 
 from .annotation import class_source
+from .colors import hex_color
 from .errors import CellRCNNError
 
 #: what the model card says a nucleus' class is, by ``class_from``
@@ -65,17 +65,6 @@ def check_examples(train_slides, config, class_from):
                             f'slides (class from {class_from}); classes there: {listed or "none"}')
 
 
-def _hex(color):
-    """A DSA colour (``#rgb``, ``#rrggbb``, ``rgb(r,g,b)``, ``rgba(r,g,b,a)``) as ``#rrggbb``; None otherwise."""
-    text = color.strip().lower() if isinstance(color, str) else ''
-    if re.fullmatch(r'#[0-9a-f]{6}', text):
-        return text
-    if re.fullmatch(r'#[0-9a-f]{3}', text):
-        return '#' + ''.join(2 * c for c in text[1:])
-    rgb = re.fullmatch(r'rgba?\(\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*(,\s*[\d.]+\s*)?\)', text)
-    return '#' + ''.join(f'{min(int(v), 255):02x}' for v in rgb.groups()[:3]) if rgb else None
-
-
 def type_colors(slides, config):
     """One ``#rrggbb`` colour per cell type of ``config``: the ``lineColor`` its nuclei on ``slides`` share, else
     (none, several, or one some nuclei lack) the palette's (``train.CELL_TYPE_PALETTE``)."""
@@ -86,7 +75,7 @@ def type_colors(slides, config):
     for slide in slides:
         for cls, color in zip(slide.classes, slide.colors):
             if index.get(cls, -1) >= 0:
-                seen[index[cls]].add(_hex(color))
+                seen[index[cls]].add(hex_color(color))
     return tuple(next(iter(colors)) if len(colors) == 1 and None not in colors
                  else CELL_TYPE_PALETTE[i % len(CELL_TYPE_PALETTE)] for i, colors in enumerate(seen))
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from .annotation import DEFAULT_CLASS, _class_names
 from .boxes import as_detections, to_numpy
+from .colors import rgb_tuple
 from .density import micrometres_per_pixel
 from .errors import CellRCNNError
 from .files import atomic_write
@@ -38,18 +39,6 @@ _CHUNK = 20_000  # features / rows formatted per write
 
 
 # --------------------------------------------------------------------------- GeoJSON
-
-def _qupath_color(value, what):
-    """``[r, g, b]`` from ``[r, g, b]`` or ``'#rrggbb'``."""
-    try:
-        rgb = [int(value[i:i + 2], 16) for i in (1, 3, 5)] if isinstance(value, str) and len(value) == 7 \
-            and value[0] == '#' else [int(v) for v in value]
-    except (TypeError, ValueError):
-        rgb = []
-    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-        raise CellRCNNError(f'{what} must be [r, g, b] with values 0-255; got {value!r}')
-    return rgb
-
 
 def _measurement_columns(properties, n, reserved):
     """Validated extra per-detection measurements: list of (name, list of N floats)."""
@@ -90,8 +79,9 @@ def write_geojson(path, boxes, scores, classes=None, properties=None, class_name
         detection is ``'Nucleus'``.
     :param properties: optional dict ``name -> N numbers`` written as extra QuPath
         measurements (e.g. ``{'area_um2': ...}``).
-    :param class_colors: optional dict ``class name -> [r, g, b]`` (or ``'#rrggbb'``); other classes get
-        colours from a fixed palette in order of appearance (``Nucleus`` is green).
+    :param class_colors: optional dict ``class name -> colour`` (``[r, g, b]``, ``'#rrggbb'``, any form of
+        :mod:`.colors`); other classes get colours from a fixed palette in order of appearance (``Nucleus`` is
+        green).
     :returns: the path written.
     """
     b, s = as_detections(boxes, scores)
@@ -106,8 +96,7 @@ def write_geojson(path, boxes, scores, classes=None, properties=None, class_name
     extra = _measurement_columns(properties, n, score_name)
     if class_colors is not None and not isinstance(class_colors, dict):
         raise CellRCNNError('class_colors must be a dict of class name -> [r, g, b]')
-    colors = {k: _qupath_color(v, f'class colour of {k!r}')
-              for k, v in (class_colors or {}).items()}
+    colors = {k: rgb_tuple(v, f'the class colour of {k!r}') for k, v in (class_colors or {}).items()}
 
     # The classification JSON of each class, built once.
     fragments = {}
@@ -208,7 +197,7 @@ def _overlay_colors(result):
     """The BGR colour of each box in the overview: its cell type's (``cell_type_colors``), else green."""
     if result.cell_types is None:
         return itertools.repeat(OVERLAY_COLOR)
-    bgr = [tuple(_qupath_color(c, f'the colour of cell type {name!r}')[::-1])
+    bgr = [rgb_tuple(c, f'the colour of cell type {name!r}')[::-1]
            for name, c in zip(result.cell_type_names, result.cell_type_colors)]
     return (bgr[t] for t in result.cell_types)
 

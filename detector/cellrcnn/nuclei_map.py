@@ -13,11 +13,11 @@ Its attributes carry ``density`` (``kind`` 'nuclei map'), so the Girder plugin t
 annotations: never a nuclei result, replaced with the run that made it.
 """
 
-import re
 
 import numpy as np
 
 from .boxes import as_boxes
+from .colors import rgb_components
 from .errors import CellRCNNError
 
 MAP_NAME = 'cellrcnn nuclei map'
@@ -29,21 +29,6 @@ UNTYPED_COLOR = 'rgb(0,160,0)'
 #: opacity of the map where one nucleus lies (its blob's centre) and where blobs pile up: a lone nucleus shows as a
 #: dot through which the tissue can still be seen, a crowd as the full colour
 _ONE, _CROWD = 0.6, 0.9
-
-
-def rgb_tuple(color):
-    """``(r, g, b)`` of a colour written ``#rrggbb`` (as models name their cell types' colours) or ``rgb(r,g,b)``."""
-    text = color.replace(' ', '') if isinstance(color, str) else ''
-    if re.fullmatch(r'#[0-9a-fA-F]{6}', text):
-        return tuple(int(text[i:i + 2], 16) for i in (1, 3, 5))
-    if re.fullmatch(r'rgb\(\d{1,3},\d{1,3},\d{1,3}\)', text):
-        return tuple(int(v) for v in text[4:-1].split(','))
-    raise CellRCNNError(f'nuclei map colours are written #rrggbb or rgb(r,g,b), not {color!r}')
-
-
-def rgb_components(color):
-    """The 'r,g,b' of a colour (:func:`rgb_tuple`), as CSS ``rgba()`` takes it."""
-    return ','.join(map(str, rgb_tuple(color)))
 
 
 def _element(boxes, color, label, decimals):

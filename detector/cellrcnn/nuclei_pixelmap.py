@@ -20,8 +20,9 @@ boxes on whole pixels; the nuclei annotation, the CSV and the GeoJSON keep every
 import numpy as np
 
 from .boxes import as_boxes
+from .colors import rgb_components
 from .errors import CellRCNNError
-from .nuclei_map import UNTYPED_COLOR, rgb_components
+from .nuclei_map import UNTYPED_COLOR
 
 PIXELMAP_NAME = 'cellrcnn nuclei pixelmap'
 #: the label image's tile side
