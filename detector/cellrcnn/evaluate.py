@@ -45,11 +45,17 @@ def evaluate_model(model, samples, device='auto', batch_size=8, threshold=None, 
     return metrics
 
 
-def calibrate_threshold(model, samples, device='auto', batch_size=8):
-    """Set the model's operating point to the score threshold that maximises F1 on ``samples``."""
-    predictions, _ = predict_samples(model, samples, device, batch_size)
-    threshold, f1, _, _ = best_f1_threshold(predictions, [boxes for _, boxes, *_ in samples])
+def calibrate_threshold(model, samples, device='auto', batch_size=8, records=None, radius_um=CENTROID_RADIUS_UM):
+    """Set the model's operating point to the score threshold that maximises box F1 on ``samples``; returns
+    ``(threshold, f1)``. With ``records``, the same images as labelled images naming cell types
+    (``annotation_classes.sample_records``), the ``cell_type_bias`` of a model with cell types is then fitted at that
+    threshold on the same detections (:func:`fit_type_bias`): the images are run once."""
+    detector = Detector(model, device, batch_size, threshold=model.config.box_score_thresh)
+    outputs = detector.detect_tiles_with_types([image for image, *_ in samples], logits=records is not None)
+    threshold, f1, _, _ = best_f1_threshold(outputs, [boxes for _, boxes, *_ in samples])
     model.config = dataclasses.replace(model.config, threshold=float(threshold))  # a new config, not an edit
+    if records is not None:
+        _fit_type_bias_on(model, [rescale(r, model.config.mpp) for r in records], outputs, radius_um)
     return threshold, f1
 
 
@@ -71,13 +77,6 @@ def calibrate_on_records(model, records, device='auto', batch_size=8, radius_um=
     model.config = dataclasses.replace(config, threshold=best[0])  # a new config, not an edit
     _fit_type_bias_on(model, scaled, outputs, radius_um)
     return best
-
-
-def calibrate_type_bias(model, records, device='auto', batch_size=8, radius_um=CENTROID_RADIUS_UM):
-    """Fit the ``cell_type_bias`` of a model with cell types at its operating point on labelled images whose nuclei
-    name some of them (:func:`fit_type_bias`; else nothing changes); returns the bias."""
-    _fit_type_bias_on(model, *_detect_records(model, records, device, batch_size), radius_um)
-    return model.config.cell_type_bias
 
 
 def _detect_records(model, records, device, batch_size):

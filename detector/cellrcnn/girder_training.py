@@ -214,7 +214,7 @@ def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, setti
     """
     from .annotation_classes import annotation_names, sample_records, typed_config
     from .checkpoint import BUNDLED_MODEL, load_model
-    from .evaluate import calibrate_threshold, calibrate_type_bias, evaluate_model, evaluate_records
+    from .evaluate import calibrate_threshold, evaluate_model, evaluate_records
     from .girder_api import upload_files
     from .train import TrainConfig, train
 
@@ -261,9 +261,9 @@ def train_from_girder(api_url, token, folder_id, annotation_name, out_dir, setti
     timings['train'] = time.perf_counter() - t0
 
     advance(90, 'calibrating on the training slides, evaluating on the held-out slides')
-    threshold, train_f1 = calibrate_threshold(model, train_samples, device=st.device)
-    if model.config.cell_types:
-        calibrate_type_bias(model, sample_records(train_samples, model.config), device=st.device)
+    threshold, train_f1 = calibrate_threshold(
+        model, train_samples, device=st.device,
+        records=sample_records(train_samples, model.config) if model.config.cell_types else None)
     metrics = evaluate_model(model, heldout_samples, device=st.device)
     result = TrainingResult(os.path.join(out_dir, f'{name}.pt'), os.path.join(out_dir, f'{name}.md'),
                             train_slides, heldout_slides, metrics, initial, float(threshold), float(train_f1),
