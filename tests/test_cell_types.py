@@ -173,10 +173,12 @@ def test_a_small_result_opens_on_its_boxes_a_large_one_on_its_map(typed_run, tmp
     assert len(result.boxes) <= BOXES_SHOWN and shown == {'annotation': True, 'map': False, 'density': False}
     assert all(d['display'] == {'visible': False} for d in json.loads(open(paths['class_density']).read()))
     assert shown_on_open('auto', BOXES_SHOWN + 1) == (False, True, False)
-    assert shown_on_open('auto', BOXES_SHOWN + 1, pixelmap=True) == (False, False, True)
-    assert shown_on_open('auto', BOXES_SHOWN, pixelmap=True) == (True, False, False)
+    assert shown_on_open('auto', BOXES_SHOWN + 1, has_pixelmap=True) == (False, False, True)
+    assert shown_on_open('auto', BOXES_SHOWN, has_pixelmap=True) == (True, False, False)
+    # a run that wrote neither view (a folder run without them) still opens on something: its boxes
+    assert shown_on_open('auto', BOXES_SHOWN + 1, has_map=False) == (True, False, False)
     assert shown_on_open('boxes', 10 ** 6) == (True, False, False) and shown_on_open('map', 1) == (False, True, False)
-    assert shown_on_open('pixelmap', 1, pixelmap=True) == (False, False, True)
+    assert shown_on_open('pixelmap', 1, has_pixelmap=True) == (False, False, True)
     # The user's choice is written into the documents.
     again = output_paths(str(tmp_path), 'slide', pixelmap=True)
     for display in ('map', 'pixelmap'):
@@ -215,6 +217,9 @@ def test_the_pixelmap_outlines_every_nucleus_in_its_types_colour(typed_run, tmp_
     with pytest.raises(CellRCNNError, match='display pixelmap needs the nuclei pixelmap written'):
         detect_to_files('no-such-slide.svs', {'annotation': str(tmp_path / 'a.anot.json')},
                         dataclasses.replace(typed_run[2], display='pixelmap'))
+    with pytest.raises(CellRCNNError, match='display map needs the nuclei map written'):
+        detect_to_files('no-such-slide.svs', {'annotation': str(tmp_path / 'a.anot.json')},
+                        dataclasses.replace(typed_run[2], display='map'))
 
 
 def test_the_tables_hold_the_type_and_its_probability(typed_run):

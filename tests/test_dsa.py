@@ -205,6 +205,9 @@ def test_folder_detection_runs_every_slide_on_the_worker(dsa, synthetic_slide, t
     for row in rows:  # each slide's count, from the worker's run, is the one the same detection gives here
         assert row['model'] == 'cellrcnn-default.pt' and row['annotation_id']
         assert row['cells'] == local[row['name']] > 100, (row, local)
+        # each slide has its nuclei map too: what a whole slide's result opens on
+        docs = annotations_of(dsa, row['item_id'], count=3)
+        assert sum(len(e['points']) for e in docs[MAP_NAME]['elements']) == row['cells']
 
 
 def test_an_image_build_without_the_disk_it_needs_stops_in_one_line(tmp_path):

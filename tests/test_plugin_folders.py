@@ -159,7 +159,8 @@ def test_detect_queues_the_unfinished_slides_and_counts_them_done(server, cli_id
         assert job['status'] == 0 and job['celeryTaskId'] and job['title'] == f'Cell detection on {name}'
         stem = name[:-5]
         assert child_inputs(job) == (ids[name + ' file'], None, [f'{stem}-outputCellAnnotationFile.anot',
-                                                                  f'{stem}-outputDensityAnnotationFile.anot'])
+                                                                  f'{stem}-outputDensityAnnotationFile.anot',
+                                                                  f'{stem}-outputNucleiMapAnnotationFile.anot'])
 
     # Started again while they wait: nothing new is queued.
     again, again_jobs = detect(server, ids['root'])

@@ -63,6 +63,8 @@ def detect_to_files(slide_path: str, paths: dict[str, str | None], settings: 'De
     check_pixelmap_paths(paths)
     if settings.display == 'pixelmap' and not paths.get('pixelmap'):
         raise CellRCNNError('display pixelmap needs the nuclei pixelmap written (its annotation and label image)')
+    if settings.display == 'map' and not paths.get('map'):
+        raise CellRCNNError('display map needs the nuclei map written (its annotation output)')
     with output_lock(paths):  # one run at a time per output name: a second one stops here, in one line
         spec = DetectorSpec.from_settings(settings)
         detector = spec.build()
@@ -112,7 +114,8 @@ def write_results(result: 'SlideDetections', paths: dict[str, str | None], eleme
     slide = result.slide
     base_mpp = slide.mpp / slide.scale
     typed = _class_options(result)
-    boxes_shown, map_shown, pixelmap_shown = shown_on_open(display, len(result.boxes), bool(paths.get('pixelmap')))
+    boxes_shown, map_shown, pixelmap_shown = shown_on_open(display, len(result.boxes), bool(paths.get('map')),
+                                                           bool(paths.get('pixelmap')))
     colors = dict(zip(result.cell_type_names, result.cell_type_colors)) if typed else None
     if paths.get('annotation'):
         write_detections_annotation(paths['annotation'], result.boxes, result.scores, element_type=element_type,

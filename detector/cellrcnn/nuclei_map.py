@@ -87,13 +87,14 @@ def nuclei_map_annotation(boxes, classes=None, class_names=None, class_colors=No
 BOXES_SHOWN = 20_000
 
 
-def shown_on_open(display, nuclei, pixelmap=False):
+def shown_on_open(display, nuclei, has_map=True, has_pixelmap=False):
     """``(boxes, map, pixelmap)``: whether the nuclei annotation, the nuclei map and the nuclei pixelmap are shown
-    when the slide is opened, for ``display`` 'boxes', 'map', 'pixelmap' or 'auto' (the boxes up to
-    :data:`BOXES_SHOWN` nuclei, else the pixelmap when the run has one (``pixelmap``), else the map). Exactly one is;
-    the others stay listed in HistomicsUI's annotation panel, one click away."""
+    when the slide is opened, for ``display`` 'boxes', 'map', 'pixelmap' or 'auto': the boxes up to
+    :data:`BOXES_SHOWN` nuclei, else the pixelmap when the run wrote one (``has_pixelmap``), else the map when it
+    wrote one (``has_map``), else the boxes, which a run always writes. Exactly one is; the others stay listed in
+    HistomicsUI's annotation panel, one click away."""
     if display == 'auto':
-        display = 'boxes' if nuclei <= BOXES_SHOWN else 'pixelmap' if pixelmap else 'map'
+        display = 'boxes' if nuclei <= BOXES_SHOWN else 'pixelmap' if has_pixelmap else 'map' if has_map else 'boxes'
     if display not in ('boxes', 'map', 'pixelmap'):
         raise CellRCNNError(f"display must be auto, boxes, map or pixelmap, not {display!r}")
     return display == 'boxes', display == 'map', display == 'pixelmap'

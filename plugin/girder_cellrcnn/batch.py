@@ -41,6 +41,10 @@ from .results import folder_slides, has_result
 
 JOB_TYPE = 'cellrcnn_batch'
 CLI_NAME = 'CellDetection'
+#: the task's outputs a slide's job writes into the slide's folder: the nuclei, their map (what a whole slide's
+#: result opens on, ``--display auto``) and the density heatmap. Not the pixelmap: its label image is an item, and
+#: in the slide's folder it would be taken for a slide.
+OUTPUTS = ('outputCellAnnotationFile', 'outputNucleiMapAnnotationFile', 'outputDensityAnnotationFile')
 CLI_CATEGORY = 'cellrcnn'
 #: admin-only plugin setting: the id of the slicer_cli_web task item folder-wide detection runs (default: the most
 #: recently updated CellDetection task an administrator registered through slicer_cli_web)
@@ -316,12 +320,9 @@ def _revoke(token):
 def _start_child(handler, cli, slide, model_file_id, user, token):
     """The slicer_cli_web job of one slide, as HistomicsUI's Submit makes it."""
     stem = os.path.splitext(slide['name'])[0]
-    params = {'inputImageFile': slide['fileId'],
-              'outputCellAnnotationFile': f'{stem}-outputCellAnnotationFile.anot',
-              'outputCellAnnotationFile_folder': slide['folderId'],
-              'outputDensityAnnotationFile': f'{stem}-outputDensityAnnotationFile.anot',
-              'outputDensityAnnotationFile_folder': slide['folderId'],
-              'girderApiUrl': '', 'girderToken': ''}  # empty: slicer_cli_web fills them in
+    params = {'inputImageFile': slide['fileId'], 'girderApiUrl': '', 'girderToken': ''}  # slicer_cli_web fills these
+    for output in OUTPUTS:
+        params.update({output: f'{stem}-{output}.anot', f'{output}_folder': slide['folderId']})
     if model_file_id:
         params['model_file'] = model_file_id
     # girder_worker tells a Girder request from other code by cherrypy.request.app; this thread is Girder code
