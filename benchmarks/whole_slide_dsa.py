@@ -12,7 +12,7 @@ Redis, girder_worker, a Docker engine with the task image), uploads the slide an
 HistomicsUI's analysis panel does, with the nuclei, map, pixelmap and density outputs. It prints:
 
 - the job: seconds from submission to its end, and the task's own stages from its summary line in the job log
-  (tissue, read wait, detect, merge);
+  (tissue, read wait, detect, merge, outputs written);
 - the ingest: seconds from the job's end until each output is an annotation on the slide (girder_worker uploads
   the outputs before it ends the job; HistomicsUI turns each into an annotation as it arrives);
 - HistomicsUI: seconds to load and log in, from opening the slide until the view the task chose (``--display
@@ -42,7 +42,7 @@ from cellrcnn.nuclei_pixelmap import PIXELMAP_NAME
 from cellrcnn.synthetic import write_slide
 
 SUMMARY = re.compile(r'^(\d+) nuclei in .*; ([\d.]+) s \(tissue ([\d.]+), read wait ([\d.]+), detect ([\d.]+), '
-                     r'merge ([\d.]+)\)', re.M)
+                     r'merge ([\d.]+)\).*; outputs written in ([\d.]+) s$', re.M)
 
 
 class PeakMemory(threading.Thread):
@@ -108,7 +108,7 @@ def main():
         found = SUMMARY.search(log)
         print(f'job: {ended - submitted:.0f} s from submission to its end; the task: {found.group(1)} nuclei, '
               f'{found.group(2)} s (tissue {found.group(3)}, read wait {found.group(4)}, detect {found.group(5)}, '
-              f'merge {found.group(6)})', flush=True)
+              f'merge {found.group(6)}; outputs written {found.group(7)})', flush=True)
         nuclei = int(found.group(1))
         for name in (PIXELMAP_NAME, MAP_NAME, DEFAULT_NAME):
             wait_for(lambda: any(a['annotation']['name'] == name for a in dsa.annotations(item_id)), args.timeout,

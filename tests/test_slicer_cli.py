@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -60,6 +61,11 @@ def test_a_full_run_through_the_entrypoint(slide, tiny_checkpoint, tmp_path):
                      '--analysis_roi', '0,0,500,400', '--adapt_tiles', '3', '--api-url', '', '--girder-token', '')
     assert run.returncode == 0, run.stderr
     assert '<filter-progress>1.000</filter-progress>' in run.stdout and '<filter-end>' in run.stdout
+    # after the detection, the job's progress counts the outputs as they are written, naming each
+    writing = run.stdout[run.stdout.index('<filter-comment>writing the nuclei annotation</filter-comment>'):]
+    assert writing.index('writing the density heatmap') < writing.index('writing the nuclei pixelmap and its label '
+                                                                        'image') < writing.index('<filter-end>')
+    assert re.search(r'^\d+ nuclei in .*; outputs written in [\d.]+ s$', run.stdout, re.MULTILINE), run.stdout
     doc = json.loads(nuclei.read_text())
     assert isinstance(doc, dict) and doc['elements']  # one document per file: what HistomicsUI ingests
     assert all(e['type'] == 'point' and e['center'][0] <= 500 + 64 and e['center'][1] <= 400 + 64

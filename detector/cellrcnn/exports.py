@@ -242,7 +242,7 @@ def detection_summary_lines(result, settings):
         f'{st["tissue_mm2"]:.2f} mm2 of tissue, {st["tiles_read"]} tiles read, {st["tiles_skipped"]} skipped as '
         f'background; {sec["total"]:.1f} s (tissue {sec["tissue_and_grid"]:.1f}, {adapt}read wait {sec["read"]:.1f}, '
         f'detect {sec["detect"]:.1f}, merge {sec["merge"]:.2f}), {st["megapixels_per_second"]:.2f} Mpx/s on '
-        f'{st["device"]}')
+        f'{st["device"]}' + (f'; outputs written in {sec["write"]:.1f} s' if 'write' in sec else ''))
     if 'cell_types' in st:
         lines.append('cell types: ' + ', '.join(f'{name} {count}' for name, count in st['cell_types'].items()))
     return lines

@@ -7,12 +7,14 @@ The job opens the slide (``slide``), builds the detector (``inference.DetectorSp
 
 import dataclasses
 import os
+import time
 from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import CellRCNNError
 
 if TYPE_CHECKING:  # the stages are imported when a job runs, not when the command starts
+    from .progress import Progress
     from .settings import DetectionSettings
     from .slide_detection import SlideDetections
 
@@ -81,35 +83,38 @@ def detect_to_files(slide_path: str, paths: dict[str, str | None], settings: 'De
             # rows hold raw boxes: the element type changes how the nuclei are drawn, not which, so it is left out here
             key = run_key(slide_path, spec.model_path, {k: v for k, v in used.items() if k != 'element'})
             resume = RowStore(resume_dir, key)
+        progress = Progress(mode=settings.progress, name='cellrcnn')
         result = detect_slide(slide, detector, tile_size=settings.tile_size, overlap=settings.overlap,
                               min_tissue=settings.min_tissue, workers=settings.workers, roi=settings.roi,
                               resume=resume, scheduler=settings.scheduler, adapt_tiles=settings.adapt_tiles,
-                              keep_types=keep_types, progress=Progress(mode=settings.progress, name='cellrcnn'))
+                              keep_types=keep_types, progress=progress)
         attributes = {'model': os.path.basename(spec.model_path), 'model_sha256': model_sha256(spec.model_path),
                       'model_config': detector.checkpoint_config.to_dict(), 'cellrcnn': __version__, 'params': used}
-        write_results(result, paths, settings.element, attributes, settings.display, label_image_id)
+        write_results(result, paths, settings.element, attributes, settings.display, label_image_id, progress)
         if resume is not None:
             resume.clear()  # this run's rows; other settings' rows stay
     return result
 
 
 def write_results(result: 'SlideDetections', paths: dict[str, str | None], element_type: str, attributes: dict,
-                  display: str = 'auto', label_image_id: str | None = None) -> None:
+                  display: str = 'auto', label_image_id: str | None = None, progress: 'Progress | None' = None) -> None:
     """The nuclei annotation, the nuclei map, the density annotation (and one per cell type), GeoJSON, CSV, an
-    overview PNG, the run summary and the nuclei pixelmap with its label image. With cell types, each nucleus carries
+    overview PNG, the nuclei pixelmap with its label image and the run summary. With cell types, each nucleus carries
     its type's name and colour (and in the tables its probability); without, every output is what it was before
     there were cell types.
 
     ``display`` ('auto', 'boxes', 'map' or 'pixelmap': ``nuclei_map.shown_on_open``) chooses whether HistomicsUI
     opens the slide on the nuclei's boxes, the map or the pixelmap; the density heatmaps are listed, not shown, until
-    a user asks. ``label_image_id`` is the
-    pixelmap's ``girderId``: the label image's item id or, in a DSA task, the name of the output that uploads it
-    (default: the label image's file name, for whoever uploads the two)."""
+    a user asks. ``label_image_id`` is the pixelmap's ``girderId``: the label image's item id or, in a DSA task, the
+    name of the output that uploads it (default: the label image's file name, for whoever uploads the two).
+    ``progress`` (a :class:`cellrcnn.progress.Progress`) counts the outputs as they are written and names each; the
+    seconds they took are the result's ``stats['seconds']['write']``, in the summary written last."""
     from .annotation import write_annotation, write_detections_annotation
     from .density import class_density_annotations, density_annotation
     from .exports import write_csv, write_geojson, write_overlay, write_summary
     from .nuclei_map import nuclei_map_annotation, shown_on_open
     from .nuclei_pixelmap import pixelmap_annotation, write_label_image
+    from .progress import Progress
 
     slide = result.slide
     base_mpp = slide.mpp / slide.scale
@@ -117,35 +122,48 @@ def write_results(result: 'SlideDetections', paths: dict[str, str | None], eleme
     boxes_shown, map_shown, pixelmap_shown = shown_on_open(display, len(result.boxes), bool(paths.get('map')),
                                                            bool(paths.get('pixelmap')))
     colors = dict(zip(result.cell_type_names, result.cell_type_colors)) if typed else None
-    if paths.get('annotation'):
-        write_detections_annotation(paths['annotation'], result.boxes, result.scores, element_type=element_type,
-                                    attributes={**attributes, 'stats': result.stats}, visible=boxes_shown,
-                                    **typed.get('annotation', {}))
-    if paths.get('map'):
-        write_annotation(nuclei_map_annotation(result.boxes, result.cell_types, result.cell_type_names, colors,
-                                               attributes=attributes, visible=map_shown), paths['map'])
     hidden = {'display': {'visible': False}}
-    if paths.get('density'):
-        write_annotation({**hidden, **density_annotation(result.boxes, slide.base_size, base_mpp,
-                                                         attributes=attributes)}, paths['density'])
-    if paths.get('class_density'):
-        write_annotation([{**hidden, **doc} for doc in class_density_annotations(
-            result.boxes, result.cell_types, result.cell_type_names, slide.base_size, base_mpp,
-            attributes=attributes)] if typed else [], paths['class_density'])
-    if paths.get('geojson'):
-        write_geojson(paths['geojson'], result.boxes, result.scores, **typed.get('geojson', {}))
-    if paths.get('csv'):
-        write_csv(paths['csv'], result.boxes, result.scores, mpp=base_mpp, **typed.get('csv', {}))
-    if paths.get('overlay'):
-        write_overlay(result, paths['overlay'])
-    if paths.get('summary'):
-        write_summary(paths['summary'], result.stats)
-    if paths.get('pixelmap'):
+
+    def pixelmap(path):
         write_label_image(paths['label_image'], result.boxes, *slide.base_size, base_mpp)
         write_annotation(pixelmap_annotation(label_image_id or os.path.basename(paths['label_image']),
                                              len(result.boxes), result.cell_types, result.cell_type_names, colors,
-                                             attributes=attributes, visible=pixelmap_shown),
-                         paths['pixelmap'])
+                                             attributes=attributes, visible=pixelmap_shown), path)
+
+    writers = {  # what each output is, for a person, and how it is written to its path
+        'annotation': ('nuclei annotation', lambda path: write_detections_annotation(
+            path, result.boxes, result.scores, element_type=element_type,
+            attributes={**attributes, 'stats': result.stats}, visible=boxes_shown, **typed.get('annotation', {}))),
+        'map': ('nuclei map', lambda path: write_annotation(nuclei_map_annotation(
+            result.boxes, result.cell_types, result.cell_type_names, colors, attributes=attributes,
+            visible=map_shown), path)),
+        'density': ('density heatmap', lambda path: write_annotation({**hidden, **density_annotation(
+            result.boxes, slide.base_size, base_mpp, attributes=attributes)}, path)),
+        'class_density': ('density heatmaps of the cell types', lambda path: write_annotation([
+            {**hidden, **doc} for doc in class_density_annotations(
+                result.boxes, result.cell_types, result.cell_type_names, slide.base_size, base_mpp,
+                attributes=attributes)] if typed else [], path)),
+        'geojson': ('GeoJSON', lambda path: write_geojson(path, result.boxes, result.scores,
+                                                          **typed.get('geojson', {}))),
+        'csv': ('CSV', lambda path: write_csv(path, result.boxes, result.scores, mpp=base_mpp,
+                                              **typed.get('csv', {}))),
+        'overlay': ('overview picture', lambda path: write_overlay(result, path)),
+        'pixelmap': ('nuclei pixelmap and its label image', pixelmap),
+    }
+    todo = [key for key in writers if paths.get(key)]
+    progress = progress or Progress(mode='none')
+    progress.start(len(todo) + bool(paths.get('summary')), unit='output')
+    started = time.perf_counter()
+    for key in todo:
+        what, write = writers[key]
+        progress.comment(f'writing the {what}')
+        write(paths[key])
+        progress.update(1)
+    result.stats['seconds']['write'] = round(time.perf_counter() - started, 3)
+    if paths.get('summary'):
+        write_summary(paths['summary'], result.stats)
+        progress.update(1)
+    progress.finish()
 
 
 def _class_options(result):
