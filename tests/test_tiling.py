@@ -8,6 +8,7 @@ import pytest
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.slide import Slide
 from cellrcnn.tiling import MAX_TILES, _spans, prefetch, tile_grid
+from cellrcnn.tissue import TissueMask
 
 # ---------------------------------------------------------------------------------------------------------------
 # tile grid
@@ -47,12 +48,12 @@ def _check_grid(tiles, x0, y0, x1, y1, size, overlap, align=1):
 
 def test_tile_grid_whole_slide(slide20x):
     s = Slide(slide20x[0])
-    tiles = tile_grid(s, tile_size=512, overlap=64, min_tissue=0.05)
+    tiles = tile_grid(s, tile_size=512, overlap=64, min_tissue=0)  # the grid; tiles cut to tissue: below
     _check_grid(tiles, 0, 0, 2048, 1536, 512, 64)
     assert (max(t.col for t in tiles) + 1, max(t.row for t in tiles) + 1) == (5, 4)
     # shrunk to fit: 512 px tiles stepped by 448 with the last moved back to the edge would read 1.67x the slide
     assert sum(t.width * t.height for t in tiles) < 1.3 * 2048 * 1536
-    aligned = tile_grid(s, tile_size=512, overlap=64, min_tissue=0.05, align=16)
+    aligned = tile_grid(s, tile_size=512, overlap=64, min_tissue=0, align=16)
     _check_grid(aligned, 0, 0, 2048, 1536, 512, 64, align=16)
     assert sum(t.width * t.height for t in aligned) < 1.3 * 2048 * 1536
     for t in tiles:  # native scale: the base region is the tile
@@ -82,7 +83,7 @@ def test_tile_spans_cover_each_axis_with_the_overlap_in_steps_of_whole_fields():
                                       (20, (10, 20, 100, 50)), (10, (-100, -100, 400, 300))])
 def test_tile_grid_roi(slide20x, mag, roi):
     s = Slide(slide20x[0], magnification=mag)
-    tiles = tile_grid(s, tile_size=256, overlap=32, min_tissue=0.05, roi=roi, align=16)
+    tiles = tile_grid(s, tile_size=256, overlap=32, min_tissue=0, roi=roi, align=16)
     x0, y0, x1, y1 = s.roi_to_analysis(roi)
     _check_grid(tiles, x0, y0, x1, y1, 256, 32, align=16)
     # the tiles' base regions cover the ROI (clipped to the slide) and stay inside the slide
@@ -120,6 +121,37 @@ def test_a_grid_of_too_many_tiles_is_refused_before_it_is_built(slide20x):
     assert len(tile_grid(slide, tile_size=4096, overlap=64, min_tissue=0.05)) == 20
 
 
+@pytest.mark.parametrize('mag', [20, 10])
+def test_a_tile_with_little_tissue_is_read_where_its_tissue_lies(slide20x, mag):
+    s = Slide(slide20x[0], magnification=mag)
+    mask = np.zeros((48, 64), bool)
+    mask[20:22, 40:42] = True  # one small piece alone on the glass
+    fx, fy = s.size[0] / 64, s.size[1] / 48
+    tissue = TissueMask(mask, fx, fy, s.mpp)
+    piece = (40 * fx, 20 * fy, 42 * fx, 22 * fy)
+    overlap, align = 32, 16
+    whole = tile_grid(s, tile_size=256, overlap=overlap, min_tissue=0, tissue=tissue, align=align)
+    cut = tile_grid(s, tile_size=256, overlap=overlap, min_tissue=0.5, tissue=tissue, align=align)
+    assert [(t.row, t.col, t.index) for t in whole] == [(t.row, t.col, t.index) for t in cut]
+    touched = [t for t in whole if t.x < piece[2] and piece[0] < t.x + t.width and t.y < piece[3] and
+               piece[1] < t.y + t.height]
+    assert touched and [t.index for t in cut if not t.skipped] == [t.index for t in touched]
+    for t in touched:  # cut to the piece grown by the overlap, starting on the grid's phase, within the tile
+        c = cut[t.index]
+        x0 = max(t.x, int(piece[0] - overlap) // align * align)
+        y0 = max(t.y, int(piece[1] - overlap) // align * align)
+        x1 = min(t.x + t.width, int(np.ceil(piece[2] + overlap)))
+        y1 = min(t.y + t.height, int(np.ceil(piece[3] + overlap)))
+        assert (c.x, c.y, c.x + c.width, c.y + c.height) == (x0, y0, x1, y1)
+        assert c.base_x == round(c.x * s.scale) and c.base_width == pytest.approx(c.width * s.scale, abs=1)
+        assert c.tissue == pytest.approx(tissue.fraction(c.x, c.y, c.width, c.height)) and c.tissue > t.tissue
+    # the image read for a cut tile is that part of the whole tile's
+    t = touched[0]
+    c = cut[t.index]
+    if s.scale == 1:
+        assert np.array_equal(s.read(c), s.read(t)[c.y - t.y:c.y - t.y + c.height, c.x - t.x:c.x - t.x + c.width])
+
+
 def test_min_tissue_zero_keeps_everything(slide20x):
     tiles = tile_grid(Slide(slide20x[0]), tile_size=512, overlap=64, min_tissue=0)
     assert not any(t.skipped for t in tiles)
@@ -132,7 +164,10 @@ def test_min_tissue_zero_keeps_everything(slide20x):
 @pytest.mark.parametrize('workers, queue', [(0, 1), (2, 4), (3, 1), (1, 2)])
 def test_prefetch_matches_serial_reads_in_order(slide20x, workers, queue):
     s = Slide(slide20x[0], magnification=13)
-    tiles = tile_grid(s, tile_size=512, overlap=64, min_tissue=0.3)
+    mask = np.zeros((48, 64), bool)
+    mask[:, :24] = mask[30:34, 50:52] = True  # tissue on the left and a small piece on the right
+    tissue = TissueMask(mask, s.size[0] / 64, s.size[1] / 48, s.mpp)
+    tiles = tile_grid(s, tile_size=512, overlap=64, min_tissue=0.3, tissue=tissue)
     kept = [t for t in tiles if not t.skipped]
     assert 0 < len(kept) < len(tiles)
     got = list(prefetch(s, tiles, workers=workers, queue=queue))

@@ -51,7 +51,8 @@ def _add_detection_options(p):
     p.add_argument('--overlap', type=int, default=d.overlap,
                    help=f'px shared by neighbouring tiles, at least the largest nucleus (default {d.overlap})')
     p.add_argument('--min-tissue', dest='min_tissue', type=float, default=d.min_tissue,
-                   help=f'skip tiles with less tissue than this fraction (default {d.min_tissue})')
+                   help=f'read tiles with less tissue than this fraction only where their tissue lies, skip those '
+                        f'without; 0 reads every tile whole (default {d.min_tissue})')
     p.add_argument('--batch-size', dest='batch_size', type=_positive_int, default=d.batch_size,
                    help=f'tiles per model call (default {d.batch_size}; a GPU gains from 8 or more, and halves it '
                         'when it runs out of memory)')

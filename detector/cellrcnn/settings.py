@@ -77,7 +77,8 @@ class ResultSettings:
     #: tile side and overlap in **analysis** pixels
     tile_size: int = 1024
     overlap: int = 64
-    #: tiles with less tissue than this fraction are skipped
+    #: tiles with less tissue than this fraction are read only where their tissue lies, tiles without tissue not at
+    #: all (``tiling.tile_grid``); 0 reads every tile whole
     min_tissue: float = 0.05
     #: score threshold (None: the model's calibrated operating point)
     threshold: float | None = None

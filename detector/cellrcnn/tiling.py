@@ -19,6 +19,8 @@ consumer (the GPU) works on the current one, since libtiff (ctypes) releases the
 
 import collections
 import concurrent.futures
+import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -89,7 +91,10 @@ def tile_grid(slide: 'Slide', tile_size: int, overlap: int, min_tissue: float, r
     :param tile_size: the largest tile side in analysis pixels: each axis takes the fewest tiles of that side
         that cover the ROI, shrunk to fit it (:func:`_spans`).
     :param overlap: analysis pixels shared by neighbouring tiles, at least.
-    :param min_tissue: tiles whose tissue fraction is below this are marked ``skipped`` (still listed).
+    :param min_tissue: a tile whose tissue fraction is below this is cut to where its tissue lies (the mask's
+        tissue, grown by ``overlap`` on each side: :func:`_cut_to_tissue`), so that a small piece of tissue alone in
+        a tile of glass is read and the glass around it is not; a tile without tissue is marked ``skipped`` (still
+        listed). With 0, every tile is read whole.
     :param roi: (x, y, width, height) in base pixels, clipped to the slide; None = the whole slide.
     :param tissue: the slide's :class:`cellrcnn.tissue.TissueMask` (default: found now).
     :param align: tiles start at multiples of this many analysis pixels from the ROI's corner (the model's coarsest
@@ -123,10 +128,33 @@ def tile_grid(slide: 'Slide', tile_size: int, overlap: int, min_tissue: float, r
             bx0 = int(round(x * s))
             bx1 = W if x + w >= slide.size[0] else min(W, int(round((x + w) * s)))
             fraction = tissue.fraction(x, y, w, h)
-            tiles.append(Tile(x=x, y=y, width=w, height=h, row=row, col=col, base_x=bx0, base_y=by0,
-                              base_width=max(1, bx1 - bx0), base_height=max(1, by1 - by0), tissue=fraction,
-                              skipped=fraction < min_tissue, index=len(tiles)))
+            tile = Tile(x=x, y=y, width=w, height=h, row=row, col=col, base_x=bx0, base_y=by0,
+                        base_width=max(1, bx1 - bx0), base_height=max(1, by1 - by0), tissue=fraction,
+                        skipped=fraction < min_tissue, index=len(tiles))
+            tiles.append(_cut_to_tissue(tile, slide, tissue, overlap, align, (ax0, ay0)) if tile.skipped else tile)
     return tiles
+
+
+def _cut_to_tissue(tile, slide, tissue, margin, align, origin):
+    """A tile with little tissue cut to the tissue's bounding rectangle grown by ``margin`` analysis pixels on each
+    side (a nucleus at the mask's smoothed edge stays whole), starting on the grid's ``align`` phase from ``origin``
+    and kept within the tile; the tile ``skipped`` when it holds no tissue."""
+    found = tissue.bounds(tile.x, tile.y, tile.width, tile.height)
+    if found is None:
+        return tile
+    x0, y0, x1, y1 = found
+    x0 = max(tile.x, origin[0] + math.floor((x0 - margin - origin[0]) / align) * align)
+    y0 = max(tile.y, origin[1] + math.floor((y0 - margin - origin[1]) / align) * align)
+    x1 = min(tile.x + tile.width, math.ceil(x1 + margin))
+    y1 = min(tile.y + tile.height, math.ceil(y1 + margin))
+    s = slide.scale
+    W, H = slide.base_size
+    bx0, by0 = int(round(x0 * s)), int(round(y0 * s))
+    bx1 = tile.base_x + tile.base_width if x1 == tile.x + tile.width else min(W, int(round(x1 * s)))
+    by1 = tile.base_y + tile.base_height if y1 == tile.y + tile.height else min(H, int(round(y1 * s)))
+    return dataclasses.replace(tile, x=x0, y=y0, width=x1 - x0, height=y1 - y0, base_x=bx0, base_y=by0,
+                               base_width=max(1, bx1 - bx0), base_height=max(1, by1 - by0),
+                               tissue=tissue.fraction(x0, y0, x1 - x0, y1 - y0), skipped=False)
 
 
 def prefetch(slide: 'Slide', tiles: Sequence[Tile], workers: int, queue: int = 4,

@@ -22,8 +22,9 @@ from .errors import CellRCNNError, histomicstk
 MASK_MIN_PIXEL_UM = 4.0
 #: Gaussian smoothing of the thumbnail before Otsu thresholding (histomicstk's ``sigma``), in mask pixels.
 MASK_SIGMA = 1.5
-#: Tissue pieces smaller than this (um^2; a 50 um square) are dropped (histomicstk's ``min_size``).
-MIN_TISSUE_UM2 = 50.0 * 50.0
+#: Tissue pieces smaller than this (um^2; a 25 um square, a few cells) are dropped (histomicstk's ``min_size``): a
+#: small cluster of cells alone on the glass is kept, and its tile read where it lies (``tiling.tile_grid``).
+MIN_TISSUE_UM2 = 25.0 * 25.0
 #: Absolute floor under histomicstk's (relative, Otsu) threshold: a mask pixel is tissue only when its smoothed grey
 #: level is at least this much darker than white (255 - grey).  Glass is 235-250; pale eosin stroma is below 225.
 #: Without it Otsu splits the noise of an all-glass slide into "tissue".
@@ -54,6 +55,20 @@ class TissueMask:
         covered = wy @ mask[j0:j1, i0:i1].astype(np.float64) @ wx
         return float(min(1.0, covered / (width * height)))
 
+    def bounds(self, x, y, width, height):
+        """``(x0, y0, x1, y1)``: the analysis-pixel rectangle of the mask pixels with tissue that the rectangle
+        touches, cut to it; None when it holds no tissue."""
+        mask, fx, fy = self.mask, self.fx, self.fy
+        i0, i1 = max(0, int(x // fx)), min(mask.shape[1], int(math.ceil((x + width) / fx)))
+        j0, j1 = max(0, int(y // fy)), min(mask.shape[0], int(math.ceil((y + height) / fy)))
+        if i1 <= i0 or j1 <= j0:
+            return None
+        cols, rows = np.flatnonzero(mask[j0:j1, i0:i1].any(axis=0)), np.flatnonzero(mask[j0:j1, i0:i1].any(axis=1))
+        if not len(cols):
+            return None
+        return (max(x, (i0 + cols[0]) * fx), max(y, (j0 + rows[0]) * fy),
+                min(x + width, (i0 + cols[-1] + 1) * fx), min(y + height, (j0 + rows[-1] + 1) * fy))
+
     def area_mm2(self, bounds):
         """Area of tissue (mm^2) inside analysis-pixel bounds ``(x0, y0, x1, y1)``."""
         x0, y0, x1, y1 = bounds
@@ -66,7 +81,7 @@ def _coverage_weights(lo, hi, i0, i1, factor):
     return np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0, None)
 
 
-def find_tissue(slide, thumbnail_size=1024):
+def find_tissue(slide, thumbnail_size=2048):
     """The :class:`TissueMask` of a :class:`cellrcnn.slide.Slide`, from a thumbnail whose longest side is at most
     ``thumbnail_size`` and whose pixels are no finer than MASK_MIN_PIXEL_UM."""
     if int(thumbnail_size) < 2:
