@@ -152,6 +152,31 @@ def test_a_tile_with_little_tissue_is_read_where_its_tissue_lies(slide20x, mag):
         assert np.array_equal(s.read(c), s.read(t)[c.y - t.y:c.y - t.y + c.height, c.x - t.x:c.x - t.x + c.width])
 
 
+@pytest.mark.parametrize('mag', [20, 13])
+def test_every_piece_of_tissue_lies_in_a_tile_read(slide20x, mag):
+    s = Slide(slide20x[0], magnification=mag)
+    rng = np.random.default_rng(mag)
+    for _ in range(20):
+        mask = rng.random((48, 64)) < rng.choice([0.002, 0.01, 0.05])
+        tissue = TissueMask(mask, s.size[0] / 64, s.size[1] / 48, s.mpp)
+        roi = (int(rng.integers(0, 600)), int(rng.integers(0, 400)), int(rng.integers(300, 1400)),
+               int(rng.integers(300, 1100)))
+        whole = tile_grid(s, tile_size=256, overlap=32, min_tissue=0, roi=roi, tissue=tissue, align=16)
+        cut = tile_grid(s, tile_size=256, overlap=32, min_tissue=0.3, roi=roi, tissue=tissue, align=16)
+        x0, y0, x1, y1 = s.roi_to_analysis(roi)
+        seen = np.zeros((y1 - y0, x1 - x0), bool)
+        for w, c in zip(whole, cut):
+            assert w.x <= c.x and c.x + c.width <= w.x + w.width and w.y <= c.y and c.y + c.height <= w.y + w.height
+            assert c.skipped == (tissue.fraction(w.x, w.y, w.width, w.height) == 0)
+            if not c.skipped:
+                assert (c.x - x0) % 16 == 0 or c.x == w.x
+                seen[c.y - y0:c.y - y0 + c.height, c.x - x0:c.x - x0 + c.width] = True
+        # the analysis pixels of every tissue mask pixel inside the ROI are read
+        ys, xs = np.mgrid[y0:y1, x0:x1]
+        on_tissue = mask[(ys / tissue.fy).astype(int).clip(0, 47), (xs / tissue.fx).astype(int).clip(0, 63)]
+        assert seen[on_tissue].all()
+
+
 def test_min_tissue_zero_keeps_everything(slide20x):
     tiles = tile_grid(Slide(slide20x[0]), tile_size=512, overlap=64, min_tissue=0)
     assert not any(t.skipped for t in tiles)
