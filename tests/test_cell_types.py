@@ -251,7 +251,7 @@ def test_the_overview_draws_each_box_in_its_types_colour(typed_run, tmp_path):
 def test_the_summary_counts_each_type(typed_run):
     result, _, settings = typed_run
     counts = result.stats['cell_types']
-    assert detection_summary_lines(result, settings)[-1] == \
+    assert detection_summary_lines(result)[-1] == \
         f'cell types: lymphocyte {counts["lymphocyte"]}, tumour {counts["tumour"]}, stromal {counts["stromal"]}'
 
 
@@ -321,7 +321,7 @@ def test_a_model_without_types_writes_what_it_wrote_before(slide_path, tiny_chec
     nuclei_map = json.loads(open(paths['map']).read())
     assert 'cell_types' not in nuclei_map['attributes']['density'] and len(nuclei_map['elements']) == 1
     assert len(nuclei_map['elements'][0]['points']) == len(result.boxes) and 'label' not in nuclei_map['elements'][0]
-    assert len(detection_summary_lines(result, settings)) == 1
+    assert len(detection_summary_lines(result)) == 1
 
 
 def test_dask_batches_carry_the_types(slide_path, typed_checkpoint, full):

@@ -8,6 +8,7 @@ from torchvision.ops import box_iou, nms
 from cellrcnn.boxes import suppress_close_centres
 from cellrcnn.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, stored_config
 from cellrcnn.errors import CellRCNNError
+from cellrcnn.exports import detection_summary_lines
 from cellrcnn.inference import DetectorSpec
 from cellrcnn.slide import Slide
 from cellrcnn.slide_detection import detect_slide
@@ -125,6 +126,20 @@ def test_glass_only_slide_gives_an_empty_result(tmp_path, detector):
     assert len(result.boxes) == 0
     assert result.stats['tiles_read'] == 0 and result.stats['tiles_skipped'] == result.stats['tiles']
     assert result.stats['adapt_tiles'] == 0  # no tissue to adapt to
+
+
+def test_a_small_piece_on_the_glass_is_read_where_it_lies(tmp_path, detector):
+    import pyvips
+    path = tmp_path / 'piece.tiff'
+    slide = (pyvips.Image.black(600, 500, bands=3) + 245).cast('uchar').draw_rect([190, 110, 170], 400, 300, 60, 60,
+                                                                                  fill=True)
+    slide.tiffsave(str(path), tile=True, pyramid=True, compression='jpeg', xres=2000, yres=2000, resunit='cm')
+    result = detect_slide(Slide(path), detector, tile_size=256, overlap=32, min_tissue=0.2, workers=2)
+    st = result.stats
+    assert st['tiles_cut'] == st['tiles_read'] >= 1 and st['tiles_read'] + st['tiles_skipped'] == st['tiles']
+    assert st['tiles_skipped'] >= 1
+    assert f'{st["tiles_read"]} tiles read ({st["tiles_cut"]} only where their little tissue lies)' in \
+        detection_summary_lines(result)[0]
 
 
 def test_bad_detection_loop_settings(slide_path, detector):

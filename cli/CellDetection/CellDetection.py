@@ -81,7 +81,7 @@ def main(args):
     result = detect_to_files(args.inputImageFile, paths, settings,
                              resume_dir=args.outputCellAnnotationFile + '.partial',
                              label_image_id='outputNucleiLabelImage')
-    print('\n'.join(detection_summary_lines(result, settings)), flush=True)
+    print('\n'.join(detection_summary_lines(result)), flush=True)
     if post:
         print('\n'.join(post(paths)), flush=True)
         for key, path in outputs.items():

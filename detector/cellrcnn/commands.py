@@ -46,7 +46,7 @@ def run_detect(args):
     def run():
         post = girder_poster(args)  # checks server, token and item before any detection runs
         result = detect_to_files(slide_path, paths, settings, resume_dir=resume_dir)
-        print('\n'.join(detection_summary_lines(result, settings)))
+        print('\n'.join(detection_summary_lines(result)))
         print('wrote ' + ', '.join(p for p in paths.values() if p))
         if post:
             print('\n'.join(post(paths)))

@@ -228,21 +228,23 @@ def write_summary(path, stats):
         json.dump(stats, f, indent=2)
 
 
-def detection_summary_lines(result, settings):
+def detection_summary_lines(result):
     """The closing summary a person reads: what was found, where, what each stage cost and, for a model with cell
     types, how many nuclei of each."""
     st, sec = result.stats, result.stats['seconds']
     lines = []
     if st['tiles_read'] == 0 and not st['tile_rows_resumed']:
-        lines.append(f'no tissue found in {st["slide"]} (all {st["tiles"]} tiles below the minimum tissue fraction '
-                     f'{settings.min_tissue}): the annotation is empty')
+        lines.append(f'no tissue found in {st["slide"]} (none on its thumbnail in any of its {st["tiles"]} tiles): '
+                     'the annotation is empty')
     adapt = f'adapt {sec["adapt"]:.1f} on {st["adapt_tiles"]} tiles, ' if st['adapt_tiles'] else ''
+    cut = f' ({st["tiles_cut"]} only where their little tissue lies)' if st.get('tiles_cut') else ''
     lines.append(
         f'{st["detections"]} nuclei in {os.path.basename(st["slide"])} at {st["analysis_magnification"]:g}x: '
-        f'{st["tissue_mm2"]:.2f} mm2 of tissue, {st["tiles_read"]} tiles read, {st["tiles_skipped"]} skipped as '
-        f'background; {sec["total"]:.1f} s (tissue {sec["tissue_and_grid"]:.1f}, {adapt}read wait {sec["read"]:.1f}, '
-        f'detect {sec["detect"]:.1f}, merge {sec["merge"]:.2f}), {st["megapixels_per_second"]:.2f} Mpx/s on '
-        f'{st["device"]}' + (f'; outputs written in {sec["write"]:.1f} s' if 'write' in sec else ''))
+        f'{st["tissue_mm2"]:.2f} mm2 of tissue, {st["tiles_read"]} tiles read{cut}, {st["tiles_skipped"]} skipped '
+        f'as background; {sec["total"]:.1f} s (tissue {sec["tissue_and_grid"]:.1f}, {adapt}read wait '
+        f'{sec["read"]:.1f}, detect {sec["detect"]:.1f}, merge {sec["merge"]:.2f}), '
+        f'{st["megapixels_per_second"]:.2f} Mpx/s on {st["device"]}'
+        + (f'; outputs written in {sec["write"]:.1f} s' if 'write' in sec else ''))
     if 'cell_types' in st:
         lines.append('cell types: ' + ', '.join(f'{name} {count}' for name, count in st['cell_types'].items()))
     return lines

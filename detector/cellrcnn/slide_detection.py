@@ -285,6 +285,7 @@ def _stats(slide, tissue, tiles, rows, result, timing, mask_seconds, total, dete
         'tiles': len(tiles),
         'tiles_read': len(rows.todo),
         'tiles_skipped': sum(t.skipped for t in tiles),
+        'tiles_cut': sum(t.cut for t in rows.todo),
         'tile_rows_resumed': len(rows.resumed),
         'tissue_mm2': tissue.area_mm2(result.analysis_bounds),
         'detections': int(len(result.boxes)),

@@ -56,6 +56,8 @@ class Tile:
     tissue: float = 1.0
     skipped: bool = False
     index: int = 0
+    #: cut to where its little tissue lies (:func:`tile_grid`'s ``min_tissue``)
+    cut: bool = False
 
     def __str__(self):
         return (f'tile row {self.row}, col {self.col} (base x={self.base_x}, y={self.base_y}, '
@@ -154,7 +156,7 @@ def _cut_to_tissue(tile, slide, tissue, margin, align, origin):
     by1 = tile.base_y + tile.base_height if y1 == tile.y + tile.height else min(H, int(round(y1 * s)))
     return dataclasses.replace(tile, x=x0, y=y0, width=x1 - x0, height=y1 - y0, base_x=bx0, base_y=by0,
                                base_width=max(1, bx1 - bx0), base_height=max(1, by1 - by0),
-                               tissue=tissue.fraction(x0, y0, x1 - x0, y1 - y0), skipped=False)
+                               tissue=tissue.fraction(x0, y0, x1 - x0, y1 - y0), skipped=False, cut=True)
 
 
 def prefetch(slide: 'Slide', tiles: Sequence[Tile], workers: int, queue: int = 4,
