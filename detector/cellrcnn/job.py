@@ -63,10 +63,9 @@ def detect_to_files(slide_path: str, paths: dict[str, str | None], settings: 'De
 
     settings.validate()
     check_pixelmap_paths(paths)
-    if settings.display == 'pixelmap' and not paths.get('pixelmap'):
-        raise CellRCNNError('display pixelmap needs the nuclei pixelmap written (its annotation and label image)')
-    if settings.display == 'map' and not paths.get('map'):
-        raise CellRCNNError('display map needs the nuclei map written (its annotation output)')
+    view = {'map': 'its annotation output', 'pixelmap': 'its annotation and label image'}.get(settings.display)
+    if view and not paths.get(settings.display):
+        raise CellRCNNError(f'display {settings.display} needs the nuclei {settings.display} written ({view})')
     with output_lock(paths):  # one run at a time per output name: a second one stops here, in one line
         spec = DetectorSpec.from_settings(settings)
         detector = spec.build()

@@ -13,7 +13,6 @@ Its attributes carry ``density`` (``kind`` 'nuclei map'), so the Girder plugin t
 annotations: never a nuclei result, replaced with the run that made it.
 """
 
-
 import numpy as np
 
 from .boxes import as_boxes

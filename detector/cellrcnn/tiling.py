@@ -118,23 +118,25 @@ def tile_grid(slide: 'Slide', tile_size: int, overlap: int, min_tissue: float, r
                             f'{ax1 - ax0}x{ay1 - ay0} analysis px of {slide.path} are more than {MAX_TILES}: use '
                             'larger tiles, less overlap or a region of interest')
     tissue = tissue or find_tissue(slide)
-    W, H = slide.base_size
-    s = slide.scale
-    # a tile's base region is its analysis rectangle times the scale, rounded; tiles at the slide's right/bottom
-    # edge reach the edge (the analysis size is floor(base / scale): the last fraction of a pixel is read too)
     tiles = []
     for row, (y, h) in enumerate(ys):
-        by0 = int(round(y * s))
-        by1 = H if y + h >= slide.size[1] else min(H, int(round((y + h) * s)))
         for col, (x, w) in enumerate(xs):
-            bx0 = int(round(x * s))
-            bx1 = W if x + w >= slide.size[0] else min(W, int(round((x + w) * s)))
             fraction = tissue.fraction(x, y, w, h)
-            tile = Tile(x=x, y=y, width=w, height=h, row=row, col=col, base_x=bx0, base_y=by0,
-                        base_width=max(1, bx1 - bx0), base_height=max(1, by1 - by0), tissue=fraction,
-                        skipped=fraction < min_tissue, index=len(tiles))
+            tile = Tile(x=x, y=y, width=w, height=h, row=row, col=col, **_base_region(slide, x, y, x + w, y + h),
+                        tissue=fraction, skipped=fraction < min_tissue, index=len(tiles))
             tiles.append(_cut_to_tissue(tile, slide, tissue, overlap, align, (ax0, ay0)) if tile.skipped else tile)
     return tiles
+
+
+def _base_region(slide, x0, y0, x1, y1):
+    """The base region (``Tile``'s ``base_*``) read for the analysis rectangle [x0, x1) x [y0, y1): times the scale,
+    rounded; a rectangle at the slide's right or bottom edge reaches the edge (the analysis size is floor(base /
+    scale): the last fraction of a pixel is read too)."""
+    s, (W, H) = slide.scale, slide.base_size
+    bx0, by0 = int(round(x0 * s)), int(round(y0 * s))
+    bx1 = W if x1 >= slide.size[0] else min(W, int(round(x1 * s)))
+    by1 = H if y1 >= slide.size[1] else min(H, int(round(y1 * s)))
+    return {'base_x': bx0, 'base_y': by0, 'base_width': max(1, bx1 - bx0), 'base_height': max(1, by1 - by0)}
 
 
 def _cut_to_tissue(tile, slide, tissue, margin, align, origin):
@@ -149,13 +151,7 @@ def _cut_to_tissue(tile, slide, tissue, margin, align, origin):
     y0 = max(tile.y, origin[1] + math.floor((y0 - margin - origin[1]) / align) * align)
     x1 = min(tile.x + tile.width, math.ceil(x1 + margin))
     y1 = min(tile.y + tile.height, math.ceil(y1 + margin))
-    s = slide.scale
-    W, H = slide.base_size
-    bx0, by0 = int(round(x0 * s)), int(round(y0 * s))
-    bx1 = tile.base_x + tile.base_width if x1 == tile.x + tile.width else min(W, int(round(x1 * s)))
-    by1 = tile.base_y + tile.base_height if y1 == tile.y + tile.height else min(H, int(round(y1 * s)))
-    return dataclasses.replace(tile, x=x0, y=y0, width=x1 - x0, height=y1 - y0, base_x=bx0, base_y=by0,
-                               base_width=max(1, bx1 - bx0), base_height=max(1, by1 - by0),
+    return dataclasses.replace(tile, x=x0, y=y0, width=x1 - x0, height=y1 - y0, **_base_region(slide, x0, y0, x1, y1),
                                tissue=tissue.fraction(x0, y0, x1 - x0, y1 - y0), skipped=False, cut=True)
 
 

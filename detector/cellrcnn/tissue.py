@@ -41,31 +41,37 @@ class TissueMask:
     fy: float
     mpp: float
 
-    def fraction(self, x, y, width, height):
-        """Fraction of the analysis-pixel rectangle covered by tissue (area-weighted over partial mask pixels)."""
-        if width <= 0 or height <= 0:
-            return 0.0
+    def _window(self, x, y, width, height):
+        """``(i0, i1, j0, j1)``: the mask pixels (columns, rows) the analysis-pixel rectangle touches; None when it
+        touches none."""
         mask, fx, fy = self.mask, self.fx, self.fy
         i0, i1 = max(0, int(x // fx)), min(mask.shape[1], int(math.ceil((x + width) / fx)))
         j0, j1 = max(0, int(y // fy)), min(mask.shape[0], int(math.ceil((y + height) / fy)))
-        if i1 <= i0 or j1 <= j0:
+        return None if i1 <= i0 or j1 <= j0 else (i0, i1, j0, j1)
+
+    def fraction(self, x, y, width, height):
+        """Fraction of the analysis-pixel rectangle covered by tissue (area-weighted over partial mask pixels)."""
+        window = self._window(x, y, width, height) if width > 0 and height > 0 else None
+        if window is None:
             return 0.0
-        wx = _coverage_weights(x, x + width, i0, i1, fx)
-        wy = _coverage_weights(y, y + height, j0, j1, fy)
-        covered = wy @ mask[j0:j1, i0:i1].astype(np.float64) @ wx
+        i0, i1, j0, j1 = window
+        wx = _coverage_weights(x, x + width, i0, i1, self.fx)
+        wy = _coverage_weights(y, y + height, j0, j1, self.fy)
+        covered = wy @ self.mask[j0:j1, i0:i1].astype(np.float64) @ wx
         return float(min(1.0, covered / (width * height)))
 
     def bounds(self, x, y, width, height):
         """``(x0, y0, x1, y1)``: the analysis-pixel rectangle of the mask pixels with tissue that the rectangle
         touches, cut to it; None when it holds no tissue."""
-        mask, fx, fy = self.mask, self.fx, self.fy
-        i0, i1 = max(0, int(x // fx)), min(mask.shape[1], int(math.ceil((x + width) / fx)))
-        j0, j1 = max(0, int(y // fy)), min(mask.shape[0], int(math.ceil((y + height) / fy)))
-        if i1 <= i0 or j1 <= j0:
+        window = self._window(x, y, width, height)
+        if window is None:
             return None
-        cols, rows = np.flatnonzero(mask[j0:j1, i0:i1].any(axis=0)), np.flatnonzero(mask[j0:j1, i0:i1].any(axis=1))
+        i0, i1, j0, j1 = window
+        part = self.mask[j0:j1, i0:i1]
+        cols, rows = np.flatnonzero(part.any(axis=0)), np.flatnonzero(part.any(axis=1))
         if not len(cols):
             return None
+        fx, fy = self.fx, self.fy
         return (max(x, (i0 + cols[0]) * fx), max(y, (j0 + rows[0]) * fy),
                 min(x + width, (i0 + cols[-1] + 1) * fx), min(y + height, (j0 + rows[-1] + 1) * fy))
 
