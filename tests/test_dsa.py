@@ -202,12 +202,23 @@ def test_folder_detection_runs_every_slide_on_the_worker(dsa, synthetic_slide, t
     rows = wait_for(lambda: (lambda rows: rows if all(r['cells'] for r in rows) else None)(
         gc.get(f'cellrcnn/folder/{cohort}/results')), 120, 'every slide in the results table')
     assert sorted(r['name'] for r in rows) == names
+    (label_folder,) = [f for f in gc.listFolder(cohort) if f['name'] == 'cellrcnn label images']
     for row in rows:  # each slide's count, from the worker's run, is the one the same detection gives here
         assert row['model'] == 'cellrcnn-default.pt' and row['annotation_id']
         assert row['cells'] == local[row['name']] > 100, (row, local)
-        # each slide has its nuclei map too: what a whole slide's result opens on
-        docs = annotations_of(dsa, row['item_id'], count=3)
+        # each slide has its nuclei map and pixelmap too: what a whole slide's result opens on
+        docs = annotations_of(dsa, row['item_id'], count=4)
         assert sum(len(e['points']) for e in docs[MAP_NAME]['elements']) == row['cells']
+        (pixels,) = docs[PIXELMAP_NAME]['elements']
+        assert len(pixels['values']) == row['cells'] + 1
+        # its label image is in the folder's subfolder of label images, where no run or table takes it for a slide
+        label_item = gc.get(f'item/{pixels["girderId"]}')
+        assert label_item['name'] == f'{row["name"][:-5]}-outputNucleiLabelImage.tiff'
+        assert label_item['largeImage']['fileId'] and label_item['folderId'] == label_folder['_id']
+    again = dsa.wait_for_job(gc.post(f'cellrcnn/folder/{cohort}/detect')['_id'], 120)
+    assert again['cellrcnnBatch'] | {'scheduled': None} == {
+        'total': 2, 'finished': 2, 'running': 0, 'todo': 0, 'no_write_folders': 0, 'model': 'cellrcnn-default.pt',
+        'model_sha256': None, 'scheduled': None}
 
 
 def test_an_image_build_without_the_disk_it_needs_stops_in_one_line(tmp_path):

@@ -142,9 +142,16 @@ def run_folder(server, slide_file, nuclei_doc):
     return ids
 
 
-def test_detect_queues_the_unfinished_slides_and_counts_them_done(server, cli_id, run_folder, nuclei_doc):
+def test_detect_queues_the_unfinished_slides_and_counts_them_done(server, cli_id, run_folder, nuclei_doc, slide_file):
     ids = run_folder
     parent, jobs = detect(server, ids['root'])
+    # each slide folder has a subfolder for the label images of its slides' pixelmaps, marked as such (that the label
+    # image lands there, the real worker's run in test_dsa.py checks)
+    label_folders = {}
+    for where in ('root', 'more'):
+        (sub,) = [f for f in server.client().listFolder(ids[where]) if f['name'] == 'cellrcnn label images']
+        assert sub['meta'] == {'cellrcnn': {'labelImages': True}}
+        label_folders[ids[where]] = sub['_id']
     assert parent['type'] == 'cellrcnn_batch' and parent['status'] == 2
     assert parent['cellrcnnBatch'] | {'scheduled': None} == {'total': 4, 'finished': 1, 'running': 0, 'todo': 3,
                                                              'no_write_folders': 0, 'model': DEFAULT_MODEL,
@@ -160,12 +167,19 @@ def test_detect_queues_the_unfinished_slides_and_counts_them_done(server, cli_id
         stem = name[:-5]
         assert child_inputs(job) == (ids[name + ' file'], None, [f'{stem}-outputCellAnnotationFile.anot',
                                                                   f'{stem}-outputDensityAnnotationFile.anot',
-                                                                  f'{stem}-outputNucleiMapAnnotationFile.anot'])
+                                                                  f'{stem}-outputNucleiLabelImage.tiff',
+                                                                  f'{stem}-outputNucleiMapAnnotationFile.anot',
+                                                                  f'{stem}-outputNucleiPixelmapAnnotationFile.anot'])
+
+    # A label image is a large image: in its subfolder it is no slide to the results table or to a folder run.
+    label_item, _ = slide_in(server, slide_file, label_folders[ids['root']], 'r2-outputNucleiLabelImage.tiff')
+    assert label_item not in {row['item_id'] for row in server.client().get(f'cellrcnn/folder/{ids["root"]}/results')}
 
     # Started again while they wait: nothing new is queued.
     again, again_jobs = detect(server, ids['root'])
     assert again_jobs == [] and again['status'] == 3
     assert again['cellrcnnBatch']['running'] == 3 and again['cellrcnnBatch']['todo'] == 0
+    assert again['cellrcnnBatch']['total'] == 4  # not the label image
 
     # The worker runs the jobs of r2 and r4: they succeed and their annotations land on the slides; r3's job fails.
     r2, r3, r4 = (by_slide[ids[name]]['_id'] for name in ('r2.tiff', 'r3.tiff', 'r4.tiff'))
@@ -264,6 +278,18 @@ def test_users_see_and_run_only_where_the_acls_allow(server, study, run_folder, 
     assert [(j['cellrcnnSlide'], j['userId']) for j in jobs] == [(own, reader_id)]
     assert child_inputs(server.client().get(f'job/{jobs[0]["_id"]}'))[0] == own_file
     assert [r['path'] for r in as_reader.get(f'cellrcnn/folder/{mine}/results')] == ['locked/locked.tiff', 'own.tiff']
+
+    # The run makes the folder's subfolder of label images as the reader; one there that the reader may only read
+    # stops the run in one line, before any slide's job is queued.
+    assert [f['name'] for f in as_reader.listFolder(mine)] == ['cellrcnn label images', 'locked']
+    blocked = folder(server, server.folder_id, 'blocked')
+    slide_in(server, slide_file, blocked, 'b.tiff')
+    labels = folder(server, blocked, 'cellrcnn label images')
+    grant(server, blocked, reader_id, WRITE)
+    grant(server, labels, reader_id, READ)
+    parent, jobs = detect(server, blocked, token=token)
+    assert jobs == [] and parent['status'] == 4
+    assert parent['log'][-1].startswith('Stopped after scheduling 0 slides: Write access denied for folder'), parent
 
 
 # --------------------------------------------------------------------------- the table: CSV cells, paging (issue 11)

@@ -37,14 +37,24 @@ from girder_jobs.constants import JobStatus
 from girder_jobs.models.job import Job
 
 from .model_files import model_sha256
-from .results import folder_slides, has_result
+from .results import (
+    LABEL_IMAGES_FOLDER,
+    LABEL_IMAGES_META,
+    META_KEY,
+    folder_slides,
+    has_result,
+    is_label_images_folder,
+)
 
 JOB_TYPE = 'cellrcnn_batch'
 CLI_NAME = 'CellDetection'
-#: the task's outputs a slide's job writes into the slide's folder: the nuclei, their map (what a whole slide's
-#: result opens on, ``--display auto``) and the density heatmap. Not the pixelmap: its label image is an item, and
-#: in the slide's folder it would be taken for a slide.
-OUTPUTS = ('outputCellAnnotationFile', 'outputNucleiMapAnnotationFile', 'outputDensityAnnotationFile')
+#: the task's outputs a slide's job writes into the slide's folder: the nuclei, their map and pixelmap (what a whole
+#: slide's result opens on, ``--display auto``) and the density heatmap
+OUTPUTS = ('outputCellAnnotationFile', 'outputNucleiMapAnnotationFile', 'outputNucleiPixelmapAnnotationFile',
+           'outputDensityAnnotationFile')
+#: the label image the pixelmap draws: an item of its own, written into the slide folder's subfolder of label images
+#: (``results.LABEL_IMAGES_FOLDER``), where no folder run or results table takes it for a slide
+LABEL_IMAGE_OUTPUT = ('outputNucleiLabelImage', '.tiff')
 CLI_CATEGORY = 'cellrcnn'
 #: admin-only plugin setting: the id of the slicer_cli_web task item folder-wide detection runs (default: the most
 #: recently updated CellDetection task an administrator registered through slicer_cli_web)
@@ -323,6 +333,8 @@ def _start_child(handler, cli, slide, model_file_id, user, token):
     params = {'inputImageFile': slide['fileId'], 'girderApiUrl': '', 'girderToken': ''}  # slicer_cli_web fills these
     for output in OUTPUTS:
         params.update({output: f'{stem}-{output}.anot', f'{output}_folder': slide['folderId']})
+    output, extension = LABEL_IMAGE_OUTPUT
+    params.update({output: f'{stem}-{output}{extension}', f'{output}_folder': label_images_folder(slide, user)})
     if model_file_id:
         params['model_file'] = model_file_id
     # girder_worker tells a Girder request from other code by cherrypy.request.app; this thread is Girder code
@@ -333,6 +345,19 @@ def _start_child(handler, cli, slide, model_file_id, user, token):
         return handler.subHandler(cli, params, user, token).job
     finally:
         cherrypy.request.app = before
+
+
+def label_images_folder(slide, user):
+    """The id of the slide folder's subfolder of label images (:data:`results.LABEL_IMAGES_FOLDER`), made with the
+    slide folder's access and marked when it is not there yet. The user must be able to write to it (the slide's
+    job uploads there as the user)."""
+    parent = Folder().load(slide['folderId'], user=user, level=AccessType.WRITE)
+    folder = Folder().createFolder(parent, LABEL_IMAGES_FOLDER, parentType='folder', creator=user,
+                                   reuseExisting=True)
+    Folder().requireAccess(folder, user, AccessType.WRITE)
+    if not is_label_images_folder(folder):
+        folder = Folder().setMetadata(folder, {META_KEY: {LABEL_IMAGES_META: True}})
+    return str(folder['_id'])
 
 
 def update_parent(parent_id, scheduled=False):

@@ -370,6 +370,18 @@ def writers_annotations(item):
     return [str(a['_id']) for a in _active_results(item['_id'], density=True) if from_writer(a, item, users)]
 
 
+#: the subfolder a folder run puts its slides' label images in (``batch``), marked by ``meta.cellrcnn.labelImages``:
+#: a label image is a large image of the slide's size, and in the slide's own folder it would be listed (and run) as
+#: one more slide, and HistomicsUI's next / previous would step onto it
+LABEL_IMAGES_FOLDER = 'cellrcnn label images'
+LABEL_IMAGES_META = 'labelImages'
+
+
+def is_label_images_folder(folder):
+    """A folder of label images (:data:`LABEL_IMAGES_FOLDER`): not searched for slides."""
+    return ((folder.get('meta') or {}).get(META_KEY) or {}).get(LABEL_IMAGES_META) is True
+
+
 def is_slide(item):
     large = item.get('largeImage') or {}
     return bool(large.get('fileId')) and not large.get('expected')
@@ -377,15 +389,17 @@ def is_slide(item):
 
 def iter_slides(folder, user, level=AccessType.READ, denied=None, fields=None):
     """(path relative to ``folder``, item, folder holding it) of every large-image item in a folder tree that
-    ``user`` may access at ``level``, in path order, as a generator that holds one folder's listing at a time.
-    ``denied``: a one-element list counting the subfolders left out for lack of access. ``fields``: the item
-    fields to read (default: all)."""
+    ``user`` may access at ``level``, in path order, as a generator that holds one folder's listing at a time;
+    folders of label images (:func:`is_label_images_folder`) are left out. ``denied``: a one-element list counting
+    the subfolders left out for lack of access. ``fields``: the item fields to read (default: all)."""
     def entries(current, prefix):
         # Sorting siblings by name (items) and name + '/' (folders) and walking depth-first gives exactly the order
         # of the full paths: a name has no '/'.
         found = [(prefix + item['name'], item, None) for item in Folder().childItems(current, fields=fields)
                  if is_slide(item)]
         for sub in Folder().childFolders(current, 'folder', user=user):
+            if is_label_images_folder(sub):
+                continue
             if Folder().hasAccess(sub, user, level):
                 found.append((f'{prefix}{sub["name"]}/', None, sub))
             elif denied is not None:
