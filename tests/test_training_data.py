@@ -3,6 +3,7 @@ splits."""
 
 import dataclasses
 import json
+import re
 
 import cv2
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from cellrcnn.__main__ import main
-from cellrcnn.checkpoint import load_checkpoint, load_model
+from cellrcnn.checkpoint import BUNDLED_MODEL, load_checkpoint, load_model
 from cellrcnn.config import ModelConfig
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.synthetic import make_tile
@@ -79,9 +80,13 @@ def test_train_from_two_entries_runs_and_reports_held_out(labelled, tmp_path, ca
                  '--data', f'boxes:{labelled}/boxed/boxes.json,mpp=0.5,split=train',
                  '--synthetic-weight', '0', '--cell-types', 'lymphocyte=lymph', 'tumour=tumor_epithelial',
                  '--steps', '2', '--warmup-steps', '1', '--batch-size', '2', '--tile-size', '128', '--workers', '0',
-                 '--backbone', 'resnet18', '--device', 'cpu']) == 0
+                 '--backbone', 'resnet18', '--device', 'cpu', '--dot-boxes-from', BUNDLED_MODEL]) == 0
     out = capsys.readouterr().out
     assert out.count('held out: ') == 2 and 'confusion' in out and 'boxes (IoU >= 0.5)' in out
+    # the bundled model boxed some of the dots before training (dot_boxes); the boxed entry has no dots
+    boxed_line = re.search(r'^points:\S+: (\d+) of (\d+) dots boxed by cellrcnn-default.pt$', out, re.MULTILINE)
+    assert boxed_line and 0 < int(boxed_line.group(1)) <= int(boxed_line.group(2)) and out.count('dots boxed') == 1
+    assert load_checkpoint(run / 'last.pt')['train_config']['dot_boxes_from'] == BUNDLED_MODEL
     model = load_model(run / 'model.pt')
     assert model.config.cell_types == ('lymphocyte', 'tumour')
     held_out = load_checkpoint(run / 'model.pt')['held_out']

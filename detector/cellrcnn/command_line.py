@@ -178,6 +178,9 @@ def _add_train(sub):
                    help='side (px) of the square a dot-only nucleus is matched by (default: --dot-box-um)')
     p.add_argument('--dot-box-um', dest='dot_box_um', type=float,
                    help='side (um) of the square a dot-only nucleus is matched by; it teaches no box (default 8)')
+    p.add_argument('--dot-boxes-from', dest='dot_boxes_from', metavar='MODEL',
+                   help="give each dot-only nucleus this model's detection on its dot (within 3 um, at the model's "
+                        'operating point) as its box before training; other dots stay dot-only')
     p.add_argument('--cell-types', dest='cell_types', nargs='+', metavar='NAME[=LABEL+LABEL]',
                    help='train a cell-type classifier for these types; LABELs: class names of the data meaning NAME, '
                         'e.g. lymphocyte tumour=tumor_epithelial stromal')

@@ -60,6 +60,8 @@ class TrainConfig:
     point_box_size: float = None
     #: side (um) of the prior square of a dot-only nucleus: used to match anchors and proposals only
     dot_box_um: float = 8.0
+    #: a model (file) whose detections give dot-only nuclei their boxes before training (``dot_boxes``); None: none
+    dot_boxes_from: str = None
     #: augmentation of real samples: scale factor range (log-uniform) and HED stain jitter (multiplicative, additive)
     real_scale_range: tuple = (0.7, 1.4)
     real_stain_sigma: tuple = (0.3, 0.2)
@@ -237,7 +239,8 @@ def train(model_config, train_config, out_dir, device='auto', resume=None, sampl
     model.to(device, memory_format=torch.channels_last).train()
     if cfg.cell_types_only:
         _train_cell_types_only(model)
-    sources = [('samples', samples, 1.0)] if samples is not None else training_sources(cfg, model.config)
+    log = (progress or Progress(mode='none')).log
+    sources = [('samples', samples, 1.0)] if samples is not None else training_sources(cfg, model.config, device, log)
     samples = [sample for _, source, _ in sources for sample in source]
     dataset = TileDataset(samples, Augmenter(cfg.tile_size), seed=cfg.seed,
                           real_augmenter=Augmenter(cfg.tile_size, stain_sigma=cfg.real_stain_sigma,

@@ -8,16 +8,20 @@ the source's size. A weight of 0 leaves a source out.
 Real records become four-part samples (``samples``) at the model's analysis scale (``labels.rescale`` to
 ``ModelConfig.mpp``): nuclei with a box keep it; a dot-only nucleus gets a square of ``TrainConfig.dot_box_um``
 (or ``point_box_size`` px) around its dot,
-used only to match anchors and proposals (``targets``: it teaches no box regression); a nucleus' class becomes the
-index of the cell type whose name or ``cell_type_labels`` hold it, else -1 (unknown).
+used only to match anchors and proposals (``targets``: it teaches no box regression), unless a teacher model
+(``TrainConfig.dot_boxes_from``) detects it and gives it that detection's box (``dot_boxes``); a nucleus' class
+becomes the index of the cell type whose name or ``cell_type_labels`` hold it, else -1 (unknown).
 
 Held out: an entry with ``split=NAME`` trains on that split; its other splits (of its ``splits=`` file, or of the
 seeded split) are the held-out images reported after training (:func:`held_out_entries`).
 """
 
+import os
+
 import numpy as np
 import torch
 
+from .dot_boxes import teacher_boxes
 from .errors import CellRCNNError
 from .labels import DEFAULT_SPLIT, detect_format, parse_entry, read_entry, read_splits, rescale
 
@@ -61,17 +65,23 @@ def real_samples(records, mpp, cell_type_index, dot_box_px):
     return samples
 
 
-def training_sources(cfg, config):
+def training_sources(cfg, config, device='cpu', log=print):
     """``[(name, samples, weight)]``: every ``--data`` entry of ``cfg`` (a ``TrainConfig``) with weight > 0, then the
-    synthetic tiles when their weight is above 0; ``config``: the model's ``ModelConfig`` (scale, cell types)."""
+    synthetic tiles when their weight is above 0; ``config``: the model's ``ModelConfig`` (scale, cell types). With
+    ``cfg.dot_boxes_from``, that model, run on ``device``, boxes the dots it detects (``log`` says how many)."""
     from .synthetic import make_dataset
 
+    teacher = _teacher(cfg.dot_boxes_from, device)
     sources = []
     for entry in cfg.entries:
         weight = entry_weight(entry)
         if weight > 0:
             samples = real_samples(entry_records(entry, cfg, config), config.mpp, config.cell_type_index(),
                                    cfg.dot_box_px(config))
+            if teacher is not None:
+                samples, boxed, dots = teacher_boxes(samples, teacher, config.mpp, device=device)
+                if dots:
+                    log(f'{entry}: {boxed} of {dots} dots boxed by {os.path.basename(cfg.dot_boxes_from)}')
             sources.append((entry, samples, weight))
     if cfg.synthetic_share > 0:
         samples = make_dataset(cfg.synthetic_seed, cfg.synthetic_tiles, size=cfg.tile_size, mpp=config.mpp,
@@ -80,6 +90,14 @@ def training_sources(cfg, config):
     if not sources:
         raise CellRCNNError('nothing to train on: every --data entry and the synthetic tiles have weight 0')
     return sources
+
+
+def _teacher(path, device):
+    """The model at ``path`` on ``device`` (None without a path)."""
+    if path is None:
+        return None
+    from .checkpoint import load_model
+    return load_model(path, device)
 
 
 def entry_records(entry, cfg, config):
