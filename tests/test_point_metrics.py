@@ -70,11 +70,32 @@ def test_calibration_picks_the_threshold_of_best_centroid_f1():
                                      boxes=np.full((len(points), 4), np.nan), classes=[None] * len(points),
                                      source='test', name=f'{seed}.png'))
     model = load_model()
-    threshold, f1 = calibrate_on_records(model, records, device='cpu')
+    threshold, f1 = calibrate_on_records(model, [records], device='cpu')
     assert model.config.threshold == threshold and 0.05 <= threshold < 1
     assert evaluate_records(model, records, device='cpu')['centroid']['f1'] == pytest.approx(f1)
     for other in (0.05, 0.99):
         assert evaluate_records(model, records, device='cpu', threshold=other)['centroid']['f1'] <= f1
+
+
+def test_each_set_counts_the_same_in_the_operating_point():
+    from cellrcnn.evaluate import threshold_of_best_mean_f1
+
+    # a large set (10 nuclei, each found at 0.9, and 10 false boxes at 0.5) and a small one (2 nuclei found at 0.3)
+    truth_a = np.array([[20.0 * i + 10, 10] for i in range(10)])
+    false_a = truth_a + [0, 100]
+    boxes_a = np.array([square(x, y) for x, y in np.concatenate([truth_a, false_a])])
+    truth_b = np.array([[10.0, 10], [40, 10]])
+    outputs = [{'boxes': boxes_a, 'scores': np.array([0.9] * 10 + [0.5] * 10)},
+               {'boxes': np.array([square(x, y) for x, y in truth_b]), 'scores': np.array([0.3, 0.3])}]
+    thresholds = [0.2, 0.4, 0.6]
+    # pooled by nucleus, 0.6 is best (F1 0.909: the small set's two nuclei lost); each set counting the same, 0.2
+    # (F1 2/3 and 1)
+    assert threshold_of_best_mean_f1(outputs, [truth_a, truth_b], [1, 1], thresholds, 6) == pytest.approx(
+        (0.2, (2 / 3 + 1) / 2))
+    assert threshold_of_best_mean_f1(outputs, [truth_a, truth_b], [2], thresholds, 6) == pytest.approx(
+        (0.6, 2 * 10 / 22))
+    # a set of no images is left out of the mean
+    assert threshold_of_best_mean_f1(outputs[:1], [truth_a], [0, 1], [0.2, 0.4], 6) == pytest.approx((0.2, 2 / 3))
 
 
 def test_the_type_bias_moves_decisions_to_the_best_mean_type_f1():
@@ -113,12 +134,12 @@ def test_calibration_fits_the_type_bias_on_typed_dots_only(typed_checkpoint):
         return out
 
     model = load_model(str(typed_checkpoint))
-    calibrate_on_records(model, records(lambda n: [None] * n), device='cpu')
+    calibrate_on_records(model, [records(lambda n: [None] * n)], device='cpu')
     assert model.config.cell_type_bias == ()
     # every nucleus a stromal cell: the fitted bias calls more of them stromal than the classifier alone
     stromal = records(lambda n: ['stromal'] * n)
     plain = evaluate_records(model, stromal, device='cpu')['centroid']['types'][2]
-    calibrate_on_records(model, stromal, device='cpu')
+    calibrate_on_records(model, [stromal], device='cpu')
     bias = model.config.cell_type_bias
     assert len(bias) == 3 and bias[2] > max(bias[:2])
     fitted = evaluate_records(model, stromal, device='cpu')['centroid']['types'][2]

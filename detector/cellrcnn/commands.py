@@ -144,14 +144,15 @@ def run_train(args):
 
 
 def _calibrate_on_entries(model, cfg, device):
-    """Set the operating point of best centroid F1 on the images of the real ``--data`` entries trained on (and the
-    cell-type bias, where they name types), and print it."""
+    """Set the operating point of best centroid F1 on the images of the real ``--data`` entries trained on, each
+    entry counting the same (the mean of their F1s), and the cell-type bias, where they name types; print them."""
     from .evaluate import calibrate_on_records
     from .training_data import entry_records, entry_weight
 
-    records = [r for entry in cfg.entries if entry_weight(entry) > 0 for r in entry_records(entry, cfg, model.config)]
-    threshold, f1 = calibrate_on_records(model, records, device=device)
-    print(f'operating point: score >= {threshold:.3f} (centroid F1 {f1:.3f} on the training images)')
+    sets = [entry_records(entry, cfg, model.config) for entry in cfg.entries if entry_weight(entry) > 0]
+    threshold, f1 = calibrate_on_records(model, sets, device=device)
+    over = f', the mean of {len(sets)} entries' if len(sets) > 1 else ''
+    print(f'operating point: score >= {threshold:.3f} (centroid F1 {f1:.3f} on the training images{over})')
     bias = model.config.cell_type_bias
     if bias:
         print('cell-type bias: ' + ', '.join(f'{name} {b:+.1f}' for name, b in zip(model.config.cell_types, bias)))
