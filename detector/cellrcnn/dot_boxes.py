@@ -24,8 +24,8 @@ def teacher_boxes(samples, teacher, mpp, radius_um=3.0, device='cpu', batch_size
     boxed, matched, dots_in_all = [], 0, 0
     for (image, boxes, extent, types), (detected, _) in zip(samples, outputs):
         dots = np.flatnonzero(~extent)
-        centres = (boxes[dots, :2] + boxes[dots, 2:]) / 2  # a dot's prior square is centred on it
-        d, t = match_points(box_centres(detected), centres, radius_um / mpp)
+        # a dot's prior square is centred on it
+        d, t = match_points(box_centres(detected), box_centres(boxes[dots]), radius_um / mpp)
         boxes, extent = boxes.copy(), extent.copy()
         boxes[dots[t]] = detected[d]
         extent[dots[t]] = True
