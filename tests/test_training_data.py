@@ -133,7 +133,12 @@ def test_average_takes_the_weighted_mean_calibrates_and_reports_held_out(labelle
     model = load_model(out)
     assert model.config.threshold != 0.9 and f'score >= {model.config.threshold:.3f}' in printed
     assert model.config.centre_distance_um == 2.5 and payload['calibrated_on'] == [entry]
+    assert model.config.rpn_score_thresh == config.rpn_score_thresh
     assert list(payload['held_out']) == [f'points:{labelled}/dots/points.json,mpp=0.5,split=val']
+    # --objectness-floor sets the RPN's floor of the model written, and nothing else of it
+    assert main(['average', *map(str, paths), '-o', str(tmp_path / 'floor.pt'), '--objectness-floor', '0.6']) == 0
+    floored = load_checkpoint(tmp_path / 'floor.pt')
+    assert floored['config'] == {**load_checkpoint(paths[0])['config'], 'rpn_score_thresh': 0.6}
     # a model whose weights mean something else is refused in one line
     save_checkpoint(tmp_path / 'typed.pt', build_model(dataclasses.replace(
         config, cell_types=('a', 'b'), cell_type_colors=('#000000', '#ffffff'), cell_type_labels=((), ()))))

@@ -272,6 +272,9 @@ def _add_average(sub):
                    help='the labelled images the models were trained on, as --data entries of train: the operating '
                         "point is the score threshold of best centroid F1 on them, and their other splits are "
                         "reported (default: the first model's threshold, nothing reported)")
+    p.add_argument('--objectness-floor', dest='objectness_floor', type=float, metavar='P',
+                   help="at inference the RPN drops proposals whose objectness is below P before its NMS; stored in "
+                        "the model written, and used to calibrate it (default: the first model's)")
     p.add_argument('--device', default='auto')
     p.set_defaults(run=commands.run_average)
 
