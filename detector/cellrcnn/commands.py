@@ -175,14 +175,17 @@ def _report_held_out(model, cfg, device):
 
 def run_average(args):
     from .checkpoint import load_model, model_sha256, save_checkpoint
+    from .config import LIMITS
     from .model_averaging import average_models
     from .train import TrainConfig
 
+    low, high, _ = LIMITS['rpn_score_thresh']
+    if args.objectness_floor is not None and not low <= args.objectness_floor <= high:  # before any model is read
+        raise CellRCNNError(f'--objectness-floor must be a probability from {low:g} to {high:g}, '
+                            f'not {args.objectness_floor}')
     weights = args.weights or [1.0] * len(args.models)
     model = average_models([load_model(path) for path in args.models], weights, names=args.models)
     if args.objectness_floor is not None:  # before calibrating: the operating point is found with the floor in use
-        if not 0 <= args.objectness_floor <= 1:
-            raise CellRCNNError(f'--objectness-floor must be a probability from 0 to 1, not {args.objectness_floor}')
         model.config = dataclasses.replace(model.config, rpn_score_thresh=args.objectness_floor)
     extra = {'averaged_from': [{'file': os.path.basename(path), 'sha256': model_sha256(path), 'weight': weight}
                                for path, weight in zip(args.models, weights)]}
