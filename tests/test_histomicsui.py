@@ -48,6 +48,36 @@ def browser():
             chromium.close()
 
 
+def panel_state(page):
+    """What HistomicsUI's annotation panel lists, for a failure's message: each group, open or not, and in an open
+    one each annotation's name, id and state (shown, hidden or loading)."""
+    return page.locator('.h-annotation-group').evaluate_all('''gs => gs.map(g => ({
+        group: g.dataset.groupName, open: g.classList.contains('h-group-expanded'),
+        annotations: [...g.querySelectorAll('.h-annotation')].map(a => [
+            a.querySelector('.h-annotation-name').textContent, a.dataset.id,
+            a.querySelector('.icon-eye') ? 'shown' : a.querySelector('.icon-eye-off') ? 'hidden' : 'loading'])}))''')
+
+
+def open_listing(page, annotation_id, groups, shown=False, timeout=180):
+    """The selector of the annotation's row in HistomicsUI's annotation panel, once the panel lists it (and, with
+    ``shown``, shows it drawn). An annotation is listed under each of its elements' groups, and a group lists its
+    annotations only when open: every group among ``groups`` that the panel lists closed is opened, again as new
+    ones are listed while results land. Fails with what the panel lists."""
+    row = f'.h-annotation[data-id="{annotation_id}"]'
+    wanted = f'{row} .icon-eye' if shown else row
+    until = time.monotonic() + timeout
+    while not page.locator(wanted).count():
+        assert time.monotonic() < until, (f'annotation {annotation_id} not listed{" and shown" if shown else ""} in '
+                                          f'{timeout} s; the panel: {panel_state(page)}')
+        for name in groups:
+            closed = f'.h-annotation-group.h-group-collapsed[data-group-name="{name}"]'
+            if page.locator(closed).count():
+                page.click(f'{closed} .h-annotation-group-name')
+                page.wait_for_selector(f'.h-annotation-group.h-group-expanded[data-group-name="{name}"]')
+        page.wait_for_timeout(500)
+    return row
+
+
 def test_cell_detection_from_the_histomicsui_analysis_panel(dsa, browser, tmp_path):
     shots = os.environ.get('CELLRCNN_SCREENSHOTS') or str(tmp_path)
     os.makedirs(shots, exist_ok=True)
@@ -95,19 +125,8 @@ def test_cell_detection_from_the_histomicsui_analysis_panel(dsa, browser, tmp_pa
              'the nuclei pixelmap on the slide')
 
     # HistomicsUI lists the job's annotations and draws them. A classified result (the bundled model's) is listed
-    # under its cell types' groups: open them until the nuclei show.
-    row = f'.h-annotation[data-id="{nuclei["_id"]}"]'
-    shown = f'{row} .icon-eye'
-    types = set(load_model(BUNDLED_MODEL).config.cell_types)
-    listed = lambda: page.locator('.h-annotation-group').evaluate_all('gs => gs.map(g => g.dataset.groupName)')  # noqa
-    groups = wait_for(lambda: [g for g in listed() if g in types], 60, 'the cell types\' groups')
-    for name in groups:  # a group lists its annotations once it is open: look in it only then
-        group = f'.h-annotation-group[data-group-name="{name}"]'
-        page.click(f'{group} .h-annotation-group-name')
-        page.wait_for_selector(f'{group} .h-annotation', timeout=60000)
-        if page.locator(row).count():
-            break
-    page.wait_for_selector(shown, timeout=60000)
+    # under its cell types' groups.
+    row = open_listing(page, nuclei['_id'], load_model(BUNDLED_MODEL).config.cell_types, shown=True)
     # an annotation with nuclei of several types is listed in each open group of them
     assert set(page.locator(f'{row} .h-annotation-name').all_inner_texts()) == {nuclei['annotation']['name']}
     page.wait_for_timeout(3000)  # the boxes and the heatmap are drawn
@@ -166,11 +185,7 @@ def test_a_classified_result_shows_its_cell_types(server, browser, tmp_path, mon
     page.click('.h-hide-all-annotations')
     page.wait_for_timeout(2000)
     without = view_pixels(page)
-    nuclei = f'.h-annotation[data-id="{nuclei_id}"]'
-    for name in sorted(found):
-        page.click(f'.h-annotation-group[data-group-name="{name}"] .h-annotation-group-name')
-        if page.locator(nuclei).count():
-            break
+    nuclei = open_listing(page, nuclei_id, found)
     page.click(f'{nuclei} .h-toggle-annotation')
     page.wait_for_selector(f'{nuclei} .icon-eye', timeout=60000)
     page.wait_for_timeout(3000)
