@@ -58,17 +58,26 @@ def panel_state(page):
             a.querySelector('.icon-eye') ? 'shown' : a.querySelector('.icon-eye-off') ? 'hidden' : 'loading'])}))''')
 
 
-def open_listing(page, annotation_id, groups, shown=False, timeout=180):
+def open_listing(page, annotation_id, groups, shown=False, timeout=180, reopen=None):
     """The selector of the annotation's row in HistomicsUI's annotation panel, once the panel lists it (and, with
     ``shown``, shows it drawn). An annotation is listed under each of its elements' groups, and a group lists its
     annotations only when open: every group among ``groups`` that the panel lists closed is opened, again as new
-    ones are listed while results land. Fails with what the panel lists."""
+    ones are listed while results land. ``reopen`` (``page.reload``: the slide opened again) is called once,
+    halfway, if the row is not there yet: the panel follows new results live, refetching its list on each job and
+    annotation event, and CI once saw a result not shown for a minute after it landed; opened again, the slide lists
+    what the server holds. Fails with what the panel lists."""
     row = f'.h-annotation[data-id="{annotation_id}"]'
     wanted = f'{row} .icon-eye' if shown else row
-    until = time.monotonic() + timeout
+    started = time.monotonic()
     while not page.locator(wanted).count():
-        assert time.monotonic() < until, (f'annotation {annotation_id} not listed{" and shown" if shown else ""} in '
-                                          f'{timeout} s; the panel: {panel_state(page)}')
+        waited = time.monotonic() - started
+        assert waited < timeout, (f'annotation {annotation_id} not listed{" and shown" if shown else ""} in '
+                                  f'{timeout} s; the panel: {panel_state(page)}')
+        if reopen is not None and waited > timeout / 2:
+            print(f'annotation {annotation_id} not listed{" and shown" if shown else ""} in {waited:.0f} s; the '
+                  f'panel: {panel_state(page)}; the slide opened again')
+            reopen()
+            reopen = None
         for name in groups:
             closed = f'.h-annotation-group.h-group-collapsed[data-group-name="{name}"]'
             if page.locator(closed).count():
@@ -126,7 +135,8 @@ def test_cell_detection_from_the_histomicsui_analysis_panel(dsa, browser, tmp_pa
 
     # HistomicsUI lists the job's annotations and draws them. A classified result (the bundled model's) is listed
     # under its cell types' groups.
-    row = open_listing(page, nuclei['_id'], load_model(BUNDLED_MODEL).config.cell_types, shown=True)
+    row = open_listing(page, nuclei['_id'], load_model(BUNDLED_MODEL).config.cell_types, shown=True,
+                       reopen=page.reload)
     # an annotation with nuclei of several types is listed in each open group of them
     assert set(page.locator(f'{row} .h-annotation-name').all_inner_texts()) == {nuclei['annotation']['name']}
     page.wait_for_timeout(3000)  # the boxes and the heatmap are drawn
