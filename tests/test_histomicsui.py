@@ -68,14 +68,13 @@ def open_listing(page, annotation_id, groups, shown=False, timeout=180, reopen=N
     what the server holds. Fails with what the panel lists."""
     row = f'.h-annotation[data-id="{annotation_id}"]'
     wanted = f'{row} .icon-eye' if shown else row
+    missing = f'annotation {annotation_id} not listed{" and shown" if shown else ""}'
     started = time.monotonic()
     while not page.locator(wanted).count():
         waited = time.monotonic() - started
-        assert waited < timeout, (f'annotation {annotation_id} not listed{" and shown" if shown else ""} in '
-                                  f'{timeout} s; the panel: {panel_state(page)}')
+        assert waited < timeout, f'{missing} in {timeout} s; the panel: {panel_state(page)}'
         if reopen is not None and waited > timeout / 2:
-            print(f'annotation {annotation_id} not listed{" and shown" if shown else ""} in {waited:.0f} s; the '
-                  f'panel: {panel_state(page)}; the slide opened again')
+            print(f'{missing} in {waited:.0f} s; the panel: {panel_state(page)}; the slide opened again')
             reopen()
             reopen = None
         for name in groups:
