@@ -87,9 +87,14 @@ def test_checkpoint_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path):
 def test_bad_checkpoints_give_one_line_errors(tmp_path):
     corrupt = tmp_path / 'corrupt.pt'
     corrupt.write_bytes(b'not a zip file at all')
+    # text given by mistake: torch's unpickler raises IndexError on the first, KeyError on the second
+    text_files = [tmp_path / 'passwd', tmp_path / 'hello.txt']
+    text_files[0].write_text('root:x:0:0:root:/root:/bin/bash\n')
+    text_files[1].write_text('hello')
     foreign = tmp_path / 'foreign.pt'
     torch.save({'model': {'w': torch.zeros(2)}}, foreign)
     for path, message in [(tmp_path / 'missing.pt', 'not found'), (corrupt, 'not a readable checkpoint'),
+                          *[(text, 'not a readable checkpoint') for text in text_files],
                           (foreign, 'not a cellrcnn checkpoint')]:
         with pytest.raises(CellRCNNError, match=message) as info:
             load_model(path)

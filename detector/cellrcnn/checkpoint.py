@@ -2,9 +2,7 @@
 
 import hashlib
 import os
-import pickle
 import threading
-import zipfile
 
 import torch
 from torch.torch_version import TorchVersion
@@ -87,7 +85,9 @@ def load_checkpoint(path):
         raise CellRCNNError(f'model file not found: {path}')
     try:
         payload = torch.load(path, map_location='cpu', weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+    except MemoryError:
+        raise CellRCNNError(f'{path}: not enough memory to read it') from None
+    except Exception as exc:  # a foreign file's bytes reach the unpickler: it can raise any error (IndexError, ...)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CellRCNNError(f'{path} is not a readable checkpoint ({reason[:120]})') from None
     if not isinstance(payload, dict) or payload.get('format') != FORMAT:
