@@ -1,7 +1,7 @@
 """Look at models on held-out real images: the truth and each model's detections drawn side by side.
 
     python benchmarks/held_out_overlays.py --data ENTRY [--data ENTRY ...] --model A.pt [--model B.pt ...] \
-        [--count 4] [--most CLASS] [--crop 320] [--out overlays/]
+        [--count 4] [--most CLASS] [--crop 320] [--views N ...] [--out overlays/]
 
 ``--data`` entries are ``cellrcnn train``'s (docs/training-data.md); give a held-out split, e.g.
 ``points:DATA/brca-m2c/points.json,images=DATA/brca-m2c/images,mpp=0.5,splits=DATA/brca-m2c/splits.json,split=val``.
@@ -23,6 +23,7 @@ from cellrcnn.checkpoint import load_model
 from cellrcnn.colors import rgb_tuple
 from cellrcnn.inference import Detector
 from cellrcnn.labels import read_entries, rescale
+from cellrcnn.settings import VIEWS
 
 TRUTH_COLORS = {'lymphocyte': (40, 90, 255), 'tumor_epithelial': (230, 40, 40), 'tumour': (230, 40, 40),
                 'stromal': (40, 180, 60)}
@@ -72,14 +73,20 @@ def main():
     parser.add_argument('--crop', type=int, default=320, help='crop side in analysis pixels')
     parser.add_argument('--out', default='overlays')
     parser.add_argument('--device', default='cpu')
+    parser.add_argument('--views', type=int, nargs='+', choices=VIEWS,
+                        help='views per image for each model, in order (default 1 each): the same --model twice with '
+                             '--views 1 8 compares one view with eight')
     args = parser.parse_args()
+    views = args.views or [1] * len(args.model)
+    if len(views) != len(args.model):
+        parser.error(f'--views takes one number per --model ({len(args.model)}), not {len(views)}')
     models = [load_model(path) for path in args.model]
     mpp = models[0].config.mpp
     records = [rescale(r, mpp) for r in read_entries(args.data)]
     records.sort(key=lambda r: -sum(args.most is None or c == args.most for c in r.classes))
     records = records[:args.count]
     images = [r.load() for r in records]
-    outputs = [Detector(m, args.device, 4).detect_tiles_with_types(images) for m in models]
+    outputs = [Detector(m, args.device, 4, views=n).detect_tiles_with_types(images) for m, n in zip(models, views)]
     os.makedirs(args.out, exist_ok=True)
     scale = 2
     for i, (record, image) in enumerate(zip(records, images)):
@@ -101,8 +108,8 @@ def main():
         row = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
         path = os.path.join(args.out, f'{os.path.splitext(record.name)[0]}.png')
         cv2.imwrite(path, cv2.cvtColor(row, cv2.COLOR_RGB2BGR))
-        print(f'{path}: truth {truth}, detections ' + ', '.join(f'{os.path.basename(m)} {n}'
-                                                               for m, n in zip(args.model, counts)))
+        named = [f'{os.path.basename(m)}{f" ({v} views)" if v > 1 else ""}' for m, v in zip(args.model, views)]
+        print(f'{path}: truth {truth}, detections ' + ', '.join(f'{m} {n}' for m, n in zip(named, counts)))
 
 
 if __name__ == '__main__':

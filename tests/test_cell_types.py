@@ -52,6 +52,7 @@ class Recording:
         self.inner, self.left, self.results = detector, batches, []
         self.model, self.batch_size, self.device, self.spec = detector.model, detector.batch_size, detector.device, \
             detector.spec
+        self.views = detector.views
 
     def detect_tiles_with_types(self, tiles, parts=False):
         if self.left == 0:

@@ -1,5 +1,5 @@
 """`cellrcnn detect --scheduler`: tile batches on Dask workers give what the same command gives here, with every
-override of the detector (anchor density, score threshold, NMS) reaching the workers; which schedulers the command
+override of the detector (anchor density, score threshold, NMS, views) reaching the workers; which schedulers the command
 and the DSA task may use (docs/security.md)."""
 
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 CLI_DIR = os.path.join(os.path.dirname(__file__), '..', 'cli')
-OVERRIDES = ['--anchor-upsample', '2', '--threshold', '0.05', '--nms', '0.3']
+OVERRIDES = ['--anchor-upsample', '2', '--threshold', '0.05', '--nms', '0.3', '--views', '2']
 
 
 @pytest.fixture(scope='module')
@@ -34,6 +34,7 @@ def test_the_scheduler_runs_the_detector_the_options_ask_for(slide, tiny_checkpo
     here_params, here = detect(slide, tiny_checkpoint, tmp_path / 'here', *OVERRIDES)
     spread_params, spread = detect(slide, tiny_checkpoint, tmp_path / 'spread', *OVERRIDES, '--scheduler', 'local:1')
     assert spread_params == here_params and here_params['anchor_upsample'] == 2 and here_params['nms'] == 0.3
+    assert here_params['views'] == 2
     assert len(spread) == len(here) > 0
     np.testing.assert_allclose(spread, here, atol=0.02)
     _, plain = detect(slide, tiny_checkpoint, tmp_path / 'plain')

@@ -33,6 +33,7 @@ class Interrupting:
     def __init__(self, detector, batches):
         self.inner, self.left = detector, batches
         self.model, self.batch_size, self.device = detector.model, detector.batch_size, detector.device
+        self.views = detector.views
         self.spec = detector.spec
 
     def detect_tiles_with_types(self, tiles, parts=False):

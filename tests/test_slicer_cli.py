@@ -34,8 +34,9 @@ def test_list_cli_and_xml():
     names = {e.findtext('name') for e in root.iter() if e.find('name') is not None}
     assert {'inputImageFile', 'analysis_roi', 'outputCellAnnotationFile', 'outputDensityAnnotationFile',
             'analysis_mag', 'analysis_tile_size', 'tile_overlap', 'min_tissue_frac', 'threshold', 'nms_iou',
-            'anchor_upsample', 'adapt_tiles', 'element_type', 'model_file', 'device', 'batch_size', 'scheduler',
-            'girderApiUrl', 'girderToken', 'outputNucleiPixelmapAnnotationFile', 'outputNucleiLabelImage'} <= names
+            'anchor_upsample', 'adapt_tiles', 'views', 'element_type', 'model_file', 'device', 'batch_size',
+            'scheduler', 'girderApiUrl', 'girderToken', 'outputNucleiPixelmapAnnotationFile',
+            'outputNucleiLabelImage'} <= names
     adapt = next(e for e in root.iter('integer') if e.findtext('name') == 'adapt_tiles')
     assert adapt.findtext('label') == "Adapt to this slide's staining"
     assert int(adapt.findtext('default')) == DetectionSettings.adapt_tiles == 0  # off by default, as in cellrcnn detect
@@ -58,7 +59,8 @@ def test_a_full_run_through_the_entrypoint(slide, tiny_checkpoint, tmp_path):
     run = entrypoint('CellDetection', str(slide), str(nuclei), '--outputDensityAnnotationFile', str(density),
                      '--outputNucleiPixelmapAnnotationFile', str(pixelmap), '--outputNucleiLabelImage', str(labels),
                      '--model_file', str(tiny_checkpoint), '--analysis_tile_size', '256', '--element_type', 'point',
-                     '--analysis_roi', '0,0,500,400', '--adapt_tiles', '3', '--api-url', '', '--girder-token', '')
+                     '--analysis_roi', '0,0,500,400', '--adapt_tiles', '3', '--views', '2', '--api-url', '',
+                     '--girder-token', '')
     assert run.returncode == 0, run.stderr
     assert '<filter-progress>1.000</filter-progress>' in run.stdout and '<filter-end>' in run.stdout
     # after the detection, the job's progress counts the outputs as they are written, naming each
@@ -72,6 +74,8 @@ def test_a_full_run_through_the_entrypoint(slide, tiny_checkpoint, tmp_path):
                for e in doc['elements'])
     assert doc['attributes']['params']['roi'] == [0, 0, 500, 400]
     assert doc['attributes']['params']['adapt_tiles'] == doc['attributes']['stats']['adapt_tiles'] == 3
+    assert doc['attributes']['params']['views'] == doc['attributes']['stats']['views'] == 2
+    assert ', each tile in 2 views; outputs written' in run.stdout
     heat = json.loads(density.read_text())
     assert heat['elements'][0]['type'] == 'griddata'
     # the pixelmap names the label image by its output, which large_image resolves when the DSA uploads both

@@ -36,6 +36,7 @@ class Recording:
     def __init__(self, detector):
         self.inner, self.results = detector, []
         self.model, self.batch_size, self.device = detector.model, detector.batch_size, detector.device
+        self.views = detector.views
         self.spec = detector.spec
 
     def detect_tiles_with_types(self, tiles, parts=False):

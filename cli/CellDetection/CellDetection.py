@@ -22,8 +22,8 @@ def settings_from(args):
         overlap=args.tile_overlap, min_tissue=args.min_tissue_frac,
         threshold=args.threshold if args.threshold >= 0 else None,
         nms=args.nms_iou if args.nms_iou >= 0 else None, anchor_upsample=args.anchor_upsample or None,
-        adapt_tiles=args.adapt_tiles, element=args.element_type, display=args.display, batch_size=args.batch_size,
-        device=args.device,
+        adapt_tiles=args.adapt_tiles, views=args.views, element=args.element_type, display=args.display,
+        batch_size=args.batch_size, device=args.device,
         scheduler=_scheduler(args.scheduler), progress='slicer', classes=_classes(args.classes))
 
 

@@ -221,7 +221,7 @@ def run_evaluate(args):
     samples = labelled_set(args.data and args.data[0], mpp=model.config.mpp, annotation_name=args.annotation_name,
                            point_box_size=args.point_box_size,
                            **_given(seed=args.seed, count=args.count, tile_size=args.tile_size))
-    metrics = evaluate_model(model, samples, device=args.device, threshold=args.threshold)
+    metrics = evaluate_model(model, samples, device=args.device, threshold=args.threshold, views=args.views)
     print(format_report(metrics))
     _write_json(args.json, metrics)
 
@@ -243,7 +243,7 @@ def _evaluate_entries(model, args):
     figures = {}
     for entry in args.data:
         result = evaluate_records(model, entry_records(entry, cfg, model.config), device=args.device,
-                                  threshold=args.threshold)
+                                  threshold=args.threshold, views=args.views)
         print(f'{entry}:')
         print(format_records_report(result, model.config.cell_types))
         figures[entry] = result

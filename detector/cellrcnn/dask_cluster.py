@@ -30,7 +30,8 @@ def dask_batches(slide, detector, todo, scheduler, timing):
         raise CellRCNNError('running on a Dask cluster needs a detector built from a model file (a DetectorSpec), '
                             'which its workers rebuild')
     spec = dataclasses.replace(detector.spec, model=os.path.abspath(detector.spec.model_path),
-                               device=str(detector.device), batch_size=detector.batch_size)
+                               device=str(detector.device), batch_size=detector.batch_size,
+                               views=detector.views)
     batchnorm = batchnorm_stats(detector.model)  # as adapted to this slide
     key = hashlib.sha1(json.dumps([slide.path, slide.open_args, dataclasses.asdict(spec)], sort_keys=True).encode())
     for name, value in batchnorm.items():

@@ -24,19 +24,21 @@ from .roi_heads import name_cell_types
 CENTROID_RADIUS_UM = 3.0
 
 
-def predict_samples(model, samples, device='auto', batch_size=8):
-    """All detections above the box head's low score floor, per sample, and the seconds inference took."""
-    detector = Detector(model, device, batch_size, threshold=model.config.box_score_thresh)
+def predict_samples(model, samples, device='auto', batch_size=8, views=1):
+    """All detections above the box head's low score floor, per sample (each seen in ``views`` views), and the
+    seconds inference took."""
+    detector = Detector(model, device, batch_size, threshold=model.config.box_score_thresh, views=views)
     started = time.perf_counter()
     outputs = detector.detect_tiles([image for image, *_ in samples])
     seconds = time.perf_counter() - started
     return [{'boxes': b, 'scores': s} for b, s in outputs], seconds
 
 
-def evaluate_model(model, samples, device='auto', batch_size=8, threshold=None, size_bins=DEFAULT_SIZE_BINS):
+def evaluate_model(model, samples, device='auto', batch_size=8, threshold=None, size_bins=DEFAULT_SIZE_BINS,
+                   views=1):
     """Metrics at the model's operating point (or the score ``threshold``), plus inference speed; ``size_bins``: the
-    box sides (px) between small, medium and large nuclei."""
-    predictions, seconds = predict_samples(model, samples, device, batch_size)
+    box sides (px) between small, medium and large nuclei; ``views``: as ``Detector``'s."""
+    predictions, seconds = predict_samples(model, samples, device, batch_size, views)
     threshold = model.config.threshold if threshold is None else threshold
     metrics = evaluate(predictions, [boxes for _, boxes, *_ in samples], threshold=threshold, size_bins=size_bins)
     megapixels = sum(image.shape[0] * image.shape[1] for image, *_ in samples) / 1e6
@@ -154,9 +156,11 @@ def fit_type_bias(detections, truths, radius, grid=np.arange(-2, 2.001, 0.1), ro
     return tuple(bias)
 
 
-def evaluate_records(model, records, device='auto', batch_size=8, threshold=None, radius_um=CENTROID_RADIUS_UM):
+def evaluate_records(model, records, device='auto', batch_size=8, threshold=None, radius_um=CENTROID_RADIUS_UM,
+                     views=1):
     """Figures of a model on labelled images (``labels.LabelledImage``, of known scale), each rescaled to the
-    model's analysis scale first, at the model's operating point (or the score ``threshold``):
+    model's analysis scale first (and seen in ``views`` views: ``Detector``), at the model's operating point (or the
+    score ``threshold``):
 
     - ``centroid``: :func:`point_metrics.centroid_metrics` within ``radius_um`` micrometres, with per-type figures
       and a confusion matrix when the model has cell types and the truth names some of them;
@@ -166,7 +170,7 @@ def evaluate_records(model, records, device='auto', batch_size=8, threshold=None
     config = model.config
     threshold = config.threshold if threshold is None else threshold
     scaled = [rescale(r, config.mpp) for r in records]
-    detector = Detector(model, device, batch_size, threshold=config.box_score_thresh)
+    detector = Detector(model, device, batch_size, threshold=config.box_score_thresh, views=views)
     outputs = detector.detect_tiles_with_types([r.load() for r in scaled])
     kept = [{k: v[out['scores'] >= threshold] for k, v in out.items()} for out in outputs]
     index = config.cell_type_index()

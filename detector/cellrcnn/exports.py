@@ -244,6 +244,7 @@ def detection_summary_lines(result):
         f'as background; {sec["total"]:.1f} s (tissue {sec["tissue_and_grid"]:.1f}, {adapt}read wait '
         f'{sec["read"]:.1f}, detect {sec["detect"]:.1f}, merge {sec["merge"]:.2f}), '
         f'{st["megapixels_per_second"]:.2f} Mpx/s on {st["device"]}'
+        + (f', each tile in {st["views"]} views' if st.get('views', 1) > 1 else '')
         + (f'; outputs written in {sec["write"]:.1f} s' if 'write' in sec else ''))
     if 'cell_types' in st:
         lines.append('cell types: ' + ', '.join(f'{name} {count}' for name, count in st['cell_types'].items()))

@@ -2,10 +2,11 @@
 channels-last, out-of-memory recovery).
 
 A :class:`DetectorSpec` names everything a detector is made of (the checkpoint file, the overrides of its score
-threshold, NMS and anchor density, the device and batch size) and builds it the same way wherever it runs: here, or on
-a Dask worker (``dask_cluster``), which gets the spec and nothing else. :meth:`DetectorSpec.from_settings` is the one
-place where a run's settings (``settings.DetectionSettings``) become a spec. The model's configuration is fixed when
-the model is built, with the overrides in it, and is never changed afterwards.
+threshold, NMS and anchor density, the device, batch size and views) and builds it the same way wherever it runs:
+here, or on a Dask worker (``dask_cluster``), which gets the spec and nothing else.
+:meth:`DetectorSpec.from_settings` is the one place where a run's settings (``settings.DetectionSettings``) become a
+spec. The model's configuration is fixed when the model is built, with the overrides in it, and is never changed
+afterwards.
 """
 
 import dataclasses
@@ -22,6 +23,7 @@ from .devices import autocast, keep_freed_memory, resolve_device
 from .errors import CellRCNNError
 from .model import CellRCNN, to_tensor
 from .roi_heads import name_cell_types
+from .views import boxes_from_view, fuse_views, to_view, view_transforms
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -47,13 +49,16 @@ class DetectorSpec:
     device: str
     #: tiles per model call
     batch_size: int
+    #: views each tile is seen in, flipped and turned, their detections fused (``views``; 1: the tile as it is)
+    views: int = 1
 
     @classmethod
     def from_settings(cls, settings) -> 'DetectorSpec':
         """The spec a run's :class:`cellrcnn.settings.DetectionSettings` ask for (the settings are not imported here:
         the stages never read settings, the run hands them their values)."""
         return cls(model=settings.model, threshold=settings.threshold, nms=settings.nms,
-                   anchor_upsample=settings.anchor_upsample, device=settings.device, batch_size=settings.batch_size)
+                   anchor_upsample=settings.anchor_upsample, device=settings.device, batch_size=settings.batch_size,
+                   views=settings.views)
 
     @property
     def model_path(self) -> str:
@@ -95,7 +100,8 @@ class DetectorSpec:
         model, stored = self._model()
         if batchnorm is not None:
             load_batchnorm_stats(model, batchnorm)
-        return Detector(model, device=self.device, batch_size=self.batch_size, spec=self, checkpoint_config=stored)
+        return Detector(model, device=self.device, batch_size=self.batch_size, spec=self, checkpoint_config=stored,
+                        views=self.views)
 
 
 class Detector:
@@ -104,7 +110,7 @@ class Detector:
     from, if any (what Dask workers rebuild it from); ``checkpoint_config``: the configuration its checkpoint holds."""
 
     def __init__(self, model: CellRCNN, device: str, batch_size: int, threshold: float | None = None,
-                 spec: DetectorSpec | None = None, checkpoint_config: 'ModelConfig | None' = None):
+                 spec: DetectorSpec | None = None, checkpoint_config: 'ModelConfig | None' = None, views: int = 1):
         self.device = resolve_device(device)
         if self.device.type == 'cpu':
             keep_freed_memory()
@@ -117,6 +123,9 @@ class Detector:
         if batch_size < 1:
             raise CellRCNNError(f'batch size must be at least 1, not {batch_size}')
         self.batch_size = batch_size
+        view_transforms(views)  # checked here, before any tile
+        #: each tile is seen in this many views, their detections fused (``views``; 1: the tile as it is)
+        self.views = views
         self.spec = spec
         #: the configuration the checkpoint holds (``model.config`` is it with the spec's overrides)
         self.checkpoint_config = checkpoint_config or model.config
@@ -155,28 +164,53 @@ class Detector:
 
     @torch.no_grad()
     def _run(self, tiles, parts, logits):
-        """Tiles of one size run together: a smaller tile padded to a larger one's size would take the padding for
-        image, and its detections would depend on the tiles it was batched with."""
-        results = [None] * len(tiles)
+        results = []
         distance = self.model.config.centre_distance_px
+        for out in self._model_outputs(tiles):
+            keep = out['scores'] >= self.threshold
+            kept = {key: out[key][keep] for key in _OUTPUTS if key in out}
+            if 'cell_type_logits' in kept:
+                kept['cell_types'], kept['cell_type_scores'] = name_cell_types(
+                    kept['cell_type_logits'], self.model.config.cell_type_bias)
+                if not logits:
+                    del kept['cell_type_logits']
+            result = {key: (v.float() if v.is_floating_point() else v).cpu().numpy() for key, v in kept.items()}
+            if not parts:
+                far = suppress_close_centres(result['boxes'], result['scores'], distance)
+                result = {key: value[far] for key, value in result.items()}
+            results.append(result)
+        return results
+
+    def _model_outputs(self, tiles):
+        """The model's detections (above its box head's floor) of each tile; with :attr:`views` > 1, those of the
+        tile's views fused (``views.fuse_views``)."""
+        if self.views == 1:
+            return self._forward(tiles)
+        transforms = view_transforms(self.views)
+        viewed = [to_view(tile, t) for tile in tiles for t in transforms]
+        seen = [out for start in range(0, len(viewed), self.batch_size)  # as many images per call as without views
+                for out in self._forward(viewed[start:start + self.batch_size])]
+        fused = []
+        for i, tile in enumerate(tiles):
+            detections = []
+            for t, out in zip(transforms, seen[i * len(transforms):(i + 1) * len(transforms)]):
+                found = {key: out[key].float().cpu().numpy() for key in _OUTPUTS if key in out}
+                found['boxes'] = boxes_from_view(found['boxes'], t, tile.shape)
+                detections.append(found)
+            fused.append({key: torch.from_numpy(value) for key, value in
+                          fuse_views(detections, self.model.config.nms_thresh).items()})
+        return fused
+
+    def _forward(self, tiles):
+        """The model's outputs for each tile. Tiles of one size run together: a smaller tile padded to a larger one's
+        size would take the padding for image, and its detections would depend on the tiles it was batched with."""
+        outputs = [None] * len(tiles)
         sizes = {}
         for i, tile in enumerate(tiles):
             sizes.setdefault(tile.shape[:2], []).append(i)
         for same in sizes.values():
             images = [to_tensor(tiles[i]).to(self.device, non_blocking=True) for i in same]
             with autocast(self.device):
-                outputs = self.folded(images)
-            for i, out in zip(same, outputs):
-                keep = out['scores'] >= self.threshold
-                kept = {key: out[key][keep] for key in _OUTPUTS if key in out}
-                if 'cell_type_logits' in kept:
-                    kept['cell_types'], kept['cell_type_scores'] = name_cell_types(
-                        kept['cell_type_logits'], self.model.config.cell_type_bias)
-                    if not logits:
-                        del kept['cell_type_logits']
-                result = {key: (v.float() if v.is_floating_point() else v).cpu().numpy() for key, v in kept.items()}
-                if not parts:
-                    far = suppress_close_centres(result['boxes'], result['scores'], distance)
-                    result = {key: value[far] for key, value in result.items()}
-                results[i] = result
-        return results
+                for i, out in zip(same, self.folded(images)):
+                    outputs[i] = out
+        return outputs

@@ -38,6 +38,9 @@ TRAINING_BOUNDS = {'point_size_um': (0.5, 100.0), 'holdout': (0.01, 10_000), 'st
 #: the choices of ``DetectionSettings.display``
 DISPLAYS = ('auto', 'boxes', 'map', 'pixelmap')
 
+#: the choices of ``ResultSettings.views``, the default first (``cellrcnn.views``)
+VIEWS = (1, 2, 4, 8)
+
 
 def _declared(annotation):
     """The type a field declares, without its ``| None``."""
@@ -93,14 +96,18 @@ class ResultSettings:
     element: str = 'rectangle'
     #: keep only nuclei of these cell types, names of the model's ``ModelConfig.cell_types`` (None: every nucleus)
     classes: tuple | None = None
+    #: views each tile is seen in, flipped and turned, their detections fused (one of :data:`VIEWS`; ``views``): more
+    #: accurate, and as many times the model's time. 1: the tile as it is.
+    views: int = 1
 
     def identity(self) -> dict:
         """The result settings as a plain dict (what run keys hash and annotations record); on a
-        :class:`DetectionSettings` too, only these. ``classes`` is left out when None, so the identity of a run
-        without it is what it was before the setting existed."""
+        :class:`DetectionSettings` too, only these. ``classes`` is left out when None and ``views`` when 1, so the
+        identity of a run without them is what it was before the settings existed."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ResultSettings)}
-        if values['classes'] is None:
-            del values['classes']
+        for name, unset in (('classes', None), ('views', 1)):
+            if values[name] == unset:
+                del values[name]
         return values
 
     def type_indices(self, cell_types: tuple) -> tuple | None:
@@ -146,7 +153,8 @@ class DetectionSettings(ResultSettings):
         """Check these settings once, where a run starts (``job``, ``cohort``), each with a one-line CellRCNNError: each
         is of its declared kind (a whole number, a number, a string, a sequence; None only where None means the model's
         or the slide's own value); numbers lie within :data:`BOUNDS`, the overlap below half the tile size;
-        ``classes`` name distinct types; a ``scheduler`` is one :func:`cellrcnn.dask_cluster.scheduler_route` accepts.
+        ``classes`` name distinct types; ``views`` is one of :data:`VIEWS`; a ``scheduler`` is one
+        :func:`cellrcnn.dask_cluster.scheduler_route` accepts.
         What depends on the slide or the model is checked by the stage that has it: ``tiling.tile_grid`` (the number of
         tiles), ``slide.Slide`` (the scale, the ROI, the slide's own tile size), the model's configuration (anchor
         density; NMS above 0), the job (``classes`` against the model's cell types: :meth:`type_indices`).
@@ -154,6 +162,8 @@ class DetectionSettings(ResultSettings):
         _check(self, BOUNDS)
         if self.display not in DISPLAYS:
             raise CellRCNNError(f'display must be one of {", ".join(DISPLAYS)}, not {repr(self.display)[:40]}')
+        if self.views not in VIEWS:
+            raise CellRCNNError(f'views must be one of {", ".join(map(str, VIEWS))}, not {self.views}')
         if self.classes is not None and (not self.classes or len(set(self.classes)) != len(self.classes) or
                                          not all(isinstance(name, str) and name for name in self.classes)):
             raise CellRCNNError(f'classes must be distinct cell type names, not {repr(self.classes)[:40]}')

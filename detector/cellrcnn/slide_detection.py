@@ -294,5 +294,6 @@ def _stats(slide, tissue, tiles, rows, result, timing, mask_seconds, total, dete
         'megapixels_per_second': megapixels / total if total else 0.0,
         'device': str(detector.device),
         'batch_size': detector.batch_size,
+        'views': detector.views,
         'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
