@@ -1,6 +1,6 @@
 """`cellrcnn detect --scheduler`: tile batches on Dask workers give what the same command gives here, with every
-override of the detector (anchor density, score threshold, NMS, views) reaching the workers; which schedulers the command
-and the DSA task may use (docs/security.md)."""
+override of the detector (anchor density, score threshold, NMS, views) reaching the workers; which schedulers the
+command and the DSA task may use (docs/security.md)."""
 
 import json
 import os
