@@ -42,6 +42,12 @@ DISPLAYS = ('auto', 'boxes', 'map', 'pixelmap')
 VIEWS = (1, 2, 4, 8)
 
 
+def check_views(views):
+    """A one-line CellRCNNError unless ``views`` is one of :data:`VIEWS`."""
+    if views not in VIEWS:
+        raise CellRCNNError(f'views must be one of {", ".join(map(str, VIEWS))}, not {views!r}')
+
+
 def _declared(annotation):
     """The type a field declares, without its ``| None``."""
     return next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
@@ -162,8 +168,7 @@ class DetectionSettings(ResultSettings):
         _check(self, BOUNDS)
         if self.display not in DISPLAYS:
             raise CellRCNNError(f'display must be one of {", ".join(DISPLAYS)}, not {repr(self.display)[:40]}')
-        if self.views not in VIEWS:
-            raise CellRCNNError(f'views must be one of {", ".join(map(str, VIEWS))}, not {self.views}')
+        check_views(self.views)
         if self.classes is not None and (not self.classes or len(set(self.classes)) != len(self.classes) or
                                          not all(isinstance(name, str) and name for name in self.classes)):
             raise CellRCNNError(f'classes must be distinct cell type names, not {repr(self.classes)[:40]}')

@@ -17,8 +17,8 @@ flipped or turned (``tests/test_views.py``).
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .errors import CellRCNNError
-from .settings import VIEWS
+from .boxes import iou as pair_iou
+from .settings import check_views
 
 #: every view, ``(mirror left-right, mirror top-bottom, transpose)``, applied transpose first; the first N are the views
 #: of N: the identity, the two mirrors and the half turn, then the transposes (quarter turns and diagonal mirrors)
@@ -27,9 +27,8 @@ _TRANSFORMS = ((False, False, False), (True, False, False), (False, True, False)
 
 
 def view_transforms(views):
-    """The transforms of ``views`` views (one of :data:`VIEWS`); a one-line CellRCNNError for another number."""
-    if views not in VIEWS:
-        raise CellRCNNError(f'views must be one of {", ".join(map(str, VIEWS))}, not {views!r}')
+    """The transforms of ``views`` views (one of ``settings.VIEWS``); a one-line CellRCNNError for another number."""
+    check_views(views)
     return _TRANSFORMS[:views]
 
 
@@ -70,12 +69,7 @@ def _overlapping_pairs(boxes, iou):
     pairs = cKDTree(centres).query_pairs(reach, output_type='ndarray')
     if not len(pairs):
         return pairs.reshape(0, 2).astype(np.int64)
-    a, b = boxes[pairs[:, 0]], boxes[pairs[:, 1]]
-    inter = (np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None) *
-             np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None))
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    union = area(a) + area(b) - inter
-    pairs = np.sort(pairs[inter > iou * np.maximum(union, 1e-12)], axis=1)
+    pairs = np.sort(pairs[pair_iou(boxes[pairs[:, 0]], boxes[pairs[:, 1]]) > iou], axis=1)
     return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
 
 
