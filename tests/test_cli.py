@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cellrcnn.__main__ import main
-from cellrcnn.checkpoint import load_model
+from cellrcnn.checkpoint import load_checkpoint, load_model
 from cellrcnn.synthetic import make_tile
 from support import report_figures
 
@@ -133,6 +133,17 @@ def test_synth_tiles_train_from_their_annotations_and_evaluate(tmp_path, capsys)
     truth = sum(len(json.loads(p.read_text())['elements']) for p in data.glob('*.png.json'))
     assert truth > 20
     assert load_model(run / 'model.pt').config.centre_distance_um == 2.5  # a new model's default
+    # Resumed from its last.pt alone, the run keeps its folder and its own steps (not the default 4000); --steps
+    # lengthens it.
+    assert main(['train', '--resume', str(run / 'last.pt')]) == 0
+    state = load_checkpoint(run / 'last.pt')
+    assert state['train_config']['steps'] == 3 and state['train_state']['step'] == 3
+    assert main(['train', '--resume', str(run / 'last.pt'), '--steps', '4']) == 0
+    state = load_checkpoint(run / 'last.pt')
+    assert state['train_config']['steps'] == 4 and state['train_state']['step'] == 4
+    assert state['train_config']['tile_size'] == 128  # the run's, not the default
+    assert main(['train', '--data', str(data)]) == 2
+    assert 'train needs -o/--output' in capsys.readouterr().err
     # The 3-step model's figures are whatever they are, but they are the counts of its matches, and printed.
     capsys.readouterr()
     assert main(['evaluate', '--model', str(run / 'model.pt'), '--data', str(data), '--json',

@@ -172,7 +172,8 @@ def _add_batch(sub):
 
 def _add_train(sub):
     p = sub.add_parser('train', help='train a model on synthetic tissue and real labels in any format, mixed by weight')
-    p.add_argument('-o', '--output', required=True, help='run folder: last.pt (resumable) and model.pt')
+    p.add_argument('-o', '--output', help="run folder: last.pt (resumable) and model.pt (default with --resume: "
+                                          "its file's folder)")
     p.add_argument('--data', action='append', metavar='ENTRY',
                    help='labelled images, [FORMAT:]PATH[,KEY=VALUE]... (docs/training-data.md; a folder of images with '
                         'DSA annotation JSON is one); repeat for more. weight=W sets its sampling weight (default 1); '
@@ -195,7 +196,8 @@ def _add_train(sub):
                    help='their display colours (default: a fixed palette)')
     p.add_argument('--cell-types-only', dest='cell_types_only', action='store_true',
                    help="train only the cell-type classifier of --init's model; its detection stays exactly as it is")
-    p.add_argument('--resume', help='continue from a run folder\'s last.pt')
+    p.add_argument('--resume', help="continue from a run folder's last.pt, with the run's own settings (only --steps "
+                                    'may change)')
     p.add_argument('--steps', type=_positive_int)
     p.add_argument('--batch-size', dest='batch_size', type=_positive_int)
     p.add_argument('--lr', type=float)

@@ -120,7 +120,13 @@ def run_train(args):
     from .samples import labelled_set
     from .train import TrainConfig, train
 
-    model, _ = train(_model_config(args), settings_from_args(TrainConfig, args), args.output, device=args.device,
+    if args.output is None:
+        if not args.resume:
+            raise CellRCNNError('train needs -o/--output, the run folder')
+        args.output = os.path.dirname(args.resume) or '.'
+    # a resumed run keeps its own settings; of this command's options only --steps applies
+    train_config = None if args.resume and args.steps is None else settings_from_args(TrainConfig, args)
+    model, _ = train(_model_config(args), train_config, args.output, device=args.device,
                      resume=args.resume, init=args.init, progress=Progress(mode='auto', name='train', unit='step'))
     # what the run trained with: a resumed run's own settings, not the options of the command that resumed it
     cfg = TrainConfig(**load_checkpoint(os.path.join(args.output, 'last.pt'))['train_config'])

@@ -27,7 +27,7 @@ class TrainConfig:
     """How a model is trained (``cellrcnn train``; ``train-girder`` sets some from its own settings). Stored in every
     checkpoint that ``train`` writes, so that a resumed run goes on as it started."""
 
-    #: optimizer steps in all (a resumed run keeps its other settings but takes this one anew)
+    #: optimizer steps in all (a resumed run keeps its other settings but may take this one anew)
     steps: int = 4000
     #: tiles per step
     batch_size: int = 4
@@ -219,23 +219,25 @@ def train(model_config, train_config, out_dir, device='auto', resume=None, sampl
 
     ``samples``: a list of samples (``samples``) to train on instead of ``train_config``'s sources
     (``training_data``). ``init``: a checkpoint to fine-tune (:func:`initial_model`; ``model_config`` is ignored).
+    ``resume``: a run's ``last.pt`` to go on from, with the run's own settings; ``train_config`` then gives only the
+    number of steps, or is None to keep the run's.
     ``on_step(step, steps)`` is called after every step; ``progress`` (a :class:`cellrcnn.progress.Progress`) counts
     the steps. Returns the trained model and the list of per-step losses.
     """
-    cfg = train_config.validate()
     device = resolve_device(device)
-    torch.manual_seed(cfg.seed)
     start_step, state = 0, None
     if resume:
         payload = load_checkpoint(resume)
         state = payload.get('train_state')
         if state is None:
             raise CellRCNNError(f'{resume} holds no training state to resume from (it is a weights-only model)')
-        model = model_from_checkpoint(payload, source=resume)
-        cfg = TrainConfig(**{**payload['train_config'], 'steps': cfg.steps})
+        steps = payload['train_config']['steps'] if train_config is None else train_config.steps
+        cfg = TrainConfig(**{**payload['train_config'], 'steps': steps}).validate()
         start_step = state['step']
     else:
-        model = initial_model(model_config, cfg, init)
+        cfg = train_config.validate()
+    torch.manual_seed(cfg.seed)
+    model = model_from_checkpoint(payload, source=resume) if resume else initial_model(model_config, cfg, init)
     model.to(device, memory_format=torch.channels_last).train()
     if cfg.cell_types_only:
         _train_cell_types_only(model)
