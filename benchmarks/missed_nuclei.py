@@ -19,12 +19,14 @@ The columns of each table:
 """
 
 import argparse
+import sys
 
 import cv2
 import numpy as np
 
 from cellrcnn.boxes import iou
 from cellrcnn.checkpoint import load_model
+from cellrcnn.errors import CellRCNNError, run_reporting_errors
 from cellrcnn.inference import Detector
 from cellrcnn.labels import read_entries, rescale
 
@@ -42,8 +44,7 @@ def nucleus_rows(image, truth, detections, mpp):
     background = np.median(density)
     height, width = density.shape
     best = iou(truth[:, None], detections[None]).max(1) if len(detections) else np.zeros(len(truth))
-    overlaps = ((truth[:, None, 0] < truth[None, :, 2]) & (truth[:, None, 2] > truth[None, :, 0]) &
-                (truth[:, None, 1] < truth[None, :, 3]) & (truth[:, None, 3] > truth[None, :, 1])).sum(1) - 1
+    overlaps = (iou(truth[:, None], truth[None]) > 0).sum(1) - 1
     rows = []
     for box, found_iou, crowding in zip(truth, best, overlaps):
         x0, y0, x1, y1 = box
@@ -99,7 +100,7 @@ def main():
     records = [rescale(r, config.mpp) for r in read_entries(args.data)]
     records = [r for r in records if r.has_extent.all()]
     if not records:
-        raise SystemExit('missed_nuclei: no image whose nuclei all have boxes or masks')
+        raise CellRCNNError('no image whose nuclei all have boxes or masks')
     images = [r.load() for r in records]
     outputs = Detector(model, 'cpu', 8).detect_tiles_with_types(images)
     rows, small_missed = [], []
@@ -116,4 +117,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_reporting_errors('missed_nuclei', main))
