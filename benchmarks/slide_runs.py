@@ -138,9 +138,11 @@ class StockDetector:
         # alignment), the merge's IoU threshold and its cell types (none)
         self.model = torch.nn.Module()
         self.model.config = types.SimpleNamespace(fields=(4, 8, 16, 32), nms_thresh=net.roi_heads.nms_thresh,
-                                                  cell_types=())
+                                                  cell_types=(), centre_distance_px=0.0)
+        self.normaliser = None  # no stain normalisation: the loop reads no stain statistics
+        self.views = 1
 
-    def detect_tiles_with_types(self, tiles):
+    def detect_tiles_with_types(self, tiles, parts=False, stain=None):
         import torch
 
         from cellrcnn.devices import autocast

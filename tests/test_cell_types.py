@@ -52,13 +52,13 @@ class Recording:
         self.inner, self.left, self.results = detector, batches, []
         self.model, self.batch_size, self.device, self.spec = detector.model, detector.batch_size, detector.device, \
             detector.spec
-        self.views = detector.views
+        self.views, self.normaliser = detector.views, detector.normaliser
 
-    def detect_tiles_with_types(self, tiles, parts=False):
+    def detect_tiles_with_types(self, tiles, parts=False, stain=None):
         if self.left == 0:
             raise KeyboardInterrupt
         self.left = None if self.left is None else self.left - 1
-        results = self.inner.detect_tiles_with_types(tiles, parts)
+        results = self.inner.detect_tiles_with_types(tiles, parts, stain=stain)
         self.results.extend(results)
         return results
 

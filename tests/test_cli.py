@@ -92,7 +92,9 @@ def test_an_image_without_resolution_needs_mpp(tmp_path, image_file, tiny_checkp
     (['average', '{model}'], 'averaging needs two or more models and one positive weight each'),
     (['average', '{model}', '{model}', '--weights', '1', '0'], 'one positive weight each'),
     (['average', '{model}', '{image}'], 'not a readable checkpoint'),
-    (['average', '{model}', '{model}', '--objectness-floor', '1.5'], '--objectness-floor must be a probability'),
+    (['average', '{model}', '{model}', '--objectness-floor', '1.5'], '--objectness-floor must be a number from 0 to 1'),
+    (['average', '{model}', '{model}', '--stain-strength', '-1'], '--stain-strength must be a number from 0 to 1'),
+    (['average', '{model}', '{model}', '--stain-reference', 'points:/no/such.json'], '/no/such.json'),
 ])
 def test_bad_input_gets_one_error_line_and_a_nonzero_exit(tmp_path, image_file, slide_file, tiny_checkpoint, args,
                                                          message):

@@ -33,14 +33,14 @@ class Interrupting:
     def __init__(self, detector, batches):
         self.inner, self.left = detector, batches
         self.model, self.batch_size, self.device = detector.model, detector.batch_size, detector.device
-        self.views = detector.views
+        self.views, self.normaliser = detector.views, detector.normaliser
         self.spec = detector.spec
 
-    def detect_tiles_with_types(self, tiles, parts=False):
+    def detect_tiles_with_types(self, tiles, parts=False, stain=None):
         if self.left == 0:
             raise KeyboardInterrupt
         self.left -= 1
-        return self.inner.detect_tiles_with_types(tiles, parts)
+        return self.inner.detect_tiles_with_types(tiles, parts, stain=stain)
 
 
 def test_an_interrupted_run_resumes_from_its_saved_rows(slide_path, detector, tmp_path):

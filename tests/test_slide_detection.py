@@ -36,11 +36,11 @@ class Recording:
     def __init__(self, detector):
         self.inner, self.results = detector, []
         self.model, self.batch_size, self.device = detector.model, detector.batch_size, detector.device
-        self.views = detector.views
+        self.views, self.normaliser = detector.views, detector.normaliser
         self.spec = detector.spec
 
-    def detect_tiles_with_types(self, tiles, parts=False):
-        results = self.inner.detect_tiles_with_types(tiles, parts)
+    def detect_tiles_with_types(self, tiles, parts=False, stain=None):
+        results = self.inner.detect_tiles_with_types(tiles, parts, stain=stain)
         self.results.extend((out['boxes'], out['scores']) for out in results)
         return results
 

@@ -16,9 +16,11 @@ def batchnorm_layers(model):
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model, images, device, batch_size):
+def reestimate_batchnorm(model, images, device, batch_size, prepare=None):
     """Replace every BatchNorm layer's running mean and variance by their average over ``images`` (RGB uint8 tiles,
-    in batches of ``batch_size``); the model is left in eval mode."""
+    in batches of ``batch_size``, each made the model's input on ``device`` by ``prepare``; default: as it is); the
+    model is left in eval mode."""
+    prepare = prepare or (lambda image: to_tensor(image).to(device))
     norms = list(batchnorm_layers(model).values())
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -27,7 +29,7 @@ def reestimate_batchnorm(model, images, device, batch_size):
     model.train()
     try:
         for start in range(0, len(images), batch_size):
-            batch = [to_tensor(t).to(device) for t in images[start:start + batch_size]]
+            batch = [prepare(t) for t in images[start:start + batch_size]]
             model.backbone(model.transform(batch)[0].tensors)
     finally:
         for m, momentum in zip(norms, momenta):

@@ -284,6 +284,13 @@ def _add_average(sub):
     p.add_argument('--objectness-floor', dest='objectness_floor', type=float, metavar='P',
                    help="at inference the RPN drops proposals whose objectness is below P before its NMS; stored in "
                         "the model written, and used to calibrate it (default: the first model's)")
+    p.add_argument('--stain-reference', dest='stain_reference', metavar='ENTRY',
+                   help="normalise every image's stain toward that of a typical image of this --data entry "
+                        "(docs/real-tissue.md, 'Stain normalisation'), or 'none'; stored in the model written, and "
+                        "used to calibrate it (default: the first model's)")
+    p.add_argument('--stain-strength', dest='stain_strength', type=float, metavar='S',
+                   help="how far the stain is moved toward the reference, from 0 (not at all) to 1 (all the way); "
+                        "default: the first model's (0.75 for a model that had none)")
     p.add_argument('--device', default='auto')
     p.set_defaults(run=commands.run_average)
 

@@ -184,15 +184,22 @@ def run_average(args):
     from .config import LIMITS
     from .model_averaging import average_models
     from .train import TrainConfig
+    from .training_data import stain_reference
 
-    low, high, _ = LIMITS['rpn_score_thresh']
-    if args.objectness_floor is not None and not low <= args.objectness_floor <= high:  # before any model is read
-        raise CellRCNNError(f'--objectness-floor must be a probability from {low:g} to {high:g}, '
-                            f'not {args.objectness_floor}')
+    for option, value, limits in (('--objectness-floor', args.objectness_floor, LIMITS['rpn_score_thresh']),
+                                  ('--stain-strength', args.stain_strength, LIMITS['stain_strength'])):
+        if value is not None and not limits[0] <= value <= limits[1]:  # before any model is read
+            raise CellRCNNError(f'{option} must be a number from {limits[0]:g} to {limits[1]:g}, not {value}')
     weights = args.weights or [1.0] * len(args.models)
     model = average_models([load_model(path) for path in args.models], weights, names=args.models)
-    if args.objectness_floor is not None:  # before calibrating: the operating point is found with the floor in use
+    # before calibrating: the operating point is found with the floor and the stain normalisation in use
+    if args.objectness_floor is not None:
         model.config = dataclasses.replace(model.config, rpn_score_thresh=args.objectness_floor)
+    if args.stain_reference is not None:
+        model.config = dataclasses.replace(model.config, stain_reference=() if args.stain_reference == 'none' else
+                                           stain_reference(args.stain_reference, model.config))
+    if args.stain_strength is not None:
+        model.config = dataclasses.replace(model.config, stain_strength=args.stain_strength)
     extra = {'averaged_from': [{'file': os.path.basename(path), 'sha256': model_sha256(path), 'weight': weight}
                                for path, weight in zip(args.models, weights)]}
     if args.data:

@@ -33,6 +33,7 @@ LIMITS = {
     'box_score_thresh': (0, 1, False),
     'box_positive_fraction': (0, 1, False),
     'centre_distance_um': (0, 50, False),
+    'stain_strength': (0, 1, False),
 }
 #: at most this many anchor sizes per level, aspect ratios, and classes
 MAX_ANCHOR_SIZES, MAX_ASPECT_RATIOS, MAX_CLASSES = 8, 8, 64
@@ -131,6 +132,11 @@ class ModelConfig:
     #: (``evaluate.calibrate_on_records``; docs/training.md). It changes which type a nucleus is called, never
     #: whether it is detected.
     cell_type_bias: tuple = ()
+    #: stain normalisation (``stain``; empty: none, as in every checkpoint made before it): a reference's LAB mean
+    #: and standard deviation over tissue pixels (six numbers, ``stain.StainStats.to_tuple``); each image's, or each
+    #: slide's, own are moved ``stain_strength`` of the way to them before the model sees it, in training too.
+    stain_reference: tuple = ()
+    stain_strength: float = 0.75
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -145,6 +151,7 @@ class ModelConfig:
         self.cell_type_colors = tuple(self.cell_type_colors)
         self.cell_type_labels = tuple(tuple(labels) for labels in self.cell_type_labels)
         self.cell_type_bias = tuple(self.cell_type_bias)
+        self.stain_reference = tuple(self.stain_reference)
 
     @property
     def fields(self):
@@ -199,6 +206,10 @@ class ModelConfig:
                 not all(isinstance(c, str) and 0 < len(c) <= 100 for c in self.class_names):
             raise CellRCNNError(f'class_names must be 1 to {MAX_CLASSES} names of at most 100 characters')
         self._validate_cell_types()
+        if self.stain_reference and (len(self.stain_reference) != 6 or not all(
+                _is_number(v) and abs(v) <= 100 for v in self.stain_reference) or min(self.stain_reference[3:]) <= 0):
+            raise CellRCNNError('stain_reference needs six numbers (LAB means, then positive standard deviations), '
+                                'or none')
         if not isinstance(self.extra, dict):
             raise CellRCNNError('extra must be a dict')
         if self.backbone_stages not in (2, 3, 4):
@@ -259,13 +270,15 @@ class ModelConfig:
 
     def to_dict(self):
         """The settings as a dict; without cell types, without their three (empty) settings, as before they were;
-        without a type bias, without its (empty) setting."""
+        without a type bias or a stain reference, without their settings."""
         values = dataclasses.asdict(self)
         if not self.cell_types:
             for name in CELL_TYPE_SETTINGS:
                 del values[name]
         if not self.cell_type_bias:
             del values['cell_type_bias']
+        if not self.stain_reference:
+            del values['stain_reference'], values['stain_strength']
         return values
 
     @classmethod

@@ -23,9 +23,10 @@ from .errors import CellRCNNError
 from .slide import Slide
 
 
-def dask_batches(slide, detector, todo, scheduler, timing):
+def dask_batches(slide, detector, todo, scheduler, timing, stain=None):
     """(tiles, results) per batch, in order, computed on a dask.distributed cluster by the detector's ``spec``: a dict
-    per tile, as ``Detector.detect_tiles_with_types`` gives (with the cell types of a model that has them)."""
+    per tile, as ``Detector.detect_tiles_with_types`` gives (with the cell types of a model that has them), the
+    tiles normalised from the slide's ``stain``."""
     if detector.spec is None:
         raise CellRCNNError('running on a Dask cluster needs a detector built from a model file (a DetectorSpec), '
                             'which its workers rebuild')
@@ -37,7 +38,7 @@ def dask_batches(slide, detector, todo, scheduler, timing):
     for name, value in batchnorm.items():
         key.update(name.encode() + value.tobytes())
     job = {'slide': slide.path, 'slide_args': slide.open_args, 'spec': spec, 'batchnorm': batchnorm,
-           'key': key.hexdigest()}
+           'key': key.hexdigest(), 'stain': stain}
     client = connect_dask(scheduler)
     batches = [todo[i:i + spec.batch_size] for i in range(0, len(todo), spec.batch_size)]
     try:
@@ -124,4 +125,4 @@ def run_batch_on_worker(tiles, job):
         _WORKER_STATE.clear()
         _WORKER_STATE[key] = (Slide(job['slide'], **job['slide_args']), job['spec'].build(batchnorm=job['batchnorm']))
     slide, detector = _WORKER_STATE[key]
-    return detector.detect_tiles_with_types([slide.read(tile) for tile in tiles], parts=True)
+    return detector.detect_tiles_with_types([slide.read(tile) for tile in tiles], parts=True, stain=job['stain'])

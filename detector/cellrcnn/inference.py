@@ -23,6 +23,7 @@ from .devices import autocast, keep_freed_memory, resolve_device
 from .errors import CellRCNNError
 from .model import CellRCNN, to_tensor
 from .roi_heads import name_cell_types
+from .stain import StainNormaliser, StainStats
 from .views import boxes_from_view, fuse_views, to_view, view_transforms
 
 if TYPE_CHECKING:
@@ -129,6 +130,8 @@ class Detector:
         self.spec = spec
         #: the configuration the checkpoint holds (``model.config`` is it with the spec's overrides)
         self.checkpoint_config = checkpoint_config or model.config
+        #: moves each image's stain toward the model's reference (``stain``); None: the model has none
+        self.normaliser = StainNormaliser.of(model.config)
 
     def detect_tiles(self, tiles: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Detections (boxes float32 N x 4, scores float32 N) for each RGB uint8 tile, in tile pixels.
@@ -137,7 +140,7 @@ class Detector:
         """
         return [(out['boxes'], out['scores']) for out in self.detect_tiles_with_types(tiles)]
 
-    def detect_tiles_with_types(self, tiles, parts=False, logits=False):
+    def detect_tiles_with_types(self, tiles, parts=False, logits=False, stain=None):
         """:meth:`detect_tiles` as a dict per tile: ``boxes``, ``scores`` and, for a model with cell types
         (``ModelConfig.cell_types``), ``cell_types`` (int64 N, index into them) and ``cell_type_scores`` (float32 N,
         that type's probability), both with the model's ``cell_type_bias`` (``roi_heads.name_cell_types``), and with
@@ -145,13 +148,17 @@ class Detector:
 
         Each tile is an image of its own, its detections suppressed by centre distance
         (``ModelConfig.centre_distance_um``), unless ``parts``: tiles of one slide, whose detections are merged
-        across the tiles before that suppression (``slide_detection``)."""
+        across the tiles before that suppression (``slide_detection``).
+
+        A model with a stain reference (``ModelConfig.stain_reference``) normalises each tile from ``stain``: the
+        :class:`cellrcnn.stain.StainStats` of the slide the tiles come from (``slide_adaptation.slide_stain``);
+        None: each tile's own."""
         results = []
         start = 0
         while start < len(tiles):
             chunk = tiles[start:start + self.batch_size]
             try:
-                results.extend(self._run(chunk, parts, logits))
+                results.extend(self._run(chunk, parts, logits, stain))
             except torch.cuda.OutOfMemoryError:
                 if self.batch_size == 1:
                     raise CellRCNNError('the GPU ran out of memory with one tile per batch; use a smaller '
@@ -163,10 +170,11 @@ class Detector:
         return results
 
     @torch.no_grad()
-    def _run(self, tiles, parts, logits):
+    def _run(self, tiles, parts, logits, stain):
         results = []
         distance = self.model.config.centre_distance_px
-        for out in self._model_outputs(tiles):
+        sources = [(stain or StainStats.of([tile])) if self.normaliser else None for tile in tiles]
+        for out in self._model_outputs(tiles, sources):
             keep = out['scores'] >= self.threshold
             kept = {key: out[key][keep] for key in _OUTPUTS if key in out}
             if 'cell_type_logits' in kept:
@@ -181,15 +189,18 @@ class Detector:
             results.append(result)
         return results
 
-    def _model_outputs(self, tiles):
-        """The model's detections (above its box head's floor) of each tile; with :attr:`views` > 1, those of the
-        tile's views fused (``views.fuse_views``)."""
+    def _model_outputs(self, tiles, sources):
+        """The model's detections (above its box head's floor) of each tile, normalised from its stain ``sources``
+        (None each without a stain reference); with :attr:`views` > 1, those of the tile's views fused
+        (``views.fuse_views``)."""
         if self.views == 1:
-            return self._forward(tiles)
+            return self._forward(tiles, sources)
         transforms = view_transforms(self.views)
         viewed = [to_view(tile, t) for tile in tiles for t in transforms]
+        stains = [source for source in sources for _ in transforms]
         seen = [out for start in range(0, len(viewed), self.batch_size)  # as many images per call as without views
-                for out in self._forward(viewed[start:start + self.batch_size])]
+                for out in self._forward(viewed[start:start + self.batch_size],
+                                         stains[start:start + self.batch_size])]
         fused = []
         for i, tile in enumerate(tiles):
             detections = []
@@ -201,7 +212,15 @@ class Detector:
                           fuse_views(detections, self.model.config.nms_thresh).items()})
         return fused
 
-    def _forward(self, tiles):
+    def model_input(self, tile, source=None):
+        """The model's input tensor of an RGB uint8 tile, on the device, normalised from the stain ``source``
+        (a :class:`cellrcnn.stain.StainStats`; None: the tile's own) when the model has a stain reference."""
+        image = to_tensor(tile).to(self.device, non_blocking=True)
+        if self.normaliser is None:
+            return image
+        return self.normaliser(image, source or StainStats.of([tile]))
+
+    def _forward(self, tiles, sources):
         """The model's outputs for each tile. Tiles of one size run together: a smaller tile padded to a larger one's
         size would take the padding for image, and its detections would depend on the tiles it was batched with."""
         outputs = [None] * len(tiles)
@@ -209,7 +228,7 @@ class Detector:
         for i, tile in enumerate(tiles):
             sizes.setdefault(tile.shape[:2], []).append(i)
         for same in sizes.values():
-            images = [to_tensor(tiles[i]).to(self.device, non_blocking=True) for i in same]
+            images = [self.model_input(tiles[i], sources[i]) for i in same]
             with autocast(self.device):
                 for i, out in zip(same, self.folded(images)):
                     outputs[i] = out

@@ -1,16 +1,20 @@
-"""Test-time adaptation to a slide (AdaBN): the model's BatchNorm statistics re-estimated on the slide's own tissue
-tiles before the detection loop runs (``slide_detection``). Which tiles, how they are read and cropped live here; the
-statistics themselves are :mod:`cellrcnn.adapt`'s.
+"""Adapting the model to a slide before the detection loop runs (``slide_detection``), from the slide's own tissue
+tiles: its stain statistics, for a model with a stain reference (``stain``), and, when asked, test-time adaptation
+(AdaBN): the model's BatchNorm statistics re-estimated on them. Which tiles, how they are read and cropped live here;
+the statistics themselves are :mod:`cellrcnn.stain`'s and :mod:`cellrcnn.adapt`'s.
 """
 
 from .adapt import reestimate_batchnorm
 from .errors import CellRCNNError
+from .stain import StainStats
 from .tiling import prefetch
 
 #: adaptation uses this centre crop (analysis px) of each chosen tile, and runs the backbone on this many at a time
 #: (as ``train.precise_bn`` does; fixed, so that the detector's batch size does not change the statistics)
 ADAPT_CROP = 512
 ADAPT_BATCH = 8
+#: a slide's stain statistics come from up to this many of its tissue tiles (:func:`adaptation_tiles`), whole
+STAIN_TILES = 8
 
 
 def adaptation_tiles(tiles, count):
@@ -28,18 +32,30 @@ def adaptation_tiles(tiles, count):
     return [kept[(2 * i + 1) * len(kept) // (2 * count)] for i in range(count)]
 
 
-def adapt_to_slide(slide, detector, tiles, count, workers):
+def slide_stain(slide, detector, tiles, workers):
+    """The stain statistics (:class:`cellrcnn.stain.StainStats`) of the tissue of up to :data:`STAIN_TILES` tiles of
+    the slide (:func:`adaptation_tiles`), read at the analysis magnification by ``workers`` threads; None, and
+    nothing read, for a model without a stain reference or a grid without tissue."""
+    chosen = adaptation_tiles(tiles, STAIN_TILES) if detector.normaliser is not None else []
+    if not chosen:
+        return None
+    return StainStats.of(image for _, image in prefetch(slide, chosen, workers=workers, queue=max(1, workers)))
+
+
+def adapt_to_slide(slide, detector, tiles, count, workers, stain=None):
     """Re-estimate the detector's BatchNorm statistics on the centre crops (:data:`ADAPT_CROP`) of up to ``count``
     tissue tiles of the slide (:func:`adaptation_tiles`; 0: no adaptation), read at the analysis magnification by
     ``workers`` threads. Only the backbone runs. What it holds: the crops (copies, so that no whole tile stays alive
-    behind one) and the few tiles read ahead. :returns: the tiles used (none: the model is left as it was)."""
+    behind one) and the few tiles read ahead. The crops are normalised from the slide's ``stain`` as the detector
+    normalises its tiles (``Detector.model_input``). :returns: the tiles used (none: the model is left as it was)."""
     if count < 0:
         raise CellRCNNError(f'the number of tiles to adapt to the slide must be 0 (no adaptation) or more, not {count}')
     chosen = adaptation_tiles(tiles, count)
     if chosen:
         images = [_centre_crop(image, ADAPT_CROP)
                   for _, image in prefetch(slide, chosen, workers=workers, queue=max(1, workers))]
-        reestimate_batchnorm(detector.model, images, detector.device, ADAPT_BATCH)
+        reestimate_batchnorm(detector.model, images, detector.device, ADAPT_BATCH,
+                             prepare=lambda image: detector.model_input(image, stain))
     return chosen
 
 

@@ -23,7 +23,7 @@ from .errors import CellRCNNError
 from .merge import StreamingNMS
 from .progress import Progress
 from .slide import Slide
-from .slide_adaptation import adapt_to_slide
+from .slide_adaptation import adapt_to_slide, slide_stain
 from .tiling import prefetch, tile_grid
 from .tissue import find_tissue
 
@@ -160,12 +160,14 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
     run on the cluster's workers, each of which rebuilds the detector once from its ``spec`` (with this detector's
     BatchNorm statistics); the merge and the resume files stay here.
 
-    ``detector`` is anything with ``detect_tiles_with_types(images) -> [{'boxes', 'scores', ...}, ...]`` (tile
-    pixels), ``batch_size``, ``device``, ``model`` (a ``model.CellRCNN``) and ``spec``: an ``inference.Detector``,
-    normally. For a model with cell types (``model.config.cell_types``) each kept nucleus keeps the type and
-    probability of its own raw detection; ``keep_types`` (indices into those types, in their order; None: all) keeps
-    only nuclei of those types, after the merge, and the result reports only them (``SlideDetections.cell_type_names``,
-    ``stats['cell_types']``: ``{name: count}``).
+    ``detector`` is anything with ``detect_tiles_with_types(images, parts=True, stain=...) -> [{'boxes', 'scores',
+    ...}, ...]`` (tile pixels), ``batch_size``, ``device``, ``views``, ``normaliser`` (None: no stain statistics are
+    read), ``model`` (a ``model.CellRCNN``) and ``spec``: an ``inference.Detector``, normally. A model with a stain
+    reference sees every tile normalised from the slide's stain (``slide_adaptation.slide_stain``). For a model with
+    cell types (``model.config.cell_types``) each kept nucleus keeps the type and probability of its own raw
+    detection; ``keep_types`` (indices into those types, in their order; None: all) keeps only nuclei of those types,
+    after the merge, and the result reports only them (``SlideDetections.cell_type_names``, ``stats['cell_types']``:
+    ``{name: count}``).
     ``progress``: a :class:`cellrcnn.progress.Progress` (default: none shown).
 
     ``resume``: the run's ``resume.RowStore`` (None: nothing is kept). The loop opens it for its tile grid, merges the
@@ -184,12 +186,13 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
     unadapted = batchnorm_stats(detector.model)
     try:
         t0 = time.perf_counter()
-        adapted = adapt_to_slide(slide, detector, tiles, adapt_tiles, workers)
+        stain = slide_stain(slide, detector, tiles, workers)
+        adapted = adapt_to_slide(slide, detector, tiles, adapt_tiles, workers, stain)
         timing = {'adapt': time.perf_counter() - t0, 'read': 0.0, 'detect': 0.0, 'merge': 0.0}
         config = detector.model.config
         rows = TileRows(tiles, StreamingNMS(config.nms_thresh, MAX_NUCLEUS_PX * slide.scale), resume,
                         typed=bool(config.cell_types))
-        boxes, scores, types = _detect_rows(slide, detector, rows, workers, scheduler, timing, progress)
+        boxes, scores, types = _detect_rows(slide, detector, rows, workers, scheduler, timing, progress, stain)
         t0 = time.perf_counter()
         keep = suppress_close_centres(boxes, scores, config.centre_distance_px * slide.scale)
         boxes, scores, types = boxes[keep], scores[keep], None if types is None else types[keep]
@@ -203,6 +206,8 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
         result.stats['raw_detections'] = rows.raw_count
         result.stats['centre_suppressed'] = int(len(keep) - keep.sum())
         result.stats['adapt_tiles'] = len(adapted)
+        if stain is not None:
+            result.stats['stain'] = {'lab_mean': list(stain.mean), 'lab_std': list(stain.std)}
         if types is not None:
             result.stats['cell_types'] = result.type_counts()
         return result
@@ -210,9 +215,9 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
         load_batchnorm_stats(detector.model, unadapted)
 
 
-def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress):
-    """Detect the tiles ``rows`` has left to read, batch by batch, into ``rows``; :returns: what the merge kept
-    (``TileRows.finish``)."""
+def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress, stain):
+    """Detect the tiles ``rows`` has left to read, batch by batch, into ``rows``, normalised from the slide's
+    ``stain``; :returns: what the merge kept (``TileRows.finish``)."""
     bar = progress or Progress(mode='none')
     bar.start(len(rows.todo))
     if rows.resumed:
@@ -220,9 +225,9 @@ def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress):
     if scheduler:
         from .dask_cluster import dask_batches
 
-        batches = dask_batches(slide, detector, rows.todo, scheduler, timing)
+        batches = dask_batches(slide, detector, rows.todo, scheduler, timing, stain)
     else:
-        batches = local_batches(slide, detector, rows.todo, workers, timing)
+        batches = local_batches(slide, detector, rows.todo, workers, timing, stain)
     for batch, results in batches:
         t0 = time.perf_counter()
         for tile, out in zip(batch, results):
@@ -240,8 +245,9 @@ def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress):
 
 
 def local_batches(slide: Slide, detector: 'Detector', todo: 'list[Tile]', workers: int,
-                  timing: dict) -> Iterator[tuple]:
-    """(tiles, results) per batch, in order, reading the next tiles in threads while the model works."""
+                  timing: dict, stain=None) -> Iterator[tuple]:
+    """(tiles, results) per batch, in order, reading the next tiles in threads while the model works; ``stain``: the
+    slide's stain statistics (``Detector.detect_tiles_with_types``)."""
     stream = prefetch(slide, todo, workers=workers, queue=max(4, 2 * detector.batch_size))
     batch = []
     while True:
@@ -252,7 +258,7 @@ def local_batches(slide: Slide, detector: 'Detector', todo: 'list[Tile]', worker
             batch.append(item)
         if batch and (item is None or len(batch) == detector.batch_size):
             t0 = time.perf_counter()
-            results = detector.detect_tiles_with_types([image for _, image in batch], parts=True)
+            results = detector.detect_tiles_with_types([image for _, image in batch], parts=True, stain=stain)
             timing['detect'] += time.perf_counter() - t0
             yield [tile for tile, _ in batch], results
             batch = []

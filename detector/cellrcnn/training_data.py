@@ -24,6 +24,7 @@ import torch
 from .dot_boxes import teacher_boxes
 from .errors import CellRCNNError
 from .labels import DEFAULT_SPLIT, detect_format, parse_entry, read_entry, read_splits, rescale
+from .stain import StainNormaliser, StainStats
 
 
 def entry_weight(entry):
@@ -82,14 +83,31 @@ def training_sources(cfg, config, device='cpu', log=print):
                 samples, boxed, dots = teacher_boxes(samples, teacher, config.mpp, device=device)
                 if dots:
                     log(f'{entry}: {boxed} of {dots} dots boxed by {os.path.basename(cfg.dot_boxes_from)}')
-            sources.append((entry, samples, weight))
+            sources.append((entry, stain_normalised(samples, config), weight))
     if cfg.synthetic_share > 0:
         samples = make_dataset(cfg.synthetic_seed, cfg.synthetic_tiles, size=cfg.tile_size, mpp=config.mpp,
                                scale=cfg.synthetic_scale)
-        sources.append(('synthetic', samples, cfg.synthetic_share))
+        sources.append(('synthetic', stain_normalised(samples, config), cfg.synthetic_share))
     if not sources:
         raise CellRCNNError('nothing to train on: every --data entry and the synthetic tiles have weight 0')
     return sources
+
+
+def stain_normalised(samples, config):
+    """``samples`` with each image normalised from its own stain, as the model of ``config`` sees images at inference
+    (``stain``; unchanged for a model without a stain reference). The teacher of ``--dot-boxes-from`` has seen them
+    before, as they are: it normalises them itself, to its own reference."""
+    normaliser = StainNormaliser.of(config)
+    if normaliser is None:
+        return samples
+    return [(normaliser.normalise_image(image), *rest) for image, *rest in samples]
+
+
+def stain_reference(entry, config):
+    """The stain of a typical image of a ``--data`` entry at the scale of a model of ``config``
+    (``StainStats.typical``), as ``ModelConfig.stain_reference`` holds it."""
+    records = read_entry(entry)
+    return StainStats.typical(rescale(record, config.mpp).load() for record in records).to_tuple()
 
 
 def _teacher(path, device):
