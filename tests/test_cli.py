@@ -144,6 +144,11 @@ def test_synth_tiles_train_from_their_annotations_and_evaluate(tmp_path, capsys)
     state = load_checkpoint(run / 'last.pt')
     assert state['train_config']['steps'] == 4 and state['train_state']['step'] == 4
     assert state['train_config']['tile_size'] == 128  # the run's, not the default
+    # any other training option would be ignored: it is refused, before any step
+    capsys.readouterr()
+    assert main(['train', '--resume', str(run / 'last.pt'), '--lr', '0.1', '--centre-distance', '3']) == 2
+    assert 'keeps its own settings: leave out --lr, --centre-distance' in capsys.readouterr().err
+    assert load_checkpoint(run / 'last.pt')['train_state']['step'] == 4
     assert main(['train', '--data', str(data)]) == 2
     assert 'train needs -o/--output' in capsys.readouterr().err
     # The 3-step model's figures are whatever they are, but they are the counts of its matches, and printed.

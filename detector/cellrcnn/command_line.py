@@ -197,7 +197,7 @@ def _add_train(sub):
     p.add_argument('--cell-types-only', dest='cell_types_only', action='store_true',
                    help="train only the cell-type classifier of --init's model; its detection stays exactly as it is")
     p.add_argument('--resume', help="continue from a run folder's last.pt, with the run's own settings (only --steps "
-                                    'may change)')
+                                    'and the --val-* options may be given)')
     p.add_argument('--steps', type=_positive_int)
     p.add_argument('--batch-size', dest='batch_size', type=_positive_int)
     p.add_argument('--lr', type=float)
@@ -216,9 +216,9 @@ def _add_train(sub):
     p.add_argument('--anchor-upsample', dest='anchor_upsample', type=int, help='1, 2 or 4')
     p.add_argument('--anchor-offsets', dest='anchor_offsets', type=int, help='1 or 2 anchor centres per cell side')
     p.add_argument('--mpp', type=float, help='microns per pixel of the training images (default 0.5, 20x)')
-    p.add_argument('--centre-distance', dest='centre_distance_um', type=float, default=2.5,
+    p.add_argument('--centre-distance', dest='centre_distance', type=float,
                    help='a detection centred within this many microns of a higher-scoring one is dropped '
-                        '(default 2.5; 0: none is)')
+                        f'(default {commands.TRAIN_CENTRE_DISTANCE_UM:g}; 0: none is)')
     p.add_argument('--val-data', dest='val_data', help='labelled folder to calibrate and report on')
     # --val-seed and --val-count left out: samples.labelled_set's own seed and count
     p.add_argument('--val-seed', dest='val_seed', type=int)

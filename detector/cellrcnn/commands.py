@@ -106,10 +106,17 @@ def run_batch(args):
           progress=Progress(mode='auto', name='cellrcnn batch', unit='slide'))
 
 
+#: a new model's ``centre_distance_um`` (``train --centre-distance``)
+TRAIN_CENTRE_DISTANCE_UM = 2.5
+#: the ``train`` options a resumed run takes: the rest are the run's own (stored in its last.pt)
+RESUME_OPTIONS = ('command', 'run', 'output', 'resume', 'steps', 'device', 'val_data', 'val_seed', 'val_count')
+
+
 def _model_config(args):
     from .config import ModelConfig
+    centre = TRAIN_CENTRE_DISTANCE_UM if args.centre_distance is None else args.centre_distance
     values = {'backbone': args.backbone, 'anchor_upsample': args.anchor_upsample,
-              'anchor_offsets': args.anchor_offsets, 'mpp': args.mpp, 'centre_distance_um': args.centre_distance_um}
+              'anchor_offsets': args.anchor_offsets, 'mpp': args.mpp, 'centre_distance_um': centre}
     return ModelConfig(**{k: v for k, v in values.items() if v is not None}).validate()
 
 
@@ -124,6 +131,13 @@ def run_train(args):
         if not args.resume:
             raise CellRCNNError('train needs -o/--output, the run folder')
         args.output = os.path.dirname(args.resume) or '.'
+    if args.resume:
+        fixed = [name for name, value in vars(args).items()
+                 if name not in RESUME_OPTIONS and value not in (None, False)]
+        if fixed:
+            options = ', '.join('--' + name.replace('_', '-') for name in fixed)
+            raise CellRCNNError(f'a resumed run keeps its own settings: leave out {options} (only --steps may '
+                                'change; start a new run with --init to train with others)')
     # a resumed run keeps its own settings; of this command's options only --steps applies
     train_config = None if args.resume and args.steps is None else settings_from_args(TrainConfig, args)
     model, _ = train(_model_config(args), train_config, args.output, device=args.device,
