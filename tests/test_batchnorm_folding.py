@@ -9,6 +9,7 @@ import torch
 
 from cellrcnn.adapt import batchnorm_stats, load_batchnorm_stats
 from cellrcnn.batchnorm_folding import fold_batchnorm
+from cellrcnn.boxes import suppress_close_centres
 from cellrcnn.inference import DetectorSpec
 from cellrcnn.model import to_tensor
 from cellrcnn.synthetic import make_tile
@@ -20,11 +21,17 @@ def _tiles(count, seed):
 
 
 def _unfolded_detections(detector, tiles):
-    """What the model itself, with its BatchNorm layers, detects (as ``Detector`` keeps them)."""
+    """What the model itself, with its BatchNorm layers, detects (as ``Detector`` keeps them: its input, threshold
+    and suppression by centre distance)."""
     with torch.no_grad():
-        outputs = detector.model([to_tensor(t) for t in tiles])
-    keep = [o['scores'] >= detector.threshold for o in outputs]
-    return [(o['boxes'][k].numpy(), o['scores'][k].numpy()) for o, k in zip(outputs, keep)]
+        outputs = detector.model([detector.model_input(t) for t in tiles])
+    kept = []
+    for o in outputs:
+        keep = o['scores'] >= detector.threshold
+        boxes, scores = o['boxes'][keep].numpy(), o['scores'][keep].numpy()
+        far = suppress_close_centres(boxes, scores, detector.model.config.centre_distance_px)
+        kept.append((boxes[far], scores[far]))
+    return kept
 
 
 def _assert_same(found, expected):

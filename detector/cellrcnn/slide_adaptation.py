@@ -7,14 +7,16 @@ the statistics themselves are :mod:`cellrcnn.stain`'s and :mod:`cellrcnn.adapt`'
 from .adapt import reestimate_batchnorm
 from .errors import CellRCNNError
 from .stain import StainStats
-from .tiling import prefetch
+from .tiling import prefetch, tile_grid
 
 #: adaptation uses this centre crop (analysis px) of each chosen tile, and runs the backbone on this many at a time
 #: (as ``train.precise_bn`` does; fixed, so that the detector's batch size does not change the statistics)
 ADAPT_CROP = 512
 ADAPT_BATCH = 8
-#: a slide's stain statistics come from up to this many of its tissue tiles (:func:`adaptation_tiles`), whole
+#: a slide's stain statistics come from up to this many squares of this side (analysis px) of its tissue, on a grid
+#: of their own: the same whatever the detection's tile size (:func:`slide_stain`)
 STAIN_TILES = 8
+STAIN_SIDE = 512
 
 
 def adaptation_tiles(tiles, count):
@@ -32,13 +34,16 @@ def adaptation_tiles(tiles, count):
     return [kept[(2 * i + 1) * len(kept) // (2 * count)] for i in range(count)]
 
 
-def slide_stain(slide, detector, tiles, workers):
-    """The stain statistics (:class:`cellrcnn.stain.StainStats`) of the tissue of up to :data:`STAIN_TILES` tiles of
-    the slide (:func:`adaptation_tiles`), read at the analysis magnification by ``workers`` threads; None, and
-    nothing read, for a model without a stain reference or a grid without tissue."""
-    chosen = adaptation_tiles(tiles, STAIN_TILES) if detector.normaliser is not None else []
-    if not chosen:
+def slide_stain(slide, detector, tissue, roi, workers):
+    """The stain statistics (:class:`cellrcnn.stain.StainStats`) of the slide's tissue (a ``tissue.TissueMask``) in
+    ``roi`` (base px; None: all of it): up to :data:`STAIN_TILES` squares of :data:`STAIN_SIDE` px of a grid without
+    overlap (:func:`adaptation_tiles` of it), read at the analysis magnification by ``workers`` threads. An image or
+    region of at most that many squares is counted whole. None, and nothing read, for a model without a stain
+    reference."""
+    if detector.normaliser is None:
         return None
+    grid = tile_grid(slide, STAIN_SIDE, 0, 0.0, roi=roi, tissue=tissue)
+    chosen = adaptation_tiles(grid, STAIN_TILES)
     return StainStats.of(image for _, image in prefetch(slide, chosen, workers=workers, queue=max(1, workers)))
 
 

@@ -186,7 +186,7 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
     unadapted = batchnorm_stats(detector.model)
     try:
         t0 = time.perf_counter()
-        stain = slide_stain(slide, detector, tiles, workers)
+        stain = slide_stain(slide, detector, tissue, roi, workers)
         adapted = adapt_to_slide(slide, detector, tiles, adapt_tiles, workers, stain)
         timing = {'adapt': time.perf_counter() - t0, 'read': 0.0, 'detect': 0.0, 'merge': 0.0}
         config = detector.model.config

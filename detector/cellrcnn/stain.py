@@ -3,14 +3,16 @@
 A slide stained paler, bluer or pinker than the tissue a model learnt from loses nuclei (docs/real-tissue.md,
 "Stain normalisation"). Reinhard's method matches the mean and standard deviation of each channel of Ruderman's LAB
 space (histomicstk's ``rgb_to_lab`` and ``reinhard``): here over the *tissue* pixels of an image or slide
-(:class:`StainStats`), and only ``strength`` of the way (the target is the blend ``strength * reference + (1 -
-strength) * own``; 1 is histomicstk's ``reinhard``). The reference and strength are the model's
-(``ModelConfig.stain_reference``, ``stain_strength``); a model without a reference sees its images as they are.
+(:class:`StainStats`, from a histogram of their colours), and only ``strength`` of the way (the target is the blend
+``strength * reference + (1 - strength) * own``; 1 is histomicstk's ``reinhard``). The reference and strength are
+the model's (``ModelConfig.stain_reference``, ``stain_strength``); a model without a reference sees its images as
+they are.
 
 :class:`StainNormaliser` applies the transform to the model's float input on its own device: per pixel a 3 x 3
 product, a log, an affine map, an exp and a 3 x 3 product (the LAB transform folded into the log-LMS space).
 """
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,8 +29,9 @@ LMS_TO_LAB = np.diag([1 / 3 ** 0.5, 1 / 6 ** 0.5, 1 / 2 ** 0.5]) @ np.array([[1,
 BACKGROUND_LEVEL = 215
 #: statistics need at least this many tissue pixels; an image with fewer counts all of its pixels
 MIN_TISSUE_PIXELS = 100
-#: statistics read every STRIDE-th pixel of every STRIDE-th row
-STRIDE = 2
+#: statistics count every pixel's colour in bins of 4 levels a channel (6 bits): they are the same whatever the
+#: pixels' order (a tile, flipped or turned, has the same), and cost a count per pixel instead of a logarithm
+BITS = 6
 #: the transform never multiplies a channel's spread by more than this, nor divides it by more (a nearly uniform
 #: image, say, whose spread is tiny)
 MAX_GAIN = 4.0
@@ -44,16 +47,17 @@ class StainStats:
     @classmethod
     def of(cls, images) -> 'StainStats':
         """The statistics of the tissue pixels of RGB uint8 ``images`` (an iterable, read once) taken together."""
-        count, total, squares = 0, np.zeros(3), np.zeros(3)
+        counts = np.zeros(2 ** (3 * BITS), np.int64)
         for image in images:
-            lab = _tissue_lab(image)
-            count += len(lab)
-            total += lab.sum(axis=0)
-            squares += (lab ** 2).sum(axis=0)
-        if count == 0:
+            counts += _colour_counts(image)
+        lab, tissue = _bin_colours()
+        if counts[tissue].sum() >= MIN_TISSUE_PIXELS:
+            counts = np.where(tissue, counts, 0)
+        total = counts.sum()
+        if total == 0:
             raise CellRCNNError('no pixels to take stain statistics from')
-        mean = total / count
-        std = np.sqrt(np.maximum(squares / count - mean ** 2, 0))
+        mean = counts @ lab / total
+        std = np.sqrt(np.maximum(counts @ lab ** 2 / total - mean ** 2, 0))
         return cls(tuple(mean.tolist()), tuple(std.tolist()))
 
     @classmethod
@@ -74,17 +78,25 @@ class StainStats:
         return cls(tuple(values[:3]), tuple(values[3:]))
 
 
-def _tissue_lab(image):
-    """LAB (float64 N x 3) of the tissue pixels of an RGB uint8 image, every :data:`STRIDE`-th pixel."""
+def _colour_counts(image):
+    """How many pixels of an RGB uint8 image fall in each colour bin (:data:`BITS` a channel)."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise CellRCNNError(f'stain statistics need an RGB uint8 image, not {image.dtype} {image.shape}')
-    pixels = image[::STRIDE, ::STRIDE].reshape(-1, 3)
-    tissue = pixels[pixels.min(axis=1) <= BACKGROUND_LEVEL]
-    if len(tissue) < MIN_TISSUE_PIXELS:
-        tissue = pixels
-    lms = tissue.astype(np.float64) @ RGB_TO_LMS.T
-    return np.log(np.maximum(lms, np.spacing(1))) @ LMS_TO_LAB.T
+    drop = 8 - BITS
+    bins = image >> drop
+    codes = (bins[..., 0].astype(np.int32) << (2 * BITS)) | (bins[..., 1].astype(np.int32) << BITS) | bins[..., 2]
+    return np.bincount(codes.ravel(), minlength=2 ** (3 * BITS))
+
+
+@functools.cache
+def _bin_colours():
+    """``(LAB of each colour bin's centre (float64 bins x 3), whether the bin is tissue)``."""
+    side = 2 ** BITS
+    centres = (np.arange(side) + 0.5) * (256 / side)
+    rgb = np.stack(np.meshgrid(centres, centres, centres, indexing='ij'), axis=-1).reshape(-1, 3)
+    lab = np.log(rgb @ RGB_TO_LMS.T) @ LMS_TO_LAB.T
+    return lab, rgb.min(axis=1) <= BACKGROUND_LEVEL
 
 
 class StainNormaliser:
