@@ -186,4 +186,11 @@ def test_average_sets_or_clears_a_stain_reference(tmp_path, tiny_checkpoint, sta
     assert main(['average', str(stained_checkpoint), str(stained_checkpoint), '-o', str(tmp_path / 'without.pt'),
                  '--stain-reference', 'none']) == 0
     assert stored_config(load_checkpoint(tmp_path / 'without.pt')).stain_reference == ()
+    # a bare folder of images with DSA JSON is read as training reads it: at the model's scale
+    folder = tmp_path / 'dsa' / 'tiles'  # away from the boxes' images folder above, which would be taken for its own
+    assert main(['synth', str(folder), '--count', '2', '--tile-size', '128']) == 0
+    assert main(['average', str(tiny_checkpoint), str(tiny_checkpoint), '-o', str(tmp_path / 'dsa.pt'),
+                 '--stain-reference', str(folder)]) == 0
+    typical = StainStats.typical(read_image(str(p)) for p in sorted(folder.glob('*.png')))
+    assert np.allclose(stored_config(load_checkpoint(tmp_path / 'dsa.pt')).stain_reference, typical.to_tuple())
     capsys.readouterr()

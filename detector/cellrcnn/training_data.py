@@ -105,8 +105,9 @@ def stain_normalised(samples, config):
 
 def stain_reference(entry, config):
     """The stain of a typical image of a ``--data`` entry at the scale of a model of ``config``
-    (``StainStats.typical``), as ``ModelConfig.stain_reference`` holds it."""
-    records = read_entry(entry)
+    (``StainStats.typical``), as ``ModelConfig.stain_reference`` holds it. The entry is read as training reads it
+    (a bare folder of images with DSA JSON at the model's scale)."""
+    records = read_entry(_legacy_dsa(entry, None, config.mpp))
     return StainStats.typical(rescale(record, config.mpp).load() for record in records).to_tuple()
 
 
