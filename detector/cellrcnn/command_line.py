@@ -207,6 +207,9 @@ def _add_train(sub):
     p.add_argument('--synthetic-seed', dest='synthetic_seed', type=int)
     p.add_argument('--synthetic-scale', dest='synthetic_scale', type=float, nargs=2, metavar=('LOW', 'HIGH'),
                    help='synthetic nuclei drawn this many times larger, per tile (default 0.8 1.25)')
+    p.add_argument('--stain-jitter', dest='real_stain_sigma', type=float, nargs=2, metavar=('MUL', 'ADD'),
+                   help="real images' HED stain jitter: sigmas of the multiplicative and additive change of each "
+                        'stain concentration (default 0.3 0.2; 0 0: none)')
     p.add_argument('--init', help='fine-tune this model (its own configuration is kept) instead of starting from '
                                   'random weights')
     p.add_argument('--seed', type=int)

@@ -122,6 +122,8 @@ class TrainConfig:
             raise CellRCNNError(f'synthetic_weight must be 0 or more, not {self.synthetic_weight}')
         if not self.dot_box_um > 0 or not 0 < self.real_scale_range[0] <= self.real_scale_range[1]:
             raise CellRCNNError('dot_box_um must be positive and real_scale_range LOW HIGH with 0 < LOW <= HIGH')
+        if len(self.real_stain_sigma) != 2 or min(self.real_stain_sigma) < 0:
+            raise CellRCNNError(f'real_stain_sigma must be two sigmas of 0 or more, not {self.real_stain_sigma}')
         if self.cell_type_colors and len(self.cell_type_colors) != len(self.cell_types):
             raise CellRCNNError(f'{len(self.cell_type_colors)} cell type colours for {len(self.cell_types)} types')
         return self
