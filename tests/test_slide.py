@@ -155,6 +155,26 @@ def test_all_glass_slide_has_no_tissue(tmp_path):
         assert len(list(prefetch(s, tiles, workers=2, skip=False))) == len(tiles)
 
 
+@pytest.mark.parametrize('fill', ['black', 'noisy'])
+def test_black_fill_beside_the_tissue_is_background(tmp_path, slide20x, fill):
+    # Some scanners and converters write black where nothing was scanned. Left to Otsu, the fill is the darkest
+    # thing on the slide: it would be read as tissue and the real tissue skipped as background.
+    s = Slide(slide20x[0])
+    plain = find_tissue(s).mask
+    width, height = s.size
+    rgb = s.read(tile_grid(s, tile_size=4096, overlap=0, min_tissue=0)[0])[:height, :width]
+    dark = np.random.default_rng(1).integers(0, 16, (height, width, 3)) if fill == 'noisy' else 0
+    padded = np.concatenate([rgb, np.zeros_like(rgb) + np.uint8(dark)], axis=1)
+    p = Slide(_write_vips(str(tmp_path / 'padded.tiff'), padded, px_per_mm=2000))
+    mask = find_tissue(p).mask
+    half = mask.shape[1] // 2
+    assert mask.shape == (plain.shape[0], 2 * plain.shape[1])
+    assert not mask[:, half:].any()
+    assert (mask[:, :half] == plain).mean() > 0.98  # all but a rim of 3 mask pixels (12 um) along the fill
+    read = [t for t in tile_grid(p, tile_size=512, overlap=64, min_tissue=0.05) if not t.skipped]
+    assert read and all(t.x < width for t in read)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # reading and mapping back
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ Gaussian smoothing (MASK_SIGMA mask px), connected components smaller than MIN_T
 components are kept (histomicstk's second output, the largest piece only, would lose the other fragments of a
 multi-piece section).  No colour deconvolution: on H&E it keeps only haematoxylin-rich areas and loses eosin-only
 stroma.  An absolute floor (MIN_TISSUE_CONTRAST) keeps Otsu from calling glass noise tissue, so an all-glass slide
-gives an all-False mask.
+gives an all-False mask.  Black fill, which some scanners and converters write where nothing was scanned, is shown
+to Otsu as glass (MAX_FILL_LEVEL): left in, it is the darkest thing on the slide, Otsu splits it from everything
+else, and the tissue is skipped as background while the fill is read as tissue.
 
 Units: a :class:`TissueMask` answers in **analysis pixels** (``Slide.size``); one mask pixel covers ``fx`` by ``fy``
 analysis pixels.
@@ -29,6 +31,13 @@ MIN_TISSUE_UM2 = 25.0 * 25.0
 #: level is at least this much darker than white (255 - grey).  Glass is 235-250; pale eosin stroma is below 225.
 #: Without it Otsu splits the noise of an all-glass slide into "tissue".
 MIN_TISSUE_CONTRAST = 20
+#: Black fill: thumbnail pixels whose brightest channel is at most MAX_FILL_LEVEL, in pieces of at least
+#: MIN_FILL_UM2 (a 100 um square).  Tissue has such pixels only alone or in twos and threes (the darkest nuclei;
+#: at most 80 um^2 on the sample slide, at 4 um a mask pixel).  Fill and the mask pixels within FILL_MARGIN of it
+#: are taken for glass, so the rim where fill meets glass is not a dark line of "tissue".
+MAX_FILL_LEVEL = 40
+MIN_FILL_UM2 = 100.0 * 100.0
+FILL_MARGIN = 3
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,6 +109,9 @@ def find_tissue(slide, thumbnail_size=2048):
     fx, fy = slide.size[0] / mw, slide.size[1] / mh
     px_um = math.sqrt(fx * fy) * slide.mpp
     min_size = max(4, int(round(MIN_TISSUE_UM2 / px_um ** 2)))
+    fill = _large_pieces(rgb.max(axis=2) <= MAX_FILL_LEVEL, max(4, int(round(MIN_FILL_UM2 / px_um ** 2))))
+    if fill.any():
+        rgb = np.where(ndimage.binary_dilation(fill, iterations=FILL_MARGIN)[..., None], np.uint8(255), rgb)
     contrast = 255.0 - cv2.GaussianBlur(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32), (0, 0),
                                         MASK_SIGMA, borderType=cv2.BORDER_REPLICATE)
     candidate = contrast >= MIN_TISSUE_CONTRAST
@@ -111,11 +123,18 @@ def find_tissue(slide, thumbnail_size=2048):
                                          sigma=MASK_SIGMA, min_size=min_size)
         except ValueError:  # nothing above the threshold: histomicstk fails on an empty component list
             labeled = np.zeros((mh, mw), np.int32)
-        mask = (labeled > 0) & candidate
-        lab, n = ndimage.label(mask)
-        if n:
-            counts = np.bincount(lab.ravel())
-            counts[0] = 0
-            mask = counts[lab] >= min_size
+        mask = _large_pieces((labeled > 0) & candidate, min_size)
     mask.setflags(write=False)
     return TissueMask(mask, fx, fy, slide.mpp)
+
+
+def _large_pieces(mask, min_size):
+    """``mask`` without its connected pieces (4-connected) of fewer than ``min_size`` pixels."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask)
+    if not n:
+        return mask
+    counts = np.bincount(lab.ravel())
+    counts[0] = 0
+    return counts[lab] >= min_size
