@@ -129,6 +129,23 @@ def test_glass_only_slide_gives_an_empty_result(tmp_path, detector):
     assert result.stats['adapt_tiles'] == 0  # no tissue to adapt to
 
 
+def test_no_nucleus_is_kept_on_black_fill(tmp_path, slide_path, detector):
+    import pyvips
+    tissue = pyvips.Image.new_from_file(str(slide_path))[:3]
+    path = tmp_path / 'filled.tiff'
+    tissue.join(pyvips.Image.black(tissue.width, tissue.height, bands=3), 'horizontal').cast('uchar').tiffsave(
+        str(path), tile=True, pyramid=True, compression='jpeg', xres=2000, yres=2000, resunit='cm')
+    slide = Slide(path)
+    recording = Recording(detector)
+    result = detect_slide(slide, recording, tile_size=256, overlap=32, min_tissue=0.0, workers=2)
+    tiles = tile_grid(slide, 256, 32, min_tissue=0.0, align=detector.model.config.fields[-1])
+    raw = np.concatenate([slide.to_base(boxes, tile) for tile, (boxes, _) in zip(tiles, recording.results)])
+    fill_x = tissue.width + 8  # past the mask pixel (8 px) that holds both
+    assert ((raw[:, 0] + raw[:, 2]) / 2 >= fill_x).sum() > 10  # the model finds "nuclei" on the fill
+    centres = (result.boxes[:, 0] + result.boxes[:, 2]) / 2
+    assert len(result.boxes) > 50 and not (centres >= fill_x).any()
+
+
 def test_a_small_piece_on_the_glass_is_read_where_it_lies(tmp_path, detector):
     import pyvips
     path = tmp_path / 'piece.tiff'

@@ -192,7 +192,8 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
         config = detector.model.config
         rows = TileRows(tiles, StreamingNMS(config.nms_thresh, MAX_NUCLEUS_PX * slide.scale), resume,
                         typed=bool(config.cell_types))
-        boxes, scores, types = _detect_rows(slide, detector, rows, workers, scheduler, timing, progress, stain)
+        boxes, scores, types = _detect_rows(slide, detector, rows, workers, scheduler, timing, progress, stain,
+                                            tissue)
         t0 = time.perf_counter()
         keep = suppress_close_centres(boxes, scores, config.centre_distance_px * slide.scale)
         boxes, scores, types = boxes[keep], scores[keep], None if types is None else types[keep]
@@ -215,9 +216,10 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
         load_batchnorm_stats(detector.model, unadapted)
 
 
-def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress, stain):
+def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress, stain, tissue):
     """Detect the tiles ``rows`` has left to read, batch by batch, into ``rows``, normalised from the slide's
-    ``stain``; :returns: what the merge kept (``TileRows.finish``)."""
+    ``stain``, leaving out boxes centred on ``tissue``'s black fill (a tile that reaches the fill's edge finds dark
+    "nuclei" along it); :returns: what the merge kept (``TileRows.finish``)."""
     bar = progress or Progress(mode='none')
     bar.start(len(rows.todo))
     if rows.resumed:
@@ -235,7 +237,10 @@ def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress, st
             if rows.typed:
                 types = np.zeros(len(out['scores']), CELL_TYPE)
                 types['index'], types['score'] = out['cell_types'], out['cell_type_scores']
-            rows.add(tile, slide.to_base(out['boxes'], tile).astype(np.float32), out['scores'], types)
+            b = np.asarray(out['boxes']).reshape(-1, 4)
+            keep = ~tissue.on_fill(tile.x + (b[:, 0] + b[:, 2]) / 2, tile.y + (b[:, 1] + b[:, 3]) / 2)
+            rows.add(tile, slide.to_base(b[keep], tile).astype(np.float32), np.asarray(out['scores'])[keep],
+                     None if types is None else types[keep])
         rows.close_finished()
         timing['merge'] += time.perf_counter() - t0
         bar.update(len(batch))

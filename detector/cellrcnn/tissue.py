@@ -43,12 +43,23 @@ FILL_MARGIN = 3
 @dataclass(frozen=True, eq=False)
 class TissueMask:
     """A boolean tissue mask (read-only, h x w) of a whole slide; mask pixel ``(j, i)`` covers analysis pixels
-    ``[i * fx, (i + 1) * fx) x [j * fy, (j + 1) * fy)``; ``mpp``: micrometres per analysis pixel."""
+    ``[i * fx, (i + 1) * fx) x [j * fy, (j + 1) * fy)``; ``mpp``: micrometres per analysis pixel; ``fill``: the
+    mask pixels of black fill (same shape), or None where there is none."""
 
     mask: np.ndarray
     fx: float
     fy: float
     mpp: float
+    fill: np.ndarray = None
+
+    def on_fill(self, x, y):
+        """Whether each analysis-pixel point ``(x[k], y[k])`` lies on black fill: no nucleus is there."""
+        if self.fill is None:
+            return np.zeros(len(x), bool)
+        h, w = self.fill.shape
+        i = np.clip((np.asarray(x) // self.fx).astype(np.int64), 0, w - 1)
+        j = np.clip((np.asarray(y) // self.fy).astype(np.int64), 0, h - 1)
+        return self.fill[j, i]
 
     def _window(self, x, y, width, height):
         """``(i0, i1, j0, j1)``: the mask pixels (columns, rows) the analysis-pixel rectangle touches; None when it
@@ -125,7 +136,9 @@ def find_tissue(slide, thumbnail_size=2048):
             labeled = np.zeros((mh, mw), np.int32)
         mask = _large_pieces((labeled > 0) & candidate, min_size)
     mask.setflags(write=False)
-    return TissueMask(mask, fx, fy, slide.mpp)
+    if fill.any():
+        fill.setflags(write=False)
+    return TissueMask(mask, fx, fy, slide.mpp, fill if fill.any() else None)
 
 
 def _large_pieces(mask, min_size):
