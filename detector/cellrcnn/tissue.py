@@ -121,7 +121,8 @@ def find_tissue(slide, thumbnail_size=2048):
     px_um = math.sqrt(fx * fy) * slide.mpp
     min_size = max(4, int(round(MIN_TISSUE_UM2 / px_um ** 2)))
     fill = _large_pieces(rgb.max(axis=2) <= MAX_FILL_LEVEL, max(4, int(round(MIN_FILL_UM2 / px_um ** 2))))
-    if fill.any():
+    has_fill = bool(fill.any())
+    if has_fill:
         rgb = np.where(ndimage.binary_dilation(fill, iterations=FILL_MARGIN)[..., None], np.uint8(255), rgb)
     contrast = 255.0 - cv2.GaussianBlur(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32), (0, 0),
                                         MASK_SIGMA, borderType=cv2.BORDER_REPLICATE)
@@ -136,9 +137,8 @@ def find_tissue(slide, thumbnail_size=2048):
             labeled = np.zeros((mh, mw), np.int32)
         mask = _large_pieces((labeled > 0) & candidate, min_size)
     mask.setflags(write=False)
-    if fill.any():
-        fill.setflags(write=False)
-    return TissueMask(mask, fx, fy, slide.mpp, fill if fill.any() else None)
+    fill.setflags(write=False)
+    return TissueMask(mask, fx, fy, slide.mpp, fill if has_fill else None)
 
 
 def _large_pieces(mask, min_size):
