@@ -58,6 +58,11 @@ def test_the_adaptation_tiles_are_deterministic_bounded_and_tissue(slide):
     assert all(t.index >= 4 and t.tissue == 0.9 for t in adaptation_tiles(mixed, 8))
     assert {t.index for t in adaptation_tiles(mixed, 16)} == set(range(4, 20))
     assert adaptation_tiles([dataclasses.replace(t, skipped=True) for t in tiles], 8) == []
+    # most of a whole slide is glass (or fill): the median is then 0, and no tile without tissue is chosen
+    glassy = [dataclasses.replace(t, tissue=0.0 if t.index % 4 else 0.5) for t in tiles]
+    assert [t.index for t in adaptation_tiles(glassy, 4)] == [0, 4, 12, 16]
+    assert [t.index for t in adaptation_tiles(glassy, 8)] == [0, 4, 8, 12, 16]
+    assert len(adaptation_tiles([dataclasses.replace(t, tissue=0.0) for t in tiles], 4)) == 4  # glass alone
 
 
 def test_two_runs_on_a_slide_give_identical_detections(slide, tiny_checkpoint):

@@ -22,13 +22,17 @@ STAIN_SIDE = 512
 def adaptation_tiles(tiles, count):
     """Up to ``count`` tiles of a grid to adapt the model to, always the same for the same grid: of the tiles not
     skipped, those with at least the median tissue fraction (or more tiles, down to the ``count``-th most tissue), so
-    that tiles on the tissue's edge do not skew the statistics; of these, ``count`` spread evenly in raster order."""
+    that tiles on the tissue's edge do not skew the statistics, and, of more than ``count``, only those with some
+    tissue (where most of a slide is glass or fill, the median is 0); of these, ``count`` spread evenly in raster
+    order."""
     candidates = [t for t in tiles if not t.skipped]
     ranked = sorted((t.tissue for t in candidates), reverse=True)
     if not ranked:
         return []
     floor = ranked[min(len(ranked), max(count, (len(ranked) + 1) // 2)) - 1]
     kept = [t for t in candidates if t.tissue >= floor]
+    if len(kept) > count:
+        kept = [t for t in kept if t.tissue > 0] or kept
     if len(kept) <= count:
         return kept
     return [kept[(2 * i + 1) * len(kept) // (2 * count)] for i in range(count)]
@@ -37,14 +41,15 @@ def adaptation_tiles(tiles, count):
 def slide_stain(slide, detector, tissue, roi, workers):
     """The stain statistics (:class:`cellrcnn.stain.StainStats`) of the slide's tissue (a ``tissue.TissueMask``) in
     ``roi`` (base px; None: all of it): up to :data:`STAIN_TILES` squares of :data:`STAIN_SIDE` px of a grid without
-    overlap (:func:`adaptation_tiles` of it), read at the analysis magnification by ``workers`` threads. An image or
-    region of at most that many squares is counted whole. None, and nothing read, for a model without a stain
-    reference."""
+    overlap (:func:`adaptation_tiles` of it), read at the analysis magnification by ``workers`` threads, black fill
+    left out. An image or region of at most that many squares is counted whole. None, and nothing read, for a model
+    without a stain reference."""
     if detector.normaliser is None:
         return None
     grid = tile_grid(slide, STAIN_SIDE, 0, 0.0, roi=roi, tissue=tissue)
     chosen = adaptation_tiles(grid, STAIN_TILES)
-    return StainStats.of(image for _, image in prefetch(slide, chosen, workers=workers, queue=max(1, workers)))
+    return StainStats.of(tissue.without_fill(image, tile.x, tile.y)
+                         for tile, image in prefetch(slide, chosen, workers=workers, queue=max(1, workers)))
 
 
 def adapt_to_slide(slide, detector, tiles, count, workers, stain=None):

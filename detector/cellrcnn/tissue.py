@@ -61,6 +61,20 @@ class TissueMask:
         j = np.clip((np.asarray(y) // self.fy).astype(np.int64), 0, h - 1)
         return self.fill[j, i]
 
+    def without_fill(self, image, x, y):
+        """``image`` (RGB uint8 at analysis scale, its top left at analysis pixel ``(x, y)``) with every pixel on
+        black fill or in the mask pixel next to it made white: glass, which stain statistics leave out. ``image``
+        itself where the slide has no fill."""
+        if self.fill is None:
+            return image
+        from scipy import ndimage
+
+        near = ndimage.binary_dilation(self.fill)
+        h, w = near.shape
+        rows = np.clip(((y + np.arange(image.shape[0])) // self.fy).astype(np.int64), 0, h - 1)
+        cols = np.clip(((x + np.arange(image.shape[1])) // self.fx).astype(np.int64), 0, w - 1)
+        return np.where(near[rows][:, cols][..., None], np.uint8(255), image)
+
     def _window(self, x, y, width, height):
         """``(i0, i1, j0, j1)``: the mask pixels (columns, rows) the analysis-pixel rectangle touches; None when it
         touches none."""
