@@ -56,10 +56,7 @@ class TissueMask:
         """Whether each analysis-pixel point ``(x[k], y[k])`` lies on black fill: no nucleus is there."""
         if self.fill is None:
             return np.zeros(len(x), bool)
-        h, w = self.fill.shape
-        i = np.clip((np.asarray(x) // self.fx).astype(np.int64), 0, w - 1)
-        j = np.clip((np.asarray(y) // self.fy).astype(np.int64), 0, h - 1)
-        return self.fill[j, i]
+        return self.fill[self._rows(y), self._cols(x)]
 
     def without_fill(self, image, x, y):
         """``image`` (RGB uint8 at analysis scale, its top left at analysis pixel ``(x, y)``) with every pixel on
@@ -70,10 +67,16 @@ class TissueMask:
         from scipy import ndimage
 
         near = ndimage.binary_dilation(self.fill)
-        h, w = near.shape
-        rows = np.clip(((y + np.arange(image.shape[0])) // self.fy).astype(np.int64), 0, h - 1)
-        cols = np.clip(((x + np.arange(image.shape[1])) // self.fx).astype(np.int64), 0, w - 1)
+        rows, cols = self._rows(y + np.arange(image.shape[0])), self._cols(x + np.arange(image.shape[1]))
         return np.where(near[rows][:, cols][..., None], np.uint8(255), image)
+
+    def _rows(self, y):
+        """The mask rows of analysis-pixel ``y`` values (clipped to the mask)."""
+        return np.clip((np.asarray(y) // self.fy).astype(np.int64), 0, self.mask.shape[0] - 1)
+
+    def _cols(self, x):
+        """The mask columns of analysis-pixel ``x`` values (clipped to the mask)."""
+        return np.clip((np.asarray(x) // self.fx).astype(np.int64), 0, self.mask.shape[1] - 1)
 
     def _window(self, x, y, width, height):
         """``(i0, i1, j0, j1)``: the mask pixels (columns, rows) the analysis-pixel rectangle touches; None when it
