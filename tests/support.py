@@ -11,6 +11,8 @@ never import from benchmarks/).
   tests/test_cohort_girder.py).
 - :func:`image_pins`: the versions image-constraints.txt pins for the task image (tests/test_image_pins.py,
   tests/test_dsa.py).
+- :func:`black_fill_beside`: a slide with the black fill some scanners write beside it (tests/test_slide_detection.py,
+  tests/test_stain.py).
 """
 
 import contextlib
@@ -174,3 +176,19 @@ def image_pins():
                 name, version = PINNED_LINE.fullmatch(line).groups()
                 pins[canonicalize_name(name)] = version
     return pins
+
+
+# --------------------------------------------------------------------------- black fill beside a slide
+
+
+def black_fill_beside(slide, out, width, quality=75):
+    """Write ``out`` (and return it): the slide file ``slide`` (RGB) with ``width`` px of black joined on its right
+    (0: none), as a tiled JPEG pyramid at 0.5 um/px."""
+    import pyvips
+
+    image = pyvips.Image.new_from_file(str(slide))[:3]
+    if width:
+        image = image.join(pyvips.Image.black(width, image.height, bands=3), 'horizontal')
+    image.cast('uchar').tiffsave(str(out), tile=True, pyramid=True, compression='jpeg', Q=quality, xres=2000,
+                                 yres=2000, resunit='cm')
+    return out
