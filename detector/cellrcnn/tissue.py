@@ -13,6 +13,7 @@ Units: a :class:`TissueMask` answers in **analysis pixels** (``Slide.size``); on
 analysis pixels.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -52,23 +53,34 @@ class TissueMask:
     mpp: float
     fill: np.ndarray = None
 
-    def on_fill(self, x, y):
-        """Whether each analysis-pixel point ``(x[k], y[k])`` lies on black fill: no nucleus is there."""
+    @functools.cached_property
+    def near_fill(self):
+        """The mask pixels on black fill or next to it (sharing a side), or None where there is no fill. Where fill
+        meets glass or tissue the JPEG rings, and the column or row of mask pixels that holds the seam is brighter
+        than fill; the model still sees a dark edge there."""
         if self.fill is None:
-            return np.zeros(len(x), bool)
-        return self.fill[self._rows(y), self._cols(x)]
-
-    def without_fill(self, image, x, y):
-        """``image`` (RGB uint8 at analysis scale, its top left at analysis pixel ``(x, y)``) with every pixel on
-        black fill or in the mask pixel next to it made white: glass, which stain statistics leave out. ``image``
-        itself where the slide has no fill."""
-        if self.fill is None:
-            return image
+            return None
         from scipy import ndimage
 
         near = ndimage.binary_dilation(self.fill)
+        near.setflags(write=False)
+        return near
+
+    def on_fill(self, x, y):
+        """Whether each analysis-pixel point ``(x[k], y[k])`` lies on black fill or in the mask pixel next to it
+        (:attr:`near_fill`): no nucleus is there."""
+        if self.fill is None:
+            return np.zeros(len(x), bool)
+        return self.near_fill[self._rows(y), self._cols(x)]
+
+    def without_fill(self, image, x, y):
+        """``image`` (RGB uint8 at analysis scale, its top left at analysis pixel ``(x, y)``) with every pixel on
+        black fill or in the mask pixel next to it (:attr:`near_fill`) made white: glass, which stain statistics
+        leave out. ``image`` itself where the slide has no fill."""
+        if self.fill is None:
+            return image
         rows, cols = self._rows(y + np.arange(image.shape[0])), self._cols(x + np.arange(image.shape[1]))
-        return np.where(near[rows][:, cols][..., None], np.uint8(255), image)
+        return np.where(self.near_fill[rows][:, cols][..., None], np.uint8(255), image)
 
     def _rows(self, y):
         """The mask rows of analysis-pixel ``y`` values (clipped to the mask)."""
