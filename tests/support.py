@@ -11,8 +11,8 @@ never import from benchmarks/).
   tests/test_cohort_girder.py).
 - :func:`image_pins`: the versions image-constraints.txt pins for the task image (tests/test_image_pins.py,
   tests/test_dsa.py).
-- :func:`black_fill_beside`: a slide with the black fill some scanners write beside it (tests/test_slide_detection.py,
-  tests/test_stain.py).
+- :func:`mark_beside`: a slide with a band beside it of the black fill some scanners write, or of a marker's ink
+  (tests/test_slide_detection.py, tests/test_stain.py).
 """
 
 import contextlib
@@ -178,17 +178,21 @@ def image_pins():
     return pins
 
 
-# --------------------------------------------------------------------------- black fill beside a slide
+# --------------------------------------------------------------------------- a mark beside a slide
+
+#: colours of marks that are not tissue: the black fill some scanners write, and a blue and a green marker's ink
+#: over glass (three quarters ink)
+BLACK, BLUE_INK, GREEN_INK = (0, 0, 0), (84, 106, 189), (76, 159, 129)
 
 
-def black_fill_beside(slide, out, width, quality=75):
-    """Write ``out`` (and return it): the slide file ``slide`` (RGB) with ``width`` px of black joined on its right
-    (0: none), as a tiled JPEG pyramid at 0.5 um/px."""
+def mark_beside(slide, out, width, colour=BLACK, quality=75):
+    """Write ``out`` (and return it): the slide file ``slide`` (RGB) with a band ``width`` px wide of ``colour``
+    joined on its right (0: none), as a tiled JPEG pyramid at 0.5 um/px."""
     import pyvips
 
     image = pyvips.Image.new_from_file(str(slide))[:3]
     if width:
-        image = image.join(pyvips.Image.black(width, image.height, bands=3), 'horizontal')
+        image = image.join(pyvips.Image.black(width, image.height, bands=3) + list(colour), 'horizontal')
     image.cast('uchar').tiffsave(str(out), tile=True, pyramid=True, compression='jpeg', Q=quality, xres=2000,
                                  yres=2000, resunit='cm')
     return out

@@ -9,9 +9,11 @@ import pytest
 import pyvips
 
 from cellrcnn.errors import CellRCNNError
+from cellrcnn.samples import read_image
 from cellrcnn.slide import Slide
 from cellrcnn.tiling import Tile, prefetch, tile_grid
 from cellrcnn.tissue import find_tissue
+from support import BLACK, BLUE_INK, GREEN_INK
 
 
 def optical_density(rgb):
@@ -155,24 +157,44 @@ def test_all_glass_slide_has_no_tissue(tmp_path):
         assert len(list(prefetch(s, tiles, workers=2, skip=False))) == len(tiles)
 
 
-@pytest.mark.parametrize('fill', ['black', 'noisy'])
-def test_black_fill_beside_the_tissue_is_background(tmp_path, slide20x, fill):
+@pytest.mark.parametrize('mark', ['black', 'noisy black', 'blue ink', 'green ink'])
+def test_a_mark_beside_the_tissue_is_background(tmp_path, slide20x, mark):
     # Some scanners and converters write black where nothing was scanned. Left to Otsu, the fill is the darkest
-    # thing on the slide: it would be read as tissue and the real tissue skipped as background.
+    # thing on the slide: it would be read as tissue and the real tissue skipped as background. A marker's ink is
+    # darker than glass too, and would be read as tissue.
     s = Slide(slide20x[0])
     plain = find_tissue(s).mask
     width, height = s.size
     rgb = s.read(tile_grid(s, tile_size=4096, overlap=0, min_tissue=0)[0])[:height, :width]
-    dark = np.random.default_rng(1).integers(0, 16, (height, width, 3)) if fill == 'noisy' else 0
-    padded = np.concatenate([rgb, np.zeros_like(rgb) + np.uint8(dark)], axis=1)
-    p = Slide(_write_vips(str(tmp_path / 'padded.tiff'), padded, px_per_mm=2000))
-    mask = find_tissue(p).mask
+    colour = {'blue ink': BLUE_INK, 'green ink': GREEN_INK}.get(mark, BLACK)
+    noise = np.random.default_rng(1).integers(-8, 8, (height, width, 3)) + (8 if mark == 'noisy black' else 0)
+    band = np.clip(np.array(colour) + noise * (mark != 'black'), 0, 255).astype(np.uint8)
+    p = Slide(_write_vips(str(tmp_path / 'padded.tiff'), np.concatenate([rgb, band], axis=1), px_per_mm=2000))
+    tissue = find_tissue(p)
+    mask = tissue.mask
     half = mask.shape[1] // 2
     assert mask.shape == (plain.shape[0], 2 * plain.shape[1])
-    assert not mask[:, half:].any()
-    assert (mask[:, :half] == plain).mean() > 0.98  # all but a rim of 3 mask pixels (12 um) along the fill
+    assert not mask[:, half:].any() and tissue.marks[:, half + 1:].all()
+    assert (mask[:, :half] == plain).mean() > 0.98  # all but a rim of 3 mask pixels (12 um) along the mark
     read = [t for t in tile_grid(p, tile_size=512, overlap=64, min_tissue=0.05) if not t.skipped]
     assert read and all(t.x < width for t in read)
+
+
+@pytest.mark.parametrize('source', ['brca', 'dsb'])
+def test_real_he_tissue_is_never_taken_for_a_mark(tmp_path, request, source):
+    # H&E's own colours must not read as ink or fill: all of BRCA-M2C's breast fields, or of DSB 2018's H&E images,
+    # side by side on glass in one slide.
+    images = request.getfixturevalue(source)[0]
+    tiles = [read_image(str(path)) for path in sorted(images.iterdir())]
+    th, tw = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
+    columns = 10
+    mosaic = np.full((-(-len(tiles) // columns) * th, columns * tw, 3), 245, np.uint8)
+    for k, tile in enumerate(tiles):
+        y, x = k // columns * th, k % columns * tw
+        mosaic[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
+    tissue = find_tissue(Slide(_write_vips(str(tmp_path / 'mosaic.tiff'), mosaic, px_per_mm=2000)))
+    assert tissue.marks is None
+    assert tissue.mask.mean() > 0.25  # much of the fields and images is fat, lumen or pale background
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from cellrcnn.inference import DetectorSpec
 from cellrcnn.slide import Slide
 from cellrcnn.slide_detection import detect_slide
 from cellrcnn.tiling import tile_grid
-from support import black_fill_beside
+from support import mark_beside
 
 
 @pytest.fixture(scope='module')
@@ -134,7 +134,7 @@ def test_glass_only_slide_gives_an_empty_result(tmp_path, detector):
 
 def test_no_nucleus_is_kept_on_black_fill(tmp_path, slide_path, detector):
     width = Slide(slide_path).size[0]
-    slide = Slide(black_fill_beside(slide_path, tmp_path / 'filled.tiff', width))
+    slide = Slide(mark_beside(slide_path, tmp_path / 'filled.tiff', width))
     recording = Recording(detector)
     result = detect_slide(slide, recording, tile_size=256, overlap=32, min_tissue=0.0, workers=2)
     tiles = tile_grid(slide, 256, 32, min_tissue=0.0, align=detector.model.config.fields[-1])
@@ -150,7 +150,7 @@ def test_no_box_straddles_the_edge_of_black_fill_on_a_real_slide(tmp_path):
     # rings, so the column of mask pixels that holds the seam is no fill; the model boxed a thin dark "nucleus" on
     # the seam in a few tiles (6 boxes, centred 3 um into the black). Nothing centred next to the fill is kept.
     width = Slide(SAMPLE_SLIDE).size[0]
-    padded = black_fill_beside(SAMPLE_SLIDE, tmp_path / 'padded.tiff', 1200)
+    padded = mark_beside(SAMPLE_SLIDE, tmp_path / 'padded.tiff', 1200)
     assert cellrcnn(['detect', str(padded), '-o', str(tmp_path), '--progress', 'none', '--no-resume',
                      '--device', 'cpu']) == 0
     centres = np.loadtxt(tmp_path / 'padded.csv', delimiter=',', skiprows=1, usecols=0)

@@ -24,7 +24,7 @@ from cellrcnn.tiling import tile_grid
 from cellrcnn.tissue import find_tissue
 from cellrcnn.train import TrainConfig
 from cellrcnn.training_data import training_sources
-from support import black_fill_beside
+from support import BLACK, BLUE_INK, mark_beside
 
 #: a pink, pale reference, far from the synthetic tiles' and the real images' own stain
 REFERENCE = StainStats((8.9, -0.05, 0.06), (0.3, 0.08, 0.02))
@@ -150,14 +150,16 @@ def test_a_slide_is_normalised_from_the_stain_of_its_tissue_tiles(synthetic_slid
     assert 'stain' not in detect_slide(slide, plain, **run).stats
 
 
-def test_black_fill_beside_a_slide_leaves_its_stain_as_it_was(tmp_path, synthetic_slide, stained_checkpoint):
+@pytest.mark.parametrize('colour', [BLACK, BLUE_INK], ids=['black fill', 'blue ink'])
+def test_a_mark_beside_a_slide_leaves_its_stain_as_it_was(tmp_path, synthetic_slide, stained_checkpoint, colour):
     # Most of this slide is glass or fill, so the squares the statistics come from must be chosen among those with
-    # tissue, and the fill's black pixels left out; before, the fill took L's mean from about 8 to about 3.
+    # tissue, and the fill's black pixels left out; before, the fill took L's mean from about 8 to about 3. A
+    # marker's ink, read as tissue, moved them too.
     source = synthetic_slide(900, 700, seed=11)[0]
     detector = DetectorSpec(model=str(stained_checkpoint), threshold=0.05, device='cpu', batch_size=3).build()
     run = dict(tile_size=512, overlap=32, min_tissue=0.05, workers=2)
     # both written alike: JPEG moves the stain's spread a little
-    plain, padded = (detect_slide(Slide(black_fill_beside(source, tmp_path / f'{width}.tiff', width, quality=90)),
+    plain, padded = (detect_slide(Slide(mark_beside(source, tmp_path / f'{width}.tiff', width, colour, quality=90)),
                                   detector, **run).stats['stain'] for width in (0, 1800))
     assert np.allclose(padded['lab_mean'], plain['lab_mean'], atol=0.05)
     assert np.allclose(padded['lab_std'], plain['lab_std'], rtol=0.1)

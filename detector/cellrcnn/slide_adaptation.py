@@ -42,13 +42,13 @@ def slide_stain(slide, detector, tissue, roi, workers):
     """The stain statistics (:class:`cellrcnn.stain.StainStats`) of the slide's tissue (a ``tissue.TissueMask``) in
     ``roi`` (base px; None: all of it): up to :data:`STAIN_TILES` squares of :data:`STAIN_SIDE` px of a grid without
     overlap (:func:`adaptation_tiles` of it), read at the analysis magnification by ``workers`` threads, black fill
-    left out. An image or region of at most that many squares is counted whole. None, and nothing read, for a model
-    without a stain reference."""
+    and pen ink left out (``TissueMask.without_marks``). An image or region of at most that many squares is counted
+    whole. None, and nothing read, for a model without a stain reference."""
     if detector.normaliser is None:
         return None
     grid = tile_grid(slide, STAIN_SIDE, 0, 0.0, roi=roi, tissue=tissue)
     chosen = adaptation_tiles(grid, STAIN_TILES)
-    return StainStats.of(tissue.without_fill(image, tile.x, tile.y)
+    return StainStats.of(tissue.without_marks(image, tile.x, tile.y)
                          for tile, image in prefetch(slide, chosen, workers=workers, queue=max(1, workers)))
 
 

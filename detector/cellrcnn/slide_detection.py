@@ -218,8 +218,8 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
 
 def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress, stain, tissue):
     """Detect the tiles ``rows`` has left to read, batch by batch, into ``rows``, normalised from the slide's
-    ``stain``, leaving out boxes centred on ``tissue``'s black fill (a tile that reaches the fill's edge finds dark
-    "nuclei" along it); :returns: what the merge kept (``TileRows.finish``)."""
+    ``stain``, leaving out boxes centred on or next to ``tissue``'s marks, black fill and pen ink (a tile that
+    reaches the fill's edge finds dark "nuclei" along it); :returns: what the merge kept (``TileRows.finish``)."""
     bar = progress or Progress(mode='none')
     bar.start(len(rows.todo))
     if rows.resumed:
@@ -238,7 +238,7 @@ def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress, st
                 types = np.zeros(len(out['scores']), CELL_TYPE)
                 types['index'], types['score'] = out['cell_types'], out['cell_type_scores']
             b = np.asarray(out['boxes']).reshape(-1, 4)
-            keep = ~tissue.on_fill(tile.x + (b[:, 0] + b[:, 2]) / 2, tile.y + (b[:, 1] + b[:, 3]) / 2)
+            keep = ~tissue.on_marks(tile.x + (b[:, 0] + b[:, 2]) / 2, tile.y + (b[:, 1] + b[:, 3]) / 2)
             rows.add(tile, slide.to_base(b[keep], tile).astype(np.float32), np.asarray(out['scores'])[keep],
                      None if types is None else types[keep])
         rows.close_finished()
