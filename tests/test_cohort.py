@@ -51,6 +51,7 @@ def test_one_row_and_one_result_folder_per_slide_counts_near_ground_truth(cohort
         # and 306)
         assert abs(cells - count) <= 0.25 * count, (slide, cells, count)
         assert float(row['cells_per_mm2']) == pytest.approx(cells / float(row['tissue_mm2']), rel=0.01)
+        assert float(row['ink_or_fill_mm2']) == 0  # no pen ink, no black fill on these slides
         assert 0.5 < float(row['mean_score']) <= 1
         assert float(row['magnification']) == 20 and row['model'] == 'cellrcnn-default.pt'
         result = output / row['output']
@@ -244,15 +245,15 @@ def read_table(path):
         return list(csv.reader(f))
 
 
-def test_the_table_without_cell_types_is_the_same_as_before(tmp_path):
+def test_the_table_without_cell_types_has_the_plain_columns_alone(tmp_path):
     from cellrcnn.cohort import COLUMNS, summary_line, write_table
 
     row = {**dict.fromkeys(COLUMNS, ''), 'slide': 'a.tiff', 'status': 'done', 'cells': 12, 'tissue_mm2': 0.5,
-           'cells_per_mm2': 24.0, 'model': 'm.pt', 'output': 'slides/a'}
+           'cells_per_mm2': 24.0, 'ink_or_fill_mm2': 0.0, 'model': 'm.pt', 'output': 'slides/a'}
     write_table([row, None], tmp_path / 'cohort.csv')
     assert (tmp_path / 'cohort.csv').read_bytes() == (
-        b'slide,status,note,cells,tissue_mm2,cells_per_mm2,mean_score,magnification,seconds,model,girder_item_id,'
-        b'output\r\na.tiff,done,,12,0.5,24.0,,,,m.pt,,slides/a\r\n')
+        b'slide,status,note,cells,tissue_mm2,cells_per_mm2,ink_or_fill_mm2,mean_score,magnification,seconds,model,'
+        b'girder_item_id,output\r\na.tiff,done,,12,0.5,24.0,0.0,,,,m.pt,,slides/a\r\n')
     assert summary_line([row]) == '1 slides: 1 done, 0 skipped (done by an earlier run), 0 failed; 12 nuclei in all'
 
 

@@ -63,6 +63,7 @@ def test_merged_result_equals_one_global_nms_over_all_raw_detections(slide_path,
     np.testing.assert_array_equal(sorted_rows(result.boxes), sorted_rows(raw_boxes[keep].numpy()))
     assert result.stats['tiles'] == result.stats['tiles_read'] == 20  # 4 rows of 5 tiles
     assert result.boxes[:, 2].max() <= 900 and result.boxes[:, 3].max() <= 700
+    assert result.stats['ink_or_fill_mm2'] == 0 and 'left out' not in detection_summary_lines(result)[0]
 
 
 def test_close_centres_are_suppressed_once_over_the_merged_nuclei(slide_path, tiny_checkpoint, tmp_path):
@@ -143,6 +144,10 @@ def test_no_nucleus_is_kept_on_black_fill(tmp_path, slide_path, detector):
     assert ((raw[:, 0] + raw[:, 2]) / 2 >= fill_x).sum() > 10  # the model finds "nuclei" on the fill
     centres = (result.boxes[:, 0] + result.boxes[:, 2]) / 2
     assert len(result.boxes) > 50 and not (centres >= fill_x).any()
+    # the fill's area is reported, apart from the tissue's
+    fill_mm2 = width * slide.size[1] * (slide.mpp / 1000) ** 2
+    assert result.stats['ink_or_fill_mm2'] == pytest.approx(fill_mm2, rel=0.05)
+    assert f'({fill_mm2:.2f} mm2 of pen ink or black fill left out)' in detection_summary_lines(result)[0]
 
 
 def test_no_box_straddles_the_edge_of_black_fill_on_a_real_slide(tmp_path):

@@ -47,8 +47,8 @@ from .errors import CellRCNNError, one_line
 from .files import atomic_write
 
 #: the columns of ``cohort.csv``
-COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'mean_score', 'magnification',
-           'seconds', 'model', 'girder_item_id', 'output')
+COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'ink_or_fill_mm2', 'mean_score',
+           'magnification', 'seconds', 'model', 'girder_item_id', 'output')
 TABLE_NAME = 'cohort.csv'
 #: the columns of each cell type: ``<name>`` and these (``<name>_type`` and these for a type whose columns would be
 #: the table's own, a type named ``cells``)
@@ -201,6 +201,7 @@ def _row(slide, result, model_path, seconds):
             'note': f'resumed {resumed} tile rows of an interrupted run' if resumed else '',
             'cells': cells, 'tissue_mm2': round(tissue, 4),
             'cells_per_mm2': round(cells / tissue, 1) if tissue > 0 else '',
+            'ink_or_fill_mm2': round(float(stats.get('ink_or_fill_mm2', 0.0)), 4),
             'mean_score': round(float(np.mean(result.scores)), 4) if len(result.scores) else '',
             'magnification': round(float(stats['analysis_magnification']), 3), 'seconds': round(seconds, 2),
             'model': os.path.basename(model_path), 'girder_item_id': slide.item_id or '', 'output': slide.output,

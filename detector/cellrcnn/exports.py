@@ -238,10 +238,12 @@ def detection_summary_lines(result):
                      'the annotation is empty')
     adapt = f'adapt {sec["adapt"]:.1f} on {st["adapt_tiles"]} tiles, ' if st['adapt_tiles'] else ''
     cut = f' ({st["tiles_cut"]} only where their little tissue lies)' if st.get('tiles_cut') else ''
+    marks = st.get('ink_or_fill_mm2', 0.0)
+    marks = f' ({marks:.2f} mm2 of pen ink or black fill left out)' if marks >= 0.005 else ''
     lines.append(
         f'{st["detections"]} nuclei in {os.path.basename(st["slide"])} at {st["analysis_magnification"]:g}x: '
-        f'{st["tissue_mm2"]:.2f} mm2 of tissue, {st["tiles_read"]} tiles read{cut}, {st["tiles_skipped"]} skipped '
-        f'as background; {sec["total"]:.1f} s (tissue {sec["tissue_and_grid"]:.1f}, {adapt}read wait '
+        f'{st["tissue_mm2"]:.2f} mm2 of tissue{marks}, {st["tiles_read"]} tiles read{cut}, {st["tiles_skipped"]} '
+        f'skipped as background; {sec["total"]:.1f} s (tissue {sec["tissue_and_grid"]:.1f}, {adapt}read wait '
         f'{sec["read"]:.1f}, detect {sec["detect"]:.1f}, merge {sec["merge"]:.2f}), '
         f'{st["megapixels_per_second"]:.2f} Mpx/s on {st["device"]}'
         + (f', each tile in {st["views"]} views' if st.get('views', 1) > 1 else '')

@@ -299,6 +299,7 @@ def _stats(slide, tissue, tiles, rows, result, timing, mask_seconds, total, dete
         'tiles_cut': sum(t.cut for t in rows.todo),
         'tile_rows_resumed': len(rows.resumed),
         'tissue_mm2': tissue.area_mm2(result.analysis_bounds),
+        'ink_or_fill_mm2': tissue.marks_mm2(result.analysis_bounds),
         'detections': int(len(result.boxes)),
         'megapixels': megapixels,
         'seconds': {'tissue_and_grid': mask_seconds, **timing, 'total': total},

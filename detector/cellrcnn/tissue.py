@@ -110,15 +110,16 @@ class TissueMask:
         j0, j1 = max(0, int(y // fy)), min(mask.shape[0], int(math.ceil((y + height) / fy)))
         return None if i1 <= i0 or j1 <= j0 else (i0, i1, j0, j1)
 
-    def fraction(self, x, y, width, height):
-        """Fraction of the analysis-pixel rectangle covered by tissue (area-weighted over partial mask pixels)."""
+    def fraction(self, x, y, width, height, of=None):
+        """Fraction of the analysis-pixel rectangle covered by tissue (or by the mask pixels ``of``, an array of the
+        mask's shape), area-weighted over partial mask pixels."""
         window = self._window(x, y, width, height) if width > 0 and height > 0 else None
         if window is None:
             return 0.0
         i0, i1, j0, j1 = window
         wx = _coverage_weights(x, x + width, i0, i1, self.fx)
         wy = _coverage_weights(y, y + height, j0, j1, self.fy)
-        covered = wy @ self.mask[j0:j1, i0:i1].astype(np.float64) @ wx
+        covered = wy @ (self.mask if of is None else of)[j0:j1, i0:i1].astype(np.float64) @ wx
         return float(min(1.0, covered / (width * height)))
 
     def bounds(self, x, y, width, height):
@@ -136,10 +137,15 @@ class TissueMask:
         return (max(x, (i0 + cols[0]) * fx), max(y, (j0 + rows[0]) * fy),
                 min(x + width, (i0 + cols[-1] + 1) * fx), min(y + height, (j0 + rows[-1] + 1) * fy))
 
-    def area_mm2(self, bounds):
-        """Area of tissue (mm^2) inside analysis-pixel bounds ``(x0, y0, x1, y1)``."""
+    def area_mm2(self, bounds, of=None):
+        """Area of tissue (or of the mask pixels ``of``: :meth:`fraction`) in mm^2 inside analysis-pixel bounds
+        ``(x0, y0, x1, y1)``."""
         x0, y0, x1, y1 = bounds
-        return self.fraction(x0, y0, x1 - x0, y1 - y0) * (x1 - x0) * (y1 - y0) * (self.mpp / 1000) ** 2
+        return self.fraction(x0, y0, x1 - x0, y1 - y0, of) * (x1 - x0) * (y1 - y0) * (self.mpp / 1000) ** 2
+
+    def marks_mm2(self, bounds):
+        """Area of black fill and pen ink (mm^2) inside analysis-pixel bounds ``(x0, y0, x1, y1)``."""
+        return 0.0 if self.marks is None else self.area_mm2(bounds, self.marks)
 
 
 def _coverage_weights(lo, hi, i0, i1, factor):
