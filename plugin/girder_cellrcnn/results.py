@@ -5,18 +5,19 @@ A cellrcnn nuclei annotation is one whose ``attributes`` carry the ``cellrcnn`` 
 the density annotation (``attributes.density``, one ``griddata`` element). Its summary goes into the item's
 metadata under :data:`META_KEY`::
 
-    {"cells", "tissue_mm2", "cells_per_mm2", "score": {"mean", "min", "max", "p5", "p25", "p50", "p75", "p95",
-     "histogram": [counts of floor(10 * score) = 0, ..., 9]}, "model", "model_sha256", "cellrcnn_version", "roi",
-     "annotation_id", "date"}
+    {"cells", "tissue_mm2", "cells_per_mm2", "ink_or_fill_mm2", "score": {"mean", "min", "max", "p5", "p25", "p50",
+     "p75", "p95", "histogram": [counts of floor(10 * score) = 0, ..., 9]}, "model", "model_sha256",
+     "cellrcnn_version", "roi", "annotation_id", "date"}
 
 and, for a model with cell types (the run's ``attributes.stats.cell_types``), ``cell_types`` (per type its count,
 density per mm² and fraction) and ``lymphocyte_per_tumour``: see :mod:`girder_cellrcnn.cell_types`. They are the
 counts the run recorded: an annotation edited by hand keeps them, while ``cells`` counts its elements.
 
 ``roi`` is the analysed region (left, top, width, height) of a run on part of the slide, None for the whole slide;
-``tissue_mm2`` and ``cells_per_mm2`` are those of the region analysed. ``model`` is the checkpoint's file name (for
-people), ``model_sha256`` the SHA-256 of its bytes (what identifies the model; None on results made before the
-library recorded it).
+``tissue_mm2`` and ``cells_per_mm2`` are those of the region analysed, ``ink_or_fill_mm2`` the pen ink and black
+fill the run left out there (None on results made before the library recorded it). ``model`` is the checkpoint's
+file name (for people), ``model_sha256`` the SHA-256 of its bytes (what identifies the model; None on results made
+before the library recorded it).
 
 The metadata follows the most recently saved nuclei annotation of the item; when that one is deleted it falls back
 to the newest remaining one, or goes away.
@@ -212,12 +213,12 @@ def _summary(annotation, count, scores):
     attributes = annotation['annotation'].get('attributes') or {}
     stats = attributes.get('stats') if isinstance(attributes.get('stats'), dict) else {}
     params = attributes.get('params') if isinstance(attributes.get('params'), dict) else {}
-    tissue = stats.get('tissue_mm2')
-    tissue = float(tissue) if isinstance(tissue, (int, float)) and not isinstance(tissue, bool) else None
+    tissue, marks = (_area(stats.get(key)) for key in ('tissue_mm2', 'ink_or_fill_mm2'))
     summary = {
         'cells': count,
-        'tissue_mm2': round(tissue, 6) if tissue is not None else None,
+        'tissue_mm2': tissue,
         'cells_per_mm2': round(count / tissue, 3) if tissue else None,
+        'ink_or_fill_mm2': marks,
         'score': score_summary(scores),
         'model': attributes.get('model'),
         SHA_KEY: attributes.get(SHA_KEY),
@@ -229,6 +230,11 @@ def _summary(annotation, count, scores):
     if cell_types.valid_counts(stats.get('cell_types')):
         summary.update(cell_types.summarise(stats['cell_types'], tissue))
     return summary
+
+
+def _area(value):
+    """A recorded area (mm^2) rounded to 6 places, or None when it is not a number."""
+    return round(float(value), 6) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _is_score(value):
