@@ -79,6 +79,20 @@ def test_a_slide_with_huge_tiles_is_refused_before_a_pixel_is_decoded(tmp_path):
         Slide(path)
 
 
+def test_a_slide_of_float_pixels_is_refused(tmp_path):
+    # large_image reads float pixels at full resolution, but its thumbnails and scaled reads of them are all zeros:
+    # such a slide gave "no tissue found" and an empty result.
+    import tifffile
+
+    rgb = np.full((600, 800, 3), 0.94, np.float32)
+    rgb[100:400, 200:600] = (0.6, 0.3, 0.55)
+    path = str(tmp_path / 'float.tif')
+    tifffile.imwrite(path, rgb)
+    with pytest.raises(CellRCNNError, match=f'^cannot open slide {path}: its pixels are float32, which large_image '
+                                            'cannot scale; save it as an 8-bit RGB image$'):
+        Slide(path, mpp=0.5)
+
+
 def test_slide_without_resolution_needs_mpp(tmp_path):
     rgb = np.full((600, 800, 3), 240, np.uint8)
     rgb[100:400, 200:600] = (160, 80, 140)

@@ -136,6 +136,10 @@ class Slide:
             raise CellRCNNError(f'cannot open slide {self.path}: {reason}') from None
         if width < 1 or height < 1:
             raise CellRCNNError(f'cannot open slide {self.path}: it has no pixels ({width}x{height})')
+        dtype = str(metadata.get('dtype') or '')
+        if dtype.startswith('float'):  # large_image's scaled reads and thumbnails of them are all zeros
+            raise CellRCNNError(f'cannot open slide {self.path}: its pixels are {dtype}, which large_image cannot '
+                                f'scale; save it as an 8-bit RGB image')
         if tile_width * tile_height > MAX_TILE_PIXELS:
             raise CellRCNNError(f'cannot open slide {self.path}: its tiles are {tile_width}x{tile_height} pixels, more '
                                 f'than the {MAX_TILE_PIXELS} (4096x4096) a read may decode; save it as a tiled pyramid')
