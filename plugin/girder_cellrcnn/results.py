@@ -234,10 +234,10 @@ def _summary(annotation, count, scores):
 
 def _area(value):
     """A recorded area (mm^2) rounded to 6 places, or None when it is not a number."""
-    return round(float(value), 6) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return round(float(value), 6) if _is_number(value) else None
 
 
-def _is_score(value):
+def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -245,7 +245,7 @@ def result_summary(annotation):
     """The metadata entry of one nuclei annotation (Girder's form, with its elements)."""
     elements = annotation['annotation'].get('elements') or []
     scores = [e['user']['score'] for e in elements
-              if isinstance(e.get('user'), dict) and _is_score(e['user'].get('score'))]
+              if isinstance(e.get('user'), dict) and _is_number(e['user'].get('score'))]
     return _summary(annotation, len(elements), scores)
 
 
@@ -309,7 +309,7 @@ def _summary_without_elements(annotation):
     for entry in elements.find(query, {'_id': 0, 'element.user.score': 1}):
         count += 1
         score = ((entry.get('element') or {}).get('user') or {}).get('score')
-        if _is_score(score):
+        if _is_number(score):
             scores.append(score)
     return _summary(annotation, count, scores)
 
