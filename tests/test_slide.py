@@ -87,7 +87,7 @@ def test_a_slide_of_float_pixels_is_refused(tmp_path):
     rgb = np.full((600, 800, 3), 0.94, np.float32)
     rgb[100:400, 200:600] = (0.6, 0.3, 0.55)
     path = str(tmp_path / 'float.tif')
-    tifffile.imwrite(path, rgb)
+    tifffile.imwrite(path, rgb, photometric='rgb')
     with pytest.raises(CellRCNNError, match=f'^cannot open slide {path}: its pixels are float32, which large_image '
                                             'cannot scale; save it as an 8-bit RGB image$'):
         Slide(path, mpp=0.5)
