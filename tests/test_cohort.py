@@ -255,6 +255,10 @@ def test_the_table_without_cell_types_has_the_plain_columns_alone(tmp_path):
         b'slide,status,note,cells,tissue_mm2,cells_per_mm2,ink_or_fill_mm2,mean_score,magnification,seconds,model,'
         b'girder_item_id,output\r\na.tiff,done,,12,0.5,24.0,0.0,,,,m.pt,,slides/a\r\n')
     assert summary_line([row]) == '1 slides: 1 done, 0 skipped (done by an earlier run), 0 failed; 12 nuclei in all'
+    inked = {**row, 'slide': 'b.tiff', 'ink_or_fill_mm2': 0.15}
+    old = {key: value for key, value in row.items() if key != 'ink_or_fill_mm2'}  # a row made before the column
+    assert summary_line([row, inked, old]) == ('3 slides: 3 done, 0 skipped (done by an earlier run), 0 failed; 36 '
+                                               'nuclei in all; 1 with pen ink or black fill left out (ink_or_fill_mm2)')
 
 
 def test_a_cohort_of_models_with_different_cell_types_has_every_types_columns(tmp_path):

@@ -361,15 +361,18 @@ def write_table(rows, path):
 
 
 def summary_line(rows):
-    """One line on the whole cohort: slides by status, nuclei found, and per cell type (if any) its nuclei."""
+    """One line on the whole cohort: slides by status, nuclei found, per cell type (if any) its nuclei, and how many
+    slides had pen ink or black fill left out (if any)."""
     counts = {s: sum(r['status'] == s for r in rows) for s in ('done', 'skipped', 'failed')}
     found = [r for r in rows if r['status'] != 'failed']
     cells = sum(int(r['cells']) for r in found)
     suffix = CELL_TYPE_SUFFIXES[0]
     types = [f'{sum(int(r.get(c) or 0) for r in found)} {c[:-len(suffix)]}'
              for c in table_columns(rows)[len(COLUMNS):] if c.endswith(suffix)]
+    marked = sum(float(r.get('ink_or_fill_mm2') or 0) > 0 for r in found)
     return (f'{len(rows)} slides: {counts["done"]} done, {counts["skipped"]} skipped (done by an earlier run), '
-            f'{counts["failed"]} failed; {cells} nuclei in all' + (f' ({", ".join(types)})' if types else ''))
+            f'{counts["failed"]} failed; {cells} nuclei in all' + (f' ({", ".join(types)})' if types else '')
+            + (f'; {marked} with pen ink or black fill left out (ink_or_fill_mm2)' if marked else ''))
 
 
 def batch(source, output, settings, scheduler=None, girder=None, progress=None):
