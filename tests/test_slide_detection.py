@@ -1,5 +1,6 @@
 import dataclasses
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -10,7 +11,7 @@ from cellrcnn.boxes import suppress_close_centres
 from cellrcnn.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, stored_config
 from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.errors import CellRCNNError
-from cellrcnn.exports import detection_summary_lines
+from cellrcnn.exports import MARKS_COLOR, MARKS_WIDTH, detection_summary_lines, write_overlay
 from cellrcnn.inference import DetectorSpec
 from cellrcnn.slide import Slide
 from cellrcnn.slide_detection import detect_slide
@@ -48,7 +49,7 @@ class Recording:
         return results
 
 
-def test_merged_result_equals_one_global_nms_over_all_raw_detections(slide_path, detector):
+def test_merged_result_equals_one_global_nms_over_all_raw_detections(slide_path, detector, tmp_path):
     slide = Slide(slide_path)
     recording = Recording(detector)
     result = detect_slide(slide, recording, tile_size=256, overlap=48, min_tissue=0.0, workers=2)
@@ -64,6 +65,8 @@ def test_merged_result_equals_one_global_nms_over_all_raw_detections(slide_path,
     assert result.stats['tiles'] == result.stats['tiles_read'] == 20  # 4 rows of 5 tiles
     assert result.boxes[:, 2].max() <= 900 and result.boxes[:, 3].max() <= 700
     assert result.stats['ink_or_fill_mm2'] == 0 and 'left out' not in detection_summary_lines(result)[0]
+    write_overlay(result, tmp_path / 'overview.png')  # no outline of marks
+    assert not (cv2.imread(str(tmp_path / 'overview.png')) == MARKS_COLOR).all(axis=2).any()
 
 
 def test_close_centres_are_suppressed_once_over_the_merged_nuclei(slide_path, tiny_checkpoint, tmp_path):
@@ -148,6 +151,12 @@ def test_no_nucleus_is_kept_on_black_fill(tmp_path, slide_path, detector):
     fill_mm2 = width * slide.size[1] * (slide.mpp / 1000) ** 2
     assert result.stats['ink_or_fill_mm2'] == pytest.approx(fill_mm2, rel=0.05)
     assert f'({fill_mm2:.2f} mm2 of pen ink or black fill left out)' in detection_summary_lines(result)[0]
+    # and outlined in the overview
+    write_overlay(result, tmp_path / 'overview.png')
+    overview = cv2.imread(str(tmp_path / 'overview.png'))
+    outline = (overview == MARKS_COLOR).all(axis=2)
+    factor = overview.shape[1] / slide.size[0]
+    assert outline.sum() > 100 and np.flatnonzero(outline.any(axis=0)).min() >= (width - 8) * factor - MARKS_WIDTH
 
 
 def test_no_box_straddles_the_edge_of_black_fill_on_a_real_slide(tmp_path):

@@ -191,6 +191,8 @@ def write_csv(path, boxes, scores, classes=None, mpp=None, class_names=None, cla
 
 #: the colour (BGR) of every box in the overview of a result without cell types
 OVERLAY_COLOR = (0, 255, 0)
+#: the colour (BGR) and width (px) of the outline of the black fill and pen ink left out, in the overview
+MARKS_COLOR, MARKS_WIDTH = (255, 0, 255), 2
 
 
 def _overlay_colors(result):
@@ -204,7 +206,8 @@ def _overlay_colors(result):
 
 def write_overlay(result, path, max_side=2048):
     """An overview PNG of the analysed region (at most ``max_side`` px) with every detection drawn: in its cell
-    type's colour for a model with cell types, else green."""
+    type's colour for a model with cell types, else green; the black fill and pen ink left out (``result.tissue``'s
+    marks) are outlined in magenta."""
     import cv2
 
     slide = result.slide
@@ -212,6 +215,14 @@ def write_overlay(result, path, max_side=2048):
     x0, y0 = ax0 * slide.scale, ay0 * slide.scale
     image, factor = slide.overview((x0, y0, (ax1 - ax0) * slide.scale, (ay1 - ay0) * slide.scale), max_side)
     overlay = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    tissue = result.tissue
+    if tissue is not None and tissue.marks is not None:  # each overview pixel's centre, in analysis pixels
+        h, w = overlay.shape[:2]
+        x = (x0 + (np.arange(w) + 0.5) / factor) / slide.scale
+        y = (y0 + (np.arange(h) + 0.5) / factor) / slide.scale
+        marks = tissue.grid(tissue.marks, x, y).astype(np.uint8)
+        contours, _ = cv2.findContours(marks, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(overlay, contours, -1, MARKS_COLOR, MARKS_WIDTH)
     boxes = np.round((result.boxes - [x0, y0, x0, y0]) * factor).astype(int)
     for (x1, y1, x2, y2), color in zip(boxes, _overlay_colors(result)):
         cv2.rectangle(overlay, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), color, 1)

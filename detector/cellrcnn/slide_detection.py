@@ -25,7 +25,7 @@ from .progress import Progress
 from .slide import Slide
 from .slide_adaptation import adapt_to_slide, slide_stain
 from .tiling import prefetch, tile_grid
-from .tissue import find_tissue
+from .tissue import TissueMask, find_tissue
 
 if TYPE_CHECKING:  # a hint only: the loop runs any detector-like object (see detect_slide)
     from .inference import Detector
@@ -60,6 +60,8 @@ class SlideDetections:
     cell_type_names: tuple = ()
     #: their ``#rrggbb`` display colours (``ModelConfig.cell_type_colors``)
     cell_type_colors: tuple = ()
+    #: where the slide's tissue and marks (black fill, pen ink) are (None: not known)
+    tissue: TissueMask | None = None
 
     def type_counts(self) -> dict[str, int]:
         """``{type name: nuclei}`` in the model's order; empty for a model without cell types."""
@@ -199,7 +201,7 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
         boxes, scores, types = boxes[keep], scores[keep], None if types is None else types[keep]
         timing['merge'] += time.perf_counter() - t0
         order = np.lexsort((boxes[:, 0], boxes[:, 1]))  # reading order: top to bottom, left to right
-        result = SlideDetections(slide, boxes[order], scores[order], slide.roi_to_analysis(roi))
+        result = SlideDetections(slide, boxes[order], scores[order], slide.roi_to_analysis(roi), tissue=tissue)
         if types is not None:
             _add_cell_types(result, types[order], config, keep_types)
         result.stats = _stats(slide, tissue, tiles, rows, result, timing, mask_seconds,

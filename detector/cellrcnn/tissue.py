@@ -94,8 +94,13 @@ class TissueMask:
         out. ``image`` itself where the slide has no mark."""
         if self.marks is None:
             return image
-        rows, cols = self._rows(y + np.arange(image.shape[0])), self._cols(x + np.arange(image.shape[1]))
-        return np.where(self.near_marks[rows][:, cols][..., None], np.uint8(255), image)
+        near = self.grid(self.near_marks, x + np.arange(image.shape[1]), y + np.arange(image.shape[0]))
+        return np.where(near[..., None], np.uint8(255), image)
+
+    def grid(self, pixels, x, y):
+        """``pixels`` (an array of the mask's shape: :attr:`mask`, :attr:`marks`, ...) at the analysis-pixel columns
+        ``x`` and rows ``y``: a ``len(y)`` x ``len(x)`` array."""
+        return pixels[self._rows(y)][:, self._cols(x)]
 
     def _rows(self, y):
         """The mask rows of analysis-pixel ``y`` values (clipped to the mask)."""
