@@ -43,11 +43,11 @@ MIN_FILL_UM2 = 100.0 * 100.0
 #: least MIN_INK_SATURATION, in pieces of at least MIN_INK_UM2.  The hues stop 30 degrees short of the bluest
 #: haematoxylin of BRCA-M2C's 90 breast fields (255), for stains bluer than theirs, and the saturation asks for a
 #: marker's strong colour (three quarters ink over glass: 0.5-0.7): faint ink may stay tissue, so that no tissue is
-#: taken for ink.  A marker's stroke is several hundred um wide and millimetres long; a
-#: piece that large is a whole field of view of 250 um (500 px at 20x), so no image of one field loses tissue to the
-#: rule.  Of the tissue pixels of the breast fields, of DSB 2018's 107 H&E images and of scikit-image's IHC field
-#: (DAB and a blue counterstain) at 4 um a pixel, none, one and none have ink's colour; the green margin ink on the
-#: sample slide's tissue edges lies in specks of at most 150 um^2, which stay tissue.
+#: taken for ink.  A marker's stroke is several hundred um wide and millimetres long; a piece that large is a whole
+#: field of view of 250 um (500 px at 20x), so no image of one field loses tissue to the rule.  Of the tissue pixels
+#: of the breast fields, of DSB 2018's 107 H&E images and of scikit-image's IHC field (DAB and a blue counterstain)
+#: at 4 um a pixel, none, one and none have ink's colour; the green margin ink on the sample slide's tissue edges
+#: lies in specks of at most 150 um^2, which stay tissue.
 INK_HUES = (60, 225)
 MIN_INK_SATURATION = 0.4
 MIN_INK_UM2 = 250.0 * 250.0
