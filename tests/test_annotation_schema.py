@@ -23,6 +23,8 @@ from cellrcnn.density import density_annotation
 from cellrcnn.devstack.local_girder import girder_python
 from cellrcnn.nuclei_map import nuclei_map_annotation
 from cellrcnn.nuclei_pixelmap import pixelmap_annotation
+from cellrcnn.tissue import TissueMask
+from cellrcnn.tissue_outline import tissue_outline_annotation
 
 
 def _annotation_schema():
@@ -102,6 +104,21 @@ def test_nuclei_pixelmap_is_valid():
     validate(pixelmap_annotation('0123456789abcdef01234567', 3, [0, 1, 0], list(colors), colors,
                                  attributes={'model': 'm.pt'}))
     validate(pixelmap_annotation('0123456789abcdef01234567', 0, visible=False))
+
+
+def test_tissue_outline_is_valid():
+    """A piece with a hole, a piece without, a mark; and no tissue at all."""
+    mask = np.zeros((40, 60), bool)
+    mask[2:30, 2:30] = True
+    mask[10:20, 10:20] = False
+    mask[5:15, 40:50] = True
+    marks = np.zeros_like(mask)
+    marks[34:40, :] = True
+    doc = tissue_outline_annotation(TissueMask(mask, 8.0, 8.0, 0.5, marks), (0, 0, 480, 320), 2.0,
+                                    attributes={'model': 'm.pt'})
+    validate(doc)
+    assert sorted(len(e.get('holes', ())) for e in doc['elements']) == [0, 0, 1]
+    validate(tissue_outline_annotation(TissueMask(np.zeros((4, 4), bool), 8.0, 8.0, 0.5), (0, 0, 32, 32), 1.0))
 
 
 def test_empty_density_annotation_is_valid():

@@ -8,6 +8,7 @@ import pytest
 
 from cellrcnn.devstack.local_girder import wait_for
 from cellrcnn.nuclei_map import MAP_NAME
+from cellrcnn.tissue_outline import TISSUE_NAME
 from girder_support import cellrcnn_annotations
 from support import run_batch
 
@@ -39,9 +40,12 @@ def test_a_girder_folder_cohort_posts_each_result_to_its_slide(server, synthetic
         assert nuclei[0]['annotation']['attributes']['model'] == 'cellrcnn-default.pt'
         types = nuclei[0]['annotation']['attributes']['model_config']['cell_types']
         per_type = sorted(str(a['annotation']['attributes'].get('cell_type')) for a in found if a not in nuclei)
-        # besides the nuclei: the map, the density, one density per type
-        assert len(types) == 3 and per_type == sorted(['None', 'None', *types])
+        # besides the nuclei: the map, the density, one density per type, the tissue outline
+        assert len(types) == 3 and per_type == sorted(['None', 'None', 'None', *types])
         assert sum(a['annotation']['name'] == MAP_NAME for a in found) == 1
+        (tissue,) = [a for a in found if a['annotation']['name'] == TISSUE_NAME]
+        assert tissue['annotation']['attributes']['density']['tissue_mm2'] == pytest.approx(float(row['tissue_mm2']),
+                                                                                          abs=0.01)
         assert (output / row['output']).is_dir()
     assert not any(f for _, _, f in os.walk(output / '.girder-cache'))  # downloads removed once posted
 
@@ -52,7 +56,7 @@ def test_a_girder_folder_cohort_posts_each_result_to_its_slide(server, synthetic
     for path, item_id in items.items():
         assert strict[path]['status'] == 'done'
         found = cellrcnn_annotations(server, item_id)
-        assert len(found) == 6  # the earlier result (nuclei, map, density, 3 per type) replaced, not duplicated
+        assert len(found) == 7  # the earlier result (nuclei, map, density, 3 per type, tissue) replaced, not doubled
         nuclei = [a for a in found if a['annotation']['attributes'].get('stats')]
         assert nuclei[0]['_elementCount'] == int(strict[path]['cells']) < int(rows[path]['cells'])
 

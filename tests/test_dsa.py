@@ -28,6 +28,7 @@ from cellrcnn.devstack.local_girder import wait_for
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.nuclei_map import MAP_NAME
 from cellrcnn.nuclei_pixelmap import PIXELMAP_NAME
+from cellrcnn.tissue_outline import TISSUE_NAME
 from support import PINNED_LINE, image_pins
 
 REGION = [0, 0, 1200, 1200]
@@ -111,7 +112,7 @@ def test_cell_detection_runs_in_its_container_and_lands_on_the_slide(dsa, folder
     summary = re.search(r'^(\d+) nuclei in CMU-1-Small-Region.svs at 20x', log, re.MULTILINE)
     assert summary, log[-3000:]
 
-    docs = annotations_of(dsa, item_id, count=4)
+    docs = annotations_of(dsa, item_id, count=5)
     nuclei = docs[DEFAULT_NAME]
     density = next(d for name, d in docs.items() if 'density' in name.lower())
     assert density['elements'][0]['type'] == 'griddata'
@@ -133,6 +134,10 @@ def test_cell_detection_runs_in_its_container_and_lands_on_the_slide(dsa, folder
     # every nucleus lies in the region asked for, on the slide
     assert (boxes[:, :2] >= -1).all() and (boxes[:, 2:] <= 1201).all()
     assert tiles['sizeX'] >= 1200 and tiles['sizeY'] >= 1200
+    # the tissue outline, cut to the region, hidden until asked for
+    outline = docs[TISSUE_NAME]
+    points = np.array([p for e in outline['elements'] for p in e['points']])
+    assert outline['display'] == {'visible': False} and len(points) and (points[:, :2] <= 1200).all()
 
     # the same detection run directly, outside Docker, finds the same nuclei
     assert cellrcnn(['detect', SAMPLE_SLIDE, '-o', str(tmp_path), '--roi', '0,0,1200,1200', '--progress', 'none',
@@ -207,7 +212,7 @@ def test_folder_detection_runs_every_slide_on_the_worker(dsa, synthetic_slide, t
         assert row['model'] == 'cellrcnn-default.pt' and row['annotation_id']
         assert row['cells'] == local[row['name']] > 100, (row, local)
         # each slide has its nuclei map and pixelmap too: what a whole slide's result opens on
-        docs = annotations_of(dsa, row['item_id'], count=4)
+        docs = annotations_of(dsa, row['item_id'], count=5)
         assert sum(len(e['points']) for e in docs[MAP_NAME]['elements']) == row['cells']
         (pixels,) = docs[PIXELMAP_NAME]['elements']
         assert len(pixels['values']) == row['cells'] + 1

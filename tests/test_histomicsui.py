@@ -28,6 +28,7 @@ from cellrcnn.girder_post import post_annotations
 from cellrcnn.nuclei_map import MAP_NAME, nuclei_map_annotation
 from cellrcnn.nuclei_pixelmap import PIXELMAP_NAME, pixelmap_annotation, write_label_image
 from cellrcnn.synthetic import write_slide
+from cellrcnn.tissue_outline import TISSUE_COLOR, TISSUE_NAME
 
 REGION = '0,0,1200,1200'
 
@@ -215,11 +216,24 @@ def test_a_classified_result_shows_its_cell_types(server, browser, tmp_path, mon
     page.click(f'.h-annotation-group[data-group-name="{ungrouped}"] .h-annotation-group-name')
     page.wait_for_selector(f'.h-annotation-group[data-group-name="{ungrouped}"] .h-annotation')
     names = page.locator(f'.h-annotation-group[data-group-name="{ungrouped}"] .h-annotation-name').all_inner_texts()
-    assert sorted(names) == sorted([MAP_NAME, 'cellrcnn nuclei density', *(f'cellrcnn nuclei density ({name})'
-                                                                           for name in counts)])
+    assert sorted(names) == sorted([MAP_NAME, 'cellrcnn nuclei density', TISSUE_NAME,
+                                    *(f'cellrcnn nuclei density ({name})' for name in counts)])
     page.screenshot(path=os.path.join(shots, 'histomicsui-cell-types.png'))
-    print(f'screenshot: {shots}/histomicsui-cell-types.png; detection and posting {detection_s:.0f} s, cell types '
-          f'{counts}; of {len(drawn)} drawn pixels, near each type\'s colour: {near}')
+
+    # The tissue outline, listed there and hidden on open, is drawn in its orange when shown: where nuclei were sought.
+    tissue_id = next(a['_id'] for a in server.annotations(item_id) if a['annotation']['name'] == TISSUE_NAME)
+    hidden = view_pixels(page)
+    page.click(f'.h-annotation[data-id="{tissue_id}"] .h-toggle-annotation')
+    page.wait_for_selector(f'.h-annotation[data-id="{tissue_id}"] .icon-eye', timeout=60000)
+    page.wait_for_timeout(3000)
+    outlined = view_pixels(page)
+    orange = ((np.abs(outlined - hidden).max(axis=2) > 40)
+              & (np.linalg.norm(outlined - np.array(rgb_tuple(TISSUE_COLOR)), axis=2) < 60)).sum()
+    assert orange > 200, orange
+    page.screenshot(path=os.path.join(shots, 'histomicsui-tissue.png'))
+    print(f'screenshots: {shots}/histomicsui-cell-types.png, {shots}/histomicsui-tissue.png; detection and posting '
+          f'{detection_s:.0f} s, cell types {counts}; of {len(drawn)} drawn pixels, near each type\'s colour: {near}; '
+          f'{orange} pixels of tissue outline')
 
 
 #: the side of the synthetic slides the large results lie on (20x)

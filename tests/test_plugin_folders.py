@@ -170,7 +170,8 @@ def test_detect_queues_the_unfinished_slides_and_counts_them_done(server, cli_id
                                                                   f'{stem}-outputDensityAnnotationFile.anot',
                                                                   f'{stem}-outputNucleiLabelImage.tiff',
                                                                   f'{stem}-outputNucleiMapAnnotationFile.anot',
-                                                                  f'{stem}-outputNucleiPixelmapAnnotationFile.anot'])
+                                                                  f'{stem}-outputNucleiPixelmapAnnotationFile.anot',
+                                                                  f'{stem}-outputTissueAnnotationFile.anot'])
 
     # A label image is a large image: in its subfolder it is no slide to the results table or to a folder run.
     label_item, _ = slide_in(server, slide_file, label_folders[ids['root']], 'r2-outputNucleiLabelImage.tiff')

@@ -25,6 +25,7 @@ from cellrcnn.girder_post import post_annotation_files, post_annotations
 from cellrcnn.job import detect_to_files, output_paths
 from cellrcnn.nuclei_map import MAP_NAME
 from cellrcnn.settings import DetectionSettings
+from cellrcnn.tissue_outline import TISSUE_NAME
 from plugin_support import (
     COLUMNS,
     DEFAULT_MODEL,
@@ -241,14 +242,14 @@ def by_name(server, item_id):
 
 def check_typed_result(server, item_id, paths, types, with_map=True):
     """The item holds exactly the run of ``paths``: the nuclei with each type's label, group and colour, the
-    nuclei map (``with_map``), the density, one density per type; its metadata is that nuclei annotation's, with the
-    run's counts per type."""
+    nuclei map (``with_map``), the density, one density per type, the tissue outline; its metadata is that nuclei
+    annotation's, with the run's counts per type."""
     local = read_annotation_file(paths['annotation'])
     counts = local['attributes']['stats']['cell_types']
     assert list(counts) == list(types)
     stored = by_name(server, item_id)
     assert sorted(stored) == sorted([local['name'], 'cellrcnn nuclei density', *class_density_names(types),
-                                     *([MAP_NAME] if with_map else [])])
+                                     TISSUE_NAME, *([MAP_NAME] if with_map else [])])
     nuclei_ = stored[local['name']]['annotation']
     assert nuclei_['description'] == local['description'] and all(f'{t}: {TYPE_COLORS[t]}' in nuclei_['description']
                                                                   for t in types)
@@ -320,7 +321,7 @@ def typed_outputs(slide_file, typed_checkpoint, tmp_path_factory):
 def test_a_classified_run_ingested_by_the_dsa_folds_into_the_earlier_run(server, slide_file, typed_outputs):
     item_id, file_id = slide_in(server, slide_file, server.folder_id, 'typed_dsa.tiff')
     outputs = (('annotation', 'outputCellAnnotationFile'), ('density', 'outputDensityAnnotationFile'),
-               ('class_density', 'outputClassDensityAnnotationFile'))
+               ('class_density', 'outputClassDensityAnnotationFile'), ('tissue', 'outputTissueAnnotationFile'))
 
     def run_task(paths, count, histories):
         """The task's outputs uploaded as slicer_cli_web uploads them; once ``count`` annotations are left, each
@@ -337,9 +338,9 @@ def test_a_classified_run_ingested_by_the_dsa_folds_into_the_earlier_run(server,
         return check_typed_result(server, item_id, paths, list(read_annotation_file(paths['annotation'])[
             'attributes']['stats']['cell_types']), with_map=False)
 
-    ids = run_task(typed_outputs['all'], 5, 1)
-    assert run_task(typed_outputs['all'], 5, 2) == ids  # a re-run updates each annotation in place
-    kept = run_task(typed_outputs['tumour'], 3, 3)  # the heatmaps of the types this run left out are gone
+    ids = run_task(typed_outputs['all'], 6, 1)
+    assert run_task(typed_outputs['all'], 6, 2) == ids  # a re-run updates each annotation in place
+    kept = run_task(typed_outputs['tumour'], 4, 3)  # the heatmaps of the types this run left out are gone
     assert kept == {name: ids[name] for name in kept}
 
 

@@ -10,6 +10,7 @@ import sys
 import types
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 
 from cellrcnn.errors import CellRCNNError
@@ -36,7 +37,7 @@ def test_list_cli_and_xml():
             'analysis_mag', 'analysis_tile_size', 'tile_overlap', 'min_tissue_frac', 'threshold', 'nms_iou',
             'anchor_upsample', 'adapt_tiles', 'views', 'element_type', 'model_file', 'device', 'batch_size',
             'scheduler', 'girderApiUrl', 'girderToken', 'outputNucleiPixelmapAnnotationFile',
-            'outputNucleiLabelImage'} <= names
+            'outputNucleiLabelImage', 'outputTissueAnnotationFile'} <= names
     adapt = next(e for e in root.iter('integer') if e.findtext('name') == 'adapt_tiles')
     assert adapt.findtext('label') == "Adapt to this slide's staining"
     assert int(adapt.findtext('default')) == DetectionSettings.adapt_tiles == 0  # off by default, as in cellrcnn detect
@@ -56,7 +57,9 @@ def slide(synthetic_slide):
 def test_a_full_run_through_the_entrypoint(slide, tiny_checkpoint, tmp_path):
     nuclei, density = tmp_path / 'nuclei.anot', tmp_path / 'density.anot'
     pixelmap, labels = tmp_path / 'pixelmap.anot', tmp_path / 'labels.tiff'
+    tissue = tmp_path / 'tissue.anot'
     run = entrypoint('CellDetection', str(slide), str(nuclei), '--outputDensityAnnotationFile', str(density),
+                     '--outputTissueAnnotationFile', str(tissue),
                      '--outputNucleiPixelmapAnnotationFile', str(pixelmap), '--outputNucleiLabelImage', str(labels),
                      '--model_file', str(tiny_checkpoint), '--analysis_tile_size', '256', '--element_type', 'point',
                      '--analysis_roi', '0,0,500,400', '--adapt_tiles', '3', '--views', '2', '--api-url', '',
@@ -82,6 +85,11 @@ def test_a_full_run_through_the_entrypoint(slide, tiny_checkpoint, tmp_path):
     (element,) = json.loads(pixelmap.read_text())['elements']
     assert element['girderId'] == 'outputNucleiLabelImage' and len(element['values']) == len(doc['elements']) + 1
     assert labels.read_bytes()[:4] == b'II+\x00'  # a BigTIFF
+    # the tissue outline: cut to the region, hidden until asked for, never taken for the nuclei (attributes.density)
+    outline = json.loads(tissue.read_text())
+    assert outline['display'] == {'visible': False} and outline['attributes']['density']['kind'] == 'tissue outline'
+    points = np.array([p for e in outline['elements'] for p in e['points']])
+    assert len(points) and points[:, 0].max() <= 500 and points[:, 1].max() <= 400
     assert not (tmp_path / 'nuclei.anot.partial').exists()
 
 

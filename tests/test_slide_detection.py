@@ -7,15 +7,17 @@ import torch
 from torchvision.ops import box_iou, nms
 
 from cellrcnn.__main__ import main as cellrcnn
+from cellrcnn.annotation import read_annotation_file
 from cellrcnn.boxes import suppress_close_centres
 from cellrcnn.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, stored_config
 from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.errors import CellRCNNError
-from cellrcnn.exports import MARKS_COLOR, MARKS_WIDTH, detection_summary_lines, write_overlay
+from cellrcnn.exports import MARKS_BGR, MARKS_WIDTH, detection_summary_lines, write_overlay
 from cellrcnn.inference import DetectorSpec
 from cellrcnn.slide import Slide
 from cellrcnn.slide_detection import detect_slide
 from cellrcnn.tiling import tile_grid
+from cellrcnn.tissue_outline import MARKS_LABEL, TISSUE_LABEL
 from support import mark_beside
 
 
@@ -66,7 +68,7 @@ def test_merged_result_equals_one_global_nms_over_all_raw_detections(slide_path,
     assert result.boxes[:, 2].max() <= 900 and result.boxes[:, 3].max() <= 700
     assert result.stats['ink_or_fill_mm2'] == 0 and 'left out' not in detection_summary_lines(result)[0]
     write_overlay(result, tmp_path / 'overview.png')  # no outline of marks
-    assert not (cv2.imread(str(tmp_path / 'overview.png')) == MARKS_COLOR).all(axis=2).any()
+    assert not (cv2.imread(str(tmp_path / 'overview.png')) == MARKS_BGR).all(axis=2).any()
 
 
 def test_close_centres_are_suppressed_once_over_the_merged_nuclei(slide_path, tiny_checkpoint, tmp_path):
@@ -154,7 +156,7 @@ def test_no_nucleus_is_kept_on_black_fill(tmp_path, slide_path, detector):
     # and outlined in the overview
     write_overlay(result, tmp_path / 'overview.png')
     overview = cv2.imread(str(tmp_path / 'overview.png'))
-    outline = (overview == MARKS_COLOR).all(axis=2)
+    outline = (overview == MARKS_BGR).all(axis=2)
     factor = overview.shape[1] / slide.size[0]
     assert outline.sum() > 100 and np.flatnonzero(outline.any(axis=0)).min() >= (width - 8) * factor - MARKS_WIDTH
 
@@ -170,6 +172,13 @@ def test_no_box_straddles_the_edge_of_black_fill_on_a_real_slide(tmp_path):
     centres = np.loadtxt(tmp_path / 'padded.csv', delimiter=',', skiprows=1, usecols=0)
     assert len(centres) > 2000
     assert centres.max() < width
+    # the tissue outline a pathologist opens in HistomicsUI: the tissue left of the seam, the fill outlined beside it
+    outline = read_annotation_file(tmp_path / 'padded.tissue.anot.json')
+    xs = {label: [np.array(e['points'])[:, 0] for e in outline['elements'] if e['label']['value'] == label]
+          for label in (TISSUE_LABEL, MARKS_LABEL)}
+    assert xs[TISSUE_LABEL] and max(x.max() for x in xs[TISSUE_LABEL]) < width
+    (fill,) = xs[MARKS_LABEL]
+    assert width - 16 <= fill.min() <= width + 16 and fill.max() > width + 1150
 
 
 def test_a_small_piece_on_the_glass_is_read_where_it_lies(tmp_path, detector):

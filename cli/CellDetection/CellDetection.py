@@ -67,6 +67,7 @@ def main(args):
                'map': getattr(args, 'outputNucleiMapAnnotationFile', None) or None,
                'density': getattr(args, 'outputDensityAnnotationFile', None) or None,
                'class_density': getattr(args, 'outputClassDensityAnnotationFile', None) or None,
+               'tissue': getattr(args, 'outputTissueAnnotationFile', None) or None,
                'pixelmap': getattr(args, 'outputNucleiPixelmapAnnotationFile', None) or None}
     label_image = getattr(args, 'outputNucleiLabelImage', None) or None
     settings = settings_from(args)

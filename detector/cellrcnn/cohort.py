@@ -45,6 +45,7 @@ import time
 
 from .errors import CellRCNNError, one_line
 from .files import atomic_write
+from .job import POSTED_OUTPUTS
 
 #: the columns of ``cohort.csv``
 COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'ink_or_fill_mm2', 'mean_score',
@@ -244,8 +245,7 @@ def process_slide(slide, settings, girder=None, detect=None):
             from .girder_post import post_annotation_files
             try:
                 posted = post_annotation_files(girder.api_url, girder.token, slide.item_id,
-                                               [paths['map'], paths['annotation'], paths['density'],
-                                                paths['class_density']])
+                                               [paths[key] for key in POSTED_OUTPUTS])
             except CellRCNNError as exc:
                 raise CellRCNNError(f'results written to {slide.folder}, but posting them failed: {exc}') from None
             _write_done(done_path, {'fingerprint': key, 'posted': [r['_id'] for r in posted], 'row': row})

@@ -26,6 +26,7 @@ from .colors import rgb_tuple
 from .density import micrometres_per_pixel
 from .errors import CellRCNNError
 from .files import atomic_write
+from .tissue_outline import MARKS_COLOR
 
 QUPATH_CLASS = 'Nucleus'
 SCORE_MEASUREMENT = 'score'
@@ -191,8 +192,9 @@ def write_csv(path, boxes, scores, classes=None, mpp=None, class_names=None, cla
 
 #: the colour (BGR) of every box in the overview of a result without cell types
 OVERLAY_COLOR = (0, 255, 0)
-#: the colour (BGR) and width (px) of the outline of the black fill and pen ink left out, in the overview
-MARKS_COLOR, MARKS_WIDTH = (255, 0, 255), 2
+#: the colour (BGR: the tissue outline annotation's) and width (px) of the outline of the black fill and pen ink left
+#: out, in the overview
+MARKS_BGR, MARKS_WIDTH = rgb_tuple(MARKS_COLOR)[::-1], 2
 
 
 def _overlay_colors(result):
@@ -222,7 +224,7 @@ def write_overlay(result, path, max_side=2048):
         y = (y0 + (np.arange(h) + 0.5) / factor) / slide.scale
         marks = tissue.grid(tissue.marks, x, y).astype(np.uint8)
         contours, _ = cv2.findContours(marks, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(overlay, contours, -1, MARKS_COLOR, MARKS_WIDTH)
+        cv2.drawContours(overlay, contours, -1, MARKS_BGR, MARKS_WIDTH)
     boxes = np.round((result.boxes - [x0, y0, x0, y0]) * factor).astype(int)
     for (x1, y1, x2, y2), color in zip(boxes, _overlay_colors(result)):
         cv2.rectangle(overlay, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), color, 1)

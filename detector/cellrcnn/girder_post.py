@@ -37,6 +37,7 @@ from .annotation_upload import INGEST_SECONDS_PER_1000, upload
 from .errors import CellRCNNError
 from .girder_api import GirderConnection
 from .girder_target import POST_KEY, Target, annotation_attributes, post_key
+from .job import POSTED_OUTPUTS
 
 MARKER = 'cellrcnn'
 #: the hex SHA-256 of the model's checkpoint file: what identifies "the same model" (``attributes.model`` is its name)
@@ -272,13 +273,13 @@ def format_results(results, item_id):
 
 def poster(api_url, token, item_id, progress=None):
     """Check a posting destination before hours of detection (server, token, item: :func:`check_target`).
-    :returns: a callable taking a run's output ``paths`` (``job.output_paths``) that posts its nuclei and density
-    annotations (the per-cell-type ones too) to the item and returns a line per posted document (``progress`` is told
-    what is sent)."""
+    :returns: a callable taking a run's output ``paths`` (``job.output_paths``) that posts its annotations (the
+    nuclei, their map, the density heatmaps and the tissue outline: ``job.POSTED_OUTPUTS``) to the item and returns a
+    line per posted document (``progress`` is told what is sent)."""
     item_id = check_target(api_url, token, item_id)
 
     def post(paths):
-        files = [paths.get('map'), paths.get('annotation'), paths.get('density'), paths.get('class_density')]
+        files = [paths.get(key) for key in POSTED_OUTPUTS]
         return format_results(post_annotation_files(api_url, token, item_id, files, progress=progress), item_id)
 
     return post

@@ -24,7 +24,9 @@ if TYPE_CHECKING:  # the stages are imported when a job runs, not when the comma
 OUTPUT_SUFFIXES = {'annotation': '.anot.json', 'map': '.map.anot.json', 'density': '.density.anot.json',
                    'class_density': '.class-density.anot.json', 'geojson': '.geojson', 'csv': '.csv',
                    'overlay': '.overlay.png', 'summary': '.summary.json', 'pixelmap': '.pixelmap.anot.json',
-                   'label_image': '.labels.tiff'}
+                   'label_image': '.labels.tiff', 'tissue': '.tissue.anot.json'}
+#: the outputs posted to a slide's Girder item, in order: the annotations a pathologist opens
+POSTED_OUTPUTS = ('map', 'annotation', 'density', 'class_density', 'tissue')
 #: the outputs written only when asked for (``output_paths(pixelmap=True)``)
 PIXELMAP_OUTPUTS = ('pixelmap', 'label_image')
 
@@ -114,6 +116,7 @@ def write_results(result: 'SlideDetections', paths: dict[str, str | None], eleme
     from .nuclei_map import nuclei_map_annotation, shown_on_open
     from .nuclei_pixelmap import pixelmap_annotation, write_label_image
     from .progress import Progress
+    from .tissue_outline import tissue_outline_annotation
 
     slide = result.slide
     base_mpp = slide.mpp / slide.scale
@@ -148,6 +151,8 @@ def write_results(result: 'SlideDetections', paths: dict[str, str | None], eleme
                                               **typed.get('csv', {}))),
         'overlay': ('overview picture', lambda path: write_overlay(result, path)),
         'pixelmap': ('nuclei pixelmap and its label image', pixelmap),
+        'tissue': ('tissue outline', lambda path: write_annotation(tissue_outline_annotation(
+            result.tissue, result.analysis_bounds, slide.scale, attributes=attributes), path)),
     }
     todo = [key for key in writers if paths.get(key)]
     progress = progress or Progress(mode='none')

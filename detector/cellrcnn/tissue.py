@@ -110,7 +110,7 @@ class TissueMask:
         """The mask columns of analysis-pixel ``x`` values (clipped to the mask)."""
         return np.clip((np.asarray(x) // self.fx).astype(np.int64), 0, self.mask.shape[1] - 1)
 
-    def _window(self, x, y, width, height):
+    def window(self, x, y, width, height):
         """``(i0, i1, j0, j1)``: the mask pixels (columns, rows) the analysis-pixel rectangle touches; None when it
         touches none."""
         mask, fx, fy = self.mask, self.fx, self.fy
@@ -121,7 +121,7 @@ class TissueMask:
     def fraction(self, x, y, width, height, of=None):
         """Fraction of the analysis-pixel rectangle covered by tissue (or by the mask pixels ``of``, an array of the
         mask's shape), area-weighted over partial mask pixels."""
-        window = self._window(x, y, width, height) if width > 0 and height > 0 else None
+        window = self.window(x, y, width, height) if width > 0 and height > 0 else None
         if window is None:
             return 0.0
         i0, i1, j0, j1 = window
@@ -133,7 +133,7 @@ class TissueMask:
     def bounds(self, x, y, width, height):
         """``(x0, y0, x1, y1)``: the analysis-pixel rectangle of the mask pixels with tissue that the rectangle
         touches, cut to it; None when it holds no tissue."""
-        window = self._window(x, y, width, height)
+        window = self.window(x, y, width, height)
         if window is None:
             return None
         i0, i1, j0, j1 = window

@@ -49,9 +49,9 @@ from .results import (
 JOB_TYPE = 'cellrcnn_batch'
 CLI_NAME = 'CellDetection'
 #: the task's outputs a slide's job writes into the slide's folder: the nuclei, their map and pixelmap (what a whole
-#: slide's result opens on, ``--display auto``) and the density heatmap
+#: slide's result opens on, ``--display auto``), the density heatmap and the tissue outline
 OUTPUTS = ('outputCellAnnotationFile', 'outputNucleiMapAnnotationFile', 'outputNucleiPixelmapAnnotationFile',
-           'outputDensityAnnotationFile')
+           'outputDensityAnnotationFile', 'outputTissueAnnotationFile')
 #: the label image the pixelmap draws: an item of its own, written into the slide folder's subfolder of label images
 #: (``results.LABEL_IMAGES_FOLDER``), where no folder run or results table takes it for a slide
 LABEL_IMAGE_OUTPUT = ('outputNucleiLabelImage', '.tiff')

@@ -1,9 +1,9 @@
 """A slide's cellrcnn result as item metadata, and the slides of a folder tree (the per-slide results table that
 lists them is :mod:`girder_cellrcnn.table`).
 
-A cellrcnn nuclei annotation is one whose ``attributes`` carry the ``cellrcnn`` marker (its version) and that is not
-the density annotation (``attributes.density``, one ``griddata`` element). Its summary goes into the item's
-metadata under :data:`META_KEY`::
+A cellrcnn nuclei annotation is one whose ``attributes`` carry the ``cellrcnn`` marker (its version) and no
+``attributes.density``, which every other annotation of a run carries (the density heatmaps, the nuclei map and
+pixelmap, the tissue outline: its ``kind``). Its summary goes into the item's metadata under :data:`META_KEY`::
 
     {"cells", "tissue_mm2", "cells_per_mm2", "ink_or_fill_mm2", "score": {"mean", "min", "max", "p5", "p25", "p50",
      "p75", "p95", "histogram": [counts of floor(10 * score) = 0, ..., 9]}, "model", "model_sha256",

@@ -268,11 +268,11 @@ class DSAStack(GirderServer):
 
 def cell_detection_params(file_id, folder_id, stem, **options):
     """The parameters HistomicsUI's panel posts for CellDetection on the slide file ``file_id``: the nuclei, map,
-    pixelmap (with its label image) and density outputs into ``folder_id``, named after ``stem``; ``options``: other
-    parameters (``analysis_roi``, ...)."""
+    pixelmap (with its label image), density and tissue outline outputs into ``folder_id``, named after ``stem``;
+    ``options``: other parameters (``analysis_roi``, ...)."""
     outputs = {'outputCellAnnotationFile': '.anot', 'outputNucleiMapAnnotationFile': '.anot',
                'outputNucleiPixelmapAnnotationFile': '.anot', 'outputNucleiLabelImage': '.tiff',
-               'outputDensityAnnotationFile': '.anot'}
+               'outputDensityAnnotationFile': '.anot', 'outputTissueAnnotationFile': '.anot'}
     params = {'inputImageFile': file_id}
     for name, extension in outputs.items():
         params.update({name: f'{stem}-{name}{extension}', f'{name}_folder': folder_id})

@@ -1,0 +1,101 @@
+"""The tissue a run analysed, and the marks it left out, as a DSA annotation: a pathologist sees in HistomicsUI where
+the nuclei were looked for (the area ``tissue_mm2`` and the densities are counted over) and which pen ink or black
+fill was taken for glass (``ink_or_fill_mm2``), and can tell at a glance when the tissue mask went wrong.
+
+One closed polyline per piece of tissue, its holes as the element's ``holes``, outlined in :data:`TISSUE_COLOR`;
+one per piece of a mark, outlined and lightly filled in :data:`MARKS_COLOR` (the overview PNG's magenta). The
+outlines follow the tissue mask (:class:`cellrcnn.tissue.TissueMask`: mask pixels of a few um, read from the
+thumbnail) through the centres of its edge pixels, simplified by at most :data:`TOLERANCE` mask pixels, and are cut
+to the analysed region.
+
+The document's attributes carry ``density`` (``kind`` 'tissue outline'), as the nuclei map's do: the Girder plugin
+never takes it for a nuclei result, and replaces it with the run that made it.
+"""
+
+import numpy as np
+
+from .tissue import TissueMask
+
+TISSUE_NAME = 'cellrcnn tissue'
+TISSUE_COLOR = 'rgb(255,160,0)'
+MARKS_COLOR = 'rgb(255,0,255)'
+MARKS_FILL = 'rgba(255,0,255,0.25)'
+TISSUE_LABEL = 'tissue analysed'
+MARKS_LABEL = 'pen ink or black fill, left out'
+#: how far (mask pixels) a simplified outline may stray from the mask's edge
+TOLERANCE = 0.75
+
+
+def outlines(pixels, window):
+    """The pieces of the boolean mask-pixel array ``pixels`` inside ``window`` (``(i0, i1, j0, j1)``: its columns and
+    rows) as ``[(outline, [hole, ...]), ...]``; each ring a K x 2 float array of mask-pixel centres (column, row) in
+    the whole array's coordinates, K >= 3."""
+    import cv2
+
+    i0, i1, j0, j1 = window
+    part = np.zeros((j1 - j0 + 2, i1 - i0 + 2), np.uint8)  # a border of zeros closes the pieces the window cuts
+    part[1:-1, 1:-1] = pixels[j0:j1, i0:i1]
+    contours, hierarchy = cv2.findContours(part, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None:
+        return []
+
+    def ring(k):
+        points = cv2.approxPolyDP(contours[k], TOLERANCE, True).reshape(-1, 2)
+        return points.astype(np.float64) + [i0 - 1, j0 - 1] if len(points) >= 3 else None
+
+    pieces = []
+    for k, (_, _, child, parent) in enumerate(hierarchy[0]):
+        outline = ring(k) if parent < 0 else None
+        if outline is None:
+            continue
+        holes = []
+        while child >= 0:  # RETR_CCOMP: an outer ring's first hole, and each hole's next
+            hole = ring(child)
+            if hole is not None:
+                holes.append(hole)
+            child = hierarchy[0][child][0]
+        pieces.append((outline, holes))
+    return pieces
+
+
+def tissue_outline_annotation(tissue: TissueMask, bounds, scale, attributes=None, visible=False, decimals=1):
+    """The tissue and marks of ``tissue`` inside the analysed region as a DSA annotation document.
+
+    :param bounds: the analysed region ``(x0, y0, x1, y1)`` in analysis pixels
+        (``SlideDetections.analysis_bounds``); the outlines are cut to it.
+    :param scale: base pixels per analysis pixel (``Slide.scale``): the document is in base pixels.
+    :param attributes: the run's attributes (model, marker, params, ...); ``density`` is added with the tissue's and
+        the marks' areas (mm^2) and how many pieces of each.
+    :param visible: whether HistomicsUI shows it when the slide is opened.
+    """
+    x0, y0, x1, y1 = bounds
+    window = tissue.window(x0, y0, x1 - x0, y1 - y0)
+    layers = [(tissue.mask, TISSUE_LABEL, {'lineColor': TISSUE_COLOR, 'lineWidth': 2}),
+              (tissue.marks, MARKS_LABEL, {'lineColor': MARKS_COLOR, 'lineWidth': 2, 'fillColor': MARKS_FILL})]
+    elements, pieces = [], {}
+
+    def base(ring):
+        x = np.clip((ring[:, 0] + 0.5) * tissue.fx, x0, x1) * scale
+        y = np.clip((ring[:, 1] + 0.5) * tissue.fy, y0, y1) * scale
+        return [[float(px), float(py), 0] for px, py in np.round(np.column_stack([x, y]), decimals)]
+
+    for pixels, label, style in layers:
+        found = outlines(pixels, window) if pixels is not None and window is not None else []
+        pieces[label] = len(found)
+        for outline, holes in found:
+            element = {'type': 'polyline', 'closed': True, 'points': base(outline), **style,
+                       'label': {'value': label}}
+            if holes:
+                element['holes'] = [base(hole) for hole in holes]
+            elements.append(element)
+    tissue_mm2 = tissue.area_mm2(bounds)
+    marks_mm2 = tissue.marks_mm2(bounds)
+    description = (f'{tissue_mm2:.2f} mm² of tissue analysed in {pieces[TISSUE_LABEL]} piece(s)'
+                   if pieces[TISSUE_LABEL] else 'no tissue found')
+    if pieces[MARKS_LABEL]:
+        description += f'; {marks_mm2:.2f} mm² of pen ink or black fill left out (magenta)'
+    info = {'kind': 'tissue outline', 'tissue_mm2': round(tissue_mm2, 4), 'ink_or_fill_mm2': round(marks_mm2, 4),
+            'tissue_pieces': pieces[TISSUE_LABEL], 'mark_pieces': pieces[MARKS_LABEL]}
+    return {'name': TISSUE_NAME, 'description': description,
+            'attributes': {**(attributes or {}), 'density': info}, 'display': {'visible': bool(visible)},
+            'elements': elements}
