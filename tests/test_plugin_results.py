@@ -434,12 +434,18 @@ def test_a_rerun_updates_the_earlier_result_and_keeps_it_as_history(server, slid
     # Another model's result, and the reader's look-alike, stay annotations of their own; the result is untouched.
     other = annotate(server, item_id, nuclei(10, 'other.pt'))
     fake = annotate(server, item_id, dict(nuclei_doc, elements=nuclei_doc['elements'][:3]), token=reader_token)
+    # Runs of regions drawn as polygons with one bounding box are results of their own, and not the whole slide's.
+    drawn = []
+    for polygon in ([[0, 0], [200, 0], [0, 200]], [[200, 200], [200, 0], [0, 200]]):
+        doc = nuclei(6, nuclei_doc['attributes']['model'], roi=[0, 0, 200, 200])
+        doc['attributes']['params']['polygons'] = [polygon]
+        drawn.append(annotate(server, item_id, doc)['_id'])
     # Girder's events thread takes its work in order: once a third density run uploaded after them has been folded
-    # in, those two arrivals have been looked at.
+    # in, those arrivals have been looked at.
     server.upload_as_dsa(result_files['density'], item_id, file_id, 'outputDensityAnnotationFile')
     density_id = ids[next(name for name in ids if name != nuclei_doc['name'])]
     wait_for(lambda: len(server.client().get(f'annotation/{density_id}/history')) == 3
-             and len(active_annotations(server, item_id)) == 4, 60, 'the third density run folded in')
+             and len(active_annotations(server, item_id)) == 6, 60, 'the third density run folded in')
     assert sorted(a['_id'] for a in active_annotations(server, item_id)) == sorted([*ids.values(), other['_id'],
-                                                                                     fake['_id']])
+                                                                                     fake['_id'], *drawn])
     assert len(server.client().get(f'annotation/{nuclei_id}')['annotation']['elements']) == 40

@@ -142,6 +142,22 @@ def test_the_task_keeps_the_cell_types_it_is_given():
         assert settings_from(given).classes == classes
 
 
+def test_the_task_takes_a_rectangle_or_polygons_drawn_in_histomicsui():
+    settings_from = task_module('CellDetection').settings_from
+    given = xml_defaults('CellDetection')
+    region = ET.parse(os.path.join(CLI_DIR, 'CellDetection', 'CellDetection.xml')).getroot().find('.//region')
+    assert set(region.get('shapes').split(',')) == {'rectangle', 'polygon', 'multipolygon'}  # the panel's buttons
+    given.analysis_roi = [10.0, 20.0, 30.0, 40.0]
+    assert (settings_from(given).roi, settings_from(given).polygons) == ((10, 20, 30, 40), None)
+    given.analysis_roi = [0.0, 0.0, 100.0, 0.0, 100.0, 50.0, 0.0, 50.0, -1.0, -1.0, 200.0, 200.0, 300.0, 200.0, 250.0,
+                          300.0, 200.0, 300.0]
+    settings = settings_from(given)
+    assert settings.roi == (0, 0, 300, 300) and [len(p) for p in settings.polygons] == [4, 4]
+    given.analysis_roi = [0.0, 0.0, 1.0]
+    with pytest.raises(CellRCNNError, match='a region is X,Y,W,H'):
+        settings_from(given)
+
+
 def numeric_parameters(task):
     """``{name: (minimum, maximum, step)}`` of the task's integer and double parameters, from their constraints."""
     root = ET.parse(os.path.join(CLI_DIR, task, f'{task}.xml')).getroot()

@@ -10,16 +10,17 @@ from cellrcnn.errors import CellRCNNError, run_reporting_errors
 from cellrcnn.exports import detection_summary_lines
 from cellrcnn.job import detect_to_files
 from cellrcnn.progress import Progress
+from cellrcnn.region import region_settings
 from cellrcnn.settings import DetectionSettings
 
 
 def settings_from(args):
-    """slicer_cli_web's arguments (-1, 0 or empty mean 'the model's or the slide's own') as DetectionSettings."""
-    roi = None if list(args.analysis_roi) == [-1, -1, -1, -1] else tuple(args.analysis_roi)
+    """slicer_cli_web's arguments (-1, 0 or empty mean 'the model's or the slide's own'; the region a rectangle or
+    polygons: ``cellrcnn.region``) as DetectionSettings."""
     return DetectionSettings(
         model=args.model_file or None, magnification=args.analysis_mag if args.analysis_mag > 0 else None,
-        mpp=args.base_mpp if args.base_mpp > 0 else None, roi=roi, tile_size=args.analysis_tile_size,
-        overlap=args.tile_overlap, min_tissue=args.min_tissue_frac,
+        mpp=args.base_mpp if args.base_mpp > 0 else None, **region_settings(args.analysis_roi),
+        tile_size=args.analysis_tile_size, overlap=args.tile_overlap, min_tissue=args.min_tissue_frac,
         threshold=args.threshold if args.threshold >= 0 else None,
         nms=args.nms_iou if args.nms_iou >= 0 else None, anchor_upsample=args.anchor_upsample or None,
         adapt_tiles=args.adapt_tiles, views=args.views, element=args.element_type, display=args.display,

@@ -12,17 +12,8 @@ from .annotation import CLASS_SOURCES
 from .errors import CellRCNNError
 from .nuclei_map import BOXES_SHOWN
 from .progress import MODES
+from .region import REGION_FORMS
 from .settings import DISPLAYS, VIEWS, AnnotationTrainingSettings, DetectionSettings
-
-
-def _roi(text):
-    try:
-        values = [float(v) for v in text.split(',')]
-    except ValueError:
-        values = []
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError(f'expected X,Y,W,H in base pixels, not {text!r}')
-    return tuple(values)
 
 
 def _positive_int(text):
@@ -130,7 +121,8 @@ def _add_detect(sub):
     p = sub.add_parser('detect', help='detect nuclei in a slide; write DSA annotations, GeoJSON, CSV and an overview')
     p.add_argument('slide', nargs='?', help='slide or image large_image opens (default: the bundled sample slide)')
     p.add_argument('-o', '--output', required=True, help='output folder')
-    p.add_argument('--roi', type=_roi, help='region of interest X,Y,W,H in base pixels (default: the whole slide)')
+    p.add_argument('--roi', dest='region',
+                   help=f'region to analyse in base pixels: {REGION_FORMS} (default: the whole slide)')
     _add_detection_options(p)
     p.add_argument('--scheduler', help='run tile batches on N local processes (local:N), or on the dask.distributed '
                                        'scheduler at tcp://127.0.0.1:PORT or tls://HOST:PORT (with the client '

@@ -31,11 +31,13 @@ def settings_from_args(cls, args, leave_out=()):
 def run_detect(args):
     from .exports import detection_summary_lines
     from .job import detect_to_files, output_paths
+    from .region import region_settings
 
     slide_path = args.slide or SAMPLE_SLIDE
     if not args.slide:
         print(f'no slide given: using the bundled sample {slide_path}', file=sys.stderr)
-    settings = settings_from_args(DetectionSettings, args)
+    region = region_settings(args.region.split(',')) if args.region else {}
+    settings = dataclasses.replace(settings_from_args(DetectionSettings, args), **region)
     stem = os.path.splitext(os.path.basename(slide_path))[0]
     if args.pixelmap and (args.girder_url or args.girder_item or args.local_girder):
         raise CellRCNNError('--pixelmap is written to files only: the CellDetection task posts a pixelmap to the DSA; '

@@ -83,6 +83,9 @@ class ResultSettings:
     mpp: float | None = None
     #: region of interest ``(x, y, width, height)`` in **base** pixels (None: the whole slide)
     roi: tuple | None = None
+    #: polygons the region is cut to, each a tuple of ``(x, y)`` points in base pixels, ``roi`` their bounding box
+    #: (None: the rectangle ``roi`` is the region); :mod:`cellrcnn.region` makes both from a region's numbers
+    polygons: tuple | None = None
     #: tile side and overlap in **analysis** pixels
     tile_size: int = 1024
     overlap: int = 64
@@ -108,10 +111,10 @@ class ResultSettings:
 
     def identity(self) -> dict:
         """The result settings as a plain dict (what run keys hash and annotations record); on a
-        :class:`DetectionSettings` too, only these. ``classes`` is left out when None and ``views`` when 1, so the
-        identity of a run without them is what it was before the settings existed."""
+        :class:`DetectionSettings` too, only these. ``classes`` and ``polygons`` are left out when None and ``views``
+        when 1, so the identity of a run without them is what it was before the settings existed."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ResultSettings)}
-        for name, unset in (('classes', None), ('views', 1)):
+        for name, unset in (('classes', None), ('views', 1), ('polygons', None)):
             if values[name] == unset:
                 del values[name]
         return values
@@ -159,8 +162,8 @@ class DetectionSettings(ResultSettings):
         """Check these settings once, where a run starts (``job``, ``cohort``), each with a one-line CellRCNNError: each
         is of its declared kind (a whole number, a number, a string, a sequence; None only where None means the model's
         or the slide's own value); numbers lie within :data:`BOUNDS`, the overlap below half the tile size;
-        ``classes`` name distinct types; ``views`` is one of :data:`VIEWS`; a ``scheduler`` is one
-        :func:`cellrcnn.dask_cluster.scheduler_route` accepts.
+        ``classes`` name distinct types; ``polygons`` come with their ``roi``; ``views`` is one of :data:`VIEWS`; a
+        ``scheduler`` is one :func:`cellrcnn.dask_cluster.scheduler_route` accepts.
         What depends on the slide or the model is checked by the stage that has it: ``tiling.tile_grid`` (the number of
         tiles), ``slide.Slide`` (the scale, the ROI, the slide's own tile size), the model's configuration (anchor
         density; NMS above 0), the job (``classes`` against the model's cell types: :meth:`type_indices`).
@@ -172,6 +175,8 @@ class DetectionSettings(ResultSettings):
         if self.classes is not None and (not self.classes or len(set(self.classes)) != len(self.classes) or
                                          not all(isinstance(name, str) and name for name in self.classes)):
             raise CellRCNNError(f'classes must be distinct cell type names, not {repr(self.classes)[:40]}')
+        if self.polygons is not None and self.roi is None:
+            raise CellRCNNError('polygons need their bounding box as the roi (cellrcnn.region.region_settings)')
         if not 2 * self.overlap < self.tile_size:
             raise CellRCNNError(f'overlap must be below half the tile size {self.tile_size}, not {self.overlap}')
         if self.scheduler is not None:

@@ -22,6 +22,7 @@ from .boxes import suppress_close_centres
 from .errors import CellRCNNError
 from .merge import StreamingNMS
 from .progress import Progress
+from .region import inside, polygon_pixels
 from .slide import Slide
 from .slide_adaptation import adapt_to_slide, slide_stain
 from .tiling import prefetch, tile_grid
@@ -150,10 +151,12 @@ def _row_fits(types, typed):
 def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap: int, min_tissue: float, workers: int,
                  roi: tuple | None = None, resume: 'RowStore | None' = None, progress: Progress | None = None,
                  scheduler: str | None = None, adapt_tiles: int = 0,
-                 keep_types: tuple | None = None) -> SlideDetections:
+                 keep_types: tuple | None = None, polygons: tuple | None = None) -> SlideDetections:
     """Detect nuclei over a slide (or a base-pixel ROI ``(x, y, w, h)``) with an ``inference.Detector``: tiles of at
     most ``tile_size`` analysis pixels sharing ``overlap`` (``tiling.tile_grid``), those with less tissue than
-    ``min_tissue`` skipped, read by ``workers`` threads (``tiling.prefetch``).
+    ``min_tissue`` skipped, read by ``workers`` threads (``tiling.prefetch``). With ``polygons`` (base-pixel points;
+    ``roi`` their bounding box) the tissue is cut to them and only nuclei centred inside one are kept
+    (:mod:`cellrcnn.region`).
 
     With ``adapt_tiles`` > 0 the model's BatchNorm statistics are first re-estimated on up to that many of the slide's
     own tissue tiles (:func:`adapt_to_slide`), and put back as they were when the slide is done.
@@ -183,6 +186,8 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
         raise CellRCNNError(f'{slide.path} is {slide.size[0]}x{slide.size[1]} px at {slide.magnification:g}x; '
                             f'the model needs at least {coarsest}x{coarsest}')
     tissue = find_tissue(slide)
+    if polygons:
+        tissue = tissue.within(polygon_pixels(polygons, tissue.mask.shape, tissue.fx, tissue.fy, slide.scale))
     tiles = tile_grid(slide, tile_size, overlap, min_tissue, roi=roi, tissue=tissue, align=coarsest)
     mask_seconds = time.perf_counter() - started
     unadapted = batchnorm_stats(detector.model)
@@ -198,6 +203,9 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
                                             tissue)
         t0 = time.perf_counter()
         keep = suppress_close_centres(boxes, scores, config.centre_distance_px * slide.scale)
+        suppressed = int(len(keep) - keep.sum())
+        if polygons:
+            keep &= inside(polygons, (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2)
         boxes, scores, types = boxes[keep], scores[keep], None if types is None else types[keep]
         timing['merge'] += time.perf_counter() - t0
         order = np.lexsort((boxes[:, 0], boxes[:, 1]))  # reading order: top to bottom, left to right
@@ -207,7 +215,7 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
         result.stats = _stats(slide, tissue, tiles, rows, result, timing, mask_seconds,
                               time.perf_counter() - started, detector)
         result.stats['raw_detections'] = rows.raw_count
-        result.stats['centre_suppressed'] = int(len(keep) - keep.sum())
+        result.stats['centre_suppressed'] = suppressed
         result.stats['adapt_tiles'] = len(adapted)
         if stain is not None:
             result.stats['stain'] = {'lab_mean': list(stain.mean), 'lab_std': list(stain.std)}

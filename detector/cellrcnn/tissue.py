@@ -97,6 +97,16 @@ class TissueMask:
         near = self.grid(self.near_marks, x + np.arange(image.shape[1]), y + np.arange(image.shape[0]))
         return np.where(near[..., None], np.uint8(255), image)
 
+    def within(self, inside):
+        """This mask with tissue and marks only where ``inside`` (a boolean array of the mask's shape, such as a
+        region's polygons: ``region.polygon_pixels``) is True."""
+        mask = self.mask & inside
+        mask.setflags(write=False)
+        marks = None if self.marks is None else self.marks & inside
+        if marks is not None:
+            marks.setflags(write=False)
+        return TissueMask(mask, self.fx, self.fy, self.mpp, marks if marks is not None and marks.any() else None)
+
     def grid(self, pixels, x, y):
         """``pixels`` (an array of the mask's shape: :attr:`mask`, :attr:`marks`, ...) at the analysis-pixel columns
         ``x`` and rows ``y``: a ``len(y)`` x ``len(x)`` array."""

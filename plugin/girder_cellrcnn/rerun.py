@@ -40,8 +40,9 @@ def _attributes(annotation):
 
 
 def _roi(attributes):
+    """The run's region: its rectangle and, for a region drawn as polygons, the polygons."""
     params = attributes.get('params') if isinstance(attributes.get('params'), dict) else {}
-    return params.get('roi') or None
+    return params.get('roi') or None, params.get('polygons') or None
 
 
 def queue_if_rerun(annotation):

@@ -13,7 +13,8 @@ and, for a model with cell types (the run's ``attributes.stats.cell_types``), ``
 density per mm² and fraction) and ``lymphocyte_per_tumour``: see :mod:`girder_cellrcnn.cell_types`. They are the
 counts the run recorded: an annotation edited by hand keeps them, while ``cells`` counts its elements.
 
-``roi`` is the analysed region (left, top, width, height) of a run on part of the slide, None for the whole slide;
+``roi`` is the analysed region (left, top, width, height; the bounding box of a region drawn as polygons, which the
+run's ``params.polygons`` hold) of a run on part of the slide, None for the whole slide;
 ``tissue_mm2`` and ``cells_per_mm2`` are those of the region analysed, ``ink_or_fill_mm2`` the pen ink and black
 fill the run left out there (None on results made before the library recorded it). ``model`` is the checkpoint's
 file name (for people), ``model_sha256`` the SHA-256 of its bytes (what identifies the model; None on results made

@@ -1,0 +1,75 @@
+"""The region a run analyses: the whole slide, a rectangle, or polygons, such as a tumour area a pathologist drew in
+HistomicsUI's analysis panel.
+
+A region is given as HistomicsTK's tasks take it (``histomicstk.cli.utils.get_region_polygons``), in base pixels:
+``left, top, width, height``; ``-1, -1, -1, -1`` for the whole slide; ``x, y, z, rx, ry, rz`` for a rectangle by
+centre and half sides; or the points of polygons, ``x1, y1, x2, y2, ...`` (at least four points), ``-1, -1`` between
+two polygons. A rectangle is the run's ``roi``. Polygons are its ``polygons`` and their bounding box its ``roi``: tiles
+are laid out over the box, the tissue mask is cut to the polygons (:func:`polygon_pixels`), so that tiles outside them
+are never read and the tissue area, the stain statistics, the densities and the tissue outline are the polygons', and
+only nuclei centred inside a polygon are kept (:func:`inside`). Overlapping polygons count once.
+"""
+
+import math
+
+import numpy as np
+
+from .errors import CellRCNNError, histomicstk
+
+#: what a region's values look like, for error lines and help texts
+REGION_FORMS = 'X,Y,W,H, or the points of polygons x1,y1,x2,y2,... (at least four points; -1,-1 between polygons)'
+
+
+def region_settings(values) -> dict:
+    """``{'roi': ..., 'polygons': ...}`` (``ResultSettings``' fields) of a region's numbers; both None for the whole
+    slide; ``polygons`` None for a rectangle. A one-line CellRCNNError for what is no region."""
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise CellRCNNError(f'a region is {REGION_FORMS}, not {",".join(map(str, values))[:80]}') from None
+    if len(values) % 2 or len(values) < 4:
+        raise CellRCNNError(f'a region is {REGION_FORMS}; got {len(values)} numbers')
+    if not all(math.isfinite(v) for v in values):
+        raise CellRCNNError(f'a region\'s numbers must be finite, not {", ".join(f"{v:g}" for v in values)[:80]}')
+    if values == [-1.0] * 4:
+        return {'roi': None, 'polygons': None}
+    if len(values) == 4:
+        return {'roi': tuple(values), 'polygons': None}
+    polygons = histomicstk('histomicstk.cli.utils').get_region_polygons(values)
+    if len(values) == 6:  # a rectangle by its centre and half sides
+        (left, top), _, (right, bottom), _ = polygons[0]
+        return {'roi': (left, top, right - left, bottom - top), 'polygons': None}
+    if not polygons:
+        raise CellRCNNError('a region\'s polygons need at least three distinct points each')
+    for p in polygons:
+        x, y = np.asarray(p, np.float64).T
+        if abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) == 0:  # twice the area (shoelace)
+            raise CellRCNNError(f'a region\'s polygon encloses no area (its points lie on a line): {p[0]}, ...')
+    points = np.concatenate([np.asarray(p, np.float64) for p in polygons])
+    (x0, y0), (x1, y1) = points.min(axis=0), points.max(axis=0)
+    return {'roi': (float(x0), float(y0), float(x1 - x0), float(y1 - y0)),
+            'polygons': tuple(tuple((float(x), float(y)) for x, y in p) for p in polygons)}
+
+
+def polygon_pixels(polygons, shape, fx, fy, scale):
+    """Which pixels of a mask of ``shape`` (each covering ``fx`` by ``fy`` analysis pixels, ``scale`` base pixels
+    each; ``tissue.TissueMask``'s grid) have their centre inside a polygon (base pixels)."""
+    from skimage.draw import polygon
+
+    inside = np.zeros(shape, bool)
+    for points in polygons:
+        p = np.asarray(points, np.float64)
+        rows, cols = polygon(p[:, 1] / (fy * scale) - 0.5, p[:, 0] / (fx * scale) - 0.5, shape)
+        inside[rows, cols] = True
+    return inside
+
+
+def inside(polygons, x, y):
+    """Whether each base-pixel point ``(x[k], y[k])`` lies inside a polygon."""
+    from skimage.measure import points_in_poly
+
+    points = np.column_stack([np.asarray(x, np.float64), np.asarray(y, np.float64)])
+    found = np.zeros(len(points), bool)
+    for p in polygons:
+        found |= points_in_poly(points, np.asarray(p, np.float64))
+    return found

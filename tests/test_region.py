@@ -1,0 +1,98 @@
+"""A run's region: a rectangle or polygons (HistomicsTK's form), the tissue cut to them, only nuclei inside kept."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cellrcnn.__main__ import main
+from cellrcnn.errors import CellRCNNError
+from cellrcnn.inference import DetectorSpec
+from cellrcnn.region import inside, polygon_pixels, region_settings
+from cellrcnn.settings import DetectionSettings
+from cellrcnn.slide import Slide
+from cellrcnn.slide_detection import detect_slide
+
+QUAD = [100, 100, 700, 150, 600, 600, 150, 500]  # a quadrilateral, base pixels
+
+
+@pytest.mark.parametrize('values,expected', [
+    ([-1, -1, -1, -1], {'roi': None, 'polygons': None}),
+    (['10', '20', '30', '40'], {'roi': (10, 20, 30, 40), 'polygons': None}),
+    ([50, 60, 0, 10, 20, 0], {'roi': (40, 40, 20, 40), 'polygons': None}),  # centre and half sides
+    (QUAD, {'roi': (100, 100, 600, 500), 'polygons': (((100, 100), (700, 150), (600, 600), (150, 500)),)}),
+    ([0, 0, 10, 0, 10, 10, 0, 10, -1, -1, 20, 20, 30, 20, 30, 30, 20, 30],
+     {'roi': (0, 0, 30, 30), 'polygons': (((0, 0), (10, 0), (10, 10), (0, 10)), ((20, 20), (30, 20), (30, 30),
+                                                                                (20, 30)))}),
+])
+def test_a_region_is_a_rectangle_or_polygons(values, expected):
+    assert region_settings(values) == expected
+
+
+@pytest.mark.parametrize('values,message', [
+    ([1, 2, 3], 'got 3 numbers'),
+    ([1, 2, 'x', 4], 'not 1,2,x,4'),
+    ([0, 0, float('inf'), 4], 'must be finite'),
+    ([0, 0, 10, 10, 20, 20, 30, 30], 'encloses no area'),
+    ([5, 5, 5, 5, 5, 5, 5, 5], 'at least three distinct points'),
+])
+def test_what_is_no_region_is_one_line(values, message):
+    with pytest.raises(CellRCNNError, match=message):
+        region_settings(values)
+
+
+def test_polygons_need_their_box():
+    with pytest.raises(CellRCNNError, match='polygons need their bounding box'):
+        DetectionSettings(polygons=(((0, 0), (5, 0), (5, 5)),)).validate()
+    # the identity of a run without polygons is what it was before they existed
+    assert 'polygons' not in DetectionSettings(roi=(0, 0, 5, 5)).identity()
+    assert DetectionSettings(**region_settings(QUAD)).identity()['polygons'] == region_settings(QUAD)['polygons']
+
+
+def test_the_mask_pixels_of_a_polygon_are_those_whose_centre_is_inside():
+    polygons = region_settings(QUAD + [-1, -1, 750, 50, 850, 50, 800, 120])['polygons']
+    fx, fy, scale = 8.0, 6.0, 1.5
+    pixels = polygon_pixels(polygons, (80, 80), fx, fy, scale)
+    rows, cols = np.mgrid[0:80, 0:80]
+    centres = inside(polygons, ((cols + 0.5) * fx * scale).ravel(), ((rows + 0.5) * fy * scale).ravel())
+    assert pixels.sum() > 100 and (pixels.ravel() != centres).mean() < 0.01  # only pixels the edge runs through
+
+
+@pytest.fixture(scope='module')
+def slide_path(synthetic_slide):
+    return synthetic_slide(900, 700, seed=11)[0]
+
+
+def test_a_polygon_run_keeps_the_box_runs_nuclei_inside_and_its_tissue(slide_path, tiny_checkpoint):
+    slide = Slide(slide_path)
+    detector = DetectorSpec(model=str(tiny_checkpoint), threshold=0.05, nms=0.3, device='cpu', batch_size=3).build()
+    region = region_settings(QUAD)
+    run = dict(tile_size=256, overlap=32, min_tissue=0.0, workers=2)
+    box = detect_slide(slide, detector, roi=region['roi'], **run)
+    cut = detect_slide(slide, detector, **region, **run)
+    b = box.boxes
+    within = inside(region['polygons'], (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2)
+    assert 0 < within.sum() < len(box.boxes)
+    np.testing.assert_array_equal(cut.boxes, box.boxes[within])
+    np.testing.assert_array_equal(cut.scores, box.scores[within])
+    # the tissue is the box run's, cut to the polygon: its area and the outline follow
+    t = box.tissue
+    expected = t.mask & polygon_pixels(region['polygons'], t.mask.shape, t.fx, t.fy, slide.scale)
+    np.testing.assert_array_equal(cut.tissue.mask, expected)
+    assert 0 < cut.stats['tissue_mm2'] < box.stats['tissue_mm2']
+    # (within the mask pixels the box's edge cuts)
+    assert cut.stats['tissue_mm2'] == pytest.approx(t.area_mm2((0, 0, *slide.size), expected), rel=1e-3)
+
+
+def test_cellrcnn_detect_takes_polygons(slide_path, tiny_checkpoint, tmp_path):
+    assert main(['detect', str(slide_path), '-o', str(tmp_path), '--model', str(tiny_checkpoint), '--roi',
+                 ','.join(map(str, QUAD)), '--tile-size', '256', '--progress', 'none', '--no-resume']) == 0
+    doc = json.loads((tmp_path / 'slide.anot.json').read_text())
+    params = doc['attributes']['params']
+    assert params['roi'] == [100, 100, 600, 500] and params['polygons'] == [[[100, 100], [700, 150], [600, 600],
+                                                                            [150, 500]]]
+    centres = np.array([e['center'][:2] for e in doc['elements']])
+    assert len(centres) and inside(region_settings(QUAD)['polygons'], centres[:, 0], centres[:, 1]).all()
+    outline = json.loads((tmp_path / 'slide.tissue.anot.json').read_text())
+    points = np.array([p[:2] for e in outline['elements'] for p in e['points']])
+    assert len(points) and (points.min(axis=0) >= 100).all() and (points.max(axis=0) <= [700, 600]).all()
