@@ -14,6 +14,7 @@ from cellrcnn.config import ModelConfig
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.inference import Detector, DetectorSpec
 from cellrcnn.model import to_tensor
+from cellrcnn.region import region_settings
 from cellrcnn.samples import read_image
 from cellrcnn.slide import Slide
 from cellrcnn.slide_adaptation import STAIN_SIDE, STAIN_TILES, adaptation_tiles
@@ -146,6 +147,9 @@ def test_a_slide_is_normalised_from_the_stain_of_its_tissue_tiles(synthetic_slid
     assert result.stats['stain'] == {'lab_mean': list(expected.mean), 'lab_std': list(expected.std)}
     other = detect_slide(slide, detector, **{**run, 'tile_size': 384})
     assert other.stats['stain'] == result.stats['stain']
+    # a region, a rectangle or polygons, is normalised from the whole slide's stain, as the slide's run is there
+    for region in ([0, 0, 300, 250], [0, 0, 300, 0, 300, 250, 0, 250]):
+        assert detect_slide(slide, detector, **region_settings(region), **run).stats['stain'] == result.stats['stain']
     plain = DetectorSpec(model=str(tiny_checkpoint), threshold=0.05, device='cpu', batch_size=3).build()
     assert 'stain' not in detect_slide(slide, plain, **run).stats
 

@@ -38,15 +38,16 @@ def adaptation_tiles(tiles, count):
     return [kept[(2 * i + 1) * len(kept) // (2 * count)] for i in range(count)]
 
 
-def slide_stain(slide, detector, tissue, roi, workers):
-    """The stain statistics (:class:`cellrcnn.stain.StainStats`) of the slide's tissue (a ``tissue.TissueMask``) in
-    ``roi`` (base px; None: all of it): up to :data:`STAIN_TILES` squares of :data:`STAIN_SIDE` px of a grid without
-    overlap (:func:`adaptation_tiles` of it), read at the analysis magnification by ``workers`` threads, black fill
-    and pen ink left out (``TissueMask.without_marks``). An image or region of at most that many squares is counted
-    whole. None, and nothing read, for a model without a stain reference."""
+def slide_stain(slide, detector, tissue, workers):
+    """The stain statistics (:class:`cellrcnn.stain.StainStats`) of the slide's tissue (a ``tissue.TissueMask``, the
+    whole slide's whatever region a run analyses, so that a region's nuclei are the whole slide's there): up to
+    :data:`STAIN_TILES` squares of :data:`STAIN_SIDE` px of a grid without overlap (:func:`adaptation_tiles` of it),
+    read at the analysis magnification by ``workers`` threads, black fill and pen ink left out
+    (``TissueMask.without_marks``). An image of at most that many squares is counted whole. None, and nothing read,
+    for a model without a stain reference."""
     if detector.normaliser is None:
         return None
-    grid = tile_grid(slide, STAIN_SIDE, 0, 0.0, roi=roi, tissue=tissue)
+    grid = tile_grid(slide, STAIN_SIDE, 0, 0.0, tissue=tissue)
     chosen = adaptation_tiles(grid, STAIN_TILES)
     return StainStats.of(tissue.without_marks(image, tile.x, tile.y)
                          for tile, image in prefetch(slide, chosen, workers=workers, queue=max(1, workers)))

@@ -185,15 +185,15 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
     if min(slide.size) < coarsest:
         raise CellRCNNError(f'{slide.path} is {slide.size[0]}x{slide.size[1]} px at {slide.magnification:g}x; '
                             f'the model needs at least {coarsest}x{coarsest}')
-    tissue = find_tissue(slide)
+    tissue = whole = find_tissue(slide)
     if polygons:
-        tissue = tissue.within(polygon_pixels(polygons, tissue.mask.shape, tissue.fx, tissue.fy, slide.scale))
+        tissue = whole.within(polygon_pixels(polygons, whole.mask.shape, whole.fx, whole.fy, slide.scale))
     tiles = tile_grid(slide, tile_size, overlap, min_tissue, roi=roi, tissue=tissue, align=coarsest)
     mask_seconds = time.perf_counter() - started
     unadapted = batchnorm_stats(detector.model)
     try:
         t0 = time.perf_counter()
-        stain = slide_stain(slide, detector, tissue, roi, workers)
+        stain = slide_stain(slide, detector, whole, workers)
         adapted = adapt_to_slide(slide, detector, tiles, adapt_tiles, workers, stain)
         timing = {'adapt': time.perf_counter() - t0, 'read': 0.0, 'detect': 0.0, 'merge': 0.0}
         config = detector.model.config
