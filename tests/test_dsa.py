@@ -28,6 +28,7 @@ from cellrcnn.devstack.local_girder import wait_for
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.nuclei_map import MAP_NAME
 from cellrcnn.nuclei_pixelmap import PIXELMAP_NAME
+from cellrcnn.region import inside, region_settings
 from cellrcnn.tissue_outline import TISSUE_NAME
 from support import PINNED_LINE, image_pins
 
@@ -142,6 +143,28 @@ def test_cell_detection_runs_in_its_container_and_lands_on_the_slide(dsa, folder
     # the same detection run directly, outside Docker, finds the same nuclei
     assert cellrcnn(['detect', SAMPLE_SLIDE, '-o', str(tmp_path), '--roi', '0,0,1200,1200', '--progress', 'none',
                      '--no-resume']) == 0
+    local = json.load(open(tmp_path / 'CMU-1-Small-Region.anot.json'))
+    np.testing.assert_allclose(boxes, boxes_of(local[0] if isinstance(local, list) else local), atol=0.01)
+
+
+#: a region drawn as a polygon in HistomicsUI's panel, as the panel sends it: x1,y1,x2,y2,... in base pixels
+POLYGON = [100, 100, 1100, 300, 900, 1150, 200, 900]
+
+
+def test_a_region_drawn_as_a_polygon_keeps_the_nuclei_inside_it(dsa, folder, tmp_path):
+    item_id, file_id = dsa.upload_slide(SAMPLE_SLIDE, name='polygon.svs', folder_id=folder)
+    job = dsa.run_task(dsa.tasks['CellDetection'], cell_detection_params(file_id, folder, 'polygon',
+                                                                         analysis_roi=json.dumps(POLYGON)))
+    job = dsa.wait_for_job(job['_id'], 600)
+    assert job['status'] == JOB_SUCCESS, ''.join(job['log'])[-3000:]
+    nuclei = annotations_of(dsa, item_id, count=5)[DEFAULT_NAME]
+    assert nuclei['attributes']['params']['polygons'] == [[[100, 100], [1100, 300], [900, 1150], [200, 900]]]
+    boxes = boxes_of(nuclei)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    assert len(boxes) > 100 and inside(region_settings(POLYGON)['polygons'], centres[:, 0], centres[:, 1]).all()
+    # the same region given to cellrcnn detect outside Docker finds the same nuclei
+    assert cellrcnn(['detect', SAMPLE_SLIDE, '-o', str(tmp_path), '--roi', ','.join(map(str, POLYGON)),
+                     '--progress', 'none', '--no-resume']) == 0
     local = json.load(open(tmp_path / 'CMU-1-Small-Region.anot.json'))
     np.testing.assert_allclose(boxes, boxes_of(local[0] if isinstance(local, list) else local), atol=0.01)
 
