@@ -2,11 +2,13 @@
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 
 from cellrcnn.__main__ import main
 from cellrcnn.errors import CellRCNNError
+from cellrcnn.exports import REGION_BGR
 from cellrcnn.inference import DetectorSpec
 from cellrcnn.region import inside, polygon_pixels, region_settings
 from cellrcnn.settings import DetectionSettings
@@ -96,3 +98,6 @@ def test_cellrcnn_detect_takes_polygons(slide_path, tiny_checkpoint, tmp_path):
     outline = json.loads((tmp_path / 'slide.tissue.anot.json').read_text())
     points = np.array([p[:2] for e in outline['elements'] for p in e['points']])
     assert len(points) and (points.min(axis=0) >= 100).all() and (points.max(axis=0) <= [700, 600]).all()
+    # the overview shows the box the tiles cover, with the polygon drawn on it
+    overview = cv2.imread(str(tmp_path / 'slide.overlay.png'))
+    assert overview.shape[:2] == (500, 600) and (overview == REGION_BGR).all(axis=2).sum() > 1000

@@ -195,6 +195,8 @@ OVERLAY_COLOR = (0, 255, 0)
 #: the colour (BGR: the tissue outline annotation's) and width (px) of the outline of the black fill and pen ink left
 #: out, in the overview
 MARKS_BGR, MARKS_WIDTH = rgb_tuple(MARKS_COLOR)[::-1], 2
+#: the colour (BGR) of a region's polygons in the overview, drawn MARKS_WIDTH wide
+REGION_BGR = (255, 128, 0)
 
 
 def _overlay_colors(result):
@@ -209,7 +211,7 @@ def _overlay_colors(result):
 def write_overlay(result, path, max_side=2048):
     """An overview PNG of the analysed region (at most ``max_side`` px) with every detection drawn: in its cell
     type's colour for a model with cell types, else green; the black fill and pen ink left out (``result.tissue``'s
-    marks) are outlined in magenta."""
+    marks) are outlined in magenta, and a region's polygons (``result.polygons``) in blue."""
     import cv2
 
     slide = result.slide
@@ -225,6 +227,9 @@ def write_overlay(result, path, max_side=2048):
         marks = tissue.grid(tissue.marks, x, y).astype(np.uint8)
         contours, _ = cv2.findContours(marks, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(overlay, contours, -1, MARKS_BGR, MARKS_WIDTH)
+    for polygon in result.polygons or ():
+        points = np.round((np.asarray(polygon, np.float64) - [x0, y0]) * factor).astype(np.int32)
+        cv2.polylines(overlay, [points], True, REGION_BGR, MARKS_WIDTH)
     boxes = np.round((result.boxes - [x0, y0, x0, y0]) * factor).astype(int)
     for (x1, y1, x2, y2), color in zip(boxes, _overlay_colors(result)):
         cv2.rectangle(overlay, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), color, 1)

@@ -63,6 +63,8 @@ class SlideDetections:
     cell_type_colors: tuple = ()
     #: where the slide's tissue and marks (black fill, pen ink) are (None: not known)
     tissue: TissueMask | None = None
+    #: the polygons the region was cut to (base-pixel points; None: the whole slide or a rectangle)
+    polygons: tuple | None = None
 
     def type_counts(self) -> dict[str, int]:
         """``{type name: nuclei}`` in the model's order; empty for a model without cell types."""
@@ -209,7 +211,8 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
         boxes, scores, types = boxes[keep], scores[keep], None if types is None else types[keep]
         timing['merge'] += time.perf_counter() - t0
         order = np.lexsort((boxes[:, 0], boxes[:, 1]))  # reading order: top to bottom, left to right
-        result = SlideDetections(slide, boxes[order], scores[order], slide.roi_to_analysis(roi), tissue=tissue)
+        result = SlideDetections(slide, boxes[order], scores[order], slide.roi_to_analysis(roi), tissue=tissue,
+                                 polygons=polygons)
         if types is not None:
             _add_cell_types(result, types[order], config, keep_types)
         result.stats = _stats(slide, tissue, tiles, rows, result, timing, mask_seconds,
