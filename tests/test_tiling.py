@@ -97,6 +97,31 @@ def test_tile_grid_roi(slide20x, mag, roi):
         assert t.base_x == round(t.x * s.scale) and t.base_width == pytest.approx(t.width * s.scale, abs=1)
 
 
+@pytest.mark.parametrize('mag, roi', [(20, (300, 200, 1300, 900)), (10, (301, 201, 700, 500)),
+                                      (20, (10, 20, 100, 50)), (20, (0, 0, 2048, 1536))])
+def test_a_region_on_the_slides_grid_is_the_slides_tiles_cut_to_it(slide20x, mag, roi):
+    s = Slide(slide20x[0], magnification=mag)
+    whole = tile_grid(s, tile_size=256, overlap=32, min_tissue=0, align=16)
+    part = tile_grid(s, tile_size=256, overlap=32, min_tissue=0, roi=roi, align=16, slide_grid=True)
+    x0, y0, x1, y1 = s.roi_to_analysis(roi)
+    assert [t.index for t in part] == list(range(len(part)))
+    assert {t.row for t in part} == set(range(max(t.row for t in part) + 1))  # rows and columns from 0
+    assert {t.col for t in part} == set(range(max(t.col for t in part) + 1))
+    covered = np.zeros((y1 - y0, x1 - x0), bool)
+    for t in part:
+        # each lies in a tile of the slide's grid, on its phase, and within the region grown by the overlap (its
+        # start moved back to the phase by less than a field)
+        assert any(w.x <= t.x and t.x + t.width <= w.x + w.width and w.y <= t.y and t.y + t.height <= w.y + w.height
+                   and (t.x - w.x) % 16 == 0 and (t.y - w.y) % 16 == 0 for w in whole)
+        assert x0 - 32 - 16 < t.x and t.x + t.width <= x1 + 32 and y0 - 32 - 16 < t.y and t.y + t.height <= y1 + 32
+        assert t.base_x == round(t.x * s.scale) and t.base_width == pytest.approx(t.width * s.scale, abs=1)
+        a, b = max(t.x, x0) - x0, max(t.y, y0) - y0
+        covered[b:max(b, t.y + t.height - y0), a:max(a, t.x + t.width - x0)] = True
+    assert covered.all()
+    if roi == (0, 0, 2048, 1536) and mag == 20:  # the whole slide: its own grid
+        assert [(t.x, t.y, t.width, t.height) for t in part] == [(t.x, t.y, t.width, t.height) for t in whole]
+
+
 @pytest.mark.parametrize('roi', [(3000, 0, 100, 100), (0, -500, 100, 400), (10, 10, 0, 5), (10, 10, 5, -1),
                                  ('a', 1, 2, 3), (1, 2, 3)])
 def test_bad_roi(slide20x, roi):

@@ -156,8 +156,10 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
                  keep_types: tuple | None = None, polygons: tuple | None = None) -> SlideDetections:
     """Detect nuclei over a slide (or a base-pixel ROI ``(x, y, w, h)``) with an ``inference.Detector``: tiles of at
     most ``tile_size`` analysis pixels sharing ``overlap`` (``tiling.tile_grid``), those with less tissue than
-    ``min_tissue`` skipped, read by ``workers`` threads (``tiling.prefetch``). With ``polygons`` (base-pixel points;
-    ``roi`` their bounding box) the tissue is cut to them and only nuclei centred inside one are kept
+    ``min_tissue`` skipped, read by ``workers`` threads (``tiling.prefetch``). A ROI is read in the whole slide's
+    tiles that reach into it, cut to it grown by ``overlap`` (``tile_grid``'s ``slide_grid``), and the nuclei
+    centred in it are kept: a region's nuclei are the slide's there. With ``polygons`` (base-pixel points; ``roi``
+    their bounding box) the tissue is cut to them too and only nuclei centred inside one are kept
     (:mod:`cellrcnn.region`).
 
     With ``adapt_tiles`` > 0 the model's BatchNorm statistics are first re-estimated on up to that many of the slide's
@@ -190,7 +192,8 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
     tissue = whole = find_tissue(slide)
     if polygons:
         tissue = whole.within(polygon_pixels(polygons, whole.mask.shape, whole.fx, whole.fy, slide.scale))
-    tiles = tile_grid(slide, tile_size, overlap, min_tissue, roi=roi, tissue=tissue, align=coarsest)
+    tiles = tile_grid(slide, tile_size, overlap, min_tissue, roi=roi, tissue=tissue, align=coarsest,
+                      slide_grid=roi is not None)
     mask_seconds = time.perf_counter() - started
     unadapted = batchnorm_stats(detector.model)
     try:
@@ -206,8 +209,8 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
         t0 = time.perf_counter()
         keep = suppress_close_centres(boxes, scores, config.centre_distance_px * slide.scale)
         suppressed = int(len(keep) - keep.sum())
-        if polygons:
-            keep &= inside(polygons, (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2)
+        if roi is not None:  # the region's tiles reach past it (``tile_grid``'s slide_grid)
+            keep &= _centred_in(boxes, roi, polygons)
         boxes, scores, types = boxes[keep], scores[keep], None if types is None else types[keep]
         timing['merge'] += time.perf_counter() - t0
         order = np.lexsort((boxes[:, 0], boxes[:, 1]))  # reading order: top to bottom, left to right
@@ -227,6 +230,14 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
         return result
     finally:
         load_batchnorm_stats(detector.model, unadapted)
+
+
+def _centred_in(boxes, roi, polygons):
+    """Which base-pixel boxes are centred in the region: the rectangle ``roi`` (x, y, width, height) and, when
+    given, one of the ``polygons``."""
+    x, y = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    found = (x >= roi[0]) & (x < roi[0] + roi[2]) & (y >= roi[1]) & (y < roi[1] + roi[3])
+    return found & inside(polygons, x, y) if polygons else found
 
 
 def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress, stain, tissue):

@@ -87,7 +87,7 @@ def _spans(origin, length, tile, overlap, align):
 
 
 def tile_grid(slide: 'Slide', tile_size: int, overlap: int, min_tissue: float, roi: tuple | None = None,
-              tissue: TissueMask | None = None, align: int = 1) -> list[Tile]:
+              tissue: TissueMask | None = None, align: int = 1, slide_grid: bool = False) -> list[Tile]:
     """Row-major grid of tiles at analysis scale covering the ROI.
 
     :param tile_size: the largest tile side in analysis pixels: each axis takes the fewest tiles of that side
@@ -101,6 +101,12 @@ def tile_grid(slide: 'Slide', tile_size: int, overlap: int, min_tissue: float, r
     :param tissue: the slide's :class:`cellrcnn.tissue.TissueMask` (default: found now).
     :param align: tiles start at multiples of this many analysis pixels from the ROI's corner (the model's coarsest
         field), where the tile size and overlap allow.
+    :param slide_grid: lay the grid over the whole slide and keep the tiles that reach into the ROI, each cut to
+        the ROI grown by ``overlap`` on each side (on its own ``align`` phase), rows and columns numbered from 0: a
+        nucleus in the ROI is then seen in the same tiles, at the same phase and with at least ``overlap`` of its
+        surroundings, as in the whole slide's grid, so a region's nuclei are the whole slide's there (the
+        detection loop keeps those centred in the ROI). Tiles are skipped or cut to their tissue as in the whole
+        slide's grid.
     :returns: list of :class:`Tile`; more than :data:`MAX_TILES` is a CellRCNNError.
     """
     tile_size, overlap = int(tile_size), int(overlap)
@@ -111,8 +117,9 @@ def tile_grid(slide: 'Slide', tile_size: int, overlap: int, min_tissue: float, r
     if not 0 <= min_tissue <= 1:
         raise CellRCNNError(f'minimum tissue fraction must be between 0 and 1, not {min_tissue}')
     ax0, ay0, ax1, ay1 = slide.roi_to_analysis(roi)
-    xs = _spans(ax0, ax1 - ax0, tile_size, overlap, align)
-    ys = _spans(ay0, ay1 - ay0, tile_size, overlap, align)
+    gx0, gy0, gx1, gy1 = (0, 0, *slide.size) if slide_grid else (ax0, ay0, ax1, ay1)
+    xs = [(x, w) for x, w in _spans(gx0, gx1 - gx0, tile_size, overlap, align) if x < ax1 and x + w > ax0]
+    ys = [(y, h) for y, h in _spans(gy0, gy1 - gy0, tile_size, overlap, align) if y < ay1 and y + h > ay0]
     if len(xs) * len(ys) > MAX_TILES:
         raise CellRCNNError(f'{len(xs)} x {len(ys)} tiles of {tile_size} px overlapping by {overlap} over '
                             f'{ax1 - ax0}x{ay1 - ay0} analysis px of {slide.path} are more than {MAX_TILES}: use '
@@ -124,8 +131,26 @@ def tile_grid(slide: 'Slide', tile_size: int, overlap: int, min_tissue: float, r
             fraction = tissue.fraction(x, y, w, h)
             tile = Tile(x=x, y=y, width=w, height=h, row=row, col=col, **_base_region(slide, x, y, x + w, y + h),
                         tissue=fraction, skipped=fraction < min_tissue, index=len(tiles))
-            tiles.append(_cut_to_tissue(tile, slide, tissue, overlap, align, (ax0, ay0)) if tile.skipped else tile)
+            tile = _cut_to_tissue(tile, slide, tissue, overlap, align, (gx0, gy0)) if tile.skipped else tile
+            if slide_grid:
+                tile = _cut_to_region(tile, slide, tissue, (ax0 - overlap, ay0 - overlap, ax1 + overlap,
+                                                            ay1 + overlap), align)
+            tiles.append(tile)
     return tiles
+
+
+def _cut_to_region(tile, slide, tissue, bounds, align):
+    """A tile cut to the analysis-pixel rectangle ``bounds`` (x0, y0, x1, y1), its start moved on by whole steps
+    of ``align`` (so that it samples the slide in its own phase); its ``skipped`` as it was."""
+    x0 = max(tile.x, tile.x + math.floor((bounds[0] - tile.x) / align) * align)
+    y0 = max(tile.y, tile.y + math.floor((bounds[1] - tile.y) / align) * align)
+    x1, y1 = min(tile.x + tile.width, bounds[2]), min(tile.y + tile.height, bounds[3])
+    if (x0, y0, x1, y1) == (tile.x, tile.y, tile.x + tile.width, tile.y + tile.height):
+        return tile
+    if x1 <= x0 or y1 <= y0:  # a tile cut to its tissue, all of it outside
+        return dataclasses.replace(tile, skipped=True)
+    return dataclasses.replace(tile, x=x0, y=y0, width=x1 - x0, height=y1 - y0, **_base_region(slide, x0, y0, x1, y1),
+                               tissue=tissue.fraction(x0, y0, x1 - x0, y1 - y0))
 
 
 def _base_region(slide, x0, y0, x1, y1):
