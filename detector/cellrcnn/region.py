@@ -4,10 +4,12 @@ HistomicsUI's analysis panel.
 A region is given as HistomicsTK's tasks take it (``histomicstk.cli.utils.get_region_polygons``), in base pixels:
 ``left, top, width, height``; ``-1, -1, -1, -1`` for the whole slide; ``x, y, z, rx, ry, rz`` for a rectangle by
 centre and half sides; or the points of polygons, ``x1, y1, x2, y2, ...`` (at least four points), ``-1, -1`` between
-two polygons. A rectangle is the run's ``roi``. Polygons are its ``polygons`` and their bounding box its ``roi``: tiles
-are laid out over the box, the tissue mask is cut to the polygons (:func:`polygon_pixels`), so that tiles outside them
-are never read and the tissue area, the stain statistics, the densities and the tissue outline are the polygons', and
-only nuclei centred inside a polygon are kept (:func:`inside`). Overlapping polygons count once.
+two polygons. A rectangle is the run's ``roi``. Polygons are its ``polygons`` and their bounding box its ``roi``. A
+region is read in the whole slide's tiles that reach into its box (``tiling.tile_grid``'s ``slide_grid``) and
+normalised from the whole slide's stain, so that its nuclei are those the slide's own run finds there. For polygons
+the tissue mask is cut to them (:func:`polygon_pixels`), so that tiles outside them are never read and the tissue
+area, the densities and the tissue outline are the polygons', and only nuclei centred inside a polygon are kept
+(:func:`inside`). Overlapping polygons count once.
 """
 
 import math
