@@ -140,15 +140,24 @@ def tile_grid(slide: 'Slide', tile_size: int, overlap: int, min_tissue: float, r
 
 
 def _cut_to_region(tile, slide, tissue, bounds, align):
-    """A tile cut to the analysis-pixel rectangle ``bounds`` (x0, y0, x1, y1), its start moved on by whole steps
-    of ``align`` (so that it samples the slide in its own phase); its ``skipped`` as it was."""
-    x0 = max(tile.x, tile.x + math.floor((bounds[0] - tile.x) / align) * align)
-    y0 = max(tile.y, tile.y + math.floor((bounds[1] - tile.y) / align) * align)
-    x1, y1 = min(tile.x + tile.width, bounds[2]), min(tile.y + tile.height, bounds[3])
-    if (x0, y0, x1, y1) == (tile.x, tile.y, tile.x + tile.width, tile.y + tile.height):
+    """A tile cut to the analysis-pixel rectangle ``bounds`` (x0, y0, x1, y1), starting on its own ``align`` phase
+    (so that it samples the slide as the whole tile does); its ``skipped`` as it was."""
+    if (bounds[0] <= tile.x and bounds[1] <= tile.y and tile.x + tile.width <= bounds[2]
+            and tile.y + tile.height <= bounds[3]):
         return tile
-    if x1 <= x0 or y1 <= y0:  # a tile cut to its tissue, all of it outside
+    if (bounds[2] <= tile.x or bounds[3] <= tile.y or tile.x + tile.width <= bounds[0]
+            or tile.y + tile.height <= bounds[1]):  # a tile cut to its tissue, all of it outside
         return dataclasses.replace(tile, skipped=True)
+    return _cut(tile, slide, tissue, bounds, align, (tile.x, tile.y))
+
+
+def _cut(tile, slide, tissue, bounds, align, origin):
+    """``tile`` cut to the analysis-pixel rectangle ``bounds`` (x0, y0, x1, y1), its start moved back onto the
+    ``align`` phase from ``origin`` and everything kept within the tile, with its base region and tissue fraction."""
+    x0 = max(tile.x, origin[0] + math.floor((bounds[0] - origin[0]) / align) * align)
+    y0 = max(tile.y, origin[1] + math.floor((bounds[1] - origin[1]) / align) * align)
+    x1 = min(tile.x + tile.width, math.ceil(bounds[2]))
+    y1 = min(tile.y + tile.height, math.ceil(bounds[3]))
     return dataclasses.replace(tile, x=x0, y=y0, width=x1 - x0, height=y1 - y0, **_base_region(slide, x0, y0, x1, y1),
                                tissue=tissue.fraction(x0, y0, x1 - x0, y1 - y0))
 
@@ -172,12 +181,8 @@ def _cut_to_tissue(tile, slide, tissue, margin, align, origin):
     if found is None:
         return tile
     x0, y0, x1, y1 = found
-    x0 = max(tile.x, origin[0] + math.floor((x0 - margin - origin[0]) / align) * align)
-    y0 = max(tile.y, origin[1] + math.floor((y0 - margin - origin[1]) / align) * align)
-    x1 = min(tile.x + tile.width, math.ceil(x1 + margin))
-    y1 = min(tile.y + tile.height, math.ceil(y1 + margin))
-    return dataclasses.replace(tile, x=x0, y=y0, width=x1 - x0, height=y1 - y0, **_base_region(slide, x0, y0, x1, y1),
-                               tissue=tissue.fraction(x0, y0, x1 - x0, y1 - y0), skipped=False, cut=True)
+    return dataclasses.replace(_cut(tile, slide, tissue, (x0 - margin, y0 - margin, x1 + margin, y1 + margin), align,
+                                    origin), skipped=False, cut=True)
 
 
 def prefetch(slide: 'Slide', tiles: Sequence[Tile], workers: int, queue: int = 4,
