@@ -26,7 +26,7 @@ from .colors import rgb_tuple
 from .density import micrometres_per_pixel
 from .errors import CellRCNNError
 from .files import atomic_write
-from .tissue_outline import MARKS_COLOR
+from .tissue_outline import MARKS_COLOR, pieces
 
 QUPATH_CLASS = 'Nucleus'
 SCORE_MEASUREMENT = 'score'
@@ -220,16 +220,15 @@ def write_overlay(result, path, max_side=2048):
     image, factor = slide.overview((x0, y0, (ax1 - ax0) * slide.scale, (ay1 - ay0) * slide.scale), max_side)
     overlay = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     tissue = result.tissue
-    if tissue is not None and tissue.marks is not None:  # each overview pixel's centre, in analysis pixels
-        h, w = overlay.shape[:2]
-        x = (x0 + (np.arange(w) + 0.5) / factor) / slide.scale
-        y = (y0 + (np.arange(h) + 0.5) / factor) / slide.scale
-        marks = tissue.grid(tissue.marks, x, y).astype(np.uint8)
-        contours, _ = cv2.findContours(marks, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(overlay, contours, -1, MARKS_BGR, MARKS_WIDTH)
-    for polygon in result.polygons or ():
-        points = np.round((np.asarray(polygon, np.float64) - [x0, y0]) * factor).astype(np.int32)
-        cv2.polylines(overlay, [points], True, REGION_BGR, MARKS_WIDTH)
+
+    def draw(rings, color):  # rings in base pixels
+        points = [np.round((np.asarray(ring, np.float64) - [x0, y0]) * factor).astype(np.int32) for ring in rings]
+        cv2.polylines(overlay, points, True, color, MARKS_WIDTH)
+
+    if tissue is not None:  # the marks as the tissue outline annotation draws them
+        for outline, holes in pieces(tissue, tissue.marks, result.analysis_bounds):
+            draw([ring * slide.scale for ring in (outline, *holes)], MARKS_BGR)
+    draw(result.polygons or (), REGION_BGR)
     boxes = np.round((result.boxes - [x0, y0, x0, y0]) * factor).astype(int)
     for (x1, y1, x2, y2), color in zip(boxes, _overlay_colors(result)):
         cv2.rectangle(overlay, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), color, 1)

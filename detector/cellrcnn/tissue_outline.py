@@ -58,6 +58,22 @@ def outlines(pixels, window):
     return pieces
 
 
+def pieces(tissue: TissueMask, pixels, bounds):
+    """The pieces of ``pixels`` (``tissue.mask`` or ``tissue.marks``; None: none) inside the analysed region
+    ``bounds`` (``(x0, y0, x1, y1)``, analysis pixels) as :func:`outlines` gives them, each ring in analysis pixels
+    and cut to ``bounds``: what the annotation and the overview PNG draw."""
+    x0, y0, x1, y1 = bounds
+    window = tissue.window(x0, y0, x1 - x0, y1 - y0)
+    if pixels is None or window is None:
+        return []
+
+    def analysis(ring):
+        return np.column_stack([np.clip((ring[:, 0] + 0.5) * tissue.fx, x0, x1),
+                                np.clip((ring[:, 1] + 0.5) * tissue.fy, y0, y1)])
+
+    return [(analysis(outline), [analysis(hole) for hole in holes]) for outline, holes in outlines(pixels, window)]
+
+
 def tissue_outline_annotation(tissue: TissueMask, bounds, scale, attributes=None, visible=False, decimals=1):
     """The tissue and marks of ``tissue`` inside the analysed region as a DSA annotation document.
 
@@ -68,20 +84,16 @@ def tissue_outline_annotation(tissue: TissueMask, bounds, scale, attributes=None
         the marks' areas (mm^2) and how many pieces of each.
     :param visible: whether HistomicsUI shows it when the slide is opened.
     """
-    x0, y0, x1, y1 = bounds
-    window = tissue.window(x0, y0, x1 - x0, y1 - y0)
     layers = [(tissue.mask, TISSUE_LABEL, {'lineColor': TISSUE_COLOR, 'lineWidth': 2}),
               (tissue.marks, MARKS_LABEL, {'lineColor': MARKS_COLOR, 'lineWidth': 2, 'fillColor': MARKS_FILL})]
-    elements, pieces = [], {}
+    elements, counts = [], {}
 
     def base(ring):
-        x = np.clip((ring[:, 0] + 0.5) * tissue.fx, x0, x1) * scale
-        y = np.clip((ring[:, 1] + 0.5) * tissue.fy, y0, y1) * scale
-        return [[float(px), float(py), 0] for px, py in np.round(np.column_stack([x, y]), decimals)]
+        return [[float(px), float(py), 0] for px, py in np.round(ring * scale, decimals)]
 
     for pixels, label, style in layers:
-        found = outlines(pixels, window) if pixels is not None and window is not None else []
-        pieces[label] = len(found)
+        found = pieces(tissue, pixels, bounds)
+        counts[label] = len(found)
         for outline, holes in found:
             element = {'type': 'polyline', 'closed': True, 'points': base(outline), **style,
                        'label': {'value': label}}
@@ -90,12 +102,12 @@ def tissue_outline_annotation(tissue: TissueMask, bounds, scale, attributes=None
             elements.append(element)
     tissue_mm2 = tissue.area_mm2(bounds)
     marks_mm2 = tissue.marks_mm2(bounds)
-    description = (f'{tissue_mm2:.2f} mm² of tissue analysed in {pieces[TISSUE_LABEL]} piece(s)'
-                   if pieces[TISSUE_LABEL] else 'no tissue found')
-    if pieces[MARKS_LABEL]:
+    description = (f'{tissue_mm2:.2f} mm² of tissue analysed in {counts[TISSUE_LABEL]} piece(s)'
+                   if counts[TISSUE_LABEL] else 'no tissue found')
+    if counts[MARKS_LABEL]:
         description += f'; {marks_mm2:.2f} mm² of pen ink or black fill left out (magenta)'
     info = {'kind': 'tissue outline', 'tissue_mm2': round(tissue_mm2, 4), 'ink_or_fill_mm2': round(marks_mm2, 4),
-            'tissue_pieces': pieces[TISSUE_LABEL], 'mark_pieces': pieces[MARKS_LABEL]}
+            'tissue_pieces': counts[TISSUE_LABEL], 'mark_pieces': counts[MARKS_LABEL]}
     return {'name': TISSUE_NAME, 'description': description,
             'attributes': {**(attributes or {}), 'density': info}, 'display': {'visible': bool(visible)},
             'elements': elements}
