@@ -4,6 +4,7 @@ downloads removed, Girder names that are not safe paths, replaced bytes, and the
 
 import os
 
+import numpy as np
 import pytest
 
 from cellrcnn.devstack.local_girder import wait_for
@@ -123,3 +124,54 @@ def test_a_girder_slide_whose_bytes_are_replaced_is_downloaded_and_computed_agai
     assert code == 0 and second['scan.tiff']['status'] == 'done', err  # before: skipped, the old result kept
     assert second['scan.tiff']['cells'] != first['scan.tiff']['cells']
     assert second['scan.tiff']['tissue_mm2'] != first['scan.tiff']['tissue_mm2']
+
+
+def test_a_cohort_counts_each_slide_inside_its_region_annotation(server, synthetic_slide, tmp_path):
+    """``--region-annotation tumour``: a slide is counted inside the areas its pathologist's annotation named
+    'tumour' outlines (a polygon and a rectangle here), only nuclei centred there are posted, redrawing the region
+    recomputes the slide, and a slide without the annotation gets a 'no region' row, not a whole-slide count."""
+    from cellrcnn.region import annotation_region, inside
+
+    gc = server.client()
+    folder = gc.createFolder(server.collection_id, 'regions', parentType='collection')['_id']
+    drawn, _ = server.upload_slide(synthetic_slide(640, 480, seed=46)[0], 'drawn.tiff', folder_id=folder)
+    server.upload_slide(synthetic_slide(320, 256, seed=47)[0], 'undrawn.tiff', folder_id=folder)
+    tumour = {'name': 'tumour', 'elements': [
+        {'type': 'polyline', 'closed': True, 'points': [[40, 40, 0], [300, 60, 0], [260, 300, 0], [60, 260, 0]]},
+        {'type': 'rectangle', 'center': [500, 380, 0], 'width': 160, 'height': 120, 'rotation': 0},
+        {'type': 'point', 'center': [600, 50, 0], 'label': {'value': 'a note'}}]}
+    region = gc.post('annotation', parameters={'itemId': drawn}, json=tumour)
+    gc.post('annotation', parameters={'itemId': drawn}, json={'name': 'stroma', 'elements': [
+        {'type': 'rectangle', 'center': [320, 240, 0], 'width': 600, 'height': 400, 'rotation': 0}]})
+    girder = ('--girder-url', server.api_url, '--girder-token', server.token, '--folder', folder,
+              '--region-annotation', 'tumour')
+    code, out, err, rows = run_batch('-o', tmp_path, '--tile-size', '256', *girder)
+    assert code == 0, err
+    assert rows['undrawn.tiff']['status'] == 'no region' and rows['undrawn.tiff']['cells'] == ''
+    assert "no annotation named 'tumour'" in rows['undrawn.tiff']['note']
+    assert '1 done, 0 skipped (done by an earlier run), 0 failed, 1 without the region annotation' in out
+    row = rows['drawn.tiff']
+    assert row['status'] == 'done' and "inside annotation 'tumour' (2 area(s))" in row['note']
+    (nuclei,) = [a for a in cellrcnn_annotations(server, drawn) if a['annotation']['attributes'].get('stats')]
+    elements = gc.get(f'annotation/{nuclei["_id"]}')['annotation']['elements']
+    assert len(elements) == int(row['cells']) > 20
+    centres = np.array([e['center'][:2] for e in elements])
+    assert inside(annotation_region([tumour], 'tumour')['polygons'], *centres.T).all()
+    # the region's tissue: at most the two areas (53 200 and 19 200 px, 0.24 of the slide), not the slide's
+    mpp = server.client().get(f'item/{drawn}/tiles')['mm_x'] * 1000
+    assert 0 < float(row['tissue_mm2']) <= (53200 + 160 * 120) * (mpp / 1000) ** 2 * 1.02
+
+    code, _, err, again = run_batch('-o', tmp_path, '--tile-size', '256', *girder)
+    assert code == 0 and again['drawn.tiff']['status'] == 'skipped', err
+    tumour['elements'] = tumour['elements'][:1]  # the pathologist takes the rectangle out
+    gc.put(f'annotation/{region["_id"]}', json=tumour)
+    code, _, err, redrawn = run_batch('-o', tmp_path, '--tile-size', '256', *girder)
+    assert code == 0 and redrawn['drawn.tiff']['status'] == 'done', err
+    assert "(1 area(s))" in redrawn['drawn.tiff']['note']
+    assert int(redrawn['drawn.tiff']['cells']) < int(row['cells'])
+
+
+def test_a_region_annotation_is_read_from_girder_only(tmp_path):
+    code, _, err, _ = run_batch(tmp_path, '-o', tmp_path / 'out', '--region-annotation', 'tumour')
+    assert code == 2 and err.strip().splitlines() == [
+        'cellrcnn: error: --region-annotation reads the regions from Girder: give --girder-url and --folder']

@@ -12,7 +12,7 @@ from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.exports import REGION_BGR
 from cellrcnn.inference import DetectorSpec
-from cellrcnn.region import inside, polygon_pixels, region_settings
+from cellrcnn.region import annotation_region, element_polygon, inside, polygon_pixels, region_settings
 from cellrcnn.settings import DetectionSettings
 from cellrcnn.slide import Slide
 from cellrcnn.slide_detection import detect_slide
@@ -43,6 +43,38 @@ def test_a_region_is_a_rectangle_or_polygons(values, expected):
 def test_what_is_no_region_is_one_line(values, message):
     with pytest.raises(CellRCNNError, match=message):
         region_settings(values)
+
+
+def test_the_areas_an_annotation_outlines_are_its_region():
+    # HistomicsUI's shapes: a rectangle turned a quarter turn, an ellipse, a circle, a closed polygon
+    rectangle = {'type': 'rectangle', 'center': [100, 50, 0], 'width': 40, 'height': 20, 'rotation': np.pi / 2}
+    assert np.allclose(sorted(map(tuple, element_polygon(rectangle, 'x').round(6))),
+                       [(90, 30), (90, 70), (110, 30), (110, 70)])
+    ellipse = element_polygon({'type': 'ellipse', 'center': [0, 0, 0], 'width': 40, 'height': 20}, 'x')
+    assert np.allclose(ellipse.min(axis=0), [-20, -10]) and np.allclose(ellipse.max(axis=0), [20, 10], atol=0.1)
+    circle = element_polygon({'type': 'circle', 'center': [10, 10, 0], 'radius': 5}, 'x')
+    assert np.allclose(np.hypot(*(circle - 10).T), 5)
+    docs = [{'annotation': {'name': 'tumour', 'elements': [
+        {'type': 'polyline', 'closed': True, 'points': [[0, 0, 0], [10, 0, 0], [10, 10, 0]]},
+        {'type': 'point', 'center': [500, 500, 0]},  # a note: left out
+        {'type': 'polyline', 'closed': False, 'points': [[0, 0, 0], [900, 900, 0]]}]}},
+        {'name': 'tumour', 'elements': [rectangle]}]
+    region = annotation_region(docs, 'tumour')
+    assert region['roi'] == pytest.approx((0, 0, 110, 70))
+    assert region['polygons'][0] == ((0, 0), (10, 0), (10, 10)) and len(region['polygons']) == 2
+    assert region_settings([v for p in region['polygons'] for xy in (*p, (-1, -1)) for v in xy][:-2]) == region
+
+
+@pytest.mark.parametrize('elements,message', [
+    ([{'type': 'point', 'center': [1, 2, 0]}], "annotation 'tumour' on a.svs outlines no area"),
+    ([{'type': 'polyline', 'closed': True, 'points': [[0, 0, 0], [5, 5, 0], [10, 10, 0]]}], 'encloses no area'),
+    ([{'type': 'polyline', 'closed': True, 'points': [[0, 0, 0], [9, 0, 0], [9, 9, 0]], 'holes': [[[1, 1, 0]]]}],
+     'with holes is not supported'),
+    ([{'type': 'rectangle', 'center': [1, 2, 0]}], 'not this \'rectangle\' element'),
+])
+def test_an_annotation_that_outlines_no_area_is_one_line(elements, message):
+    with pytest.raises(CellRCNNError, match=message):
+        annotation_region([{'name': 'tumour', 'elements': elements}], "annotation 'tumour' on a.svs")
 
 
 def test_polygons_need_their_box():

@@ -19,6 +19,11 @@ slide and one table for the whole cohort (``cellrcnn batch``).
   from its tile rows in ``OUT/slides/.../.<stem>.partial/``. The model is identified by the SHA-256 of its
   checkpoint's bytes (``checkpoint.model_sha256``), not by its name or place: a new ``model.pt`` recomputes every
   slide, the same model copied elsewhere skips them.
+- **Regions**: with ``region_annotation`` (``--region-annotation NAME``) each Girder slide is counted inside the
+  areas its annotations of that name outline (``region.girder_region``: rectangles, ellipses, circles and closed
+  polygons, as ``cellrcnn detect --roi`` counts inside polygons), so that a cohort's counts and densities are those
+  of the tumour each slide's pathologist drew; the region is part of the fingerprint (a redrawn region recomputes)
+  and the note names it. A slide without such an annotation gets a ``no region`` row and nothing else.
 - **Failures stay rows**: a slide that cannot be read, states no magnification, cannot be downloaded or posted,
   ... becomes a ``failed`` row with a one-line reason and the cohort goes on.
 - **Scale-out**: with a dask.distributed scheduler (an address, or ``local:N`` for N local processes) each slide's
@@ -64,6 +69,8 @@ SLIDES_FOLDER = 'slides'
 #: what starts a formula in a spreadsheet
 FORMULA_STARTS = ('=', '+', '-', '@', '\t', '\r')
 ROW_SUFFIX = '.cohort.json'
+#: the status of a slide that lacks the cohort's region annotation (``GirderFolder.region_annotation``)
+NO_REGION = 'no region'
 CACHE_NAME = '.girder-cache'
 
 
@@ -92,6 +99,9 @@ class GirderFolder:
     api_url: str
     token: str
     folder_id: str
+    #: count each slide inside the areas its annotations of this name outline (``region.girder_region``); a slide
+    #: without one gets a :data:`NO_REGION` row. None: whole slides.
+    region_annotation: str = None
 
 
 def slide_extensions():
@@ -224,13 +234,22 @@ def process_slide(slide, settings, girder=None, detect=None):
     try:
         if not slide.item_id and not os.path.isfile(slide.path):
             raise CellRCNNError(f'slide not found: {slide.path}')
+        inside = girder.region_annotation if slide.item_id else None
+        if inside:
+            from .region import girder_region
+            region = girder_region(girder.api_url, girder.token, slide.item_id, inside, slide.name)
+            if region is None:
+                return {**base, 'status': NO_REGION, 'note': f'no annotation named {inside!r} on the slide'}
+            settings = dataclasses.replace(settings, **region)
+            base['note'] = f'inside annotation {inside!r} ({len(region["polygons"])} area(s))'
         paths = output_paths(slide.folder, slide.stem)
         done_path = os.path.join(slide.folder, slide.stem + ROW_SUFFIX)
         key = fingerprint(slide, settings)
         earlier = _read_done(done_path)
         earlier = earlier if earlier and earlier.get('fingerprint') == key else None
         if earlier and (not slide.item_id or earlier.get('posted')):
-            return {**base, **earlier['row'], 'status': 'skipped', 'note': 'done by an earlier run'}
+            return {**base, **earlier['row'], 'status': 'skipped',
+                    'note': _notes(base['note'], 'done by an earlier run')}
         if earlier:  # detected by an earlier run whose post failed: only post
             row, note = earlier['row'], 'results of an earlier run'
         else:
@@ -249,9 +268,9 @@ def process_slide(slide, settings, girder=None, detect=None):
             except CellRCNNError as exc:
                 raise CellRCNNError(f'results written to {slide.folder}, but posting them failed: {exc}') from None
             _write_done(done_path, {'fingerprint': key, 'posted': [r['_id'] for r in posted], 'row': row})
-            note = '; '.join(n for n in (note, f'posted to item {slide.item_id}') if n)
+            note = _notes(note, f'posted to item {slide.item_id}')
             _remove_download(slide)
-        return {**base, **row, 'status': 'done', 'note': note}
+        return {**base, **row, 'status': 'done', 'note': _notes(base['note'], note)}
     except (CellRCNNError, OSError, MemoryError) as exc:  # one slide's failure is its row's; the cohort goes on
         # (anything else is a bug in cellrcnn, or a lost Dask worker: it is not hidden in a row here)
         try:
@@ -260,6 +279,10 @@ def process_slide(slide, settings, girder=None, detect=None):
             pass
         return {**base, 'status': 'failed', 'note': one_line(exc),
                 'seconds': round(time.perf_counter() - started, 2)}
+
+
+def _notes(*notes):
+    return '; '.join(n for n in notes if n)
 
 
 def detect_row(slide, paths, settings):
@@ -363,15 +386,16 @@ def write_table(rows, path):
 def summary_line(rows):
     """One line on the whole cohort: slides by status, nuclei found, per cell type (if any) its nuclei, and how many
     slides had pen ink or black fill left out (if any)."""
-    counts = {s: sum(r['status'] == s for r in rows) for s in ('done', 'skipped', 'failed')}
-    found = [r for r in rows if r['status'] != 'failed']
+    counts = {s: sum(r['status'] == s for r in rows) for s in ('done', 'skipped', 'failed', NO_REGION)}
+    found = [r for r in rows if r['status'] in ('done', 'skipped')]
     cells = sum(int(r['cells']) for r in found)
     suffix = CELL_TYPE_SUFFIXES[0]
     types = [f'{sum(int(r.get(c) or 0) for r in found)} {c[:-len(suffix)]}'
              for c in table_columns(rows)[len(COLUMNS):] if c.endswith(suffix)]
     marked = sum(float(r.get('ink_or_fill_mm2') or 0) > 0 for r in found)
+    without = f', {counts[NO_REGION]} without the region annotation' if counts[NO_REGION] else ''
     return (f'{len(rows)} slides: {counts["done"]} done, {counts["skipped"]} skipped (done by an earlier run), '
-            f'{counts["failed"]} failed; {cells} nuclei in all' + (f' ({", ".join(types)})' if types else '')
+            f'{counts["failed"]} failed{without}; {cells} nuclei in all' + (f' ({", ".join(types)})' if types else '')
             + (f'; {marked} with pen ink or black fill left out (ink_or_fill_mm2)' if marked else ''))
 
 
@@ -399,13 +423,15 @@ def batch(source, output, settings, scheduler=None, girder=None, progress=None):
         where = source
     if not slides:
         raise CellRCNNError(f'no slides found in {where}')
-    log(f'{len(slides)} slides in {where}' + (f', spread over the Dask cluster {scheduler}' if scheduler else ''))
+    inside = girder.region_annotation if girder is not None else None
+    log(f'{len(slides)} slides in {where}' + (f', each counted inside its annotation {inside!r}' if inside else '')
+        + (f', spread over the Dask cluster {scheduler}' if scheduler else ''))
     table = os.path.join(output, TABLE_NAME)
     rows = [None] * len(slides)
     try:
         for count, (index, row) in enumerate(run_cohort(slides, settings, scheduler, girder), 1):
             rows[index] = row
-            what = row['note'] if row['status'] == 'failed' else (
+            what = row['note'] if row['status'] in ('failed', NO_REGION) else (
                 f'{row["cells"]} nuclei, {row["tissue_mm2"]} mm2, {row["seconds"]} s' +
                 (f' ({row["note"]})' if row['note'] else ''))
             log(f'[{count}/{len(slides)}] {row["slide"]}: {row["status"]}: {what}')

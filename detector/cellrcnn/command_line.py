@@ -159,6 +159,10 @@ def _add_batch(sub):
     group = p.add_argument_group('slides from Girder / the Digital Slide Archive (results are posted back)')
     _add_server_options(group)
     group.add_argument('--folder', dest='girder_folder', help='id of the Girder folder (its subfolders too)')
+    group.add_argument('--region-annotation', metavar='NAME',
+                       help="count each slide inside the areas its annotations named NAME outline (rectangles, "
+                            "ellipses, closed polygons, e.g. a pathologist's 'tumour' drawn in HistomicsUI); slides "
+                            "without one are left out (status 'no region')")
     p.set_defaults(run=commands.run_batch)
 
 

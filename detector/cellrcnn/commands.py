@@ -95,13 +95,17 @@ def run_batch(args):
     from .girder_api import check_transport
 
     girder = None
+    if args.region_annotation is not None and not args.region_annotation.strip():
+        raise CellRCNNError('--region-annotation needs the name of the annotations that outline the regions')
     if args.girder_url or args.girder_folder:
         if not (args.girder_url and args.girder_folder) or args.source:
             raise CellRCNNError('give either a folder of slides or both --girder-url and --folder')
         check_transport(args.girder_url, args.insecure_http)
-        girder = GirderFolder(args.girder_url, args.girder_token, args.girder_folder)
+        girder = GirderFolder(args.girder_url, args.girder_token, args.girder_folder, args.region_annotation)
     elif not args.source:
         raise CellRCNNError('give a folder of slides, or --girder-url and --folder')
+    elif args.region_annotation is not None:
+        raise CellRCNNError('--region-annotation reads the regions from Girder: give --girder-url and --folder')
     # batch's --scheduler spreads whole slides over a cluster; the settings' scheduler (tile batches) stays unset
     settings = settings_from_args(DetectionSettings, args, leave_out=('scheduler',))
     batch(args.source, args.output, settings, scheduler=args.scheduler, girder=girder,

@@ -5,12 +5,12 @@ points boxes at the slide's scale, and :func:`region_tiles` and :func:`region_sa
 (keeping at most ``max_region_megapixels`` of a region's pixels).
 """
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import CellRCNNError
+from .region import element_polygon
 from .settings import AnnotationTrainingSettings
 from .tiling import tile_grid
 
@@ -59,25 +59,6 @@ def _is_region(element, region_label):
     return any(isinstance(v, str) and v.strip().lower() == wanted for v in (value, element.get('group')))
 
 
-def _region_polygon(element, where):
-    """A region element as a K x 2 polygon in base pixels."""
-    try:
-        if element['type'] == 'rectangle':
-            cx, cy = (float(v) for v in element['center'][:2])
-            w, h, rot = float(element['width']), float(element['height']), float(element.get('rotation') or 0)
-            corners = np.array([[-w, -h], [w, -h], [w, h], [-w, h]]) / 2
-            c, s = math.cos(rot), math.sin(rot)
-            return corners @ np.array([[c, s], [-s, c]]) + [cx, cy]
-        if element['type'] == 'polyline' and element.get('closed'):
-            points = np.asarray([p[:2] for p in element['points']], dtype=np.float64)
-            if len(points) >= 3:
-                return points
-    except (KeyError, IndexError, TypeError, ValueError):
-        pass
-    raise CellRCNNError(f'{where}: a region must be a rectangle or a closed polygon, not this '
-                        f'{element.get("type")!r} element')
-
-
 def split_annotation(docs, region_label='region', where='annotation'):
     """The nucleus elements and the region polygons of annotation documents (the Girder REST form or plain).
 
@@ -90,7 +71,7 @@ def split_annotation(docs, region_label='region', where='annotation'):
         kept = []
         for element in elements:
             if region_label and isinstance(element, dict) and _is_region(element, region_label):
-                region.append(_region_polygon(element, where))
+                region.append(element_polygon(element, where))
             else:
                 kept.append(element)
         nucleus_docs.append({**inner, 'elements': kept})

@@ -18,6 +18,10 @@ import numpy as np
 
 from .errors import CellRCNNError, histomicstk
 
+#: the points of the polygon that stands for an ellipse or a circle
+ELLIPSE_POINTS = 64
+#: the element types that outline an area whatever their other fields (a polyline does when closed)
+AREA_TYPES = ('rectangle', 'ellipse', 'circle')
 #: what a region's values look like, for error lines and help texts
 REGION_FORMS = 'X,Y,W,H, or the points of polygons x1,y1,x2,y2,... (at least four points; -1,-1 between polygons)'
 
@@ -43,14 +47,81 @@ def region_settings(values) -> dict:
         return {'roi': (left, top, right - left, bottom - top), 'polygons': None}
     if not polygons:
         raise CellRCNNError('a region\'s polygons need at least three distinct points each')
+    return polygons_region(polygons)
+
+
+def polygons_region(polygons) -> dict:
+    """``{'roi': their bounding box, 'polygons': ...}`` (``ResultSettings``' fields) of polygons, each a sequence of
+    ``(x, y)`` base-pixel points; a one-line CellRCNNError for a polygon that encloses no area."""
     for p in polygons:
         x, y = np.asarray(p, np.float64).T
-        if abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) == 0:  # twice the area (shoelace)
-            raise CellRCNNError(f'a region\'s polygon encloses no area (its points lie on a line): {p[0]}, ...')
+        if len(x) < 3 or abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) == 0:  # twice the area (shoelace)
+            raise CellRCNNError(f'a region\'s polygon encloses no area (its points lie on a line): '
+                                f'{tuple(map(float, p[0]))}, ...')
     points = np.concatenate([np.asarray(p, np.float64) for p in polygons])
     (x0, y0), (x1, y1) = points.min(axis=0), points.max(axis=0)
     return {'roi': (float(x0), float(y0), float(x1 - x0), float(y1 - y0)),
             'polygons': tuple(tuple((float(x), float(y)) for x, y in p) for p in polygons)}
+
+
+def element_polygon(element, where):
+    """A DSA annotation element that outlines an area (a rectangle, rotated or not, an ellipse, a circle or a closed
+    polyline) as a K x 2 polygon in base pixels (an ellipse or circle by :data:`ELLIPSE_POINTS` points); a one-line
+    CellRCNNError for any other element, and for a polyline with holes."""
+    try:
+        kind = element['type']
+        if kind in ('rectangle', 'ellipse', 'circle'):
+            cx, cy = (float(v) for v in element['center'][:2])
+            if kind == 'circle':
+                w = h = 2 * float(element['radius'])
+            else:
+                w, h = float(element['width']), float(element['height'])
+            if kind == 'rectangle':
+                corners = np.array([[-w, -h], [w, -h], [w, h], [-w, h]]) / 2
+            else:
+                t = np.linspace(0, 2 * math.pi, ELLIPSE_POINTS, endpoint=False)
+                corners = np.column_stack([np.cos(t) * w, np.sin(t) * h]) / 2
+            rot = float(element.get('rotation') or 0)
+            c, s = math.cos(rot), math.sin(rot)
+            return corners @ np.array([[c, s], [-s, c]]) + [cx, cy]
+        if kind == 'polyline' and element.get('closed'):
+            if element.get('holes'):
+                raise CellRCNNError(f'{where}: a region polygon with holes is not supported; draw the area '
+                                    'without them')
+            points = np.asarray([p[:2] for p in element['points']], dtype=np.float64)
+            if len(points) >= 3:
+                return points
+    except (KeyError, IndexError, TypeError, ValueError):
+        pass
+    raise CellRCNNError(f'{where}: a region must be a rectangle, an ellipse, a circle or a closed polygon, not this '
+                        f'{element.get("type")!r} element')
+
+
+def annotation_region(docs, where) -> dict:
+    """The region (:func:`polygons_region`) that DSA annotation documents (plain or the Girder REST form) outline:
+    every rectangle, ellipse, circle and closed polyline in them; points and open polylines (notes) are left out.
+    A one-line CellRCNNError when they outline nothing."""
+    elements = [e for doc in docs for e in doc.get('annotation', doc).get('elements') or () if isinstance(e, dict)]
+    polygons = [element_polygon(e, where) for e in elements
+                if e.get('type') in AREA_TYPES or e.get('type') == 'polyline' and e.get('closed')]
+    if not polygons:
+        raise CellRCNNError(f'{where} outlines no area (no rectangle, ellipse, circle or closed polygon)')
+    return polygons_region(polygons)
+
+
+def girder_region(api_url, token, item_id, name, where):
+    """The region outlined by the annotations named ``name`` on a Girder item (:func:`annotation_region`; all of
+    them together), or None when the item has none of that name."""
+    from .girder_api import GirderConnection
+
+    server = GirderConnection(api_url, token, retries=4, backoff=1.0, timeout=600, saved=None)
+    with server.session():
+        listing = server.get(f'listing the annotations of {where}', 'annotation',
+                             {'itemId': item_id, 'name': name, 'limit': 0}, item_id=item_id)
+        docs = [server.get(f'reading annotation {record["_id"]} of {where}', f'annotation/{record["_id"]}',
+                           item_id=item_id)
+                for record in listing if (record.get('annotation') or {}).get('name') == name]
+    return annotation_region(docs, f'annotation {name!r} on {where}') if docs else None
 
 
 def polygon_pixels(polygons, shape, fx, fy, scale):
