@@ -37,7 +37,7 @@ def test_list_cli_and_xml():
             'analysis_mag', 'analysis_tile_size', 'tile_overlap', 'min_tissue_frac', 'threshold', 'nms_iou',
             'anchor_upsample', 'adapt_tiles', 'views', 'element_type', 'model_file', 'device', 'batch_size',
             'scheduler', 'girderApiUrl', 'girderToken', 'outputNucleiPixelmapAnnotationFile',
-            'outputNucleiLabelImage', 'outputTissueAnnotationFile'} <= names
+            'outputNucleiLabelImage', 'outputTissueAnnotationFile', 'keep_blue_green'} <= names
     adapt = next(e for e in root.iter('integer') if e.findtext('name') == 'adapt_tiles')
     assert adapt.findtext('label') == "Adapt to this slide's staining"
     assert int(adapt.findtext('default')) == DetectionSettings.adapt_tiles == 0  # off by default, as in cellrcnn detect
@@ -140,6 +140,14 @@ def test_the_task_keeps_the_cell_types_it_is_given():
     for value, classes in ([''], None), (['tumour', ' stromal'], ('tumour', 'stromal')):  # as slicer_cli_web splits
         given.classes = value
         assert settings_from(given).classes == classes
+
+
+def test_the_task_takes_green_and_blue_for_tissue_when_asked():
+    given = xml_defaults('CellDetection')
+    given.keep_blue_green = True
+    settings = task_module('CellDetection').settings_from(given)
+    assert settings.keep_blue_green is True and settings.identity()['keep_blue_green'] is True
+    assert 'keep_blue_green' not in DetectionSettings().identity()  # earlier runs keep their identity
 
 
 def test_the_task_takes_a_rectangle_or_polygons_drawn_in_histomicsui():

@@ -194,6 +194,27 @@ def test_a_mark_beside_the_tissue_is_background(tmp_path, slide20x, mark):
     assert read and all(t.x < width for t in read)
 
 
+@pytest.mark.parametrize('colour', [BLUE_INK, GREEN_INK], ids=['blue', 'green'])
+def test_green_and_blue_are_tissue_when_asked(tmp_path, slide20x, colour):
+    # Special stains colour tissue green or blue (Masson's trichrome, alcian blue): with ink=False a large area of
+    # ink's colour is tissue, counted and read; black fill is still left out.
+    s = Slide(slide20x[0])
+    plain = find_tissue(s).mask
+    width, height = s.size
+    rgb = s.read(tile_grid(s, tile_size=4096, overlap=0, min_tissue=0)[0])[:height, :width]
+    noise = np.random.default_rng(2).integers(-8, 8, (height, width, 3))
+    band = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+    black = np.zeros((height, width // 2, 3), np.uint8)
+    p = Slide(_write_vips(str(tmp_path / 'stained.tiff'), np.concatenate([rgb, band, black], axis=1),
+                          px_per_mm=2000))
+    assert find_tissue(p).marks[:, plain.shape[1] + 2:].all()  # by default: ink, then fill
+    tissue = find_tissue(p, ink=False)
+    w = plain.shape[1]
+    assert tissue.mask[:, w + 4:2 * w - 4].all() and not tissue.marks[:, w + 4:2 * w - 4].any()
+    assert tissue.marks[:, 2 * w + 4:].all() and not tissue.mask[:, 2 * w:].any()
+    assert (tissue.mask[:, :w - 4] == plain[:, :w - 4]).mean() > 0.98
+
+
 @pytest.mark.parametrize('source', ['brca', 'dsb', 'ihc'])
 def test_real_tissue_is_never_taken_for_a_mark(tmp_path, request, source):
     # A stain's own colours must not read as ink or fill: all of BRCA-M2C's breast fields, or of DSB 2018's H&E

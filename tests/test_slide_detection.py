@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import cv2
 import numpy as np
@@ -18,7 +19,7 @@ from cellrcnn.slide import Slide
 from cellrcnn.slide_detection import detect_slide
 from cellrcnn.tiling import tile_grid
 from cellrcnn.tissue_outline import MARKS_LABEL, TISSUE_LABEL
-from support import mark_beside
+from support import BLUE_INK, mark_beside
 
 
 @pytest.fixture(scope='module')
@@ -179,6 +180,23 @@ def test_no_box_straddles_the_edge_of_black_fill_on_a_real_slide(tmp_path):
     assert xs[TISSUE_LABEL] and max(x.max() for x in xs[TISSUE_LABEL]) < width
     (fill,) = xs[MARKS_LABEL]
     assert width - 16 <= fill.min() <= width + 16 and fill.max() > width + 1150
+
+
+def test_cellrcnn_detect_keeps_green_and_blue_as_tissue_when_asked(tmp_path, slide_path, tiny_checkpoint):
+    # a band of blue ink's colour beside the slide: pen ink by default, tissue with --keep-blue-green (a stain's)
+    blue = mark_beside(slide_path, tmp_path / 'blue.tiff', 600, colour=BLUE_INK)
+    summaries = {}
+    for extra in (), ('--keep-blue-green',):
+        out = tmp_path / (extra[0][2:] if extra else 'default')
+        assert cellrcnn(['detect', str(blue), '-o', str(out), '--model', str(tiny_checkpoint), '--progress',
+                         'none', '--no-resume', '--device', 'cpu', *extra]) == 0
+        summaries[extra] = json.loads((out / 'blue.summary.json').read_text())
+        params = read_annotation_file(out / 'blue.anot.json')['attributes']['params']
+        assert params.get('keep_blue_green', False) is bool(extra)
+    band_mm2 = 600 * 700 * (0.5 / 1000) ** 2
+    default, kept = summaries[()], summaries[('--keep-blue-green',)]
+    assert default['ink_or_fill_mm2'] == pytest.approx(band_mm2, rel=0.05) and kept['ink_or_fill_mm2'] == 0
+    assert kept['tissue_mm2'] - default['tissue_mm2'] == pytest.approx(band_mm2, rel=0.1)
 
 
 def test_a_small_piece_on_the_glass_is_read_where_it_lies(tmp_path, detector):

@@ -44,6 +44,9 @@ def _add_detection_options(p):
     p.add_argument('--min-tissue', dest='min_tissue', type=float, default=d.min_tissue,
                    help=f'read tiles with less tissue than this fraction only where their tissue lies, skip those '
                         f'without; 0 reads every tile whole (default {d.min_tissue})')
+    p.add_argument('--keep-blue-green', dest='keep_blue_green', action='store_true',
+                   help='take large green or blue areas for tissue, not for pen ink (slides of special stains such '
+                        "as Masson's trichrome or alcian blue); black fill is still left out")
     p.add_argument('--batch-size', dest='batch_size', type=_positive_int, default=d.batch_size,
                    help=f'tiles per model call (default {d.batch_size}; a GPU gains from 8 or more, and halves it '
                         'when it runs out of memory)')

@@ -108,13 +108,17 @@ class ResultSettings:
     #: views each tile is seen in, flipped and turned, their detections fused (one of :data:`VIEWS`; ``views``): more
     #: accurate, and as many times the model's time. 1: the tile as it is.
     views: int = 1
+    #: take large green or blue areas for tissue, not for pen ink (special stains such as Masson's trichrome or
+    #: alcian blue colour tissue so; ``tissue.find_tissue``'s ``ink``): only black fill is left out
+    keep_blue_green: bool = False
 
     def identity(self) -> dict:
         """The result settings as a plain dict (what run keys hash and annotations record); on a
-        :class:`DetectionSettings` too, only these. ``classes`` and ``polygons`` are left out when None and ``views``
-        when 1, so the identity of a run without them is what it was before the settings existed."""
+        :class:`DetectionSettings` too, only these. ``classes`` and ``polygons`` are left out when None, ``views``
+        when 1 and ``keep_blue_green`` when False, so the identity of a run without them is what it was before the
+        settings existed."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ResultSettings)}
-        for name, unset in (('classes', None), ('views', 1), ('polygons', None)):
+        for name, unset in (('classes', None), ('views', 1), ('polygons', None), ('keep_blue_green', False)):
             if values[name] == unset:
                 del values[name]
         return values

@@ -153,14 +153,14 @@ def _row_fits(types, typed):
 def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap: int, min_tissue: float, workers: int,
                  roi: tuple | None = None, resume: 'RowStore | None' = None, progress: Progress | None = None,
                  scheduler: str | None = None, adapt_tiles: int = 0,
-                 keep_types: tuple | None = None, polygons: tuple | None = None) -> SlideDetections:
+                 keep_types: tuple | None = None, polygons: tuple | None = None, ink: bool = True) -> SlideDetections:
     """Detect nuclei over a slide (or a base-pixel ROI ``(x, y, w, h)``) with an ``inference.Detector``: tiles of at
     most ``tile_size`` analysis pixels sharing ``overlap`` (``tiling.tile_grid``), those with less tissue than
     ``min_tissue`` skipped, read by ``workers`` threads (``tiling.prefetch``). A ROI is read in the whole slide's
     tiles that reach into it, cut to it grown by ``overlap`` (``tile_grid``'s ``slide_grid``), and the nuclei
     centred in it are kept: a region's nuclei are the slide's there. With ``polygons`` (base-pixel points; ``roi``
     their bounding box) the tissue is cut to them too and only nuclei centred inside one are kept
-    (:mod:`cellrcnn.region`).
+    (:mod:`cellrcnn.region`). ``ink``: large green or blue areas are pen ink, left out (``tissue.find_tissue``).
 
     With ``adapt_tiles`` > 0 the model's BatchNorm statistics are first re-estimated on up to that many of the slide's
     own tissue tiles (:func:`adapt_to_slide`), and put back as they were when the slide is done.
@@ -189,7 +189,7 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
     if min(slide.size) < coarsest:
         raise CellRCNNError(f'{slide.path} is {slide.size[0]}x{slide.size[1]} px at {slide.magnification:g}x; '
                             f'the model needs at least {coarsest}x{coarsest}')
-    tissue = whole = find_tissue(slide)
+    tissue = whole = find_tissue(slide, ink=ink)
     if polygons:
         tissue = whole.within(polygon_pixels(polygons, whole.mask.shape, whole.fx, whole.fy, slide.scale))
     tiles = tile_grid(slide, tile_size, overlap, min_tissue, roi=roi, tissue=tissue, align=coarsest,

@@ -172,9 +172,11 @@ def _coverage_weights(lo, hi, i0, i1, factor):
     return np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0, None)
 
 
-def find_tissue(slide, thumbnail_size=2048):
+def find_tissue(slide, thumbnail_size=2048, ink=True):
     """The :class:`TissueMask` of a :class:`cellrcnn.slide.Slide`, from a thumbnail whose longest side is at most
-    ``thumbnail_size`` and whose pixels are no finer than MASK_MIN_PIXEL_UM."""
+    ``thumbnail_size`` and whose pixels are no finer than MASK_MIN_PIXEL_UM. ``ink``: large green or blue areas are
+    pen ink, left out (False: they are tissue, for special stains that colour tissue so; black fill is left out
+    either way)."""
     if int(thumbnail_size) < 2:
         raise CellRCNNError(f'thumbnail size must be at least 2, not {thumbnail_size}')
     import cv2
@@ -186,7 +188,8 @@ def find_tissue(slide, thumbnail_size=2048):
     px_um = math.sqrt(fx * fy) * slide.mpp
     min_size = max(4, int(round(MIN_TISSUE_UM2 / px_um ** 2)))
     marks = _large_pieces(rgb.max(axis=2) <= MAX_FILL_LEVEL, max(4, int(round(MIN_FILL_UM2 / px_um ** 2))))
-    marks |= _large_pieces(_ink(rgb), max(4, int(round(MIN_INK_UM2 / px_um ** 2))))
+    if ink:
+        marks |= _large_pieces(_ink(rgb), max(4, int(round(MIN_INK_UM2 / px_um ** 2))))
     has_marks = bool(marks.any())
     if has_marks:
         rgb = np.where(ndimage.binary_dilation(marks, iterations=MARK_MARGIN)[..., None], np.uint8(255), rgb)
