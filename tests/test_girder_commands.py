@@ -255,3 +255,35 @@ def test_a_local_girders_database_needs_its_own_password(server):
     for proc in server.procs:
         with open(f'/proc/{proc.pid}/cmdline', 'rb') as f:
             assert server.db_password.encode() not in f.read()
+
+
+def test_the_task_counts_inside_the_slides_annotation_of_a_name(server, slide_file, tiny_checkpoint, tmp_path):
+    """``--region_annotation tumour``: the task reads the slide's annotations named 'tumour' from Girder (the slide
+    given as HistomicsUI gives it, its file's id) and counts inside the areas they outline; the result records the
+    name, for the plugin's folder runs. What cannot be read is one line."""
+    from cellrcnn.annotation import read_annotation_file
+    from cellrcnn.region import inside
+
+    item_id, file_id = server.upload_slide(slide_file, name='regions.tiff')
+    quad = [[40, 40, 0], [400, 80, 0], [360, 400, 0], [60, 360, 0]]
+    server.client().post('annotation', {'itemId': item_id}, json={'name': 'tumour', 'elements': [
+        {'type': 'polyline', 'closed': True, 'points': quad}, {'type': 'point', 'center': [600, 20, 0]}]})
+    run = entrypoint(*task_args(slide_file, tmp_path, tiny_checkpoint, server, '--region_annotation', 'tumour',
+                                '--girder_slide', file_id))
+    assert run.returncode == 0, run.stderr
+    doc = read_annotation_file(tmp_path / 'nuclei.anot')
+    params = doc['attributes']['params']
+    assert params['region_annotation'] == 'tumour' and params['polygons'] == [[p[:2] for p in quad]]
+    assert params['roi'] == [40, 40, 360, 360]
+    centres = [((e['center'][0]), e['center'][1]) for e in doc['elements']]
+    assert len(centres) > 10 and inside(params['polygons'], *zip(*centres)).all()
+
+    for extra, message in ((('--region_annotation', 'stroma', '--girder_slide', item_id),
+                            "no annotation named 'stroma' on the slide"),
+                           (('--region_annotation', 'tumour', '--girder_slide', item_id, '--analysis_roi',
+                             '0,0,100,100'),
+                            'give a region to analyse or the name of a region annotation, not both'),
+                           (('--region_annotation', 'tumour'), 'region_annotation is read from Girder: it needs')):
+        run = entrypoint(*task_args(slide_file, tmp_path / 'bad', tiny_checkpoint, server, *extra))
+        assert run.returncode == 2 and run.stderr.strip().startswith(f'CellDetection: error: {message}'), run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1

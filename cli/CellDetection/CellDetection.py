@@ -10,7 +10,7 @@ from cellrcnn.errors import CellRCNNError, run_reporting_errors
 from cellrcnn.exports import detection_summary_lines
 from cellrcnn.job import detect_to_files
 from cellrcnn.progress import Progress
-from cellrcnn.region import region_settings
+from cellrcnn.region import girder_region, region_settings
 from cellrcnn.settings import DetectionSettings
 
 
@@ -19,7 +19,7 @@ def settings_from(args):
     polygons: ``cellrcnn.region``) as DetectionSettings."""
     return DetectionSettings(
         model=args.model_file or None, magnification=args.analysis_mag if args.analysis_mag > 0 else None,
-        mpp=args.base_mpp if args.base_mpp > 0 else None, **region_settings(args.analysis_roi),
+        mpp=args.base_mpp if args.base_mpp > 0 else None, **region_of(args),
         tile_size=args.analysis_tile_size, overlap=args.tile_overlap, min_tissue=args.min_tissue_frac,
         keep_blue_green=args.keep_blue_green,
         threshold=args.threshold if args.threshold >= 0 else None,
@@ -27,6 +27,26 @@ def settings_from(args):
         adapt_tiles=args.adapt_tiles, views=args.views, element=args.element_type, display=args.display,
         batch_size=args.batch_size, device=args.device,
         scheduler=_scheduler(args.scheduler), progress='slicer', classes=_classes(args.classes))
+
+
+def region_of(args):
+    """The region to analyse: the one drawn (``analysis_roi``), or the areas the slide's annotations named
+    ``region_annotation`` outline, read from Girder (``cellrcnn.region.girder_region``) with the job's token."""
+    name = (getattr(args, 'region_annotation', None) or '').strip()
+    region = region_settings(args.analysis_roi)
+    if not name:
+        return region
+    if region['roi'] is not None:
+        raise CellRCNNError('give a region to analyse or the name of a region annotation, not both')
+    url, token, slide = args.girderApiUrl, args.girderToken, getattr(args, 'girder_slide', None)
+    if not url or not token or not slide:
+        raise CellRCNNError('region_annotation is read from Girder: it needs the Girder API URL, a token and the '
+                            'slide (--girder_slide: the id of its item or file; the Digital Slide Archive fills them '
+                            'in)')
+    found = girder_region(url, token, slide, name, 'the slide')
+    if found is None:
+        raise CellRCNNError(f'no annotation named {name!r} on the slide')
+    return {**found, 'region_annotation': name}
 
 
 def _scheduler(asked):

@@ -240,7 +240,7 @@ def process_slide(slide, settings, girder=None, detect=None):
             region = girder_region(girder.api_url, girder.token, slide.item_id, inside, slide.name)
             if region is None:
                 return {**base, 'status': NO_REGION, 'note': f'no annotation named {inside!r} on the slide'}
-            settings = dataclasses.replace(settings, **region)
+            settings = dataclasses.replace(settings, **region, region_annotation=inside)
             base['note'] = f'inside annotation {inside!r} ({len(region["polygons"])} area(s))'
         paths = output_paths(slide.folder, slide.stem)
         done_path = os.path.join(slide.folder, slide.stem + ROW_SUFFIX)

@@ -193,6 +193,22 @@ class GirderConnection:
         return self.call(what, lambda: self.gc.get(path, parameters=params), item_id=item_id,
                          passthrough=passthrough)
 
+    def slide_item(self, item_id):
+        """The item with this id, or the item of the file with this id (what a DSA image parameter holds)."""
+        from girder_client import HttpError
+
+        try:
+            return self.get('reading the item', f'item/{item_id}', item_id=item_id, passthrough=(400, 404))
+        except HttpError as exc:
+            missing = exc
+        try:  # the id of the slide's file?
+            file = self.get('reading the item', f'file/{item_id}', item_id=item_id, passthrough=(400, 404))
+        except HttpError:
+            file = None
+        if not file or not file.get('itemId'):
+            raise self.http_error(missing, 'reading the item', item_id)
+        return self.get('reading the item', f'item/{file["itemId"]}', item_id=file['itemId'])
+
 
 def folder_slides(api_url, token, folder_id, retries=4, backoff=1.0, timeout=60):
     """Every large-image item in a Girder folder and its subfolders, in path order. Every id the server answers is

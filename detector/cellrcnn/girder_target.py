@@ -20,7 +20,7 @@ class Target:
             raise server.fail('no Girder item id given: give the id of the slide\'s item')
         item_id = item_id.strip()
         self.user_id = server.user(' and post again')['_id']
-        self.item = self._item(item_id)
+        self.item = server.slide_item(item_id)
         self.item_id = self.item['_id']
         name = self.item.get('name')
         large = self.item.get('largeImage') or {}
@@ -35,23 +35,6 @@ class Target:
             raise server.fail(f'item {self.item_id} ({name}) is not a large image that Girder can tile '
                               f'({server_message(exc)}): post to the slide\'s item') from None
         self.file_id = large.get('fileId')
-
-    def _item(self, item_id):
-        """The item with this id, or the item of the file with this id (what a DSA image parameter holds)."""
-        from girder_client import HttpError
-
-        server = self.server
-        try:
-            return server.get('reading the item', f'item/{item_id}', item_id=item_id, passthrough=(400, 404))
-        except HttpError as exc:
-            missing = exc
-        try:  # the id of the slide's file?
-            file = server.get('reading the item', f'file/{item_id}', item_id=item_id, passthrough=(400, 404))
-        except HttpError:
-            file = None
-        if not file or not file.get('itemId'):
-            raise server.http_error(missing, 'reading the item', item_id)
-        return server.get('reading the item', f'item/{file["itemId"]}', item_id=file['itemId'])
 
     def annotations(self):
         return self.server.get('listing the item\'s annotations', 'annotation',

@@ -109,13 +109,15 @@ def annotation_region(docs, where) -> dict:
     return polygons_region(polygons)
 
 
-def girder_region(api_url, token, item_id, name, where):
-    """The region outlined by the annotations named ``name`` on a Girder item (:func:`annotation_region`; all of
-    them together), or None when the item has none of that name."""
+def girder_region(api_url, token, slide_id, name, where):
+    """The region outlined by the annotations named ``name`` on a Girder slide (its item's id, or its file's: what a
+    DSA image parameter holds) (:func:`annotation_region`; all of them together), or None when it has none of that
+    name."""
     from .girder_api import GirderConnection
 
     server = GirderConnection(api_url, token, retries=4, backoff=1.0, timeout=600, saved=None)
     with server.session():
+        item_id = server.slide_item(slide_id)['_id']
         listing = server.get(f'listing the annotations of {where}', 'annotation',
                              {'itemId': item_id, 'name': name, 'limit': 0}, item_id=item_id)
         docs = [server.get(f'reading annotation {record["_id"]} of {where}', f'annotation/{record["_id"]}',

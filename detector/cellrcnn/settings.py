@@ -86,6 +86,9 @@ class ResultSettings:
     #: polygons the region is cut to, each a tuple of ``(x, y)`` points in base pixels, ``roi`` their bounding box
     #: (None: the rectangle ``roi`` is the region); :mod:`cellrcnn.region` makes both from a region's numbers
     polygons: tuple | None = None
+    #: the name of the Girder annotations ``roi`` and ``polygons`` were read from (``region.girder_region``), recorded
+    #: with the result so that the Girder plugin knows a folder run's slides done
+    region_annotation: str | None = None
     #: tile side and overlap in **analysis** pixels
     tile_size: int = 1024
     overlap: int = 64
@@ -114,11 +117,12 @@ class ResultSettings:
 
     def identity(self) -> dict:
         """The result settings as a plain dict (what run keys hash and annotations record); on a
-        :class:`DetectionSettings` too, only these. ``classes`` and ``polygons`` are left out when None, ``views``
-        when 1 and ``keep_blue_green`` when False, so the identity of a run without them is what it was before the
-        settings existed."""
+        :class:`DetectionSettings` too, only these. ``classes``, ``polygons`` and ``region_annotation`` are left out
+        when None, ``views`` when 1 and ``keep_blue_green`` when False, so the identity of a run without them is what
+        it was before the settings existed."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ResultSettings)}
-        for name, unset in (('classes', None), ('views', 1), ('polygons', None), ('keep_blue_green', False)):
+        for name, unset in (('classes', None), ('views', 1), ('polygons', None), ('keep_blue_green', False),
+                            ('region_annotation', None)):
             if values[name] == unset:
                 del values[name]
         return values
