@@ -27,7 +27,7 @@ XML = os.path.join(os.path.dirname(__file__), '..', 'cli', 'CellDetection', 'Cel
 DEFAULT_MODEL = os.path.basename(BUNDLED_MODEL)
 FAST = {'retries': 2, 'backoff': 0.01}
 COLUMNS = ['name', 'path', 'item_id', 'cells', 'tissue_mm2', 'cells_per_mm2', 'ink_or_fill_mm2', 'score_mean',
-           'score_median', 'model', 'cellrcnn_version', 'roi', 'annotation_id', 'date']
+           'score_median', 'model', 'cellrcnn_version', 'roi', 'region_annotation', 'annotation_id', 'date']
 READ, WRITE = 0, 1
 
 

@@ -218,6 +218,48 @@ def test_cancelling_a_batch_cancels_its_slide_jobs(server, cli_id, slide_file):
     assert {j['status'] for j in children(server, parent)} <= {CANCELED, CANCELING}
 
 
+def test_detect_inside_each_slides_region_annotation(server, cli_id, slide_file):
+    """``regionAnnotation=tumour``: a slide without the annotation is left out; one with a result of the model
+    inside it saved since it last changed is done; the rest are queued with the name and the slide's item, which
+    the task reads the region from. Redrawing the region makes its slide's result stale."""
+    root = folder(server, server.folder_id, 'regions')
+    ids = {name: slide_in(server, slide_file, root, name) for name in ('drawn.tiff', 'done.tiff', 'none.tiff')}
+    tumour = {'name': 'tumour', 'elements': [
+        {'type': 'polyline', 'closed': True, 'points': [[10, 10, 0], [300, 20, 0], [200, 300, 0]]}]}
+    for name in ('drawn.tiff', 'done.tiff'):
+        ids[name + ' tumour'] = annotate(server, ids[name][0], tumour)['_id']
+    annotate(server, ids['none.tiff'][0], {**tumour, 'name': 'stroma'})
+    inside = nuclei(7, DEFAULT_MODEL, roi=[10, 10, 290, 290])
+    inside['attributes']['params']['region_annotation'] = 'tumour'
+    post_annotations(server.api_url, server.token, ids['done.tiff'][0], inside, **FAST)
+    # a whole-slide result does not count as one inside the region
+    post_annotations(server.api_url, server.token, ids['drawn.tiff'][0], nuclei(9, DEFAULT_MODEL), **FAST)
+    assert result_of(server, ids['done.tiff'][0])['region_annotation'] == 'tumour'
+
+    parent, jobs = detect(server, root, regionAnnotation=' tumour ')
+    assert parent['cellrcnnBatch'] | {'scheduled': None} == {
+        'total': 3, 'finished': 1, 'running': 0, 'todo': 1, 'no_region': 1, 'no_write_folders': 0,
+        'model': DEFAULT_MODEL, 'model_sha256': None, 'region_annotation': 'tumour', 'scheduled': None}
+    assert "1 already have a result of cellrcnn-default.pt inside their annotation 'tumour'" in parent['log'][0]
+    assert "1 have no annotation named 'tumour'" in parent['log'][0]
+    (job,) = jobs
+    assert job['cellrcnnSlide'] == ids['drawn.tiff'][0]
+    args = server.client().get(f'job/{job["_id"]}')['kwargs']['container_args']
+    assert args[args.index('--region_annotation') + 1] == 'tumour'
+    assert args[args.index('--girder_slide') + 1] == ids['drawn.tiff'][0]
+
+    # the pathologist redraws done.tiff's region: its result is older than the region now
+    server.client().put(f'annotation/{ids["done.tiff tumour"]}', json=tumour)
+    rows = {r['name']: r for r in server.client().get(f'cellrcnn/folder/{root}/results')}
+    assert rows['done.tiff']['region_annotation'] == 'tumour' and rows['drawn.tiff']['region_annotation'] is None
+    again, again_jobs = detect(server, root, regionAnnotation='tumour')
+    assert [j['cellrcnnSlide'] for j in again_jobs] == [ids['done.tiff'][0]]
+    assert (again['cellrcnnBatch']['running'], again['cellrcnnBatch']['finished']) == (1, 0)
+    assert error_of(lambda: server.client().post(f'cellrcnn/folder/{root}/detect',
+                                                 {'regionAnnotation': 'x' * 201})) == (
+        400, 'regionAnnotation is at most 200 characters')
+
+
 def test_detect_with_another_model(server, cli_id, run_folder, tmp_path):
     ids = run_folder
     model_path = tmp_path / 'other.pt'
@@ -403,6 +445,6 @@ def test_the_request_only_starts_a_batch_whose_job_keeps_no_list_of_slides(serve
     assert parent['cellrcnnBatch']['model_sha256'] == sha256(data)
     assert (parent['cellrcnnBatch']['total'], parent['cellrcnnBatch']['todo'], len(jobs)) == (2, 2, 2)
     stored = in_database(server, "result = db['job'].find_one({'_id': ObjectId(args[0])})['kwargs']", answer['_id'])
-    assert sorted(json.loads(stored)) == ['cliItemId', 'folderId', 'model', 'modelFileId']  # girder_jobs: JSON text
+    assert sorted(json.loads(stored)) == ['cliItemId', 'folderId', 'model', 'modelFileId', 'regionAnnotation']  # JSON
     for job in jobs:
         play_worker(server, job['_id'], 2, 4)

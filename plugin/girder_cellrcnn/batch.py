@@ -7,6 +7,11 @@ records its slide (``cellrcnnSlide``) and its parent (``parentId``); as the chil
 progress counts the slides done, and when every child has ended it ends: success when all did, error otherwise.
 Cancelling the parent cancels the children that have not ended (:func:`on_cancel`).
 
+With a region annotation name (``regionAnnotation``) each slide is counted inside its annotations of that name: the
+child job gets the name and the slide's item (``region_annotation``, ``girder_slide``) and the task reads the region
+from Girder; slides without such an annotation are left out, and a slide is finished when it holds a result of the
+model inside them saved since they last changed (``results.has_result``).
+
 Slides that already hold a whole-slide result of the model, or have a CellDetection job of the model still waiting
 or running, are skipped: starting again after an interruption picks up where the last run stopped. A model file is
 identified by the SHA-256 of its bytes (:mod:`.model_files`), the bundled model by its name.
@@ -44,6 +49,7 @@ from .results import (
     folder_slides,
     has_result,
     is_label_images_folder,
+    region_changed,
 )
 
 JOB_TYPE = 'cellrcnn_batch'
@@ -60,6 +66,8 @@ CLI_CATEGORY = 'cellrcnn'
 #: recently updated CellDetection task an administrator registered through slicer_cli_web)
 TASK_SETTING = 'cellrcnn.task_item'
 API_URL_SETTING = 'worker.api_url'
+#: the longest name of a region annotation a folder run takes
+REGION_NAME_MAX_CHARS = 200
 TOKEN_DAYS = 1  # the batch's token only queues the slides' jobs (girder_worker gives each job its own)
 ENDED = {JobStatus.SUCCESS, JobStatus.ERROR, JobStatus.CANCELED}
 WAITING_OR_RUNNING = [JobStatus.INACTIVE, JobStatus.QUEUED, JobStatus.RUNNING,
@@ -176,10 +184,13 @@ def require_worker_api_url():
     return url
 
 
-def active_job(file_id, model_file_id):
-    """A CellDetection job of this model on this slide file that is still waiting or running, or None."""
+def active_job(file_id, model_file_id, region_annotation=None):
+    """A CellDetection job of this model on this slide file (counting inside its annotations named
+    ``region_annotation``, when given) that is still waiting or running, or None."""
     query = {'_original_name': CLI_NAME, '_original_params.inputImageFile': str(file_id),
              'status': {'$in': WAITING_OR_RUNNING}}
+    if region_annotation:
+        query['_original_params.region_annotation'] = region_annotation
     if model_file_id:
         query['_original_params.model_file'] = model_file_id
     else:
@@ -187,24 +198,34 @@ def active_job(file_id, model_file_id):
     return Job().findOne(query, fields=['_id'])
 
 
-def plan(folder, user, model, model_file_id, sha=None):
+def plan(folder, user, model, model_file_id, sha=None, region_annotation=None):
     """Which slides of the folder tree to run: ``{"slides": [...], "finished": n, "running": n, "total": n,
-    "no_write_folders": n}``. Each slide is ``{"itemId", "fileId", "folderId", "name", "path"}``."""
+    "no_write_folders": n, "no_region": n}``. Each slide is ``{"itemId", "fileId", "folderId", "name", "path"}``.
+    With ``region_annotation`` each slide is counted inside its annotations of that name that ``user`` may read;
+    a slide without one is left out (``no_region``), one with a result of the model inside them saved since they
+    last changed is finished (``results.has_result``)."""
     found, denied = folder_slides(folder, user, level=AccessType.WRITE)
-    todo, finished, running = [], 0, 0
+    todo, finished, running, no_region = [], 0, 0, 0
     for path, item, parent in found:
-        if has_result(item, model, sha):
+        region = None
+        if region_annotation:
+            since = region_changed(item, user, region_annotation)
+            if since is None:
+                no_region += 1
+                continue
+            region = (region_annotation, since)
+        if has_result(item, model, sha, region):
             finished += 1
-        elif active_job(item['largeImage']['fileId'], model_file_id):
+        elif active_job(item['largeImage']['fileId'], model_file_id, region_annotation):
             running += 1
         else:
             todo.append({'itemId': str(item['_id']), 'fileId': str(item['largeImage']['fileId']),
                          'folderId': str(parent['_id']), 'name': item['name'], 'path': path})
     return {'slides': todo, 'finished': finished, 'running': running, 'total': len(found),
-            'no_write_folders': denied}
+            'no_write_folders': denied, 'no_region': no_region}
 
 
-def start(folder, user, cli, model, model_file_id):
+def start(folder, user, cli, model, model_file_id, region_annotation=None):
     """Create and schedule the parent job; :returns: the job. Its thread (:func:`_schedule`) hashes the model, walks
     the folder tree and queues the slides: the request does none of that, and the job document holds no list of
     slides, whatever the folder's size. girder_worker's tasks call back to the ``worker.api_url`` setting
@@ -215,19 +236,25 @@ def start(folder, user, cli, model, model_file_id):
         module='girder_cellrcnn.batch', function='run', title=f'Cell detection on folder {folder["name"]}',
         type=JOB_TYPE, user=user, public=False, asynchronous=True,
         kwargs={'folderId': str(folder['_id']), 'cliItemId': str(cli._id), 'model': model,
-                'modelFileId': model_file_id},
-        otherFields={'cellrcnnBatch': {'model': model, 'scheduled': False}})
+                'modelFileId': model_file_id, 'regionAnnotation': region_annotation},
+        otherFields={'cellrcnnBatch': {'model': model, 'scheduled': False,
+                                       **({'region_annotation': region_annotation} if region_annotation else {})}})
     Job().scheduleJob(job)
     return job
 
 
-def _record_plan(job, work, model, sha):
+def _record_plan(job, work, model, sha, region_annotation=None):
     """Put the plan's counts on the batch job (``cellrcnnBatch``, its log and its progress)."""
-    skipped = (f'{work["finished"]} already have a result of {model}, {work["running"]} have a {CLI_NAME} job of it '
-               f'waiting or running')
+    inside = f' inside their annotation {region_annotation!r}' if region_annotation else ''
+    skipped = (f'{work["finished"]} already have a result of {model}{inside}, {work["running"]} have a {CLI_NAME} '
+               f'job of it waiting or running')
+    if region_annotation:
+        skipped += f', {work["no_region"]} have no annotation named {region_annotation!r}'
     if work['no_write_folders']:
         skipped += f'; {work["no_write_folders"]} subfolders you may not write to were left out'
     counts = {k: work[k] for k in ('total', 'finished', 'running', 'no_write_folders')}
+    if region_annotation:
+        counts['no_region'] = work['no_region']
     return Job().updateJob(job, log=f'{work["total"]} slides in the folder tree: {skipped}; '
                                     f'{len(work["slides"])} to detect with {model}\n',
                            progressTotal=len(work['slides']), progressCurrent=0,
@@ -262,8 +289,9 @@ def _schedule(job):
         if folder is None:
             raise RestException(f'the folder {kwargs["folderId"]} is gone, or you may no longer write to it')
         sha = model_sha256(kwargs['modelFileId'])
-        work = plan(folder, user, kwargs['model'], kwargs['modelFileId'], sha)
-        job = _record_plan(job, work, kwargs['model'], sha)
+        region_annotation = kwargs.get('regionAnnotation')
+        work = plan(folder, user, kwargs['model'], kwargs['modelFileId'], sha, region_annotation)
+        job = _record_plan(job, work, kwargs['model'], sha, region_annotation)
         handler = genHandlerToRunDockerCLI(cli)
         # The current token of the scheduling below: slicer_cli_web's run handler reads the user from it and
         # girder_worker mints each job's own token then. It is needed only while queueing, so it lives a day at
@@ -272,7 +300,7 @@ def _schedule(job):
         for slide in work['slides']:
             if _ended(job):
                 return  # canceled: schedule no more
-            child = _start_child(handler, cli, slide, kwargs['modelFileId'], user, token)
+            child = _start_child(handler, cli, slide, kwargs['modelFileId'], user, token, region_annotation)
             Job().updateJob(child, otherFields={'parentId': job['_id'], 'cellrcnnSlide': slide['itemId']},
                             notify=False)
             if _ended(job):  # canceled while this slide was queued, perhaps too late for on_cancel to see it
@@ -327,8 +355,9 @@ def _revoke(token):
             logger.exception('cellrcnn: could not delete a batch token')
 
 
-def _start_child(handler, cli, slide, model_file_id, user, token):
-    """The slicer_cli_web job of one slide, as HistomicsUI's Submit makes it."""
+def _start_child(handler, cli, slide, model_file_id, user, token, region_annotation=None):
+    """The slicer_cli_web job of one slide, as HistomicsUI's Submit makes it; with ``region_annotation``, counting
+    inside the slide's annotations of that name, which the task reads from the slide's item."""
     stem = os.path.splitext(slide['name'])[0]
     params = {'inputImageFile': slide['fileId'], 'girderApiUrl': '', 'girderToken': ''}  # slicer_cli_web fills these
     for output in OUTPUTS:
@@ -337,6 +366,8 @@ def _start_child(handler, cli, slide, model_file_id, user, token):
     params.update({output: f'{stem}-{output}{extension}', f'{output}_folder': label_images_folder(slide, user)})
     if model_file_id:
         params['model_file'] = model_file_id
+    if region_annotation:
+        params.update({'region_annotation': region_annotation, 'girder_slide': slide['itemId']})
     # girder_worker tells a Girder request from other code by cherrypy.request.app; this thread is Girder code
     # without a request, as in slicer_cli_web's batch runs, which set it the same way.
     before = cherrypy.request.app

@@ -76,11 +76,15 @@ class CellRCNNResource(Resource):
         .param('cli', 'Id of the slicer_cli_web CellDetection task item; default: the one the cellrcnn.task_item '
                'setting names, else the most recently registered one. Only tasks an administrator registered '
                '(PUT /slicer_cli_web/docker_image) or named in that setting are run.', required=False)
+        .param('regionAnnotation', 'Count each slide only inside the areas its annotations of this name outline '
+               '(rectangles, ellipses, circles, closed polygons, e.g. a tumour a pathologist drew); slides without '
+               'one are left out, and a slide is done when it holds a result of the model inside them saved since '
+               'they last changed. Default: whole slides.', required=False)
         .errorResponse('Write access was denied on the folder, or the task is not one an administrator '
                        'registered.', 403)
         .errorResponse('The worker.api_url setting is not set (an administrator sets it).', 503)
     )
-    def detect(self, folder: dict, model: str | None, cli: str | None) -> dict:
+    def detect(self, folder: dict, model: str | None, cli: str | None, regionAnnotation: str | None) -> dict:
         try:
             import girder_worker.girder_plugin  # noqa: F401  girder_worker's Girder side: what queues the jobs
         except ImportError:
@@ -91,7 +95,10 @@ class CellRCNNResource(Resource):
         user = self.getCurrentUser()
         task = batch.find_cli(user, cli)
         model_name, model_file_id = model_files.model_of(user, model)
-        job = batch.start(folder, user, task, model_name, model_file_id)
+        region_annotation = (regionAnnotation or '').strip() or None
+        if region_annotation is not None and len(region_annotation) > batch.REGION_NAME_MAX_CHARS:
+            raise RestException(f'regionAnnotation is at most {batch.REGION_NAME_MAX_CHARS} characters', 400)
+        job = batch.start(folder, user, task, model_name, model_file_id, region_annotation)
         return Job().filter(job, user)
 
     @access.user

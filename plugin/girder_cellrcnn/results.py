@@ -7,14 +7,15 @@ pixelmap, the tissue outline: its ``kind``). Its summary goes into the item's me
 
     {"cells", "tissue_mm2", "cells_per_mm2", "ink_or_fill_mm2", "score": {"mean", "min", "max", "p5", "p25", "p50",
      "p75", "p95", "histogram": [counts of floor(10 * score) = 0, ..., 9]}, "model", "model_sha256",
-     "cellrcnn_version", "roi", "annotation_id", "date"}
+     "cellrcnn_version", "roi", "region_annotation", "annotation_id", "date"}
 
 and, for a model with cell types (the run's ``attributes.stats.cell_types``), ``cell_types`` (per type its count,
 density per mm² and fraction) and ``lymphocyte_per_tumour``: see :mod:`girder_cellrcnn.cell_types`. They are the
 counts the run recorded: an annotation edited by hand keeps them, while ``cells`` counts its elements.
 
 ``roi`` is the analysed region (left, top, width, height; the bounding box of a region drawn as polygons, which the
-run's ``params.polygons`` hold) of a run on part of the slide, None for the whole slide;
+run's ``params.polygons`` hold) of a run on part of the slide, None for the whole slide; ``region_annotation`` the
+name of the slide's annotations that outlined the region, for a run counted inside them (None otherwise);
 ``tissue_mm2`` and ``cells_per_mm2`` are those of the region analysed, ``ink_or_fill_mm2`` the pen ink and black
 fill the run left out there (None on results made before the library recorded it). ``model`` is the checkpoint's
 file name (for people), ``model_sha256`` the SHA-256 of its bytes (what identifies the model; None on results made
@@ -225,6 +226,7 @@ def _summary(annotation, count, scores):
         SHA_KEY: attributes.get(SHA_KEY),
         'cellrcnn_version': attributes.get(MARKER),
         'roi': list(params['roi']) if isinstance(params.get('roi'), (list, tuple)) else None,
+        'region_annotation': params['region_annotation'] if isinstance(params.get('region_annotation'), str) else None,
         'annotation_id': str(annotation['_id']),
         'date': _iso(annotation.get('updated') or annotation.get('created')),
     }
@@ -356,11 +358,37 @@ def _whole_slide_result_of(attributes, model, sha):
     return _marked(attributes) and same_model(attributes, model, sha) and not params.get('roi')
 
 
-def has_result(item, model, sha=None):
+def _region_result_of(annotation, model, sha, name, since):
+    attributes = annotation['annotation'].get('attributes') or {}
+    params = attributes.get('params') if isinstance(attributes.get('params'), dict) else {}
+    made = annotation.get('updated') or annotation.get('created')
+    return (_marked(attributes) and same_model(attributes, model, sha) and params.get('region_annotation') == name
+            and isinstance(made, datetime.datetime) and made >= since)
+
+
+def region_changed(item, user, name):
+    """When the item's active annotations named ``name`` that ``user`` may read were last changed (the latest of
+    their ``updated`` times), or None when it has none: the region a folder run counts inside (``batch``)."""
+    from girder_large_image_annotation.models.annotation import Annotation
+
+    query = {'itemId': item['_id'], 'annotation.name': name, '_active': {'$ne': False}}
+    times = [a.get('updated') or a.get('created') for a in Annotation().findWithPermissions(
+        query, fields=['updated', 'created'], user=user, level=AccessType.READ)]
+    times = [t for t in times if isinstance(t, datetime.datetime)]
+    return max(times) if times else None
+
+
+def has_result(item, model, sha=None, region=None):
     """Whether a slide's item holds a whole-slide nuclei result of a model (by its metadata, or by any of its
     annotations made by writers of the item: one of another model may be newer, or saved before the plugin was
     installed). The model is ``model`` (a name) and ``sha`` (the SHA-256 of its checkpoint; None for the bundled
-    model, which is known by its name): see :func:`same_model`."""
+    model, which is known by its name): see :func:`same_model`. With ``region`` (``(name, since)``): a result of the
+    model counted inside the slide's annotations of that name (``params.region_annotation``), saved at or after
+    ``since`` (:func:`region_changed`), instead: a region redrawn since is counted again."""
+    if region is not None:
+        users = {}
+        return any(_region_result_of(a, model, sha, *region) and from_writer(a, item, users)
+                   for a in _active_results(item['_id']))
     current = (item.get('meta') or {}).get(META_KEY)
     if isinstance(current, dict) and same_model(current, model, sha) and not current.get('roi'):
         return True

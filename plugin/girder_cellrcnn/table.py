@@ -12,7 +12,7 @@ from . import cell_types
 from .results import META_KEY, iter_slides
 
 COLUMNS = ('name', 'path', 'item_id', 'cells', 'tissue_mm2', 'cells_per_mm2', 'ink_or_fill_mm2', 'score_mean',
-           'score_median', 'model', 'cellrcnn_version', 'roi', 'annotation_id', 'date')
+           'score_median', 'model', 'cellrcnn_version', 'roi', 'region_annotation', 'annotation_id', 'date')
 #: a CSV cell starting with one of these is a formula to spreadsheets: it gets a leading ' (OWASP's advice)
 FORMULA_START = ('=', '+', '-', '@', '\t', '\r')
 TABLE_FIELDS = ['_id', 'name', 'folderId', 'largeImage', f'meta.{META_KEY}']
@@ -48,6 +48,7 @@ def table_rows(folder, user, columns):
             'score_median': score.get('p50'), 'model': result.get('model'),
             'cellrcnn_version': result.get('cellrcnn_version'),
             'roi': ','.join(str(v) for v in result['roi']) if result.get('roi') else None,
+            'region_annotation': result.get('region_annotation'),
             'annotation_id': result.get('annotation_id'), 'date': result.get('date'),
             **types, **{k: v for k, v in cell_types.columns(result, COLUMNS).items() if k in types},
         }
