@@ -261,10 +261,10 @@ def test_folder_detection_counts_inside_each_slides_region_annotation(dsa, synth
     gc.post('annotation', {'itemId': drawn}, json={'name': 'tumour', 'elements': [
         {'type': 'polyline', 'closed': True, 'points': quad}]})
     batch = dsa.wait_for_job(gc.post(f'cellrcnn/folder/{cohort}/detect', {'regionAnnotation': 'tumour'})['_id'], 600)
-    assert batch['status'] == JOB_SUCCESS, ''.join(batch['log'])[-3000:]
-    assert (batch['cellrcnnBatch']['todo'], batch['cellrcnnBatch']['no_region']) == (1, 1)
     (child,) = gc.get('job', {'limit': 0, 'parentId': batch['_id'], 'userId': batch['userId']})
     assert child['status'] == JOB_SUCCESS, job_log(dsa, child['_id'])[-3000:]
+    assert batch['status'] == JOB_SUCCESS, ''.join(batch['log'])[-3000:]
+    assert (batch['cellrcnnBatch']['todo'], batch['cellrcnnBatch']['no_region']) == (1, 1)
     nuclei = annotations_of(dsa, drawn, count=6)[DEFAULT_NAME]
     assert nuclei['attributes']['params']['region_annotation'] == 'tumour'
     centres = (boxes_of(nuclei)[:, :2] + boxes_of(nuclei)[:, 2:]) / 2

@@ -278,11 +278,19 @@ def test_the_task_counts_inside_the_slides_annotation_of_a_name(server, slide_fi
     centres = [((e['center'][0]), e['center'][1]) for e in doc['elements']]
     assert len(centres) > 10 and inside(params['polygons'], *zip(*centres)).all()
 
+    # given the polygons too (a folder run of the plugin reads them), the task reads nothing from Girder
+    points = ','.join(str(v) for p in quad + quad[:1] for v in p[:2])
+    (tmp_path / 'given').mkdir()
+    run = entrypoint(*task_args(slide_file, tmp_path / 'given', tiny_checkpoint, server, '--region_annotation',
+                                'tumour', '--analysis_roi', points, '--girder-token', ''))
+    assert run.returncode == 0, run.stderr
+    given = read_annotation_file(tmp_path / 'given' / 'nuclei.anot')
+    assert given['attributes']['params'] == params and len(given['elements']) == len(doc['elements'])
+
     for extra, message in ((('--region_annotation', 'stroma', '--girder_slide', item_id),
                             "no annotation named 'stroma' on the slide"),
                            (('--region_annotation', 'tumour', '--girder_slide', item_id, '--analysis_roi',
-                             '0,0,100,100'),
-                            'give a region to analyse or the name of a region annotation, not both'),
+                             '0,0,100,100'), 'a region annotation outlines polygons, not a rectangle'),
                            (('--region_annotation', 'tumour'), 'region_annotation is read from Girder: it needs')):
         run = entrypoint(*task_args(slide_file, tmp_path / 'bad', tiny_checkpoint, server, *extra))
         assert run.returncode == 2 and run.stderr.strip().startswith(f'CellDetection: error: {message}'), run.stderr

@@ -8,6 +8,7 @@ import ast
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 
 from cellrcnn import cohort, girder_post, girder_target
@@ -42,13 +43,17 @@ def test_the_library_and_the_plugin_agree(library, module, name):
     assert plugin_constant(module, name) == library
 
 
-def plugin_cell_types():
-    """The plugin's :mod:`girder_cellrcnn.cell_types`, imported by its path (not through the package, which needs
-    Girder)."""
-    spec = importlib.util.spec_from_file_location('plugin_cell_types', os.path.join(PLUGIN, 'cell_types.py'))
+def plugin_module(name):
+    """The plugin's pure-Python module ``girder_cellrcnn.<name>``, imported by its path (not through the package,
+    which needs Girder)."""
+    spec = importlib.util.spec_from_file_location(f'plugin_{name}', os.path.join(PLUGIN, f'{name}.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def plugin_cell_types():
+    return plugin_module('cell_types')
 
 
 @pytest.mark.parametrize('counts, tissue', [
@@ -69,3 +74,41 @@ def test_the_plugin_gives_a_results_row_the_cell_type_columns_of_a_cohort_row(co
             assert library[column] == '', column
         else:
             assert value == pytest.approx(library[column], abs=0.05), column
+
+
+@pytest.mark.parametrize('element', [
+    {'type': 'rectangle', 'center': [100, 50, 0], 'width': 40, 'height': 20, 'rotation': 0.3},
+    {'type': 'rectangle', 'center': [100, 50, 0], 'width': 40, 'height': 20},
+    {'type': 'ellipse', 'center': [10, 20, 0], 'width': 40, 'height': 10, 'rotation': -1.2},
+    {'type': 'circle', 'center': [5, 5, 0], 'radius': 3},
+    {'type': 'polyline', 'closed': True, 'points': [[0, 0, 0], [10, 0, 0], [10, 10, 0], [0, 10, 0]]},
+])
+def test_a_folder_run_reads_a_region_annotation_as_the_library_does(element):
+    """The plugin reads a slide's region annotation when it queues the slide (``girder_cellrcnn.regions``); what it
+    gives the task is the region ``cellrcnn batch --region-annotation`` reads from the same annotation."""
+    from cellrcnn.region import annotation_region, region_settings
+
+    values = plugin_module('regions').region_values([element, {'type': 'point', 'center': [1, 1, 0]}, element])
+    library = annotation_region([{'elements': [element, element]}], 'tumour')
+    given = region_settings(values)
+    assert given['roi'] == pytest.approx(library['roi'])
+    assert len(given['polygons']) == len(library['polygons']) == 2
+    for ours, theirs in zip(given['polygons'], library['polygons']):
+        assert np.allclose(ours, theirs, atol=1e-9)
+
+
+@pytest.mark.parametrize('elements, message', [
+    ([{'type': 'point', 'center': [1, 2, 0]}], 'outlines no area'),
+    ([{'type': 'polyline', 'closed': True, 'points': [[0, 0, 0], [9, 0, 0], [9, 9, 0]], 'holes': [[[1, 1, 0]]]}],
+     'with holes'),
+    ([{'type': 'rectangle', 'center': [1, 2, 0]}], 'without its size or position'),
+])
+def test_a_region_annotation_that_cannot_be_counted_is_refused_on_both_sides(elements, message):
+    from cellrcnn.errors import CellRCNNError
+    from cellrcnn.region import annotation_region
+
+    regions = plugin_module('regions')
+    with pytest.raises(regions.RegionError, match=message):
+        regions.region_values(elements)
+    with pytest.raises(CellRCNNError):
+        annotation_region([{'elements': elements}], 'tumour')

@@ -15,9 +15,11 @@ import csv
 import hashlib
 import io
 import json
+import math
 import sys
 import time
 
+import numpy as np
 import pytest
 import requests
 
@@ -219,16 +221,24 @@ def test_cancelling_a_batch_cancels_its_slide_jobs(server, cli_id, slide_file):
 
 
 def test_detect_inside_each_slides_region_annotation(server, cli_id, slide_file):
-    """``regionAnnotation=tumour``: a slide without the annotation is left out; one with a result of the model
-    inside it saved since it last changed is done; the rest are queued with the name and the slide's item, which
-    the task reads the region from. Redrawing the region makes its slide's result stale."""
+    """``regionAnnotation=tumour``: a slide without the annotation is left out, one whose annotation cannot be
+    counted is named in the log; one with a result of the model inside it saved since it last changed is done; the
+    rest are queued with the name and the polygons the annotation outlines as the region to analyse. Redrawing the
+    region makes its slide's result stale."""
     root = folder(server, server.folder_id, 'regions')
-    ids = {name: slide_in(server, slide_file, root, name) for name in ('drawn.tiff', 'done.tiff', 'none.tiff')}
+    ids = {name: slide_in(server, slide_file, root, name) for name in ('drawn.tiff', 'done.tiff', 'none.tiff',
+                                                                        'holes.tiff')}
     tumour = {'name': 'tumour', 'elements': [
         {'type': 'polyline', 'closed': True, 'points': [[10, 10, 0], [300, 20, 0], [200, 300, 0]]}]}
     for name in ('drawn.tiff', 'done.tiff'):
         ids[name + ' tumour'] = annotate(server, ids[name][0], tumour)['_id']
     annotate(server, ids['none.tiff'][0], {**tumour, 'name': 'stroma'})
+    annotate(server, ids['holes.tiff'][0], {'name': 'tumour', 'elements': [
+        {**tumour['elements'][0], 'holes': [[[100, 100, 0], [120, 100, 0], [110, 120, 0]]]}]})
+    # the pathologist's second area on drawn.tiff, in an annotation of its own: an ellipse turned a quarter turn
+    annotate(server, ids['drawn.tiff'][0], {'name': 'tumour', 'elements': [
+        {'type': 'ellipse', 'center': [500, 300, 0], 'width': 100, 'height': 40, 'rotation': math.pi / 2},
+        {'type': 'point', 'center': [600, 50, 0]}]})
     inside = nuclei(7, DEFAULT_MODEL, roi=[10, 10, 290, 290])
     inside['attributes']['params']['region_annotation'] = 'tumour'
     post_annotations(server.api_url, server.token, ids['done.tiff'][0], inside, **FAST)
@@ -238,15 +248,24 @@ def test_detect_inside_each_slides_region_annotation(server, cli_id, slide_file)
 
     parent, jobs = detect(server, root, regionAnnotation=' tumour ')
     assert parent['cellrcnnBatch'] | {'scheduled': None} == {
-        'total': 3, 'finished': 1, 'running': 0, 'todo': 1, 'no_region': 1, 'no_write_folders': 0,
-        'model': DEFAULT_MODEL, 'model_sha256': None, 'region_annotation': 'tumour', 'scheduled': None}
-    assert "1 already have a result of cellrcnn-default.pt inside their annotation 'tumour'" in parent['log'][0]
-    assert "1 have no annotation named 'tumour'" in parent['log'][0]
+        'total': 4, 'finished': 1, 'running': 0, 'todo': 1, 'no_region': 1, 'unusable_region': 1,
+        'no_write_folders': 0, 'model': DEFAULT_MODEL, 'model_sha256': None, 'region_annotation': 'tumour',
+        'scheduled': None}
+    log = ''.join(parent['log'])
+    assert "1 already have a result of cellrcnn-default.pt inside their annotation 'tumour'" in log
+    assert "1 have no annotation named 'tumour', 1 one that cannot be counted" in log
+    assert ("left out: holes.tiff: its annotation 'tumour' has a polygon with holes, which cannot be counted: draw "
+            "the area without them\n") in log
     (job,) = jobs
     assert job['cellrcnnSlide'] == ids['drawn.tiff'][0]
     args = server.client().get(f'job/{job["_id"]}')['kwargs']['container_args']
-    assert args[args.index('--region_annotation') + 1] == 'tumour'
-    assert args[args.index('--girder_slide') + 1] == ids['drawn.tiff'][0]
+    assert args[args.index('--region_annotation') + 1] == 'tumour' and '--girder_slide' not in args
+    # both annotations' areas, each closed by its first point, -1,-1 between them: what the task's region takes
+    values = [float(v) for v in args[args.index('--analysis_roi') + 1].split(',')]
+    assert values[:8] == [10, 10, 300, 20, 200, 300, 10, 10] and values[8:10] == [-1, -1]
+    ellipse = np.array(values[10:]).reshape(-1, 2)
+    assert len(ellipse) == 65 and np.allclose(ellipse.min(axis=0), [480, 250]) and np.allclose(
+        ellipse.max(axis=0), [520, 350])
 
     # the pathologist redraws done.tiff's region: its result is older than the region now
     server.client().put(f'annotation/{ids["done.tiff tumour"]}', json=tumour)

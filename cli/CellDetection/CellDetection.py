@@ -31,13 +31,18 @@ def settings_from(args):
 
 def region_of(args):
     """The region to analyse: the one drawn (``analysis_roi``), or the areas the slide's annotations named
-    ``region_annotation`` outline, read from Girder (``cellrcnn.region.girder_region``) with the job's token."""
+    ``region_annotation`` outline, read from Girder (``cellrcnn.region.girder_region``) with the job's token. Given
+    both (a folder run of the Girder plugin passes the areas it read), the region is the one given, and the name is
+    recorded with it."""
     name = (getattr(args, 'region_annotation', None) or '').strip()
     region = region_settings(args.analysis_roi)
     if not name:
         return region
+    if region['polygons'] is not None:
+        return {**region, 'region_annotation': name}
     if region['roi'] is not None:
-        raise CellRCNNError('give a region to analyse or the name of a region annotation, not both')
+        raise CellRCNNError('a region annotation outlines polygons, not a rectangle: give the region to analyse or '
+                            'the name of a region annotation')
     url, token, slide = args.girderApiUrl, args.girderToken, getattr(args, 'girder_slide', None)
     if not url or not token or not slide:
         raise CellRCNNError('region_annotation is read from Girder: it needs the Girder API URL, a token and the '

@@ -8,9 +8,11 @@ progress counts the slides done, and when every child has ended it ends: success
 Cancelling the parent cancels the children that have not ended (:func:`on_cancel`).
 
 With a region annotation name (``regionAnnotation``) each slide is counted inside its annotations of that name: the
-child job gets the name and the slide's item (``region_annotation``, ``girder_slide``) and the task reads the region
-from Girder; slides without such an annotation are left out, and a slide is finished when it holds a result of the
-model inside them saved since they last changed (``results.has_result``).
+batch reads the areas they outline when it queues the slide (``results.slide_region``, :mod:`.regions`) and gives
+the child job them as its region to analyse (``analysis_roi``) with the name (``region_annotation``), which the
+result records: the task needs no access to Girder. Slides without such an annotation are left out and counted,
+those whose annotation cannot be counted (no area, holes) are named in the log, and a slide is finished when it
+holds a result of the model inside them saved since they last changed (``results.has_result``).
 
 Slides that already hold a whole-slide result of the model, or have a CellDetection job of the model still waiting
 or running, are skipped: starting again after an interruption picks up where the last run stopped. A model file is
@@ -24,6 +26,7 @@ the callback address is the administrator's ``worker.api_url`` setting, never ta
 queues the slides' jobs lives for a day at most and is deleted as soon as they are queued.
 """
 
+import json
 import os
 import threading
 
@@ -42,6 +45,7 @@ from girder_jobs.constants import JobStatus
 from girder_jobs.models.job import Job
 
 from .model_files import model_sha256
+from .regions import RegionError
 from .results import (
     LABEL_IMAGES_FOLDER,
     LABEL_IMAGES_META,
@@ -49,7 +53,7 @@ from .results import (
     folder_slides,
     has_result,
     is_label_images_folder,
-    region_changed,
+    slide_region,
 )
 
 JOB_TYPE = 'cellrcnn_batch'
@@ -66,6 +70,8 @@ CLI_CATEGORY = 'cellrcnn'
 #: recently updated CellDetection task an administrator registered through slicer_cli_web)
 TASK_SETTING = 'cellrcnn.task_item'
 API_URL_SETTING = 'worker.api_url'
+#: the slides whose region annotation cannot be counted that a batch's log names, one line each
+UNUSABLE_SHOWN = 20
 #: the longest name of a region annotation a folder run takes
 REGION_NAME_MAX_CHARS = 200
 TOKEN_DAYS = 1  # the batch's token only queues the slides' jobs (girder_worker gives each job its own)
@@ -200,19 +206,25 @@ def active_job(file_id, model_file_id, region_annotation=None):
 
 def plan(folder, user, model, model_file_id, sha=None, region_annotation=None):
     """Which slides of the folder tree to run: ``{"slides": [...], "finished": n, "running": n, "total": n,
-    "no_write_folders": n, "no_region": n}``. Each slide is ``{"itemId", "fileId", "folderId", "name", "path"}``.
+    "no_write_folders": n, "no_region": n, "unusable_regions": [line, ...]}``. Each slide is ``{"itemId",
+    "fileId", "folderId", "name", "path", "region"}``, its region the numbers of :func:`results.slide_region`.
     With ``region_annotation`` each slide is counted inside its annotations of that name that ``user`` may read;
     a slide without one is left out (``no_region``), one with a result of the model inside them saved since they
     last changed is finished (``results.has_result``)."""
     found, denied = folder_slides(folder, user, level=AccessType.WRITE)
-    todo, finished, running, no_region = [], 0, 0, 0
+    todo, finished, running, no_region, unusable = [], 0, 0, 0, []
     for path, item, parent in found:
-        region = None
+        region = values = None
         if region_annotation:
-            since = region_changed(item, user, region_annotation)
-            if since is None:
+            try:
+                found_region = slide_region(item, user, region_annotation)
+            except RegionError as exc:
+                unusable.append(f'{path}: its annotation {region_annotation!r} {exc}')
+                continue
+            if found_region is None:
                 no_region += 1
                 continue
+            values, since = found_region
             region = (region_annotation, since)
         if has_result(item, model, sha, region):
             finished += 1
@@ -220,9 +232,9 @@ def plan(folder, user, model, model_file_id, sha=None, region_annotation=None):
             running += 1
         else:
             todo.append({'itemId': str(item['_id']), 'fileId': str(item['largeImage']['fileId']),
-                         'folderId': str(parent['_id']), 'name': item['name'], 'path': path})
+                         'folderId': str(parent['_id']), 'name': item['name'], 'path': path, 'region': values})
     return {'slides': todo, 'finished': finished, 'running': running, 'total': len(found),
-            'no_write_folders': denied, 'no_region': no_region}
+            'no_write_folders': denied, 'no_region': no_region, 'unusable_regions': unusable}
 
 
 def start(folder, user, cli, model, model_file_id, region_annotation=None):
@@ -248,15 +260,21 @@ def _record_plan(job, work, model, sha, region_annotation=None):
     inside = f' inside their annotation {region_annotation!r}' if region_annotation else ''
     skipped = (f'{work["finished"]} already have a result of {model}{inside}, {work["running"]} have a {CLI_NAME} '
                f'job of it waiting or running')
+    unusable = work['unusable_regions']
     if region_annotation:
         skipped += f', {work["no_region"]} have no annotation named {region_annotation!r}'
+        if unusable:
+            skipped += f', {len(unusable)} one that cannot be counted'
     if work['no_write_folders']:
         skipped += f'; {work["no_write_folders"]} subfolders you may not write to were left out'
     counts = {k: work[k] for k in ('total', 'finished', 'running', 'no_write_folders')}
     if region_annotation:
-        counts['no_region'] = work['no_region']
+        counts.update(no_region=work['no_region'], unusable_region=len(unusable))
+    shown = unusable[:UNUSABLE_SHOWN] + ([f'... and {len(unusable) - UNUSABLE_SHOWN} more'] if len(unusable) >
+                                         UNUSABLE_SHOWN else [])
     return Job().updateJob(job, log=f'{work["total"]} slides in the folder tree: {skipped}; '
-                                    f'{len(work["slides"])} to detect with {model}\n',
+                                    f'{len(work["slides"])} to detect with {model}\n' +
+                                    ''.join(f'left out: {line}\n' for line in shown),
                            progressTotal=len(work['slides']), progressCurrent=0,
                            otherFields={f'cellrcnnBatch.{k}': v for k, v in
                                         {**counts, 'todo': len(work['slides']), 'model_sha256': sha}.items()})
@@ -300,7 +318,8 @@ def _schedule(job):
         for slide in work['slides']:
             if _ended(job):
                 return  # canceled: schedule no more
-            child = _start_child(handler, cli, slide, kwargs['modelFileId'], user, token, region_annotation)
+            child = _start_child(handler, cli, slide, kwargs['modelFileId'], user, token,
+                                 region_annotation and (region_annotation, slide['region']))
             Job().updateJob(child, otherFields={'parentId': job['_id'], 'cellrcnnSlide': slide['itemId']},
                             notify=False)
             if _ended(job):  # canceled while this slide was queued, perhaps too late for on_cancel to see it
@@ -355,9 +374,10 @@ def _revoke(token):
             logger.exception('cellrcnn: could not delete a batch token')
 
 
-def _start_child(handler, cli, slide, model_file_id, user, token, region_annotation=None):
-    """The slicer_cli_web job of one slide, as HistomicsUI's Submit makes it; with ``region_annotation``, counting
-    inside the slide's annotations of that name, which the task reads from the slide's item."""
+def _start_child(handler, cli, slide, model_file_id, user, token, region=None):
+    """The slicer_cli_web job of one slide, as HistomicsUI's Submit makes it; with ``region`` (the name of the
+    slide's annotations and the region numbers they outline), counting inside them: the job gets the numbers as
+    its region to analyse, and the name, which the result records."""
     stem = os.path.splitext(slide['name'])[0]
     params = {'inputImageFile': slide['fileId'], 'girderApiUrl': '', 'girderToken': ''}  # slicer_cli_web fills these
     for output in OUTPUTS:
@@ -366,8 +386,8 @@ def _start_child(handler, cli, slide, model_file_id, user, token, region_annotat
     params.update({output: f'{stem}-{output}{extension}', f'{output}_folder': label_images_folder(slide, user)})
     if model_file_id:
         params['model_file'] = model_file_id
-    if region_annotation:
-        params.update({'region_annotation': region_annotation, 'girder_slide': slide['itemId']})
+    if region:
+        params.update({'region_annotation': region[0], 'analysis_roi': json.dumps(region[1])})
     # girder_worker tells a Girder request from other code by cherrypy.request.app; this thread is Girder code
     # without a request, as in slicer_cli_web's batch runs, which set it the same way.
     before = cherrypy.request.app

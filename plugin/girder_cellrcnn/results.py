@@ -42,7 +42,7 @@ from girder.models.folder import Folder
 from girder.models.item import Item
 from girder.models.user import User
 
-from . import cell_types
+from . import cell_types, regions
 
 META_KEY = 'cellrcnn'
 MARKER = 'cellrcnn'
@@ -366,16 +366,21 @@ def _region_result_of(annotation, model, sha, name, since):
             and isinstance(made, datetime.datetime) and made >= since)
 
 
-def region_changed(item, user, name):
-    """When the item's active annotations named ``name`` that ``user`` may read were last changed (the latest of
-    their ``updated`` times), or None when it has none: the region a folder run counts inside (``batch``)."""
+def slide_region(item, user, name):
+    """The region a folder run counts the slide inside (``batch``): ``(numbers, since)``, the region numbers of the
+    item's active annotations named ``name`` that ``user`` may read (:func:`girder_cellrcnn.regions.region_values`)
+    and when they last changed (the latest of their ``updated`` times); None when it has none. :raises
+    regions.RegionError: when they outline no area that can be counted."""
     from girder_large_image_annotation.models.annotation import Annotation
 
     query = {'itemId': item['_id'], 'annotation.name': name, '_active': {'$ne': False}}
-    times = [a.get('updated') or a.get('created') for a in Annotation().findWithPermissions(
-        query, fields=['updated', 'created'], user=user, level=AccessType.READ)]
-    times = [t for t in times if isinstance(t, datetime.datetime)]
-    return max(times) if times else None
+    found = [Annotation().load(a['_id'], user=user, level=AccessType.READ) for a in Annotation().findWithPermissions(
+        query, sort=[('created', 1)], fields=['_id'], user=user, level=AccessType.READ)]
+    if not found:
+        return None
+    times = [t for t in (a.get('updated') or a.get('created') for a in found) if isinstance(t, datetime.datetime)]
+    values = regions.region_values(e for a in found for e in a['annotation'].get('elements') or ())
+    return values, max(times) if times else datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
 def has_result(item, model, sha=None, region=None):
