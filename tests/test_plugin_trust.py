@@ -138,6 +138,23 @@ def test_detect_never_sets_the_worker_api_url(server, cli_id, runner, slide_file
     assert get_setting(server, 'worker.api_url') == server.api_url
 
 
+def test_a_folder_run_counts_inside_only_regions_its_user_may_read(server, cli_id, runner, slide_file):
+    """A region annotation whose access the administrator has narrowed to themselves is no region to the runner's
+    folder run: the slide is left out, and nothing of the annotation reaches a job."""
+    runner_id, runner_token = runner
+    work, items = writable_folder(server, 'hidden-region', runner_id, slide_file, slides=('open.tiff', 'closed.tiff'))
+    area = {'type': 'rectangle', 'center': [200, 200, 0], 'width': 100, 'height': 100, 'rotation': 0}
+    annotate(server, items['open.tiff'], {'name': 'tumour', 'elements': [area]})
+    hidden = annotate(server, items['closed.tiff'], {'name': 'tumour', 'elements': [area]})
+    admin_only = {'users': [{'id': server.user_id, 'level': 2}], 'groups': []}
+    server.client().put(f'annotation/{hidden["_id"]}/access', {'access': json.dumps(admin_only), 'public': False})
+    assert server.client(runner_token).get('annotation', {'itemId': items['closed.tiff']}) == []
+    parent, jobs = detect(server, work, token=runner_token, regionAnnotation='tumour')
+    assert (parent['cellrcnnBatch']['todo'], parent['cellrcnnBatch']['no_region']) == (1, 1)
+    assert [j['cellrcnnSlide'] for j in jobs] == [items['open.tiff']]
+    play_worker(server, jobs[0]['_id'], 2, 4)
+
+
 def test_results_count_only_from_writers_with_a_plain_model(server, cli_id, reader, slide_file):
     reader_id, reader_token = reader
     forged = folder(server, server.folder_id, 'forged')
