@@ -328,3 +328,74 @@ def test_batch_writes_the_cell_types_a_classified_run_records(tmp_path, monkeypa
     code, _, _, again = run_batch('scans', '-o', 'out')
     assert code == 0 and all(r['status'] == 'skipped' for r in again.values())
     assert again == {s: {**r, 'status': 'skipped', 'note': 'done by an earlier run'} for s, r in rows.items()}
+
+
+# --------------------------------------------------------------------------- regions drawn in desktop viewers
+
+IMAGESCOPE = """<Annotations MicronsPerPixel="0.5">
+  <Annotation Id="1" Name="tumour"><Regions>
+    <Region Id="1" Type="0"><Vertices><Vertex X="40" Y="40"/><Vertex X="300" Y="60"/><Vertex X="260" Y="300"/>
+      <Vertex X="60" Y="260"/></Vertices></Region>
+    <Region Id="2" Type="2"><Vertices><Vertex X="350" Y="300"/><Vertex X="500" Y="400"/></Vertices></Region>
+    <Region Id="3" Type="0"><Vertices><Vertex X="450" Y="50"/></Vertices></Region>
+  </Regions></Annotation>
+  <Annotation Id="2" Name="stroma"><Regions>
+    <Region Id="4" Type="1"><Vertices><Vertex X="0" Y="0"/><Vertex X="500" Y="0"/><Vertex X="500" Y="500"/>
+      <Vertex X="0" Y="500"/></Vertices></Region>
+  </Regions></Annotation>
+</Annotations>"""
+QUPATH = {'type': 'FeatureCollection', 'features': [
+    {'type': 'Feature', 'geometry': {'type': 'Polygon', 'coordinates': [[[100, 100], [400, 120], [380, 420],
+                                                                         [100, 100]]]},
+     'properties': {'objectType': 'annotation', 'classification': {'name': 'tumour', 'color': [200, 0, 0]}}},
+    {'type': 'Feature', 'geometry': {'type': 'Polygon', 'coordinates': [[[0, 0], [500, 0], [500, 500], [0, 0]]]},
+     'properties': {'objectType': 'annotation', 'classification': {'name': 'stroma'}}}]}
+
+
+def test_a_local_cohort_counts_inside_the_regions_drawn_beside_each_slide(tmp_path):
+    """``--region-annotation tumour`` on a local folder: the areas named 'tumour' in the ImageScope XML or the
+    QuPath GeoJSON beside each slide (its own file name); a slide without one is a 'no region' row; what cannot
+    be counted is a failed row of one line."""
+    from cellrcnn.annotation import read_annotation_file
+    from cellrcnn.region import file_region, inside
+
+    folder = tmp_path / 'scans'
+    folder.mkdir()
+    for i, name in enumerate(('scope', 'qupath', 'bare', 'holes')):
+        write_slide(str(folder / f'{name}.tiff'), 560, 480, seed=70 + i)
+    (folder / 'scope.xml').write_text(IMAGESCOPE)
+    (folder / 'qupath.geojson').write_text(json.dumps(QUPATH))
+    holed = json.loads(json.dumps(QUPATH))
+    holed['features'][0]['geometry']['coordinates'].append([[150, 150], [200, 160], [190, 200], [150, 150]])
+    (folder / 'holes.geojson').write_text(json.dumps(holed))
+    code, out, err, rows = run_batch(folder, '-o', tmp_path / 'out', '--region-annotation', 'tumour')
+    assert code == 2 and err.strip().endswith('1 of 4 slides failed (see the note column of '
+                                              f'{tmp_path / "out" / "cohort.csv"})'), err
+    rows = {os.path.basename(k): r for k, r in rows.items()}
+    assert rows['bare.tiff']['status'] == 'no region' and rows['bare.tiff']['note'] == (
+        "no annotation named 'tumour' in an annotation file beside the slide (.xml or .geojson)")
+    assert rows['holes.tiff']['status'] == 'failed' and rows['holes.tiff']['note'] == (
+        f"{folder / 'holes.geojson'}: feature 0 ('tumour') has holes, which cannot be counted; draw the area "
+        'without them')
+    for name, areas in (('scope', 2), ('qupath', 1)):
+        row = rows[f'{name}.tiff']
+        assert row['status'] == 'done' and row['note'] == f"inside annotation 'tumour' ({areas} area(s))"
+        doc = read_annotation_file(tmp_path / 'out' / row['output'] / f'{name}.anot.json')
+        region, files = file_region(str(folder / f'{name}.tiff'), 'tumour')
+        assert doc['attributes']['params']['region_annotation'] == 'tumour'
+        assert [len(p) for p in doc['attributes']['params']['polygons']] == [len(p) for p in region['polygons']]
+        centres = [e['center'][:2] for e in doc['elements']]
+        assert len(centres) > 10 and inside(region['polygons'], *zip(*centres)).all()
+    # the ellipse of the ImageScope file: 64 points inside its two corners' box
+    ellipse = file_region(str(folder / 'scope.tiff'), 'tumour')[0]['polygons'][1]
+    assert len(ellipse) == 64 and min(x for x, _ in ellipse) == pytest.approx(350)
+    assert max(y for _, y in ellipse) == pytest.approx(400, abs=0.1)
+
+    # redrawn in QuPath: that slide is counted again, the other is skipped
+    QUPATH['features'][0]['geometry']['coordinates'][0][1] = [450, 120]
+    (folder / 'qupath.geojson').write_text(json.dumps(QUPATH))
+    (folder / 'holes.geojson').unlink()
+    code, _, err, again = run_batch(folder, '-o', tmp_path / 'out', '--region-annotation', 'tumour')
+    assert code == 0, err
+    assert {os.path.basename(n): r['status'] for n, r in again.items()} == {
+        'scope.tiff': 'skipped', 'qupath.tiff': 'done', 'bare.tiff': 'no region', 'holes.tiff': 'no region'}

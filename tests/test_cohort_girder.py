@@ -169,9 +169,3 @@ def test_a_cohort_counts_each_slide_inside_its_region_annotation(server, synthet
     assert code == 0 and redrawn['drawn.tiff']['status'] == 'done', err
     assert "(1 area(s))" in redrawn['drawn.tiff']['note']
     assert int(redrawn['drawn.tiff']['cells']) < int(row['cells'])
-
-
-def test_a_region_annotation_is_read_from_girder_only(tmp_path):
-    code, _, err, _ = run_batch(tmp_path, '-o', tmp_path / 'out', '--region-annotation', 'tumour')
-    assert code == 2 and err.strip().splitlines() == [
-        'cellrcnn: error: --region-annotation reads the regions from Girder: give --girder-url and --folder']

@@ -19,11 +19,13 @@ slide and one table for the whole cohort (``cellrcnn batch``).
   from its tile rows in ``OUT/slides/.../.<stem>.partial/``. The model is identified by the SHA-256 of its
   checkpoint's bytes (``checkpoint.model_sha256``), not by its name or place: a new ``model.pt`` recomputes every
   slide, the same model copied elsewhere skips them.
-- **Regions**: with ``region_annotation`` (``--region-annotation NAME``) each Girder slide is counted inside the
-  areas its annotations of that name outline (``region.girder_region``: rectangles, ellipses, circles and closed
-  polygons, as ``cellrcnn detect --roi`` counts inside polygons), so that a cohort's counts and densities are those
-  of the tumour each slide's pathologist drew; the region is part of the fingerprint (a redrawn region recomputes)
-  and the note names it. A slide without such an annotation gets a ``no region`` row and nothing else.
+- **Regions**: with ``region_annotation`` (``--region-annotation NAME``) each slide is counted inside the areas its
+  annotations of that name outline (:func:`slide_region`): a Girder slide's annotations (``region.girder_region``:
+  rectangles, ellipses, circles and closed polygons), a local slide's ImageScope XML or QuPath GeoJSON beside it
+  (``region.file_region``), as ``cellrcnn detect --roi`` counts inside polygons, so that a cohort's counts and
+  densities are those of the tumour each slide's pathologist drew. The region is part of the fingerprint (a
+  redrawn region recomputes) and the note names it; a slide without such an annotation gets a ``no region`` row
+  and nothing else, one whose annotation cannot be counted (holes, cut-outs) a ``failed`` row.
 - **Failures stay rows**: a slide that cannot be read, states no magnification, cannot be downloaded or posted,
   ... becomes a ``failed`` row with a one-line reason and the cohort goes on.
 - **Scale-out**: with a dask.distributed scheduler (an address, or ``local:N`` for N local processes) each slide's
@@ -69,7 +71,7 @@ SLIDES_FOLDER = 'slides'
 #: what starts a formula in a spreadsheet
 FORMULA_STARTS = ('=', '+', '-', '@', '\t', '\r')
 ROW_SUFFIX = '.cohort.json'
-#: the status of a slide that lacks the cohort's region annotation (``GirderFolder.region_annotation``)
+#: the status of a slide that lacks the cohort's region annotation (:func:`batch`'s ``region_annotation``)
 NO_REGION = 'no region'
 CACHE_NAME = '.girder-cache'
 
@@ -99,9 +101,6 @@ class GirderFolder:
     api_url: str
     token: str
     folder_id: str
-    #: count each slide inside the areas its annotations of this name outline (``region.girder_region``); a slide
-    #: without one gets a :data:`NO_REGION` row. None: whole slides.
-    region_annotation: str = None
 
 
 def slide_extensions():
@@ -219,7 +218,25 @@ def _row(slide, result, model_path, seconds):
             **cell_type_columns(stats.get('cell_types'), tissue)}
 
 
-def process_slide(slide, settings, girder=None, detect=None):
+def slide_region(slide, name, girder=None):
+    """``(region, note)``: the region (``region.polygons_region``) of the slide's annotations named ``name``, on
+    Girder for a Girder slide (``region.girder_region``), else in the annotation files beside it
+    (``region.file_region``), or None; and a note saying where it came from, or where none was found."""
+    from .region import REGION_FILES, file_region, girder_region
+
+    if slide.item_id:
+        region = girder_region(girder.api_url, girder.token, slide.item_id, name, slide.name)
+        where = 'on the slide'
+    else:
+        region, files = file_region(slide.path, name)
+        where = 'in ' + (' or '.join(os.path.basename(f) for f in files) if files else
+                         f'an annotation file beside the slide ({" or ".join(s for s, _ in REGION_FILES)})')
+    if region is None:
+        return None, f'no annotation named {name!r} {where}'
+    return region, f'inside annotation {name!r} ({len(region["polygons"])} area(s))'
+
+
+def process_slide(slide, settings, girder=None, detect=None, region_annotation=None):
     """Detect nuclei in one slide of a cohort unless an earlier run did; post its results (nuclei, map, density and,
     for a model with cell types, the per-type densities) to its Girder item when it came from one.
     ``detect(slide, paths, settings)`` is the detection step (default :func:`detect_row`, here); a Dask run passes
@@ -234,14 +251,11 @@ def process_slide(slide, settings, girder=None, detect=None):
     try:
         if not slide.item_id and not os.path.isfile(slide.path):
             raise CellRCNNError(f'slide not found: {slide.path}')
-        inside = girder.region_annotation if slide.item_id else None
-        if inside:
-            from .region import girder_region
-            region = girder_region(girder.api_url, girder.token, slide.item_id, inside, slide.name)
+        if region_annotation:
+            region, base['note'] = slide_region(slide, region_annotation, girder)
             if region is None:
-                return {**base, 'status': NO_REGION, 'note': f'no annotation named {inside!r} on the slide'}
-            settings = dataclasses.replace(settings, **region, region_annotation=inside)
-            base['note'] = f'inside annotation {inside!r} ({len(region["polygons"])} area(s))'
+                return {**base, 'status': NO_REGION}
+            settings = dataclasses.replace(settings, **region, region_annotation=region_annotation)
         paths = output_paths(slide.folder, slide.stem)
         done_path = os.path.join(slide.folder, slide.stem + ROW_SUFFIX)
         key = fingerprint(slide, settings)
@@ -314,7 +328,7 @@ def _lost_row(slide, exc):
             'note': f'lost on the Dask cluster: {one_line(exc)}', 'girder_item_id': slide.item_id or ''}
 
 
-def run_cohort(slides, settings, scheduler=None, girder=None):
+def run_cohort(slides, settings, scheduler=None, girder=None, region_annotation=None):
     """Every slide of the cohort through :func:`process_slide`: here one after another, or spread over a
     dask.distributed cluster (``scheduler``: an address, or ``local:N``). With a cluster, each slide's
     :func:`detect_row` runs on a worker while its checks, download and post run here, one thread per worker thread:
@@ -323,7 +337,7 @@ def run_cohort(slides, settings, scheduler=None, girder=None):
     settings = dataclasses.replace(settings, progress='none')
     if not scheduler:
         for i, slide in enumerate(slides):
-            yield i, process_slide(slide, settings, girder)
+            yield i, process_slide(slide, settings, girder, region_annotation=region_annotation)
         return
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -344,7 +358,7 @@ def run_cohort(slides, settings, scheduler=None, girder=None):
 
     threads = ThreadPoolExecutor(max(1, sum(client.nthreads().values())))
     try:
-        futures = {threads.submit(process_slide, slide, settings, girder, on_worker): i
+        futures = {threads.submit(process_slide, slide, settings, girder, on_worker, region_annotation): i
                    for i, slide in enumerate(slides)}
         for future in as_completed(futures):
             index = futures[future]
@@ -399,7 +413,7 @@ def summary_line(rows):
             + (f'; {marked} with pen ink or black fill left out (ink_or_fill_mm2)' if marked else ''))
 
 
-def batch(source, output, settings, scheduler=None, girder=None, progress=None):
+def batch(source, output, settings, scheduler=None, girder=None, progress=None, region_annotation=None):
     """``cellrcnn batch``: find the slides (a local folder ``source``, or a :class:`GirderFolder`), run them, write
     ``OUT/cohort.csv``; ``progress`` (a :class:`cellrcnn.progress.Progress`) is told each finished slide.
     :returns: the rows. :raises CellRCNNError: when the settings, the model or the Girder folder cannot be used, there
@@ -423,13 +437,13 @@ def batch(source, output, settings, scheduler=None, girder=None, progress=None):
         where = source
     if not slides:
         raise CellRCNNError(f'no slides found in {where}')
-    inside = girder.region_annotation if girder is not None else None
+    inside = region_annotation
     log(f'{len(slides)} slides in {where}' + (f', each counted inside its annotation {inside!r}' if inside else '')
         + (f', spread over the Dask cluster {scheduler}' if scheduler else ''))
     table = os.path.join(output, TABLE_NAME)
     rows = [None] * len(slides)
     try:
-        for count, (index, row) in enumerate(run_cohort(slides, settings, scheduler, girder), 1):
+        for count, (index, row) in enumerate(run_cohort(slides, settings, scheduler, girder, region_annotation), 1):
             rows[index] = row
             what = row['note'] if row['status'] in ('failed', NO_REGION) else (
                 f'{row["cells"]} nuclei, {row["tissue_mm2"]} mm2, {row["seconds"]} s' +

@@ -159,13 +159,14 @@ def _add_batch(sub):
     p.add_argument('--scheduler', help='spread the slides over N local processes (local:N), or over the '
                                        'dask.distributed scheduler at tcp://127.0.0.1:PORT or tls://HOST:PORT (with '
                                        "the client certificate of Dask's configuration; docs/security.md)")
+    p.add_argument('--region-annotation', metavar='NAME',
+                   help="count each slide only inside the areas its annotations named NAME outline (e.g. a "
+                        "pathologist's 'tumour'): on Girder, the slide's annotations of that name; in a local "
+                        "folder, the ImageScope SLIDE.xml or QuPath SLIDE.geojson beside the slide (regions or "
+                        "features named or classified NAME); slides without one are left out (status 'no region')")
     group = p.add_argument_group('slides from Girder / the Digital Slide Archive (results are posted back)')
     _add_server_options(group)
     group.add_argument('--folder', dest='girder_folder', help='id of the Girder folder (its subfolders too)')
-    group.add_argument('--region-annotation', metavar='NAME',
-                       help="count each slide inside the areas its annotations named NAME outline (rectangles, "
-                            "ellipses, closed polygons, e.g. a pathologist's 'tumour' drawn in HistomicsUI); slides "
-                            "without one are left out (status 'no region')")
     p.set_defaults(run=commands.run_batch)
 
 

@@ -101,15 +101,14 @@ def run_batch(args):
         if not (args.girder_url and args.girder_folder) or args.source:
             raise CellRCNNError('give either a folder of slides or both --girder-url and --folder')
         check_transport(args.girder_url, args.insecure_http)
-        girder = GirderFolder(args.girder_url, args.girder_token, args.girder_folder, args.region_annotation)
+        girder = GirderFolder(args.girder_url, args.girder_token, args.girder_folder)
     elif not args.source:
         raise CellRCNNError('give a folder of slides, or --girder-url and --folder')
-    elif args.region_annotation is not None:
-        raise CellRCNNError('--region-annotation reads the regions from Girder: give --girder-url and --folder')
     # batch's --scheduler spreads whole slides over a cluster; the settings' scheduler (tile batches) stays unset
     settings = settings_from_args(DetectionSettings, args, leave_out=('scheduler',))
     batch(args.source, args.output, settings, scheduler=args.scheduler, girder=girder,
-          progress=Progress(mode='auto', name='cellrcnn batch', unit='slide'))
+          progress=Progress(mode='auto', name='cellrcnn batch', unit='slide'),
+          region_annotation=args.region_annotation and args.region_annotation.strip())
 
 
 #: a new model's ``centre_distance_um`` (``train --centre-distance``)

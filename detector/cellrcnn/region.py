@@ -13,6 +13,7 @@ area, the densities and the tissue outline are the polygons', and only nuclei ce
 """
 
 import math
+import os
 
 import numpy as np
 
@@ -107,6 +108,72 @@ def annotation_region(docs, where) -> dict:
     if not polygons:
         raise CellRCNNError(f'{where} outlines no area (no rectangle, ellipse, circle or closed polygon)')
     return polygons_region(polygons)
+
+
+def imagescope_polygons(path, name):
+    """The areas an ImageScope XML file's regions named ``name`` (their ``Text``, or their layer's name) outline:
+    polygons and rectangles by their vertices, ellipses by :data:`ELLIPSE_POINTS` points; single vertices, arrows
+    and rulers are notes, left out; a negative (cut-out) region cannot be counted (one-line CellRCNNError)."""
+    from .labels.shapes import imagescope_regions
+
+    polygons = []
+    for region in imagescope_regions(path)[1]:
+        if region.name != name or len(region.vertices) == 1 or region.kind not in ('0', '1', '2'):
+            continue
+        if region.negative:
+            raise CellRCNNError(f'{path}: a negative (cut-out) region named {name!r} cannot be counted; draw the '
+                                'area without it')
+        if region.kind == '2':  # an ellipse: its vertices are its box's corners
+            (x0, y0), (x1, y1) = np.min(region.vertices, axis=0), np.max(region.vertices, axis=0)
+            polygons.append(element_polygon({'type': 'ellipse', 'center': [(x0 + x1) / 2, (y0 + y1) / 2],
+                                             'width': x1 - x0, 'height': y1 - y0}, path))
+        else:
+            polygons.append(np.asarray(region.vertices, np.float64))
+    return polygons
+
+
+def qupath_polygons(path, name):
+    """The areas a QuPath GeoJSON export's features classified or named ``name`` outline (Polygon and MultiPolygon
+    geometries; others are left out); a polygon with holes cannot be counted (one-line CellRCNNError)."""
+    from .annotation import read_json_file
+    from .labels.shapes import qupath_class, qupath_features
+
+    polygons = []
+    for i, feature in enumerate(qupath_features(read_json_file(path, 'annotation file'), path)):
+        properties = feature['properties'] if isinstance(feature.get('properties'), dict) else {}
+        if name not in (qupath_class(properties), properties.get('name')):
+            continue
+        geometry = feature.get('geometry') if isinstance(feature.get('geometry'), dict) else {}
+        rings = {'Polygon': [geometry.get('coordinates')],
+                 'MultiPolygon': geometry.get('coordinates')}.get(geometry.get('type'), [])
+        for polygon in rings or ():
+            if not isinstance(polygon, list) or not polygon:
+                raise CellRCNNError(f'{path}: feature {i}: malformed {geometry.get("type")}')
+            if len(polygon) > 1:
+                raise CellRCNNError(f'{path}: feature {i} ({name!r}) has holes, which cannot be counted; draw the '
+                                    'area without them')
+            try:
+                points = np.asarray([p[:2] for p in polygon[0]], np.float64)
+            except (TypeError, ValueError, IndexError):
+                raise CellRCNNError(f'{path}: feature {i}: malformed {geometry.get("type")}') from None
+            polygons.append(points[:-1] if len(points) > 1 and (points[0] == points[-1]).all() else points)
+    return polygons
+
+
+#: the annotation files beside a local slide its region is read from (``cellrcnn batch --region-annotation``), as
+#: ``<slide path without its extension><suffix>``: Aperio ImageScope's XML (the file ImageScope saves next to a
+#: slide) and a QuPath GeoJSON export
+REGION_FILES = (('.xml', imagescope_polygons), ('.geojson', qupath_polygons))
+
+
+def file_region(slide_path, name):
+    """``(region, files)``: the region (:func:`polygons_region`) the annotation files beside a local slide
+    (:data:`REGION_FILES`) outline under ``name``, all of them together, or None when none does; and the files
+    looked at."""
+    stem = os.path.splitext(slide_path)[0]
+    files = [(stem + suffix, read) for suffix, read in REGION_FILES if os.path.isfile(stem + suffix)]
+    polygons = [p for path, read in files for p in read(path, name)]
+    return (polygons_region(polygons) if polygons else None), [path for path, _ in files]
 
 
 def girder_region(api_url, token, slide_id, name, where):

@@ -7,6 +7,7 @@ extent. Lines (arrows, rulers, open polylines, line strings) are not nuclei and 
 """
 
 import math
+from dataclasses import dataclass
 
 from ..annotation import annotation_to_nuclei, read_annotation_file, read_json_file
 from ..errors import CellRCNNError
@@ -39,6 +40,37 @@ def read_imagescope(path, image, mpp=None):
     :param mpp: um/px of the image: a number, ``'auto'`` (estimated from the outlines), or None: the file's
         ``MicronsPerPixel`` (on the root ``Annotations``), when it has one.
     """
+    root, regions = imagescope_regions(path)
+    file_mpp = _float(root.get('MicronsPerPixel'))
+    nuclei = Nuclei()
+    for region in regions:
+        if region.negative:
+            continue
+        xs, ys = zip(*region.vertices)
+        if len(region.vertices) == 1:
+            nuclei.dot(xs[0], ys[0], region.name)
+        elif region.kind in _IMAGESCOPE_AREAS:
+            nuclei.box(min(xs), min(ys), max(xs), max(ys), region.name)
+    return nuclei.record(image, path, mpp, file_mpp if file_mpp and file_mpp > 0 else None)
+
+
+@dataclass(frozen=True)
+class ImageScopeRegion:
+    """One region of an ImageScope XML file: its ``Text``, else its layer's name (:func:`imagescope_regions`),
+    its ``Type`` ('0' polygon, '1' rectangle, '2' ellipse: its two vertices are its box's corners, '3' arrow, '4'
+    ruler), whether it is negative (``NegativeROA``: an area cut out), and its vertices, at least one."""
+
+    name: str | None
+    kind: str
+    negative: bool
+    vertices: tuple
+
+
+def imagescope_regions(path):
+    """``(root element, [ImageScopeRegion, ...])`` of an ImageScope XML file. A region's name is its ``Text``, else
+    its annotation layer's ``Name``, else the name of the layer's first attribute other than ImageScope's default
+    ``Description``. One-line CellRCNNError for a file that is no ImageScope XML, or a region without numeric
+    vertices."""
     try:
         root = _parse_xml(path).getroot()
     except OSError as exc:
@@ -48,24 +80,17 @@ def read_imagescope(path, image, mpp=None):
     if root.tag != 'Annotations':
         raise CellRCNNError(f'{path} is not an ImageScope annotation file (its root is <{root.tag}>, '
                             'not <Annotations>)')
-    file_mpp = _float(root.get('MicronsPerPixel'))
-    nuclei = Nuclei()
+    regions = []
     for layer in root.iter('Annotation'):
         names = [a.get('Name') for a in layer.iterfind('Attributes/Attribute') if a.get('Name') != 'Description']
-        layer_class = layer.get('Name') or (names[0] if names else None)
+        layer_name = layer.get('Name') or (names[0] if names else None)
         for region in layer.iterfind('Regions/Region'):
-            if region.get('NegativeROA') == '1':
-                continue
-            vertices = [(_float(v.get('X')), _float(v.get('Y'))) for v in region.iterfind('Vertices/Vertex')]
+            vertices = tuple((_float(v.get('X')), _float(v.get('Y'))) for v in region.iterfind('Vertices/Vertex'))
             if not vertices or any(x is None or y is None for x, y in vertices):
                 raise CellRCNNError(f'{path}: region {region.get("Id")} has no vertices or a non-numeric one')
-            cls = region.get('Text') or layer_class
-            xs, ys = zip(*vertices)
-            if len(vertices) == 1:
-                nuclei.dot(xs[0], ys[0], cls)
-            elif region.get('Type', '0') in _IMAGESCOPE_AREAS:
-                nuclei.box(min(xs), min(ys), max(xs), max(ys), cls)
-    return nuclei.record(image, path, mpp, file_mpp if file_mpp and file_mpp > 0 else None)
+            regions.append(ImageScopeRegion(region.get('Text') or layer_name, region.get('Type', '0'),
+                                            region.get('NegativeROA') == '1', vertices))
+    return root, regions
 
 
 def _float(text):
@@ -76,7 +101,7 @@ def _float(text):
     return value if math.isfinite(value) else None
 
 
-def _qupath_features(data, path):
+def qupath_features(data, path):
     if isinstance(data, dict) and data.get('type') == 'FeatureCollection':
         data = data.get('features')
     elif isinstance(data, dict):
@@ -86,7 +111,7 @@ def _qupath_features(data, path):
     return data
 
 
-def _qupath_class(properties):
+def qupath_class(properties):
     classification = properties.get('classification')
     if isinstance(classification, dict):
         classification = classification.get('name')
@@ -108,7 +133,7 @@ def read_qupath(path, image, mpp=None):
     import shapely.errors
     import shapely.geometry
 
-    features = _qupath_features(read_json_file(path, 'label file'), path)
+    features = qupath_features(read_json_file(path, 'label file'), path)
     properties = [f['properties'] if isinstance(f.get('properties'), dict) else {} for f in features]
     kinds = [p.get('objectType') or _QUPATH_LEGACY_TYPES.get(f.get('id'), 'annotation')
              for f, p in zip(features, properties)]
@@ -116,7 +141,7 @@ def read_qupath(path, image, mpp=None):
     nuclei = Nuclei()
     for i, (feature, kind) in enumerate(zip(features, kinds)):
         geometry = (kind == 'cell' and feature.get('nucleusGeometry')) or feature.get('geometry')
-        cls = _qupath_class(properties[i])
+        cls = qupath_class(properties[i])
         gtype = geometry.get('type') if isinstance(geometry, dict) else None
         if gtype not in ('Point', 'MultiPoint') and not (gtype in ('Polygon', 'MultiPolygon') and kind in outlines):
             continue
