@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from cellrcnn import cohort, girder_post, girder_target
+from cellrcnn import cohort, girder_post, girder_target, region
 from cellrcnn.checkpoint import BUNDLED_MODEL
 
 PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'plugin', 'girder_cellrcnn')
@@ -38,6 +38,8 @@ def plugin_constant(module, name):
     (cohort.RATIO_COLUMN, 'cell_types', 'RATIO_KEY'),  # lymphocytes per tumour cell
     (cohort.LYMPHOCYTE_NAMES, 'cell_types', 'LYMPHOCYTE_NAMES'),  # which types the ratio counts
     (cohort.TUMOUR_NAMES, 'cell_types', 'TUMOUR_NAMES'),
+    (region.ELLIPSE_POINTS, 'regions', 'ELLIPSE_POINTS'),  # an ellipse or circle drawn as a region: its points
+    (region.AREA_TYPES, 'regions', 'AREA_TYPES'),  # the elements that outline an area
 ])
 def test_the_library_and_the_plugin_agree(library, module, name):
     assert plugin_constant(module, name) == library

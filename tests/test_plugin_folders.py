@@ -253,7 +253,7 @@ def test_detect_inside_each_slides_region_annotation(server, cli_id, slide_file)
         'scheduled': None}
     log = ''.join(parent['log'])
     assert "1 already have a result of cellrcnn-default.pt inside their annotation 'tumour'" in log
-    assert "1 have no annotation named 'tumour', 1 one that cannot be counted" in log
+    assert "1 have no annotation named 'tumour', 1 have one that cannot be counted" in log
     assert ("left out: holes.tiff: its annotation 'tumour' has a polygon with holes, which cannot be counted: draw "
             "the area without them\n") in log
     (job,) = jobs

@@ -264,7 +264,7 @@ def _record_plan(job, work, model, sha, region_annotation=None):
     if region_annotation:
         skipped += f', {work["no_region"]} have no annotation named {region_annotation!r}'
         if unusable:
-            skipped += f', {len(unusable)} one that cannot be counted'
+            skipped += f', {len(unusable)} have one that cannot be counted'
     if work['no_write_folders']:
         skipped += f'; {work["no_write_folders"]} subfolders you may not write to were left out'
     counts = {k: work[k] for k in ('total', 'finished', 'running', 'no_write_folders')}
