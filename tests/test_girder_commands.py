@@ -295,3 +295,23 @@ def test_the_task_counts_inside_the_slides_annotation_of_a_name(server, slide_fi
         run = entrypoint(*task_args(slide_file, tmp_path / 'bad', tiny_checkpoint, server, *extra))
         assert run.returncode == 2 and run.stderr.strip().startswith(f'CellDetection: error: {message}'), run.stderr
         assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_cellrcnn_detect_counts_inside_the_items_region_annotation(server, slide_file, tiny_checkpoint, tmp_path):
+    """``cellrcnn detect SLIDE --girder-url --item ITEM --region-annotation tumour``: the region is read from the
+    item the results go to, and the posted result records its name."""
+    from cellrcnn.region import inside
+
+    item_id, _ = server.upload_slide(slide_file, name='detect-region.tiff')
+    quad = [[60, 60, 0], [420, 90, 0], [380, 420, 0], [70, 380, 0]]
+    server.client().post('annotation', {'itemId': item_id}, json={'name': 'tumour', 'elements': [
+        {'type': 'polyline', 'closed': True, 'points': quad}]})
+    run = run_detect(str(slide_file), '-o', str(tmp_path), '--model', str(tiny_checkpoint), '--tile-size', '256',
+                     '--device', 'cpu', '--girder-url', server.api_url, '--item', item_id, '--region-annotation',
+                     'tumour', env={'GIRDER_TOKEN': server.token})
+    assert run.returncode == 0, run.stderr
+    (posted,) = [a for a in cellrcnn_annotations(server, item_id) if a['annotation']['name'] == 'cellrcnn nuclei']
+    doc = server.client().get(f'annotation/{posted["_id"]}')['annotation']
+    assert doc['attributes']['params']['region_annotation'] == 'tumour'
+    centres = [e['center'][:2] for e in doc['elements']]
+    assert len(centres) > 10 and inside([[p[:2] for p in quad]], *zip(*centres)).all()

@@ -1,6 +1,7 @@
 """A run's region: a rectangle or polygons (HistomicsTK's form), the tissue cut to them, only nuclei inside kept."""
 
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -135,6 +136,29 @@ def test_cellrcnn_detect_takes_polygons(slide_path, tiny_checkpoint, tmp_path):
     # the overview shows the box the tiles cover, with the polygon drawn on it
     overview = cv2.imread(str(tmp_path / 'slide.overlay.png'))
     assert overview.shape[:2] == (500, 600) and (overview == REGION_BGR).all(axis=2).sum() > 1000
+
+
+def test_cellrcnn_detect_takes_the_region_drawn_beside_the_slide(slide_path, tiny_checkpoint, tmp_path, capsys):
+    # QuPath's export beside a copy of the slide: the polygon classified 'tumour' is --roi QUAD
+    shutil.copy(slide_path, tmp_path / 'scan.tiff')
+    ring = [QUAD[i:i + 2] for i in range(0, len(QUAD), 2)]
+    (tmp_path / 'scan.geojson').write_text(json.dumps({'type': 'Feature', 'properties': {
+        'objectType': 'annotation', 'classification': {'name': 'tumour'}},
+        'geometry': {'type': 'Polygon', 'coordinates': [ring + ring[:1]]}}))
+    docs = {}
+    for name, region in (('roi', ('--roi', ','.join(map(str, QUAD)))), ('drawn', ('--region-annotation', 'tumour'))):
+        assert main(['detect', str(tmp_path / 'scan.tiff'), '-o', str(tmp_path / name), '--model',
+                     str(tiny_checkpoint), *region, '--tile-size', '256', '--progress', 'none', '--no-resume']) == 0
+        docs[name] = json.loads((tmp_path / name / 'scan.anot.json').read_text())
+    params = docs['drawn']['attributes']['params']
+    assert params.pop('region_annotation') == 'tumour' and params == docs['roi']['attributes']['params']
+    assert docs['drawn']['elements'] == docs['roi']['elements'] and docs['roi']['elements']
+    capsys.readouterr()
+    for args, message in ((('--region-annotation', 'stroma'), "no annotation named 'stroma' in scan.geojson"),
+                          (('--region-annotation', 'tumour', '--roi', '0,0,10,10'),
+                           'give --roi or --region-annotation NAME, not both')):
+        assert main(['detect', str(tmp_path / 'scan.tiff'), '-o', str(tmp_path / 'bad'), *args]) == 2
+        assert capsys.readouterr().err.strip() == f'cellrcnn: error: {message}'
 
 
 def test_a_regions_nuclei_are_the_whole_slides_there():

@@ -20,7 +20,7 @@ slide and one table for the whole cohort (``cellrcnn batch``).
   checkpoint's bytes (``checkpoint.model_sha256``), not by its name or place: a new ``model.pt`` recomputes every
   slide, the same model copied elsewhere skips them.
 - **Regions**: with ``region_annotation`` (``--region-annotation NAME``) each slide is counted inside the areas its
-  annotations of that name outline (:func:`slide_region`): a Girder slide's annotations (``region.girder_region``:
+  annotations of that name outline (``region.named_region``): a Girder slide's annotations (``region.girder_region``:
   rectangles, ellipses, circles and closed polygons), a local slide's ImageScope XML or QuPath GeoJSON beside it
   (``region.file_region``), as ``cellrcnn detect --roi`` counts inside polygons, so that a cohort's counts and
   densities are those of the tumour each slide's pathologist drew. The region is part of the fingerprint (a
@@ -218,24 +218,6 @@ def _row(slide, result, model_path, seconds):
             **cell_type_columns(stats.get('cell_types'), tissue)}
 
 
-def slide_region(slide, name, girder=None):
-    """``(region, note)``: the region (``region.polygons_region``) of the slide's annotations named ``name``, on
-    Girder for a Girder slide (``region.girder_region``), else in the annotation files beside it
-    (``region.file_region``), or None; and a note saying where it came from, or where none was found."""
-    from .region import REGION_FILES, file_region, girder_region
-
-    if slide.item_id:
-        region = girder_region(girder.api_url, girder.token, slide.item_id, name, slide.name)
-        where = 'on the slide'
-    else:
-        region, files = file_region(slide.path, name)
-        where = 'in ' + (' or '.join(os.path.basename(f) for f in files) if files else
-                         f'an annotation file beside the slide ({" or ".join(s for s, _ in REGION_FILES)})')
-    if region is None:
-        return None, f'no annotation named {name!r} {where}'
-    return region, f'inside annotation {name!r} ({len(region["polygons"])} area(s))'
-
-
 def process_slide(slide, settings, girder=None, detect=None, region_annotation=None):
     """Detect nuclei in one slide of a cohort unless an earlier run did; post its results (nuclei, map, density and,
     for a model with cell types, the per-type densities) to its Girder item when it came from one.
@@ -252,10 +234,12 @@ def process_slide(slide, settings, girder=None, detect=None, region_annotation=N
         if not slide.item_id and not os.path.isfile(slide.path):
             raise CellRCNNError(f'slide not found: {slide.path}')
         if region_annotation:
-            region, base['note'] = slide_region(slide, region_annotation, girder)
+            from .region import named_region
+            region, base['note'] = named_region(region_annotation, slide.path, *(
+                (girder.api_url, girder.token, slide.item_id, slide.name) if slide.item_id else ()))
             if region is None:
                 return {**base, 'status': NO_REGION}
-            settings = dataclasses.replace(settings, **region, region_annotation=region_annotation)
+            settings = dataclasses.replace(settings, **region)
         paths = output_paths(slide.folder, slide.stem)
         done_path = os.path.join(slide.folder, slide.stem + ROW_SUFFIX)
         key = fingerprint(slide, settings)

@@ -126,6 +126,10 @@ def _add_detect(sub):
     p.add_argument('-o', '--output', required=True, help='output folder')
     p.add_argument('--roi', dest='region',
                    help=f'region to analyse in base pixels: {REGION_FORMS} (default: the whole slide)')
+    p.add_argument('--region-annotation', metavar='NAME',
+                   help="or analyse the areas the slide's annotations named NAME outline: the ImageScope SLIDE.xml "
+                        'or QuPath SLIDE.geojson beside the slide (regions or features named or classified NAME), '
+                        'or with --girder-url and --item the annotations of that name on the item')
     _add_detection_options(p)
     p.add_argument('--scheduler', help='run tile batches on N local processes (local:N), or on the dask.distributed '
                                        'scheduler at tcp://127.0.0.1:PORT or tls://HOST:PORT (with the client '

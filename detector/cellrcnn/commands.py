@@ -31,12 +31,25 @@ def settings_from_args(cls, args, leave_out=()):
 def run_detect(args):
     from .exports import detection_summary_lines
     from .job import detect_to_files, output_paths
-    from .region import region_settings
+    from .region import named_region, region_settings
 
     slide_path = args.slide or SAMPLE_SLIDE
     if not args.slide:
         print(f'no slide given: using the bundled sample {slide_path}', file=sys.stderr)
     region = region_settings(args.region.split(',')) if args.region else {}
+    name = (args.region_annotation or '').strip()
+    if args.region_annotation is not None:
+        if not name or args.region:
+            raise CellRCNNError('give --roi or --region-annotation NAME, not both' if name else
+                                '--region-annotation needs the name of the annotations that outline the region')
+        on_girder = ()
+        if args.girder_url and args.girder_item:
+            from .girder_api import check_transport
+            check_transport(args.girder_url, args.insecure_http)  # the token goes to the server to read the region
+            on_girder = (args.girder_url, args.girder_token, args.girder_item)
+        region, note = named_region(name, slide_path, *on_girder)
+        if region is None:
+            raise CellRCNNError(note)
     settings = dataclasses.replace(settings_from_args(DetectionSettings, args), **region)
     stem = os.path.splitext(os.path.basename(slide_path))[0]
     if args.pixelmap and (args.girder_url or args.girder_item or args.local_girder):

@@ -215,3 +215,20 @@ def inside(polygons, x, y):
     for p in polygons:
         found |= points_in_poly(points, np.asarray(p, np.float64))
     return found
+
+
+def named_region(name, slide_path, api_url=None, token=None, item_id=None, where='the slide'):
+    """``(settings, note)``: the region the slide's annotations named ``name`` outline as ``ResultSettings``' fields
+    (``roi``, ``polygons``, ``region_annotation``), from the Girder item ``item_id`` when given
+    (:func:`girder_region`), else from the annotation files beside the local slide (:func:`file_region`); None
+    when there is none. The note says where it came from, or where none was found."""
+    if item_id:
+        region = girder_region(api_url, token, item_id, name, where)
+        place = 'on the slide'
+    else:
+        region, files = file_region(slide_path, name)
+        place = 'in ' + (' or '.join(os.path.basename(f) for f in files) if files else
+                         f'an annotation file beside the slide ({" or ".join(s for s, _ in REGION_FILES)})')
+    if region is None:
+        return None, f'no annotation named {name!r} {place}'
+    return {**region, 'region_annotation': name}, f'inside annotation {name!r} ({len(region["polygons"])} area(s))'
