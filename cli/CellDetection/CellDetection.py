@@ -10,7 +10,7 @@ from cellrcnn.errors import CellRCNNError, run_reporting_errors
 from cellrcnn.exports import detection_summary_lines
 from cellrcnn.job import detect_to_files
 from cellrcnn.progress import Progress
-from cellrcnn.region import girder_region, region_settings
+from cellrcnn.region import named_region, region_settings
 from cellrcnn.settings import DetectionSettings
 
 
@@ -31,7 +31,7 @@ def settings_from(args):
 
 def region_of(args):
     """The region to analyse: the one drawn (``analysis_roi``), or the areas the slide's annotations named
-    ``region_annotation`` outline, read from Girder (``cellrcnn.region.girder_region``) with the job's token. Given
+    ``region_annotation`` outline, read from Girder (``cellrcnn.region.named_region``) with the job's token. Given
     both (a folder run of the Girder plugin passes the areas it read), the region is the one given, and the name is
     recorded with it."""
     name = (getattr(args, 'region_annotation', None) or '').strip()
@@ -48,10 +48,10 @@ def region_of(args):
         raise CellRCNNError('region_annotation is read from Girder: it needs the Girder API URL, a token and the '
                             'slide (--girder_slide: the id of its item or file; the Digital Slide Archive fills them '
                             'in)')
-    found = girder_region(url, token, slide, name, 'the slide')
+    found, note = named_region(name, None, url, token, slide)
     if found is None:
-        raise CellRCNNError(f'no annotation named {name!r} on the slide')
-    return {**found, 'region_annotation': name}
+        raise CellRCNNError(note)
+    return found
 
 
 def _scheduler(asked):

@@ -421,8 +421,8 @@ def batch(source, output, settings, scheduler=None, girder=None, progress=None, 
         where = source
     if not slides:
         raise CellRCNNError(f'no slides found in {where}')
-    inside = region_annotation
-    log(f'{len(slides)} slides in {where}' + (f', each counted inside its annotation {inside!r}' if inside else '')
+    log(f'{len(slides)} slides in {where}'
+        + (f', each counted inside its annotation {region_annotation!r}' if region_annotation else '')
         + (f', spread over the Dask cluster {scheduler}' if scheduler else ''))
     table = os.path.join(output, TABLE_NAME)
     rows = [None] * len(slides)

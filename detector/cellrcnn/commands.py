@@ -37,11 +37,10 @@ def run_detect(args):
     if not args.slide:
         print(f'no slide given: using the bundled sample {slide_path}', file=sys.stderr)
     region = region_settings(args.region.split(',')) if args.region else {}
-    name = (args.region_annotation or '').strip()
-    if args.region_annotation is not None:
-        if not name or args.region:
-            raise CellRCNNError('give --roi or --region-annotation NAME, not both' if name else
-                                '--region-annotation needs the name of the annotations that outline the region')
+    name = region_annotation_name(args)
+    if name:
+        if args.region:
+            raise CellRCNNError('give --roi or --region-annotation NAME, not both')
         on_girder = ()
         if args.girder_url and args.girder_item:
             from .girder_api import check_transport
@@ -103,13 +102,21 @@ def girder_poster(args):
     return poster(args.girder_url, args.girder_token, args.girder_item, progress=Progress(mode='auto'))
 
 
+def region_annotation_name(args):
+    """``--region-annotation``'s name, stripped (None when not given); a one-line CellRCNNError for a blank one."""
+    if args.region_annotation is None:
+        return None
+    if not args.region_annotation.strip():
+        raise CellRCNNError('--region-annotation needs the name of the annotations that outline the region')
+    return args.region_annotation.strip()
+
+
 def run_batch(args):
     from .cohort import GirderFolder, batch
     from .girder_api import check_transport
 
     girder = None
-    if args.region_annotation is not None and not args.region_annotation.strip():
-        raise CellRCNNError('--region-annotation needs the name of the annotations that outline the regions')
+    region_annotation = region_annotation_name(args)
     if args.girder_url or args.girder_folder:
         if not (args.girder_url and args.girder_folder) or args.source:
             raise CellRCNNError('give either a folder of slides or both --girder-url and --folder')
@@ -121,7 +128,7 @@ def run_batch(args):
     settings = settings_from_args(DetectionSettings, args, leave_out=('scheduler',))
     batch(args.source, args.output, settings, scheduler=args.scheduler, girder=girder,
           progress=Progress(mode='auto', name='cellrcnn batch', unit='slide'),
-          region_annotation=args.region_annotation and args.region_annotation.strip())
+          region_annotation=region_annotation)
 
 
 #: a new model's ``centre_distance_um`` (``train --centre-distance``)

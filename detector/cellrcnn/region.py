@@ -71,7 +71,7 @@ def element_polygon(element, where):
     CellRCNNError for any other element, and for a polyline with holes."""
     try:
         kind = element['type']
-        if kind in ('rectangle', 'ellipse', 'circle'):
+        if kind in AREA_TYPES:
             cx, cy = (float(v) for v in element['center'][:2])
             if kind == 'circle':
                 w = h = 2 * float(element['radius'])
@@ -114,11 +114,11 @@ def imagescope_polygons(path, name):
     """The areas an ImageScope XML file's regions named ``name`` (their ``Text``, or their layer's name) outline:
     polygons and rectangles by their vertices, ellipses by :data:`ELLIPSE_POINTS` points; single vertices, arrows
     and rulers are notes, left out; a negative (cut-out) region cannot be counted (one-line CellRCNNError)."""
-    from .labels.shapes import imagescope_regions
+    from .labels.shapes import IMAGESCOPE_AREAS, imagescope_regions
 
     polygons = []
     for region in imagescope_regions(path)[1]:
-        if region.name != name or len(region.vertices) == 1 or region.kind not in ('0', '1', '2'):
+        if region.name != name or len(region.vertices) == 1 or region.kind not in IMAGESCOPE_AREAS:
             continue
         if region.negative:
             raise CellRCNNError(f'{path}: a negative (cut-out) region named {name!r} cannot be counted; draw the '

@@ -22,7 +22,7 @@ except ImportError:
 #: ImageScope region types that outline an area: 0 freehand polygon, 1 rectangle, 2 ellipse (its two vertices are
 #: the corners of its bounding box). 3 (arrow) and 4 (ruler) are lines. A region of one vertex is a dot, whatever its
 #: type (a counter's or pin's marker).
-_IMAGESCOPE_AREAS = ('0', '1', '2')
+IMAGESCOPE_AREAS = ('0', '1', '2')
 
 #: QuPath 0.2 names the object type in the feature's id; later versions in properties.objectType
 _QUPATH_LEGACY_TYPES = {'PathAnnotationObject': 'annotation', 'PathDetectionObject': 'detection',
@@ -49,7 +49,7 @@ def read_imagescope(path, image, mpp=None):
         xs, ys = zip(*region.vertices)
         if len(region.vertices) == 1:
             nuclei.dot(xs[0], ys[0], region.name)
-        elif region.kind in _IMAGESCOPE_AREAS:
+        elif region.kind in IMAGESCOPE_AREAS:
             nuclei.box(min(xs), min(ys), max(xs), max(ys), region.name)
     return nuclei.record(image, path, mpp, file_mpp if file_mpp and file_mpp > 0 else None)
 
