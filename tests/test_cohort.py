@@ -6,6 +6,7 @@ import csv
 import json
 import os
 
+import numpy as np
 import pytest
 
 from cellrcnn.__main__ import main
@@ -354,29 +355,48 @@ QUPATH = {'type': 'FeatureCollection', 'features': [
 
 def test_a_local_cohort_counts_inside_the_regions_drawn_beside_each_slide(tmp_path):
     """``--region-annotation tumour`` on a local folder: the areas named 'tumour' in the ImageScope XML or the
-    QuPath GeoJSON beside each slide (its own file name); a slide without one is a 'no region' row; what cannot
-    be counted is a failed row of one line."""
+    QuPath GeoJSON beside each slide (its own file name), their holes cut out; a slide without one is a 'no region'
+    row; what cannot be counted is a failed row of one line."""
     from cellrcnn.annotation import read_annotation_file
     from cellrcnn.region import file_region, inside
 
     folder = tmp_path / 'scans'
     folder.mkdir()
-    for i, name in enumerate(('scope', 'qupath', 'bare', 'holes')):
-        write_slide(str(folder / f'{name}.tiff'), 560, 480, seed=70 + i)
+    for seed, name in ((70, 'scope'), (71, 'qupath'), (72, 'bare'), (71, 'holes'), (74, 'cut')):
+        write_slide(str(folder / f'{name}.tiff'), 560, 480, seed=seed)  # holes.tiff: qupath.tiff again
     (folder / 'scope.xml').write_text(IMAGESCOPE)
     (folder / 'qupath.geojson').write_text(json.dumps(QUPATH))
     holed = json.loads(json.dumps(QUPATH))
-    holed['features'][0]['geometry']['coordinates'].append([[150, 150], [200, 160], [190, 200], [150, 150]])
+    hole = [[250, 125], [380, 132], [300, 170], [250, 125]]
+    holed['features'][0]['geometry']['coordinates'].append(hole)
     (folder / 'holes.geojson').write_text(json.dumps(holed))
+    # ImageScope's negative region over all of the area: nothing is left to count
+    (folder / 'cut.xml').write_text(IMAGESCOPE.replace('<Region Id="3" Type="0">', '<Region Id="3" Type="1" '
+                                                       'NegativeROA="1"><Vertices><Vertex X="0" Y="0"/><Vertex '
+                                                       'X="520" Y="0"/><Vertex X="520" Y="420"/><Vertex X="0" '
+                                                       'Y="420"/></Vertices></Region><Region Id="5" Type="0">'))
     code, out, err, rows = run_batch(folder, '-o', tmp_path / 'out', '--region-annotation', 'tumour')
-    assert code == 2 and err.strip().endswith('1 of 4 slides failed (see the note column of '
+    assert code == 2 and err.strip().endswith('1 of 5 slides failed (see the note column of '
                                               f'{tmp_path / "out" / "cohort.csv"})'), err
     rows = {os.path.basename(k): r for k, r in rows.items()}
     assert rows['bare.tiff']['status'] == 'no region' and rows['bare.tiff']['note'] == (
         "no annotation named 'tumour' in an annotation file beside the slide (.xml or .geojson)")
-    assert rows['holes.tiff']['status'] == 'failed' and rows['holes.tiff']['note'] == (
-        f"{folder / 'holes.geojson'}: feature 0 ('tumour') has holes, which cannot be counted; draw the area "
-        'without them')
+    assert rows['cut.tiff']['status'] == 'failed' and rows['cut.tiff']['note'] == (
+        f"{folder / 'cut.xml'}: the negative regions named 'tumour' cut out all of its area")
+    # the hole is cut out of qupath.tiff's area: none of the nuclei counted is centred in it, and there is less
+    # tissue
+    row = rows['holes.tiff']
+    assert row['status'] == 'done' and row['note'] == "inside annotation 'tumour' (1 area(s))"
+    doc = read_annotation_file(tmp_path / 'out' / row['output'] / 'holes.anot.json')
+    assert [len(p) for p in doc['attributes']['params']['polygons']] == [3 + 1 + 3 + 1]
+    centres = np.array([e['center'][:2] for e in doc['elements']])
+    assert len(centres) > 10 and not inside([hole], *centres.T).any()
+    outline = file_region(str(folder / 'qupath.tiff'), 'tumour')[0]['polygons']
+    assert inside(outline, *centres.T).all()
+    tissue = {name: json.loads((tmp_path / 'out' / rows[f'{name}.tiff']['output'] / f'{name}.summary.json')
+                               .read_text())['tissue_mm2'] for name in ('holes', 'qupath')}
+    assert 0 < tissue['holes'] < 0.9 * tissue['qupath']
+    assert int(row['cells']) < int(rows['qupath.tiff']['cells'])
     for name, areas in (('scope', 2), ('qupath', 1)):
         row = rows[f'{name}.tiff']
         assert row['status'] == 'done' and row['note'] == f"inside annotation 'tumour' ({areas} area(s))"
@@ -395,7 +415,9 @@ def test_a_local_cohort_counts_inside_the_regions_drawn_beside_each_slide(tmp_pa
     QUPATH['features'][0]['geometry']['coordinates'][0][1] = [450, 120]
     (folder / 'qupath.geojson').write_text(json.dumps(QUPATH))
     (folder / 'holes.geojson').unlink()
+    (folder / 'cut.xml').unlink()
     code, _, err, again = run_batch(folder, '-o', tmp_path / 'out', '--region-annotation', 'tumour')
     assert code == 0, err
     assert {os.path.basename(n): r['status'] for n, r in again.items()} == {
-        'scope.tiff': 'skipped', 'qupath.tiff': 'done', 'bare.tiff': 'no region', 'holes.tiff': 'no region'}
+        'scope.tiff': 'skipped', 'qupath.tiff': 'done', 'bare.tiff': 'no region', 'holes.tiff': 'no region',
+        'cut.tiff': 'no region'}

@@ -199,6 +199,26 @@ def test_a_region_drawn_with_many_vertices_is_cheap_to_test_nuclei_against():
     assert inside.dtype == bool and (inside == expected)[~near_edge].all() and inside.sum() > 50_000
 
 
+def test_a_regions_hole_is_left_out_of_the_nuclei_and_the_pixels_trained_on():
+    """A region drawn around an area left unannotated (HistomicsUI's hole): its nuclei are not trained on, and its
+    pixels are painted white like those outside the region, so that they teach no background either."""
+    from types import SimpleNamespace
+
+    from cellrcnn.labelled_slides import _centres_inside, _region_mask, split_annotation
+
+    region = {'type': 'polyline', 'closed': True, 'label': {'value': 'region'},
+              'points': [[0, 0, 0], [400, 0, 0], [400, 400, 0], [0, 400, 0]],
+              'holes': [[[100, 100, 0], [300, 100, 0], [300, 300, 0], [100, 300, 0]]]}
+    nucleus = {'type': 'point', 'center': [50, 50, 0]}
+    docs, polygons = split_annotation([{'name': 'nuclei', 'elements': [region, nucleus]}])
+    assert docs[0]['elements'] == [nucleus] and len(polygons) == 1
+    centres = np.array([[50, 50], [200, 200], [350, 150], [500, 500]], float)
+    assert _centres_inside(np.hstack([centres, centres]), polygons).tolist() == [True, False, True, False]
+    tile = SimpleNamespace(base_x=0, base_y=0, base_width=400, base_height=400, width=200, height=200)
+    mask = _region_mask(tile, SimpleNamespace(region=polygons))
+    assert mask[:45].all() and mask[155:].all() and not mask[55:145, 55:145].any()
+
+
 # --------------------------------------------------------------------------- big regions
 
 FAR = 3072  #: side of the slides whose two annotated nuclei lie in opposite corners

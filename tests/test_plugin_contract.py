@@ -84,6 +84,9 @@ def test_the_plugin_gives_a_results_row_the_cell_type_columns_of_a_cohort_row(co
     {'type': 'ellipse', 'center': [10, 20, 0], 'width': 40, 'height': 10, 'rotation': -1.2},
     {'type': 'circle', 'center': [5, 5, 0], 'radius': 3},
     {'type': 'polyline', 'closed': True, 'points': [[0, 0, 0], [10, 0, 0], [10, 10, 0], [0, 10, 0]]},
+    # two holes cut out, the outline and a hole closed by their first points as some writers do
+    {'type': 'polyline', 'closed': True, 'points': [[0, 0, 0], [10, 0, 0], [10, 10, 0], [0, 10, 0], [0, 0, 0]],
+     'holes': [[[2, 2, 0], [4, 2, 0], [3, 4, 0], [2, 2, 0]], [[6, 6, 0], [8, 6, 0], [8, 8, 0]]]},
 ])
 def test_a_folder_run_reads_a_region_annotation_as_the_library_does(element):
     """The plugin reads a slide's region annotation when it queues the slide (``girder_cellrcnn.regions``); what it
@@ -102,7 +105,7 @@ def test_a_folder_run_reads_a_region_annotation_as_the_library_does(element):
 @pytest.mark.parametrize('elements, message', [
     ([{'type': 'point', 'center': [1, 2, 0]}], 'outlines no area'),
     ([{'type': 'polyline', 'closed': True, 'points': [[0, 0, 0], [9, 0, 0], [9, 9, 0]], 'holes': [[[1, 1, 0]]]}],
-     'with holes'),
+     'a polygon or a hole of fewer than three points'),
     ([{'type': 'rectangle', 'center': [1, 2, 0]}], 'without its size or position'),
 ])
 def test_a_region_annotation_that_cannot_be_counted_is_refused_on_both_sides(elements, message):

@@ -227,14 +227,17 @@ def test_detect_inside_each_slides_region_annotation(server, cli_id, slide_file)
     region makes its slide's result stale."""
     root = folder(server, server.folder_id, 'regions')
     ids = {name: slide_in(server, slide_file, root, name) for name in ('drawn.tiff', 'done.tiff', 'none.tiff',
-                                                                        'holes.tiff')}
+                                                                        'holes.tiff', 'line.tiff')}
     tumour = {'name': 'tumour', 'elements': [
         {'type': 'polyline', 'closed': True, 'points': [[10, 10, 0], [300, 20, 0], [200, 300, 0]]}]}
     for name in ('drawn.tiff', 'done.tiff'):
         ids[name + ' tumour'] = annotate(server, ids[name][0], tumour)['_id']
     annotate(server, ids['none.tiff'][0], {**tumour, 'name': 'stroma'})
+    # a tumour around a necrotic centre: the hole is cut out (one polygon, cellrcnn.region.keyhole)
     annotate(server, ids['holes.tiff'][0], {'name': 'tumour', 'elements': [
         {**tumour['elements'][0], 'holes': [[[100, 100, 0], [120, 100, 0], [110, 120, 0]]]}]})
+    annotate(server, ids['line.tiff'][0], {'name': 'tumour', 'elements': [
+        {'type': 'polyline', 'closed': True, 'points': [[10, 10, 0], [300, 20, 0]]}]})
     # the pathologist's second area on drawn.tiff, in an annotation of its own: an ellipse turned a quarter turn
     annotate(server, ids['drawn.tiff'][0], {'name': 'tumour', 'elements': [
         {'type': 'ellipse', 'center': [500, 300, 0], 'width': 100, 'height': 40, 'rotation': math.pi / 2},
@@ -248,16 +251,18 @@ def test_detect_inside_each_slides_region_annotation(server, cli_id, slide_file)
 
     parent, jobs = detect(server, root, regionAnnotation=' tumour ')
     assert parent['cellrcnnBatch'] | {'scheduled': None} == {
-        'total': 4, 'finished': 1, 'running': 0, 'todo': 1, 'no_region': 1, 'unusable_region': 1,
+        'total': 5, 'finished': 1, 'running': 0, 'todo': 2, 'no_region': 1, 'unusable_region': 1,
         'no_write_folders': 0, 'model': DEFAULT_MODEL, 'model_sha256': None, 'region_annotation': 'tumour',
         'scheduled': None}
     log = ''.join(parent['log'])
     assert "1 already have a result of cellrcnn-default.pt inside their annotation 'tumour'" in log
     assert "1 have no annotation named 'tumour', 1 have one that cannot be counted" in log
-    assert ("left out: holes.tiff: its annotation 'tumour' has a polygon with holes, which cannot be counted: draw "
-            "the area without them\n") in log
-    (job,) = jobs
-    assert job['cellrcnnSlide'] == ids['drawn.tiff'][0]
+    assert "left out: line.tiff: its annotation 'tumour' has a polygon or a hole of fewer than three points\n" in log
+    job, holed = sorted(jobs, key=lambda j: j['cellrcnnSlide'] != ids['drawn.tiff'][0])
+    assert (job['cellrcnnSlide'], holed['cellrcnnSlide']) == (ids['drawn.tiff'][0], ids['holes.tiff'][0])
+    args = server.client().get(f'job/{holed["_id"]}')['kwargs']['container_args']
+    assert [float(v) for v in args[args.index('--analysis_roi') + 1].split(',')] == [
+        10, 10, 300, 20, 200, 300, 10, 10, 100, 100, 120, 100, 110, 120, 100, 100, 10, 10]
     args = server.client().get(f'job/{job["_id"]}')['kwargs']['container_args']
     assert args[args.index('--region_annotation') + 1] == 'tumour' and '--girder_slide' not in args
     # both annotations' areas, each closed by its first point, -1,-1 between them: what the task's region takes
@@ -273,7 +278,7 @@ def test_detect_inside_each_slides_region_annotation(server, cli_id, slide_file)
     assert rows['done.tiff']['region_annotation'] == 'tumour' and rows['drawn.tiff']['region_annotation'] is None
     again, again_jobs = detect(server, root, regionAnnotation='tumour')
     assert [j['cellrcnnSlide'] for j in again_jobs] == [ids['done.tiff'][0]]
-    assert (again['cellrcnnBatch']['running'], again['cellrcnnBatch']['finished']) == (1, 0)
+    assert (again['cellrcnnBatch']['running'], again['cellrcnnBatch']['finished']) == (2, 0)
     assert error_of(lambda: server.client().post(f'cellrcnn/folder/{root}/detect',
                                                  {'regionAnnotation': 'x' * 201})) == (
         400, 'regionAnnotation is at most 200 characters')

@@ -13,12 +13,24 @@ from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.exports import REGION_BGR
 from cellrcnn.inference import DetectorSpec
-from cellrcnn.region import annotation_region, element_polygon, inside, polygon_pixels, region_settings
+from cellrcnn.region import (
+    annotation_region,
+    cut_free_edges,
+    element_polygon,
+    imagescope_polygons,
+    inside,
+    keyhole,
+    polygon_pixels,
+    region_settings,
+)
 from cellrcnn.settings import DetectionSettings
 from cellrcnn.slide import Slide
 from cellrcnn.slide_detection import detect_slide
 
 QUAD = [100, 100, 700, 150, 600, 600, 150, 500]  # a quadrilateral, base pixels
+HOLE = [250, 250, 450, 260, 400, 420, 260, 380]  # a hole inside it
+#: the quadrilateral less the hole, as one polygon (cellrcnn.region.keyhole): HistomicsTK's form carries it
+QUAD_LESS_HOLE = QUAD + QUAD[:2] + HOLE + HOLE[:2]
 
 
 @pytest.mark.parametrize('values,expected', [
@@ -66,11 +78,59 @@ def test_the_areas_an_annotation_outlines_are_its_region():
     assert region_settings([v for p in region['polygons'] for xy in (*p, (-1, -1)) for v in xy][:-2]) == region
 
 
+def pairs(values):
+    return np.array(values, np.float64).reshape(-1, 2)
+
+
+def test_a_polygons_holes_are_cut_out_of_its_area():
+    """HistomicsUI's holes (and QuPath's interior rings) are one polygon with its holes joined to its first point by
+    cuts walked out and back: inside it by the even-odd rule is the area less the holes, for the mask's pixels and
+    for points alike; drawing it leaves the cuts out."""
+    second = [500, 300, 560, 300, 560, 360]
+    element = {'type': 'polyline', 'closed': True, 'points': [[x, y, 0] for x, y in pairs(QUAD)],
+               'holes': [[[x, y, 0] for x, y in pairs(h)] for h in (HOLE, second)]}
+    polygon = element_polygon(element, 'x')
+    np.testing.assert_array_equal(polygon, pairs(QUAD + QUAD[:2] + HOLE + HOLE[:2] + QUAD[:2] + second + second[:2]))
+    np.testing.assert_array_equal(keyhole(pairs(QUAD), []), pairs(QUAD))  # without holes: the outline as it is
+    region = annotation_region([{'elements': [element]}], 'x')
+    assert region_settings([v for xy in region['polygons'][0] for v in xy]) == region  # the task's numbers carry it
+    # the mask of squares of 4.012 base pixels (no centre on an edge): the quadrilateral's pixels less the holes'
+    pixels = polygon_pixels(region['polygons'], (200, 200), 4, 4, 1.003)
+    alone = [polygon_pixels([pairs(ring)], (200, 200), 4, 4, 1.003) for ring in (QUAD, HOLE, second)]
+    np.testing.assert_array_equal(pixels, alone[0] & ~alone[1] & ~alone[2])
+    assert alone[1].sum() > 1000 and alone[2].sum() > 100
+    points = np.random.default_rng(0).uniform(0, 800, (5000, 2))
+    expected = inside([pairs(QUAD)], *points.T) & ~inside([pairs(HOLE), pairs(second)], *points.T)
+    np.testing.assert_array_equal(inside(region['polygons'], *points.T), expected)
+    # drawn: the outline and the holes' outlines, each edge once, no cut
+    edges = {tuple(map(tuple, e)) for e in cut_free_edges(polygon)}
+    rings = [pairs(r) for r in (QUAD, HOLE, second)]
+    assert edges == {(tuple(a), tuple(b)) for r in rings for a, b in zip(r, np.roll(r, -1, axis=0))}
+
+
+def test_imagescope_negative_regions_are_cut_out(tmp_path):
+    """ImageScope's negative region named like the area is cut out of it (one polygon with a hole); where it reaches
+    past the area only the part inside counts."""
+    def region(rid, points, negative=False):
+        vertices = ''.join(f'<Vertex X="{x}" Y="{y}"/>' for x, y in pairs(points))
+        flag = ' NegativeROA="1"' if negative else ''
+        return f'<Region Id="{rid}" Type="0"{flag}><Vertices>{vertices}</Vertices></Region>'
+    path = tmp_path / 'scan.xml'
+    path.write_text(f'<Annotations><Annotation Id="1" Name="tumour"><Regions>{region(1, QUAD)}'
+                    f'{region(2, HOLE, True)}{region(3, [600, 100, 800, 100, 800, 200, 600, 200], True)}'
+                    '</Regions></Annotation></Annotations>')
+    (polygon,) = imagescope_polygons(str(path), 'tumour')
+    points = np.random.default_rng(1).uniform(0, 800, (5000, 2))
+    expected = (inside([pairs(QUAD)], *points.T) & ~inside([pairs(HOLE)], *points.T)
+                & ~((points[:, 0] > 600) & (points[:, 1] < 200)))
+    assert (inside([polygon], *points.T) == expected).mean() > 0.999  # (points on the edges aside)
+
+
 @pytest.mark.parametrize('elements,message', [
     ([{'type': 'point', 'center': [1, 2, 0]}], "annotation 'tumour' on a.svs outlines no area"),
     ([{'type': 'polyline', 'closed': True, 'points': [[0, 0, 0], [5, 5, 0], [10, 10, 0]]}], 'encloses no area'),
     ([{'type': 'polyline', 'closed': True, 'points': [[0, 0, 0], [9, 0, 0], [9, 9, 0]], 'holes': [[[1, 1, 0]]]}],
-     'with holes is not supported'),
+     'not this \'polyline\' element'),
     ([{'type': 'rectangle', 'center': [1, 2, 0]}], 'not this \'rectangle\' element'),
 ])
 def test_an_annotation_that_outlines_no_area_is_one_line(elements, message):
@@ -100,16 +160,19 @@ def slide_path(synthetic_slide):
     return synthetic_slide(900, 700, seed=11)[0]
 
 
-def test_a_polygon_run_keeps_the_box_runs_nuclei_inside_and_its_tissue(slide_path, tiny_checkpoint):
+@pytest.mark.parametrize('values', [QUAD, QUAD_LESS_HOLE])
+def test_a_polygon_run_keeps_the_box_runs_nuclei_inside_and_its_tissue(slide_path, tiny_checkpoint, values):
     slide = Slide(slide_path)
     detector = DetectorSpec(model=str(tiny_checkpoint), threshold=0.05, nms=0.3, device='cpu', batch_size=3).build()
-    region = region_settings(QUAD)
+    region = region_settings(values)
     run = dict(tile_size=256, overlap=32, min_tissue=0.0, workers=2)
     box = detect_slide(slide, detector, roi=region['roi'], **run)
     cut = detect_slide(slide, detector, **region, **run)
     b = box.boxes
     within = inside(region['polygons'], (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2)
     assert 0 < within.sum() < len(box.boxes)
+    in_hole = inside([pairs(HOLE)], (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2)
+    assert in_hole.any() and (within & in_hole).any() == (values == QUAD)
     np.testing.assert_array_equal(cut.boxes, box.boxes[within])
     np.testing.assert_array_equal(cut.scores, box.scores[within])
     # the tissue is the box run's, cut to the polygon: its area and the outline follow
@@ -136,6 +199,19 @@ def test_cellrcnn_detect_takes_polygons(slide_path, tiny_checkpoint, tmp_path):
     # the overview shows the box the tiles cover, with the polygon drawn on it
     overview = cv2.imread(str(tmp_path / 'slide.overlay.png'))
     assert overview.shape[:2] == (500, 600) and (overview == REGION_BGR).all(axis=2).sum() > 1000
+
+
+def test_an_area_with_a_hole_is_drawn_without_its_cut(slide_path, tiny_checkpoint, tmp_path):
+    assert main(['detect', str(slide_path), '-o', str(tmp_path), '--model', str(tiny_checkpoint), '--roi',
+                 ','.join(map(str, QUAD_LESS_HOLE)), '--tile-size', '256', '--progress', 'none', '--no-resume']) == 0
+    params = json.loads((tmp_path / 'slide.anot.json').read_text())['attributes']['params']
+    assert params['polygons'] == [pairs(QUAD_LESS_HOLE).tolist()]
+    blue = (cv2.imread(str(tmp_path / 'slide.overlay.png')) == REGION_BGR).all(axis=2)  # the overview from 100, 100
+
+    def drawn(x, y):  # near the base pixel x, y
+        return blue[y - 102:y - 97, x - 102:x - 97].any()
+    assert drawn(350, 255) and drawn(425, 340)  # the hole's edges
+    assert not drawn(175, 175) and not drawn(220, 220)  # the cut from the outline's first point to the hole's
 
 
 def test_cellrcnn_detect_takes_the_region_drawn_beside_the_slide(slide_path, tiny_checkpoint, tmp_path, capsys):

@@ -24,8 +24,8 @@ slide and one table for the whole cohort (``cellrcnn batch``).
   rectangles, ellipses, circles and closed polygons), a local slide's ImageScope XML or QuPath GeoJSON beside it
   (``region.file_region``), as ``cellrcnn detect --roi`` counts inside polygons, so that a cohort's counts and
   densities are those of the tumour each slide's pathologist drew. The region is part of the fingerprint (a
-  redrawn region recomputes) and the note names it; a slide without such an annotation gets a ``no region`` row
-  and nothing else, one whose annotation cannot be counted (holes, cut-outs) a ``failed`` row.
+  redrawn region recomputes) and the note names it; holes are cut out (``region.keyhole``); a slide without such an
+  annotation gets a ``no region`` row and nothing else, one whose annotation cannot be counted a ``failed`` row.
 - **Failures stay rows**: a slide that cannot be read, states no magnification, cannot be downloaded or posted,
   ... becomes a ``failed`` row with a one-line reason and the cohort goes on.
 - **Scale-out**: with a dask.distributed scheduler (an address, or ``local:N`` for N local processes) each slide's

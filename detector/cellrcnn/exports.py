@@ -26,6 +26,7 @@ from .colors import rgb_tuple
 from .density import micrometres_per_pixel
 from .errors import CellRCNNError
 from .files import atomic_write
+from .region import cut_free_edges
 from .tissue_outline import MARKS_COLOR, pieces
 
 QUPATH_CLASS = 'Nucleus'
@@ -211,7 +212,7 @@ def _overlay_colors(result):
 def write_overlay(result, path, max_side=2048):
     """An overview PNG of the analysed region (at most ``max_side`` px) with every detection drawn: in its cell
     type's colour for a model with cell types, else green; the black fill and pen ink left out (``result.tissue``'s
-    marks) are outlined in magenta, and a region's polygons (``result.polygons``) in blue."""
+    marks) are outlined in magenta, and a region's polygons (``result.polygons``, their holes too) in blue."""
     import cv2
 
     slide = result.slide
@@ -221,14 +222,15 @@ def write_overlay(result, path, max_side=2048):
     overlay = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     tissue = result.tissue
 
-    def draw(rings, color):  # rings in base pixels
+    def draw(rings, color, closed=True):  # rings (or edges, not closed) in base pixels
         points = [np.round((np.asarray(ring, np.float64) - [x0, y0]) * factor).astype(np.int32) for ring in rings]
-        cv2.polylines(overlay, points, True, color, MARKS_WIDTH)
+        cv2.polylines(overlay, points, closed, color, MARKS_WIDTH)
 
     if tissue is not None:  # the marks as the tissue outline annotation draws them
         for outline, holes in pieces(tissue, tissue.marks, result.analysis_bounds):
             draw([ring * slide.scale for ring in (outline, *holes)], MARKS_BGR)
-    draw(result.polygons or (), REGION_BGR)
+    edges = [cut_free_edges(polygon) for polygon in result.polygons or ()]
+    draw(np.concatenate(edges) if edges else (), REGION_BGR, closed=False)
     boxes = np.round((result.boxes - [x0, y0, x0, y0]) * factor).astype(int)
     for (x1, y1, x2, y2), color in zip(boxes, _overlay_colors(result)):
         cv2.rectangle(overlay, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), color, 1)

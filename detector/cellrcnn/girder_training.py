@@ -12,7 +12,7 @@ to 3 are :mod:`cellrcnn.labelled_slides`):
    (:mod:`cellrcnn.annotation_classes`).
 2. **The annotated region**: only the part of a slide the annotator covered becomes training data, so that the cells
    nobody annotated are never taught as background. The region is the union of the annotation's rectangles and
-   closed polygons labelled (or grouped as) ``region_label`` (default ``region``); without one it is the bounding
+   closed polygons (their holes cut out: ``region.keyhole``) labelled (or grouped as) ``region_label`` (default ``region``); without one it is the bounding
    box of the annotated nuclei. Pixels inside the region's bounding box but outside its shapes are painted white
    (glass), and only the nuclei whose centre lies inside the region are kept.
 3. **Samples**: the region is read at the model's resolution (``model.config.mpp``) with :class:`cellrcnn.slide.Slide`

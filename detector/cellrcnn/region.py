@@ -10,6 +10,13 @@ normalised from the whole slide's stain, so that its nuclei are those the slide'
 the tissue mask is cut to them (:func:`polygon_pixels`), so that tiles outside them are never read and the tissue
 area, the densities and the tissue outline are the polygons', and only nuclei centred inside a polygon are kept
 (:func:`inside`). Overlapping polygons count once.
+
+An area with holes (a tumour drawn around its necrotic centre: HistomicsUI's holes, a QuPath polygon's interior
+rings, ImageScope's negative regions) is one polygon still (:func:`keyhole`): its outline, then each hole joined to
+the outline's first point by a cut walked out and back. The pixels and points inside it are counted by the even-odd
+rule (``skimage``'s, as :func:`polygon_pixels` and :func:`inside` count them), in which the cut's two crossings
+cancel: the area less its holes. So a region with holes keeps HistomicsTK's form, and the numbers
+CellDetection's *Region to analyse* takes carry it.
 """
 
 import math
@@ -55,6 +62,8 @@ def polygons_region(polygons) -> dict:
     """``{'roi': their bounding box, 'polygons': ...}`` (``ResultSettings``' fields) of polygons, each a sequence of
     ``(x, y)`` base-pixel points; a one-line CellRCNNError for a polygon that encloses no area."""
     for p in polygons:
+        if np.ndim(p) != 2 or np.shape(p)[1] != 2:
+            raise CellRCNNError(f'a region\'s polygon must be a list of (x, y) points, not {str(p)[:60]}')
         x, y = np.asarray(p, np.float64).T
         if len(x) < 3 or abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) == 0:  # twice the area (shoelace)
             raise CellRCNNError(f'a region\'s polygon encloses no area (its points lie on a line): '
@@ -65,10 +74,40 @@ def polygons_region(polygons) -> dict:
             'polygons': tuple(tuple((float(x), float(y)) for x, y in p) for p in polygons)}
 
 
+def _open_ring(points):
+    """A ring's points without its first point repeated at its end."""
+    points = np.asarray(points, np.float64)
+    return points[:-1] if len(points) > 1 and (points[0] == points[-1]).all() else points
+
+
+def keyhole(outline, holes):
+    """One K x 2 polygon whose inside by the even-odd rule is the area ``outline`` encloses less the ``holes``
+    inside it: the outline, its first point again, then each hole and its first point again, each joined to the
+    outline's first point by a cut walked out and back (the polygon closes along the last one). Without holes, the
+    outline as it is."""
+    if not len(holes):
+        return np.asarray(outline, np.float64)
+    outline = _open_ring(outline)
+    parts = [outline, outline[:1]]
+    for k, hole in enumerate(holes):
+        hole = _open_ring(hole)
+        parts += ([outline[:1]] if k else []) + [hole, hole[:1]]
+    return np.concatenate(parts)
+
+
+def cut_free_edges(polygon):
+    """The E x 2 x 2 edges of a polygon (:func:`keyhole`'s among them) that are no cut: edges walked both ways are
+    left out, so that drawing the rest outlines the area and its holes."""
+    p = np.asarray(polygon, np.float64)
+    edges = np.stack([p, np.roll(p, -1, axis=0)], axis=1)
+    walked = {(tuple(a), tuple(b)) for a, b in edges}
+    return edges[[(tuple(b), tuple(a)) not in walked for a, b in edges]]
+
+
 def element_polygon(element, where):
     """A DSA annotation element that outlines an area (a rectangle, rotated or not, an ellipse, a circle or a closed
-    polyline) as a K x 2 polygon in base pixels (an ellipse or circle by :data:`ELLIPSE_POINTS` points); a one-line
-    CellRCNNError for any other element, and for a polyline with holes."""
+    polyline, its holes cut out: :func:`keyhole`) as a K x 2 polygon in base pixels (an ellipse or circle by
+    :data:`ELLIPSE_POINTS` points); a one-line CellRCNNError for any other element."""
     try:
         kind = element['type']
         if kind in AREA_TYPES:
@@ -86,12 +125,10 @@ def element_polygon(element, where):
             c, s = math.cos(rot), math.sin(rot)
             return corners @ np.array([[c, s], [-s, c]]) + [cx, cy]
         if kind == 'polyline' and element.get('closed'):
-            if element.get('holes'):
-                raise CellRCNNError(f'{where}: a region polygon with holes is not supported; draw the area '
-                                    'without them')
             points = np.asarray([p[:2] for p in element['points']], dtype=np.float64)
-            if len(points) >= 3:
-                return points
+            holes = [np.asarray([p[:2] for p in hole], dtype=np.float64) for hole in element.get('holes') or ()]
+            if len(points) >= 3 and all(len(hole) >= 3 for hole in holes):
+                return keyhole(points, holes)
     except (KeyError, IndexError, TypeError, ValueError):
         pass
     raise CellRCNNError(f'{where}: a region must be a rectangle, an ellipse, a circle or a closed polygon, not this '
@@ -113,28 +150,39 @@ def annotation_region(docs, where) -> dict:
 def imagescope_polygons(path, name):
     """The areas an ImageScope XML file's regions named ``name`` (their ``Text``, or their layer's name) outline:
     polygons and rectangles by their vertices, ellipses by :data:`ELLIPSE_POINTS` points; single vertices, arrows
-    and rulers are notes, left out; a negative (cut-out) region cannot be counted (one-line CellRCNNError)."""
+    and rulers are notes, left out. Negative regions of that name are cut out of them (:func:`keyhole`), as
+    ImageScope does; a one-line CellRCNNError when they cut out all of it."""
     from .labels.shapes import IMAGESCOPE_AREAS, imagescope_regions
 
-    polygons = []
+    areas = {False: [], True: []}
     for region in imagescope_regions(path)[1]:
         if region.name != name or len(region.vertices) == 1 or region.kind not in IMAGESCOPE_AREAS:
             continue
-        if region.negative:
-            raise CellRCNNError(f'{path}: a negative (cut-out) region named {name!r} cannot be counted; draw the '
-                                'area without it')
         if region.kind == '2':  # an ellipse: its vertices are its box's corners
             (x0, y0), (x1, y1) = np.min(region.vertices, axis=0), np.max(region.vertices, axis=0)
-            polygons.append(element_polygon({'type': 'ellipse', 'center': [(x0 + x1) / 2, (y0 + y1) / 2],
-                                             'width': x1 - x0, 'height': y1 - y0}, path))
+            polygon = element_polygon({'type': 'ellipse', 'center': [(x0 + x1) / 2, (y0 + y1) / 2],
+                                       'width': x1 - x0, 'height': y1 - y0}, path)
         else:
-            polygons.append(np.asarray(region.vertices, np.float64))
-    return polygons
+            polygon = np.asarray(region.vertices, np.float64)
+        areas[region.negative].append(polygon)
+    polygons, negatives = areas[False], areas[True]
+    if not (polygons and negatives):
+        return polygons
+    import shapely
+
+    def union(rings):
+        return shapely.union_all([shapely.make_valid(shapely.Polygon(r)) for r in rings])
+
+    pieces = [g for g in shapely.get_parts(union(polygons).difference(union(negatives)))
+              if g.geom_type == 'Polygon' and g.area > 0]
+    if not pieces:
+        raise CellRCNNError(f'{path}: the negative regions named {name!r} cut out all of its area')
+    return [keyhole(piece.exterior.coords, [ring.coords for ring in piece.interiors]) for piece in pieces]
 
 
 def qupath_polygons(path, name):
     """The areas a QuPath GeoJSON export's features classified or named ``name`` outline (Polygon and MultiPolygon
-    geometries; others are left out); a polygon with holes cannot be counted (one-line CellRCNNError)."""
+    geometries, their holes cut out: :func:`keyhole`; others are left out)."""
     from .annotation import read_json_file
     from .labels.shapes import qupath_class, qupath_features
 
@@ -149,14 +197,11 @@ def qupath_polygons(path, name):
         for polygon in rings or ():
             if not isinstance(polygon, list) or not polygon:
                 raise CellRCNNError(f'{path}: feature {i}: malformed {geometry.get("type")}')
-            if len(polygon) > 1:
-                raise CellRCNNError(f'{path}: feature {i} ({name!r}) has holes, which cannot be counted; draw the '
-                                    'area without them')
             try:
-                points = np.asarray([p[:2] for p in polygon[0]], np.float64)
+                outline, *holes = [_open_ring([p[:2] for p in ring]) for ring in polygon]
             except (TypeError, ValueError, IndexError):
                 raise CellRCNNError(f'{path}: feature {i}: malformed {geometry.get("type")}') from None
-            polygons.append(points[:-1] if len(points) > 1 and (points[0] == points[-1]).all() else points)
+            polygons.append(keyhole(outline, holes))
     return polygons
 
 

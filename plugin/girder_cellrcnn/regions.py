@@ -5,7 +5,10 @@ the slide, and gives them to the slide's job: the task needs no access to Girder
 without a network).
 
 Rectangles (rotated or not), ellipses and circles (by :data:`ELLIPSE_POINTS` points) and closed polylines are
-areas; points and open polylines are notes, left out; a polyline with holes cannot be counted. This is
+areas; points and open polylines are notes, left out. A polyline's holes are cut out of it as the library cuts them
+(``cellrcnn.region.keyhole``): its points, its first point again, then each hole's points and the hole's first
+point again, each joined to the polyline's first point, one polygon whose inside by the even-odd rule is the area
+less its holes. This is
 ``cellrcnn.region.element_polygon`` written again on purpose (the plugin imports nothing of cellrcnn);
 tests/test_plugin_contract.py imports this module (pure Python, no Girder) by its path and compares the two.
 """
@@ -27,17 +30,25 @@ def is_area(element):
                                           element.get('type') == 'polyline' and element.get('closed') is True)
 
 
+def open_ring(points):
+    """A ring's points without its first point repeated at its end."""
+    return points[:-1] if len(points) > 1 and points[0] == points[-1] else points
+
+
 def element_points(element):
-    """An area element's outline: a list of ``(x, y)`` base-pixel points. :raises RegionError: for one that
-    cannot be counted (a polyline with holes, missing or non-numeric fields)."""
+    """An area element's outline, its holes cut out: a list of ``(x, y)`` base-pixel points. :raises RegionError:
+    for one that cannot be counted (fewer than three points, missing or non-numeric fields)."""
     kind = element.get('type')
     try:
         if kind == 'polyline':
-            if element.get('holes'):
-                raise RegionError('has a polygon with holes, which cannot be counted: draw the area without them')
-            points = [(float(p[0]), float(p[1])) for p in element['points']]
-            if len(points) < 3:
-                raise RegionError('has a polygon of fewer than three points')
+            points, *holes = [[(float(p[0]), float(p[1])) for p in ring]
+                              for ring in [element['points'], *(element.get('holes') or ())]]
+            if min(map(len, [points, *holes])) < 3:
+                raise RegionError('has a polygon or a hole of fewer than three points')
+            if holes:
+                points = open_ring(points)
+                for hole in map(open_ring, holes):
+                    points += points[:1] + hole + hole[:1]
             return points
         cx, cy = float(element['center'][0]), float(element['center'][1])
         if kind == 'circle':
