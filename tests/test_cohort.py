@@ -389,6 +389,9 @@ def test_a_local_cohort_counts_inside_the_regions_drawn_beside_each_slide(tmp_pa
     assert row['status'] == 'done' and row['note'] == "inside annotation 'tumour' (1 area(s))"
     doc = read_annotation_file(tmp_path / 'out' / row['output'] / 'holes.anot.json')
     assert [len(p) for p in doc['attributes']['params']['polygons']] == [3 + 1 + 3 + 1]
+    # named for the region, so that HistomicsUI lists them apart from a whole-slide result
+    density = read_annotation_file(tmp_path / 'out' / row['output'] / 'holes.density.anot.json')
+    assert (doc['name'], density['name']) == ('cellrcnn nuclei inside tumour', 'cellrcnn nuclei density inside tumour')
     centres = np.array([e['center'][:2] for e in doc['elements']])
     assert len(centres) > 10 and not inside([hole], *centres.T).any()
     outline = file_region(str(folder / 'qupath.tiff'), 'tumour')[0]['polygons']

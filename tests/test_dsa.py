@@ -265,7 +265,7 @@ def test_folder_detection_counts_inside_each_slides_region_annotation(dsa, synth
     assert child['status'] == JOB_SUCCESS, job_log(dsa, child['_id'])[-3000:]
     assert batch['status'] == JOB_SUCCESS, ''.join(batch['log'])[-3000:]
     assert (batch['cellrcnnBatch']['todo'], batch['cellrcnnBatch']['no_region']) == (1, 1)
-    nuclei = annotations_of(dsa, drawn, count=6)[DEFAULT_NAME]
+    nuclei = annotations_of(dsa, drawn, count=6)[f'{DEFAULT_NAME} inside tumour']  # named for its region
     assert nuclei['attributes']['params']['region_annotation'] == 'tumour'
     centres = (boxes_of(nuclei)[:, :2] + boxes_of(nuclei)[:, 2:]) / 2
     assert len(centres) > 20 and inside([[p[:2] for p in quad]], centres[:, 0], centres[:, 1]).all()

@@ -310,7 +310,8 @@ def test_cellrcnn_detect_counts_inside_the_items_region_annotation(server, slide
                      '--device', 'cpu', '--girder-url', server.api_url, '--item', item_id, '--region-annotation',
                      'tumour', env={'GIRDER_TOKEN': server.token})
     assert run.returncode == 0, run.stderr
-    (posted,) = [a for a in cellrcnn_annotations(server, item_id) if a['annotation']['name'] == 'cellrcnn nuclei']
+    (posted,) = [a for a in cellrcnn_annotations(server, item_id)
+                 if a['annotation']['name'] == 'cellrcnn nuclei inside tumour']
     doc = server.client().get(f'annotation/{posted["_id"]}')['annotation']
     assert doc['attributes']['params']['region_annotation'] == 'tumour'
     centres = [e['center'][:2] for e in doc['elements']]

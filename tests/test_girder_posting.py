@@ -236,6 +236,35 @@ def test_results_are_the_same_model_by_checkpoint_hash_not_by_file_name(server, 
     assert sorted(a['_elementCount'] for a in cellrcnn_annotations(server, item_id)) == [11, 12]
 
 
+def test_each_region_keeps_its_own_result_of_a_model(server, slide):
+    """A count inside the tumour a pathologist drew does not replace the slide's whole-slide count: a post replaces
+    the model's result of the same region only (the whole slide, the annotations of one name however drawn, the same
+    rectangle or polygons), so counts in two hotspots stand side by side."""
+    item_id, _ = slide
+
+    def post(n, **params):
+        doc = nuclei(n)
+        doc['attributes']['params'] = {'roi': None, **params}
+        return post_annotations(server.api_url, server.token, item_id, doc, **FAST)[0]
+
+    tumour = {'roi': [0, 0, 300, 300], 'polygons': [[[0, 0], [300, 0], [0, 300]]], 'region_annotation': 'tumour'}
+    first = {'whole': post(10), 'tumour': post(11, **tumour), 'stroma': post(12, **{**tumour, 'region_annotation':
+                                                                                       'stroma'}),
+             'drawn': post(13, roi=[0, 0, 50, 50])}
+    assert [r['replaced'] for r in first.values()] == [[]] * 4
+    redrawn = {**tumour, 'polygons': [[[0, 0], [300, 0], [300, 300]]]}
+    assert post(21, **redrawn)['replaced'] == [first['tumour']['_id']]
+    assert post(22)['replaced'] == [first['whole']['_id']]
+    assert post(23, roi=(0.0, 0.0, 50.0, 50.0))['replaced'] == [first['drawn']['_id']]  # the same rectangle
+    hotspot = post(24, roi=[10, 10, 90, 90], polygons=[[[10, 10], [90, 10], [10, 90]]])
+    assert hotspot['replaced'] == []
+    assert sorted(a['_elementCount'] for a in cellrcnn_annotations(server, item_id)) == [12, 21, 22, 23, 24]
+    mixed = [nuclei(3), nuclei(3, name='density')]
+    mixed[1]['attributes']['params'] = tumour
+    with pytest.raises(CellRCNNError, match='counted in different regions'):
+        post_annotations(server.api_url, server.token, item_id, mixed, **FAST)
+
+
 def test_a_result_the_user_may_not_delete_is_found_before_posting(server, slide):
     item_id, _ = slide
     gc = server.client()

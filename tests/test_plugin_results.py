@@ -35,6 +35,7 @@ from plugin_support import (
     READ,
     active_annotations,
     annotate,
+    error_of,
     expected_summary,
     folder,
     grant,
@@ -266,6 +267,49 @@ def check_typed_result(server, item_id, paths, types, with_map=True):
     return {name: doc['_id'] for name, doc in stored.items()}
 
 
+def test_the_table_gives_each_slides_whole_slide_result_or_its_count_inside_a_region(server, slide_file, reader):
+    """A slide keeps its whole-slide result beside its count inside the tumour (cellrcnn's client replaces only
+    the same region's result): the table shows each slide's newest result, or with ``wholeSlide`` or
+    ``regionAnnotation`` its newest one of that scope from a writer, cell types and all."""
+    root = folder(server, server.folder_id, 'scoped')
+    reader_id, reader_token = reader
+    access = {'users': [{'id': server.user_id, 'level': 2},
+                        {'id': reader_id, 'level': READ, 'flags': ['large_image_create_annotations']}], 'groups': []}
+    server.client().put(f'folder/{root}/access', {'access': json.dumps(access)})
+    ids = {name: slide_in(server, slide_file, root, name)[0] for name in ('both.tiff', 'whole.tiff')}
+    tumour = {'roi': [0, 0, 300, 300], 'polygons': [[[0, 0], [300, 0], [0, 300]]], 'region_annotation': 'tumour'}
+
+    def post(item, n, counts, **params):
+        doc = classified(n, 'typed.pt', counts)
+        doc['attributes']['params'].update(params)
+        post_annotations(server.api_url, server.token, ids[item], doc, **FAST)
+
+    post('both.tiff', 30, {'lymphocyte': 10, 'tumour': 20})
+    post('both.tiff', 12, {'lymphocyte': 3, 'tumour': 9}, **tumour)
+    post('both.tiff', 5, {'lymphocyte': 5, 'tumour': 0}, roi=[0, 0, 50, 50])  # a hotspot: newest of all
+    post('whole.tiff', 9, {'lymphocyte': 0, 'tumour': 9})
+    fake = classified(99, 'typed.pt', {'lymphocyte': 99, 'tumour': 0})  # a reader's look-alike: not a result
+    fake['attributes']['params'].update(tumour)
+    annotate(server, ids['whole.tiff'], fake, token=reader_token)
+
+    def table(**params):
+        return {r['name']: r for r in server.client().get(f'cellrcnn/folder/{root}/results', params)}
+
+    newest, whole, inside = table(), table(wholeSlide='true'), table(regionAnnotation=' tumour ')
+    assert [(r['cells'], r['roi'], r['region_annotation']) for r in newest.values()] == [
+        (5, '0,0,50,50', None), (9, None, None)]
+    assert [(r['cells'], r['lymphocyte_count'], r['region_annotation']) for r in whole.values()] == [
+        (30, 10, None), (9, 0, None)]
+    assert (inside['both.tiff']['cells'], inside['both.tiff']['lymphocyte_per_tumour']) == (12, 0.333)
+    assert inside['both.tiff']['region_annotation'] == 'tumour' and inside['whole.tiff']['cells'] is None
+    text = server.client().sendRestRequest('GET', f'cellrcnn/folder/{root}/results',
+                                           {'format': 'csv', 'regionAnnotation': 'tumour'}, jsonResp=False).text
+    header, *rows = csv.reader(io.StringIO(text))
+    assert [dict(zip(header, row))['cells'] for row in rows] == ['12', '']
+    assert error_of(lambda: table(wholeSlide='true', regionAnnotation='tumour')) == (
+        400, 'give wholeSlide or regionAnnotation, not both')
+
+
 def test_a_classified_run_posted_to_girder_replaces_the_models_earlier_run(server, slide_file, typed_checkpoint,
                                                                         tmp_path):
     root = folder(server, server.folder_id, 'typed_posts')
@@ -440,12 +484,20 @@ def test_a_rerun_updates_the_earlier_result_and_keeps_it_as_history(server, slid
         doc = nuclei(6, nuclei_doc['attributes']['model'], roi=[0, 0, 200, 200])
         doc['attributes']['params']['polygons'] = [polygon]
         drawn.append(annotate(server, item_id, doc)['_id'])
+    # A run inside the slide's annotations named 'tumour' is their region's result however they are drawn: a run
+    # after the tumour was redrawn folds into it.
+    inside = []
+    for polygon in ([[0, 0], [200, 0], [0, 200]], [[0, 0], [300, 0], [0, 300]]):
+        doc = nuclei(7 + len(inside), nuclei_doc['attributes']['model'], roi=[0, 0, 200, 200])
+        doc['attributes']['params'].update(polygons=[polygon], region_annotation='tumour')
+        inside.append(annotate(server, item_id, {**doc, 'name': f'{doc["name"]} inside tumour'})['_id'])
     # Girder's events thread takes its work in order: once a third density run uploaded after them has been folded
     # in, those arrivals have been looked at.
     server.upload_as_dsa(result_files['density'], item_id, file_id, 'outputDensityAnnotationFile')
     density_id = ids[next(name for name in ids if name != nuclei_doc['name'])]
     wait_for(lambda: len(server.client().get(f'annotation/{density_id}/history')) == 3
-             and len(active_annotations(server, item_id)) == 6, 60, 'the third density run folded in')
+             and len(active_annotations(server, item_id)) == 7, 60, 'the third density run folded in')
     assert sorted(a['_id'] for a in active_annotations(server, item_id)) == sorted([*ids.values(), other['_id'],
-                                                                                     fake['_id'], *drawn])
+                                                                                     fake['_id'], *drawn, inside[0]])
+    assert len(server.client().get(f'annotation/{inside[0]}')['annotation']['elements']) == 8
     assert len(server.client().get(f'annotation/{nuclei_id}')['annotation']['elements']) == 40

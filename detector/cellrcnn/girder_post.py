@@ -1,9 +1,17 @@
-"""Posting detection results straight to a Girder / Digital Slide Archive server, replacing the model's previous ones.
+"""Posting detection results straight to a Girder / Digital Slide Archive server, replacing the model's previous ones
+of the same region.
 
 The normal DSA flow needs none of this: slicer_cli_web uploads the task's ``*AnnotationFile`` outputs and
 HistomicsUI turns them into annotations. This module is for batch and REST use (``cellrcnn detect --girder-url``,
 scripts) and for the task's ``post_to_girder`` option: it puts the annotation documents on a slide's item and
 **replaces** the previous result of the same model there instead of adding another copy.
+
+A result replaces only the model's result of the same region (:func:`result_region`): a whole-slide result the
+whole-slide one, a result inside the slide's annotations named ``tumour`` the one inside ``tumour`` (drawn again or
+not), and one inside a rectangle or polygons given for the run (``--roi``, *Region to analyse*) the one of the same
+rectangle or polygons. So a slide keeps its whole-slide count beside its count inside the tumour a pathologist drew,
+and counts in several hotspots side by side. HistomicsUI's re-runs are folded in by the same rule (the plugin's
+``girder_cellrcnn.rerun``).
 
 - The item must be a large image (``GET /item/{id}/tiles`` answers).
 - Small documents are sent with ``POST /annotation?itemId=``. Large ones (over ``large_bytes`` of JSON or
@@ -11,8 +19,8 @@ scripts) and for the task's ``post_to_girder`` option: it puts the annotation do
   (:mod:`cellrcnn.annotation_upload`).
 - Every posted document carries ``attributes.model``, ``attributes.cellrcnn`` (the marker every cellrcnn
   annotation has) and ``attributes.cellrcnn_post`` (this post's id). After the new documents are on the item, every
-  other annotation on the item with the same model and the marker is deleted: a failed post never leaves the slide
-  without a result.
+  other annotation on the item with the same model, region and the marker is deleted: a failed post never leaves
+  the slide without a result.
 - With cellrcnn's plugin on the server, only annotations made by writers of the item count as results
   (``GET /cellrcnn/item/{id}/results``): a look-alike made by a user who may only read the slide neither stops a
   post nor beats it, and is left alone. An upload withdrawn because its ingest did not finish in time is recorded
@@ -66,11 +74,38 @@ def _model_of(documents, model_name):
     return models.pop(), sha
 
 
-def _is_result_of(annotation, model, sha=None):
-    """Whether an annotation is a cellrcnn result of this model: the same checkpoint hash when both have one, else
-    (results posted before hashes were recorded) the same model name."""
+def _plain(value):
+    """Nested lists of floats, whether the numbers came as tuples or lists, ints or floats."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def result_region(attributes):
+    """Which region a result's annotation attributes say the run counted (its ``params``): ``('annotation', NAME)``
+    inside the slide's annotations named NAME (``region_annotation``), else ``('area', ROI, POLYGONS)``, the
+    rectangle and polygons given for the run as JSON text (``null`` both for the whole slide). Annotations without
+    ``params`` (posted by other tools) are whole-slide ones."""
+    params = attributes.get('params') if isinstance(attributes.get('params'), dict) else {}
+    if params.get('region_annotation'):
+        return 'annotation', str(params['region_annotation'])
+    return 'area', json.dumps(_plain(params.get('roi') or None)), json.dumps(_plain(params.get('polygons') or None))
+
+
+def _region_of(documents):
+    regions = {result_region(d.header.get('attributes') or {}) for d in documents}
+    if len(regions) > 1:
+        raise CellRCNNError('these annotations were counted in different regions (their params): post them '
+                            'separately')
+    return regions.pop()
+
+
+def _is_result_of(annotation, model, sha, region):
+    """Whether an annotation is a cellrcnn result of this model (the same checkpoint hash when both have one, else,
+    for results posted before hashes were recorded, the same model name) counted in ``region``
+    (:func:`result_region`)."""
     attributes = annotation_attributes(annotation)
-    if MARKER not in attributes:
+    if MARKER not in attributes or result_region(attributes) != region:
         return False
     if sha and attributes.get(SHA_KEY):
         return attributes[SHA_KEY] == sha
@@ -99,10 +134,12 @@ def _age(annotations):
 def post_annotations(api_url, token, item_id, documents, model_name=None, retries=4, backoff=1.0, timeout=600,
                      large_bytes=LARGE_BYTES, large_elements=LARGE_ELEMENTS, ingest_timeout=None, saved=None,
                      progress=None):
-    """Put annotation documents on a slide's Girder item, replacing that model's previous cellrcnn result there.
+    """Put annotation documents on a slide's Girder item, replacing that model's previous cellrcnn result of the same
+    region there (:func:`result_region`: the whole slide, the annotations of one name, or the rectangle or polygons
+    given for the run).
 
-    Replacement is "newest wins": once this post's documents are on the item, the results of the same model that
-    landed before it are deleted; if another post of the same model landed after it meanwhile (two runs racing),
+    Replacement is "newest wins": once this post's documents are on the item, the results of the same model and region
+    that landed before it are deleted; if another post of the same model landed after it meanwhile (two runs racing),
     that one stays and this post takes its own documents back. Either way exactly one result of the model remains.
     Earlier results the token's user may not delete are found before anything is posted.
 
@@ -130,13 +167,14 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
     if not documents:
         raise CellRCNNError('no annotation documents to post')
     model, sha = _model_of(documents, model_name)
+    region = _region_of(documents)
     server = GirderConnection(api_url, token, retries, backoff, timeout, saved)
     say = progress.log if progress else (lambda line: None)
     if progress:  # a stage of its own: the share of the elements stored so far
         progress.start(sum(max(doc.count, 1) for doc in documents), unit='element')
     with server.session():
         target = Target(server, item_id)
-        _check_replaceable(server, target, model, sha)
+        _check_replaceable(server, target, model, sha, region)
         post_id = uuid.uuid4().hex
         results = []
         try:
@@ -164,7 +202,7 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
                 results.append({'_id': annotation_id, 'name': doc.name, 'elements': doc.count,
                                 'route': 'upload' if large else 'post', 'seconds': done - start,
                                 'sent_seconds': timing.get('sent', done) - start})
-            results[0].update(_replace_earlier(target, model, sha, post_id, results, say))
+            results[0].update(_replace_earlier(target, model, sha, region, post_id, results, say))
         except CellRCNNError:
             # All or nothing: take this post's documents off again, leaving the earlier result as it was.
             _take_back(target, results)
@@ -175,15 +213,15 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
     return results
 
 
-def _results_by_post(target, model, sha, post_id=None):
-    """This model's results on the item, grouped by the post they came with: this post's own documents (``post_id``,
-    made by this user), and the others that count as results (:meth:`Target.writers_annotations`: made by writers
-    of the item, or all of them on a server without cellrcnn's plugin)."""
+def _results_by_post(target, model, sha, region, post_id=None):
+    """This model's results of ``region`` on the item, grouped by the post they came with: this post's own documents
+    (``post_id``, made by this user), and the others that count as results (:meth:`Target.writers_annotations`: made by
+    writers of the item, or all of them on a server without cellrcnn's plugin)."""
     annotations = target.annotations()
     counted = target.writers_annotations()  # asked after the listing: it knows every annotation listed
     posts = {}
     for annotation in annotations:
-        if not _is_result_of(annotation, model, sha):
+        if not _is_result_of(annotation, model, sha, region):
             continue
         post = _post_of(annotation)
         if target.mine(annotation) if post == post_id else counted is None or annotation['_id'] in counted:
@@ -191,9 +229,9 @@ def _results_by_post(target, model, sha, post_id=None):
     return posts
 
 
-def _check_replaceable(server, target, model, sha):
-    """Fail before posting when an earlier result of the model is one the user may read but not delete."""
-    locked = [a['_id'] for docs in _results_by_post(target, model, sha).values() for a in docs
+def _check_replaceable(server, target, model, sha, region):
+    """Fail before posting when an earlier result of the model and region is one the user may read but not delete."""
+    locked = [a['_id'] for docs in _results_by_post(target, model, sha, region).values() for a in docs
               if a.get('_accessLevel', _WRITE) < _WRITE]
     if locked:
         raise server.fail(f'item {target.item_id} holds an earlier result of model {model} that this user may not '
@@ -201,13 +239,13 @@ def _check_replaceable(server, target, model, sha):
                           'write access, or post as a user who has it; nothing was posted')
 
 
-def _replace_earlier(target, model, sha, post_id, results, say):
-    """Newest wins: delete the model's other results on the item, unless another post of the model began landing
-    after this one (its first document is younger than this post's first), or one of this post's documents was
+def _replace_earlier(target, model, sha, region, post_id, results, say):
+    """Newest wins: delete the model's other results of the region on the item, unless another post of the model began
+    landing after this one (its first document is younger than this post's first), or one of this post's documents was
     deleted meanwhile (by such a newer post): then take this post back. A post is aged by its first document, which
-    exists before its check and before any younger post's check, so racing posts agree on the winner whatever
-    order their checks run in. :returns: ``{"replaced": [...], "superseded": bool}``."""
-    posts = _results_by_post(target, model, sha, post_id)
+    exists before its check and before any younger post's check, so racing posts agree on the winner whatever order
+    their checks run in. :returns: ``{"replaced": [...], "superseded": bool}``."""
+    posts = _results_by_post(target, model, sha, region, post_id)
     ours = posts.pop(post_id, [])
     mine = _age(ours)
     newer = [docs for docs in posts.values() if mine and (_age(docs) or mine) > mine]

@@ -11,10 +11,10 @@ to 3 are :mod:`cellrcnn.labelled_slides`):
    group, or its annotation's name: ``settings.class_from``) names its type, or none
    (:mod:`cellrcnn.annotation_classes`).
 2. **The annotated region**: only the part of a slide the annotator covered becomes training data, so that the cells
-   nobody annotated are never taught as background. The region is the union of the annotation's rectangles and
-   closed polygons (their holes cut out: ``region.keyhole``) labelled (or grouped as) ``region_label`` (default ``region``); without one it is the bounding
-   box of the annotated nuclei. Pixels inside the region's bounding box but outside its shapes are painted white
-   (glass), and only the nuclei whose centre lies inside the region are kept.
+   nobody annotated are never taught as background. The region is the union of the annotation's rectangles and closed
+   polygons (their holes cut out: ``region.keyhole``) labelled (or grouped as) ``region_label`` (default ``region``);
+   without one it is the bounding box of the annotated nuclei. Pixels inside the region's bounding box but outside its
+   shapes are painted white (glass), and only the nuclei whose centre lies inside the region are kept.
 3. **Samples**: the region is read at the model's resolution (``model.config.mpp``) with :class:`cellrcnn.slide.Slide`
    and cut into tiles (at most ``max_region_megapixels`` of them: past it only the tiles holding nuclei, and a region
    whose nuclei need more is refused), with the nuclei mapped from base pixels onto each tile: the samples

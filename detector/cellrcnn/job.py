@@ -110,8 +110,11 @@ def write_results(result: 'SlideDetections', paths: dict[str, str | None], eleme
     a user asks. ``label_image_id`` is the pixelmap's ``girderId``: the label image's item id or, in a DSA task, the
     name of the output that uploads it (default: the label image's file name, for whoever uploads the two).
     ``progress`` (a :class:`cellrcnn.progress.Progress`) counts the outputs as they are written and names each; the
-    seconds they took are the result's ``stats['seconds']['write']``, in the summary written last."""
-    from .annotation import write_annotation, write_detections_annotation
+    seconds they took are the result's ``stats['seconds']['write']``, in the summary written last. A run counted
+    inside a slide's annotations of one name (``params.region_annotation``) says so in its annotations' names
+    (``cellrcnn nuclei inside tumour``): HistomicsUI lists them beside the slide's whole-slide result, which posting
+    keeps (``girder_post.result_region``)."""
+    from .annotation import DEFAULT_NAME, write_annotation, write_detections_annotation
     from .density import class_density_annotations, density_annotation
     from .exports import write_csv, write_geojson, write_overlay, write_summary
     from .nuclei_map import nuclei_map_annotation, shown_on_open
@@ -126,24 +129,31 @@ def write_results(result: 'SlideDetections', paths: dict[str, str | None], eleme
                                                            bool(paths.get('pixelmap')))
     colors = dict(zip(result.cell_type_names, result.cell_type_colors)) if typed else None
     hidden = {'display': {'visible': False}}
+    region = (attributes.get('params') or {}).get('region_annotation')
+
+    def titled(name):
+        return f'{name} inside {region}' if region else name
+
+    def named(doc):
+        return {**doc, 'name': titled(doc['name'])}
 
     def pixelmap(path):
         write_label_image(paths['label_image'], result.boxes, *slide.base_size, base_mpp)
-        write_annotation(pixelmap_annotation(label_image_id or os.path.basename(paths['label_image']),
-                                             len(result.boxes), result.cell_types, result.cell_type_names, colors,
-                                             attributes=attributes, visible=pixelmap_shown), path)
+        write_annotation(named(pixelmap_annotation(label_image_id or os.path.basename(paths['label_image']),
+                                                   len(result.boxes), result.cell_types, result.cell_type_names,
+                                                   colors, attributes=attributes, visible=pixelmap_shown)), path)
 
     writers = {  # what each output is, for a person, and how it is written to its path
         'annotation': ('nuclei annotation', lambda path: write_detections_annotation(
-            path, result.boxes, result.scores, element_type=element_type,
+            path, result.boxes, result.scores, element_type=element_type, name=titled(DEFAULT_NAME),
             attributes={**attributes, 'stats': result.stats}, visible=boxes_shown, **typed.get('annotation', {}))),
-        'map': ('nuclei map', lambda path: write_annotation(nuclei_map_annotation(
+        'map': ('nuclei map', lambda path: write_annotation(named(nuclei_map_annotation(
             result.boxes, result.cell_types, result.cell_type_names, colors, attributes=attributes,
-            visible=map_shown), path)),
-        'density': ('density heatmap', lambda path: write_annotation({**hidden, **density_annotation(
-            result.boxes, slide.base_size, base_mpp, attributes=attributes)}, path)),
+            visible=map_shown)), path)),
+        'density': ('density heatmap', lambda path: write_annotation({**hidden, **named(density_annotation(
+            result.boxes, slide.base_size, base_mpp, attributes=attributes))}, path)),
         'class_density': ('density heatmaps of the cell types', lambda path: write_annotation([
-            {**hidden, **doc} for doc in class_density_annotations(
+            {**hidden, **named(doc)} for doc in class_density_annotations(
                 result.boxes, result.cell_types, result.cell_type_names, slide.base_size, base_mpp,
                 attributes=attributes)] if typed else [], path)),
         'geojson': ('GeoJSON', lambda path: write_geojson(path, result.boxes, result.scores,
@@ -152,8 +162,8 @@ def write_results(result: 'SlideDetections', paths: dict[str, str | None], eleme
                                               **typed.get('csv', {}))),
         'overlay': ('overview picture', lambda path: write_overlay(result, path)),
         'pixelmap': ('nuclei pixelmap and its label image', pixelmap),
-        'tissue': ('tissue outline', lambda path: write_annotation(tissue_outline_annotation(
-            result.tissue, result.analysis_bounds, slide.scale, attributes=attributes), path)),
+        'tissue': ('tissue outline', lambda path: write_annotation(named(tissue_outline_annotation(
+            result.tissue, result.analysis_bounds, slide.scale, attributes=attributes)), path)),
     }
     todo = [key for key in writers if paths.get(key)]
     progress = progress or Progress(mode='none')

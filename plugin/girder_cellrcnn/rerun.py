@@ -39,9 +39,13 @@ def _attributes(annotation):
     return attributes if isinstance(attributes, dict) else {}
 
 
-def _roi(attributes):
-    """The run's region: its rectangle and, for a region drawn as polygons, the polygons."""
+def _region(attributes):
+    """The run's region: the name of the slide's annotations it was counted inside (a redrawn tumour is the same
+    region), else its rectangle and, for a region drawn as polygons, the polygons (cellrcnn's client posts alike:
+    ``cellrcnn.girder_post.result_region``)."""
     params = attributes.get('params') if isinstance(attributes.get('params'), dict) else {}
+    if params.get('region_annotation'):
+        return str(params['region_annotation'])
     return params.get('roi') or None, params.get('polygons') or None
 
 
@@ -73,7 +77,7 @@ def _replaceable(other, attributes, item, users, user):
 
     theirs = _attributes(other)
     return (valid_model(theirs) and same_model(theirs, attributes.get('model'), attributes.get(SHA_KEY))
-            and _roi(theirs) == _roi(attributes) and from_writer(other, item, users)
+            and _region(theirs) == _region(attributes) and from_writer(other, item, users)
             and Annotation().hasAccess(other, user, AccessType.WRITE))
 
 

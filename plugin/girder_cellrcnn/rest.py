@@ -20,6 +20,14 @@ from .results import DEFAULT_MODEL
 from .table import COLUMNS, table_columns, table_csv_lines, table_rows
 
 
+def _region_name(value):
+    """A ``regionAnnotation`` parameter's name, stripped (None when blank); a 400 when it is too long."""
+    name = (value or '').strip() or None
+    if name is not None and len(name) > batch.REGION_NAME_MAX_CHARS:
+        raise RestException(f'regionAnnotation is at most {batch.REGION_NAME_MAX_CHARS} characters', 400)
+    return name
+
+
 class CellRCNNResource(Resource):
     def __init__(self):
         super().__init__()
@@ -37,21 +45,31 @@ class CellRCNNResource(Resource):
                'every row and page. Slides without a result have empty result columns. Only '
                'subfolders you may read are included. Rows are in path order; limit and offset page them. The CSV '
                'is streamed, and its text cells that a spreadsheet would take for a formula (starting with = + - @, '
-               "a tab or a carriage return) begin with a ' .")
+               "a tab or a carriage return) begin with a ' . Each row holds the slide's newest result, or with "
+               'wholeSlide or regionAnnotation its newest one of the whole slide or inside that annotation.')
         .modelParam('id', model=Folder, level=AccessType.READ)
         .param('format', 'json (a list of rows) or csv (a download)', required=False, default='json',
                enum=['json', 'csv'])
+        .param('wholeSlide', 'Each slide\'s newest whole-slide result', required=False, dataType='boolean',
+               default=False)
+        .param('regionAnnotation', 'Each slide\'s newest result counted inside its annotations of this name',
+               required=False)
         .param('limit', 'At most this many rows (0: all)', required=False, dataType='integer', default=0)
         .param('offset', 'Skip this many rows first', required=False, dataType='integer', default=0)
         .errorResponse('Read access was denied on the folder.', 403)
     )
-    def results(self, folder: dict, format: str, limit: int, offset: int) -> list | Callable[[], Iterator[bytes]]:
+    def results(self, folder: dict, format: str, wholeSlide: bool, regionAnnotation: str | None, limit: int,
+                offset: int) -> list | Callable[[], Iterator[bytes]]:
         if not (0 <= limit <= sys.maxsize and 0 <= offset <= sys.maxsize):
             raise RestException(f'limit and offset must be whole numbers from 0 to {sys.maxsize}')
+        name = _region_name(regionAnnotation)
+        if name and wholeSlide:
+            raise RestException('give wholeSlide or regionAnnotation, not both')
+        scope = results.WHOLE_SLIDE if wholeSlide else ('annotation', name) if name else None
         user = self.getCurrentUser()
-        columns = table_columns(folder, user)
+        columns = table_columns(folder, user, scope)
         stop = min(offset + limit, sys.maxsize) if limit else None
-        rows = itertools.islice(table_rows(folder, user, columns), offset, stop)
+        rows = itertools.islice(table_rows(folder, user, columns, scope), offset, stop)
         if format == 'json':
             return list(rows)
         setResponseHeader('Content-Type', 'text/csv; charset=utf-8')
@@ -95,10 +113,7 @@ class CellRCNNResource(Resource):
         user = self.getCurrentUser()
         task = batch.find_cli(user, cli)
         model_name, model_file_id = model_files.model_of(user, model)
-        region_annotation = (regionAnnotation or '').strip() or None
-        if region_annotation is not None and len(region_annotation) > batch.REGION_NAME_MAX_CHARS:
-            raise RestException(f'regionAnnotation is at most {batch.REGION_NAME_MAX_CHARS} characters', 400)
-        job = batch.start(folder, user, task, model_name, model_file_id, region_annotation)
+        job = batch.start(folder, user, task, model_name, model_file_id, _region_name(regionAnnotation))
         return Job().filter(job, user)
 
     @access.user

@@ -353,9 +353,35 @@ def resync_folder(folder_id, recurse):
         resync(item['_id'])
 
 
-def _whole_slide_result_of(attributes, model, sha):
+#: what a result counted (:func:`result_scope`): the whole slide
+WHOLE_SLIDE = ('whole slide',)
+
+
+def result_scope(attributes):
+    """What a result's run counted (its ``params``): :data:`WHOLE_SLIDE`, ``('annotation', NAME)`` inside the slide's
+    annotations named NAME, or ``('drawn',)`` inside a rectangle or polygons given for the run."""
     params = attributes.get('params') if isinstance(attributes.get('params'), dict) else {}
-    return _marked(attributes) and same_model(attributes, model, sha) and not params.get('roi')
+    if isinstance(params.get('region_annotation'), str) and params['region_annotation']:
+        return 'annotation', params['region_annotation']
+    return ('drawn',) if params.get('roi') else WHOLE_SLIDE
+
+
+def scoped_summary(item, scope):
+    """The summary (as the item's metadata holds one) of the slide's newest result of a writer of the item that
+    counted ``scope`` (:func:`result_scope`), whatever result the metadata describes; {} when there is none. A
+    slide keeps its whole-slide result beside those counted inside a region (``cellrcnn.girder_post``)."""
+    users = {}
+    for candidate in _active_results(item['_id']):
+        attributes = candidate['annotation'].get('attributes')
+        if _marked(attributes) and result_scope(attributes) == scope and from_writer(candidate, item, users):
+            summary = _summary_without_elements(candidate)
+            if summary is not None:
+                return summary
+    return {}
+
+
+def _whole_slide_result_of(attributes, model, sha):
+    return _marked(attributes) and same_model(attributes, model, sha) and result_scope(attributes) == WHOLE_SLIDE
 
 
 def _region_result_of(annotation, model, sha, name, since):
