@@ -35,7 +35,6 @@ from plugin_support import (
     READ,
     active_annotations,
     annotate,
-    error_of,
     expected_summary,
     folder,
     grant,
@@ -306,8 +305,9 @@ def test_the_table_gives_each_slides_whole_slide_result_or_its_count_inside_a_re
                                            {'format': 'csv', 'regionAnnotation': 'tumour'}, jsonResp=False).text
     header, *rows = csv.reader(io.StringIO(text))
     assert [dict(zip(header, row))['cells'] for row in rows] == ['12', '']
-    assert error_of(lambda: table(wholeSlide='true', regionAnnotation='tumour')) == (
-        400, 'give wholeSlide or regionAnnotation, not both')
+    with pytest.raises(Exception) as refused:
+        table(wholeSlide='true', regionAnnotation='tumour')
+    assert refused.value.status == 400 and 'give wholeSlide or regionAnnotation, not both' in refused.value.responseText
 
 
 def test_a_classified_run_posted_to_girder_replaces_the_models_earlier_run(server, slide_file, typed_checkpoint,
