@@ -140,7 +140,8 @@ def post_annotations(api_url, token, item_id, documents, model_name=None, retrie
 
     Replacement is "newest wins": once this post's documents are on the item, the results of the same model and region
     that landed before it are deleted; if another post of the same model landed after it meanwhile (two runs racing),
-    that one stays and this post takes its own documents back. Either way exactly one result of the model remains.
+    that one stays and this post takes its own documents back. Either way exactly one result of the model and region
+    remains.
     Earlier results the token's user may not delete are found before anything is posted.
 
     :param api_url: Girder's API URL, e.g. ``https://dsa.example.org/api/v1``.
