@@ -382,7 +382,7 @@ def test_a_local_cohort_counts_inside_the_regions_drawn_beside_each_slide(tmp_pa
     assert rows['bare.tiff']['status'] == 'no region' and rows['bare.tiff']['note'] == (
         "no annotation named 'tumour' in an annotation file beside the slide (.xml or .geojson)")
     assert rows['cut.tiff']['status'] == 'failed' and rows['cut.tiff']['note'] == (
-        f"{folder / 'cut.xml'}: the negative regions named 'tumour' cut out all of its area")
+        f"{folder / 'cut.xml'}: the negative regions cut out all of the area named 'tumour'")
     # the hole is cut out of qupath.tiff's area: none of the nuclei counted is centred in it, and there is less
     # tissue
     row = rows['holes.tiff']

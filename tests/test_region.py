@@ -109,16 +109,19 @@ def test_a_polygons_holes_are_cut_out_of_its_area():
 
 
 def test_imagescope_negative_regions_are_cut_out(tmp_path):
-    """ImageScope's negative region named like the area is cut out of it (one polygon with a hole); where it reaches
-    past the area only the part inside counts."""
-    def region(rid, points, negative=False):
+    """ImageScope's negative regions of the area's layer (whatever their text) or named like it are cut out of it
+    (one polygon with a hole); where one reaches past the area only the part inside counts. Another layer's negative
+    region of another name is not."""
+    def region(rid, points, negative=False, text=''):
         vertices = ''.join(f'<Vertex X="{x}" Y="{y}"/>' for x, y in pairs(points))
         flag = ' NegativeROA="1"' if negative else ''
-        return f'<Region Id="{rid}" Type="0"{flag}><Vertices>{vertices}</Vertices></Region>'
+        return f'<Region Id="{rid}" Type="0" Text="{text}"{flag}><Vertices>{vertices}</Vertices></Region>'
     path = tmp_path / 'scan.xml'
     path.write_text(f'<Annotations><Annotation Id="1" Name="tumour"><Regions>{region(1, QUAD)}'
-                    f'{region(2, HOLE, True)}{region(3, [600, 100, 800, 100, 800, 200, 600, 200], True)}'
-                    '</Regions></Annotation></Annotations>')
+                    f'{region(2, HOLE, True, text="necrosis")}</Regions></Annotation>'
+                    f'<Annotation Id="2" Name="other"><Regions>{region(4, [120, 400, 200, 400, 200, 480], True)}'
+                    f'{region(3, [600, 100, 800, 100, 800, 200, 600, 200], True, text="tumour")}</Regions></Annotation>'
+                    '</Annotations>')
     (polygon,) = imagescope_polygons(str(path), 'tumour')
     points = np.random.default_rng(1).uniform(0, 800, (5000, 2))
     expected = (inside([pairs(QUAD)], *points.T) & ~inside([pairs(HOLE)], *points.T)

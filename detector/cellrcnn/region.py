@@ -150,13 +150,16 @@ def annotation_region(docs, where) -> dict:
 def imagescope_polygons(path, name):
     """The areas an ImageScope XML file's regions named ``name`` (their ``Text``, or their layer's name) outline:
     polygons and rectangles by their vertices, ellipses by :data:`ELLIPSE_POINTS` points; single vertices, arrows
-    and rulers are notes, left out. Negative regions of that name are cut out of them (:func:`keyhole`), as
-    ImageScope does; a one-line CellRCNNError when they cut out all of it."""
+    and rulers are notes, left out. Negative regions of that name, or in a layer that holds one of those areas
+    (whatever their own text: ImageScope cuts a layer's negative regions out of its areas), are cut out of them
+    (:func:`keyhole`); a one-line CellRCNNError when they cut out all of it."""
     from .labels.shapes import IMAGESCOPE_AREAS, imagescope_regions
 
+    regions = [r for r in imagescope_regions(path)[1] if len(r.vertices) > 1 and r.kind in IMAGESCOPE_AREAS]
+    layers = {r.layer for r in regions if r.name == name and not r.negative}
     areas = {False: [], True: []}
-    for region in imagescope_regions(path)[1]:
-        if region.name != name or len(region.vertices) == 1 or region.kind not in IMAGESCOPE_AREAS:
+    for region in regions:
+        if region.name != name and not (region.negative and region.layer in layers):
             continue
         if region.kind == '2':  # an ellipse: its vertices are its box's corners
             (x0, y0), (x1, y1) = np.min(region.vertices, axis=0), np.max(region.vertices, axis=0)
@@ -176,7 +179,7 @@ def imagescope_polygons(path, name):
     pieces = [g for g in shapely.get_parts(union(polygons).difference(union(negatives)))
               if g.geom_type == 'Polygon' and g.area > 0]
     if not pieces:
-        raise CellRCNNError(f'{path}: the negative regions named {name!r} cut out all of its area')
+        raise CellRCNNError(f'{path}: the negative regions cut out all of the area named {name!r}')
     return [keyhole(piece.exterior.coords, [ring.coords for ring in piece.interiors]) for piece in pieces]
 
 

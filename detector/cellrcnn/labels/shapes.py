@@ -58,12 +58,14 @@ def read_imagescope(path, image, mpp=None):
 class ImageScopeRegion:
     """One region of an ImageScope XML file: its ``Text``, else its layer's name (:func:`imagescope_regions`),
     its ``Type`` ('0' polygon, '1' rectangle, '2' ellipse: its two vertices are its box's corners, '3' arrow, '4'
-    ruler), whether it is negative (``NegativeROA``: an area cut out), and its vertices, at least one."""
+    ruler), whether it is negative (``NegativeROA``: an area cut out of its layer's), its vertices, at least one, and
+    which annotation layer of the file holds it (0 for the first)."""
 
     name: str | None
     kind: str
     negative: bool
     vertices: tuple
+    layer: int
 
 
 def imagescope_regions(path):
@@ -81,7 +83,7 @@ def imagescope_regions(path):
         raise CellRCNNError(f'{path} is not an ImageScope annotation file (its root is <{root.tag}>, '
                             'not <Annotations>)')
     regions = []
-    for layer in root.iter('Annotation'):
+    for index, layer in enumerate(root.iter('Annotation')):
         names = [a.get('Name') for a in layer.iterfind('Attributes/Attribute') if a.get('Name') != 'Description']
         layer_name = layer.get('Name') or (names[0] if names else None)
         for region in layer.iterfind('Regions/Region'):
@@ -89,7 +91,7 @@ def imagescope_regions(path):
             if not vertices or any(x is None or y is None for x, y in vertices):
                 raise CellRCNNError(f'{path}: region {region.get("Id")} has no vertices or a non-numeric one')
             regions.append(ImageScopeRegion(region.get('Text') or layer_name, region.get('Type', '0'),
-                                            region.get('NegativeROA') == '1', vertices))
+                                            region.get('NegativeROA') == '1', vertices, index))
     return root, regions
 
 
