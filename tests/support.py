@@ -145,14 +145,17 @@ def annotated_cohort(server, root, cells=100, size=768, name='nuclei'):
 
 
 def run_batch(*args):
-    """``cellrcnn batch ARGS --device cpu`` here: (exit status, stdout, stderr, table rows by slide)."""
+    """``cellrcnn batch ARGS --device cpu`` here: (exit status, stdout, stderr, table rows by slide); the rows of the
+    region's own table with ``--region-annotation NAME``."""
     from cellrcnn.__main__ import main
+    from cellrcnn.cohort import output_names
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(['batch', *map(str, args), '--device', 'cpu'])
     output = args[args.index('-o') + 1]
-    table = os.path.join(output, 'cohort.csv')
+    region = args[args.index('--region-annotation') + 1] if '--region-annotation' in args else None
+    table = os.path.join(output, output_names(region and str(region).strip())[1])
     rows = {}
     if os.path.exists(table):
         with open(table, newline='') as f:

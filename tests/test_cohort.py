@@ -377,7 +377,7 @@ def test_a_local_cohort_counts_inside_the_regions_drawn_beside_each_slide(tmp_pa
                                                        'Y="420"/></Vertices></Region><Region Id="5" Type="0">'))
     code, out, err, rows = run_batch(folder, '-o', tmp_path / 'out', '--region-annotation', 'tumour')
     assert code == 2 and err.strip().endswith('1 of 5 slides failed (see the note column of '
-                                              f'{tmp_path / "out" / "cohort.csv"})'), err
+                                              f'{tmp_path / "out" / "cohort-inside-tumour.csv"})'), err
     rows = {os.path.basename(k): r for k, r in rows.items()}
     assert rows['bare.tiff']['status'] == 'no region' and rows['bare.tiff']['note'] == (
         "no annotation named 'tumour' in an annotation file beside the slide (.xml or .geojson)")
@@ -424,3 +424,16 @@ def test_a_local_cohort_counts_inside_the_regions_drawn_beside_each_slide(tmp_pa
     assert {os.path.basename(n): r['status'] for n, r in again.items()} == {
         'scope.tiff': 'skipped', 'qupath.tiff': 'done', 'bare.tiff': 'no region', 'holes.tiff': 'no region',
         'cut.tiff': 'no region'}
+
+    # the region run's results have their own table and folders: a whole-slide run into the same output folder
+    # keeps them, and its own stand beside them
+    assert rows['scope.tiff']['output'] == os.path.join('slides-inside-tumour', 'scope')
+    code, _, err, whole = run_batch(folder, '-o', tmp_path / 'out')
+    assert code == 0 and {r['status'] for r in whole.values()} == {'done'}, err
+    assert sorted(n for n in os.listdir(tmp_path / 'out') if not n.startswith('.')) == [
+        'cohort-inside-tumour.csv', 'cohort.csv', 'slides', 'slides-inside-tumour']
+    whole = {os.path.basename(n): r for n, r in whole.items()}
+    assert int(whole['scope.tiff']['cells']) > int(rows['scope.tiff']['cells'])
+    kept = run_batch(folder, '-o', tmp_path / 'out', '--region-annotation', 'tumour')[3]
+    assert {s: (r['status'], r['cells']) for s, r in kept.items()} == {
+        s: ('skipped' if r['status'] == 'done' else r['status'], r['cells']) for s, r in again.items()}

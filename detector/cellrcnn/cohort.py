@@ -26,6 +26,8 @@ slide and one table for the whole cohort (``cellrcnn batch``).
   densities are those of the tumour each slide's pathologist drew. The region is part of the fingerprint (a
   redrawn region recomputes) and the note names it; holes are cut out (``region.keyhole``); a slide without such an
   annotation gets a ``no region`` row and nothing else, one whose annotation cannot be counted a ``failed`` row.
+  Its results go to ``OUT/slides-inside-NAME/`` and ``OUT/cohort-inside-NAME.csv`` (:func:`output_names`), beside a
+  whole-slide run's in the same output folder.
 - **Failures stay rows**: a slide that cannot be read, states no magnification, cannot be downloaded or posted,
   ... becomes a ``failed`` row with a one-line reason and the cohort goes on.
 - **Scale-out**: with a dask.distributed scheduler (an address, or ``local:N`` for N local processes) each slide's
@@ -118,8 +120,22 @@ def _result_folders(relative_paths):
     return [p if b in clash else b for p, b in zip(relative_paths, bare)]
 
 
-def local_slides(folder, output):
-    """Every slide under ``folder`` (see the module's description), in path order; ``output`` is left out."""
+def output_names(region_annotation=None):
+    """``(slides folder, table name)`` of a cohort in its output folder: :data:`SLIDES_FOLDER` and
+    :data:`TABLE_NAME`, or for one counted inside the slides' annotations named NAME ``slides-inside-NAME`` and
+    ``cohort-inside-NAME.csv`` (NAME as one safe path component), so that one output folder keeps a whole-slide run's
+    results beside a region run's, as a Girder slide keeps both."""
+    from .girder_api import safe_name
+
+    if not region_annotation:
+        return SLIDES_FOLDER, TABLE_NAME
+    suffix = f'-inside-{safe_name(region_annotation)}'
+    return SLIDES_FOLDER + suffix, os.path.splitext(TABLE_NAME)[0] + suffix + os.path.splitext(TABLE_NAME)[1]
+
+
+def local_slides(folder, output, slides_folder=SLIDES_FOLDER):
+    """Every slide under ``folder`` (see the module's description), in path order, its results to go under
+    ``OUT/slides_folder/``; ``output`` is left out."""
     if not os.path.isdir(folder):
         raise CellRCNNError(f'slide folder not found: {folder}')
     extensions = slide_extensions()
@@ -132,13 +148,14 @@ def local_slides(folder, output):
                 found.append(os.path.relpath(os.path.join(root, name), folder))
     found.sort()
     return [CohortSlide(name=os.path.join(folder, rel), path=os.path.abspath(os.path.join(folder, rel)),
-                        folder=os.path.abspath(os.path.join(output, SLIDES_FOLDER, result)),
-                        output=os.path.join(SLIDES_FOLDER, result), stem=os.path.splitext(os.path.basename(rel))[0])
+                        folder=os.path.abspath(os.path.join(output, slides_folder, result)),
+                        output=os.path.join(slides_folder, result), stem=os.path.splitext(os.path.basename(rel))[0])
             for rel, result in zip(found, _result_folders(found))]
 
 
-def girder_slides(girder, output):
-    """Every large-image item in the Girder folder tree, in path order; downloads go to ``OUT/.girder-cache/``."""
+def girder_slides(girder, output, slides_folder=SLIDES_FOLDER):
+    """Every large-image item in the Girder folder tree, in path order, its results to go under
+    ``OUT/slides_folder/``; downloads go to ``OUT/.girder-cache/``."""
     from .girder_api import download_path, folder_slides, safe_name
 
     cache = os.path.join(os.path.realpath(output), CACHE_NAME)
@@ -148,8 +165,8 @@ def girder_slides(girder, output):
         result = os.path.join(*map(safe_name, s['folders']), f'{os.path.splitext(name)[0]}-{s["item_id"]}')
         slides.append(CohortSlide(name=s['path'],
                                   path=download_path(cache, s['item_id'], s['file_id'], s['version'], s['name']),
-                                  folder=os.path.abspath(os.path.join(output, SLIDES_FOLDER, result)),
-                                  output=os.path.join(SLIDES_FOLDER, result), stem=os.path.splitext(name)[0],
+                                  folder=os.path.abspath(os.path.join(output, slides_folder, result)),
+                                  output=os.path.join(slides_folder, result), stem=os.path.splitext(name)[0],
                                   item_id=s['item_id'], file_id=s['file_id'], version=s['version'], cache=cache))
     return slides
 
@@ -399,9 +416,10 @@ def summary_line(rows):
 
 def batch(source, output, settings, scheduler=None, girder=None, progress=None, region_annotation=None):
     """``cellrcnn batch``: find the slides (a local folder ``source``, or a :class:`GirderFolder`), run them, write
-    ``OUT/cohort.csv``; ``progress`` (a :class:`cellrcnn.progress.Progress`) is told each finished slide.
-    :returns: the rows. :raises CellRCNNError: when the settings, the model or the Girder folder cannot be used, there
-    are no slides, or any slide failed (after the table is written)."""
+    ``OUT/cohort.csv`` (with ``region_annotation``, ``OUT/cohort-inside-NAME.csv``: :func:`output_names`); ``progress``
+    (a :class:`cellrcnn.progress.Progress`) is told each finished slide. :returns: the rows. :raises CellRCNNError: when
+    the settings, the model or the Girder folder cannot be used, there are no slides, or any slide failed (after the
+    table is written)."""
     from .inference import DetectorSpec
 
     log = progress.log if progress else (lambda line: None)
@@ -413,18 +431,19 @@ def batch(source, output, settings, scheduler=None, girder=None, progress=None, 
         os.makedirs(output, exist_ok=True)
     except OSError as exc:
         raise CellRCNNError(f'cannot create output folder {output}: {exc.strerror}') from None
+    slides_folder, table_name = output_names(region_annotation)
     if girder is not None:
-        slides = girder_slides(girder, output)
+        slides = girder_slides(girder, output, slides_folder)
         where = f'Girder folder {girder.folder_id}'
     else:
-        slides = local_slides(source, output)
+        slides = local_slides(source, output, slides_folder)
         where = source
     if not slides:
         raise CellRCNNError(f'no slides found in {where}')
     log(f'{len(slides)} slides in {where}'
         + (f', each counted inside its annotation {region_annotation!r}' if region_annotation else '')
         + (f', spread over the Dask cluster {scheduler}' if scheduler else ''))
-    table = os.path.join(output, TABLE_NAME)
+    table = os.path.join(output, table_name)
     rows = [None] * len(slides)
     try:
         for count, (index, row) in enumerate(run_cohort(slides, settings, scheduler, girder, region_annotation), 1):

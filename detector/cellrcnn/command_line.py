@@ -157,8 +157,8 @@ def _add_batch(sub):
                                      'folder per slide and a cohort table')
     p.add_argument('source', nargs='?', help='folder of slides (searched recursively; or --girder-url and --folder)')
     p.add_argument('-o', '--output', required=True,
-                   help='output folder: OUT/slides/<slide path>/ per slide, OUT/cohort.csv; a second run skips done '
-                        'slides')
+                   help='output folder: OUT/slides/<slide path>/ per slide, OUT/cohort.csv (with --region-annotation '
+                        'NAME: OUT/slides-inside-NAME/, OUT/cohort-inside-NAME.csv); a second run skips done slides')
     _add_detection_options(p)
     p.add_argument('--scheduler', help='spread the slides over N local processes (local:N), or over the '
                                        'dask.distributed scheduler at tcp://127.0.0.1:PORT or tls://HOST:PORT (with '
