@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import CellRCNNError
-from .region import element_polygon
+from .region import element_polygon, union_shape
 from .settings import AnnotationTrainingSettings
 from .tiling import tile_grid
 
@@ -163,7 +163,7 @@ def _region_shape(polygons):
     that grow with points + vertices, not points x vertices (a hand-drawn region has thousands of vertices)."""
     import shapely
 
-    region = shapely.union_all([shapely.make_valid(shapely.Polygon(p)) for p in polygons])
+    region = union_shape(polygons)
     shapely.prepare(region)
     return region
 

@@ -173,10 +173,7 @@ def imagescope_polygons(path, name):
         return polygons
     import shapely
 
-    def union(rings):
-        return shapely.union_all([shapely.make_valid(shapely.Polygon(r)) for r in rings])
-
-    pieces = [g for g in shapely.get_parts(union(polygons).difference(union(negatives)))
+    pieces = [g for g in shapely.get_parts(union_shape(polygons).difference(union_shape(negatives)))
               if g.geom_type == 'Polygon' and g.area > 0]
     if not pieces:
         raise CellRCNNError(f'{path}: the negative regions cut out all of the area named {name!r}')
@@ -239,6 +236,14 @@ def girder_region(api_url, token, slide_id, name, where):
                            item_id=item_id)
                 for record in listing if (record.get('annotation') or {}).get('name') == name]
     return annotation_region(docs, f'annotation {name!r} on {where}') if docs else None
+
+
+def union_shape(polygons):
+    """The union of polygons (K x 2 points each, a :func:`keyhole`'s too) as one shapely geometry, each made valid
+    first (a keyhole's cuts, a hand-drawn ring that crosses itself)."""
+    import shapely
+
+    return shapely.union_all([shapely.make_valid(shapely.Polygon(p)) for p in polygons])
 
 
 def polygon_pixels(polygons, shape, fx, fy, scale):
