@@ -330,14 +330,23 @@ def resync(item_id):
     query = {'_id': ObjectId(current['annotation_id']), '_active': {'$ne': False}}
     if Annotation().findOne(query, fields=['_id']):
         return item
+    summary = newest_summary(item)
+    return Item().setMetadata(item, {META_KEY: summary}) if summary else Item().deleteMetadata(item, [META_KEY])
+
+
+def newest_summary(item, scope=None):
+    """The summary (as the item's metadata holds one) of the slide's newest nuclei result of a writer of the item
+    (:func:`from_writer`), of those that counted ``scope`` (:func:`result_scope`) when given; None when there is
+    none. Reads annotations' attributes, never their elements (:func:`_summary_without_elements`)."""
     users = {}
     for candidate in _active_results(item['_id']):
-        if not _marked(candidate['annotation'].get('attributes')) or not from_writer(candidate, item, users):
-            continue
-        summary = _summary_without_elements(candidate)
-        if summary is not None:
-            return Item().setMetadata(item, {META_KEY: summary})
-    return Item().deleteMetadata(item, [META_KEY])
+        attributes = candidate['annotation'].get('attributes')
+        if (_marked(attributes) and (scope is None or result_scope(attributes) == scope)
+                and from_writer(candidate, item, users)):
+            summary = _summary_without_elements(candidate)
+            if summary is not None:
+                return summary
+    return None
 
 
 def resync_folder(folder_id, recurse):
@@ -364,20 +373,6 @@ def result_scope(attributes):
     if isinstance(params.get('region_annotation'), str) and params['region_annotation']:
         return 'annotation', params['region_annotation']
     return ('drawn',) if params.get('roi') else WHOLE_SLIDE
-
-
-def scoped_summary(item, scope):
-    """The summary (as the item's metadata holds one) of the slide's newest result of a writer of the item that
-    counted ``scope`` (:func:`result_scope`), whatever result the metadata describes; {} when there is none. A
-    slide keeps its whole-slide result beside those counted inside a region (``cellrcnn.girder_post``)."""
-    users = {}
-    for candidate in _active_results(item['_id']):
-        attributes = candidate['annotation'].get('attributes')
-        if _marked(attributes) and result_scope(attributes) == scope and from_writer(candidate, item, users):
-            summary = _summary_without_elements(candidate)
-            if summary is not None:
-                return summary
-    return {}
 
 
 def _whole_slide_result_of(attributes, model, sha):

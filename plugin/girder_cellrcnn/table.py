@@ -1,7 +1,7 @@
 """The per-slide results table of a folder tree: one row per slide the user can read, with the summary of its
 cellrcnn result (item metadata, :data:`girder_cellrcnn.results.META_KEY`: its newest result), as JSON rows or
 streamed CSV. Given a scope (``scope``: the whole slide, or inside the slide's annotations of one name), each row
-holds the slide's newest result that counted it instead (:func:`girder_cellrcnn.results.scoped_summary`): a slide
+holds the slide's newest result that counted it instead (:func:`girder_cellrcnn.results.newest_summary`): a slide
 keeps its whole-slide result beside its count inside the tumour.
 
 The table's columns are :data:`COLUMNS` and then the cell-type columns (:mod:`girder_cellrcnn.cell_types`) of every
@@ -12,7 +12,7 @@ import csv
 import io
 
 from . import cell_types
-from .results import META_KEY, iter_slides, scoped_summary
+from .results import META_KEY, iter_slides, newest_summary
 
 COLUMNS = ('name', 'path', 'item_id', 'cells', 'tissue_mm2', 'cells_per_mm2', 'ink_or_fill_mm2', 'score_mean',
            'score_median', 'model', 'cellrcnn_version', 'roi', 'region_annotation', 'annotation_id', 'date')
@@ -20,14 +20,14 @@ COLUMNS = ('name', 'path', 'item_id', 'cells', 'tissue_mm2', 'cells_per_mm2', 'i
 FORMULA_START = ('=', '+', '-', '@', '\t', '\r')
 TABLE_FIELDS = ['_id', 'name', 'folderId', 'largeImage', f'meta.{META_KEY}']
 #: what :func:`table_columns` reads of an item: what iter_slides needs, the result's cell types, and the folder (whose
-#: access says who may write to the item: :func:`girder_cellrcnn.results.scoped_summary`)
+#: access says who may write to the item: :func:`girder_cellrcnn.results.newest_summary`)
 TYPE_FIELDS = ['_id', 'name', 'folderId', 'largeImage', f'meta.{META_KEY}.cell_types',
                f'meta.{META_KEY}.{cell_types.RATIO_KEY}']
 
 
 def _result(item, scope=None):
     if scope is not None:
-        return scoped_summary(item, scope)
+        return newest_summary(item, scope) or {}
     result = (item.get('meta') or {}).get(META_KEY)
     return result if isinstance(result, dict) else {}
 
