@@ -250,16 +250,20 @@ def test_the_table_without_cell_types_has_the_plain_columns_alone(tmp_path):
     from cellrcnn.cohort import COLUMNS, summary_line, write_table
 
     row = {**dict.fromkeys(COLUMNS, ''), 'slide': 'a.tiff', 'status': 'done', 'cells': 12, 'tissue_mm2': 0.5,
-           'cells_per_mm2': 24.0, 'ink_or_fill_mm2': 0.0, 'model': 'm.pt', 'output': 'slides/a'}
+           'cells_per_mm2': 24.0, 'ink_or_fill_mm2': 0.0, 'out_of_focus_mm2': 0.004, 'model': 'm.pt',
+           'output': 'slides/a'}
     write_table([row, None], tmp_path / 'cohort.csv')
     assert (tmp_path / 'cohort.csv').read_bytes() == (
-        b'slide,status,note,cells,tissue_mm2,cells_per_mm2,ink_or_fill_mm2,mean_score,magnification,seconds,model,'
-        b'girder_item_id,output\r\na.tiff,done,,12,0.5,24.0,0.0,,,,m.pt,,slides/a\r\n')
+        b'slide,status,note,cells,tissue_mm2,cells_per_mm2,ink_or_fill_mm2,out_of_focus_mm2,mean_score,magnification,'
+        b'seconds,model,girder_item_id,output\r\na.tiff,done,,12,0.5,24.0,0.0,0.004,,,,m.pt,,slides/a\r\n')
     assert summary_line([row]) == '1 slides: 1 done, 0 skipped (done by an earlier run), 0 failed; 12 nuclei in all'
     inked = {**row, 'slide': 'b.tiff', 'ink_or_fill_mm2': 0.15}
-    old = {key: value for key, value in row.items() if key != 'ink_or_fill_mm2'}  # a row made before the column
-    assert summary_line([row, inked, old]) == ('3 slides: 3 done, 0 skipped (done by an earlier run), 0 failed; 36 '
-                                               'nuclei in all; 1 with pen ink or black fill left out (ink_or_fill_mm2)')
+    blurred = {**row, 'slide': 'c.tiff', 'out_of_focus_mm2': 0.005}  # 1 % of its tissue: worth a word
+    old = {key: value for key, value in row.items()  # a row made before the columns
+           if key not in ('ink_or_fill_mm2', 'out_of_focus_mm2')}
+    assert summary_line([row, inked, blurred, old]) == (
+        '4 slides: 4 done, 0 skipped (done by an earlier run), 0 failed; 48 nuclei in all; 1 with pen ink or black '
+        'fill left out (ink_or_fill_mm2); 1 with tissue out of focus (out_of_focus_mm2)')
 
 
 def test_a_cohort_of_models_with_different_cell_types_has_every_types_columns(tmp_path):

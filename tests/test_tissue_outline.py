@@ -62,7 +62,7 @@ def test_each_piece_is_one_polygon_and_its_hole_a_hole():
     assert doc['attributes'] == {'model': 'm.pt', 'cellrcnn': '1'}
     area = mask.sum() * FX * FY * (MPP / 1000) ** 2
     assert info == {'kind': 'tissue outline', 'tissue_mm2': pytest.approx(area, abs=1e-4), 'ink_or_fill_mm2': 0.0,
-                    'tissue_pieces': 2, 'mark_pieces': 0}
+                    'out_of_focus_mm2': 0.0, 'tissue_pieces': 2, 'mark_pieces': 0, 'out_of_focus_pieces': 0}
     assert doc['description'] == f'{area:.2f} mm² of tissue analysed in 2 piece(s)'
 
 

@@ -54,11 +54,12 @@ import time
 
 from .errors import CellRCNNError, one_line
 from .files import atomic_write
+from .focus import OUT_OF_FOCUS_NOTE
 from .job import POSTED_OUTPUTS
 
 #: the columns of ``cohort.csv``
-COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'ink_or_fill_mm2', 'mean_score',
-           'magnification', 'seconds', 'model', 'girder_item_id', 'output')
+COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'ink_or_fill_mm2', 'out_of_focus_mm2',
+           'mean_score', 'magnification', 'seconds', 'model', 'girder_item_id', 'output')
 TABLE_NAME = 'cohort.csv'
 #: the columns of each cell type: ``<name>`` and these (``<name>_type`` and these for a type whose columns would be
 #: the table's own, a type named ``cells``)
@@ -229,6 +230,7 @@ def _row(slide, result, model_path, seconds):
             'cells': cells, 'tissue_mm2': round(tissue, 4),
             'cells_per_mm2': round(cells / tissue, 1) if tissue > 0 else '',
             'ink_or_fill_mm2': round(float(stats.get('ink_or_fill_mm2', 0.0)), 4),
+            'out_of_focus_mm2': round(float(stats['out_of_focus_mm2']), 4),
             'mean_score': round(float(np.mean(result.scores)), 4) if len(result.scores) else '',
             'magnification': round(float(stats['analysis_magnification']), 3), 'seconds': round(seconds, 2),
             'model': os.path.basename(model_path), 'girder_item_id': slide.item_id or '', 'output': slide.output,
@@ -400,7 +402,8 @@ def write_table(rows, path):
 
 def summary_line(rows):
     """One line on the whole cohort: slides by status, nuclei found, per cell type (if any) its nuclei, and how many
-    slides had pen ink or black fill left out (if any)."""
+    slides had pen ink or black fill left out, and how many had tissue out of focus (at least
+    ``focus.OUT_OF_FOCUS_NOTE`` of it), if any."""
     counts = {s: sum(r['status'] == s for r in rows) for s in ('done', 'skipped', 'failed', NO_REGION)}
     found = [r for r in rows if r['status'] in ('done', 'skipped')]
     cells = sum(int(r['cells']) for r in found)
@@ -408,10 +411,13 @@ def summary_line(rows):
     types = [f'{sum(int(r.get(c) or 0) for r in found)} {c[:-len(suffix)]}'
              for c in table_columns(rows)[len(COLUMNS):] if c.endswith(suffix)]
     marked = sum(float(r.get('ink_or_fill_mm2') or 0) > 0 for r in found)
+    blurred = sum(float(r.get('out_of_focus_mm2') or 0) >= OUT_OF_FOCUS_NOTE * float(r.get('tissue_mm2') or 0) > 0
+                  for r in found)
     without = f', {counts[NO_REGION]} without the region annotation' if counts[NO_REGION] else ''
     return (f'{len(rows)} slides: {counts["done"]} done, {counts["skipped"]} skipped (done by an earlier run), '
             f'{counts["failed"]} failed{without}; {cells} nuclei in all' + (f' ({", ".join(types)})' if types else '')
-            + (f'; {marked} with pen ink or black fill left out (ink_or_fill_mm2)' if marked else ''))
+            + (f'; {marked} with pen ink or black fill left out (ink_or_fill_mm2)' if marked else '')
+            + (f'; {blurred} with tissue out of focus (out_of_focus_mm2)' if blurred else ''))
 
 
 def batch(source, output, settings, scheduler=None, girder=None, progress=None, region_annotation=None):

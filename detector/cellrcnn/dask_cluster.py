@@ -20,13 +20,15 @@ import time
 
 from .adapt import batchnorm_stats
 from .errors import CellRCNNError
+from .focus import patch_blur
 from .slide import Slide
 
 
 def dask_batches(slide, detector, todo, scheduler, timing, stain=None):
     """(tiles, results) per batch, in order, computed on a dask.distributed cluster by the detector's ``spec``: a dict
     per tile, as ``Detector.detect_tiles_with_types`` gives (with the cell types of a model that has them), the
-    tiles normalised from the slide's ``stain``."""
+    tiles normalised from the slide's ``stain``, and the blur of its patches (``blur_patches``:
+    ``focus.patch_blur``)."""
     if detector.spec is None:
         raise CellRCNNError('running on a Dask cluster needs a detector built from a model file (a DetectorSpec), '
                             'which its workers rebuild')
@@ -125,4 +127,7 @@ def run_batch_on_worker(tiles, job):
         _WORKER_STATE.clear()
         _WORKER_STATE[key] = (Slide(job['slide'], **job['slide_args']), job['spec'].build(batchnorm=job['batchnorm']))
     slide, detector = _WORKER_STATE[key]
-    return detector.detect_tiles_with_types([slide.read(tile) for tile in tiles], parts=True, stain=job['stain'])
+    images = [slide.read(tile) for tile in tiles]
+    results = detector.detect_tiles_with_types(images, parts=True, stain=job['stain'])
+    return [{**out, 'blur_patches': patch_blur(image, tile.x, tile.y, slide.mpp)}
+            for out, tile, image in zip(results, tiles, images)]

@@ -26,8 +26,9 @@ from .colors import rgb_tuple
 from .density import micrometres_per_pixel
 from .errors import CellRCNNError
 from .files import atomic_write
+from .focus import OUT_OF_FOCUS_NOTE
 from .region import cut_free_edges
-from .tissue_outline import MARKS_COLOR, pieces
+from .tissue_outline import BLURRED_COLOR, MARKS_COLOR, pieces
 
 QUPATH_CLASS = 'Nucleus'
 SCORE_MEASUREMENT = 'score'
@@ -196,6 +197,8 @@ OVERLAY_COLOR = (0, 255, 0)
 #: the colour (BGR: the tissue outline annotation's) and width (px) of the outline of the black fill and pen ink left
 #: out, in the overview
 MARKS_BGR, MARKS_WIDTH = rgb_tuple(MARKS_COLOR)[::-1], 2
+#: the colour (BGR: the tissue outline annotation's) of the outline of the tissue out of focus, drawn MARKS_WIDTH wide
+BLURRED_BGR = rgb_tuple(BLURRED_COLOR)[::-1]
 #: the colour (BGR) of a region's polygons in the overview, drawn MARKS_WIDTH wide
 REGION_BGR = (255, 128, 0)
 
@@ -212,7 +215,8 @@ def _overlay_colors(result):
 def write_overlay(result, path, max_side=2048):
     """An overview PNG of the analysed region (at most ``max_side`` px) with every detection drawn: in its cell
     type's colour for a model with cell types, else green; the black fill and pen ink left out (``result.tissue``'s
-    marks) are outlined in magenta, and a region's polygons (``result.polygons``, their holes too) in blue."""
+    marks) are outlined in magenta, the tissue out of focus (its ``blurred``) in cyan, and a region's polygons
+    (``result.polygons``, their holes too) in blue."""
     import cv2
 
     slide = result.slide
@@ -226,9 +230,10 @@ def write_overlay(result, path, max_side=2048):
         points = [np.round((np.asarray(ring, np.float64) - [x0, y0]) * factor).astype(np.int32) for ring in rings]
         cv2.polylines(overlay, points, closed, color, MARKS_WIDTH)
 
-    if tissue is not None:  # the marks as the tissue outline annotation draws them
-        for outline, holes in pieces(tissue, tissue.marks, result.analysis_bounds):
-            draw([ring * slide.scale for ring in (outline, *holes)], MARKS_BGR)
+    if tissue is not None:  # the marks and the blur as the tissue outline annotation draws them
+        for pixels, color in ((tissue.marks, MARKS_BGR), (tissue.blurred, BLURRED_BGR)):
+            for outline, holes in pieces(tissue, pixels, result.analysis_bounds):
+                draw([ring * slide.scale for ring in (outline, *holes)], color)
     edges = [cut_free_edges(polygon) for polygon in result.polygons or ()]
     draw(np.concatenate(edges) if edges else (), REGION_BGR, closed=False)
     boxes = np.round((result.boxes - [x0, y0, x0, y0]) * factor).astype(int)
@@ -269,4 +274,8 @@ def detection_summary_lines(result):
         + (f'; outputs written in {sec["write"]:.1f} s' if 'write' in sec else ''))
     if 'cell_types' in st:
         lines.append('cell types: ' + ', '.join(f'{name} {count}' for name, count in st['cell_types'].items()))
+    blurred = st.get('out_of_focus_mm2', 0.0)
+    if blurred >= OUT_OF_FOCUS_NOTE * st['tissue_mm2'] > 0:
+        lines.append(f'{blurred:.2f} mm2 of the tissue ({100 * blurred / st["tissue_mm2"]:.0f} %) looks out of focus '
+                     '(cyan in the overview and the tissue annotation): nuclei there may be missed')
     return lines

@@ -96,7 +96,8 @@ class RowStore:
     def open(self, grid=None):
         """Start this key's rows, or go on with them. ``grid``: what places the tiles of each row (any JSON-able
         value); rows saved with another grid, by a version of cellrcnn that laid its tiles out otherwise, are dropped
-        and computed again. :returns: ``{row: (boxes, scores, extra or None)}`` of the rows an earlier run finished."""
+        and computed again. :returns: ``{row: (boxes, scores, extra or None, patches or None)}`` of the rows an earlier
+        run finished."""
         manifest = os.path.join(self.rows_folder, MANIFEST)
         try:
             _remove_old_layout(self.folder)
@@ -115,8 +116,8 @@ class RowStore:
         return self._done_rows()
 
     def _done_rows(self):
-        """``{row: (boxes, scores, extra or None)}`` of every readable row file; the others are removed (computed
-        again)."""
+        """``{row: (boxes, scores, extra or None, patches or None)}`` of every readable row file; the others are
+        removed (computed again)."""
         rows = {}
         try:
             names = sorted(os.listdir(self.rows_folder))
@@ -135,16 +136,18 @@ class RowStore:
                 rows[int(match.group(1))] = row
         return rows
 
-    def save(self, row, boxes, scores, extra=None):
+    def save(self, row, boxes, scores, extra=None, patches=None):
         """Keep a finished row's raw detections (boxes N x 4 in base pixels, scores N) and, when given, ``extra``: a
-        row of any plain numpy dtype per box (the detection loop's cell types); rows saved without it (every row of a
-        model without cell types, as before there were any) are read back with None."""
+        row of any plain numpy dtype per box (the detection loop's cell types), and ``patches``: float32 rows of 5
+        (the blur of its tiles' patches, ``focus.patch_blur``); rows saved without them (every row of a model without
+        cell types; rows saved before blur was measured) are read back with None."""
         try:
             os.makedirs(self.rows_folder, exist_ok=True)
         except OSError as exc:
             raise CellRCNNError(f'cannot keep partial results in {self.rows_folder}: {exc.strerror or exc}') from None
         with atomic_write(os.path.join(self.rows_folder, f'row_{row:05d}.npz'), 'partial results', binary=True) as f:
-            np.savez(f, boxes=boxes, scores=scores, **({} if extra is None else {'extra': extra}))
+            optional = {name: value for name, value in (('extra', extra), ('patches', patches)) if value is not None}
+            np.savez(f, boxes=boxes, scores=scores, **optional)
 
     def clear(self):
         """Remove this key's rows, once the run's outputs are written, and the resume folder when nothing else is left
@@ -165,22 +168,25 @@ def _read_manifest(path):
 
 
 def _read_row(path):
-    """``(boxes N x 4, scores N, extra N or None)`` from a row file (boxes and scores as float32), or None when it
-    cannot be read whole."""
+    """``(boxes N x 4, scores N, extra N or None, patches K x 5 or None)`` from a row file (boxes, scores and
+    patches as float32), or None when it cannot be read whole."""
     try:
         with np.load(path, allow_pickle=False) as data:
             boxes = np.asarray(data['boxes'], np.float32)
             scores = np.asarray(data['scores'], np.float32)
             extra = data['extra'] if 'extra' in data.files else None
+            patches = np.asarray(data['patches'], np.float32) if 'patches' in data.files else None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error):
         return None
     if boxes.ndim != 2 or boxes.shape[1] != 4 or scores.shape != (len(boxes),):
         return None
     if extra is not None and (extra.ndim == 0 or len(extra) != len(boxes)):
         return None
+    if patches is not None and (patches.ndim != 2 or patches.shape[1] != 5 or not np.isfinite(patches).all()):
+        return None
     if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
         return None
-    return boxes, scores, extra
+    return boxes, scores, extra, patches
 
 
 def _remove_old_layout(folder):

@@ -20,6 +20,7 @@ import numpy as np
 from .adapt import batchnorm_stats, load_batchnorm_stats
 from .boxes import suppress_close_centres
 from .errors import CellRCNNError
+from .focus import NO_PATCHES, FocusMap, patch_blur
 from .merge import StreamingNMS
 from .progress import Progress
 from .region import inside, polygon_pixels
@@ -79,10 +80,12 @@ class TileRows:
     is in; then, in row order, the row is saved (to ``store``, a ``resume.RowStore``, when given) and the merge is
     promised that no more boxes come above the next row (``StreamingNMS.complete_up_to``), which lets it give up the
     boxes it keeps there. With ``typed`` (a model with cell types) each box carries its :data:`CELL_TYPE` through.
+    The blur of each tile's patches (``focus.patch_blur``) is saved with its row and gathered in :attr:`patches`.
 
     Rows that ``store`` holds from an earlier run of the same key and grid go to the merge first, from their raw
     detections, and are not read again: :attr:`todo` is the tiles left to read (skipped tiles are never read). A saved
-    row without cell types in a typed run (or with them in an untyped one) is read again."""
+    row without cell types in a typed run (or with them in an untyped one), or without its patches' blur, is read
+    again."""
 
     def __init__(self, tiles: 'list[Tile]', merger: StreamingNMS, store: 'RowStore | None' = None,
                  typed: bool = False):
@@ -93,25 +96,30 @@ class TileRows:
         grid = {'rows': [[t.y, t.height] for t in tiles if t.col == 0],
                 'cols': [[t.x, t.width] for t in tiles if t.row == 0]}
         done = store.open(grid) if store is not None else {}
-        self.resumed = {r: row for r, row in done.items() if r in self.top and _row_fits(row[2], typed)}
+        self.resumed = {r: row for r, row in done.items() if r in self.top and _row_fits(row, typed)}
         self.todo = [t for t in tiles if t.row not in self.resumed and not t.skipped]
         self.unread = dict.fromkeys(self.rows, 0)
         for t in self.todo:
             self.unread[t.row] += 1
-        self.raw = {r: ([], [], []) for r in self.rows}
+        self.raw = {r: ([], [], [], []) for r in self.rows}
         self.raw_count = sum(len(row[1]) for row in self.resumed.values())
         self.kept = ([], [], [])  # boxes, scores, cell types of the closed rows
+        #: the blur of every patch of the tiles read and resumed (float32 arrays of ``focus.patch_blur``'s rows)
+        self.patches = [row[3] for row in self.resumed.values()]
         self.cursor = 0  # rows before it are closed
-        for boxes, scores, types in self.resumed.values():
+        for boxes, scores, types, _ in self.resumed.values():
             merger.add(boxes, scores, types)
         self.close_finished()
 
-    def add(self, tile: 'Tile', boxes: np.ndarray, scores: np.ndarray, types: np.ndarray | None = None) -> None:
-        """A tile's raw detections: float32 boxes in base pixels, their scores and (``typed``) :data:`CELL_TYPE`s."""
+    def add(self, tile: 'Tile', boxes: np.ndarray, scores: np.ndarray, types: np.ndarray | None,
+            patches: np.ndarray) -> None:
+        """A tile's raw detections: float32 boxes in base pixels, their scores and (``typed``) :data:`CELL_TYPE`s;
+        and the blur of its patches (``focus.patch_blur``)."""
         self.raw_count += len(scores)
         self.merger.add(boxes, scores, types)
-        for held, part in zip(self.raw[tile.row], (boxes, scores, types)):
+        for held, part in zip(self.raw[tile.row], (boxes, scores, types, patches)):
             held.append(part)
+        self.patches.append(patches)
         self.unread[tile.row] -= 1
 
     def close_finished(self):
@@ -119,11 +127,11 @@ class TileRows:
         while self.cursor < len(self.rows) and self.unread[self.rows[self.cursor]] == 0:
             row = self.rows[self.cursor]
             if row not in self.resumed:
-                boxes, scores, types = self.raw.pop(row)
+                boxes, scores, types, patches = self.raw.pop(row)
                 if self.store is not None:
                     self.store.save(row, np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
                                     np.concatenate(scores) if scores else np.zeros(0, np.float32),
-                                    self._types(types))
+                                    self._types(types), np.concatenate([NO_PATCHES, *patches]))
             self.cursor += 1
             if self.cursor < len(self.rows):
                 self._keep(self.merger.complete_up_to(self.top[self.rows[self.cursor]]))
@@ -145,9 +153,12 @@ class TileRows:
         return np.concatenate([np.zeros(0, CELL_TYPE)] + [p for p in parts if p is not None])
 
 
-def _row_fits(types, typed):
-    """Whether a saved row's cell types (None: it has none) are what a run with(out) cell types merges."""
-    return types is not None and types.dtype == CELL_TYPE if typed else types is None
+def _row_fits(row, typed):
+    """Whether a saved row (``RowStore.open``'s) has its patches' blur, and cell types (None: none) that a run
+    with(out) cell types merges."""
+    types, patches = row[2], row[3]
+    fits = types is not None and types.dtype == CELL_TYPE if typed else types is None
+    return fits and patches is not None
 
 
 def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap: int, min_tissue: float, workers: int,
@@ -206,6 +217,9 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
                         typed=bool(config.cell_types))
         boxes, scores, types = _detect_rows(slide, detector, rows, workers, scheduler, timing, progress, stain,
                                             tissue)
+        focus = FocusMap(tissue)
+        focus.add(np.concatenate([NO_PATCHES, *rows.patches]))
+        tissue = tissue.with_blurred(focus.blurred())
         t0 = time.perf_counter()
         keep = suppress_close_centres(boxes, scores, config.centre_distance_px * slide.scale)
         suppressed = int(len(keep) - keep.sum())
@@ -264,7 +278,7 @@ def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress, st
             b = np.asarray(out['boxes']).reshape(-1, 4)
             keep = ~tissue.on_marks(tile.x + (b[:, 0] + b[:, 2]) / 2, tile.y + (b[:, 1] + b[:, 3]) / 2)
             rows.add(tile, slide.to_base(b[keep], tile).astype(np.float32), np.asarray(out['scores'])[keep],
-                     None if types is None else types[keep])
+                     None if types is None else types[keep], out['blur_patches'])
         rows.close_finished()
         timing['merge'] += time.perf_counter() - t0
         bar.update(len(batch))
@@ -275,9 +289,11 @@ def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress, st
 
 def local_batches(slide: Slide, detector: 'Detector', todo: 'list[Tile]', workers: int,
                   timing: dict, stain=None) -> Iterator[tuple]:
-    """(tiles, results) per batch, in order, reading the next tiles in threads while the model works; ``stain``: the
-    slide's stain statistics (``Detector.detect_tiles_with_types``)."""
-    stream = prefetch(slide, todo, workers=workers, queue=max(4, 2 * detector.batch_size))
+    """(tiles, results) per batch, in order, reading the next tiles in threads while the model works and measuring
+    their blur there (each result's ``blur_patches``: ``focus.patch_blur``); ``stain``: the slide's stain statistics
+    (``Detector.detect_tiles_with_types``)."""
+    stream = prefetch(slide, todo, workers=workers, queue=max(4, 2 * detector.batch_size),
+                      then=lambda tile, image: patch_blur(image, tile.x, tile.y, slide.mpp))
     batch = []
     while True:
         t0 = time.perf_counter()
@@ -287,9 +303,10 @@ def local_batches(slide: Slide, detector: 'Detector', todo: 'list[Tile]', worker
             batch.append(item)
         if batch and (item is None or len(batch) == detector.batch_size):
             t0 = time.perf_counter()
-            results = detector.detect_tiles_with_types([image for _, image in batch], parts=True, stain=stain)
+            results = detector.detect_tiles_with_types([image for _, image, _ in batch], parts=True, stain=stain)
             timing['detect'] += time.perf_counter() - t0
-            yield [tile for tile, _ in batch], results
+            yield [tile for tile, _, _ in batch], [{**out, 'blur_patches': patches}
+                                                   for out, (_, _, patches) in zip(results, batch)]
             batch = []
         if item is None:
             return
@@ -324,6 +341,7 @@ def _stats(slide, tissue, tiles, rows, result, timing, mask_seconds, total, dete
         'tile_rows_resumed': len(rows.resumed),
         'tissue_mm2': tissue.area_mm2(result.analysis_bounds),
         'ink_or_fill_mm2': tissue.marks_mm2(result.analysis_bounds),
+        'out_of_focus_mm2': tissue.blurred_mm2(result.analysis_bounds),
         'detections': int(len(result.boxes)),
         'megapixels': megapixels,
         'seconds': {'tissue_and_grid': mask_seconds, **timing, 'total': total},

@@ -25,8 +25,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from .errors import CellRCNNError, one_line
 from .tissue import TissueMask, find_tissue
 
@@ -186,8 +184,9 @@ def _cut_to_tissue(tile, slide, tissue, margin, align, origin):
 
 
 def prefetch(slide: 'Slide', tiles: Sequence[Tile], workers: int, queue: int = 4,
-             skip: bool = True) -> Iterator[tuple[Tile, np.ndarray]]:
-    """Iterate ``(tile, image)`` over ``tiles`` in order, reading ahead in ``workers`` background threads.
+             skip: bool = True, then=None) -> Iterator[tuple]:
+    """Iterate ``(tile, image)`` over ``tiles`` in order, reading ahead in ``workers`` background threads; with
+    ``then``, ``(tile, image, then(tile, image))``, ``then`` run in the reader thread too.
 
     At most ``queue`` images are read ahead of the consumer (memory bound: ``queue`` tiles, plus the one being
     consumed).  ``workers=0`` reads serially in the caller's thread.  Tiles marked ``skipped`` are not read unless
@@ -200,40 +199,42 @@ def prefetch(slide: 'Slide', tiles: Sequence[Tile], workers: int, queue: int = 4
     if queue < 1:
         raise CellRCNNError(f'read-ahead queue must hold at least 1 tile, not {queue}')
     todo = [t for t in tiles if not (skip and t.skipped)]
-    return _prefetch(slide, todo, workers, queue)
+    return _prefetch(slide, todo, workers, queue, then)
 
 
-def _prefetch(slide, todo, workers, queue):
+def _prefetch(slide, todo, workers, queue, then):
     if workers == 0:
         for tile in todo:
-            yield tile, _read_checked(slide, tile)
+            yield (tile, *_read_checked(slide, tile, then))
         return
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix='cellrcnn-read')
     pending = collections.deque()
     try:
         it = iter(todo)
         for tile in it:
-            pending.append((tile, pool.submit(_read_checked, slide, tile)))
+            pending.append((tile, pool.submit(_read_checked, slide, tile, then)))
             if len(pending) >= queue:
                 break
         while pending:
             tile, future = pending.popleft()
-            image = future.result()
+            read = future.result()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(_read_checked, slide, nxt)))
-            yield tile, image
-            del image
+                pending.append((nxt, pool.submit(_read_checked, slide, nxt, then)))
+            yield (tile, *read)
+            del read
     finally:
         for _, future in pending:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _read_checked(slide, tile):
+def _read_checked(slide, tile, then=None):
+    """``(image,)``, or ``(image, then(tile, image))``."""
     try:
-        return slide.read(tile)
+        image = slide.read(tile)
     except CellRCNNError:
         raise
     except Exception as exc:  # anything read() did not wrap (e.g. MemoryError)
         raise CellRCNNError(f'cannot read {tile} of {slide.path}: {one_line(exc)}') from None
+    return (image,) if then is None else (image, then(tile, image))

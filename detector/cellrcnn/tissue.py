@@ -15,6 +15,7 @@ Units: a :class:`TissueMask` answers in **analysis pixels** (``Slide.size``); on
 analysis pixels.
 """
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -60,13 +61,16 @@ MARK_MARGIN = 3
 class TissueMask:
     """A boolean tissue mask (read-only, h x w) of a whole slide; mask pixel ``(j, i)`` covers analysis pixels
     ``[i * fx, (i + 1) * fx) x [j * fy, (j + 1) * fy)``; ``mpp``: micrometres per analysis pixel; ``marks``: the
-    mask pixels of black fill or pen ink (same shape), or None where there is neither."""
+    mask pixels of black fill or pen ink (same shape), or None where there is neither; ``blurred``: the tissue mask
+    pixels that look out of focus (same shape; :mod:`cellrcnn.focus`, known once the tiles are read), or None where
+    there are none."""
 
     mask: np.ndarray
     fx: float
     fy: float
     mpp: float
     marks: np.ndarray = None
+    blurred: np.ndarray = None
 
     @functools.cached_property
     def near_marks(self):
@@ -98,14 +102,14 @@ class TissueMask:
         return np.where(near[..., None], np.uint8(255), image)
 
     def within(self, inside):
-        """This mask with tissue and marks only where ``inside`` (a boolean array of the mask's shape, such as a
-        region's polygons: ``region.polygon_pixels``) is True."""
-        mask = self.mask & inside
-        mask.setflags(write=False)
-        marks = None if self.marks is None else self.marks & inside
-        if marks is not None:
-            marks.setflags(write=False)
-        return TissueMask(mask, self.fx, self.fy, self.mpp, marks if marks is not None and marks.any() else None)
+        """This mask with tissue, marks and blurred tissue only where ``inside`` (a boolean array of the mask's
+        shape, such as a region's polygons: ``region.polygon_pixels``) is True."""
+        return TissueMask(_read_only(self.mask & inside), self.fx, self.fy, self.mpp,
+                          _some(self.marks, inside), _some(self.blurred, inside))
+
+    def with_blurred(self, blurred):
+        """This mask with ``blurred`` (an array of the mask's shape, or None) as the tissue out of focus."""
+        return dataclasses.replace(self, blurred=_some(blurred, self.mask))
 
     def grid(self, pixels, x, y):
         """``pixels`` (an array of the mask's shape: :attr:`mask`, :attr:`marks`, ...) at the analysis-pixel columns
@@ -164,6 +168,23 @@ class TissueMask:
     def marks_mm2(self, bounds):
         """Area of black fill and pen ink (mm^2) inside analysis-pixel bounds ``(x0, y0, x1, y1)``."""
         return 0.0 if self.marks is None else self.area_mm2(bounds, self.marks)
+
+    def blurred_mm2(self, bounds):
+        """Area of tissue out of focus (mm^2) inside analysis-pixel bounds ``(x0, y0, x1, y1)``."""
+        return 0.0 if self.blurred is None else self.area_mm2(bounds, self.blurred)
+
+
+def _read_only(pixels):
+    pixels.setflags(write=False)
+    return pixels
+
+
+def _some(pixels, inside):
+    """``pixels & inside``, read-only, or None where ``pixels`` is None or that holds no pixel."""
+    if pixels is None:
+        return None
+    pixels = pixels & inside
+    return _read_only(pixels) if pixels.any() else None
 
 
 def _coverage_weights(lo, hi, i0, i1, factor):

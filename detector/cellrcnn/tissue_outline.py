@@ -1,9 +1,11 @@
 """The tissue a run analysed, and the marks it left out, as a DSA annotation: a pathologist sees in HistomicsUI where
-the nuclei were looked for (the area ``tissue_mm2`` and the densities are counted over) and which pen ink or black
-fill was taken for glass (``ink_or_fill_mm2``), and can tell at a glance when the tissue mask went wrong.
+the nuclei were looked for (the area ``tissue_mm2`` and the densities are counted over), which pen ink or black
+fill was taken for glass (``ink_or_fill_mm2``) and which tissue looked out of focus (``out_of_focus_mm2``:
+:mod:`cellrcnn.focus`), and can tell at a glance when the tissue mask went wrong or where a count is not to be trusted.
 
 One closed polyline per piece of tissue, its holes as the element's ``holes``, outlined in :data:`TISSUE_COLOR`;
-one per piece of a mark, outlined and lightly filled in :data:`MARKS_COLOR` (the overview PNG's magenta). The
+one per piece of a mark, outlined and lightly filled in :data:`MARKS_COLOR` (the overview PNG's magenta); one per
+piece of tissue out of focus, likewise in :data:`BLURRED_COLOR` (the overview PNG's cyan). The
 outlines follow the tissue mask (:class:`cellrcnn.tissue.TissueMask`: mask pixels of a few um, read from the
 thumbnail) through the centres of its edge pixels, simplified by at most :data:`TOLERANCE` mask pixels, and are cut
 to the analysed region.
@@ -20,8 +22,11 @@ TISSUE_NAME = 'cellrcnn tissue'
 TISSUE_COLOR = 'rgb(255,160,0)'
 MARKS_COLOR = 'rgb(255,0,255)'
 MARKS_FILL = 'rgba(255,0,255,0.25)'
+BLURRED_COLOR = 'rgb(0,200,255)'
+BLURRED_FILL = 'rgba(0,200,255,0.25)'
 TISSUE_LABEL = 'tissue analysed'
 MARKS_LABEL = 'pen ink or black fill, left out'
+BLURRED_LABEL = 'tissue out of focus'
 #: how far (mask pixels) a simplified outline may stray from the mask's edge
 TOLERANCE = 0.75
 
@@ -59,7 +64,7 @@ def outlines(pixels, window):
 
 
 def pieces(tissue: TissueMask, pixels, bounds):
-    """The pieces of ``pixels`` (``tissue.mask`` or ``tissue.marks``; None: none) inside the analysed region
+    """The pieces of ``pixels`` (``tissue.mask``, ``.marks`` or ``.blurred``; None: none) inside the analysed region
     ``bounds`` (``(x0, y0, x1, y1)``, analysis pixels) as :func:`outlines` gives them, each ring in analysis pixels
     and cut to ``bounds``: what the annotation and the overview PNG draw."""
     x0, y0, x1, y1 = bounds
@@ -80,12 +85,13 @@ def tissue_outline_annotation(tissue: TissueMask, bounds, scale, attributes=None
     :param bounds: the analysed region ``(x0, y0, x1, y1)`` in analysis pixels
         (``SlideDetections.analysis_bounds``); the outlines are cut to it.
     :param scale: base pixels per analysis pixel (``Slide.scale``): the document is in base pixels.
-    :param attributes: the run's attributes (model, marker, params, ...); ``density`` is added with the tissue's and
-        the marks' areas (mm^2) and how many pieces of each.
+    :param attributes: the run's attributes (model, marker, params, ...); ``density`` is added with the areas (mm^2)
+        of the tissue, the marks and the tissue out of focus, and how many pieces of each.
     :param visible: whether HistomicsUI shows it when the slide is opened.
     """
     layers = [(tissue.mask, TISSUE_LABEL, {'lineColor': TISSUE_COLOR, 'lineWidth': 2}),
-              (tissue.marks, MARKS_LABEL, {'lineColor': MARKS_COLOR, 'lineWidth': 2, 'fillColor': MARKS_FILL})]
+              (tissue.marks, MARKS_LABEL, {'lineColor': MARKS_COLOR, 'lineWidth': 2, 'fillColor': MARKS_FILL}),
+              (tissue.blurred, BLURRED_LABEL, {'lineColor': BLURRED_COLOR, 'lineWidth': 2, 'fillColor': BLURRED_FILL})]
     elements, counts = [], {}
 
     def base(ring):
@@ -102,12 +108,16 @@ def tissue_outline_annotation(tissue: TissueMask, bounds, scale, attributes=None
             elements.append(element)
     tissue_mm2 = tissue.area_mm2(bounds)
     marks_mm2 = tissue.marks_mm2(bounds)
+    blurred_mm2 = tissue.blurred_mm2(bounds)
     description = (f'{tissue_mm2:.2f} mm² of tissue analysed in {counts[TISSUE_LABEL]} piece(s)'
                    if counts[TISSUE_LABEL] else 'no tissue found')
     if counts[MARKS_LABEL]:
         description += f'; {marks_mm2:.2f} mm² of pen ink or black fill left out (magenta)'
+    if counts[BLURRED_LABEL]:
+        description += f'; {blurred_mm2:.2f} mm² of it out of focus (cyan): nuclei there may be missed'
     info = {'kind': 'tissue outline', 'tissue_mm2': round(tissue_mm2, 4), 'ink_or_fill_mm2': round(marks_mm2, 4),
-            'tissue_pieces': counts[TISSUE_LABEL], 'mark_pieces': counts[MARKS_LABEL]}
+            'out_of_focus_mm2': round(blurred_mm2, 4), 'tissue_pieces': counts[TISSUE_LABEL],
+            'mark_pieces': counts[MARKS_LABEL], 'out_of_focus_pieces': counts[BLURRED_LABEL]}
     return {'name': TISSUE_NAME, 'description': description,
             'attributes': {**(attributes or {}), 'density': info}, 'display': {'visible': bool(visible)},
             'elements': elements}

@@ -1,0 +1,114 @@
+"""Where the out-of-focus limit comes from, and what blur costs the model (docs/real-tissue.md, "Out of focus").
+
+    python benchmarks/focus_blur.py [--brca ../shared/data/brca-m2c] [--dsb ../shared/data/dsb2018-he]
+                                    [--sigmas 0 0.5 0.75 1 1.5 2] [--json out.json]
+
+Real tissue in focus (the bundled sample slide, 20x, read whole; BRCA-M2C's 90 breast fields, 20x), each also
+blurred on purpose by a Gaussian of ``sigma`` um and saved as JPEG at quality 80 (as a scanner stores its tiles:
+JPEG's block edges are sharp, so a measure that ignored them would call blurred tiles sharp). For each sigma:
+
+1. ``cellrcnn.focus.patch_blur`` over every image: the 1st, 50th and 99th percentiles of the patches' blur and the
+   share of patches above ``focus.BLUR_LIMIT`` (those a run calls out of focus);
+2. the bundled model on the 10 held-out breast fields (the authors' validation split) so blurred: centroid
+   precision, recall and F1 within 3 um at its operating point (``cellrcnn.evaluate.evaluate_records``), i.e. how
+   many nuclei blur of that size costs.
+
+Then images as they come, soft or not: DSB 2018's 107 H&E images (scale estimated, then resampled to 0.5 um/px, as
+training and evaluation do), split by whether their median patch is above the limit, and the bundled model's
+centroid figures on each group, on the held-out split and on the training one.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+
+import cv2
+import numpy as np
+
+from cellrcnn.checkpoint import BUNDLED_MODEL, load_model
+from cellrcnn.commands import SAMPLE_SLIDE
+from cellrcnn.evaluate import evaluate_records
+from cellrcnn.focus import BLUR_LIMIT, patch_blur
+from cellrcnn.labels import read_entry, rescale
+from cellrcnn.slide import Slide
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+JPEG_QUALITY = 80
+
+
+def degrade(rgb, sigma_px):
+    """``rgb`` blurred by a Gaussian of ``sigma_px`` (none at 0), through a JPEG at :data:`JPEG_QUALITY`."""
+    if sigma_px > 0:
+        rgb = cv2.GaussianBlur(rgb, (0, 0), sigma_px)
+    ok, data = cv2.imencode('.jpg', rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    return np.ascontiguousarray(cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1])
+
+
+def sample_image():
+    """The bundled sample slide at 20x, whole, and its um/px."""
+    slide = Slide(SAMPLE_SLIDE)
+    region, _ = slide.source.getRegion(format='numpy', scale={'magnification': slide.magnification})
+    return np.ascontiguousarray(region[..., :3]), slide.mpp
+
+
+def blur_figures(images, sigma_um):
+    """Percentiles of the patches' blur over ``images`` (``[(rgb, mpp)]``) blurred by ``sigma_um``, and the share
+    above the limit."""
+    blur = np.concatenate([patch_blur(degrade(rgb, sigma_um / mpp), 0, 0, mpp)[:, 4] for rgb, mpp in images])
+    p1, p50, p99 = np.percentile(blur, [1, 50, 99])
+    return {'patches': int(len(blur)), 'p1': float(p1), 'p50': float(p50), 'p99': float(p99),
+            'out_of_focus': float(np.mean(blur > BLUR_LIMIT))}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--brca', default=os.path.join(HERE, '..', '..', 'shared', 'data', 'brca-m2c'))
+    parser.add_argument('--dsb', default=os.path.join(HERE, '..', '..', 'shared', 'data', 'dsb2018-he'))
+    parser.add_argument('--sigmas', type=float, nargs='+', default=[0, 0.5, 0.75, 1, 1.5, 2],
+                        help='Gaussian blurs to apply, in um')
+    parser.add_argument('--json')
+    args = parser.parse_args()
+
+    entry = f'points:{args.brca}/points.json,images={args.brca}/images,mpp=0.5'
+    fields = read_entry(entry)
+    held_out = read_entry(f'{entry},splits={args.brca}/splits.json,split=val')
+    model = load_model(BUNDLED_MODEL, 'cpu')
+    sets = {'sample slide': [sample_image()], 'breast fields': [(r.load(), r.mpp) for r in fields]}
+    figures = []
+    print(f'blur_effect of {len(fields)} breast fields and the sample slide in patches; share above {BLUR_LIMIT}; '
+          f'the bundled model on the {len(held_out)} held-out fields')
+    print('sigma um | set | patches | p1 | p50 | p99 | out of focus | held-out P / R / F1')
+    for sigma in args.sigmas:
+        blurred = [dataclasses.replace(r, image=degrade(r.load(), sigma / r.mpp)) for r in held_out]
+        centroid = evaluate_records(model, blurred, device='cpu')['centroid']
+        for name, images in sets.items():
+            row = {'sigma_um': sigma, 'set': name, **blur_figures(images, sigma),
+                   'held_out': {k: centroid[k] for k in ('precision', 'recall', 'f1')}}
+            figures.append(row)
+            print(f"{sigma:g} | {name} | {row['patches']} | {row['p1']:.3f} | {row['p50']:.3f} | {row['p99']:.3f} | "
+                  f"{100 * row['out_of_focus']:.1f} % | {centroid['precision']:.3f} / {centroid['recall']:.3f} / "
+                  f"{centroid['f1']:.3f}", flush=True)
+    print('DSB 2018 at 0.5 um/px | images | patches above the limit | nuclei | P / R / F1')
+    for split in ('val', 'train'):
+        groups = {'median patch above the limit': [], 'median patch below it': []}
+        for record in read_entry(f'masks:{args.dsb}/masks,images={args.dsb}/images,mpp=auto,split={split}'):
+            blur = patch_blur(rescale(record, 0.5).load(), 0, 0, 0.5)[:, 4]
+            if len(blur):
+                groups[list(groups)[int(np.median(blur) <= BLUR_LIMIT)]].append((record, blur))
+        for name, members in groups.items():
+            centroid = evaluate_records(model, [r for r, _ in members], device='cpu')['centroid']
+            blur = np.concatenate([b for _, b in members])
+            row = {'set': f'DSB {split}', 'group': name, 'images': len(members),
+                   'out_of_focus': float(np.mean(blur > BLUR_LIMIT)),
+                   **{k: centroid[k] for k in ('n_gt', 'precision', 'recall', 'f1')}}
+            figures.append(row)
+            print(f"{split}, {name} | {len(members)} | {100 * row['out_of_focus']:.0f} % | {row['n_gt']} | "
+                  f"{row['precision']:.3f} / {row['recall']:.3f} / {row['f1']:.3f}", flush=True)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(figures, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,164 @@
+"""Tissue out of focus (``cellrcnn.focus``): measured on the real sample slide, sharp and blurred on purpose, and
+carried through the detection loop (local, resumed and on Dask), the tissue outline annotation, the overview and the
+run's summary."""
+
+import numpy as np
+import pytest
+
+from cellrcnn.commands import SAMPLE_SLIDE
+from cellrcnn.exports import BLURRED_BGR, detection_summary_lines, write_overlay
+from cellrcnn.focus import BLUR_LIMIT, NO_PATCHES, FocusMap, patch_blur
+from cellrcnn.inference import DetectorSpec
+from cellrcnn.resume import RowStore
+from cellrcnn.slide import Slide
+from cellrcnn.slide_detection import detect_slide
+from cellrcnn.tissue import find_tissue
+from cellrcnn.tissue_outline import BLURRED_LABEL, tissue_outline_annotation
+
+#: the Gaussian (um) the right half of the sample is blurred by: the model loses a third of its nuclei at 1.5 um
+#: (benchmarks/focus_blur.py)
+SIGMA_UM = 1.5
+KW = dict(tile_size=512, overlap=48, min_tissue=0.0, workers=2)
+#: how far left of the blurred half (base px) blur may be found: a patch (128 px) that reaches into it, and the
+#: tissue mask pixel (8 px) it touches
+MARGIN = 128 + 32
+
+
+def sample_20x(x, y, size):
+    """RGB of the sample slide (20x, 0.499 um/px) from base pixel (x, y), ``size`` square."""
+    import large_image
+
+    region, _ = large_image.open(SAMPLE_SLIDE).getRegion(
+        region={'left': x, 'top': y, 'width': size, 'height': size}, format=large_image.constants.TILE_FORMAT_NUMPY)
+    return np.ascontiguousarray(region[..., :3])
+
+
+@pytest.fixture(scope='module')
+def half_blurred(tmp_path_factory):
+    """The sample slide, its right half blurred by SIGMA_UM, as a tiled JPEG pyramid at 0.5 um/px; and the same
+    slide left sharp."""
+    import pyvips
+
+    folder = tmp_path_factory.mktemp('focus')
+    image = pyvips.Image.new_from_file(SAMPLE_SLIDE)[:3]
+    half = image.width // 2
+    blurred = image.insert(image.crop(half, 0, image.width - half, image.height).gaussblur(SIGMA_UM / 0.5), half, 0)
+    paths = []
+    for name, picture in (('half-blurred.tiff', blurred), ('sharp.tiff', image)):
+        picture.cast('uchar').tiffsave(str(folder / name), tile=True, pyramid=True, compression='jpeg', Q=80,
+                                       xres=2000, yres=2000, resunit='cm')
+        paths.append(str(folder / name))
+    return paths
+
+
+@pytest.fixture(scope='module')
+def spec(tiny_checkpoint):
+    return DetectorSpec(model=str(tiny_checkpoint), threshold=0.05, nms=0.3, device='cpu', batch_size=2)
+
+
+def test_sharp_tissue_is_judged_sharp_and_the_same_tissue_blurred_is_not():
+    import cv2
+    from skimage.measure import blur_effect
+
+    sharp = sample_20x(768, 1792, 1024)  # dermis with cells: every patch has stain enough
+    mpp = Slide(SAMPLE_SLIDE).mpp
+    found = patch_blur(sharp, 100, 200, mpp)
+    blurred = patch_blur(cv2.GaussianBlur(sharp, (0, 0), SIGMA_UM / mpp), 100, 200, mpp)
+    assert found.dtype == np.float32 and found.shape == (64, 5)  # 8 x 8 patches of 128 px (64 um)
+    assert (found[:, 4] <= BLUR_LIMIT).all() and (blurred[:, 4] > BLUR_LIMIT).all()
+    np.testing.assert_array_equal(found[:, :4], blurred[:, :4])
+    # the measure is scikit-image's blur_effect, patch by patch, but for the pixels at a patch's edge (which see its
+    # neighbours, not their own mirror image)
+    for image, patches in ((sharp, found), (cv2.GaussianBlur(sharp, (0, 0), SIGMA_UM / mpp), blurred)):
+        grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        alone = [blur_effect(grey[int(y0) - 200:int(y1) - 200, int(x0) - 100:int(x1) - 100])
+                 for x0, y0, x1, y1, _ in patches]
+        np.testing.assert_allclose(patches[:, 4], alone, rtol=0, atol=0.04)
+    assert found[0, :4].tolist() == [100, 200, 228, 328] and found[-1, :4].tolist() == [996, 1096, 1124, 1224]
+
+
+def test_glass_and_other_scales_are_not_judged():
+    mpp = Slide(SAMPLE_SLIDE).mpp
+    glass = np.full((512, 512, 3), 240, np.uint8)
+    assert patch_blur(glass, 0, 0, mpp).shape == (0, 5)
+    tissue = sample_20x(868, 1892, 300)  # 2 x 2 patches: the last 44 px join the patch before them
+    assert patch_blur(tissue, 0, 0, mpp)[:, :4].tolist() == [[0, 0, 128, 128], [128, 0, 300, 128],
+                                                            [0, 128, 128, 300], [128, 128, 300, 300]]
+    assert len(patch_blur(tissue, 0, 0, 0.25)) == len(patch_blur(tissue, 0, 0, 1.0)) == 0  # 40x, 10x: no limit
+
+
+def test_the_sharpest_view_of_the_tissue_decides():
+    tissue = find_tissue(Slide(SAMPLE_SLIDE))
+    focus = FocusMap(tissue)
+    focus.add(np.array([[0, 0, 1024, 1024, 0.7]], np.float32))  # one tile calls it blurred
+    focus.add(np.array([[0, 0, 512, 512, 0.3]], np.float32))  # another sees its top left sharp
+    focus.add(NO_PATCHES)
+    kept = tissue.with_blurred(focus.blurred())
+    x, y = np.meshgrid(np.arange(0, 2048, 64) + 32, np.arange(0, 2048, 64) + 32)
+    blurred = tissue.grid(kept.blurred, x[0], y[:, 0])
+    on_tissue = tissue.grid(tissue.mask, x[0], y[:, 0])
+    inside = (x < 1024) & (y < 1024) & ~((x < 512) & (y < 512))
+    np.testing.assert_array_equal(blurred, inside & on_tissue)
+    assert 0 < kept.blurred_mm2((0, 0, 2220, 2967)) < tissue.area_mm2((0, 0, 2220, 2967))
+    assert tissue.with_blurred(np.zeros_like(tissue.mask)).blurred is None
+
+
+@pytest.fixture(scope='module')
+def runs(half_blurred, spec):
+    """The sample half blurred and sharp, each detected by the tiny model."""
+    blurred, sharp = (detect_slide(Slide(path), spec.build(), **KW) for path in half_blurred)
+    return blurred, sharp
+
+
+def test_a_run_finds_the_blurred_half_of_the_tissue_and_nothing_of_the_sharp_one(runs):
+    blurred, sharp = runs
+    tissue = blurred.tissue
+    width, height = blurred.slide.size
+    half = (width // 2, 0, width, height)
+    right_mm2 = tissue.area_mm2(half)
+    assert sharp.stats['out_of_focus_mm2'] == 0 and sharp.tissue.blurred is None
+    # the right half's tissue, give or take the patches that straddle the middle, less its edges, whose patches are
+    # mostly glass and not judged
+    assert 0.85 * right_mm2 < blurred.stats['out_of_focus_mm2'] < 1.05 * right_mm2
+    assert tissue.blurred_mm2((0, 0, width // 2 - MARGIN, height)) == 0
+    assert blurred.stats['tissue_mm2'] == pytest.approx(sharp.stats['tissue_mm2'], rel=0.02)
+    share = 100 * blurred.stats['out_of_focus_mm2'] / blurred.stats['tissue_mm2']
+    assert detection_summary_lines(blurred)[-1] == (
+        f"{blurred.stats['out_of_focus_mm2']:.2f} mm2 of the tissue ({share:.0f} %) looks out of focus (cyan in the "
+        'overview and the tissue annotation): nuclei there may be missed')
+    assert 'out of focus' not in ' '.join(detection_summary_lines(sharp))
+
+
+def test_the_tissue_annotation_and_the_overview_show_the_blurred_tissue(runs, tmp_path):
+    import cv2
+
+    blurred, sharp = runs
+    doc = tissue_outline_annotation(blurred.tissue, blurred.analysis_bounds, blurred.slide.scale)
+    pieces = [e for e in doc['elements'] if e['label']['value'] == BLURRED_LABEL]
+    assert pieces and min(p[0] for e in pieces for p in e['points']) >= blurred.slide.size[0] // 2 - MARGIN
+    info = doc['attributes']['density']
+    assert info['out_of_focus_mm2'] == round(blurred.stats['out_of_focus_mm2'], 4)
+    assert info['out_of_focus_pieces'] == len(pieces)
+    assert doc['description'].endswith(f"; {info['out_of_focus_mm2']:.2f} mm² of it out of focus (cyan): nuclei "
+                                       'there may be missed')
+    plain = tissue_outline_annotation(sharp.tissue, sharp.analysis_bounds, sharp.slide.scale)
+    assert plain['attributes']['density']['out_of_focus_pieces'] == 0 and 'focus' not in plain['description']
+    for result, name in ((blurred, 'blurred.png'), (sharp, 'sharp.png')):
+        write_overlay(result, tmp_path / name)
+    cyan = [np.all(cv2.imread(str(tmp_path / name)) == BLURRED_BGR, axis=2) for name in ('blurred.png', 'sharp.png')]
+    assert cyan[0].sum() > 1000 and not cyan[0][:, :cyan[0].shape[1] // 2 - 120].any() and not cyan[1].any()
+
+
+def test_a_resumed_run_and_a_dask_run_find_the_same_blurred_tissue(runs, half_blurred, spec, tmp_path):
+    from test_resume import Interrupting
+
+    blurred, _ = runs
+    slide = Slide(half_blurred[0])
+    with pytest.raises(KeyboardInterrupt):
+        detect_slide(slide, Interrupting(spec.build(), 6), resume=RowStore(str(tmp_path), 'k'), **KW)
+    resumed = detect_slide(slide, spec.build(), resume=RowStore(str(tmp_path), 'k'), **KW)
+    spread = detect_slide(slide, spec.build(), scheduler='local:1', **KW)
+    assert resumed.stats['tile_rows_resumed'] >= 1
+    for other in (resumed, spread):
+        np.testing.assert_array_equal(other.tissue.blurred, blurred.tissue.blurred)
+        assert other.stats['out_of_focus_mm2'] == blurred.stats['out_of_focus_mm2']
