@@ -13,6 +13,8 @@ never import from benchmarks/).
   tests/test_dsa.py).
 - :func:`mark_beside`: a slide with a band beside it of the black fill some scanners write, or of a marker's ink
   (tests/test_slide_detection.py, tests/test_stain.py).
+- :func:`blur_right_half`: a slide whose right half is out of focus (tests/test_focus.py,
+  tests/test_histomicsui.py).
 """
 
 import contextlib
@@ -196,6 +198,21 @@ def mark_beside(slide, out, width, colour=BLACK, quality=75):
     image = pyvips.Image.new_from_file(str(slide))[:3]
     if width:
         image = image.join(pyvips.Image.black(width, image.height, bands=3) + list(colour), 'horizontal')
+    image.cast('uchar').tiffsave(str(out), tile=True, pyramid=True, compression='jpeg', Q=quality, xres=2000,
+                                 yres=2000, resunit='cm')
+    return out
+
+
+def blur_right_half(slide, out, sigma_um, quality=80):
+    """Write ``out`` (and return it): the slide file ``slide`` (RGB, 0.5 um/px) with its right half blurred by a
+    Gaussian of ``sigma_um`` (0: none), as a tiled JPEG pyramid at 0.5 um/px, as a scanner that lost focus there
+    would."""
+    import pyvips
+
+    image = pyvips.Image.new_from_file(str(slide))[:3]
+    if sigma_um:
+        half = image.width // 2
+        image = image.insert(image.crop(half, 0, image.width - half, image.height).gaussblur(sigma_um / 0.5), half, 0)
     image.cast('uchar').tiffsave(str(out), tile=True, pyramid=True, compression='jpeg', Q=quality, xres=2000,
                                  yres=2000, resunit='cm')
     return out

@@ -14,6 +14,7 @@ from cellrcnn.slide import Slide
 from cellrcnn.slide_detection import detect_slide
 from cellrcnn.tissue import find_tissue
 from cellrcnn.tissue_outline import BLURRED_LABEL, tissue_outline_annotation
+from support import blur_right_half
 
 #: the Gaussian (um) the right half of the sample is blurred by: the model loses a third of its nuclei at 1.5 um
 #: (benchmarks/focus_blur.py)
@@ -35,20 +36,11 @@ def sample_20x(x, y, size):
 
 @pytest.fixture(scope='module')
 def half_blurred(tmp_path_factory):
-    """The sample slide, its right half blurred by SIGMA_UM, as a tiled JPEG pyramid at 0.5 um/px; and the same
-    slide left sharp."""
-    import pyvips
-
+    """The sample slide with its right half blurred by SIGMA_UM, and the same slide left sharp (both tiled JPEG
+    pyramids at 0.5 um/px)."""
     folder = tmp_path_factory.mktemp('focus')
-    image = pyvips.Image.new_from_file(SAMPLE_SLIDE)[:3]
-    half = image.width // 2
-    blurred = image.insert(image.crop(half, 0, image.width - half, image.height).gaussblur(SIGMA_UM / 0.5), half, 0)
-    paths = []
-    for name, picture in (('half-blurred.tiff', blurred), ('sharp.tiff', image)):
-        picture.cast('uchar').tiffsave(str(folder / name), tile=True, pyramid=True, compression='jpeg', Q=80,
-                                       xres=2000, yres=2000, resunit='cm')
-        paths.append(str(folder / name))
-    return paths
+    return (str(blur_right_half(SAMPLE_SLIDE, folder / 'half-blurred.tiff', SIGMA_UM)),
+            str(blur_right_half(SAMPLE_SLIDE, folder / 'sharp.tiff', 0)))
 
 
 @pytest.fixture(scope='module')

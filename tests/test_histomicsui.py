@@ -28,7 +28,8 @@ from cellrcnn.girder_post import post_annotations
 from cellrcnn.nuclei_map import MAP_NAME, nuclei_map_annotation
 from cellrcnn.nuclei_pixelmap import PIXELMAP_NAME, pixelmap_annotation, write_label_image
 from cellrcnn.synthetic import write_slide
-from cellrcnn.tissue_outline import TISSUE_COLOR, TISSUE_NAME
+from cellrcnn.tissue_outline import BLURRED_COLOR, TISSUE_COLOR, TISSUE_NAME
+from support import blur_right_half
 
 REGION = '0,0,1200,1200'
 
@@ -155,6 +156,8 @@ def test_cell_detection_from_the_histomicsui_analysis_panel(dsa, browser, tmp_pa
 #: the bounds the classified result is opened at, in the sample's base pixels (HistomicsUI shows them at a whole zoom
 #: level, so a little more): the upper part of the tissue, where the bundled model finds its three types side by side
 TYPES_VIEW = (900, 600, 1700, 1100)
+#: the sample's middle, where its sharp left half meets its blurred right half (base pixels)
+FOCUS_VIEW = (710, 900, 1510, 1400)
 
 
 def test_a_classified_result_shows_its_cell_types(server, browser, tmp_path, monkeypatch):
@@ -234,6 +237,42 @@ def test_a_classified_result_shows_its_cell_types(server, browser, tmp_path, mon
     print(f'screenshots: {shots}/histomicsui-cell-types.png, {shots}/histomicsui-tissue.png; detection and posting '
           f'{detection_s:.0f} s, cell types {counts}; of {len(drawn)} drawn pixels, near each type\'s colour: {near}; '
           f'{orange} pixels of tissue outline')
+
+
+def test_tissue_out_of_focus_is_outlined_in_cyan(server, browser, tmp_path, monkeypatch):
+    """The sample slide with its right half out of focus, detected by ``cellrcnn detect --girder-url``: the tissue
+    outline annotation, shown, draws the blurred half's tissue in cyan, and nothing of the sharp half."""
+    slide = blur_right_half(SAMPLE_SLIDE, tmp_path / 'half-blurred.tiff', 1.5)
+    shots = os.environ.get('CELLRCNN_SCREENSHOTS') or str(tmp_path)
+    os.makedirs(shots, exist_ok=True)
+    item_id, _ = server.upload_slide(str(slide))
+    monkeypatch.setenv('GIRDER_TOKEN', server.token)
+    assert cellrcnn(['detect', str(slide), '-o', str(tmp_path / 'out'), '--device', 'cpu', '--progress', 'none',
+                     '--no-resume', '--girder-url', server.api_url, '--item', item_id]) == 0
+    tissue = next(a for a in server.annotations(item_id) if a['annotation']['name'] == TISSUE_NAME)
+    blurred_mm2 = tissue['annotation']['attributes']['density']['out_of_focus_mm2']
+    assert blurred_mm2 > 0.2 and 'out of focus (cyan)' in tissue['annotation']['description']
+
+    page = browser.new_page(viewport={'width': 1600, 'height': 1000})
+    base = server.api_url.replace('/api/v1', '')
+    log_in(page, base, ADMIN['login'], server.password)
+    open_slide(page, base, item_id, bounds=FOCUS_VIEW)
+    row = open_listing(page, tissue['_id'], ['Other'])  # HistomicsUI's group of annotations without groups
+    page.click('.h-hide-all-annotations')
+    page.wait_for_timeout(2000)
+    hidden = view_pixels(page)
+    page.click(f'{row} .h-toggle-annotation')
+    page.wait_for_selector(f'{row} .icon-eye', timeout=60000)
+    page.wait_for_timeout(3000)
+    shown = view_pixels(page)
+    cyan = ((np.abs(shown - hidden).max(axis=2) > 40)
+            & (np.linalg.norm(shown - np.array(rgb_tuple(BLURRED_COLOR)), axis=2) < 60))
+    columns = np.flatnonzero(cyan.any(axis=0))
+    page.screenshot(path=os.path.join(shots, 'histomicsui-out-of-focus.png'))
+    # the view shows the slide's middle: the sharp half left of the view's middle column, the blurred half right
+    assert cyan.sum() > 500 and columns.min() > 0.3 * cyan.shape[1], (cyan.sum(), columns[:5])
+    print(f'screenshot: {shots}/histomicsui-out-of-focus.png; {blurred_mm2} mm² out of focus, {cyan.sum()} '
+          'pixels of it drawn in cyan')
 
 
 #: the side of the synthetic slides the large results lie on (20x)
