@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import CellRCNNError
-from .region import element_polygon, union_shape
+from .region import element_polygon, polygons_region, union_shape
 from .settings import AnnotationTrainingSettings
 from .tiling import tile_grid
 
@@ -152,12 +152,6 @@ def _login(server, user_id, known):
 
 # --------------------------------------------------------------------------- slides -> samples
 
-def _polygons_box(polygons):
-    points = np.concatenate(polygons)
-    lo, hi = points.min(axis=0), points.max(axis=0)
-    return float(lo[0]), float(lo[1]), float(hi[0] - lo[0]), float(hi[1] - lo[1])
-
-
 def _region_shape(polygons):
     """The union of the region's polygons as one prepared shapely geometry: tests against it take time and memory
     that grow with points + vertices, not points x vertices (a hand-drawn region has thousands of vertices)."""
@@ -204,7 +198,7 @@ def prepare_slide(labelled, slide, point_size_um=AnnotationTrainingSettings.poin
     squares = np.hstack([labelled.centres - half, labelled.centres + half])
     boxes = np.where(labelled.is_point[:, None], squares, labelled.boxes).astype(np.float32)
     if labelled.region is not None:
-        labelled.region_box = _polygons_box(labelled.region)
+        labelled.region_box = polygons_region(labelled.region)['roi']
     else:
         labelled.region_box = (float(boxes[:, 0].min()), float(boxes[:, 1].min()),
                                float(np.ptp(boxes[:, 0::2])), float(np.ptp(boxes[:, 1::2])))
