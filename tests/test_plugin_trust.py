@@ -8,6 +8,7 @@ Set up as tests/test_plugin_folders.py says: the session's server, this module's
 import io
 import json
 
+import numpy as np
 import pytest
 import requests
 
@@ -152,6 +153,31 @@ def test_a_folder_run_counts_inside_only_regions_its_user_may_read(server, cli_i
     parent, jobs = detect(server, work, token=runner_token, regionAnnotation='tumour')
     assert (parent['cellrcnnBatch']['todo'], parent['cellrcnnBatch']['no_region']) == (1, 1)
     assert [j['cellrcnnSlide'] for j in jobs] == [items['open.tiff']]
+    play_worker(server, jobs[0]['_id'], 2, 4)
+
+
+def test_a_folder_run_counts_inside_only_regions_writers_drew(server, cli_id, runner, reader, slide_file):
+    """A reader who may annotate the slides draws a region of the name a writer's folder run counts inside: on a
+    slide without the writer's own, the slide is left out; where both are, only the writer's reaches the job."""
+    runner_id, runner_token = runner
+    reader_id, reader_token = reader
+    work, items = writable_folder(server, 'readers-region', runner_id, slide_file, slides=('theirs.tiff', 'both.tiff'))
+    access = server.client().get(f'folder/{work}/access')
+    access['users'].append({'id': reader_id, 'level': READ, 'flags': ['large_image_create_annotations']})
+    server.client().put(f'folder/{work}/access', {'access': json.dumps(access)})
+
+    def area(x):
+        return {'type': 'rectangle', 'center': [x, 200, 0], 'width': 100, 'height': 100, 'rotation': 0}
+
+    for name in items:
+        annotate(server, items[name], {'name': 'tumour', 'elements': [area(600)]}, token=reader_token)
+    annotate(server, items['both.tiff'], {'name': 'tumour', 'elements': [area(200)]}, token=runner_token)
+    parent, jobs = detect(server, work, token=runner_token, regionAnnotation='tumour')
+    assert (parent['cellrcnnBatch']['todo'], parent['cellrcnnBatch']['no_region']) == (1, 1)
+    assert [j['cellrcnnSlide'] for j in jobs] == [items['both.tiff']]
+    args = server.client().get(f'job/{jobs[0]["_id"]}')['kwargs']['container_args']
+    corners = np.array([float(v) for v in args[args.index('--analysis_roi') + 1].split(',')]).reshape(-1, 2)
+    assert corners.min(axis=0).tolist() == [150, 150] and corners.max(axis=0).tolist() == [250, 250]  # the runner's
     play_worker(server, jobs[0]['_id'], 2, 4)
 
 

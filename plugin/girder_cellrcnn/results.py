@@ -391,14 +391,18 @@ def _region_result_of(annotation, model, sha, name, since):
 
 def slide_region(item, user, name):
     """The region a folder run counts the slide inside (``batch``): ``(numbers, since)``, the region numbers of the
-    item's active annotations named ``name`` that ``user`` may read (:func:`girder_cellrcnn.regions.region_values`)
-    and when they last changed (the latest of their ``updated`` times); None when it has none. :raises
-    regions.RegionError: when they outline no area that can be counted."""
+    item's active annotations named ``name`` that ``user`` may read and writers of the item made
+    (:func:`from_writer`: a reader who may annotate the slide cannot choose what a writer's run counts) and when they
+    last changed (the latest of their ``updated`` times); None when it has none. :raises regions.RegionError: when
+    they outline no area that can be counted (:func:`girder_cellrcnn.regions.region_values`)."""
     from girder_large_image_annotation.models.annotation import Annotation
 
     query = {'itemId': item['_id'], 'annotation.name': name, '_active': {'$ne': False}}
-    found = [Annotation().load(a['_id'], user=user, level=AccessType.READ) for a in Annotation().findWithPermissions(
-        query, sort=[('created', 1)], fields=['_id'], user=user, level=AccessType.READ)]
+    listed = Annotation().findWithPermissions(query, sort=[('created', 1)], user=user, level=AccessType.READ,
+                                              fields=['_id', 'creatorId', 'updatedId', CLAIMED_FIELD])
+    users = {}
+    found = [Annotation().load(a['_id'], user=user, level=AccessType.READ) for a in listed
+             if from_writer(a, item, users)]
     if not found:
         return None
     times = [t for t in (a.get('updated') or a.get('created') for a in found) if isinstance(t, datetime.datetime)]
