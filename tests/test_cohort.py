@@ -247,7 +247,7 @@ def read_table(path):
 
 
 def test_the_table_without_cell_types_has_the_plain_columns_alone(tmp_path):
-    from cellrcnn.cohort import COLUMNS, summary_line, write_table
+    from cellrcnn.cohort import COLUMNS, out_of_focus, summary_line, write_table
 
     row = {**dict.fromkeys(COLUMNS, ''), 'slide': 'a.tiff', 'status': 'done', 'cells': 12, 'tissue_mm2': 0.5,
            'cells_per_mm2': 24.0, 'ink_or_fill_mm2': 0.0, 'out_of_focus_mm2': 0.004, 'model': 'm.pt',
@@ -261,6 +261,7 @@ def test_the_table_without_cell_types_has_the_plain_columns_alone(tmp_path):
     blurred = {**row, 'slide': 'c.tiff', 'out_of_focus_mm2': 0.005}  # 1 % of its tissue: worth a word
     old = {key: value for key, value in row.items()  # a row made before the columns
            if key not in ('ink_or_fill_mm2', 'out_of_focus_mm2')}
+    assert [out_of_focus(r) for r in (row, inked, blurred, old)] == [False, False, True, False]
     assert summary_line([row, inked, blurred, old]) == (
         '4 slides: 4 done, 0 skipped (done by an earlier run), 0 failed; 48 nuclei in all; 1 with pen ink or black '
         'fill left out (ink_or_fill_mm2); 1 with tissue out of focus (out_of_focus_mm2)')

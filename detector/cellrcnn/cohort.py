@@ -400,6 +400,12 @@ def write_table(rows, path):
         writer.writerows({k: csv_safe(v) for k, v in r.items()} for r in rows if r is not None)
 
 
+def out_of_focus(row):
+    """Whether a row's tissue out of focus is worth a word: at least ``focus.OUT_OF_FOCUS_NOTE`` of its tissue (rows
+    made before the column never are)."""
+    return float(row.get('out_of_focus_mm2') or 0) >= OUT_OF_FOCUS_NOTE * float(row.get('tissue_mm2') or 0) > 0
+
+
 def summary_line(rows):
     """One line on the whole cohort: slides by status, nuclei found, per cell type (if any) its nuclei, and how many
     slides had pen ink or black fill left out, and how many had tissue out of focus (at least
@@ -411,8 +417,7 @@ def summary_line(rows):
     types = [f'{sum(int(r.get(c) or 0) for r in found)} {c[:-len(suffix)]}'
              for c in table_columns(rows)[len(COLUMNS):] if c.endswith(suffix)]
     marked = sum(float(r.get('ink_or_fill_mm2') or 0) > 0 for r in found)
-    blurred = sum(float(r.get('out_of_focus_mm2') or 0) >= OUT_OF_FOCUS_NOTE * float(r.get('tissue_mm2') or 0) > 0
-                  for r in found)
+    blurred = sum(map(out_of_focus, found))
     without = f', {counts[NO_REGION]} without the region annotation' if counts[NO_REGION] else ''
     return (f'{len(rows)} slides: {counts["done"]} done, {counts["skipped"]} skipped (done by an earlier run), '
             f'{counts["failed"]} failed{without}; {cells} nuclei in all' + (f' ({", ".join(types)})' if types else '')
@@ -455,8 +460,9 @@ def batch(source, output, settings, scheduler=None, girder=None, progress=None, 
         for count, (index, row) in enumerate(run_cohort(slides, settings, scheduler, girder, region_annotation), 1):
             rows[index] = row
             what = row['note'] if row['status'] in ('failed', NO_REGION) else (
-                f'{row["cells"]} nuclei, {row["tissue_mm2"]} mm2, {row["seconds"]} s' +
-                (f' ({row["note"]})' if row['note'] else ''))
+                f'{row["cells"]} nuclei, {row["tissue_mm2"]} mm2'
+                + (f' ({row["out_of_focus_mm2"]} mm2 of it out of focus)' if out_of_focus(row) else '')
+                + f', {row["seconds"]} s' + (f' ({row["note"]})' if row['note'] else ''))
             log(f'[{count}/{len(slides)}] {row["slide"]}: {row["status"]}: {what}')
     finally:  # an interrupted cohort still leaves the table of the slides that finished
         write_table(rows, table)
