@@ -1,7 +1,7 @@
 """Where the out-of-focus limit comes from, and what blur costs the model (docs/real-tissue.md, "Out of focus").
 
     python benchmarks/focus_blur.py [--brca ../shared/data/brca-m2c] [--dsb ../shared/data/dsb2018-he]
-                                    [--sigmas 0 0.5 0.75 1 1.5 2] [--json out.json]
+                                    [--sigmas 0 0.5 0.75 1 1.5 2] [--thresholds 0.3 0.2] [--json out.json]
 
 Real tissue in focus (the bundled sample slide, 20x, read whole; BRCA-M2C's 90 breast fields, 20x), each also
 blurred on purpose by a Gaussian of ``sigma`` um and saved as JPEG at quality 80 (as a scanner stores its tiles:
@@ -11,7 +11,8 @@ JPEG's block edges are sharp, so a measure that ignored them would call blurred 
    share of patches above ``focus.BLUR_LIMIT`` (those a run calls out of focus);
 2. the bundled model on the 10 held-out breast fields (the authors' validation split) so blurred: centroid
    precision, recall and F1 within 3 um at its operating point (``cellrcnn.evaluate.evaluate_records``), i.e. how
-   many nuclei blur of that size costs.
+   many nuclei blur of that size costs; and at each of ``--thresholds`` (would a lower score threshold in blurred
+   tissue win them back?).
 
 Then images as they come, soft or not: DSB 2018's 107 H&E images (scale estimated, then resampled to 0.5 um/px, as
 training and evaluation do), split by whether their median patch is above the limit, and the bundled model's
@@ -61,12 +62,30 @@ def blur_figures(images, sigma_um):
             'out_of_focus': float(np.mean(blur > BLUR_LIMIT))}
 
 
+def centroid_figures(model, records, thresholds):
+    """The model's centroid figures on ``records`` at its operating point, then at each of ``thresholds``."""
+    return [{'threshold': t, **{k: c[k] for k in ('n_gt', 'precision', 'recall', 'f1')}}
+            for t in (None, *thresholds)
+            for c in [evaluate_records(model, records, device='cpu', threshold=t)['centroid']]]
+
+
+def prf(figures):
+    """``P / R / F1`` of each of :func:`centroid_figures`' rows, those at a given threshold named by it."""
+    parts = []
+    for f in figures:
+        at = '' if f['threshold'] is None else f"at {f['threshold']:g}: "
+        parts.append(f"{at}{f['precision']:.3f} / {f['recall']:.3f} / {f['f1']:.3f}")
+    return ' ; '.join(parts)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--brca', default=os.path.join(HERE, '..', '..', 'shared', 'data', 'brca-m2c'))
     parser.add_argument('--dsb', default=os.path.join(HERE, '..', '..', 'shared', 'data', 'dsb2018-he'))
     parser.add_argument('--sigmas', type=float, nargs='+', default=[0, 0.5, 0.75, 1, 1.5, 2],
                         help='Gaussian blurs to apply, in um')
+    parser.add_argument('--thresholds', type=float, nargs='*', default=[],
+                        help='score thresholds to score the model at besides its operating point')
     parser.add_argument('--json')
     args = parser.parse_args()
 
@@ -81,14 +100,12 @@ def main():
     print('sigma um | set | patches | p1 | p50 | p99 | out of focus | held-out P / R / F1')
     for sigma in args.sigmas:
         blurred = [dataclasses.replace(r, image=degrade(r.load(), sigma / r.mpp)) for r in held_out]
-        centroid = evaluate_records(model, blurred, device='cpu')['centroid']
+        held = centroid_figures(model, blurred, args.thresholds)
         for name, images in sets.items():
-            row = {'sigma_um': sigma, 'set': name, **blur_figures(images, sigma),
-                   'held_out': {k: centroid[k] for k in ('precision', 'recall', 'f1')}}
+            row = {'sigma_um': sigma, 'set': name, **blur_figures(images, sigma), 'held_out': held}
             figures.append(row)
             print(f"{sigma:g} | {name} | {row['patches']} | {row['p1']:.3f} | {row['p50']:.3f} | {row['p99']:.3f} | "
-                  f"{100 * row['out_of_focus']:.1f} % | {centroid['precision']:.3f} / {centroid['recall']:.3f} / "
-                  f"{centroid['f1']:.3f}", flush=True)
+                  f"{100 * row['out_of_focus']:.1f} % | {prf(held)}", flush=True)
     print('DSB 2018 at 0.5 um/px | images | patches above the limit | nuclei | P / R / F1')
     for split in ('val', 'train'):
         groups = {'median patch above the limit': [], 'median patch below it': []}
@@ -97,14 +114,13 @@ def main():
             if len(blur):
                 groups[list(groups)[int(np.median(blur) <= BLUR_LIMIT)]].append((record, blur))
         for name, members in groups.items():
-            centroid = evaluate_records(model, [r for r, _ in members], device='cpu')['centroid']
+            held = centroid_figures(model, [r for r, _ in members], args.thresholds)
             blur = np.concatenate([b for _, b in members])
             row = {'set': f'DSB {split}', 'group': name, 'images': len(members),
-                   'out_of_focus': float(np.mean(blur > BLUR_LIMIT)),
-                   **{k: centroid[k] for k in ('n_gt', 'precision', 'recall', 'f1')}}
+                   'out_of_focus': float(np.mean(blur > BLUR_LIMIT)), 'figures': held}
             figures.append(row)
-            print(f"{split}, {name} | {len(members)} | {100 * row['out_of_focus']:.0f} % | {row['n_gt']} | "
-                  f"{row['precision']:.3f} / {row['recall']:.3f} / {row['f1']:.3f}", flush=True)
+            print(f"{split}, {name} | {len(members)} | {100 * row['out_of_focus']:.0f} % | {held[0]['n_gt']} | "
+                  f"{prf(held)}", flush=True)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(figures, f, indent=2)
