@@ -88,6 +88,17 @@ def open_listing(page, annotation_id, groups, shown=False, timeout=180, reopen=N
     return row
 
 
+def drawn_in(page, row, color):
+    """Show the hidden annotation of the panel's ``row`` (a selector): the view's pixels it draws in ``color`` (or
+    within 60 of it, outlines being antialiased), as a boolean array."""
+    hidden = view_pixels(page)
+    page.click(f'{row} .h-toggle-annotation')
+    page.wait_for_selector(f'{row} .icon-eye', timeout=60000)
+    page.wait_for_timeout(3000)
+    shown = view_pixels(page)
+    return (np.abs(shown - hidden).max(axis=2) > 40) & (np.linalg.norm(shown - np.array(rgb_tuple(color)), axis=2) < 60)
+
+
 def test_cell_detection_from_the_histomicsui_analysis_panel(dsa, browser, tmp_path):
     shots = os.environ.get('CELLRCNN_SCREENSHOTS') or str(tmp_path)
     os.makedirs(shots, exist_ok=True)
@@ -225,13 +236,7 @@ def test_a_classified_result_shows_its_cell_types(server, browser, tmp_path, mon
 
     # The tissue outline, listed there and hidden on open, is drawn in its orange when shown: where nuclei were sought.
     tissue_id = next(a['_id'] for a in server.annotations(item_id) if a['annotation']['name'] == TISSUE_NAME)
-    hidden = view_pixels(page)
-    page.click(f'.h-annotation[data-id="{tissue_id}"] .h-toggle-annotation')
-    page.wait_for_selector(f'.h-annotation[data-id="{tissue_id}"] .icon-eye', timeout=60000)
-    page.wait_for_timeout(3000)
-    outlined = view_pixels(page)
-    orange = ((np.abs(outlined - hidden).max(axis=2) > 40)
-              & (np.linalg.norm(outlined - np.array(rgb_tuple(TISSUE_COLOR)), axis=2) < 60)).sum()
+    orange = drawn_in(page, f'.h-annotation[data-id="{tissue_id}"]', TISSUE_COLOR).sum()
     assert orange > 200, orange
     page.screenshot(path=os.path.join(shots, 'histomicsui-tissue.png'))
     print(f'screenshots: {shots}/histomicsui-cell-types.png, {shots}/histomicsui-tissue.png; detection and posting '
@@ -260,13 +265,7 @@ def test_tissue_out_of_focus_is_outlined_in_cyan(server, browser, tmp_path, monk
     row = open_listing(page, tissue['_id'], ['Other'])  # HistomicsUI's group of annotations without groups
     page.click('.h-hide-all-annotations')
     page.wait_for_timeout(2000)
-    hidden = view_pixels(page)
-    page.click(f'{row} .h-toggle-annotation')
-    page.wait_for_selector(f'{row} .icon-eye', timeout=60000)
-    page.wait_for_timeout(3000)
-    shown = view_pixels(page)
-    cyan = ((np.abs(shown - hidden).max(axis=2) > 40)
-            & (np.linalg.norm(shown - np.array(rgb_tuple(BLURRED_COLOR)), axis=2) < 60))
+    cyan = drawn_in(page, row, BLURRED_COLOR)
     columns = np.flatnonzero(cyan.any(axis=0))
     page.screenshot(path=os.path.join(shots, 'histomicsui-out-of-focus.png'))
     # the view shows the slide's middle: the sharp half left of the view's middle column, the blurred half right
