@@ -7,7 +7,7 @@ import pytest
 
 from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.exports import BLURRED_BGR, detection_summary_lines, write_overlay
-from cellrcnn.focus import BLUR_LIMIT, NO_PATCHES, FocusMap, patch_blur
+from cellrcnn.focus import BLUR_LIMIT, NO_PATCHES, mark_blurred, patch_blur
 from cellrcnn.inference import DetectorSpec
 from cellrcnn.resume import RowStore
 from cellrcnn.slide import Slide
@@ -81,11 +81,8 @@ def test_glass_and_other_scales_are_not_judged():
 
 def test_the_sharpest_view_of_the_tissue_decides():
     tissue = find_tissue(Slide(SAMPLE_SLIDE))
-    focus = FocusMap(tissue)
-    focus.add(np.array([[0, 0, 1024, 1024, 0.7]], np.float32))  # one tile calls it blurred
-    focus.add(np.array([[0, 0, 512, 512, 0.3]], np.float32))  # another sees its top left sharp
-    focus.add(NO_PATCHES)
-    kept = tissue.with_blurred(focus.blurred())
+    kept = mark_blurred(tissue, np.array([[0, 0, 1024, 1024, 0.7],  # one tile calls it blurred
+                                          [0, 0, 512, 512, 0.3]], np.float32))  # another sees its top left sharp
     x, y = np.meshgrid(np.arange(0, 2048, 64) + 32, np.arange(0, 2048, 64) + 32)
     blurred = tissue.grid(kept.blurred, x[0], y[:, 0])
     on_tissue = tissue.grid(tissue.mask, x[0], y[:, 0])
@@ -93,6 +90,7 @@ def test_the_sharpest_view_of_the_tissue_decides():
     np.testing.assert_array_equal(blurred, inside & on_tissue)
     assert 0 < kept.blurred_mm2((0, 0, 2220, 2967)) < tissue.area_mm2((0, 0, 2220, 2967))
     assert tissue.with_blurred(np.zeros_like(tissue.mask)).blurred is None
+    assert mark_blurred(tissue, NO_PATCHES).blurred is None
 
 
 @pytest.fixture(scope='module')

@@ -3,7 +3,7 @@
 A scanner that lost focus over part of a section leaves nuclei there smeared: the model misses many of them, and a
 count or density over that tissue is low for no biological reason. The detection loop measures the blur of every
 tile it reads, in patches of :data:`PATCH_UM` (``patch_blur``, in its reader threads), keeps the patches with the
-tiles' rows (so a resumed run has them too), and paints them over the tissue mask (:class:`FocusMap`): the tissue
+tiles' rows (so a resumed run has them too), and paints them over the tissue mask (:func:`mark_blurred`): the tissue
 whose sharpest view is blurred beyond :data:`BLUR_LIMIT` is ``out_of_focus_mm2`` in the run's figures, a layer of
 the tissue outline annotation and of the overview PNG.
 
@@ -22,7 +22,7 @@ import numpy as np
 #: side of a patch (um): a few nuclei and what lies between them
 PATCH_UM = 64.0
 #: a patch whose ``blur_effect`` is above this looks out of focus: in-focus fields stay below it (99th percentile
-#: 0.43 on the breast fields, 0.42 on the sample slide) and most of them rise above it once blurred by a Gaussian of
+#: 0.42 on the breast fields and on the sample slide) and most of them rise above it once blurred by a Gaussian of
 #: 1 um (docs/real-tissue.md)
 BLUR_LIMIT = 0.5
 #: the analysis scales (um/px) at which the limit holds: 20x, give or take 10 %
@@ -111,24 +111,15 @@ def _spans(length, side):
     return list(zip(starts, starts[1:] + [length]))
 
 
-class FocusMap:
-    """The blur of a slide's tissue at the tissue mask's pixels (:class:`cellrcnn.tissue.TissueMask`), from the
-    patches of every tile read (:func:`patch_blur`). Where tiles overlap, a mask pixel takes its sharpest patch's
-    blur: tissue is called out of focus only where no view of it is sharp."""
-
-    def __init__(self, tissue):
-        self.tissue = tissue
-        self.blur = np.full(tissue.mask.shape, np.inf, np.float32)
-
-    def add(self, patches):
-        """Paint float32 rows ``(x0, y0, x1, y1, blur)`` (analysis pixels) onto the mask pixels they cover."""
-        for x0, y0, x1, y1, blur in patches:
-            window = self.tissue.window(x0, y0, x1 - x0, y1 - y0)
-            if window is not None:
-                i0, i1, j0, j1 = window
-                np.minimum(self.blur[j0:j1, i0:i1], blur, out=self.blur[j0:j1, i0:i1])
-
-    def blurred(self):
-        """The mask pixels whose sharpest patch is blurred beyond :data:`BLUR_LIMIT`: a boolean array of the mask's
-        shape (``TissueMask.with_blurred`` keeps those with tissue)."""
-        return np.isfinite(self.blur) & (self.blur > BLUR_LIMIT)
+def mark_blurred(tissue, patches):
+    """``tissue`` (a :class:`cellrcnn.tissue.TissueMask`) with the tissue out of focus as its ``blurred``: the
+    patches of every tile read (float32 rows ``(x0, y0, x1, y1, blur)`` in analysis pixels, :func:`patch_blur`)
+    painted onto the mask pixels they cover. Where tiles overlap, a mask pixel takes its sharpest patch's blur: tissue
+    is called out of focus only where no view of it is sharp and that view is above :data:`BLUR_LIMIT`."""
+    sharpest = np.full(tissue.mask.shape, np.inf, np.float32)
+    for x0, y0, x1, y1, blur in patches:
+        window = tissue.window(x0, y0, x1 - x0, y1 - y0)
+        if window is not None:
+            i0, i1, j0, j1 = window
+            np.minimum(sharpest[j0:j1, i0:i1], blur, out=sharpest[j0:j1, i0:i1])
+    return tissue.with_blurred(np.isfinite(sharpest) & (sharpest > BLUR_LIMIT))

@@ -20,7 +20,7 @@ import numpy as np
 from .adapt import batchnorm_stats, load_batchnorm_stats
 from .boxes import suppress_close_centres
 from .errors import CellRCNNError
-from .focus import NO_PATCHES, FocusMap, patch_blur
+from .focus import NO_PATCHES, mark_blurred, patch_blur
 from .merge import StreamingNMS
 from .progress import Progress
 from .region import inside, polygon_pixels
@@ -217,9 +217,7 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
                         typed=bool(config.cell_types))
         boxes, scores, types = _detect_rows(slide, detector, rows, workers, scheduler, timing, progress, stain,
                                             tissue)
-        focus = FocusMap(tissue)
-        focus.add(np.concatenate([NO_PATCHES, *rows.patches]))
-        tissue = tissue.with_blurred(focus.blurred())
+        tissue = mark_blurred(tissue, np.concatenate([NO_PATCHES, *rows.patches]))
         t0 = time.perf_counter()
         keep = suppress_close_centres(boxes, scores, config.centre_distance_px * slide.scale)
         suppressed = int(len(keep) - keep.sum())
