@@ -2,6 +2,7 @@
 
     python benchmarks/focus_blur.py [--brca ../shared/data/brca-m2c] [--dsb ../shared/data/dsb2018-he]
                                     [--sigmas 0 0.5 0.75 1 1.5 2] [--thresholds 0.3 0.2] [--json out.json]
+                                    [--model MODEL.pt]
 
 Real tissue in focus (the bundled sample slide, 20x, read whole; BRCA-M2C's 90 breast fields, 20x), each also
 blurred on purpose by a Gaussian of ``sigma`` um and saved as JPEG at quality 80 (as a scanner stores its tiles:
@@ -9,14 +10,14 @@ JPEG's block edges are sharp, so a measure that ignored them would call blurred 
 
 1. ``cellrcnn.focus.patch_blur`` over every image: the 1st, 50th and 99th percentiles of the patches' blur and the
    share of patches above ``focus.BLUR_LIMIT`` (those a run calls out of focus);
-2. the bundled model on the 10 held-out breast fields (the authors' validation split) so blurred: centroid
-   precision, recall and F1 within 3 um at its operating point (``cellrcnn.evaluate.evaluate_records``), i.e. how
-   many nuclei blur of that size costs; and at each of ``--thresholds`` (would a lower score threshold in blurred
-   tissue win them back?).
+2. the bundled model (or ``--model``) on the 10 held-out breast fields (the authors' validation split) so blurred:
+   centroid precision, recall and F1 within 3 um at its operating point (``cellrcnn.evaluate.evaluate_records``),
+   i.e. how many nuclei blur of that size costs; and at each of ``--thresholds`` (would a lower score threshold in
+   blurred tissue win them back?).
 
 Then images as they come, soft or not: DSB 2018's 107 H&E images (scale estimated, then resampled to 0.5 um/px, as
 training and evaluation do), split by whether their median patch is above the limit, and the bundled model's
-centroid figures on each group, on the held-out split and on the training one.
+(or ``--model``'s) centroid figures on each group, on the held-out split and on the training one.
 """
 
 import argparse
@@ -24,7 +25,6 @@ import dataclasses
 import json
 import os
 
-import cv2
 import numpy as np
 
 from cellrcnn.checkpoint import BUNDLED_MODEL, load_model
@@ -32,18 +32,11 @@ from cellrcnn.commands import SAMPLE_SLIDE
 from cellrcnn.evaluate import evaluate_records
 from cellrcnn.focus import BLUR_LIMIT, patch_blur
 from cellrcnn.labels import read_entry, rescale
+from cellrcnn.samples import rescanned
 from cellrcnn.slide import Slide
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JPEG_QUALITY = 80
-
-
-def degrade(rgb, sigma_px):
-    """``rgb`` blurred by a Gaussian of ``sigma_px`` (none at 0), through a JPEG at :data:`JPEG_QUALITY`."""
-    if sigma_px > 0:
-        rgb = cv2.GaussianBlur(rgb, (0, 0), sigma_px)
-    ok, data = cv2.imencode('.jpg', rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-    return np.ascontiguousarray(cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1])
 
 
 def sample_image():
@@ -56,7 +49,8 @@ def sample_image():
 def blur_figures(images, sigma_um):
     """Percentiles of the patches' blur over ``images`` (``[(rgb, mpp)]``) blurred by ``sigma_um``, and the share
     above the limit."""
-    blur = np.concatenate([patch_blur(degrade(rgb, sigma_um / mpp), 0, 0, mpp)[:, 4] for rgb, mpp in images])
+    blur = np.concatenate([patch_blur(rescanned(rgb, sigma_um / mpp, JPEG_QUALITY), 0, 0, mpp)[:, 4]
+                           for rgb, mpp in images])
     p1, p50, p99 = np.percentile(blur, [1, 50, 99])
     return {'patches': int(len(blur)), 'p1': float(p1), 'p50': float(p50), 'p99': float(p99),
             'out_of_focus': float(np.mean(blur > BLUR_LIMIT))}
@@ -87,19 +81,20 @@ def main():
     parser.add_argument('--thresholds', type=float, nargs='*', default=[],
                         help='score thresholds to score the model at besides its operating point')
     parser.add_argument('--json')
+    parser.add_argument('--model', default=BUNDLED_MODEL, help='the model to score (default: the bundled one)')
     args = parser.parse_args()
 
     entry = f'points:{args.brca}/points.json,images={args.brca}/images,mpp=0.5'
     fields = read_entry(entry)
     held_out = read_entry(f'{entry},splits={args.brca}/splits.json,split=val')
-    model = load_model(BUNDLED_MODEL, 'cpu')
+    model = load_model(args.model, 'cpu')
     sets = {'sample slide': [sample_image()], 'breast fields': [(r.load(), r.mpp) for r in fields]}
     figures = []
     print(f'blur_effect of {len(fields)} breast fields and the sample slide in patches; share above {BLUR_LIMIT}; '
-          f'the bundled model on the {len(held_out)} held-out fields')
+          f'{os.path.basename(args.model)} on the {len(held_out)} held-out fields')
     print('sigma um | set | patches | p1 | p50 | p99 | out of focus | held-out P / R / F1')
     for sigma in args.sigmas:
-        blurred = [dataclasses.replace(r, image=degrade(r.load(), sigma / r.mpp)) for r in held_out]
+        blurred = [dataclasses.replace(r, image=rescanned(r.load(), sigma / r.mpp, JPEG_QUALITY)) for r in held_out]
         held = centroid_figures(model, blurred, args.thresholds)
         for name, images in sets.items():
             row = {'sigma_um': sigma, 'set': name, **blur_figures(images, sigma), 'held_out': held}

@@ -94,6 +94,8 @@ def test_an_image_without_resolution_needs_mpp(tmp_path, image_file, tiny_checkp
     (['train', '--centre-distance', '-1', '--steps', '1'], 'centre_distance_um must be a number between 0 and 50'),
     (['train', '--stain-jitter', '0.1', '-0.2', '--steps', '1', '--warmup-steps', '0'],
      'real_stain_sigma must be two sigmas of 0 or more'),
+    (['train', '--blur', '1.5', '1', '--steps', '1', '--warmup-steps', '0'],
+     'real_blur must be a share from 0 to 1 and a sigma of 0 or more'),
     (['average', '{model}'], 'averaging needs two or more models and one positive weight each'),
     (['average', '{model}', '{model}', '--weights', '1', '0'], 'one positive weight each'),
     (['average', '{model}', '{image}'], 'not a readable checkpoint'),
@@ -137,7 +139,7 @@ def test_synth_tiles_train_from_their_annotations_and_evaluate(tmp_path, capsys)
     run = tmp_path / 'run'
     assert main(['train', '-o', str(run), '--data', str(data), '--steps', '3', '--batch-size', '2', '--tile-size',
                  '128', '--warmup-steps', '1', '--workers', '0', '--val-data', str(data), '--stain-jitter', '0.05',
-                 '0']) == 0
+                 '0', '--blur', '0.5', '1']) == 0
     truth = sum(len(json.loads(p.read_text())['elements']) for p in data.glob('*.png.json'))
     assert truth > 20
     assert load_model(run / 'model.pt').config.centre_distance_um == 2.5  # a new model's default
@@ -150,7 +152,7 @@ def test_synth_tiles_train_from_their_annotations_and_evaluate(tmp_path, capsys)
     state = load_checkpoint(run / 'last.pt')
     assert state['train_config']['steps'] == 4 and state['train_state']['step'] == 4
     assert state['train_config']['tile_size'] == 128  # the run's, not the default
-    assert state['train_config']['real_stain_sigma'] == [0.05, 0]
+    assert state['train_config']['real_stain_sigma'] == [0.05, 0] and state['train_config']['real_blur'] == [0.5, 1]
     # any other training option would be ignored: it is refused, before any step
     capsys.readouterr()
     assert main(['train', '--resume', str(run / 'last.pt'), '--lr', '0.1', '--centre-distance', '3']) == 2

@@ -4,7 +4,7 @@ import torch
 
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.model import to_tensor
-from cellrcnn.samples import Augmenter, TileDataset, read_image, visible_boxes
+from cellrcnn.samples import Augmenter, TileDataset, read_image, rescanned, visible_boxes
 
 
 def dark_squares_image(size=96):
@@ -52,6 +52,36 @@ def test_stain_jitter_changes_colour_but_is_reproducible():
     c, _ = augment(image, boxes, np.random.default_rng(6))
     np.testing.assert_array_equal(a, b)
     assert np.abs(a.astype(int) - c.astype(int)).mean() > 1
+
+
+def edge_strength(image):
+    return np.abs(np.diff(image.astype(float).mean(axis=2), axis=1)).max()
+
+
+def test_focus_augmentation_blurs_a_share_of_the_crops_and_keeps_the_boxes():
+    image, boxes = dark_squares_image()
+    sharp = Augmenter(96, scale_jitter=0, stain_sigma=None, flips=False)
+    never = Augmenter(96, scale_jitter=0, stain_sigma=None, flips=False, blur=(0, 4))
+    always = Augmenter(96, scale_jitter=0, stain_sigma=None, flips=False, blur=(1, 4))
+    half = Augmenter(96, scale_jitter=0, stain_sigma=None, flips=False, blur=(0.5, 4))
+    a, a_boxes = sharp(image, boxes, np.random.default_rng(1))
+    b, b_boxes = never(image, boxes, np.random.default_rng(1))
+    np.testing.assert_array_equal(a, b)  # share 0 draws nothing: runs without it are as before
+    blurred = [always(image, boxes, np.random.default_rng(seed)) for seed in range(20)]
+    for out, out_boxes in blurred:
+        np.testing.assert_array_equal(out_boxes, a_boxes)
+    strengths = [edge_strength(out) for out, _ in blurred]
+    assert np.median(strengths) < edge_strength(a) / 2 and np.ptp(strengths) > 20  # sigmas drawn, not one
+    changed = [not np.array_equal(half(image, boxes, np.random.default_rng(seed))[0], a) for seed in range(200)]
+    assert 0.4 < np.mean(changed) < 0.6
+
+
+def test_rescanned_blurs_by_sigma_and_stores_as_jpeg():
+    image, _ = dark_squares_image()
+    jpeg = rescanned(image, 0, 90)
+    assert jpeg.dtype == np.uint8 and jpeg.shape == image.shape
+    assert 0 < np.abs(jpeg.astype(int) - image).mean() < 2
+    assert edge_strength(rescanned(image, 3, 90)) < edge_strength(rescanned(image, 1, 90)) < edge_strength(jpeg)
 
 
 def test_visible_boxes_drops_boxes_mostly_outside():

@@ -214,6 +214,9 @@ def _add_train(sub):
     p.add_argument('--stain-jitter', dest='real_stain_sigma', type=float, nargs=2, metavar=('MUL', 'ADD'),
                    help="real images' HED stain jitter: sigmas of the multiplicative and additive change of each "
                         'stain concentration (default 0.3 0.2; 0 0: none)')
+    p.add_argument('--blur', dest='real_blur', type=float, nargs=2, metavar=('SHARE', 'SIGMA_UM'),
+                   help="real images out of focus: this share of the training crops is blurred by a Gaussian of a "
+                        'sigma drawn up to SIGMA_UM microns and stored as JPEG (default 0 1.5: none is)')
     p.add_argument('--init', help='fine-tune this model (its own configuration is kept) instead of starting from '
                                   'random weights')
     p.add_argument('--seed', type=int)

@@ -20,6 +20,8 @@ from .model import to_tensor
 from .synthetic import VISIBLE_FRACTION
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
+#: JPEG qualities (lowest, highest) an out-of-focus training crop is stored at, as scanners store their tiles
+RESCAN_QUALITY = (70, 95)
 
 
 def visible_boxes(boxes, height, width, min_fraction=VISIBLE_FRACTION):
@@ -84,20 +86,35 @@ def labelled_set(data=None, seed=2000, count=200, tile_size=256, mpp=0.5, annota
     return make_dataset(seed, count, size=tile_size, mpp=mpp, scale=scale)
 
 
+def rescanned(image, sigma_px, quality):
+    """``image`` as a scanner out of focus would store it: blurred by a Gaussian of ``sigma_px`` pixels (none at 0),
+    then through a JPEG at ``quality``."""
+    if sigma_px > 0:
+        image = cv2.GaussianBlur(image, (0, 0), sigma_px)
+    ok, data = cv2.imencode('.jpg', np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    return np.ascontiguousarray(cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1])
+
+
 class Augmenter:
-    """Random flips, 90 degree rotations, scale jitter, stain jitter (histomicstk) and a crop to the tile size.
+    """Random flips, 90 degree rotations, scale jitter, stain jitter (histomicstk), focus and a crop to the tile
+    size.
 
     Scale: uniform in ``1 +- scale_jitter``, or log-uniform in ``scale_range`` (low, high) when given. Stain:
     Tellez et al.'s jitter of the haematoxylin and eosin concentrations, ``stain_sigma`` = (multiplicative sigma,
-    additive sigma). Called with ``nuclei`` (a tuple of per-box arrays), it returns them for the boxes it keeps.
+    additive sigma). Focus: ``blur`` = (share, sigma): that share of the crops is blurred by a Gaussian of a sigma
+    drawn uniformly up to ``sigma`` pixels and stored as JPEG (:func:`rescanned`, quality in
+    :data:`RESCAN_QUALITY`). Called with ``nuclei`` (a tuple of per-box arrays), it returns them for the boxes it
+    keeps.
     """
 
-    def __init__(self, tile_size, scale_jitter=0.15, stain_sigma=(0.15, 0.1), flips=True, scale_range=None):
+    def __init__(self, tile_size, scale_jitter=0.15, stain_sigma=(0.15, 0.1), flips=True, scale_range=None,
+                 blur=None):
         self.tile_size = tile_size
         self.scale_jitter = scale_jitter
         self.scale_range = scale_range
         self.stain_sigma = stain_sigma
         self.flips = flips
+        self.blur = blur if blur and blur[0] > 0 else None
         stain_color_map = histomicstk('histomicstk.preprocessing.color_deconvolution').stain_color_map
         self._stain_matrix = np.array([stain_color_map['hematoxylin'], stain_color_map['eosin'],
                                        stain_color_map['null']]).T
@@ -109,6 +126,9 @@ class Augmenter:
         elif self.scale_jitter:
             image, boxes = self._rescale(image, boxes, rng.uniform(1 - self.scale_jitter, 1 + self.scale_jitter))
         image, boxes, kept = self._crop(image, boxes, rng)
+        if self.blur and rng.random() < self.blur[0]:
+            low, high = RESCAN_QUALITY
+            image = rescanned(image, rng.uniform(0, self.blur[1]), rng.integers(low, high + 1))
         if self.flips:
             image, boxes = self._flip_rotate(image, boxes, rng)
         if self.stain_sigma:

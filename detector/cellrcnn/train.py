@@ -65,6 +65,9 @@ class TrainConfig:
     #: augmentation of real samples: scale factor range (log-uniform) and HED stain jitter (multiplicative, additive)
     real_scale_range: tuple = (0.7, 1.4)
     real_stain_sigma: tuple = (0.3, 0.2)
+    #: focus augmentation of real samples: the share of crops blurred and stored as JPEG, and the largest Gaussian
+    #: sigma (um) drawn (``samples.Augmenter``'s ``blur``); share 0: none
+    real_blur: tuple = (0.0, 1.5)
     #: cell types of the class head, ``NAME`` or ``NAME=LABEL+LABEL`` (class names of the data that mean it); empty:
     #: no class head (or the starting checkpoint's own)
     cell_types: tuple = ()
@@ -124,6 +127,8 @@ class TrainConfig:
             raise CellRCNNError('dot_box_um must be positive and real_scale_range LOW HIGH with 0 < LOW <= HIGH')
         if len(self.real_stain_sigma) != 2 or min(self.real_stain_sigma) < 0:
             raise CellRCNNError(f'real_stain_sigma must be two sigmas of 0 or more, not {self.real_stain_sigma}')
+        if len(self.real_blur) != 2 or not 0 <= self.real_blur[0] <= 1 or not self.real_blur[1] >= 0:
+            raise CellRCNNError(f'real_blur must be a share from 0 to 1 and a sigma of 0 or more, not {self.real_blur}')
         if self.cell_type_colors and len(self.cell_type_colors) != len(self.cell_types):
             raise CellRCNNError(f'{len(self.cell_type_colors)} cell type colours for {len(self.cell_types)} types')
         return self
@@ -248,7 +253,8 @@ def train(model_config, train_config, out_dir, device='auto', resume=None, sampl
     samples = [sample for _, source, _ in sources for sample in source]
     dataset = TileDataset(samples, Augmenter(cfg.tile_size), seed=cfg.seed,
                           real_augmenter=Augmenter(cfg.tile_size, stain_sigma=cfg.real_stain_sigma,
-                                                   scale_range=cfg.real_scale_range))
+                                                   scale_range=cfg.real_scale_range,
+                                                   blur=(cfg.real_blur[0], cfg.real_blur[1] / model.config.mpp)))
     loader = _loader(cfg, dataset, sample_weights(sources) if len(sources) > 1 else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
