@@ -2,6 +2,8 @@
 carried through the detection loop (local, resumed and on Dask), the tissue outline annotation, the overview and the
 run's summary."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -112,10 +114,19 @@ def test_a_run_finds_the_blurred_half_of_the_tissue_and_nothing_of_the_sharp_one
     assert 0.85 * right_mm2 < blurred.stats['out_of_focus_mm2'] < 1.05 * right_mm2
     assert tissue.blurred_mm2((0, 0, width // 2 - MARGIN, height)) == 0
     assert blurred.stats['tissue_mm2'] == pytest.approx(sharp.stats['tissue_mm2'], rel=0.02)
+    # the nuclei centred on it: most of those on the right half's tissue, none of the left's
+    x, y = (blurred.boxes[:, :2] + blurred.boxes[:, 2:]).T / (2 * blurred.slide.scale)
+    on_tissue = dataclasses.replace(tissue, blurred=tissue.mask)
+    count, total = blurred.stats['detections_out_of_focus'], len(blurred.boxes)
+    right, middle = x >= width // 2, x >= width // 2 - MARGIN
+    assert 0.8 * on_tissue.blurred_count(x[right], y[right]) < count <= on_tissue.blurred_count(x[middle], y[middle])
+    assert sharp.stats['detections_out_of_focus'] == 0
     share = 100 * blurred.stats['out_of_focus_mm2'] / blurred.stats['tissue_mm2']
+    typed = ' or mistyped' if blurred.cell_type_names else ''
     assert detection_summary_lines(blurred)[-1] == (
         f"{blurred.stats['out_of_focus_mm2']:.2f} mm2 of the tissue ({share:.0f} %) looks out of focus (cyan in the "
-        'overview and the tissue annotation): nuclei there may be missed')
+        f'overview and the tissue annotation): nuclei there may be missed{typed}; {count} of the {total} found '
+        f'({100 * count / total:.0f} %) lie there')
     assert 'out of focus' not in ' '.join(detection_summary_lines(sharp))
 
 
@@ -152,3 +163,4 @@ def test_a_resumed_run_and_a_dask_run_find_the_same_blurred_tissue(runs, half_bl
     for other in (resumed, spread):
         np.testing.assert_array_equal(other.tissue.blurred, blurred.tissue.blurred)
         assert other.stats['out_of_focus_mm2'] == blurred.stats['out_of_focus_mm2']
+        assert other.stats['detections_out_of_focus'] == blurred.stats['detections_out_of_focus'] > 0

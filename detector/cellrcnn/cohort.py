@@ -59,7 +59,7 @@ from .job import POSTED_OUTPUTS
 
 #: the columns of ``cohort.csv``
 COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'ink_or_fill_mm2', 'out_of_focus_mm2',
-           'mean_score', 'magnification', 'seconds', 'model', 'girder_item_id', 'output')
+           'cells_out_of_focus', 'mean_score', 'magnification', 'seconds', 'model', 'girder_item_id', 'output')
 TABLE_NAME = 'cohort.csv'
 #: the columns of each cell type: ``<name>`` and these (``<name>_type`` and these for a type whose columns would be
 #: the table's own, a type named ``cells``)
@@ -231,6 +231,7 @@ def _row(slide, result, model_path, seconds):
             'cells_per_mm2': round(cells / tissue, 1) if tissue > 0 else '',
             'ink_or_fill_mm2': round(float(stats.get('ink_or_fill_mm2', 0.0)), 4),
             'out_of_focus_mm2': round(float(stats['out_of_focus_mm2']), 4),
+            'cells_out_of_focus': int(stats['detections_out_of_focus']),
             'mean_score': round(float(np.mean(result.scores)), 4) if len(result.scores) else '',
             'magnification': round(float(stats['analysis_magnification']), 3), 'seconds': round(seconds, 2),
             'model': os.path.basename(model_path), 'girder_item_id': slide.item_id or '', 'output': slide.output,

@@ -340,6 +340,8 @@ def _stats(slide, tissue, tiles, rows, result, timing, mask_seconds, total, dete
         'tissue_mm2': tissue.area_mm2(result.analysis_bounds),
         'ink_or_fill_mm2': tissue.marks_mm2(result.analysis_bounds),
         'out_of_focus_mm2': tissue.blurred_mm2(result.analysis_bounds),
+        'detections_out_of_focus': tissue.blurred_count(*(result.boxes[:, [0, 1]] + result.boxes[:, [2, 3]]).T
+                                                    / (2 * slide.scale)),
         'detections': int(len(result.boxes)),
         'megapixels': megapixels,
         'seconds': {'tissue_and_grid': mask_seconds, **timing, 'total': total},

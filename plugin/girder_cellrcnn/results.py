@@ -5,7 +5,8 @@ A cellrcnn nuclei annotation is one whose ``attributes`` carry the ``cellrcnn`` 
 ``attributes.density``, which every other annotation of a run carries (the density heatmaps, the nuclei map and
 pixelmap, the tissue outline: its ``kind``). Its summary goes into the item's metadata under :data:`META_KEY`::
 
-    {"cells", "tissue_mm2", "cells_per_mm2", "ink_or_fill_mm2", "out_of_focus_mm2", "score": {"mean", "min", "max",
+    {"cells", "tissue_mm2", "cells_per_mm2", "ink_or_fill_mm2", "out_of_focus_mm2", "cells_out_of_focus",
+     "score": {"mean", "min", "max",
      "p5", "p25", "p50", "p75", "p95", "histogram": [counts of floor(10 * score) = 0, ..., 9]}, "model", "model_sha256",
      "cellrcnn_version", "roi", "region_annotation", "annotation_id", "date"}
 
@@ -17,8 +18,9 @@ counts the run recorded: an annotation edited by hand keeps them, while ``cells`
 run's ``params.polygons`` hold) of a run on part of the slide, None for the whole slide; ``region_annotation`` the
 name of the slide's annotations that outlined the region, for a run counted inside them (None otherwise);
 ``tissue_mm2`` and ``cells_per_mm2`` are those of the region analysed, ``ink_or_fill_mm2`` the pen ink and black
-fill the run left out there, ``out_of_focus_mm2`` the part of its tissue that looked out of focus (each None on
-results made before the library recorded it). ``model`` is the checkpoint's
+fill the run left out there, ``out_of_focus_mm2`` the part of its tissue that looked out of focus and
+``cells_out_of_focus`` how many of the run's nuclei lie on it (each None on results made before the library
+recorded it). ``model`` is the checkpoint's
 file name (for people), ``model_sha256`` the SHA-256 of its bytes (what identifies the model; None on results made
 before the library recorded it).
 
@@ -223,6 +225,7 @@ def _summary(annotation, count, scores):
         'cells_per_mm2': round(count / tissue, 3) if tissue else None,
         'ink_or_fill_mm2': marks,
         'out_of_focus_mm2': blurred,
+        'cells_out_of_focus': _count(stats.get('detections_out_of_focus')),
         'score': score_summary(scores),
         'model': attributes.get('model'),
         SHA_KEY: attributes.get(SHA_KEY),
@@ -240,6 +243,11 @@ def _summary(annotation, count, scores):
 def _area(value):
     """A recorded area (mm^2) rounded to 6 places, or None when it is not a number."""
     return round(float(value), 6) if _is_number(value) else None
+
+
+def _count(value):
+    """A recorded count, or None when it is not a whole number of 0 or more."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _is_number(value):
