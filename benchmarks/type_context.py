@@ -29,11 +29,12 @@ import sys
 import numpy as np
 from scipy.spatial import cKDTree
 
+from cellrcnn.boxes import box_centres
 from cellrcnn.checkpoint import load_model
 from cellrcnn.errors import CellRCNNError, run_reporting_errors
 from cellrcnn.inference import Detector
 from cellrcnn.labels import read_entries, rescale
-from cellrcnn.point_metrics import box_centres, centroid_metrics, match_points
+from cellrcnn.point_metrics import centroid_metrics, match_points
 
 RADII_UM = (7.5, 15.0, 30.0)
 RINGS_UM = ((0.0, 3.0), (4.0, 12.0), (12.0, 24.0))

@@ -84,8 +84,8 @@ def sample_records(samples, config):
     """Four-part samples of training or held-out slides (``labelled_slides.region_samples`` with a type index) as
     labelled images (``labels.LabelledImage`` at ``config.mpp``, classes named by ``config``'s cell types), for
     :mod:`cellrcnn.evaluate`'s functions on records."""
+    from .boxes import box_centres
     from .labels.record import LabelledImage
-    from .point_metrics import box_centres
 
     return [LabelledImage(image, image.shape[:2], config.mpp, box_centres(boxes), boxes,
                           [config.cell_types[t] if t >= 0 else None for t in types], 'slides', f'tile {i}')

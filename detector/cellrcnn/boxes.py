@@ -67,6 +67,12 @@ def as_detections(boxes, scores):
     return b, as_scores(scores, len(b))
 
 
+def box_centres(boxes):
+    """float64 N x 2 centres ``x, y`` of N x 4 boxes."""
+    b = as_boxes(boxes).astype(np.float64)
+    return np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], axis=1)
+
+
 def iou(a, b):
     """IoU of boxes ``a[..., 4]`` and ``b[..., 4]``, broadcast against each other (``a[:, None]`` against ``b[None]``
     gives the N x M matrix; equal shapes give one IoU per pair); zero-area pairs give 0."""

@@ -10,8 +10,9 @@ dot stays dot-only. Nuclei that have boxes are left as they are.
 
 import numpy as np
 
+from .boxes import box_centres
 from .inference import Detector
-from .point_metrics import box_centres, match_points
+from .point_metrics import match_points
 
 
 def teacher_boxes(samples, teacher, mpp, radius_um=3.0, device='cpu', batch_size=4):

@@ -6,11 +6,11 @@ import time
 import numpy as np
 import torch
 
+from .boxes import box_centres
 from .inference import Detector
 from .labels import rescale
 from .metrics import DEFAULT_SIZE_BINS, best_f1_threshold, evaluate
 from .point_metrics import (
-    box_centres,
     centroid_metrics,
     format_centroid_report,
     match_points,

@@ -19,14 +19,8 @@ and a confusion matrix.
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from .boxes import as_boxes
+from .boxes import box_centres
 from .metrics import _f1, _ratio
-
-
-def box_centres(boxes):
-    """float64 N x 2 centres ``x, y`` of N x 4 boxes."""
-    b = as_boxes(boxes).astype(np.float64)
-    return np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], axis=1)
 
 
 def match_points(detected, truth, radius):

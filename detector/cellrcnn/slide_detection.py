@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .adapt import batchnorm_stats, load_batchnorm_stats
-from .boxes import suppress_close_centres
+from .boxes import box_centres, suppress_close_centres
 from .errors import CellRCNNError
 from .focus import NO_PATCHES, mark_blurred, patch_blur
 from .merge import StreamingNMS
@@ -340,8 +340,7 @@ def _stats(slide, tissue, tiles, rows, result, timing, mask_seconds, total, dete
         'tissue_mm2': tissue.area_mm2(result.analysis_bounds),
         'ink_or_fill_mm2': tissue.marks_mm2(result.analysis_bounds),
         'out_of_focus_mm2': tissue.blurred_mm2(result.analysis_bounds),
-        'detections_out_of_focus': tissue.blurred_count(*(result.boxes[:, [0, 1]] + result.boxes[:, [2, 3]]).T
-                                                    / (2 * slide.scale)),
+        'detections_out_of_focus': int(tissue.on_blurred(*(box_centres(result.boxes) / slide.scale).T).sum()),
         'detections': int(len(result.boxes)),
         'megapixels': megapixels,
         'seconds': {'tissue_and_grid': mask_seconds, **timing, 'total': total},

@@ -173,11 +173,11 @@ class TissueMask:
         """Area of tissue out of focus (mm^2) inside analysis-pixel bounds ``(x0, y0, x1, y1)``."""
         return 0.0 if self.blurred is None else self.area_mm2(bounds, self.blurred)
 
-    def blurred_count(self, x, y):
-        """How many of the analysis-pixel points ``(x[i], y[i])`` lie on tissue out of focus."""
-        if self.blurred is None or not len(x):
-            return 0
-        return int(self.blurred[self._rows(y), self._cols(x)].sum())
+    def on_blurred(self, x, y):
+        """Whether each analysis-pixel point ``(x[k], y[k])`` lies on tissue out of focus (:attr:`blurred`)."""
+        if self.blurred is None:
+            return np.zeros(len(x), bool)
+        return self.blurred[self._rows(y), self._cols(x)]
 
 
 def _read_only(pixels):

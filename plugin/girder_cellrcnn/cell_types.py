@@ -32,7 +32,12 @@ def valid_counts(counts):
     """Whether a run's ``stats.cell_types`` is ``{name: count}`` of at most :data:`MAX_TYPES` short printable names
     and whole counts from 0."""
     return (isinstance(counts, dict) and 0 < len(counts) <= MAX_TYPES and all(map(_valid_name, counts))
-            and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts.values()))
+            and all(map(is_count, counts.values())))
+
+
+def is_count(value):
+    """Whether ``value`` is a whole count from 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _first_named(names, wanted):

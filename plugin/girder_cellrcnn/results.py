@@ -219,13 +219,14 @@ def _summary(annotation, count, scores):
     stats = attributes.get('stats') if isinstance(attributes.get('stats'), dict) else {}
     params = attributes.get('params') if isinstance(attributes.get('params'), dict) else {}
     tissue, marks, blurred = (_area(stats.get(key)) for key in ('tissue_mm2', 'ink_or_fill_mm2', 'out_of_focus_mm2'))
+    blurred_cells = stats.get('detections_out_of_focus')
     summary = {
         'cells': count,
         'tissue_mm2': tissue,
         'cells_per_mm2': round(count / tissue, 3) if tissue else None,
         'ink_or_fill_mm2': marks,
         'out_of_focus_mm2': blurred,
-        'cells_out_of_focus': _count(stats.get('detections_out_of_focus')),
+        'cells_out_of_focus': blurred_cells if cell_types.is_count(blurred_cells) else None,
         'score': score_summary(scores),
         'model': attributes.get('model'),
         SHA_KEY: attributes.get(SHA_KEY),
@@ -243,11 +244,6 @@ def _summary(annotation, count, scores):
 def _area(value):
     """A recorded area (mm^2) rounded to 6 places, or None when it is not a number."""
     return round(float(value), 6) if _is_number(value) else None
-
-
-def _count(value):
-    """A recorded count, or None when it is not a whole number of 0 or more."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _is_number(value):
