@@ -225,7 +225,9 @@ def test_the_pixelmap_outlines_every_nucleus_in_its_types_colour(typed_run, tmp_
 
 def test_the_tables_hold_the_type_and_its_probability(typed_run):
     result, paths, _ = typed_run
-    features = json.loads(open(paths['geojson']).read())['features']
+    features = [f for f in json.loads(open(paths['geojson']).read())['features']
+                if f['properties']['objectType'] == 'detection']  # after the tissue's annotations
+    assert len(features) == len(result.boxes)
     rgb = {'lymphocyte': [0, 0, 255], 'tumour': [255, 0, 0], 'stromal': [0, 255, 0]}
     for feature, index, p in zip(features, result.cell_types, result.cell_type_scores):
         props = feature['properties']

@@ -43,7 +43,9 @@ def test_detect_on_a_slide_writes_annotations_geojson_csv_and_overview(tmp_path,
     density = json.loads((out / 'slide.density.anot.json').read_text())
     assert density['elements'][0]['type'] == 'griddata'
     geojson = json.loads((out / 'slide.geojson').read_text())
-    assert len(geojson['features']) == len(doc['elements'])
+    kinds = [f['properties']['objectType'] for f in geojson['features']]
+    tissue = json.loads((out / 'slide.tissue.anot.json').read_text())  # its pieces: locked QuPath annotations
+    assert kinds == ['annotation'] * len(tissue['elements']) + ['detection'] * len(doc['elements'])
     assert len((out / 'slide.csv').read_text().splitlines()) == len(doc['elements']) + 1
     assert cv2.imread(str(out / 'slide.overlay.png')).shape == (520, 700, 3)
     summary = json.loads((out / 'slide.summary.json').read_text())

@@ -15,7 +15,7 @@ from cellrcnn.resume import RowStore
 from cellrcnn.slide import Slide
 from cellrcnn.slide_detection import detect_slide
 from cellrcnn.tissue import find_tissue
-from cellrcnn.tissue_outline import BLURRED_LABEL, tissue_outline_annotation
+from cellrcnn.tissue_outline import BLURRED_LABEL, qupath_regions, tissue_outline_annotation
 from support import blur_right_half
 
 #: the Gaussian (um) the right half of the sample is blurred by: the model loses a third of its nuclei at 1.5 um
@@ -135,16 +135,22 @@ def test_the_tissue_annotation_and_the_overview_show_the_blurred_tissue(runs, tm
     import cv2
 
     blurred, sharp = runs
-    doc = tissue_outline_annotation(blurred.tissue, blurred.analysis_bounds, blurred.slide.scale)
+    doc = tissue_outline_annotation(blurred.tissue, blurred.analysis_bounds, blurred.slide.scale,
+                                    stats=blurred.stats)
     pieces = [e for e in doc['elements'] if e['label']['value'] == BLURRED_LABEL]
     assert pieces and min(p[0] for e in pieces for p in e['points']) >= blurred.slide.size[0] // 2 - MARGIN
     info = doc['attributes']['density']
     assert info['out_of_focus_mm2'] == round(blurred.stats['out_of_focus_mm2'], 4)
     assert info['out_of_focus_pieces'] == len(pieces)
+    count = blurred.stats['detections_out_of_focus']
+    assert count > 0 and info['cells_out_of_focus'] == count
     assert doc['description'].endswith(f"; {info['out_of_focus_mm2']:.2f} mm² of it out of focus (cyan): nuclei "
-                                       'there may be missed')
-    plain = tissue_outline_annotation(sharp.tissue, sharp.analysis_bounds, sharp.slide.scale)
+                                       f'there may be missed ({count} of the {len(blurred.boxes)} found lie there)')
+    regions = qupath_regions(blurred.tissue, blurred.analysis_bounds, blurred.slide.scale)
+    assert sum(r['properties']['classification']['name'] == 'Out of focus*' for r in regions) == len(pieces)
+    plain = tissue_outline_annotation(sharp.tissue, sharp.analysis_bounds, sharp.slide.scale, stats=sharp.stats)
     assert plain['attributes']['density']['out_of_focus_pieces'] == 0 and 'focus' not in plain['description']
+    assert plain['attributes']['density']['cells_out_of_focus'] == 0
     for result, name in ((blurred, 'blurred.png'), (sharp, 'sharp.png')):
         write_overlay(result, tmp_path / name)
     cyan = [np.all(cv2.imread(str(tmp_path / name)) == BLURRED_BGR, axis=2) for name in ('blurred.png', 'sharp.png')]

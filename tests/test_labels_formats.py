@@ -213,6 +213,14 @@ def test_qupath_outlines(tmp_path):
     (tmp_path / 'field.geojson').write_text(json.dumps({'type': 'FeatureCollection', 'features': only}))
     record = L.read_qupath(str(tmp_path / 'field.geojson'), str(tmp_path / 'field.png'))
     np.testing.assert_array_equal(record.boxes, [[10, 10, 20, 16], [40, 40, 46, 50]])
+    # beside them, annotations of classes QuPath ignores (Region*, Ignore*, ...) are regions, never nuclei, even
+    # with no detection in the file; an ignored class's dot is not a nucleus either
+    ignored = [feature('Polygon', region, 'Region*'), feature('Polygon', nucleus, 'Ignore*'),
+               feature('Point', [5, 95], 'Out of focus*')]
+    (tmp_path / 'field.geojson').write_text(json.dumps(ignored + only))
+    record = L.read_qupath(str(tmp_path / 'field.geojson'), str(tmp_path / 'field.png'))
+    np.testing.assert_array_equal(record.boxes, [[10, 10, 20, 16], [40, 40, 46, 50]])
+    assert record.classes == ('Tumor', None)
 
 
 # --------------------------------------------------------------------------- DSA annotation JSON

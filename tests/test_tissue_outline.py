@@ -1,9 +1,15 @@
-"""The tissue outline annotation: the analysed tissue and the marks left out, as polygons that give the mask back."""
+"""The tissue outline annotation: the analysed tissue and the marks left out, as polygons that give the mask back; and
+the same pieces as QuPath annotations in the GeoJSON export."""
+
+import json
 
 import cv2
 import numpy as np
 import pytest
 
+from cellrcnn.exports import write_geojson
+from cellrcnn.labels import read_qupath
+from cellrcnn.region import polygon_pixels, qupath_polygons
 from cellrcnn.tissue import TissueMask
 from cellrcnn.tissue_outline import (
     MARKS_COLOR,
@@ -11,6 +17,7 @@ from cellrcnn.tissue_outline import (
     TISSUE_COLOR,
     TISSUE_LABEL,
     TISSUE_NAME,
+    qupath_regions,
     tissue_outline_annotation,
 )
 
@@ -100,3 +107,37 @@ def test_no_tissue_is_an_empty_outline():
     doc = tissue_outline_annotation(TissueMask(np.zeros((10, 10), bool), FX, FY, MPP), (0, 0, 80, 80), 1.0)
     assert doc['elements'] == [] and doc['description'] == 'no tissue found'
     assert doc['attributes']['density']['tissue_pieces'] == 0
+
+
+def test_the_geojson_holds_the_same_pieces_as_locked_annotations_that_are_never_nuclei(tmp_path):
+    mask = ring_and_blob()
+    marks = np.zeros_like(mask)
+    marks[50:60, :] = True
+    tissue = TissueMask(mask & ~marks, FX, FY, MPP, marks)
+    bounds = (0, 0, 80 * FX, 60 * FY)
+    doc = tissue_outline_annotation(tissue, bounds, 2.0)
+    features = qupath_regions(tissue, bounds, 2.0)
+    assert len(features) == len(doc['elements']) == 3
+    for found, element in zip(features, doc['elements']):
+        outline, *holes = found['geometry']['coordinates']
+        assert outline[-1] == outline[0] and outline[:-1] == [p[:2] for p in element['points']]
+        assert [h[:-1] for h in holes] == [[p[:2] for p in h] for h in element.get('holes', [])]
+        properties = found['properties']
+        assert properties['objectType'] == 'annotation' and properties['isLocked'] is True
+        assert properties['name'] == element['label']['value']
+        assert properties['classification']['name'] == {TISSUE_LABEL: 'Region*', MARKS_LABEL: 'Ignore*'}[
+            properties['name']]
+    # written before the detections; the tissue reads back by its name as a region, its hole cut out ...
+    path = tmp_path / 'slide.geojson'
+    write_geojson(path, [[100, 100, 120, 116]], [0.9], annotations=features)
+    kinds = [f['properties']['objectType'] for f in json.loads(path.read_text())['features']]
+    assert kinds == ['annotation'] * 3 + ['detection']
+    back = polygon_pixels(qupath_polygons(str(path), TISSUE_LABEL), mask.shape, FX, FY, 2.0)
+    assert iou(back, tissue.mask) > 0.95
+    # ... and as labels it is never a nucleus, beside detections or without any
+    cv2.imwrite(str(tmp_path / 'slide.png'), np.zeros((960, 1280, 3), np.uint8))
+    np.testing.assert_array_equal(read_qupath(str(path), str(tmp_path / 'slide.png'), mpp=0.25).boxes,
+                                  [[100, 100, 120, 116]])
+    write_geojson(path, np.zeros((0, 4)), [], annotations=features)
+    assert json.loads(path.read_text())['features'] == features
+    assert len(read_qupath(str(path), str(tmp_path / 'slide.png'), mpp=0.25)) == 0

@@ -2,7 +2,8 @@
 the run's summary.
 
 * :func:`write_geojson` -- a GeoJSON FeatureCollection that QuPath (v0.4 and later)
-  imports as detection objects (File > Import objects from file, or drag and drop).
+  imports as detection objects (File > Import objects from file, or drag and drop), after the run's tissue as
+  annotations.
 * :func:`write_csv` -- one row per nucleus.
 * :func:`write_overlay` -- an overview PNG of the analysed region with every detection drawn (in its cell type's
   colour for a model with cell types).
@@ -67,7 +68,7 @@ def _measurement_columns(properties, n, reserved):
 
 
 def write_geojson(path, boxes, scores, classes=None, properties=None, class_names=None,
-                  class_colors=None, score_name=SCORE_MEASUREMENT, decimals=2):
+                  class_colors=None, score_name=SCORE_MEASUREMENT, decimals=2, annotations=()):
     """Write detections as a GeoJSON FeatureCollection that QuPath imports as detections.
 
     Each box becomes a Feature with a closed rectangular ``Polygon`` in base-level
@@ -85,6 +86,8 @@ def write_geojson(path, boxes, scores, classes=None, properties=None, class_name
     :param class_colors: optional dict ``class name -> colour`` (``[r, g, b]``, ``'#rrggbb'``, any form of
         :mod:`.colors`); other classes get colours from a fixed palette in order of appearance (``Nucleus`` is
         green).
+    :param annotations: GeoJSON features written before the detections, as they are (the run's tissue and the
+        areas it left out or found out of focus: ``tissue_outline.qupath_regions``).
     :returns: the path written.
     """
     b, s = as_detections(boxes, scores)
@@ -123,6 +126,9 @@ def write_geojson(path, boxes, scores, classes=None, properties=None, class_name
     props = ']]},"properties":{"objectType":"detection","classification":'
     with atomic_write(path, 'GeoJSON file') as f:
         f.write('{"type":"FeatureCollection","features":[')
+        f.write(',\n'.join(json.dumps(feature, separators=(',', ':')) for feature in annotations))
+        if annotations and n:
+            f.write(',\n')
         for start in range(0, n, _CHUNK):
             stop = min(n, start + _CHUNK)
             # Each number is formatted once (float repr dominates the cost).

@@ -120,7 +120,7 @@ def write_results(result: 'SlideDetections', paths: dict[str, str | None], eleme
     from .nuclei_map import nuclei_map_annotation, shown_on_open
     from .nuclei_pixelmap import pixelmap_annotation, write_label_image
     from .progress import Progress
-    from .tissue_outline import tissue_outline_annotation
+    from .tissue_outline import qupath_regions, tissue_outline_annotation
 
     slide = result.slide
     base_mpp = slide.mpp / slide.scale
@@ -156,14 +156,15 @@ def write_results(result: 'SlideDetections', paths: dict[str, str | None], eleme
             {**hidden, **named(doc)} for doc in class_density_annotations(
                 result.boxes, result.cell_types, result.cell_type_names, slide.base_size, base_mpp,
                 attributes=attributes)] if typed else [], path)),
-        'geojson': ('GeoJSON', lambda path: write_geojson(path, result.boxes, result.scores,
-                                                          **typed.get('geojson', {}))),
+        'geojson': ('GeoJSON', lambda path: write_geojson(
+            path, result.boxes, result.scores, annotations=qupath_regions(
+                result.tissue, result.analysis_bounds, slide.scale), **typed.get('geojson', {}))),
         'csv': ('CSV', lambda path: write_csv(path, result.boxes, result.scores, mpp=base_mpp,
                                               **typed.get('csv', {}))),
         'overlay': ('overview picture', lambda path: write_overlay(result, path)),
         'pixelmap': ('nuclei pixelmap and its label image', pixelmap),
         'tissue': ('tissue outline', lambda path: write_annotation(named(tissue_outline_annotation(
-            result.tissue, result.analysis_bounds, slide.scale, attributes=attributes)), path)),
+            result.tissue, result.analysis_bounds, slide.scale, attributes=attributes, stats=result.stats)), path)),
     }
     todo = [key for key in writers if paths.get(key)]
     progress = progress or Progress(mode='none')

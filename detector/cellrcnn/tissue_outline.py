@@ -12,6 +12,10 @@ to the analysed region.
 
 The document's attributes carry ``density`` (``kind`` 'tissue outline'), as the nuclei map's do: the Girder plugin
 never takes it for a nuclei result, and replaces it with the run that made it.
+
+The same pieces go into the QuPath GeoJSON (:func:`qupath_regions`) as locked annotations of classes QuPath ignores
+(names ending in ``*``: ``Region*`` for the tissue, ``Ignore*`` for the marks, ``Out of focus*``), so that QuPath
+counts the nuclei inside each and no reader takes them for nuclei.
 """
 
 import numpy as np
@@ -27,6 +31,12 @@ BLURRED_FILL = 'rgba(0,200,255,0.25)'
 TISSUE_LABEL = 'tissue analysed'
 MARKS_LABEL = 'pen ink or black fill, left out'
 BLURRED_LABEL = 'tissue out of focus'
+#: each layer: the ``TissueMask`` attribute it outlines, its label, its style in the DSA document and its class in
+#: QuPath (an ignored class: the name ends in ``*``; ``Region*`` and ``Ignore*`` are QuPath's own)
+LAYERS = (('mask', TISSUE_LABEL, {'lineColor': TISSUE_COLOR, 'lineWidth': 2}, 'Region*'),
+          ('marks', MARKS_LABEL, {'lineColor': MARKS_COLOR, 'lineWidth': 2, 'fillColor': MARKS_FILL}, 'Ignore*'),
+          ('blurred', BLURRED_LABEL, {'lineColor': BLURRED_COLOR, 'lineWidth': 2, 'fillColor': BLURRED_FILL},
+           'Out of focus*'))
 #: how far (mask pixels) a simplified outline may stray from the mask's edge
 TOLERANCE = 0.75
 
@@ -79,7 +89,8 @@ def pieces(tissue: TissueMask, pixels, bounds):
     return [(analysis(outline), [analysis(hole) for hole in holes]) for outline, holes in outlines(pixels, window)]
 
 
-def tissue_outline_annotation(tissue: TissueMask, bounds, scale, attributes=None, visible=False, decimals=1):
+def tissue_outline_annotation(tissue: TissueMask, bounds, scale, attributes=None, visible=False, stats=None,
+                              decimals=1):
     """The tissue and marks of ``tissue`` inside the analysed region as a DSA annotation document.
 
     :param bounds: the analysed region ``(x0, y0, x1, y1)`` in analysis pixels
@@ -88,17 +99,16 @@ def tissue_outline_annotation(tissue: TissueMask, bounds, scale, attributes=None
     :param attributes: the run's attributes (model, marker, params, ...); ``density`` is added with the areas (mm^2)
         of the tissue, the marks and the tissue out of focus, and how many pieces of each.
     :param visible: whether HistomicsUI shows it when the slide is opened.
+    :param stats: the run's figures (``SlideDetections.stats``): with ``detections_out_of_focus``, how many of the
+        nuclei found lie on the tissue out of focus (``cells_out_of_focus``, and in the description).
     """
-    layers = [(tissue.mask, TISSUE_LABEL, {'lineColor': TISSUE_COLOR, 'lineWidth': 2}),
-              (tissue.marks, MARKS_LABEL, {'lineColor': MARKS_COLOR, 'lineWidth': 2, 'fillColor': MARKS_FILL}),
-              (tissue.blurred, BLURRED_LABEL, {'lineColor': BLURRED_COLOR, 'lineWidth': 2, 'fillColor': BLURRED_FILL})]
     elements, counts = [], {}
 
     def base(ring):
         return [[float(px), float(py), 0] for px, py in np.round(ring * scale, decimals)]
 
-    for pixels, label, style in layers:
-        found = pieces(tissue, pixels, bounds)
+    for name, label, style, _ in LAYERS:
+        found = pieces(tissue, getattr(tissue, name), bounds)
         counts[label] = len(found)
         for outline, holes in found:
             element = {'type': 'polyline', 'closed': True, 'points': base(outline), **style,
@@ -113,11 +123,38 @@ def tissue_outline_annotation(tissue: TissueMask, bounds, scale, attributes=None
                    if counts[TISSUE_LABEL] else 'no tissue found')
     if counts[MARKS_LABEL]:
         description += f'; {marks_mm2:.2f} mm² of pen ink or black fill left out (magenta)'
-    if counts[BLURRED_LABEL]:
-        description += f'; {blurred_mm2:.2f} mm² of it out of focus (cyan): nuclei there may be missed'
     info = {'kind': 'tissue outline', 'tissue_mm2': round(tissue_mm2, 4), 'ink_or_fill_mm2': round(marks_mm2, 4),
             'out_of_focus_mm2': round(blurred_mm2, 4), 'tissue_pieces': counts[TISSUE_LABEL],
             'mark_pieces': counts[MARKS_LABEL], 'out_of_focus_pieces': counts[BLURRED_LABEL]}
+    blurred_nuclei = (stats or {}).get('detections_out_of_focus')
+    if blurred_nuclei is not None:
+        info['cells_out_of_focus'] = int(blurred_nuclei)
+    if counts[BLURRED_LABEL]:
+        description += f'; {blurred_mm2:.2f} mm² of it out of focus (cyan): nuclei there may be missed'
+        if blurred_nuclei is not None:
+            description += f' ({blurred_nuclei} of the {stats["detections"]} found lie there)'
     return {'name': TISSUE_NAME, 'description': description,
             'attributes': {**(attributes or {}), 'density': info}, 'display': {'visible': bool(visible)},
             'elements': elements}
+
+
+def qupath_regions(tissue: TissueMask, bounds, scale, decimals=1):
+    """The pieces of the tissue, the marks and the tissue out of focus inside the analysed region ``bounds``
+    (analysis pixels) as QuPath GeoJSON features in base pixels (``scale`` base pixels per analysis pixel): each a
+    locked annotation, a ``Polygon`` with its holes, named by its layer's label and classified by its layer's ignored
+    class (:data:`LAYERS`) in the layer's colour."""
+    from .colors import rgb_tuple
+
+    def ring(points):
+        coords = np.round(points * scale, decimals).tolist()
+        return coords + coords[:1]  # GeoJSON rings are closed
+
+    features = []
+    for name, label, style, cls in LAYERS:
+        classification = {'name': cls, 'color': list(rgb_tuple(style['lineColor']))}
+        for outline, holes in pieces(tissue, getattr(tissue, name), bounds):
+            features.append({'type': 'Feature',
+                             'geometry': {'type': 'Polygon', 'coordinates': [ring(outline), *map(ring, holes)]},
+                             'properties': {'objectType': 'annotation', 'name': label, 'isLocked': True,
+                                            'classification': classification}})
+    return features

@@ -126,9 +126,11 @@ def read_qupath(path, image, mpp=None):
     Point and MultiPoint geometries are dots, whatever their object type. Polygon and MultiPolygon geometries are
     outlines when they are detections or cells (a cell's nucleus: its ``nucleusGeometry`` when it has one); an
     annotation's polygon is read as a nucleus only when the file holds no detection or cell (then the annotations are
-    hand-drawn nuclei; beside detections they are the regions detected in). Other geometries are skipped. A nucleus'
-    class is ``properties.classification.name`` (or ``properties.classification`` when it is a string, as older
-    exports write it); None without one. Coordinates: pixels of the image at full resolution.
+    hand-drawn nuclei; beside detections they are the regions detected in). Other geometries are skipped, and so is
+    every feature of a class QuPath ignores (its name ends in ``*``: ``Region*``, ``Ignore*``, the tissue and the
+    areas out of focus of a cellrcnn export). A nucleus' class is ``properties.classification.name`` (or
+    ``properties.classification`` when it is a string, as older exports write it); None without one. Coordinates:
+    pixels of the image at full resolution.
 
     :param mpp: um/px of the image (the format has none): a number, ``'auto'`` (estimated from the outlines), or None.
     """
@@ -137,13 +139,16 @@ def read_qupath(path, image, mpp=None):
 
     features = qupath_features(read_json_file(path, 'label file'), path)
     properties = [f['properties'] if isinstance(f.get('properties'), dict) else {} for f in features]
-    kinds = [p.get('objectType') or _QUPATH_LEGACY_TYPES.get(f.get('id'), 'annotation')
-             for f, p in zip(features, properties)]
+    classes = [qupath_class(p) for p in properties]
+    kinds = [None if (cls or '').endswith('*')  # a class QuPath ignores: a region, not a nucleus
+             else p.get('objectType') or _QUPATH_LEGACY_TYPES.get(f.get('id'), 'annotation')
+             for f, p, cls in zip(features, properties, classes)]
     outlines = ('detection', 'cell') if {'detection', 'cell'} & set(kinds) else ('annotation',)
     nuclei = Nuclei()
-    for i, (feature, kind) in enumerate(zip(features, kinds)):
+    for i, (feature, kind, cls) in enumerate(zip(features, kinds, classes)):
+        if kind is None:
+            continue
         geometry = (kind == 'cell' and feature.get('nucleusGeometry')) or feature.get('geometry')
-        cls = qupath_class(properties[i])
         gtype = geometry.get('type') if isinstance(geometry, dict) else None
         if gtype not in ('Point', 'MultiPoint') and not (gtype in ('Polygon', 'MultiPolygon') and kind in outlines):
             continue
