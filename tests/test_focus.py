@@ -78,7 +78,23 @@ def test_glass_and_other_scales_are_not_judged():
     tissue = sample_20x(868, 1892, 300)  # 2 x 2 patches: the last 44 px join the patch before them
     assert patch_blur(tissue, 0, 0, mpp)[:, :4].tolist() == [[0, 0, 128, 128], [128, 0, 300, 128],
                                                             [0, 128, 128, 300], [128, 128, 300, 300]]
-    assert len(patch_blur(tissue, 0, 0, 0.25)) == len(patch_blur(tissue, 0, 0, 1.0)) == 0  # 40x, 10x: no limit
+    assert len(patch_blur(tissue, 0, 0, 1.0)) == len(patch_blur(tissue, 0, 0, 0.19)) == 0  # 10x, 53x: no limit
+
+
+def test_finer_scales_are_judged_on_tiles_reduced_to_20x():
+    import cv2
+
+    mpp = Slide(SAMPLE_SLIDE).mpp
+    sharp = sample_20x(768, 1792, 1024)
+    blurred = cv2.GaussianBlur(sharp, (0, 0), SIGMA_UM / mpp)
+    for image in (sharp, blurred):
+        at_20x = patch_blur(image, 100, 200, mpp)
+        # the same tissue at 40x (here enlarged from 20x): the same patches, in 40x pixels (reduced to 0.5 um/px,
+        # not 0.499: 1022 px, not 1024), and the same blur
+        at_40x = patch_blur(cv2.resize(image, (2048, 2048), interpolation=cv2.INTER_CUBIC), 200, 400, mpp / 2)
+        np.testing.assert_allclose(at_40x[:, :4], 2 * at_20x[:, :4], rtol=0.005)
+        np.testing.assert_allclose(at_40x[:, 4], at_20x[:, 4], rtol=0, atol=0.03)
+    assert (at_40x[:, 4] > BLUR_LIMIT).all()
 
 
 def test_the_sharpest_view_of_the_tissue_decides():
@@ -155,6 +171,20 @@ def test_the_tissue_annotation_and_the_overview_show_the_blurred_tissue(runs, tm
         write_overlay(result, tmp_path / name)
     cyan = [np.all(cv2.imread(str(tmp_path / name)) == BLURRED_BGR, axis=2) for name in ('blurred.png', 'sharp.png')]
     assert cyan[0].sum() > 1000 and not cyan[0][:, :cyan[0].shape[1] // 2 - 120].any() and not cyan[1].any()
+
+
+def test_a_run_at_40x_finds_the_blurred_half_and_nothing_of_the_sharp_copy(half_blurred, spec):
+    roi = (610, 800, 1000, 1000)  # base pixels: dermis across the middle, half sharp, half blurred
+    blurred, sharp = (detect_slide(Slide(path, magnification=40, allow_upsample=True), spec.build(), roi=roi, **KW)
+                      for path in half_blurred)
+    assert blurred.slide.mpp < 0.3 and blurred.slide.scale == 0.5
+    x0, y0, x1, y1 = blurred.analysis_bounds
+    middle = blurred.slide.size[0] // 2
+    left, right = (x0, y0, middle - 2 * MARGIN, y1), (middle, y0, x1, y1)  # 40x: twice the margin
+    assert blurred.tissue.blurred_mm2(left) == 0
+    assert 0.85 * blurred.tissue.area_mm2(right) < blurred.tissue.blurred_mm2(right)
+    assert blurred.stats['detections_out_of_focus'] > 0
+    assert sharp.stats['out_of_focus_mm2'] == 0 and sharp.tissue.blurred is None
 
 
 def test_a_resumed_run_and_a_dask_run_find_the_same_blurred_tissue(runs, half_blurred, spec, tmp_path):

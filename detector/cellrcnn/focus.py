@@ -12,7 +12,8 @@ further blur takes away; 0 sharp, 1 blurred) of each patch's grey levels, comput
 pass (a fifth of the time of ``blur_effect`` run patch by patch). It is normalised by the patch's own edges, so pale
 and dark staining read alike. Its limit was set on real tissue at 20x, the sample slide and BRCA-M2C's 90
 breast fields, each also blurred on purpose (``benchmarks/focus_blur.py``; docs/real-tissue.md, "Out of focus"), so
-blur is judged only at analysis scales near 0.5 um/px (:data:`MPP_RANGE`); elsewhere nothing is judged.
+blur is judged at analysis scales near 0.5 um/px (:data:`MPP_RANGE`), and at finer ones (40x) on each tile reduced to
+0.5 um/px first, as a 20x scan of the same tissue would be (:data:`FINEST_MPP`); at coarser ones nothing is judged.
 
 Units: patches are ``(x0, y0, x1, y1, blur)`` rows in analysis pixels (float32).
 """
@@ -27,6 +28,10 @@ PATCH_UM = 64.0
 BLUR_LIMIT = 0.5
 #: the analysis scales (um/px) at which the limit holds: 20x, give or take 10 %
 MPP_RANGE = (0.45, 0.55)
+#: finer analysis scales, down to this one (um/px: 50x), are judged on each tile reduced to :data:`JUDGED_MPP` by
+#: area averaging: the blur a 20x view of the tissue shows, in the same um, against the same limit
+FINEST_MPP = 0.2
+JUDGED_MPP = 0.5
 #: a patch is judged only where at least this share of its pixels is darker than glass (grey below GLASS_GREY): the
 #: edges of a few cells on glass say little of the focus (at a quarter, in-focus patches stay as far below the limit
 #: as at a half, and more of a section's edge is judged)
@@ -41,14 +46,16 @@ NO_PATCHES = np.zeros((0, 5), np.float32)
 
 
 def judges(mpp):
-    """Whether blur is judged at ``mpp`` um per analysis pixel (:data:`MPP_RANGE`)."""
-    return MPP_RANGE[0] <= mpp <= MPP_RANGE[1]
+    """Whether blur is judged at ``mpp`` um per analysis pixel: at 20x (:data:`MPP_RANGE`) and finer scales down to
+    :data:`FINEST_MPP`."""
+    return FINEST_MPP <= mpp <= MPP_RANGE[1]
 
 
 def patch_blur(image, x, y, mpp):
     """The blur of each patch of a tile: ``image`` (RGB uint8 at the analysis scale, ``mpp`` um a pixel) whose top
     left is analysis pixel ``(x, y)``, cut in squares of :data:`PATCH_UM` from its top left (the last row and column
-    of patches reach to its edge when at least half a patch is left, else they join the patches before them).
+    of patches reach to its edge when at least half a patch is left, else they join the patches before them). A tile
+    finer than 20x is reduced to :data:`JUDGED_MPP` first, and its patches cut there.
     :returns: float32 rows ``(x0, y0, x1, y1, blur)`` in analysis pixels, one per patch with enough stain
     (:data:`MIN_STAINED`); none where blur is not judged at ``mpp`` (:func:`judges`)."""
     import cv2
@@ -56,7 +63,12 @@ def patch_blur(image, x, y, mpp):
     if not judges(mpp):
         return NO_PATCHES
     grey = cv2.cvtColor(np.ascontiguousarray(image[..., :3]), cv2.COLOR_RGB2GRAY)
-    side = int(round(PATCH_UM / mpp))
+    height, width = grey.shape
+    if mpp < MPP_RANGE[0]:
+        reduced = (max(1, round(width * mpp / JUDGED_MPP)), max(1, round(height * mpp / JUDGED_MPP)))
+        grey = cv2.resize(grey, reduced, interpolation=cv2.INTER_AREA)
+    fx, fy = width / grey.shape[1], height / grey.shape[0]  # analysis pixels per pixel judged
+    side = int(round(PATCH_UM / (mpp * fx)))
     spans_y, spans_x = _spans(grey.shape[0], side), _spans(grey.shape[1], side)
     stained = _sums((grey < GLASS_GREY).view(np.uint8), spans_y, spans_x)
     areas = np.outer(np.diff(spans_y).ravel(), np.diff(spans_x).ravel())
@@ -64,7 +76,7 @@ def patch_blur(image, x, y, mpp):
     if not judged.any():
         return NO_PATCHES
     blur = _blur_effect(grey.astype(np.float32) / 255, spans_y, spans_x)
-    return np.array([[x + left, y + top, x + right, y + bottom, blur[j, i]]
+    return np.array([[x + left * fx, y + top * fy, x + right * fx, y + bottom * fy, blur[j, i]]
                      for j, (top, bottom) in enumerate(spans_y) for i, (left, right) in enumerate(spans_x)
                      if judged[j, i]], np.float32)
 
