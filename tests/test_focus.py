@@ -160,8 +160,10 @@ def test_the_tissue_annotation_and_the_overview_show_the_blurred_tissue(runs, tm
     assert info['out_of_focus_pieces'] == len(pieces)
     count = blurred.stats['detections_out_of_focus']
     assert count > 0 and info['cells_out_of_focus'] == count
-    assert doc['description'].endswith(f"; {info['out_of_focus_mm2']:.2f} mm² of it out of focus (cyan): nuclei "
-                                       f'there may be missed ({count} of the {len(blurred.boxes)} found lie there)')
+    typed = ' or mistyped' if blurred.cell_type_names else ''
+    assert doc['description'].endswith(
+        f"; {info['out_of_focus_mm2']:.2f} mm² of it out of focus (cyan): nuclei there may be missed{typed}; {count} "
+        f'of the {len(blurred.boxes)} found ({100 * count / len(blurred.boxes):.0f} %) lie there')
     regions = qupath_regions(blurred.tissue, blurred.analysis_bounds, blurred.slide.scale)
     assert sum(r['properties']['classification']['name'] == 'Out of focus*' for r in regions) == len(pieces)
     plain = tissue_outline_annotation(sharp.tissue, sharp.analysis_bounds, sharp.slide.scale, stats=sharp.stats)

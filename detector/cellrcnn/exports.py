@@ -29,7 +29,7 @@ from .errors import CellRCNNError
 from .files import atomic_write
 from .focus import OUT_OF_FOCUS_NOTE
 from .region import cut_free_edges
-from .tissue_outline import BLURRED_COLOR, MARKS_COLOR, pieces
+from .tissue_outline import BLURRED_COLOR, MARKS_COLOR, blurred_nuclei, pieces
 
 QUPATH_CLASS = 'Nucleus'
 SCORE_MEASUREMENT = 'score'
@@ -252,15 +252,6 @@ def write_overlay(result, path, max_side=2048):
         f.write(png.tobytes())
 
 
-def _blurred_nuclei(stats):
-    """What the nuclei on tissue out of focus may be, and how many of the run's they are, for the summary line."""
-    count, total = stats.get('detections_out_of_focus'), stats['detections']
-    words = ' or mistyped' if 'cell_types' in stats else ''
-    if count is not None and total:
-        words += f'; {count} of the {total} found ({100 * count / total:.0f} %) lie there'
-    return words
-
-
 def write_summary(path, stats):
     """The run's figures (``SlideDetections.stats``) as JSON."""
     with atomic_write(path, 'summary') as f:
@@ -293,5 +284,5 @@ def detection_summary_lines(result):
     if blurred >= OUT_OF_FOCUS_NOTE * st['tissue_mm2'] > 0:
         lines.append(f'{blurred:.2f} mm2 of the tissue ({100 * blurred / st["tissue_mm2"]:.0f} %) looks out of focus '
                      '(cyan in the overview and the tissue annotation): nuclei there may be missed'
-                     + _blurred_nuclei(st))
+                     + blurred_nuclei(st))
     return lines

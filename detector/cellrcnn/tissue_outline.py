@@ -89,6 +89,16 @@ def pieces(tissue: TissueMask, pixels, bounds):
     return [(analysis(outline), [analysis(hole) for hole in holes]) for outline, holes in outlines(pixels, window)]
 
 
+def blurred_nuclei(stats):
+    """What the nuclei on tissue out of focus may be, besides missed, and how many of the run's they are (its
+    ``stats``), as words that follow "nuclei there may be missed" in the run's summary line and the annotation."""
+    count, total = stats.get('detections_out_of_focus'), stats.get('detections')
+    words = ' or mistyped' if 'cell_types' in stats else ''
+    if count is not None and total:
+        words += f'; {count} of the {total} found ({100 * count / total:.0f} %) lie there'
+    return words
+
+
 def tissue_outline_annotation(tissue: TissueMask, bounds, scale, attributes=None, visible=False, stats=None,
                               decimals=1):
     """The tissue and marks of ``tissue`` inside the analysed region as a DSA annotation document.
@@ -99,8 +109,8 @@ def tissue_outline_annotation(tissue: TissueMask, bounds, scale, attributes=None
     :param attributes: the run's attributes (model, marker, params, ...); ``density`` is added with the areas (mm^2)
         of the tissue, the marks and the tissue out of focus, and how many pieces of each.
     :param visible: whether HistomicsUI shows it when the slide is opened.
-    :param stats: the run's figures (``SlideDetections.stats``): with ``detections_out_of_focus``, how many of the
-        nuclei found lie on the tissue out of focus (``cells_out_of_focus``, and in the description).
+    :param stats: the run's figures (``SlideDetections.stats``): how many of the nuclei found lie on the tissue out
+        of focus (``cells_out_of_focus``), and the description says so as the run's summary line does.
     """
     elements, counts = [], {}
 
@@ -126,13 +136,12 @@ def tissue_outline_annotation(tissue: TissueMask, bounds, scale, attributes=None
     info = {'kind': 'tissue outline', 'tissue_mm2': round(tissue_mm2, 4), 'ink_or_fill_mm2': round(marks_mm2, 4),
             'out_of_focus_mm2': round(blurred_mm2, 4), 'tissue_pieces': counts[TISSUE_LABEL],
             'mark_pieces': counts[MARKS_LABEL], 'out_of_focus_pieces': counts[BLURRED_LABEL]}
-    blurred_nuclei = (stats or {}).get('detections_out_of_focus')
-    if blurred_nuclei is not None:
-        info['cells_out_of_focus'] = int(blurred_nuclei)
+    stats = stats or {}
+    if stats.get('detections_out_of_focus') is not None:
+        info['cells_out_of_focus'] = int(stats['detections_out_of_focus'])
     if counts[BLURRED_LABEL]:
-        description += f'; {blurred_mm2:.2f} mm² of it out of focus (cyan): nuclei there may be missed'
-        if blurred_nuclei is not None:
-            description += f' ({blurred_nuclei} of the {stats["detections"]} found lie there)'
+        description += (f'; {blurred_mm2:.2f} mm² of it out of focus (cyan): nuclei there may be missed'
+                        + blurred_nuclei(stats))
     return {'name': TISSUE_NAME, 'description': description,
             'attributes': {**(attributes or {}), 'density': info}, 'display': {'visible': bool(visible)},
             'elements': elements}
