@@ -27,8 +27,8 @@ XML = os.path.join(os.path.dirname(__file__), '..', 'cli', 'CellDetection', 'Cel
 DEFAULT_MODEL = os.path.basename(BUNDLED_MODEL)
 FAST = {'retries': 2, 'backoff': 0.01}
 COLUMNS = ['name', 'path', 'item_id', 'cells', 'tissue_mm2', 'cells_per_mm2', 'ink_or_fill_mm2', 'out_of_focus_mm2',
-           'cells_out_of_focus', 'score_mean', 'score_median', 'model', 'cellrcnn_version', 'roi', 'region_annotation',
-           'annotation_id', 'date']
+           'cells_out_of_focus', 'out_of_focus_left_out', 'score_mean', 'score_median', 'model', 'cellrcnn_version',
+           'roi', 'region_annotation', 'annotation_id', 'date']
 READ, WRITE = 0, 1
 
 
@@ -59,7 +59,7 @@ def nuclei(n, model, seed=0, roi=None, sha=None):
     xy = rng.uniform(0, 400, (n, 2))
     attributes = {'model': model, 'cellrcnn': __version__, 'params': {'roi': roi, 'tile_size': 1024},
                   'stats': {'detections': n, 'tissue_mm2': 0.04, 'ink_or_fill_mm2': 0.01, 'out_of_focus_mm2': 0.02,
-                            'detections_out_of_focus': n // 3}}
+                            'detections_out_of_focus': n // 3, 'out_of_focus_left_out': True}}
     if sha:
         attributes['model_sha256'] = sha
     return detections_to_annotation(np.hstack([xy, xy + 8]), rng.uniform(0.5, 1, n), attributes=attributes)
@@ -77,6 +77,7 @@ def expected_summary(doc):
             'ink_or_fill_mm2': doc['attributes']['stats'].get('ink_or_fill_mm2'),
             'out_of_focus_mm2': doc['attributes']['stats'].get('out_of_focus_mm2'),
             'cells_out_of_focus': doc['attributes']['stats'].get('detections_out_of_focus'),
+            'out_of_focus_left_out': doc['attributes']['stats'].get('out_of_focus_left_out'),
             'mean': scores.mean(), **{f'p{q}': np.percentile(scores, q) for q in (5, 25, 50, 75, 95)},
             'histogram': np.bincount(np.clip((scores * 10).astype(int), 0, 9), minlength=10).tolist()}
 

@@ -251,18 +251,20 @@ def test_the_table_without_cell_types_has_the_plain_columns_alone(tmp_path):
 
     row = {**dict.fromkeys(COLUMNS, ''), 'slide': 'a.tiff', 'status': 'done', 'cells': 12, 'tissue_mm2': 0.5,
            'cells_per_mm2': 24.0, 'ink_or_fill_mm2': 0.0, 'out_of_focus_mm2': 0.004, 'cells_out_of_focus': 1,
-           'model': 'm.pt', 'output': 'slides/a'}
+           'out_of_focus_left_out': False, 'model': 'm.pt', 'output': 'slides/a'}
     write_table([row, None], tmp_path / 'cohort.csv')
     assert (tmp_path / 'cohort.csv').read_bytes() == (
         b'slide,status,note,cells,tissue_mm2,cells_per_mm2,ink_or_fill_mm2,out_of_focus_mm2,cells_out_of_focus,'
-        b'mean_score,magnification,seconds,model,girder_item_id,output\r\n'
-        b'a.tiff,done,,12,0.5,24.0,0.0,0.004,1,,,,m.pt,,slides/a\r\n')
+        b'out_of_focus_left_out,mean_score,magnification,seconds,model,girder_item_id,output\r\n'
+        b'a.tiff,done,,12,0.5,24.0,0.0,0.004,1,False,,,,m.pt,,slides/a\r\n')
     assert summary_line([row]) == '1 slides: 1 done, 0 skipped (done by an earlier run), 0 failed; 12 nuclei in all'
     inked = {**row, 'slide': 'b.tiff', 'ink_or_fill_mm2': 0.15}
     blurred = {**row, 'slide': 'c.tiff', 'out_of_focus_mm2': 0.005}  # 1 % of its tissue: worth a word
     old = {key: value for key, value in row.items()  # a row made before the columns
-           if key not in ('ink_or_fill_mm2', 'out_of_focus_mm2', 'cells_out_of_focus')}
-    assert [out_of_focus(r) for r in (row, inked, blurred, old)] == [False, False, True, False]
+           if key not in ('ink_or_fill_mm2', 'out_of_focus_mm2', 'cells_out_of_focus', 'out_of_focus_left_out')}
+    # a run that left it out: 1 % of the tissue in focus and out of it together
+    left_out = [{**blurred, 'out_of_focus_left_out': True, 'tissue_mm2': t} for t in (0.5, 0.4)]
+    assert [out_of_focus(r) for r in (row, inked, blurred, old, *left_out)] == [False, False, True, False, False, True]
     assert summary_line([row, inked, blurred, old]) == (
         '4 slides: 4 done, 0 skipped (done by an earlier run), 0 failed; 48 nuclei in all; 1 with pen ink or black '
         'fill left out (ink_or_fill_mm2); 1 with tissue out of focus (out_of_focus_mm2)')

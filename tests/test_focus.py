@@ -3,6 +3,7 @@ carried through the detection loop (local, resumed and on Dask), the tissue outl
 run's summary."""
 
 import dataclasses
+import types
 
 import numpy as np
 import pytest
@@ -187,6 +188,40 @@ def test_a_run_at_40x_finds_the_blurred_half_and_nothing_of_the_sharp_copy(half_
     assert 0.85 * blurred.tissue.area_mm2(right) < blurred.tissue.blurred_mm2(right)
     assert blurred.stats['detections_out_of_focus'] > 0
     assert sharp.stats['out_of_focus_mm2'] == 0 and sharp.tissue.blurred is None
+
+
+def test_leaving_the_tissue_out_of_focus_out_drops_its_nuclei_and_its_area(runs, half_blurred, spec):
+    from cellrcnn.boxes import box_centres
+    from cellrcnn.cohort import _row, out_of_focus
+
+    blurred, _ = runs
+    left = detect_slide(Slide(half_blurred[0]), spec.build(), leave_out_of_focus=True, **KW)
+    on = blurred.tissue.on_blurred(*(box_centres(blurred.boxes) / blurred.slide.scale).T)
+    np.testing.assert_array_equal(left.boxes, blurred.boxes[~on])  # the same run, less the nuclei out of focus
+    np.testing.assert_array_equal(left.scores, blurred.scores[~on])
+    if blurred.cell_types is not None:
+        np.testing.assert_array_equal(left.cell_types, blurred.cell_types[~on])
+    st, before = left.stats, blurred.stats
+    assert st['out_of_focus_left_out'] is True and before['out_of_focus_left_out'] is False
+    assert st['detections_out_of_focus'] == before['detections_out_of_focus'] == on.sum() > 0
+    assert st['detections'] == len(left.boxes) == len(blurred.boxes) - on.sum()
+    assert st['out_of_focus_mm2'] == before['out_of_focus_mm2']
+    assert st['tissue_mm2'] == pytest.approx(before['tissue_mm2'] - before['out_of_focus_mm2'], abs=1e-9)
+    share = 100 * st['out_of_focus_mm2'] / before['tissue_mm2']
+    assert detection_summary_lines(left)[-1] == (
+        f"{st['out_of_focus_mm2']:.2f} mm2 of the tissue ({share:.0f} %) looks out of focus (cyan in the overview and "
+        f"the tissue annotation) and is left out, with the {on.sum()} nuclei found there: the counts and densities "
+        f"are of the {st['tissue_mm2']:.2f} mm2 in focus")
+    # the tissue annotation outlines the tissue in focus in orange, and the rest in cyan, left out
+    doc = tissue_outline_annotation(left.tissue, left.analysis_bounds, left.slide.scale, stats=st)
+    info = doc['attributes']['density']
+    assert info['tissue_mm2'] == round(st['tissue_mm2'], 4) and info['out_of_focus_left_out'] is True
+    assert doc['description'].endswith(f"; {info['out_of_focus_mm2']:.2f} mm² more out of focus (cyan) and left out, "
+                                       f"with the {on.sum()} nuclei found there")
+    assert not (left.tissue.mask & left.tissue.blurred).any()
+    # the cohort's row says so, and still finds it worth a word
+    row = _row(types.SimpleNamespace(name='s', item_id=None, output='o'), left, 'm.pt', 1.0)
+    assert row['out_of_focus_left_out'] is True and row['cells_out_of_focus'] == on.sum() and out_of_focus(row)
 
 
 def test_a_resumed_run_and_a_dask_run_find_the_same_blurred_tissue(runs, half_blurred, spec, tmp_path):

@@ -37,7 +37,7 @@ def test_list_cli_and_xml():
             'analysis_mag', 'analysis_tile_size', 'tile_overlap', 'min_tissue_frac', 'threshold', 'nms_iou',
             'anchor_upsample', 'adapt_tiles', 'views', 'element_type', 'model_file', 'device', 'batch_size',
             'scheduler', 'girderApiUrl', 'girderToken', 'outputNucleiPixelmapAnnotationFile',
-            'outputNucleiLabelImage', 'outputTissueAnnotationFile', 'keep_blue_green'} <= names
+            'outputNucleiLabelImage', 'outputTissueAnnotationFile', 'keep_blue_green', 'leave_out_of_focus'} <= names
     adapt = next(e for e in root.iter('integer') if e.findtext('name') == 'adapt_tiles')
     assert adapt.findtext('label') == "Adapt to this slide's staining"
     assert int(adapt.findtext('default')) == DetectionSettings.adapt_tiles == 0  # off by default, as in cellrcnn detect
@@ -142,12 +142,14 @@ def test_the_task_keeps_the_cell_types_it_is_given():
         assert settings_from(given).classes == classes
 
 
-def test_the_task_takes_green_and_blue_for_tissue_when_asked():
+@pytest.mark.parametrize('option', ['keep_blue_green', 'leave_out_of_focus'])
+def test_the_task_takes_green_and_blue_for_tissue_and_leaves_tissue_out_of_focus_out_when_asked(option):
     given = xml_defaults('CellDetection')
-    given.keep_blue_green = True
+    assert getattr(given, option) is False is getattr(DetectionSettings(), option)  # off by default, alike
+    setattr(given, option, True)
     settings = task_module('CellDetection').settings_from(given)
-    assert settings.keep_blue_green is True and settings.identity()['keep_blue_green'] is True
-    assert 'keep_blue_green' not in DetectionSettings().identity()  # earlier runs keep their identity
+    assert getattr(settings, option) is True and settings.identity()[option] is True
+    assert option not in DetectionSettings().identity()  # earlier runs keep their identity
 
 
 def test_the_task_takes_a_rectangle_or_polygons_drawn_in_histomicsui():

@@ -21,7 +21,7 @@ def settings_from(args):
         model=args.model_file or None, magnification=args.analysis_mag if args.analysis_mag > 0 else None,
         mpp=args.base_mpp if args.base_mpp > 0 else None, **region_of(args),
         tile_size=args.analysis_tile_size, overlap=args.tile_overlap, min_tissue=args.min_tissue_frac,
-        keep_blue_green=args.keep_blue_green,
+        keep_blue_green=args.keep_blue_green, leave_out_of_focus=args.leave_out_of_focus,
         threshold=args.threshold if args.threshold >= 0 else None,
         nms=args.nms_iou if args.nms_iou >= 0 else None, anchor_upsample=args.anchor_upsample or None,
         adapt_tiles=args.adapt_tiles, views=args.views, element=args.element_type, display=args.display,

@@ -59,7 +59,8 @@ from .job import POSTED_OUTPUTS
 
 #: the columns of ``cohort.csv``
 COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'ink_or_fill_mm2', 'out_of_focus_mm2',
-           'cells_out_of_focus', 'mean_score', 'magnification', 'seconds', 'model', 'girder_item_id', 'output')
+           'cells_out_of_focus', 'out_of_focus_left_out', 'mean_score', 'magnification', 'seconds', 'model',
+           'girder_item_id', 'output')
 TABLE_NAME = 'cohort.csv'
 #: the columns of each cell type: ``<name>`` and these (``<name>_type`` and these for a type whose columns would be
 #: the table's own, a type named ``cells``)
@@ -232,6 +233,7 @@ def _row(slide, result, model_path, seconds):
             'ink_or_fill_mm2': round(float(stats.get('ink_or_fill_mm2', 0.0)), 4),
             'out_of_focus_mm2': round(float(stats['out_of_focus_mm2']), 4),
             'cells_out_of_focus': int(stats['detections_out_of_focus']),
+            'out_of_focus_left_out': bool(stats['out_of_focus_left_out']),
             'mean_score': round(float(np.mean(result.scores)), 4) if len(result.scores) else '',
             'magnification': round(float(stats['analysis_magnification']), 3), 'seconds': round(seconds, 2),
             'model': os.path.basename(model_path), 'girder_item_id': slide.item_id or '', 'output': slide.output,
@@ -402,9 +404,16 @@ def write_table(rows, path):
 
 
 def out_of_focus(row):
-    """Whether a row's tissue out of focus is worth a word: at least ``focus.OUT_OF_FOCUS_NOTE`` of its tissue (rows
-    made before the column never are)."""
-    return float(row.get('out_of_focus_mm2') or 0) >= OUT_OF_FOCUS_NOTE * float(row.get('tissue_mm2') or 0) > 0
+    """Whether a row's tissue out of focus is worth a word: at least ``focus.OUT_OF_FOCUS_NOTE`` of its tissue, the
+    tissue in focus and out of it for a run that left it out (rows made before the column never are)."""
+    blurred = float(row.get('out_of_focus_mm2') or 0)
+    tissue = float(row.get('tissue_mm2') or 0) + (blurred if row.get('out_of_focus_left_out') is True else 0)
+    return blurred >= OUT_OF_FOCUS_NOTE * tissue > 0
+
+
+def _blurred_words(row):
+    """What a row's tissue out of focus was: part of its tissue, or more of it that the run left out."""
+    return 'more out of focus, left out' if row.get('out_of_focus_left_out') is True else 'of it out of focus'
 
 
 def summary_line(rows):
@@ -462,7 +471,7 @@ def batch(source, output, settings, scheduler=None, girder=None, progress=None, 
             rows[index] = row
             what = row['note'] if row['status'] in ('failed', NO_REGION) else (
                 f'{row["cells"]} nuclei, {row["tissue_mm2"]} mm2'
-                + (f' ({row["out_of_focus_mm2"]} mm2 of it out of focus)' if out_of_focus(row) else '')
+                + (f' ({row["out_of_focus_mm2"]} mm2 {_blurred_words(row)})' if out_of_focus(row) else '')
                 + f', {row["seconds"]} s' + (f' ({row["note"]})' if row['note'] else ''))
             log(f'[{count}/{len(slides)}] {row["slide"]}: {row["status"]}: {what}')
     finally:  # an interrupted cohort still leaves the table of the slides that finished

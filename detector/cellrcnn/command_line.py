@@ -47,6 +47,10 @@ def _add_detection_options(p):
     p.add_argument('--keep-blue-green', dest='keep_blue_green', action='store_true',
                    help='take large green or blue areas for tissue, not for pen ink (slides of special stains such '
                         "as Masson's trichrome or alcian blue); black fill is still left out")
+    p.add_argument('--leave-out-of-focus', dest='leave_out_of_focus', action='store_true',
+                   help='leave the tissue that looks out of focus out of the counts, as pen ink is: its nuclei are '
+                        'dropped and its area is not tissue, so counts and densities are of the tissue in focus '
+                        '(default: counted, and flagged)')
     p.add_argument('--batch-size', dest='batch_size', type=_positive_int, default=d.batch_size,
                    help=f'tiles per model call (default {d.batch_size}; a GPU gains from 8 or more, and halves it '
                         'when it runs out of memory)')

@@ -280,9 +280,14 @@ def detection_summary_lines(result):
         + (f'; outputs written in {sec["write"]:.1f} s' if 'write' in sec else ''))
     if 'cell_types' in st:
         lines.append('cell types: ' + ', '.join(f'{name} {count}' for name, count in st['cell_types'].items()))
-    blurred = st.get('out_of_focus_mm2', 0.0)
-    if blurred >= OUT_OF_FOCUS_NOTE * st['tissue_mm2'] > 0:
-        lines.append(f'{blurred:.2f} mm2 of the tissue ({100 * blurred / st["tissue_mm2"]:.0f} %) looks out of focus '
-                     '(cyan in the overview and the tissue annotation): nuclei there may be missed'
-                     + blurred_nuclei(st))
+    blurred, left_out = st.get('out_of_focus_mm2', 0.0), st.get('out_of_focus_left_out', False)
+    whole = st['tissue_mm2'] + (blurred if left_out else 0.0)
+    if blurred >= OUT_OF_FOCUS_NOTE * whole > 0:
+        where = (f'{blurred:.2f} mm2 of the tissue ({100 * blurred / whole:.0f} %) looks out of focus (cyan in the '
+                 'overview and the tissue annotation)')
+        if left_out:
+            lines.append(f'{where} and is left out, with the {st["detections_out_of_focus"]} nuclei found there: the '
+                         f'counts and densities are of the {st["tissue_mm2"]:.2f} mm2 in focus')
+        else:
+            lines.append(f'{where}: nuclei there may be missed' + blurred_nuclei(st))
     return lines

@@ -89,7 +89,7 @@ def detect_to_files(slide_path: str, paths: dict[str, str | None], settings: 'De
                               min_tissue=settings.min_tissue, workers=settings.workers, roi=settings.roi,
                               resume=resume, scheduler=settings.scheduler, adapt_tiles=settings.adapt_tiles,
                               keep_types=keep_types, progress=progress, polygons=settings.polygons,
-                              ink=not settings.keep_blue_green)
+                              ink=not settings.keep_blue_green, leave_out_of_focus=settings.leave_out_of_focus)
         attributes = {'model': os.path.basename(spec.model_path), 'model_sha256': model_sha256(spec.model_path),
                       'model_config': detector.checkpoint_config.to_dict(), 'cellrcnn': __version__, 'params': used}
         write_results(result, paths, settings.element, attributes, settings.display, label_image_id, progress)

@@ -114,15 +114,19 @@ class ResultSettings:
     #: take large green or blue areas for tissue, not for pen ink (special stains such as Masson's trichrome or
     #: alcian blue colour tissue so; ``tissue.find_tissue``'s ``ink``): only black fill is left out
     keep_blue_green: bool = False
+    #: leave the tissue out of focus (``cellrcnn.focus``) out of the counts, as pen ink is: the nuclei found there are
+    #: dropped and its area is not in ``tissue_mm2``, so counts and densities are of the tissue in focus. Off by
+    #: default: it is counted, and flagged (``out_of_focus_mm2``, ``detections_out_of_focus``).
+    leave_out_of_focus: bool = False
 
     def identity(self) -> dict:
         """The result settings as a plain dict (what run keys hash and annotations record); on a
         :class:`DetectionSettings` too, only these. ``classes``, ``polygons`` and ``region_annotation`` are left out
-        when None, ``views`` when 1 and ``keep_blue_green`` when False, so the identity of a run without them is what
-        it was before the settings existed."""
+        when None, ``views`` when 1 and ``keep_blue_green`` and ``leave_out_of_focus`` when False, so the identity of a
+        run without them is what it was before the settings existed."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ResultSettings)}
         for name, unset in (('classes', None), ('views', 1), ('polygons', None), ('keep_blue_green', False),
-                            ('region_annotation', None)):
+                            ('leave_out_of_focus', False), ('region_annotation', None)):
             if values[name] == unset:
                 del values[name]
         return values

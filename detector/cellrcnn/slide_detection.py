@@ -74,6 +74,12 @@ class SlideDetections:
         counts = np.bincount(self.cell_types, minlength=len(self.cell_type_names))
         return {name: int(n) for name, n in zip(self.cell_type_names, counts)}
 
+    def keep(self, which: np.ndarray) -> None:
+        """Keep only the nuclei where the boolean N array ``which`` is True (their types too)."""
+        self.boxes, self.scores = self.boxes[which], self.scores[which]
+        if self.cell_types is not None:
+            self.cell_types, self.cell_type_scores = self.cell_types[which], self.cell_type_scores[which]
+
 
 class TileRows:
     """The tile rows of a grid on their way through the merge. Each row's raw detections are held until its last tile
@@ -164,7 +170,8 @@ def _row_fits(row, typed):
 def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap: int, min_tissue: float, workers: int,
                  roi: tuple | None = None, resume: 'RowStore | None' = None, progress: Progress | None = None,
                  scheduler: str | None = None, adapt_tiles: int = 0,
-                 keep_types: tuple | None = None, polygons: tuple | None = None, ink: bool = True) -> SlideDetections:
+                 keep_types: tuple | None = None, polygons: tuple | None = None, ink: bool = True,
+                 leave_out_of_focus: bool = False) -> SlideDetections:
     """Detect nuclei over a slide (or a base-pixel ROI ``(x, y, w, h)``) with an ``inference.Detector``: tiles of at
     most ``tile_size`` analysis pixels sharing ``overlap`` (``tiling.tile_grid``), those with less tissue than
     ``min_tissue`` skipped, read by ``workers`` threads (``tiling.prefetch``). A ROI is read in the whole slide's
@@ -172,6 +179,9 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
     centred in it are kept: a region's nuclei are the slide's there. With ``polygons`` (base-pixel points; ``roi``
     their bounding box) the tissue is cut to them too and only nuclei centred inside one are kept
     (:mod:`cellrcnn.region`). ``ink``: large green or blue areas are pen ink, left out (``tissue.find_tissue``).
+    ``leave_out_of_focus``: the tissue out of focus (``focus.mark_blurred``, known once its tiles are read) is left out
+    of the result's tissue (``TissueMask.without_blurred``) and the nuclei centred on it are dropped, after the merge
+    and any ``keep_types`` filter; ``stats['detections_out_of_focus']`` then counts those dropped.
 
     With ``adapt_tiles`` > 0 the model's BatchNorm statistics are first re-estimated on up to that many of the slide's
     own tissue tiles (:func:`adapt_to_slide`), and put back as they were when the slide is done.
@@ -230,8 +240,14 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
                                  polygons=polygons)
         if types is not None:
             _add_cell_types(result, types[order], config, keep_types)
+        on_blurred = tissue.on_blurred(*(box_centres(result.boxes) / slide.scale).T)
+        if leave_out_of_focus:
+            result.keep(~on_blurred)
+            result.tissue = tissue = tissue.without_blurred()
         result.stats = _stats(slide, tissue, tiles, rows, result, timing, mask_seconds,
                               time.perf_counter() - started, detector)
+        result.stats['detections_out_of_focus'] = int(on_blurred.sum())
+        result.stats['out_of_focus_left_out'] = leave_out_of_focus
         result.stats['raw_detections'] = rows.raw_count
         result.stats['centre_suppressed'] = suppressed
         result.stats['adapt_tiles'] = len(adapted)
@@ -340,7 +356,6 @@ def _stats(slide, tissue, tiles, rows, result, timing, mask_seconds, total, dete
         'tissue_mm2': tissue.area_mm2(result.analysis_bounds),
         'ink_or_fill_mm2': tissue.marks_mm2(result.analysis_bounds),
         'out_of_focus_mm2': tissue.blurred_mm2(result.analysis_bounds),
-        'detections_out_of_focus': int(tissue.on_blurred(*(box_centres(result.boxes) / slide.scale).T).sum()),
         'detections': int(len(result.boxes)),
         'megapixels': megapixels,
         'seconds': {'tissue_and_grid': mask_seconds, **timing, 'total': total},

@@ -107,6 +107,13 @@ class TissueMask:
         return TissueMask(_read_only(self.mask & inside), self.fx, self.fy, self.mpp,
                           _some(self.marks, inside), _some(self.blurred, inside))
 
+    def without_blurred(self):
+        """This mask with the tissue out of focus taken out of the tissue (and kept as :attr:`blurred`): what a run
+        that leaves it out counts over."""
+        if self.blurred is None:
+            return self
+        return dataclasses.replace(self, mask=_read_only(self.mask & ~self.blurred))
+
     def with_blurred(self, blurred):
         """This mask with ``blurred`` (an array of the mask's shape, or None) as the tissue out of focus."""
         return dataclasses.replace(self, blurred=_some(blurred, self.mask))

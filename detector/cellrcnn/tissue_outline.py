@@ -110,7 +110,8 @@ def tissue_outline_annotation(tissue: TissueMask, bounds, scale, attributes=None
         of the tissue, the marks and the tissue out of focus, and how many pieces of each.
     :param visible: whether HistomicsUI shows it when the slide is opened.
     :param stats: the run's figures (``SlideDetections.stats``): how many of the nuclei found lie on the tissue out
-        of focus (``cells_out_of_focus``), and the description says so as the run's summary line does.
+        of focus (``cells_out_of_focus``), and the description says so as the run's summary line does; whether that
+        tissue was left out (``out_of_focus_left_out``: then the tissue analysed is the tissue in focus).
     """
     elements, counts = [], {}
 
@@ -139,7 +140,11 @@ def tissue_outline_annotation(tissue: TissueMask, bounds, scale, attributes=None
     stats = stats or {}
     if stats.get('detections_out_of_focus') is not None:
         info['cells_out_of_focus'] = int(stats['detections_out_of_focus'])
-    if counts[BLURRED_LABEL]:
+        info['out_of_focus_left_out'] = bool(stats.get('out_of_focus_left_out'))
+    if counts[BLURRED_LABEL] and stats.get('out_of_focus_left_out'):
+        description += (f'; {blurred_mm2:.2f} mm² more out of focus (cyan) and left out, with the '
+                        f'{stats["detections_out_of_focus"]} nuclei found there')
+    elif counts[BLURRED_LABEL]:
         description += (f'; {blurred_mm2:.2f} mm² of it out of focus (cyan): nuclei there may be missed'
                         + blurred_nuclei(stats))
     return {'name': TISSUE_NAME, 'description': description,

@@ -6,7 +6,7 @@ A cellrcnn nuclei annotation is one whose ``attributes`` carry the ``cellrcnn`` 
 pixelmap, the tissue outline: its ``kind``). Its summary goes into the item's metadata under :data:`META_KEY`::
 
     {"cells", "tissue_mm2", "cells_per_mm2", "ink_or_fill_mm2", "out_of_focus_mm2", "cells_out_of_focus",
-     "score": {"mean", "min", "max",
+     "out_of_focus_left_out", "score": {"mean", "min", "max",
      "p5", "p25", "p50", "p75", "p95", "histogram": [counts of floor(10 * score) = 0, ..., 9]}, "model", "model_sha256",
      "cellrcnn_version", "roi", "region_annotation", "annotation_id", "date"}
 
@@ -19,8 +19,10 @@ run's ``params.polygons`` hold) of a run on part of the slide, None for the whol
 name of the slide's annotations that outlined the region, for a run counted inside them (None otherwise);
 ``tissue_mm2`` and ``cells_per_mm2`` are those of the region analysed, ``ink_or_fill_mm2`` the pen ink and black
 fill the run left out there, ``out_of_focus_mm2`` the part of its tissue that looked out of focus and
-``cells_out_of_focus`` how many of the run's nuclei lie on it (each None on results made before the library
-recorded it). ``model`` is the checkpoint's
+``cells_out_of_focus`` how many of the run's nuclei lie on it, ``out_of_focus_left_out`` whether the run left that
+tissue out of its counts (``cellrcnn detect --leave-out-of-focus``: then ``tissue_mm2`` is the tissue in focus and
+``cells_out_of_focus`` the nuclei found there and dropped; each None on results made before the library recorded
+it). ``model`` is the checkpoint's
 file name (for people), ``model_sha256`` the SHA-256 of its bytes (what identifies the model; None on results made
 before the library recorded it).
 
@@ -227,6 +229,8 @@ def _summary(annotation, count, scores):
         'ink_or_fill_mm2': marks,
         'out_of_focus_mm2': blurred,
         'cells_out_of_focus': blurred_cells if cell_types.is_count(blurred_cells) else None,
+        'out_of_focus_left_out': stats.get('out_of_focus_left_out') if isinstance(
+            stats.get('out_of_focus_left_out'), bool) else None,
         'score': score_summary(scores),
         'model': attributes.get('model'),
         SHA_KEY: attributes.get(SHA_KEY),
