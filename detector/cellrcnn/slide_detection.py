@@ -330,15 +330,13 @@ def _add_cell_types(result, types, config, keep_types):
     """Give ``result`` its nuclei's cell types (:data:`CELL_TYPE`s, one per box) and the model's names and colours;
     with ``keep_types``, only the nuclei of those types stay, their indices counted among those types only."""
     names, colors = config.cell_types, config.cell_type_colors
-    index = types['index']
+    result.cell_types, result.cell_type_scores = types['index'].astype(np.int64), types['score'].astype(np.float32)
     if keep_types is not None:
-        keep = np.isin(index, keep_types)
-        result.boxes, result.scores, types = result.boxes[keep], result.scores[keep], types[keep]
+        result.keep(np.isin(result.cell_types, keep_types))
         renumber = np.zeros(len(names), np.int64)
         renumber[list(keep_types)] = np.arange(len(keep_types))
-        index = renumber[types['index']]
+        result.cell_types = renumber[result.cell_types]
         names, colors = tuple(names[i] for i in keep_types), tuple(colors[i] for i in keep_types)
-    result.cell_types, result.cell_type_scores = index.astype(np.int64), types['score'].astype(np.float32)
     result.cell_type_names, result.cell_type_colors = tuple(names), tuple(colors)
 
 
