@@ -21,7 +21,9 @@ def inside_mask(boxes, region):
     if region is None or len(boxes) == 0:
         return np.ones(len(boxes), bool)
     x, y, w, h = region
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    from cellrcnn.boxes import box_centres
+
+    cx, cy = box_centres(boxes).T
     return (cx >= x) & (cx < x + w) & (cy >= y) & (cy < y + h)
 
 

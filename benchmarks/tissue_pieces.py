@@ -24,6 +24,7 @@ import numpy as np
 from slide_runs import run_measured
 from slide_scoring import centres_inside, read_csv_boxes, score_detections
 
+from cellrcnn.boxes import box_centres
 from cellrcnn.settings import DetectionSettings
 from cellrcnn.slide import Slide
 from cellrcnn.tiling import tile_grid
@@ -36,7 +37,7 @@ def coverage(slide, tissue, truth, cut):
     tiles = [t for t in tile_grid(slide, d.tile_size, d.overlap, d.min_tissue if cut else 0, tissue=tissue)
              if cut or t.tissue > 0]
     read = [t for t in tiles if not t.skipped]
-    cx, cy = (truth[:, 0] + truth[:, 2]) / 2, (truth[:, 1] + truth[:, 3]) / 2
+    cx, cy = box_centres(truth).T
     seen = np.zeros(len(truth), bool)
     for t in read:
         seen |= (cx >= t.base_x) & (cx < t.base_x + t.base_width) & (cy >= t.base_y) & (cy < t.base_y + t.base_height)

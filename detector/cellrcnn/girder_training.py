@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import __version__
+from .boxes import box_centres
 from .errors import CellRCNNError
 from .files import atomic_write
 from .labelled_slides import find_labelled_slides, prepare_slide, region_samples, region_tiles
@@ -83,10 +84,11 @@ def size_points(model, slide, labelled, tiles, device='auto'):
     if not len(found):
         return 0
     sized = 0
+    centres = box_centres(found)
     for i in points:
         box = labelled.boxes[i]
         px, py, half = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, (box[2] - box[0]) / 2
-        distance = np.hypot((found[:, 0] + found[:, 2]) / 2 - px, (found[:, 1] + found[:, 3]) / 2 - py)
+        distance = np.hypot(centres[:, 0] - px, centres[:, 1] - py)
         holds = (found[:, 0] <= px) & (px <= found[:, 2]) & (found[:, 1] <= py) & (py <= found[:, 3])
         candidates = np.flatnonzero(holds & (distance <= half))
         if len(candidates):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .boxes import box_centres
 from .errors import CellRCNNError
 from .region import element_polygon, polygons_region, union_shape
 from .settings import AnnotationTrainingSettings
@@ -166,8 +167,7 @@ def _centres_inside(boxes, polygons):
     """Whether each box's centre lies inside any of the polygons (:func:`_region_shape`)."""
     import shapely
 
-    return shapely.contains_xy(_region_shape(polygons), (boxes[:, 0] + boxes[:, 2]) / 2,
-                               (boxes[:, 1] + boxes[:, 3]) / 2)
+    return shapely.contains_xy(_region_shape(polygons), *box_centres(boxes).T)
 
 
 def read_nuclei(labelled, class_from=AnnotationTrainingSettings.class_from):

@@ -263,7 +263,7 @@ def detect_slide(slide: Slide, detector: 'Detector', *, tile_size: int, overlap:
 def _centred_in(boxes, roi, polygons):
     """Which base-pixel boxes are centred in the region: the rectangle ``roi`` (x, y, width, height) and, when
     given, one of the ``polygons``."""
-    x, y = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    x, y = box_centres(boxes).T
     found = (x >= roi[0]) & (x < roi[0] + roi[2]) & (y >= roi[1]) & (y < roi[1] + roi[3])
     return found & inside(polygons, x, y) if polygons else found
 
@@ -290,7 +290,8 @@ def _detect_rows(slide, detector, rows, workers, scheduler, timing, progress, st
                 types = np.zeros(len(out['scores']), CELL_TYPE)
                 types['index'], types['score'] = out['cell_types'], out['cell_type_scores']
             b = np.asarray(out['boxes']).reshape(-1, 4)
-            keep = ~tissue.on_marks(tile.x + (b[:, 0] + b[:, 2]) / 2, tile.y + (b[:, 1] + b[:, 3]) / 2)
+            centres = box_centres(b)
+            keep = ~tissue.on_marks(tile.x + centres[:, 0], tile.y + centres[:, 1])
             rows.add(tile, slide.to_base(b[keep], tile).astype(np.float32), np.asarray(out['scores'])[keep],
                      None if types is None else types[keep], out['blur_patches'])
         rows.close_finished()
