@@ -52,12 +52,12 @@ def result_of(server, item_id):
     return (server.client().getItem(item_id).get('meta') or {}).get('cellrcnn')
 
 
-def nuclei(n, model, seed=0, roi=None, sha=None):
-    """A nuclei document with the attributes cellrcnn writes (model, version marker, parameters, run stats; the
-    model's SHA-256 when given)."""
+def nuclei(n, model, seed=0, roi=None, sha=None, **params):
+    """A nuclei document with the attributes cellrcnn writes (model, version marker, parameters, with ``params`` too,
+    run stats; the model's SHA-256 when given)."""
     rng = np.random.default_rng(seed)
     xy = rng.uniform(0, 400, (n, 2))
-    attributes = {'model': model, 'cellrcnn': __version__, 'params': {'roi': roi, 'tile_size': 1024},
+    attributes = {'model': model, 'cellrcnn': __version__, 'params': {'roi': roi, 'tile_size': 1024, **params},
                   'stats': {'detections': n, 'tissue_mm2': 0.04, 'ink_or_fill_mm2': 0.01, 'out_of_focus_mm2': 0.02,
                             'detections_out_of_focus': n // 3, 'out_of_focus_left_out': True}}
     if sha:

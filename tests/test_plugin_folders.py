@@ -288,6 +288,43 @@ def test_detect_inside_each_slides_region_annotation(server, cli_id, slide_file)
         400, 'regionAnnotation is at most 200 characters')
 
 
+def test_detect_with_the_tasks_choices(server, cli_id, slide_file):
+    """``leaveOutOfFocus`` and ``keepBlueGreen`` turn the task's choices on in each slide's job; a slide is done, or
+    running, only by a result or a job made with the same choices."""
+    root = folder(server, server.folder_id, 'choices')
+    ids = {name: slide_in(server, slide_file, root, name) for name in ('plain.tiff', 'focus.tiff', 'none.tiff')}
+    post_annotations(server.api_url, server.token, ids['plain.tiff'][0], nuclei(5, DEFAULT_MODEL), **FAST)
+    post_annotations(server.api_url, server.token, ids['focus.tiff'][0],
+                     nuclei(6, DEFAULT_MODEL, leave_out_of_focus=True), **FAST)
+
+    def queued_choices(jobs):
+        """Per slide name, the task's choices its job gives, each with its value, in name order."""
+        names = {ids[name][0]: name for name in ids}
+        flags = {}
+        for job in jobs:
+            args = server.client().get(f'job/{job["_id"]}')['kwargs']['container_args']
+            flags[names[job['cellrcnnSlide']]] = sorted(f'{a}={args[i + 1]}' for i, a in enumerate(args)
+                                                        if a in ('--leave_out_of_focus', '--keep_blue_green'))
+        return flags
+
+    parent, jobs = detect(server, root, leaveOutOfFocus='true')
+    assert queued_choices(jobs) == {name: ['--leave_out_of_focus=true'] for name in ('plain.tiff', 'none.tiff')}
+    assert parent['cellrcnnBatch']['choices'] == ['leave_out_of_focus']
+    assert (parent['cellrcnnBatch']['finished'], parent['cellrcnnBatch']['running']) == (1, 0)
+    assert ('1 already have a result of cellrcnn-default.pt with leave_out_of_focus, 0 have a CellDetection job of it '
+            'waiting or running; 2 to detect with cellrcnn-default.pt with leave_out_of_focus\n') in parent['log'][0]
+
+    # a run without the choice: plain.tiff is done; the waiting jobs with it do not count for none.tiff
+    parent, jobs = detect(server, root)
+    assert queued_choices(jobs) == {'focus.tiff': [], 'none.tiff': []} and 'choices' not in parent['cellrcnnBatch']
+    # with it again: the jobs of the first run are waiting
+    parent, jobs = detect(server, root, leaveOutOfFocus=True)
+    assert jobs == [] and (parent['cellrcnnBatch']['finished'], parent['cellrcnnBatch']['running']) == (1, 2)
+    parent, jobs = detect(server, root, leaveOutOfFocus=True, keepBlueGreen=True)
+    assert queued_choices(jobs) == {name: ['--keep_blue_green=true', '--leave_out_of_focus=true'] for name in ids}
+    assert parent['cellrcnnBatch']['choices'] == ['leave_out_of_focus', 'keep_blue_green']
+
+
 def test_detect_with_another_model(server, cli_id, run_folder, tmp_path):
     ids = run_folder
     model_path = tmp_path / 'other.pt'
@@ -473,6 +510,7 @@ def test_the_request_only_starts_a_batch_whose_job_keeps_no_list_of_slides(serve
     assert parent['cellrcnnBatch']['model_sha256'] == sha256(data)
     assert (parent['cellrcnnBatch']['total'], parent['cellrcnnBatch']['todo'], len(jobs)) == (2, 2, 2)
     stored = in_database(server, "result = db['job'].find_one({'_id': ObjectId(args[0])})['kwargs']", answer['_id'])
-    assert sorted(json.loads(stored)) == ['cliItemId', 'folderId', 'model', 'modelFileId', 'regionAnnotation']  # JSON
+    assert sorted(json.loads(stored)) == ['choices', 'cliItemId', 'folderId', 'model', 'modelFileId',
+                                          'regionAnnotation']  # JSON
     for job in jobs:
         play_worker(server, job['_id'], 2, 4)

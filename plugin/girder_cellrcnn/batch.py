@@ -15,8 +15,10 @@ those whose annotation cannot be counted (no area, holes) are named in the log, 
 holds a result of the model inside them saved since they last changed (``results.has_result``).
 
 Slides that already hold a whole-slide result of the model, or have a CellDetection job of the model still waiting
-or running, are skipped: starting again after an interruption picks up where the last run stopped. A model file is
-identified by the SHA-256 of its bytes (:mod:`.model_files`), the bundled model by its name.
+or running, are skipped: starting again after an interruption picks up where the last run stopped. A run may turn
+on the task's true-or-false choices that change what is counted (``results.RUN_CHOICES``: tissue out of focus left
+out, green and blue areas kept as tissue); then only a result or a job made with the same choices counts. A model
+file is identified by the SHA-256 of its bytes (:mod:`.model_files`), the bundled model by its name.
 
 Scale: the request only checks and creates the parent job. Its thread hashes the model, walks the folder tree and
 queues the slides; the job document holds the counts, not the list of slides (a document is limited to 16 MB).
@@ -50,6 +52,7 @@ from .results import (
     LABEL_IMAGES_FOLDER,
     LABEL_IMAGES_META,
     META_KEY,
+    RUN_CHOICES,
     folder_slides,
     has_result,
     is_label_images_folder,
@@ -74,6 +77,8 @@ API_URL_SETTING = 'worker.api_url'
 UNUSABLE_SHOWN = 20
 #: the longest name of a region annotation a folder run takes
 REGION_NAME_MAX_CHARS = 200
+#: a task's boolean parameter on, as slicer_cli_web takes it from HistomicsUI
+ON = 'true'
 TOKEN_DAYS = 1  # the batch's token only queues the slides' jobs (girder_worker gives each job its own)
 ENDED = {JobStatus.SUCCESS, JobStatus.ERROR, JobStatus.CANCELED}
 WAITING_OR_RUNNING = [JobStatus.INACTIVE, JobStatus.QUEUED, JobStatus.RUNNING,
@@ -190,11 +195,14 @@ def require_worker_api_url():
     return url
 
 
-def active_job(file_id, model_file_id, region_annotation=None):
+def active_job(file_id, model_file_id, region_annotation=None, choices=()):
     """A CellDetection job of this model on this slide file (counting inside its annotations named
-    ``region_annotation``, when given) that is still waiting or running, or None."""
+    ``region_annotation``, when given; with ``choices`` on and the task's other :data:`RUN_CHOICES` off) that is
+    still waiting or running, or None."""
     query = {'_original_name': CLI_NAME, '_original_params.inputImageFile': str(file_id),
              'status': {'$in': WAITING_OR_RUNNING}}
+    for name in RUN_CHOICES:  # as HistomicsUI sends them, 'true' or 'false'; a job of this plugin's omits 'false'
+        query[f'_original_params.{name}'] = ON if name in choices else {'$nin': [ON, True]}
     if region_annotation:
         query['_original_params.region_annotation'] = region_annotation
     if model_file_id:
@@ -204,13 +212,14 @@ def active_job(file_id, model_file_id, region_annotation=None):
     return Job().findOne(query, fields=['_id'])
 
 
-def plan(folder, user, model, model_file_id, sha=None, region_annotation=None):
+def plan(folder, user, model, model_file_id, sha=None, region_annotation=None, choices=()):
     """Which slides of the folder tree to run: ``{"slides": [...], "finished": n, "running": n, "total": n,
     "no_write_folders": n, "no_region": n, "unusable_regions": [line, ...]}``. Each slide is ``{"itemId",
     "fileId", "folderId", "name", "path", "region"}``, its region the numbers of :func:`results.slide_region`.
     With ``region_annotation`` each slide is counted inside its annotations of that name that ``user`` may read;
     a slide without one is left out (``no_region``), one with a result of the model inside them saved since they
-    last changed is finished (``results.has_result``)."""
+    last changed is finished (``results.has_result``). A slide is finished, or running, only by a result or a job
+    made with ``choices`` (the names of the :data:`RUN_CHOICES` on) and the others off."""
     found, denied = folder_slides(folder, user, level=AccessType.WRITE)
     todo, finished, running, no_region, unusable = [], 0, 0, 0, []
     for path, item, parent in found:
@@ -226,9 +235,9 @@ def plan(folder, user, model, model_file_id, sha=None, region_annotation=None):
                 continue
             values, since = found_region
             region = (region_annotation, since)
-        if has_result(item, model, sha, region):
+        if has_result(item, model, sha, region, choices):
             finished += 1
-        elif active_job(item['largeImage']['fileId'], model_file_id, region_annotation):
+        elif active_job(item['largeImage']['fileId'], model_file_id, region_annotation, choices):
             running += 1
         else:
             todo.append({'itemId': str(item['_id']), 'fileId': str(item['largeImage']['fileId']),
@@ -237,10 +246,11 @@ def plan(folder, user, model, model_file_id, sha=None, region_annotation=None):
             'no_write_folders': denied, 'no_region': no_region, 'unusable_regions': unusable}
 
 
-def start(folder, user, cli, model, model_file_id, region_annotation=None):
+def start(folder, user, cli, model, model_file_id, region_annotation=None, choices=()):
     """Create and schedule the parent job; :returns: the job. Its thread (:func:`_schedule`) hashes the model, walks
     the folder tree and queues the slides: the request does none of that, and the job document holds no list of
-    slides, whatever the folder's size. girder_worker's tasks call back to the ``worker.api_url`` setting
+    slides, whatever the folder's size. ``choices``: the names of the task's :data:`RUN_CHOICES` to turn on in each
+    slide's job. girder_worker's tasks call back to the ``worker.api_url`` setting
     (:func:`require_worker_api_url`): outside a request (our thread) it has no other way to know the address, and
     this plugin never sets it."""
     require_worker_api_url()
@@ -248,16 +258,19 @@ def start(folder, user, cli, model, model_file_id, region_annotation=None):
         module='girder_cellrcnn.batch', function='run', title=f'Cell detection on folder {folder["name"]}',
         type=JOB_TYPE, user=user, public=False, asynchronous=True,
         kwargs={'folderId': str(folder['_id']), 'cliItemId': str(cli._id), 'model': model,
-                'modelFileId': model_file_id, 'regionAnnotation': region_annotation},
+                'modelFileId': model_file_id, 'regionAnnotation': region_annotation, 'choices': list(choices)},
         otherFields={'cellrcnnBatch': {'model': model, 'scheduled': False,
-                                       **({'region_annotation': region_annotation} if region_annotation else {})}})
+                                       **({'region_annotation': region_annotation} if region_annotation else {}),
+                                       **({'choices': list(choices)} if choices else {})}})
     Job().scheduleJob(job)
     return job
 
 
-def _record_plan(job, work, model, sha, region_annotation=None):
+def _record_plan(job, work, model, sha, region_annotation=None, choices=()):
     """Put the plan's counts on the batch job (``cellrcnnBatch``, its log and its progress)."""
     inside = f' inside their annotation {region_annotation!r}' if region_annotation else ''
+    if choices:
+        inside += f' with {" and ".join(choices)}'
     skipped = (f'{work["finished"]} already have a result of {model}{inside}, {work["running"]} have a {CLI_NAME} '
                f'job of it waiting or running')
     unusable = work['unusable_regions']
@@ -273,7 +286,7 @@ def _record_plan(job, work, model, sha, region_annotation=None):
     shown = unusable[:UNUSABLE_SHOWN] + ([f'... and {len(unusable) - UNUSABLE_SHOWN} more'] if len(unusable) >
                                          UNUSABLE_SHOWN else [])
     return Job().updateJob(job, log=f'{work["total"]} slides in the folder tree: {skipped}; '
-                                    f'{len(work["slides"])} to detect with {model}\n' +
+                                    f'{len(work["slides"])} to detect with {model}{inside}\n' +
                                     ''.join(f'left out: {line}\n' for line in shown),
                            progressTotal=len(work['slides']), progressCurrent=0,
                            otherFields={f'cellrcnnBatch.{k}': v for k, v in
@@ -307,9 +320,9 @@ def _schedule(job):
         if folder is None:
             raise RestException(f'the folder {kwargs["folderId"]} is gone, or you may no longer write to it')
         sha = model_sha256(kwargs['modelFileId'])
-        region_annotation = kwargs.get('regionAnnotation')
-        work = plan(folder, user, kwargs['model'], kwargs['modelFileId'], sha, region_annotation)
-        job = _record_plan(job, work, kwargs['model'], sha, region_annotation)
+        region_annotation, choices = kwargs.get('regionAnnotation'), tuple(kwargs.get('choices') or ())
+        work = plan(folder, user, kwargs['model'], kwargs['modelFileId'], sha, region_annotation, choices)
+        job = _record_plan(job, work, kwargs['model'], sha, region_annotation, choices)
         handler = genHandlerToRunDockerCLI(cli)
         # The current token of the scheduling below: slicer_cli_web's run handler reads the user from it and
         # girder_worker mints each job's own token then. It is needed only while queueing, so it lives a day at
@@ -319,7 +332,7 @@ def _schedule(job):
             if _ended(job):
                 return  # canceled: schedule no more
             child = _start_child(handler, cli, slide, kwargs['modelFileId'], user, token,
-                                 region_annotation and (region_annotation, slide['region']))
+                                 region_annotation and (region_annotation, slide['region']), choices)
             Job().updateJob(child, otherFields={'parentId': job['_id'], 'cellrcnnSlide': slide['itemId']},
                             notify=False)
             if _ended(job):  # canceled while this slide was queued, perhaps too late for on_cancel to see it
@@ -374,10 +387,11 @@ def _revoke(token):
             logger.exception('cellrcnn: could not delete a batch token')
 
 
-def _start_child(handler, cli, slide, model_file_id, user, token, region=None):
+def _start_child(handler, cli, slide, model_file_id, user, token, region=None, choices=()):
     """The slicer_cli_web job of one slide, as HistomicsUI's Submit makes it; with ``region`` (the name of the
     slide's annotations and the region numbers they outline), counting inside them: the job gets the numbers as
-    its region to analyse, and the name, which the result records."""
+    its region to analyse, and the name, which the result records; with ``choices``, those of the task's
+    :data:`RUN_CHOICES` on."""
     stem = os.path.splitext(slide['name'])[0]
     params = {'inputImageFile': slide['fileId'], 'girderApiUrl': '', 'girderToken': ''}  # slicer_cli_web fills these
     for output in OUTPUTS:
@@ -388,6 +402,7 @@ def _start_child(handler, cli, slide, model_file_id, user, token, region=None):
         params['model_file'] = model_file_id
     if region:
         params.update({'region_annotation': region[0], 'analysis_roi': json.dumps(region[1])})
+    params.update(dict.fromkeys(choices, ON))
     # girder_worker tells a Girder request from other code by cherrypy.request.app; this thread is Girder code
     # without a request, as in slicer_cli_web's batch runs, which set it the same way.
     before = cherrypy.request.app

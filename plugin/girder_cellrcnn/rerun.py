@@ -25,7 +25,16 @@ from girder.constants import AccessType
 from girder.models.item import Item
 
 from . import cell_types
-from .results import CLAIMED_FIELD, MARKER, SHA_KEY, from_writer, made_for_another, same_model, valid_model
+from .results import (
+    CLAIMED_FIELD,
+    MARKER,
+    SHA_KEY,
+    from_writer,
+    made_for_another,
+    run_params,
+    same_model,
+    valid_model,
+)
 
 EVENT = 'cellrcnn.rerun'
 POST_KEY = 'cellrcnn_post'  # set by cellrcnn's client (girder_post), which replaces earlier results itself
@@ -43,7 +52,7 @@ def _region(attributes):
     """The run's region: the name of the slide's annotations it was counted inside (a redrawn tumour is the same
     region), else its rectangle and, for a region drawn as polygons, the polygons (cellrcnn's client posts alike:
     ``cellrcnn.girder_post.result_region``)."""
-    params = attributes.get('params') if isinstance(attributes.get('params'), dict) else {}
+    params = run_params(attributes)
     if params.get('region_annotation'):
         return str(params['region_annotation'])
     return params.get('roi') or None, params.get('polygons') or None

@@ -16,7 +16,7 @@ from girder_jobs.models.job import Job
 
 from . import batch, model_files, results, withdrawn
 from .cell_types import RATIO_KEY, SUFFIXES
-from .results import DEFAULT_MODEL
+from .results import DEFAULT_MODEL, RUN_CHOICES
 from .table import COLUMNS, table_columns, table_csv_lines, table_rows
 
 
@@ -87,7 +87,8 @@ class CellRCNNResource(Resource):
                     'result of the model yet.')
         .notes('Starts one job that queues a slicer_cli_web CellDetection job per slide (outputs into the slide\'s '
                'folder, annotations onto the slide) and counts them done. Slides that already hold a whole-slide '
-               'result of the model, or have a CellDetection job of it waiting or running, are skipped.')
+               'result of the model, or have a CellDetection job of it waiting or running, are skipped: one made '
+               'with the same choice of leaveOutOfFocus and keepBlueGreen.')
         .modelParam('id', model=Folder, level=AccessType.WRITE)
         .param('model', 'Id of a cellrcnn model file (.pt) to detect with; default: the task\'s bundled model '
                f'({DEFAULT_MODEL})', required=False)
@@ -98,11 +99,18 @@ class CellRCNNResource(Resource):
                '(rectangles, ellipses, circles, closed polygons, e.g. a tumour a pathologist drew); slides without '
                'one are left out, and a slide is done when it holds a result of the model inside them saved since '
                'they last changed. Default: whole slides.', required=False)
+        .param('leaveOutOfFocus', 'Leave the tissue that looks out of focus out of the counts, with the nuclei '
+               'found on it (the task\'s leave_out_of_focus): counts and densities are of the tissue in focus',
+               required=False, dataType='boolean', default=False)
+        .param('keepBlueGreen', 'Take large green or blue areas for tissue, not for pen ink (the task\'s '
+               'keep_blue_green), for special stains such as Masson\'s trichrome', required=False,
+               dataType='boolean', default=False)
         .errorResponse('Write access was denied on the folder, or the task is not one an administrator '
                        'registered.', 403)
         .errorResponse('The worker.api_url setting is not set (an administrator sets it).', 503)
     )
-    def detect(self, folder: dict, model: str | None, cli: str | None, regionAnnotation: str | None) -> dict:
+    def detect(self, folder: dict, model: str | None, cli: str | None, regionAnnotation: str | None,
+               leaveOutOfFocus: bool, keepBlueGreen: bool) -> dict:
         try:
             import girder_worker.girder_plugin  # noqa: F401  girder_worker's Girder side: what queues the jobs
         except ImportError:
@@ -113,7 +121,9 @@ class CellRCNNResource(Resource):
         user = self.getCurrentUser()
         task = batch.find_cli(user, cli)
         model_name, model_file_id = model_files.model_of(user, model)
-        job = batch.start(folder, user, task, model_name, model_file_id, _region_name(regionAnnotation))
+        asked = {'leave_out_of_focus': leaveOutOfFocus, 'keep_blue_green': keepBlueGreen}
+        choices = tuple(name for name in RUN_CHOICES if asked[name])
+        job = batch.start(folder, user, task, model_name, model_file_id, _region_name(regionAnnotation), choices)
         return Job().filter(job, user)
 
     @access.user

@@ -72,6 +72,12 @@ def valid_model(attributes):
     return sha is None or (isinstance(sha, str) and SHA_PATTERN.fullmatch(sha) is not None)
 
 
+def run_params(attributes):
+    """The settings a result's run recorded (its ``params``; ``cellrcnn.settings.ResultSettings.identity``), {} when
+    it recorded none."""
+    return attributes.get('params') if isinstance(attributes.get('params'), dict) else {}
+
+
 def _marked(attributes):
     """Whether annotation attributes are those of a cellrcnn nuclei result (marker, no density, a valid model)."""
     return (isinstance(attributes, dict) and MARKER in attributes and 'density' not in attributes
@@ -219,7 +225,7 @@ def _summary(annotation, count, scores):
     """The metadata entry of one nuclei annotation from its attributes, element count and detection scores."""
     attributes = annotation['annotation'].get('attributes') or {}
     stats = attributes.get('stats') if isinstance(attributes.get('stats'), dict) else {}
-    params = attributes.get('params') if isinstance(attributes.get('params'), dict) else {}
+    params = run_params(attributes)
     tissue, marks, blurred = (_area(stats.get(key)) for key in ('tissue_mm2', 'ink_or_fill_mm2', 'out_of_focus_mm2'))
     blurred_cells = stats.get('detections_out_of_focus')
     summary = {
@@ -374,26 +380,37 @@ def resync_folder(folder_id, recurse):
 
 #: what a result counted (:func:`result_scope`): the whole slide
 WHOLE_SLIDE = ('whole slide',)
+#: the CellDetection task's true-or-false settings a folder run chooses (``batch``), by their names in a run's
+#: ``params`` and the task's: a slide counts as done only by a result made with the same choices
+RUN_CHOICES = ('leave_out_of_focus', 'keep_blue_green')
 
 
 def result_scope(attributes):
     """What a result's run counted (its ``params``): :data:`WHOLE_SLIDE`, ``('annotation', NAME)`` inside the slide's
     annotations named NAME, or ``('drawn',)`` inside a rectangle or polygons given for the run."""
-    params = attributes.get('params') if isinstance(attributes.get('params'), dict) else {}
+    params = run_params(attributes)
     if isinstance(params.get('region_annotation'), str) and params['region_annotation']:
         return 'annotation', params['region_annotation']
     return ('drawn',) if params.get('roi') else WHOLE_SLIDE
 
 
-def _whole_slide_result_of(attributes, model, sha):
-    return _marked(attributes) and same_model(attributes, model, sha) and result_scope(attributes) == WHOLE_SLIDE
+def same_choices(attributes, choices):
+    """Whether a result's run made the folder run's :data:`RUN_CHOICES`: those named in ``choices`` on, the others
+    off (a run records each only when it is on)."""
+    params = run_params(attributes)
+    return all((params.get(name) is True) == (name in choices) for name in RUN_CHOICES)
 
 
-def _region_result_of(annotation, model, sha, name, since):
+def _whole_slide_result_of(attributes, model, sha, choices):
+    return (_marked(attributes) and same_model(attributes, model, sha) and result_scope(attributes) == WHOLE_SLIDE
+            and same_choices(attributes, choices))
+
+
+def _region_result_of(annotation, model, sha, choices, name, since):
     attributes = annotation['annotation'].get('attributes') or {}
-    params = attributes.get('params') if isinstance(attributes.get('params'), dict) else {}
     made = annotation.get('updated') or annotation.get('created')
-    return (_marked(attributes) and same_model(attributes, model, sha) and params.get('region_annotation') == name
+    return (_marked(attributes) and same_model(attributes, model, sha) and same_choices(attributes, choices)
+            and run_params(attributes).get('region_annotation') == name
             and isinstance(made, datetime.datetime) and made >= since)
 
 
@@ -418,23 +435,22 @@ def slide_region(item, user, name):
     return values, max(times) if times else datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
-def has_result(item, model, sha=None, region=None):
-    """Whether a slide's item holds a whole-slide nuclei result of a model (by its metadata, or by any of its
-    annotations made by writers of the item: one of another model may be newer, or saved before the plugin was
-    installed). The model is ``model`` (a name) and ``sha`` (the SHA-256 of its checkpoint; None for the bundled
-    model, which is known by its name): see :func:`same_model`. With ``region`` (``(name, since)``): a result of the
-    model counted inside the slide's annotations of that name (``params.region_annotation``), saved at or after
-    ``since`` (:func:`region_changed`), instead: a region redrawn since is counted again."""
-    if region is not None:
-        users = {}
-        return any(_region_result_of(a, model, sha, *region) and from_writer(a, item, users)
-                   for a in _active_results(item['_id']))
-    current = (item.get('meta') or {}).get(META_KEY)
-    if isinstance(current, dict) and same_model(current, model, sha) and not current.get('roi'):
-        return True
+def has_result(item, model, sha=None, region=None, choices=()):
+    """Whether a slide's item holds a whole-slide nuclei result of a model made with ``choices`` (the names of the
+    :data:`RUN_CHOICES` that were on, :func:`same_choices`) by a writer of the item: any of its active results, not
+    only the newest (one of another model may be newer). The model is ``model`` (a name) and ``sha`` (the SHA-256 of
+    its checkpoint; None for the bundled model, which is known by its name): see :func:`same_model`. With ``region``
+    (``(name, since)``): a result counted inside the slide's annotations of that name (``params.region_annotation``),
+    saved at or after ``since`` (:func:`slide_region`), instead: a region redrawn since is counted again."""
     users = {}
-    return any(_whole_slide_result_of(a['annotation'].get('attributes') or {}, model, sha)
-               and from_writer(a, item, users) for a in _active_results(item['_id']))
+    for annotation in _active_results(item['_id']):
+        if region is None:
+            made = _whole_slide_result_of(annotation['annotation'].get('attributes') or {}, model, sha, choices)
+        else:
+            made = _region_result_of(annotation, model, sha, choices, *region)
+        if made and from_writer(annotation, item, users):
+            return True
+    return False
 
 
 def writers_annotations(item):
