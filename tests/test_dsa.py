@@ -252,7 +252,8 @@ def test_folder_detection_runs_every_slide_on_the_worker(dsa, synthetic_slide, t
 
 def test_folder_detection_counts_inside_each_slides_region_annotation(dsa, synthetic_slide):
     """``regionAnnotation=tumour`` on the worker: the job reads the slide's 'tumour' annotation from the private
-    collection with the job's own token and counts inside it; the slide without one is left out."""
+    collection with the job's own token and counts inside it; the slide without one is left out. With
+    ``leaveOutOfFocus``, which the task takes as HistomicsUI gives it and the result records."""
     gc = dsa.client()
     cohort = gc.createFolder(dsa.folder_id, 'region_run', reuseExisting=True)['_id']
     drawn, _ = dsa.upload_slide(synthetic_slide(700, 600, 5)[0], name='drawn.tiff', folder_id=cohort)
@@ -260,20 +261,23 @@ def test_folder_detection_counts_inside_each_slides_region_annotation(dsa, synth
     quad = [[50, 50, 0], [500, 80, 0], [450, 520, 0], [80, 450, 0]]
     gc.post('annotation', {'itemId': drawn}, json={'name': 'tumour', 'elements': [
         {'type': 'polyline', 'closed': True, 'points': quad}]})
-    batch = dsa.wait_for_job(gc.post(f'cellrcnn/folder/{cohort}/detect', {'regionAnnotation': 'tumour'})['_id'], 600)
+    asked = {'regionAnnotation': 'tumour', 'leaveOutOfFocus': 'true'}
+    batch = dsa.wait_for_job(gc.post(f'cellrcnn/folder/{cohort}/detect', asked)['_id'], 600)
     (child,) = gc.get('job', {'limit': 0, 'parentId': batch['_id'], 'userId': batch['userId']})
     assert child['status'] == JOB_SUCCESS, job_log(dsa, child['_id'])[-3000:]
     assert batch['status'] == JOB_SUCCESS, ''.join(batch['log'])[-3000:]
     assert (batch['cellrcnnBatch']['todo'], batch['cellrcnnBatch']['no_region']) == (1, 1)
     nuclei = annotations_of(dsa, drawn, count=6)[f'{DEFAULT_NAME} inside tumour']  # named for its region
     assert nuclei['attributes']['params']['region_annotation'] == 'tumour'
+    assert nuclei['attributes']['params']['leave_out_of_focus'] is True
+    assert nuclei['attributes']['stats']['out_of_focus_left_out'] is True
     centres = (boxes_of(nuclei)[:, :2] + boxes_of(nuclei)[:, 2:]) / 2
     assert len(centres) > 20 and inside([[p[:2] for p in quad]], centres[:, 0], centres[:, 1]).all()
     rows = wait_for(lambda: (lambda rows: rows if any(r['cells'] for r in rows) else None)(
         gc.get(f'cellrcnn/folder/{cohort}/results')), 120, 'the drawn slide in the results table')
     assert {r['name']: (r['region_annotation'], bool(r['cells'])) for r in rows} == {
         'drawn.tiff': ('tumour', True), 'undrawn.tiff': (None, False)}
-    again = dsa.wait_for_job(gc.post(f'cellrcnn/folder/{cohort}/detect', {'regionAnnotation': 'tumour'})['_id'], 120)
+    again = dsa.wait_for_job(gc.post(f'cellrcnn/folder/{cohort}/detect', asked)['_id'], 120)
     assert (again['cellrcnnBatch']['finished'], again['cellrcnnBatch']['todo']) == (1, 0)
 
 
