@@ -94,8 +94,8 @@ def study(server, slide_file, nuclei_doc):
         ids[name] = slide_in(server, slide_file, ids[where], name)[0]
     server.client().uploadStreamToFolder(root, io.BytesIO(b'not a slide'), 'notes.txt', 11)
     ids['a_result'] = post_annotations(server.api_url, server.token, ids['a.tiff'], nuclei_doc, **FAST)[0]['_id']
-    ids['c_result'] = post_annotations(server.api_url, server.token, ids['c.tiff'], nuclei(12, 'other.pt'),
-                                       **FAST)[0]['_id']
+    ids['c_result'] = post_annotations(server.api_url, server.token, ids['c.tiff'],
+                                       nuclei(12, 'other.pt', keep_blue_green=True), **FAST)[0]['_id']
     return ids
 
 
@@ -112,11 +112,12 @@ def test_the_results_table(server, study, nuclei_doc):
     assert a['score_mean'] == pytest.approx(want['mean'], abs=1e-4)
     assert a['score_median'] == pytest.approx(want['p50'], abs=1e-4)
     assert (c['cells'], c['model'], c['tissue_mm2'], c['ink_or_fill_mm2'], c['out_of_focus_mm2'],
-            c['cells_out_of_focus'], c['out_of_focus_left_out']) == (12, 'other.pt', 0.04, 0.01, 0.02, 4, True)
+            c['cells_out_of_focus'], c['out_of_focus_left_out'], c['keep_blue_green']) == (
+        12, 'other.pt', 0.04, 0.01, 0.02, 4, True, True)
     assert a['ink_or_fill_mm2'] == 0  # a real run's, on a slide without pen ink or black fill
     assert a['out_of_focus_mm2'] == pytest.approx(nuclei_doc['attributes']['stats']['out_of_focus_mm2'], abs=1e-6)
     assert a['cells_out_of_focus'] == nuclei_doc['attributes']['stats']['detections_out_of_focus'] == 0
-    assert a['out_of_focus_left_out'] is False  # counted, the default
+    assert a['out_of_focus_left_out'] is False and a['keep_blue_green'] is False  # the defaults
     columns = COLUMNS + typed_columns(nuclei_doc)  # the bundled model has cell types
     assert typed_columns(nuclei_doc)[:3] == ['lymphocyte_count', 'lymphocyte_per_mm2', 'lymphocyte_fraction']
     assert a['lymphocyte_count'] == nuclei_doc['attributes']['stats']['cell_types']['lymphocyte']

@@ -6,7 +6,7 @@ A cellrcnn nuclei annotation is one whose ``attributes`` carry the ``cellrcnn`` 
 pixelmap, the tissue outline: its ``kind``). Its summary goes into the item's metadata under :data:`META_KEY`::
 
     {"cells", "tissue_mm2", "cells_per_mm2", "ink_or_fill_mm2", "out_of_focus_mm2", "cells_out_of_focus",
-     "out_of_focus_left_out", "score": {"mean", "min", "max",
+     "out_of_focus_left_out", "keep_blue_green", "score": {"mean", "min", "max",
      "p5", "p25", "p50", "p75", "p95", "histogram": [counts of floor(10 * score) = 0, ..., 9]}, "model", "model_sha256",
      "cellrcnn_version", "roi", "region_annotation", "annotation_id", "date"}
 
@@ -22,9 +22,10 @@ fill the run left out there, ``out_of_focus_mm2`` the part of its tissue that lo
 ``cells_out_of_focus`` how many of the run's nuclei lie on it, ``out_of_focus_left_out`` whether the run left that
 tissue out of its counts (``cellrcnn detect --leave-out-of-focus``: then ``tissue_mm2`` is the tissue in focus and
 ``cells_out_of_focus`` the nuclei found there and dropped; each None on results made before the library recorded
-it). ``model`` is the checkpoint's
-file name (for people), ``model_sha256`` the SHA-256 of its bytes (what identifies the model; None on results made
-before the library recorded it).
+it). ``keep_blue_green`` says whether the run took large green or blue areas for tissue, not for pen ink (its
+``params``; False for runs that did not record it, made before the choice existed or without it). ``model`` is the
+checkpoint's file name (for people), ``model_sha256`` the SHA-256 of its bytes (what identifies the model; None on
+results made before the library recorded it).
 
 The metadata follows the most recently saved nuclei annotation of the item; when that one is deleted it falls back
 to the newest remaining one, or goes away.
@@ -237,6 +238,7 @@ def _summary(annotation, count, scores):
         'cells_out_of_focus': blurred_cells if cell_types.is_count(blurred_cells) else None,
         'out_of_focus_left_out': stats.get('out_of_focus_left_out') if isinstance(
             stats.get('out_of_focus_left_out'), bool) else None,
+        'keep_blue_green': params.get('keep_blue_green') is True,
         'score': score_summary(scores),
         'model': attributes.get('model'),
         SHA_KEY: attributes.get(SHA_KEY),
