@@ -247,7 +247,8 @@ def read_table(path):
 
 
 def test_the_table_without_cell_types_has_the_plain_columns_alone(tmp_path):
-    from cellrcnn.cohort import COLUMNS, out_of_focus, summary_line, write_table
+    from cellrcnn.cohort import COLUMNS, summary_line, write_table
+    from cellrcnn.focus import out_of_focus_noted
 
     row = {**dict.fromkeys(COLUMNS, ''), 'slide': 'a.tiff', 'status': 'done', 'cells': 12, 'tissue_mm2': 0.5,
            'cells_per_mm2': 24.0, 'ink_or_fill_mm2': 0.0, 'out_of_focus_mm2': 0.004, 'cells_out_of_focus': 1,
@@ -264,7 +265,8 @@ def test_the_table_without_cell_types_has_the_plain_columns_alone(tmp_path):
            if key not in ('ink_or_fill_mm2', 'out_of_focus_mm2', 'cells_out_of_focus', 'out_of_focus_left_out')}
     # a run that left it out: 1 % of the tissue in focus and out of it together
     left_out = [{**blurred, 'out_of_focus_left_out': True, 'tissue_mm2': t} for t in (0.5, 0.4)]
-    assert [out_of_focus(r) for r in (row, inked, blurred, old, *left_out)] == [False, False, True, False, False, True]
+    assert [out_of_focus_noted(r) for r in (row, inked, blurred, old, *left_out)] == [
+        False, False, True, False, False, True]
     assert summary_line([row, inked, blurred, old]) == (
         '4 slides: 4 done, 0 skipped (done by an earlier run), 0 failed; 48 nuclei in all; 1 with pen ink or black '
         'fill left out (ink_or_fill_mm2); 1 with tissue out of focus (out_of_focus_mm2)')

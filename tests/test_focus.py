@@ -192,7 +192,8 @@ def test_a_run_at_40x_finds_the_blurred_half_and_nothing_of_the_sharp_copy(half_
 
 def test_leaving_the_tissue_out_of_focus_out_drops_its_nuclei_and_its_area(runs, half_blurred, spec):
     from cellrcnn.boxes import box_centres
-    from cellrcnn.cohort import _row, out_of_focus
+    from cellrcnn.cohort import _row
+    from cellrcnn.focus import out_of_focus_noted
 
     blurred, _ = runs
     left = detect_slide(Slide(half_blurred[0]), spec.build(), leave_out_of_focus=True, **KW)
@@ -221,7 +222,7 @@ def test_leaving_the_tissue_out_of_focus_out_drops_its_nuclei_and_its_area(runs,
     assert not (left.tissue.mask & left.tissue.blurred).any()
     # the cohort's row says so, and still finds it worth a word
     row = _row(types.SimpleNamespace(name='s', item_id=None, output='o'), left, 'm.pt', 1.0)
-    assert row['out_of_focus_left_out'] is True and row['cells_out_of_focus'] == on.sum() and out_of_focus(row)
+    assert row['out_of_focus_left_out'] is True and row['cells_out_of_focus'] == on.sum() and out_of_focus_noted(row)
 
 
 def test_a_resumed_run_and_a_dask_run_find_the_same_blurred_tissue(runs, half_blurred, spec, tmp_path):

@@ -54,7 +54,7 @@ import time
 
 from .errors import CellRCNNError, one_line
 from .files import atomic_write
-from .focus import OUT_OF_FOCUS_NOTE
+from .focus import out_of_focus_noted
 from .job import POSTED_OUTPUTS
 
 #: the columns of ``cohort.csv``
@@ -403,14 +403,6 @@ def write_table(rows, path):
         writer.writerows({k: csv_safe(v) for k, v in r.items()} for r in rows if r is not None)
 
 
-def out_of_focus(row):
-    """Whether a row's tissue out of focus is worth a word: at least ``focus.OUT_OF_FOCUS_NOTE`` of its tissue, the
-    tissue in focus and out of it for a run that left it out (rows made before the column never are)."""
-    blurred = float(row.get('out_of_focus_mm2') or 0)
-    tissue = float(row.get('tissue_mm2') or 0) + (blurred if row.get('out_of_focus_left_out') is True else 0)
-    return blurred >= OUT_OF_FOCUS_NOTE * tissue > 0
-
-
 def _blurred_words(row):
     """What a row's tissue out of focus was: part of its tissue, or more of it that the run left out."""
     return 'more out of focus, left out' if row.get('out_of_focus_left_out') is True else 'of it out of focus'
@@ -427,7 +419,7 @@ def summary_line(rows):
     types = [f'{sum(int(r.get(c) or 0) for r in found)} {c[:-len(suffix)]}'
              for c in table_columns(rows)[len(COLUMNS):] if c.endswith(suffix)]
     marked = sum(float(r.get('ink_or_fill_mm2') or 0) > 0 for r in found)
-    blurred = sum(map(out_of_focus, found))
+    blurred = sum(map(out_of_focus_noted, found))
     without = f', {counts[NO_REGION]} without the region annotation' if counts[NO_REGION] else ''
     return (f'{len(rows)} slides: {counts["done"]} done, {counts["skipped"]} skipped (done by an earlier run), '
             f'{counts["failed"]} failed{without}; {cells} nuclei in all' + (f' ({", ".join(types)})' if types else '')
@@ -471,7 +463,7 @@ def batch(source, output, settings, scheduler=None, girder=None, progress=None, 
             rows[index] = row
             what = row['note'] if row['status'] in ('failed', NO_REGION) else (
                 f'{row["cells"]} nuclei, {row["tissue_mm2"]} mm2'
-                + (f' ({row["out_of_focus_mm2"]} mm2 {_blurred_words(row)})' if out_of_focus(row) else '')
+                + (f' ({row["out_of_focus_mm2"]} mm2 {_blurred_words(row)})' if out_of_focus_noted(row) else '')
                 + f', {row["seconds"]} s' + (f' ({row["note"]})' if row['note'] else ''))
             log(f'[{count}/{len(slides)}] {row["slide"]}: {row["status"]}: {what}')
     finally:  # an interrupted cohort still leaves the table of the slides that finished

@@ -27,7 +27,7 @@ from .colors import rgb_tuple
 from .density import micrometres_per_pixel
 from .errors import CellRCNNError
 from .files import atomic_write
-from .focus import OUT_OF_FOCUS_NOTE
+from .focus import out_of_focus_noted, tissue_judged_mm2
 from .region import cut_free_edges
 from .tissue_outline import BLURRED_COLOR, MARKS_COLOR, blurred_nuclei, pieces
 
@@ -280,12 +280,11 @@ def detection_summary_lines(result):
         + (f'; outputs written in {sec["write"]:.1f} s' if 'write' in sec else ''))
     if 'cell_types' in st:
         lines.append('cell types: ' + ', '.join(f'{name} {count}' for name, count in st['cell_types'].items()))
-    blurred, left_out = st.get('out_of_focus_mm2', 0.0), st.get('out_of_focus_left_out', False)
-    whole = st['tissue_mm2'] + (blurred if left_out else 0.0)
-    if blurred >= OUT_OF_FOCUS_NOTE * whole > 0:
-        where = (f'{blurred:.2f} mm2 of the tissue ({100 * blurred / whole:.0f} %) looks out of focus (cyan in the '
-                 'overview and the tissue annotation)')
-        if left_out:
+    if out_of_focus_noted(st):
+        blurred = st['out_of_focus_mm2']
+        where = (f'{blurred:.2f} mm2 of the tissue ({100 * blurred / tissue_judged_mm2(st):.0f} %) looks out of focus '
+                 '(cyan in the overview and the tissue annotation)')
+        if st.get('out_of_focus_left_out'):
             lines.append(f'{where} and is left out, with the {st["detections_out_of_focus"]} nuclei found there: the '
                          f'counts and densities are of the {st["tissue_mm2"]:.2f} mm2 in focus')
         else:

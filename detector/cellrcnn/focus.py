@@ -45,6 +45,19 @@ EPSILON = 1e-10
 NO_PATCHES = np.zeros((0, 5), np.float32)
 
 
+def tissue_judged_mm2(figures):
+    """The tissue a run judged for focus (mm²), from its figures (its ``stats``, or its row of a cohort table): its
+    ``tissue_mm2``, and for a run that left the tissue out of focus out (``out_of_focus_left_out``) that too."""
+    blurred = float(figures.get('out_of_focus_mm2') or 0)
+    return float(figures.get('tissue_mm2') or 0) + (blurred if figures.get('out_of_focus_left_out') is True else 0)
+
+
+def out_of_focus_noted(figures):
+    """Whether a run's tissue out of focus (its figures, as :func:`tissue_judged_mm2` takes them) is worth a word: at
+    least :data:`OUT_OF_FOCUS_NOTE` of the tissue it judged (figures made before the library measured it never are)."""
+    return float(figures.get('out_of_focus_mm2') or 0) >= OUT_OF_FOCUS_NOTE * tissue_judged_mm2(figures) > 0
+
+
 def judges(mpp):
     """Whether blur is judged at ``mpp`` um per analysis pixel: at 20x (:data:`MPP_RANGE`) and finer scales down to
     :data:`FINEST_MPP`."""
