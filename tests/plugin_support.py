@@ -27,8 +27,9 @@ XML = os.path.join(os.path.dirname(__file__), '..', 'cli', 'CellDetection', 'Cel
 DEFAULT_MODEL = os.path.basename(BUNDLED_MODEL)
 FAST = {'retries': 2, 'backoff': 0.01}
 COLUMNS = ['name', 'path', 'item_id', 'cells', 'tissue_mm2', 'cells_per_mm2', 'ink_or_fill_mm2', 'out_of_focus_mm2',
-           'cells_out_of_focus', 'out_of_focus_left_out', 'keep_blue_green', 'score_mean', 'score_median', 'model',
-           'cellrcnn_version', 'roi', 'region_annotation', 'annotation_id', 'date']
+           'cells_out_of_focus', 'out_of_focus_left_out', 'keep_blue_green', 'threshold', 'magnification', 'classes',
+           'views', 'score_mean', 'score_median', 'model', 'cellrcnn_version', 'roi', 'region_annotation',
+           'annotation_id', 'date']
 READ, WRITE = 0, 1
 
 
@@ -79,6 +80,9 @@ def expected_summary(doc):
             'cells_out_of_focus': doc['attributes']['stats'].get('detections_out_of_focus'),
             'out_of_focus_left_out': doc['attributes']['stats'].get('out_of_focus_left_out'),
             'keep_blue_green': doc['attributes']['params'].get('keep_blue_green') is True,
+            **{name: doc['attributes']['params'].get(name) for name in ('threshold', 'magnification')},
+            'classes': sorted(doc['attributes']['params']['classes']) if doc['attributes']['params'].get('classes')
+            else None, 'views': doc['attributes']['params'].get('views', 1),
             'mean': scores.mean(), **{f'p{q}': np.percentile(scores, q) for q in (5, 25, 50, 75, 95)},
             'histogram': np.bincount(np.clip((scores * 10).astype(int), 0, 9), minlength=10).tolist()}
 

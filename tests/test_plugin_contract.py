@@ -5,6 +5,7 @@ and is imported by its path, to compare what it computes with the library.
 """
 
 import ast
+import dataclasses
 import importlib.util
 import os
 
@@ -117,3 +118,71 @@ def test_a_region_annotation_that_cannot_be_counted_is_refused_on_both_sides(ele
         regions.region_values(elements)
     with pytest.raises(CellRCNNError):
         annotation_region([{'elements': elements}], 'tumour')
+
+
+# --------------------------------------------------------------------------- a folder run's choices
+
+
+def plugin_run_choices():
+    return plugin_module('run_choices')
+
+
+@pytest.mark.parametrize('given, typed', [
+    ({}, {}),  # the task's defaults
+    ({'threshold': '0.6', 'analysis_mag': '40', 'views': '4'}, {'threshold': 0.6, 'analysis_mag': 40.0, 'views': 4}),
+    # 0 is a threshold, and no magnification
+    ({'threshold': '0', 'analysis_mag': '0'}, {'threshold': 0.0, 'analysis_mag': 0.0}),
+    ({'classes': '["tumour", "lymphocyte"]'}, {'classes': ['tumour', ' lymphocyte']}),  # as slicer_cli_web splits it
+    ({'keep_blue_green': 'true', 'leave_out_of_focus': 'false'}, {'keep_blue_green': True}),
+])
+def test_a_folder_run_reads_the_tasks_parameters_as_the_task_does(given, typed):
+    """A job's parameters as HistomicsUI sends them, read by the plugin (``run_choices.of_task``), are the choices
+    the task records in a result's params when it takes them (typed, as its parser gives them)."""
+    from test_slicer_cli import task_module, xml_defaults
+
+    run_choices = plugin_run_choices()
+    args = xml_defaults('CellDetection')
+    for name, value in typed.items():
+        setattr(args, name, value)
+    identity = task_module('CellDetection').settings_from(args).result().identity()
+    assert run_choices.of_task(given) == run_choices.recorded(identity)
+    assert run_choices.of_task(run_choices.task_params(run_choices.of_task(given))) == run_choices.of_task(given)
+
+
+def test_every_choice_is_a_setting_and_a_task_parameter_whose_default_is_no_choice():
+    from test_slicer_cli import xml_defaults
+
+    from cellrcnn.settings import ResultSettings
+
+    run_choices = plugin_run_choices()
+    defaults = vars(xml_defaults('CellDetection'))
+    fields = {f.name for f in dataclasses.fields(ResultSettings)}
+    for name, (task, _, _) in run_choices.CHOICES.items():
+        assert name in fields and task in defaults
+        assert run_choices.of_task({task: defaults[task]}) == {}, task
+
+
+def test_a_real_run_is_known_by_the_choices_it_was_made_with(slide_file, result_files, tmp_path):
+    """A run records the threshold and magnification it used (its model's own by default): the plugin takes them
+    for no choice, and knows a run made with choices by them."""
+    from cellrcnn.annotation import read_annotation_file
+    from cellrcnn.job import detect_to_files, output_paths
+    from cellrcnn.settings import DetectionSettings
+
+    run_choices = plugin_run_choices()
+    plain = read_annotation_file(result_files['annotation'])['attributes']
+    config = plain['model_config']
+    assert plain['params']['threshold'] == config['threshold']  # what the run used: the model's own
+    assert run_choices.same(plain, {}) and run_choices.same(plain, {'threshold': config['threshold'],
+                                                                    'magnification': 10 / config['mpp']})
+    assert not run_choices.same(plain, {'threshold': 0.9}) and not run_choices.same(plain, {'views': 2})
+
+    paths = {'annotation': output_paths(str(tmp_path), 'slide')['annotation']}
+    detect_to_files(str(slide_file), paths, DetectionSettings(
+        device='cpu', tile_size=256, progress='none', threshold=0.6, classes=('tumour', 'lymphocyte'), views=2,
+        keep_blue_green=True, leave_out_of_focus=True))
+    chosen = read_annotation_file(paths['annotation'])['attributes']
+    asked = run_choices.of_task({'threshold': '0.60', 'classes': '["lymphocyte","tumour"]', 'views': '2',
+                                 'keep_blue_green': 'true', 'leave_out_of_focus': 'true', 'analysis_mag': '-1'})
+    assert run_choices.same(chosen, asked) and not run_choices.same(plain, asked)
+    assert not run_choices.same(chosen, {**asked, 'views': 4}) and not run_choices.same(chosen, {})

@@ -95,7 +95,9 @@ def study(server, slide_file, nuclei_doc):
     server.client().uploadStreamToFolder(root, io.BytesIO(b'not a slide'), 'notes.txt', 11)
     ids['a_result'] = post_annotations(server.api_url, server.token, ids['a.tiff'], nuclei_doc, **FAST)[0]['_id']
     ids['c_result'] = post_annotations(server.api_url, server.token, ids['c.tiff'],
-                                       nuclei(12, 'other.pt', keep_blue_green=True), **FAST)[0]['_id']
+                                       nuclei(12, 'other.pt', keep_blue_green=True, threshold=0.6,
+                                              classes=['tumour', 'lymphocyte'], views=4),
+                                       **FAST)[0]['_id']
     return ids
 
 
@@ -112,12 +114,17 @@ def test_the_results_table(server, study, nuclei_doc):
     assert a['score_mean'] == pytest.approx(want['mean'], abs=1e-4)
     assert a['score_median'] == pytest.approx(want['p50'], abs=1e-4)
     assert (c['cells'], c['model'], c['tissue_mm2'], c['ink_or_fill_mm2'], c['out_of_focus_mm2'],
-            c['cells_out_of_focus'], c['out_of_focus_left_out'], c['keep_blue_green']) == (
-        12, 'other.pt', 0.04, 0.01, 0.02, 4, True, True)
+            c['cells_out_of_focus'], c['out_of_focus_left_out'], c['keep_blue_green'], c['threshold'],
+            c['magnification'], c['classes'], c['views']) == (
+        12, 'other.pt', 0.04, 0.01, 0.02, 4, True, True, 0.6, None, 'lymphocyte,tumour', 4)
     assert a['ink_or_fill_mm2'] == 0  # a real run's, on a slide without pen ink or black fill
     assert a['out_of_focus_mm2'] == pytest.approx(nuclei_doc['attributes']['stats']['out_of_focus_mm2'], abs=1e-6)
     assert a['cells_out_of_focus'] == nuclei_doc['attributes']['stats']['detections_out_of_focus'] == 0
     assert a['out_of_focus_left_out'] is False and a['keep_blue_green'] is False  # the defaults
+    # a real run records the threshold and magnification it used: by default its model's own
+    config = nuclei_doc['attributes']['model_config']
+    assert (a['threshold'], a['magnification'], a['classes'], a['views']) == (config['threshold'], 20, None, 1)
+    assert a['magnification'] == 10 / config['mpp']
     columns = COLUMNS + typed_columns(nuclei_doc)  # the bundled model has cell types
     assert typed_columns(nuclei_doc)[:3] == ['lymphocyte_count', 'lymphocyte_per_mm2', 'lymphocyte_fraction']
     assert a['lymphocyte_count'] == nuclei_doc['attributes']['stats']['cell_types']['lymphocyte']
@@ -290,40 +297,87 @@ def test_detect_inside_each_slides_region_annotation(server, cli_id, slide_file)
 
 
 def test_detect_with_the_tasks_choices(server, cli_id, slide_file):
-    """``leaveOutOfFocus`` and ``keepBlueGreen`` turn the task's choices on in each slide's job; a slide is done, or
-    running, only by a result or a job made with the same choices."""
+    """A folder run sets the task's parameters that change what is counted (threshold, magnification, classes,
+    views, leaveOutOfFocus, keepBlueGreen) in each slide's job; a slide is done, or running, only by a result or a
+    job made with the same choices, the others at the task's defaults, whatever the order of the classes and the
+    way a number was written."""
     root = folder(server, server.folder_id, 'choices')
-    ids = {name: slide_in(server, slide_file, root, name) for name in ('plain.tiff', 'focus.tiff', 'none.tiff')}
-    post_annotations(server.api_url, server.token, ids['plain.tiff'][0], nuclei(5, DEFAULT_MODEL), **FAST)
-    post_annotations(server.api_url, server.token, ids['focus.tiff'][0],
-                     nuclei(6, DEFAULT_MODEL, leave_out_of_focus=True), **FAST)
+    ids = {name: slide_in(server, slide_file, root, name)
+           for name in ('plain.tiff', 'focus.tiff', 'types.tiff', 'none.tiff')}
+    for name, params in (('plain.tiff', {}), ('focus.tiff', {'leave_out_of_focus': True}),
+                         ('types.tiff', {'threshold': 0.6, 'classes': ['tumour', 'lymphocyte']})):
+        post_annotations(server.api_url, server.token, ids[name][0], nuclei(5, DEFAULT_MODEL, **params), **FAST)
+    flags = ('--leave_out_of_focus', '--keep_blue_green', '--threshold', '--analysis_mag', '--classes', '--views')
 
     def queued_choices(jobs):
         """Per slide name, the task's choices its job gives, each with its value, in name order."""
         names = {ids[name][0]: name for name in ids}
-        flags = {}
+        given = {}
         for job in jobs:
             args = server.client().get(f'job/{job["_id"]}')['kwargs']['container_args']
-            flags[names[job['cellrcnnSlide']]] = sorted(f'{a}={args[i + 1]}' for i, a in enumerate(args)
-                                                        if a in ('--leave_out_of_focus', '--keep_blue_green'))
-        return flags
+            given[names[job['cellrcnnSlide']]] = sorted(f'{a}={args[i + 1]}' for i, a in enumerate(args)
+                                                        if a in flags)
+        return given
+
+    def counts(parent):
+        return parent['cellrcnnBatch']['finished'], parent['cellrcnnBatch']['running']
 
     parent, jobs = detect(server, root, leaveOutOfFocus='true')
-    assert queued_choices(jobs) == {name: ['--leave_out_of_focus=true'] for name in ('plain.tiff', 'none.tiff')}
-    assert parent['cellrcnnBatch']['choices'] == ['leave_out_of_focus']
-    assert (parent['cellrcnnBatch']['finished'], parent['cellrcnnBatch']['running']) == (1, 0)
+    assert queued_choices(jobs) == {name: ['--leave_out_of_focus=true']
+                                    for name in ('plain.tiff', 'types.tiff', 'none.tiff')}
+    assert parent['cellrcnnBatch']['choices'] == {'leave_out_of_focus': True} and counts(parent) == (1, 0)
     assert ('1 already have a result of cellrcnn-default.pt with leave_out_of_focus, 0 have a CellDetection job of it '
-            'waiting or running; 2 to detect with cellrcnn-default.pt with leave_out_of_focus\n') in parent['log'][0]
+            'waiting or running; 3 to detect with cellrcnn-default.pt with leave_out_of_focus\n') in parent['log'][0]
 
-    # a run without the choice: plain.tiff is done; the waiting jobs with it do not count for none.tiff
+    # a run without the choice: plain.tiff is done; the waiting jobs with it do not count for the others
     parent, jobs = detect(server, root)
-    assert queued_choices(jobs) == {'focus.tiff': [], 'none.tiff': []} and 'choices' not in parent['cellrcnnBatch']
+    assert queued_choices(jobs) == {'focus.tiff': [], 'types.tiff': [], 'none.tiff': []}
+    assert 'choices' not in parent['cellrcnnBatch']
     # with it again: the jobs of the first run are waiting
     parent, jobs = detect(server, root, leaveOutOfFocus=True)
-    assert jobs == [] and (parent['cellrcnnBatch']['finished'], parent['cellrcnnBatch']['running']) == (1, 2)
+    assert jobs == [] and counts(parent) == (1, 3)
     parent, jobs = detect(server, root, leaveOutOfFocus=True, keepBlueGreen=True)
     assert queued_choices(jobs) == {name: ['--keep_blue_green=true', '--leave_out_of_focus=true'] for name in ids}
-    assert parent['cellrcnnBatch']['choices'] == ['leave_out_of_focus', 'keep_blue_green']
+    assert parent['cellrcnnBatch']['choices'] == {'leave_out_of_focus': True, 'keep_blue_green': True}
+
+    # a threshold and cell types: types.tiff's result kept them, named in another order
+    parent, jobs = detect(server, root, threshold=0.6, classes=' lymphocyte,tumour')
+    assert queued_choices(jobs) == {name: ['--classes=lymphocyte, tumour', '--threshold=0.6']
+                                    for name in ('plain.tiff', 'focus.tiff', 'none.tiff')}
+    assert parent['cellrcnnBatch']['choices'] == {'threshold': 0.6, 'classes': ['lymphocyte', 'tumour']}
+    assert counts(parent) == (1, 0) and ('to detect with cellrcnn-default.pt with threshold 0.6 and classes '
+                                         'lymphocyte,tumour\n') in parent['log'][0]
+    # the same choices written otherwise: the jobs just queued are waiting; the threshold alone is another run
+    parent, jobs = detect(server, root, threshold='0.60', classes='tumour,,lymphocyte')
+    assert jobs == [] and counts(parent) == (1, 3)
+    parent, jobs = detect(server, root, threshold=0.6)
+    assert len(jobs) == 4 and counts(parent) == (0, 0)
+    parent, jobs = detect(server, root, magnification=40, views=4)
+    assert queued_choices(jobs) == {name: ['--analysis_mag=40.0', '--views=4'] for name in ids}
+    # the defaults given as such are no choice: the first run without one is waiting
+    parent, jobs = detect(server, root, threshold=-1, magnification=-1, views=1, classes='', keepBlueGreen=False)
+    assert jobs == [] and 'choices' not in parent['cellrcnnBatch'] and counts(parent) == (1, 3)
+
+    for asked, message in (({'threshold': 1.5}, 'threshold must be at most 1, not 1.5'),
+                           ({'magnification': 'nan'}, 'magnification must be at most 100, not nan'),
+                           ({'views': 3}, 'views must be one of 1, 2, 4, 8, not 3'),
+                           ({'classes': 'x' * 101}, 'classes takes at most 50 printable names of at most 100 '
+                                                    'characters each')):
+        assert error_of(lambda: server.client().post(f'cellrcnn/folder/{root}/detect', asked)) == (400, message)
+
+
+def test_a_real_result_is_done_at_its_models_own_threshold(server, cli_id, slide_file, nuclei_doc):
+    """A real run records the threshold and magnification it used, its model's own: it is done for a folder run
+    that leaves them at the task's defaults or names the model's own, and not for another threshold."""
+    root = folder(server, server.folder_id, 'own threshold')
+    post_annotations(server.api_url, server.token, slide_in(server, slide_file, root, 'real.tiff')[0], nuclei_doc,
+                     **FAST)
+    config = nuclei_doc['attributes']['model_config']
+    for asked in ({}, {'threshold': config['threshold'], 'magnification': 10 / config['mpp']}):
+        parent, jobs = detect(server, root, **asked)
+        assert jobs == [] and parent['cellrcnnBatch']['finished'] == 1
+    parent, jobs = detect(server, root, threshold=round(config['threshold'] + 0.1, 2))
+    assert len(jobs) == 1 and parent['cellrcnnBatch']['finished'] == 0
 
 
 def test_detect_with_another_model(server, cli_id, run_folder, tmp_path):

@@ -57,6 +57,8 @@ def check_summary(result, doc, annotation_id):
     assert result['cells_out_of_focus'] == want['cells_out_of_focus']
     assert result['out_of_focus_left_out'] is want['out_of_focus_left_out']
     assert result['keep_blue_green'] is want['keep_blue_green']
+    assert [result[k] for k in ('threshold', 'magnification', 'classes', 'views')] == [
+        want[k] for k in ('threshold', 'magnification', 'classes', 'views')]
     for key in ('mean', 'p5', 'p25', 'p50', 'p75', 'p95'):
         assert result['score'][key] == pytest.approx(want[key], abs=1e-4), key
     assert result['score']['histogram'] == want['histogram']

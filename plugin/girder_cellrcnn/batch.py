@@ -15,10 +15,11 @@ those whose annotation cannot be counted (no area, holes) are named in the log, 
 holds a result of the model inside them saved since they last changed (``results.has_result``).
 
 Slides that already hold a whole-slide result of the model, or have a CellDetection job of the model still waiting
-or running, are skipped: starting again after an interruption picks up where the last run stopped. A run may turn
-on the task's true-or-false choices that change what is counted (``results.RUN_CHOICES``: tissue out of focus left
-out, green and blue areas kept as tissue); then only a result or a job made with the same choices counts. A model
-file is identified by the SHA-256 of its bytes (:mod:`.model_files`), the bundled model by its name.
+or running, are skipped: starting again after an interruption picks up where the last run stopped. A run may set
+the task's parameters that change what is counted (:mod:`.run_choices`: the score threshold, the magnification, the
+cell types kept, the views per tile, tissue out of focus left out, green and blue areas kept as tissue); only a
+result or a job made with the same choices, the others at the task's defaults, counts. A model file is identified by
+the SHA-256 of its bytes (:mod:`.model_files`), the bundled model by its name.
 
 Scale: the request only checks and creates the parent job. Its thread hashes the model, walks the folder tree and
 queues the slides; the job document holds the counts, not the list of slides (a document is limited to 16 MB).
@@ -46,13 +47,13 @@ from girder.utility import setting_utilities
 from girder_jobs.constants import JobStatus
 from girder_jobs.models.job import Job
 
+from . import run_choices
 from .model_files import model_sha256
 from .regions import RegionError
 from .results import (
     LABEL_IMAGES_FOLDER,
     LABEL_IMAGES_META,
     META_KEY,
-    RUN_CHOICES,
     folder_slides,
     has_result,
     is_label_images_folder,
@@ -77,8 +78,6 @@ API_URL_SETTING = 'worker.api_url'
 UNUSABLE_SHOWN = 20
 #: the longest name of a region annotation a folder run takes
 REGION_NAME_MAX_CHARS = 200
-#: a task's boolean parameter on, as slicer_cli_web takes it from HistomicsUI
-ON = 'true'
 TOKEN_DAYS = 1  # the batch's token only queues the slides' jobs (girder_worker gives each job its own)
 ENDED = {JobStatus.SUCCESS, JobStatus.ERROR, JobStatus.CANCELED}
 WAITING_OR_RUNNING = [JobStatus.INACTIVE, JobStatus.QUEUED, JobStatus.RUNNING,
@@ -195,31 +194,35 @@ def require_worker_api_url():
     return url
 
 
-def active_job(file_id, model_file_id, region_annotation=None, choices=()):
+def active_job(file_id, model_file_id, region_annotation=None, choices=None):
     """A CellDetection job of this model on this slide file (counting inside its annotations named
-    ``region_annotation``, when given; with ``choices`` on and the task's other :data:`RUN_CHOICES` off) that is
-    still waiting or running, or None."""
+    ``region_annotation``, when given; made with ``choices``, :mod:`.run_choices`) that is still waiting or running,
+    or None."""
     query = {'_original_name': CLI_NAME, '_original_params.inputImageFile': str(file_id),
              'status': {'$in': WAITING_OR_RUNNING}}
-    for name in RUN_CHOICES:  # as HistomicsUI sends them, 'true' or 'false'; a job of this plugin's omits 'false'
-        query[f'_original_params.{name}'] = ON if name in choices else {'$nin': [ON, True]}
     if region_annotation:
         query['_original_params.region_annotation'] = region_annotation
     if model_file_id:
         query['_original_params.model_file'] = model_file_id
     else:
         query['$or'] = [{'_original_params.model_file': {'$exists': False}}, {'_original_params.model_file': ''}]
-    return Job().findOne(query, fields=['_id'])
+    for job in Job().find(query, fields=['_id', '_original_params']):
+        try:  # the parameters as HistomicsUI or a folder run gave them
+            if run_choices.of_task(job.get('_original_params') or {}) == (choices or {}):
+                return job
+        except ValueError:
+            continue  # a job the task refuses: not a run of these choices
+    return None
 
 
-def plan(folder, user, model, model_file_id, sha=None, region_annotation=None, choices=()):
+def plan(folder, user, model, model_file_id, sha=None, region_annotation=None, choices=None):
     """Which slides of the folder tree to run: ``{"slides": [...], "finished": n, "running": n, "total": n,
     "no_write_folders": n, "no_region": n, "unusable_regions": [line, ...]}``. Each slide is ``{"itemId",
     "fileId", "folderId", "name", "path", "region"}``, its region the numbers of :func:`results.slide_region`.
     With ``region_annotation`` each slide is counted inside its annotations of that name that ``user`` may read;
     a slide without one is left out (``no_region``), one with a result of the model inside them saved since they
     last changed is finished (``results.has_result``). A slide is finished, or running, only by a result or a job
-    made with ``choices`` (the names of the :data:`RUN_CHOICES` on) and the others off."""
+    made with ``choices`` (:mod:`.run_choices`)."""
     found, denied = folder_slides(folder, user, level=AccessType.WRITE)
     todo, finished, running, no_region, unusable = [], 0, 0, 0, []
     for path, item, parent in found:
@@ -246,11 +249,11 @@ def plan(folder, user, model, model_file_id, sha=None, region_annotation=None, c
             'no_write_folders': denied, 'no_region': no_region, 'unusable_regions': unusable}
 
 
-def start(folder, user, cli, model, model_file_id, region_annotation=None, choices=()):
+def start(folder, user, cli, model, model_file_id, region_annotation=None, choices=None):
     """Create and schedule the parent job; :returns: the job. Its thread (:func:`_schedule`) hashes the model, walks
     the folder tree and queues the slides: the request does none of that, and the job document holds no list of
-    slides, whatever the folder's size. ``choices``: the names of the task's :data:`RUN_CHOICES` to turn on in each
-    slide's job. girder_worker's tasks call back to the ``worker.api_url`` setting
+    slides, whatever the folder's size. ``choices``: the task's parameters each slide's job is made with
+    (:mod:`.run_choices`; None: the task's defaults). girder_worker's tasks call back to the ``worker.api_url`` setting
     (:func:`require_worker_api_url`): outside a request (our thread) it has no other way to know the address, and
     this plugin never sets it."""
     require_worker_api_url()
@@ -258,19 +261,19 @@ def start(folder, user, cli, model, model_file_id, region_annotation=None, choic
         module='girder_cellrcnn.batch', function='run', title=f'Cell detection on folder {folder["name"]}',
         type=JOB_TYPE, user=user, public=False, asynchronous=True,
         kwargs={'folderId': str(folder['_id']), 'cliItemId': str(cli._id), 'model': model,
-                'modelFileId': model_file_id, 'regionAnnotation': region_annotation, 'choices': list(choices)},
+                'modelFileId': model_file_id, 'regionAnnotation': region_annotation, 'choices': choices or {}},
         otherFields={'cellrcnnBatch': {'model': model, 'scheduled': False,
                                        **({'region_annotation': region_annotation} if region_annotation else {}),
-                                       **({'choices': list(choices)} if choices else {})}})
+                                       **({'choices': choices} if choices else {})}})
     Job().scheduleJob(job)
     return job
 
 
-def _record_plan(job, work, model, sha, region_annotation=None, choices=()):
+def _record_plan(job, work, model, sha, region_annotation=None, choices=None):
     """Put the plan's counts on the batch job (``cellrcnnBatch``, its log and its progress)."""
     inside = f' inside their annotation {region_annotation!r}' if region_annotation else ''
     if choices:
-        inside += f' with {" and ".join(choices)}'
+        inside += f' with {run_choices.describe(choices)}'
     skipped = (f'{work["finished"]} already have a result of {model}{inside}, {work["running"]} have a {CLI_NAME} '
                f'job of it waiting or running')
     unusable = work['unusable_regions']
@@ -320,7 +323,7 @@ def _schedule(job):
         if folder is None:
             raise RestException(f'the folder {kwargs["folderId"]} is gone, or you may no longer write to it')
         sha = model_sha256(kwargs['modelFileId'])
-        region_annotation, choices = kwargs.get('regionAnnotation'), tuple(kwargs.get('choices') or ())
+        region_annotation, choices = kwargs.get('regionAnnotation'), kwargs.get('choices') or {}
         work = plan(folder, user, kwargs['model'], kwargs['modelFileId'], sha, region_annotation, choices)
         job = _record_plan(job, work, kwargs['model'], sha, region_annotation, choices)
         handler = genHandlerToRunDockerCLI(cli)
@@ -387,11 +390,11 @@ def _revoke(token):
             logger.exception('cellrcnn: could not delete a batch token')
 
 
-def _start_child(handler, cli, slide, model_file_id, user, token, region=None, choices=()):
+def _start_child(handler, cli, slide, model_file_id, user, token, region=None, choices=None):
     """The slicer_cli_web job of one slide, as HistomicsUI's Submit makes it; with ``region`` (the name of the
     slide's annotations and the region numbers they outline), counting inside them: the job gets the numbers as
-    its region to analyse, and the name, which the result records; with ``choices``, those of the task's
-    :data:`RUN_CHOICES` on."""
+    its region to analyse, and the name, which the result records; with ``choices``, the task's parameters that make
+    them (:mod:`.run_choices`)."""
     stem = os.path.splitext(slide['name'])[0]
     params = {'inputImageFile': slide['fileId'], 'girderApiUrl': '', 'girderToken': ''}  # slicer_cli_web fills these
     for output in OUTPUTS:
@@ -402,7 +405,7 @@ def _start_child(handler, cli, slide, model_file_id, user, token, region=None, c
         params['model_file'] = model_file_id
     if region:
         params.update({'region_annotation': region[0], 'analysis_roi': json.dumps(region[1])})
-    params.update(dict.fromkeys(choices, ON))
+    params.update(run_choices.task_params(choices or {}))
     # girder_worker tells a Girder request from other code by cherrypy.request.app; this thread is Girder code
     # without a request, as in slicer_cli_web's batch runs, which set it the same way.
     before = cherrypy.request.app

@@ -14,9 +14,9 @@ from girder.models.folder import Folder
 from girder.models.item import Item
 from girder_jobs.models.job import Job
 
-from . import batch, model_files, results, withdrawn
+from . import batch, model_files, results, run_choices, withdrawn
 from .cell_types import RATIO_KEY, SUFFIXES
-from .results import DEFAULT_MODEL, RUN_CHOICES
+from .results import DEFAULT_MODEL
 from .table import COLUMNS, table_columns, table_csv_lines, table_rows
 
 
@@ -88,7 +88,8 @@ class CellRCNNResource(Resource):
         .notes('Starts one job that queues a slicer_cli_web CellDetection job per slide (outputs into the slide\'s '
                'folder, annotations onto the slide) and counts them done. Slides that already hold a whole-slide '
                'result of the model, or have a CellDetection job of it waiting or running, are skipped: one made '
-               'with the same choice of leaveOutOfFocus and keepBlueGreen.')
+               'with the same choices of threshold, magnification, classes, views, leaveOutOfFocus and keepBlueGreen, '
+               'those not given at the task\'s defaults.')
         .modelParam('id', model=Folder, level=AccessType.WRITE)
         .param('model', 'Id of a cellrcnn model file (.pt) to detect with; default: the task\'s bundled model '
                f'({DEFAULT_MODEL})', required=False)
@@ -99,6 +100,16 @@ class CellRCNNResource(Resource):
                '(rectangles, ellipses, circles, closed polygons, e.g. a tumour a pathologist drew); slides without '
                'one are left out, and a slide is done when it holds a result of the model inside them saved since '
                'they last changed. Default: whole slides.', required=False)
+        .param('threshold', 'Keep nuclei scored at least this, 0 to 1 (the task\'s threshold). Default: the '
+               'threshold the model was calibrated with.', required=False, dataType='number')
+        .param('magnification', 'Analyse the slides at this magnification, above 0 and at most 100 (the task\'s '
+               'analysis_mag). Default: the model\'s own (20x for the bundled model).', required=False,
+               dataType='number')
+        .param('classes', 'For a model with cell types: keep only nuclei of these types, their names separated by '
+               'commas, e.g. lymphocyte,tumour (the task\'s classes; a name the model lacks fails each slide\'s '
+               'job). Default: every nucleus.', required=False)
+        .param('views', 'See each tile in this many views, 1, 2, 4 or 8, and fuse what they find (the task\'s '
+               'views): more accurate, as many times as long. Default: 1.', required=False, dataType='integer')
         .param('leaveOutOfFocus', 'Leave the tissue that looks out of focus out of the counts, with the nuclei '
                'found on it (the task\'s leave_out_of_focus): counts and densities are of the tissue in focus',
                required=False, dataType='boolean', default=False)
@@ -110,6 +121,7 @@ class CellRCNNResource(Resource):
         .errorResponse('The worker.api_url setting is not set (an administrator sets it).', 503)
     )
     def detect(self, folder: dict, model: str | None, cli: str | None, regionAnnotation: str | None,
+               threshold: float | None, magnification: float | None, classes: str | None, views: int | None,
                leaveOutOfFocus: bool, keepBlueGreen: bool) -> dict:
         try:
             import girder_worker.girder_plugin  # noqa: F401  girder_worker's Girder side: what queues the jobs
@@ -117,12 +129,16 @@ class CellRCNNResource(Resource):
             raise RestException("girder_worker's Girder plugin is not installed on this server (pip install "
                                 "'girder-worker[girder]<5' for Girder 3): slicer_cli_web cannot queue tasks",
                                 code=500) from None
+        try:
+            choices = run_choices.of_task({'threshold': threshold, 'analysis_mag': magnification, 'classes': classes,
+                                           'views': views, 'leave_out_of_focus': leaveOutOfFocus,
+                                           'keep_blue_green': keepBlueGreen})
+        except ValueError as exc:
+            raise RestException(str(exc), 400) from None
         batch.require_worker_api_url()
         user = self.getCurrentUser()
         task = batch.find_cli(user, cli)
         model_name, model_file_id = model_files.model_of(user, model)
-        asked = {'leave_out_of_focus': leaveOutOfFocus, 'keep_blue_green': keepBlueGreen}
-        choices = tuple(name for name in RUN_CHOICES if asked[name])
         job = batch.start(folder, user, task, model_name, model_file_id, _region_name(regionAnnotation), choices)
         return Job().filter(job, user)
 

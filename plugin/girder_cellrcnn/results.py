@@ -6,9 +6,9 @@ A cellrcnn nuclei annotation is one whose ``attributes`` carry the ``cellrcnn`` 
 pixelmap, the tissue outline: its ``kind``). Its summary goes into the item's metadata under :data:`META_KEY`::
 
     {"cells", "tissue_mm2", "cells_per_mm2", "ink_or_fill_mm2", "out_of_focus_mm2", "cells_out_of_focus",
-     "out_of_focus_left_out", "keep_blue_green", "score": {"mean", "min", "max",
-     "p5", "p25", "p50", "p75", "p95", "histogram": [counts of floor(10 * score) = 0, ..., 9]}, "model", "model_sha256",
-     "cellrcnn_version", "roi", "region_annotation", "annotation_id", "date"}
+     "out_of_focus_left_out", "keep_blue_green", "threshold", "magnification", "classes", "views",
+     "score": {"mean", "min", "max", "p5", "p25", "p50", "p75", "p95", "histogram": [counts of floor(10 * score) = 0,
+     ..., 9]}, "model", "model_sha256", "cellrcnn_version", "roi", "region_annotation", "annotation_id", "date"}
 
 and, for a model with cell types (the run's ``attributes.stats.cell_types``), ``cell_types`` (per type its count,
 density per mm² and fraction) and ``lymphocyte_per_tumour``: see :mod:`girder_cellrcnn.cell_types`. They are the
@@ -23,7 +23,11 @@ fill the run left out there, ``out_of_focus_mm2`` the part of its tissue that lo
 tissue out of its counts (``cellrcnn detect --leave-out-of-focus``: then ``tissue_mm2`` is the tissue in focus and
 ``cells_out_of_focus`` the nuclei found there and dropped; each None on results made before the library recorded
 it). ``keep_blue_green`` says whether the run took large green or blue areas for tissue, not for pen ink (its
-``params``; False for runs that did not record it, made before the choice existed or without it). ``model`` is the
+``params``; False for runs that did not record it, made before the choice existed or without it). ``threshold``,
+``magnification``, ``classes`` and ``views`` are what the run used of the choices a folder run may make
+(:mod:`.run_choices`): the score threshold it kept nuclei at and the magnification it analysed at (the model's own
+unless chosen; None where the run did not record them), the cell types kept, in name order (None: all), the views
+per tile (1: the tile as it is). ``model`` is the
 checkpoint's file name (for people), ``model_sha256`` the SHA-256 of its bytes (what identifies the model; None on
 results made before the library recorded it).
 
@@ -48,7 +52,7 @@ from girder.models.folder import Folder
 from girder.models.item import Item
 from girder.models.user import User
 
-from . import cell_types, regions
+from . import cell_types, regions, run_choices
 
 META_KEY = 'cellrcnn'
 MARKER = 'cellrcnn'
@@ -227,6 +231,7 @@ def _summary(annotation, count, scores):
     attributes = annotation['annotation'].get('attributes') or {}
     stats = attributes.get('stats') if isinstance(attributes.get('stats'), dict) else {}
     params = run_params(attributes)
+    made = run_choices.recorded(params) or {}
     tissue, marks, blurred = (_area(stats.get(key)) for key in ('tissue_mm2', 'ink_or_fill_mm2', 'out_of_focus_mm2'))
     blurred_cells = stats.get('detections_out_of_focus')
     summary = {
@@ -238,7 +243,11 @@ def _summary(annotation, count, scores):
         'cells_out_of_focus': blurred_cells if cell_types.is_count(blurred_cells) else None,
         'out_of_focus_left_out': stats.get('out_of_focus_left_out') if isinstance(
             stats.get('out_of_focus_left_out'), bool) else None,
-        'keep_blue_green': params.get('keep_blue_green') is True,
+        'keep_blue_green': made.get('keep_blue_green', False),
+        'threshold': made.get('threshold'),
+        'magnification': made.get('magnification'),
+        'classes': made.get('classes'),
+        'views': made.get('views', 1),
         'score': score_summary(scores),
         'model': attributes.get('model'),
         SHA_KEY: attributes.get(SHA_KEY),
@@ -382,9 +391,6 @@ def resync_folder(folder_id, recurse):
 
 #: what a result counted (:func:`result_scope`): the whole slide
 WHOLE_SLIDE = ('whole slide',)
-#: the CellDetection task's true-or-false settings a folder run chooses (``batch``), by their names in a run's
-#: ``params`` and the task's: a slide counts as done only by a result made with the same choices
-RUN_CHOICES = ('leave_out_of_focus', 'keep_blue_green')
 
 
 def result_scope(attributes):
@@ -396,22 +402,16 @@ def result_scope(attributes):
     return ('drawn',) if params.get('roi') else WHOLE_SLIDE
 
 
-def same_choices(attributes, choices):
-    """Whether a result's run made the folder run's :data:`RUN_CHOICES`: those named in ``choices`` on, the others
-    off (a run records each only when it is on)."""
-    params = run_params(attributes)
-    return all((params.get(name) is True) == (name in choices) for name in RUN_CHOICES)
-
-
 def _whole_slide_result_of(attributes, model, sha, choices):
     return (_marked(attributes) and same_model(attributes, model, sha) and result_scope(attributes) == WHOLE_SLIDE
-            and same_choices(attributes, choices))
+            and run_choices.same(attributes, choices))
 
 
 def _region_result_of(annotation, model, sha, choices, name, since):
     attributes = annotation['annotation'].get('attributes') or {}
     made = annotation.get('updated') or annotation.get('created')
-    return (_marked(attributes) and same_model(attributes, model, sha) and same_choices(attributes, choices)
+    return (_marked(attributes) and same_model(attributes, model, sha)
+            and run_choices.same(attributes, choices)
             and run_params(attributes).get('region_annotation') == name
             and isinstance(made, datetime.datetime) and made >= since)
 
@@ -437,9 +437,9 @@ def slide_region(item, user, name):
     return values, max(times) if times else datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
-def has_result(item, model, sha=None, region=None, choices=()):
-    """Whether a slide's item holds a whole-slide nuclei result of a model made with ``choices`` (the names of the
-    :data:`RUN_CHOICES` that were on, :func:`same_choices`) by a writer of the item: any of its active results, not
+def has_result(item, model, sha=None, region=None, choices=None):
+    """Whether a slide's item holds a whole-slide nuclei result of a model made with ``choices`` (a folder run's,
+    :mod:`.run_choices`; None: the task's defaults) by a writer of the item: any of its active results, not
     only the newest (one of another model may be newer). The model is ``model`` (a name) and ``sha`` (the SHA-256 of
     its checkpoint; None for the bundled model, which is known by its name): see :func:`same_model`. With ``region``
     (``(name, since)``): a result counted inside the slide's annotations of that name (``params.region_annotation``),

@@ -15,8 +15,9 @@ from . import cell_types
 from .results import META_KEY, iter_slides, newest_summary
 
 COLUMNS = ('name', 'path', 'item_id', 'cells', 'tissue_mm2', 'cells_per_mm2', 'ink_or_fill_mm2', 'out_of_focus_mm2',
-           'cells_out_of_focus', 'out_of_focus_left_out', 'keep_blue_green', 'score_mean', 'score_median', 'model',
-           'cellrcnn_version', 'roi', 'region_annotation', 'annotation_id', 'date')
+           'cells_out_of_focus', 'out_of_focus_left_out', 'keep_blue_green', 'threshold', 'magnification', 'classes',
+           'views', 'score_mean', 'score_median', 'model', 'cellrcnn_version', 'roi', 'region_annotation',
+           'annotation_id', 'date')
 #: a CSV cell starting with one of these is a formula to spreadsheets: it gets a leading ' (OWASP's advice)
 FORMULA_START = ('=', '+', '-', '@', '\t', '\r')
 TABLE_FIELDS = ['_id', 'name', 'folderId', 'largeImage', f'meta.{META_KEY}']
@@ -56,6 +57,8 @@ def table_rows(folder, user, columns, scope=None):
             'out_of_focus_mm2': result.get('out_of_focus_mm2'), 'cells_out_of_focus': result.get('cells_out_of_focus'),
             'out_of_focus_left_out': result.get('out_of_focus_left_out'),
             'keep_blue_green': result.get('keep_blue_green'),
+            'threshold': result.get('threshold'), 'magnification': result.get('magnification'),
+            'classes': ','.join(result['classes']) if result.get('classes') else None, 'views': result.get('views'),
             'score_mean': score.get('mean'),
             'score_median': score.get('p50'), 'model': result.get('model'),
             'cellrcnn_version': result.get('cellrcnn_version'),
