@@ -71,6 +71,11 @@ def annotate(server, item_id, doc, token=None):
     return server.client(token).post('annotation', {'itemId': item_id}, json=doc)
 
 
+def rounded(value):
+    """A number of a result's params as the item's metadata gives it: 6 places."""
+    return None if value is None else round(value, 6)
+
+
 def expected_summary(doc):
     scores = np.array([e['user']['score'] for e in doc['elements']])
     tissue = doc['attributes']['stats']['tissue_mm2']
@@ -80,7 +85,7 @@ def expected_summary(doc):
             'cells_out_of_focus': doc['attributes']['stats'].get('detections_out_of_focus'),
             'out_of_focus_left_out': doc['attributes']['stats'].get('out_of_focus_left_out'),
             'keep_blue_green': doc['attributes']['params'].get('keep_blue_green') is True,
-            **{name: doc['attributes']['params'].get(name) for name in ('threshold', 'magnification')},
+            **{name: rounded(doc['attributes']['params'].get(name)) for name in ('threshold', 'magnification')},
             'classes': sorted(doc['attributes']['params']['classes']) if doc['attributes']['params'].get('classes')
             else None, 'views': doc['attributes']['params'].get('views', 1),
             'mean': scores.mean(), **{f'p{q}': np.percentile(scores, q) for q in (5, 25, 50, 75, 95)},

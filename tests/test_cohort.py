@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cellrcnn.__main__ import main
+from cellrcnn.checkpoint import load_model
 from cellrcnn.synthetic import write_slide
 from support import run_batch
 
@@ -55,6 +56,9 @@ def test_one_row_and_one_result_folder_per_slide_counts_near_ground_truth(cohort
         assert float(row['ink_or_fill_mm2']) == 0  # no pen ink, no black fill on these slides
         assert 0.5 < float(row['mean_score']) <= 1
         assert float(row['magnification']) == 20 and row['model'] == 'cellrcnn-default.pt'
+        # the settings it was counted with: the model's own threshold, every cell type, one view, ink left out
+        assert (float(row['threshold']), row['classes'], row['views'], row['keep_blue_green']) == (
+            round(load_model().config.threshold, 4), '', '1', 'False')
         result = output / row['output']
         stem = os.path.splitext(os.path.basename(slide))[0]
         assert row['output'] == os.path.join('slides', os.path.splitext(os.path.relpath(slide, folder))[0])
@@ -86,7 +90,7 @@ def test_a_second_run_skips_finished_slides_and_changed_settings_recompute(cohor
 
     code, _, _, strict = run_batch(folder, '-o', output, '--threshold', '0.999')
     for slide in truth:
-        assert strict[slide]['status'] == 'done'
+        assert strict[slide]['status'] == 'done' and float(strict[slide]['threshold']) == 0.999
         assert int(strict[slide]['cells']) < int(before[slide]['cells'])
         assert os.stat(summaries[slide]).st_mtime_ns != stamps[slide]
 
@@ -252,12 +256,14 @@ def test_the_table_without_cell_types_has_the_plain_columns_alone(tmp_path):
 
     row = {**dict.fromkeys(COLUMNS, ''), 'slide': 'a.tiff', 'status': 'done', 'cells': 12, 'tissue_mm2': 0.5,
            'cells_per_mm2': 24.0, 'ink_or_fill_mm2': 0.0, 'out_of_focus_mm2': 0.004, 'cells_out_of_focus': 1,
-           'out_of_focus_left_out': False, 'model': 'm.pt', 'output': 'slides/a'}
+           'out_of_focus_left_out': False, 'keep_blue_green': False, 'threshold': 0.37, 'views': 1, 'model': 'm.pt',
+           'output': 'slides/a'}
     write_table([row, None], tmp_path / 'cohort.csv')
     assert (tmp_path / 'cohort.csv').read_bytes() == (
         b'slide,status,note,cells,tissue_mm2,cells_per_mm2,ink_or_fill_mm2,out_of_focus_mm2,cells_out_of_focus,'
-        b'out_of_focus_left_out,mean_score,magnification,seconds,model,girder_item_id,output\r\n'
-        b'a.tiff,done,,12,0.5,24.0,0.0,0.004,1,False,,,,m.pt,,slides/a\r\n')
+        b'out_of_focus_left_out,keep_blue_green,mean_score,magnification,threshold,classes,views,seconds,model,'
+        b'girder_item_id,output\r\n'
+        b'a.tiff,done,,12,0.5,24.0,0.0,0.004,1,False,False,,,0.37,,1,,m.pt,,slides/a\r\n')
     assert summary_line([row]) == '1 slides: 1 done, 0 skipped (done by an earlier run), 0 failed; 12 nuclei in all'
     inked = {**row, 'slide': 'b.tiff', 'ink_or_fill_mm2': 0.15}
     blurred = {**row, 'slide': 'c.tiff', 'out_of_focus_mm2': 0.005}  # 1 % of its tissue: worth a word

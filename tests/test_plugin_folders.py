@@ -44,6 +44,7 @@ from plugin_support import (
     play_worker,
     queued,
     result_of,
+    rounded,
     slide_in,
 )
 
@@ -123,7 +124,7 @@ def test_the_results_table(server, study, nuclei_doc):
     assert a['out_of_focus_left_out'] is False and a['keep_blue_green'] is False  # the defaults
     # a real run records the threshold and magnification it used: by default its model's own
     config = nuclei_doc['attributes']['model_config']
-    assert (a['threshold'], a['magnification'], a['classes'], a['views']) == (config['threshold'], 20, None, 1)
+    assert (a['threshold'], a['magnification'], a['classes'], a['views']) == (rounded(config['threshold']), 20, None, 1)
     assert a['magnification'] == 10 / config['mpp']
     columns = COLUMNS + typed_columns(nuclei_doc)  # the bundled model has cell types
     assert typed_columns(nuclei_doc)[:3] == ['lymphocyte_count', 'lymphocyte_per_mm2', 'lymphocyte_fraction']

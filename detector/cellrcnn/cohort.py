@@ -36,9 +36,12 @@ slide and one table for the whole cohort (``cellrcnn batch``).
   system paths (the slides and ``OUT``).
 
 The table ``OUT/cohort.csv`` has one row per slide, in path order (:data:`COLUMNS`); its ``model`` column is the
-model's file name, for people. For a model with cell types (its run's ``stats['cell_types']``: ``{name: count}`` in
-the model's order) each type adds the columns ``<name>_count``, ``<name>_per_mm2`` (per mm² of tissue) and
-``<name>_fraction`` (of the typed nuclei), and a model with lymphocytes and tumour cells (:data:`LYMPHOCYTE_NAMES`,
+model's file name, for people; ``magnification``, ``threshold`` and ``views`` are those the slide was analysed with
+(the model's own magnification and calibrated threshold unless others were asked for), ``classes`` the cell types
+kept (empty: all) and ``keep_blue_green`` whether large green or blue areas were taken for tissue. For a model with
+cell types (its run's ``stats['cell_types']``: ``{name: count}`` in the model's order) each type adds the columns
+``<name>_count``, ``<name>_per_mm2`` (per mm² of tissue) and ``<name>_fraction`` (of the typed nuclei), and a model
+with lymphocytes and tumour cells (:data:`LYMPHOCYTE_NAMES`,
 :data:`TUMOUR_NAMES`) ``lymphocyte_per_tumour`` (empty when it found no tumour cell): :func:`cell_type_columns`. A
 cohort of models with different types has every type's columns (:func:`table_columns`), empty where a slide's model
 lacks the type; a cohort without cell types has exactly :data:`COLUMNS`. A text cell that a spreadsheet would read
@@ -59,8 +62,8 @@ from .job import POSTED_OUTPUTS
 
 #: the columns of ``cohort.csv``
 COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'ink_or_fill_mm2', 'out_of_focus_mm2',
-           'cells_out_of_focus', 'out_of_focus_left_out', 'mean_score', 'magnification', 'seconds', 'model',
-           'girder_item_id', 'output')
+           'cells_out_of_focus', 'out_of_focus_left_out', 'keep_blue_green', 'mean_score', 'magnification',
+           'threshold', 'classes', 'views', 'seconds', 'model', 'girder_item_id', 'output')
 TABLE_NAME = 'cohort.csv'
 #: the columns of each cell type: ``<name>`` and these (``<name>_type`` and these for a type whose columns would be
 #: the table's own, a type named ``cells``)
@@ -220,8 +223,10 @@ def cell_type_columns(counts, tissue_mm2):
     return row
 
 
-def _row(slide, result, model_path, seconds):
+def _row(slide, result, settings, seconds):
     import numpy as np
+
+    from .inference import DetectorSpec
 
     stats = result.stats
     cells, tissue = int(stats['detections']), float(stats['tissue_mm2'])
@@ -233,10 +238,13 @@ def _row(slide, result, model_path, seconds):
             'ink_or_fill_mm2': round(float(stats.get('ink_or_fill_mm2', 0.0)), 4),
             'out_of_focus_mm2': round(float(stats['out_of_focus_mm2']), 4),
             'cells_out_of_focus': int(stats['detections_out_of_focus']),
-            'out_of_focus_left_out': bool(stats['out_of_focus_left_out']),
+            'out_of_focus_left_out': bool(stats['out_of_focus_left_out']), 'keep_blue_green': settings.keep_blue_green,
             'mean_score': round(float(np.mean(result.scores)), 4) if len(result.scores) else '',
-            'magnification': round(float(stats['analysis_magnification']), 3), 'seconds': round(seconds, 2),
-            'model': os.path.basename(model_path), 'girder_item_id': slide.item_id or '', 'output': slide.output,
+            'magnification': round(float(stats['analysis_magnification']), 3),
+            'threshold': round(float(stats['threshold']), 4), 'classes': ','.join(settings.classes or ()),
+            'views': stats['views'], 'seconds': round(seconds, 2),
+            'model': os.path.basename(DetectorSpec.from_settings(settings).model_path),
+            'girder_item_id': slide.item_id or '', 'output': slide.output,
             **cell_type_columns(stats.get('cell_types'), tissue)}
 
 
@@ -308,13 +316,12 @@ def _notes(*notes):
 def detect_row(slide, paths, settings):
     """The detection step of :func:`process_slide` (here, or on a Dask worker; it needs no Girder token): detect
     nuclei in the slide's file, write the outputs ``paths``. :returns: its table row."""
-    from .inference import DetectorSpec
     from .job import detect_to_files
 
     started = time.perf_counter()
     result = detect_to_files(slide.path, paths, settings,
                              resume_dir=os.path.join(slide.folder, f'.{slide.stem}.partial'))
-    return _row(slide, result, DetectorSpec.from_settings(settings).model_path, time.perf_counter() - started)
+    return _row(slide, result, settings, time.perf_counter() - started)
 
 
 def _remove_download(slide):

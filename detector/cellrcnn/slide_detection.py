@@ -362,5 +362,6 @@ def _stats(slide, tissue, tiles, rows, result, timing, mask_seconds, total, dete
         'device': str(detector.device),
         'batch_size': detector.batch_size,
         'views': detector.views,
+        'threshold': detector.threshold,
         'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

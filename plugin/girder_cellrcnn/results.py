@@ -232,7 +232,7 @@ def _summary(annotation, count, scores):
     stats = attributes.get('stats') if isinstance(attributes.get('stats'), dict) else {}
     params = run_params(attributes)
     made = run_choices.recorded(params) or {}
-    tissue, marks, blurred = (_area(stats.get(key)) for key in ('tissue_mm2', 'ink_or_fill_mm2', 'out_of_focus_mm2'))
+    tissue, marks, blurred = (_rounded(stats.get(key)) for key in ('tissue_mm2', 'ink_or_fill_mm2', 'out_of_focus_mm2'))
     blurred_cells = stats.get('detections_out_of_focus')
     summary = {
         'cells': count,
@@ -244,8 +244,8 @@ def _summary(annotation, count, scores):
         'out_of_focus_left_out': stats.get('out_of_focus_left_out') if isinstance(
             stats.get('out_of_focus_left_out'), bool) else None,
         'keep_blue_green': made.get('keep_blue_green', False),
-        'threshold': made.get('threshold'),
-        'magnification': made.get('magnification'),
+        'threshold': _rounded(made.get('threshold')),
+        'magnification': _rounded(made.get('magnification')),
         'classes': made.get('classes'),
         'views': made.get('views', 1),
         'score': score_summary(scores),
@@ -262,8 +262,9 @@ def _summary(annotation, count, scores):
     return summary
 
 
-def _area(value):
-    """A recorded area (mm^2) rounded to 6 places, or None when it is not a number."""
+def _rounded(value):
+    """A recorded number (an area in mm^2, a threshold, a magnification) rounded to 6 places, or None when it is not a
+    number."""
     return round(float(value), 6) if _is_number(value) else None
 
 
