@@ -331,3 +331,18 @@ def test_dask_batches_carry_the_types(slide_path, typed_checkpoint, full):
     spread = detect_slide(Slide(slide_path), spec(typed_checkpoint).build(), scheduler='local:1', **KW)
     np.testing.assert_array_equal(spread.cell_types, full.cell_types)
     np.testing.assert_allclose(spread.cell_type_scores, full.cell_type_scores, atol=1e-5)
+
+
+def test_a_cohort_with_a_class_the_model_lacks_stops_before_its_first_slide(slide_path, typed_checkpoint, tmp_path):
+    """One line and no table, not one failed row per slide."""
+    from support import run_batch
+
+    folder = tmp_path / 'slides'
+    folder.mkdir()
+    for name in ('a.tiff', 'b.tiff'):
+        (folder / name).write_bytes(open(slide_path, 'rb').read())
+    code, out, err, rows = run_batch(folder, '-o', tmp_path / 'out', '--model', typed_checkpoint, '--classes',
+                                     'neutrophil')
+    assert code == 2 and rows == {} and out == ''
+    assert err == "cellrcnn: error: unknown class 'neutrophil': the model's cell types are lymphocyte, tumour, " \
+        'stromal\n'

@@ -444,7 +444,8 @@ def batch(source, output, settings, scheduler=None, girder=None, progress=None, 
 
     log = progress.log if progress else (lambda line: None)
     settings.validate()
-    DetectorSpec.from_settings(settings).check()  # a bad checkpoint or override fails once, here, not once per slide
+    # a bad checkpoint, override or cell type name fails once, here, not once per slide
+    settings.type_indices(DetectorSpec.from_settings(settings).check().cell_types)
     if settings.model:  # Dask workers may run elsewhere than here
         settings = dataclasses.replace(settings, model=os.path.abspath(settings.model))
     try:

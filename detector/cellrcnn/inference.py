@@ -87,10 +87,10 @@ class DetectorSpec:
         stored = stored_config(payload, self.model_path)
         return model_from_checkpoint(payload, source=self.model_path, config=self.configure(stored)), stored
 
-    def check(self) -> None:
+    def check(self) -> 'ModelConfig':
         """Build the model on the CPU without moving it to the device: a batch's head node checks once what its
-        workers will build."""
-        self._model()
+        workers will build. :returns: the model's configuration."""
+        return self._model()[0].config
 
     def build(self, batchnorm: dict | None = None) -> 'Detector':
         """The :class:`Detector`; ``batchnorm``: BatchNorm statistics (``adapt.batchnorm_stats``) to run with."""
