@@ -253,7 +253,9 @@ def test_folder_detection_runs_every_slide_on_the_worker(dsa, synthetic_slide, t
 def test_folder_detection_counts_inside_each_slides_region_annotation(dsa, synthetic_slide):
     """``regionAnnotation=tumour`` on the worker: the job reads the slide's 'tumour' annotation from the private
     collection with the job's own token and counts inside it; the slide without one is left out. With
-    ``leaveOutOfFocus``, which the task takes as HistomicsUI gives it and the result records."""
+    ``leaveOutOfFocus``, a threshold and cell types to keep, which the task takes as the folder run gives them (the
+    cell types as a JSON list, as HistomicsUI sends them) and the result records: the same run asked again finds
+    the slide done."""
     gc = dsa.client()
     cohort = gc.createFolder(dsa.folder_id, 'region_run', reuseExisting=True)['_id']
     drawn, _ = dsa.upload_slide(synthetic_slide(700, 600, 5)[0], name='drawn.tiff', folder_id=cohort)
@@ -261,7 +263,7 @@ def test_folder_detection_counts_inside_each_slides_region_annotation(dsa, synth
     quad = [[50, 50, 0], [500, 80, 0], [450, 520, 0], [80, 450, 0]]
     gc.post('annotation', {'itemId': drawn}, json={'name': 'tumour', 'elements': [
         {'type': 'polyline', 'closed': True, 'points': quad}]})
-    asked = {'regionAnnotation': 'tumour', 'leaveOutOfFocus': 'true'}
+    asked = {'regionAnnotation': 'tumour', 'leaveOutOfFocus': 'true', 'threshold': 0.4, 'classes': 'tumour,stromal'}
     batch = dsa.wait_for_job(gc.post(f'cellrcnn/folder/{cohort}/detect', asked)['_id'], 600)
     (child,) = gc.get('job', {'limit': 0, 'parentId': batch['_id'], 'userId': batch['userId']})
     assert child['status'] == JOB_SUCCESS, job_log(dsa, child['_id'])[-3000:]
@@ -271,12 +273,15 @@ def test_folder_detection_counts_inside_each_slides_region_annotation(dsa, synth
     assert nuclei['attributes']['params']['region_annotation'] == 'tumour'
     assert nuclei['attributes']['params']['leave_out_of_focus'] is True
     assert nuclei['attributes']['stats']['out_of_focus_left_out'] is True
+    assert nuclei['attributes']['params']['threshold'] == 0.4
+    assert nuclei['attributes']['params']['classes'] == ['tumour', 'stromal']  # in the model's order
+    assert {e['group'] for e in nuclei['elements']} <= {'tumour', 'stromal'}
     centres = (boxes_of(nuclei)[:, :2] + boxes_of(nuclei)[:, 2:]) / 2
     assert len(centres) > 20 and inside([[p[:2] for p in quad]], centres[:, 0], centres[:, 1]).all()
     rows = wait_for(lambda: (lambda rows: rows if any(r['cells'] for r in rows) else None)(
         gc.get(f'cellrcnn/folder/{cohort}/results')), 120, 'the drawn slide in the results table')
-    assert {r['name']: (r['region_annotation'], bool(r['cells'])) for r in rows} == {
-        'drawn.tiff': ('tumour', True), 'undrawn.tiff': (None, False)}
+    assert {r['name']: (r['region_annotation'], bool(r['cells']), r['threshold'], r['classes']) for r in rows} == {
+        'drawn.tiff': ('tumour', True, 0.4, 'stromal,tumour'), 'undrawn.tiff': (None, False, None, None)}
     again = dsa.wait_for_job(gc.post(f'cellrcnn/folder/{cohort}/detect', asked)['_id'], 120)
     assert (again['cellrcnnBatch']['finished'], again['cellrcnnBatch']['todo']) == (1, 0)
 
