@@ -52,7 +52,7 @@ class Recording:
         self.inner, self.left, self.results = detector, batches, []
         self.model, self.batch_size, self.device, self.spec = detector.model, detector.batch_size, detector.device, \
             detector.spec
-        self.views, self.normaliser = detector.views, detector.normaliser
+        self.views, self.normaliser, self.threshold = detector.views, detector.normaliser, detector.threshold
 
     def detect_tiles_with_types(self, tiles, parts=False, stain=None):
         if self.left == 0:

@@ -13,6 +13,7 @@ from cellrcnn.exports import BLURRED_BGR, detection_summary_lines, write_overlay
 from cellrcnn.focus import BLUR_LIMIT, NO_PATCHES, mark_blurred, patch_blur
 from cellrcnn.inference import DetectorSpec
 from cellrcnn.resume import RowStore
+from cellrcnn.settings import DetectionSettings
 from cellrcnn.slide import Slide
 from cellrcnn.slide_detection import detect_slide
 from cellrcnn.tissue import find_tissue
@@ -221,7 +222,8 @@ def test_leaving_the_tissue_out_of_focus_out_drops_its_nuclei_and_its_area(runs,
                                        f"with the {on.sum()} nuclei found there")
     assert not (left.tissue.mask & left.tissue.blurred).any()
     # the cohort's row says so, and still finds it worth a word
-    row = _row(types.SimpleNamespace(name='s', item_id=None, output='o'), left, 'm.pt', 1.0)
+    row = _row(types.SimpleNamespace(name='s', item_id=None, output='o'), left,
+               DetectionSettings(leave_out_of_focus=True), 1.0)
     assert row['out_of_focus_left_out'] is True and row['cells_out_of_focus'] == on.sum() and out_of_focus_noted(row)
 
 

@@ -33,7 +33,7 @@ class Interrupting:
     def __init__(self, detector, batches):
         self.inner, self.left = detector, batches
         self.model, self.batch_size, self.device = detector.model, detector.batch_size, detector.device
-        self.views, self.normaliser = detector.views, detector.normaliser
+        self.views, self.normaliser, self.threshold = detector.views, detector.normaliser, detector.threshold
         self.spec = detector.spec
 
     def detect_tiles_with_types(self, tiles, parts=False, stain=None):
