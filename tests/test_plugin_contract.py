@@ -170,12 +170,15 @@ def test_a_real_run_is_known_by_the_choices_it_was_made_with(slide_file, result_
     from cellrcnn.settings import DetectionSettings
 
     run_choices = plugin_run_choices()
+
+    def made(attributes, choices):
+        return run_choices.same(attributes['params'], attributes['model_config'], choices)
+
     plain = read_annotation_file(result_files['annotation'])['attributes']
     config = plain['model_config']
     assert plain['params']['threshold'] == config['threshold']  # what the run used: the model's own
-    assert run_choices.same(plain, {}) and run_choices.same(plain, {'threshold': config['threshold'],
-                                                                    'magnification': 10 / config['mpp']})
-    assert not run_choices.same(plain, {'threshold': 0.9}) and not run_choices.same(plain, {'views': 2})
+    assert made(plain, {}) and made(plain, {'threshold': config['threshold'], 'magnification': 10 / config['mpp']})
+    assert not made(plain, {'threshold': 0.9}) and not made(plain, {'views': 2})
 
     paths = {'annotation': output_paths(str(tmp_path), 'slide')['annotation']}
     detect_to_files(str(slide_file), paths, DetectionSettings(
@@ -184,5 +187,5 @@ def test_a_real_run_is_known_by_the_choices_it_was_made_with(slide_file, result_
     chosen = read_annotation_file(paths['annotation'])['attributes']
     asked = run_choices.of_task({'threshold': '0.60', 'classes': '["lymphocyte","tumour"]', 'views': '2',
                                  'keep_blue_green': 'true', 'leave_out_of_focus': 'true', 'analysis_mag': '-1'})
-    assert run_choices.same(chosen, asked) and not run_choices.same(plain, asked)
-    assert not run_choices.same(chosen, {**asked, 'views': 4}) and not run_choices.same(chosen, {})
+    assert made(chosen, asked) and not made(plain, asked)
+    assert not made(chosen, {**asked, 'views': 4}) and not made(chosen, {})

@@ -403,16 +403,20 @@ def result_scope(attributes):
     return ('drawn',) if params.get('roi') else WHOLE_SLIDE
 
 
+def _made_with(attributes, choices):
+    """Whether a result's run made a folder run's ``choices`` (:func:`.run_choices.same`)."""
+    return run_choices.same(run_params(attributes), attributes.get('model_config'), choices)
+
+
 def _whole_slide_result_of(attributes, model, sha, choices):
     return (_marked(attributes) and same_model(attributes, model, sha) and result_scope(attributes) == WHOLE_SLIDE
-            and run_choices.same(attributes, choices))
+            and _made_with(attributes, choices))
 
 
 def _region_result_of(annotation, model, sha, choices, name, since):
     attributes = annotation['annotation'].get('attributes') or {}
     made = annotation.get('updated') or annotation.get('created')
-    return (_marked(attributes) and same_model(attributes, model, sha)
-            and run_choices.same(attributes, choices)
+    return (_marked(attributes) and same_model(attributes, model, sha) and _made_with(attributes, choices)
             and run_params(attributes).get('region_annotation') == name
             and isinstance(made, datetime.datetime) and made >= since)
 

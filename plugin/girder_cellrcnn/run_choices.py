@@ -119,11 +119,11 @@ def recorded(params):
         return None
 
 
-def _model_defaults(attributes):
-    """The threshold and the magnification a run of a result's model takes when none is chosen: its calibrated
-    threshold and the magnification of its pixels (10 / µm per pixel), from the checkpoint's configuration the
-    result records (``model_config``); those it does not state are left out."""
-    config = attributes.get('model_config') if isinstance(attributes.get('model_config'), dict) else {}
+def _model_defaults(config):
+    """The threshold and the magnification a run of a model takes when none is chosen: its calibrated threshold and
+    the magnification of its pixels (10 / µm per pixel), from the checkpoint's configuration a result records
+    (``model_config``; None: none recorded); those it does not state are left out."""
+    config = config if isinstance(config, dict) else {}
     threshold, mpp = config.get('threshold'), config.get('mpp')
     defaults = {}
     if _is_number(threshold):
@@ -143,11 +143,11 @@ def _chosen(choices, defaults):
             if not (name in defaults and math.isclose(value, defaults[name], rel_tol=1e-9, abs_tol=1e-9))}
 
 
-def same(attributes, choices):
-    """Whether a result's run (its annotation ``attributes``) made exactly ``choices`` (None: the task's defaults):
-    a threshold or a magnification the same as its model's own is the default, whether chosen or not."""
-    made = recorded(attributes.get('params') if isinstance(attributes.get('params'), dict) else {})
-    defaults = _model_defaults(attributes)
+def same(params, model_config, choices):
+    """Whether a result's run (its ``params`` and ``model_config``) made exactly ``choices`` (None: the task's
+    defaults): a threshold or a magnification the same as its model's own is the default, whether chosen or not."""
+    made = recorded(params)
+    defaults = _model_defaults(model_config)
     return made is not None and _chosen(made, defaults) == _chosen(choices or {}, defaults)
 
 
