@@ -28,6 +28,17 @@ import numpy as np
 # --------------------------------------------------------------------------- raw detections of a tiled run
 
 
+class PassingDetector:
+    """A stand-in around a real detector: what ``detect_slide`` reads of a detector (its model, device, views,
+    threshold, ...) is the real one's; subclasses record or stop what ``detect_tiles_with_types`` returns."""
+
+    def __init__(self, detector):
+        self.inner = detector
+
+    def __getattr__(self, name):  # only for what the stand-in does not have itself
+        return getattr(self.inner, name)
+
+
 def simulate_slide(rng, width, height, n_objects, tile=256, overlap=48, size=(8, 32), jitter=3.0, quantise=None):
     """Raw detections of a tiled detector, in the detection loop's order: a list of tile rows, each
     (top of the row's tiles, [(boxes, scores) per tile, left to right]).

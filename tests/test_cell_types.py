@@ -23,6 +23,7 @@ from cellrcnn.resume import RowStore
 from cellrcnn.settings import DetectionSettings
 from cellrcnn.slide import Slide
 from cellrcnn.slide_detection import CELL_TYPE, detect_slide
+from support import PassingDetector
 
 KW = dict(tile_size=256, overlap=48, min_tissue=0.0, workers=2)
 NAMES = ('lymphocyte', 'tumour', 'stromal')
@@ -44,15 +45,13 @@ def full(slide_path, typed_checkpoint):
     return detect_slide(Slide(slide_path), spec(typed_checkpoint).build(), **KW)
 
 
-class Recording:
+class Recording(PassingDetector):
     """A detector that keeps every raw result it returns and, with ``batches``, stops the run (as Ctrl-C would)
     after that many batches."""
 
     def __init__(self, detector, batches=None):
-        self.inner, self.left, self.results = detector, batches, []
-        self.model, self.batch_size, self.device, self.spec = detector.model, detector.batch_size, detector.device, \
-            detector.spec
-        self.views, self.normaliser, self.threshold = detector.views, detector.normaliser, detector.threshold
+        super().__init__(detector)
+        self.left, self.results = batches, []
 
     def detect_tiles_with_types(self, tiles, parts=False, stain=None):
         if self.left == 0:

@@ -10,6 +10,7 @@ from cellrcnn.inference import DetectorSpec
 from cellrcnn.resume import RowStore, run_key
 from cellrcnn.slide import Slide
 from cellrcnn.slide_detection import detect_slide
+from support import PassingDetector
 
 
 @pytest.fixture(scope='module')
@@ -27,14 +28,12 @@ def detector(spec):
     return spec.build()
 
 
-class Interrupting:
+class Interrupting(PassingDetector):
     """A detector that stops the run (as Ctrl-C would) after a number of batches."""
 
     def __init__(self, detector, batches):
-        self.inner, self.left = detector, batches
-        self.model, self.batch_size, self.device = detector.model, detector.batch_size, detector.device
-        self.views, self.normaliser, self.threshold = detector.views, detector.normaliser, detector.threshold
-        self.spec = detector.spec
+        super().__init__(detector)
+        self.left = batches
 
     def detect_tiles_with_types(self, tiles, parts=False, stain=None):
         if self.left == 0:

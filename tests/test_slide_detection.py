@@ -19,7 +19,7 @@ from cellrcnn.slide import Slide
 from cellrcnn.slide_detection import detect_slide
 from cellrcnn.tiling import tile_grid
 from cellrcnn.tissue_outline import MARKS_LABEL, TISSUE_LABEL
-from support import BLUE_INK, mark_beside
+from support import BLUE_INK, PassingDetector, mark_beside
 
 
 @pytest.fixture(scope='module')
@@ -37,14 +37,12 @@ def sorted_rows(boxes):
     return boxes[np.lexsort(boxes.T[::-1])]
 
 
-class Recording:
+class Recording(PassingDetector):
     """A detector that keeps every raw result it returns, in order."""
 
     def __init__(self, detector):
-        self.inner, self.results = detector, []
-        self.model, self.batch_size, self.device = detector.model, detector.batch_size, detector.device
-        self.views, self.normaliser, self.threshold = detector.views, detector.normaliser, detector.threshold
-        self.spec = detector.spec
+        super().__init__(detector)
+        self.results = []
 
     def detect_tiles_with_types(self, tiles, parts=False, stain=None):
         results = self.inner.detect_tiles_with_types(tiles, parts, stain=stain)
