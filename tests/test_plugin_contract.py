@@ -189,3 +189,31 @@ def test_a_real_run_is_known_by_the_choices_it_was_made_with(slide_file, result_
                                  'keep_blue_green': 'true', 'leave_out_of_focus': 'true', 'analysis_mag': '-1'})
     assert made(chosen, asked) and not made(plain, asked)
     assert not made(chosen, {**asked, 'views': 4}) and not made(chosen, {})
+
+
+def test_the_plugin_and_the_task_name_the_bundled_models_cell_types():
+    """The plugin refuses a folder run asking the bundled model for a cell type it lacks with the line the task
+    would fail each slide's job with, and HistomicsUI's panel names the types: both as the checkpoint holds them."""
+    import xml.etree.ElementTree as ET
+
+    from test_slicer_cli import CLI_DIR
+
+    from cellrcnn.checkpoint import load_model
+    from cellrcnn.errors import CellRCNNError
+    from cellrcnn.settings import DetectionSettings
+
+    cell_types = load_model().config.cell_types
+    assert plugin_constant('results', 'DEFAULT_MODEL_CELL_TYPES') == tuple(cell_types)
+    run_choices = plugin_run_choices()
+    for asked in ('neutrophil', 'tumour,Lymphocyte', '["stromal", "tumor"]'):
+        choices = run_choices.of_task({'classes': asked})
+        with pytest.raises(CellRCNNError) as task_error:
+            DetectionSettings(classes=choices['classes']).type_indices(cell_types)
+        with pytest.raises(ValueError) as plugin_error:
+            run_choices.check_classes(choices, cell_types)
+        assert str(plugin_error.value) == str(task_error.value)
+    for asked in ('', 'stromal', 'tumour,lymphocyte,stromal'):
+        run_choices.check_classes(run_choices.of_task({'classes': asked}), cell_types)
+    task = ET.parse(os.path.join(CLI_DIR, 'CellDetection', 'CellDetection.xml')).getroot()
+    described = next(e.findtext('description') for e in task.iter('string-vector') if e.findtext('name') == 'classes')
+    assert f"The bundled model's cell types are {', '.join(cell_types)}." in described

@@ -362,6 +362,9 @@ def test_detect_with_the_tasks_choices(server, cli_id, slide_file):
     for asked, message in (({'threshold': 1.5}, 'threshold must be at most 1, not 1.5'),
                            ({'magnification': 'nan'}, 'magnification must be at most 100, not nan'),
                            ({'views': 3}, 'views must be one of 1, 2, 4, 8, not 3'),
+                           # a type the bundled model lacks: the line each slide's job would have failed with
+                           ({'classes': 'tumour,neutrophil'}, "unknown class 'neutrophil': the model's cell types are "
+                                                              'lymphocyte, tumour, stromal'),
                            ({'classes': 'x' * 101}, 'classes takes at most 50 printable names of at most 100 '
                                                     'characters each')):
         assert error_of(lambda: server.client().post(f'cellrcnn/folder/{root}/detect', asked)) == (400, message)

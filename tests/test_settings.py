@@ -61,3 +61,21 @@ def test_the_bounds_themselves_pass():
     AnnotationTrainingSettings(**{name: high for name, (_, high) in TRAINING_BOUNDS.items()}).validate()
     AnnotationTrainingSettings(**{name: low for name, (low, _) in TRAINING_BOUNDS.items()}).validate()
     assert AnnotationTrainingSettings().validate() == AnnotationTrainingSettings()
+
+
+def test_cell_types_asked_in_any_order_are_the_same_run():
+    """``--classes tumour lymphocyte`` and ``--classes lymphocyte tumour`` keep the same nuclei: the same settings,
+    the same recorded params and the same run key (a finished run is not run again), in name order, as the Girder
+    plugin's folder runs hold them."""
+    from cellrcnn.checkpoint import BUNDLED_MODEL
+    from cellrcnn.resume import run_key
+
+    asked = DetectionSettings(classes=['tumour', 'lymphocyte'])
+    other = DetectionSettings(classes=('lymphocyte', 'tumour'))
+    assert asked == other and asked.classes == ('lymphocyte', 'tumour') and asked.identity() == other.identity()
+    slide = {'girder_file': '0' * 24}
+    assert run_key(slide, BUNDLED_MODEL, asked.identity()) == run_key(slide, BUNDLED_MODEL, other.identity())
+    assert run_key(slide, BUNDLED_MODEL, asked.identity()) != run_key(
+        slide, BUNDLED_MODEL, DetectionSettings(classes=('tumour',)).identity())
+    with pytest.raises(CellRCNNError, match=r"^classes must be distinct cell type names, not \('tumour', 'tumour'\)$"):
+        DetectionSettings(classes=['tumour', 'tumour']).validate()

@@ -38,15 +38,15 @@ slide and one table for the whole cohort (``cellrcnn batch``).
 The table ``OUT/cohort.csv`` has one row per slide, in path order (:data:`COLUMNS`); its ``model`` column is the
 model's file name, for people; ``magnification``, ``threshold`` and ``views`` are those the slide was analysed with
 (the model's own magnification and calibrated threshold unless others were asked for), ``classes`` the cell types
-kept (empty: all) and ``keep_blue_green`` whether large green or blue areas were taken for tissue. For a model with
-cell types (its run's ``stats['cell_types']``: ``{name: count}`` in the model's order) each type adds the columns
-``<name>_count``, ``<name>_per_mm2`` (per mm² of tissue) and ``<name>_fraction`` (of the typed nuclei), and a model
-with lymphocytes and tumour cells (:data:`LYMPHOCYTE_NAMES`, :data:`TUMOUR_NAMES`) ``lymphocyte_per_tumour`` (empty
-when it found no tumour cell): :func:`cell_type_columns`. A
-cohort of models with different types has every type's columns (:func:`table_columns`), empty where a slide's model
-lacks the type; a cohort without cell types has exactly :data:`COLUMNS`. A text cell that a spreadsheet would read
-as a formula (starting with ``= + - @``, a tab or a carriage return: a slide named ``=cmd.tiff``, or a cell type
-``=x``) is written with a leading ``'`` (:func:`csv_safe`).
+kept (in name order; empty: all) and ``keep_blue_green`` whether large green or blue areas were taken for tissue. For
+a model with cell types (its run's ``stats['cell_types']``: ``{name: count}`` in the model's order) each type adds
+the columns ``<name>_count``, ``<name>_per_mm2`` (per mm² of tissue) and ``<name>_fraction`` (of the typed nuclei),
+and a model with lymphocytes and tumour cells (:data:`LYMPHOCYTE_NAMES`, :data:`TUMOUR_NAMES`)
+``lymphocyte_per_tumour`` (empty when it found no tumour cell): :func:`cell_type_columns`. A cohort of models with
+different types has every type's columns (:func:`table_columns`), empty where a slide's model lacks the type; a
+cohort without cell types has exactly :data:`COLUMNS`. A text cell that a spreadsheet would read as a formula
+(starting with ``= + - @``, a tab or a carriage return: a slide named ``=cmd.tiff``, or a cell type ``=x``) is
+written with a leading ``'`` (:func:`csv_safe`).
 """
 
 import csv

@@ -106,7 +106,8 @@ class ResultSettings:
     adapt_tiles: int = 0
     #: annotation element per nucleus: 'rectangle' or 'point'
     element: str = 'rectangle'
-    #: keep only nuclei of these cell types, names of the model's ``ModelConfig.cell_types`` (None: every nucleus)
+    #: keep only nuclei of these cell types, names of the model's ``ModelConfig.cell_types`` (None: every nucleus),
+    #: held in name order whatever order they are given in (:meth:`__post_init__`)
     classes: tuple | None = None
     #: views each tile is seen in, flipped and turned, their detections fused (one of :data:`VIEWS`; ``views``): more
     #: accurate, and as many times the model's time. 1: the tile as it is.
@@ -118,6 +119,13 @@ class ResultSettings:
     #: dropped and its area is not in ``tissue_mm2``, so counts and densities are of the tissue in focus. Off by
     #: default: it is counted, and flagged (``out_of_focus_mm2``, ``detections_out_of_focus``).
     leave_out_of_focus: bool = False
+
+    def __post_init__(self):
+        """Cell types given as a list or tuple of names are held as a tuple in name order, as the Girder plugin's
+        folder runs hold them: the same types asked in another order are the same run (its key, its recorded params,
+        the cohort table's ``classes``). Anything else is left for :meth:`DetectionSettings.validate` to refuse."""
+        if isinstance(self.classes, (list, tuple)) and all(isinstance(name, str) for name in self.classes):
+            object.__setattr__(self, 'classes', tuple(sorted(self.classes)))
 
     def identity(self) -> dict:
         """The result settings as a plain dict (what run keys hash and annotations record); on a

@@ -60,6 +60,9 @@ SHA_KEY = 'model_sha256'
 MODEL_MAX_CHARS = 200
 SHA_PATTERN = re.compile(r'[0-9a-f]{64}')
 DEFAULT_MODEL = 'cellrcnn-default.pt'  # the model CellDetection uses when no model file is given
+#: the bundled model's cell types, in its order (tests/test_plugin_contract.py reads them from the checkpoint): a folder
+#: run that asks it for another is refused before any slide is queued
+DEFAULT_MODEL_CELL_TYPES = ('lymphocyte', 'tumour', 'stromal')
 SUMMARY_FIELD = 'cellrcnnSummary'  # on an annotation document: its summary, for the version it was computed for
 #: on an annotation document an upload's ingest made for a user other than the uploader: the uploader's id
 CLAIMED_FIELD = 'cellrcnnMadeByUploader'

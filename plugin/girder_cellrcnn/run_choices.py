@@ -151,6 +151,14 @@ def same(params, model_config, choices):
     return made is not None and _chosen(made, defaults) == _chosen(choices or {}, defaults)
 
 
+def check_classes(choices, cell_types):
+    """Refuse, as the task would on every slide, cell types ``choices`` keeps that a model of ``cell_types`` (its
+    names, in its order) lacks. :raises ValueError: the task's own line (``cellrcnn.settings``' ``type_indices``)."""
+    unknown = [name for name in choices.get('classes') or () if name not in cell_types]
+    if unknown:
+        raise ValueError(f'unknown class {unknown[0]!r}: the model\'s cell types are {", ".join(cell_types)}')
+
+
 def task_params(choices):
     """The task's parameters that make ``choices``, as HistomicsUI gives them to slicer_cli_web (a list as JSON)."""
     params = {}
