@@ -191,9 +191,10 @@ def test_a_real_run_is_known_by_the_choices_it_was_made_with(slide_file, result_
     assert not made(chosen, {**asked, 'views': 4}) and not made(chosen, {})
 
 
-def test_the_plugin_and_the_task_name_the_bundled_models_cell_types():
-    """The plugin refuses a folder run asking the bundled model for a cell type it lacks with the line the task
-    would fail each slide's job with, and HistomicsUI's panel names the types: both as the checkpoint holds them."""
+def test_the_plugin_knows_the_bundled_models_configuration():
+    """The plugin takes a folder run with the bundled model's own threshold and magnification for one at the task's
+    defaults, and refuses one asking it for a cell type it lacks with the line the task would fail each slide's job
+    with; HistomicsUI's panel names the types: all as the checkpoint holds them."""
     import xml.etree.ElementTree as ET
 
     from test_slicer_cli import CLI_DIR
@@ -202,18 +203,25 @@ def test_the_plugin_and_the_task_name_the_bundled_models_cell_types():
     from cellrcnn.errors import CellRCNNError
     from cellrcnn.settings import DetectionSettings
 
-    cell_types = load_model().config.cell_types
-    assert plugin_constant('results', 'DEFAULT_MODEL_CELL_TYPES') == tuple(cell_types)
+    config = load_model().config
+    known = plugin_constant('results', 'DEFAULT_MODEL_CONFIG')
+    assert known == {'cell_types': list(config.cell_types), 'threshold': pytest.approx(config.threshold, abs=1e-9),
+                     'mpp': config.mpp}
     run_choices = plugin_run_choices()
+    own = {'threshold': config.threshold, 'analysis_mag': 10 / config.mpp}
+    assert run_choices.of_model(run_choices.of_task(own), known) == {}
+    assert run_choices.of_model(run_choices.of_task({**own, 'threshold': '0.5', 'views': '2'}), known) == {
+        'threshold': 0.5, 'views': 2}
     for asked in ('neutrophil', 'tumour,Lymphocyte', '["stromal", "tumor"]'):
         choices = run_choices.of_task({'classes': asked})
         with pytest.raises(CellRCNNError) as task_error:
-            DetectionSettings(classes=choices['classes']).type_indices(cell_types)
+            DetectionSettings(classes=choices['classes']).type_indices(config.cell_types)
         with pytest.raises(ValueError) as plugin_error:
-            run_choices.check_classes(choices, cell_types)
+            run_choices.of_model(choices, known)
         assert str(plugin_error.value) == str(task_error.value)
-    for asked in ('', 'stromal', 'tumour,lymphocyte,stromal'):
-        run_choices.check_classes(run_choices.of_task({'classes': asked}), cell_types)
+    for asked in ('stromal', 'tumour,lymphocyte,stromal'):
+        assert run_choices.of_model(run_choices.of_task({'classes': asked}), known) == run_choices.of_task(
+            {'classes': asked})
     task = ET.parse(os.path.join(CLI_DIR, 'CellDetection', 'CellDetection.xml')).getroot()
     described = next(e.findtext('description') for e in task.iter('string-vector') if e.findtext('name') == 'classes')
-    assert f"The bundled model's cell types are {', '.join(cell_types)}." in described
+    assert f"The bundled model's cell types are {', '.join(config.cell_types)}." in described

@@ -372,16 +372,21 @@ def test_detect_with_the_tasks_choices(server, cli_id, slide_file):
 
 def test_a_real_result_is_done_at_its_models_own_threshold(server, cli_id, slide_file, nuclei_doc):
     """A real run records the threshold and magnification it used, its model's own: it is done for a folder run
-    that leaves them at the task's defaults or names the model's own, and not for another threshold."""
+    that leaves them at the task's defaults or names the model's own, and not for another threshold; naming the
+    bundled model's own is a run at the defaults, which finds the jobs made at them (HistomicsUI's)."""
     root = folder(server, server.folder_id, 'own threshold')
     post_annotations(server.api_url, server.token, slide_in(server, slide_file, root, 'real.tiff')[0], nuclei_doc,
                      **FAST)
+    slide_in(server, slide_file, root, 'new.tiff')
     config = nuclei_doc['attributes']['model_config']
-    for asked in ({}, {'threshold': config['threshold'], 'magnification': 10 / config['mpp']}):
-        parent, jobs = detect(server, root, **asked)
-        assert jobs == [] and parent['cellrcnnBatch']['finished'] == 1
+    parent, jobs = detect(server, root)  # as HistomicsUI's default job of new.tiff would be
+    assert len(jobs) == 1 and parent['cellrcnnBatch']['finished'] == 1
+    # the bundled model's own threshold and magnification named: the same run, which finds that job waiting
+    parent, jobs = detect(server, root, threshold=config['threshold'], magnification=10 / config['mpp'])
+    assert jobs == [] and (parent['cellrcnnBatch']['finished'], parent['cellrcnnBatch']['running']) == (1, 1)
+    assert 'choices' not in parent['cellrcnnBatch']
     parent, jobs = detect(server, root, threshold=round(config['threshold'] + 0.1, 2))
-    assert len(jobs) == 1 and parent['cellrcnnBatch']['finished'] == 0
+    assert len(jobs) == 2 and parent['cellrcnnBatch']['finished'] == 0
 
 
 def test_detect_with_another_model(server, cli_id, run_folder, tmp_path):

@@ -16,7 +16,7 @@ from girder_jobs.models.job import Job
 
 from . import batch, model_files, results, run_choices, withdrawn
 from .cell_types import RATIO_KEY, SUFFIXES
-from .results import DEFAULT_MODEL, DEFAULT_MODEL_CELL_TYPES
+from .results import DEFAULT_MODEL, DEFAULT_MODEL_CONFIG
 from .table import COLUMNS, table_columns, table_csv_lines, table_rows
 
 
@@ -101,14 +101,16 @@ class CellRCNNResource(Resource):
                'one are left out, and a slide is done when it holds a result of the model inside them saved since '
                'they last changed. Default: whole slides.', required=False)
         .param('threshold', 'Keep nuclei scored at least this, 0 to 1 (the task\'s threshold). Default: the '
-               'threshold the model was calibrated with.', required=False, dataType='number')
+               f'threshold the model was calibrated with ({DEFAULT_MODEL_CONFIG["threshold"]:g} for the bundled '
+               'model); naming a model\'s own threshold or magnification is the same as leaving it out.',
+               required=False, dataType='number')
         .param('magnification', 'Analyse the slides at this magnification, above 0 and at most 100 (the task\'s '
                'analysis_mag). Default: the model\'s own (20x for the bundled model).', required=False,
                dataType='number')
         .param('classes', 'For a model with cell types: keep only nuclei of these types, their names separated by '
                f'commas, e.g. lymphocyte,tumour (the task\'s classes; the bundled model\'s are '
-               f'{", ".join(DEFAULT_MODEL_CELL_TYPES)}, and a name it lacks is refused; one a model file lacks fails '
-               'each slide\'s job). Default: every nucleus.', required=False)
+               f'{", ".join(DEFAULT_MODEL_CONFIG["cell_types"])}, and a name it lacks is refused; one a model file '
+               'lacks fails each slide\'s job). Default: every nucleus.', required=False)
         .param('views', 'See each tile in this many views, 1, 2, 4 or 8, and fuse what they find (the task\'s '
                'views): more accurate, as many times as long. Default: 1.', required=False, dataType='integer')
         .param('leaveOutOfFocus', 'Leave the tissue that looks out of focus out of the counts, with the nuclei '
@@ -140,9 +142,9 @@ class CellRCNNResource(Resource):
         user = self.getCurrentUser()
         task = batch.find_cli(user, cli)
         model_name, model_file_id = model_files.model_of(user, model)
-        if model_file_id is None:  # a model file's types are in its checkpoint, which this plugin never reads
+        if model_file_id is None:  # a model file's configuration is in its checkpoint, which this plugin never reads
             try:
-                run_choices.check_classes(choices, DEFAULT_MODEL_CELL_TYPES)
+                choices = run_choices.of_model(choices, DEFAULT_MODEL_CONFIG)
             except ValueError as exc:
                 raise RestException(str(exc), 400) from None
         job = batch.start(folder, user, task, model_name, model_file_id, _region_name(regionAnnotation), choices)

@@ -60,9 +60,10 @@ SHA_KEY = 'model_sha256'
 MODEL_MAX_CHARS = 200
 SHA_PATTERN = re.compile(r'[0-9a-f]{64}')
 DEFAULT_MODEL = 'cellrcnn-default.pt'  # the model CellDetection uses when no model file is given
-#: the bundled model's cell types, in its order (tests/test_plugin_contract.py reads them from the checkpoint): a folder
-#: run that asks it for another is refused before any slide is queued
-DEFAULT_MODEL_CELL_TYPES = ('lymphocyte', 'tumour', 'stromal')
+#: the bundled model's configuration as a result records it (``model_config``), the parts a folder run uses
+#: (``run_choices.of_model``; tests/test_plugin_contract.py compares them with the checkpoint): its cell types in its
+#: order, its calibrated threshold and its µm per pixel
+DEFAULT_MODEL_CONFIG = {'cell_types': ['lymphocyte', 'tumour', 'stromal'], 'threshold': 0.37, 'mpp': 0.5}
 SUMMARY_FIELD = 'cellrcnnSummary'  # on an annotation document: its summary, for the version it was computed for
 #: on an annotation document an upload's ingest made for a user other than the uploader: the uploader's id
 CLAIMED_FIELD = 'cellrcnnMadeByUploader'

@@ -8,7 +8,8 @@ result's ``params`` (``cellrcnn.settings.ResultSettings.identity``), each value 
 types in name order. The same dict is read from a job's parameters as HistomicsUI or a folder run gave them to
 slicer_cli_web (:func:`of_task`) and from a result's ``params`` (:func:`recorded`). A result records the threshold
 and magnification it used, its model's own when none was chosen, so a result is compared (:func:`same`) with the
-threshold and magnification its model takes by default (its recorded ``model_config``) taken as no choice.
+threshold and magnification its model takes by default (its recorded ``model_config``) taken as no choice; a run of
+a model whose configuration the plugin knows (the bundled model's) takes them so too (:func:`of_model`).
 """
 
 import json
@@ -151,12 +152,17 @@ def same(params, model_config, choices):
     return made is not None and _chosen(made, defaults) == _chosen(choices or {}, defaults)
 
 
-def check_classes(choices, cell_types):
-    """Refuse, as the task would on every slide, cell types ``choices`` keeps that a model of ``cell_types`` (its
-    names, in its order) lacks. :raises ValueError: the task's own line (``cellrcnn.settings``' ``type_indices``)."""
+def of_model(choices, config):
+    """``choices`` for a model whose configuration is known (``config`` as a result records it, ``model_config``):
+    a threshold or a magnification equal to the model's own is no choice, as :func:`same` takes it, so that a folder
+    run naming them finds the slides' jobs made at the task's defaults (HistomicsUI's) and queues its own so.
+    :raises ValueError: a cell type the model lacks, in the line the task would fail every slide's job with
+    (``cellrcnn.settings``' ``type_indices``)."""
+    cell_types = config.get('cell_types') or ()
     unknown = [name for name in choices.get('classes') or () if name not in cell_types]
     if unknown:
         raise ValueError(f'unknown class {unknown[0]!r}: the model\'s cell types are {", ".join(cell_types)}')
+    return _chosen(choices, _model_defaults(config))
 
 
 def task_params(choices):
