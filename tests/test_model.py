@@ -1,9 +1,10 @@
 import re
+import zipfile
 
 import pytest
 import torch
 
-from cellrcnn.checkpoint import load_checkpoint, load_model, require_safe_torch, save_checkpoint
+from cellrcnn.checkpoint import BUNDLED_MODEL, load_checkpoint, load_model, require_safe_torch, save_checkpoint
 from cellrcnn.config import ModelConfig
 from cellrcnn.errors import CellRCNNError
 from cellrcnn.model import build_model
@@ -93,12 +94,23 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     text_files[1].write_text('hello')
     foreign = tmp_path / 'foreign.pt'
     torch.save({'model': {'w': torch.zeros(2)}}, foreign)
+    # a download cut short; a zip file that torch did not write
+    cut, archive = tmp_path / 'cut.pt', tmp_path / 'slides.zip'
+    cut.write_bytes(open(BUNDLED_MODEL, 'rb').read()[:100000])
+    with zipfile.ZipFile(archive, 'w') as z:
+        z.writestr('a.txt', 'a slide list')
     for path, message in [(tmp_path / 'missing.pt', 'not found'), (corrupt, 'not a readable checkpoint'),
                           *[(text, 'not a readable checkpoint') for text in text_files],
-                          (foreign, 'not a cellrcnn checkpoint')]:
+                          (foreign, 'not a cellrcnn checkpoint'), (archive, 'not a readable checkpoint')]:
         with pytest.raises(CellRCNNError, match=message) as info:
             load_model(path)
         assert '\n' not in str(info.value)
+    # not torch's format at all: said so, not the unpickler's bare key ('105')
+    for path in (corrupt, cut, *text_files):
+        with pytest.raises(CellRCNNError) as info:
+            load_model(path)
+        assert str(info.value) == (f'{path} is not a readable checkpoint (not a whole model file as torch writes them; '
+                                   'cellrcnn train writes one)')
 
 
 def test_checkpoint_whose_weights_do_not_fit_its_config(tmp_path):

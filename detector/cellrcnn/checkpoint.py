@@ -3,6 +3,7 @@
 import hashlib
 import os
 import threading
+import zipfile
 
 import torch
 from torch.torch_version import TorchVersion
@@ -83,13 +84,15 @@ def load_checkpoint(path):
     require_safe_torch()
     if not os.path.isfile(path):
         raise CellRCNNError(f'model file not found: {path}')
+    if not zipfile.is_zipfile(path):  # torch.save's format; text or an image reaches the unpickler as a bare key
+        raise CellRCNNError(f'{path} is not a readable checkpoint (not a whole model file as torch writes them; '
+                            'cellrcnn train writes one)')
     try:
         payload = torch.load(path, map_location='cpu', weights_only=True)
     except MemoryError:
         raise CellRCNNError(f'{path}: not enough memory to read it') from None
-    except Exception as exc:  # a foreign file's bytes reach the unpickler: it can raise any error (IndexError, ...)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CellRCNNError(f'{path} is not a readable checkpoint ({reason[:120]})') from None
+    except Exception as exc:  # a damaged file's bytes reach the unpickler: it can raise any error (IndexError, ...)
+        raise CellRCNNError(f'{path} is not a readable checkpoint ({_first_line(exc)})') from None
     if not isinstance(payload, dict) or payload.get('format') != FORMAT:
         raise CellRCNNError(f'{path} is not a cellrcnn checkpoint (no "{FORMAT}" header)')
     if not isinstance(payload.get('config'), dict) or not isinstance(payload.get('state_dict'), dict):
