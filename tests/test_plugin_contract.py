@@ -219,6 +219,11 @@ def test_the_plugin_knows_the_bundled_models_configuration():
         with pytest.raises(ValueError) as plugin_error:
             run_choices.of_model(choices, known)
         assert str(plugin_error.value) == str(task_error.value)
+    with pytest.raises(CellRCNNError) as task_error:  # a model without cell types
+        DetectionSettings(classes=('tumour', 'stromal')).type_indices(())
+    with pytest.raises(ValueError) as plugin_error:
+        run_choices.of_model(run_choices.of_task({'classes': 'tumour,stromal'}), {**known, 'cell_types': None})
+    assert str(plugin_error.value) == str(task_error.value)
     for asked in ('stromal', 'tumour,lymphocyte,stromal'):
         assert run_choices.of_model(run_choices.of_task({'classes': asked}), known) == run_choices.of_task(
             {'classes': asked})

@@ -158,8 +158,10 @@ def of_model(choices, config):
     run naming them finds the slides' jobs made at the task's defaults (HistomicsUI's) and queues its own so.
     :raises ValueError: a cell type the model lacks, in the line the task would fail every slide's job with
     (``cellrcnn.settings``' ``type_indices``)."""
-    cell_types = config.get('cell_types') or ()
-    unknown = [name for name in choices.get('classes') or () if name not in cell_types]
+    cell_types, asked = config.get('cell_types') or (), choices.get('classes') or ()
+    if asked and not cell_types:
+        raise ValueError(f'classes {", ".join(asked)} asked for, but the model has no cell types')
+    unknown = [name for name in asked if name not in cell_types]
     if unknown:
         raise ValueError(f'unknown class {unknown[0]!r}: the model\'s cell types are {", ".join(cell_types)}')
     return _chosen(choices, _model_defaults(config))
