@@ -274,7 +274,7 @@ def test_folder_detection_counts_inside_each_slides_region_annotation(dsa, synth
     assert nuclei['attributes']['params']['leave_out_of_focus'] is True
     assert nuclei['attributes']['stats']['out_of_focus_left_out'] is True
     assert nuclei['attributes']['params']['threshold'] == 0.4
-    assert nuclei['attributes']['params']['classes'] == ['tumour', 'stromal']  # in the model's order
+    assert nuclei['attributes']['params']['classes'] == ['stromal', 'tumour']  # in name order, as every table
     assert {e['group'] for e in nuclei['elements']} <= {'tumour', 'stromal'}
     centres = (boxes_of(nuclei)[:, :2] + boxes_of(nuclei)[:, 2:]) / 2
     assert len(centres) > 20 and inside([[p[:2] for p in quad]], centres[:, 0], centres[:, 1]).all()

@@ -77,8 +77,7 @@ def detect_to_files(slide_path: str, paths: dict[str, str | None], settings: 'De
                       mpp=settings.mpp)
         used = dataclasses.replace(settings.result(), magnification=slide.magnification,
                                    threshold=detector.threshold, nms=config.nms_thresh,
-                                   anchor_upsample=config.anchor_upsample,
-                                   classes=keep_types and tuple(config.cell_types[i] for i in keep_types)).identity()
+                                   anchor_upsample=config.anchor_upsample).identity()
         resume = None
         if resume_dir:
             # rows hold raw boxes: the element type changes how the nuclei are drawn, not which, so it is left out here
