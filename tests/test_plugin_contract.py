@@ -230,3 +230,56 @@ def test_the_plugin_knows_the_bundled_models_configuration():
     task = ET.parse(os.path.join(CLI_DIR, 'CellDetection', 'CellDetection.xml')).getroot()
     described = next(e.findtext('description') for e in task.iter('string-vector') if e.findtext('name') == 'classes')
     assert f"The bundled model's cell types are {', '.join(config.cell_types)}." in described
+
+
+def test_the_plugin_reads_a_model_files_configuration_as_the_task_runs_it(tiny_checkpoint, typed_checkpoint,
+                                                                          tmp_path):
+    """What the torch-free plugin reads of a model file (its cell types, threshold and scale) is what the task's
+    model runs with: for the bundled checkpoint, one without cell types, one with, and one that stores its threshold
+    under the old name. Files torch would not load are refused in the task's own words, and a pickle that would run
+    code is refused without running it."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    from cellrcnn import checkpoint
+    from cellrcnn.errors import CellRCNNError
+
+    reader = plugin_module('checkpoint_config')
+    assert reader.FORMAT == checkpoint.FORMAT and checkpoint.RENAMED_SETTINGS[reader.OLD_THRESHOLD] == 'threshold'
+    renamed = tmp_path / 'renamed.pt'
+    payload = torch.load(typed_checkpoint, weights_only=True)
+    payload['config'][reader.OLD_THRESHOLD] = 0.42
+    del payload['config']['threshold']
+    torch.save(payload, renamed)
+    for path in (BUNDLED_MODEL, tiny_checkpoint, typed_checkpoint, renamed):
+        config = checkpoint.load_model(str(path)).config
+        with open(path, 'rb') as f:
+            assert reader.read_config(f) == {'cell_types': list(config.cell_types), 'threshold': config.threshold,
+                                             'mpp': config.mpp}
+    assert config.threshold == 0.42
+
+    (tmp_path / 'notes.pt').write_text('not a model')
+    (tmp_path / 'cut.pt').write_bytes(open(typed_checkpoint, 'rb').read()[:20000])
+    torch.save({'weights': torch.zeros(2)}, tmp_path / 'foreign.pt')
+    for name in ('notes.pt', 'cut.pt', 'foreign.pt'):
+        path = str(tmp_path / name)
+        with pytest.raises(CellRCNNError) as task_error:
+            checkpoint.load_checkpoint(path)
+        with open(path, 'rb') as f, pytest.raises(ValueError) as plugin_error:
+            reader.read_config(f)
+        assert f'{path} is {plugin_error.value}' == str(task_error.value)
+
+    class Crafted:
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / 'ran'),)
+
+    crafted = tmp_path / 'crafted.pt'
+    with zipfile.ZipFile(crafted, 'w') as archive:
+        archive.writestr('crafted/data.pkl', pickle.dumps({'format': checkpoint.FORMAT, 'config': Crafted()}, 2))
+    with open(crafted, 'rb') as f, pytest.raises(ValueError) as plugin_error:
+        reader.read_config(f)
+    assert str(plugin_error.value) == ('not a readable checkpoint (it names posix.mkdir, which a checkpoint does '
+                                       'not hold)')
+    assert not (tmp_path / 'ran').exists()

@@ -24,6 +24,7 @@ import pytest
 import requests
 
 from cellrcnn import __version__
+from cellrcnn.checkpoint import load_checkpoint, stored_config
 from cellrcnn.girder_post import post_annotations
 from plugin_support import (
     COLUMNS,
@@ -389,10 +390,28 @@ def test_a_real_result_is_done_at_its_models_own_threshold(server, cli_id, slide
     assert len(jobs) == 2 and parent['cellrcnnBatch']['finished'] == 0
 
 
-def test_detect_with_another_model(server, cli_id, run_folder, tmp_path):
+@pytest.fixture(scope='module')
+def model_bytes(typed_checkpoint, tmp_path_factory):
+    """``model_bytes(note)``: the bytes of a real cellrcnn checkpoint with cell types (lymphocyte, tumour, stromal),
+    told apart by ``note``, saved in it (the plugin reads a model file's configuration before it runs it)."""
+    import torch
+
+    payload = torch.load(typed_checkpoint, weights_only=True)
+    models = tmp_path_factory.mktemp('model-files')
+
+    def make(note):
+        torch.save({**payload, 'note': note}, models / f'{note}.pt')
+        return (models / f'{note}.pt').read_bytes()
+
+    return make
+
+
+def test_detect_with_another_model(server, cli_id, run_folder, model_bytes, tmp_path):
+    """A model file's configuration is read from its checkpoint: a cell type it lacks is refused with the line the
+    task would fail each slide's job with, and its own threshold and magnification named are no choice."""
     ids = run_folder
     model_path = tmp_path / 'other.pt'
-    model_path.write_bytes(b'a model file')
+    model_path.write_bytes(model_bytes('other'))
     models = folder(server, server.folder_id, 'models')
     model_file = server.client().uploadFileToFolder(models, str(model_path))
     parent, jobs = detect(server, ids['root'], model=model_file['_id'])
@@ -402,10 +421,26 @@ def test_detect_with_another_model(server, cli_id, run_folder, tmp_path):
     assert set(inputs) == {ids['r1.tiff'], ids['r3.tiff'], ids['r4.tiff']}
     assert inputs[ids['r1.tiff']][:2] == (ids['r1.tiff file'], model_file['_id'])
 
+    config = stored_config(load_checkpoint(str(model_path)))  # as the task's library reads it
+    parent, jobs = detect(server, ids['root'], model=model_file['_id'], threshold=config.threshold,
+                          magnification=10 / config.mpp)
+    assert jobs == [] and (parent['cellrcnnBatch']['finished'], parent['cellrcnnBatch']['running']) == (1, 3)
+    assert 'choices' not in parent['cellrcnnBatch']
+    with pytest.raises(Exception) as err:
+        server.client().post(f'cellrcnn/folder/{ids["root"]}/detect', {'model': model_file['_id'],
+                                                                       'classes': 'tumour,neutrophil'})
+    assert err.value.status == 400 and json.loads(err.value.responseText)['message'] == (
+        "unknown class 'neutrophil': the model's cell types are lymphocyte, tumour, stromal")
+
 
 def test_detect_refuses_unknown_models_and_tasks(server, cli_id, run_folder):
     gc = server.client()
+    text = gc.uploadStreamToFolder(folder(server, server.folder_id, 'not-models'), io.BytesIO(b'a model file'),
+                                   'notes.pt', 12)
     for params, message in (({'model': '0' * 24}, f'no model file {"0" * 24} that you may read'),
+                            ({'model': text['_id']}, f'the model file {text["_id"]} (notes.pt) is not a readable '
+                                                     'checkpoint (not a whole model file as torch writes them; '
+                                                     'cellrcnn train writes one)'),
                             ({'cli': run_folder['r1.tiff']}, f'no slicer_cli_web task with id {run_folder["r1.tiff"]} '
                                                            'that you may read')):
         with pytest.raises(Exception) as err:
@@ -529,10 +564,10 @@ def test_a_slide_job_log_line_leaves_the_batch_alone(server, cli_id, slide_file)
     assert ended['status'] == 3 and ended['progress']['message'] == '1 of 1 slides done'
 
 
-def test_models_are_told_apart_by_their_bytes(server, cli_id, slide_file):
+def test_models_are_told_apart_by_their_bytes(server, cli_id, slide_file, model_bytes):
     root = folder(server, server.folder_id, 'hashes')
     ids = {name: slide_in(server, slide_file, root, name)[0] for name in ('h1.tiff', 'h2.tiff', 'h3.tiff')}
-    model_a, model_b = b'model A bytes', b'model B bytes'
+    model_a, model_b = model_bytes('A'), model_bytes('B')
     # cellrcnn train always writes model.pt: these are different models of one name
     annotate(server, ids['h1.tiff'], nuclei(5, 'model.pt', sha=sha256(model_b)))
     annotate(server, ids['h2.tiff'], nuclei(6, 'model.pt', sha=sha256(model_a)))
@@ -558,14 +593,14 @@ def test_models_are_told_apart_by_their_bytes(server, cli_id, slide_file):
     play_worker(server, jobs[0]['_id'], 2, 4)
 
 
-def test_the_request_only_starts_a_batch_whose_job_keeps_no_list_of_slides(server, cli_id, slide_file):
+def test_the_request_only_starts_a_batch_whose_job_keeps_no_list_of_slides(server, cli_id, slide_file, model_bytes):
     """Hashing the model and walking the folder tree run in the batch's own thread, not in the request (a model of
     gigabytes, a tree of thousands of slides); the job document keeps counts, not an entry per slide (a document
     holds 16 MB: some 60 000 slides)."""
     root = folder(server, server.folder_id, 'no-list')
     for name in ('n1.tiff', 'n2.tiff'):
         slide_in(server, slide_file, root, name)
-    data = b'model C bytes'
+    data = model_bytes('C')
     models = folder(server, server.folder_id, 'no-list-models')
     model_file = server.client().uploadStreamToFolder(models, io.BytesIO(data), 'c.pt', len(data))
     answer = server.client().post(f'cellrcnn/folder/{root}/detect', {'model': model_file['_id']})

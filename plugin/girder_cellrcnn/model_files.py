@@ -7,7 +7,8 @@ import hashlib
 from girder.constants import AccessType
 from girder.exceptions import RestException
 
-from .results import DEFAULT_MODEL, SHA_PATTERN
+from .checkpoint_config import read_config
+from .results import DEFAULT_MODEL, DEFAULT_MODEL_CONFIG, SHA_PATTERN
 
 SHA_FIELD = 'cellrcnnSha256'  # on a model's file document: {"sha256", "of": what the file's content was then}
 
@@ -40,10 +41,11 @@ def file_sha256(model_file):
 
 
 def model_of(user, model_file_id=None):
-    """(model name as results record it, model file id or None for the task's bundled model); the file must be one
-    the user may read, stored in an assetstore (not a link)."""
+    """(model name as results record it, model file id or None for the task's bundled model, its configuration as a
+    result records it: the parts a folder run uses, :mod:`.checkpoint_config`); the file must be one the user may
+    read, stored in an assetstore (not a link), and a cellrcnn checkpoint."""
     if not model_file_id:
-        return DEFAULT_MODEL, None
+        return DEFAULT_MODEL, None, DEFAULT_MODEL_CONFIG
     from girder.models.file import File
 
     model_file = File().load(model_file_id, user=user, level=AccessType.READ, exc=False)
@@ -52,7 +54,12 @@ def model_of(user, model_file_id=None):
     if not model_file.get('assetstoreId') or model_file.get('linkUrl'):
         raise RestException(f'the model file {model_file["_id"]} ({model_file.get("name")}) is a link, not a stored '
                             'file: upload the checkpoint')
-    return model_file['name'], str(model_file['_id'])
+    try:
+        with File().open(model_file) as handle:
+            config = read_config(handle)
+    except ValueError as exc:
+        raise RestException(f'the model file {model_file["_id"]} ({model_file.get("name")}) is {exc}') from None
+    return model_file['name'], str(model_file['_id']), config
 
 
 def model_sha256(model_file_id):

@@ -91,7 +91,8 @@ class CellRCNNResource(Resource):
                'with the same choices of threshold, magnification, classes, views, leaveOutOfFocus and keepBlueGreen, '
                'those not given at the task\'s defaults.')
         .modelParam('id', model=Folder, level=AccessType.WRITE)
-        .param('model', 'Id of a cellrcnn model file (.pt) to detect with; default: the task\'s bundled model '
+        .param('model', 'Id of a cellrcnn model file (.pt, as cellrcnn train writes one) to detect with; a file '
+               'that is not one is refused. Default: the task\'s bundled model '
                f'({DEFAULT_MODEL})', required=False)
         .param('cli', 'Id of the slicer_cli_web CellDetection task item; default: the one the cellrcnn.task_item '
                'setting names, else the most recently registered one. Only tasks an administrator registered '
@@ -109,8 +110,8 @@ class CellRCNNResource(Resource):
                dataType='number')
         .param('classes', 'For a model with cell types: keep only nuclei of these types, their names separated by '
                f'commas, e.g. lymphocyte,tumour (the task\'s classes; the bundled model\'s are '
-               f'{", ".join(DEFAULT_MODEL_CONFIG["cell_types"])}, and a name it lacks is refused; one a model file '
-               'lacks fails each slide\'s job). Default: every nucleus.', required=False)
+               f'{", ".join(DEFAULT_MODEL_CONFIG["cell_types"])}); a name the model lacks is refused. Default: every '
+               'nucleus.', required=False)
         .param('views', 'See each tile in this many views, 1, 2, 4 or 8, and fuse what they find (the task\'s '
                'views): more accurate, as many times as long. Default: 1.', required=False, dataType='integer')
         .param('leaveOutOfFocus', 'Leave the tissue that looks out of focus out of the counts, with the nuclei '
@@ -141,12 +142,11 @@ class CellRCNNResource(Resource):
         batch.require_worker_api_url()
         user = self.getCurrentUser()
         task = batch.find_cli(user, cli)
-        model_name, model_file_id = model_files.model_of(user, model)
-        if model_file_id is None:  # a model file's configuration is in its checkpoint, which this plugin never reads
-            try:
-                choices = run_choices.of_model(choices, DEFAULT_MODEL_CONFIG)
-            except ValueError as exc:
-                raise RestException(str(exc), 400) from None
+        model_name, model_file_id, config = model_files.model_of(user, model)
+        try:
+            choices = run_choices.of_model(choices, config)
+        except ValueError as exc:
+            raise RestException(str(exc), 400) from None
         job = batch.start(folder, user, task, model_name, model_file_id, _region_name(regionAnnotation), choices)
         return Job().filter(job, user)
 

@@ -8,8 +8,9 @@ result's ``params`` (``cellrcnn.settings.ResultSettings.identity``), each value 
 types in name order. The same dict is read from a job's parameters as HistomicsUI or a folder run gave them to
 slicer_cli_web (:func:`of_task`) and from a result's ``params`` (:func:`recorded`). A result records the threshold
 and magnification it used, its model's own when none was chosen, so a result is compared (:func:`same`) with the
-threshold and magnification its model takes by default (its recorded ``model_config``) taken as no choice; a run of
-a model whose configuration the plugin knows (the bundled model's) takes them so too (:func:`of_model`).
+threshold and magnification its model takes by default (its recorded ``model_config``) taken as no choice; a run
+takes them so too (:func:`of_model`, with the bundled model's configuration or the one a model file's checkpoint
+holds).
 """
 
 import json
