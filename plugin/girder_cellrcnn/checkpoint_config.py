@@ -66,8 +66,9 @@ def _payload(handle):
         try:
             with archive.open(pickles[0]) as record:
                 data = record.read(PICKLE_MAX_BYTES + 1)
-        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:  # RuntimeError:
-            raise ValueError(f'not a readable checkpoint ({exc})') from None  # an encrypted record
+        # a damaged record, an unknown compression, an encrypted one (RuntimeError)
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+            raise ValueError(f'not a readable checkpoint ({exc})') from None
     if len(data) > PICKLE_MAX_BYTES:
         raise ValueError(f'too large a checkpoint to read (its settings take more than {PICKLE_MAX_BYTES} bytes)')
     try:
