@@ -433,10 +433,20 @@ def test_detect_with_another_model(server, cli_id, run_folder, model_bytes, tmp_
         "unknown class 'neutrophil': the model's cell types are lymphocyte, tumour, stromal")
 
 
-def test_detect_refuses_unknown_models_and_tasks(server, cli_id, run_folder):
+def test_detect_refuses_unknown_models_and_tasks(server, cli_id, run_folder, model_bytes):
     gc = server.client()
-    text = gc.uploadStreamToFolder(folder(server, server.folder_id, 'not-models'), io.BytesIO(b'a model file'),
-                                   'notes.pt', 12)
+    models = folder(server, server.folder_id, 'not-models')
+    text = gc.uploadStreamToFolder(models, io.BytesIO(b'a model file'), 'notes.pt', 12)
+    data = model_bytes('big')
+    model = gc.uploadStreamToFolder(models, io.BytesIO(data), 'big.pt', len(data))
+    gc.put('system/setting', {'key': 'core.filehandle_max_size', 'value': 4096})  # less than its zip directory
+    try:
+        with pytest.raises(Exception) as err:
+            gc.post(f'cellrcnn/folder/{run_folder["root"]}/detect', {'model': model['_id']})
+    finally:
+        gc.put('system/setting', {'key': 'core.filehandle_max_size', 'value': 16 << 20})
+    assert err.value.status == 400 and json.loads(err.value.responseText)['message'] == (
+        f'the model file {model["_id"]} (big.pt) cannot be read here: Read exceeds maximum allowed size.')
     for params, message in (({'model': '0' * 24}, f'no model file {"0" * 24} that you may read'),
                             ({'model': text['_id']}, f'the model file {text["_id"]} (notes.pt) is not a readable '
                                                      'checkpoint (not a whole model file as torch writes them; '

@@ -16,8 +16,9 @@ import pickle
 import zipfile
 
 FORMAT = 'cellrcnn-checkpoint'  # cellrcnn.checkpoint.FORMAT
-#: the most bytes a checkpoint's pickle (its settings and the tensors' names, not their values) may take
-PICKLE_MAX_BYTES = 32 << 20
+#: the most bytes a checkpoint's pickle (its settings and the tensors' names, not their values) may take: a model's
+#: is some 20 kB; Girder's own default limit on one read from a file handle (core.filehandle_max_size)
+PICKLE_MAX_BYTES = 16 << 20
 #: the threshold as checkpoints older than its name stored it (cellrcnn.checkpoint.RENAMED_SETTINGS)
 OLD_THRESHOLD = 'detect_thresh'
 #: why a file is refused when torch would not read it (cellrcnn.checkpoint.load_checkpoint's words)

@@ -5,7 +5,7 @@ import datetime
 import hashlib
 
 from girder.constants import AccessType
-from girder.exceptions import RestException
+from girder.exceptions import GirderException, RestException
 
 from .checkpoint_config import read_config
 from .results import DEFAULT_MODEL, DEFAULT_MODEL_CONFIG, SHA_PATTERN
@@ -59,6 +59,9 @@ def model_of(user, model_file_id=None):
             config = read_config(handle)
     except ValueError as exc:
         raise RestException(f'the model file {model_file["_id"]} ({model_file.get("name")}) is {exc}') from None
+    except GirderException as exc:  # a read beyond the server's limit for one (core.filehandle_max_size)
+        raise RestException(f'the model file {model_file["_id"]} ({model_file.get("name")}) cannot be read here: '
+                            f'{exc}') from None
     return model_file['name'], str(model_file['_id']), config
 
 
