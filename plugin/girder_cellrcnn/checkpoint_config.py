@@ -66,12 +66,10 @@ def _payload(handle):
                              f'more than {PICKLE_MAX_BYTES})')
         try:
             with archive.open(pickles[0]) as record:
-                data = record.read(PICKLE_MAX_BYTES + 1)
+                data = record.read()  # zipfile never reads past the record's stated size, checked above
         # a damaged record, an unknown compression, an encrypted one (RuntimeError)
         except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
             raise ValueError(f'not a readable checkpoint ({exc})') from None
-    if len(data) > PICKLE_MAX_BYTES:
-        raise ValueError(f'too large a checkpoint to read (its settings take more than {PICKLE_MAX_BYTES} bytes)')
     try:
         return _Unpickler(io.BytesIO(data)).load()
     except Exception as exc:  # a damaged or crafted pickle can raise any error
