@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import math
+import pathlib
 import sys
 import time
 
@@ -456,6 +457,25 @@ def test_detect_refuses_unknown_models_and_tasks(server, cli_id, run_folder, mod
         with pytest.raises(Exception) as err:
             gc.post(f'cellrcnn/folder/{run_folder["root"]}/detect', params)
         assert err.value.status == 400 and json.loads(err.value.responseText)['message'] == message
+
+
+def test_a_model_file_whose_bytes_are_lost_is_refused_for_that_reason(server, cli_id, run_folder, model_bytes):
+    """A model file cut short on the assetstore's disk, then gone from it, is refused as lost, not as a file that
+    is no checkpoint, and the refusal does not name the server's own paths."""
+    gc = server.client()
+    data = model_bytes('lost')
+    model = gc.uploadStreamToFolder(folder(server, server.folder_id, 'lost-models'), io.BytesIO(data), 'lost.pt',
+                                    len(data))
+    sha = hashlib.sha512(data).hexdigest()
+    on_disk = pathlib.Path(server.root, 'assetstore', sha[:2], sha[2:4], sha)  # a filesystem assetstore's layout
+    assert on_disk.read_bytes() == data
+    for lose in (lambda: on_disk.write_bytes(data[:len(data) // 2]), on_disk.unlink):
+        lose()
+        with pytest.raises(Exception) as err:
+            gc.post(f'cellrcnn/folder/{run_folder["root"]}/detect', {'model': model['_id']})
+        assert err.value.status == 400 and json.loads(err.value.responseText)['message'] == (
+            f'the model file {model["_id"]} (lost.pt) cannot be read here: its assetstore has lost its bytes (all or '
+            'part of them): an administrator restores them, or the model is uploaded again')
 
 
 # --------------------------------------------------------------------------- access control

@@ -11,6 +11,9 @@ from .checkpoint_config import read_config
 from .results import DEFAULT_MODEL, DEFAULT_MODEL_CONFIG, SHA_PATTERN
 
 SHA_FIELD = 'cellrcnnSha256'  # on a model's file document: {"sha256", "of": what the file's content was then}
+#: why a model file whose bytes its assetstore no longer holds (all or part of them) cannot be read
+LOST_BYTES = ('its assetstore has lost its bytes (all or part of them): an administrator restores them, or the '
+              'model is uploaded again')
 
 
 def _content_stamp(model_file):
@@ -51,18 +54,37 @@ def model_of(user, model_file_id=None):
     model_file = File().load(model_file_id, user=user, level=AccessType.READ, exc=False)
     if model_file is None:
         raise RestException(f'no model file {model_file_id} that you may read')
+    which = f'the model file {model_file["_id"]} ({model_file.get("name")})'
     if not model_file.get('assetstoreId') or model_file.get('linkUrl'):
-        raise RestException(f'the model file {model_file["_id"]} ({model_file.get("name")}) is a link, not a stored '
-                            'file: upload the checkpoint')
+        raise RestException(f'{which} is a link, not a stored file: upload the checkpoint')
     try:
         with File().open(model_file) as handle:
-            config = read_config(handle)
-    except ValueError as exc:
-        raise RestException(f'the model file {model_file["_id"]} ({model_file.get("name")}) is {exc}') from None
-    except GirderException as exc:  # a read beyond the server's limit for one (core.filehandle_max_size)
-        raise RestException(f'the model file {model_file["_id"]} ({model_file.get("name")}) cannot be read here: '
-                            f'{exc}') from None
+            try:
+                config = read_config(handle)
+            except ValueError as exc:
+                if _bytes_lost(handle, model_file):
+                    raise RestException(f'{which} cannot be read here: {LOST_BYTES}') from None
+                raise RestException(f'{which} is {exc}') from None
+    except GirderException as exc:
+        raise RestException(f'{which} cannot be read here: {_read_failure(exc)}') from None
     return model_file['name'], str(model_file['_id']), config
+
+
+def _bytes_lost(handle, model_file):
+    """Whether the assetstore holds fewer bytes of ``model_file`` than its document records (cut short on disk)."""
+    size = model_file.get('size') or 0
+    if size <= 0:
+        return False
+    handle.seek(size - 1)
+    return handle.read(1) == b''
+
+
+def _read_failure(exc):
+    """Why Girder would not read a file's bytes (a GirderException from its file handle), in words its user may see:
+    a filesystem assetstore's message for a file gone from its disk names the server's own path."""
+    if str(exc.identifier or '').endswith('file-does-not-exist'):
+        return LOST_BYTES
+    return exc.message  # a read beyond the server's limit for one (core.filehandle_max_size)
 
 
 def model_sha256(model_file_id):
