@@ -14,6 +14,7 @@ import pytest
 
 from cellrcnn import cohort, girder_post, girder_target, region
 from cellrcnn.checkpoint import BUNDLED_MODEL
+from cellrcnn.config import ModelConfig
 
 PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'plugin', 'girder_cellrcnn')
 
@@ -248,6 +249,7 @@ def test_the_plugin_reads_a_model_files_configuration_as_the_task_runs_it(tiny_c
 
     reader = plugin_module('checkpoint_config')
     assert reader.FORMAT == checkpoint.FORMAT and checkpoint.RENAMED_SETTINGS[reader.OLD_THRESHOLD] == 'threshold'
+    assert reader.MODEL_SETTINGS == {f.name for f in dataclasses.fields(ModelConfig)} | set(checkpoint.RENAMED_SETTINGS)
     renamed = tmp_path / 'renamed.pt'
     payload = torch.load(typed_checkpoint, weights_only=True)
     payload['config'][reader.OLD_THRESHOLD] = 0.42
@@ -270,6 +272,17 @@ def test_the_plugin_reads_a_model_files_configuration_as_the_task_runs_it(tiny_c
         with open(path, 'rb') as f, pytest.raises(ValueError) as plugin_error:
             reader.read_config(f)
         assert f'{path} is {plugin_error.value}' == str(task_error.value)
+
+    newer = tmp_path / 'newer.pt'  # written by a cellrcnn with a setting the task's does not know
+    payload['config']['tile_overlap_um'], payload['version'] = 12.0, '9.0.0'
+    torch.save(payload, newer)
+    with pytest.raises(CellRCNNError) as task_error:
+        checkpoint.load_model(str(newer))
+    assert str(task_error.value).endswith('unknown model settings: tile_overlap_um')
+    with open(newer, 'rb') as f, pytest.raises(ValueError) as plugin_error:
+        reader.read_config(f)
+    assert str(plugin_error.value) == ("a cellrcnn checkpoint with model settings that the task's cellrcnn does not "
+                                       'know: tile_overlap_um (written by cellrcnn 9.0.0)')
 
     class Crafted:
         def __reduce__(self):

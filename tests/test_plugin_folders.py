@@ -393,15 +393,16 @@ def test_a_real_result_is_done_at_its_models_own_threshold(server, cli_id, slide
 
 @pytest.fixture(scope='module')
 def model_bytes(typed_checkpoint, tmp_path_factory):
-    """``model_bytes(note)``: the bytes of a real cellrcnn checkpoint with cell types (lymphocyte, tumour, stromal),
-    told apart by ``note``, saved in it (the plugin reads a model file's configuration before it runs it)."""
+    """``model_bytes(note, **settings)``: the bytes of a real cellrcnn checkpoint with cell types (lymphocyte, tumour,
+    stromal), told apart by ``note``, saved in it, its model settings updated with ``settings`` (the plugin reads a
+    model file's configuration before it runs it)."""
     import torch
 
     payload = torch.load(typed_checkpoint, weights_only=True)
     models = tmp_path_factory.mktemp('model-files')
 
-    def make(note):
-        torch.save({**payload, 'note': note}, models / f'{note}.pt')
+    def make(note, **settings):
+        torch.save({**payload, 'note': note, 'config': {**payload['config'], **settings}}, models / f'{note}.pt')
         return (models / f'{note}.pt').read_bytes()
 
     return make
@@ -438,6 +439,8 @@ def test_detect_refuses_unknown_models_and_tasks(server, cli_id, run_folder, mod
     gc = server.client()
     models = folder(server, server.folder_id, 'not-models')
     text = gc.uploadStreamToFolder(models, io.BytesIO(b'a model file'), 'notes.pt', 12)
+    data = model_bytes('newer', tile_overlap_um=12.0)  # a setting the task's cellrcnn does not know
+    newer = gc.uploadStreamToFolder(models, io.BytesIO(data), 'newer.pt', len(data))
     data = model_bytes('big')
     model = gc.uploadStreamToFolder(models, io.BytesIO(data), 'big.pt', len(data))
     gc.put('system/setting', {'key': 'core.filehandle_max_size', 'value': 4096})  # less than its zip directory
@@ -452,6 +455,9 @@ def test_detect_refuses_unknown_models_and_tasks(server, cli_id, run_folder, mod
                             ({'model': text['_id']}, f'the model file {text["_id"]} (notes.pt) is not a readable '
                                                      'checkpoint (not a whole model file as torch writes them; '
                                                      'cellrcnn train writes one)'),
+                            ({'model': newer['_id']}, f'the model file {newer["_id"]} (newer.pt) is a cellrcnn '
+                                                      "checkpoint with model settings that the task's cellrcnn does "
+                                                      f'not know: tile_overlap_um (written by cellrcnn {__version__})'),
                             ({'cli': run_folder['r1.tiff']}, f'no slicer_cli_web task with id {run_folder["r1.tiff"]} '
                                                            'that you may read')):
         with pytest.raises(Exception) as err:

@@ -21,6 +21,17 @@ FORMAT = 'cellrcnn-checkpoint'  # cellrcnn.checkpoint.FORMAT
 PICKLE_MAX_BYTES = 16 << 20
 #: the threshold as checkpoints older than its name stored it (cellrcnn.checkpoint.RENAMED_SETTINGS)
 OLD_THRESHOLD = 'detect_thresh'
+#: the model settings a checkpoint may hold: the fields of cellrcnn.config.ModelConfig and the older names of
+#: cellrcnn.checkpoint.RENAMED_SETTINGS, of the cellrcnn this plugin ships with (its task image's)
+MODEL_SETTINGS = frozenset((
+    'anchor_offsets', 'anchor_sizes', 'anchor_upsample', 'aspect_ratios', 'backbone', 'backbone_stages',
+    'backbone_width', 'box_batch_size_per_image', 'box_head_channels', 'box_positive_fraction',
+    'box_score_thresh', 'cell_type_bias', 'cell_type_colors', 'cell_type_labels', 'cell_types',
+    'centre_distance_um', 'class_names', 'detect_thresh', 'detections_per_mpx', 'extra', 'fpn_channels',
+    'image_mean', 'image_std', 'mpp', 'nms_thresh', 'rpn_batch_size_per_image', 'rpn_conv_depth', 'rpn_levels',
+    'rpn_nms_thresh', 'rpn_nms_thresh_test', 'rpn_post_nms_per_mpx_test', 'rpn_post_nms_per_mpx_train',
+    'rpn_pre_nms_per_mpx_test', 'rpn_pre_nms_per_mpx_train', 'rpn_score_thresh', 'score_thresh',
+    'stain_reference', 'stain_strength', 'threshold'))
 #: why a file is refused when torch would not read it (cellrcnn.checkpoint.load_checkpoint's words)
 NOT_A_MODEL_FILE = 'not a readable checkpoint (not a whole model file as torch writes them; cellrcnn train writes one)'
 
@@ -88,6 +99,10 @@ def read_config(handle):
     config = payload.get('config')
     if not isinstance(config, dict):
         raise ValueError('an incomplete cellrcnn checkpoint (no model configuration)')
+    unknown = sorted(str(name) for name in set(config) - MODEL_SETTINGS)
+    if unknown:  # the task would fail on every slide: a newer cellrcnn wrote the file
+        raise ValueError(f'a cellrcnn checkpoint with model settings that the task\'s cellrcnn does not know: '
+                         f'{", ".join(unknown)} (written by cellrcnn {payload.get("version", "of unknown version")})')
     cell_types = config.get('cell_types') or ()
     if not isinstance(cell_types, (list, tuple)) or not all(isinstance(name, str) for name in cell_types):
         raise ValueError('a cellrcnn checkpoint whose cell types are not a list of names')
