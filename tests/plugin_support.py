@@ -136,9 +136,9 @@ def set_setting(server, key, value):
 
 
 def in_database(server, code, *args):
-    """Run ``code`` in the server's virtualenv (pymongo is there, not here) with ``db`` (the server's database:
-    what REST does not show, such as tokens and private fields), ``ObjectId`` and ``args``; it sets ``result``,
-    returned here through JSON."""
+    """Run ``code`` in the server's virtualenv (pymongo, Girder and the plugin are there, not here) with ``db`` (the
+    server's database: what REST does not show, such as tokens and private fields), ``ObjectId`` and ``args``; it
+    sets ``result``, returned here through JSON. Girder's models, imported there, use the same database."""
     script = ('import json, os, sys\nimport pymongo\nfrom bson import ObjectId\n'
               'db = pymongo.MongoClient(os.environ["GIRDER_MONGO_URI"])["girder"]\nargs = json.loads(sys.argv[1])\n'
               f'result = None\n{textwrap.dedent(code)}\nprint(json.dumps(result, default=str))\n')

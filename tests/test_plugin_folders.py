@@ -467,7 +467,8 @@ def test_detect_refuses_unknown_models_and_tasks(server, cli_id, run_folder, mod
 
 def test_a_model_file_whose_bytes_are_lost_is_refused_for_that_reason(server, cli_id, run_folder, model_bytes):
     """A model file cut short on the assetstore's disk, then gone from it, is refused as lost, not as a file that
-    is no checkpoint, and the refusal does not name the server's own paths."""
+    is no checkpoint, and the refusal does not name the server's own paths: by the request, and by the batch's
+    thread (which hashes the file later, when it may have been lost since the request read it)."""
     gc = server.client()
     data = model_bytes('lost')
     model = gc.uploadStreamToFolder(folder(server, server.folder_id, 'lost-models'), io.BytesIO(data), 'lost.pt',
@@ -479,9 +480,17 @@ def test_a_model_file_whose_bytes_are_lost_is_refused_for_that_reason(server, cl
         lose()
         with pytest.raises(Exception) as err:
             gc.post(f'cellrcnn/folder/{run_folder["root"]}/detect', {'model': model['_id']})
-        assert err.value.status == 400 and json.loads(err.value.responseText)['message'] == (
-            f'the model file {model["_id"]} (lost.pt) cannot be read here: its assetstore has lost its bytes (all or '
-            'part of them): an administrator restores them, or the model is uploaded again')
+        refusal = (f'the model file {model["_id"]} (lost.pt) cannot be read here: its assetstore has lost its bytes '
+                   '(all or part of them): an administrator restores them, or the model is uploaded again')
+        assert err.value.status == 400 and json.loads(err.value.responseText)['message'] == refusal
+        assert in_database(server, """
+            from girder.exceptions import RestException
+            from girder_cellrcnn.model_files import model_sha256
+            try:
+                model_sha256(args[0])
+            except RestException as exc:
+                result = exc.message
+        """, model['_id']) == refusal  # the batch thread's read, with Girder's own models on the same database
 
 
 # --------------------------------------------------------------------------- access control

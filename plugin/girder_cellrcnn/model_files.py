@@ -27,17 +27,24 @@ def _content_stamp(model_file):
 def file_sha256(model_file):
     """The hex SHA-256 of a Girder file's bytes, streamed from its assetstore once and kept on its document
     (:data:`SHA_FIELD`) for as long as its content stays the same. Called from the batch's own thread, never in a
-    request: a model of gigabytes takes a while."""
+    request: a model of gigabytes takes a while. A file that cannot be read whole (lost since the request checked
+    it) raises a RestException in words its user may see."""
     from girder.models.file import File
 
     stamp = _content_stamp(model_file)
     known = model_file.get(SHA_FIELD)
     if isinstance(known, dict) and known.get('of') == stamp and SHA_PATTERN.fullmatch(str(known.get('sha256'))):
         return known['sha256']
-    digest = hashlib.sha256()
-    with File().open(model_file) as handle:
-        for block in iter(lambda: handle.read(1 << 20), b''):
-            digest.update(block)
+    digest, count = hashlib.sha256(), 0
+    try:
+        with File().open(model_file) as handle:
+            for block in iter(lambda: handle.read(1 << 20), b''):
+                digest.update(block)
+                count += len(block)
+    except GirderException as exc:
+        raise RestException(f'{_named(model_file)} cannot be read here: {_read_failure(exc)}') from None
+    if count < (model_file.get('size') or 0):  # lost since the request read its configuration
+        raise RestException(f'{_named(model_file)} cannot be read here: {LOST_BYTES}')
     sha = digest.hexdigest()
     File().update({'_id': model_file['_id']}, {'$set': {SHA_FIELD: {'sha256': sha, 'of': stamp}}}, multi=False)
     return sha
@@ -54,7 +61,7 @@ def model_of(user, model_file_id=None):
     model_file = File().load(model_file_id, user=user, level=AccessType.READ, exc=False)
     if model_file is None:
         raise RestException(f'no model file {model_file_id} that you may read')
-    which = f'the model file {model_file["_id"]} ({model_file.get("name")})'
+    which = _named(model_file)
     if not model_file.get('assetstoreId') or model_file.get('linkUrl'):
         raise RestException(f'{which} is a link, not a stored file: upload the checkpoint')
     try:
@@ -68,6 +75,10 @@ def model_of(user, model_file_id=None):
     except GirderException as exc:
         raise RestException(f'{which} cannot be read here: {_read_failure(exc)}') from None
     return model_file['name'], str(model_file['_id']), config
+
+
+def _named(model_file):
+    return f'the model file {model_file["_id"]} ({model_file.get("name")})'
 
 
 def _bytes_lost(handle, model_file):
