@@ -111,3 +111,14 @@ def test_bad_images_are_refused(tmp_path):
             read_image(str(path))
     with pytest.raises(CellRCNNError, match='expected an RGB image'):
         to_tensor(np.zeros((8, 8), np.uint8))
+
+
+def test_a_read_only_or_strided_image_is_the_same_model_input_without_a_warning(recwarn):
+    """A tile straight from a reader's buffer may be read-only, and a flipped view is strided: torch would warn of
+    (or refuse) wrapping such memory, so the model's input is made from a copy, with the same values."""
+    image = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    read_only = image.copy()
+    read_only.flags.writeable = False
+    assert torch.equal(to_tensor(read_only), to_tensor(image))
+    assert torch.equal(to_tensor(image[:, ::-1]), to_tensor(image[:, ::-1].copy()))
+    assert to_tensor(image).shape == (3, 16, 24) and not [w for w in recwarn if w.category is UserWarning]

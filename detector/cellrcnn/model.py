@@ -37,7 +37,8 @@ def to_tensor(image):
     """The model's input: an RGB uint8 H x W x 3 image as float C x H x W in [0, 1]."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise CellRCNNError(f'expected an RGB image (H x W x 3), got an array of shape {image.shape}')
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+    # torch wraps only writable memory without a warning: a read-only tile (a reader's buffer) is copied first
+    return torch.from_numpy(np.require(image, requirements=('C', 'W'))).permute(2, 0, 1).float().div_(255)
 
 
 _RESNETS = {'resnet18': (BasicBlock, (2, 2, 2, 2)), 'resnet34': (BasicBlock, (3, 4, 6, 3)),
