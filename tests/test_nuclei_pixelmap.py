@@ -93,3 +93,27 @@ def test_bad_pixelmap_input_is_one_line(tmp_path):
                                                                                          'b': '#ffffff'})
     with pytest.raises(CellRCNNError, match="cannot write the pixelmap's label image"):
         write_label_image(str(tmp_path / 'missing' / 'labels.tiff'), np.zeros((0, 4)), 10, 10, 0.5)
+
+
+def test_a_label_image_rewrite_cut_short_keeps_the_whole_one_before(tmp_path, monkeypatch):
+    import cellrcnn.nuclei_pixelmap as nuclei_pixelmap
+
+    path = tmp_path / 'labels.tiff'
+    boxes = np.array([[10, 10, 30, 24], [500, 300, 520, 330]], float)
+    write_label_image(str(path), boxes, 3 * TILE, 2 * TILE, mpp=0.5)
+    whole = path.read_bytes()
+    tiles = nuclei_pixelmap._label_tiles
+
+    def cut_short(*args):  # the run stops (Ctrl-C, a killed job) after two tiles of the next image
+        for i, tile in enumerate(tiles(*args)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield tile
+
+    monkeypatch.setattr(nuclei_pixelmap, '_label_tiles', cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        write_label_image(str(path), boxes[:1], 3 * TILE, 2 * TILE, mpp=0.5)
+    assert path.read_bytes() == whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['labels.tiff']
+    source = large_image.open(str(path))
+    assert (source.sizeX, source.sizeY) == (3 * TILE, 2 * TILE)

@@ -17,11 +17,14 @@ the boxes, never averaged (an average of labels is another nucleus). The pixelma
 boxes on whole pixels; the nuclei annotation, the CSV and the GeoJSON keep every nucleus exactly.
 """
 
+import os
+
 import numpy as np
 
 from .boxes import as_boxes
 from .colors import rgb_components
 from .errors import CellRCNNError
+from .files import atomic_write
 from .nuclei_map import UNTYPED_COLOR
 
 PIXELMAP_NAME = 'cellrcnn nuclei pixelmap'
@@ -85,20 +88,18 @@ def write_label_image(path, boxes, width, height, mpp):
     b = as_boxes(boxes).astype(np.float64)
     if len(b) > MOST_NUCLEI:
         raise CellRCNNError(f'{len(b)} nuclei are more than a pixelmap holds ({MOST_NUCLEI}): leave out its output')
-    try:
-        with tifffile.TiffWriter(path, bigtiff=True) as tif:
-            downsample = 1
-            while True:
-                w, h = -(-width // downsample), -(-height // downsample)
-                outlined = mpp * downsample <= OUTLINED_MPP * 1.01
-                tif.write(_label_tiles(b / downsample, w, h, outlined), shape=(h, w, 3), dtype=np.uint8,
-                          tile=(TILE, TILE), photometric='rgb', compression='zlib', compressionargs={'level': 1},
-                          subfiletype=0 if downsample == 1 else 1, metadata=None)
-                if max(w, h) <= TILE:
-                    break
-                downsample *= 2
-    except OSError as exc:
-        raise CellRCNNError(f'cannot write the pixelmap\'s label image {path}: {exc.strerror or exc}') from None
+    with (atomic_write(path, "the pixelmap's label image", binary=True) as f,  # whole or not at all
+          tifffile.TiffWriter(tifffile.FileHandle(f, 'wb', name=os.path.basename(path)), bigtiff=True) as tif):
+        downsample = 1
+        while True:
+            w, h = -(-width // downsample), -(-height // downsample)
+            outlined = mpp * downsample <= OUTLINED_MPP * 1.01
+            tif.write(_label_tiles(b / downsample, w, h, outlined), shape=(h, w, 3), dtype=np.uint8,
+                      tile=(TILE, TILE), photometric='rgb', compression='zlib', compressionargs={'level': 1},
+                      subfiletype=0 if downsample == 1 else 1, metadata=None)
+            if max(w, h) <= TILE:
+                break
+            downsample *= 2
 
 
 def pixelmap_annotation(girder_id, count, classes=None, class_names=None, class_colors=None, attributes=None,
