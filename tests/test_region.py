@@ -52,6 +52,7 @@ def test_a_region_is_a_rectangle_or_polygons(values, expected):
     ([0, 0, float('inf'), 4], 'must be finite'),
     ([0, 0, 10, 10, 20, 20, 30, 30], 'encloses no area'),
     ([5, 5, 5, 5, 5, 5, 5, 5], 'at least three distinct points'),
+    ([100, 100, 0, 0, 50, 0], 'half sides above 0, not 0 and 50'),  # a rectangle without width
 ])
 def test_what_is_no_region_is_one_line(values, message):
     with pytest.raises(CellRCNNError, match=message):

@@ -51,6 +51,8 @@ def region_settings(values) -> dict:
         return {'roi': tuple(values), 'polygons': None}
     polygons = histomicstk('histomicstk.cli.utils').get_region_polygons(values)
     if len(values) == 6:  # a rectangle by its centre and half sides
+        if not polygons:
+            raise CellRCNNError(f'a region\'s rectangle needs half sides above 0, not {values[3]:g} and {values[4]:g}')
         (left, top), _, (right, bottom), _ = polygons[0]
         return {'roi': (left, top, right - left, bottom - top), 'polygons': None}
     if not polygons:
