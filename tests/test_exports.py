@@ -127,6 +127,15 @@ def test_geojson_classes_chunks_and_empty(tmp_path, monkeypatch):
     assert json.loads(path.read_text()) == {'type': 'FeatureCollection', 'features': []}
 
 
+def test_geojson_classes_without_a_colour_take_none_given_to_another(tmp_path):
+    path = tmp_path / 'colours.geojson'
+    O.write_geojson(path, BOXES, SCORES, classes=['lymph', 'tumour', 'other'], class_colors={'tumour': '#ff0000'})
+    colours = {f['properties']['classification']['name']: f['properties']['classification']['color']
+               for f in json.loads(path.read_text())['features']}
+    assert colours['tumour'] == [255, 0, 0]
+    assert len({tuple(c) for c in colours.values()}) == 3  # QuPath tells the three apart
+
+
 def test_geojson_failure_keeps_old_file(tmp_path, monkeypatch):
     path = tmp_path / 'd.geojson'
     path.write_text('old')

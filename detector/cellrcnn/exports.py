@@ -103,6 +103,8 @@ def write_geojson(path, boxes, scores, classes=None, properties=None, class_name
     if class_colors is not None and not isinstance(class_colors, dict):
         raise CellRCNNError('class_colors must be a dict of class name -> [r, g, b]')
     colors = {k: rgb_tuple(v, f'the class colour of {k!r}') for k, v in (class_colors or {}).items()}
+    # classes without a colour take palette entries 1.. that no given colour took, in order of appearance
+    free = [c for c in _PALETTE[1:] if c not in set(colors.values())] or list(_PALETTE[1:])
 
     # The classification JSON of each class, built once.
     fragments = {}
@@ -114,9 +116,9 @@ def write_geojson(path, boxes, scores, classes=None, properties=None, class_name
             if color is None:
                 if cls == QUPATH_CLASS:
                     color = _PALETTE[0]
-                else:  # palette entries 1.. in order of appearance
+                else:
                     k = sum(1 for c in fragments if c != QUPATH_CLASS and c not in colors)
-                    color = _PALETTE[1 + k % (len(_PALETTE) - 1)]
+                    color = free[k % len(free)]
             frag = json.dumps({'name': cls, 'color': list(color)}, separators=(',', ':'))
             fragments[cls] = frag
         return frag
