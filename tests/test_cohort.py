@@ -154,6 +154,19 @@ def test_a_slide_named_like_the_table_keeps_its_results_apart_from_the_table(tmp
     assert sorted(os.listdir(tmp_path / 'out')) == ['cohort.csv', 'slides']  # the table, and the slides' results
 
 
+def test_results_written_inside_the_slide_folder_are_never_taken_for_slides(tmp_path):
+    slides = tmp_path / 'data' / 'slides'  # `cellrcnn batch data/slides -o data`: results land in data/slides/a/
+    slides.mkdir(parents=True)
+    write_slide(str(slides / 'a.tiff'), 512, 512, seed=60)
+    for output in (slides.parent, slides):  # the folder above, the slide folder itself
+        code, _, err, rows = run_batch(slides, '-o', output)
+        assert code == 0, err
+        assert (output / 'slides' / 'a' / 'a.overlay.png').is_file()
+        code, _, err, rows = run_batch(slides, '-o', output)  # its overlay PNG is no slide of the next run
+        assert code == 0, err
+        assert [r['status'] for r in rows.values()] == ['skipped']
+
+
 def test_table_cells_a_spreadsheet_would_run_as_formulas_are_neutralised(tmp_path):
     from cellrcnn.cohort import COLUMNS, write_table
 

@@ -1,9 +1,9 @@
 """Cohorts: nucleus detection over every slide of a folder (local, or a Girder folder tree), one result folder per
 slide and one table for the whole cohort (``cellrcnn batch``).
 
-- **Slides**: every file under a local folder (recursively; hidden files and the output folder left out) whose
-  extension one of the installed large_image tile sources reads; or every large-image item in a Girder folder and
-  its subfolders (``girder_api.folder_slides``), downloaded into ``OUT/.girder-cache/`` (only there:
+- **Slides**: every file under a local folder (recursively; hidden files, the output folder and the files a run
+  writes left out) whose extension one of the installed large_image tile sources reads; or every large-image item in
+  a Girder folder and its subfolders (``girder_api.folder_slides``), downloaded into ``OUT/.girder-cache/`` (only there:
   ``girder_api.download_path`` and ``download_file``; a server's ids and names never make a path elsewhere) and, once
   its results are written, posted back to its item with ``girder_post.post_annotation_files`` (replacing this model's
   previous result there, as ``cellrcnn detect --girder-url`` does); the downloaded copy is then deleted.
@@ -58,7 +58,7 @@ import time
 from .errors import CellRCNNError, one_line
 from .files import atomic_write
 from .focus import out_of_focus_noted
-from .job import POSTED_OUTPUTS
+from .job import OUTPUT_SUFFIXES, POSTED_OUTPUTS
 
 #: the columns of ``cohort.csv``
 COLUMNS = ('slide', 'status', 'note', 'cells', 'tissue_mm2', 'cells_per_mm2', 'ink_or_fill_mm2', 'out_of_focus_mm2',
@@ -140,16 +140,19 @@ def output_names(region_annotation=None):
 
 def local_slides(folder, output, slides_folder=SLIDES_FOLDER):
     """Every slide under ``folder`` (see the module's description), in path order, its results to go under
-    ``OUT/slides_folder/``; ``output`` is left out."""
+    ``OUT/slides_folder/``; ``output`` is left out, and so are the files a run writes (its overlay PNG and label
+    TIFF are images large_image reads), which lie in the slide folder when ``output`` is it or a folder above it."""
     if not os.path.isdir(folder):
         raise CellRCNNError(f'slide folder not found: {folder}')
     extensions = slide_extensions()
     skip = os.path.realpath(output)
+    own = tuple(OUTPUT_SUFFIXES.values())
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith('.') and os.path.realpath(os.path.join(root, d)) != skip)
         for name in sorted(files):
-            if not name.startswith('.') and os.path.splitext(name)[1][1:].lower() in extensions:
+            if (not name.startswith('.') and not name.endswith(own)
+                    and os.path.splitext(name)[1][1:].lower() in extensions):
                 found.append(os.path.relpath(os.path.join(root, name), folder))
     found.sort()
     return [CohortSlide(name=os.path.join(folder, rel), path=os.path.abspath(os.path.join(folder, rel)),
