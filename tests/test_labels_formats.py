@@ -152,15 +152,16 @@ def test_imagescope_shapes(tmp_path):
         ({'Type': '3'}, [(0, 0), (40, 40)]),                                  # arrow: skipped
         ({'Type': '0', 'NegativeROA': '1'}, [(1, 1), (5, 1), (5, 5)]),        # excluded region: skipped
         ({'Type': '5'}, [(100, 90)]),                                         # one vertex: a dot
+        ({'Type': '0'}, [(40, 80), (40, 80)]),                                # a click saved as a polygon: a dot
     ]), ('', [({'Type': '1'}, [(0, 60), (10, 60), (10, 70), (0, 70)])])]     # no class anywhere
     (tmp_path / 'field.xml').write_text(imagescope_xml(layers))
     record = L.read_imagescope(str(tmp_path / 'field.xml'), str(tmp_path / 'field.png'))
     assert record.mpp is None
     np.testing.assert_array_equal(record.boxes[record.has_extent], [[10, 10, 30, 40], [50, 5, 60, 25],
                                                                     [70.5, 30, 90, 44], [0, 60, 10, 70]])
-    np.testing.assert_array_equal(record.points, [[20, 25], [55, 15], [80.25, 37], [100, 90], [5, 65]])
-    assert record.classes == ('tumour', 'stroma', 'tumour', 'tumour', None)
-    assert list(record.has_extent) == [True, True, True, False, True]
+    np.testing.assert_array_equal(record.points, [[20, 25], [55, 15], [80.25, 37], [100, 90], [40, 80], [5, 65]])
+    assert record.classes == ('tumour', 'stroma', 'tumour', 'tumour', 'tumour', None)
+    assert list(record.has_extent) == [True, True, True, False, False, True]
     # a layer named by an attribute (not ImageScope's default Description) gives its class
     (tmp_path / 'field.xml').write_text(
         '<Annotations><Annotation Name=""><Attributes><Attribute Name="Description" Value=""/>'

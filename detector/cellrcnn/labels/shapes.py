@@ -32,7 +32,8 @@ _QUPATH_LEGACY_TYPES = {'PathAnnotationObject': 'annotation', 'PathDetectionObje
 def read_imagescope(path, image, mpp=None):
     """Nuclei drawn in Aperio ImageScope, from its XML (``Annotations/Annotation/Regions/Region/Vertices/Vertex``).
 
-    Regions of type 0 (polygon), 1 (rectangle) and 2 (ellipse) are outlines; a region of one vertex is a dot;
+    Regions of type 0 (polygon), 1 (rectangle) and 2 (ellipse) are outlines; a region of one vertex (or of
+    several at one point: a click saved as an outline) is a dot;
     arrows, rulers and negative (excluded) regions are skipped. A nucleus' class is its region's ``Text``, else its
     annotation layer's ``Name``, else the name of the layer's first attribute other than ImageScope's default
     ``Description``; None when there is none. Vertex X, Y: pixels of the image at full resolution.
@@ -47,7 +48,7 @@ def read_imagescope(path, image, mpp=None):
         if region.negative:
             continue
         xs, ys = zip(*region.vertices)
-        if len(region.vertices) == 1:
+        if len(set(region.vertices)) == 1:  # a marker, or a click saved as an outline of one point
             nuclei.dot(xs[0], ys[0], region.name)
         elif region.kind in IMAGESCOPE_AREAS:
             nuclei.box(min(xs), min(ys), max(xs), max(ys), region.name)
