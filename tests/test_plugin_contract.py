@@ -284,6 +284,17 @@ def test_the_plugin_reads_a_model_files_configuration_as_the_task_runs_it(tiny_c
     assert str(plugin_error.value) == ("a cellrcnn checkpoint with model settings that the task's cellrcnn does not "
                                        'know: tile_overlap_um (written by cellrcnn 9.0.0)')
 
+    bomb = tmp_path / 'bomb.pt'  # a pickle of empty dicts, a byte each: next to nothing zipped
+    with zipfile.ZipFile(bomb, 'w', zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr('bomb/data.pkl', b'(' + b'}' * reader.PICKLE_MAX_BYTES + b'l.')
+    assert bomb.stat().st_size < 2000
+    with open(bomb, 'rb') as f, pytest.raises(ValueError) as plugin_error:
+        reader.read_config(f)
+    assert str(plugin_error.value).startswith('too large a checkpoint to read (its settings take 262147 bytes')
+    with zipfile.ZipFile(BUNDLED_MODEL) as archive:  # room for models of many more tensors than the bundled one's
+        bundled, = (i.file_size for i in archive.infolist() if i.filename.endswith('/data.pkl'))
+    assert reader.PICKLE_MAX_BYTES > 10 * bundled
+
     class Crafted:
         def __reduce__(self):
             return os.mkdir, (str(tmp_path / 'ran'),)

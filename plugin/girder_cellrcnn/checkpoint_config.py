@@ -16,9 +16,11 @@ import pickle
 import zipfile
 
 FORMAT = 'cellrcnn-checkpoint'  # cellrcnn.checkpoint.FORMAT
-#: the most bytes a checkpoint's pickle (its settings and the tensors' names, not their values) may take: a model's
-#: is some 20 kB; Girder's own default limit on one read from a file handle (core.filehandle_max_size)
-PICKLE_MAX_BYTES = 16 << 20
+#: the most bytes a checkpoint's pickle (its settings and the tensors' names, not their values) may take: the bundled
+#: model's is 17 kB, and a model of some 3000 tensors fits. A pickle's opcodes of one byte each can build an object of
+#: some 80 bytes, and a zip stores such a pickle in next to nothing, so this bounds what any user who may upload a
+#: file makes the server hold per request (about 20 MB)
+PICKLE_MAX_BYTES = 256 << 10
 #: the threshold as checkpoints older than its name stored it (cellrcnn.checkpoint.RENAMED_SETTINGS)
 OLD_THRESHOLD = 'detect_thresh'
 #: the model settings a checkpoint may hold: the fields of cellrcnn.config.ModelConfig and the older names of
