@@ -545,6 +545,21 @@ def test_users_see_and_run_only_where_the_acls_allow(server, study, run_folder, 
     assert parent['log'][-1].startswith('Stopped after scheduling 0 slides: Write access denied for folder'), parent
 
 
+def test_a_readers_job_on_a_slide_does_not_make_a_writers_run_leave_it_out(server, cli_id, reader, slide_file):
+    reader_id, token = reader
+    root = folder(server, server.folder_id, 'lent')
+    slide, _ = slide_in(server, slide_file, root, 's.tiff')
+    grant(server, root, reader_id, WRITE)
+    _, theirs = detect(server, root, token=token)  # queued while the reader could write to the slide ...
+    assert [(j['cellrcnnSlide'], j['userId']) for j in theirs] == [(slide, reader_id)]
+    grant(server, root, reader_id, READ)  # ... who now may only read it: their result would not count
+    parent, jobs = detect(server, root)
+    assert parent['cellrcnnBatch']['running'] == 0
+    assert [(j['cellrcnnSlide'], j['userId']) for j in jobs] == [(slide, server.user_id)]
+    again, _ = detect(server, root)  # the writer's own job waiting: the slide is running
+    assert (again['cellrcnnBatch']['running'], again['cellrcnnBatch']['todo']) == (1, 0)
+
+
 # --------------------------------------------------------------------------- the table: CSV cells, paging (issue 11)
 
 

@@ -15,11 +15,12 @@ those whose annotation cannot be counted (no area, holes) are named in the log, 
 holds a result of the model inside them saved since they last changed (``results.has_result``).
 
 Slides that already hold a whole-slide result of the model, or have a CellDetection job of the model still waiting
-or running, are skipped: starting again after an interruption picks up where the last run stopped. A run may set
-the task's parameters that change what is counted (:mod:`.run_choices`: the score threshold, the magnification, the
-cell types kept, the views per tile, tissue out of focus left out, green and blue areas kept as tissue); only a
-result or a job made with the same choices, the others at the task's defaults, counts. A model file is identified by
-the SHA-256 of its bytes (:mod:`.model_files`), the bundled model by its name.
+or running (of a user who may write to the slide: only such a user's result counts), are skipped: starting again
+after an interruption picks up where the last run stopped. A run may set the task's parameters that change what is
+counted (:mod:`.run_choices`: the score threshold, the magnification, the cell types kept, the views per tile,
+tissue out of focus left out, green and blue areas kept as tissue); only a result or a job made with the same
+choices, the others at the task's defaults, counts. A model file is identified by the SHA-256 of its bytes
+(:mod:`.model_files`), the bundled model by its name.
 
 Scale: the request only checks and creates the parent job. Its thread hashes the model, walks the folder tree and
 queues the slides; the job document holds the counts, not the list of slides (a document is limited to 16 MB).
@@ -194,11 +195,14 @@ def require_worker_api_url():
     return url
 
 
-def active_job(file_id, model_file_id, region_annotation=None, choices=None):
-    """A CellDetection job of this model on this slide file (counting inside its annotations named
+def active_job(item, model_file_id, region_annotation=None, choices=None, users=None):
+    """A CellDetection job of this model on this slide's file (counting inside its annotations named
     ``region_annotation``, when given; made with ``choices``, :mod:`.run_choices`) that is still waiting or running,
-    or None."""
-    query = {'_original_name': CLI_NAME, '_original_params.inputImageFile': str(file_id),
+    or None. Only a job of a user who may write to the item counts, as only such a user's result does
+    (:func:`.results.from_writer`): a reader's run of the slide is no reason to leave it out. ``users``: a dict
+    caching users by id."""
+    users = {} if users is None else users
+    query = {'_original_name': CLI_NAME, '_original_params.inputImageFile': str(item['largeImage']['fileId']),
              'status': {'$in': WAITING_OR_RUNNING}}
     if region_annotation:
         query['_original_params.region_annotation'] = region_annotation
@@ -206,12 +210,17 @@ def active_job(file_id, model_file_id, region_annotation=None, choices=None):
         query['_original_params.model_file'] = model_file_id
     else:
         query['$or'] = [{'_original_params.model_file': {'$exists': False}}, {'_original_params.model_file': ''}]
-    for job in Job().find(query, fields=['_id', '_original_params']):
+    for job in Job().find(query, fields=['_id', '_original_params', 'userId']):
         try:  # the parameters as HistomicsUI or a folder run gave them
-            if run_choices.of_task(job.get('_original_params') or {}) == (choices or {}):
-                return job
+            if run_choices.of_task(job.get('_original_params') or {}) != (choices or {}):
+                continue
         except ValueError:
             continue  # a job the task refuses: not a run of these choices
+        key = str(job.get('userId'))
+        if key not in users:
+            users[key] = User().load(job['userId'], force=True) if job.get('userId') else None
+        if users[key] is not None and Item().hasAccess(item, users[key], AccessType.WRITE):
+            return job
     return None
 
 
@@ -224,7 +233,7 @@ def plan(folder, user, model, model_file_id, sha=None, region_annotation=None, c
     last changed is finished (``results.has_result``). A slide is finished, or running, only by a result or a job
     made with ``choices`` (:mod:`.run_choices`)."""
     found, denied = folder_slides(folder, user, level=AccessType.WRITE)
-    todo, finished, running, no_region, unusable = [], 0, 0, 0, []
+    todo, finished, running, no_region, unusable, users = [], 0, 0, 0, [], {}
     for path, item, parent in found:
         region = values = None
         if region_annotation:
@@ -240,7 +249,7 @@ def plan(folder, user, model, model_file_id, sha=None, region_annotation=None, c
             region = (region_annotation, since)
         if has_result(item, model, sha, region, choices):
             finished += 1
-        elif active_job(item['largeImage']['fileId'], model_file_id, region_annotation, choices):
+        elif active_job(item, model_file_id, region_annotation, choices, users):
             running += 1
         else:
             todo.append({'itemId': str(item['_id']), 'fileId': str(item['largeImage']['fileId']),
