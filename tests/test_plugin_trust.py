@@ -255,6 +255,29 @@ def user_tokens(server, user_id):
         """, user_id))
 
 
+def job_tokens(server):
+    """How many of the tokens girder_worker attaches to queued jobs (scope ``jobs.rest.create_job``) each user has."""
+    return in_database(server, """
+        from collections import Counter
+        result = Counter(str(t['userId']) for t in db['token'].find({'scope': 'jobs.rest.create_job'}))
+        """)
+
+
+def test_each_batchs_slide_jobs_carry_tokens_of_its_own_user(server, cli_id, runner, slide_file):
+    """A batch's thread serves no request: what Girder and girder_worker keep on "the current request" there (the
+    user, the token, the app) must be the thread's own, or one user's batch queues its jobs with tokens of the user
+    whose batch ran before."""
+    runner_id, runner_token = runner
+    for i, (token, user_id) in enumerate(((runner_token, runner_id), (None, server.user_id),
+                                          (runner_token, runner_id))):
+        work, _ = writable_folder(server, f'token-users-{i}', runner_id, slide_file, ('u1.tiff', 'u2.tiff'))
+        before = job_tokens(server)
+        parent, jobs = detect(server, work, token=token)
+        assert [j['userId'] for j in jobs] == [user_id] * 2
+        after = job_tokens(server)
+        assert {u: after[u] - before.get(u, 0) for u in after if after[u] != before.get(u, 0)} == {user_id: 2}
+
+
 def test_the_batch_token_is_gone_once_the_batch_has_queued_its_slides(server, cli_id, runner, slide_file):
     runner_id, runner_token = runner
     work, _ = writable_folder(server, 'token-work', runner_id, slide_file, ('t1.tiff', 't2.tiff'))

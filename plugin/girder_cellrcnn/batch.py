@@ -36,6 +36,7 @@ import threading
 
 import cherrypy
 from girder import events, logger
+from girder.api.rest import setCurrentUser
 from girder.constants import AccessType
 from girder.exceptions import RestException, ValidationException
 from girder.models.folder import Folder
@@ -316,12 +317,19 @@ def _schedule(job):
     from slicer_cli_web.models import CLIItem
     from slicer_cli_web.rest_slicer_cli import genHandlerToRunDockerCLI
 
+    # Girder, slicer_cli_web and girder_worker keep the current user, token and app on cherrypy's request. A thread
+    # that serves none shares one default request with every other such thread (the server's events thread, other
+    # batches), so this thread takes a request of its own: no other batch's user or token is ever this one's.
+    cherrypy.serving.load(cherrypy._cprequest.Request(cherrypy.lib.httputil.Host('127.0.0.1', 80),
+                                                      cherrypy.lib.httputil.Host('127.0.0.1', 1111)),
+                          cherrypy._cprequest.Response())
     kwargs = job['kwargs']
     job = Job().updateJob(job, status=JobStatus.RUNNING)
     scheduled = 0
     token = None
     try:
         user = User().load(job['userId'], force=True)
+        setCurrentUser(user)
         cli = CLIItem.find(kwargs['cliItemId'], user)
         if cli is None:
             raise RestException(f'the {CLI_NAME} task {kwargs["cliItemId"]} is gone')
@@ -416,7 +424,8 @@ def _start_child(handler, cli, slide, model_file_id, user, token, region=None, c
         params.update({'region_annotation': region[0], 'analysis_roi': json.dumps(region[1])})
     params.update(run_choices.task_params(choices or {}))
     # girder_worker tells a Girder request from other code by cherrypy.request.app; this thread is Girder code
-    # without a request, as in slicer_cli_web's batch runs, which set it the same way.
+    # serving no request (its request is its own, :func:`_schedule`), as in slicer_cli_web's batch runs, which set
+    # it the same way.
     before = cherrypy.request.app
     cherrypy.request.app = 'cellrcnn-batch'
     try:
