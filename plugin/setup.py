@@ -10,7 +10,7 @@ setup(
     license='Apache 2.0',
     packages=['girder_cellrcnn'],
     python_requires='>=3.10',
-    install_requires=['girder>=3.2,<5', 'girder-jobs', 'girder-large-image', 'girder-large-image-annotation',
-                      'girder-slicer-cli-web'],
+    install_requires=['cachetools', 'girder>=3.2,<5', 'girder-jobs', 'girder-large-image',
+                      'girder-large-image-annotation', 'girder-slicer-cli-web'],
     entry_points={'girder.plugin': ['cellrcnn = girder_cellrcnn:CellRCNNPlugin']},
 )

@@ -247,6 +247,35 @@ def test_an_upload_made_for_another_user_records_no_result(server, reader, slide
     assert result_of(server, item_id) is None
 
 
+def test_an_upload_ingested_later_for_another_user_records_no_result(server, reader, slide_file):
+    """large_image puts off the ingest of an annotation whose image element names a file not uploaded yet, and runs
+    it when an upload with the same reference ``uuid`` arrives: made for another user, it is no result either."""
+    reader_id, reader_token = reader
+    shared = folder(server, server.folder_id, 'claimed-later')
+    grant(server, shared, reader_id, READ)
+    item_id, file_id = slide_in(server, slide_file, shared, 'later.tiff')
+    marker_item, marker_file = slide_in(server, slide_file, server.folder_id, 'marker-later.tiff')
+    own_folder = public_folder_of(server, reader_id, reader_token)
+    doc = nuclei(20, DEFAULT_MODEL, seed=8)
+    doc['elements'].append({'type': 'image', 'girderId': 'outputLater'})  # resolved when that upload arrives
+    upload_ingest(server, reader_token, own_folder, doc, {'identifier': 'LargeImageAnnotationUpload', 'uuid': 'z1',
+                                                          'userId': server.user_id, 'fileId': file_id,
+                                                          'itemId': item_id})
+    data = b'the upload the annotation waits for'
+    server.client(reader_token).uploadStreamToFolder(own_folder, io.BytesIO(data), 'later.txt', len(data),
+                                                     reference=json.dumps({'identifier': 'outputLater',
+                                                                           'uuid': 'z1'}))
+    for seed in (1, 2):  # see the test above
+        upload_ingest(server, server.token, server.folder_id, nuclei(9, f'later{seed}.pt'),
+                      {'identifier': 'LargeImageAnnotationUpload', 'userId': server.user_id, 'fileId': marker_file,
+                       'itemId': marker_item})
+        wait_for(lambda: (result_of(server, marker_item) or {}).get('model') == f'later{seed}.pt', 60,  # noqa: B023
+                 "the admin's upload to be ingested")
+    made = [a for a in active_annotations(server, item_id) if a['annotation']['name'] == 'cellrcnn nuclei']
+    assert len(made) == 1 and made[0]['creatorId'] == server.user_id  # made, in the admin's name
+    assert result_of(server, item_id) is None
+
+
 def user_tokens(server, user_id):
     """The ids of a user's full-scope tokens (what logs in as the user), from the database."""
     return set(in_database(server, """

@@ -46,6 +46,7 @@ import json
 import re
 import threading
 
+import cachetools
 from bson import ObjectId
 from girder.constants import AccessType
 from girder.models.folder import Folder
@@ -101,7 +102,12 @@ def is_nuclei_result(annotation):
     return not any(isinstance(e, dict) and e.get('type') in DENSITY_TYPES for e in body.get('elements') or ())
 
 
-_ingest = threading.local()  # per thread: (item id, user id) of an upload's ingest made for another user
+_ingest = threading.local()  # per thread: the claims (item id, user id, uploader) of the upload being ingested
+#: claims by their upload's reference ``uuid``: HistomicsUI and large_image put off the ingest of an annotation whose
+#: elements name a file not uploaded yet, and run it in the event of a later upload with the same ``uuid`` (they keep
+#: what they put off a day, for at most 100 uuids: this keeps the claims at least as long)
+_claims_by_uuid = cachetools.TTLCache(maxsize=10_000, ttl=2 * 86400)
+_claims_lock = threading.Lock()
 
 
 def note_ingest(event):
@@ -109,8 +115,18 @@ def note_ingest(event):
     thread, one upload at a time): they make the annotations of an uploaded ``*AnnotationFile`` /
     ``LargeImageAnnotationUpload`` file as the user its reference names, whoever uploaded it. When that is not the
     uploader (and the uploader is not an administrator), note the item and the claimed user: annotations they make
-    for it are not results (:func:`from_writer`)."""
-    _ingest.claimed = _claimed(event.info or {})
+    for it are not results (:func:`from_writer`). An upload's claim holds for the ingests they put off until a later
+    upload with the same reference ``uuid``, which run in that upload's event."""
+    reference = _reference(event.info or {})
+    claimed = _claimed(event.info or {}, reference)
+    uuid = str(reference['uuid']) if reference and reference.get('uuid') is not None else None
+    claims = [claimed] if claimed else []
+    if uuid is not None:
+        with _claims_lock:
+            if claimed:
+                _claims_by_uuid[uuid] = _claims_by_uuid.get(uuid, ()) + (claimed,)
+            claims += list(_claims_by_uuid.get(uuid, ()))
+    _ingest.claimed = claims
 
 
 def end_ingest(event):
@@ -118,13 +134,18 @@ def end_ingest(event):
     _ingest.claimed = None
 
 
-def _claimed(info):
+def _reference(info):
+    """An upload's reference as a dict, or None."""
     reference = info.get('reference')
     try:
         reference = json.loads(reference) if isinstance(reference, (str, bytes)) else reference
     except ValueError:
         return None
-    identifier = reference.get('identifier') if isinstance(reference, dict) else None
+    return reference if isinstance(reference, dict) else None
+
+
+def _claimed(info, reference):
+    identifier = reference.get('identifier') if reference else None
     if not isinstance(identifier, str) or not identifier.endswith(('AnnotationFile', 'LargeImageAnnotationUpload')):
         return None
     uploader = info.get('currentUser')
@@ -148,13 +169,10 @@ def _claimed(info):
 def made_for_another(annotation):
     """The uploader's id when this thread's current upload ingest is making the annotation for another user (see
     :func:`note_ingest`), else None."""
-    claimed = getattr(_ingest, 'claimed', None)
-    if not claimed:
-        return None
-    item_id, user_id, uploader = claimed
-    if ((item_id is None or item_id == str(annotation.get('itemId')))
-            and (user_id is None or user_id == str(annotation.get('creatorId')))):
-        return uploader
+    for item_id, user_id, uploader in getattr(_ingest, 'claimed', None) or ():
+        if ((item_id is None or item_id == str(annotation.get('itemId')))
+                and (user_id is None or user_id == str(annotation.get('creatorId')))):
+            return uploader
     return None
 
 
