@@ -350,6 +350,20 @@ def test_an_ingest_that_does_not_finish_in_time_is_withdrawn(server, slide, monk
     assert len(cellrcnn_annotations(server, item_id)) == 2
 
 
+def test_a_withdrawal_never_deletes_an_annotation_saved_before_it(server, slide):
+    """Withdrawing refuses the late ingest of a post, a new annotation: not one on the item already, whoever names
+    its post (a writer who read its post id), when it is next saved."""
+    item_id, _ = slide
+    saved = nuclei(12, seed=8)
+    saved['attributes']['cellrcnn_post'] = 'c' * 32 + '/0/1'
+    annotation = server.client().post('annotation', {'itemId': item_id}, json=saved)
+    server.client().post(f'cellrcnn/item/{item_id}/withdrawn', {'post': 'c' * 32})
+    saved['name'] = 'renamed'
+    server.client().put(f'annotation/{annotation["_id"]}', json=saved)  # its next save
+    assert server.client().get(f'annotation/{annotation["_id"]}').get('_active') is not False
+    assert annotation['_id'] in [a['_id'] for a in cellrcnn_annotations(server, item_id)]
+
+
 def test_an_ingest_that_lands_before_the_withdrawal_is_recorded_is_deleted(server, slide, monkeypatch):
     item_id, _ = slide
     earlier = post_annotations(server.api_url, server.token, item_id, nuclei(20), **FAST)[0]['_id']

@@ -14,7 +14,9 @@ the two sees the other: either the hook's read of the item comes after step 1 (t
 before it, and then the annotation was stored before step 3 looked for it (the client deletes it).
 
 Only writers of the item may withdraw a post (uploading the file needed write access too); a withdrawn post id is a
-random 32-hex-digit id that no other post has. An item keeps the last :data:`KEPT` withdrawn ids.
+random 32-hex-digit id that no other post has. Only an annotation's first save is refused (a late ingest makes a new
+annotation): one saved before the withdrawal, whoever names its post, stays when it is next saved. An item keeps the
+last :data:`KEPT` withdrawn ids.
 """
 
 import re
@@ -53,6 +55,8 @@ def refuse(event):
     post_id = _post_id(annotation)
     if post_id is None or annotation.get('_active') is False or annotation.get('_id') is None:
         return
+    if annotation.get('updated') != annotation.get('created'):
+        return  # saved before (large_image's createAnnotation stamps both alike): a late ingest is a new annotation
     if Item().findOne({'_id': annotation['itemId'], FIELD: post_id}, fields=['_id']) is None:
         return
     Annotation().update({'_id': annotation['_id']}, {'$set': {'_active': False}}, multi=False)
