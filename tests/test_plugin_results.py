@@ -480,6 +480,12 @@ def test_a_rerun_updates_the_earlier_result_and_keeps_it_as_history(server, slid
         result = [db['annotationelement'].count_documents({'annotationId': arrival}),
                   db['annotationelement'].count_documents({'annotationId': ObjectId(args[0])})]""", nuclei_id)
     assert stored == [0, len(nuclei_doc['elements']) + 40]
+    # its summary is remembered for its new version: the results table does not read its elements at each request
+    remembered = in_database(server, """
+        doc = db['annotation'].find_one({'_id': ObjectId(args[0])})
+        result = [doc['_version'], doc['cellrcnnSummary']['version'], doc['cellrcnnSummary']['summary']['cells']]
+        """, nuclei_id)
+    assert remembered[0] == remembered[1] and remembered[2] == 40
 
     # Another model's result, and the reader's look-alike, stay annotations of their own; the result is untouched.
     other = annotate(server, item_id, nuclei(10, 'other.pt'))

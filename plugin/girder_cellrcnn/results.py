@@ -347,7 +347,9 @@ def _active_results(item_id, density=False):
 def _summary_without_elements(annotation):
     """The summary of a stored nuclei annotation (read without its elements), or None when it is not a nuclei
     result after all (density elements). The summary remembered for its current version when there is one; else
-    from the scores and types of its elements alone (a projection: no coordinates, no other element fields)."""
+    from the scores and types of its elements alone (a projection: no coordinates, no other element fields), then
+    remembered for that version (a re-run folded into the annotation gives it a version no save summarised), so that
+    the elements of one version are read once, not at each request of the results table."""
     from girder_large_image_annotation.models.annotationelement import Annotationelement
 
     remembered = annotation.get(SUMMARY_FIELD)
@@ -364,7 +366,9 @@ def _summary_without_elements(annotation):
         score = ((entry.get('element') or {}).get('user') or {}).get('score')
         if _is_number(score):
             scores.append(score)
-    return _summary(annotation, count, scores)
+    summary = _summary(annotation, count, scores)
+    _remember_summary(annotation, summary)
+    return summary
 
 
 def resync(item_id):
