@@ -299,6 +299,17 @@ def test_detect_inside_each_slides_region_annotation(server, cli_id, slide_file)
         400, 'regionAnnotation is at most 200 characters')
 
 
+def test_a_region_named_like_a_nuclei_result_is_refused_before_its_elements_are_read(server, cli_id, slide_file):
+    root = folder(server, server.folder_id, 'region-of-nuclei')
+    item_id, _ = slide_in(server, slide_file, root, 'many.tiff')
+    post_annotations(server.api_url, server.token, item_id, nuclei(1001, DEFAULT_MODEL), **FAST)
+    name = nuclei(1, DEFAULT_MODEL)['name']  # the nuclei result's own name, given as the region
+    parent, jobs = detect(server, root, regionAnnotation=name)
+    assert jobs == [] and parent['cellrcnnBatch']['unusable_region'] == 1
+    assert (f"left out: many.tiff: its annotation {name!r} has 1001 elements, more than the 1000 a region may have "
+            '(outlines of areas, not nuclei)\n') in ''.join(parent['log'])
+
+
 def test_detect_with_the_tasks_choices(server, cli_id, slide_file):
     """A folder run sets the task's parameters that change what is counted (threshold, magnification, classes,
     views, leaveOutOfFocus, keepBlueGreen) in each slide's job; a slide is done, or running, only by a result or a

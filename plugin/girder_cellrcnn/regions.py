@@ -17,6 +17,9 @@ import math
 
 #: the points of the polygon that stands for an ellipse or a circle
 ELLIPSE_POINTS = 64
+#: the most elements a slide's region annotations may hold together: a region is a few areas a pathologist drew;
+#: a name that is a nuclei result's would load and hand each slide's job hundreds of thousands of boxes
+MOST_ELEMENTS = 1000
 #: the element types that outline an area whatever their other fields (a polyline does when closed)
 AREA_TYPES = ('rectangle', 'ellipse', 'circle')
 

@@ -457,10 +457,17 @@ def slide_region(item, user, name):
 
     query = {'itemId': item['_id'], 'annotation.name': name, '_active': {'$ne': False}}
     listed = Annotation().findWithPermissions(query, sort=[('created', 1)], user=user, level=AccessType.READ,
-                                              fields=['_id', 'creatorId', 'updatedId', CLAIMED_FIELD])
+                                              fields=['_id', 'creatorId', 'updatedId', '_elementCount', CLAIMED_FIELD])
     users = {}
-    found = [Annotation().load(a['_id'], user=user, level=AccessType.READ) for a in listed
-             if from_writer(a, item, users)]
+    listed = [a for a in listed if from_writer(a, item, users)]
+    if not listed:
+        return None
+    count = sum(a.get('_elementCount') or 0 for a in listed)
+    if count > regions.MOST_ELEMENTS:  # counted before any is loaded: a name of a nuclei result, say
+        raise regions.RegionError(f'has {count} elements, more than the {regions.MOST_ELEMENTS} a region may have '
+                                  '(outlines of areas, not nuclei)')
+    found = [Annotation().load(a['_id'], user=user, level=AccessType.READ) for a in listed]
+    found = [a for a in found if a is not None]
     if not found:
         return None
     times = [t for t in (a.get('updated') or a.get('created') for a in found) if isinstance(t, datetime.datetime)]
