@@ -104,6 +104,15 @@ def test_an_image_without_resolution_needs_mpp(tmp_path, image_file, tiny_checkp
     (['average', '{model}', '{model}', '--objectness-floor', '1.5'], '--objectness-floor must be a number from 0 to 1'),
     (['average', '{model}', '{model}', '--stain-strength', '-1'], '--stain-strength must be a number from 0 to 1'),
     (['average', '{model}', '{model}', '--stain-reference', 'points:/no/such.json'], '/no/such.json'),
+    (['average', '{model}', '{model}', '--weights', 'inf', '1'], 'one positive weight each'),
+    (['train', '--lr', 'nan', '--steps', '1', '--warmup-steps', '0'], 'lr must be above 0 and at most 1, not nan'),
+    (['train', '--workers', '-1', '--steps', '1', '--warmup-steps', '0'], 'workers must be 0 or more, not -1'),
+    (['train', '--tile-size', '100000', '--steps', '1', '--warmup-steps', '0'],
+     'tile_size must be a multiple of 32 up to 4096, not 100000'),
+    (['train', '--stain-jitter', 'nan', 'nan', '--steps', '1', '--warmup-steps', '0'],
+     'real_stain_sigma must be two sigmas of 0 or more'),
+    (['train', '--point-box-size', '-1', '--steps', '1', '--warmup-steps', '0'],
+     'point_box_size must be a positive number of pixels, not -1'),
 ])
 def test_bad_input_gets_one_error_line_and_a_nonzero_exit(tmp_path, image_file, slide_file, tiny_checkpoint, args,
                                                          message):
@@ -115,6 +124,34 @@ def test_bad_input_gets_one_error_line_and_a_nonzero_exit(tmp_path, image_file, 
     assert run.returncode == 2
     assert run.stderr.strip().count('\n') == 0, run.stderr
     assert message in run.stderr and run.stderr.startswith('cellrcnn: error:')
+
+
+@pytest.mark.parametrize('args,message', [
+    (['evaluate', '--model', '{model}', '--threshold', '2'], '--threshold must be a score from 0 to 1, not 2.0'),
+    (['evaluate', '--model', '{model}', '--count', '1', '--json', '{tmp}/missing/m.json'],
+     'cannot write --json {tmp}/missing/m.json: its folder {tmp}/missing does not exist'),
+    (['synth', '{tmp}/tiles', '--mpp', '0'], '--mpp must be from 0.05 to 20, not 0'),
+    (['synth', '{tmp}/tiles', '--tile-size', '100000'], '--tile-size must be from 64 to 4096, not 100000'),
+    (['synth', '{tmp}', '--slide'], '{tmp} is a folder: --slide writes one .tiff file'),
+    (['train', '-o', '{model}', '--steps', '1', '--warmup-steps', '0'], 'File exists: {model}'),
+    (['train', '-o', '{tmp}/run', '--steps', '1', '--val-data', '{tmp}/none'],
+     '--val-data {tmp}/none is not a folder of labelled images'),
+])
+def test_bad_options_are_one_line_before_any_work(tmp_path, tiny_checkpoint, args, message):
+    args = [a.format(model=tiny_checkpoint, tmp=tmp_path) for a in args]
+    run = subprocess.run([sys.executable, '-m', 'cellrcnn', *args], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip().count('\n') == 0, run.stderr
+    assert run.stderr.strip() == 'cellrcnn: error: ' + message.format(model=tiny_checkpoint, tmp=tmp_path)
+    assert sorted(os.listdir(tmp_path)) == []  # nothing made
+
+
+@pytest.mark.parametrize('command', [['train', '-o', 'run', '--seed', '-1'], ['evaluate', '--seed', '-1'],
+                                     ['synth', 'tiles', '--seed', '-1'], ['train', '-o', 'run', '--val-seed', '-2']])
+def test_a_negative_seed_is_refused_by_the_parser(tmp_path, command):
+    run = subprocess.run([sys.executable, '-m', 'cellrcnn', *command], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2 and 'must be 0 or a positive integer' in run.stderr.splitlines()[-1]
+    assert 'Traceback' not in run.stderr and os.listdir(tmp_path) == []
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_in_one_line(tmp_path, tiny_checkpoint):

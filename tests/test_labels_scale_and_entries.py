@@ -94,6 +94,14 @@ def test_rescale_needs_a_scale(tmp_path):
     one_line_error(lambda: L.rescale(unknown, 0.5), 'boxes.json', 'unknown', 'mpp=')
 
 
+def test_a_scale_given_wrong_is_refused_before_the_image_is_enlarged(tmp_path):
+    record = dark_rectangles(tmp_path, [(10, 20, 30, 44)])
+    typed_as_magnification = L.LabelledImage(**{**record.__dict__, 'mpp': 20.0})  # mpp=20 for a 20x image
+    one_line_error(lambda: L.rescale(typed_as_magnification, 0.5), 'boxes.json', 'enlarged 40 times',
+                   'not a magnification')
+    assert L.rescale(L.LabelledImage(**{**record.__dict__, 'mpp': 2.0}), 0.5).shape == (480, 640)  # a 5x image
+
+
 # --------------------------------------------------------------------------- --data entries and splits
 
 def test_parse_entry():
@@ -192,6 +200,9 @@ def test_bad_input_gives_one_line_naming_the_file(tmp_path):
         return str(path)
 
     one_line_error(lambda: L.read_entry(f'points:{tmp_path}/missing.json'), 'missing.json', 'no such file')
+    # a label file of no image would train nothing and evaluate as perfect
+    one_line_error(lambda: L.read_entry(f'points:{write("none.json", "{}")},images={tmp_path}'), 'none.json',
+                   'labels no image')
     one_line_error(lambda: L.read_imagescope(write('bad.xml', '<Annotations><Annotation>'), image), 'bad.xml', 'XML')
     one_line_error(lambda: L.read_imagescope(write('svg.xml', '<svg/>'), image), 'svg.xml', '<svg>')
     one_line_error(lambda: L.read_imagescope(write('nov.xml', '<Annotations><Annotation><Regions><Region Type="0">'

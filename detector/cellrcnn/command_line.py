@@ -23,6 +23,13 @@ def _positive_int(text):
     return value
 
 
+def _seed(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be 0 or a positive integer, not {text}')
+    return value
+
+
 def _add_detection_options(p):
     """The options of ``detect`` and ``batch`` that go into ``settings.DetectionSettings`` (and its defaults)."""
     d = DetectionSettings
@@ -212,7 +219,7 @@ def _add_train(sub):
     p.add_argument('--warmup-steps', dest='warmup_steps', type=int)
     p.add_argument('--tile-size', dest='tile_size', type=_positive_int)
     p.add_argument('--synthetic-tiles', dest='synthetic_tiles', type=_positive_int)
-    p.add_argument('--synthetic-seed', dest='synthetic_seed', type=int)
+    p.add_argument('--synthetic-seed', dest='synthetic_seed', type=_seed)
     p.add_argument('--synthetic-scale', dest='synthetic_scale', type=float, nargs=2, metavar=('LOW', 'HIGH'),
                    help='synthetic nuclei drawn this many times larger, per tile (default 0.8 1.25)')
     p.add_argument('--stain-jitter', dest='real_stain_sigma', type=float, nargs=2, metavar=('MUL', 'ADD'),
@@ -223,7 +230,7 @@ def _add_train(sub):
                         'sigma drawn up to SIGMA_UM microns and stored as JPEG (default 0 1.5: none is)')
     p.add_argument('--init', help='fine-tune this model (its own configuration is kept) instead of starting from '
                                   'random weights')
-    p.add_argument('--seed', type=int)
+    p.add_argument('--seed', type=_seed)
     p.add_argument('--workers', type=int)
     p.add_argument('--checkpoint-every', dest='checkpoint_every', type=_positive_int)
     p.add_argument('--backbone', help='resnet18 (default), resnet34 or resnet50')
@@ -235,7 +242,7 @@ def _add_train(sub):
                         f'(default {commands.TRAIN_CENTRE_DISTANCE_UM:g}; 0: none is)')
     p.add_argument('--val-data', dest='val_data', help='labelled folder to calibrate and report on')
     # --val-seed and --val-count left out: samples.labelled_set's own seed and count
-    p.add_argument('--val-seed', dest='val_seed', type=int)
+    p.add_argument('--val-seed', dest='val_seed', type=_seed)
     p.add_argument('--val-count', dest='val_count', type=_positive_int)
     p.add_argument('--device', default='auto')
     p.set_defaults(run=commands.run_train)
@@ -272,7 +279,7 @@ def _add_train_girder(sub):
     p.add_argument('--steps', type=_positive_int, default=t.steps)
     p.add_argument('--batch-size', dest='batch_size', type=_positive_int, default=t.batch_size)
     p.add_argument('--lr', type=float, default=t.lr)
-    p.add_argument('--seed', type=int, default=t.seed)
+    p.add_argument('--seed', type=_seed, default=t.seed)
     p.add_argument('--init', default=t.init, help='checkpoint to fine-tune (default: the bundled model)')
     p.add_argument('--from-scratch', dest='from_scratch', action='store_true',
                    help="train from random weights (with --init's configuration) instead of fine-tuning")
@@ -319,7 +326,7 @@ def _add_evaluate(sub):
     p.add_argument('--annotation-name', dest='annotation_name')
     p.add_argument('--point-box-size', dest='point_box_size', type=float)
     # --seed, --count and --tile-size left out: samples.labelled_set's own
-    p.add_argument('--seed', type=int, help='synthetic set seed (training uses 1000+)')
+    p.add_argument('--seed', type=_seed, help='synthetic set seed (training uses 1000+)')
     p.add_argument('--count', type=_positive_int)
     p.add_argument('--tile-size', type=_positive_int)
     p.add_argument('--threshold', type=float, help="score threshold (default: the model's calibrated one)")
@@ -337,7 +344,7 @@ def _add_synth(sub):
     p.add_argument('--height', type=_positive_int, default=4096)
     p.add_argument('--count', type=_positive_int, default=100)
     p.add_argument('--tile-size', type=_positive_int, default=256)
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=_seed, default=0)
     p.add_argument('--mpp', type=float, default=0.5)
     p.set_defaults(run=commands.run_synth)
 

@@ -11,7 +11,7 @@ import sys
 
 from .errors import CellRCNNError
 from .progress import Progress
-from .settings import AnnotationTrainingSettings, DetectionSettings
+from .settings import BOUNDS, AnnotationTrainingSettings, DetectionSettings
 
 SAMPLE_SLIDE = os.path.join(os.path.dirname(__file__), 'data', 'CMU-1-Small-Region.svs')
 
@@ -163,14 +163,19 @@ def run_train(args):
             options = ', '.join('--' + name.replace('_', '-') for name in fixed)
             raise CellRCNNError(f'a resumed run keeps its own settings: leave out {options} (only --steps may '
                                 'change; start a new run with --init to train with others)')
+    if args.val_data and not os.path.isdir(args.val_data):  # before training: it is read after the last step
+        raise CellRCNNError(f'--val-data {args.val_data} is not a folder of labelled images')
     # a resumed run keeps its own settings; of this command's options only --steps applies
     train_config = None if args.resume and args.steps is None else settings_from_args(TrainConfig, args)
     model, _ = train(_model_config(args), train_config, args.output, device=args.device,
                      resume=args.resume, init=args.init, progress=Progress(mode='auto', name='train', unit='step'))
     # what the run trained with: a resumed run's own settings, not the options of the command that resumed it
     cfg = TrainConfig(**load_checkpoint(os.path.join(args.output, 'last.pt'))['train_config'])
+    path = os.path.join(args.output, 'model.pt')
     if cfg.entries and not args.val_data:
         _calibrate_on_entries(model, cfg, args.device)
+        # kept before the held-out figures, which read images of their own (a bad one loses nothing computed)
+        save_checkpoint(path, model, half=True, train_config=dataclasses.asdict(cfg))
     extra = {'held_out': _report_held_out(model, cfg, args.device)}
     if args.val_data or cfg.synthetic_share > 0:
         val = labelled_set(args.val_data, tile_size=cfg.tile_size, mpp=model.config.mpp,
@@ -183,9 +188,8 @@ def run_train(args):
         print('held-out synthetic tiles' if not args.val_data else f'--val-data {args.val_data}')
         print(format_report(metrics))
         extra['validation'] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    save_checkpoint(os.path.join(args.output, 'model.pt'), model, half=True, train_config=dataclasses.asdict(cfg),
-                    **extra)
-    print(f'model written to {os.path.join(args.output, "model.pt")}')
+    save_checkpoint(path, model, half=True, train_config=dataclasses.asdict(cfg), **extra)
+    print(f'model written to {path}')
 
 
 def _calibrate_on_entries(model, cfg, device):
@@ -195,6 +199,8 @@ def _calibrate_on_entries(model, cfg, device):
     from .training_data import entry_records, entry_weight
 
     sets = [entry_records(entry, cfg, model.config) for entry in cfg.entries if entry_weight(entry) > 0]
+    if not sets:
+        raise CellRCNNError('every --data entry has weight 0: there is nothing to calibrate the model on')
     threshold, f1 = calibrate_on_records(model, sets, device=device)
     over = f', the mean of {len(sets)} entries' if len(sets) > 1 else ''
     print(f'operating point: score >= {threshold:.3f} (centroid F1 {f1:.3f} on the training images{over})')
@@ -244,7 +250,10 @@ def run_average(args):
     if args.data:
         cfg = TrainConfig(data=args.data)
         _calibrate_on_entries(model, cfg, args.device)
-        extra.update(calibrated_on=list(args.data), held_out=_report_held_out(model, cfg, args.device))
+        extra['calibrated_on'] = list(args.data)
+        # kept before the held-out figures, which read images of their own (a bad one loses nothing computed)
+        save_checkpoint(args.output, model, half=True, **extra)
+        extra['held_out'] = _report_held_out(model, cfg, args.device)
     save_checkpoint(args.output, model, half=True, **extra)
     print(f'model written to {args.output}')
 
@@ -267,6 +276,9 @@ def run_evaluate(args):
     from .metrics import format_report
     from .samples import labelled_set
 
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise CellRCNNError(f'--threshold must be a score from 0 to 1, not {args.threshold}')
+    _check_json_folder(args.json)  # before the work whose figures it keeps
     model = load_model(args.model)
     if args.data and not _is_dsa_folder(args.data):
         return _evaluate_entries(model, args)
@@ -302,9 +314,17 @@ def _evaluate_entries(model, args):
     _write_json(args.json, figures)
 
 
+def _check_json_folder(path):
+    folder = os.path.dirname(os.path.abspath(path)) if path else None
+    if folder and not os.path.isdir(folder):
+        raise CellRCNNError(f'cannot write --json {path}: its folder {folder} does not exist')
+
+
 def _write_json(path, figures):
+    from .files import atomic_write
+
     if path:
-        with open(path, 'w') as f:
+        with atomic_write(path, 'the figures') as f:
             json.dump(figures, f, indent=2, default=float)
 
 
@@ -312,6 +332,12 @@ def run_synth(args):
     from .annotation import detections_to_annotation, write_annotation
     from .synthetic import make_dataset, write_slide
 
+    for option, value in (('mpp', args.mpp), ('tile_size', args.tile_size)):
+        low, high = BOUNDS[option]
+        if not low <= value <= high:
+            raise CellRCNNError(f'--{option.replace("_", "-")} must be from {low:g} to {high:g}, not {value:g}')
+    if args.slide and os.path.isdir(args.output):
+        raise CellRCNNError(f'{args.output} is a folder: --slide writes one .tiff file')
     if args.slide:
         boxes = write_slide(args.output, args.width, args.height, args.seed, mpp=args.mpp)
         print(f'wrote {args.output} ({args.width}x{args.height} px at {args.mpp} um/px) with {len(boxes)} nuclei')

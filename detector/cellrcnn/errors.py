@@ -50,6 +50,7 @@ def run_reporting_errors(program, run, interrupted='interrupted'):
         print(f'{program}: error: out of memory; use a smaller batch size or tile size', file=sys.stderr)
         return 1
     except OSError as exc:  # what no step turned into a CellRCNNError, such as printing to a full disk
-        print(f'{program}: error: {exc.strerror or one_line(exc)}', file=sys.stderr)
+        where = f': {exc.filename}' if exc.strerror and exc.filename else ''
+        print(f'{program}: error: {exc.strerror or one_line(exc)}{where}', file=sys.stderr)
         return 2
     return 0

@@ -6,6 +6,7 @@ some sets and lost on others, and their mean won on nearly all of them (docs/tra
 """
 
 import dataclasses
+import math
 
 import torch
 
@@ -25,7 +26,7 @@ def average_models(models, weights, names=None):
     errors. A model whose weights mean something else (:data:`WEIGHT_SETTINGS`) is refused in one line."""
     names = names or [f'model {i + 1}' for i in range(len(models))]
     weights = [float(w) for w in weights]
-    if len(models) < 2 or len(weights) != len(models) or not all(w > 0 for w in weights):
+    if len(models) < 2 or len(weights) != len(models) or not all(0 < w < math.inf for w in weights):
         raise CellRCNNError(f'averaging needs two or more models and one positive weight each '
                             f'({len(models)} models, weights {weights})')
     first = models[0]
@@ -39,8 +40,10 @@ def average_models(models, weights, names=None):
                                 f'({other[differ[0]]} against {reference[differ[0]]})')
         if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in states[0].items()}:
             raise CellRCNNError(f'{name} cannot be averaged with {names[0]}: their weights differ in shape')
-    total = sum(weights)
-    mean = {key: sum(w / total * s[key].double() for w, s in zip(weights, states)).to(tensor.dtype)
+    largest = max(weights)  # each over the largest first: a sum of weights near the float limit stays finite
+    shares = [w / largest for w in weights]
+    shares = [share / sum(shares) for share in shares]
+    mean = {key: sum(share * s[key].double() for share, s in zip(shares, states)).to(tensor.dtype)
             if tensor.is_floating_point() else tensor for key, tensor in states[0].items()}
     with torch.no_grad():
         first.load_state_dict(mean)

@@ -16,8 +16,11 @@ from .errors import CellRCNNError
 from .model import build_model
 from .progress import Progress
 from .samples import Augmenter, TileDataset, collate
+from .settings import BOUNDS
 from .training_data import sample_weights, training_sources
 
+#: the largest training crop: detection's largest tile (``settings.BOUNDS``)
+MOST_TILE_SIZE = BOUNDS['tile_size'][1]
 #: display colours of cell types given without one, in order
 CELL_TYPE_PALETTE = ('#3c78d8', '#e0403a', '#2ca02c', '#ff9f1c', '#9467bd', '#8c564b', '#e377c2', '#17becf')
 
@@ -113,19 +116,25 @@ class TrainConfig:
         for name in ('steps', 'batch_size', 'tile_size', 'synthetic_tiles', 'checkpoint_every'):
             if getattr(self, name) <= 0:
                 raise CellRCNNError(f'{name} must be positive, not {getattr(self, name)}')
-        if self.tile_size % 32:
-            raise CellRCNNError(f'tile_size must be a multiple of 32, not {self.tile_size}')
+        if self.tile_size % 32 or self.tile_size > MOST_TILE_SIZE:
+            raise CellRCNNError(f'tile_size must be a multiple of 32 up to {MOST_TILE_SIZE}, not {self.tile_size}')
         if not 0 <= self.warmup_steps < self.steps:
             raise CellRCNNError('warmup_steps must be between 0 and steps')
-        if not 0 < self.synthetic_scale[0] <= self.synthetic_scale[1]:
+        for name in ('seed', 'synthetic_seed', 'workers'):
+            if getattr(self, name) < 0:
+                raise CellRCNNError(f'{name} must be 0 or more, not {getattr(self, name)}')
+        if not 0 < self.synthetic_scale[0] <= self.synthetic_scale[1] < math.inf:
             raise CellRCNNError(f'synthetic_scale must be LOW HIGH with 0 < LOW <= HIGH, not {self.synthetic_scale}')
-        if self.lr <= 0:
-            raise CellRCNNError(f'lr must be positive, not {self.lr}')
-        if self.synthetic_weight is not None and not self.synthetic_weight >= 0:
+        if not 0 < self.lr <= 1:
+            raise CellRCNNError(f'lr must be above 0 and at most 1, not {self.lr}')
+        if self.synthetic_weight is not None and not 0 <= self.synthetic_weight < math.inf:
             raise CellRCNNError(f'synthetic_weight must be 0 or more, not {self.synthetic_weight}')
-        if not self.dot_box_um > 0 or not 0 < self.real_scale_range[0] <= self.real_scale_range[1]:
+        if self.point_box_size is not None and not 0 < self.point_box_size < math.inf:
+            raise CellRCNNError(f'point_box_size must be a positive number of pixels, not {self.point_box_size}')
+        if (not 0 < self.dot_box_um < math.inf
+                or not 0 < self.real_scale_range[0] <= self.real_scale_range[1] < math.inf):
             raise CellRCNNError('dot_box_um must be positive and real_scale_range LOW HIGH with 0 < LOW <= HIGH')
-        if len(self.real_stain_sigma) != 2 or min(self.real_stain_sigma) < 0:
+        if len(self.real_stain_sigma) != 2 or not all(0 <= sigma < math.inf for sigma in self.real_stain_sigma):
             raise CellRCNNError(f'real_stain_sigma must be two sigmas of 0 or more, not {self.real_stain_sigma}')
         if len(self.real_blur) != 2 or not 0 <= self.real_blur[0] <= 1 or not self.real_blur[1] >= 0:
             raise CellRCNNError(f'real_blur must be a share from 0 to 1 and a sigma of 0 or more, not {self.real_blur}')

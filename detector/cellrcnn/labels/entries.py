@@ -149,6 +149,8 @@ def read_entry(entry):
     if 'annotation' in options and fmt != 'dsa':
         raise CellRCNNError(f'--data {entry}: annotation= is for dsa files only, not {fmt}')
     records = read_format(fmt, path, images, options.get('mpp'), options.get('annotation'))
+    if not records:  # trained on, nothing would be learnt; evaluated, every figure would read perfect
+        raise CellRCNNError(f'--data {entry}: it labels no image')
     if 'split' not in options:
         return records
     if 'splits' in options:

@@ -21,6 +21,11 @@ from ..errors import CellRCNNError
 #: AnnotationTrainingSettings.point_size_um. An image of unknown scale (DSB 2018) gets the um/px at which its median
 #: nucleus is this size: :func:`estimate_mpp`.
 REFERENCE_NUCLEUS_UM = 8.0
+#: the most a labelled image is enlarged to the analysis scale (a 5x image is enlarged 4 times to 20x), and the most
+#: pixels it may have then: more is a scale given wrong (``mpp=20`` for a 20x image, boxes in 0-1 coordinates
+#: estimated as ``mpp=auto``), which would otherwise fill the memory
+MOST_ENLARGEMENT = 8.0
+MOST_RESCALED_PIXELS = 400_000_000
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -189,6 +194,11 @@ def rescale(labelled, mpp):
     height, width = labelled.shape
     factor = labelled.mpp / mpp
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    if factor > MOST_ENLARGEMENT or size[0] * size[1] > MOST_RESCALED_PIXELS:
+        raise CellRCNNError(f'{labelled.source}: {labelled.name} at {labelled.mpp:.4g} um/px would be enlarged '
+                            f'{factor:.3g} times, to {size[0]}x{size[1]} px, for the analysis scale of {mpp:g} um/px: '
+                            'is its scale right? (mpp= takes micrometres per pixel, 0.5 at 20x, not a '
+                            'magnification; mpp=auto needs boxes in pixels)')
     interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
     image = cv2.resize(labelled.load(), size, interpolation=interpolation)
     sx, sy = size[0] / width, size[1] / height
