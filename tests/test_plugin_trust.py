@@ -217,26 +217,35 @@ def upload_ingest(server, token, folder_id, doc, reference):
                                                      reference=json.dumps(reference))
 
 
+def slide_a_reader_may_read(server, reader, slide_file, name):
+    """A slide of the admin's that the reader may read, and the reader's own public folder: (item id, file id,
+    folder id)."""
+    reader_id, reader_token = reader
+    shared = folder(server, server.folder_id, name)
+    grant(server, shared, reader_id, READ)
+    return (*slide_in(server, slide_file, shared, f'{name}.tiff'), public_folder_of(server, reader_id, reader_token))
+
+
+def wait_for_the_ingests_before(server, slide_file, name):
+    """Girder's events thread takes its work in order: once two uploads of the admin's after them count (the second
+    one queued after whatever the first ingests queued), the uploads before and what they queued have been handled."""
+    marker_item, marker_file = slide_in(server, slide_file, server.folder_id, f'{name}.tiff')
+    for seed in (1, 2):
+        upload_ingest(server, server.token, server.folder_id, nuclei(9, f'{name}{seed}.pt'),
+                      {'identifier': 'LargeImageAnnotationUpload', 'userId': server.user_id, 'fileId': marker_file,
+                       'itemId': marker_item})
+        wait_for(lambda: (result_of(server, marker_item) or {}).get('model') == f'{name}{seed}.pt', 60,  # noqa: B023
+                 "the admin's upload to be ingested")
+
+
 def test_an_upload_made_for_another_user_records_no_result(server, reader, slide_file):
     """HistomicsUI and large_image ingest an uploaded annotation file as the user its reference names, whoever
     uploads it: such annotations are not results."""
-    reader_id, reader_token = reader
-    shared = folder(server, server.folder_id, 'claimed')
-    grant(server, shared, reader_id, READ)
-    item_id, file_id = slide_in(server, slide_file, shared, 'claimed.tiff')
-    marker_item, marker_file = slide_in(server, slide_file, server.folder_id, 'marker.tiff')
-    own_folder = public_folder_of(server, reader_id, reader_token)
+    item_id, file_id, own_folder = slide_a_reader_may_read(server, reader, slide_file, 'claimed')
     for identifier in ('LargeImageAnnotationUpload', 'outputCellAnnotationFile'):
-        upload_ingest(server, reader_token, own_folder, nuclei(20, DEFAULT_MODEL, seed=7),
+        upload_ingest(server, reader[1], own_folder, nuclei(20, DEFAULT_MODEL, seed=7),
                       {'identifier': identifier, 'userId': server.user_id, 'fileId': file_id, 'itemId': item_id})
-    # Girder's events thread takes its work in order: once two uploads of the admin's after them count (the
-    # second one queued after whatever the first ingests queued), they and what they queued have been handled.
-    for seed in (1, 2):
-        upload_ingest(server, server.token, server.folder_id, nuclei(9, f'marker{seed}.pt'),
-                      {'identifier': 'LargeImageAnnotationUpload', 'userId': server.user_id, 'fileId': marker_file,
-                       'itemId': marker_item})
-        wait_for(lambda: (result_of(server, marker_item) or {}).get('model') == f'marker{seed}.pt', 60,  # noqa: B023
-                 "the admin's upload to be ingested")
+    wait_for_the_ingests_before(server, slide_file, 'marker')
     made = [a for a in active_annotations(server, item_id) if a['annotation']['name'] == 'cellrcnn nuclei']
     assert len(made) == 2 and {a['creatorId'] for a in made} == {server.user_id}  # (large_image's and HistomicsUI's)
     assert result_of(server, item_id) is None
@@ -250,12 +259,8 @@ def test_an_upload_made_for_another_user_records_no_result(server, reader, slide
 def test_an_upload_ingested_later_for_another_user_records_no_result(server, reader, slide_file):
     """large_image puts off the ingest of an annotation whose image element names a file not uploaded yet, and runs
     it when an upload with the same reference ``uuid`` arrives: made for another user, it is no result either."""
-    reader_id, reader_token = reader
-    shared = folder(server, server.folder_id, 'claimed-later')
-    grant(server, shared, reader_id, READ)
-    item_id, file_id = slide_in(server, slide_file, shared, 'later.tiff')
-    marker_item, marker_file = slide_in(server, slide_file, server.folder_id, 'marker-later.tiff')
-    own_folder = public_folder_of(server, reader_id, reader_token)
+    reader_token = reader[1]
+    item_id, file_id, own_folder = slide_a_reader_may_read(server, reader, slide_file, 'claimed-later')
     doc = nuclei(20, DEFAULT_MODEL, seed=8)
     doc['elements'].append({'type': 'image', 'girderId': 'outputLater'})  # resolved when that upload arrives
     upload_ingest(server, reader_token, own_folder, doc, {'identifier': 'LargeImageAnnotationUpload', 'uuid': 'z1',
@@ -265,12 +270,7 @@ def test_an_upload_ingested_later_for_another_user_records_no_result(server, rea
     server.client(reader_token).uploadStreamToFolder(own_folder, io.BytesIO(data), 'later.txt', len(data),
                                                      reference=json.dumps({'identifier': 'outputLater',
                                                                            'uuid': 'z1'}))
-    for seed in (1, 2):  # see the test above
-        upload_ingest(server, server.token, server.folder_id, nuclei(9, f'later{seed}.pt'),
-                      {'identifier': 'LargeImageAnnotationUpload', 'userId': server.user_id, 'fileId': marker_file,
-                       'itemId': marker_item})
-        wait_for(lambda: (result_of(server, marker_item) or {}).get('model') == f'later{seed}.pt', 60,  # noqa: B023
-                 "the admin's upload to be ingested")
+    wait_for_the_ingests_before(server, slide_file, 'marker-later')
     made = [a for a in active_annotations(server, item_id) if a['annotation']['name'] == 'cellrcnn nuclei']
     assert len(made) == 1 and made[0]['creatorId'] == server.user_id  # made, in the admin's name
     assert result_of(server, item_id) is None
