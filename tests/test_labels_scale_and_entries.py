@@ -213,6 +213,13 @@ def test_bad_input_gives_one_line_naming_the_file(tmp_path):
                    'pt.geojson', 'Feature')
     one_line_error(lambda: L.read_qupath(write('poly.geojson', json.dumps(feature('Polygon', [[[1, 2]]]))), image),
                    'poly.geojson', 'feature 0')
+    huge = json.dumps(feature('Polygon', [[[1, 2], [3, 2], [3, 4]]])).replace('[3, 4]', f'[1{"0" * 400}, 4]')
+    one_line_error(lambda: L.read_qupath(write('huge.geojson', huge), image), 'huge.geojson', 'feature 0')  # no float
+    one_line_error(lambda: L.read_qupath(write('deep.geojson', '[' * 100_000 + ']' * 100_000), image), 'deep.geojson',
+                   'nests its JSON deeper')
+    odd = feature('Point', [5, 5], 'tumour')
+    odd['properties']['objectType'] = ['detection']  # not a name: read as none QuPath knows, its point a dot
+    assert L.read_qupath(write('odd.geojson', json.dumps(odd)), image).points.tolist() == [[5, 5]]
     one_line_error(lambda: L.read_dsa(write('dsa.json', '{"elements": [{"type": "rectangle", "center": [1]}]}'),
                                       image), 'dsa.json', 'malformed rectangle')
     # a point outside its image (the image is 30 x 20)

@@ -446,4 +446,6 @@ def read_json_file(path, what='annotation file'):
         raise CellRCNNError(
             f'{what} {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: '
             f'{exc.msg})') from None
+    except RecursionError:
+        raise CellRCNNError(f'{what} {path} nests its JSON deeper than Python reads') from None
     return doc

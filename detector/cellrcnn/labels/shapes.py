@@ -142,7 +142,7 @@ def read_qupath(path, image, mpp=None):
     properties = [f['properties'] if isinstance(f.get('properties'), dict) else {} for f in features]
     classes = [qupath_class(p) for p in properties]
     kinds = [None if (cls or '').endswith('*')  # a class QuPath ignores: a region, not a nucleus
-             else p.get('objectType') or _QUPATH_LEGACY_TYPES.get(f.get('id'), 'annotation')
+             else str(p.get('objectType') or _QUPATH_LEGACY_TYPES.get(str(f.get('id')), 'annotation'))
              for f, p, cls in zip(features, properties, classes)]
     outlines = ('detection', 'cell') if {'detection', 'cell'} & set(kinds) else ('annotation',)
     nuclei = Nuclei()
@@ -155,7 +155,8 @@ def read_qupath(path, image, mpp=None):
             continue
         try:
             shape = shapely.geometry.shape(geometry)
-        except (AttributeError, IndexError, KeyError, TypeError, ValueError, shapely.errors.ShapelyError) as exc:
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError, OverflowError,
+                shapely.errors.ShapelyError) as exc:
             raise CellRCNNError(f'{path}: feature {i}: malformed {gtype} ({type(exc).__name__}: {exc})') from None
         if shape.is_empty:
             raise CellRCNNError(f'{path}: feature {i}: empty {gtype}')
