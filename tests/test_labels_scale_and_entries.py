@@ -242,6 +242,8 @@ def test_bad_input_gives_one_line_naming_the_file(tmp_path):
     binary[2:5, 2:5] = binary[10:15, 10:15] = 255
     cv2.imwrite(str(tmp_path / 'binary.png'), binary)
     one_line_error(lambda: L.read_mask(str(tmp_path / 'binary.png'), image), 'binary.png', 'binary mask')
+    cv2.imwrite(str(tmp_path / 'lossy.jpg'), binary // 255 * np.arange(20, dtype=np.uint8)[:, None])
+    one_line_error(lambda: L.read_mask(str(tmp_path / 'lossy.jpg'), image), 'lossy.jpg', 'losslessly')
     cv2.imwrite(str(tmp_path / 'small.png'), np.ones((10, 30), np.uint8))
     one_line_error(lambda: L.read_mask(str(tmp_path / 'small.png'), image), 'small.png', '30 x 10', '30 x 20')
     write('text.png', b'not an image')

@@ -14,12 +14,18 @@ import scipy.ndimage
 from ..errors import CellRCNNError
 from .record import Nuclei, image_shape
 
+#: JPEG, whose compression changes pixel values: no label image
+LOSSY = ('.jpg', '.jpeg', '.jpe', '.jfif')
+
 
 def read_label_image(path):
     """A label image file as a 2-D array of non-negative integers: PNG (8- or 16-bit, one channel) through OpenCV,
     TIFF (any integer type, one page) through tifffile."""
     if not os.path.isfile(path):
         raise CellRCNNError(f'mask not found: {path}')
+    if path.lower().endswith(LOSSY):
+        raise CellRCNNError(f'{path}: a mask must be stored losslessly (PNG or TIFF): JPEG changes the nucleus '
+                            'numbers at their edges, and each changed number would read as a nucleus')
     if path.lower().endswith(('.tif', '.tiff')):
         import tifffile
 
