@@ -338,6 +338,8 @@ def run_synth(args):
             raise CellRCNNError(f'--{option.replace("_", "-")} must be from {low:g} to {high:g}, not {value:g}')
     if args.slide and os.path.isdir(args.output):
         raise CellRCNNError(f'{args.output} is a folder: --slide writes one .tiff file')
+    if args.slide and not args.output.lower().endswith(('.tif', '.tiff')):  # never over a file of another kind
+        raise CellRCNNError(f'{args.output}: --slide writes a pyramidal TIFF: name it .tiff')
     if args.slide:
         boxes = write_slide(args.output, args.width, args.height, args.seed, mpp=args.mpp)
         print(f'wrote {args.output} ({args.width}x{args.height} px at {args.mpp} um/px) with {len(boxes)} nuclei')
