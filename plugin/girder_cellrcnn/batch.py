@@ -56,9 +56,11 @@ from .results import (
     LABEL_IMAGES_FOLDER,
     LABEL_IMAGES_META,
     META_KEY,
+    cached_user,
     folder_slides,
     has_result,
     is_label_images_folder,
+    may_write,
     slide_region,
 )
 
@@ -100,10 +102,8 @@ def _validate_task_setting(doc):
 
 
 def _is_admin(user_id, users):
-    key = str(user_id)
-    if key not in users:
-        users[key] = User().load(user_id, force=True) if user_id else None
-    return bool(users[key] and users[key].get('admin'))
+    user = cached_user(user_id, users)
+    return bool(user and user.get('admin'))
 
 
 def only_admins_write(folder, users=None):
@@ -217,10 +217,7 @@ def active_job(item, model_file_id, region_annotation=None, choices=None, users=
                 continue
         except ValueError:
             continue  # a job the task refuses: not a run of these choices
-        key = str(job.get('userId'))
-        if key not in users:
-            users[key] = User().load(job['userId'], force=True) if job.get('userId') else None
-        if users[key] is not None and Item().hasAccess(item, users[key], AccessType.WRITE):
+        if may_write(job.get('userId'), item, users):
             return job
     return None
 

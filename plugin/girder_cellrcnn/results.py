@@ -199,15 +199,21 @@ def from_writer(annotation, item, users=None):
         return False
     users = {} if users is None else users
     ids = {annotation.get('creatorId'), annotation.get('updatedId') or annotation.get('creatorId')}
-    if None in ids:
-        return False
-    for user_id in ids:
-        key = str(user_id)
-        if key not in users:
-            users[key] = User().load(user_id, force=True)
-        if users[key] is None or not Item().hasAccess(item, users[key], AccessType.WRITE):
-            return False
-    return True
+    return None not in ids and all(may_write(user_id, item, users) for user_id in ids)
+
+
+def cached_user(user_id, users):
+    """The user ``user_id`` (None when there is none, or no id), loaded once per id into ``users``, a dict."""
+    key = str(user_id)
+    if key not in users:
+        users[key] = User().load(user_id, force=True) if user_id else None
+    return users[key]
+
+
+def may_write(user_id, item, users):
+    """Whether the user ``user_id`` exists and may write to the item (``users``: :func:`cached_user`'s cache)."""
+    user = cached_user(user_id, users)
+    return user is not None and Item().hasAccess(item, user, AccessType.WRITE)
 
 
 def same_model(attributes, model, sha):
