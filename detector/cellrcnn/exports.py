@@ -104,7 +104,8 @@ def write_geojson(path, boxes, scores, classes=None, properties=None, class_name
         raise CellRCNNError('class_colors must be a dict of class name -> [r, g, b]')
     colors = {k: rgb_tuple(v, f'the class colour of {k!r}') for k, v in (class_colors or {}).items()}
     # classes without a colour take palette entries 1.. that no given colour took, in order of appearance
-    free = [c for c in _PALETTE[1:] if c not in set(colors.values())] or list(_PALETTE[1:])
+    given = set(colors.values())
+    free = [c for c in _PALETTE[1:] if c not in given] or list(_PALETTE[1:])
 
     # The classification JSON of each class, built once.
     fragments = {}
